@@ -1,0 +1,3 @@
+//! DMAR / IVRS parser (being written).
+#![no_std]
+#![forbid(unsafe_code)]
