@@ -55,7 +55,10 @@ pub fn image_layout() -> ImageLayout {
     ImageLayout {
         image: Span { start, end },
         text: Span { start, end: rodata },
-        rodata: Span { start: rodata, end: data },
+        rodata: Span {
+            start: rodata,
+            end: data,
+        },
         data: Span { start: data, end },
         stack_guard: Span {
             start: a(addr_of!(pvh_stack_guard)),

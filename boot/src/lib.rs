@@ -18,7 +18,7 @@
 //! Invariant relied on by everything after the hand-over: the image runs at
 //! its link address (identity-mapped), and [`BootInfo`] is the only copy of
 //! the boot protocol's data the kernel reads.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod layout;
 pub mod start_info;

@@ -1,1 +1,132 @@
-#![no_std]
+//! The Portcullis kernel library: everything a Portcullis kernel binary
+//! (the report kernel `portcullis`, the in-guest test kernel) needs to bring
+//! a machine up and describe it.
+//!
+//! [`init`] runs the bring-up in order: serial and logging, descriptor
+//! tables and exception handlers, frame allocator and page tables, heap,
+//! clock, ACPI, PCI. It returns a [`Platform`] with what was found.
+//!
+//! Hardware-free parts (frame allocator, PCI walk, register decoding, KTAP
+//! formatting) build and run as ordinary host tests.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod acpi;
+pub mod iommu_regs;
+pub mod ktest;
+pub mod mem;
+pub mod pci;
+pub mod time;
+
+#[cfg(target_os = "none")]
+pub mod arch;
+#[cfg(target_os = "none")]
+pub mod ecam;
+#[cfg(target_os = "none")]
+pub mod fatal;
+#[cfg(target_os = "none")]
+pub mod report;
+#[cfg(target_os = "none")]
+pub mod serial;
+
+#[cfg(target_os = "none")]
+pub use imp::*;
+
+#[cfg(target_os = "none")]
+mod imp {
+    use crate::acpi::AcpiInfo;
+    use crate::arch::CpuInfo;
+    use crate::ecam::Ecam;
+    use crate::pci::{BusRange, PciDevice};
+    use crate::time::Calibration;
+    use alloc::string::{String, ToString};
+    use alloc::vec::Vec;
+    use portcullis_boot::BootInfo;
+
+    /// What bring-up found.
+    #[derive(Debug)]
+    pub struct Platform {
+        /// The boot hand-over.
+        pub boot: &'static BootInfo,
+        /// `config=` from the command line ("" when absent).
+        pub config: String,
+        /// The CPU.
+        pub cpu: CpuInfo,
+        /// How the clock was calibrated.
+        pub calibration: Calibration,
+        /// ACPI, or why it could not be read.
+        pub acpi: Result<AcpiInfo, String>,
+        /// Configuration access through the MCFG's ECAM windows.
+        pub ecam: Ecam,
+        /// Every PCI function found.
+        pub pci: Vec<PciDevice>,
+    }
+
+    impl Platform {
+        /// ACPI information (empty when ACPI failed).
+        pub fn acpi(&self) -> &AcpiInfo {
+            static EMPTY: spin::Once<AcpiInfo> = spin::Once::new();
+            self.acpi
+                .as_ref()
+                .unwrap_or_else(|_| EMPTY.call_once(AcpiInfo::default))
+        }
+
+        /// The first PCI function with this vendor:device id.
+        pub fn find_pci(&self, vendor: u16, device: u16) -> Option<&PciDevice> {
+            self.pci
+                .iter()
+                .find(|d| d.vendor == vendor && d.device == device)
+        }
+    }
+
+    /// Brings the machine up. Panics (which reports and ends the run) only
+    /// when the kernel cannot continue: no memory for page tables or heap.
+    pub fn init(boot: &'static BootInfo) -> Platform {
+        crate::serial::init();
+        let level = match boot.cmdline_value("log") {
+            Some("trace") => log::LevelFilter::Trace,
+            Some("debug") => log::LevelFilter::Debug,
+            Some("warn") => log::LevelFilter::Warn,
+            Some("error") => log::LevelFilter::Error,
+            _ => log::LevelFilter::Info,
+        };
+        crate::serial::init_logger(level);
+        crate::arch::gdt::init();
+        crate::arch::idt::init();
+        if let Some(e) = boot.error {
+            log::error!("PVH start info at {:#x}: {:?}", boot.start_info_paddr, e);
+        }
+        let calibration = crate::time::calibrate();
+        crate::mem::init(boot);
+        let cpu = crate::arch::cpu_info();
+        let acpi = match boot.rsdp_paddr {
+            Some(rsdp) => crate::acpi::discover(rsdp),
+            None => Err("the boot loader gave no RSDP".to_string()),
+        };
+        if let Err(e) = &acpi {
+            log::error!("ACPI: {}", e);
+        }
+        let regions = acpi.as_ref().map(|a| a.mcfg.clone()).unwrap_or_default();
+        let ecam = Ecam::new(&regions);
+        let ranges: Vec<BusRange> = regions
+            .iter()
+            .map(|r| BusRange {
+                segment: r.segment,
+                start: r.bus_start,
+                end: r.bus_end,
+            })
+            .collect();
+        let pci = crate::pci::enumerate(&ecam, &ranges);
+        log::debug!("bring-up done: {} PCI functions", pci.len());
+        Platform {
+            boot,
+            config: boot.cmdline_value("config").unwrap_or("").to_string(),
+            cpu,
+            calibration,
+            acpi,
+            ecam,
+            pci,
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! The kernel heap: one contiguous run of frames, used through the direct
+//! map, managed by `linked_list_allocator`.
+
+use super::frame::FRAME_SIZE;
+use linked_list_allocator::LockedHeap;
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+/// Sets up the heap: an eighth of RAM, between 4 MiB and 64 MiB. Returns
+/// (physical base, bytes).
+pub fn init(ram_bytes: u64) -> (u64, u64) {
+    let bytes = (ram_bytes / 8).clamp(4 << 20, 64 << 20) & !(FRAME_SIZE - 1);
+    let mut size = bytes;
+    let phys = loop {
+        match super::FRAMES
+            .lock()
+            .alloc((size / FRAME_SIZE) as usize, 0x20_0000, u64::MAX)
+        {
+            Ok(p) => break p,
+            Err(_) if size > 1 << 20 => size /= 2,
+            Err(e) => panic!("no memory for the kernel heap: {e}"),
+        }
+    };
+    // SAFETY: [phys, phys + size) was just allocated for the heap alone and
+    // is mapped writable in the direct map; it is handed over exactly once.
+    unsafe { HEAP.lock().init(super::phys_to_virt(phys), size as usize) };
+    (phys, size)
+}
