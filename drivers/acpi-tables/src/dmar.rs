@@ -264,12 +264,7 @@ impl Dmar {
             structures.push(s);
             pos += usize::from(length);
         }
-        Ok(Dmar {
-            header,
-            host_address_width,
-            flags,
-            structures,
-        })
+        Ok(Dmar { header, host_address_width, flags, structures })
     }
 
     /// The DRHD structures in table order.
@@ -353,38 +348,20 @@ fn parse_structure(t: &Reader<'_>, pos: usize, kind: u16, length: u16) -> Result
             limit: s.u64(16)?,
             scopes: parse_scopes(&s, 24)?,
         }),
-        TYPE_ATSR => Structure::Atsr(Atsr {
-            offset,
-            flags: s.u8(4)?,
-            segment: s.u16(6)?,
-            scopes: parse_scopes(&s, 8)?,
-        }),
-        TYPE_RHSA => Structure::Rhsa(Rhsa {
-            offset,
-            register_base: s.u64(8)?,
-            proximity_domain: s.u32(16)?,
-        }),
+        TYPE_ATSR => {
+            Structure::Atsr(Atsr { offset, flags: s.u8(4)?, segment: s.u16(6)?, scopes: parse_scopes(&s, 8)? })
+        }
+        TYPE_RHSA => Structure::Rhsa(Rhsa { offset, register_base: s.u64(8)?, proximity_domain: s.u32(16)? }),
         TYPE_ANDD => Structure::Andd(Andd {
             offset,
             acpi_device_number: s.u8(7)?,
             object_name: crate::ascii_until_nul(s.bytes().get(8..).unwrap_or(&[])),
         }),
-        TYPE_SATC => Structure::Satc(Satc {
-            offset,
-            flags: s.u8(4)?,
-            segment: s.u16(6)?,
-            scopes: parse_scopes(&s, 8)?,
-        }),
-        TYPE_SIDP => Structure::Sidp(Sidp {
-            offset,
-            segment: s.u16(6)?,
-            scopes: parse_scopes(&s, 8)?,
-        }),
-        _ => Structure::Unknown {
-            kind,
-            offset,
-            length,
-        },
+        TYPE_SATC => {
+            Structure::Satc(Satc { offset, flags: s.u8(4)?, segment: s.u16(6)?, scopes: parse_scopes(&s, 8)? })
+        }
+        TYPE_SIDP => Structure::Sidp(Sidp { offset, segment: s.u16(6)?, scopes: parse_scopes(&s, 8)? }),
+        _ => Structure::Unknown { kind, offset, length },
     })
 }
 
@@ -399,21 +376,9 @@ fn parse_scopes(s: &Reader<'_>, start: usize) -> Result<Vec<DeviceScope>, Error>
         let length = usize::from(s.u8(pos + 1)?);
         let sc = s.sub(pos, length, SCOPE_FIXED_LEN, "device scope")?;
         if !(length - SCOPE_FIXED_LEN).is_multiple_of(2) {
-            return Err(sc.err(
-                1,
-                ErrorKind::BadLength {
-                    length,
-                    min: SCOPE_FIXED_LEN,
-                },
-            ));
+            return Err(sc.err(1, ErrorKind::BadLength { length, min: SCOPE_FIXED_LEN }));
         }
-        let path = sc
-            .bytes()
-            .get(SCOPE_FIXED_LEN..)
-            .unwrap_or(&[])
-            .chunks_exact(2)
-            .map(|p| (p[0], p[1]))
-            .collect();
+        let path = sc.bytes().get(SCOPE_FIXED_LEN..).unwrap_or(&[]).chunks_exact(2).map(|p| (p[0], p[1])).collect();
         scopes.push(DeviceScope {
             offset: sc.base(),
             scope_type: sc.u8(0)?,

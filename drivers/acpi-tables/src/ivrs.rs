@@ -129,37 +129,16 @@ pub enum EntryKind {
     /// Type 0x04: last device of a range.
     EndRange { device_id: u16 },
     /// Type 0x42: one device whose requests carry the alias ID.
-    AliasSelect {
-        device_id: u16,
-        data_setting: u8,
-        alias: u16,
-    },
+    AliasSelect { device_id: u16, data_setting: u8, alias: u16 },
     /// Type 0x43: range start with an alias ID.
-    AliasStartRange {
-        device_id: u16,
-        data_setting: u8,
-        alias: u16,
-    },
+    AliasStartRange { device_id: u16, data_setting: u8, alias: u16 },
     /// Type 0x46: one device with extended settings.
-    ExtSelect {
-        device_id: u16,
-        data_setting: u8,
-        ext: u32,
-    },
+    ExtSelect { device_id: u16, data_setting: u8, ext: u32 },
     /// Type 0x47: range start with extended settings.
-    ExtStartRange {
-        device_id: u16,
-        data_setting: u8,
-        ext: u32,
-    },
+    ExtStartRange { device_id: u16, data_setting: u8, ext: u32 },
     /// Type 0x48: an IOAPIC or HPET (`variety` 1 or 2) with the given
     /// handle (IOAPIC ID / HPET number) whose interrupts carry `device_id`.
-    Special {
-        handle: u8,
-        device_id: u16,
-        data_setting: u8,
-        variety: u8,
-    },
+    Special { handle: u8, device_id: u16, data_setting: u8, variety: u8 },
     /// Type 0xF0: an ACPI device named by HID/CID/UID.
     AcpiHid {
         device_id: u16,
@@ -284,11 +263,7 @@ impl Ivrs {
             blocks.push(parse_block(&t, pos, kind, length)?);
             pos += usize::from(length);
         }
-        Ok(Ivrs {
-            header,
-            iv_info,
-            blocks,
-        })
+        Ok(Ivrs { header, iv_info, blocks })
     }
 
     /// The IVHD blocks in table order (an IOMMU described by several IVHD
@@ -321,11 +296,7 @@ fn parse_block(t: &Reader<'_>, pos: usize, kind: u8, length: u16) -> Result<Bloc
                 ("IVHD type 0x40", 40)
             };
             let b = t.sub(pos, len, fixed, name)?;
-            let (efr, efr2) = if kind == IVHD_TYPE_10 {
-                (None, None)
-            } else {
-                (Some(b.u64(24)?), Some(b.u64(32)?))
-            };
+            let (efr, efr2) = if kind == IVHD_TYPE_10 { (None, None) } else { (Some(b.u64(24)?), Some(b.u64(32)?)) };
             Ok(Block::Ivhd(Ivhd {
                 offset: b.base(),
                 kind,
@@ -355,11 +326,7 @@ fn parse_block(t: &Reader<'_>, pos: usize, kind: u8, length: u16) -> Result<Bloc
         }
         _ => {
             let b = t.sub(pos, len, 4, "IVRS block")?;
-            Ok(Block::Unknown {
-                kind,
-                offset: b.base(),
-                length,
-            })
+            Ok(Block::Unknown { kind, offset: b.base(), length })
         }
     }
 }
@@ -394,42 +361,17 @@ fn parse_entries(b: &Reader<'_>, start: usize) -> Result<Vec<DeviceEntry>, Error
         let kind = match ty {
             ENTRY_PAD4 => EntryKind::Pad4,
             ENTRY_ALL => EntryKind::All { data_setting },
-            ENTRY_SELECT => EntryKind::Select {
-                device_id,
-                data_setting,
-            },
-            ENTRY_START_RANGE => EntryKind::StartRange {
-                device_id,
-                data_setting,
-            },
+            ENTRY_SELECT => EntryKind::Select { device_id, data_setting },
+            ENTRY_START_RANGE => EntryKind::StartRange { device_id, data_setting },
             ENTRY_END_RANGE => EntryKind::EndRange { device_id },
             ENTRY_PAD8 => EntryKind::Pad8,
-            ENTRY_ALIAS_SELECT => EntryKind::AliasSelect {
-                device_id,
-                data_setting,
-                alias: e.u16(5)?,
-            },
-            ENTRY_ALIAS_START_RANGE => EntryKind::AliasStartRange {
-                device_id,
-                data_setting,
-                alias: e.u16(5)?,
-            },
-            ENTRY_EXT_SELECT => EntryKind::ExtSelect {
-                device_id,
-                data_setting,
-                ext: e.u32(4)?,
-            },
-            ENTRY_EXT_START_RANGE => EntryKind::ExtStartRange {
-                device_id,
-                data_setting,
-                ext: e.u32(4)?,
-            },
-            ENTRY_SPECIAL => EntryKind::Special {
-                handle: e.u8(4)?,
-                device_id: e.u16(5)?,
-                data_setting,
-                variety: e.u8(7)?,
-            },
+            ENTRY_ALIAS_SELECT => EntryKind::AliasSelect { device_id, data_setting, alias: e.u16(5)? },
+            ENTRY_ALIAS_START_RANGE => EntryKind::AliasStartRange { device_id, data_setting, alias: e.u16(5)? },
+            ENTRY_EXT_SELECT => EntryKind::ExtSelect { device_id, data_setting, ext: e.u32(4)? },
+            ENTRY_EXT_START_RANGE => EntryKind::ExtStartRange { device_id, data_setting, ext: e.u32(4)? },
+            ENTRY_SPECIAL => {
+                EntryKind::Special { handle: e.u8(4)?, device_id: e.u16(5)?, data_setting, variety: e.u8(7)? }
+            }
             ENTRY_ACPI_HID => {
                 let format = e.u8(20)?;
                 let raw = e.bytes().get(22..).unwrap_or(&[]);
@@ -441,28 +383,15 @@ fn parse_entries(b: &Reader<'_>, start: usize) -> Result<Vec<DeviceEntry>, Error
                         Uid::Integer(u64::from_le_bytes(v))
                     }
                     UID_STRING => Uid::String(crate::ascii_until_nul(raw)),
-                    _ => Uid::Other {
-                        format,
-                        bytes: raw.to_vec(),
-                    },
+                    _ => Uid::Other { format, bytes: raw.to_vec() },
                 };
-                EntryKind::AcpiHid {
-                    device_id,
-                    data_setting,
-                    hid: e.array(4)?,
-                    cid: e.array(12)?,
-                    uid,
-                }
+                EntryKind::AcpiHid { device_id, data_setting, hid: e.array(4)?, cid: e.array(12)?, uid }
             }
             // Reserved types of 4 or 8 bytes (variable-length ones were
             // rejected by `entry_len`).
             _ => EntryKind::Reserved { length: len as u8 },
         };
-        entries.push(DeviceEntry {
-            offset: e.base(),
-            entry_type: ty,
-            kind,
-        });
+        entries.push(DeviceEntry { offset: e.base(), entry_type: ty, kind });
         pos += len;
     }
     Ok(entries)
@@ -480,75 +409,40 @@ impl Ivhd {
         // Entry offset and range (with `last` still unknown) of an open range start.
         let mut open: Option<(usize, DeviceRange)> = None;
         for e in &self.entries {
-            let range = |first: u16, data_setting: u8, alias, ext| DeviceRange {
-                first,
-                last: first,
-                data_setting,
-                alias,
-                ext,
-            };
+            let range =
+                |first: u16, data_setting: u8, alias, ext| DeviceRange { first, last: first, data_setting, alias, ext };
             let start = match e.kind {
                 EntryKind::All { data_setting } => {
-                    out.push(DeviceRange {
-                        last: 0xffff,
-                        ..range(0, data_setting, None, None)
-                    });
+                    out.push(DeviceRange { last: 0xffff, ..range(0, data_setting, None, None) });
                     None
                 }
-                EntryKind::Select {
-                    device_id,
-                    data_setting,
-                } => {
+                EntryKind::Select { device_id, data_setting } => {
                     out.push(range(device_id, data_setting, None, None));
                     None
                 }
-                EntryKind::AliasSelect {
-                    device_id,
-                    data_setting,
-                    alias,
-                } => {
+                EntryKind::AliasSelect { device_id, data_setting, alias } => {
                     out.push(range(device_id, data_setting, Some(alias), None));
                     None
                 }
-                EntryKind::ExtSelect {
-                    device_id,
-                    data_setting,
-                    ext,
-                } => {
+                EntryKind::ExtSelect { device_id, data_setting, ext } => {
                     out.push(range(device_id, data_setting, None, Some(ext)));
                     None
                 }
-                EntryKind::StartRange {
-                    device_id,
-                    data_setting,
-                } => Some(range(device_id, data_setting, None, None)),
-                EntryKind::AliasStartRange {
-                    device_id,
-                    data_setting,
-                    alias,
-                } => Some(range(device_id, data_setting, Some(alias), None)),
-                EntryKind::ExtStartRange {
-                    device_id,
-                    data_setting,
-                    ext,
-                } => Some(range(device_id, data_setting, None, Some(ext))),
+                EntryKind::StartRange { device_id, data_setting } => Some(range(device_id, data_setting, None, None)),
+                EntryKind::AliasStartRange { device_id, data_setting, alias } => {
+                    Some(range(device_id, data_setting, Some(alias), None))
+                }
+                EntryKind::ExtStartRange { device_id, data_setting, ext } => {
+                    Some(range(device_id, data_setting, None, Some(ext)))
+                }
                 EntryKind::EndRange { device_id } => {
                     let Some((_, r)) = open.take() else {
                         return Err(range_err(e.offset, ErrorKind::UnpairedRangeEnd));
                     };
                     if device_id < r.first {
-                        return Err(range_err(
-                            e.offset,
-                            ErrorKind::InvertedRange {
-                                first: r.first,
-                                last: device_id,
-                            },
-                        ));
+                        return Err(range_err(e.offset, ErrorKind::InvertedRange { first: r.first, last: device_id }));
                     }
-                    out.push(DeviceRange {
-                        last: device_id,
-                        ..r
-                    });
+                    out.push(DeviceRange { last: device_id, ..r });
                     None
                 }
                 _ => None,
@@ -569,23 +463,14 @@ impl Ivhd {
     /// The special (IOAPIC/HPET) entries as (variety, handle, device ID).
     pub fn specials(&self) -> impl Iterator<Item = (u8, u8, u16)> + '_ {
         self.entries.iter().filter_map(|e| match e.kind {
-            EntryKind::Special {
-                handle,
-                device_id,
-                variety,
-                ..
-            } => Some((variety, handle, device_id)),
+            EntryKind::Special { handle, device_id, variety, .. } => Some((variety, handle, device_id)),
             _ => None,
         })
     }
 }
 
 fn range_err(offset: usize, kind: ErrorKind) -> Error {
-    Error {
-        offset,
-        structure: "IVHD entry",
-        kind,
-    }
+    Error { offset, structure: "IVHD entry", kind }
 }
 
 /// Renders an 8-byte HID/CID field: ASCII up to the first NUL if it is

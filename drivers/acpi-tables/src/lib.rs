@@ -115,10 +115,9 @@ pub enum ErrorKind {
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            ErrorKind::Truncated { needed, available } => write!(
-                f,
-                "truncated: needs {needed} bytes but only {available} are available"
-            ),
+            ErrorKind::Truncated { needed, available } => {
+                write!(f, "truncated: needs {needed} bytes but only {available} are available")
+            }
             ErrorKind::BadLength { length, min } => {
                 if length < min {
                     write!(f, "bad length {length} (shorter than the minimum of {min})")
@@ -126,23 +125,18 @@ impl fmt::Display for ErrorKind {
                     write!(f, "bad length {length} (not a valid size; minimum {min})")
                 }
             }
-            ErrorKind::Overrun { length, available } => write!(
-                f,
-                "length {length} overruns its parent ({available} bytes left)"
-            ),
+            ErrorKind::Overrun { length, available } => {
+                write!(f, "length {length} overruns its parent ({available} bytes left)")
+            }
             ErrorKind::BadChecksum { sum } => {
                 write!(f, "bad checksum (bytes sum to {sum:#04x}, expected 0)")
             }
-            ErrorKind::BadSignature { expected, found } => write!(
-                f,
-                "bad signature {} (expected {})",
-                Sig(&found),
-                Sig(&expected)
-            ),
-            ErrorKind::UnknownEntrySize { entry_type } => write!(
-                f,
-                "entry type {entry_type:#04x} has no defined size; cannot continue"
-            ),
+            ErrorKind::BadSignature { expected, found } => {
+                write!(f, "bad signature {} (expected {})", Sig(&found), Sig(&expected))
+            }
+            ErrorKind::UnknownEntrySize { entry_type } => {
+                write!(f, "entry type {entry_type:#04x} has no defined size; cannot continue")
+            }
             ErrorKind::UnpairedRangeStart => {
                 write!(f, "range start not followed by an end-of-range entry")
             }
@@ -158,11 +152,7 @@ impl fmt::Display for ErrorKind {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} at offset {:#x}: {}",
-            self.structure, self.offset, self.kind
-        )
+        write!(f, "{} at offset {:#x}: {}", self.structure, self.offset, self.kind)
     }
 }
 
@@ -232,10 +222,7 @@ pub(crate) fn checked_table<'a>(
         return Err(Error {
             offset: 0,
             structure: "table header",
-            kind: ErrorKind::BadSignature {
-                expected: *sig,
-                found: header.signature,
-            },
+            kind: ErrorKind::BadSignature { expected: *sig, found: header.signature },
         });
     }
     let length = header.length as usize;
@@ -243,29 +230,19 @@ pub(crate) fn checked_table<'a>(
         return Err(Error {
             offset: 4,
             structure: "table header",
-            kind: ErrorKind::BadLength {
-                length,
-                min: min_len,
-            },
+            kind: ErrorKind::BadLength { length, min: min_len },
         });
     }
     let Some(table) = bytes.get(..length) else {
         return Err(Error {
             offset: 0,
             structure: "table header",
-            kind: ErrorKind::Truncated {
-                needed: length,
-                available: bytes.len(),
-            },
+            kind: ErrorKind::Truncated { needed: length, available: bytes.len() },
         });
     };
     let sum = table.iter().fold(0u8, |acc, &b| acc.wrapping_add(b));
     if sum != 0 {
-        return Err(Error {
-            offset: 9,
-            structure: "table header",
-            kind: ErrorKind::BadChecksum { sum },
-        });
+        return Err(Error { offset: 9, structure: "table header", kind: ErrorKind::BadChecksum { sum } });
     }
     Ok((header, table))
 }
@@ -300,11 +277,7 @@ pub(crate) struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(bytes: &'a [u8], base: usize, structure: &'static str) -> Self {
-        Reader {
-            bytes,
-            base,
-            structure,
-        }
+        Reader { bytes, base, structure }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -312,26 +285,14 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn err(&self, rel: usize, kind: ErrorKind) -> Error {
-        Error {
-            offset: self.base.saturating_add(rel),
-            structure: self.structure,
-            kind,
-        }
+        Error { offset: self.base.saturating_add(rel), structure: self.structure, kind }
     }
 
     /// Ensures `n` bytes are available at `rel`.
     pub(crate) fn need(&self, rel: usize, n: usize) -> Result<&'a [u8], Error> {
-        rel.checked_add(n)
-            .and_then(|end| self.bytes.get(rel..end))
-            .ok_or_else(|| {
-                self.err(
-                    rel,
-                    ErrorKind::Truncated {
-                        needed: n,
-                        available: self.bytes.len().saturating_sub(rel),
-                    },
-                )
-            })
+        rel.checked_add(n).and_then(|end| self.bytes.get(rel..end)).ok_or_else(|| {
+            self.err(rel, ErrorKind::Truncated { needed: n, available: self.bytes.len().saturating_sub(rel) })
+        })
     }
 
     pub(crate) fn array<const N: usize>(&self, rel: usize) -> Result<[u8; N], Error> {
@@ -359,59 +320,27 @@ impl<'a> Reader<'a> {
 
     /// The sub-structure `[rel, rel + len)` named `structure`, after checking
     /// that `len` is at least `min` and fits in this structure.
-    pub(crate) fn sub(
-        &self,
-        rel: usize,
-        len: usize,
-        min: usize,
-        structure: &'static str,
-    ) -> Result<Reader<'a>, Error> {
+    pub(crate) fn sub(&self, rel: usize, len: usize, min: usize, structure: &'static str) -> Result<Reader<'a>, Error> {
         let abs = self.base.saturating_add(rel);
         let available = self.bytes.len().saturating_sub(rel);
         if len < min || len == 0 {
-            return Err(Error {
-                offset: abs,
-                structure,
-                kind: ErrorKind::BadLength {
-                    length: len,
-                    min: min.max(1),
-                },
-            });
+            return Err(Error { offset: abs, structure, kind: ErrorKind::BadLength { length: len, min: min.max(1) } });
         }
         if len > available {
-            return Err(Error {
-                offset: abs,
-                structure,
-                kind: ErrorKind::Overrun {
-                    length: len,
-                    available,
-                },
-            });
+            return Err(Error { offset: abs, structure, kind: ErrorKind::Overrun { length: len, available } });
         }
-        Ok(Reader {
-            bytes: &self.bytes[rel..rel + len],
-            base: abs,
-            structure,
-        })
+        Ok(Reader { bytes: &self.bytes[rel..rel + len], base: abs, structure })
     }
 
     /// Checks that the `n`-byte header of a sub-structure named `structure`
     /// at `rel` fits in this structure (a "Truncated" error otherwise).
-    pub(crate) fn header_fits(
-        &self,
-        rel: usize,
-        n: usize,
-        structure: &'static str,
-    ) -> Result<(), Error> {
+    pub(crate) fn header_fits(&self, rel: usize, n: usize, structure: &'static str) -> Result<(), Error> {
         let available = self.bytes.len().saturating_sub(rel);
         if available < n {
             return Err(Error {
                 offset: self.base.saturating_add(rel),
                 structure,
-                kind: ErrorKind::Truncated {
-                    needed: n,
-                    available,
-                },
+                kind: ErrorKind::Truncated { needed: n, available },
             });
         }
         Ok(())
@@ -430,9 +359,5 @@ impl<'a> Reader<'a> {
 /// map to the Unicode code point of the same value (Latin-1), so no byte is
 /// lost.
 pub(crate) fn ascii_until_nul(bytes: &[u8]) -> alloc::string::String {
-    bytes
-        .iter()
-        .take_while(|&&b| b != 0)
-        .map(|&b| char::from(b))
-        .collect()
+    bytes.iter().take_while(|&&b| b != 0).map(|&b| char::from(b)).collect()
 }

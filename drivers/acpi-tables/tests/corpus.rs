@@ -6,9 +6,7 @@ use acpi_tables::dmar::Dmar;
 use acpi_tables::ivrs::Ivrs;
 
 fn corpus_files(sub: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/corpus")
-        .join(sub);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(sub);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -36,13 +34,7 @@ fn every_dmar_parses() {
             Err(e) => failures.push(format!("{}: {e}", name(f))),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} DMAR tables failed:\n{}",
-        failures.len(),
-        files.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} DMAR tables failed:\n{}", failures.len(), files.len(), failures.join("\n"));
 }
 
 #[test]
@@ -58,22 +50,12 @@ fn every_ivrs_parses() {
                 }
                 for h in t.ivhds() {
                     if let Err(e) = h.device_ranges() {
-                        failures.push(format!(
-                            "{}: device ranges of IVHD at {:#x}: {e}",
-                            name(f),
-                            h.offset
-                        ));
+                        failures.push(format!("{}: device ranges of IVHD at {:#x}: {e}", name(f), h.offset));
                     }
                 }
             }
             Err(e) => failures.push(format!("{}: {e}", name(f))),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} IVRS tables failed:\n{}",
-        failures.len(),
-        files.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} IVRS tables failed:\n{}", failures.len(), files.len(), failures.join("\n"));
 }

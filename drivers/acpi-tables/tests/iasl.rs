@@ -69,11 +69,7 @@ impl Dsl {
             let Some((pos, rest)) = rest.split_once(']') else {
                 continue;
             };
-            let Some(hex) = pos
-                .split_whitespace()
-                .next()
-                .and_then(|h| h.strip_suffix('h'))
-            else {
+            let Some(hex) = pos.split_whitespace().next().and_then(|h| h.strip_suffix('h')) else {
                 continue;
             };
             let Ok(offset) = usize::from_str_radix(hex, 16) else {
@@ -82,17 +78,15 @@ impl Dsl {
             let Some((name, value)) = rest.split_once(" : ") else {
                 continue;
             };
-            lines.entry(offset).or_default().push(Line {
-                name: name.trim().to_string(),
-                value: value.trim().to_string(),
-            });
+            lines
+                .entry(offset)
+                .or_default()
+                .push(Line { name: name.trim().to_string(), value: value.trim().to_string() });
         }
         let subtables: Vec<(usize, bool)> = lines
             .iter()
             .flat_map(|(&off, ls)| {
-                ls.iter()
-                    .filter(|l| l.name == "Subtable Type")
-                    .map(move |l| (off, l.value.contains("Unknown")))
+                ls.iter().filter(|l| l.name == "Subtable Type").map(move |l| (off, l.value.contains("Unknown")))
             })
             .collect();
         let mut exempt = Vec::new();
@@ -110,10 +104,7 @@ impl Dsl {
     }
 
     fn get(&self, off: usize, name: &str) -> Option<&Line> {
-        self.lines
-            .get(&off)?
-            .iter()
-            .find(|l| l.name == name || l.name.starts_with(&format!("{name} (")))
+        self.lines.get(&off)?.iter().find(|l| l.name == name || l.name.starts_with(&format!("{name} (")))
     }
 
     fn offsets_named(&self, name: &str) -> BTreeSet<usize> {
@@ -141,8 +132,7 @@ fn hex_value(v: &str) -> Option<u64> {
 
 impl Check<'_> {
     fn report(&mut self, off: usize, what: &str, msg: String) {
-        self.problems
-            .push(format!("{} @{off:#x} {what}: {msg}", self.file));
+        self.problems.push(format!("{} @{off:#x} {what}: {msg}", self.file));
     }
 
     /// Compares a numeric field, unless it lies in a region iasl could not
@@ -163,11 +153,7 @@ impl Check<'_> {
         }
         self.fields += 1;
         match self.dsl.get(off, name).map(|l| l.value.clone()) {
-            None => self.report(
-                off,
-                name,
-                format!("iasl has no such field (parser: {ours:#x})"),
-            ),
+            None => self.report(off, name, format!("iasl has no such field (parser: {ours:#x})")),
             Some(v) => match hex_value(&v) {
                 Some(theirs) if theirs == ours => {}
                 _ => self.report(off, name, format!("iasl {v:?} != parser {ours:#x}")),
@@ -181,11 +167,7 @@ impl Check<'_> {
         }
         self.fields += 1;
         match self.dsl.get(off, name).map(|l| l.value.clone()) {
-            None => self.report(
-                off,
-                name,
-                format!("iasl has no such field (parser: {ours:?})"),
-            ),
+            None => self.report(off, name, format!("iasl has no such field (parser: {ours:?})")),
             Some(v) if v.trim_matches('"') == ours => {}
             Some(v) => self.report(off, name, format!("iasl {v} != parser {ours:?}")),
         }
@@ -214,18 +196,11 @@ impl Check<'_> {
             let v = self.dsl.get(po, "PCI Path").map(|l| l.value.clone());
             let theirs = v.as_deref().and_then(|v| {
                 let (a, b) = v.split_once(',')?;
-                Some((
-                    u8::from_str_radix(a.trim(), 16).ok()?,
-                    u8::from_str_radix(b.trim(), 16).ok()?,
-                ))
+                Some((u8::from_str_radix(a.trim(), 16).ok()?, u8::from_str_radix(b.trim(), 16).ok()?))
             });
             self.fields += 1;
             if theirs != Some((d, f)) {
-                self.report(
-                    po,
-                    "PCI Path",
-                    format!("iasl {v:?} != parser ({d:02x},{f:02x})"),
-                );
+                self.report(po, "PCI Path", format!("iasl {v:?} != parser ({d:02x},{f:02x})"));
             }
         }
     }
@@ -289,11 +264,7 @@ impl Check<'_> {
             }
         }
         self.same_set("structure", self.dsl.offsets_named("Subtable Type"), ours);
-        self.same_set(
-            "device scope",
-            self.dsl.offsets_named("Device Scope Type"),
-            scopes,
-        );
+        self.same_set("device scope", self.dsl.offsets_named("Device Scope Type"), scopes);
     }
 
     fn ivrs(&mut self, t: &Ivrs) {
@@ -304,11 +275,7 @@ impl Check<'_> {
             let (o, kind, len) = match b {
                 Block::Ivhd(h) => (h.offset, h.kind, block_len(t, h.offset)),
                 Block::Ivmd(m) => (m.offset, m.kind, block_len(t, m.offset)),
-                Block::Unknown {
-                    kind,
-                    offset,
-                    length,
-                } => (*offset, *kind, *length),
+                Block::Unknown { kind, offset, length } => (*offset, *kind, *length),
             };
             self.num_always(o, "Subtable Type", kind.into());
             self.num_always(o + 2, "Length", len.into());
@@ -347,11 +314,7 @@ impl Check<'_> {
                 Block::Unknown { .. } => {}
             }
         }
-        self.same_set(
-            "IVRS block",
-            self.dsl.offsets_named("Subtable Type"),
-            blocks,
-        );
+        self.same_set("IVRS block", self.dsl.offsets_named("Subtable Type"), blocks);
         self.same_set("IVHD entry", self.dsl.offsets_named("Entry Type"), entries);
     }
 
@@ -359,22 +322,13 @@ impl Check<'_> {
         let o = e.offset;
         self.num(o, "Entry Type", e.entry_type.into());
         match e.kind {
-            EntryKind::Special {
-                handle,
-                device_id,
-                data_setting,
-                variety,
-            } => {
+            EntryKind::Special { handle, device_id, data_setting, variety } => {
                 self.num(o + 3, "Data Setting", data_setting.into());
                 self.num(o + 4, "Handle", handle.into());
                 self.num(o + 5, "Source Used Device ID", device_id.into());
                 self.num(o + 7, "Variety", variety.into());
             }
-            EntryKind::AcpiHid {
-                device_id,
-                data_setting,
-                ..
-            } => {
+            EntryKind::AcpiHid { device_id, data_setting, .. } => {
                 self.num(o + 1, "Device ID", device_id.into());
                 self.num(o + 3, "Data Setting", data_setting.into());
             }
@@ -386,8 +340,7 @@ impl Check<'_> {
                     self.num(o + 3, "Data Setting", ds.into());
                 }
                 match *k {
-                    EntryKind::AliasSelect { alias, .. }
-                    | EntryKind::AliasStartRange { alias, .. } => {
+                    EntryKind::AliasSelect { alias, .. } | EntryKind::AliasStartRange { alias, .. } => {
                         self.num(o + 5, "Source Used Device ID", alias.into());
                     }
                     EntryKind::ExtSelect { ext, .. } | EntryKind::ExtStartRange { ext, .. } => {
@@ -415,12 +368,7 @@ fn structure_type(s: &Structure) -> u16 {
 
 /// Length of the structure at `s.offset()`: the distance to the next one.
 fn structure_len(t: &Dmar, s: &Structure) -> u16 {
-    let next = t
-        .structures
-        .iter()
-        .map(Structure::offset)
-        .find(|&o| o > s.offset())
-        .unwrap_or(t.header.length as usize);
+    let next = t.structures.iter().map(Structure::offset).find(|&o| o > s.offset()).unwrap_or(t.header.length as usize);
     (next - s.offset()) as u16
 }
 
@@ -443,45 +391,23 @@ fn block_len(t: &Ivrs, off: usize) -> u16 {
 fn check_ivhd40(file: &str, t: &Ivrs, problems: &mut Vec<String>) {
     let blocks: Vec<&Ivhd> = t.ivhds().collect();
     for h40 in blocks.iter().filter(|h| h.kind == 0x40) {
-        let Some(h11) = blocks.iter().find(|h| {
-            h.kind == 0x11 && h.base_address == h40.base_address && h.device_id == h40.device_id
-        }) else {
-            problems.push(format!(
-                "{file} @{:#x}: IVHD 0x40 without a matching 0x11 block",
-                h40.offset
-            ));
+        let Some(h11) = blocks
+            .iter()
+            .find(|h| h.kind == 0x11 && h.base_address == h40.base_address && h.device_id == h40.device_id)
+        else {
+            problems.push(format!("{file} @{:#x}: IVHD 0x40 without a matching 0x11 block", h40.offset));
             continue;
         };
-        if (
-            h40.flags,
-            h40.capability_offset,
-            h40.segment,
-            h40.info,
-            h40.efr,
-        ) != (
-            h11.flags,
-            h11.capability_offset,
-            h11.segment,
-            h11.info,
-            h11.efr,
-        ) {
-            problems.push(format!(
-                "{file} @{:#x}: IVHD 0x40 header differs from 0x11 block",
-                h40.offset
-            ));
+        if (h40.flags, h40.capability_offset, h40.segment, h40.info, h40.efr)
+            != (h11.flags, h11.capability_offset, h11.segment, h11.info, h11.efr)
+        {
+            problems.push(format!("{file} @{:#x}: IVHD 0x40 header differs from 0x11 block", h40.offset));
         }
         let plain = |h: &Ivhd| -> Vec<EntryKind> {
-            h.entries
-                .iter()
-                .filter(|e| !matches!(e.kind, EntryKind::AcpiHid { .. }))
-                .map(|e| e.kind.clone())
-                .collect()
+            h.entries.iter().filter(|e| !matches!(e.kind, EntryKind::AcpiHid { .. })).map(|e| e.kind.clone()).collect()
         };
         if plain(h40) != plain(h11) {
-            problems.push(format!(
-                "{file} @{:#x}: IVHD 0x40 entries differ from 0x11 block",
-                h40.offset
-            ));
+            problems.push(format!("{file} @{:#x}: IVHD 0x40 entries differ from 0x11 block", h40.offset));
         }
         for e in &h40.entries {
             if let EntryKind::AcpiHid { hid, uid, .. } = &e.kind {
@@ -492,10 +418,7 @@ fn check_ivhd40(file: &str, t: &Ivrs, problems: &mut Vec<String>) {
                     Uid::Other { .. } => false,
                 };
                 if !ok_hid || !ok_uid {
-                    problems.push(format!(
-                        "{file} @{:#x}: implausible ACPI HID entry {:?}",
-                        e.offset, e.kind
-                    ));
+                    problems.push(format!("{file} @{:#x}: implausible ACPI HID entry {:?}", e.offset, e.kind));
                 }
             }
         }
@@ -503,11 +426,7 @@ fn check_ivhd40(file: &str, t: &Ivrs, problems: &mut Vec<String>) {
 }
 
 fn iasl_available() -> bool {
-    Command::new("iasl")
-        .arg("-v")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new("iasl").arg("-v").output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 fn corpus() -> Vec<PathBuf> {
@@ -528,9 +447,7 @@ fn corpus() -> Vec<PathBuf> {
 #[test]
 fn parser_agrees_with_iasl() {
     if !iasl_available() {
-        eprintln!(
-            "note: iasl not found on PATH; skipping the iasl cross-check (install acpica-tools)"
-        );
+        eprintln!("note: iasl not found on PATH; skipping the iasl cross-check (install acpica-tools)");
         return;
     }
     let tmp = std::env::temp_dir().join(format!("acpi-tables-iasl-{}", std::process::id()));
@@ -545,12 +462,7 @@ fn parser_agrees_with_iasl() {
         let bytes = std::fs::read(f).unwrap();
         let copy = tmp.join(&name);
         std::fs::write(&copy, &bytes).unwrap();
-        let out = Command::new("iasl")
-            .arg("-d")
-            .arg(&copy)
-            .current_dir(&tmp)
-            .output()
-            .unwrap();
+        let out = Command::new("iasl").arg("-d").arg(&copy).current_dir(&tmp).output().unwrap();
         let dsl_path = copy.with_extension("dsl");
         let Ok(text) = std::fs::read_to_string(&dsl_path) else {
             problems.push(format!(
@@ -561,12 +473,7 @@ fn parser_agrees_with_iasl() {
             continue;
         };
         let dsl = Dsl::parse(&text, bytes.len());
-        let mut check = Check {
-            file: &name,
-            dsl: &dsl,
-            problems: &mut problems,
-            fields: 0,
-        };
+        let mut check = Check { file: &name, dsl: &dsl, problems: &mut problems, fields: 0 };
         match &bytes[..4] {
             b"DMAR" => match Dmar::parse(&bytes) {
                 Ok(t) => check.dmar(&t),
@@ -579,9 +486,7 @@ fn parser_agrees_with_iasl() {
                 }
                 Err(e) => check.problems.push(format!("{name}: parse error {e}")),
             },
-            other => check
-                .problems
-                .push(format!("{name}: unexpected signature {other:?}")),
+            other => check.problems.push(format!("{name}: unexpected signature {other:?}")),
         }
         fields += check.fields;
         compared += 1;
@@ -592,10 +497,5 @@ fn parser_agrees_with_iasl() {
     // Guard against a silently broken comparison (e.g. iasl output format
     // change making every lookup vanish into exempt regions).
     assert!(fields > 5000, "only {fields} fields compared");
-    assert!(
-        problems.is_empty(),
-        "{} mismatches with iasl:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
+    assert!(problems.is_empty(), "{} mismatches with iasl:\n{}", problems.len(), problems.join("\n"));
 }
