@@ -100,22 +100,12 @@ mod imp {
     struct Handler;
 
     impl AcpiHandler for Handler {
-        unsafe fn map_physical_region<T>(
-            &self,
-            phys: usize,
-            size: usize,
-        ) -> PhysicalMapping<Self, T> {
+        unsafe fn map_physical_region<T>(&self, phys: usize, size: usize) -> PhysicalMapping<Self, T> {
             let virt = crate::mem::map_phys(phys as u64, size as u64).expect("mapping ACPI memory");
             // SAFETY: `virt` maps `size` bytes at `phys` readable for the
             // kernel's lifetime; the caller promises a `T` lives there.
             unsafe {
-                PhysicalMapping::new(
-                    phys,
-                    NonNull::new(virt as *mut T).expect("non-null window"),
-                    size,
-                    size,
-                    *self,
-                )
+                PhysicalMapping::new(phys, NonNull::new(virt as *mut T).expect("non-null window"), size, size, *self)
             }
         }
         fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
@@ -167,19 +157,10 @@ mod imp {
         // the crate validates the RSDP's signature and checksum before use.
         let tables = unsafe { AcpiTables::from_rsdp(Handler, rsdp as usize) }
             .map_err(|e| format!("RSDP at {:#x}: {:?}", rsdp, e))?;
-        let mut info = AcpiInfo {
-            rsdp,
-            revision: tables.revision(),
-            ..AcpiInfo::default()
-        };
+        let mut info = AcpiInfo { rsdp, revision: tables.revision(), ..AcpiInfo::default() };
         for h in tables.headers() {
             info.tables.push(TableInfo {
-                signature: *h
-                    .signature
-                    .as_str()
-                    .as_bytes()
-                    .first_chunk()
-                    .unwrap_or(b"????"),
+                signature: *h.signature.as_str().as_bytes().first_chunk().unwrap_or(b"????"),
                 length: h.length,
                 revision: h.revision,
                 oem_id: String::from(h.oem_id().trim()),

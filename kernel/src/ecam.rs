@@ -16,10 +16,7 @@ pub struct Ecam {
 impl Ecam {
     /// Accessor over these regions.
     pub fn new(regions: &[McfgRegion]) -> Self {
-        Self {
-            regions: regions.to_vec(),
-            mapped: Mutex::new(alloc::vec![[0; 4]; regions.len()]),
-        }
+        Self { regions: regions.to_vec(), mapped: Mutex::new(alloc::vec![[0; 4]; regions.len()]) }
     }
 
     /// Virtual address of a config dword, mapping its bus on first use.
@@ -27,10 +24,11 @@ impl Ecam {
         if offset >= 4096 || offset % 4 != 0 || bdf.device >= 32 || bdf.function >= 8 {
             return None;
         }
-        let (i, r) =
-            self.regions.iter().enumerate().find(|(_, r)| {
-                r.segment == segment && (r.bus_start..=r.bus_end).contains(&bdf.bus)
-            })?;
+        let (i, r) = self
+            .regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.segment == segment && (r.bus_start..=r.bus_end).contains(&bdf.bus))?;
         let bus_phys = r.base + ((bdf.bus as u64) << 20);
         let mut mapped = self.mapped.lock();
         let word = &mut mapped[i][bdf.bus as usize / 64];
@@ -39,8 +37,7 @@ impl Ecam {
             crate::mem::map_mmio(bus_phys, 1 << 20).ok()?;
             *word |= bit;
         }
-        let phys =
-            bus_phys + ((bdf.device as u64) << 15 | (bdf.function as u64) << 12 | offset as u64);
+        let phys = bus_phys + ((bdf.device as u64) << 15 | (bdf.function as u64) << 12 | offset as u64);
         Some((crate::mem::MMIO_BASE + phys) as *mut u32)
     }
 }
@@ -60,5 +57,15 @@ impl ConfigAccess for Ecam {
             // effects they own (BAR sizing, command register).
             unsafe { p.write_volatile(value) }
         }
+    }
+}
+
+impl acpi_tables::scope::ConfigSpace for Ecam {
+    fn read_u32(&self, segment: u16, bdf: acpi_tables::scope::Bdf, offset: u16) -> Option<u32> {
+        let bdf = Bdf { bus: bdf.bus, device: bdf.device, function: bdf.function };
+        self.address(segment, bdf, offset)?;
+        let v = self.read32(segment, bdf, offset);
+        // A missing function reads all ones, vendor id 0xffff included.
+        (self.read32(segment, bdf, 0) & 0xffff != 0xffff).then_some(v)
     }
 }

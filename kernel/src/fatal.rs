@@ -13,61 +13,28 @@ static IN_FATAL: AtomicBool = AtomicBool::new(false);
 /// Called from the exception stubs.
 pub fn exception(frame: &ExceptionFrame, cr2: u64) -> ! {
     enter();
-    let name = EXCEPTION_NAMES
-        .get(frame.vector as usize)
-        .copied()
-        .unwrap_or("?");
+    let name = EXCEPTION_NAMES.get(frame.vector as usize).copied().unwrap_or("?");
     println!();
-    println!(
-        "!!! CPU exception {} ({}), error code {:#x}",
-        frame.vector, name, frame.error_code
-    );
-    println!(
-        "    RIP {:#018x}  CS {:#x}  RFLAGS {:#x}",
-        frame.rip, frame.cs, frame.rflags
-    );
-    println!(
-        "    RSP {:#018x}  SS {:#x}  CR2 {:#018x}",
-        frame.rsp, frame.ss, cr2
-    );
-    println!(
-        "    RAX {:#x} RBX {:#x} RCX {:#x} RDX {:#x}",
-        frame.rax, frame.rbx, frame.rcx, frame.rdx
-    );
-    println!(
-        "    RSI {:#x} RDI {:#x} RBP {:#x}",
-        frame.rsi, frame.rdi, frame.rbp
-    );
+    println!("!!! CPU exception {} ({}), error code {:#x}", frame.vector, name, frame.error_code);
+    println!("    RIP {:#018x}  CS {:#x}  RFLAGS {:#x}", frame.rip, frame.cs, frame.rflags);
+    println!("    RSP {:#018x}  SS {:#x}  CR2 {:#018x}", frame.rsp, frame.ss, cr2);
+    println!("    RAX {:#x} RBX {:#x} RCX {:#x} RDX {:#x}", frame.rax, frame.rbx, frame.rcx, frame.rdx);
+    println!("    RSI {:#x} RDI {:#x} RBP {:#x}", frame.rsi, frame.rdi, frame.rbp);
     if frame.vector == 14 {
         let e = frame.error_code;
         println!(
             "    page fault: {} {} {}{}",
-            if e & 1 != 0 {
-                "protection violation"
-            } else {
-                "not present"
-            },
+            if e & 1 != 0 { "protection violation" } else { "not present" },
             if e & 2 != 0 { "on write" } else { "on read" },
-            if e & 16 != 0 {
-                "(instruction fetch)"
-            } else {
-                ""
-            },
-            if e & 8 != 0 {
-                " (reserved bit set)"
-            } else {
-                ""
-            },
+            if e & 16 != 0 { "(instruction fetch)" } else { "" },
+            if e & 8 != 0 { " (reserved bit set)" } else { "" },
         );
     }
     stack_trace(frame.rip, frame.rbp);
     let mut reason = crate::ktest::ReasonBuf::new();
     let _ = core::fmt::write(
         &mut reason,
-        format_args!(
-            "CPU exception {} ({}) at RIP {:#x}",
-            frame.vector, name, frame.rip
-        ),
+        format_args!("CPU exception {} ({}) at RIP {:#x}", frame.vector, name, frame.rip),
     );
     finish(reason.as_str())
 }
@@ -79,20 +46,12 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     enter();
     println!();
     match info.location() {
-        Some(l) => println!(
-            "!!! panic at {}:{}:{}: {}",
-            l.file(),
-            l.line(),
-            l.column(),
-            info.message()
-        ),
+        Some(l) => println!("!!! panic at {}:{}:{}: {}", l.file(), l.line(), l.column(), info.message()),
         None => println!("!!! panic: {}", info.message()),
     }
     let rbp: u64;
     // SAFETY: reads the frame pointer register; no memory is touched.
-    unsafe {
-        core::arch::asm!("mov {}, rbp", out(reg) rbp, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { core::arch::asm!("mov {}, rbp", out(reg) rbp, options(nomem, nostack, preserves_flags)) };
     stack_trace(0, rbp);
     let mut reason = crate::ktest::ReasonBuf::new();
     let _ = core::fmt::write(&mut reason, format_args!("panic: {}", info.message()));
@@ -122,8 +81,7 @@ fn stack_trace(rip: u64, mut rbp: u64) {
     }
     let boot = portcullis_boot::layout::image_layout().stack;
     let ist = crate::arch::gdt::fault_stack_range();
-    let on_stack =
-        |a: u64| (a >= boot.start && a + 16 <= boot.end) || (a >= ist.0 && a + 16 <= ist.1);
+    let on_stack = |a: u64| (a >= boot.start && a + 16 <= boot.end) || (a >= ist.0 && a + 16 <= ist.1);
     for depth in 1..=24 {
         if rbp % 8 != 0 || !on_stack(rbp) {
             break;

@@ -55,10 +55,7 @@ impl VtdCaps {
     /// Supported adjusted guest address widths (CAP.SAGAW) as bit widths.
     pub fn sagaw_bits(&self) -> impl Iterator<Item = u32> + '_ {
         let sagaw = (self.cap >> 8) & 0x1f;
-        [(1, 39), (2, 48), (3, 57)]
-            .into_iter()
-            .filter(move |(b, _)| sagaw >> b & 1 != 0)
-            .map(|(_, w)| w)
+        [(1, 39), (2, 48), (3, 57)].into_iter().filter(move |(b, _)| sagaw >> b & 1 != 0).map(|(_, w)| w)
     }
     /// Maximum guest address width (CAP.MGAW + 1).
     pub fn mgaw(&self) -> u32 {
@@ -196,10 +193,7 @@ mod tests {
 
     #[test]
     fn qemu_default_vtd_capabilities_decode() {
-        let c = VtdCaps {
-            cap: 0x00d2_008c_222f_0606,
-            ecap: 0xf0_0f4a,
-        };
+        let c = VtdCaps { cap: 0x00d2_008c_222f_0606, ecap: 0xf0_0f4a };
         assert_eq!(c.domains(), 65536);
         assert_eq!(c.sagaw_bits().collect::<Vec<_>>(), vec![39, 48]);
         assert_eq!(c.mgaw(), 48);
@@ -211,10 +205,7 @@ mod tests {
         assert!(c.queued_invalidation() && c.interrupt_remapping() && c.pass_through());
         assert!(!c.coherent() && !c.scalable_mode());
         assert_eq!(c.iotlb_offset(), 0xf0);
-        let sm = VtdCaps {
-            cap: c.cap,
-            ecap: 0x0000_4800_80f0_0f4a,
-        };
+        let sm = VtdCaps { cap: c.cap, ecap: 0x0000_4800_80f0_0f4a };
         assert!(sm.scalable_mode());
         assert!(sm.second_stage());
     }

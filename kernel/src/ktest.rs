@@ -84,10 +84,7 @@ pub struct ReasonBuf {
 impl ReasonBuf {
     /// Empty buffer.
     pub const fn new() -> Self {
-        Self {
-            buf: [0; 256],
-            len: 0,
-        }
+        Self { buf: [0; 256], len: 0 }
     }
     /// Contents (cut at a character boundary if it overflowed).
     pub fn as_str(&self) -> &str {
@@ -122,21 +119,10 @@ pub fn format_diagnostic(out: &mut impl Write, name: &str, text: &str) -> fmt::R
 }
 
 /// Writes one KTAP result line.
-pub fn format_result(
-    out: &mut impl Write,
-    number: usize,
-    name: &str,
-    result: &TestResult,
-) -> fmt::Result {
+pub fn format_result(out: &mut impl Write, number: usize, name: &str, result: &TestResult) -> fmt::Result {
     match result {
         Ok(()) => writeln!(out, "ok {} {}", number, name),
-        Err(Outcome::Skip(why)) => writeln!(
-            out,
-            "ok {} {} # SKIP {}",
-            number,
-            name,
-            why.replace('\n', " ")
-        ),
+        Err(Outcome::Skip(why)) => writeln!(out, "ok {} {} # SKIP {}", number, name, why.replace('\n', " ")),
         Err(Outcome::Fail(why)) => {
             format_diagnostic(out, name, why)?;
             writeln!(out, "not ok {} {}", number, name)
@@ -208,11 +194,7 @@ pub fn run<P>(platform: &P, tests: &[TestCase<P>], config: &str, start: usize) -
         }
         let _ = format_result(&mut out, n, t.name, &result);
     }
-    let _ = writeln!(
-        out,
-        "# totals: pass:{} fail:{} skip:{}",
-        summary.passed, summary.failed, summary.skipped
-    );
+    let _ = writeln!(out, "# totals: pass:{} fail:{} skip:{}", summary.passed, summary.failed, summary.skipped);
     summary
 }
 
@@ -226,10 +208,7 @@ mod tests {
         format_result(&mut s, 1, "a", &Ok(())).unwrap();
         format_result(&mut s, 2, "b", &Err(Outcome::Skip("needs\namd".into()))).unwrap();
         format_result(&mut s, 3, "c", &Err(Outcome::Fail("x\ny".into()))).unwrap();
-        assert_eq!(
-            s,
-            "ok 1 a\nok 2 b # SKIP needs amd\n# c: x\n# c: y\nnot ok 3 c\n"
-        );
+        assert_eq!(s, "ok 1 a\nok 2 b # SKIP needs amd\n# c: x\n# c: y\nnot ok 3 c\n");
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub mod ecam;
 #[cfg(target_os = "none")]
 pub mod fatal;
 #[cfg(target_os = "none")]
+pub mod iommu_probe;
+#[cfg(target_os = "none")]
 pub mod report;
 #[cfg(target_os = "none")]
 pub mod serial;
@@ -61,22 +63,22 @@ mod imp {
         pub ecam: Ecam,
         /// Every PCI function found.
         pub pci: Vec<PciDevice>,
+        /// The DMAR, parsed (None when the firmware has none).
+        pub dmar: Option<Result<acpi_tables::dmar::Dmar, acpi_tables::Error>>,
+        /// The IVRS, parsed (None when the firmware has none).
+        pub ivrs: Option<Result<acpi_tables::ivrs::Ivrs, acpi_tables::Error>>,
     }
 
     impl Platform {
         /// ACPI information (empty when ACPI failed).
         pub fn acpi(&self) -> &AcpiInfo {
             static EMPTY: spin::Once<AcpiInfo> = spin::Once::new();
-            self.acpi
-                .as_ref()
-                .unwrap_or_else(|_| EMPTY.call_once(AcpiInfo::default))
+            self.acpi.as_ref().unwrap_or_else(|_| EMPTY.call_once(AcpiInfo::default))
         }
 
         /// The first PCI function with this vendor:device id.
         pub fn find_pci(&self, vendor: u16, device: u16) -> Option<&PciDevice> {
-            self.pci
-                .iter()
-                .find(|d| d.vendor == vendor && d.device == device)
+            self.pci.iter().find(|d| d.vendor == vendor && d.device == device)
         }
     }
 
@@ -109,24 +111,24 @@ mod imp {
         }
         let regions = acpi.as_ref().map(|a| a.mcfg.clone()).unwrap_or_default();
         let ecam = Ecam::new(&regions);
-        let ranges: Vec<BusRange> = regions
-            .iter()
-            .map(|r| BusRange {
-                segment: r.segment,
-                start: r.bus_start,
-                end: r.bus_end,
-            })
-            .collect();
+        let ranges: Vec<BusRange> =
+            regions.iter().map(|r| BusRange { segment: r.segment, start: r.bus_start, end: r.bus_end }).collect();
         let pci = crate::pci::enumerate(&ecam, &ranges);
-        log::debug!("bring-up done: {} PCI functions", pci.len());
-        Platform {
-            boot,
-            config: boot.cmdline_value("config").unwrap_or("").to_string(),
-            cpu,
-            calibration,
-            acpi,
-            ecam,
-            pci,
+        let (dmar, ivrs) = match &acpi {
+            Ok(a) => (
+                a.dmar.as_deref().map(acpi_tables::dmar::Dmar::parse),
+                a.ivrs.as_deref().map(acpi_tables::ivrs::Ivrs::parse),
+            ),
+            Err(_) => (None, None),
+        };
+        if let Some(Err(e)) = &dmar {
+            log::error!("DMAR does not parse: {}", e);
         }
+        if let Some(Err(e)) = &ivrs {
+            log::error!("IVRS does not parse: {}", e);
+        }
+        log::debug!("bring-up done: {} PCI functions", pci.len());
+        let config = boot.cmdline_value("config").unwrap_or("").to_string();
+        Platform { boot, config, cpu, calibration, acpi, ecam, pci, dmar, ivrs }
     }
 }

@@ -31,11 +31,7 @@ impl Bdf {
     }
     /// From a requester id.
     pub fn from_rid(rid: u16) -> Self {
-        Self {
-            bus: (rid >> 8) as u8,
-            device: ((rid >> 3) & 0x1f) as u8,
-            function: (rid & 7) as u8,
-        }
+        Self { bus: (rid >> 8) as u8, device: ((rid >> 3) & 0x1f) as u8, function: (rid & 7) as u8 }
     }
 }
 
@@ -225,10 +221,7 @@ impl PciDevice {
 
     /// The capability with this id, if present.
     pub fn capability(&self, id: u8) -> Option<u8> {
-        self.capabilities
-            .iter()
-            .find(|c| c.id == id)
-            .map(|c| c.offset)
+        self.capabilities.iter().find(|c| c.id == id).map(|c| c.offset)
     }
 }
 
@@ -267,21 +260,13 @@ fn scan_bus(
     }
     seen[bus as usize] = true;
     for device in 0..32u8 {
-        let f0 = Bdf {
-            bus,
-            device,
-            function: 0,
-        };
+        let f0 = Bdf { bus, device, function: 0 };
         if cfg.read16(r.segment, f0, 0) == 0xffff {
             continue;
         }
         let multi = cfg.read8(r.segment, f0, 0x0e) & 0x80 != 0;
         for function in 0..if multi { 8 } else { 1 } {
-            let bdf = Bdf {
-                bus,
-                device,
-                function,
-            };
+            let bdf = Bdf { bus, device, function };
             if cfg.read16(r.segment, bdf, 0) == 0xffff {
                 continue;
             }
@@ -325,11 +310,8 @@ fn read_function(cfg: &impl ConfigAccess, seg: u16, bdf: Bdf, parent: Option<Bdf
     };
     if header_type == 1 {
         let buses = cfg.read32(seg, bdf, 0x18);
-        dev.bridge = Some(BridgeBuses {
-            primary: buses as u8,
-            secondary: (buses >> 8) as u8,
-            subordinate: (buses >> 16) as u8,
-        });
+        dev.bridge =
+            Some(BridgeBuses { primary: buses as u8, secondary: (buses >> 8) as u8, subordinate: (buses >> 16) as u8 });
     }
     if bar_count > 0 {
         size_bars(cfg, seg, bdf, bar_count, &mut dev);
@@ -353,13 +335,7 @@ fn size_bars(cfg: &impl ConfigAccess, seg: u16, bdf: Bdf, count: u8, dev: &mut P
             let mask = probe & 0xffff_fffc;
             if mask != 0 {
                 let size = (!(mask | 0xffff_0000)).wrapping_add(1) as u64;
-                dev.bars.push(Bar {
-                    index: i,
-                    kind: BarKind::Io,
-                    base: (orig & !3) as u64,
-                    size,
-                    prefetchable: false,
-                });
+                dev.bars.push(Bar { index: i, kind: BarKind::Io, base: (orig & !3) as u64, size, prefetchable: false });
             }
             i += 1;
             continue;
@@ -473,33 +449,20 @@ mod tests {
             s[0] = vendor_device;
             s[2] = class;
             s[3] = (header as u32) << 16;
-            self.space
-                .get_mut()
-                .insert((b.bus, b.device, b.function), s);
-            self.space
-                .get_mut()
-                .get_mut(&(b.bus, b.device, b.function))
-                .unwrap()
+            self.space.get_mut().insert((b.bus, b.device, b.function), s);
+            self.space.get_mut().get_mut(&(b.bus, b.device, b.function)).unwrap()
         }
     }
 
     impl ConfigAccess for Fake {
         fn read32(&self, _: u16, b: Bdf, off: u16) -> u32 {
-            self.space
-                .borrow()
-                .get(&(b.bus, b.device, b.function))
-                .map_or(0xffff_ffff, |s| s[off as usize / 4])
+            self.space.borrow().get(&(b.bus, b.device, b.function)).map_or(0xffff_ffff, |s| s[off as usize / 4])
         }
         fn write32(&self, _: u16, b: Bdf, off: u16, v: u32) {
-            let mask = self
-                .bar_masks
-                .get(&(b.bus, b.device, b.function, off))
-                .copied();
-            if let Some(s) = self
-                .space
-                .borrow_mut()
-                .get_mut(&(b.bus, b.device, b.function))
-            {
+            // BARs without a registered size are unimplemented: hard-wired 0.
+            let unimplemented_bar = (0x10..0x28).contains(&off).then_some(0);
+            let mask = self.bar_masks.get(&(b.bus, b.device, b.function, off)).copied().or(unimplemented_bar);
+            if let Some(s) = self.space.borrow_mut().get_mut(&(b.bus, b.device, b.function)) {
                 let old = s[off as usize / 4];
                 s[off as usize / 4] = match mask {
                     Some(m) => (v & m) | (old & !m),
@@ -512,11 +475,7 @@ mod tests {
     }
 
     fn bdf(bus: u8, device: u8, function: u8) -> Bdf {
-        Bdf {
-            bus,
-            device,
-            function,
-        }
+        Bdf { bus, device, function }
     }
 
     #[test]
@@ -541,40 +500,16 @@ mod tests {
         f.bar_masks.insert((1, 0, 0, 0x14), 0xffff_ffff);
         let before = f.space.borrow().clone();
 
-        let devs = enumerate(
-            &f,
-            &[BusRange {
-                segment: 0,
-                start: 0,
-                end: 255,
-            }],
-        );
+        let devs = enumerate(&f, &[BusRange { segment: 0, start: 0, end: 255 }]);
         assert_eq!(devs.len(), 4);
         let edu = devs.iter().find(|d| d.vendor == 0x1234).unwrap();
         assert_eq!(
             edu.bars,
-            vec![Bar {
-                index: 0,
-                kind: BarKind::Mem32,
-                base: 0xfea0_0000,
-                size: 1 << 20,
-                prefetchable: false
-            }]
+            vec![Bar { index: 0, kind: BarKind::Mem32, base: 0xfea0_0000, size: 1 << 20, prefetchable: false }]
         );
-        assert_eq!(
-            edu.msi,
-            Some(MsiInfo {
-                offset: 0x40,
-                addr64: true,
-                vectors: 1,
-                maskable: false
-            })
-        );
+        assert_eq!(edu.msi, Some(MsiInfo { offset: 0x40, addr64: true, vectors: 1, maskable: false }));
         assert_eq!(edu.pcie.map(|p| p.port_type), Some(0));
-        let nic = devs
-            .iter()
-            .find(|d| d.vendor == 0x8086 && d.bdf.bus == 1)
-            .unwrap();
+        let nic = devs.iter().find(|d| d.vendor == 0x8086 && d.bdf.bus == 1).unwrap();
         assert_eq!(nic.parent, Some(bdf(0, 3, 0)));
         assert_eq!(nic.bars[0].kind, BarKind::Mem64);
         assert_eq!(nic.bars[0].size, 0x4000);
@@ -600,14 +535,7 @@ mod tests {
         d[1] = 0x0010_0000;
         d[0x34 / 4] = 0x40;
         d[0x40 / 4] = 0x0000_4009;
-        let devs = enumerate(
-            &f,
-            &[BusRange {
-                segment: 0,
-                start: 0,
-                end: 255,
-            }],
-        );
+        let devs = enumerate(&f, &[BusRange { segment: 0, start: 0, end: 255 }]);
         assert_eq!(devs.len(), 4);
         let d = devs.iter().find(|d| d.bdf == bdf(0, 3, 0)).unwrap();
         assert_eq!(d.warnings, vec!["capability list loops"]);

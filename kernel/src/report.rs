@@ -25,6 +25,7 @@ pub fn print(p: &Platform) {
     memory(p);
     acpi(p);
     pci(p);
+    iommus(p);
     println!("=============================================================");
 }
 
@@ -45,13 +46,7 @@ fn memory(p: &Platform) {
         s.direct_map_pages.1
     );
     for r in p.boot.memory_map() {
-        println!(
-            "         [{:#014x}-{:#014x}) {:>9} KiB {}",
-            r.start,
-            r.end(),
-            r.size >> 10,
-            r.kind.name()
-        );
+        println!("         [{:#014x}-{:#014x}) {:>9} KiB {}", r.start, r.end(), r.size >> 10, r.kind.name());
     }
 }
 
@@ -75,17 +70,9 @@ fn acpi(p: &Platform) {
                     t.oem_table_id
                 );
             }
-            println!(
-                "         {} CPU(s), local APIC {:#x}; IOAPICs: {}",
-                a.cpus.len(),
-                a.local_apic,
-                a.ioapics.len()
-            );
+            println!("         {} CPU(s), local APIC {:#x}; IOAPICs: {}", a.cpus.len(), a.local_apic, a.ioapics.len());
             for io in &a.ioapics {
-                println!(
-                    "         IOAPIC id {} at {:#x}, GSI base {}",
-                    io.id, io.address, io.gsi_base
-                );
+                println!("         IOAPIC id {} at {:#x}, GSI base {}", io.id, io.address, io.gsi_base);
             }
             for m in &a.mcfg {
                 println!(
@@ -110,9 +97,7 @@ fn pci(p: &Platform) {
             d.class.1,
             d.class.2,
             d.class_name(),
-            d.pcie
-                .map(|x| alloc::format!(" (PCIe {})", x.port_type_name()))
-                .unwrap_or_default()
+            d.pcie.map(|x| alloc::format!(" (PCIe {})", x.port_type_name())).unwrap_or_default()
         );
         if let Some(b) = d.bridge {
             println!(
@@ -131,20 +116,214 @@ fn pci(p: &Platform) {
             );
         }
         if let Some(m) = d.msi {
-            println!(
-                "             MSI {} vector(s){}",
-                m.vectors,
-                if m.addr64 { ", 64-bit" } else { "" }
-            );
+            println!("             MSI {} vector(s){}", m.vectors, if m.addr64 { ", 64-bit" } else { "" });
         }
         if let Some(m) = d.msix {
-            println!(
-                "             MSI-X {} entries, table BAR{}+{:#x}",
-                m.table_size, m.table.0, m.table.1
-            );
+            println!("             MSI-X {} entries, table BAR{}+{:#x}", m.table_size, m.table.0, m.table.1);
         }
         for w in &d.warnings {
             println!("             warning: {}", w);
         }
+    }
+}
+
+fn iommus(p: &Platform) {
+    use crate::iommu_regs::{AmdFeatures, VtdCaps};
+    let mut any = false;
+    match &p.dmar {
+        None => {}
+        Some(Err(e)) => println!("DMAR     present but malformed: {}", e),
+        Some(Ok(d)) => {
+            any = true;
+            println!(
+                "DMAR     host address width {} bits, flags {:#x}{}{}{}",
+                d.dma_address_bits(),
+                d.flags,
+                if d.has_flag(acpi_tables::dmar::FLAG_INTR_REMAP) { " INTR_REMAP" } else { "" },
+                if d.has_flag(acpi_tables::dmar::FLAG_X2APIC_OPT_OUT) { " X2APIC_OPT_OUT" } else { "" },
+                if d.has_flag(acpi_tables::dmar::FLAG_DMA_CTRL_PLATFORM_OPT_IN) {
+                    " DMA_CTRL_PLATFORM_OPT_IN"
+                } else {
+                    ""
+                }
+            );
+            for (i, u) in d.drhds().enumerate() {
+                println!(
+                    "IOMMU {}  Intel VT-d unit at {:#x}, segment {}, {} KiB registers{}",
+                    i,
+                    u.register_base,
+                    u.segment,
+                    u.register_set_bytes() >> 10,
+                    if u.include_pci_all() { ", INCLUDE_PCI_ALL" } else { "" }
+                );
+                match crate::iommu_probe::vtd(u.register_base) {
+                    Err(e) => println!("         registers unreadable: {}", e),
+                    Ok(r) => {
+                        let c = VtdCaps { cap: r.cap, ecap: r.ecap };
+                        let (p2m, p1g) = c.second_level_large_pages();
+                        println!(
+                            "         version {}.{}  CAP {:#018x}  ECAP {:#018x}  GSTS {:#x}",
+                            r.ver >> 4 & 0xf,
+                            r.ver & 0xf,
+                            r.cap,
+                            r.ecap,
+                            r.gsts
+                        );
+                        let sagaw: alloc::vec::Vec<_> = c.sagaw_bits().map(|b| alloc::format!("{}", b)).collect();
+                        println!(
+                            "         address widths: guest {} bits (MGAW), page tables for {} bits (SAGAW)",
+                            c.mgaw(),
+                            sagaw.join("/")
+                        );
+                        println!(
+                            "         page sizes: 4 KiB{}{}; {} domain ids; caching mode {}; write-buffer flush {}",
+                            if p2m { ", 2 MiB" } else { "" },
+                            if p1g { ", 1 GiB" } else { "" },
+                            c.domains(),
+                            yes(c.caching_mode()),
+                            yes(c.rwbf())
+                        );
+                        println!(
+                            "         queued invalidation {}, interrupt remapping {} (x2APIC {}), pass-through {}, coherent walks {}, snoop control {}",
+                            yes(c.queued_invalidation()),
+                            yes(c.interrupt_remapping()),
+                            yes(c.eim()),
+                            yes(c.pass_through()),
+                            yes(c.coherent()),
+                            yes(c.snoop_control())
+                        );
+                        println!(
+                            "         scalable mode {}, first-stage {}, second-stage {}, nested {}, PASID {}, dirty tracking {}",
+                            yes(c.scalable_mode()),
+                            yes(c.first_stage()),
+                            yes(c.second_stage()),
+                            yes(c.nested()),
+                            yes(c.pasid()),
+                            yes(c.dirty_tracking())
+                        );
+                        println!(
+                            "         fault recording: {} register(s) at +{:#x}, IOTLB registers at +{:#x}, FSTS {:#x}",
+                            c.fault_records(),
+                            c.fault_record_offset(),
+                            c.iotlb_offset(),
+                            r.fsts
+                        );
+                    }
+                }
+                for s in &u.scopes {
+                    match acpi_tables::scope::resolve(u.segment, s, &p.ecam) {
+                        Ok(b) => {
+                            let dev = p.pci.iter().find(|d| d.segment == u.segment && d.bdf.rid() == b.requester_id());
+                            let what = dev
+                                .map(|d| alloc::format!("{:04x}:{:04x} {}", d.vendor, d.device, d.class_name()))
+                                .unwrap_or_default();
+                            println!(
+                                "         covers {} {} (enumeration id {}) {}",
+                                s.type_name(),
+                                b,
+                                s.enumeration_id,
+                                what
+                            );
+                        }
+                        Err(e) => println!("         scope {} unresolved: {}", s.type_name(), e),
+                    }
+                }
+                if u.include_pci_all() {
+                    println!("         covers every other PCI device on segment {}", u.segment);
+                }
+            }
+            for r in d.rmrrs() {
+                println!("RMRR     [{:#x}-{:#x}] segment {}, {} device(s)", r.base, r.limit, r.segment, r.scopes.len());
+            }
+        }
+    }
+    match &p.ivrs {
+        None => {}
+        Some(Err(e)) => println!("IVRS     present but malformed: {}", e),
+        Some(Ok(t)) => {
+            any = true;
+            println!(
+                "IVRS     IVinfo {:#x} (virtual address bits {}, physical {})",
+                t.iv_info,
+                t.iv_info >> 15 & 0x7f,
+                t.iv_info >> 8 & 0x7f
+            );
+            // IVHD types 0x10, 0x11 and 0x40 may all describe one unit; the
+            // highest type the kernel understands is the one to use.
+            let mut bases: alloc::vec::Vec<u64> = t.ivhds().map(|h| h.base_address).collect();
+            bases.dedup();
+            let preferred =
+                bases.iter().filter_map(|b| t.ivhds().filter(|h| h.base_address == *b).max_by_key(|h| h.kind));
+            for (i, h) in preferred.enumerate() {
+                let others: alloc::vec::Vec<_> = t
+                    .ivhds()
+                    .filter(|o| o.base_address == h.base_address && o.kind != h.kind)
+                    .map(|o| alloc::format!("{:#x}", o.kind))
+                    .collect();
+                if !others.is_empty() {
+                    println!(
+                        "         (IVHD type {:#x} is used; type(s) {} describe the same unit)",
+                        h.kind,
+                        others.join(", ")
+                    );
+                }
+                let b = crate::pci::Bdf::from_rid(h.device_id);
+                println!(
+                    "IOMMU {}  AMD-Vi IVHD type {:#x} at {:#x}, segment {}, PCI function {} capability {:#x}, flags {:#x}",
+                    i, h.kind, h.base_address, h.segment, b, h.capability_offset, h.flags
+                );
+                match crate::iommu_probe::amd(h.base_address) {
+                    Err(e) => println!("         registers unreadable: {}", e),
+                    Ok(r) => {
+                        let f = AmdFeatures(r.efr);
+                        let flags: alloc::vec::Vec<_> = f.flags().collect();
+                        println!(
+                            "         EFR {:#018x}: {} ; host levels {}, guest levels {}, PASID bits {}",
+                            r.efr,
+                            flags.join(" "),
+                            f.host_levels(),
+                            f.guest_levels(),
+                            f.pasid_bits()
+                        );
+                        println!(
+                            "         control {:#x} (IOMMU {}), status {:#x}",
+                            r.control,
+                            if r.control & 1 != 0 { "enabled" } else { "disabled" },
+                            r.status
+                        );
+                    }
+                }
+                match h.device_ranges() {
+                    Err(e) => println!("         device entries malformed: {}", e),
+                    Ok(ranges) => {
+                        for r in &ranges {
+                            let covered: alloc::vec::Vec<_> = p
+                                .pci
+                                .iter()
+                                .filter(|d| d.segment == h.segment && (r.first..=r.last).contains(&d.bdf.rid()))
+                                .map(|d| alloc::format!("{} {:04x}:{:04x}", d.bdf, d.vendor, d.device))
+                                .collect();
+                            println!(
+                                "         devices {}..={} setting {:#x}{}: {}",
+                                crate::pci::Bdf::from_rid(r.first),
+                                crate::pci::Bdf::from_rid(r.last),
+                                r.data_setting,
+                                r.alias
+                                    .map(|a| alloc::format!(" alias {}", crate::pci::Bdf::from_rid(a)))
+                                    .unwrap_or_default(),
+                                if covered.is_empty() {
+                                    alloc::string::String::from("(none present)")
+                                } else {
+                                    covered.join(", ")
+                                }
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !any {
+        println!("IOMMU    none described by ACPI (no DMAR or IVRS)");
     }
 }

@@ -23,9 +23,7 @@ pub fn init() {
     // in the kernel uses these ports.
     let uart = unsafe { Uart16550::new_port(COM1) };
     let mut console = CONSOLE.lock();
-    console.uart = uart
-        .ok()
-        .and_then(|mut u| u.init(Config::default()).ok().map(|_| u));
+    console.uart = uart.ok().and_then(|mut u| u.init(Config::default()).ok().map(|_| u));
 }
 
 impl Write for Console {
@@ -89,13 +87,7 @@ impl log::Log for Logger {
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
             let ms = crate::time::uptime_ns() / 1_000_000;
-            crate::println!(
-                "[{:>4}.{:03}] {:<5} {}",
-                ms / 1000,
-                ms % 1000,
-                record.level(),
-                record.args()
-            );
+            crate::println!("[{:>4}.{:03}] {:<5} {}", ms / 1000, ms % 1000, record.level(), record.args());
         }
     }
     fn flush(&self) {}

@@ -59,10 +59,7 @@ pub fn calibrate() -> Calibration {
     let end = rdtsc();
     outb(0x61, gate);
     let (hz, how) = if ok && end > start {
-        (
-            tsc_hz_from(end - start, TICKS),
-            Calibration::Pit { ticks: TICKS },
-        )
+        (tsc_hz_from(end - start, TICKS), Calibration::Pit { ticks: TICKS })
     } else {
         (1_000_000_000, Calibration::Guess)
     };
@@ -95,9 +92,7 @@ pub struct Deadline {
 impl Deadline {
     /// `timeout` from now.
     pub fn after(timeout: Duration) -> Self {
-        Self {
-            at_ns: uptime_ns().saturating_add(timeout.as_nanos() as u64),
-        }
+        Self { at_ns: uptime_ns().saturating_add(timeout.as_nanos() as u64) }
     }
     /// Whether the deadline has passed.
     pub fn expired(&self) -> bool {

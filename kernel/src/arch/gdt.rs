@@ -22,12 +22,7 @@ unsafe impl Sync for FaultStack {}
 
 static FAULT_STACK: FaultStack = FaultStack(core::cell::UnsafeCell::new([0; FAULT_STACK_SIZE]));
 static TSS: Once<TaskStateSegment> = Once::new();
-static GDT: Once<(
-    GlobalDescriptorTable,
-    SegmentSelector,
-    SegmentSelector,
-    SegmentSelector,
-)> = Once::new();
+static GDT: Once<(GlobalDescriptorTable, SegmentSelector, SegmentSelector, SegmentSelector)> = Once::new();
 
 /// The IST stack's range, for the stack-trace walker.
 pub fn fault_stack_range() -> (u64, u64) {

@@ -139,11 +139,7 @@ pub fn init() {
         for (vector, gate) in gates.iter_mut().enumerate().take(32) {
             let addr = base + 16 * vector as u64;
             // Double fault, NMI and machine check switch to the IST stack.
-            let ist = if matches!(vector, 2 | 8 | 18) {
-                super::gdt::FAULT_IST_INDEX as u8 + 1
-            } else {
-                0
-            };
+            let ist = if matches!(vector, 2 | 8 | 18) { super::gdt::FAULT_IST_INDEX as u8 + 1 } else { 0 };
             *gate = Gate {
                 offset_low: addr as u16,
                 selector: cs,

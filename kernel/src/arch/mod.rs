@@ -36,14 +36,8 @@ impl CpuInfo {
     }
     /// Brand as text.
     pub fn brand(&self) -> &str {
-        let end = self
-            .brand
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.brand.len());
-        core::str::from_utf8(&self.brand[..end])
-            .unwrap_or("?")
-            .trim()
+        let end = self.brand.iter().position(|&b| b == 0).unwrap_or(self.brand.len());
+        core::str::from_utf8(&self.brand[..end]).unwrap_or("?").trim()
     }
 }
 
@@ -57,17 +51,10 @@ pub fn cpu_info() -> CpuInfo {
     vendor[8..12].copy_from_slice(&l0.ecx.to_le_bytes());
     let l1 = __cpuid(1);
     let base_family = (l1.eax >> 8) & 0xf;
-    let family = if base_family == 0xf {
-        base_family + ((l1.eax >> 20) & 0xff)
-    } else {
-        base_family
-    };
+    let family = if base_family == 0xf { base_family + ((l1.eax >> 20) & 0xff) } else { base_family };
     let base_model = (l1.eax >> 4) & 0xf;
-    let model = if base_family == 0x6 || base_family == 0xf {
-        base_model | (((l1.eax >> 16) & 0xf) << 4)
-    } else {
-        base_model
-    };
+    let model =
+        if base_family == 0x6 || base_family == 0xf { base_model | (((l1.eax >> 16) & 0xf) << 4) } else { base_model };
     let max_ext = __cpuid(0x8000_0000).eax;
     let mut brand = [0u8; 48];
     if max_ext >= 0x8000_0004 {
@@ -81,21 +68,8 @@ pub fn cpu_info() -> CpuInfo {
     }
     let page_1g = max_ext >= 0x8000_0001 && __cpuid(0x8000_0001).edx & (1 << 26) != 0;
     let invariant_tsc = max_ext >= 0x8000_0007 && __cpuid(0x8000_0007).edx & (1 << 8) != 0;
-    let phys_bits = if max_ext >= 0x8000_0008 {
-        __cpuid(0x8000_0008).eax as u8
-    } else {
-        36
-    };
-    CpuInfo {
-        vendor,
-        brand,
-        family,
-        model,
-        stepping: l1.eax & 0xf,
-        phys_bits,
-        page_1g,
-        invariant_tsc,
-    }
+    let phys_bits = if max_ext >= 0x8000_0008 { __cpuid(0x8000_0008).eax as u8 } else { 36 };
+    CpuInfo { vendor, brand, family, model, stepping: l1.eax & 0xf, phys_bits, page_1g, invariant_tsc }
 }
 
 /// Stops this CPU for good (interrupts off, `hlt` loop).

@@ -27,11 +27,7 @@ pub enum FrameError {
 impl core::fmt::Display for FrameError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::OutOfMemory { frames } => write!(
-                f,
-                "out of physical memory ({} contiguous frames wanted)",
-                frames
-            ),
+            Self::OutOfMemory { frames } => write!(f, "out of physical memory ({} contiguous frames wanted)", frames),
             Self::NotAllocated { addr } => write!(f, "frame {:#x} freed but not allocated", addr),
             Self::BadAddress { addr } => write!(f, "bad frame address {:#x}", addr),
         }
@@ -193,16 +189,11 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> FrameAllocator<S> {
             return Err(FrameError::BadAddress { addr });
         }
         let first = (addr / FRAME_SIZE) as usize;
-        if first
-            .checked_add(count)
-            .is_none_or(|end| end > self.frames())
-        {
+        if first.checked_add(count).is_none_or(|end| end > self.frames()) {
             return Err(FrameError::BadAddress { addr });
         }
         if let Some(f) = (first..first + count).find(|&f| self.is_free(f)) {
-            return Err(FrameError::NotAllocated {
-                addr: f as u64 * FRAME_SIZE,
-            });
+            return Err(FrameError::NotAllocated { addr: f as u64 * FRAME_SIZE });
         }
         if count > self.allocated {
             return Err(FrameError::NotAllocated { addr });
@@ -283,10 +274,7 @@ mod tests {
         assert_ne!(p, 0);
         let q = a.alloc(1, 4096, 0x2000).unwrap();
         assert_eq!(q, 0x1000);
-        assert_eq!(
-            a.alloc(1, 4096, 0x2000),
-            Err(FrameError::OutOfMemory { frames: 1 })
-        );
+        assert_eq!(a.alloc(1, 4096, 0x2000), Err(FrameError::OutOfMemory { frames: 1 }));
         assert!(a.alloc(100_000, 4096, u64::MAX).is_err());
         a.free(p, 512).unwrap();
         assert_eq!(a.free(p, 1), Err(FrameError::NotAllocated { addr: p }));

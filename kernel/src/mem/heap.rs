@@ -13,10 +13,7 @@ pub fn init(ram_bytes: u64) -> (u64, u64) {
     let bytes = (ram_bytes / 8).clamp(4 << 20, 64 << 20) & !(FRAME_SIZE - 1);
     let mut size = bytes;
     let phys = loop {
-        match super::FRAMES
-            .lock()
-            .alloc((size / FRAME_SIZE) as usize, 0x20_0000, u64::MAX)
-        {
+        match super::FRAMES.lock().alloc((size / FRAME_SIZE) as usize, 0x20_0000, u64::MAX) {
             Ok(p) => break p,
             Err(_) if size > 1 << 20 => size /= 2,
             Err(e) => panic!("no memory for the kernel heap: {e}"),

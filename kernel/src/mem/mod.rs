@@ -55,8 +55,7 @@ mod imp {
     use spin::Mutex;
 
     const WORDS: usize = (MAX_PHYS / FRAME_SIZE / 64) as usize;
-    pub(super) static FRAMES: Mutex<FrameAllocator<[u64; WORDS]>> =
-        Mutex::new(FrameAllocator::new([0; WORDS]));
+    pub(super) static FRAMES: Mutex<FrameAllocator<[u64; WORDS]>> = Mutex::new(FrameAllocator::new([0; WORDS]));
 
     /// Frames below this address are never handed out: the BIOS area,
     /// real-mode structures and whatever firmware left there.

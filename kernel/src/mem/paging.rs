@@ -14,8 +14,8 @@ use spin::Mutex;
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::mapper::{MapToError, Mapper, Translate};
 use x86_64::structures::paging::{
-    FrameAllocator as X86FrameAllocator, OffsetPageTable, Page, PageTable, PageTableFlags as F,
-    PhysFrame, Size2MiB, Size4KiB,
+    FrameAllocator as X86FrameAllocator, OffsetPageTable, Page, PageTable, PageTableFlags as F, PhysFrame, Size2MiB,
+    Size4KiB,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
@@ -84,10 +84,7 @@ fn map_4k(
 /// 2 MiB pages in the direct map.
 pub fn init(boot: &BootInfo, layout: &ImageLayout) -> (usize, usize) {
     let mut frames = FRAMES.lock();
-    let mut fa = TableFrames {
-        frames: &mut frames,
-        below: 1 << 32,
-    };
+    let mut fa = TableFrames { frames: &mut frames, below: 1 << 32 };
     let pml4_phys = fa.allocate_frame().expect("no frame for the kernel PML4");
     let pml4_ptr = pml4_phys.start_address().as_u64() as *mut PageTable;
     // SAFETY: the boot tables identity-map the low 4 GiB and the frame is
@@ -111,34 +108,16 @@ pub fn init(boot: &BootInfo, layout: &ImageLayout) -> (usize, usize) {
             a += FRAME_SIZE;
         }
     };
-    map_span(
-        &mut m,
-        layout.text.start,
-        layout.text.end,
-        F::PRESENT | F::GLOBAL,
-    );
-    map_span(
-        &mut m,
-        layout.rodata.start,
-        layout.rodata.end,
-        F::PRESENT | F::GLOBAL | F::NO_EXECUTE,
-    );
-    map_span(
-        &mut m,
-        layout.data.start,
-        layout.data.end,
-        F::PRESENT | F::WRITABLE | F::GLOBAL | F::NO_EXECUTE,
-    );
+    map_span(&mut m, layout.text.start, layout.text.end, F::PRESENT | F::GLOBAL);
+    map_span(&mut m, layout.rodata.start, layout.rodata.end, F::PRESENT | F::GLOBAL | F::NO_EXECUTE);
+    map_span(&mut m, layout.data.start, layout.data.end, F::PRESENT | F::WRITABLE | F::GLOBAL | F::NO_EXECUTE);
 
     // Direct map of RAM and ACPI memory: 2 MiB pages where a whole 2 MiB
     // block lies inside one range, 4 KiB pages at the edges.
     let data = F::PRESENT | F::WRITABLE | F::GLOBAL | F::NO_EXECUTE;
     let (mut small, mut large) = (0, 0);
     for r in boot.memory_map() {
-        if !matches!(
-            r.kind,
-            MemoryKind::Ram | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs
-        ) {
+        if !matches!(r.kind, MemoryKind::Ram | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs) {
             continue;
         }
         let end = r.end().min(super::MAX_PHYS);
@@ -148,9 +127,7 @@ pub fn init(boot: &BootInfo, layout: &ImageLayout) -> (usize, usize) {
                 let page = Page::<Size2MiB>::containing_address(VirtAddr::new(DIRECT_MAP_BASE + a));
                 let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(a));
                 // SAFETY: as in map_4k: a fixed-offset window of physical memory.
-                match unsafe {
-                    m.map_to_with_table_flags(page, frame, data, F::PRESENT | F::WRITABLE, &mut fa)
-                } {
+                match unsafe { m.map_to_with_table_flags(page, frame, data, F::PRESENT | F::WRITABLE, &mut fa) } {
                     Ok(f) => f.ignore(),
                     Err(MapToError::PageAlreadyMapped(_)) => {}
                     Err(e) => panic!("direct map at {:#x}: {:?}", a, e),
@@ -193,10 +170,7 @@ fn map_window(base: u64, phys: u64, len: u64, flags: F) -> Result<*mut u8, MapEr
     let mut guard = MAPPER.lock();
     let m = guard.as_mut().expect("paging not initialised");
     let mut frames = FRAMES.lock();
-    let mut fa = TableFrames {
-        frames: &mut frames,
-        below: super::MAX_PHYS,
-    };
+    let mut fa = TableFrames { frames: &mut frames, below: super::MAX_PHYS };
     let mut a = phys & !(FRAME_SIZE - 1);
     while a < end {
         let virt = base + a;
@@ -212,12 +186,7 @@ fn map_window(base: u64, phys: u64, len: u64, flags: F) -> Result<*mut u8, MapEr
 /// virtual address. Idempotent: mapping the same registers again returns
 /// the same address.
 pub fn map_mmio(phys: u64, len: u64) -> Result<*mut u8, MapError> {
-    map_window(
-        MMIO_BASE,
-        phys,
-        len,
-        F::PRESENT | F::WRITABLE | F::NO_CACHE | F::WRITE_THROUGH | F::NO_EXECUTE,
-    )
+    map_window(MMIO_BASE, phys, len, F::PRESENT | F::WRITABLE | F::NO_CACHE | F::WRITE_THROUGH | F::NO_EXECUTE)
 }
 
 /// Maps firmware memory (ACPI tables in reserved ranges, the BIOS area)
