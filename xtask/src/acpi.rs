@@ -28,23 +28,12 @@ pub fn run(files: &[PathBuf], json: bool) -> anyhow::Result<bool> {
 /// whether the file decoded.
 fn render_file(file: &Path, json: bool) -> (String, bool) {
     let name = file.display().to_string();
-    let result = std::fs::read(file)
-        .map_err(|e| format!("cannot read: {e}"))
-        .and_then(|bytes| decode(&bytes));
+    let result = std::fs::read(file).map_err(|e| format!("cannot read: {e}")).and_then(|bytes| decode(&bytes));
     match (result, json) {
         (Ok(table), true) => {
             let mut v = table.to_json();
             if let Value::Object(m) = &mut v {
                 m.insert("file".into(), json!(name));
-                // Put "file" first for readability.
-                let mut ordered = Map::new();
-                ordered.insert("file".into(), json!(name));
-                for (k, val) in std::mem::take(m) {
-                    if k != "file" {
-                        ordered.insert(k, val);
-                    }
-                }
-                *m = ordered;
             }
             (format!("{v}\n"), true)
         }
@@ -61,20 +50,10 @@ enum Table {
 
 fn decode(bytes: &[u8]) -> Result<Table, String> {
     match bytes.get(..4) {
-        Some(b"DMAR") => Dmar::parse(bytes)
-            .map(Table::Dmar)
-            .map_err(|e| e.to_string()),
-        Some(b"IVRS") => Ivrs::parse(bytes)
-            .map(Table::Ivrs)
-            .map_err(|e| e.to_string()),
-        Some(sig) => Err(format!(
-            "unsupported table signature \"{}\" (expected DMAR or IVRS)",
-            sig.escape_ascii()
-        )),
-        None => Err(format!(
-            "file too short for a table signature ({} bytes)",
-            bytes.len()
-        )),
+        Some(b"DMAR") => Dmar::parse(bytes).map(Table::Dmar).map_err(|e| e.to_string()),
+        Some(b"IVRS") => Ivrs::parse(bytes).map(Table::Ivrs).map_err(|e| e.to_string()),
+        Some(sig) => Err(format!("unsupported table signature \"{}\" (expected DMAR or IVRS)", sig.escape_ascii())),
+        None => Err(format!("file too short for a table signature ({} bytes)", bytes.len())),
     }
 }
 
@@ -143,11 +122,7 @@ fn dmar_json(d: &Dmar) -> Value {
                 "type": "SIDP", "offset": x.offset, "segment": x.segment,
                 "scopes": scopes_json(&x.scopes),
             }),
-            Structure::Unknown {
-                kind,
-                offset,
-                length,
-            } => json!({
+            Structure::Unknown { kind, offset, length } => json!({
                 "type": "unknown", "type_id": kind, "offset": offset, "length": length,
             }),
         })
@@ -187,9 +162,7 @@ fn entry_json(e: &ivrs::DeviceEntry) -> Value {
         EntryKind::ExtSelect { ext, .. } | EntryKind::ExtStartRange { ext, .. } => {
             m.insert("ext".into(), json!(ext));
         }
-        EntryKind::Special {
-            handle, variety, ..
-        } => {
+        EntryKind::Special { handle, variety, .. } => {
             m.insert("handle".into(), json!(handle));
             m.insert("variety".into(), json!(variety));
         }
@@ -232,21 +205,14 @@ fn ivrs_json(t: &Ivrs) -> Value {
                 if let Some(efr2) = h.efr2 {
                     m.insert("efr2".into(), json!(efr2));
                 }
-                m.insert(
-                    "entries".into(),
-                    Value::Array(h.entries.iter().map(entry_json).collect()),
-                );
+                m.insert("entries".into(), Value::Array(h.entries.iter().map(entry_json).collect()));
                 Value::Object(m)
             }
             Block::Ivmd(x) => json!({
                 "type": x.kind, "offset": x.offset, "flags": x.flags, "device_id": x.device_id,
                 "aux_data": x.aux_data, "start": x.start, "length": x.length,
             }),
-            Block::Unknown {
-                kind,
-                offset,
-                length,
-            } => json!({
+            Block::Unknown { kind, offset, length } => json!({
                 "type": kind, "kind": "unknown", "offset": offset, "length": length,
             }),
         })
@@ -301,11 +267,7 @@ fn describe_scope(out: &mut String, indent: &str, s: &DeviceScope) {
     } else {
         format!("scope type {:#04x}", s.scope_type)
     };
-    let _ = writeln!(
-        out,
-        "{indent}{ty}{id}{bdf} (start bus {:#04x} path {path}) @{:#x}",
-        s.start_bus, s.offset
-    );
+    let _ = writeln!(out, "{indent}{ty}{id}{bdf} (start bus {:#04x} path {path}) @{:#x}", s.start_bus, s.offset);
 }
 
 fn describe_dmar(d: &Dmar) -> String {
@@ -315,10 +277,7 @@ fn describe_dmar(d: &Dmar) -> String {
     for (bit, name) in [
         (dmar::FLAG_INTR_REMAP, "INTR_REMAP"),
         (dmar::FLAG_X2APIC_OPT_OUT, "X2APIC_OPT_OUT"),
-        (
-            dmar::FLAG_DMA_CTRL_PLATFORM_OPT_IN,
-            "DMA_CTRL_PLATFORM_OPT_IN",
-        ),
+        (dmar::FLAG_DMA_CTRL_PLATFORM_OPT_IN, "DMA_CTRL_PLATFORM_OPT_IN"),
     ] {
         if d.flags & bit != 0 {
             flags.push(name);
@@ -340,11 +299,7 @@ fn describe_dmar(d: &Dmar) -> String {
                     out,
                     "flags {:#04x}{} size {:#x} ({} KiB) segment {:#06x} register base {:#x}",
                     x.flags,
-                    if x.include_pci_all() {
-                        " [INCLUDE_PCI_ALL]"
-                    } else {
-                        ""
-                    },
+                    if x.include_pci_all() { " [INCLUDE_PCI_ALL]" } else { "" },
                     x.size,
                     x.register_set_bytes() / 1024,
                     x.segment,
@@ -352,11 +307,7 @@ fn describe_dmar(d: &Dmar) -> String {
                 );
             }
             Structure::Rmrr(x) => {
-                let _ = writeln!(
-                    out,
-                    "segment {:#06x} base {:#x} limit {:#x}",
-                    x.segment, x.base, x.limit
-                );
+                let _ = writeln!(out, "segment {:#06x} base {:#x} limit {:#x}", x.segment, x.base, x.limit);
             }
             Structure::Atsr(x) => {
                 let _ = writeln!(
@@ -368,11 +319,8 @@ fn describe_dmar(d: &Dmar) -> String {
                 );
             }
             Structure::Rhsa(x) => {
-                let _ = writeln!(
-                    out,
-                    "register base {:#x} proximity domain {:#x}",
-                    x.register_base, x.proximity_domain
-                );
+                let _ =
+                    writeln!(out, "register base {:#x} proximity domain {:#x}", x.register_base, x.proximity_domain);
             }
             Structure::Andd(x) => {
                 let _ = writeln!(
@@ -410,94 +358,34 @@ fn describe_entry(out: &mut String, e: &ivrs::DeviceEntry) {
         EntryKind::Pad4 => writeln!(out, "padding (4 bytes)"),
         EntryKind::Pad8 => writeln!(out, "padding (8 bytes)"),
         EntryKind::All { data_setting } => writeln!(out, "all devices, {}", ds(*data_setting)),
-        EntryKind::Select {
-            device_id,
-            data_setting,
-        } => {
+        EntryKind::Select { device_id, data_setting } => {
             writeln!(out, "select {}, {}", dev(*device_id), ds(*data_setting))
         }
-        EntryKind::StartRange {
-            device_id,
-            data_setting,
-        } => {
-            writeln!(
-                out,
-                "range start {}, {}",
-                dev(*device_id),
-                ds(*data_setting)
-            )
+        EntryKind::StartRange { device_id, data_setting } => {
+            writeln!(out, "range start {}, {}", dev(*device_id), ds(*data_setting))
         }
         EntryKind::EndRange { device_id } => writeln!(out, "range end {}", dev(*device_id)),
-        EntryKind::AliasSelect {
-            device_id,
-            data_setting,
-            alias,
-        } => writeln!(
-            out,
-            "alias select {} as {}, {}",
-            dev(*device_id),
-            dev(*alias),
-            ds(*data_setting)
-        ),
-        EntryKind::AliasStartRange {
-            device_id,
-            data_setting,
-            alias,
-        } => writeln!(
-            out,
-            "alias range start {} as {}, {}",
-            dev(*device_id),
-            dev(*alias),
-            ds(*data_setting)
-        ),
-        EntryKind::ExtSelect {
-            device_id,
-            data_setting,
-            ext,
-        } => writeln!(
-            out,
-            "extended select {}, {}, ext {:#010x}",
-            dev(*device_id),
-            ds(*data_setting),
-            ext
-        ),
-        EntryKind::ExtStartRange {
-            device_id,
-            data_setting,
-            ext,
-        } => writeln!(
-            out,
-            "extended range start {}, {}, ext {:#010x}",
-            dev(*device_id),
-            ds(*data_setting),
-            ext
-        ),
-        EntryKind::Special {
-            handle,
-            device_id,
-            data_setting,
-            variety,
-        } => {
+        EntryKind::AliasSelect { device_id, data_setting, alias } => {
+            writeln!(out, "alias select {} as {}, {}", dev(*device_id), dev(*alias), ds(*data_setting))
+        }
+        EntryKind::AliasStartRange { device_id, data_setting, alias } => {
+            writeln!(out, "alias range start {} as {}, {}", dev(*device_id), dev(*alias), ds(*data_setting))
+        }
+        EntryKind::ExtSelect { device_id, data_setting, ext } => {
+            writeln!(out, "extended select {}, {}, ext {:#010x}", dev(*device_id), ds(*data_setting), ext)
+        }
+        EntryKind::ExtStartRange { device_id, data_setting, ext } => {
+            writeln!(out, "extended range start {}, {}, ext {:#010x}", dev(*device_id), ds(*data_setting), ext)
+        }
+        EntryKind::Special { handle, device_id, data_setting, variety } => {
             let what = match *variety {
                 ivrs::VARIETY_IOAPIC => "IOAPIC".to_string(),
                 ivrs::VARIETY_HPET => "HPET".to_string(),
                 v => format!("variety {v:#04x}"),
             };
-            writeln!(
-                out,
-                "special {what} handle {:#04x} source {}, {}",
-                handle,
-                dev(*device_id),
-                ds(*data_setting)
-            )
+            writeln!(out, "special {what} handle {:#04x} source {}, {}", handle, dev(*device_id), ds(*data_setting))
         }
-        EntryKind::AcpiHid {
-            device_id,
-            data_setting,
-            hid,
-            cid,
-            uid,
-        } => {
+        EntryKind::AcpiHid { device_id, data_setting, hid, cid, uid } => {
             let uid = match uid {
                 Uid::None => "none".to_string(),
                 Uid::Integer(v) => format!("{v:#x}"),
@@ -588,15 +476,8 @@ fn describe_ivrs(t: &Ivrs) -> String {
                     m.length
                 );
             }
-            Block::Unknown {
-                kind,
-                offset,
-                length,
-            } => {
-                let _ = writeln!(
-                    out,
-                    "  block type {kind:#04x} @{offset:#x} length {length:#x} (skipped)"
-                );
+            Block::Unknown { kind, offset, length } => {
+                let _ = writeln!(out, "  block type {kind:#04x} @{offset:#x} length {length:#x} (skipped)");
             }
         }
     }
@@ -612,10 +493,7 @@ mod tests {
     }
 
     fn first(sub: &str) -> PathBuf {
-        let mut v: Vec<_> = std::fs::read_dir(corpus().join(sub))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut v: Vec<_> = std::fs::read_dir(corpus().join(sub)).unwrap().map(|e| e.unwrap().path()).collect();
         v.sort();
         v.remove(0)
     }
