@@ -251,6 +251,7 @@ fn iommus(p: &Platform) {
             // IVHD types 0x10, 0x11 and 0x40 may all describe one unit; the
             // highest type the kernel understands is the one to use.
             let mut bases: alloc::vec::Vec<u64> = t.ivhds().map(|h| h.base_address).collect();
+            bases.sort_unstable();
             bases.dedup();
             let preferred =
                 bases.iter().filter_map(|b| t.ivhds().filter(|h| h.base_address == *b).max_by_key(|h| h.kind));
@@ -260,6 +261,11 @@ fn iommus(p: &Platform) {
                     .filter(|o| o.base_address == h.base_address && o.kind != h.kind)
                     .map(|o| alloc::format!("{:#x}", o.kind))
                     .collect();
+                let b = crate::pci::Bdf::from_rid(h.device_id);
+                println!(
+                    "IOMMU {}  AMD-Vi IVHD type {:#x} at {:#x}, segment {}, PCI function {} capability {:#x}, flags {:#x}",
+                    i, h.kind, h.base_address, h.segment, b, h.capability_offset, h.flags
+                );
                 if !others.is_empty() {
                     println!(
                         "         (IVHD type {:#x} is used; type(s) {} describe the same unit)",
@@ -267,11 +273,6 @@ fn iommus(p: &Platform) {
                         others.join(", ")
                     );
                 }
-                let b = crate::pci::Bdf::from_rid(h.device_id);
-                println!(
-                    "IOMMU {}  AMD-Vi IVHD type {:#x} at {:#x}, segment {}, PCI function {} capability {:#x}, flags {:#x}",
-                    i, h.kind, h.base_address, h.segment, b, h.capability_offset, h.flags
-                );
                 match crate::iommu_probe::amd(h.base_address) {
                     Err(e) => println!("         registers unreadable: {}", e),
                     Ok(r) => {

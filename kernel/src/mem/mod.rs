@@ -80,6 +80,11 @@ mod imp {
         FRAMES.lock().free(phys, count)
     }
 
+    /// Whether the frame at `phys` is free in the allocator.
+    pub fn frame_is_free(phys: u64) -> bool {
+        FRAMES.lock().is_frame_free(phys)
+    }
+
     /// Current allocator counters.
     pub fn stats() -> MemoryStats {
         let mut s = *STATS.lock();

@@ -1,0 +1,39 @@
+//! `portcullis-tests`: the in-guest test kernel. Boots like the report
+//! kernel, then runs every test case in [`cases`] and prints KTAP to serial
+//! (see `portcullis_kernel::ktest`).
+//!
+//! Command line (set by `cargo xtask test`):
+//! * `config=NAME`: the QEMU configuration, so tests know what hardware to
+//!   expect (`none`, `intel`, `intel-sm`, `amd`);
+//! * `ktest.start=N`: resume at test N after a crash of test N-1;
+//! * `ktest.crash=KIND`: instead of the tests, deliberately take a fault
+//!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
+mod cases;
+
+#[cfg(target_os = "none")]
+portcullis_boot::entry_point!(kernel_main);
+
+#[cfg(target_os = "none")]
+fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
+    use portcullis_kernel::arch::exit::{ExitCode, exit_qemu};
+    let platform = portcullis_kernel::init(boot);
+    if let Some(kind) = boot.cmdline_value("ktest.crash") {
+        cases::crash(kind);
+    }
+    let start = boot.cmdline_value("ktest.start").and_then(|s| s.parse().ok()).unwrap_or(1);
+    let summary = portcullis_kernel::ktest::run(&platform, cases::ALL, &platform.config, start);
+    exit_qemu(if summary.failed == 0 { ExitCode::Success } else { ExitCode::Failure })
+}
+
+/// On the host this binary only exists so `cargo build --workspace` works.
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!("portcullis-tests is a test kernel: run it with `cargo xtask test`");
+    std::process::exit(2);
+}
