@@ -30,6 +30,10 @@ pub fn exception(frame: &ExceptionFrame, cr2: u64) -> ! {
             if e & 8 != 0 { " (reserved bit set)" } else { "" },
         );
     }
+    let guard = portcullis_boot::layout::image_layout().stack_guard;
+    if (guard.start..guard.end).contains(&cr2) {
+        println!("    CR2 lies in the boot stack's guard page: kernel stack overflow");
+    }
     stack_trace(frame.rip, frame.rbp);
     let mut reason = crate::ktest::ReasonBuf::new();
     let _ = core::fmt::write(
@@ -82,7 +86,10 @@ fn stack_trace(rip: u64, mut rbp: u64) {
     let boot = portcullis_boot::layout::image_layout().stack;
     let ist = crate::arch::gdt::fault_stack_range();
     let on_stack = |a: u64| (a >= boot.start && a + 16 <= boot.end) || (a >= ist.0 && a + 16 <= ist.1);
-    for depth in 1..=24 {
+    // Runs of one return address (deep recursion) print once with a count.
+    let (mut last, mut repeats) = (0u64, 0u32);
+    let mut depth = 1;
+    for _ in 0..4096 {
         if rbp % 8 != 0 || !on_stack(rbp) {
             break;
         }
@@ -92,10 +99,24 @@ fn stack_trace(rip: u64, mut rbp: u64) {
         if ret == 0 {
             break;
         }
-        println!("      #{} {:#018x}", depth, ret);
+        if ret == last {
+            repeats += 1;
+        } else {
+            if repeats > 0 {
+                println!("      ... {:#018x} repeated {} more time(s)", last, repeats);
+            }
+            if depth <= 32 {
+                println!("      #{} {:#018x}", depth, ret);
+            }
+            depth += 1;
+            (last, repeats) = (ret, 0);
+        }
         if next <= rbp {
             break;
         }
         rbp = next;
+    }
+    if repeats > 0 {
+        println!("      ... {:#018x} repeated {} more time(s)", last, repeats);
     }
 }
