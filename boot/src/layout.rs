@@ -55,18 +55,9 @@ pub fn image_layout() -> ImageLayout {
     ImageLayout {
         image: Span { start, end },
         text: Span { start, end: rodata },
-        rodata: Span {
-            start: rodata,
-            end: data,
-        },
+        rodata: Span { start: rodata, end: data },
         data: Span { start: data, end },
-        stack_guard: Span {
-            start: a(addr_of!(pvh_stack_guard)),
-            end: a(addr_of!(pvh_stack_bottom)),
-        },
-        stack: Span {
-            start: a(addr_of!(pvh_stack_bottom)),
-            end: a(addr_of!(pvh_stack_top)),
-        },
+        stack_guard: Span { start: a(addr_of!(pvh_stack_guard)), end: a(addr_of!(pvh_stack_bottom)) },
+        stack: Span { start: a(addr_of!(pvh_stack_bottom)), end: a(addr_of!(pvh_stack_top)) },
     }
 }

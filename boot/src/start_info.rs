@@ -140,11 +140,7 @@ impl BootInfo {
             flags: 0,
             rsdp_paddr: None,
             memory_map_paddr: 0,
-            regions: [MemoryRegion {
-                start: 0,
-                size: 0,
-                kind: MemoryKind::Reserved,
-            }; MAX_MEMORY_REGIONS],
+            regions: [MemoryRegion { start: 0, size: 0, kind: MemoryKind::Reserved }; MAX_MEMORY_REGIONS],
             region_count: 0,
             memory_map_dropped: 0,
             cmdline_paddr: None,
@@ -182,19 +178,10 @@ impl BootInfo {
     /// kernel says otherwise. Empty ranges are `(0, 0)`.
     pub fn handover_ranges(&self) -> [(u64, u64); 3] {
         let mm_len = (self.region_count as u64 + self.memory_map_dropped as u64) * ENTRY_LEN as u64;
-        let cmd = self
-            .cmdline_paddr
-            .map(|p| (p, p.saturating_add(self.cmdline_len as u64 + 1)))
-            .unwrap_or((0, 0));
+        let cmd = self.cmdline_paddr.map(|p| (p, p.saturating_add(self.cmdline_len as u64 + 1))).unwrap_or((0, 0));
         [
-            (
-                self.start_info_paddr,
-                self.start_info_paddr.saturating_add(FIXED_LEN as u64),
-            ),
-            (
-                self.memory_map_paddr,
-                self.memory_map_paddr.saturating_add(mm_len),
-            ),
+            (self.start_info_paddr, self.start_info_paddr.saturating_add(FIXED_LEN as u64)),
+            (self.memory_map_paddr, self.memory_map_paddr.saturating_add(mm_len)),
             cmd,
         ]
     }
@@ -234,17 +221,10 @@ pub fn read_start_info(paddr: u64, read: impl Fn(u64, &mut [u8]) -> Option<()>) 
     info.rsdp_paddr = (rsdp != 0).then_some(rsdp);
 
     // The memory map appeared in version 1; version 0 leaves these fields 0.
-    let (memmap, entries) = if info.version >= 1 {
-        (u64_at(&fixed, 40), u32_at(&fixed, 48))
-    } else {
-        (0, 0)
-    };
+    let (memmap, entries) = if info.version >= 1 { (u64_at(&fixed, 40), u32_at(&fixed, 48)) } else { (0, 0) };
     info.memory_map_paddr = memmap;
     for i in 0..entries {
-        let Some(addr) = (i as u64)
-            .checked_mul(ENTRY_LEN as u64)
-            .and_then(|o| memmap.checked_add(o))
-        else {
+        let Some(addr) = (i as u64).checked_mul(ENTRY_LEN as u64).and_then(|o| memmap.checked_add(o)) else {
             info.error = Some(StartInfoError::MemoryMapUnreadable);
             break;
         };
@@ -253,11 +233,8 @@ pub fn read_start_info(paddr: u64, read: impl Fn(u64, &mut [u8]) -> Option<()>) 
             info.error = Some(StartInfoError::MemoryMapUnreadable);
             break;
         }
-        let region = MemoryRegion {
-            start: u64_at(&e, 0),
-            size: u64_at(&e, 8),
-            kind: MemoryKind::from_e820(u32_at(&e, 16)),
-        };
+        let region =
+            MemoryRegion { start: u64_at(&e, 0), size: u64_at(&e, 8), kind: MemoryKind::from_e820(u32_at(&e, 16)) };
         if region.size == 0 {
             continue;
         }
@@ -304,10 +281,7 @@ mod tests {
 
     impl Fake {
         fn new() -> Self {
-            Self {
-                base: 0x1000,
-                mem: std::vec![0; 0x4000],
-            }
+            Self { base: 0x1000, mem: std::vec![0; 0x4000] }
         }
         fn put(&mut self, addr: u64, bytes: &[u8]) {
             let o = (addr - self.base) as usize;

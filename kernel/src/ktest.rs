@@ -171,7 +171,9 @@ pub struct Summary {
 
 /// Runs `tests[start-1..]` and prints KTAP. Test numbers are 1-based
 /// positions in `tests`, the same on every boot, so resumed runs line up.
-pub fn run<P>(platform: &P, tests: &[TestCase<P>], config: &str, start: usize) -> Summary {
+/// `before(n)` runs just before test `n` (the test kernel uses it to inject
+/// crashes and hangs that check the host's resume logic).
+pub fn run<P>(platform: &P, tests: &[TestCase<P>], config: &str, start: usize, before: &dyn Fn(usize)) -> Summary {
     let mut out = Console;
     let mut summary = Summary::default();
     let _ = writeln!(out, "KTAP version 1");
@@ -185,6 +187,7 @@ pub fn run<P>(platform: &P, tests: &[TestCase<P>], config: &str, start: usize) -
         let _ = writeln!(out, "# running: {}", t.name);
         *CURRENT_NAME.lock() = t.name;
         CURRENT_NUMBER.store(n, Ordering::SeqCst);
+        before(n);
         let result = (t.func)(platform);
         CURRENT_NUMBER.store(0, Ordering::SeqCst);
         match &result {

@@ -32,6 +32,7 @@ cases!(
     acpi_found,
     pci_enumeration_finds_the_q35_chipset,
     edu_found_with_bar0,
+    pci_bridge_hierarchy_walked,
     iommu_tables_match_configuration,
     dmar_drhd_scopes_match_pci,
     vtd_registers_match_qemu,
@@ -287,6 +288,22 @@ fn edu_found_with_bar0(p: &Platform) -> TestResult {
     Ok(())
 }
 
+fn pci_bridge_hierarchy_walked(p: &Platform) -> TestResult {
+    // xtask puts a second edu behind a PCIe root port in every configuration.
+    let edus: Vec<_> = p.pci.iter().filter(|d| (d.vendor, d.device) == EDU).collect();
+    let Some(behind) = edus.iter().find(|d| d.bdf.bus != 0) else {
+        skip!("no edu behind a bridge in this QEMU configuration ({} edu found)", edus.len())
+    };
+    let parent = behind.parent.ok_or_else(|| fail(alloc::format!("{} has no parent bridge", behind.bdf)))?;
+    let port = p.pci.iter().find(|d| d.bdf == parent).ok_or_else(|| fail("parent not enumerated".into()))?;
+    ensure_eq!(port.pcie.map(|x| x.port_type), Some(4), "parent {} PCIe port type (root port)", port.bdf);
+    let buses = port.bridge.ok_or_else(|| fail("parent has no bus numbers".into()))?;
+    ensure_eq!(buses.secondary, behind.bdf.bus, "root port secondary bus");
+    ensure!(buses.subordinate >= buses.secondary, "subordinate {:#x} below secondary", buses.subordinate);
+    ensure_eq!(behind.bars.first().map(|b| b.size), Some(1 << 20), "BAR0 size of the edu behind the bridge");
+    Ok(())
+}
+
 fn iommu_tables_match_configuration(p: &Platform) -> TestResult {
     known_config(p)?;
     let a = p.acpi.as_ref().map_err(|e| fail(alloc::format!("ACPI: {e}")))?;
@@ -348,8 +365,23 @@ fn dmar_drhd_scopes_match_pci(p: &Platform) -> TestResult {
             );
         }
     }
-    let edu = p.find_pci(EDU.0, EDU.1).ok_or_else(|| fail("no edu".into()))?;
-    ensure!(u.include_pci_all() || covered.contains(&edu.bdf.rid()), "edu not covered by the DRHD");
+    // Devices below a bridge are covered when the bridge has a sub-hierarchy scope.
+    let subtrees: Vec<(u8, u8)> = u
+        .scopes
+        .iter()
+        .filter(|s| s.scope_type == acpi_tables::dmar::SCOPE_PCI_SUB_HIERARCHY)
+        .filter_map(|s| acpi_tables::scope::resolve(u.segment, s, &p.ecam).ok())
+        .filter_map(|b| p.pci.iter().find(|d| d.bdf.rid() == b.requester_id()).and_then(|d| d.bridge))
+        .map(|b| (b.secondary, b.subordinate))
+        .collect();
+    for d in p.pci.iter().filter(|d| (d.vendor, d.device) == EDU) {
+        let under = subtrees.iter().any(|(lo, hi)| (*lo..=*hi).contains(&d.bdf.bus));
+        ensure!(
+            u.include_pci_all() || covered.contains(&d.bdf.rid()) || under,
+            "edu {} not covered by the DRHD",
+            d.bdf
+        );
+    }
     Ok(())
 }
 
@@ -396,7 +428,7 @@ fn ivrs_ivhd_covers_edu(p: &Platform) -> TestResult {
         edu.bdf,
         ranges
     );
-    for d in p.pci.iter().filter(|d| d.bdf.bus == 0 && d.bdf != iommu.bdf) {
+    for d in p.pci.iter().filter(|d| d.bdf != iommu.bdf) {
         ensure!(ranges.iter().any(|r| (r.first..=r.last).contains(&d.bdf.rid())), "{} not covered", d.bdf);
     }
     Ok(())

@@ -7,7 +7,9 @@
 //!   expect (`none`, `intel`, `intel-sm`, `amd`);
 //! * `ktest.start=N`: resume at test N after a crash of test N-1;
 //! * `ktest.crash=KIND`: instead of the tests, deliberately take a fault
-//!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report.
+//!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report;
+//! * `ktest.inject=N:panic,M:hang`: test N panics and test M hangs instead
+//!   of running, so the host can check that it resumes after both.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -27,7 +29,19 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
         cases::crash(kind);
     }
     let start = boot.cmdline_value("ktest.start").and_then(|s| s.parse().ok()).unwrap_or(1);
-    let summary = portcullis_kernel::ktest::run(&platform, cases::ALL, &platform.config, start);
+    let inject = boot.cmdline_value("ktest.inject").unwrap_or("");
+    let before = |n: usize| {
+        for item in inject.split(',') {
+            match item.split_once(':') {
+                Some((k, "panic")) if k.parse() == Ok(n) => panic!("injected panic in test {n}"),
+                Some((k, "hang")) if k.parse() == Ok(n) => loop {
+                    core::hint::spin_loop();
+                },
+                _ => {}
+            }
+        }
+    };
+    let summary = portcullis_kernel::ktest::run(&platform, cases::ALL, &platform.config, start, &before);
     exit_qemu(if summary.failed == 0 { ExitCode::Success } else { ExitCode::Failure })
 }
 

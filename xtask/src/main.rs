@@ -1,1 +1,125 @@
-fn main() {}
+//! `cargo xtask`: build, boot and test Portcullis.
+//!
+//! * `cargo xtask run [--config NAME]`: boot the kernel under QEMU and show
+//!   its platform and IOMMU report.
+//! * `cargo xtask test [--config NAME]... [--qemu-args "..."]`: host tests,
+//!   then the in-guest tests on every QEMU configuration.
+//! * `cargo xtask acpi FILE... [--json]`: decode DMAR/IVRS table dumps.
+//! * `cargo xtask bench`: benchmarks (none exist yet: says so and fails).
+
+mod acpi;
+mod ktap;
+mod qemu;
+mod test;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, boot and test Portcullis")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot the kernel under QEMU and print the platform and IOMMU report.
+    Run {
+        /// QEMU configuration: none, intel, intel-sm, amd.
+        #[arg(long, default_value = qemu::DEFAULT_RUN_CONFIG)]
+        config: String,
+        /// Extra QEMU arguments (split at whitespace), e.g. "-device edu".
+        #[arg(long, allow_hyphen_values = true)]
+        qemu_args: Option<String>,
+        /// Build the kernel with optimisations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run host tests and the in-guest tests on the QEMU matrix.
+    Test {
+        /// Run only this configuration (repeatable): none, intel, intel-sm, amd.
+        #[arg(long)]
+        config: Vec<String>,
+        /// Extra QEMU arguments for every boot (split at whitespace).
+        #[arg(long, allow_hyphen_values = true)]
+        qemu_args: Option<String>,
+        /// Skip the host tests.
+        #[arg(long)]
+        no_host: bool,
+        /// Skip the QEMU tests.
+        #[arg(long)]
+        no_qemu: bool,
+        /// Time limit for one QEMU boot, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Configurations to run at once (default: number of CPUs).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
+    /// Decode ACPI DMAR/IVRS table files.
+    Acpi {
+        /// Table files (raw binary, header included).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// One JSON object per line per file.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the benchmarks.
+    Bench,
+}
+
+fn split(args: &Option<String>) -> Vec<String> {
+    args.as_deref().map(|s| s.split_whitespace().map(String::from).collect()).unwrap_or_default()
+}
+
+fn run_kernel(config: &str, qemu_args: &[String], release: bool) -> Result<bool> {
+    let c = qemu::config(config)?;
+    let version = qemu::check_qemu()?;
+    let kernel = qemu::build_kernel("portcullis-kernel", "portcullis", release)?;
+    let args = qemu::args(&c, &kernel, &format!("config={}", c.name), "stdio", qemu_args);
+    println!("==> {version}: booting configuration '{}' ({})", c.name, c.about);
+    println!("    qemu-system-x86_64 {}", args.join(" "));
+    match qemu::boot(&args, Duration::from_secs(120), std::process::Stdio::inherit(), || {})? {
+        qemu::Ended::Exited(s) if s.code() == Some(qemu::EXIT_SUCCESS) => Ok(true),
+        qemu::Ended::Exited(s) => {
+            eprintln!("kernel ended with QEMU status {s} (crash or failure; report above)");
+            Ok(false)
+        }
+        qemu::Ended::TimedOut => bail!("the kernel did not finish within 120 s"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run { config, qemu_args, release } => run_kernel(&config, &split(&qemu_args), release),
+        Cmd::Test { config, qemu_args, no_host, no_qemu, timeout, jobs } => {
+            let opts = test::Options {
+                configs: config,
+                qemu_args: split(&qemu_args),
+                no_host,
+                no_qemu,
+                boot_timeout: Duration::from_secs(timeout),
+                jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            };
+            test::validate(&opts).and_then(|()| test::run(&opts))
+        }
+        Cmd::Acpi { files, json } => acpi::run(&files, json),
+        Cmd::Bench => Err(anyhow::anyhow!(
+            "no benchmarks exist yet: the iommufd core (issue 4) and the VT-d page-table engine (issue 5) add them"
+        )),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! QEMU configurations, the version check, building the kernels and booting
+//! one of them with a time limit.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// One QEMU machine configuration of the test matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Name (passed to the guest as `config=NAME`).
+    pub name: &'static str,
+    /// Devices beyond the common arguments.
+    pub devices: &'static [&'static str],
+    /// What it is for.
+    pub about: &'static str,
+}
+
+/// A root port with a second edu behind it, so every configuration has a
+/// bridge to walk and a device whose DMAR scope is a sub-hierarchy.
+const EDUS: [&str; 6] =
+    ["-device", "edu", "-device", "pcie-root-port,id=rp1,chassis=1,slot=1", "-device", "edu,bus=rp1"];
+
+macro_rules! devices {
+    ($($d:expr),*) => { &[$($d,)* EDUS[0], EDUS[1], EDUS[2], EDUS[3], EDUS[4], EDUS[5]] };
+}
+
+/// The test matrix, in the order `cargo xtask test` runs it.
+pub const CONFIGS: &[Config] = &[
+    Config { name: "none", devices: devices!(), about: "no IOMMU" },
+    Config { name: "intel", devices: devices!("-device", "intel-iommu"), about: "Intel VT-d, legacy mode" },
+    Config {
+        name: "intel-sm",
+        devices: devices!("-device", "intel-iommu,x-scalable-mode=on"),
+        about: "Intel VT-d, scalable mode",
+    },
+    Config { name: "amd", devices: devices!("-device", "amd-iommu,pt=off"), about: "AMD-Vi, translating" },
+];
+
+/// The configuration `cargo xtask run` boots by default.
+pub const DEFAULT_RUN_CONFIG: &str = "intel";
+
+/// Looks a configuration up by name.
+pub fn config(name: &str) -> Result<Config> {
+    CONFIGS.iter().find(|c| c.name == name).copied().with_context(|| {
+        let names: Vec<_> = CONFIGS.iter().map(|c| c.name).collect();
+        format!("unknown configuration {name:?}; known: {}", names.join(", "))
+    })
+}
+
+/// QEMU exit statuses written by the kernel through isa-debug-exit
+/// (`(value << 1) | 1`; values in kernel/src/arch/exit.rs).
+pub const EXIT_SUCCESS: i32 = 33;
+/// At least one test failed.
+pub const EXIT_FAILURE: i32 = 35;
+/// A panic or CPU exception.
+pub const EXIT_CRASH: i32 = 37;
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// Fails with instructions unless QEMU 10 or newer is installed.
+pub fn check_qemu() -> Result<String> {
+    let hint = "Portcullis needs qemu-system-x86_64 10.0 or newer. On Debian bookworm it comes from \
+                bookworm-backports: run `bash .ci/setup` (as root or with sudo), or add the \
+                bookworm-backports suite and `apt-get install -t bookworm-backports qemu-system-x86`.";
+    let out = match Command::new(QEMU).arg("--version").output() {
+        Ok(o) => o,
+        Err(_) => bail!("{QEMU} not found.\n{hint}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let first = text.lines().next().unwrap_or("").to_string();
+    let major: Option<u32> =
+        first.split("version ").nth(1).and_then(|v| v.split('.').next()).and_then(|m| m.trim().parse().ok());
+    match major {
+        Some(m) if m >= 10 => Ok(first),
+        Some(_) => bail!("{first} is too old.\n{hint}"),
+        None => bail!("could not read the QEMU version from {first:?}.\n{hint}"),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Builds a kernel binary for the bare-metal target; returns the ELF path.
+pub fn build_kernel(package: &str, bin: &str, release: bool) -> Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--package", package, "--bin", bin, "--target", "x86_64-unknown-none"]);
+    if release {
+        c.arg("--release");
+    }
+    let status = c.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("building {bin} failed");
+    }
+    let dir = target_dir().join("x86_64-unknown-none").join(if release { "release" } else { "debug" });
+    Ok(dir.join(bin))
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+/// The full QEMU argument list for one boot.
+pub fn args(config: &Config, kernel: &Path, cmdline: &str, serial: &str, extra: &[String]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "1G",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(config.devices.iter().map(|s| s.to_string()));
+    a.extend(extra.iter().cloned());
+    a.extend(["-serial".into(), serial.into(), "-kernel".into(), kernel.display().to_string()]);
+    a.extend(["-append".into(), cmdline.into()]);
+    a
+}
+
+/// How one boot ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// QEMU exited with this status.
+    Exited(ExitStatus),
+    /// The time limit ran out and QEMU was killed.
+    TimedOut,
+}
+
+/// Starts QEMU (its stdout going to `stdout`: serial when `-serial stdio`) and waits at most `limit`, calling
+/// `tick` about ten times a second (for progress).
+pub fn boot(args: &[String], limit: Duration, stdout: Stdio, mut tick: impl FnMut()) -> Result<Ended> {
+    let mut child: Child = Command::new(QEMU)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {QEMU}"))?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if status.code() == Some(1) || status.code().is_none() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                if !err.trim().is_empty() {
+                    eprintln!("qemu: {}", err.trim());
+                }
+            }
+            return Ok(Ended::Exited(status));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(Ended::TimedOut);
+        }
+        tick();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
