@@ -21,7 +21,7 @@ impl Ecam {
 
     /// Virtual address of a config dword, mapping its bus on first use.
     fn address(&self, segment: u16, bdf: Bdf, offset: u16) -> Option<*mut u32> {
-        if offset >= 4096 || offset % 4 != 0 || bdf.device >= 32 || bdf.function >= 8 {
+        if offset >= 4096 || !offset.is_multiple_of(4) || bdf.device >= 32 || bdf.function >= 8 {
             return None;
         }
         let (i, r) = self

@@ -90,7 +90,7 @@ fn stack_trace(rip: u64, mut rbp: u64) {
     let (mut last, mut repeats) = (0u64, 0u32);
     let mut depth = 1;
     for _ in 0..4096 {
-        if rbp % 8 != 0 || !on_stack(rbp) {
+        if !rbp.is_multiple_of(8) || !on_stack(rbp) {
             break;
         }
         // SAFETY: rbp lies 8-aligned inside a kernel stack that is mapped

@@ -90,7 +90,7 @@ fn host_tests() -> Result<Row> {
     for line in BufReader::new(out).lines() {
         let line = line?;
         // Passing tests are only counted; everything else is shown.
-        if !(line.starts_with("test ") && line.ends_with(" ... ok")) && !line.is_empty() {
+        if !(line.is_empty() || line.starts_with("test ") && line.ends_with(" ... ok")) {
             println!("{line}");
         }
         // "test result: ok. 12 passed; 0 failed; 1 ignored; ..."
@@ -206,10 +206,10 @@ fn run_boots(c: &Config, label: &str, extra: &str, kernel: &Path, logs: &Path, o
         let ended = qemu::boot(&args, opts.boot_timeout, Stdio::null(), || {
             let p = ktap::parse(&std::fs::read_to_string(&boot_log).unwrap_or_default());
             if p.running != last_running {
-                if let Some(r) = &p.running {
-                    if std::env::var_os("XTASK_VERBOSE").is_some() {
-                        progress(label, &format!("running {r}"));
-                    }
+                if let Some(r) = &p.running
+                    && std::env::var_os("XTASK_VERBOSE").is_some()
+                {
+                    progress(label, &format!("running {r}"));
                 }
                 last_running = p.running;
             }

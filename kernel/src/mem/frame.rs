@@ -185,7 +185,7 @@ impl<S: AsRef<[u64]> + AsMut<[u64]>> FrameAllocator<S> {
     /// Frees `count` frames from `addr` (which [`alloc`](Self::alloc) returned).
     /// Nothing changes if any of them is not allocated.
     pub fn free(&mut self, addr: u64, count: usize) -> Result<(), FrameError> {
-        if addr % FRAME_SIZE != 0 {
+        if !addr.is_multiple_of(FRAME_SIZE) {
             return Err(FrameError::BadAddress { addr });
         }
         let first = (addr / FRAME_SIZE) as usize;

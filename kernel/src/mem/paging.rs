@@ -123,7 +123,7 @@ pub fn init(boot: &BootInfo, layout: &ImageLayout) -> (usize, usize) {
         let end = r.end().min(super::MAX_PHYS);
         let mut a = r.start & !(FRAME_SIZE - 1);
         while a < end {
-            if a % 0x20_0000 == 0 && a + 0x20_0000 <= end {
+            if a.is_multiple_of(0x20_0000) && a + 0x20_0000 <= end {
                 let page = Page::<Size2MiB>::containing_address(VirtAddr::new(DIRECT_MAP_BASE + a));
                 let frame = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(a));
                 // SAFETY: as in map_4k: a fixed-offset window of physical memory.
@@ -144,7 +144,7 @@ pub fn init(boot: &BootInfo, layout: &ImageLayout) -> (usize, usize) {
             }
         }
     }
-    drop(fa);
+
     drop(frames);
 
     // SAFETY: the new tables map the running code, its stack and all data
