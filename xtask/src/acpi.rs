@@ -31,11 +31,13 @@ fn render_file(file: &Path, json: bool) -> (String, bool) {
     let result = std::fs::read(file).map_err(|e| format!("cannot read: {e}")).and_then(|bytes| decode(&bytes));
     match (result, json) {
         (Ok(table), true) => {
-            let mut v = table.to_json();
-            if let Value::Object(m) = &mut v {
-                m.insert("file".into(), json!(name));
+            // "file" first, then the table's own fields in their order.
+            let mut out = Map::new();
+            out.insert("file".into(), json!(name));
+            if let Value::Object(m) = table.to_json() {
+                out.extend(m);
             }
-            (format!("{v}\n"), true)
+            (format!("{}\n", Value::Object(out)), true)
         }
         (Ok(table), false) => (format!("{name}:\n{}\n", table.describe()), true),
         (Err(e), true) => (format!("{}\n", json!({ "file": name, "error": e })), false),
