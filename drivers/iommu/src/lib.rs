@@ -1,0 +1,203 @@
+//! The seam between iommufd and the IOMMU drivers: an I/O page-table
+//! *domain* that maps IOVA ranges to physical ranges with permissions.
+//!
+//! Drivers (VT-d, AMD-Vi, the selftest mock) implement [`IommuDomain`];
+//! iommufd only ever talks to this trait, so it never depends on a driver.
+//!
+//! Conventions, as in the rest of Portcullis:
+//! * `last` is inclusive; every `iova + length` is computed with overflow
+//!   checks by the caller before it reaches a domain.
+//! * Invalidation is explicit: `unmap` collects what it removed in an
+//!   [`IotlbGather`] and the caller issues one [`IommuDomain::iotlb_sync`]
+//!   for the whole batch, so unmapping many pages costs one invalidation.
+#![no_std]
+#![forbid(unsafe_code)]
+
+use core::fmt;
+
+/// Access permissions of a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Prot(u8);
+
+impl Prot {
+    /// No access.
+    pub const NONE: Prot = Prot(0);
+    /// The device may read.
+    pub const READ: Prot = Prot(1);
+    /// The device may write.
+    pub const WRITE: Prot = Prot(2);
+    /// Read and write.
+    pub const RW: Prot = Prot(3);
+    /// The mapping is cache coherent (snoop forced where the unit can).
+    pub const CACHE: Prot = Prot(4);
+
+    /// Raw bits.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+    /// Whether every permission in `other` is present.
+    pub const fn contains(self, other: Prot) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Union.
+    pub const fn union(self, other: Prot) -> Prot {
+        Prot(self.0 | other.0)
+    }
+    /// Whether the device may read.
+    pub const fn readable(self) -> bool {
+        self.0 & 1 != 0
+    }
+    /// Whether the device may write.
+    pub const fn writable(self) -> bool {
+        self.0 & 2 != 0
+    }
+}
+
+impl core::ops::BitOr for Prot {
+    type Output = Prot;
+    fn bitor(self, rhs: Prot) -> Prot {
+        self.union(rhs)
+    }
+}
+
+/// An identifier the embedding kernel gives a device (for iommufd: the
+/// device object's handle into the driver). Opaque to the domain trait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceHandle(pub u64);
+
+/// Why a domain operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainError {
+    /// No memory for page tables.
+    NoMemory,
+    /// The range is outside the aperture, or not aligned to the smallest
+    /// page size.
+    BadRange { iova: u64, length: u64 },
+    /// Part of the range is already mapped.
+    AlreadyMapped { iova: u64 },
+    /// The device cannot use this domain (wrong unit, incompatible format).
+    Incompatible,
+    /// The hardware did not respond in time.
+    Timeout,
+    /// The operation is not supported by this domain.
+    NotSupported,
+    /// Failure injected by a test (fault-injection sweeps).
+    Injected,
+}
+
+impl fmt::Display for DomainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoMemory => write!(f, "out of memory for I/O page tables"),
+            Self::BadRange { iova, length } => write!(f, "bad range {iova:#x}+{length:#x} for this domain"),
+            Self::AlreadyMapped { iova } => write!(f, "IOVA {iova:#x} is already mapped"),
+            Self::Incompatible => write!(f, "device and domain are incompatible"),
+            Self::Timeout => write!(f, "IOMMU hardware timed out"),
+            Self::NotSupported => write!(f, "not supported by this domain"),
+            Self::Injected => write!(f, "injected failure"),
+        }
+    }
+}
+
+/// IOVA ranges whose IOTLB entries must be invalidated, collected by
+/// `unmap` and flushed once by [`IommuDomain::iotlb_sync`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IotlbGather {
+    /// Lowest IOVA touched (inclusive), if any.
+    pub start: Option<u64>,
+    /// Highest IOVA touched (inclusive).
+    pub last: u64,
+    /// Page-table pages freed by the unmaps (must not be reused before the
+    /// sync, since the hardware may still walk them).
+    pub freed_tables: usize,
+}
+
+impl IotlbGather {
+    /// Adds `[iova, last]` to the range to invalidate.
+    pub fn add(&mut self, iova: u64, last: u64) {
+        match self.start {
+            None => (self.start, self.last) = (Some(iova), last),
+            Some(s) => (self.start, self.last) = (Some(s.min(iova)), self.last.max(last)),
+        }
+    }
+    /// Whether nothing needs invalidating.
+    pub fn is_empty(&self) -> bool {
+        self.start.is_none()
+    }
+}
+
+/// An I/O page table that devices can be attached to.
+///
+/// Contract for implementers:
+/// * [`map`](Self::map) either maps the whole range or maps nothing (it
+///   unwinds what it wrote before returning an error).
+/// * [`unmap`](Self::unmap) removes every mapping inside the range and
+///   returns the number of bytes that were mapped there; it never fails.
+///   Mappings that straddle the range's ends are the caller's problem:
+///   iommufd only unmaps ranges it mapped.
+/// * Page sizes are powers of two; the smallest is the domain's granule and
+///   every `iova`, `phys` and `length` is a multiple of it.
+pub trait IommuDomain: Send {
+    /// Bitmap of supported page sizes (bit n set = 2^n bytes).
+    fn page_sizes(&self) -> u64;
+    /// First and last (inclusive) IOVA the domain can translate.
+    fn aperture(&self) -> (u64, u64);
+    /// Maps `[iova, iova + length)` to `[phys, phys + length)`.
+    fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError>;
+    /// Unmaps `[iova, iova + length)`, adding what it removed to `gather`.
+    /// Returns the bytes that were mapped.
+    fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64;
+    /// Invalidates the IOTLB for everything in `gather` and clears it.
+    fn iotlb_sync(&mut self, gather: &mut IotlbGather);
+    /// The physical address `iova` translates to, if mapped.
+    fn iova_to_phys(&self, iova: u64) -> Option<u64>;
+    /// Makes every mapping cache coherent (snoop control); false if the
+    /// hardware cannot.
+    fn enforce_cache_coherency(&mut self) -> bool;
+    /// Points `device` at this domain.
+    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError>;
+    /// Detaches `device` (it is blocked afterwards until attached elsewhere).
+    fn detach_device(&mut self, device: DeviceHandle);
+
+    /// The smallest page size (the granule).
+    fn granule(&self) -> u64 {
+        let sizes = self.page_sizes();
+        if sizes == 0 { 4096 } else { 1 << sizes.trailing_zeros() }
+    }
+}
+
+/// The largest page size from `sizes` usable at `iova`/`phys` for at most
+/// `length` bytes: both addresses aligned to it and it fits.
+pub fn best_page_size(sizes: u64, iova: u64, phys: u64, length: u64) -> Option<u64> {
+    let align = (iova | phys).trailing_zeros().min(63);
+    let fit = 63 - length.leading_zeros().min(63);
+    let usable = sizes & ((2u64 << align.min(fit)).wrapping_sub(1));
+    (usable != 0 && length != 0).then(|| 1 << (63 - usable.leading_zeros()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_choice() {
+        let sizes = (1 << 12) | (1 << 21) | (1 << 30);
+        assert_eq!(best_page_size(sizes, 0x20_0000, 0x40_0000, 0x20_0000), Some(0x20_0000));
+        assert_eq!(best_page_size(sizes, 0x20_0000, 0x40_1000, 0x20_0000), Some(0x1000));
+        assert_eq!(best_page_size(sizes, 0, 0, 1 << 30), Some(1 << 30));
+        assert_eq!(best_page_size(sizes, 0, 0, (1 << 30) - 1), Some(0x20_0000));
+        assert_eq!(best_page_size(sizes, 0, 0, 0xfff), None);
+        assert_eq!(best_page_size(sizes, 0x800, 0, 0x1000), None);
+        assert_eq!(best_page_size(1 << 11, 0x800, 0x800, 0x800), Some(0x800));
+    }
+
+    #[test]
+    fn gather_accumulates() {
+        let mut g = IotlbGather::default();
+        assert!(g.is_empty());
+        g.add(0x5000, 0x5fff);
+        g.add(0x1000, 0x1fff);
+        g.add(0x9000, 0x9fff);
+        assert_eq!((g.start, g.last), (Some(0x1000), 0x9fff));
+    }
+}
