@@ -1,0 +1,280 @@
+//! Where pinned pages come from.
+//!
+//! iommufd maps *user* memory: a range of the calling context's address
+//! space (a guest's memory in a hypervisor, a process's in the host
+//! interposer). A [`MemorySource`] turns such a range into physical pages,
+//! keeps them from moving while pinned, and gives byte access to both user
+//! addresses (for uAPI arrays and `access_rw` buffers) and physical pages
+//! (for accesses that read or write through pinned pages).
+//!
+//! [`FakeAddressSpace`] is the host-test source: it counts pins per page so
+//! tests can check "each page is pinned once" exactly, holds page contents
+//! so reads and writes through mappings can be checked, and can fail the
+//! Nth pin for fault-injection sweeps.
+
+use crate::errno::{Errno, Result};
+use alloc::collections::BTreeMap;
+use alloc::vec;
+use alloc::vec::Vec;
+use spin::Mutex;
+
+/// CPU page size of every memory source in Portcullis.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A context's memory, as iommufd needs it.
+///
+/// Implementations must be internally synchronised: iommufd calls them
+/// without holding its own locks where it can.
+pub trait MemorySource: Send + Sync {
+    /// Pins the `out.len()` pages starting at page-aligned user address
+    /// `uptr` and writes their physical addresses into `out`. All or
+    /// nothing: on error no page stays pinned. `write` asks for pages the
+    /// device may write. Unmapped addresses give `EFAULT`.
+    fn pin(&self, uptr: u64, out: &mut [u64], write: bool) -> Result<()>;
+    /// Drops one pin on each page (physical addresses from [`Self::pin`]).
+    /// `dirty` marks them written.
+    fn unpin(&self, phys: &[u64], dirty: bool);
+    /// Copies from user memory at `uptr`.
+    fn read_user(&self, uptr: u64, buf: &mut [u8]) -> Result<()>;
+    /// Copies to user memory at `uptr`.
+    fn write_user(&self, uptr: u64, buf: &[u8]) -> Result<()>;
+    /// Copies from a pinned physical page range.
+    fn read_phys(&self, phys: u64, buf: &mut [u8]) -> Result<()>;
+    /// Copies to a pinned physical page range.
+    fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()>;
+}
+
+struct FakePage {
+    phys: u64,
+    pins: u32,
+    data: Option<Vec<u8>>,
+    writable: bool,
+}
+
+struct FakeInner {
+    /// User page number -> page.
+    pages: BTreeMap<u64, FakePage>,
+    /// Physical page number -> user page number.
+    by_phys: BTreeMap<u64, u64>,
+    next_phys_page: u64,
+    pin_calls: u64,
+    fail_pin_at: Option<u64>,
+    pinned_pages: u64,
+}
+
+/// A fake user address space for host tests: map ranges, pin pages,
+/// count pins, read and write contents.
+pub struct FakeAddressSpace {
+    inner: Mutex<FakeInner>,
+}
+
+impl core::fmt::Debug for FakeAddressSpace {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let i = self.inner.lock();
+        write!(f, "FakeAddressSpace({} pages, {} pinned)", i.pages.len(), i.pinned_pages)
+    }
+}
+
+impl Default for FakeAddressSpace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeAddressSpace {
+    /// An empty address space. Physical addresses of its pages start at
+    /// 4 GiB so they are easy to tell from IOVAs in test output.
+    pub fn new() -> Self {
+        Self {
+            inner: Mutex::new(FakeInner {
+                pages: BTreeMap::new(),
+                by_phys: BTreeMap::new(),
+                next_phys_page: 0x10_0000,
+                pin_calls: 0,
+                fail_pin_at: None,
+                pinned_pages: 0,
+            }),
+        }
+    }
+
+    /// Maps `length` bytes at page-aligned `uptr` (fresh zero pages).
+    /// Physically contiguous in 2 MiB-aligned runs where the user range is
+    /// 2 MiB aligned, so huge-page paths get exercised.
+    pub fn map(&self, uptr: u64, length: u64, writable: bool) {
+        assert!(uptr % PAGE_SIZE == 0 && length % PAGE_SIZE == 0, "fake mappings are page aligned");
+        let mut i = self.inner.lock();
+        // Align the physical run like the user address modulo 1 GiB.
+        let want = (uptr / PAGE_SIZE) % (1 << 18);
+        let base = i.next_phys_page.next_multiple_of(1 << 18) + want;
+        i.next_phys_page = base + length / PAGE_SIZE;
+        for k in 0..length / PAGE_SIZE {
+            let upage = uptr / PAGE_SIZE + k;
+            let phys_page = base + k;
+            if let Some(old) = i.pages.insert(upage, FakePage { phys: phys_page * PAGE_SIZE, pins: 0, data: None, writable }) {
+                i.by_phys.remove(&(old.phys / PAGE_SIZE));
+            }
+            i.by_phys.insert(phys_page, upage);
+        }
+    }
+
+    /// Pins currently held on the page containing `uptr` (0 if unmapped).
+    pub fn pins(&self, uptr: u64) -> u32 {
+        self.inner.lock().pages.get(&(uptr / PAGE_SIZE)).map_or(0, |p| p.pins)
+    }
+
+    /// Pages with at least one pin.
+    pub fn pinned_pages(&self) -> u64 {
+        self.inner.lock().pinned_pages
+    }
+
+    /// Physical address backing `uptr`, if mapped.
+    pub fn phys_of(&self, uptr: u64) -> Option<u64> {
+        self.inner.lock().pages.get(&(uptr / PAGE_SIZE)).map(|p| p.phys + uptr % PAGE_SIZE)
+    }
+
+    /// Makes the `n`th call to `pin` from now (1-based) fail with ENOMEM;
+    /// `None` turns injection off.
+    pub fn fail_pin_at(&self, n: Option<u64>) {
+        let mut i = self.inner.lock();
+        i.fail_pin_at = n.map(|n| i.pin_calls + n);
+    }
+
+    fn with_bytes(&self, upage_of: impl Fn(&FakeInner, u64) -> Option<u64>, addr: u64, len: usize, mut f: impl FnMut(&mut Vec<u8>, usize, usize, usize)) -> Result<()> {
+        let mut i = self.inner.lock();
+        let mut done = 0usize;
+        // Check first so a fault changes nothing.
+        let mut a = addr;
+        while done < len {
+            let off = (a % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - off).min(len - done);
+            upage_of(&i, a).filter(|u| i.pages.contains_key(u)).ok_or(Errno::EFAULT)?;
+            done += n;
+            a += n as u64;
+        }
+        let (mut done, mut a) = (0usize, addr);
+        while done < len {
+            let off = (a % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - off).min(len - done);
+            let u = upage_of(&i, a).ok_or(Errno::EFAULT)?;
+            let page = i.pages.get_mut(&u).ok_or(Errno::EFAULT)?;
+            let data = page.data.get_or_insert_with(|| vec![0; PAGE_SIZE as usize]);
+            f(data, off, done, n);
+            done += n;
+            a += n as u64;
+        }
+        Ok(())
+    }
+
+    fn user_page(_: &FakeInner, uptr: u64) -> Option<u64> {
+        Some(uptr / PAGE_SIZE)
+    }
+
+    fn phys_page(i: &FakeInner, phys: u64) -> Option<u64> {
+        i.by_phys.get(&(phys / PAGE_SIZE)).copied()
+    }
+}
+
+impl MemorySource for FakeAddressSpace {
+    fn pin(&self, uptr: u64, out: &mut [u64], write: bool) -> Result<()> {
+        let mut i = self.inner.lock();
+        i.pin_calls += 1;
+        if i.fail_pin_at == Some(i.pin_calls) {
+            return Err(Errno::ENOMEM);
+        }
+        if uptr % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let first = uptr / PAGE_SIZE;
+        for k in 0..out.len() as u64 {
+            match i.pages.get(&(first + k)) {
+                Some(p) if p.writable || !write => {}
+                _ => return Err(Errno::EFAULT),
+            }
+        }
+        for (k, slot) in out.iter_mut().enumerate() {
+            let p = i.pages.get_mut(&(first + k as u64)).ok_or(Errno::EFAULT)?;
+            p.pins += 1;
+            *slot = p.phys;
+            if p.pins == 1 {
+                i.pinned_pages += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn unpin(&self, phys: &[u64], _dirty: bool) {
+        let mut i = self.inner.lock();
+        for &p in phys {
+            let Some(&u) = i.by_phys.get(&(p / PAGE_SIZE)) else {
+                panic!("unpin of a page this address space never pinned: {p:#x}");
+            };
+            let page = i.pages.get_mut(&u).expect("by_phys and pages agree");
+            assert!(page.pins > 0, "unpin of an unpinned page {p:#x}");
+            page.pins -= 1;
+            if page.pins == 0 {
+                i.pinned_pages -= 1;
+            }
+        }
+    }
+
+    fn read_user(&self, uptr: u64, buf: &mut [u8]) -> Result<()> {
+        self.with_bytes(Self::user_page, uptr, buf.len(), |d, off, done, n| buf[done..done + n].copy_from_slice(&d[off..off + n]))
+    }
+
+    fn write_user(&self, uptr: u64, buf: &[u8]) -> Result<()> {
+        self.with_bytes(Self::user_page, uptr, buf.len(), |d, off, done, n| d[off..off + n].copy_from_slice(&buf[done..done + n]))
+    }
+
+    fn read_phys(&self, phys: u64, buf: &mut [u8]) -> Result<()> {
+        self.with_bytes(Self::phys_page, phys, buf.len(), |d, off, done, n| buf[done..done + n].copy_from_slice(&d[off..off + n]))
+    }
+
+    fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()> {
+        self.with_bytes(Self::phys_page, phys, buf.len(), |d, off, done, n| d[off..off + n].copy_from_slice(&buf[done..done + n]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_counted_and_all_or_nothing() {
+        let a = FakeAddressSpace::new();
+        a.map(0x10_0000, 0x4000, true);
+        let mut out = [0u64; 4];
+        a.pin(0x10_0000, &mut out, true).unwrap();
+        assert_eq!(a.pins(0x10_3000), 1);
+        assert_eq!(a.pinned_pages(), 4);
+        // One page past the end is unmapped: nothing more gets pinned.
+        let mut five = [0u64; 5];
+        assert_eq!(a.pin(0x10_0000, &mut five, false), Err(Errno::EFAULT));
+        assert_eq!(a.pins(0x10_0000), 1);
+        a.unpin(&out, false);
+        assert_eq!(a.pinned_pages(), 0);
+        assert_eq!(out[1], out[0] + PAGE_SIZE);
+    }
+
+    #[test]
+    fn bytes_through_user_and_physical_addresses() {
+        let a = FakeAddressSpace::new();
+        a.map(0x20_0000, 0x2000, true);
+        a.write_user(0x20_0ffe, &[1, 2, 3, 4]).unwrap();
+        let phys = a.phys_of(0x20_0ffe).unwrap();
+        let mut b = [0u8; 4];
+        a.read_phys(phys, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        assert_eq!(a.read_user(0x20_1ffe, &mut b), Err(Errno::EFAULT));
+    }
+
+    #[test]
+    fn injected_pin_failure() {
+        let a = FakeAddressSpace::new();
+        a.map(0, 0x1000, true);
+        a.fail_pin_at(Some(2));
+        let mut o = [0u64; 1];
+        a.pin(0, &mut o, false).unwrap();
+        assert_eq!(a.pin(0, &mut o, false), Err(Errno::ENOMEM));
+        assert_eq!(a.pins(0), 1);
+    }
+}

@@ -1,0 +1,198 @@
+//! A software IOMMU domain for tests, with the properties of Linux's
+//! selftest mock domain: 2 KiB I/O pages (half the CPU page, so the
+//! sub-page paths are exercised), an aperture of `[1 << 24, (1 << 31) - 1]`,
+//! and a record of where each map call started and ended so an unmap that
+//! cuts through the middle of one is caught.
+//!
+//! Every 2 KiB I/O page is an entry in a `BTreeMap`; nothing here is fast,
+//! and nothing has to be: the mock exists to check results exactly.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, Prot};
+
+/// The mock's I/O page size.
+pub const MOCK_IO_PAGE_SIZE: u64 = 2048;
+/// First IOVA the mock translates.
+pub const MOCK_APERTURE_START: u64 = 1 << 24;
+/// Last IOVA the mock translates.
+pub const MOCK_APERTURE_LAST: u64 = (1 << 31) - 1;
+
+/// One mapped I/O page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MockEntry {
+    /// Physical address of the I/O page.
+    pub phys: u64,
+    /// Permissions.
+    pub prot: Prot,
+    /// First page of a `map` call.
+    pub start: bool,
+    /// Last page of a `map` call.
+    pub last: bool,
+}
+
+/// The mock domain.
+#[derive(Debug, Default)]
+pub struct MockDomain {
+    entries: BTreeMap<u64, MockEntry>,
+    devices: BTreeSet<DeviceHandle>,
+    /// IOTLB syncs issued (one per unmap batch, checked by tests).
+    pub syncs: u64,
+    /// Map calls so far, and the call number that must fail (fault injection).
+    map_calls: u64,
+    fail_map_at: Option<u64>,
+    /// Set when an unmap did not line up with map boundaries: a caller bug.
+    pub misaligned_unmaps: u64,
+    coherent: bool,
+}
+
+impl MockDomain {
+    /// An empty mock domain.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The entry for the I/O page containing `iova`.
+    pub fn entry(&self, iova: u64) -> Option<MockEntry> {
+        self.entries.get(&(iova / MOCK_IO_PAGE_SIZE)).copied()
+    }
+
+    /// Number of mapped I/O pages.
+    pub fn mapped_pages(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// All entries, for state comparisons in fault-injection sweeps.
+    pub fn snapshot(&self) -> BTreeMap<u64, MockEntry> {
+        self.entries.clone()
+    }
+
+    /// Makes the `n`th `map` call from now fail (1-based); `None` disables.
+    pub fn fail_map_at(&mut self, n: Option<u64>) {
+        self.fail_map_at = n.map(|n| self.map_calls + n);
+    }
+
+    /// Attached devices.
+    pub fn devices(&self) -> impl Iterator<Item = DeviceHandle> + '_ {
+        self.devices.iter().copied()
+    }
+
+    fn check(iova: u64, length: u64) -> Result<u64, DomainError> {
+        let bad = DomainError::BadRange { iova, length };
+        let last = iova.checked_add(length).and_then(|e| e.checked_sub(1)).ok_or(bad)?;
+        if length == 0 || iova % MOCK_IO_PAGE_SIZE != 0 || length % MOCK_IO_PAGE_SIZE != 0 {
+            return Err(bad);
+        }
+        if iova < MOCK_APERTURE_START || last > MOCK_APERTURE_LAST {
+            return Err(bad);
+        }
+        Ok(last)
+    }
+}
+
+impl IommuDomain for MockDomain {
+    fn page_sizes(&self) -> u64 {
+        MOCK_IO_PAGE_SIZE
+    }
+
+    fn aperture(&self) -> (u64, u64) {
+        (MOCK_APERTURE_START, MOCK_APERTURE_LAST)
+    }
+
+    fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
+        self.map_calls += 1;
+        if self.fail_map_at == Some(self.map_calls) {
+            return Err(DomainError::Injected);
+        }
+        Self::check(iova, length)?;
+        if phys % MOCK_IO_PAGE_SIZE != 0 {
+            return Err(DomainError::BadRange { iova, length });
+        }
+        let first = iova / MOCK_IO_PAGE_SIZE;
+        let n = length / MOCK_IO_PAGE_SIZE;
+        if let Some((&k, _)) = self.entries.range(first..first + n).next() {
+            return Err(DomainError::AlreadyMapped { iova: k * MOCK_IO_PAGE_SIZE });
+        }
+        for i in 0..n {
+            let e = MockEntry { phys: phys + i * MOCK_IO_PAGE_SIZE, prot, start: i == 0, last: i == n - 1 };
+            self.entries.insert(first + i, e);
+        }
+        Ok(())
+    }
+
+    fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
+        let Ok(last) = Self::check(iova, length) else { return 0 };
+        let first = iova / MOCK_IO_PAGE_SIZE;
+        let end = first + length / MOCK_IO_PAGE_SIZE;
+        let keys: alloc::vec::Vec<u64> = self.entries.range(first..end).map(|(k, _)| *k).collect();
+        if let (Some(&lo), Some(&hi)) = (keys.first(), keys.last()) {
+            if !self.entries[&lo].start || !self.entries[&hi].last {
+                self.misaligned_unmaps += 1;
+            }
+        }
+        for k in &keys {
+            self.entries.remove(k);
+        }
+        if !keys.is_empty() {
+            gather.add(iova, last);
+        }
+        keys.len() as u64 * MOCK_IO_PAGE_SIZE
+    }
+
+    fn iotlb_sync(&mut self, gather: &mut IotlbGather) {
+        if !gather.is_empty() {
+            self.syncs += 1;
+        }
+        *gather = IotlbGather::default();
+    }
+
+    fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        self.entry(iova).map(|e| e.phys + iova % MOCK_IO_PAGE_SIZE)
+    }
+
+    fn enforce_cache_coherency(&mut self) -> bool {
+        self.coherent = true;
+        true
+    }
+
+    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.devices.insert(device);
+        Ok(())
+    }
+
+    fn detach_device(&mut self, device: DeviceHandle) {
+        self.devices.remove(&device);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_2k_pages_inside_the_aperture_only() {
+        let mut d = MockDomain::new();
+        let base = MOCK_APERTURE_START;
+        d.map(base, 0x10_0000, 0x1800, Prot::RW).unwrap();
+        assert_eq!(d.mapped_pages(), 3);
+        assert_eq!(d.iova_to_phys(base + 0x1001), Some(0x10_1001));
+        assert!(d.entry(base).unwrap().start && d.entry(base + 0x1000).unwrap().last);
+        assert_eq!(d.map(base + 0x800, 0, 0x800, Prot::READ), Err(DomainError::AlreadyMapped { iova: base + 0x800 }));
+        assert!(d.map(0, 0, 0x800, Prot::READ).is_err());
+        assert!(d.map(MOCK_APERTURE_LAST - 0x7ff, 0, 0x1000, Prot::READ).is_err());
+        let mut g = IotlbGather::default();
+        assert_eq!(d.unmap(base, 0x1800, &mut g), 0x1800);
+        assert_eq!(d.misaligned_unmaps, 0);
+        d.iotlb_sync(&mut g);
+        assert_eq!(d.syncs, 1);
+        assert_eq!(d.mapped_pages(), 0);
+    }
+
+    #[test]
+    fn injected_map_failure_maps_nothing() {
+        let mut d = MockDomain::new();
+        d.fail_map_at(Some(1));
+        assert_eq!(d.map(MOCK_APERTURE_START, 0, 0x800, Prot::READ), Err(DomainError::Injected));
+        assert_eq!(d.mapped_pages(), 0);
+        d.map(MOCK_APERTURE_START, 0, 0x800, Prot::READ).unwrap();
+    }
+}
