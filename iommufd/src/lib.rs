@@ -10,5 +10,8 @@
 extern crate alloc;
 
 pub mod errno;
+pub mod memsrc;
+#[cfg(feature = "selftest")]
+pub mod selftest;
 
 pub use errno::{Errno, Result};
