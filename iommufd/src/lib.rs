@@ -11,6 +11,7 @@ extern crate alloc;
 
 pub mod errno;
 pub mod memsrc;
+pub mod pages;
 #[cfg(feature = "selftest")]
 pub mod selftest;
 
