@@ -45,7 +45,9 @@ errnos! {
     ENOTTY = 25, "Unknown ioctl.";
     ENOSPC = 28, "No space (no free IOVA).";
     ERANGE = 34, "Out of range.";
+    EDEADLK = 35, "Resource deadlock (an access did not release its pins).";
     EOVERFLOW = 75, "Value too large.";
+    EMSGSIZE = 90, "Message too long (output array too small).";
     EOPNOTSUPP = 95, "Operation not supported.";
     EADDRINUSE = 98, "Address in use.";
     ETIMEDOUT = 110, "Timed out.";
