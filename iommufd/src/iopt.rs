@@ -1,0 +1,850 @@
+//! The I/O page table of one IOAS: which IOVA ranges map which user pages,
+//! and the domains those mappings are loaded into.
+//!
+//! ```text
+//!   IoPagetable
+//!   ├── areas     [iova, last] -> Area { pages: Arc<Pages>, start_byte, prot }
+//!   ├── allowed   IOVA ranges allocation may use (empty = all)
+//!   ├── reserved  IOVA ranges no area may overlap, tagged with an owner
+//!   └── domains   every domain attached through a HWPT of this IOAS
+//! ```
+//!
+//! Invariants (checked by the tests after every operation):
+//! * areas never overlap each other or a reserved range;
+//! * every area is in every domain, or (when there are no domains) in none;
+//!   an area in domains holds exactly one use of each of its pages in the
+//!   pinned-page store (`Area::filled`), whatever the number of domains;
+//! * every area's IOVA, length and page offset are multiples of
+//!   `iova_alignment`, the largest granule of the domains (and accesses);
+//! * every operation either completes or leaves the table, the domains and
+//!   the pins exactly as they were.
+//!
+//! Deliberate difference from Linux: an unmap whose range cuts through an
+//! area fails with `ENOENT` *before* unmapping anything; Linux unmaps the
+//! areas it met before the one it cannot cut, then fails.
+//!
+//! Locking: an `IoPagetable` lives behind its IOAS's mutex. Inside it,
+//! domain locks are taken one at a time, then the `Pages` lock (leaf).
+
+use crate::errno::{Errno, Result};
+use crate::memsrc::PAGE_SIZE;
+use crate::pages::Pages;
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use portcullis_iommu::{DomainError, IommuDomain, IotlbGather, Prot};
+use spin::Mutex;
+
+/// A domain as the IOAS holds it (shared with its HWPT object).
+pub type DomainRef = Arc<Mutex<Box<dyn IommuDomain>>>;
+
+/// Who reserved an IOVA range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    /// Outside the aperture of the domain with this key.
+    Domain(u64),
+    /// A device's reserved regions (MSI window, RMRR), by device object id.
+    Device(u32),
+    /// The selftest's `IOMMU_TEST_OP_ADD_RESERVED`.
+    Test,
+}
+
+/// One mapping: IOVA range -> bytes of a [`Pages`].
+#[derive(Debug, Clone)]
+pub struct Area {
+    /// The pages.
+    pub pages: Arc<Pages>,
+    /// Offset of the area's first byte from `pages.uptr`.
+    pub start_byte: u64,
+    /// Permissions.
+    pub prot: Prot,
+    /// Holds one use of each of its pages for the domains.
+    pub filled: bool,
+    /// Accesses that pinned pages of this area.
+    pub accesses: u32,
+}
+
+impl Area {
+    fn first_page(&self) -> u64 {
+        self.start_byte / PAGE_SIZE
+    }
+    fn last_page(&self, length: u64) -> u64 {
+        (self.start_byte + length - 1) / PAGE_SIZE
+    }
+}
+
+/// A slice of a [`Pages`] to be mapped (one element of a map or copy).
+#[derive(Debug, Clone)]
+pub struct PagesSlice {
+    /// The pages.
+    pub pages: Arc<Pages>,
+    /// First byte, from `pages.uptr`.
+    pub start_byte: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// The I/O page table of one IOAS.
+pub struct IoPagetable {
+    areas: BTreeMap<u64, (u64, Area)>,
+    allowed: Vec<(u64, u64)>,
+    reserved: Vec<(u64, u64, Owner)>,
+    domains: Vec<(u64, DomainRef)>,
+    iova_alignment: u64,
+    disable_large_pages: bool,
+    access_alignments: BTreeMap<u32, u64>,
+}
+
+impl core::fmt::Debug for IoPagetable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IoPagetable")
+            .field("areas", &self.areas.len())
+            .field("domains", &self.domains.len())
+            .field("iova_alignment", &self.iova_alignment)
+            .finish()
+    }
+}
+
+impl Default for IoPagetable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn domain_errno(e: DomainError) -> Errno {
+    match e {
+        DomainError::NoMemory | DomainError::Injected => Errno::ENOMEM,
+        DomainError::BadRange { .. } => Errno::EINVAL,
+        DomainError::AlreadyMapped { .. } => Errno::EEXIST,
+        DomainError::Incompatible => Errno::EINVAL,
+        DomainError::Timeout => Errno::ETIMEDOUT,
+        DomainError::NotSupported => Errno::EOPNOTSUPP,
+    }
+}
+
+fn last_of(iova: u64, length: u64) -> Result<u64> {
+    if length == 0 {
+        return Err(Errno::EINVAL);
+    }
+    iova.checked_add(length - 1).ok_or(Errno::EOVERFLOW)
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+fn align_up(v: u64, align: u64) -> Option<u64> {
+    v.checked_next_multiple_of(align)
+}
+
+impl IoPagetable {
+    /// An empty table: no alignment restriction, everything allowed.
+    pub fn new() -> Self {
+        Self {
+            areas: BTreeMap::new(),
+            allowed: Vec::new(),
+            reserved: Vec::new(),
+            domains: Vec::new(),
+            iova_alignment: 1,
+            disable_large_pages: false,
+            access_alignments: BTreeMap::new(),
+        }
+    }
+
+    /// Required alignment of IOVAs, lengths and page offsets.
+    pub fn iova_alignment(&self) -> u64 {
+        self.iova_alignment
+    }
+
+    /// Whether large pages are disabled (`IOMMU_OPTION_HUGE_PAGES` = 0).
+    pub fn large_pages_disabled(&self) -> bool {
+        self.disable_large_pages
+    }
+
+    /// Areas in IOVA order: `(iova, last, area)`.
+    pub fn areas(&self) -> impl Iterator<Item = (u64, u64, &Area)> {
+        self.areas.iter().map(|(s, (l, a))| (*s, *l, a))
+    }
+
+    /// Number of domains loaded with this table.
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
+    }
+
+    /// Reserved ranges.
+    pub fn reserved(&self) -> impl Iterator<Item = (u64, u64, Owner)> + '_ {
+        self.reserved.iter().copied()
+    }
+
+    fn first_area_overlapping(&self, start: u64, last: u64) -> Option<(u64, u64)> {
+        if let Some((&s, &(l, _))) = self.areas.range(..=start).next_back()
+            && l >= start
+        {
+            return Some((s, l));
+        }
+        self.areas.range(start..).next().filter(|(s, _)| **s <= last).map(|(s, (l, _))| (*s, *l))
+    }
+
+    fn areas_overlapping(&self, start: u64, last: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        if let Some(first) = self.first_area_overlapping(start, last) {
+            out.extend(self.areas.range(first.0..).take_while(|(s, _)| **s <= last).map(|(s, (l, _))| (*s, *l)));
+        }
+        out
+    }
+
+    fn reserved_overlap(&self, start: u64, last: u64) -> bool {
+        self.reserved.iter().any(|&(s, l, _)| overlaps((s, l), (start, last)))
+    }
+
+    /// Linux's `iopt_check_iova`: alignment, overflow, reserved, existing.
+    fn check_iova(&self, iova: u64, length: u64) -> Result<()> {
+        if iova & (self.iova_alignment - 1) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let last = last_of(iova, length)?;
+        if self.reserved_overlap(iova, last) {
+            return Err(Errno::EINVAL);
+        }
+        if self.first_area_overlapping(iova, last).is_some() {
+            return Err(Errno::EEXIST);
+        }
+        Ok(())
+    }
+
+    /// IOVA allocation, following Linux's `iopt_alloc_iova`: the alignment
+    /// is the length rounded up to a power of two, capped by the alignment
+    /// of the user address (so huge pages stay possible), and the user
+    /// address's offset in its page is kept; the lowest fitting hole inside
+    /// the allowed ranges (or `[PAGE_SIZE, u64::MAX - PAGE_SIZE]`) wins.
+    fn alloc_iova(&self, uptr: u64, length: u64) -> Result<u64> {
+        let page_offset = uptr % PAGE_SIZE;
+        if length == 0 || length >= u64::MAX / 2 {
+            return Err(Errno::EOVERFLOW);
+        }
+        let pow = length.next_power_of_two();
+        let align = if uptr == 0 { pow } else { pow.min(1 << uptr.trailing_zeros()) };
+        if align < self.iova_alignment {
+            return Err(Errno::EINVAL);
+        }
+        let whole = [(PAGE_SIZE, u64::MAX - PAGE_SIZE)];
+        let mut allowed: Vec<(u64, u64)> = if self.allowed.is_empty() {
+            whole.to_vec()
+        } else {
+            // Linux clips the allowed spans to the same window.
+            self.allowed.iter().filter_map(|&(s, l)| {
+                let (s, l) = (s.max(whole[0].0), l.min(whole[0].1));
+                (s <= l).then_some((s, l))
+            }).collect()
+        };
+        allowed.sort_unstable();
+        // Used = reserved ranges and areas, as sorted merged spans.
+        let mut used: Vec<(u64, u64)> = self.reserved.iter().map(|&(s, l, _)| (s, l)).collect();
+        used.extend(self.areas.iter().map(|(s, (l, _))| (*s, *l)));
+        used.sort_unstable();
+        let fits = |start: u64, last: u64| -> Option<u64> {
+            if last - start < length - 1 {
+                return None;
+            }
+            let s = align_up(start, align)? | page_offset;
+            (s <= last && last - s >= length - 1).then_some(s)
+        };
+        for (a_start, a_last) in allowed {
+            if fits(a_start, a_last).is_none() {
+                continue;
+            }
+            // Walk the holes of `used` inside [a_start, a_last] in order.
+            let mut cursor = a_start;
+            for &(u_start, u_last) in used.iter().filter(|&&(s, l)| l >= a_start && s <= a_last) {
+                if u_start > cursor
+                    && let Some(iova) = fits(cursor, u_start - 1)
+                {
+                    return Ok(iova);
+                }
+                if u_last >= a_last {
+                    cursor = a_last;
+                    break;
+                }
+                cursor = cursor.max(u_last + 1);
+            }
+            if cursor < a_last || (cursor == a_last && !used.iter().any(|&(s, l)| s <= a_last && l >= a_last)) {
+                if let Some(iova) = fits(cursor, a_last) {
+                    return Ok(iova);
+                }
+            }
+        }
+        Err(Errno::ENOSPC)
+    }
+
+    /// Maps `slices` (consecutive in IOVA) at `iova`, or at an allocated
+    /// IOVA when `iova` is `None`. Returns the IOVA. Loads the new areas
+    /// into every domain. All or nothing.
+    pub fn map_pages(&mut self, slices: &[PagesSlice], length: u64, iova: Option<u64>, prot: Prot) -> Result<u64> {
+        if length & (self.iova_alignment - 1) != 0 || length == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let first = slices.first().ok_or(Errno::EINVAL)?;
+        let iova = match iova {
+            None => self.alloc_iova(first.pages.uptr.wrapping_add(first.start_byte), length)?,
+            Some(iova) => {
+                self.check_iova(iova, length)?;
+                iova
+            }
+        };
+        // Validate every slice before inserting anything.
+        let mut at = iova;
+        let mut new: Vec<(u64, u64, Area)> = Vec::with_capacity(slices.len());
+        for s in slices {
+            if prot.writable() && !s.pages.writable {
+                return Err(Errno::EPERM);
+            }
+            if (s.start_byte % PAGE_SIZE) & (self.iova_alignment - 1) != 0 {
+                return Err(Errno::EINVAL);
+            }
+            let last = last_of(at, s.length)?;
+            let end_byte = s.start_byte.checked_add(s.length - 1).ok_or(Errno::EOVERFLOW)?;
+            if end_byte / PAGE_SIZE >= s.pages.npages {
+                return Err(Errno::EOVERFLOW);
+            }
+            new.push((at, last, Area { pages: s.pages.clone(), start_byte: s.start_byte, prot, filled: false, accesses: 0 }));
+            at = last.wrapping_add(1);
+        }
+        let mut loaded: Vec<u64> = Vec::new();
+        for (start, last, area) in new {
+            self.areas.insert(start, (last, area));
+            if let Err(e) = self.fill_area(start) {
+                self.areas.remove(&start);
+                for s in loaded.iter().rev() {
+                    self.unfill_area(*s);
+                    self.areas.remove(s);
+                }
+                return Err(e);
+            }
+            loaded.push(start);
+        }
+        Ok(iova)
+    }
+
+    /// Maps the area's pages into `domain`, coalescing physically
+    /// contiguous pages into one call (so the domain can use large pages).
+    fn map_area_into(domain: &mut dyn IommuDomain, iova: u64, last: u64, area: &Area, phys: &[u64], small: bool) -> Result<()> {
+        let mut done: Vec<(u64, u64)> = Vec::new();
+        let mut run: Option<(u64, u64, u64)> = None; // (iova, phys, len)
+        let mut cur_iova = iova;
+        let mut byte = area.start_byte;
+        let end_byte = area.start_byte + (last - iova);
+        let mut result = Ok(());
+        let flush = |run: (u64, u64, u64), domain: &mut dyn IommuDomain, done: &mut Vec<(u64, u64)>| -> Result<()> {
+            domain.map(run.0, run.1, run.2, area.prot).map_err(domain_errno)?;
+            done.push((run.0, run.2));
+            Ok(())
+        };
+        while byte <= end_byte {
+            let page = byte / PAGE_SIZE;
+            let off = byte % PAGE_SIZE;
+            let n = (PAGE_SIZE - off).min(end_byte - byte + 1);
+            let p = phys[(page - area.first_page()) as usize] + off;
+            run = match run {
+                Some((ri, rp, rl)) if !small && rp + rl == p => Some((ri, rp, rl + n)),
+                Some(r) => {
+                    if let Err(e) = flush(r, domain, &mut done) {
+                        result = Err(e);
+                        run = None;
+                        break;
+                    }
+                    Some((cur_iova, p, n))
+                }
+                None => Some((cur_iova, p, n)),
+            };
+            byte += n;
+            cur_iova = cur_iova.wrapping_add(n);
+        }
+        if result.is_ok()
+            && let Some(r) = run
+        {
+            result = flush(r, domain, &mut done);
+        }
+        if result.is_err() && !done.is_empty() {
+            let mut g = IotlbGather::default();
+            for (i, l) in done {
+                domain.unmap(i, l, &mut g);
+            }
+            domain.iotlb_sync(&mut g);
+        }
+        result
+    }
+
+    /// Loads the area starting at `start` into every domain (pinning its
+    /// pages once). Nothing changes on failure.
+    fn fill_area(&mut self, start: u64) -> Result<()> {
+        if self.domains.is_empty() {
+            return Ok(());
+        }
+        let (last, area) = self.areas.get(&start).map(|(l, a)| (*l, a.clone())).ok_or(Errno::ENOENT)?;
+        let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
+        let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
+        area.pages.pin(fp, lp, Some(&mut phys))?;
+        for (k, (_, d)) in self.domains.iter().enumerate() {
+            let r = Self::map_area_into(&mut **d.lock(), start, last, &area, &phys, self.disable_large_pages);
+            if let Err(e) = r {
+                for (_, d) in &self.domains[..k] {
+                    let mut d = d.lock();
+                    let mut g = IotlbGather::default();
+                    d.unmap(start, last - start + 1, &mut g);
+                    d.iotlb_sync(&mut g);
+                }
+                area.pages.unpin(fp, lp);
+                return Err(e);
+            }
+        }
+        self.areas.get_mut(&start).expect("area exists").1.filled = true;
+        Ok(())
+    }
+
+    /// Removes the area at `start` from every domain and drops its pins.
+    fn unfill_area(&mut self, start: u64) {
+        let Some((last, area)) = self.areas.get(&start).map(|(l, a)| (*l, a.clone())) else { return };
+        if !area.filled {
+            return;
+        }
+        for (_, d) in &self.domains {
+            let mut d = d.lock();
+            let mut g = IotlbGather::default();
+            d.unmap(start, last - start + 1, &mut g);
+            d.iotlb_sync(&mut g);
+        }
+        area.pages.unpin(area.first_page(), area.last_page(last - start + 1));
+        self.areas.get_mut(&start).expect("area exists").1.filled = false;
+    }
+
+    /// Unmaps every area inside `[iova, iova + length)`. The range must not
+    /// cut through an area. Returns the bytes unmapped. One IOTLB sync per
+    /// domain for the whole call.
+    pub fn unmap(&mut self, iova: u64, length: u64) -> Result<u64> {
+        let last = last_of(iova, length)?;
+        self.unmap_range(iova, last)
+    }
+
+    /// Unmaps everything; an empty table is not an error.
+    pub fn unmap_all(&mut self) -> Result<u64> {
+        match self.unmap_range(0, u64::MAX) {
+            Err(Errno::ENOENT) => Ok(0),
+            r => r,
+        }
+    }
+
+    fn unmap_range(&mut self, start: u64, last: u64) -> Result<u64> {
+        let hit = self.areas_overlapping(start, last);
+        if hit.is_empty() || hit.iter().any(|&(s, l)| s < start || l > last) {
+            return Err(Errno::ENOENT);
+        }
+        if hit.iter().any(|(s, _)| self.areas[s].1.accesses > 0) {
+            return Err(Errno::EBUSY);
+        }
+        let mut gathers: Vec<IotlbGather> = self.domains.iter().map(|_| IotlbGather::default()).collect();
+        let mut bytes = 0u64;
+        for &(s, l) in &hit {
+            let (_, area) = self.areas.remove(&s).expect("listed area exists");
+            if area.filled {
+                for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
+                    d.lock().unmap(s, l - s + 1, g);
+                }
+                area.pages.unpin(area.first_page(), area.last_page(l - s + 1));
+            }
+            bytes += l - s + 1;
+        }
+        for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
+            d.lock().iotlb_sync(g);
+        }
+        Ok(bytes)
+    }
+
+    /// The slices of pages mapped at `[iova, iova + length)`, which must be
+    /// covered without holes (for IOAS_COPY). Linux's `iopt_get_pages`.
+    pub fn get_pages(&self, iova: u64, length: u64) -> Result<Vec<PagesSlice>> {
+        let last = last_of(iova, length)?;
+        let mut out = Vec::new();
+        let mut cur = iova;
+        loop {
+            let Some((&s, (l, area))) = self.areas.range(..=cur).next_back() else { return Err(Errno::ENOENT) };
+            if *l < cur {
+                return Err(Errno::ENOENT);
+            }
+            let end = (*l).min(last);
+            out.push(PagesSlice { pages: area.pages.clone(), start_byte: area.start_byte + (cur - s), length: end - cur + 1 });
+            if end == last {
+                return Ok(out);
+            }
+            cur = end + 1;
+        }
+    }
+
+    /// Reserves `[start, last]` for `owner`; fails with `EADDRINUSE` if an
+    /// area or an allowed range overlaps it.
+    pub fn reserve(&mut self, start: u64, last: u64, owner: Owner) -> Result<()> {
+        if self.first_area_overlapping(start, last).is_some()
+            || self.allowed.iter().any(|&(s, l)| overlaps((s, l), (start, last)))
+        {
+            return Err(Errno::EADDRINUSE);
+        }
+        self.reserved.push((start, last, owner));
+        Ok(())
+    }
+
+    /// Drops every reservation of `owner`.
+    pub fn remove_reserved(&mut self, owner: Owner) {
+        self.reserved.retain(|r| r.2 != owner);
+    }
+
+    /// Replaces the allowed ranges (Linux's `iopt_set_allow_iova`); fails
+    /// with `EADDRINUSE` when one overlaps a reserved range.
+    pub fn set_allowed(&mut self, ranges: Vec<(u64, u64)>) -> Result<()> {
+        if ranges.iter().any(|&(s, l)| self.reserved_overlap(s, l)) {
+            return Err(Errno::EADDRINUSE);
+        }
+        self.allowed = ranges;
+        Ok(())
+    }
+
+    /// The IOVA ranges that are not reserved (what `IOMMU_IOAS_IOVA_RANGES`
+    /// reports), in order.
+    pub fn iova_ranges(&self) -> Vec<(u64, u64)> {
+        let mut used: Vec<(u64, u64)> = self.reserved.iter().map(|&(s, l, _)| (s, l)).collect();
+        used.sort_unstable();
+        let mut out = Vec::new();
+        let mut cursor: Option<u64> = Some(0);
+        for (s, l) in used {
+            let Some(c) = cursor else { break };
+            if s > c {
+                out.push((c, s - 1));
+            }
+            cursor = if l == u64::MAX { None } else { Some(c.max(l + 1)) };
+        }
+        if let Some(c) = cursor {
+            out.push((c, u64::MAX));
+        }
+        out
+    }
+
+    fn check_alignment(&self, align: u64) -> Result<()> {
+        let mask = align - 1;
+        for (s, (l, a)) in &self.areas {
+            if s & mask != 0 || (l - s + 1) & mask != 0 || (a.start_byte % PAGE_SIZE) & mask != 0 {
+                return Err(Errno::EADDRINUSE);
+            }
+        }
+        Ok(())
+    }
+
+    fn recalc_alignment(&mut self) -> Result<()> {
+        let mut align = if self.disable_large_pages { PAGE_SIZE } else { 1 };
+        for (_, d) in &self.domains {
+            align = align.max(d.lock().granule());
+        }
+        for a in self.access_alignments.values() {
+            align = align.max(*a);
+        }
+        if align > self.iova_alignment {
+            self.check_alignment(align)?;
+        }
+        self.iova_alignment = align;
+        Ok(())
+    }
+
+    /// Adds a domain (Linux's `iopt_table_add_domain`): raises the
+    /// alignment to its granule, reserves what lies outside its aperture,
+    /// and loads every area into it. All or nothing.
+    pub fn add_domain(&mut self, key: u64, domain: DomainRef) -> Result<()> {
+        if self.domains.iter().any(|(k, _)| *k == key) {
+            return Err(Errno::EEXIST);
+        }
+        let (granule, (ap_start, ap_last)) = {
+            let d = domain.lock();
+            (d.granule(), d.aperture())
+        };
+        let new_align = granule.max(self.iova_alignment);
+        if new_align > PAGE_SIZE {
+            return Err(Errno::EINVAL);
+        }
+        if new_align != self.iova_alignment {
+            self.check_alignment(new_align)?;
+        }
+        let owner = Owner::Domain(key);
+        let reserve = |s: &mut Self, start: u64, last: u64| -> Result<()> {
+            s.reserve(start, last, owner).inspect_err(|_| s.remove_reserved(owner))
+        };
+        if ap_start != 0 {
+            reserve(self, 0, ap_start - 1)?;
+        }
+        if ap_last != u64::MAX {
+            reserve(self, ap_last + 1, u64::MAX)?;
+        }
+        // Load every area: pinning first if this is the first domain.
+        let first_domain = self.domains.is_empty();
+        let starts: Vec<u64> = self.areas.keys().copied().collect();
+        let mut done: Vec<u64> = Vec::new();
+        let mut failure = None;
+        for s in &starts {
+            let (l, area) = self.areas.get(s).map(|(l, a)| (*l, a.clone())).expect("area exists");
+            let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
+            let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
+            let pinned = if first_domain { area.pages.pin(fp, lp, Some(&mut phys)) } else {
+                let mut v = Vec::new();
+                area.pages.phys_range(fp, lp, &mut v);
+                phys.copy_from_slice(&v);
+                Ok(())
+            };
+            if let Err(e) = pinned {
+                failure = Some(e);
+                break;
+            }
+            let r = Self::map_area_into(&mut **domain.lock(), *s, l, &area, &phys, self.disable_large_pages);
+            if let Err(e) = r {
+                if first_domain {
+                    area.pages.unpin(fp, lp);
+                }
+                failure = Some(e);
+                break;
+            }
+            done.push(*s);
+        }
+        if let Some(e) = failure {
+            let mut d = domain.lock();
+            let mut g = IotlbGather::default();
+            for s in &done {
+                let (l, area) = &self.areas[s];
+                d.unmap(*s, l - s + 1, &mut g);
+                if first_domain {
+                    area.pages.unpin(area.first_page(), area.last_page(l - s + 1));
+                }
+            }
+            d.iotlb_sync(&mut g);
+            self.remove_reserved(owner);
+            return Err(e);
+        }
+        if first_domain {
+            for (_, a) in self.areas.values_mut() {
+                a.filled = true;
+            }
+        }
+        self.iova_alignment = new_align;
+        self.domains.push((key, domain));
+        Ok(())
+    }
+
+    /// Removes a domain: unloads every area from it, drops the pins when it
+    /// was the last, removes its reservations, recomputes the alignment.
+    pub fn remove_domain(&mut self, key: u64) {
+        let Some(i) = self.domains.iter().position(|(k, _)| *k == key) else { return };
+        let (_, domain) = self.domains.swap_remove(i);
+        let last_domain = self.domains.is_empty();
+        {
+            let mut d = domain.lock();
+            let mut g = IotlbGather::default();
+            for (s, (l, area)) in self.areas.iter_mut() {
+                let len = *l - *s + 1;
+                d.unmap(*s, len, &mut g);
+                if last_domain && area.filled {
+                    area.pages.unpin(area.first_page(), area.last_page(len));
+                    area.filled = false;
+                }
+            }
+            d.iotlb_sync(&mut g);
+        }
+        self.remove_reserved(Owner::Domain(key));
+        // Lowering the alignment cannot fail.
+        let _ = self.recalc_alignment();
+    }
+
+    /// `IOMMU_OPTION_HUGE_PAGES` = 0: refused (`EINVAL`) once domains hold
+    /// mappings.
+    pub fn disable_large_pages(&mut self) -> Result<()> {
+        if self.disable_large_pages {
+            return Ok(());
+        }
+        if !self.domains.is_empty() && !self.areas.is_empty() {
+            return Err(Errno::EINVAL);
+        }
+        self.disable_large_pages = true;
+        if let Err(e) = self.recalc_alignment() {
+            self.disable_large_pages = false;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `IOMMU_OPTION_HUGE_PAGES` = 1.
+    pub fn enable_large_pages(&mut self) {
+        self.disable_large_pages = false;
+        let _ = self.recalc_alignment();
+    }
+
+    /// Cuts areas so that each IOVA in `iovas` is the last byte of an area
+    /// (VFIO type1 partial unmap). Only when huge pages are disabled or no
+    /// domain holds the area, as in Linux's `iopt_area_split`.
+    pub fn cut(&mut self, iovas: &[u64]) -> Result<()> {
+        for &iova in iovas {
+            let Some((&s, &(l, _))) = self.areas.range(..=iova).next_back() else { continue };
+            if l < iova || iova == s || iova == l {
+                continue;
+            }
+            let area = self.areas[&s].1.clone();
+            let new_start = iova + 1;
+            let align = self.iova_alignment;
+            if new_start & (align - 1) != 0 || (area.start_byte + (new_start - s)) & (align - 1) != 0 {
+                return Err(Errno::EINVAL);
+            }
+            if area.accesses > 0 || (area.filled && !self.disable_large_pages) {
+                return Err(Errno::EINVAL);
+            }
+            // Both halves keep the area's pins: one more use per page of the
+            // page shared by both halves, if any.
+            let lhs = Area { ..area.clone() };
+            let rhs = Area { start_byte: area.start_byte + (new_start - s), ..area.clone() };
+            let shared_page = lhs.last_page(new_start - s) == rhs.first_page();
+            if area.filled && shared_page {
+                let p = rhs.first_page();
+                area.pages.pin(p, p, None)?;
+            }
+            self.areas.insert(s, (iova, lhs));
+            self.areas.insert(new_start, (l, rhs));
+        }
+        Ok(())
+    }
+
+    /// Physical address behind `iova` through the pinned pages of its area
+    /// (None when unmapped or not pinned).
+    pub fn phys_of(&self, iova: u64) -> Option<u64> {
+        let (&s, (l, area)) = self.areas.range(..=iova).next_back()?;
+        if *l < iova {
+            return None;
+        }
+        let byte = area.start_byte + (iova - s);
+        area.pages.phys(byte / PAGE_SIZE).map(|p| p + byte % PAGE_SIZE)
+    }
+
+    /// The area containing `iova`: `(start, last, area)`.
+    pub fn area_at(&self, iova: u64) -> Option<(u64, u64, &Area)> {
+        let (&s, (l, area)) = self.areas.range(..=iova).next_back()?;
+        (*l >= iova).then_some((s, *l, area))
+    }
+
+    /// Mutable access to the area starting at `start` (accesses bookkeeping).
+    pub fn area_mut(&mut self, start: u64) -> Option<&mut Area> {
+        self.areas.get_mut(&start).map(|(_, a)| a)
+    }
+
+    /// Registers an access with its alignment (Linux's `iopt_add_access`).
+    pub fn add_access(&mut self, id: u32, align: u64) -> Result<()> {
+        self.access_alignments.insert(id, align);
+        if let Err(e) = self.recalc_alignment() {
+            self.access_alignments.remove(&id);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Unregisters an access.
+    pub fn remove_access(&mut self, id: u32) {
+        self.access_alignments.remove(&id);
+        let _ = self.recalc_alignment();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memsrc::FakeAddressSpace;
+    use crate::pages::Accounting;
+    use crate::selftest::mock::{MOCK_APERTURE_START, MockDomain};
+
+    struct Env {
+        mem: Arc<FakeAddressSpace>,
+        acct: Arc<Accounting>,
+    }
+
+    fn env() -> Env {
+        let mem = Arc::new(FakeAddressSpace::new());
+        mem.map(0x1000_0000, 64 << 20, true);
+        Env { mem, acct: Arc::new(Accounting::new(u64::MAX)) }
+    }
+
+    fn slice(e: &Env, uptr: u64, length: u64) -> Vec<PagesSlice> {
+        let (pages, off) = Pages::new(e.mem.clone(), e.acct.clone(), uptr, length, true).unwrap();
+        alloc::vec![PagesSlice { pages, start_byte: off, length }]
+    }
+
+    fn mock() -> DomainRef {
+        Arc::new(Mutex::new(Box::new(MockDomain::new()) as Box<dyn IommuDomain>))
+    }
+
+    #[test]
+    fn map_fill_unmap_with_two_domains_pins_once() {
+        let e = env();
+        let mut t = IoPagetable::new();
+        let (d1, d2) = (mock(), mock());
+        t.add_domain(1, d1.clone()).unwrap();
+        assert_eq!(t.iova_alignment(), 2048);
+        let iova = MOCK_APERTURE_START;
+        t.map_pages(&slice(&e, 0x1000_0000, 0x4000), 0x4000, Some(iova), Prot::RW).unwrap();
+        assert_eq!(e.mem.pinned_pages(), 4);
+        t.add_domain(2, d2.clone()).unwrap();
+        assert_eq!(e.mem.pinned_pages(), 4);
+        assert_eq!(e.mem.pins(0x1000_0000), 1);
+        for d in [&d1, &d2] {
+            assert_eq!(d.lock().iova_to_phys(iova + 0x1234), e.mem.phys_of(0x1000_1234));
+        }
+        // Outside the mock's aperture is reserved now.
+        assert_eq!(t.map_pages(&slice(&e, 0x1000_8000, 0x1000), 0x1000, Some(0x1000), Prot::READ), Err(Errno::EINVAL));
+        assert_eq!(t.unmap(iova, 0x2000), Err(Errno::ENOENT));
+        assert_eq!(t.unmap(iova, 0x4000), Ok(0x4000));
+        assert_eq!(e.mem.pinned_pages(), 0);
+        assert_eq!(e.acct.pinned(), 0);
+        assert_eq!(d1.lock().iova_to_phys(iova), None);
+    }
+
+    #[test]
+    fn allocation_keeps_huge_page_alignment_and_reports_ranges() {
+        let e = env();
+        let mut t = IoPagetable::new();
+        let a = t.map_pages(&slice(&e, 0x1020_0000, 0x20_0000), 0x20_0000, None, Prot::RW).unwrap();
+        assert_eq!(a % 0x20_0000, 0);
+        assert!(a >= PAGE_SIZE);
+        let b = t.map_pages(&slice(&e, 0x1000_0800, 0x800), 0x800, None, Prot::READ).unwrap();
+        assert_eq!(b % PAGE_SIZE, 0x800);
+        t.reserve(0x1_0000_0000, 0x1_ffff_ffff, Owner::Test).unwrap();
+        assert_eq!(t.iova_ranges(), alloc::vec![(0, 0xffff_ffff), (0x2_0000_0000, u64::MAX)]);
+        assert_eq!(t.reserve(a, a, Owner::Test), Err(Errno::EADDRINUSE));
+        assert_eq!(t.set_allowed(alloc::vec![(0x1_8000_0000, 0x1_8000_ffff)]), Err(Errno::EADDRINUSE));
+    }
+
+    #[test]
+    fn copy_shares_pins_and_domain_failure_unwinds() {
+        let e = env();
+        let mut src = IoPagetable::new();
+        let mut dst = IoPagetable::new();
+        let d = mock();
+        dst.add_domain(7, d.clone()).unwrap();
+        let iova = src.map_pages(&slice(&e, 0x1000_0000, 0x8000), 0x8000, None, Prot::RW).unwrap();
+        assert_eq!(e.mem.pinned_pages(), 0, "no domain: nothing pinned yet");
+        let pieces = src.get_pages(iova + 0x1000, 0x2000).unwrap();
+        let dst_iova = dst.map_pages(&pieces, 0x2000, Some(MOCK_APERTURE_START), Prot::READ).unwrap();
+        assert_eq!(dst_iova, MOCK_APERTURE_START);
+        assert_eq!(e.mem.pinned_pages(), 2);
+        // A second domain whose map fails leaves everything as it was.
+        let bad = Arc::new(Mutex::new(Box::new({
+            let mut m = MockDomain::new();
+            m.fail_map_at(Some(1));
+            m
+        }) as Box<dyn IommuDomain>));
+        assert_eq!(dst.add_domain(8, bad.clone()), Err(Errno::ENOMEM));
+        assert_eq!(dst.domain_count(), 1);
+        assert_eq!(e.mem.pinned_pages(), 2);
+        assert_eq!(dst.reserved().count(), 2, "only the first domain's aperture reservations");
+        dst.remove_domain(7);
+        assert_eq!(e.mem.pinned_pages(), 0);
+        assert_eq!(dst.iova_alignment(), 1);
+        assert_eq!(src.get_pages(iova + 0x8000, 1).map(|_| ()), Err(Errno::ENOENT));
+    }
+}
