@@ -1,0 +1,563 @@
+//! The iommufd context (one per open `/dev/iommu`, or per VM) and its
+//! object table: IOAS, HW page tables, devices and accesses.
+//!
+//! Objects have 31-bit ids, allocated lowest-free from 1 as Linux does.
+//! An object that another object refers to (an IOAS with HWPTs or
+//! accesses, a HWPT with attached devices) cannot be destroyed: `EBUSY`.
+//! A wrong id, or an id of the wrong type, is `ENOENT`.
+//!
+//! Lock order (never taken the other way round):
+//! `objects` → `Ioas::iopt` → a domain's mutex → `Pages` → memory source.
+//! The object table lock is held only to look objects up, insert or
+//! remove them, never across an IOAS operation, so operations on different
+//! IOAS run in parallel and operations on one IOAS serialise on its mutex.
+
+use crate::errno::{Errno, Result};
+use crate::iopt::{DomainRef, IoPagetable, Owner};
+use crate::memsrc::{MemorySource, PAGE_SIZE};
+use crate::pages::{AccountMode, Accounting, Pages};
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
+use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, Prot};
+use spin::Mutex;
+
+/// Largest object id (ids are positive 31-bit numbers).
+pub const MAX_OBJECT_ID: u32 = i32::MAX as u32;
+
+/// A device as iommufd sees it: how to get a domain it can use, and what
+/// IOVA it must never be given.
+pub trait DeviceOps: Send + Sync {
+    /// The handle the IOMMU driver knows the device by.
+    fn handle(&self) -> DeviceHandle;
+    /// A new, empty paging domain this device can attach to.
+    fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError>;
+    /// IOVA ranges the device cannot use (MSI window, RMRRs), `[start, last]`.
+    fn reserved_regions(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+}
+
+/// An I/O address space.
+pub struct Ioas {
+    /// The page table (areas, reservations, domains).
+    pub iopt: Mutex<IoPagetable>,
+    /// HWPTs made for this IOAS automatically by attach, in creation order.
+    auto_hwpts: Mutex<Vec<u32>>,
+    refs: AtomicU32,
+}
+
+impl core::fmt::Debug for Ioas {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Ioas({:?})", self.iopt.lock())
+    }
+}
+
+/// A HW page table of the paging kind: a domain loaded with an IOAS.
+pub struct Hwpt {
+    /// The IOAS it mirrors.
+    pub ioas_id: u32,
+    ioas: Arc<Ioas>,
+    /// The domain.
+    pub domain: DomainRef,
+    /// Created by attach (destroyed with its last device) or by HWPT_ALLOC.
+    pub auto: bool,
+    refs: AtomicU32,
+}
+
+impl core::fmt::Debug for Hwpt {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Hwpt(ioas {}, auto {})", self.ioas_id, self.auto)
+    }
+}
+
+/// A bound device.
+pub struct Device {
+    ops: Arc<dyn DeviceOps>,
+    /// The HWPT it is attached to.
+    attached: Mutex<Option<u32>>,
+    refs: AtomicU32,
+}
+
+impl core::fmt::Debug for Device {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Device({:?}, attached {:?})", self.ops.handle(), self.attached.lock())
+    }
+}
+
+/// One entry of the object table.
+#[derive(Clone, Debug)]
+pub enum Object {
+    /// An IOAS.
+    Ioas(Arc<Ioas>),
+    /// A paging HWPT.
+    Hwpt(Arc<Hwpt>),
+    /// A device.
+    Device(Arc<Device>),
+}
+
+impl Object {
+    fn refs(&self) -> &AtomicU32 {
+        match self {
+            Object::Ioas(o) => &o.refs,
+            Object::Hwpt(o) => &o.refs,
+            Object::Device(o) => &o.refs,
+        }
+    }
+}
+
+/// An iommufd context.
+pub struct Ictx {
+    source: Arc<dyn MemorySource>,
+    accounting: Arc<Accounting>,
+    objects: Mutex<BTreeMap<u32, Object>>,
+}
+
+impl core::fmt::Debug for Ictx {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Ictx({} objects, {} pages pinned)", self.objects.lock().len(), self.accounting.pinned())
+    }
+}
+
+fn prot_of(readable: bool, writable: bool) -> Prot {
+    let mut p = Prot::CACHE;
+    if readable {
+        p = p | Prot::READ;
+    }
+    if writable {
+        p = p | Prot::WRITE;
+    }
+    p
+}
+
+impl Ictx {
+    /// A context over `source`, pinning at most `pin_limit_pages` pages.
+    pub fn new(source: Arc<dyn MemorySource>, pin_limit_pages: u64) -> Self {
+        Self { source, accounting: Arc::new(Accounting::new(pin_limit_pages)), objects: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The pinned-page accounting.
+    pub fn accounting(&self) -> &Arc<Accounting> {
+        &self.accounting
+    }
+
+    /// The memory source.
+    pub fn source(&self) -> &Arc<dyn MemorySource> {
+        &self.source
+    }
+
+    /// Number of live objects.
+    pub fn object_count(&self) -> usize {
+        self.objects.lock().len()
+    }
+
+    /// Ids of live objects (for tests).
+    pub fn object_ids(&self) -> Vec<u32> {
+        self.objects.lock().keys().copied().collect()
+    }
+
+    fn insert(&self, obj: Object) -> Result<u32> {
+        let mut objects = self.objects.lock();
+        let mut id = 1u32;
+        for &k in objects.keys() {
+            if k != id {
+                break;
+            }
+            id += 1;
+        }
+        if id > MAX_OBJECT_ID {
+            return Err(Errno::ENOSPC);
+        }
+        objects.insert(id, obj);
+        Ok(id)
+    }
+
+    fn get(&self, id: u32) -> Result<Object> {
+        self.objects.lock().get(&id).cloned().ok_or(Errno::ENOENT)
+    }
+
+    /// The IOAS `id`.
+    pub fn ioas(&self, id: u32) -> Result<Arc<Ioas>> {
+        match self.get(id)? {
+            Object::Ioas(i) => Ok(i),
+            _ => Err(Errno::ENOENT),
+        }
+    }
+
+    /// The HWPT `id`.
+    pub fn hwpt(&self, id: u32) -> Result<Arc<Hwpt>> {
+        match self.get(id)? {
+            Object::Hwpt(h) => Ok(h),
+            _ => Err(Errno::ENOENT),
+        }
+    }
+
+    /// The device `id`.
+    pub fn device(&self, id: u32) -> Result<Arc<Device>> {
+        match self.get(id)? {
+            Object::Device(d) => Ok(d),
+            _ => Err(Errno::ENOENT),
+        }
+    }
+
+    /// `IOMMU_IOAS_ALLOC`.
+    pub fn ioas_alloc(&self) -> Result<u32> {
+        self.insert(Object::Ioas(Arc::new(Ioas {
+            iopt: Mutex::new(IoPagetable::new()),
+            auto_hwpts: Mutex::new(Vec::new()),
+            refs: AtomicU32::new(0),
+        })))
+    }
+
+    /// `IOMMU_DESTROY` of an IOAS or HWPT (devices go through
+    /// [`Self::unbind_device`]). `EBUSY` while another object uses it.
+    pub fn destroy(&self, id: u32) -> Result<()> {
+        let obj = {
+            let mut objects = self.objects.lock();
+            let obj = objects.get(&id).ok_or(Errno::ENOENT)?;
+            if matches!(obj, Object::Device(_)) {
+                return Err(Errno::ENOENT);
+            }
+            if obj.refs().load(Ordering::SeqCst) != 0 {
+                return Err(Errno::EBUSY);
+            }
+            objects.remove(&id).expect("present")
+        };
+        match obj {
+            Object::Ioas(ioas) => {
+                let _ = ioas.iopt.lock().unmap_all();
+            }
+            Object::Hwpt(h) => self.release_hwpt(id, &h),
+            Object::Device(_) => unreachable!("refused above"),
+        }
+        Ok(())
+    }
+
+    fn release_hwpt(&self, id: u32, h: &Hwpt) {
+        h.ioas.iopt.lock().remove_domain(id as u64);
+        h.ioas.auto_hwpts.lock().retain(|x| *x != id);
+        h.ioas.refs.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// `IOMMU_IOAS_MAP`: maps user memory; returns the IOVA used.
+    pub fn ioas_map(&self, ioas_id: u32, iova: Option<u64>, uptr: u64, length: u64, readable: bool, writable: bool) -> Result<u64> {
+        let ioas = self.ioas(ioas_id)?;
+        let (pages, off) = Pages::new(self.source.clone(), self.accounting.clone(), uptr, length, writable)?;
+        let slice = crate::iopt::PagesSlice { pages, start_byte: off, length };
+        ioas.iopt.lock().map_pages(core::slice::from_ref(&slice), length, iova, prot_of(readable, writable))
+    }
+
+    /// `IOMMU_IOAS_UNMAP`; `(0, u64::MAX)` unmaps everything.
+    pub fn ioas_unmap(&self, ioas_id: u32, iova: u64, length: u64) -> Result<u64> {
+        let ioas = self.ioas(ioas_id)?;
+        let mut iopt = ioas.iopt.lock();
+        if iova == 0 && length == u64::MAX { iopt.unmap_all() } else { iopt.unmap(iova, length) }
+    }
+
+    /// `IOMMU_IOAS_COPY`: maps what `src` maps at `src_iova` into `dst`.
+    pub fn ioas_copy(
+        &self,
+        dst_id: u32,
+        src_id: u32,
+        src_iova: u64,
+        dst_iova: Option<u64>,
+        length: u64,
+        readable: bool,
+        writable: bool,
+    ) -> Result<u64> {
+        let src = self.ioas(src_id)?;
+        let slices = src.iopt.lock().get_pages(src_iova, length)?;
+        let dst = self.ioas(dst_id)?;
+        let mut iopt = dst.iopt.lock();
+        iopt.map_pages(&slices, length, dst_iova, prot_of(readable, writable))
+    }
+
+    /// `IOMMU_IOAS_IOVA_RANGES`: usable ranges and the IOVA alignment.
+    pub fn ioas_iova_ranges(&self, ioas_id: u32) -> Result<(Vec<(u64, u64)>, u64)> {
+        let ioas = self.ioas(ioas_id)?;
+        let iopt = ioas.iopt.lock();
+        Ok((iopt.iova_ranges(), iopt.iova_alignment()))
+    }
+
+    /// `IOMMU_IOAS_ALLOW_IOVAS`.
+    pub fn ioas_allow_iovas(&self, ioas_id: u32, ranges: Vec<(u64, u64)>) -> Result<()> {
+        let ioas = self.ioas(ioas_id)?;
+        ioas.iopt.lock().set_allowed(ranges)
+    }
+
+    /// `IOMMU_OPTION` RLIMIT_MODE set (only while no object exists).
+    pub fn set_account_mode(&self, mode: AccountMode) -> Result<()> {
+        let objects = self.objects.lock();
+        if !objects.is_empty() {
+            return Err(Errno::EBUSY);
+        }
+        self.accounting.set_mode(mode)
+    }
+
+    /// Binds a device; returns its object id. It starts detached.
+    pub fn bind_device(&self, ops: Arc<dyn DeviceOps>) -> Result<u32> {
+        self.insert(Object::Device(Arc::new(Device { ops, attached: Mutex::new(None), refs: AtomicU32::new(0) })))
+    }
+
+    /// Unbinds a device (detaching it first).
+    pub fn unbind_device(&self, dev_id: u32) -> Result<()> {
+        let dev = self.device(dev_id)?;
+        self.detach(dev_id)?;
+        if dev.refs.load(Ordering::SeqCst) != 0 {
+            return Err(Errno::EBUSY);
+        }
+        self.objects.lock().remove(&dev_id);
+        Ok(())
+    }
+
+    fn new_hwpt(&self, ioas_id: u32, ioas: &Arc<Ioas>, dev: &Device, auto: bool) -> Result<(u32, Arc<Hwpt>)> {
+        let domain = dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?;
+        let domain: DomainRef = Arc::new(Mutex::new(domain));
+        let hwpt = Arc::new(Hwpt { ioas_id, ioas: ioas.clone(), domain: domain.clone(), auto, refs: AtomicU32::new(0) });
+        let id = self.insert(Object::Hwpt(hwpt.clone()))?;
+        if let Err(e) = ioas.iopt.lock().add_domain(id as u64, domain) {
+            self.objects.lock().remove(&id);
+            return Err(e);
+        }
+        ioas.refs.fetch_add(1, Ordering::SeqCst);
+        if auto {
+            ioas.auto_hwpts.lock().push(id);
+        }
+        Ok((id, hwpt))
+    }
+
+    /// `IOMMU_HWPT_ALLOC` (paging): a domain for `dev_id` loaded with the IOAS.
+    pub fn hwpt_alloc(&self, dev_id: u32, ioas_id: u32) -> Result<u32> {
+        let dev = self.device(dev_id)?;
+        let ioas = self.ioas(ioas_id)?;
+        self.new_hwpt(ioas_id, &ioas, &dev, false).map(|(id, _)| id)
+    }
+
+    fn reserve_device(&self, dev_id: u32, dev: &Device, ioas: &Ioas) -> Result<()> {
+        let mut iopt = ioas.iopt.lock();
+        for (s, l) in dev.ops.reserved_regions() {
+            if let Err(e) = iopt.reserve(s, l, Owner::Device(dev_id)) {
+                iopt.remove_reserved(Owner::Device(dev_id));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches a device to a HWPT, or to an IOAS (reusing a compatible
+    /// automatic HWPT or making one). Returns the HWPT id. `EINVAL` if the
+    /// device is already attached (use [`Self::replace`]).
+    pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+        let dev = self.device(dev_id)?;
+        if dev.attached.lock().is_some() {
+            return Err(Errno::EINVAL);
+        }
+        self.attach_to(dev_id, &dev, pt_id)
+    }
+
+    fn attach_to(&self, dev_id: u32, dev: &Arc<Device>, pt_id: u32) -> Result<u32> {
+        let handle = dev.ops.handle();
+        let try_hwpt = |hwpt_id: u32, hwpt: &Arc<Hwpt>| -> Result<u32> {
+            self.reserve_device(dev_id, dev, &hwpt.ioas)?;
+            if let Err(e) = hwpt.domain.lock().attach_device(handle) {
+                hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+                return Err(if e == DomainError::Incompatible { Errno::EINVAL } else { Errno::ENOMEM });
+            }
+            hwpt.refs.fetch_add(1, Ordering::SeqCst);
+            *dev.attached.lock() = Some(hwpt_id);
+            Ok(hwpt_id)
+        };
+        match self.get(pt_id)? {
+            Object::Hwpt(hwpt) => try_hwpt(pt_id, &hwpt),
+            Object::Ioas(ioas) => {
+                let autos = ioas.auto_hwpts.lock().clone();
+                for id in autos {
+                    if let Ok(hwpt) = self.hwpt(id) {
+                        match try_hwpt(id, &hwpt) {
+                            Ok(id) => return Ok(id),
+                            Err(Errno::EINVAL) => continue,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                let (id, hwpt) = self.new_hwpt(pt_id, &ioas, dev, true)?;
+                match try_hwpt(id, &hwpt) {
+                    Ok(id) => Ok(id),
+                    Err(e) => {
+                        self.objects.lock().remove(&id);
+                        self.release_hwpt(id, &hwpt);
+                        Err(e)
+                    }
+                }
+            }
+            Object::Device(_) => Err(Errno::ENOENT),
+        }
+    }
+
+    /// Detaches a device (no-op when detached). An automatic HWPT goes
+    /// away with its last device.
+    pub fn detach(&self, dev_id: u32) -> Result<()> {
+        let dev = self.device(dev_id)?;
+        let Some(hwpt_id) = dev.attached.lock().take() else { return Ok(()) };
+        let hwpt = self.hwpt(hwpt_id)?;
+        hwpt.domain.lock().detach_device(dev.ops.handle());
+        hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+        if hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && hwpt.auto {
+            self.objects.lock().remove(&hwpt_id);
+            self.release_hwpt(hwpt_id, &hwpt);
+        }
+        Ok(())
+    }
+
+    /// Moves an attached device to another HWPT or IOAS. On failure the
+    /// device stays where it was.
+    pub fn replace(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+        let dev = self.device(dev_id)?;
+        let Some(old) = *dev.attached.lock() else { return Err(Errno::EINVAL) };
+        if old == pt_id {
+            return Ok(old);
+        }
+        // Keep the old HWPT alive while trying the new one.
+        let old_hwpt = self.hwpt(old)?;
+        old_hwpt.refs.fetch_add(1, Ordering::SeqCst);
+        *dev.attached.lock() = None;
+        old_hwpt.domain.lock().detach_device(dev.ops.handle());
+        old_hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+        match self.attach_to(dev_id, &dev, pt_id) {
+            Ok(new) => {
+                // Drop the attach's reference and our keep-alive.
+                old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
+                if old_hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && old_hwpt.auto {
+                    self.objects.lock().remove(&old);
+                    self.release_hwpt(old, &old_hwpt);
+                }
+                Ok(new)
+            }
+            Err(e) => {
+                // Back to the old HWPT, exactly as before.
+                self.reserve_device(dev_id, &dev, &old_hwpt.ioas).expect("old reservations fit again");
+                old_hwpt.domain.lock().attach_device(dev.ops.handle()).expect("old domain accepts the device again");
+                old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
+                *dev.attached.lock() = Some(old);
+                Err(e)
+            }
+        }
+    }
+
+    /// The HWPT a device is attached to.
+    pub fn attached_hwpt(&self, dev_id: u32) -> Result<Option<u32>> {
+        Ok(*self.device(dev_id)?.attached.lock())
+    }
+
+    /// Pages pinned now (all IOAS).
+    pub fn pinned_pages(&self) -> u64 {
+        self.accounting.pinned()
+    }
+
+    /// Page size of user memory.
+    pub const PAGE_SIZE: u64 = PAGE_SIZE;
+}
+
+impl Drop for Ictx {
+    /// Closing the context releases everything: devices detach, HWPTs and
+    /// IOAS go, every pin is dropped.
+    fn drop(&mut self) {
+        let ids: Vec<(u32, bool)> =
+            self.objects.lock().iter().map(|(id, o)| (*id, matches!(o, Object::Device(_)))).collect();
+        for (id, _) in ids.iter().filter(|(_, dev)| *dev) {
+            let _ = self.unbind_device(*id);
+        }
+        // HWPTs first (they hold their IOAS), then IOAS.
+        let hwpts: Vec<u32> =
+            self.objects.lock().iter().filter(|(_, o)| matches!(o, Object::Hwpt(_))).map(|(id, _)| *id).collect();
+        for id in hwpts {
+            let _ = self.destroy(id);
+        }
+        let rest: Vec<u32> = self.objects.lock().keys().copied().collect();
+        for id in rest {
+            let _ = self.destroy(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memsrc::FakeAddressSpace;
+    use crate::selftest::mock::{MOCK_APERTURE_START, MockDomain};
+
+    struct MockDev(u64);
+    impl DeviceOps for MockDev {
+        fn handle(&self) -> DeviceHandle {
+            DeviceHandle(self.0)
+        }
+        fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
+            Ok(Box::new(MockDomain::new()))
+        }
+    }
+
+    fn ctx() -> (Arc<FakeAddressSpace>, Ictx) {
+        let mem = Arc::new(FakeAddressSpace::new());
+        mem.map(0x4000_0000, 16 << 20, true);
+        let ictx = Ictx::new(mem.clone(), u64::MAX);
+        (mem, ictx)
+    }
+
+    #[test]
+    fn ids_types_and_busy_objects() {
+        let (_, c) = ctx();
+        let a = c.ioas_alloc().unwrap();
+        let b = c.ioas_alloc().unwrap();
+        assert_eq!((a, b), (1, 2));
+        c.destroy(a).unwrap();
+        assert_eq!(c.ioas_alloc().unwrap(), 1, "lowest free id is reused");
+        assert_eq!(c.destroy(99), Err(Errno::ENOENT));
+        let d = c.bind_device(Arc::new(MockDev(5))).unwrap();
+        assert_eq!(c.ioas(d).map(|_| ()), Err(Errno::ENOENT), "wrong type");
+        let h = c.attach(d, b).unwrap();
+        assert_eq!(c.destroy(b), Err(Errno::EBUSY), "IOAS with a HWPT");
+        assert_eq!(c.destroy(h), Err(Errno::EBUSY), "HWPT with a device");
+        c.detach(d).unwrap();
+        assert_eq!(c.hwpt(h).map(|_| ()), Err(Errno::ENOENT), "auto HWPT went with its last device");
+        c.destroy(b).unwrap();
+    }
+
+    #[test]
+    fn attach_reuses_domains_and_pins_once() {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let iova = c.ioas_map(ioas, Some(MOCK_APERTURE_START), 0x4000_0000, 0x10000, true, true).unwrap();
+        assert_eq!(mem.pinned_pages(), 0);
+        let d1 = c.bind_device(Arc::new(MockDev(1))).unwrap();
+        let d2 = c.bind_device(Arc::new(MockDev(2))).unwrap();
+        let h1 = c.attach(d1, ioas).unwrap();
+        let h2 = c.attach(d2, ioas).unwrap();
+        assert_eq!(h1, h2, "the compatible automatic domain is shared");
+        assert_eq!(mem.pinned_pages(), 16);
+        let h3 = c.hwpt_alloc(d1, ioas).unwrap();
+        c.replace(d1, h3).unwrap();
+        assert_eq!(mem.pinned_pages(), 16, "two domains, one pin per page");
+        assert_eq!(c.hwpt(h3).unwrap().domain.lock().iova_to_phys(iova), mem.phys_of(0x4000_0000));
+        let other = c.ioas_alloc().unwrap();
+        c.ioas_copy(other, ioas, iova, None, 0x4000, true, false).unwrap();
+        assert_eq!(mem.pinned_pages(), 16);
+        c.ioas_unmap(ioas, 0, u64::MAX).unwrap();
+        assert_eq!(mem.pinned_pages(), 0, "the copy in a domain-less IOAS pins nothing");
+        drop(c);
+        assert_eq!(mem.pinned_pages(), 0);
+    }
+
+    #[test]
+    fn closing_the_context_releases_everything() {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let d = c.bind_device(Arc::new(MockDev(1))).unwrap();
+        c.attach(d, ioas).unwrap();
+        c.ioas_map(ioas, None, 0x4000_0000, 1 << 20, true, true).unwrap();
+        assert_eq!(mem.pinned_pages(), 256);
+        drop(c);
+        assert_eq!(mem.pinned_pages(), 0);
+    }
+}
