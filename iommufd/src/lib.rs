@@ -9,7 +9,10 @@
 
 extern crate alloc;
 
+pub mod ctx;
 pub mod errno;
+pub mod uapi;
+pub mod iopt;
 pub mod memsrc;
 pub mod pages;
 #[cfg(feature = "selftest")]
