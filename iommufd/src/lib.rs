@@ -13,6 +13,7 @@ pub mod ctx;
 pub mod errno;
 pub mod uapi;
 pub mod iopt;
+pub mod iova;
 pub mod memsrc;
 pub mod pages;
 #[cfg(feature = "selftest")]
