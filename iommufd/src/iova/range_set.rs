@@ -30,6 +30,26 @@ impl RangeSet {
         Ok(set)
     }
 
+    /// The union of `ranges` checked the way `IOMMU_IOAS_ALLOW_IOVAS` checks
+    /// its input in Linux (`iommufd_ioas_load_iovas`, both failures
+    /// `EINVAL`): a range with `start >= last` (so also a one-byte range) is
+    /// [`IntervalError::Invalid`]; a range sharing a byte with an earlier one
+    /// is [`IntervalError::Overlap`] (reporting the merged span it hit).
+    /// Touching ranges are accepted and merged.
+    pub fn from_disjoint_ranges(ranges: &[(u64, u64)]) -> Result<Self, IntervalError> {
+        let mut set = Self::new();
+        for &(start, last) in ranges {
+            if start >= last {
+                return Err(IntervalError::Invalid { start, last });
+            }
+            if let Some((s, l)) = set.iter_overlapping(start, last).next() {
+                return Err(IntervalError::Overlap { start: s, last: l });
+            }
+            set.insert(start, last)?;
+        }
+        Ok(set)
+    }
+
     /// Adds `[start, last]`, merging it with every span it overlaps or
     /// touches. Refuses an inverted range.
     pub fn insert(&mut self, start: u64, last: u64) -> Result<(), IntervalError> {

@@ -182,6 +182,18 @@ fn range_set_normalizes() {
 }
 
 #[test]
+fn range_set_strict_like_allow_iovas() {
+    let s = RangeSet::from_disjoint_ranges(&[(20, 29), (0, 9), (10, 19), (MAX - 1, MAX)]).unwrap();
+    assert_eq!(s.iter().collect::<Vec<_>>(), [(0, 29), (MAX - 1, MAX)]);
+    assert_eq!(RangeSet::from_disjoint_ranges(&[(5, 5)]), Err(IntervalError::Invalid { start: 5, last: 5 }));
+    assert_eq!(
+        RangeSet::from_disjoint_ranges(&[(0, 9), (10, 19), (19, 30)]),
+        Err(IntervalError::Overlap { start: 0, last: 19 })
+    );
+    assert_eq!(RangeSet::from_disjoint_ranges(&[]), Ok(RangeSet::new()));
+}
+
+#[test]
 fn range_set_queries() {
     let s = RangeSet::from_ranges(&[(10, 19), (30, 39), (MAX - 9, MAX)]).unwrap();
     assert!(s.contains(10) && s.contains(19) && !s.contains(20) && !s.contains(9));
