@@ -38,6 +38,10 @@ pub trait DeviceOps: Send + Sync {
     fn reserved_regions(&self) -> Vec<(u64, u64)> {
         Vec::new()
     }
+    /// `IOMMU_GET_HW_INFO`: the driver's data type and bytes.
+    fn hw_info(&self) -> (u32, Vec<u8>) {
+        (0, Vec::new())
+    }
 }
 
 /// An I/O address space.
@@ -81,6 +85,13 @@ pub struct Device {
     refs: AtomicU32,
 }
 
+impl Device {
+    /// The driver's hardware information for `IOMMU_GET_HW_INFO`.
+    pub fn hw_info(&self) -> (u32, Vec<u8>) {
+        self.ops.hw_info()
+    }
+}
+
 impl core::fmt::Debug for Device {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "Device({:?}, attached {:?})", self.ops.handle(), self.attached.lock())
@@ -96,6 +107,18 @@ pub enum Object {
     Hwpt(Arc<Hwpt>),
     /// A device.
     Device(Arc<Device>),
+    /// An object that owns a device binding (the selftest's mock device
+    /// object; a VFIO device file in Linux): destroying it unbinds the
+    /// device.
+    DeviceOwner(Arc<DeviceOwner>),
+}
+
+/// See [`Object::DeviceOwner`].
+#[derive(Debug)]
+pub struct DeviceOwner {
+    /// The bound device's object id (0 until bound).
+    pub dev_id: AtomicU32,
+    refs: AtomicU32,
 }
 
 impl Object {
@@ -104,6 +127,7 @@ impl Object {
             Object::Ioas(o) => &o.refs,
             Object::Hwpt(o) => &o.refs,
             Object::Device(o) => &o.refs,
+            Object::DeviceOwner(o) => &o.refs,
         }
     }
 }
@@ -113,6 +137,7 @@ pub struct Ictx {
     source: Arc<dyn MemorySource>,
     accounting: Arc<Accounting>,
     objects: Mutex<BTreeMap<u32, Object>>,
+    compat_ioas: Mutex<Option<u32>>,
 }
 
 impl core::fmt::Debug for Ictx {
@@ -135,7 +160,23 @@ fn prot_of(readable: bool, writable: bool) -> Prot {
 impl Ictx {
     /// A context over `source`, pinning at most `pin_limit_pages` pages.
     pub fn new(source: Arc<dyn MemorySource>, pin_limit_pages: u64) -> Self {
-        Self { source, accounting: Arc::new(Accounting::new(pin_limit_pages)), objects: Mutex::new(BTreeMap::new()) }
+        Self {
+            source,
+            accounting: Arc::new(Accounting::new(pin_limit_pages)),
+            objects: Mutex::new(BTreeMap::new()),
+            compat_ioas: Mutex::new(None),
+        }
+    }
+
+    /// The IOAS the VFIO compatibility ioctls use, if set and still alive.
+    pub fn compat_ioas(&self) -> Option<u32> {
+        let id = (*self.compat_ioas.lock())?;
+        self.ioas(id).ok().map(|_| id)
+    }
+
+    /// Sets or clears the VFIO compatibility IOAS.
+    pub fn set_compat_ioas(&self, id: Option<u32>) {
+        *self.compat_ioas.lock() = id;
     }
 
     /// The pinned-page accounting.
@@ -217,15 +258,19 @@ impl Ictx {
         let obj = {
             let mut objects = self.objects.lock();
             let obj = objects.get(&id).ok_or(Errno::ENOENT)?;
-            if matches!(obj, Object::Device(_)) {
-                return Err(Errno::ENOENT);
-            }
-            if obj.refs().load(Ordering::SeqCst) != 0 {
+            // A device is held by whoever bound it (its owner object).
+            if matches!(obj, Object::Device(_)) || obj.refs().load(Ordering::SeqCst) != 0 {
                 return Err(Errno::EBUSY);
             }
             objects.remove(&id).expect("present")
         };
         match obj {
+            Object::DeviceOwner(o) => {
+                let dev_id = o.dev_id.load(Ordering::SeqCst);
+                if dev_id != 0 {
+                    self.unbind_device(dev_id)?;
+                }
+            }
             Object::Ioas(ioas) => {
                 let _ = ioas.iopt.lock().unmap_all();
             }
@@ -242,7 +287,15 @@ impl Ictx {
     }
 
     /// `IOMMU_IOAS_MAP`: maps user memory; returns the IOVA used.
-    pub fn ioas_map(&self, ioas_id: u32, iova: Option<u64>, uptr: u64, length: u64, readable: bool, writable: bool) -> Result<u64> {
+    pub fn ioas_map(
+        &self,
+        ioas_id: u32,
+        iova: Option<u64>,
+        uptr: u64,
+        length: u64,
+        readable: bool,
+        writable: bool,
+    ) -> Result<u64> {
         let ioas = self.ioas(ioas_id)?;
         let (pages, off) = Pages::new(self.source.clone(), self.accounting.clone(), uptr, length, writable)?;
         let slice = crate::iopt::PagesSlice { pages, start_byte: off, length };
@@ -257,6 +310,7 @@ impl Ictx {
     }
 
     /// `IOMMU_IOAS_COPY`: maps what `src` maps at `src_iova` into `dst`.
+    #[allow(clippy::too_many_arguments)] // mirrors the uAPI struct's fields
     pub fn ioas_copy(
         &self,
         dst_id: u32,
@@ -301,6 +355,32 @@ impl Ictx {
         self.insert(Object::Device(Arc::new(Device { ops, attached: Mutex::new(None), refs: AtomicU32::new(0) })))
     }
 
+    /// Makes an owner object and binds `ops` under it (the selftest's
+    /// mock device). Returns `(owner_id, device_id)`; destroying the owner
+    /// unbinds the device.
+    pub fn bind_owned_device(&self, ops: Arc<dyn DeviceOps>) -> Result<(u32, u32)> {
+        let owner = Arc::new(DeviceOwner { dev_id: AtomicU32::new(0), refs: AtomicU32::new(0) });
+        let owner_id = self.insert(Object::DeviceOwner(owner.clone()))?;
+        match self.bind_device(ops) {
+            Ok(dev_id) => {
+                owner.dev_id.store(dev_id, Ordering::SeqCst);
+                Ok((owner_id, dev_id))
+            }
+            Err(e) => {
+                self.objects.lock().remove(&owner_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The owner object `id`.
+    pub fn device_owner(&self, id: u32) -> Result<Arc<DeviceOwner>> {
+        match self.get(id)? {
+            Object::DeviceOwner(o) => Ok(o),
+            _ => Err(Errno::ENOENT),
+        }
+    }
+
     /// Unbinds a device (detaching it first).
     pub fn unbind_device(&self, dev_id: u32) -> Result<()> {
         let dev = self.device(dev_id)?;
@@ -315,7 +395,8 @@ impl Ictx {
     fn new_hwpt(&self, ioas_id: u32, ioas: &Arc<Ioas>, dev: &Device, auto: bool) -> Result<(u32, Arc<Hwpt>)> {
         let domain = dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?;
         let domain: DomainRef = Arc::new(Mutex::new(domain));
-        let hwpt = Arc::new(Hwpt { ioas_id, ioas: ioas.clone(), domain: domain.clone(), auto, refs: AtomicU32::new(0) });
+        let hwpt =
+            Arc::new(Hwpt { ioas_id, ioas: ioas.clone(), domain: domain.clone(), auto, refs: AtomicU32::new(0) });
         let id = self.insert(Object::Hwpt(hwpt.clone()))?;
         if let Err(e) = ioas.iopt.lock().add_domain(id as u64, domain) {
             self.objects.lock().remove(&id);
@@ -392,7 +473,7 @@ impl Ictx {
                     }
                 }
             }
-            Object::Device(_) => Err(Errno::ENOENT),
+            Object::Device(_) | Object::DeviceOwner(_) => Err(Errno::ENOENT),
         }
     }
 
@@ -464,10 +545,20 @@ impl Drop for Ictx {
     /// Closing the context releases everything: devices detach, HWPTs and
     /// IOAS go, every pin is dropped.
     fn drop(&mut self) {
-        let ids: Vec<(u32, bool)> =
-            self.objects.lock().iter().map(|(id, o)| (*id, matches!(o, Object::Device(_)))).collect();
-        for (id, _) in ids.iter().filter(|(_, dev)| *dev) {
-            let _ = self.unbind_device(*id);
+        let owners: Vec<u32> = self
+            .objects
+            .lock()
+            .iter()
+            .filter(|(_, o)| matches!(o, Object::DeviceOwner(_)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in owners {
+            let _ = self.destroy(id);
+        }
+        let devices: Vec<u32> =
+            self.objects.lock().iter().filter(|(_, o)| matches!(o, Object::Device(_))).map(|(id, _)| *id).collect();
+        for id in devices {
+            let _ = self.unbind_device(id);
         }
         // HWPTs first (they hold their IOAS), then IOAS.
         let hwpts: Vec<u32> =

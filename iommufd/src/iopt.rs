@@ -27,6 +27,7 @@
 //! domain locks are taken one at a time, then the `Pages` lock (leaf).
 
 use crate::errno::{Errno, Result};
+use crate::iova::{IntervalMap, IovaSpace, RangeSet, ReservedRanges};
 use crate::memsrc::PAGE_SIZE;
 use crate::pages::Pages;
 use alloc::boxed::Box;
@@ -87,9 +88,9 @@ pub struct PagesSlice {
 
 /// The I/O page table of one IOAS.
 pub struct IoPagetable {
-    areas: BTreeMap<u64, (u64, Area)>,
-    allowed: Vec<(u64, u64)>,
-    reserved: Vec<(u64, u64, Owner)>,
+    areas: IntervalMap<Area>,
+    allowed: RangeSet,
+    reserved: ReservedRanges<Owner>,
     domains: Vec<(u64, DomainRef)>,
     iova_alignment: u64,
     disable_large_pages: bool,
@@ -130,21 +131,13 @@ fn last_of(iova: u64, length: u64) -> Result<u64> {
     iova.checked_add(length - 1).ok_or(Errno::EOVERFLOW)
 }
 
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 <= b.1 && b.0 <= a.1
-}
-
-fn align_up(v: u64, align: u64) -> Option<u64> {
-    v.checked_next_multiple_of(align)
-}
-
 impl IoPagetable {
     /// An empty table: no alignment restriction, everything allowed.
     pub fn new() -> Self {
         Self {
-            areas: BTreeMap::new(),
-            allowed: Vec::new(),
-            reserved: Vec::new(),
+            areas: IntervalMap::new(),
+            allowed: RangeSet::new(),
+            reserved: ReservedRanges::new(),
             domains: Vec::new(),
             iova_alignment: 1,
             disable_large_pages: false,
@@ -164,7 +157,7 @@ impl IoPagetable {
 
     /// Areas in IOVA order: `(iova, last, area)`.
     pub fn areas(&self) -> impl Iterator<Item = (u64, u64, &Area)> {
-        self.areas.iter().map(|(s, (l, a))| (*s, *l, a))
+        self.areas.iter()
     }
 
     /// Number of domains loaded with this table.
@@ -174,28 +167,23 @@ impl IoPagetable {
 
     /// Reserved ranges.
     pub fn reserved(&self) -> impl Iterator<Item = (u64, u64, Owner)> + '_ {
-        self.reserved.iter().copied()
+        self.reserved.iter()
     }
 
     fn first_area_overlapping(&self, start: u64, last: u64) -> Option<(u64, u64)> {
-        if let Some((&s, &(l, _))) = self.areas.range(..=start).next_back()
-            && l >= start
-        {
-            return Some((s, l));
-        }
-        self.areas.range(start..).next().filter(|(s, _)| **s <= last).map(|(s, (l, _))| (*s, *l))
+        self.areas.first_overlapping(start, last).map(|(s, l, _)| (s, l))
     }
 
     fn areas_overlapping(&self, start: u64, last: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        if let Some(first) = self.first_area_overlapping(start, last) {
-            out.extend(self.areas.range(first.0..).take_while(|(s, _)| **s <= last).map(|(s, (l, _))| (*s, *l)));
-        }
-        out
+        self.areas.iter_overlapping(start, last).map(|(s, l, _)| (s, l)).collect()
     }
 
     fn reserved_overlap(&self, start: u64, last: u64) -> bool {
-        self.reserved.iter().any(|&(s, l, _)| overlaps((s, l), (start, last)))
+        self.reserved.any_overlap(start, last)
+    }
+
+    fn area(&self, start: u64) -> (u64, Area) {
+        self.areas.get(start).map(|(l, a)| (l, a.clone())).expect("area exists")
     }
 
     /// Linux's `iopt_check_iova`: alignment, overflow, reserved, existing.
@@ -213,68 +201,12 @@ impl IoPagetable {
         Ok(())
     }
 
-    /// IOVA allocation, following Linux's `iopt_alloc_iova`: the alignment
-    /// is the length rounded up to a power of two, capped by the alignment
-    /// of the user address (so huge pages stay possible), and the user
-    /// address's offset in its page is kept; the lowest fitting hole inside
-    /// the allowed ranges (or `[PAGE_SIZE, u64::MAX - PAGE_SIZE]`) wins.
+    /// IOVA allocation, Linux's `iopt_alloc_iova` (see [`crate::iova`]):
+    /// alignment from the length and the user address (so huge pages stay
+    /// possible), the user address's page offset kept, lowest fitting hole
+    /// inside the allowed ranges.
     fn alloc_iova(&self, uptr: u64, length: u64) -> Result<u64> {
-        let page_offset = uptr % PAGE_SIZE;
-        if length == 0 || length >= u64::MAX / 2 {
-            return Err(Errno::EOVERFLOW);
-        }
-        let pow = length.next_power_of_two();
-        let align = if uptr == 0 { pow } else { pow.min(1 << uptr.trailing_zeros()) };
-        if align < self.iova_alignment {
-            return Err(Errno::EINVAL);
-        }
-        let whole = [(PAGE_SIZE, u64::MAX - PAGE_SIZE)];
-        let mut allowed: Vec<(u64, u64)> = if self.allowed.is_empty() {
-            whole.to_vec()
-        } else {
-            // Linux clips the allowed spans to the same window.
-            self.allowed.iter().filter_map(|&(s, l)| {
-                let (s, l) = (s.max(whole[0].0), l.min(whole[0].1));
-                (s <= l).then_some((s, l))
-            }).collect()
-        };
-        allowed.sort_unstable();
-        // Used = reserved ranges and areas, as sorted merged spans.
-        let mut used: Vec<(u64, u64)> = self.reserved.iter().map(|&(s, l, _)| (s, l)).collect();
-        used.extend(self.areas.iter().map(|(s, (l, _))| (*s, *l)));
-        used.sort_unstable();
-        let fits = |start: u64, last: u64| -> Option<u64> {
-            if last - start < length - 1 {
-                return None;
-            }
-            let s = align_up(start, align)? | page_offset;
-            (s <= last && last - s >= length - 1).then_some(s)
-        };
-        for (a_start, a_last) in allowed {
-            if fits(a_start, a_last).is_none() {
-                continue;
-            }
-            // Walk the holes of `used` inside [a_start, a_last] in order.
-            let mut cursor = a_start;
-            for &(u_start, u_last) in used.iter().filter(|&&(s, l)| l >= a_start && s <= a_last) {
-                if u_start > cursor
-                    && let Some(iova) = fits(cursor, u_start - 1)
-                {
-                    return Ok(iova);
-                }
-                if u_last >= a_last {
-                    cursor = a_last;
-                    break;
-                }
-                cursor = cursor.max(u_last + 1);
-            }
-            if cursor < a_last || (cursor == a_last && !used.iter().any(|&(s, l)| s <= a_last && l >= a_last)) {
-                if let Some(iova) = fits(cursor, a_last) {
-                    return Ok(iova);
-                }
-            }
-        }
-        Err(Errno::ENOSPC)
+        IovaSpace::new(&self.areas, &self.allowed, &self.reserved).alloc_for_addr(uptr, length, self.iova_alignment)
     }
 
     /// Maps `slices` (consecutive in IOVA) at `iova`, or at an allocated
@@ -307,17 +239,21 @@ impl IoPagetable {
             if end_byte / PAGE_SIZE >= s.pages.npages {
                 return Err(Errno::EOVERFLOW);
             }
-            new.push((at, last, Area { pages: s.pages.clone(), start_byte: s.start_byte, prot, filled: false, accesses: 0 }));
+            new.push((
+                at,
+                last,
+                Area { pages: s.pages.clone(), start_byte: s.start_byte, prot, filled: false, accesses: 0 },
+            ));
             at = last.wrapping_add(1);
         }
         let mut loaded: Vec<u64> = Vec::new();
         for (start, last, area) in new {
-            self.areas.insert(start, (last, area));
+            self.areas.insert(start, last, area).map_err(|_| Errno::EEXIST)?;
             if let Err(e) = self.fill_area(start) {
-                self.areas.remove(&start);
+                self.areas.remove(start);
                 for s in loaded.iter().rev() {
                     self.unfill_area(*s);
-                    self.areas.remove(s);
+                    self.areas.remove(*s);
                 }
                 return Err(e);
             }
@@ -328,7 +264,14 @@ impl IoPagetable {
 
     /// Maps the area's pages into `domain`, coalescing physically
     /// contiguous pages into one call (so the domain can use large pages).
-    fn map_area_into(domain: &mut dyn IommuDomain, iova: u64, last: u64, area: &Area, phys: &[u64], small: bool) -> Result<()> {
+    fn map_area_into(
+        domain: &mut dyn IommuDomain,
+        iova: u64,
+        last: u64,
+        area: &Area,
+        phys: &[u64],
+        small: bool,
+    ) -> Result<()> {
         let mut done: Vec<(u64, u64)> = Vec::new();
         let mut run: Option<(u64, u64, u64)> = None; // (iova, phys, len)
         let mut cur_iova = iova;
@@ -381,7 +324,7 @@ impl IoPagetable {
         if self.domains.is_empty() {
             return Ok(());
         }
-        let (last, area) = self.areas.get(&start).map(|(l, a)| (*l, a.clone())).ok_or(Errno::ENOENT)?;
+        let (last, area) = self.areas.get(start).map(|(l, a)| (l, a.clone())).ok_or(Errno::ENOENT)?;
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
         let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
         area.pages.pin(fp, lp, Some(&mut phys))?;
@@ -398,13 +341,13 @@ impl IoPagetable {
                 return Err(e);
             }
         }
-        self.areas.get_mut(&start).expect("area exists").1.filled = true;
+        self.areas.get_mut(start).expect("area exists").1.filled = true;
         Ok(())
     }
 
     /// Removes the area at `start` from every domain and drops its pins.
     fn unfill_area(&mut self, start: u64) {
-        let Some((last, area)) = self.areas.get(&start).map(|(l, a)| (*l, a.clone())) else { return };
+        let Some((last, area)) = self.areas.get(start).map(|(l, a)| (l, a.clone())) else { return };
         if !area.filled {
             return;
         }
@@ -415,7 +358,7 @@ impl IoPagetable {
             d.iotlb_sync(&mut g);
         }
         area.pages.unpin(area.first_page(), area.last_page(last - start + 1));
-        self.areas.get_mut(&start).expect("area exists").1.filled = false;
+        self.areas.get_mut(start).expect("area exists").1.filled = false;
     }
 
     /// Unmaps every area inside `[iova, iova + length)`. The range must not
@@ -439,13 +382,13 @@ impl IoPagetable {
         if hit.is_empty() || hit.iter().any(|&(s, l)| s < start || l > last) {
             return Err(Errno::ENOENT);
         }
-        if hit.iter().any(|(s, _)| self.areas[s].1.accesses > 0) {
+        if hit.iter().any(|(s, _)| self.area(*s).1.accesses > 0) {
             return Err(Errno::EBUSY);
         }
         let mut gathers: Vec<IotlbGather> = self.domains.iter().map(|_| IotlbGather::default()).collect();
         let mut bytes = 0u64;
         for &(s, l) in &hit {
-            let (_, area) = self.areas.remove(&s).expect("listed area exists");
+            let (_, _, area) = self.areas.remove(s).expect("listed area exists");
             if area.filled {
                 for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
                     d.lock().unmap(s, l - s + 1, g);
@@ -467,12 +410,13 @@ impl IoPagetable {
         let mut out = Vec::new();
         let mut cur = iova;
         loop {
-            let Some((&s, (l, area))) = self.areas.range(..=cur).next_back() else { return Err(Errno::ENOENT) };
-            if *l < cur {
-                return Err(Errno::ENOENT);
-            }
-            let end = (*l).min(last);
-            out.push(PagesSlice { pages: area.pages.clone(), start_byte: area.start_byte + (cur - s), length: end - cur + 1 });
+            let Some((s, l, area)) = self.areas.get_containing(cur) else { return Err(Errno::ENOENT) };
+            let end = l.min(last);
+            out.push(PagesSlice {
+                pages: area.pages.clone(),
+                start_byte: area.start_byte + (cur - s),
+                length: end - cur + 1,
+            });
             if end == last {
                 return Ok(out);
             }
@@ -483,18 +427,15 @@ impl IoPagetable {
     /// Reserves `[start, last]` for `owner`; fails with `EADDRINUSE` if an
     /// area or an allowed range overlaps it.
     pub fn reserve(&mut self, start: u64, last: u64, owner: Owner) -> Result<()> {
-        if self.first_area_overlapping(start, last).is_some()
-            || self.allowed.iter().any(|&(s, l)| overlaps((s, l), (start, last)))
-        {
+        if self.first_area_overlapping(start, last).is_some() || self.allowed.any_overlap(start, last) {
             return Err(Errno::EADDRINUSE);
         }
-        self.reserved.push((start, last, owner));
-        Ok(())
+        self.reserved.add(start, last, owner).map_err(|_| Errno::EINVAL)
     }
 
     /// Drops every reservation of `owner`.
     pub fn remove_reserved(&mut self, owner: Owner) {
-        self.reserved.retain(|r| r.2 != owner);
+        self.reserved.remove_owner(owner);
     }
 
     /// Replaces the allowed ranges (Linux's `iopt_set_allow_iova`); fails
@@ -503,15 +444,14 @@ impl IoPagetable {
         if ranges.iter().any(|&(s, l)| self.reserved_overlap(s, l)) {
             return Err(Errno::EADDRINUSE);
         }
-        self.allowed = ranges;
+        self.allowed = RangeSet::from_ranges(&ranges).map_err(|_| Errno::EINVAL)?;
         Ok(())
     }
 
     /// The IOVA ranges that are not reserved (what `IOMMU_IOAS_IOVA_RANGES`
     /// reports), in order.
     pub fn iova_ranges(&self) -> Vec<(u64, u64)> {
-        let mut used: Vec<(u64, u64)> = self.reserved.iter().map(|&(s, l, _)| (s, l)).collect();
-        used.sort_unstable();
+        let used: Vec<(u64, u64)> = self.reserved.union().iter().collect();
         let mut out = Vec::new();
         let mut cursor: Option<u64> = Some(0);
         for (s, l) in used {
@@ -529,7 +469,7 @@ impl IoPagetable {
 
     fn check_alignment(&self, align: u64) -> Result<()> {
         let mask = align - 1;
-        for (s, (l, a)) in &self.areas {
+        for (s, l, a) in self.areas.iter() {
             if s & mask != 0 || (l - s + 1) & mask != 0 || (a.start_byte % PAGE_SIZE) & mask != 0 {
                 return Err(Errno::EADDRINUSE);
             }
@@ -582,14 +522,16 @@ impl IoPagetable {
         }
         // Load every area: pinning first if this is the first domain.
         let first_domain = self.domains.is_empty();
-        let starts: Vec<u64> = self.areas.keys().copied().collect();
+        let starts: Vec<u64> = self.areas.iter().map(|(s, _, _)| s).collect();
         let mut done: Vec<u64> = Vec::new();
         let mut failure = None;
         for s in &starts {
-            let (l, area) = self.areas.get(s).map(|(l, a)| (*l, a.clone())).expect("area exists");
+            let (l, area) = self.area(*s);
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
             let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
-            let pinned = if first_domain { area.pages.pin(fp, lp, Some(&mut phys)) } else {
+            let pinned = if first_domain {
+                area.pages.pin(fp, lp, Some(&mut phys))
+            } else {
                 let mut v = Vec::new();
                 area.pages.phys_range(fp, lp, &mut v);
                 phys.copy_from_slice(&v);
@@ -613,7 +555,7 @@ impl IoPagetable {
             let mut d = domain.lock();
             let mut g = IotlbGather::default();
             for s in &done {
-                let (l, area) = &self.areas[s];
+                let (l, area) = self.area(*s);
                 d.unmap(*s, l - s + 1, &mut g);
                 if first_domain {
                     area.pages.unpin(area.first_page(), area.last_page(l - s + 1));
@@ -624,7 +566,7 @@ impl IoPagetable {
             return Err(e);
         }
         if first_domain {
-            for (_, a) in self.areas.values_mut() {
+            for (_, _, a) in self.areas.iter_mut() {
                 a.filled = true;
             }
         }
@@ -642,9 +584,9 @@ impl IoPagetable {
         {
             let mut d = domain.lock();
             let mut g = IotlbGather::default();
-            for (s, (l, area)) in self.areas.iter_mut() {
-                let len = *l - *s + 1;
-                d.unmap(*s, len, &mut g);
+            for (s, l, area) in self.areas.iter_mut() {
+                let len = l - s + 1;
+                d.unmap(s, len, &mut g);
                 if last_domain && area.filled {
                     area.pages.unpin(area.first_page(), area.last_page(len));
                     area.filled = false;
@@ -685,11 +627,11 @@ impl IoPagetable {
     /// domain holds the area, as in Linux's `iopt_area_split`.
     pub fn cut(&mut self, iovas: &[u64]) -> Result<()> {
         for &iova in iovas {
-            let Some((&s, &(l, _))) = self.areas.range(..=iova).next_back() else { continue };
-            if l < iova || iova == s || iova == l {
+            let Some((s, l, _)) = self.areas.get_containing(iova) else { continue };
+            if iova == s || iova == l {
                 continue;
             }
-            let area = self.areas[&s].1.clone();
+            let area = self.area(s).1;
             let new_start = iova + 1;
             let align = self.iova_alignment;
             if new_start & (align - 1) != 0 || (area.start_byte + (new_start - s)) & (align - 1) != 0 {
@@ -707,8 +649,9 @@ impl IoPagetable {
                 let p = rhs.first_page();
                 area.pages.pin(p, p, None)?;
             }
-            self.areas.insert(s, (iova, lhs));
-            self.areas.insert(new_start, (l, rhs));
+            self.areas.remove(s);
+            self.areas.insert(s, iova, lhs).expect("left half fits where the area was");
+            self.areas.insert(new_start, l, rhs).expect("right half fits where the area was");
         }
         Ok(())
     }
@@ -716,23 +659,19 @@ impl IoPagetable {
     /// Physical address behind `iova` through the pinned pages of its area
     /// (None when unmapped or not pinned).
     pub fn phys_of(&self, iova: u64) -> Option<u64> {
-        let (&s, (l, area)) = self.areas.range(..=iova).next_back()?;
-        if *l < iova {
-            return None;
-        }
+        let (s, _, area) = self.areas.get_containing(iova)?;
         let byte = area.start_byte + (iova - s);
         area.pages.phys(byte / PAGE_SIZE).map(|p| p + byte % PAGE_SIZE)
     }
 
     /// The area containing `iova`: `(start, last, area)`.
     pub fn area_at(&self, iova: u64) -> Option<(u64, u64, &Area)> {
-        let (&s, (l, area)) = self.areas.range(..=iova).next_back()?;
-        (*l >= iova).then_some((s, *l, area))
+        self.areas.get_containing(iova)
     }
 
     /// Mutable access to the area starting at `start` (accesses bookkeeping).
     pub fn area_mut(&mut self, start: u64) -> Option<&mut Area> {
-        self.areas.get_mut(&start).map(|(_, a)| a)
+        self.areas.get_mut(start).map(|(_, a)| a)
     }
 
     /// Registers an access with its alignment (Linux's `iopt_add_access`).

@@ -10,13 +10,14 @@
 extern crate alloc;
 
 pub mod ctx;
+pub mod dispatch;
 pub mod errno;
-pub mod uapi;
 pub mod iopt;
 pub mod iova;
 pub mod memsrc;
 pub mod pages;
 #[cfg(feature = "selftest")]
 pub mod selftest;
+pub mod uapi;
 
 pub use errno::{Errno, Result};

@@ -42,6 +42,18 @@ pub trait MemorySource: Send + Sync {
     fn read_phys(&self, phys: u64, buf: &mut [u8]) -> Result<()>;
     /// Copies to a pinned physical page range.
     fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()>;
+    /// Pins held on the page containing `uptr`, if the source can tell
+    /// (the selftest's `check_refs`); `EFAULT` if unmapped.
+    fn pin_count(&self, uptr: u64) -> Result<Option<u32>> {
+        let _ = uptr;
+        Ok(None)
+    }
+    /// Physical address of the page containing `uptr` without pinning it
+    /// (the selftest's `check_map`), if the source can tell.
+    fn peek_phys(&self, uptr: u64) -> Result<Option<u64>> {
+        let _ = uptr;
+        Ok(None)
+    }
 }
 
 struct FakePage {
@@ -101,7 +113,7 @@ impl FakeAddressSpace {
     /// Physically contiguous in 2 MiB-aligned runs where the user range is
     /// 2 MiB aligned, so huge-page paths get exercised.
     pub fn map(&self, uptr: u64, length: u64, writable: bool) {
-        assert!(uptr % PAGE_SIZE == 0 && length % PAGE_SIZE == 0, "fake mappings are page aligned");
+        assert!(uptr.is_multiple_of(PAGE_SIZE) && length.is_multiple_of(PAGE_SIZE), "fake mappings are page aligned");
         let mut i = self.inner.lock();
         // Align the physical run like the user address modulo 1 GiB.
         let want = (uptr / PAGE_SIZE) % (1 << 18);
@@ -110,7 +122,9 @@ impl FakeAddressSpace {
         for k in 0..length / PAGE_SIZE {
             let upage = uptr / PAGE_SIZE + k;
             let phys_page = base + k;
-            if let Some(old) = i.pages.insert(upage, FakePage { phys: phys_page * PAGE_SIZE, pins: 0, data: None, writable }) {
+            if let Some(old) =
+                i.pages.insert(upage, FakePage { phys: phys_page * PAGE_SIZE, pins: 0, data: None, writable })
+            {
                 i.by_phys.remove(&(old.phys / PAGE_SIZE));
             }
             i.by_phys.insert(phys_page, upage);
@@ -139,7 +153,13 @@ impl FakeAddressSpace {
         i.fail_pin_at = n.map(|n| i.pin_calls + n);
     }
 
-    fn with_bytes(&self, upage_of: impl Fn(&FakeInner, u64) -> Option<u64>, addr: u64, len: usize, mut f: impl FnMut(&mut Vec<u8>, usize, usize, usize)) -> Result<()> {
+    fn with_bytes(
+        &self,
+        upage_of: impl Fn(&FakeInner, u64) -> Option<u64>,
+        addr: u64,
+        len: usize,
+        mut f: impl FnMut(&mut Vec<u8>, usize, usize, usize),
+    ) -> Result<()> {
         let mut i = self.inner.lock();
         let mut done = 0usize;
         // Check first so a fault changes nothing.
@@ -181,7 +201,7 @@ impl MemorySource for FakeAddressSpace {
         if i.fail_pin_at == Some(i.pin_calls) {
             return Err(Errno::ENOMEM);
         }
-        if uptr % PAGE_SIZE != 0 {
+        if !uptr.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
         let first = uptr / PAGE_SIZE;
@@ -218,19 +238,36 @@ impl MemorySource for FakeAddressSpace {
     }
 
     fn read_user(&self, uptr: u64, buf: &mut [u8]) -> Result<()> {
-        self.with_bytes(Self::user_page, uptr, buf.len(), |d, off, done, n| buf[done..done + n].copy_from_slice(&d[off..off + n]))
+        self.with_bytes(Self::user_page, uptr, buf.len(), |d, off, done, n| {
+            buf[done..done + n].copy_from_slice(&d[off..off + n])
+        })
     }
 
     fn write_user(&self, uptr: u64, buf: &[u8]) -> Result<()> {
-        self.with_bytes(Self::user_page, uptr, buf.len(), |d, off, done, n| d[off..off + n].copy_from_slice(&buf[done..done + n]))
+        self.with_bytes(Self::user_page, uptr, buf.len(), |d, off, done, n| {
+            d[off..off + n].copy_from_slice(&buf[done..done + n])
+        })
     }
 
     fn read_phys(&self, phys: u64, buf: &mut [u8]) -> Result<()> {
-        self.with_bytes(Self::phys_page, phys, buf.len(), |d, off, done, n| buf[done..done + n].copy_from_slice(&d[off..off + n]))
+        self.with_bytes(Self::phys_page, phys, buf.len(), |d, off, done, n| {
+            buf[done..done + n].copy_from_slice(&d[off..off + n])
+        })
     }
 
     fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()> {
-        self.with_bytes(Self::phys_page, phys, buf.len(), |d, off, done, n| d[off..off + n].copy_from_slice(&buf[done..done + n]))
+        self.with_bytes(Self::phys_page, phys, buf.len(), |d, off, done, n| {
+            d[off..off + n].copy_from_slice(&buf[done..done + n])
+        })
+    }
+
+    fn pin_count(&self, uptr: u64) -> Result<Option<u32>> {
+        let i = self.inner.lock();
+        i.pages.get(&(uptr / PAGE_SIZE)).map(|p| Some(p.pins)).ok_or(Errno::EFAULT)
+    }
+
+    fn peek_phys(&self, uptr: u64) -> Result<Option<u64>> {
+        self.phys_of(uptr).map(Some).ok_or(Errno::EFAULT)
     }
 }
 

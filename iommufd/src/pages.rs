@@ -118,9 +118,10 @@ impl PinTable {
         (c.uses[i] > 0).then_some(c.phys[i])
     }
     fn slot(&mut self, page: u64) -> (&mut u64, &mut u32, &mut u32) {
-        let c = self.chunks.entry(page / CHUNK).or_insert_with(|| {
-            Box::new(Chunk { phys: [0; CHUNK as usize], uses: [0; CHUNK as usize], used_pages: 0 })
-        });
+        let c = self
+            .chunks
+            .entry(page / CHUNK)
+            .or_insert_with(|| Box::new(Chunk { phys: [0; CHUNK as usize], uses: [0; CHUNK as usize], used_pages: 0 }));
         let i = (page % CHUNK) as usize;
         (&mut c.phys[i], &mut c.uses[i], &mut c.used_pages)
     }

@@ -79,7 +79,7 @@ impl MockDomain {
     fn check(iova: u64, length: u64) -> Result<u64, DomainError> {
         let bad = DomainError::BadRange { iova, length };
         let last = iova.checked_add(length).and_then(|e| e.checked_sub(1)).ok_or(bad)?;
-        if length == 0 || iova % MOCK_IO_PAGE_SIZE != 0 || length % MOCK_IO_PAGE_SIZE != 0 {
+        if length == 0 || !iova.is_multiple_of(MOCK_IO_PAGE_SIZE) || !length.is_multiple_of(MOCK_IO_PAGE_SIZE) {
             return Err(bad);
         }
         if iova < MOCK_APERTURE_START || last > MOCK_APERTURE_LAST {
@@ -104,7 +104,7 @@ impl IommuDomain for MockDomain {
             return Err(DomainError::Injected);
         }
         Self::check(iova, length)?;
-        if phys % MOCK_IO_PAGE_SIZE != 0 {
+        if !phys.is_multiple_of(MOCK_IO_PAGE_SIZE) {
             return Err(DomainError::BadRange { iova, length });
         }
         let first = iova / MOCK_IO_PAGE_SIZE;
@@ -124,10 +124,10 @@ impl IommuDomain for MockDomain {
         let first = iova / MOCK_IO_PAGE_SIZE;
         let end = first + length / MOCK_IO_PAGE_SIZE;
         let keys: alloc::vec::Vec<u64> = self.entries.range(first..end).map(|(k, _)| *k).collect();
-        if let (Some(&lo), Some(&hi)) = (keys.first(), keys.last()) {
-            if !self.entries[&lo].start || !self.entries[&hi].last {
-                self.misaligned_unmaps += 1;
-            }
+        if let (Some(&lo), Some(&hi)) = (keys.first(), keys.last())
+            && (!self.entries[&lo].start || !self.entries[&hi].last)
+        {
+            self.misaligned_unmaps += 1;
         }
         for k in &keys {
             self.entries.remove(k);

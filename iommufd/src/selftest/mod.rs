@@ -2,6 +2,7 @@
 //! `IOMMU_TEST_CMD`, so Linux's selftest cases can be written against our
 //! dispatcher with the same inputs and expected results.
 
+pub mod cmd;
 pub mod mock;
 
 pub use mock::MockDomain;

@@ -1,0 +1,303 @@
+//! The uAPI entry point: `(ioctl number, argument bytes)` in, Linux's
+//! answer out.
+//!
+//! `buf` is the caller's memory at the ioctl's argument pointer (its length
+//! is where readable memory ends, so a too-short buffer behaves like a
+//! fault). Pointers *inside* the argument structs (range arrays, user VAs)
+//! are resolved through the context's [`MemorySource`](crate::memsrc).
+//!
+//! The generic size rules are [`uapi::take_command`]; each handler below
+//! then makes its checks in the order Linux 6.12 makes them (the table in
+//! the `uapi` module docs), so the same input gives the same errno.
+//!
+//! Not implemented yet, and answered with `EOPNOTSUPP` so callers can tell:
+//! nested HWPTs, dirty tracking, HWPT invalidation, fault queues, the VFIO
+//! type1 compatibility ioctls (`ENOTTY` as for any unknown ioctl), and the
+//! selftest's access and dirty-bitmap operations.
+
+use crate::ctx::{DeviceOps, Ictx};
+use crate::errno::{Errno, Result};
+#[cfg(feature = "selftest")]
+use crate::iopt::Owner;
+use crate::pages::AccountMode;
+use crate::uapi::{self, *};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+/// Where a selftest mock device comes from (the `selftest` feature's
+/// `MOCK_DOMAIN` command): a factory for a device with the given flags.
+pub type MockDeviceFactory = dyn Fn(u32) -> Arc<dyn DeviceOps> + Send + Sync;
+
+/// Runs one ioctl against `ictx`. On success the output fields are in
+/// `buf`; on failure `buf` holds whatever Linux would have written before
+/// failing (usually nothing).
+pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
+    let kbuf = uapi::take_command(cmd, buf)?;
+    let user_size = uapi::user_size(buf).ok_or(Errno::EFAULT)?;
+    match cmd {
+        IOMMU_DESTROY => {
+            let c = IommuDestroy::read(&kbuf);
+            ictx.destroy(c.id)
+        }
+        IOMMU_IOAS_ALLOC => {
+            let mut c = IommuIoasAlloc::read(&kbuf);
+            if c.flags != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let id = ictx.ioas_alloc()?;
+            c.out_ioas_id = id;
+            respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
+                let _ = ictx.destroy(id);
+            })
+        }
+        IOMMU_IOAS_ALLOW_IOVAS => {
+            let c = IommuIoasAllowIovas::read(&kbuf);
+            if c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            ictx.ioas(c.ioas_id)?;
+            let ranges = load_ranges(ictx, c.allowed_iovas, c.num_iovas)?;
+            ictx.ioas_allow_iovas(c.ioas_id, ranges)
+        }
+        IOMMU_IOAS_COPY => {
+            let mut c = IommuIoasCopy::read(&kbuf);
+            check_map_flags(c.flags)?;
+            if c.length == u64::MAX || c.src_iova == u64::MAX || c.dst_iova == u64::MAX {
+                return Err(Errno::EOVERFLOW);
+            }
+            check_map_prot(c.flags)?;
+            let fixed = c.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0;
+            let iova = ictx.ioas_copy(
+                c.dst_ioas_id,
+                c.src_ioas_id,
+                c.src_iova,
+                fixed.then_some(c.dst_iova),
+                c.length,
+                c.flags & IOMMU_IOAS_MAP_READABLE != 0,
+                c.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
+            )?;
+            c.dst_iova = iova;
+            respond(&c.to_bytes(), user_size, buf)
+        }
+        IOMMU_IOAS_IOVA_RANGES => {
+            let mut c = IommuIoasIovaRanges::read(&kbuf);
+            if c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let (ranges, align) = ictx.ioas_iova_ranges(c.ioas_id)?;
+            let max = c.num_iovas;
+            for (i, (start, last)) in ranges.iter().enumerate().take(max as usize) {
+                let elm = IommuIovaRange { start: *start, last: *last }.to_bytes();
+                let at = c.allowed_iovas.checked_add(i as u64 * IommuIovaRange::SIZE as u64).ok_or(Errno::EFAULT)?;
+                ictx.source().write_user(at, &elm)?;
+            }
+            c.num_iovas = ranges.len() as u32;
+            c.out_iova_alignment = align;
+            respond(&c.to_bytes(), user_size, buf)?;
+            if c.num_iovas > max { Err(Errno::EMSGSIZE) } else { Ok(()) }
+        }
+        IOMMU_IOAS_MAP => {
+            let mut c = IommuIoasMap::read(&kbuf);
+            if c.flags & !IOMMU_IOAS_MAP_VALID_FLAGS != 0 || c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if c.iova == u64::MAX || c.length == u64::MAX {
+                return Err(Errno::EOVERFLOW);
+            }
+            check_map_prot(c.flags)?;
+            let fixed = c.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0;
+            let iova = ictx.ioas_map(
+                c.ioas_id,
+                fixed.then_some(c.iova),
+                c.user_va,
+                c.length,
+                c.flags & IOMMU_IOAS_MAP_READABLE != 0,
+                c.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
+            )?;
+            c.iova = iova;
+            respond(&c.to_bytes(), user_size, buf)
+        }
+        IOMMU_IOAS_UNMAP => {
+            let mut c = IommuIoasUnmap::read(&kbuf);
+            ictx.ioas(c.ioas_id)?;
+            if !(c.iova == 0 && c.length == u64::MAX) && (c.iova == u64::MAX || c.length == u64::MAX) {
+                return Err(Errno::EOVERFLOW);
+            }
+            c.length = ictx.ioas_unmap(c.ioas_id, c.iova, c.length)?;
+            respond(&c.to_bytes(), user_size, buf)
+        }
+        IOMMU_OPTION => {
+            let mut c = IommuOption::read(&kbuf);
+            if c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            option(ictx, &mut c)?;
+            // Only val64 goes back.
+            let val = c.val64.to_le_bytes();
+            let dst = buf.get_mut(16..24).ok_or(Errno::EFAULT)?;
+            dst.copy_from_slice(&val);
+            Ok(())
+        }
+        IOMMU_VFIO_IOAS => {
+            let mut c = IommuVfioIoas::read(&kbuf);
+            if c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            match c.op {
+                IOMMU_VFIO_IOAS_GET => {
+                    c.ioas_id = ictx.compat_ioas().ok_or(Errno::ENODEV)?;
+                    respond(&c.to_bytes(), user_size, buf)
+                }
+                IOMMU_VFIO_IOAS_SET => {
+                    ictx.ioas(c.ioas_id)?;
+                    ictx.set_compat_ioas(Some(c.ioas_id));
+                    Ok(())
+                }
+                IOMMU_VFIO_IOAS_CLEAR => {
+                    ictx.set_compat_ioas(None);
+                    Ok(())
+                }
+                _ => Err(Errno::EOPNOTSUPP),
+            }
+        }
+        IOMMU_HWPT_ALLOC => {
+            let mut c = IommuHwptAlloc::read(&kbuf);
+            if c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if (c.data_type == IOMMU_HWPT_DATA_NONE) != (c.data_len == 0) {
+                return Err(Errno::EINVAL);
+            }
+            ictx.device(c.dev_id)?;
+            let is_ioas = match ictx.ioas(c.pt_id) {
+                Ok(_) => true,
+                Err(_) if ictx.hwpt(c.pt_id).is_ok() => false,
+                Err(_) => return Err(Errno::EINVAL),
+            };
+            if !is_ioas {
+                // Nested translation is not implemented yet.
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if c.flags & !IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12 != 0
+                || c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0
+                || c.data_type != IOMMU_HWPT_DATA_NONE
+            {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let id = ictx.hwpt_alloc(c.dev_id, c.pt_id)?;
+            c.out_hwpt_id = id;
+            respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
+                let _ = ictx.destroy(id);
+            })
+        }
+        IOMMU_GET_HW_INFO => {
+            let mut c = IommuHwInfo::read(&kbuf);
+            if c.flags != 0 || c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let dev = ictx.device(c.dev_id)?;
+            let (kind, data) = dev.hw_info();
+            let n = (c.data_len as usize).min(data.len());
+            if n > 0 {
+                ictx.source().write_user(c.data_uptr, &data[..n])?;
+            }
+            if (c.data_len as usize) > data.len() {
+                let zeros = alloc::vec![0u8; c.data_len as usize - data.len()];
+                ictx.source().write_user(c.data_uptr + data.len() as u64, &zeros)?;
+            }
+            c.data_len = data.len() as u32;
+            c.out_data_type = kind;
+            c.out_capabilities = 0;
+            respond(&c.to_bytes(), user_size, buf)
+        }
+        #[cfg(feature = "selftest")]
+        IOMMU_TEST_CMD => crate::selftest::cmd::test_cmd(ictx, &kbuf, user_size, buf),
+        // Known to 6.12 but not implemented here yet (see module docs).
+        _ => Err(Errno::EOPNOTSUPP),
+    }
+}
+
+/// `iommufd_ucmd_respond`: the output struct, `min(user size, struct size)`
+/// bytes of it.
+pub(crate) fn respond(kernel: &[u8], user_size: u32, buf: &mut [u8]) -> Result<()> {
+    uapi::give_back_checked(kernel, user_size, buf)
+}
+
+fn check_map_flags(flags: u32) -> Result<()> {
+    if flags & !IOMMU_IOAS_MAP_VALID_FLAGS != 0 { Err(Errno::EOPNOTSUPP) } else { Ok(()) }
+}
+
+fn check_map_prot(flags: u32) -> Result<()> {
+    if flags & (IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE) == 0 { Err(Errno::EINVAL) } else { Ok(()) }
+}
+
+/// Reads `num` `iommu_iova_range`s at `uptr`: EFAULT when unreadable,
+/// EINVAL when `start >= last` or when one overlaps an earlier one.
+fn load_ranges(ictx: &Ictx, uptr: u64, num: u32) -> Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for i in 0..num as u64 {
+        let mut b = [0u8; IommuIovaRange::SIZE];
+        let at = i.checked_mul(IommuIovaRange::SIZE as u64).and_then(|o| uptr.checked_add(o)).ok_or(Errno::EFAULT)?;
+        ictx.source().read_user(at, &mut b)?;
+        let r = IommuIovaRange::read(&b);
+        if r.start >= r.last {
+            return Err(Errno::EINVAL);
+        }
+        if out.iter().any(|&(s, l)| s <= r.last && r.start <= l) {
+            return Err(Errno::EINVAL);
+        }
+        out.push((r.start, r.last));
+    }
+    Ok(out)
+}
+
+fn option(ictx: &Ictx, c: &mut IommuOption) -> Result<()> {
+    if c.option_id == IOMMU_OPTION_RLIMIT_MODE {
+        if c.object_id != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        return match c.op {
+            IOMMU_OPTION_OP_GET => {
+                c.val64 = (ictx.accounting().mode() == AccountMode::Mm) as u64;
+                Ok(())
+            }
+            IOMMU_OPTION_OP_SET => match c.val64 {
+                0 => ictx.set_account_mode(AccountMode::User),
+                1 => ictx.set_account_mode(AccountMode::Mm),
+                _ => {
+                    // Linux checks for live objects before the value.
+                    if ictx.object_count() != 0 { Err(Errno::EBUSY) } else { Err(Errno::EINVAL) }
+                }
+            },
+            _ => Err(Errno::EOPNOTSUPP),
+        };
+    }
+    let ioas = ictx.ioas(c.object_id)?;
+    if c.option_id != IOMMU_OPTION_HUGE_PAGES {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let mut iopt = ioas.iopt.lock();
+    match c.op {
+        IOMMU_OPTION_OP_GET => {
+            c.val64 = (!iopt.large_pages_disabled()) as u64;
+            Ok(())
+        }
+        IOMMU_OPTION_OP_SET => match c.val64 {
+            0 => iopt.disable_large_pages(),
+            1 => {
+                iopt.enable_large_pages();
+                Ok(())
+            }
+            _ => Err(Errno::EINVAL),
+        },
+        _ => Err(Errno::EOPNOTSUPP),
+    }
+}
+
+/// Reserves `[start, start + length)` in IOAS `ioas_id` for the selftest.
+#[cfg(feature = "selftest")]
+pub(crate) fn add_test_reserved(ictx: &Ictx, ioas_id: u32, start: u64, length: u64) -> Result<()> {
+    let ioas = ictx.ioas(ioas_id)?;
+    let last = start.wrapping_add(length).wrapping_sub(1);
+    ioas.iopt.lock().reserve(start, last, Owner::Test)
+}
