@@ -315,3 +315,189 @@ mod tests {
         assert_eq!(a.pins(0), 1);
     }
 }
+
+/// Byte access to physical memory, for [`RegionMemory`]: the kernel's
+/// direct map in Portcullis, nothing (reads fail) in host benchmarks.
+pub trait PhysMemory: Send + Sync {
+    /// Copies from physical memory.
+    fn read(&self, phys: u64, buf: &mut [u8]) -> Result<()>;
+    /// Copies to physical memory.
+    fn write(&self, phys: u64, buf: &[u8]) -> Result<()>;
+}
+
+/// Physical memory that cannot be touched (host benchmarks): every access
+/// is `EOPNOTSUPP`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoPhysAccess;
+
+impl PhysMemory for NoPhysAccess {
+    fn read(&self, _: u64, _: &mut [u8]) -> Result<()> {
+        Err(Errno::EOPNOTSUPP)
+    }
+    fn write(&self, _: u64, _: &[u8]) -> Result<()> {
+        Err(Errno::EOPNOTSUPP)
+    }
+}
+
+struct Region {
+    uptr: u64,
+    phys: u64,
+    len: u64,
+    writable: bool,
+    pins: Vec<u32>,
+}
+
+/// A memory source made of regions of user (guest-physical) addresses,
+/// each backed by one physically contiguous host range: how a hypervisor
+/// sees its guest's RAM. Pins are counted per page.
+pub struct RegionMemory<P> {
+    regions: Mutex<Vec<Region>>,
+    phys: P,
+}
+
+impl<P> core::fmt::Debug for RegionMemory<P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "RegionMemory({} regions)", self.regions.lock().len())
+    }
+}
+
+impl<P: PhysMemory> RegionMemory<P> {
+    /// No regions yet.
+    pub fn new(phys: P) -> Self {
+        Self { regions: Mutex::new(Vec::new()), phys }
+    }
+
+    /// Adds `[uptr, uptr + len)` backed by host physical `[phys, phys + len)`.
+    /// Page aligned; must not overlap an existing region (`EEXIST`).
+    pub fn add_region(&self, uptr: u64, phys: u64, len: u64, writable: bool) -> Result<()> {
+        if !(uptr | phys | len).is_multiple_of(PAGE_SIZE) || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = uptr.checked_add(len).ok_or(Errno::EOVERFLOW)?;
+        let mut r = self.regions.lock();
+        if r.iter().any(|x| uptr < x.uptr + x.len && x.uptr < end) {
+            return Err(Errno::EEXIST);
+        }
+        r.push(Region { uptr, phys, len, writable, pins: vec![0; (len / PAGE_SIZE) as usize] });
+        r.sort_by_key(|x| x.uptr);
+        Ok(())
+    }
+
+    /// Pages pinned at least once, over all regions.
+    pub fn pinned_pages(&self) -> u64 {
+        self.regions.lock().iter().map(|r| r.pins.iter().filter(|&&p| p > 0).count() as u64).sum()
+    }
+
+    fn region_of(regions: &[Region], uptr: u64) -> Option<usize> {
+        let i = regions.partition_point(|r| r.uptr <= uptr).checked_sub(1)?;
+        (uptr < regions[i].uptr + regions[i].len).then_some(i)
+    }
+
+    fn user_to_phys(&self, uptr: u64, len: usize) -> Result<u64> {
+        let r = self.regions.lock();
+        let i = Self::region_of(&r, uptr).ok_or(Errno::EFAULT)?;
+        let reg = &r[i];
+        if uptr + len as u64 > reg.uptr + reg.len {
+            return Err(Errno::EFAULT);
+        }
+        Ok(reg.phys + (uptr - reg.uptr))
+    }
+}
+
+impl<P: PhysMemory> MemorySource for RegionMemory<P> {
+    fn pin(&self, uptr: u64, out: &mut [u64], write: bool) -> Result<()> {
+        if !uptr.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        let mut regions = self.regions.lock();
+        // Check the whole range first (it may span regions).
+        let mut a = uptr;
+        let end = uptr.checked_add(out.len() as u64 * PAGE_SIZE).ok_or(Errno::EFAULT)?;
+        while a < end {
+            let i = Self::region_of(&regions, a).ok_or(Errno::EFAULT)?;
+            if write && !regions[i].writable {
+                return Err(Errno::EFAULT);
+            }
+            a = regions[i].uptr + regions[i].len;
+        }
+        let mut k = 0;
+        while k < out.len() {
+            let a = uptr + k as u64 * PAGE_SIZE;
+            let i = Self::region_of(&regions, a).expect("checked above");
+            let reg = &mut regions[i];
+            let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
+            let n = (reg.pins.len() - first).min(out.len() - k);
+            for j in 0..n {
+                reg.pins[first + j] += 1;
+                out[k + j] = reg.phys + (first + j) as u64 * PAGE_SIZE;
+            }
+            k += n;
+        }
+        Ok(())
+    }
+
+    fn unpin(&self, phys: &[u64], _dirty: bool) {
+        let mut regions = self.regions.lock();
+        for &p in phys {
+            let reg = regions
+                .iter_mut()
+                .find(|r| p >= r.phys && p < r.phys + r.len)
+                .expect("unpin of a page outside every region");
+            let idx = ((p - reg.phys) / PAGE_SIZE) as usize;
+            assert!(reg.pins[idx] > 0, "unpin of an unpinned page {p:#x}");
+            reg.pins[idx] -= 1;
+        }
+    }
+
+    fn read_user(&self, uptr: u64, buf: &mut [u8]) -> Result<()> {
+        let p = self.user_to_phys(uptr, buf.len())?;
+        self.phys.read(p, buf)
+    }
+
+    fn write_user(&self, uptr: u64, buf: &[u8]) -> Result<()> {
+        let p = self.user_to_phys(uptr, buf.len())?;
+        self.phys.write(p, buf)
+    }
+
+    fn read_phys(&self, phys: u64, buf: &mut [u8]) -> Result<()> {
+        self.phys.read(phys, buf)
+    }
+
+    fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()> {
+        self.phys.write(phys, buf)
+    }
+
+    fn pin_count(&self, uptr: u64) -> Result<Option<u32>> {
+        let r = self.regions.lock();
+        let i = Self::region_of(&r, uptr).ok_or(Errno::EFAULT)?;
+        Ok(Some(r[i].pins[((uptr - r[i].uptr) / PAGE_SIZE) as usize]))
+    }
+
+    fn peek_phys(&self, uptr: u64) -> Result<Option<u64>> {
+        self.user_to_phys(uptr, 1).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod region_tests {
+    use super::*;
+
+    #[test]
+    fn regions_translate_and_count_pins() {
+        let m = RegionMemory::new(NoPhysAccess);
+        m.add_region(0, 0x1_0000_0000, 0x20_0000, true).unwrap();
+        m.add_region(0x20_0000, 0x3_0000_0000, 0x1000, false).unwrap();
+        assert_eq!(m.add_region(0x1000, 0, 0x1000, true), Err(Errno::EEXIST));
+        let mut three = [0u64; 3];
+        assert_eq!(m.pin(0x1f_f000, &mut three, false), Err(Errno::EFAULT), "runs off the second region");
+        assert_eq!(m.pinned_pages(), 0);
+        let mut out = [0u64; 2];
+        m.pin(0x1f_f000, &mut out, false).unwrap();
+        assert_eq!(out, [0x1_001f_f000, 0x3_0000_0000]);
+        assert_eq!(m.pin(0x1f_f000, &mut out, true), Err(Errno::EFAULT), "second region is read-only");
+        assert_eq!(m.pin_count(0x20_0000), Ok(Some(1)));
+        assert_eq!(m.peek_phys(0x20_0010), Ok(Some(0x3_0000_0010)));
+        m.unpin(&out, false);
+        assert_eq!(m.pinned_pages(), 0);
+    }
+}
