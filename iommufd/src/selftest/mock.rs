@@ -43,12 +43,19 @@ pub struct MockDomain {
     /// Set when an unmap did not line up with map boundaries: a caller bug.
     pub misaligned_unmaps: u64,
     coherent: bool,
+    aperture: Option<(u64, u64)>,
 }
 
 impl MockDomain {
     /// An empty mock domain.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty mock domain with another aperture (benchmarks of sizes
+    /// beyond the Linux mock's 2 GiB).
+    pub fn with_aperture(start: u64, last: u64) -> Self {
+        Self { aperture: Some((start, last)), ..Self::default() }
     }
 
     /// The entry for the I/O page containing `iova`.
@@ -76,13 +83,14 @@ impl MockDomain {
         self.devices.iter().copied()
     }
 
-    fn check(iova: u64, length: u64) -> Result<u64, DomainError> {
+    fn check(&self, iova: u64, length: u64) -> Result<u64, DomainError> {
         let bad = DomainError::BadRange { iova, length };
         let last = iova.checked_add(length).and_then(|e| e.checked_sub(1)).ok_or(bad)?;
         if length == 0 || !iova.is_multiple_of(MOCK_IO_PAGE_SIZE) || !length.is_multiple_of(MOCK_IO_PAGE_SIZE) {
             return Err(bad);
         }
-        if iova < MOCK_APERTURE_START || last > MOCK_APERTURE_LAST {
+        let (start, end) = self.aperture();
+        if iova < start || last > end {
             return Err(bad);
         }
         Ok(last)
@@ -95,7 +103,7 @@ impl IommuDomain for MockDomain {
     }
 
     fn aperture(&self) -> (u64, u64) {
-        (MOCK_APERTURE_START, MOCK_APERTURE_LAST)
+        self.aperture.unwrap_or((MOCK_APERTURE_START, MOCK_APERTURE_LAST))
     }
 
     fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
@@ -103,7 +111,7 @@ impl IommuDomain for MockDomain {
         if self.fail_map_at == Some(self.map_calls) {
             return Err(DomainError::Injected);
         }
-        Self::check(iova, length)?;
+        self.check(iova, length)?;
         if !phys.is_multiple_of(MOCK_IO_PAGE_SIZE) {
             return Err(DomainError::BadRange { iova, length });
         }
@@ -120,7 +128,7 @@ impl IommuDomain for MockDomain {
     }
 
     fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
-        let Ok(last) = Self::check(iova, length) else { return 0 };
+        let Ok(last) = self.check(iova, length) else { return 0 };
         let first = iova / MOCK_IO_PAGE_SIZE;
         let end = first + length / MOCK_IO_PAGE_SIZE;
         let keys: alloc::vec::Vec<u64> = self.entries.range(first..end).map(|(k, _)| *k).collect();
