@@ -200,6 +200,7 @@ impl Ictx {
     }
 
     fn insert(&self, obj: Object) -> Result<u32> {
+        self.accounting.faults.point()?;
         let mut objects = self.objects.lock();
         let mut id = 1u32;
         for &k in objects.keys() {
@@ -393,6 +394,7 @@ impl Ictx {
     }
 
     fn new_hwpt(&self, ioas_id: u32, ioas: &Arc<Ioas>, dev: &Device, auto: bool) -> Result<(u32, Arc<Hwpt>)> {
+        self.accounting.faults.point()?;
         let domain = dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?;
         let domain: DomainRef = Arc::new(Mutex::new(domain));
         let hwpt =

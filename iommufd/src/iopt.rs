@@ -279,6 +279,7 @@ impl IoPagetable {
         let end_byte = area.start_byte + (last - iova);
         let mut result = Ok(());
         let flush = |run: (u64, u64, u64), domain: &mut dyn IommuDomain, done: &mut Vec<(u64, u64)>| -> Result<()> {
+            area.pages.fault_point()?;
             domain.map(run.0, run.1, run.2, area.prot).map_err(domain_errno)?;
             done.push((run.0, run.2));
             Ok(())

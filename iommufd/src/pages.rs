@@ -33,10 +33,41 @@ pub enum AccountMode {
     Mm,
 }
 
-/// Pinned-page accounting for one iommufd context.
+/// Fault injection for error-path sweeps: the `n`th *fault point* from
+/// arming (object or page-store allocation, pin, domain allocation,
+/// domain map) fails with `ENOMEM`. Off unless armed; each context has one,
+/// in its [`Accounting`].
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    calls: core::sync::atomic::AtomicU64,
+    fail_at: core::sync::atomic::AtomicU64,
+}
+
+impl FaultPlan {
+    /// Makes the `n`th fault point from now (1-based) fail; `None` disarms.
+    pub fn arm(&self, n: Option<u64>) {
+        use core::sync::atomic::Ordering::SeqCst;
+        self.calls.store(0, SeqCst);
+        self.fail_at.store(n.unwrap_or(0), SeqCst);
+    }
+    /// Fault points passed since arming.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(core::sync::atomic::Ordering::SeqCst)
+    }
+    /// One fault point: `ENOMEM` if this is the armed one.
+    pub fn point(&self) -> Result<()> {
+        use core::sync::atomic::Ordering::SeqCst;
+        let n = self.calls.fetch_add(1, SeqCst) + 1;
+        if self.fail_at.load(SeqCst) == n { Err(Errno::ENOMEM) } else { Ok(()) }
+    }
+}
+
+/// Pinned-page accounting for one iommufd context (and its fault plan).
 #[derive(Debug)]
 pub struct Accounting {
     state: Mutex<AccountState>,
+    /// Fault injection shared by everything in the context.
+    pub faults: FaultPlan,
 }
 
 #[derive(Debug)]
@@ -49,7 +80,10 @@ struct AccountState {
 impl Accounting {
     /// Accounting with a limit in pages (`u64::MAX` = unlimited).
     pub fn new(limit_pages: u64) -> Self {
-        Self { state: Mutex::new(AccountState { mode: AccountMode::User, pinned: 0, limit: limit_pages }) }
+        Self {
+            state: Mutex::new(AccountState { mode: AccountMode::User, pinned: 0, limit: limit_pages }),
+            faults: FaultPlan::default(),
+        }
     }
     /// Pages charged now.
     pub fn pinned(&self) -> u64 {
@@ -168,6 +202,7 @@ impl Pages {
         let first = uptr & !(PAGE_SIZE - 1);
         let last_page_end = end.checked_next_multiple_of(PAGE_SIZE).ok_or(Errno::EOVERFLOW)?;
         let npages = (last_page_end - first) / PAGE_SIZE;
+        accounting.faults.point()?;
         let pages = Pages { uptr: first, npages, writable, source, accounting, table: Mutex::new(PinTable::default()) };
         Ok((Arc::new(pages), uptr - first))
     }
@@ -180,6 +215,11 @@ impl Pages {
     /// Use count of page `index` (for tests and the selftest's check_refs).
     pub fn uses(&self, index: u64) -> u32 {
         self.table.lock().uses(index)
+    }
+
+    /// A fault-injection point of the owning context (domain maps).
+    pub fn fault_point(&self) -> Result<()> {
+        self.accounting.faults.point()
     }
 
     /// The memory source behind these pages.
@@ -210,6 +250,9 @@ impl Pages {
             }
         }
         let fresh_count: u64 = fresh.iter().map(|(s, e)| e - s + 1).sum();
+        if fresh_count > 0 {
+            self.accounting.faults.point()?;
+        }
         self.accounting.charge(fresh_count)?;
         let mut done: Vec<(u64, Vec<u64>)> = Vec::with_capacity(fresh.len());
         for &(s, e) in &fresh {
