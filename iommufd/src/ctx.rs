@@ -44,12 +44,40 @@ pub trait DeviceOps: Send + Sync {
     }
 }
 
+/// An in-kernel user of an IOAS (a mediated device, an emulated DMA
+/// engine): it pins pages or reads and writes through IOVAs with the CPU.
+pub trait AccessOps: Send + Sync {
+    /// The IOAS is about to unmap `[iova, iova + length)`: the access must
+    /// unpin everything it pinned there (with [`Ictx::access_unpin_pages`])
+    /// before returning.
+    fn unmap(&self, ictx: &Ictx, access_id: u32, iova: u64, length: u64);
+    /// Whether the access pins pages (forces PAGE_SIZE IOVA alignment).
+    fn needs_pin_pages(&self) -> bool {
+        true
+    }
+}
+
+/// An access object.
+pub struct Access {
+    ops: Arc<dyn AccessOps>,
+    ioas: Mutex<Option<u32>>,
+    refs: AtomicU32,
+}
+
+impl core::fmt::Debug for Access {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Access(ioas {:?})", self.ioas.lock())
+    }
+}
+
 /// An I/O address space.
 pub struct Ioas {
     /// The page table (areas, reservations, domains).
     pub iopt: Mutex<IoPagetable>,
     /// HWPTs made for this IOAS automatically by attach, in creation order.
     auto_hwpts: Mutex<Vec<u32>>,
+    /// Accesses attached to this IOAS.
+    accesses: Mutex<Vec<u32>>,
     refs: AtomicU32,
 }
 
@@ -107,6 +135,8 @@ pub enum Object {
     Hwpt(Arc<Hwpt>),
     /// A device.
     Device(Arc<Device>),
+    /// An access (in-kernel user of an IOAS).
+    Access(Arc<Access>),
     /// An object that owns a device binding (the selftest's mock device
     /// object; a VFIO device file in Linux): destroying it unbinds the
     /// device.
@@ -128,6 +158,7 @@ impl Object {
             Object::Hwpt(o) => &o.refs,
             Object::Device(o) => &o.refs,
             Object::DeviceOwner(o) => &o.refs,
+            Object::Access(o) => &o.refs,
         }
     }
 }
@@ -138,6 +169,9 @@ pub struct Ictx {
     accounting: Arc<Accounting>,
     objects: Mutex<BTreeMap<u32, Object>>,
     compat_ioas: Mutex<Option<u32>>,
+    /// State of the selftest commands (access "file descriptors").
+    #[cfg(feature = "selftest")]
+    pub(crate) selftest: Mutex<crate::selftest::cmd::State>,
 }
 
 impl core::fmt::Debug for Ictx {
@@ -165,6 +199,8 @@ impl Ictx {
             accounting: Arc::new(Accounting::new(pin_limit_pages)),
             objects: Mutex::new(BTreeMap::new()),
             compat_ioas: Mutex::new(None),
+            #[cfg(feature = "selftest")]
+            selftest: Mutex::new(crate::selftest::cmd::State::default()),
         }
     }
 
@@ -249,6 +285,7 @@ impl Ictx {
         self.insert(Object::Ioas(Arc::new(Ioas {
             iopt: Mutex::new(IoPagetable::new()),
             auto_hwpts: Mutex::new(Vec::new()),
+            accesses: Mutex::new(Vec::new()),
             refs: AtomicU32::new(0),
         })))
     }
@@ -276,7 +313,7 @@ impl Ictx {
                 let _ = ioas.iopt.lock().unmap_all();
             }
             Object::Hwpt(h) => self.release_hwpt(id, &h),
-            Object::Device(_) => unreachable!("refused above"),
+            Object::Device(_) | Object::Access(_) => unreachable!("refused above: held by their drivers"),
         }
         Ok(())
     }
@@ -306,8 +343,125 @@ impl Ictx {
     /// `IOMMU_IOAS_UNMAP`; `(0, u64::MAX)` unmaps everything.
     pub fn ioas_unmap(&self, ioas_id: u32, iova: u64, length: u64) -> Result<u64> {
         let ioas = self.ioas(ioas_id)?;
-        let mut iopt = ioas.iopt.lock();
-        if iova == 0 && length == u64::MAX { iopt.unmap_all() } else { iopt.unmap(iova, length) }
+        let all = iova == 0 && length == u64::MAX;
+        let last = if all { u64::MAX } else { iova.checked_add(length.max(1) - 1).ok_or(Errno::EOVERFLOW)? };
+        // Accesses holding pages in the range are asked to let go first
+        // (with no IOAS lock held: they unpin through this context).
+        for _ in 0..16 {
+            let blocker = ioas.iopt.lock().access_blocker(iova, last);
+            let Some((s, l)) = blocker else {
+                let mut iopt = ioas.iopt.lock();
+                return if all { iopt.unmap_all() } else { iopt.unmap(iova, length) };
+            };
+            let ids = ioas.accesses.lock().clone();
+            for id in ids {
+                if let Ok(Object::Access(a)) = self.get(id) {
+                    a.ops.unmap(self, id, s, l - s + 1);
+                }
+            }
+        }
+        // An access that does not unpin when told is a driver bug.
+        Err(Errno::EDEADLK)
+    }
+
+    fn access(&self, id: u32) -> Result<Arc<Access>> {
+        match self.get(id)? {
+            Object::Access(a) => Ok(a),
+            _ => Err(Errno::ENOENT),
+        }
+    }
+
+    /// Creates an access (not attached). Its driver holds it: `IOMMU_DESTROY`
+    /// answers `EBUSY`; [`Self::access_destroy`] ends it.
+    pub fn access_create(&self, ops: Arc<dyn AccessOps>) -> Result<u32> {
+        self.insert(Object::Access(Arc::new(Access { ops, ioas: Mutex::new(None), refs: AtomicU32::new(1) })))
+    }
+
+    /// Ends an access: detaches it (its driver is told to unpin
+    /// everything) and removes it.
+    pub fn access_destroy(&self, id: u32) -> Result<()> {
+        let a = self.access(id)?;
+        self.access_change_ioas(id, &a, None)?;
+        self.objects.lock().remove(&id);
+        Ok(())
+    }
+
+    fn access_change_ioas(&self, id: u32, a: &Access, new: Option<u32>) -> Result<()> {
+        let cur = *a.ioas.lock();
+        if cur == new {
+            return Ok(());
+        }
+        if let Some(n) = new {
+            let ioas = self.ioas(n)?;
+            let align = if a.ops.needs_pin_pages() { PAGE_SIZE } else { 1 };
+            ioas.iopt.lock().add_access(id, align)?;
+            ioas.refs.fetch_add(1, Ordering::SeqCst);
+            ioas.accesses.lock().push(id);
+        }
+        *a.ioas.lock() = new;
+        if let Some(c) = cur
+            && let Ok(old) = self.ioas(c)
+        {
+            // The driver drops its pins on the old IOAS (still reachable:
+            // unpin finds its areas there).
+            *a.ioas.lock() = Some(c);
+            a.ops.unmap(self, id, 0, u64::MAX);
+            *a.ioas.lock() = new;
+            old.iopt.lock().remove_access(id);
+            old.accesses.lock().retain(|x| *x != id);
+            old.refs.fetch_sub(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Attaches a detached access to an IOAS.
+    pub fn access_attach(&self, id: u32, ioas_id: u32) -> Result<()> {
+        let a = self.access(id)?;
+        if a.ioas.lock().is_some() {
+            return Err(Errno::EINVAL);
+        }
+        self.access_change_ioas(id, &a, Some(ioas_id))
+    }
+
+    /// Moves an attached access to another IOAS (`ENOENT` if detached).
+    pub fn access_replace(&self, id: u32, ioas_id: u32) -> Result<()> {
+        let a = self.access(id)?;
+        if a.ioas.lock().is_none() {
+            return Err(Errno::ENOENT);
+        }
+        self.access_change_ioas(id, &a, Some(ioas_id))
+    }
+
+    fn access_ioas(&self, id: u32) -> Result<(Arc<Access>, Arc<Ioas>)> {
+        let a = self.access(id)?;
+        let ioas_id = (*a.ioas.lock()).ok_or(Errno::ENOENT)?;
+        Ok((a, self.ioas(ioas_id)?))
+    }
+
+    /// Pins the pages under `[iova, iova + length)` for access `id`;
+    /// returns their physical addresses.
+    pub fn access_pin_pages(&self, id: u32, iova: u64, length: u64, write: bool) -> Result<Vec<u64>> {
+        let (a, ioas) = self.access_ioas(id)?;
+        if !a.ops.needs_pin_pages() {
+            return Err(Errno::EINVAL);
+        }
+        ioas.iopt.lock().access_pin(iova, length, write)
+    }
+
+    /// Releases a pin of [`Self::access_pin_pages`] (same range).
+    pub fn access_unpin_pages(&self, id: u32, iova: u64, length: u64) -> Result<()> {
+        let (_, ioas) = self.access_ioas(id)?;
+        ioas.iopt.lock().access_unpin(iova, length)
+    }
+
+    /// Reads (`write` false) or writes `data` at `iova` through access `id`.
+    pub fn access_rw(&self, id: u32, iova: u64, data: &mut [u8], write: bool) -> Result<()> {
+        if data.is_empty() {
+            return Err(Errno::EINVAL);
+        }
+        iova.checked_add(data.len() as u64 - 1).ok_or(Errno::EOVERFLOW)?;
+        let (_, ioas) = self.access_ioas(id)?;
+        ioas.iopt.lock().access_rw(iova, data, write)
     }
 
     /// `IOMMU_IOAS_COPY`: maps what `src` maps at `src_iova` into `dst`.
@@ -475,7 +629,7 @@ impl Ictx {
                     }
                 }
             }
-            Object::Device(_) | Object::DeviceOwner(_) => Err(Errno::ENOENT),
+            Object::Device(_) | Object::DeviceOwner(_) | Object::Access(_) => Err(Errno::ENOENT),
         }
     }
 
@@ -556,6 +710,11 @@ impl Drop for Ictx {
             .collect();
         for id in owners {
             let _ = self.destroy(id);
+        }
+        let accesses: Vec<u32> =
+            self.objects.lock().iter().filter(|(_, o)| matches!(o, Object::Access(_))).map(|(id, _)| *id).collect();
+        for id in accesses {
+            let _ = self.access_destroy(id);
         }
         let devices: Vec<u32> =
             self.objects.lock().iter().filter(|(_, o)| matches!(o, Object::Device(_))).map(|(id, _)| *id).collect();
@@ -640,6 +799,55 @@ mod tests {
         assert_eq!(mem.pinned_pages(), 0, "the copy in a domain-less IOAS pins nothing");
         drop(c);
         assert_eq!(mem.pinned_pages(), 0);
+    }
+
+    #[test]
+    fn accesses_pin_read_write_and_are_told_to_unpin() {
+        use crate::selftest::cmd::MockAccess;
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let iova = c.ioas_map(ioas, None, 0x4000_0000, 0x4000, true, true).unwrap();
+        let ro = c.ioas_map(ioas, None, 0x4000_8000, 0x1000, true, false).unwrap();
+        let a = c.access_create(Arc::new(MockAccess::default())).unwrap();
+        assert_eq!(c.access_pin_pages(a, iova, 0x1000, false), Err(Errno::ENOENT), "not attached yet");
+        c.access_attach(a, ioas).unwrap();
+        assert_eq!(c.destroy(a), Err(Errno::EBUSY), "the driver holds its access");
+        assert_eq!(c.destroy(ioas), Err(Errno::EBUSY), "an access holds the IOAS");
+        // CPU writes through the IOVA land in user memory, reads come back.
+        let mut data = *b"portcullis";
+        c.access_rw(a, iova + 0xffb, &mut data, true).unwrap();
+        let mut back = [0u8; 10];
+        mem.read_user(0x4000_0ffb, &mut back).unwrap();
+        assert_eq!(&back, b"portcullis");
+        assert_eq!(c.access_rw(a, ro, &mut data, true), Err(Errno::EPERM));
+        assert_eq!(mem.pinned_pages(), 0, "rw pins only for the copy");
+        // MockAccess does not pin (needs_pin false): pinning is refused.
+        assert_eq!(c.access_pin_pages(a, iova, 0x1000, false), Err(Errno::EINVAL));
+        c.access_destroy(a).unwrap();
+        c.destroy(ioas).unwrap();
+    }
+
+    #[test]
+    fn unmap_tells_pinning_accesses_to_let_go() {
+        use crate::selftest::cmd::MockAccess;
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let d = c.bind_device(Arc::new(MockDev(3))).unwrap();
+        c.attach(d, ioas).unwrap();
+        let iova = c.ioas_map(ioas, Some(MOCK_APERTURE_START), 0x4000_0000, 0x4000, true, true).unwrap();
+        let ops = Arc::new(MockAccess::new(true));
+        let a = c.access_create(ops.clone()).unwrap();
+        c.access_attach(a, ioas).unwrap();
+        assert_eq!(c.ioas_iova_ranges(ioas).unwrap().1, PAGE_SIZE, "a pinning access forces page alignment");
+        let phys = c.access_pin_pages(a, iova + 0x1000, 0x2000, true).unwrap();
+        assert_eq!(phys, alloc::vec![mem.phys_of(0x4000_1000).unwrap(), mem.phys_of(0x4000_2000).unwrap()]);
+        ops.remember(iova + 0x1000, 0x2000);
+        assert_eq!(mem.pins(0x4000_1000), 1, "the domain's pin and the access's share one page pin");
+        assert_eq!(c.access_pin_pages(a, iova + 0x800, 0x1000, false), Err(Errno::EINVAL), "not page aligned");
+        // The unmap asks the access to unpin, then proceeds.
+        assert_eq!(c.ioas_unmap(ioas, iova, 0x4000), Ok(0x4000));
+        assert_eq!(mem.pinned_pages(), 0);
+        c.access_destroy(a).unwrap();
     }
 
     #[test]

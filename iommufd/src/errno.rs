@@ -45,8 +45,10 @@ errnos! {
     ENOTTY = 25, "Unknown ioctl.";
     ENOSPC = 28, "No space (no free IOVA).";
     ERANGE = 34, "Out of range.";
+    EBADE = 52, "Invalid exchange (selftest: pages differ from the user VA).";
     EDEADLK = 35, "Resource deadlock (an access did not release its pins).";
     EOVERFLOW = 75, "Value too large.";
+    EBADFD = 77, "File descriptor in bad state (not an access fd).";
     EMSGSIZE = 90, "Message too long (output array too small).";
     EOPNOTSUPP = 95, "Operation not supported.";
     EADDRINUSE = 98, "Address in use.";

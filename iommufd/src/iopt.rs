@@ -675,6 +675,129 @@ impl IoPagetable {
         self.areas.get_mut(start).map(|(_, a)| a)
     }
 
+    /// The pieces of areas covering `[iova, last]` in order, as
+    /// `(area start, area last, piece first, piece last)`, and whether they
+    /// cover the whole range without a hole.
+    fn contiguous(&self, iova: u64, last: u64) -> (Vec<(u64, u64, u64, u64)>, bool) {
+        let mut out = Vec::new();
+        let mut cur = iova;
+        loop {
+            let Some((s, l, _)) = self.areas.get_containing(cur) else { return (out, false) };
+            let end = l.min(last);
+            out.push((s, l, cur, end));
+            if end == last {
+                return (out, true);
+            }
+            cur = end + 1;
+        }
+    }
+
+    /// The first area in `[iova, last]` an access holds pages of, when the
+    /// range is otherwise unmappable as a whole: unmap must first ask the
+    /// accesses to let go of it.
+    pub fn access_blocker(&self, iova: u64, last: u64) -> Option<(u64, u64)> {
+        let hit = self.areas_overlapping(iova, last);
+        if hit.iter().any(|&(s, l)| s < iova || l > last) {
+            return None;
+        }
+        hit.into_iter().find(|(s, _)| self.area(*s).1.accesses > 0)
+    }
+
+    /// Pins the pages under `[iova, iova + length)` for an access (Linux's
+    /// `iommufd_access_pin_pages`): page-aligned pieces, readable (or
+    /// writable when `write`), covered without holes. Returns the physical
+    /// address of each page. All or nothing.
+    pub fn access_pin(&mut self, iova: u64, length: u64, write: bool) -> Result<Vec<u64>> {
+        let last = last_of(iova, length)?;
+        let (pieces, complete) = self.contiguous(iova, last);
+        for (i, &(s, l, first, _)) in pieces.iter().enumerate() {
+            let area = self.area(s).1;
+            let start_byte = area.start_byte + (first - s);
+            let is_last = complete && i == pieces.len() - 1;
+            let end_byte = area.start_byte + (l - s);
+            if !start_byte.is_multiple_of(PAGE_SIZE) || (!is_last && end_byte % PAGE_SIZE != PAGE_SIZE - 1) {
+                return Err(Errno::EINVAL);
+            }
+            let ok = if write { area.prot.writable() } else { area.prot.readable() };
+            if !ok {
+                return Err(Errno::EPERM);
+            }
+        }
+        if !complete {
+            return Err(Errno::ENOENT);
+        }
+        let mut out = Vec::new();
+        let mut done: Vec<(u64, u64, u64)> = Vec::new();
+        for &(s, _, first, end) in &pieces {
+            let area = self.area(s).1;
+            let (fp, lp) = ((area.start_byte + (first - s)) / PAGE_SIZE, (area.start_byte + (end - s)) / PAGE_SIZE);
+            let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
+            if let Err(e) = area.pages.pin(fp, lp, Some(&mut phys)) {
+                for &(ds, dfp, dlp) in &done {
+                    self.area(ds).1.pages.unpin(dfp, dlp);
+                    self.areas.get_mut(ds).expect("area exists").1.accesses -= 1;
+                }
+                return Err(e);
+            }
+            self.areas.get_mut(s).expect("area exists").1.accesses += 1;
+            done.push((s, fp, lp));
+            out.extend_from_slice(&phys);
+        }
+        Ok(out)
+    }
+
+    /// Undoes [`Self::access_pin`] for exactly the same range.
+    pub fn access_unpin(&mut self, iova: u64, length: u64) -> Result<()> {
+        let last = last_of(iova, length)?;
+        let (pieces, complete) = self.contiguous(iova, last);
+        if !complete || pieces.iter().any(|(s, ..)| self.area(*s).1.accesses == 0) {
+            return Err(Errno::EINVAL);
+        }
+        for (s, _, first, end) in pieces {
+            let area = self.area(s).1;
+            area.pages.unpin((area.start_byte + (first - s)) / PAGE_SIZE, (area.start_byte + (end - s)) / PAGE_SIZE);
+            self.areas.get_mut(s).expect("area exists").1.accesses -= 1;
+        }
+        Ok(())
+    }
+
+    /// CPU reads (`data` filled) or writes (`data` stored) through the
+    /// pages under `[iova, iova + data.len())` (Linux's
+    /// `iommufd_access_rw`). Pages not pinned are pinned for the copy only.
+    pub fn access_rw(&self, iova: u64, data: &mut [u8], write: bool) -> Result<()> {
+        let last = last_of(iova, data.len() as u64)?;
+        let (pieces, complete) = self.contiguous(iova, last);
+        let mut done = 0usize;
+        for (s, _, first, end) in pieces {
+            let area = self.area(s).1;
+            let ok = if write { area.prot.writable() } else { area.prot.readable() };
+            if !ok {
+                return Err(Errno::EPERM);
+            }
+            let (b0, b1) = (area.start_byte + (first - s), area.start_byte + (end - s));
+            let (fp, lp) = (b0 / PAGE_SIZE, b1 / PAGE_SIZE);
+            let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
+            area.pages.pin(fp, lp, Some(&mut phys))?;
+            let mut b = b0;
+            let mut r = Ok(());
+            while b <= b1 && r.is_ok() {
+                let n = (PAGE_SIZE - b % PAGE_SIZE).min(b1 - b + 1) as usize;
+                let p = phys[(b / PAGE_SIZE - fp) as usize] + b % PAGE_SIZE;
+                let chunk = &mut data[done..done + n];
+                r = if write {
+                    area.pages.source().write_phys(p, chunk)
+                } else {
+                    area.pages.source().read_phys(p, chunk)
+                };
+                done += n;
+                b += n as u64;
+            }
+            area.pages.unpin(fp, lp);
+            r?;
+        }
+        if complete { Ok(()) } else { Err(Errno::ENOENT) }
+    }
+
     /// Registers an access with its alignment (Linux's `iopt_add_access`).
     pub fn add_access(&mut self, id: u32, align: u64) -> Result<()> {
         self.access_alignments.insert(id, align);

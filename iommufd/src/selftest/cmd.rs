@@ -1,10 +1,15 @@
 //! `IOMMU_TEST_CMD`: the selftest operations, on the mock domain.
 //!
 //! Implemented: ADD_RESERVED, MOCK_DOMAIN, MOCK_DOMAIN_FLAGS,
-//! MOCK_DOMAIN_REPLACE, MD_CHECK_MAP, MD_CHECK_REFS, SET_TEMP_MEMORY_LIMIT.
-//! The access operations (CREATE_ACCESS, ACCESS_PAGES, ACCESS_RW,
-//! DESTROY_ACCESS_PAGES, ACCESS_REPLACE_IOAS), DIRTY, MD_CHECK_IOTLB and
-//! TRIGGER_IOPF are not implemented yet and answer `EOPNOTSUPP`.
+//! MOCK_DOMAIN_REPLACE, MD_CHECK_MAP, MD_CHECK_REFS, SET_TEMP_MEMORY_LIMIT,
+//! CREATE_ACCESS, ACCESS_PAGES, DESTROY_ACCESS_PAGES, ACCESS_RW,
+//! ACCESS_REPLACE_IOAS. DIRTY, MD_CHECK_IOTLB and TRIGGER_IOPF (dirty
+//! tracking, nested domains, page faults) are not implemented yet and
+//! answer `EOPNOTSUPP`.
+//!
+//! Linux hands an access to user space as a file descriptor; here the
+//! "descriptors" are numbers from 3 up in a per-context table, never
+//! reused.
 
 use super::mock::{MOCK_IO_PAGE_SIZE, MockDomain};
 use crate::ctx::{DeviceOps, Ictx};
@@ -19,6 +24,67 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain};
 
 static NEXT_MOCK_DEVICE: AtomicU64 = AtomicU64::new(1);
+
+/// Selftest state of one context: the access "file descriptors".
+#[derive(Debug, Default)]
+pub struct State {
+    next_fd: u32,
+    accesses: alloc::collections::BTreeMap<u32, (u32, Arc<MockAccess>)>,
+}
+
+/// One `ACCESS_PAGES` pin a mock access holds.
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    id: u32,
+    iova: u64,
+    length: u64,
+}
+
+/// The selftest's access driver: remembers its pins and drops the ones an
+/// unmap covers when told.
+#[derive(Debug, Default)]
+pub struct MockAccess {
+    needs_pin: bool,
+    items: spin::Mutex<Vec<Item>>,
+    next_item: core::sync::atomic::AtomicU32,
+}
+
+impl MockAccess {
+    /// A mock access; `needs_pin` as `MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES`.
+    pub fn new(needs_pin: bool) -> Self {
+        Self { needs_pin, ..Self::default() }
+    }
+
+    /// Records a pin so a later unmap notification releases it.
+    pub fn remember(&self, iova: u64, length: u64) -> u32 {
+        let id = self.next_item.fetch_add(1, Ordering::Relaxed);
+        self.items.lock().push(Item { id, iova, length });
+        id
+    }
+}
+
+impl crate::ctx::AccessOps for MockAccess {
+    fn unmap(&self, ictx: &Ictx, access_id: u32, iova: u64, length: u64) {
+        let last = iova.saturating_add(length.max(1) - 1);
+        let hit: Vec<Item> = {
+            let mut items = self.items.lock();
+            let (hit, keep): (Vec<Item>, Vec<Item>) =
+                items.iter().partition(|it| it.iova <= last && it.iova.saturating_add(it.length) > iova);
+            *items = keep;
+            hit
+        };
+        for it in hit {
+            let _ = ictx.access_unpin_pages(access_id, it.iova, it.length);
+        }
+    }
+    fn needs_pin_pages(&self) -> bool {
+        self.needs_pin
+    }
+}
+
+fn access_of(ictx: &Ictx, fd: u32) -> Result<(u32, Arc<MockAccess>)> {
+    ictx.selftest.lock().accesses.get(&fd).cloned().ok_or(Errno::EBADFD)
+}
 
 /// A mock device: gets mock domains, reports the selftest hw_info.
 #[derive(Debug)]
@@ -123,6 +189,113 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
                     return Err(Errno::EIO);
                 }
                 uptr += PAGE_SIZE;
+            }
+            Ok(())
+        }
+        IOMMU_TEST_OP_CREATE_ACCESS => {
+            let mut ca = IommuTestCreateAccess::read(&c.payload);
+            if ca.flags & !MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let ops = Arc::new(MockAccess {
+                needs_pin: ca.flags & MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0,
+                ..MockAccess::default()
+            });
+            let id = ictx.access_create(ops.clone())?;
+            if let Err(e) = ictx.access_attach(id, c.id) {
+                let _ = ictx.access_destroy(id);
+                return Err(e);
+            }
+            let fd = {
+                let mut st = ictx.selftest.lock();
+                let fd = st.next_fd.max(3);
+                st.next_fd = fd + 1;
+                st.accesses.insert(fd, (id, ops));
+                fd
+            };
+            ca.out_access_fd = fd;
+            ca.write(&mut c.payload);
+            respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
+                ictx.selftest.lock().accesses.remove(&fd);
+                let _ = ictx.access_destroy(id);
+            })
+        }
+        IOMMU_TEST_OP_ACCESS_REPLACE_IOAS => {
+            let r = IommuTestAccessReplaceIoas::read(&c.payload);
+            let (id, _) = access_of(ictx, c.id)?;
+            ictx.access_replace(id, r.ioas_id)
+        }
+        IOMMU_TEST_OP_ACCESS_PAGES => {
+            let mut ap = IommuTestAccessPages::read(&c.payload);
+            if ap.length > 16 << 20 {
+                return Err(Errno::ENOMEM);
+            }
+            if ap.flags & !(MOCK_FLAGS_ACCESS_WRITE | MOCK_FLAGS_ACCESS_SYZ) != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let (id, access) = access_of(ictx, c.id)?;
+            if !access.needs_pin {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let phys = ictx.access_pin_pages(id, ap.iova, ap.length, ap.flags & MOCK_FLAGS_ACCESS_WRITE != 0)?;
+            if ap.uptr != 0 {
+                // The pinned pages must be the user's pages at uptr.
+                let mut u = ap.uptr.wrapping_sub(ap.iova % PAGE_SIZE);
+                for p in &phys {
+                    let want = match ictx.source().peek_phys(u) {
+                        Ok(Some(w)) => w,
+                        Ok(None) => {
+                            let _ = ictx.access_unpin_pages(id, ap.iova, ap.length);
+                            return Err(Errno::EOPNOTSUPP);
+                        }
+                        Err(e) => {
+                            let _ = ictx.access_unpin_pages(id, ap.iova, ap.length);
+                            return Err(e);
+                        }
+                    };
+                    if want != *p {
+                        let _ = ictx.access_unpin_pages(id, ap.iova, ap.length);
+                        return Err(Errno::EBADE);
+                    }
+                    u = u.wrapping_add(PAGE_SIZE);
+                }
+            }
+            let item = access.next_item.fetch_add(1, Ordering::Relaxed);
+            access.items.lock().push(Item { id: item, iova: ap.iova, length: ap.length });
+            ap.out_access_pages_id = item;
+            ap.write(&mut c.payload);
+            respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
+                access.items.lock().retain(|it| it.id != item);
+                let _ = ictx.access_unpin_pages(id, ap.iova, ap.length);
+            })
+        }
+        IOMMU_TEST_OP_DESTROY_ACCESS_PAGES => {
+            let d = IommuTestDestroyAccessPages::read(&c.payload);
+            let (id, access) = access_of(ictx, c.id)?;
+            let item = {
+                let mut items = access.items.lock();
+                let pos = items.iter().position(|it| it.id == d.access_pages_id).ok_or(Errno::ENOENT)?;
+                items.remove(pos)
+            };
+            ictx.access_unpin_pages(id, item.iova, item.length)
+        }
+        IOMMU_TEST_OP_ACCESS_RW => {
+            let rw = IommuTestAccessRw::read(&c.payload);
+            if rw.length > 16 << 20 {
+                return Err(Errno::ENOMEM);
+            }
+            if rw.flags & !(MOCK_ACCESS_RW_WRITE | MOCK_ACCESS_RW_SLOW_PATH | MOCK_FLAGS_ACCESS_SYZ) != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let (id, _) = access_of(ictx, c.id)?;
+            let mut tmp = alloc::vec![0u8; rw.length as usize];
+            let write = rw.flags & MOCK_ACCESS_RW_WRITE != 0;
+            if write {
+                ictx.source().read_user(rw.uptr, &mut tmp)?;
+            }
+            ictx.access_rw(id, rw.iova, &mut tmp, write)?;
+            if !write {
+                ictx.source().write_user(rw.uptr, &tmp)?;
             }
             Ok(())
         }
