@@ -96,6 +96,8 @@ pub struct Hwpt {
     pub domain: DomainRef,
     /// Created by attach (destroyed with its last device) or by HWPT_ALLOC.
     pub auto: bool,
+    /// The domain enforces cache coherency (snoop) on every mapping.
+    pub coherent: bool,
     refs: AtomicU32,
 }
 
@@ -549,10 +551,17 @@ impl Ictx {
 
     fn new_hwpt(&self, ioas_id: u32, ioas: &Arc<Ioas>, dev: &Device, auto: bool) -> Result<(u32, Arc<Hwpt>)> {
         self.accounting.faults.point()?;
-        let domain = dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?;
+        let mut domain = dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?;
+        let coherent = domain.enforce_cache_coherency();
         let domain: DomainRef = Arc::new(Mutex::new(domain));
-        let hwpt =
-            Arc::new(Hwpt { ioas_id, ioas: ioas.clone(), domain: domain.clone(), auto, refs: AtomicU32::new(0) });
+        let hwpt = Arc::new(Hwpt {
+            ioas_id,
+            ioas: ioas.clone(),
+            domain: domain.clone(),
+            auto,
+            coherent,
+            refs: AtomicU32::new(0),
+        });
         let id = self.insert(Object::Hwpt(hwpt.clone()))?;
         if let Err(e) = ioas.iopt.lock().add_domain(id as u64, domain) {
             self.objects.lock().remove(&id);
@@ -681,6 +690,22 @@ impl Ictx {
                 Err(e)
             }
         }
+    }
+
+    /// Whether every HWPT of an IOAS enforces cache coherency (VFIO's
+    /// `VFIO_DMA_CC_IOMMU`); true when it has none.
+    pub fn ioas_hwpts_coherent(&self, ioas_id: u32) -> Result<bool> {
+        self.ioas(ioas_id)?;
+        let hwpts: Vec<Arc<Hwpt>> = self
+            .objects
+            .lock()
+            .values()
+            .filter_map(|o| match o {
+                Object::Hwpt(h) if h.ioas_id == ioas_id => Some(h.clone()),
+                _ => None,
+            })
+            .collect();
+        Ok(hwpts.iter().all(|h| h.coherent))
     }
 
     /// The HWPT a device is attached to.

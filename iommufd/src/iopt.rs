@@ -160,6 +160,12 @@ impl IoPagetable {
         self.areas.iter()
     }
 
+    /// Page sizes every domain supports (AND of their bitmaps; all ones
+    /// without domains).
+    pub fn page_size_bitmap(&self) -> u64 {
+        self.domains.iter().fold(u64::MAX, |acc, (_, d)| acc & d.lock().page_sizes())
+    }
+
     /// Number of domains loaded with this table.
     pub fn domain_count(&self) -> usize {
         self.domains.len()

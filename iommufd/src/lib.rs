@@ -19,5 +19,6 @@ pub mod pages;
 #[cfg(feature = "selftest")]
 pub mod selftest;
 pub mod uapi;
+pub mod vfio;
 
 pub use errno::{Errno, Result};
