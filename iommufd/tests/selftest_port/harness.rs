@@ -20,7 +20,8 @@ use iommufd::ctx::Ictx;
 use iommufd::dispatch::ioctl;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource};
 use iommufd::uapi::*;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub type R<T> = Result<T, Errno>;
@@ -50,6 +51,8 @@ pub struct Fx {
     pub mem: Arc<FakeAddressSpace>,
     ictx: Option<Ictx>,
     next_va: Cell<u64>,
+    /// Access "fd" -> access object id (see [`Fx::destroy_access`]).
+    access_objects: RefCell<HashMap<u32, u32>>,
 }
 
 impl Fx {
@@ -59,7 +62,7 @@ impl Fx {
         mem.map(BUFFER, BUFFER_SIZE, true);
         mem.map(SCRATCH, SCRATCH_SIZE, true);
         let ictx = Ictx::new(mem.clone(), u64::MAX);
-        Self { mem, ictx: Some(ictx), next_va: Cell::new(MMAP_BASE) }
+        Self { mem, ictx: Some(ictx), next_va: Cell::new(MMAP_BASE), access_objects: RefCell::new(HashMap::new()) }
     }
 
     pub fn ictx(&self) -> &Ictx {
@@ -130,7 +133,7 @@ impl Fx {
     /// Reads `n` `iommu_iova_range`s at `uptr`.
     pub fn read_ranges(&self, uptr: u64, n: usize) -> Vec<(u64, u64)> {
         let bytes = self.read_user(uptr, n * IommuIovaRange::SIZE);
-        bytes.chunks(IommuIovaRange::SIZE).map(|c| IommuIovaRange::read(c)).map(|r| (r.start, r.last)).collect()
+        bytes.chunks(IommuIovaRange::SIZE).map(IommuIovaRange::read).map(|r| (r.start, r.last)).collect()
     }
 
     // -- native iommufd ioctls ------------------------------------------
@@ -151,7 +154,14 @@ impl Fx {
     /// `_test_ioctl_ioas_map`: `*iova` is the input IOVA when `flags` has
     /// FIXED_IOVA and receives `cmd.iova` after the call either way.
     pub fn ioas_map_raw(&self, ioas_id: u32, uptr: u64, length: u64, iova: &mut u64, flags: u32) -> R<()> {
-        let mut c = IommuIoasMap { size: IommuIoasMap::SIZE as u32, flags, ioas_id, user_va: uptr, length, ..Default::default() };
+        let mut c = IommuIoasMap {
+            size: IommuIoasMap::SIZE as u32,
+            flags,
+            ioas_id,
+            user_va: uptr,
+            length,
+            ..Default::default()
+        };
         if flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
             c.iova = *iova;
         }
@@ -373,6 +383,78 @@ impl Fx {
     /// `test_ioctl_set_default_memory_limit`.
     pub fn set_default_memory_limit(&self) -> R<()> {
         self.set_temp_memory_limit(65536)
+    }
+}
+
+impl Fx {
+    // -- accesses (IOMMU_TEST_OP_*ACCESS*) ----------------------------------
+
+    /// `test_cmd_create_access`: returns the access "fd".
+    pub fn create_access(&self, ioas_id: u32, flags: u32) -> R<u32> {
+        let before = self.ictx().object_ids();
+        let p = IommuTestCreateAccess { flags, ..Default::default() };
+        let (r, out) = self.test_cmd(IOMMU_TEST_OP_CREATE_ACCESS, ioas_id, &p.to_bytes());
+        r?;
+        let fd = IommuTestCreateAccess::read(&out.payload).out_access_fd;
+        let new: Vec<u32> = self.ictx().object_ids().into_iter().filter(|id| !before.contains(id)).collect();
+        assert_eq!(new.len(), 1, "CREATE_ACCESS makes one object");
+        self.access_objects.borrow_mut().insert(fd, new[0]);
+        Ok(fd)
+    }
+
+    /// `test_cmd_destroy_access`: Linux closes the access fd, which
+    /// destroys the access. The selftest commands have no "close" for
+    /// their access descriptors, so this destroys the access object that
+    /// `create_access` saw appear (`Ictx::access_destroy`); the descriptor
+    /// itself stays in the selftest's table, unused.
+    pub fn destroy_access(&self, access_fd: u32) -> R<()> {
+        let id = self.access_objects.borrow_mut().remove(&access_fd).expect("an access this fixture created");
+        self.ictx().access_destroy(id)
+    }
+
+    /// `IOMMU_TEST_OP_ACCESS_PAGES`: returns `out_access_pages_id`.
+    pub fn access_pages(&self, access_id: u32, flags: u32, iova: u64, length: u64, uptr: u64) -> R<u32> {
+        let p = IommuTestAccessPages { flags, iova, length, uptr, ..Default::default() };
+        let (r, out) = self.test_cmd(IOMMU_TEST_OP_ACCESS_PAGES, access_id, &p.to_bytes());
+        r?;
+        Ok(IommuTestAccessPages::read(&out.payload).out_access_pages_id)
+    }
+
+    /// `test_cmd_destroy_access_pages`.
+    pub fn destroy_access_pages(&self, access_id: u32, access_pages_id: u32) -> R<()> {
+        let p = IommuTestDestroyAccessPages { access_pages_id };
+        self.test_cmd(IOMMU_TEST_OP_DESTROY_ACCESS_PAGES, access_id, &p.to_bytes()).0
+    }
+
+    /// `IOMMU_TEST_OP_ACCESS_RW`.
+    pub fn access_rw(&self, access_id: u32, iova: u64, length: u64, uptr: u64, flags: u32) -> R<()> {
+        let p = IommuTestAccessRw { iova, length, uptr, flags };
+        self.test_cmd(IOMMU_TEST_OP_ACCESS_RW, access_id, &p.to_bytes()).0
+    }
+
+    /// `test_cmd_access_replace_ioas`.
+    pub fn access_replace_ioas(&self, access_id: u32, ioas_id: u32) -> R<()> {
+        let p = IommuTestAccessReplaceIoas { ioas_id };
+        self.test_cmd(IOMMU_TEST_OP_ACCESS_REPLACE_IOAS, access_id, &p.to_bytes()).0
+    }
+}
+
+/// A small deterministic generator standing in for the selftest's `rand()`.
+pub struct Rand(u64);
+
+impl Rand {
+    pub fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+    pub fn next_u16(&mut self) -> u16 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 48) as u16
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n.div_ceil(2)).flat_map(|_| self.next_u16().to_le_bytes()).take(n).collect()
     }
 }
 

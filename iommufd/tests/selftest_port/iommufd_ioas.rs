@@ -214,13 +214,13 @@ fn unmap_fully_contained_areas(s: &mut IoasFx) {
     }
     // Ranges that cut an area.
     assert_eq!(s.unmap(s.base_iova - 4 * PAGE_SIZE, 8 * PAGE_SIZE), Err(Errno::ENOENT));
-    assert_eq!(s.unmap(s.base_iova + 3 * 16 * PAGE_SIZE + 8 * PAGE_SIZE - 4 * PAGE_SIZE, 8 * PAGE_SIZE), Err(Errno::ENOENT));
-    // A range holding all four areas whole.
-    let (r, unmapped) = s.ioas_unmap_raw(
-        s.ioas_id,
-        s.base_iova - 4 * PAGE_SIZE,
-        3 * 16 * PAGE_SIZE + 8 * PAGE_SIZE + 4 * PAGE_SIZE,
+    assert_eq!(
+        s.unmap(s.base_iova + 3 * 16 * PAGE_SIZE + 8 * PAGE_SIZE - 4 * PAGE_SIZE, 8 * PAGE_SIZE),
+        Err(Errno::ENOENT)
     );
+    // A range holding all four areas whole.
+    let (r, unmapped) =
+        s.ioas_unmap_raw(s.ioas_id, s.base_iova - 4 * PAGE_SIZE, 3 * 16 * PAGE_SIZE + 8 * PAGE_SIZE + 4 * PAGE_SIZE);
     assert_eq!(r, Ok(()));
     assert_eq!(unmapped, 32 * PAGE_SIZE);
 }
@@ -456,6 +456,113 @@ fn copy_sweep(s: &mut IoasFx) {
     s.destroy(dst_ioas_id).unwrap();
 }
 
+fn access_domain_destory(s: &mut IoasFx) {
+    // Two huge pages, pinned by an access across the boundary of the first.
+    let buf_size = 2 * HUGEPAGE_SIZE;
+    let buf = s.mmap(buf_size);
+    s.map_fixed(buf, buf_size, s.base_iova).unwrap();
+    let access = s.create_access(s.ioas_id, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES).unwrap();
+    let pages = s.access_pages(access, 0, s.base_iova + PAGE_SIZE, PAGE_SIZE, buf + PAGE_SIZE).unwrap();
+    // Removing the domain unpins under the access's pins.
+    if s.stdev_id != 0 {
+        s.destroy(s.stdev_id).unwrap();
+    }
+    s.destroy_access_pages(access, pages).unwrap();
+    s.destroy_access(access).unwrap();
+}
+
+fn access_pin(s: &mut IoasFx) {
+    let access = s.create_access(s.ioas_id, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES).unwrap();
+    for npages in 1..BUFFER_SIZE / PAGE_SIZE {
+        let length = npages * PAGE_SIZE;
+        let pin = || s.access_pages(access, 0, MOCK_APERTURE_START, length, BUFFER);
+
+        // One user.
+        s.map_fixed(BUFFER, BUFFER_SIZE, MOCK_APERTURE_START).unwrap();
+        let p = pin().unwrap();
+        s.destroy_access_pages(access, p).unwrap();
+
+        // Two users of the same pages.
+        let first = pin().unwrap();
+        let second = pin().unwrap();
+        s.destroy_access_pages(access, second).unwrap();
+        s.destroy_access_pages(access, first).unwrap();
+
+        // A domain comes and goes while an access holds pages.
+        let p = pin().unwrap();
+        let (stdev, hwpt, _) = s.mock_domain(s.ioas_id).unwrap();
+        s.check_map(hwpt, MOCK_APERTURE_START, BUFFER_SIZE, BUFFER).unwrap();
+        s.destroy(stdev).unwrap();
+        s.destroy_access_pages(access, p).unwrap();
+
+        s.unmap(MOCK_APERTURE_START, BUFFER_SIZE).unwrap();
+    }
+    s.destroy_access(access).unwrap();
+}
+
+fn access_pin_unmap(s: &mut IoasFx) {
+    let access = s.create_access(s.ioas_id, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES).unwrap();
+    s.map_fixed(BUFFER, BUFFER_SIZE, MOCK_APERTURE_START).unwrap();
+    let pages = s.access_pages(access, 0, MOCK_APERTURE_START, BUFFER_SIZE, BUFFER).unwrap();
+    // The unmap makes the access drop its pages...
+    s.unmap(MOCK_APERTURE_START, BUFFER_SIZE).unwrap();
+    // ...so they are gone already.
+    assert_eq!(s.destroy_access_pages(access, pages), Err(Errno::ENOENT));
+}
+
+/// `check_access_rw`: reads and writes through the access around a page
+/// boundary at every small length, then one read of the whole buffer.
+fn check_access_rw(s: &IoasFx, access: u32, iova: u64, def_flags: u32) {
+    let mut rng = Rand::new(iova ^ def_flags as u64);
+    s.write_user(BUFFER, &rng.bytes(BUFFER_SIZE as usize));
+    // 64 bytes of user memory for the transfers.
+    let tmp = SCRATCH;
+    let mut at = iova + PAGE_SIZE - 50;
+    while at < iova + PAGE_SIZE + 50 {
+        for length in 1..64u64 {
+            let expect_at = BUFFER + (at - iova);
+            s.access_rw(access, at, length, tmp, def_flags).unwrap();
+            assert_eq!(
+                s.read_user(tmp, length as usize),
+                s.read_user(expect_at, length as usize),
+                "read at {at:#x}+{length}"
+            );
+
+            s.write_user(tmp, &rng.bytes(64));
+            s.access_rw(access, at, length, tmp, def_flags | MOCK_ACCESS_RW_WRITE).unwrap();
+            assert_eq!(
+                s.read_user(expect_at, length as usize),
+                s.read_user(tmp, length as usize),
+                "write at {at:#x}+{length}"
+            );
+        }
+        at += 1;
+    }
+    // All of it at once.
+    let tmp2 = s.mmap(BUFFER_SIZE);
+    s.access_rw(access, iova, BUFFER_SIZE, tmp2, def_flags).unwrap();
+    assert_eq!(s.read_user(tmp2, BUFFER_SIZE as usize), s.read_user(BUFFER, BUFFER_SIZE as usize));
+}
+
+fn access_rw(s: &mut IoasFx) {
+    let access = s.create_access(s.ioas_id, 0).unwrap();
+    let iova = s.map(BUFFER, BUFFER_SIZE).unwrap();
+    check_access_rw(s, access, iova, 0);
+    check_access_rw(s, access, iova, MOCK_ACCESS_RW_SLOW_PATH);
+    s.unmap(iova, BUFFER_SIZE).unwrap();
+    s.destroy_access(access).unwrap();
+}
+
+fn access_rw_unaligned(s: &mut IoasFx) {
+    let access = s.create_access(s.ioas_id, 0).unwrap();
+    // IOVA off a CPU page by half a page.
+    let iova = s.base_iova + MOCK_PAGE_SIZE;
+    s.map_fixed(BUFFER, BUFFER_SIZE, iova).unwrap();
+    check_access_rw(s, access, iova, 0);
+    s.unmap(iova, BUFFER_SIZE).unwrap();
+    s.destroy_access(access).unwrap();
+}
+
 fn run(variant: Variant, test: fn(&mut IoasFx)) {
     let mut s = IoasFx::setup(variant);
     test(&mut s);
@@ -497,6 +604,11 @@ macro_rules! common_cases {
         case!(ioas_iova_alloc);
         case!(ioas_align_change);
         case!(copy_sweep);
+        case!(access_domain_destory);
+        case!(access_pin);
+        case!(access_pin_unmap);
+        case!(access_rw);
+        case!(access_rw_unaligned);
     };
 }
 
@@ -509,17 +621,26 @@ mod no_domain {
 mod mock_domain {
     const V: super::Variant = super::MOCK_DOMAIN;
     common_cases!();
-    case!(alloc_hwpt_nested, ignore = "needs nested HWPTs, HWPT_INVALIDATE and fault queues (issue 4, not implemented yet)");
+    case!(
+        alloc_hwpt_nested,
+        ignore = "needs nested HWPTs, HWPT_INVALIDATE and fault queues (issue 4, not implemented yet)"
+    );
 }
 
 mod two_mock_domain {
     const V: super::Variant = super::TWO_MOCK_DOMAIN;
     common_cases!();
-    case!(alloc_hwpt_nested, ignore = "needs nested HWPTs, HWPT_INVALIDATE and fault queues (issue 4, not implemented yet)");
+    case!(
+        alloc_hwpt_nested,
+        ignore = "needs nested HWPTs, HWPT_INVALIDATE and fault queues (issue 4, not implemented yet)"
+    );
 }
 
 mod mock_domain_limit {
     const V: super::Variant = super::MOCK_DOMAIN_LIMIT;
     common_cases!();
-    case!(alloc_hwpt_nested, ignore = "needs nested HWPTs, HWPT_INVALIDATE and fault queues (issue 4, not implemented yet)");
+    case!(
+        alloc_hwpt_nested,
+        ignore = "needs nested HWPTs, HWPT_INVALIDATE and fault queues (issue 4, not implemented yet)"
+    );
 }

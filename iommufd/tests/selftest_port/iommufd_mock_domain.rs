@@ -165,6 +165,45 @@ fn all_aligns_copy(s: &mut MockFx) {
     s.check_refs(buf, buf_size, 0).unwrap();
 }
 
+fn user_copy(s: &mut MockFx) {
+    let copy = |src_ioas_id, src_iova| IommuIoasCopy {
+        flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE,
+        dst_ioas_id: s.ioas_id,
+        dst_iova: MOCK_APERTURE_START,
+        src_ioas_id,
+        src_iova,
+        length: BUFFER_SIZE,
+        ..Default::default()
+    };
+
+    // Pages pinned by an access in a domain-less IOAS, copied into the
+    // IOAS with the domains.
+    let ioas_id = s.ioas_alloc().unwrap();
+    let src_iova = s.ioas_map(ioas_id, BUFFER, BUFFER_SIZE).unwrap();
+    let access = s.create_access(ioas_id, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES).unwrap();
+    s.access_pages(access, 0, src_iova, BUFFER_SIZE, BUFFER).unwrap();
+    assert_eq!(s.ioas_copy(copy(ioas_id, src_iova)).0, Ok(()));
+    s.check_mock_iova(BUFFER, MOCK_APERTURE_START, BUFFER_SIZE);
+
+    // Move the access to a new IOAS.
+    let new_ioas_id = s.ioas_alloc().unwrap();
+    let new_src_iova = s.ioas_map(new_ioas_id, BUFFER, BUFFER_SIZE).unwrap();
+    s.access_replace_ioas(access, new_ioas_id).unwrap();
+
+    // Drop the copy and the old IOAS.
+    s.unmap(MOCK_APERTURE_START, BUFFER_SIZE).unwrap();
+    s.destroy(ioas_id).unwrap();
+
+    // Same again from the new IOAS.
+    let pages = s.access_pages(access, 0, new_src_iova, BUFFER_SIZE, BUFFER).unwrap();
+    assert_eq!(s.ioas_copy(copy(new_ioas_id, new_src_iova)).0, Ok(()));
+    s.check_mock_iova(BUFFER, MOCK_APERTURE_START, BUFFER_SIZE);
+
+    s.destroy_access_pages(access, pages).unwrap();
+    s.destroy_access(access).unwrap();
+    s.destroy(new_ioas_id).unwrap();
+}
+
 fn replace(s: &mut MockFx) {
     let ioas_id = s.ioas_alloc().unwrap();
     s.mock_domain_replace(s.stdev_ids[0], ioas_id).unwrap();
@@ -219,12 +258,20 @@ macro_rules! cases {
         case!(all_aligns_copy);
         case!(replace);
         case!(alloc_hwpt);
+        case!(user_copy);
     };
 }
 
 macro_rules! case {
     ($name:ident) => {
         #[test]
+        fn $name() {
+            super::run(V, super::$name)
+        }
+    };
+    ($name:ident, ignore = $why:literal) => {
+        #[test]
+        #[ignore = $why]
         fn $name() {
             super::run(V, super::$name)
         }
