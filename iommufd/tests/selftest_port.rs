@@ -19,19 +19,14 @@
 //!
 //! # Cases of the four groups (Linux 6.12) and their state here
 //!
-//! In total 145 cases: 119 ported and passing, 6 ported but ignored
-//! (missing features), 20 not ported (2 + 8 fork cases + 10 VFIO compat).
+//! In total 145 cases: 134 ported and passing, 3 ported but ignored
+//! (nested HWPTs missing), 8 not ported (the fork cases).
 //!
-//! `iommufd` (11 cases):
-//! - ported: `simple_close`, `cmd_fail`, `cmd_length`, `cmd_ex_fail`,
-//!   `global_options`, `vfio_ioas`.
-//! - ported, ignored (VFIO type1 compat ioctls not implemented, they give
-//!   ENOTTY): `unmap_cmd`, `map_cmd`, `info_cmd`.
-//! - not ported: `simple_ioctls`, `set_iommu_cmd` — VFIO compat ioctls
-//!   whose argument is an integer (`VFIO_CHECK_EXTENSION`,
-//!   `VFIO_SET_IOMMU`) or whose answer is the ioctl return value
-//!   (`VFIO_GET_API_VERSION`); `dispatch::ioctl` has no way to express
-//!   either yet.
+//! `iommufd` (11 cases): all ported — `simple_close`, `cmd_fail`,
+//! `cmd_length`, `cmd_ex_fail`, `global_options`, `simple_ioctls`,
+//! `unmap_cmd`, `map_cmd`, `info_cmd`, `set_iommu_cmd`, `vfio_ioas` (the
+//! VFIO container ioctls go through `iommufd::vfio::vfio_ioctl`, struct
+//! arguments placed in user memory).
 //!
 //! `iommufd_ioas`, variants `no_domain`, `mock_domain`, `two_mock_domain`,
 //! `mock_domain_limit` (24 tests × 4 = 96 cases):
@@ -57,9 +52,8 @@
 //!   `user_copy`, `replace`, `alloc_hwpt`.
 //!
 //! `vfio_compat_mock_domain`, variants `Ver1v2`, `Ver1v0` (5 tests × 2 =
-//! 10 cases): `simple_close`, `option_huge_pages`, `get_info`, `map`,
-//! `huge_map` — none ported: the fixture's setup already needs
-//! `VFIO_SET_IOMMU` (VFIO type1 compat, not implemented).
+//! 10 cases): all ported — `simple_close`, `option_huge_pages`,
+//! `get_info`, `map`, `huge_map`.
 //!
 //! Version notes: Linux 6.13+ adds to these groups `cmd_length` entries for
 //! IOAS_MAP_FILE, VIOMMU_ALLOC, VDEVICE_ALLOC (and 6.14
@@ -85,3 +79,5 @@ mod iommufd;
 mod iommufd_ioas;
 #[path = "selftest_port/iommufd_mock_domain.rs"]
 mod iommufd_mock_domain;
+#[path = "selftest_port/vfio_compat_mock_domain.rs"]
+mod vfio_compat_mock_domain;

@@ -439,6 +439,24 @@ impl Fx {
     }
 }
 
+impl Fx {
+    // -- VFIO type1 compat (`iommufd::vfio::vfio_ioctl`) ------------------
+
+    /// A VFIO container ioctl with a value argument; returns the ioctl's result.
+    pub fn vfio(&self, cmd: u32, arg: u64) -> R<i64> {
+        iommufd::vfio::vfio_ioctl(self.ictx(), cmd, arg)
+    }
+
+    /// A VFIO container ioctl whose argument is a struct: `arg` is written
+    /// at user address `at`, its address passed; returns the result and
+    /// the `arg.len()` bytes at `at` after the call.
+    pub fn vfio_struct(&self, cmd: u32, at: u64, arg: &[u8]) -> (R<i64>, Vec<u8>) {
+        self.write_user(at, arg);
+        let r = self.vfio(cmd, at);
+        (r, self.read_user(at, arg.len()))
+    }
+}
+
 /// A small deterministic generator standing in for the selftest's `rand()`.
 pub struct Rand(u64);
 

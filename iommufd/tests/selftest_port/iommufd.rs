@@ -107,46 +107,60 @@ fn global_options() {
 // -- VFIO compatibility ioctls on a bare context ---------------------------
 
 #[test]
-#[ignore = "needs the VFIO type1 compat ioctls (issue 4, not implemented yet)"]
+fn simple_ioctls() {
+    use iommufd::uapi::vfio::*;
+    let f = fx();
+    assert_eq!(f.vfio(VFIO_GET_API_VERSION, 0), Ok(VFIO_API_VERSION as i64));
+    assert_eq!(f.vfio(VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU as u64), Ok(1));
+}
+
+#[test]
 fn unmap_cmd() {
     use iommufd::uapi::vfio::*;
     let f = fx();
     let mut c = VfioIommuType1DmaUnmap { iova: MOCK_APERTURE_START, size: PAGE_SIZE, ..Default::default() };
     c.argsz = 1;
-    assert_eq!(f.run(VFIO_IOMMU_UNMAP_DMA, c.to_bytes()).0, Err(Errno::EINVAL));
+    assert_eq!(f.vfio_struct(VFIO_IOMMU_UNMAP_DMA, SCRATCH, &c.to_bytes()).0, Err(Errno::EINVAL));
     c.argsz = VfioIommuType1DmaUnmap::SIZE as u32;
     c.flags = 1 << 31;
-    assert_eq!(f.run(VFIO_IOMMU_UNMAP_DMA, c.to_bytes()).0, Err(Errno::EINVAL));
+    assert_eq!(f.vfio_struct(VFIO_IOMMU_UNMAP_DMA, SCRATCH, &c.to_bytes()).0, Err(Errno::EINVAL));
+    // No compat IOAS.
     c.flags = 0;
-    assert_eq!(f.run(VFIO_IOMMU_UNMAP_DMA, c.to_bytes()).0, Err(Errno::ENODEV));
+    assert_eq!(f.vfio_struct(VFIO_IOMMU_UNMAP_DMA, SCRATCH, &c.to_bytes()).0, Err(Errno::ENODEV));
 }
 
 #[test]
-#[ignore = "needs the VFIO type1 compat ioctls (issue 4, not implemented yet)"]
 fn map_cmd() {
     use iommufd::uapi::vfio::*;
     let f = fx();
-    let mut c =
-        VfioIommuType1DmaMap { iova: MOCK_APERTURE_START, size: PAGE_SIZE, vaddr: BUFFER, ..Default::default() };
+    let mut c = VfioIommuType1DmaMap { iova: MOCK_APERTURE_START, size: PAGE_SIZE, vaddr: BUFFER, ..Default::default() };
     c.argsz = 1;
-    assert_eq!(f.run(VFIO_IOMMU_MAP_DMA, c.to_bytes()).0, Err(Errno::EINVAL));
+    assert_eq!(f.vfio_struct(VFIO_IOMMU_MAP_DMA, SCRATCH, &c.to_bytes()).0, Err(Errno::EINVAL));
     c.argsz = VfioIommuType1DmaMap::SIZE as u32;
     c.flags = 1 << 31;
-    assert_eq!(f.run(VFIO_IOMMU_MAP_DMA, c.to_bytes()).0, Err(Errno::EINVAL));
-    // No compat IOAS yet.
+    assert_eq!(f.vfio_struct(VFIO_IOMMU_MAP_DMA, SCRATCH, &c.to_bytes()).0, Err(Errno::EINVAL));
+    // No compat IOAS.
     c.flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-    assert_eq!(f.run(VFIO_IOMMU_MAP_DMA, c.to_bytes()).0, Err(Errno::ENODEV));
+    assert_eq!(f.vfio_struct(VFIO_IOMMU_MAP_DMA, SCRATCH, &c.to_bytes()).0, Err(Errno::ENODEV));
 }
 
 #[test]
-#[ignore = "needs the VFIO type1 compat ioctls (issue 4, not implemented yet)"]
 fn info_cmd() {
     use iommufd::uapi::vfio::*;
     let f = fx();
     let mut c = VfioIommuType1Info { argsz: 1, ..Default::default() };
-    assert_eq!(f.run(VFIO_IOMMU_GET_INFO, c.to_bytes()).0, Err(Errno::EINVAL));
+    assert_eq!(f.vfio_struct(VFIO_IOMMU_GET_INFO, SCRATCH, &c.to_bytes()).0, Err(Errno::EINVAL));
     c.argsz = VfioIommuType1Info::SIZE as u32;
-    assert_eq!(f.run(VFIO_IOMMU_GET_INFO, c.to_bytes()).0, Err(Errno::ENODEV));
+    assert_eq!(f.vfio_struct(VFIO_IOMMU_GET_INFO, SCRATCH, &c.to_bytes()).0, Err(Errno::ENODEV));
+}
+
+#[test]
+fn set_iommu_cmd() {
+    use iommufd::uapi::vfio::*;
+    let f = fx();
+    // No compat IOAS.
+    assert_eq!(f.vfio(VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU as u64), Err(Errno::ENODEV));
+    assert_eq!(f.vfio(VFIO_SET_IOMMU, VFIO_TYPE1_IOMMU as u64), Err(Errno::ENODEV));
 }
 
 #[test]
