@@ -638,7 +638,8 @@ impl Ictx {
                     }
                 }
             }
-            Object::Device(_) | Object::DeviceOwner(_) | Object::Access(_) => Err(Errno::ENOENT),
+            // Linux's iommufd_device_change_pt: any other object type.
+            Object::Device(_) | Object::DeviceOwner(_) | Object::Access(_) => Err(Errno::EINVAL),
         }
     }
 

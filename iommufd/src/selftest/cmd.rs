@@ -134,7 +134,6 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             if flags & !(MOCK_FLAGS_DEVICE_NO_DIRTY | MOCK_FLAGS_DEVICE_HUGE_IOVA) != 0 {
                 return Err(Errno::EINVAL);
             }
-            ictx.ioas(c.id).map(|_| ()).or_else(|_| ictx.hwpt(c.id).map(|_| ()))?;
             let (owner, dev) = ictx.bind_owned_device(Arc::new(MockDevice::new(flags)))?;
             let hwpt = match ictx.attach(dev, c.id) {
                 Ok(h) => h,

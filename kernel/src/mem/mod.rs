@@ -135,6 +135,7 @@ mod imp {
         }
         let pages = paging::init(boot, &layout);
         let heap = heap::init(ram);
+        record_direct_ranges(boot);
         let mut s = STATS.lock();
         s.direct_map_pages = pages;
         s.heap_phys = heap.0;
@@ -142,4 +143,47 @@ mod imp {
     }
 
     pub use paging::{map_mmio, map_phys};
+
+    /// Physical ranges the direct map covers (RAM and ACPI memory), filled
+    /// once at boot after the heap exists.
+    static DIRECT_RANGES: Mutex<alloc::vec::Vec<(u64, u64)>> = Mutex::new(alloc::vec::Vec::new());
+
+    pub(super) fn record_direct_ranges(boot: &BootInfo) {
+        let mut r = DIRECT_RANGES.lock();
+        for m in boot.memory_map() {
+            if matches!(m.kind, MemoryKind::Ram | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs) {
+                r.push((m.start, m.end().min(MAX_PHYS)));
+            }
+        }
+    }
+
+    fn direct_mapped(phys: u64, len: usize) -> bool {
+        let Some(end) = phys.checked_add(len as u64) else { return false };
+        DIRECT_RANGES.lock().iter().any(|&(s, e)| s <= phys && end <= e)
+    }
+
+    /// Byte access to RAM through the direct map, for iommufd's memory
+    /// sources (guest memory, accesses). Anything outside RAM is `EFAULT`.
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct DirectMap;
+
+    impl iommufd::memsrc::PhysMemory for DirectMap {
+        fn read(&self, phys: u64, buf: &mut [u8]) -> iommufd::Result<()> {
+            if !direct_mapped(phys, buf.len()) {
+                return Err(iommufd::Errno::EFAULT);
+            }
+            // SAFETY: [phys, phys + len) lies in RAM, which the direct map
+            // covers; the bytes are plain memory the caller pinned or owns.
+            unsafe { core::ptr::copy_nonoverlapping(phys_to_virt(phys), buf.as_mut_ptr(), buf.len()) };
+            Ok(())
+        }
+        fn write(&self, phys: u64, buf: &[u8]) -> iommufd::Result<()> {
+            if !direct_mapped(phys, buf.len()) {
+                return Err(iommufd::Errno::EFAULT);
+            }
+            // SAFETY: as for read; the destination is RAM the caller pinned.
+            unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), phys_to_virt(phys), buf.len()) };
+            Ok(())
+        }
+    }
 }
