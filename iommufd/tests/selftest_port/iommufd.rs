@@ -133,7 +133,8 @@ fn unmap_cmd() {
 fn map_cmd() {
     use iommufd::uapi::vfio::*;
     let f = fx();
-    let mut c = VfioIommuType1DmaMap { iova: MOCK_APERTURE_START, size: PAGE_SIZE, vaddr: BUFFER, ..Default::default() };
+    let mut c =
+        VfioIommuType1DmaMap { iova: MOCK_APERTURE_START, size: PAGE_SIZE, vaddr: BUFFER, ..Default::default() };
     c.argsz = 1;
     assert_eq!(f.vfio_struct(VFIO_IOMMU_MAP_DMA, SCRATCH, &c.to_bytes()).0, Err(Errno::EINVAL));
     c.argsz = VfioIommuType1DmaMap::SIZE as u32;

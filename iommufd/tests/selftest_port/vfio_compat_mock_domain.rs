@@ -39,7 +39,10 @@ impl VfioFx {
         let len = u32::from_le_bytes(self.read_user(BUFFER, 4).try_into().unwrap()) as u64;
         self.fill_user(BUFFER + len, BUFFER_SIZE - len, 0xaa);
         assert_eq!(self.vfio(cmd, BUFFER), Ok(0));
-        assert!(self.read_user(BUFFER + len, (BUFFER_SIZE - len) as usize).iter().all(|&b| b == 0xaa), "wrote past argsz {len}");
+        assert!(
+            self.read_user(BUFFER + len, (BUFFER_SIZE - len) as usize).iter().all(|&b| b == 0xaa),
+            "wrote past argsz {len}"
+        );
     }
 
     fn info(&self) -> VfioIommuType1Info {
@@ -62,7 +65,8 @@ impl VfioFx {
                     assert_eq!(d.header.version, 1);
                     assert_eq!(d.nr_iovas, 1);
                     let r = VfioIovaRange::read(
-                        &self.read_user(BUFFER + cap + VfioIommuType1InfoCapIovaRange::SIZE as u64, VfioIovaRange::SIZE),
+                        &self
+                            .read_user(BUFFER + cap + VfioIommuType1InfoCapIovaRange::SIZE as u64, VfioIovaRange::SIZE),
                     );
                     assert_eq!((r.start, r.end), (MOCK_APERTURE_START, MOCK_APERTURE_LAST));
                 }
@@ -202,7 +206,12 @@ fn huge_map(s: &mut VfioFx) {
     let mut pages_iova: Vec<u64> = (0..16).map(|i| MOCK_APERTURE_START + i * piece).collect();
     shuffle(&mut pages_iova, &mut Rand::new(11));
     for iova in pages_iova {
-        let u = VfioIommuType1DmaUnmap { argsz: VfioIommuType1DmaUnmap::SIZE as u32, iova, size: piece, ..Default::default() };
+        let u = VfioIommuType1DmaUnmap {
+            argsz: VfioIommuType1DmaUnmap::SIZE as u32,
+            iova,
+            size: piece,
+            ..Default::default()
+        };
         let r = s.vfio_struct(VFIO_IOMMU_UNMAP_DMA, SCRATCH + 64, &u.to_bytes()).0;
         if s.version == VFIO_TYPE1_IOMMU {
             assert_eq!(r, Ok(0), "piece at {iova:#x}");
