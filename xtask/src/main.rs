@@ -6,10 +6,13 @@
 //!   then the in-guest tests on every QEMU configuration.
 //! * `cargo xtask acpi FILE... [--json]`: decode DMAR/IVRS table dumps.
 //! * `cargo xtask bench`: benchmarks (host: iommufd IOAS map/unmap).
+//! * `cargo xtask uapi-replay FILE.jsonl...`: replay recorded Linux iommufd
+//!   uAPI calls against `iommufd` and report every differing answer.
 
 mod acpi;
 mod ktap;
 mod qemu;
+mod replay;
 mod test;
 
 use anyhow::{Result, bail};
@@ -71,6 +74,19 @@ enum Cmd {
     },
     /// Run the benchmarks.
     Bench,
+    /// Replay recorded Linux uAPI calls (JSONL) against iommufd and compare.
+    UapiReplay {
+        /// Recordings (iommufd/tests/data/linux-uapi/*.jsonl).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print every call, not only the differences.
+        #[arg(long)]
+        verbose: bool,
+        /// Allow-list of deliberate differences (default:
+        /// iommufd/tests/data/linux-uapi/allow.toml).
+        #[arg(long)]
+        allow: Option<PathBuf>,
+    },
 }
 
 fn split(args: &Option<String>) -> Vec<String> {
@@ -123,6 +139,7 @@ fn main() -> ExitCode {
         }
         Cmd::Acpi { files, json } => acpi::run(&files, json),
         Cmd::Bench => bench(),
+        Cmd::UapiReplay { files, verbose, allow } => replay::run(&files, allow.as_deref(), verbose),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
