@@ -539,6 +539,9 @@ impl Diff {
         if !self.detail.is_empty() {
             let _ = write!(s, "; {}", self.detail);
         }
+        if (self.linux_errno == 0) != (self.our_errno == 0) {
+            s.push_str(" [one side changed state: later calls of this seed may differ because of it]");
+        }
         if let Some((l, r)) = &self.allowed_by {
             let _ = write!(s, " [allowed by allow-list line {l}: {r}]");
         }
@@ -743,7 +746,6 @@ fn replay_seed(calls: &[Call], allow: &[Allow], verbose: bool, report: &mut Repo
 /// Prints the report: per seed the first difference (prominently) and a
 /// few later ones, then the differences grouped by kind, then the summary.
 pub fn print_report(report: &Report, verbose: bool) {
-    const LATER_SHOWN: usize = 5;
     let mut by_seed: BTreeMap<i64, Vec<&Diff>> = BTreeMap::new();
     for d in &report.diffs {
         by_seed.entry(d.seed).or_default().push(d);
@@ -757,19 +759,16 @@ pub fn print_report(report: &Report, verbose: bool) {
                 unexpected.len(),
                 if allowed > 0 { format!(", {allowed} allowed") } else { String::new() }
             );
-            for (k, d) in unexpected.iter().enumerate() {
+            for d in &unexpected {
                 if d.first_in_seed {
                     println!("   FIRST: {}", d.line());
                     println!("          ({}; later differences in this seed may follow from this one)", d.origin);
-                } else if k <= LATER_SHOWN {
+                } else {
                     println!("   later: {}", d.line());
                 }
             }
-            if unexpected.len() > LATER_SHOWN + 1 {
-                println!(
-                    "   ... {} more in seed {seed} (--verbose shows all calls)",
-                    unexpected.len() - LATER_SHOWN - 1
-                );
+            for d in ds.iter().filter(|d| d.allowed_by.is_some()) {
+                println!("   allowed: {}", d.line());
             }
         }
     }
@@ -903,6 +902,13 @@ mod tests {
         // A wrong recording: DESTROY of a missing id "succeeded" in Linux.
         let d = padded(IommuDestroy { size: 8, id: 9 }.to_bytes());
         lines.push(line(1, 3, IOMMU_DESTROY, &d, 0, &d, &none));
+        // A wrong aux page: Linux "wrote" a range that we do not.
+        let mut bad_aux = aux;
+        bad_aux[0] = 0x10;
+        lines.push(line(1, 4, IOMMU_IOAS_IOVA_RANGES, &rin, 0, &rout, &bad_aux));
+        // A wrong output field: alignment 2 instead of 1.
+        let rout2 = padded(IommuIoasIovaRanges { num_iovas: 1, out_iova_alignment: 2, ..r }.to_bytes());
+        lines.push(line(1, 5, IOMMU_IOAS_IOVA_RANGES, &rin, 0, &rout2, &aux));
         // Seed 2: Linux numbered its IOAS 5; we say 1. The MAP names 5
         // and must reach our 1.
         let a = padded(IommuIoasAlloc { size: 12, ..Default::default() }.to_bytes());
@@ -929,17 +935,28 @@ mod tests {
         lines.push("REC done".to_string());
 
         let calls = parse_recording(&lines.join("\n"), "test").unwrap();
-        assert_eq!(calls.len(), 11);
+        assert_eq!(calls.len(), 13);
         assert_eq!(calls[0].cmd, IOMMU_IOAS_ALLOC);
         let report = replay(&calls, &[], false);
         print_report(&report, false);
-        assert_eq!(report.calls, 11);
+        assert_eq!(report.calls, 13);
         let got: Vec<(i64, i64, Option<&str>)> =
             report.diffs.iter().map(|d| (d.seed, d.step, d.field.as_deref())).collect();
-        // Only the wrong DESTROY and the two renumbered creations differ.
-        assert_eq!(got, vec![(1, 3, None), (2, 0, Some("id")), (2, 3, Some("id"))]);
+        // The wrong DESTROY, aux page and output field, and the two renumbered
+        // creations differ.
+        assert_eq!(
+            got,
+            vec![
+                (1, 3, None),
+                (1, 4, Some("aux")),
+                (1, 5, Some("out_iova_alignment")),
+                (2, 0, Some("id")),
+                (2, 3, Some("id"))
+            ]
+        );
         assert_eq!(report.diffs[0].our_errno, Errno::ENOENT.0);
-        assert!(report.diffs[0].first_in_seed && report.diffs[1].first_in_seed && !report.diffs[2].first_in_seed);
+        assert!(report.diffs[0].first_in_seed && !report.diffs[1].first_in_seed);
+        assert!(report.diffs[3].first_in_seed && !report.diffs[4].first_in_seed);
         assert_eq!(report.agree, 8);
 
         // The allow-list can cover the DESTROY difference.
@@ -950,7 +967,8 @@ mod tests {
         .unwrap();
         let report = replay(&calls, &allow, false);
         assert_eq!(report.diffs[0].allowed_by.as_ref().map(|a| a.0), Some(2));
-        assert_eq!(report.unexpected(), 2);
+        assert_eq!(report.unexpected(), 4);
+        assert!(report.diffs[1].first_in_seed, "the first unexpected difference of seed 1 is now the aux one");
         assert!(parse_allow("IOMMU_DESTROY linux=OK", "x").is_err(), "reason required");
         assert!(parse_allow("IOMMU_DESTROY bogus=1 -- r", "x").is_err());
     }
