@@ -877,6 +877,40 @@ mod tests {
     }
 
     #[test]
+    fn domains_hold_the_addresses_the_store_keeps_only_what_accesses_need() {
+        use crate::selftest::cmd::MockAccess;
+        let (mem, c) = ctx();
+        let a = c.ioas_alloc().unwrap();
+        let b = c.ioas_alloc().unwrap();
+        for (ioas, h) in [(a, 1), (b, 2)] {
+            let d = c.bind_device(Arc::new(MockDev(h))).unwrap();
+            c.attach(d, ioas).unwrap();
+        }
+        let iova = c.ioas_map(a, Some(MOCK_APERTURE_START), 0x4000_0000, 0x8000, true, true).unwrap();
+        let pages = c.ioas(a).unwrap().iopt.lock().area_at(iova).unwrap().2.pages.clone();
+        assert_eq!((pages.pinned_pages(), pages.stored_pages()), (8, 0), "all addresses live in the domain");
+        // A copy into another IOAS with its own domain reads the addresses
+        // back from A's domain: no second pin, nothing stored.
+        let iova_b = c.ioas_copy(b, a, iova, None, 0x8000, true, true).unwrap();
+        assert_eq!((mem.pinned_pages(), pages.stored_pages()), (8, 0));
+        let hb = (1..20).find_map(|id| c.hwpt(id).ok().filter(|h| h.ioas_id == b)).unwrap();
+        assert_eq!(hb.domain.lock().iova_to_phys(iova_b + 0x7000), mem.phys_of(0x4000_7000));
+        // An access pin stores what it pinned, and only that.
+        let acc = c.access_create(Arc::new(MockAccess::new(true))).unwrap();
+        c.access_attach(acc, a).unwrap();
+        c.access_pin_pages(acc, iova + 0x2000, 0x2000, false).unwrap();
+        assert_eq!(pages.stored_pages(), 2);
+        c.access_unpin_pages(acc, iova + 0x2000, 0x2000).unwrap();
+        assert_eq!(pages.stored_pages(), 0);
+        c.access_destroy(acc).unwrap();
+        // A's unmap leaves B's area holding the pages; B's then frees them.
+        c.ioas_unmap(a, 0, u64::MAX).unwrap();
+        assert_eq!(mem.pinned_pages(), 8);
+        c.ioas_unmap(b, 0, u64::MAX).unwrap();
+        assert_eq!(mem.pinned_pages(), 0);
+    }
+
+    #[test]
     fn closing_the_context_releases_everything() {
         let (mem, c) = ctx();
         let ioas = c.ioas_alloc().unwrap();

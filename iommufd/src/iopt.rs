@@ -29,16 +29,14 @@
 use crate::errno::{Errno, Result};
 use crate::iova::{IntervalMap, IovaSpace, RangeSet, ReservedRanges};
 use crate::memsrc::PAGE_SIZE;
-use crate::pages::Pages;
-use alloc::boxed::Box;
+use crate::pages::{Holder, Pages, UseKind};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use portcullis_iommu::{DomainError, IommuDomain, IotlbGather, Prot};
-use spin::Mutex;
 
 /// A domain as the IOAS holds it (shared with its HWPT object).
-pub type DomainRef = Arc<Mutex<Box<dyn IommuDomain>>>;
+pub use crate::pages::DomainRef;
 
 /// Who reserved an IOVA range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -64,6 +62,8 @@ pub struct Area {
     pub filled: bool,
     /// Accesses that pinned pages of this area.
     pub accesses: u32,
+    /// Its registration with `pages` as a holder (while filled).
+    pub holder: Option<u64>,
 }
 
 impl Area {
@@ -248,7 +248,14 @@ impl IoPagetable {
             new.push((
                 at,
                 last,
-                Area { pages: s.pages.clone(), start_byte: s.start_byte, prot, filled: false, accesses: 0 },
+                Area {
+                    pages: s.pages.clone(),
+                    start_byte: s.start_byte,
+                    prot,
+                    filled: false,
+                    accesses: 0,
+                    holder: None,
+                },
             ));
             at = last.wrapping_add(1);
         }
@@ -325,6 +332,28 @@ impl IoPagetable {
         result
     }
 
+    /// The physical address of each page `[fp, lp]` of the area at
+    /// `start`, read back from `domain` (which maps the area).
+    fn read_back(domain: &DomainRef, start: u64, area: &Area, fp: u64, lp: u64) -> Vec<u64> {
+        let d = domain.lock();
+        (fp..=lp)
+            .map(|p| {
+                let first_byte = (p * PAGE_SIZE).max(area.start_byte);
+                let iova = start + (first_byte - area.start_byte);
+                let phys = d.iova_to_phys(iova).expect("a filled area is mapped in every domain");
+                phys - (first_byte - p * PAGE_SIZE)
+            })
+            .collect()
+    }
+
+    fn holder(&self, start: u64, area: &Area, fp: u64, lp: u64) -> Holder {
+        Self::holder_in(&self.domains[0].1, start, area, fp, lp)
+    }
+
+    fn holder_in(domain: &DomainRef, start: u64, area: &Area, fp: u64, lp: u64) -> Holder {
+        Holder { first_page: fp, last_page: lp, iova: start, start_byte: area.start_byte, domain: domain.clone() }
+    }
+
     /// Loads the area starting at `start` into every domain (pinning its
     /// pages once). Nothing changes on failure.
     fn fill_area(&mut self, start: u64) -> Result<()> {
@@ -334,7 +363,7 @@ impl IoPagetable {
         let (last, area) = self.areas.get(start).map(|(l, a)| (l, a.clone())).ok_or(Errno::ENOENT)?;
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
         let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
-        area.pages.pin(fp, lp, Some(&mut phys))?;
+        area.pages.pin(fp, lp, UseKind::Domain, Some(&mut phys))?;
         for (k, (_, d)) in self.domains.iter().enumerate() {
             let r = Self::map_area_into(&mut **d.lock(), start, last, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
@@ -344,11 +373,14 @@ impl IoPagetable {
                     d.unmap(start, last - start + 1, &mut g);
                     d.iotlb_sync(&mut g);
                 }
-                area.pages.unpin(fp, lp);
+                area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
                 return Err(e);
             }
         }
-        self.areas.get_mut(start).expect("area exists").1.filled = true;
+        let key = area.pages.register(self.holder(start, &area, fp, lp));
+        let a = self.areas.get_mut(start).expect("area exists").1;
+        a.filled = true;
+        a.holder = Some(key);
         Ok(())
     }
 
@@ -358,14 +390,21 @@ impl IoPagetable {
         if !area.filled {
             return;
         }
+        let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
+        let phys = Self::read_back(&self.domains[0].1, start, &area, fp, lp);
         for (_, d) in &self.domains {
             let mut d = d.lock();
             let mut g = IotlbGather::default();
             d.unmap(start, last - start + 1, &mut g);
             d.iotlb_sync(&mut g);
         }
-        area.pages.unpin(area.first_page(), area.last_page(last - start + 1));
-        self.areas.get_mut(start).expect("area exists").1.filled = false;
+        if let Some(k) = area.holder {
+            area.pages.unregister(k);
+        }
+        area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+        let a = self.areas.get_mut(start).expect("area exists").1;
+        a.filled = false;
+        a.holder = None;
     }
 
     /// Unmaps every area inside `[iova, iova + length)`. The range must not
@@ -394,18 +433,29 @@ impl IoPagetable {
         }
         let mut gathers: Vec<IotlbGather> = self.domains.iter().map(|_| IotlbGather::default()).collect();
         let mut bytes = 0u64;
+        // Pins are dropped only after every domain's IOTLB is clean: until
+        // then the hardware may still reach the pages.
+        let mut release: Vec<(Area, u64, u64, Vec<u64>)> = Vec::new();
         for &(s, l) in &hit {
             let (_, _, area) = self.areas.remove(s).expect("listed area exists");
             if area.filled {
+                let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
+                let phys = Self::read_back(&self.domains[0].1, s, &area, fp, lp);
                 for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
                     d.lock().unmap(s, l - s + 1, g);
                 }
-                area.pages.unpin(area.first_page(), area.last_page(l - s + 1));
+                release.push((area, fp, lp, phys));
             }
             bytes += l - s + 1;
         }
         for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
             d.lock().iotlb_sync(g);
+        }
+        for (area, fp, lp, phys) in release {
+            if let Some(k) = area.holder {
+                area.pages.unregister(k);
+            }
+            area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
         }
         Ok(bytes)
     }
@@ -530,55 +580,64 @@ impl IoPagetable {
         // Load every area: pinning first if this is the first domain.
         let first_domain = self.domains.is_empty();
         let starts: Vec<u64> = self.areas.iter().map(|(s, _, _)| s).collect();
-        let mut done: Vec<u64> = Vec::new();
+        let mut done: Vec<(u64, u64, u64, Vec<u64>, Option<u64>)> = Vec::new();
         let mut failure = None;
         for s in &starts {
             let (l, area) = self.area(*s);
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
-            let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
-            let pinned = if first_domain {
-                area.pages.pin(fp, lp, Some(&mut phys))
+            let phys = if first_domain {
+                let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
+                if let Err(e) = area.pages.pin(fp, lp, UseKind::Domain, Some(&mut phys)) {
+                    failure = Some(e);
+                    break;
+                }
+                phys
             } else {
-                let mut v = Vec::new();
-                area.pages.phys_range(fp, lp, &mut v);
-                phys.copy_from_slice(&v);
-                Ok(())
+                Self::read_back(&self.domains[0].1, *s, &area, fp, lp)
             };
-            if let Err(e) = pinned {
-                failure = Some(e);
-                break;
-            }
             let r = Self::map_area_into(&mut **domain.lock(), *s, l, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
                 if first_domain {
-                    area.pages.unpin(fp, lp);
+                    area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
                 }
                 failure = Some(e);
                 break;
             }
-            done.push(*s);
+            // Registered at once: a later area over the same pages reads
+            // their addresses back from this domain.
+            let key = first_domain.then(|| area.pages.register(Self::holder_in(&domain, *s, &area, fp, lp)));
+            done.push((*s, fp, lp, phys, key));
         }
         if let Some(e) = failure {
             let mut d = domain.lock();
             let mut g = IotlbGather::default();
-            for s in &done {
-                let (l, area) = self.area(*s);
+            for (s, ..) in &done {
+                let (l, _) = self.area(*s);
                 d.unmap(*s, l - s + 1, &mut g);
-                if first_domain {
-                    area.pages.unpin(area.first_page(), area.last_page(l - s + 1));
-                }
             }
             d.iotlb_sync(&mut g);
+            drop(d);
+            for (s, fp, lp, phys, key) in done.iter().rev() {
+                let pages = self.area(*s).1.pages;
+                if let Some(k) = key {
+                    pages.unregister(*k);
+                }
+                if first_domain {
+                    pages.unpin(*fp, *lp, UseKind::Domain, Some(phys));
+                }
+            }
             self.remove_reserved(owner);
             return Err(e);
         }
-        if first_domain {
-            for (_, _, a) in self.areas.iter_mut() {
-                a.filled = true;
-            }
-        }
         self.iova_alignment = new_align;
         self.domains.push((key, domain));
+        for (s, _, _, _, key) in done {
+            if key.is_some() {
+                let a = self.areas.get_mut(s).expect("area exists").1;
+                a.filled = true;
+                a.holder = key;
+            }
+        }
         Ok(())
     }
 
@@ -588,18 +647,36 @@ impl IoPagetable {
         let Some(i) = self.domains.iter().position(|(k, _)| *k == key) else { return };
         let (_, domain) = self.domains.swap_remove(i);
         let last_domain = self.domains.is_empty();
+        // Holders naming this domain move to one that stays (before the
+        // domain is emptied); with none left, the pins go after the sync.
+        let mut release: Vec<(u64, u64, u64, Vec<u64>)> = Vec::new();
+        let areas: Vec<(u64, u64, Area)> = self.areas.iter().map(|(s, l, a)| (s, l, a.clone())).collect();
+        for (s, l, area) in &areas {
+            if !area.filled {
+                continue;
+            }
+            let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
+            if last_domain {
+                release.push((*s, fp, lp, Self::read_back(&domain, *s, area, fp, lp)));
+            } else if let Some(k) = area.holder {
+                area.pages.retarget(k, self.domains[0].1.clone());
+            }
+        }
         {
             let mut d = domain.lock();
             let mut g = IotlbGather::default();
-            for (s, l, area) in self.areas.iter_mut() {
-                let len = l - s + 1;
-                d.unmap(s, len, &mut g);
-                if last_domain && area.filled {
-                    area.pages.unpin(area.first_page(), area.last_page(len));
-                    area.filled = false;
-                }
+            for (s, l, _) in &areas {
+                d.unmap(*s, l - s + 1, &mut g);
             }
             d.iotlb_sync(&mut g);
+        }
+        for (s, fp, lp, phys) in release {
+            let a = self.areas.get_mut(s).expect("area exists").1;
+            if let Some(k) = a.holder.take() {
+                a.pages.unregister(k);
+            }
+            a.filled = false;
+            a.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
         }
         self.remove_reserved(Owner::Domain(key));
         // Lowering the alignment cannot fail.
@@ -654,7 +731,17 @@ impl IoPagetable {
             let shared_page = lhs.last_page(new_start - s) == rhs.first_page();
             if area.filled && shared_page {
                 let p = rhs.first_page();
-                area.pages.pin(p, p, None)?;
+                area.pages.pin(p, p, UseKind::Domain, None)?;
+            }
+            let (mut lhs, mut rhs) = (lhs, rhs);
+            if area.filled {
+                // Each half registers as its own holder.
+                if let Some(k) = area.holder {
+                    area.pages.unregister(k);
+                }
+                let lk = area.pages.register(self.holder(s, &lhs, lhs.first_page(), lhs.last_page(new_start - s)));
+                let rk = area.pages.register(self.holder(new_start, &rhs, rhs.first_page(), rhs.last_page(l - iova)));
+                (lhs.holder, rhs.holder) = (Some(lk), Some(rk));
             }
             self.areas.remove(s);
             self.areas.insert(s, iova, lhs).expect("left half fits where the area was");
@@ -738,9 +825,9 @@ impl IoPagetable {
             let area = self.area(s).1;
             let (fp, lp) = ((area.start_byte + (first - s)) / PAGE_SIZE, (area.start_byte + (end - s)) / PAGE_SIZE);
             let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
-            if let Err(e) = area.pages.pin(fp, lp, Some(&mut phys)) {
+            if let Err(e) = area.pages.pin(fp, lp, UseKind::Other, Some(&mut phys)) {
                 for &(ds, dfp, dlp) in &done {
-                    self.area(ds).1.pages.unpin(dfp, dlp);
+                    self.area(ds).1.pages.unpin(dfp, dlp, UseKind::Other, None);
                     self.areas.get_mut(ds).expect("area exists").1.accesses -= 1;
                 }
                 return Err(e);
@@ -761,7 +848,12 @@ impl IoPagetable {
         }
         for (s, _, first, end) in pieces {
             let area = self.area(s).1;
-            area.pages.unpin((area.start_byte + (first - s)) / PAGE_SIZE, (area.start_byte + (end - s)) / PAGE_SIZE);
+            area.pages.unpin(
+                (area.start_byte + (first - s)) / PAGE_SIZE,
+                (area.start_byte + (end - s)) / PAGE_SIZE,
+                UseKind::Other,
+                None,
+            );
             self.areas.get_mut(s).expect("area exists").1.accesses -= 1;
         }
         Ok(())
@@ -783,7 +875,7 @@ impl IoPagetable {
             let (b0, b1) = (area.start_byte + (first - s), area.start_byte + (end - s));
             let (fp, lp) = (b0 / PAGE_SIZE, b1 / PAGE_SIZE);
             let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
-            area.pages.pin(fp, lp, Some(&mut phys))?;
+            area.pages.pin(fp, lp, UseKind::Other, Some(&mut phys))?;
             let mut b = b0;
             let mut r = Ok(());
             while b <= b1 && r.is_ok() {
@@ -798,7 +890,7 @@ impl IoPagetable {
                 done += n;
                 b += n as u64;
             }
-            area.pages.unpin(fp, lp);
+            area.pages.unpin(fp, lp, UseKind::Other, None);
             r?;
         }
         if complete { Ok(()) } else { Err(Errno::ENOENT) }
@@ -827,6 +919,8 @@ mod tests {
     use crate::memsrc::FakeAddressSpace;
     use crate::pages::Accounting;
     use crate::selftest::mock::{MOCK_APERTURE_START, MockDomain};
+    use alloc::boxed::Box;
+    use spin::Mutex;
 
     struct Env {
         mem: Arc<FakeAddressSpace>,

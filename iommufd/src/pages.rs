@@ -127,42 +127,163 @@ impl Accounting {
 
 const CHUNK: u64 = 512;
 
-/// Pins of 512 consecutive pages: physical address and use count.
-struct Chunk {
-    phys: [u64; CHUNK as usize],
-    uses: [u32; CHUNK as usize],
-    used_pages: u32,
+/// What a use of a page is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UseKind {
+    /// An area loaded into domains (one use per page, whatever the number
+    /// of domains). The domains hold the physical address: it is read back
+    /// from them, not stored.
+    Domain,
+    /// Anything else (access pins, temporary pins for CPU copies): the
+    /// physical address is stored while such a use exists.
+    Other,
 }
 
-/// Per-page use counts and physical addresses, allocated in 512-page
-/// chunks only where something is pinned.
+/// Use counts of 512 consecutive pages, and their physical addresses where
+/// a use other than a domain's needs them.
+struct Chunk {
+    domain: [u32; CHUNK as usize],
+    other: [u32; CHUNK as usize],
+    /// Physical addresses, present while some page of the chunk has an
+    /// `Other` use (valid exactly for those pages).
+    phys: Option<Box<[u64; CHUNK as usize]>>,
+    used_pages: u32,
+    stored_pages: u32,
+}
+
+/// Per-page use counts, allocated in 512-page chunks only where something
+/// is pinned.
 #[derive(Default)]
 struct PinTable {
     chunks: BTreeMap<u64, Box<Chunk>>,
     pinned_pages: u64,
+    stored_pages: u64,
 }
 
 impl PinTable {
-    fn uses(&self, page: u64) -> u32 {
-        self.chunks.get(&(page / CHUNK)).map_or(0, |c| c.uses[(page % CHUNK) as usize])
+    fn counts(&self, page: u64) -> (u32, u32) {
+        self.chunks.get(&(page / CHUNK)).map_or((0, 0), |c| {
+            let i = (page % CHUNK) as usize;
+            (c.domain[i], c.other[i])
+        })
     }
-    fn phys(&self, page: u64) -> Option<u64> {
+    fn uses(&self, page: u64) -> u32 {
+        let (d, o) = self.counts(page);
+        d + o
+    }
+    fn stored(&self, page: u64) -> Option<u64> {
         let c = self.chunks.get(&(page / CHUNK))?;
         let i = (page % CHUNK) as usize;
-        (c.uses[i] > 0).then_some(c.phys[i])
+        if c.other[i] > 0 { c.phys.as_ref().map(|p| p[i]) } else { None }
     }
-    fn slot(&mut self, page: u64) -> (&mut u64, &mut u32, &mut u32) {
-        let c = self
-            .chunks
-            .entry(page / CHUNK)
-            .or_insert_with(|| Box::new(Chunk { phys: [0; CHUNK as usize], uses: [0; CHUNK as usize], used_pages: 0 }));
+    fn chunk(&mut self, page: u64) -> &mut Chunk {
+        self.chunks.entry(page / CHUNK).or_insert_with(|| {
+            Box::new(Chunk {
+                domain: [0; CHUNK as usize],
+                other: [0; CHUNK as usize],
+                phys: None,
+                used_pages: 0,
+                stored_pages: 0,
+            })
+        })
+    }
+    /// Adds a use of `kind`; `phys` is the page's address (stored when it
+    /// is the first `Other` use).
+    fn add(&mut self, page: u64, kind: UseKind, phys: u64) {
         let i = (page % CHUNK) as usize;
-        (&mut c.phys[i], &mut c.uses[i], &mut c.used_pages)
-    }
-    fn drop_empty(&mut self, page: u64) {
-        if self.chunks.get(&(page / CHUNK)).is_some_and(|c| c.used_pages == 0) {
-            self.chunks.remove(&(page / CHUNK));
+        let mut newly_stored = false;
+        let c = self.chunk(page);
+        if c.domain[i] + c.other[i] == 0 {
+            c.used_pages += 1;
         }
+        match kind {
+            UseKind::Domain => c.domain[i] += 1,
+            UseKind::Other => {
+                if c.other[i] == 0 {
+                    c.phys.get_or_insert_with(|| Box::new([0; CHUNK as usize]))[i] = phys;
+                    c.stored_pages += 1;
+                    newly_stored = true;
+                }
+                c.other[i] += 1;
+            }
+        }
+        if newly_stored {
+            self.stored_pages += 1;
+        }
+    }
+    /// Drops a use of `kind`; returns the stored address if it was the
+    /// page's last `Other` use, and whether the page has no use left.
+    fn remove(&mut self, page: u64, kind: UseKind) -> (Option<u64>, bool) {
+        let i = (page % CHUNK) as usize;
+        let key = page / CHUNK;
+        let c = self.chunks.get_mut(&key).expect("unpin of a page with no use");
+        let mut dropped = None;
+        match kind {
+            UseKind::Domain => {
+                assert!(c.domain[i] > 0, "unpin of page {page} with no domain use");
+                c.domain[i] -= 1;
+            }
+            UseKind::Other => {
+                assert!(c.other[i] > 0, "unpin of page {page} with no other use");
+                c.other[i] -= 1;
+                if c.other[i] == 0 {
+                    dropped = c.phys.as_ref().map(|p| p[i]);
+                    c.stored_pages -= 1;
+                    if c.stored_pages == 0 {
+                        c.phys = None;
+                    }
+                }
+            }
+        }
+        let gone = c.domain[i] + c.other[i] == 0;
+        if gone {
+            c.used_pages -= 1;
+        }
+        if dropped.is_some() {
+            self.stored_pages -= 1;
+        }
+        if c.used_pages == 0 {
+            self.chunks.remove(&key);
+        }
+        (dropped, gone)
+    }
+}
+
+/// A domain that maps some pages of a [`Pages`] and can tell their
+/// physical addresses: an area loaded into its IOAS's domains registers
+/// one, naming one of those domains.
+#[derive(Clone)]
+pub struct Holder {
+    /// First and last page the area covers.
+    pub first_page: u64,
+    /// Last page (inclusive).
+    pub last_page: u64,
+    /// IOVA of the area's first byte.
+    pub iova: u64,
+    /// Offset of the area's first byte from the start of the pages.
+    pub start_byte: u64,
+    /// The domain to read from.
+    pub domain: DomainRef,
+}
+
+/// A domain as areas and holders share it.
+pub type DomainRef = Arc<Mutex<Box<dyn portcullis_iommu::IommuDomain>>>;
+
+impl core::fmt::Debug for Holder {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Holder(pages {}..={} at IOVA {:#x})", self.first_page, self.last_page, self.iova)
+    }
+}
+
+impl Holder {
+    fn phys(&self, page: u64) -> Option<u64> {
+        if page < self.first_page || page > self.last_page {
+            return None;
+        }
+        let first_byte = (page * PAGE_SIZE).max(self.start_byte);
+        let iova = self.iova + (first_byte - self.start_byte);
+        let p = self.domain.lock().iova_to_phys(iova)?;
+        Some(p - (first_byte - page * PAGE_SIZE))
     }
 }
 
@@ -177,6 +298,8 @@ pub struct Pages {
     source: Arc<dyn MemorySource>,
     accounting: Arc<Accounting>,
     table: Mutex<PinTable>,
+    holders: Mutex<BTreeMap<u64, Holder>>,
+    next_holder: core::sync::atomic::AtomicU64,
 }
 
 impl core::fmt::Debug for Pages {
@@ -203,13 +326,28 @@ impl Pages {
         let last_page_end = end.checked_next_multiple_of(PAGE_SIZE).ok_or(Errno::EOVERFLOW)?;
         let npages = (last_page_end - first) / PAGE_SIZE;
         accounting.faults.point()?;
-        let pages = Pages { uptr: first, npages, writable, source, accounting, table: Mutex::new(PinTable::default()) };
+        let pages = Pages {
+            uptr: first,
+            npages,
+            writable,
+            source,
+            accounting,
+            table: Mutex::new(PinTable::default()),
+            holders: Mutex::new(BTreeMap::new()),
+            next_holder: core::sync::atomic::AtomicU64::new(1),
+        };
         Ok((Arc::new(pages), uptr - first))
     }
 
     /// Pages pinned now through this store.
     pub fn pinned_pages(&self) -> u64 {
         self.table.lock().pinned_pages
+    }
+
+    /// Pages whose physical address is stored here (the rest of the pinned
+    /// pages are held by domains and read back from them).
+    pub fn stored_pages(&self) -> u64 {
+        self.table.lock().stored_pages
     }
 
     /// Use count of page `index` (for tests and the selftest's check_refs).
@@ -227,10 +365,50 @@ impl Pages {
         &self.source
     }
 
-    /// Takes one use of every page in `[first, last]`, pinning those that
-    /// had none, and writes their physical addresses to `out` (if given,
-    /// `out.len() == last - first + 1`). All or nothing.
-    pub fn pin(&self, first: u64, last: u64, mut out: Option<&mut [u64]>) -> Result<()> {
+    /// Registers a domain holding pages `[first, last]` (see [`Holder`]).
+    /// Returns its key for [`Self::unregister`] / [`Self::retarget`].
+    pub fn register(&self, holder: Holder) -> u64 {
+        let key = self.next_holder.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        self.holders.lock().insert(key, holder);
+        key
+    }
+
+    /// Removes a holder.
+    pub fn unregister(&self, key: u64) {
+        self.holders.lock().remove(&key);
+    }
+
+    /// Points a holder at another domain of the same IOAS (its domain is
+    /// being removed).
+    pub fn retarget(&self, key: u64, domain: DomainRef) {
+        if let Some(h) = self.holders.lock().get_mut(&key) {
+            h.domain = domain;
+        }
+    }
+
+    fn read_back(&self, page: u64) -> Option<u64> {
+        let holders: Vec<Holder> =
+            self.holders.lock().values().filter(|h| h.first_page <= page && page <= h.last_page).cloned().collect();
+        holders.iter().find_map(|h| h.phys(page))
+    }
+
+    /// Physical address of page `index` while it has a use: stored, or
+    /// read back from a domain that holds it.
+    pub fn phys(&self, index: u64) -> Option<u64> {
+        let (uses, stored) = {
+            let t = self.table.lock();
+            (t.uses(index), t.stored(index))
+        };
+        if uses == 0 {
+            return None;
+        }
+        stored.or_else(|| self.read_back(index))
+    }
+
+    /// Takes one use of `kind` of every page in `[first, last]`, pinning
+    /// those that had none, and writes their physical addresses to `out`
+    /// (if given, `out.len() == last - first + 1`). All or nothing.
+    pub fn pin(&self, first: u64, last: u64, kind: UseKind, out: Option<&mut [u64]>) -> Result<()> {
         if first > last || last >= self.npages {
             return Err(Errno::EINVAL);
         }
@@ -254,51 +432,66 @@ impl Pages {
             self.accounting.faults.point()?;
         }
         self.accounting.charge(fresh_count)?;
-        let mut done: Vec<(u64, Vec<u64>)> = Vec::with_capacity(fresh.len());
+        let mut got: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        let undo = |got: &BTreeMap<u64, Vec<u64>>| {
+            for phys in got.values() {
+                self.source.unpin(phys, false);
+            }
+            self.accounting.credit(fresh_count);
+        };
         for &(s, e) in &fresh {
             let mut phys = alloc::vec![0u64; (e - s + 1) as usize];
             if let Err(err) = self.source.pin(self.uptr + s * PAGE_SIZE, &mut phys, self.writable) {
-                for (_, phys) in &done {
-                    self.source.unpin(phys, false);
-                }
-                self.accounting.credit(fresh_count);
+                undo(&got);
                 return Err(err);
             }
-            done.push((s, phys));
+            got.insert(s, phys);
         }
-        for (s, phys) in done {
-            for (k, ph) in phys.into_iter().enumerate() {
-                let (slot, _, used_pages) = t.slot(s + k as u64);
-                *slot = ph;
-                *used_pages += 1;
+        // Every page's address: freshly pinned, stored, or read back from a
+        // domain holding it (the table stays locked: holders only take
+        // domain locks, which never wait for this lock).
+        let mut phys_all: Vec<u64> = Vec::with_capacity((last - first + 1) as usize);
+        for page in first..=last {
+            let fresh_phys = got.range(..=page).next_back().and_then(|(s, v)| v.get((page - s) as usize)).copied();
+            let known = fresh_phys.or_else(|| t.stored(page)).or_else(|| self.read_back(page));
+            match known {
+                Some(ph) => phys_all.push(ph),
+                None => {
+                    // A page in use that no one can locate: a broken
+                    // holder registration. Refuse rather than guess.
+                    undo(&got);
+                    return Err(Errno::EIO);
+                }
             }
         }
         t.pinned_pages += fresh_count;
-        for page in first..=last {
-            let (phys, uses, _) = t.slot(page);
-            *uses += 1;
-            if let Some(o) = out.as_deref_mut() {
-                o[(page - first) as usize] = *phys;
-            }
+        for (k, page) in (first..=last).enumerate() {
+            t.add(page, kind, phys_all[k]);
+        }
+        if let Some(o) = out {
+            o.copy_from_slice(&phys_all);
         }
         Ok(())
     }
 
-    /// Drops one use of every page in `[first, last]`; pages whose last use
-    /// goes are unpinned.
-    pub fn unpin(&self, first: u64, last: u64) {
+    /// Drops one use of `kind` of every page in `[first, last]`; pages
+    /// whose last use goes are unpinned. For `Domain` uses the caller passes
+    /// the addresses it read back before unmapping the domains (`hint`,
+    /// one per page), since nothing else knows them any more.
+    pub fn unpin(&self, first: u64, last: u64, kind: UseKind, hint: Option<&[u64]>) {
         let mut t = self.table.lock();
         let mut release: Vec<u64> = Vec::new();
-        for page in first..=last {
-            let (phys, uses, used_pages) = t.slot(page);
-            assert!(*uses > 0, "unpin of page {page} with no use");
-            *uses -= 1;
-            if *uses == 0 {
-                release.push(*phys);
-                *used_pages -= 1;
-                *phys = 0;
+        for (k, page) in (first..=last).enumerate() {
+            let stored = t.stored(page);
+            let (dropped, gone) = t.remove(page, kind);
+            if gone {
+                let phys = dropped
+                    .or(stored)
+                    .or_else(|| hint.and_then(|h| h.get(k).copied()))
+                    .or_else(|| self.read_back(page))
+                    .expect("the address of a page being unpinned is known");
+                release.push(phys);
             }
-            t.drop_empty(page);
         }
         if !release.is_empty() {
             t.pinned_pages -= release.len() as u64;
@@ -306,19 +499,6 @@ impl Pages {
             self.source.unpin(&release, self.writable);
             self.accounting.credit(release.len() as u64);
         }
-    }
-
-    /// Physical address of page `index` while it has a use.
-    pub fn phys(&self, index: u64) -> Option<u64> {
-        self.table.lock().phys(index)
-    }
-
-    /// Physical addresses of pages `[first, last]`, all of which must have a
-    /// use (the caller holds one).
-    pub fn phys_range(&self, first: u64, last: u64, out: &mut Vec<u64>) {
-        let t = self.table.lock();
-        out.clear();
-        out.extend((first..=last).map(|p| t.phys(p).expect("page has a use")));
     }
 }
 
@@ -339,16 +519,16 @@ mod tests {
         let (p, off) = Pages::new(a.clone(), acct.clone(), 0x10_0800, 3 * PAGE_SIZE, true).unwrap();
         assert_eq!((p.npages, off), (4, 0x800));
         let mut phys = [0u64; 4];
-        p.pin(0, 3, Some(&mut phys)).unwrap();
-        p.pin(1, 2, None).unwrap();
+        p.pin(0, 3, UseKind::Other, Some(&mut phys)).unwrap();
+        p.pin(1, 2, UseKind::Other, None).unwrap();
         assert_eq!(a.pins(0x10_1000), 1);
         assert_eq!(p.uses(1), 2);
         assert_eq!(acct.pinned(), 4);
         assert_eq!(phys[1], a.phys_of(0x10_1000).unwrap());
-        p.unpin(0, 3);
+        p.unpin(0, 3, UseKind::Other, None);
         assert_eq!(a.pinned_pages(), 2);
         assert_eq!(acct.pinned(), 2);
-        p.unpin(1, 2);
+        p.unpin(1, 2, UseKind::Other, None);
         assert_eq!(a.pinned_pages(), 0);
         assert_eq!(acct.pinned(), 0);
         assert_eq!(p.pinned_pages(), 0);
@@ -358,18 +538,18 @@ mod tests {
     fn limit_and_source_failures_change_nothing() {
         let (a, acct) = setup(3);
         let (p, _) = Pages::new(a.clone(), acct.clone(), 0x10_0000, 8 * PAGE_SIZE, true).unwrap();
-        p.pin(0, 1, None).unwrap();
-        assert_eq!(p.pin(0, 3, None), Err(Errno::ENOMEM));
+        p.pin(0, 1, UseKind::Other, None).unwrap();
+        assert_eq!(p.pin(0, 3, UseKind::Other, None), Err(Errno::ENOMEM));
         assert_eq!((acct.pinned(), a.pinned_pages(), p.uses(0)), (2, 2, 1));
         acct.set_limit(u64::MAX);
         // Pages 4..=5 pin, then the second run (7..) fails in the source.
         a.fail_pin_at(Some(2));
-        p.pin(4, 5, None).unwrap();
-        p.pin(6, 6, None).unwrap_err();
+        p.pin(4, 5, UseKind::Other, None).unwrap();
+        p.pin(6, 6, UseKind::Other, None).unwrap_err();
         assert_eq!((acct.pinned(), a.pinned_pages()), (4, 4));
         // A range beyond the mapping faults and leaves the pins as they were.
         let (q, _) = Pages::new(a.clone(), acct.clone(), 0x10_e000, 4 * PAGE_SIZE, true).unwrap();
-        assert_eq!(q.pin(0, 3, None), Err(Errno::EFAULT));
+        assert_eq!(q.pin(0, 3, UseKind::Other, None), Err(Errno::EFAULT));
         assert_eq!((acct.pinned(), a.pinned_pages()), (4, 4));
     }
 }
