@@ -580,7 +580,9 @@ impl IoPagetable {
         // Load every area: pinning first if this is the first domain.
         let first_domain = self.domains.is_empty();
         let starts: Vec<u64> = self.areas.iter().map(|(s, _, _)| s).collect();
-        let mut done: Vec<(u64, u64, u64, Vec<u64>, Option<u64>)> = Vec::new();
+        // (area start, first page, last page, addresses, holder key)
+        type Loaded = (u64, u64, u64, Vec<u64>, Option<u64>);
+        let mut done: Vec<Loaded> = Vec::new();
         let mut failure = None;
         for s in &starts {
             let (l, area) = self.area(*s);
