@@ -139,6 +139,9 @@ pub enum Object {
     Device(Arc<Device>),
     /// An access (in-kernel user of an IOAS).
     Access(Arc<Access>),
+    /// An id taken by an object still being created: not visible to
+    /// lookups (`ENOENT`), as Linux's not yet finalized objects.
+    Placeholder(Arc<AtomicU32>),
     /// An object that owns a device binding (the selftest's mock device
     /// object; a VFIO device file in Linux): destroying it unbinds the
     /// device.
@@ -161,6 +164,7 @@ impl Object {
             Object::Device(o) => &o.refs,
             Object::DeviceOwner(o) => &o.refs,
             Object::Access(o) => &o.refs,
+            Object::Placeholder(r) => r,
         }
     }
 }
@@ -255,7 +259,10 @@ impl Ictx {
     }
 
     fn get(&self, id: u32) -> Result<Object> {
-        self.objects.lock().get(&id).cloned().ok_or(Errno::ENOENT)
+        match self.objects.lock().get(&id) {
+            None | Some(Object::Placeholder(_)) => Err(Errno::ENOENT),
+            Some(o) => Ok(o.clone()),
+        }
     }
 
     /// The IOAS `id`.
@@ -298,6 +305,9 @@ impl Ictx {
         let obj = {
             let mut objects = self.objects.lock();
             let obj = objects.get(&id).ok_or(Errno::ENOENT)?;
+            if matches!(obj, Object::Placeholder(_)) {
+                return Err(Errno::ENOENT);
+            }
             // A device is held by whoever bound it (its owner object).
             if matches!(obj, Object::Device(_)) || obj.refs().load(Ordering::SeqCst) != 0 {
                 return Err(Errno::EBUSY);
@@ -315,7 +325,9 @@ impl Ictx {
                 let _ = ioas.iopt.lock().unmap_all();
             }
             Object::Hwpt(h) => self.release_hwpt(id, &h),
-            Object::Device(_) | Object::Access(_) => unreachable!("refused above: held by their drivers"),
+            Object::Device(_) | Object::Access(_) | Object::Placeholder(_) => {
+                unreachable!("refused above: held by their drivers, or not created yet")
+            }
         }
         Ok(())
     }
@@ -512,22 +524,37 @@ impl Ictx {
         self.insert(Object::Device(Arc::new(Device { ops, attached: Mutex::new(None), refs: AtomicU32::new(0) })))
     }
 
-    /// Makes an owner object and binds `ops` under it (the selftest's
-    /// mock device). Returns `(owner_id, device_id)`; destroying the owner
-    /// unbinds the device.
+    /// Takes an id for an owner object and binds `ops` under it (the
+    /// selftest's mock device). Returns `(owner_id, device_id)`; the owner
+    /// stays invisible until [`Self::finalize_owner`] (or goes with
+    /// [`Self::abort_owner`]), as Linux's object under construction.
     pub fn bind_owned_device(&self, ops: Arc<dyn DeviceOps>) -> Result<(u32, u32)> {
-        let owner = Arc::new(DeviceOwner { dev_id: AtomicU32::new(0), refs: AtomicU32::new(0) });
-        let owner_id = self.insert(Object::DeviceOwner(owner.clone()))?;
+        let owner_id = self.insert(Object::Placeholder(Arc::new(AtomicU32::new(0))))?;
         match self.bind_device(ops) {
-            Ok(dev_id) => {
-                owner.dev_id.store(dev_id, Ordering::SeqCst);
-                Ok((owner_id, dev_id))
-            }
+            Ok(dev_id) => Ok((owner_id, dev_id)),
             Err(e) => {
                 self.objects.lock().remove(&owner_id);
                 Err(e)
             }
         }
+    }
+
+    /// Makes the owner from [`Self::bind_owned_device`] visible; destroying
+    /// it from then on unbinds the device.
+    pub fn finalize_owner(&self, owner_id: u32, dev_id: u32) {
+        let owner = Arc::new(DeviceOwner { dev_id: AtomicU32::new(dev_id), refs: AtomicU32::new(0) });
+        self.objects.lock().insert(owner_id, Object::DeviceOwner(owner));
+    }
+
+    /// Undoes [`Self::bind_owned_device`].
+    pub fn abort_owner(&self, owner_id: u32, dev_id: u32) {
+        let _ = self.unbind_device(dev_id);
+        self.objects.lock().remove(&owner_id);
+    }
+
+    /// The IOAS an access is attached to.
+    pub fn access_ioas_id(&self, id: u32) -> Option<u32> {
+        self.access(id).ok().and_then(|a| *a.ioas.lock())
     }
 
     /// The owner object `id`.
@@ -639,7 +666,9 @@ impl Ictx {
                 }
             }
             // Linux's iommufd_device_change_pt: any other object type.
-            Object::Device(_) | Object::DeviceOwner(_) | Object::Access(_) => Err(Errno::EINVAL),
+            Object::Device(_) | Object::DeviceOwner(_) | Object::Access(_) | Object::Placeholder(_) => {
+                Err(Errno::EINVAL)
+            }
         }
     }
 

@@ -61,6 +61,8 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
         }
         IOMMU_IOAS_COPY => {
             let mut c = IommuIoasCopy::read(&kbuf);
+            #[cfg(feature = "selftest")]
+            crate::selftest::cmd::syz_conv_iova_id(ictx, c.src_ioas_id, &mut c.src_iova, &mut c.flags);
             check_map_flags(c.flags)?;
             if c.length == u64::MAX || c.src_iova == u64::MAX || c.dst_iova == u64::MAX {
                 return Err(Errno::EOVERFLOW);
@@ -272,10 +274,11 @@ fn option(ictx: &Ictx, c: &mut IommuOption) -> Result<()> {
             _ => Err(Errno::EOPNOTSUPP),
         };
     }
-    let ioas = ictx.ioas(c.object_id)?;
+    // Linux 6.12 rejects an unknown option before looking the object up.
     if c.option_id != IOMMU_OPTION_HUGE_PAGES {
         return Err(Errno::EOPNOTSUPP);
     }
+    let ioas = ictx.ioas(c.object_id)?;
     let mut iopt = ioas.iopt.lock();
     match c.op {
         IOMMU_OPTION_OP_GET => {
@@ -296,8 +299,12 @@ fn option(ictx: &Ictx, c: &mut IommuOption) -> Result<()> {
 
 /// Reserves `[start, start + length)` in IOAS `ioas_id` for the selftest.
 #[cfg(feature = "selftest")]
+/// Linux 6.12 (as shipped, 6.12.95) checks the range before the IOAS.
 pub(crate) fn add_test_reserved(ictx: &Ictx, ioas_id: u32, start: u64, length: u64) -> Result<()> {
+    if length == 0 {
+        return Err(Errno::EINVAL);
+    }
+    let last = start.checked_add(length - 1).ok_or(Errno::EOVERFLOW)?;
     let ioas = ictx.ioas(ioas_id)?;
-    let last = start.wrapping_add(length).wrapping_sub(1);
     ioas.iopt.lock().reserve(start, last, Owner::Test)
 }

@@ -843,6 +843,31 @@ pub fn run(files: &[PathBuf], allow_file: Option<&Path>, verbose: bool) -> Resul
 
 #[cfg(test)]
 mod tests {
+    /// The committed recordings of Linux 6.12 replay with no difference
+    /// beyond the written allow-list: conformance is a test, not a tool run.
+    #[test]
+    fn committed_linux_recordings_agree() {
+        let dir = crate::qemu::root().join("iommufd/tests/data/linux-uapi");
+        let allow_text = std::fs::read_to_string(dir.join("allow.toml")).unwrap();
+        let allow = parse_allow(&allow_text, "allow.toml").unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no recordings in {}", dir.display());
+        let mut total = 0;
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let calls = parse_recording(&text, &f.display().to_string()).unwrap();
+            let report = replay(&calls, &allow, false);
+            total += report.calls;
+            assert_eq!(report.unexpected(), 0, "{}: {} calls differ from Linux", f.display(), report.unexpected());
+        }
+        assert!(total >= 9000, "only {total} calls replayed");
+    }
+
     use super::*;
 
     fn line(seed: i64, step: i64, cmd: u32, input: &[u8], errno: i32, out: &[u8], aux_out: &[u8]) -> String {

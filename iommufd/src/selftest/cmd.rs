@@ -82,6 +82,25 @@ impl crate::ctx::AccessOps for MockAccess {
     }
 }
 
+/// The selftest's syzkaller aid: with `MOCK_FLAGS_ACCESS_SYZ`, an IOVA is
+/// read as `{ nth_area: u32, offset: u32 }` (little endian) and becomes
+/// the IOVA of the IOAS's nth area plus the offset (0 when there is no
+/// such area). The flag is cleared either way.
+pub fn syz_conv_iova_id(ictx: &Ictx, ioas_id: u32, iova: &mut u64, flags: &mut u32) {
+    if *flags & MOCK_FLAGS_ACCESS_SYZ == 0 {
+        return;
+    }
+    *flags &= !MOCK_FLAGS_ACCESS_SYZ;
+    if let Ok(ioas) = ictx.ioas(ioas_id) {
+        *iova = syz_conv(&ioas.iopt.lock(), *iova);
+    }
+}
+
+fn syz_conv(iopt: &crate::iopt::IoPagetable, iova: u64) -> u64 {
+    let (nth, offset) = (iova as u32, (iova >> 32) as u32);
+    iopt.areas().nth(nth as usize).map_or(0, |(start, _, _)| start.wrapping_add(offset as u64))
+}
+
 fn access_of(ictx: &Ictx, fd: u32) -> Result<(u32, Arc<MockAccess>)> {
     ictx.selftest.lock().accesses.get(&fd).cloned().ok_or(Errno::EBADFD)
 }
@@ -138,10 +157,11 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             let hwpt = match ictx.attach(dev, c.id) {
                 Ok(h) => h,
                 Err(e) => {
-                    let _ = ictx.destroy(owner);
+                    ictx.abort_owner(owner, dev);
                     return Err(e);
                 }
             };
+            ictx.finalize_owner(owner, dev);
             let out = IommuTestMockDomain { out_stdev_id: owner, out_hwpt_id: hwpt, out_idev_id: dev };
             out.write(&mut c.payload);
             respond(&c.to_bytes(), user_size, buf)
@@ -236,6 +256,10 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             if !access.needs_pin {
                 return Err(Errno::EOPNOTSUPP);
             }
+            if ap.flags & MOCK_FLAGS_ACCESS_SYZ != 0 {
+                let ioas = ictx.access_ioas_id(id).and_then(|i| ictx.ioas(i).ok());
+                ap.iova = ioas.map_or(0, |ioas| syz_conv(&ioas.iopt.lock(), ap.iova));
+            }
             let phys = ictx.access_pin_pages(id, ap.iova, ap.length, ap.flags & MOCK_FLAGS_ACCESS_WRITE != 0)?;
             if ap.uptr != 0 {
                 // The pinned pages must be the user's pages at uptr.
@@ -288,9 +312,14 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             }
             let (id, _) = access_of(ictx, c.id)?;
             let mut tmp = alloc::vec![0u8; rw.length as usize];
+            let mut rw = rw;
             let write = rw.flags & MOCK_ACCESS_RW_WRITE != 0;
             if write {
                 ictx.source().read_user(rw.uptr, &mut tmp)?;
+            }
+            if rw.flags & MOCK_FLAGS_ACCESS_SYZ != 0 {
+                let ioas = ictx.access_ioas_id(id).and_then(|i| ictx.ioas(i).ok());
+                rw.iova = ioas.map_or(0, |ioas| syz_conv(&ioas.iopt.lock(), rw.iova));
             }
             ictx.access_rw(id, rw.iova, &mut tmp, write)?;
             if !write {
