@@ -939,6 +939,38 @@ mod tests {
         assert_eq!(mem.pinned_pages(), 0);
     }
 
+    struct MsiDev;
+    impl DeviceOps for MsiDev {
+        fn handle(&self) -> DeviceHandle {
+            DeviceHandle(77)
+        }
+        fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
+            Ok(Box::new(MockDomain::new()))
+        }
+        fn reserved_regions(&self) -> Vec<(u64, u64)> {
+            alloc::vec![(0x400_0000, 0x40f_ffff)] // an MSI window
+        }
+    }
+
+    #[test]
+    fn device_reserved_regions_conflict_and_reserve() {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let iova = c.ioas_map(ioas, Some(0x400_0000), 0x4000_0000, 0x1000, true, true).unwrap();
+        let d = c.bind_device(Arc::new(MsiDev)).unwrap();
+        let before = c.object_ids();
+        assert_eq!(c.attach(d, ioas), Err(Errno::EADDRINUSE), "a mapping sits in the device's MSI window");
+        assert_eq!(c.object_ids(), before, "the failed attach left no HWPT behind");
+        assert_eq!(mem.pinned_pages(), 0);
+        c.ioas_unmap(ioas, iova, 0x1000).unwrap();
+        c.attach(d, ioas).unwrap();
+        let (ranges, _) = c.ioas_iova_ranges(ioas).unwrap();
+        assert!(ranges.iter().all(|&(s, l)| l < 0x400_0000 || s > 0x40f_ffff), "window reserved: {ranges:x?}");
+        assert_eq!(c.ioas_map(ioas, Some(0x400_0000), 0x4000_0000, 0x1000, true, true), Err(Errno::EINVAL));
+        c.detach(d).unwrap();
+        assert!(c.ioas_iova_ranges(ioas).unwrap().0.iter().any(|&(s, l)| s <= 0x400_0000 && l >= 0x40f_ffff));
+    }
+
     #[test]
     fn closing_the_context_releases_everything() {
         let (mem, c) = ctx();
