@@ -432,37 +432,47 @@ impl Pages {
             self.accounting.faults.point()?;
         }
         self.accounting.charge(fresh_count)?;
-        let mut got: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        let undo = |got: &BTreeMap<u64, Vec<u64>>| {
-            for phys in got.values() {
-                self.source.unpin(phys, false);
+        // Fresh pages are pinned straight into their slots of `phys_all`.
+        let n = (last - first + 1) as usize;
+        let mut phys_all: Vec<u64> = alloc::vec![0; n];
+        let mut pinned_runs: Vec<(usize, usize)> = Vec::with_capacity(fresh.len());
+        let undo = |runs: &[(usize, usize)], phys_all: &[u64]| {
+            for &(a, b) in runs {
+                self.source.unpin(&phys_all[a..b], false);
             }
             self.accounting.credit(fresh_count);
         };
         for &(s, e) in &fresh {
-            let mut phys = alloc::vec![0u64; (e - s + 1) as usize];
-            if let Err(err) = self.source.pin(self.uptr + s * PAGE_SIZE, &mut phys, self.writable) {
-                undo(&got);
+            let (a, b) = ((s - first) as usize, (e - first + 1) as usize);
+            if let Err(err) = self.source.pin(self.uptr + s * PAGE_SIZE, &mut phys_all[a..b], self.writable) {
+                undo(&pinned_runs, &phys_all);
                 return Err(err);
             }
-            got.insert(s, phys);
+            pinned_runs.push((a, b));
         }
-        // Every page's address: freshly pinned, stored, or read back from a
-        // domain holding it (the table stays locked: holders only take
-        // domain locks, which never wait for this lock).
-        let mut phys_all: Vec<u64> = Vec::with_capacity((last - first + 1) as usize);
-        for page in first..=last {
-            let fresh_phys = got.range(..=page).next_back().and_then(|(s, v)| v.get((page - s) as usize)).copied();
-            let known = fresh_phys.or_else(|| t.stored(page)).or_else(|| self.read_back(page));
-            match known {
-                Some(ph) => phys_all.push(ph),
+        // Every other page's address: stored, or read back from a domain
+        // holding it (the table stays locked: holders only take domain
+        // locks, which never wait for this lock).
+        let mut next_fresh = fresh.iter().peekable();
+        let mut page = first;
+        while page <= last {
+            if let Some(&&(s, e)) = next_fresh.peek()
+                && s == page
+            {
+                next_fresh.next();
+                page = e + 1;
+                continue;
+            }
+            match t.stored(page).or_else(|| self.read_back(page)) {
+                Some(ph) => phys_all[(page - first) as usize] = ph,
                 None => {
                     // A page in use that no one can locate: a broken
                     // holder registration. Refuse rather than guess.
-                    undo(&got);
+                    undo(&pinned_runs, &phys_all);
                     return Err(Errno::EIO);
                 }
             }
+            page += 1;
         }
         t.pinned_pages += fresh_count;
         for (k, page) in (first..=last).enumerate() {

@@ -8,6 +8,7 @@
 //! * `ktest.start=N`: resume at test N after a crash of test N-1;
 //! * `ktest.crash=KIND`: instead of the tests, deliberately take a fault
 //!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report;
+//! * `bench=1`: run the in-guest benchmarks instead of the tests;
 //! * `ktest.inject=N:panic,M:hang`: test N panics and test M hangs instead
 //!   of running, so the host can check that it resumes after both.
 #![cfg_attr(target_os = "none", no_std, no_main)]
@@ -15,6 +16,8 @@
 #[cfg(target_os = "none")]
 extern crate alloc;
 
+#[cfg(target_os = "none")]
+mod bench;
 #[cfg(target_os = "none")]
 mod cases;
 
@@ -27,6 +30,10 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     let platform = portcullis_kernel::init(boot);
     if let Some(kind) = boot.cmdline_value("ktest.crash") {
         cases::crash(kind);
+    }
+    if boot.cmdline_value("bench").is_some() {
+        bench::run();
+        exit_qemu(ExitCode::Success);
     }
     let start = boot.cmdline_value("ktest.start").and_then(|s| s.parse().ok()).unwrap_or(1);
     let inject = boot.cmdline_value("ktest.inject").unwrap_or("");

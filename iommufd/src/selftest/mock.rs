@@ -4,9 +4,11 @@
 //! and a record of where each map call started and ended so an unmap that
 //! cuts through the middle of one is caught.
 //!
-//! Every 2 KiB I/O page is an entry in a `BTreeMap`; nothing here is fast,
-//! and nothing has to be: the mock exists to check results exactly.
+//! Every 2 KiB I/O page is one `u64` (address plus flag bits) in 512-entry
+//! chunks, the way Linux's mock keeps one xarray value per I/O page, so the
+//! benchmarks measure iommufd rather than a slow map.
 
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, Prot};
 
@@ -16,6 +18,9 @@ pub const MOCK_IO_PAGE_SIZE: u64 = 2048;
 pub const MOCK_APERTURE_START: u64 = 1 << 24;
 /// Last IOVA the mock translates.
 pub const MOCK_APERTURE_LAST: u64 = (1 << 31) - 1;
+
+const CHUNK: usize = 512;
+const PRESENT: u64 = 1 << 4;
 
 /// One mapped I/O page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +38,9 @@ pub struct MockEntry {
 /// The mock domain.
 #[derive(Debug, Default)]
 pub struct MockDomain {
-    entries: BTreeMap<u64, MockEntry>,
+    /// I/O page number / 512 -> entries; see [`MockEntry::encode`].
+    chunks: BTreeMap<u64, Box<[u64; CHUNK]>>,
+    mapped: usize,
     devices: BTreeSet<DeviceHandle>,
     /// IOTLB syncs issued (one per unmap batch, checked by tests).
     pub syncs: u64,
@@ -46,7 +53,61 @@ pub struct MockDomain {
     aperture: Option<(u64, u64)>,
 }
 
+impl MockEntry {
+    /// `phys` is 2 KiB aligned, so the low bits carry the rest.
+    fn encode(self) -> u64 {
+        self.phys | self.prot.bits() as u64 & 3 | (self.start as u64) << 2 | (self.last as u64) << 3 | PRESENT
+    }
+    fn decode(v: u64) -> Option<MockEntry> {
+        (v & PRESENT != 0).then_some(MockEntry {
+            phys: v & !(MOCK_IO_PAGE_SIZE - 1),
+            prot: if v & 3 == 3 {
+                Prot::RW
+            } else if v & 2 != 0 {
+                Prot::WRITE
+            } else if v & 1 != 0 {
+                Prot::READ
+            } else {
+                Prot::NONE
+            },
+            start: v & 4 != 0,
+            last: v & 8 != 0,
+        })
+    }
+}
+
 impl MockDomain {
+    fn get(&self, page: u64) -> Option<MockEntry> {
+        let c = self.chunks.get(&(page / CHUNK as u64))?;
+        MockEntry::decode(c[(page % CHUNK as u64) as usize])
+    }
+
+    fn set(&mut self, page: u64, v: u64) {
+        let c = self.chunks.entry(page / CHUNK as u64).or_insert_with(|| Box::new([0; CHUNK]));
+        let slot = &mut c[(page % CHUNK as u64) as usize];
+        match (*slot & PRESENT != 0, v & PRESENT != 0) {
+            (false, true) => self.mapped += 1,
+            (true, false) => self.mapped -= 1,
+            _ => {}
+        }
+        *slot = v;
+    }
+
+    /// Mapped I/O pages in `[first, end)`, in order.
+    fn pages_in(&self, first: u64, end: u64) -> alloc::vec::Vec<u64> {
+        let mut out = alloc::vec::Vec::new();
+        let (c0, c1) = (first / CHUNK as u64, (end.max(1) - 1) / CHUNK as u64);
+        for (&ci, c) in self.chunks.range(c0..=c1) {
+            for (k, v) in c.iter().enumerate() {
+                let page = ci * CHUNK as u64 + k as u64;
+                if *v & PRESENT != 0 && page >= first && page < end {
+                    out.push(page);
+                }
+            }
+        }
+        out
+    }
+
     /// An empty mock domain.
     pub fn new() -> Self {
         Self::default()
@@ -60,17 +121,24 @@ impl MockDomain {
 
     /// The entry for the I/O page containing `iova`.
     pub fn entry(&self, iova: u64) -> Option<MockEntry> {
-        self.entries.get(&(iova / MOCK_IO_PAGE_SIZE)).copied()
+        self.get(iova / MOCK_IO_PAGE_SIZE)
     }
 
     /// Number of mapped I/O pages.
     pub fn mapped_pages(&self) -> usize {
-        self.entries.len()
+        self.mapped
     }
 
     /// All entries, for state comparisons in fault-injection sweeps.
     pub fn snapshot(&self) -> BTreeMap<u64, MockEntry> {
-        self.entries.clone()
+        self.chunks
+            .iter()
+            .flat_map(|(&ci, c)| {
+                c.iter()
+                    .enumerate()
+                    .filter_map(move |(k, &v)| MockEntry::decode(v).map(|e| (ci * CHUNK as u64 + k as u64, e)))
+            })
+            .collect()
     }
 
     /// Makes the `n`th `map` call from now fail (1-based); `None` disables.
@@ -117,12 +185,12 @@ impl IommuDomain for MockDomain {
         }
         let first = iova / MOCK_IO_PAGE_SIZE;
         let n = length / MOCK_IO_PAGE_SIZE;
-        if let Some((&k, _)) = self.entries.range(first..first + n).next() {
+        if let Some(k) = (first..first + n).find(|&k| self.get(k).is_some()) {
             return Err(DomainError::AlreadyMapped { iova: k * MOCK_IO_PAGE_SIZE });
         }
         for i in 0..n {
             let e = MockEntry { phys: phys + i * MOCK_IO_PAGE_SIZE, prot, start: i == 0, last: i == n - 1 };
-            self.entries.insert(first + i, e);
+            self.set(first + i, e.encode());
         }
         Ok(())
     }
@@ -131,14 +199,14 @@ impl IommuDomain for MockDomain {
         let Ok(last) = self.check(iova, length) else { return 0 };
         let first = iova / MOCK_IO_PAGE_SIZE;
         let end = first + length / MOCK_IO_PAGE_SIZE;
-        let keys: alloc::vec::Vec<u64> = self.entries.range(first..end).map(|(k, _)| *k).collect();
+        let keys = self.pages_in(first, end);
         if let (Some(&lo), Some(&hi)) = (keys.first(), keys.last())
-            && (!self.entries[&lo].start || !self.entries[&hi].last)
+            && (!self.get(lo).is_some_and(|e| e.start) || !self.get(hi).is_some_and(|e| e.last))
         {
             self.misaligned_unmaps += 1;
         }
         for k in &keys {
-            self.entries.remove(k);
+            self.set(*k, 0);
         }
         if !keys.is_empty() {
             gather.add(iova, last);

@@ -7,10 +7,10 @@ use linked_list_allocator::LockedHeap;
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
 
-/// Sets up the heap: an eighth of RAM, between 4 MiB and 64 MiB. Returns
+/// Sets up the heap: an eighth of RAM, between 4 MiB and 512 MiB. Returns
 /// (physical base, bytes).
 pub fn init(ram_bytes: u64) -> (u64, u64) {
-    let bytes = (ram_bytes / 8).clamp(4 << 20, 64 << 20) & !(FRAME_SIZE - 1);
+    let bytes = (ram_bytes / 8).clamp(4 << 20, 512 << 20) & !(FRAME_SIZE - 1);
     let mut size = bytes;
     let phys = loop {
         match super::FRAMES.lock().alloc((size / FRAME_SIZE) as usize, 0x20_0000, u64::MAX) {
