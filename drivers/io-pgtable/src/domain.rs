@@ -1,0 +1,183 @@
+//! [`PagingDomain`]: a [`PageTable`] behind the `IommuDomain` trait.
+//!
+//! The page table does the memory side; the two hardware jobs of a domain
+//! are delegated:
+//! * IOTLB invalidation goes to an [`Invalidator`] (the VT-d driver will
+//!   queue page-selective invalidations; hosts use [`RecordingInvalidator`]).
+//! * Device attach/detach only records the handle here: pointing a context
+//!   or PASID entry at [`PageTable::root`] is the driver's job, done around
+//!   this type. The host version therefore never fails an attach.
+//!
+//! Invariants:
+//! * Tables unlinked by unmap (or by a failed map's unwind) are freed only
+//!   after the invalidator ran for the ranges that unlinked them: in
+//!   `iotlb_sync`, or before a failed `map` returns.
+//! * One gather at a time: `iotlb_sync` releases every deferred table, so
+//!   callers must not keep two gathers open and sync only one of them
+//!   (iommufd never does).
+
+use alloc::vec::Vec;
+
+use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, Prot};
+
+use crate::Error;
+use crate::format::PtFormat;
+use crate::memory::TableMemory;
+use crate::table::PageTable;
+
+/// Invalidates the unit's translation caches for a domain.
+pub trait Invalidator {
+    /// Invalidates IOTLB entries for `[start, last]`; when `tables_freed`,
+    /// also the paging-structure caches (the walker may hold pointers to
+    /// tables that are about to be freed).
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool);
+
+    /// Called after a successful map of `[iova, last]`. Units that cache
+    /// non-present entries (VT-d CAP.CM = 1, as QEMU's) need an
+    /// invalidation here; others do nothing, the default.
+    fn mapped(&mut self, iova: u64, last: u64) {
+        let _ = (iova, last);
+    }
+}
+
+/// An [`Invalidator`] that records its calls (host tests).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecordingInvalidator {
+    /// `(start, last, tables_freed)` of each invalidation, in order.
+    pub invalidations: Vec<(u64, u64, bool)>,
+}
+
+impl Invalidator for RecordingInvalidator {
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) {
+        self.invalidations.push((start, last, tables_freed));
+    }
+}
+
+/// An [`Invalidator`] that does nothing (benchmarks).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoInvalidator;
+
+impl Invalidator for NoInvalidator {
+    fn invalidate(&mut self, _start: u64, _last: u64, _tables_freed: bool) {}
+}
+
+impl From<Error> for DomainError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::BadRange { iova, length } => DomainError::BadRange { iova, length },
+            Error::BadPhys { length, .. } => DomainError::BadRange { iova: 0, length },
+            Error::BadProt { .. } => DomainError::NotSupported,
+            Error::AlreadyMapped { iova } => DomainError::AlreadyMapped { iova },
+            Error::NoMemory { .. } => DomainError::NoMemory,
+        }
+    }
+}
+
+/// A paging domain: page table, invalidator and the attached devices.
+#[derive(Debug)]
+pub struct PagingDomain<F: PtFormat, M: TableMemory, I: Invalidator> {
+    table: PageTable<F, M>,
+    invalidator: I,
+    devices: Vec<DeviceHandle>,
+}
+
+impl<F: PtFormat, M: TableMemory, I: Invalidator> PagingDomain<F, M, I> {
+    /// A domain with an empty page table.
+    pub fn new(format: F, mem: M, invalidator: I) -> Result<Self, Error> {
+        Ok(Self { table: PageTable::new(format, mem)?, invalidator, devices: Vec::new() })
+    }
+    /// The page table.
+    pub fn table(&self) -> &PageTable<F, M> {
+        &self.table
+    }
+    /// The page table, mutably.
+    pub fn table_mut(&mut self) -> &mut PageTable<F, M> {
+        &mut self.table
+    }
+    /// The invalidator.
+    pub fn invalidator(&self) -> &I {
+        &self.invalidator
+    }
+    /// The invalidator, mutably.
+    pub fn invalidator_mut(&mut self) -> &mut I {
+        &mut self.invalidator
+    }
+    /// Attached devices, in attach order.
+    pub fn devices(&self) -> &[DeviceHandle] {
+        &self.devices
+    }
+}
+
+impl<F, M, I> IommuDomain for PagingDomain<F, M, I>
+where
+    F: PtFormat + Send,
+    M: TableMemory + Send,
+    I: Invalidator + Send,
+{
+    fn page_sizes(&self) -> u64 {
+        self.table.page_sizes()
+    }
+
+    fn aperture(&self) -> (u64, u64) {
+        self.table.aperture()
+    }
+
+    fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
+        match self.table.map(iova, phys, length, prot) {
+            Ok(()) => {
+                self.invalidator.mapped(iova, iova + (length - 1));
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, Error::AlreadyMapped { .. } | Error::NoMemory { .. }) {
+                    // The unwind may have removed entries the walker saw
+                    // and unlinked tables it may hold.
+                    self.invalidator.invalidate(iova, iova + (length - 1), self.table.deferred_count() > 0);
+                    self.table.release_deferred();
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
+        self.table.unmap(iova, length, gather)
+    }
+
+    fn iotlb_sync(&mut self, gather: &mut IotlbGather) {
+        if let Some(start) = gather.start {
+            self.invalidator.invalidate(start, gather.last, gather.freed_tables > 0);
+        }
+        self.table.release_deferred();
+        *gather = IotlbGather::default();
+    }
+
+    fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        self.table.iova_to_phys(iova).map(|(phys, _)| phys)
+    }
+
+    /// Forces snooping on every later mapping when the format can encode it
+    /// (VT-d second stage with ECAP.SC). As the hardware cannot fix up what
+    /// is already mapped without rewriting it, this refuses (false) while
+    /// anything is mapped, unless snooping is already forced.
+    fn enforce_cache_coherency(&mut self) -> bool {
+        if self.table.force_snoop() {
+            return true;
+        }
+        if !self.table.is_empty() {
+            return false;
+        }
+        self.table.set_force_snoop()
+    }
+
+    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        if !self.devices.contains(&device) {
+            self.devices.push(device);
+        }
+        Ok(())
+    }
+
+    fn detach_device(&mut self, device: DeviceHandle) {
+        self.devices.retain(|d| *d != device);
+    }
+}

@@ -1,0 +1,151 @@
+//! The format seam: what the engine needs to know about one kind of page
+//! table entry.
+//!
+//! Invariants every [`PtFormat`] must keep (the engine relies on them and
+//! the unit tests of each format check them):
+//! * The zero entry is not present, at every level. Freshly allocated
+//!   tables are zero, so they translate nothing.
+//! * `is_present(table_entry(t, l))` and `!is_leaf(table_entry(t, l), l)`;
+//!   `is_present(leaf_entry(p, l, prot))` and `is_leaf(leaf_entry(..), l)`
+//!   for every prot the format accepts ([`PtFormat::accepts`]).
+//! * Round trip: `table_address(table_entry(t, l)) == t`,
+//!   `leaf_address(leaf_entry(p, l, prot), l) == p` and
+//!   `leaf_entry(leaf_address(e, l), l, leaf_prot(e))` rebuilds a leaf `e`
+//!   up to the level-dependent bits, which is how the engine splits a large
+//!   page into smaller ones that translate identically.
+//! * Every level-0 entry that is present is a leaf.
+
+use core::fmt;
+use portcullis_iommu::Prot;
+
+/// One page-table format: the geometry of the tree and the encoding of its
+/// entries.
+///
+/// Geometry shared by all formats Portcullis drives: 4 KiB tables of 512
+/// 64-bit entries, 9 IOVA bits per level, level 0 holding 4 KiB pages.
+/// Level `l` entries each cover `1 << (12 + 9 * l)` bytes; the root table
+/// holds entries of level `levels() - 1`.
+///
+/// Methods take `&self` because some properties are per unit rather than
+/// per format (the number of levels from CAP.SAGAW, large pages from
+/// CAP.SLLPS, snoop control from ECAP.SC). They are small and the engine is
+/// generic over the format, so they inline into the walk.
+///
+/// # How AMD-Vi v1 would plug in
+///
+/// The AMD v1 format encodes the *level of the next table* in bits 11:9 of
+/// each entry (the "next level" field) instead of a large-page bit: a table
+/// entry at level `l` says `l` (the child holds level `l - 1` entries, which
+/// the hardware numbers one higher), a leaf says 0 or 7. That is why
+/// [`PtFormat::table_entry`] and [`PtFormat::leaf_entry`] receive the level
+/// of the entry being built and [`PtFormat::is_leaf`] the level being
+/// decoded: an `AmdV1` format would compute the next-level field from them,
+/// set IR/IW for permissions and PR for present, and report leaves at
+/// levels 0..=2 through [`PtFormat::leaf_levels`]. Its "skip levels" and
+/// "next level 7" page sizes (any power of two, by replicating entries) are
+/// not needed for the 4 KiB/2 MiB/1 GiB sizes the engine maps and can stay
+/// unused. Its up-to-six-level trees fit [`crate::MAX_LEVELS`].
+pub trait PtFormat: fmt::Debug {
+    /// Levels of the tree (3 for a 39-bit VT-d second stage, 4 for 48-bit).
+    fn levels(&self) -> u32;
+
+    /// Last IOVA (inclusive) the tree may translate; the aperture starts
+    /// at 0. At most `(1 << (12 + 9 * levels())) - 1`, less where the unit
+    /// translates fewer bits (CAP.MGAW) or the format needs canonical
+    /// addresses (x86 first stage keeps to the lower half).
+    fn aperture_last(&self) -> u64;
+
+    /// Width of the output (physical) addresses the entries can hold.
+    fn output_bits(&self) -> u32;
+
+    /// Bit `l` set when a present level-`l` entry may be a leaf. Bit 0 is
+    /// always set.
+    fn leaf_levels(&self) -> u32;
+
+    /// Whether the format can express the permissions `prot` (at least one
+    /// of read and write).
+    fn accepts(&self, prot: Prot) -> bool {
+        prot.readable() || prot.writable()
+    }
+
+    /// Whether `pte` is present (points at a table or maps a page).
+    fn is_present(&self, pte: u64) -> bool;
+
+    /// Whether the present entry `pte` at `level` maps a page rather than
+    /// pointing at the next table.
+    fn is_leaf(&self, pte: u64, level: u32) -> bool;
+
+    /// Physical address of the next table of the present non-leaf `pte`.
+    fn table_address(&self, pte: u64) -> u64;
+
+    /// Physical address of the page mapped by the present leaf `pte`.
+    fn leaf_address(&self, pte: u64, level: u32) -> u64;
+
+    /// Permissions of the present leaf `pte`, as the hardware applies them
+    /// (for example a write-only request maps as read-write on x86 first
+    /// stage, which cannot express write without read).
+    fn leaf_prot(&self, pte: u64) -> Prot;
+
+    /// A level-`level` entry pointing at the table at `table`.
+    fn table_entry(&self, table: u64, level: u32) -> u64;
+
+    /// A level-`level` leaf mapping `phys` with `prot`. `phys` is aligned to
+    /// the level's page size and fits [`PtFormat::output_bits`].
+    fn leaf_entry(&self, phys: u64, level: u32, prot: Prot) -> u64;
+
+    /// Whether a leaf can force snooping ([`Prot::CACHE`] is honoured).
+    fn snoop_control(&self) -> bool {
+        false
+    }
+
+    /// Writes a decoded form of `pte` at `level` (used by [`Entry`]'s
+    /// `Debug`).
+    fn fmt_entry(&self, pte: u64, level: u32, f: &mut fmt::Formatter<'_>) -> fmt::Result;
+}
+
+/// A raw entry together with its format and level, whose `Debug` decodes
+/// the fields.
+#[derive(Clone, Copy)]
+pub struct Entry<'a, F: PtFormat> {
+    /// The format that decodes the entry.
+    pub format: &'a F,
+    /// The level the entry sits at.
+    pub level: u32,
+    /// The raw 64-bit value.
+    pub raw: u64,
+}
+
+impl<F: PtFormat> fmt::Debug for Entry<'_, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "L{} {:#018x} ", self.level, self.raw)?;
+        if !self.format.is_present(self.raw) {
+            return write!(f, "(not present)");
+        }
+        self.format.fmt_entry(self.raw, self.level, f)
+    }
+}
+
+/// Bytes covered by one entry at `level`.
+#[inline]
+pub const fn level_size(level: u32) -> u64 {
+    1 << level_shift(level)
+}
+
+/// log2 of [`level_size`].
+#[inline]
+pub const fn level_shift(level: u32) -> u32 {
+    crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * level
+}
+
+/// The page-size bitmap (bit n set = 2^n bytes) of a leaf-level mask.
+pub const fn sizes_of_leaf_levels(leaf_levels: u32) -> u64 {
+    let mut sizes = 0;
+    let mut l = 0;
+    while l < crate::MAX_LEVELS as u32 {
+        if leaf_levels >> l & 1 != 0 {
+            sizes |= level_size(l);
+        }
+        l += 1;
+    }
+    sizes
+}

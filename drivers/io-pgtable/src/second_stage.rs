@@ -1,0 +1,216 @@
+//! VT-d second-stage page tables (VT-d spec rev 4, section 9.8,
+//! "Second-Stage Paging Entries"; widths from CAP.SAGAW and CAP.MGAW in
+//! 11.4.2, large pages from CAP.SLLPS, snoop control from ECAP.SC).
+//!
+//! Entry layout used here (same for all levels unless noted):
+//!
+//! | bits  | name | meaning |
+//! |-------|------|---------|
+//! | 0     | R    | read allowed |
+//! | 1     | W    | write allowed |
+//! | 7     | PS   | level 1 and 2 only: the entry maps a 2 MiB / 1 GiB page |
+//! | 11    | SNP  | leaves only: DMA through this page snoops CPU caches |
+//! | 51:12 | ADDR | next table, or the page (2 MiB / 1 GiB aligned for large pages) |
+//!
+//! An entry is present when R or W is set; there is no separate present
+//! bit. A non-leaf entry needs *both* R and W: the effective permission of
+//! a walk is the intersection of every level's R/W, so a table entry with
+//! only R would make every page below it read-only (QEMU enforces this and
+//! so does hardware). Execute (bit 2), the memory-type fields (bits 6:3)
+//! and the accessed/dirty bits (8, 9) are left clear: Portcullis enables
+//! neither execute requests, memory-type overrides nor A/D tracking.
+
+use crate::format::{PtFormat, level_size};
+use core::fmt;
+use portcullis_iommu::Prot;
+
+/// Read permission (bit 0).
+pub const SS_READ: u64 = 1 << 0;
+/// Write permission (bit 1).
+pub const SS_WRITE: u64 = 1 << 1;
+/// Page size: a level-1 or level-2 entry that maps a large page (bit 7).
+pub const SS_PS: u64 = 1 << 7;
+/// Snoop: force snooping for DMA through this leaf (bit 11, needs ECAP.SC).
+pub const SS_SNP: u64 = 1 << 11;
+/// Address field, bits 51:12.
+pub const SS_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// The address widths CAP.SAGAW can offer, with their number of levels.
+const WIDTHS: [(u32, u32); 3] = [(39, 3), (48, 4), (57, 5)];
+
+/// A VT-d second-stage format for one remapping unit's capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VtdSecondStage {
+    levels: u32,
+    guest_width: u32,
+    output_bits: u32,
+    leaf_levels: u32,
+    snoop: bool,
+}
+
+impl VtdSecondStage {
+    /// A 3-level (39-bit), 4-level (48-bit) or 5-level (57-bit) table with
+    /// 2 MiB and 1 GiB pages, no snoop control and 52-bit output addresses;
+    /// `None` for other level counts.
+    pub const fn new(levels: u32) -> Option<Self> {
+        if levels < 3 || levels > 5 {
+            return None;
+        }
+        Some(Self {
+            levels,
+            guest_width: crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * levels,
+            output_bits: 52,
+            leaf_levels: 0b111,
+            snoop: false,
+        })
+    }
+
+    /// The format for a unit reporting the SAGAW widths `sagaw_widths`
+    /// (39, 48, 57), CAP.MGAW `mgaw`, CAP.SLLPS and ECAP.SC: the narrowest
+    /// table width that covers MGAW, or the widest the unit has if none
+    /// does, with the aperture limited to MGAW. `None` if the unit offers
+    /// no width this engine knows.
+    pub fn from_caps(
+        sagaw_widths: impl IntoIterator<Item = u32>,
+        mgaw: u32,
+        large_2m: bool,
+        large_1g: bool,
+        snoop_control: bool,
+    ) -> Option<Self> {
+        let mut covering: Option<(u32, u32)> = None;
+        let mut widest: Option<(u32, u32)> = None;
+        for w in sagaw_widths {
+            let Some(&(width, levels)) = WIDTHS.iter().find(|(bits, _)| *bits == w) else { continue };
+            if width >= mgaw && covering.is_none_or(|(cw, _)| width < cw) {
+                covering = Some((width, levels));
+            }
+            if widest.is_none_or(|(ww, _)| width > ww) {
+                widest = Some((width, levels));
+            }
+        }
+        let (_, levels) = covering.or(widest)?;
+        let format = Self::new(levels)?.with_large_pages(large_2m, large_1g).with_snoop_control(snoop_control);
+        Some(format.with_guest_width(mgaw))
+    }
+
+    /// Allows or forbids 2 MiB and 1 GiB leaves (CAP.SLLPS bits 0 and 1).
+    pub const fn with_large_pages(mut self, two_mib: bool, one_gib: bool) -> Self {
+        self.leaf_levels = 1 | (two_mib as u32) << 1 | (one_gib as u32) << 2;
+        self
+    }
+
+    /// Whether leaves may set SNP (ECAP.SC).
+    pub const fn with_snoop_control(mut self, snoop_control: bool) -> Self {
+        self.snoop = snoop_control;
+        self
+    }
+
+    /// Limits the aperture to `bits` of IOVA (CAP.MGAW); never beyond what
+    /// the levels cover, never below 12 bits.
+    pub const fn with_guest_width(mut self, bits: u32) -> Self {
+        let max = crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * self.levels;
+        self.guest_width = if bits > max {
+            max
+        } else if bits < crate::PAGE_SHIFT {
+            crate::PAGE_SHIFT
+        } else {
+            bits
+        };
+        self
+    }
+
+    /// Limits output addresses to `bits` (the host address width); at most 52.
+    pub const fn with_output_bits(mut self, bits: u32) -> Self {
+        self.output_bits = if bits > 52 { 52 } else { bits };
+        self
+    }
+}
+
+impl PtFormat for VtdSecondStage {
+    #[inline]
+    fn levels(&self) -> u32 {
+        self.levels
+    }
+    #[inline]
+    fn aperture_last(&self) -> u64 {
+        (1u64 << self.guest_width) - 1
+    }
+    #[inline]
+    fn output_bits(&self) -> u32 {
+        self.output_bits
+    }
+    #[inline]
+    fn leaf_levels(&self) -> u32 {
+        self.leaf_levels
+    }
+    #[inline]
+    fn is_present(&self, pte: u64) -> bool {
+        pte & (SS_READ | SS_WRITE) != 0
+    }
+    #[inline]
+    fn is_leaf(&self, pte: u64, level: u32) -> bool {
+        level == 0 || pte & SS_PS != 0
+    }
+    #[inline]
+    fn table_address(&self, pte: u64) -> u64 {
+        pte & SS_ADDR_MASK
+    }
+    #[inline]
+    fn leaf_address(&self, pte: u64, level: u32) -> u64 {
+        pte & SS_ADDR_MASK & !(level_size(level) - 1)
+    }
+    #[inline]
+    fn leaf_prot(&self, pte: u64) -> Prot {
+        let mut prot = Prot::NONE;
+        if pte & SS_READ != 0 {
+            prot = prot | Prot::READ;
+        }
+        if pte & SS_WRITE != 0 {
+            prot = prot | Prot::WRITE;
+        }
+        if pte & SS_SNP != 0 {
+            prot = prot | Prot::CACHE;
+        }
+        prot
+    }
+    #[inline]
+    fn table_entry(&self, table: u64, _level: u32) -> u64 {
+        table | SS_READ | SS_WRITE
+    }
+    #[inline]
+    fn leaf_entry(&self, phys: u64, level: u32, prot: Prot) -> u64 {
+        let mut pte = phys;
+        if prot.readable() {
+            pte |= SS_READ;
+        }
+        if prot.writable() {
+            pte |= SS_WRITE;
+        }
+        if level > 0 {
+            pte |= SS_PS;
+        }
+        if self.snoop && prot.contains(Prot::CACHE) {
+            pte |= SS_SNP;
+        }
+        pte
+    }
+    fn snoop_control(&self) -> bool {
+        self.snoop
+    }
+    fn fmt_entry(&self, pte: u64, level: u32, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let flag = |bit: u64, name: &'static str| if pte & bit != 0 { name } else { "-" };
+        if self.is_leaf(pte, level) {
+            write!(
+                f,
+                "page {:#x} {}{}{}{}",
+                self.leaf_address(pte, level),
+                flag(SS_READ, "R"),
+                flag(SS_WRITE, "W"),
+                flag(SS_PS, " PS"),
+                flag(SS_SNP, " SNP")
+            )
+        } else {
+            write!(f, "table {:#x} {}{}", self.table_address(pte), flag(SS_READ, "R"), flag(SS_WRITE, "W"))
+        }
+    }
+}

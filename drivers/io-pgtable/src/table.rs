@@ -1,0 +1,666 @@
+//! The engine: one radix tree of 512-entry tables, walked iteratively.
+//!
+//! Invariants (hold between public calls):
+//! * The root table exists for the whole life of a `PageTable` and is
+//!   never freed before `Drop`.
+//! * Every non-root table linked into the tree has at least one present
+//!   entry. Map creates tables only to fill them (and unwinds empty ones on
+//!   failure); unmap unlinks a table as soon as it becomes empty. Hence a
+//!   present table entry always means "something is mapped below", which
+//!   is how map detects overlaps without scanning.
+//! * A table unlinked from the tree is not freed: it goes to the deferred
+//!   list, because the walker may still hold or walk it until the IOTLB and
+//!   paging-structure caches are invalidated. [`PageTable::release_deferred`]
+//!   (called by the domain's `iotlb_sync`) frees them.
+//! * `tables` counts the tables linked into the tree, root included;
+//!   deferred tables are counted separately. Together they are everything
+//!   this page table holds in its `TableMemory`.
+//! * Every leaf maps a page aligned to its size at an output address below
+//!   `1 << output_bits`, and lies inside the aperture.
+//! * Entries are only ever replaced whole: not present → leaf or table,
+//!   leaf or table → not present, large leaf → table of equivalent smaller
+//!   leaves (split). A walker racing with the engine sees the old or the
+//!   new translation, never a mix.
+//!
+//! Ownership: the `PageTable` owns its `TableMemory` and every table in it.
+//! It is not internally synchronised: the caller serialises map/unmap (the
+//! domain is `&mut self` throughout).
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use portcullis_iommu::{IotlbGather, Prot};
+
+use crate::flush::FlushBatch;
+use crate::format::{Entry, PtFormat, level_shift, level_size, sizes_of_leaf_levels};
+use crate::memory::TableMemory;
+use crate::{ENTRIES, Error, MAX_LEVELS, PAGE_SIZE, TABLE_SIZE};
+
+/// An unmap that stopped early because a large page that the range only
+/// partly covers could not be split (no memory for the smaller table).
+///
+/// Contract: everything in `[start, iova)` is unmapped and added to the
+/// gather; the large page containing `iova` and everything after it in the
+/// range are untouched and translate exactly as before. `unmapped` counts
+/// the bytes removed. The caller may retry `[iova, end)` later, or widen
+/// the unmap to the whole large page (which needs no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialUnmap {
+    /// Bytes unmapped before stopping.
+    pub unmapped: u64,
+    /// Start of the large page that could not be split (or of the range,
+    /// for a bad range).
+    pub iova: u64,
+    /// Why ([`Error::NoMemory`], or [`Error::BadRange`] with nothing done).
+    pub error: Error,
+}
+
+/// One step of a walk: the entry read at `level` from `table[index]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkStep {
+    /// Level of the entry (0 = 4 KiB pages).
+    pub level: u32,
+    /// Physical address of the table holding the entry.
+    pub table: u64,
+    /// Index of the entry in that table.
+    pub index: usize,
+    /// The raw entry.
+    pub raw: u64,
+}
+
+/// An I/O page table of format `F` in memory `M`.
+pub struct PageTable<F: PtFormat, M: TableMemory> {
+    format: F,
+    mem: M,
+    root: u64,
+    top: u32,
+    last: u64,
+    output_limit: u64,
+    leaf_levels: u32,
+    coherent: bool,
+    force_snoop: bool,
+    tables: usize,
+    deferred: Vec<u64>,
+}
+
+impl<F: PtFormat, M: TableMemory> fmt::Debug for PageTable<F, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageTable")
+            .field("format", &self.format)
+            .field("root", &format_args!("{:#x}", self.root))
+            .field("page_sizes", &format_args!("{:#x}", self.page_sizes()))
+            .field("tables", &self.tables)
+            .field("deferred", &self.deferred.len())
+            .field("force_snoop", &self.force_snoop)
+            .finish()
+    }
+}
+
+#[inline]
+fn index_of(iova: u64, level: u32) -> usize {
+    ((iova >> level_shift(level)) as usize) & (ENTRIES - 1)
+}
+
+impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
+    /// An empty page table (just the root). Fails only if the root cannot
+    /// be allocated.
+    pub fn new(format: F, mut mem: M) -> Result<Self, Error> {
+        let levels = format.levels();
+        assert!((1..=MAX_LEVELS as u32).contains(&levels), "format with {levels} levels");
+        let root = mem.alloc_table().ok_or(Error::NoMemory { iova: 0, level: levels - 1 })?;
+        let max_last = if level_shift(levels) >= 64 { u64::MAX } else { level_size(levels) - 1 };
+        let last = format.aperture_last().min(max_last);
+        let output_limit = 1u64 << format.output_bits().min(63);
+        let leaf_levels = format.leaf_levels() & ((1 << levels) - 1) | 1;
+        Ok(Self {
+            coherent: mem.coherent(),
+            format,
+            mem,
+            root,
+            top: levels - 1,
+            last,
+            output_limit,
+            leaf_levels,
+            force_snoop: false,
+            tables: 1,
+            deferred: Vec::new(),
+        })
+    }
+
+    /// The format.
+    pub fn format(&self) -> &F {
+        &self.format
+    }
+    /// The table memory.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+    /// The table memory, mutably (fault injection in tests). Writing
+    /// entries through it behind the engine's back breaks its invariants.
+    pub fn memory_mut(&mut self) -> &mut M {
+        &mut self.mem
+    }
+    /// Physical address of the root table (what the context or PASID
+    /// entry points at).
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+    /// First and last (inclusive) IOVA.
+    pub fn aperture(&self) -> (u64, u64) {
+        (0, self.last)
+    }
+    /// Page sizes map may use (bit n = 2^n bytes).
+    pub fn page_sizes(&self) -> u64 {
+        sizes_of_leaf_levels(self.leaf_levels)
+    }
+    /// Restricts the page sizes to those in `sizes` (and the format's);
+    /// 4 KiB always stays. Existing mappings are not changed.
+    pub fn set_page_sizes(&mut self, sizes: u64) {
+        let mut mask = 1;
+        for l in 1..=self.top {
+            if sizes & level_size(l) != 0 {
+                mask |= 1 << l;
+            }
+        }
+        self.leaf_levels = self.format.leaf_levels() & mask | 1;
+    }
+    /// Whether new mappings get [`Prot::CACHE`] added.
+    pub fn force_snoop(&self) -> bool {
+        self.force_snoop
+    }
+    /// Adds [`Prot::CACHE`] to every later mapping. Returns false (and
+    /// changes nothing) if the format cannot encode snooping.
+    pub fn set_force_snoop(&mut self) -> bool {
+        if self.format.snoop_control() {
+            self.force_snoop = true;
+        }
+        self.force_snoop
+    }
+    /// Tables linked into the tree, root included.
+    pub fn table_count(&self) -> usize {
+        self.tables
+    }
+    /// Tables unlinked and waiting for [`PageTable::release_deferred`].
+    pub fn deferred_count(&self) -> usize {
+        self.deferred.len()
+    }
+    /// Bytes of table memory held (tree and deferred).
+    pub fn table_bytes(&self) -> u64 {
+        (self.tables + self.deferred.len()) as u64 * TABLE_SIZE
+    }
+    /// Whether nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.mem.is_empty(self.root)
+    }
+
+    /// Frees the tables unlinked since the last call. Call only after the
+    /// IOTLB and paging-structure caches were invalidated for every range
+    /// unmapped since then. Returns how many were freed.
+    pub fn release_deferred(&mut self) -> usize {
+        let n = self.deferred.len();
+        for t in self.deferred.drain(..) {
+            self.mem.free_table(t);
+        }
+        n
+    }
+
+    /// Checks `[iova, iova + length)` against the granule and the aperture;
+    /// returns the exclusive end.
+    fn check_range(&self, iova: u64, length: u64) -> Result<u64, Error> {
+        let bad = Error::BadRange { iova, length };
+        if length == 0 || (iova | length) & (PAGE_SIZE - 1) != 0 {
+            return Err(bad);
+        }
+        let last = iova.checked_add(length - 1).ok_or(bad)?;
+        if last > self.last {
+            return Err(bad);
+        }
+        Ok(last + 1)
+    }
+
+    /// Maps `[iova, iova + length)` to `[phys, phys + length)` with `prot`,
+    /// each piece with the largest page size that the alignment of both
+    /// addresses, the remaining length and [`PageTable::page_sizes`] allow.
+    ///
+    /// All or nothing: on error nothing in the range changed (tables the
+    /// call linked and had to unlink again wait in the deferred list, as
+    /// the walker may have seen them). Errors: [`Error::BadRange`] (zero,
+    /// not 4 KiB aligned, outside the aperture), [`Error::BadPhys`] (not 4
+    /// KiB aligned or beyond the output width), [`Error::BadProt`] (neither
+    /// read nor write), [`Error::AlreadyMapped`] with the first mapped IOVA
+    /// found, [`Error::NoMemory`] with the IOVA and level of the table that
+    /// could not be allocated.
+    pub fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), Error> {
+        let end = self.check_range(iova, length)?;
+        let bad_phys = Error::BadPhys { phys, length };
+        if phys & (PAGE_SIZE - 1) != 0 || phys.checked_add(length).is_none_or(|e| e > self.output_limit) {
+            return Err(bad_phys);
+        }
+        if !self.format.accepts(prot) {
+            return Err(Error::BadProt { prot });
+        }
+        let prot = if self.force_snoop { prot | Prot::CACHE } else { prot };
+        let mut batch = FlushBatch::new(!self.coherent);
+        let result = self.map_range(iova, phys, end, prot, &mut batch);
+        if let Err((stopped, _)) = result {
+            // Everything in [iova, stopped) was mapped by this call with
+            // pages that fit in it, so this never needs to split.
+            if stopped > iova {
+                let mut scratch = IotlbGather::default();
+                let undone = self.unmap_range(iova, stopped, &mut scratch, &mut batch);
+                debug_assert_eq!(undone, Ok(stopped - iova));
+            }
+            self.prune(stopped, &mut batch);
+        }
+        batch.finish(&mut self.mem);
+        result.map_err(|(_, e)| e)
+    }
+
+    /// The leaf level for the next piece at `addr_bits = iova | phys` with
+    /// `remaining` bytes left.
+    #[inline]
+    fn leaf_level(&self, addr_bits: u64, remaining: u64) -> u32 {
+        let align = addr_bits.trailing_zeros();
+        let mut l = self.top;
+        loop {
+            if l == 0 || (self.leaf_levels >> l & 1 != 0 && level_shift(l) <= align && level_size(l) <= remaining) {
+                return l;
+            }
+            l -= 1;
+        }
+    }
+
+    /// The body of `map`. On error returns the IOVA reached (everything
+    /// before it is mapped) with the error.
+    fn map_range(
+        &mut self,
+        iova: u64,
+        phys: u64,
+        end: u64,
+        prot: Prot,
+        batch: &mut FlushBatch,
+    ) -> Result<(), (u64, Error)> {
+        let top = self.top;
+        let mut path = [0u64; MAX_LEVELS];
+        path[top as usize] = self.root;
+        // path[valid..=top] are the tables covering `cur`.
+        let mut valid = top;
+        let mut cur = iova;
+        while cur < end {
+            let mut pa = phys + (cur - iova);
+            let level = self.leaf_level(cur | pa, end - cur);
+            debug_assert!(valid >= level);
+            let mut l = valid;
+            while l > level {
+                let t = path[l as usize];
+                let i = index_of(cur, l);
+                let e = self.mem.read(t, i);
+                let next = if !self.format.is_present(e) {
+                    let Some(new) = self.mem.alloc_table() else {
+                        return Err((cur, Error::NoMemory { iova: cur, level: l - 1 }));
+                    };
+                    self.tables += 1;
+                    self.mem.write(t, i, self.format.table_entry(new, l));
+                    batch.mark(&mut self.mem, l, t, i);
+                    new
+                } else if self.format.is_leaf(e, l) {
+                    return Err((cur, Error::AlreadyMapped { iova: cur }));
+                } else {
+                    self.format.table_address(e)
+                };
+                l -= 1;
+                path[l as usize] = next;
+            }
+            let t = path[level as usize];
+            let size = level_size(level);
+            let mut i = index_of(cur, level);
+            loop {
+                let e = self.mem.read(t, i);
+                if self.format.is_present(e) {
+                    let at = if self.format.is_leaf(e, level) {
+                        cur
+                    } else {
+                        self.first_mapped(self.format.table_address(e), level - 1).map_or(cur, |off| cur + off)
+                    };
+                    return Err((cur, Error::AlreadyMapped { iova: at }));
+                }
+                self.mem.write(t, i, self.format.leaf_entry(pa, level, prot));
+                batch.mark(&mut self.mem, level, t, i);
+                cur += size;
+                pa += size;
+                i += 1;
+                if i == ENTRIES || end - cur < size {
+                    break;
+                }
+            }
+            valid = level;
+            while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
+                valid += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Offset of the first mapped byte below `table` (a level-`level`
+    /// table), searching depth first. Error path only.
+    fn first_mapped(&self, table: u64, level: u32) -> Option<u64> {
+        for i in 0..ENTRIES {
+            let e = self.mem.read(table, i);
+            if !self.format.is_present(e) {
+                continue;
+            }
+            let off = i as u64 * level_size(level);
+            if level == 0 || self.format.is_leaf(e, level) {
+                return Some(off);
+            }
+            if let Some(below) = self.first_mapped(self.format.table_address(e), level - 1) {
+                return Some(off + below);
+            }
+        }
+        None
+    }
+
+    /// Unlinks the empty non-root tables on the path to `iova`, bottom up
+    /// (the unwind of a failed map: tables it created for a piece it never
+    /// wrote).
+    fn prune(&mut self, iova: u64, batch: &mut FlushBatch) {
+        let top = self.top;
+        let mut path = [0u64; MAX_LEVELS];
+        path[top as usize] = self.root;
+        let mut l = top;
+        while l > 0 {
+            let e = self.mem.read(path[l as usize], index_of(iova, l));
+            if !self.format.is_present(e) || self.format.is_leaf(e, l) {
+                break;
+            }
+            l -= 1;
+            path[l as usize] = self.format.table_address(e);
+        }
+        while l < top && self.mem.is_empty(path[l as usize]) {
+            let parent = path[l as usize + 1];
+            let i = index_of(iova, l + 1);
+            self.mem.write(parent, i, 0);
+            batch.mark(&mut self.mem, l + 1, parent, i);
+            self.deferred.push(path[l as usize]);
+            self.tables -= 1;
+            l += 1;
+        }
+    }
+
+    /// Unmaps everything in `[iova, iova + length)` and returns the bytes
+    /// that were mapped there, adding the IOVA span to `gather` (and the
+    /// number of tables that became empty to `gather.freed_tables`; those
+    /// tables are held until [`PageTable::release_deferred`]).
+    ///
+    /// A large page that the range covers only partly is split: a table of
+    /// the next smaller pages takes its place (translating identically)
+    /// and the pages inside the range are removed, so the rest of the large
+    /// page keeps translating. Returns 0 for a bad range. If a split cannot
+    /// allocate its table, the unmap stops there: see [`PartialUnmap`] for
+    /// what holds then, and [`PageTable::try_unmap`] to learn of it.
+    pub fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
+        match self.try_unmap(iova, length, gather) {
+            Ok(n) => n,
+            Err(partial) => partial.unmapped,
+        }
+    }
+
+    /// [`PageTable::unmap`], reporting a bad range or a split that could
+    /// not allocate.
+    pub fn try_unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, PartialUnmap> {
+        let end = self.check_range(iova, length).map_err(|error| PartialUnmap { unmapped: 0, iova, error })?;
+        let deferred_before = self.deferred.len();
+        let mut batch = FlushBatch::new(!self.coherent);
+        let result = self.unmap_range(iova, end, gather, &mut batch);
+        batch.finish(&mut self.mem);
+        gather.freed_tables += self.deferred.len() - deferred_before;
+        result
+    }
+
+    /// The body of `unmap`.
+    fn unmap_range(
+        &mut self,
+        iova: u64,
+        end: u64,
+        gather: &mut IotlbGather,
+        batch: &mut FlushBatch,
+    ) -> Result<u64, PartialUnmap> {
+        let top = self.top;
+        let mut path = [0u64; MAX_LEVELS];
+        // slot[l]: index in path[l] of the entry that points at path[l - 1].
+        let mut slot = [0usize; MAX_LEVELS];
+        // touched[l]: an entry of path[l] was cleared since we entered it.
+        let mut touched = [false; MAX_LEVELS];
+        path[top as usize] = self.root;
+        let mut valid = top;
+        let mut cur = iova;
+        let mut unmapped = 0;
+        while cur < end {
+            let mut l = valid;
+            let mut failure = None;
+            loop {
+                let t = path[l as usize];
+                let i = index_of(cur, l);
+                let e = self.mem.read(t, i);
+                let size = level_size(l);
+                let base = cur & !(size - 1);
+                if !self.format.is_present(e) {
+                    cur = base + size;
+                    break;
+                }
+                if self.format.is_leaf(e, l) {
+                    if base >= iova && base + size <= end {
+                        self.mem.write(t, i, 0);
+                        batch.mark(&mut self.mem, l, t, i);
+                        touched[l as usize] = true;
+                        unmapped += size;
+                        gather.add(base, base + size - 1);
+                        cur = base + size;
+                        break;
+                    }
+                    match self.split(t, i, e, l, batch) {
+                        Some(new) => {
+                            gather.add(base, base + size - 1);
+                            slot[l as usize] = i;
+                            l -= 1;
+                            path[l as usize] = new;
+                            continue;
+                        }
+                        None => {
+                            let error = Error::NoMemory { iova: base, level: l - 1 };
+                            failure = Some(PartialUnmap { unmapped, iova: base, error });
+                            break;
+                        }
+                    }
+                }
+                slot[l as usize] = i;
+                l -= 1;
+                path[l as usize] = self.format.table_address(e);
+            }
+            // Leave the tables that no longer cover `cur`, unlinking those
+            // this call emptied.
+            let leave_all = failure.is_some() || cur >= end;
+            let mut v = l;
+            while v < top && (leave_all || cur >> level_shift(v + 1) != (cur - 1) >> level_shift(v + 1)) {
+                let vi = v as usize;
+                if touched[vi] {
+                    touched[vi] = false;
+                    if self.mem.is_empty(path[vi]) {
+                        let parent = path[vi + 1];
+                        self.mem.write(parent, slot[vi + 1], 0);
+                        batch.mark(&mut self.mem, v + 1, parent, slot[vi + 1]);
+                        touched[vi + 1] = true;
+                        self.deferred.push(path[vi]);
+                        self.tables -= 1;
+                    }
+                }
+                v += 1;
+            }
+            if let Some(f) = failure {
+                return Err(f);
+            }
+            valid = v;
+        }
+        Ok(unmapped)
+    }
+
+    /// Replaces the large leaf `e` at `table[i]` (level `level`) by a table
+    /// of 512 leaves one level down that translate the same way. The new
+    /// table reaches memory before the entry that links it.
+    fn split(&mut self, table: u64, i: usize, e: u64, level: u32, batch: &mut FlushBatch) -> Option<u64> {
+        let child_level = level - 1;
+        let base_phys = self.format.leaf_address(e, level);
+        let prot = self.format.leaf_prot(e);
+        let new = self.mem.alloc_table()?;
+        self.tables += 1;
+        let child = level_size(child_level);
+        for k in 0..ENTRIES {
+            self.mem.write(new, k, self.format.leaf_entry(base_phys + k as u64 * child, child_level, prot));
+        }
+        if !self.coherent {
+            self.mem.flush(new, TABLE_SIZE);
+        }
+        self.mem.write(table, i, self.format.table_entry(new, level));
+        batch.mark(&mut self.mem, level, table, i);
+        Some(new)
+    }
+
+    /// The physical address and permissions `iova` translates to.
+    pub fn iova_to_phys(&self, iova: u64) -> Option<(u64, Prot)> {
+        let step = self.leaf_step(iova)?;
+        let size = level_size(step.level);
+        Some((self.format.leaf_address(step.raw, step.level) + (iova & (size - 1)), self.format.leaf_prot(step.raw)))
+    }
+
+    /// Size of the page that translates `iova`, if mapped.
+    pub fn page_size(&self, iova: u64) -> Option<u64> {
+        self.leaf_step(iova).map(|s| level_size(s.level))
+    }
+
+    fn leaf_step(&self, iova: u64) -> Option<WalkStep> {
+        if iova > self.last {
+            return None;
+        }
+        let mut t = self.root;
+        let mut l = self.top;
+        loop {
+            let index = index_of(iova, l);
+            let raw = self.mem.read(t, index);
+            if !self.format.is_present(raw) {
+                return None;
+            }
+            if self.format.is_leaf(raw, l) {
+                return Some(WalkStep { level: l, table: t, index, raw });
+            }
+            t = self.format.table_address(raw);
+            l -= 1;
+        }
+    }
+
+    /// Every entry the walker reads to translate `iova`, root first, ending
+    /// at a leaf or a non-present entry. Empty outside the aperture.
+    pub fn walk(&self, iova: u64) -> Vec<WalkStep> {
+        let mut steps = Vec::new();
+        if iova > self.last {
+            return steps;
+        }
+        let mut table = self.root;
+        let mut level = self.top;
+        loop {
+            let index = index_of(iova, level);
+            let raw = self.mem.read(table, index);
+            steps.push(WalkStep { level, table, index, raw });
+            if !self.format.is_present(raw) || self.format.is_leaf(raw, level) {
+                return steps;
+            }
+            table = self.format.table_address(raw);
+            level -= 1;
+        }
+    }
+
+    /// A step's entry with a decoding `Debug`.
+    pub fn describe(&self, step: &WalkStep) -> Entry<'_, F> {
+        Entry { format: &self.format, level: step.level, raw: step.raw }
+    }
+
+    /// Calls `f(iova, size, phys, prot)` for every leaf, in IOVA order.
+    pub fn for_each_mapping(&self, mut f: impl FnMut(u64, u64, u64, Prot)) {
+        self.visit(self.root, self.top, 0, &mut f);
+    }
+
+    fn visit(&self, table: u64, level: u32, base: u64, f: &mut impl FnMut(u64, u64, u64, Prot)) {
+        for i in 0..ENTRIES {
+            let e = self.mem.read(table, i);
+            if !self.format.is_present(e) {
+                continue;
+            }
+            let iova = base + i as u64 * level_size(level);
+            if self.format.is_leaf(e, level) {
+                f(iova, level_size(level), self.format.leaf_address(e, level), self.format.leaf_prot(e));
+            } else {
+                self.visit(self.format.table_address(e), level - 1, iova, f);
+            }
+        }
+    }
+
+    /// Checks the structural invariants (every non-root table non-empty,
+    /// `table_count` right, addresses aligned); returns the first violation.
+    /// For tests; walks the whole tree.
+    pub fn check_invariants(&self) -> Result<(), alloc::string::String> {
+        let mut count = 1;
+        self.check_table(self.root, self.top, &mut count)?;
+        if count != self.tables {
+            return Err(alloc::format!("table_count {} but {} tables linked", self.tables, count));
+        }
+        Ok(())
+    }
+
+    fn check_table(&self, table: u64, level: u32, count: &mut usize) -> Result<(), alloc::string::String> {
+        for i in 0..ENTRIES {
+            let e = self.mem.read(table, i);
+            if !self.format.is_present(e) {
+                if e != 0 {
+                    return Err(alloc::format!("non-present entry {e:#x} at {table:#x}[{i}] is not zero"));
+                }
+                continue;
+            }
+            if self.format.is_leaf(e, level) {
+                if level > 0 && self.leaf_levels >> level & 1 == 0 && self.format.leaf_levels() >> level & 1 == 0 {
+                    return Err(alloc::format!("leaf at level {level} at {table:#x}[{i}]"));
+                }
+                if self.format.leaf_address(e, level) + level_size(level) > self.output_limit {
+                    return Err(alloc::format!("leaf beyond output width at {table:#x}[{i}]"));
+                }
+                continue;
+            }
+            let child = self.format.table_address(e);
+            if self.mem.is_empty(child) {
+                return Err(alloc::format!("empty table {child:#x} linked at {table:#x}[{i}] level {level}"));
+            }
+            *count += 1;
+            self.check_table(child, level - 1, count)?;
+        }
+        Ok(())
+    }
+
+    fn free_tree(&mut self, table: u64, level: u32) {
+        if level > 0 {
+            for i in 0..ENTRIES {
+                let e = self.mem.read(table, i);
+                if self.format.is_present(e) && !self.format.is_leaf(e, level) {
+                    self.free_tree(self.format.table_address(e), level - 1);
+                }
+            }
+        }
+        self.mem.free_table(table);
+    }
+}
+
+impl<F: PtFormat, M: TableMemory> Drop for PageTable<F, M> {
+    /// Frees every table. The walker must no longer use this table (the
+    /// devices are detached and the caches invalidated).
+    fn drop(&mut self) {
+        self.release_deferred();
+        self.free_tree(self.root, self.top);
+    }
+}
