@@ -1,0 +1,26 @@
+//! Intel VT-d driver for Portcullis (Intel VT-d Architecture Specification
+//! rev 4.x).
+//!
+//! * [`regs`]: the register block behind the [`regs::Mmio`] seam;
+//! * [`entries`]: root and context entries (legacy mode);
+//! * [`qi`]: queued-invalidation descriptors;
+//! * [`fault`]: fault records;
+//! * [`unit`]: one DRHD brought up, devices attached or blocked,
+//!   invalidations issued, faults collected.
+//!
+//! Hardware access is behind traits (`Mmio`, `io_pgtable::TableMemory`,
+//! [`unit::Clock`]), so all of this runs on the host against a register
+//! model, and in the kernel against QEMU's emulated unit.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod entries;
+pub mod fault;
+pub mod qi;
+pub mod regs;
+pub mod unit;
+
+pub use fault::FaultRecord;
+pub use unit::{Caps, Clock, Error, InvalidationStats, Unit};

@@ -1,0 +1,569 @@
+//! One DMA-remapping hardware unit (a DRHD): bring-up, context entries,
+//! invalidation (queued, or register-based when ECAP.QI is clear) and fault
+//! recording.
+//!
+//! Invariants:
+//! * Every wait on the hardware has a timeout from the [`Clock`] and fails
+//!   with an error naming the unit and the register.
+//! * GCMD is always written as GSTS's persistent enables plus the one bit
+//!   being changed (GCMD acts on the difference, QEMU-NOTES).
+//! * A device with no context entry is blocked: nothing is passed through
+//!   by default.
+//! * Root, context and queue pages come from the [`TableMemory`]; entries
+//!   are written high half first and present bit last, then flushed when the
+//!   walker is not coherent.
+
+use crate::entries::{ContextEntry, RootEntry, TranslationType};
+use crate::fault::FaultRecord;
+use crate::qi::{ContextScope, Descriptor, IotlbScope, page_blocks};
+use crate::regs::{self, Mmio, ccmd, fsts, gcmd, iotlb};
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use io_pgtable::TableMemory;
+
+/// Monotonic time for timeouts.
+pub trait Clock {
+    /// Nanoseconds since some fixed point.
+    fn now_ns(&self) -> u64;
+}
+
+/// How long any single hardware wait may take.
+pub const TIMEOUT_NS: u64 = 100_000_000;
+
+/// A driver error, naming the unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The unit did not reach a state in time.
+    Timeout { unit: String, register: &'static str, waited_ns: u64 },
+    /// The unit reported an invalidation queue error (FSTS.IQE/ICE/ITE).
+    QueueError { unit: String, fsts: u32 },
+    /// No memory for a table or queue page.
+    NoMemory { unit: String },
+    /// The unit cannot do what was asked (e.g. no usable address width).
+    Unsupported { unit: String, what: &'static str },
+    /// All domain ids are in use.
+    NoDomainId { unit: String },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timeout { unit, register, waited_ns } => {
+                write!(f, "{unit}: timed out after {} us waiting on {register}", waited_ns / 1000)
+            }
+            Self::QueueError { unit, fsts } => write!(f, "{unit}: invalidation queue error, FSTS {fsts:#x}"),
+            Self::NoMemory { unit } => write!(f, "{unit}: out of memory for tables"),
+            Self::Unsupported { unit, what } => write!(f, "{unit}: unsupported: {what}"),
+            Self::NoDomainId { unit } => write!(f, "{unit}: no free domain id"),
+        }
+    }
+}
+
+/// Capability registers, decoded as the driver needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Raw CAP.
+    pub cap: u64,
+    /// Raw ECAP.
+    pub ecap: u64,
+}
+
+impl Caps {
+    /// Number of domain ids.
+    pub fn domains(&self) -> u32 {
+        1 << (4 + 2 * (self.cap & 7))
+    }
+    /// Write-buffer flush required.
+    pub fn rwbf(&self) -> bool {
+        self.cap >> 4 & 1 != 0
+    }
+    /// Caching mode: non-present entries may be cached.
+    pub fn caching_mode(&self) -> bool {
+        self.cap >> 7 & 1 != 0
+    }
+    /// SAGAW bits.
+    pub fn sagaw(&self) -> u8 {
+        ((self.cap >> 8) & 0x1f) as u8
+    }
+    /// MGAW + 1.
+    pub fn mgaw(&self) -> u32 {
+        ((self.cap >> 16) & 0x3f) as u32 + 1
+    }
+    /// Fault recording registers' offset.
+    pub fn fro(&self) -> usize {
+        (((self.cap >> 24) & 0x3ff) * 16) as usize
+    }
+    /// SLLPS bits.
+    pub fn sllps(&self) -> u8 {
+        ((self.cap >> 34) & 0xf) as u8
+    }
+    /// Page-selective invalidation supported.
+    pub fn psi(&self) -> bool {
+        self.cap >> 39 & 1 != 0
+    }
+    /// Number of fault recording registers.
+    pub fn nfr(&self) -> usize {
+        ((self.cap >> 40) & 0xff) as usize + 1
+    }
+    /// Maximum address mask value.
+    pub fn mamv(&self) -> u8 {
+        ((self.cap >> 48) & 0x3f) as u8
+    }
+    /// Page walks snoop (ECAP.C).
+    pub fn coherent(&self) -> bool {
+        self.ecap & 1 != 0
+    }
+    /// Queued invalidation (ECAP.QI).
+    pub fn qi(&self) -> bool {
+        self.ecap >> 1 & 1 != 0
+    }
+    /// Pass-through (ECAP.PT).
+    pub fn pass_through(&self) -> bool {
+        self.ecap >> 6 & 1 != 0
+    }
+    /// Snoop control (ECAP.SC).
+    pub fn snoop_control(&self) -> bool {
+        self.ecap >> 7 & 1 != 0
+    }
+    /// IOTLB registers' offset.
+    pub fn iro(&self) -> usize {
+        (((self.ecap >> 8) & 0x3ff) * 16) as usize
+    }
+    /// Scalable mode (ECAP.SMTS).
+    pub fn scalable(&self) -> bool {
+        self.ecap >> 43 & 1 != 0
+    }
+    /// The deepest second-stage table the unit supports: (levels, AW).
+    pub fn best_levels(&self) -> Option<(u32, u8)> {
+        let s = self.sagaw();
+        if s & 4 != 0 {
+            Some((4, 2))
+        } else if s & 2 != 0 {
+            Some((3, 1))
+        } else {
+            None
+        }
+    }
+}
+
+const QUEUE_ENTRIES: u64 = 256;
+
+/// The invalidation queue: one 4 KiB page of 256 descriptors.
+struct Queue {
+    page: u64,
+    tail: u64,
+}
+
+/// Invalidations issued (for benchmarks and tests: "one wait per unmap").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidationStats {
+    /// Invalidation-wait descriptors (queued) or register waits.
+    pub waits: u64,
+    /// Descriptors or register invalidations issued, waits excluded.
+    pub invalidations: u64,
+}
+
+/// One VT-d unit.
+pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
+    name: String,
+    mmio: M,
+    mem: T,
+    clock: C,
+    caps: Caps,
+    root: u64,
+    context_tables: BTreeMap<u8, u64>,
+    queue: Option<Queue>,
+    status_page: u64,
+    wait_seq: u32,
+    next_did: u32,
+    free_dids: Vec<u16>,
+    faults: Vec<FaultRecord>,
+    overflows: u64,
+    /// Invalidation counters.
+    pub stats: InvalidationStats,
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> fmt::Debug for Unit<M, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Unit({}, caps {:x?}, queued {})", self.name, self.caps, self.queue.is_some())
+    }
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
+    /// Takes over a unit (translation must be off): reads its capabilities
+    /// and allocates its root table. Nothing is enabled yet.
+    pub fn new(name: String, mmio: M, mut mem: T, clock: C) -> Result<Self, Error> {
+        let caps = Caps { cap: mmio.read64(regs::CAP), ecap: mmio.read64(regs::ECAP) };
+        let root = mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: name.clone() })?;
+        let Some(status_page) = mem.alloc_table() else {
+            mem.free_table(root);
+            return Err(Error::NoMemory { unit: name });
+        };
+        // Domain id 0 is reserved when caching mode is on; keep it unused
+        // everywhere for simplicity.
+        Ok(Self {
+            name,
+            mmio,
+            mem,
+            clock,
+            caps,
+            root,
+            context_tables: BTreeMap::new(),
+            queue: None,
+            status_page,
+            wait_seq: 0,
+            next_did: 1,
+            free_dids: Vec::new(),
+            faults: Vec::new(),
+            overflows: 0,
+            stats: InvalidationStats::default(),
+        })
+    }
+
+    /// The unit's name (for messages).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its capabilities.
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    /// Whether queued invalidation is in use.
+    pub fn queued(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// The table memory (domains allocate from the same pool).
+    pub fn memory_mut(&mut self) -> &mut T {
+        &mut self.mem
+    }
+
+    fn wait_for(&self, register: &'static str, mut done: impl FnMut(&M) -> bool) -> Result<(), Error> {
+        let start = self.clock.now_ns();
+        loop {
+            if done(&self.mmio) {
+                return Ok(());
+            }
+            let waited = self.clock.now_ns().saturating_sub(start);
+            if waited > TIMEOUT_NS {
+                // One last look before giving up.
+                if done(&self.mmio) {
+                    return Ok(());
+                }
+                return Err(Error::Timeout { unit: self.name.clone(), register, waited_ns: waited });
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Sets or clears one GCMD bit and waits for GSTS to follow.
+    fn gcmd(&self, bit: u32, on: bool) -> Result<(), Error> {
+        let persistent = self.mmio.read32(regs::GSTS) & gcmd::PERSISTENT;
+        let value = if on { persistent | bit } else { persistent & !bit };
+        self.mmio.write32(regs::GCMD, value);
+        self.wait_for("GSTS", |m| (m.read32(regs::GSTS) & bit != 0) == on)
+    }
+
+    /// One-shot GCMD commands (SRTP, WBF): GSTS shows completion.
+    fn gcmd_oneshot(&self, bit: u32, register: &'static str) -> Result<(), Error> {
+        let persistent = self.mmio.read32(regs::GSTS) & gcmd::PERSISTENT;
+        self.mmio.write32(regs::GCMD, persistent | bit);
+        match bit {
+            // WBFS clears when the flush is done.
+            gcmd::WBF => self.wait_for(register, |m| m.read32(regs::GSTS) & gcmd::WBF == 0),
+            // RTPS sets when the new root is latched.
+            _ => self.wait_for(register, |m| m.read32(regs::GSTS) & bit != 0),
+        }
+    }
+
+    /// Brings the unit up: root table, global invalidations, queued
+    /// invalidation (when supported and `use_qi`), then translation. Every
+    /// device stays blocked until [`Self::attach`].
+    pub fn enable(&mut self, use_qi: bool) -> Result<(), Error> {
+        if self.caps.best_levels().is_none() {
+            return Err(Error::Unsupported {
+                unit: self.name.clone(),
+                what: "no 3- or 4-level second-stage width (SAGAW)",
+            });
+        }
+        if self.mmio.read32(regs::GSTS) & gcmd::TE != 0 {
+            self.gcmd(gcmd::TE, false)?;
+        }
+        self.mmio.write64(regs::RTADDR, self.root | regs::rtaddr::TTM_LEGACY);
+        self.gcmd_oneshot(gcmd::SRTP, "GSTS.RTPS")?;
+        if self.caps.rwbf() {
+            self.gcmd_oneshot(gcmd::WBF, "GSTS.WBFS")?;
+        }
+        self.register_context_invalidate(ccmd::GLOBAL)?;
+        self.register_iotlb_invalidate(iotlb::GLOBAL)?;
+        if use_qi && self.caps.qi() {
+            let page = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+            self.mmio.write64(regs::IQT, 0);
+            // QS = 0: one 4 KiB page, 256 128-bit descriptors; DW = 0.
+            self.mmio.write64(regs::IQA, page);
+            if let Err(e) = self.gcmd(gcmd::QIE, true) {
+                self.mem.free_table(page);
+                return Err(e);
+            }
+            self.queue = Some(Queue { page, tail: 0 });
+        }
+        self.gcmd(gcmd::TE, true)
+    }
+
+    /// Turns translation (and queued invalidation) off.
+    pub fn disable(&mut self) -> Result<(), Error> {
+        self.gcmd(gcmd::TE, false)?;
+        if let Some(q) = self.queue.take() {
+            self.gcmd(gcmd::QIE, false)?;
+            self.mem.free_table(q.page);
+        }
+        Ok(())
+    }
+
+    fn register_context_invalidate(&mut self, what: u64) -> Result<(), Error> {
+        self.mmio.write64(regs::CCMD, ccmd::ICC | what);
+        self.stats.invalidations += 1;
+        self.stats.waits += 1;
+        self.wait_for("CCMD.ICC", |m| m.read64(regs::CCMD) & ccmd::ICC == 0)
+    }
+
+    fn register_iotlb_invalidate(&mut self, what: u64) -> Result<(), Error> {
+        let reg = self.caps.iro() + 8;
+        self.mmio.write64(reg, iotlb::IVT | iotlb::DR | iotlb::DW | what);
+        self.stats.invalidations += 1;
+        self.stats.waits += 1;
+        self.wait_for("IOTLB.IVT", |m| m.read64(reg) & iotlb::IVT == 0)
+    }
+
+    /// Submits `descs` followed by one invalidation wait, and waits for it.
+    fn submit(&mut self, descs: &[Descriptor]) -> Result<(), Error> {
+        let Some(tail) = self.queue.as_ref().map(|q| q.tail) else {
+            return Err(Error::Unsupported { unit: self.name.clone(), what: "queued invalidation is off" });
+        };
+        self.wait_seq = self.wait_seq.wrapping_add(1).max(1);
+        let seq = self.wait_seq;
+        let status = self.status_page;
+        self.mem.write(status, 0, 0);
+        let mut all: Vec<Descriptor> = descs.to_vec();
+        all.push(Descriptor::wait(status, seq));
+        let page = self.queue.as_ref().expect("queue checked above").page;
+        let mut t = tail;
+        for chunk in all.chunks((QUEUE_ENTRIES - 1) as usize) {
+            // Room: the hardware head must not be overtaken.
+            let n = chunk.len() as u64;
+            self.wait_for("IQH", |m| {
+                let head = (m.read64(regs::IQH) >> 4) % QUEUE_ENTRIES;
+                (head + QUEUE_ENTRIES - t - 1) % QUEUE_ENTRIES >= n
+            })?;
+            for d in chunk {
+                self.mem.write(page, (t * 2) as usize, d.0[0]);
+                self.mem.write(page, (t * 2 + 1) as usize, d.0[1]);
+                t = (t + 1) % QUEUE_ENTRIES;
+            }
+            if !self.mem.coherent() {
+                self.mem.flush(page, 4096);
+            }
+            self.mmio.write64(regs::IQT, t << 4);
+            if let Some(q) = self.queue.as_mut() {
+                q.tail = t;
+            }
+        }
+        self.stats.invalidations += descs.len() as u64;
+        self.stats.waits += 1;
+        let unit = self.name.clone();
+        let mut error = None;
+        let r = self.wait_for("invalidation wait status", |m| {
+            let f = m.read32(regs::FSTS);
+            if f & (fsts::IQE | fsts::ICE | fsts::ITE) != 0 {
+                error = Some(f);
+                return true;
+            }
+            false
+        } || self.mem.read(status, 0) as u32 == seq);
+        if let Some(f) = error {
+            return Err(Error::QueueError { unit, fsts: f });
+        }
+        r
+    }
+
+    /// Invalidates the context cache and then the whole IOTLB of `did`.
+    fn flush_context(&mut self, scope: ContextScope, did: u16) -> Result<(), Error> {
+        if self.queue.is_some() {
+            self.submit(&[Descriptor::context(scope), Descriptor::iotlb(IotlbScope::Domain(did))])
+        } else {
+            let what = match scope {
+                ContextScope::Global => ccmd::GLOBAL,
+                ContextScope::Domain(d) => ccmd::DOMAIN | d as u64,
+                ContextScope::Device { did, sid } => ccmd::DEVICE | did as u64 | (sid as u64) << 16,
+            };
+            self.register_context_invalidate(what)?;
+            self.register_iotlb_invalidate(iotlb::DOMAIN | iotlb::did(did))
+        }
+    }
+
+    /// Invalidates the IOTLB for `[start, last]` of domain `did` with as few
+    /// page-selective invalidations as the address mask allows, or the
+    /// whole domain, and one wait for all of them.
+    pub fn invalidate_range(&mut self, did: u16, start: u64, last: u64, leaf_only: bool) -> Result<(), Error> {
+        let blocks = if self.caps.psi() { page_blocks(start, last, self.caps.mamv(), 32) } else { None };
+        if self.queue.is_some() {
+            let descs: Vec<Descriptor> = match blocks {
+                Some(b) => b
+                    .into_iter()
+                    .map(|(addr, am)| Descriptor::iotlb(IotlbScope::Pages { did, addr, am, leaf_only }))
+                    .collect(),
+                None => alloc::vec![Descriptor::iotlb(IotlbScope::Domain(did))],
+            };
+            self.submit(&descs)
+        } else {
+            match blocks {
+                Some(b) => {
+                    for (addr, am) in b {
+                        let iva = self.caps.iro();
+                        self.mmio.write64(iva, addr | (leaf_only as u64) << 6 | am as u64);
+                        self.register_iotlb_invalidate(iotlb::PAGE | iotlb::did(did))?;
+                    }
+                    Ok(())
+                }
+                None => self.register_iotlb_invalidate(iotlb::DOMAIN | iotlb::did(did)),
+            }
+        }
+    }
+
+    /// A free domain id.
+    pub fn alloc_did(&mut self) -> Result<u16, Error> {
+        if let Some(d) = self.free_dids.pop() {
+            return Ok(d);
+        }
+        if self.next_did >= self.caps.domains().min(1 << 16) {
+            return Err(Error::NoDomainId { unit: self.name.clone() });
+        }
+        let d = self.next_did as u16;
+        self.next_did += 1;
+        Ok(d)
+    }
+
+    /// Returns a domain id.
+    pub fn free_did(&mut self, did: u16) {
+        self.free_dids.push(did);
+    }
+
+    fn write_entry(&mut self, table: u64, index: usize, e: [u64; 2]) {
+        // High half first, present bit (low half) last.
+        self.mem.write(table, index * 2 + 1, e[1]);
+        self.mem.write(table, index * 2, e[0]);
+        if !self.mem.coherent() {
+            self.mem.flush(table + index as u64 * 16, 16);
+        }
+    }
+
+    /// Points device `sid` (requester id) at the second-stage table `root`
+    /// of `levels` levels, domain `did`. The device translates from now on.
+    pub fn attach(&mut self, sid: u16, root: u64, levels: u32, did: u16) -> Result<(), Error> {
+        let aw = crate::entries::aw_for_levels(levels)
+            .filter(|aw| self.caps.sagaw() >> aw & 1 != 0)
+            .ok_or_else(|| Error::Unsupported { unit: self.name.clone(), what: "page-table depth not in SAGAW" })?;
+        self.set_context(sid, ContextEntry::new(TranslationType::Translate, root, aw, did), did)
+    }
+
+    /// Lets device `sid` DMA to physical addresses untranslated (ECAP.PT).
+    pub fn pass_through(&mut self, sid: u16, did: u16) -> Result<(), Error> {
+        if !self.caps.pass_through() {
+            return Err(Error::Unsupported { unit: self.name.clone(), what: "pass-through (ECAP.PT)" });
+        }
+        let aw = self.caps.best_levels().map(|(_, aw)| aw).unwrap_or(1);
+        self.set_context(sid, ContextEntry::new(TranslationType::PassThrough, 0, aw, did), did)
+    }
+
+    fn set_context(&mut self, sid: u16, entry: ContextEntry, did: u16) -> Result<(), Error> {
+        let bus = (sid >> 8) as u8;
+        let table = match self.context_tables.get(&bus) {
+            Some(t) => *t,
+            None => {
+                let t = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+                self.context_tables.insert(bus, t);
+                self.write_entry(self.root, bus as usize, RootEntry::new(t).0);
+                t
+            }
+        };
+        let old = ContextEntry([
+            self.mem.read(table, (sid & 0xff) as usize * 2),
+            self.mem.read(table, (sid & 0xff) as usize * 2 + 1),
+        ]);
+        if old.present() {
+            // Changing a live entry: block first, flush, then install.
+            self.write_entry(table, (sid & 0xff) as usize, [0, 0]);
+            self.flush_context(ContextScope::Device { did: old.did(), sid }, old.did())?;
+        }
+        self.write_entry(table, (sid & 0xff) as usize, entry.0);
+        // Not-present -> present needs no invalidation without caching
+        // mode; doing it anyway is cheap and covers CM = 1.
+        self.flush_context(ContextScope::Device { did, sid }, did)
+    }
+
+    /// Blocks device `sid` again (its context entry goes away).
+    pub fn detach(&mut self, sid: u16) -> Result<(), Error> {
+        let bus = (sid >> 8) as u8;
+        let Some(&table) = self.context_tables.get(&bus) else { return Ok(()) };
+        let idx = (sid & 0xff) as usize;
+        let old = ContextEntry([self.mem.read(table, idx * 2), self.mem.read(table, idx * 2 + 1)]);
+        if !old.present() {
+            return Ok(());
+        }
+        self.write_entry(table, idx, [0, 0]);
+        self.flush_context(ContextScope::Device { did: old.did(), sid }, old.did())
+    }
+
+    /// The context entry of `sid` (for tests and reports).
+    pub fn context_entry(&self, sid: u16) -> ContextEntry {
+        match self.context_tables.get(&((sid >> 8) as u8)) {
+            Some(&t) => {
+                let i = (sid & 0xff) as usize;
+                ContextEntry([self.mem.read(t, i * 2), self.mem.read(t, i * 2 + 1)])
+            }
+            None => ContextEntry::default(),
+        }
+    }
+
+    /// Reads and clears every pending fault record (and a primary fault
+    /// overflow), appending them to the unit's log; returns the new ones.
+    pub fn poll_faults(&mut self) -> Vec<FaultRecord> {
+        let mut out = Vec::new();
+        let status = self.mmio.read32(regs::FSTS);
+        if status & fsts::PPF != 0 {
+            let nfr = self.caps.nfr();
+            let first = fsts::fri(status) as usize % nfr;
+            for k in 0..nfr {
+                let i = (first + k) % nfr;
+                let off = self.caps.fro() + i * 16;
+                let hi = self.mmio.read64(off + 8);
+                if hi >> 63 == 0 {
+                    continue;
+                }
+                let lo = self.mmio.read64(off);
+                out.push(FaultRecord::decode(lo, hi));
+                // F is RW1C, in the upper dword: a 32-bit write.
+                self.mmio.write32(off + 12, 1 << 31);
+            }
+        }
+        if status & fsts::PFO != 0 {
+            self.overflows += 1;
+            self.mmio.write32(regs::FSTS, fsts::PFO);
+        }
+        self.faults.extend_from_slice(&out);
+        if self.faults.len() > 256 {
+            let extra = self.faults.len() - 256;
+            self.faults.drain(..extra);
+        }
+        out
+    }
+
+    /// The fault log (latest 256) and the number of overflows seen.
+    pub fn fault_log(&self) -> (&[FaultRecord], u64) {
+        (&self.faults, self.overflows)
+    }
+}

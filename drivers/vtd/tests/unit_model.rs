@@ -1,0 +1,253 @@
+//! The unit driver against a register-level model of a VT-d unit (the
+//! behaviours QEMU-NOTES lists: GCMD acting on the difference from GSTS,
+//! self-clearing CCMD.ICC / IOTLB.IVT, a queue processed on IQT writes with
+//! wait descriptors writing their status, fault recording registers with
+//! RW1C F bits).
+
+use io_pgtable::{HeapTables, TableMemory};
+use std::sync::{Arc, Mutex};
+use vtd::qi::Descriptor;
+use vtd::regs::{self, Mmio, fsts, gcmd};
+use vtd::{Clock, Error, FaultRecord, Unit};
+
+/// QEMU's default capability registers (QEMU-NOTES).
+const CAP: u64 = 0x00d2_008c_222f_0606;
+const ECAP: u64 = 0x00f0_0f4a;
+
+#[derive(Clone)]
+struct Shared(Arc<Mutex<HeapTables>>);
+
+impl TableMemory for Shared {
+    fn alloc_table(&mut self) -> Option<u64> {
+        self.0.lock().unwrap().alloc_table()
+    }
+    fn free_table(&mut self, t: u64) {
+        self.0.lock().unwrap().free_table(t)
+    }
+    fn read(&self, t: u64, i: usize) -> u64 {
+        self.0.lock().unwrap().read(t, i)
+    }
+    fn write(&mut self, t: u64, i: usize, v: u64) {
+        self.0.lock().unwrap().write(t, i, v)
+    }
+    fn coherent(&self) -> bool {
+        true
+    }
+    fn flush(&mut self, p: u64, l: u64) {
+        self.0.lock().unwrap().flush(p, l)
+    }
+}
+
+#[derive(Default)]
+struct Hw {
+    gsts: u32,
+    rtaddr: u64,
+    latched_root: u64,
+    ccmd_log: Vec<u64>,
+    iotlb_log: Vec<u64>,
+    iqa: u64,
+    iqh: u64,
+    iqt: u64,
+    processed: Vec<Descriptor>,
+    fsts: u32,
+    fault: [u64; 2],
+    /// Make GSTS never follow (timeouts).
+    stuck: bool,
+}
+
+#[derive(Clone)]
+struct Model {
+    hw: Arc<Mutex<Hw>>,
+    mem: Shared,
+}
+
+const FRO: usize = 0x220;
+const IRO: usize = 0xf0;
+
+impl Model {
+    fn process_queue(&self, hw: &mut Hw) {
+        if hw.gsts & gcmd::QIE == 0 {
+            return;
+        }
+        let page = hw.iqa & !0xfff;
+        while hw.iqh != hw.iqt {
+            let i = (hw.iqh >> 4) as usize;
+            let d = Descriptor([self.mem.read(page, i * 2), self.mem.read(page, i * 2 + 1)]);
+            if d.kind() == 5 && d.0[0] & (1 << 5) != 0 {
+                // Status write: the status page's first entry.
+                let mut m = self.mem.clone();
+                m.write(d.0[1] & !0xfff, ((d.0[1] & 0xfff) / 8) as usize, d.0[0] >> 32);
+            }
+            hw.processed.push(d);
+            hw.iqh = (((hw.iqh >> 4) + 1) % 256) << 4;
+        }
+    }
+}
+
+impl Mmio for Model {
+    fn read32(&self, off: usize) -> u32 {
+        let hw = self.hw.lock().unwrap();
+        match off {
+            regs::GSTS => hw.gsts,
+            regs::FSTS => hw.fsts,
+            _ => panic!("unexpected 32-bit read at {off:#x}"),
+        }
+    }
+    fn read64(&self, off: usize) -> u64 {
+        let hw = self.hw.lock().unwrap();
+        match off {
+            regs::CAP => CAP,
+            regs::ECAP => ECAP,
+            regs::CCMD => 0,
+            regs::IQH => hw.iqh,
+            o if o == IRO + 8 => 0,
+            o if o == FRO => hw.fault[0],
+            o if o == FRO + 8 => hw.fault[1],
+            _ => panic!("unexpected 64-bit read at {off:#x}"),
+        }
+    }
+    fn write32(&self, off: usize, v: u32) {
+        let mut hw = self.hw.lock().unwrap();
+        match off {
+            regs::GCMD => {
+                if hw.stuck {
+                    return;
+                }
+                // Acts on the difference: persistent bits follow the value.
+                let persistent = v & gcmd::PERSISTENT;
+                if v & gcmd::SRTP != 0 {
+                    hw.latched_root = hw.rtaddr;
+                    hw.gsts |= gcmd::SRTP;
+                }
+                hw.gsts = (hw.gsts & !gcmd::PERSISTENT) | persistent;
+            }
+            regs::FSTS => hw.fsts &= !(v & (fsts::PFO | fsts::IQE | fsts::ICE | fsts::ITE)),
+            o if o == FRO + 12 => {
+                if v & (1 << 31) != 0 {
+                    hw.fault[1] &= !(1 << 63);
+                    hw.fsts &= !fsts::PPF;
+                }
+            }
+            _ => panic!("32-bit write at {off:#x} = {v:#x}"),
+        }
+    }
+    fn write64(&self, off: usize, v: u64) {
+        // 32-bit registers must not get 8-byte writes (QEMU aborts).
+        assert!(![regs::GCMD, regs::GSTS, regs::FSTS, regs::FECTL].contains(&off), "8-byte write to a 32-bit register");
+        let mut hw = self.hw.lock().unwrap();
+        match off {
+            regs::RTADDR => hw.rtaddr = v,
+            regs::CCMD => hw.ccmd_log.push(v),
+            regs::IQA => hw.iqa = v,
+            regs::IQT => {
+                hw.iqt = v;
+                let me = self.clone();
+                me.process_queue(&mut hw);
+            }
+            o if o == IRO + 8 => hw.iotlb_log.push(v),
+            o if o == IRO => {}
+            _ => panic!("64-bit write at {off:#x}"),
+        }
+    }
+}
+
+/// A clock that advances 1 µs per reading (so timeouts end quickly).
+#[derive(Default)]
+struct TickClock(std::sync::atomic::AtomicU64);
+
+impl Clock for TickClock {
+    fn now_ns(&self) -> u64 {
+        self.0.fetch_add(1000, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+fn unit() -> (Model, Unit<Model, Shared, TickClock>) {
+    let mem = Shared(Arc::new(Mutex::new(HeapTables::new(true))));
+    let model = Model { hw: Arc::new(Mutex::new(Hw::default())), mem: mem.clone() };
+    let u = Unit::new("DRHD test".into(), model.clone(), mem, TickClock::default()).unwrap();
+    (model, u)
+}
+
+#[test]
+fn bring_up_sets_root_invalidates_and_enables_qi_then_translation() {
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    let hw = model.hw.lock().unwrap();
+    assert_eq!(hw.gsts & (gcmd::TE | gcmd::QIE), gcmd::TE | gcmd::QIE);
+    assert_ne!(hw.latched_root, 0);
+    assert_eq!(hw.ccmd_log.len(), 1, "one global context invalidation");
+    assert_eq!(hw.iotlb_log.len(), 1, "one global IOTLB invalidation");
+    assert!(u.queued());
+}
+
+#[test]
+fn attach_writes_a_context_entry_and_invalidates_through_the_queue() {
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    let did = u.alloc_did().unwrap();
+    let root = u.memory_mut().alloc_table().unwrap();
+    u.attach(0x0008, root, 4, did).unwrap();
+    let e = u.context_entry(0x0008);
+    assert!(e.present());
+    assert_eq!((e.root(), e.aw(), e.did()), (root, 2, did));
+    assert!(!u.context_entry(0x0010).present(), "other devices stay blocked");
+    let kinds: Vec<u8> = model.hw.lock().unwrap().processed.iter().map(|d| d.kind()).collect();
+    assert_eq!(kinds, vec![1, 2, 5], "context, IOTLB domain, wait");
+    u.detach(0x0008).unwrap();
+    assert!(!u.context_entry(0x0008).present());
+}
+
+#[test]
+fn a_range_invalidation_is_one_wait() {
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    model.hw.lock().unwrap().processed.clear();
+    let before = u.stats;
+    u.invalidate_range(1, 0x40_0000, 0x7f_ffff, true).unwrap();
+    let hw = model.hw.lock().unwrap();
+    let kinds: Vec<u8> = hw.processed.iter().map(|d| d.kind()).collect();
+    assert_eq!(kinds, vec![2, 5], "one 4 MiB page-selective invalidation (MAMV allows it) and one wait");
+    assert_eq!(u.stats.waits - before.waits, 1);
+}
+
+#[test]
+fn register_based_invalidation_without_qi() {
+    let (model, mut u) = unit();
+    u.enable(false).unwrap();
+    assert!(!u.queued());
+    u.invalidate_range(3, 0x1000, 0x1fff, false).unwrap();
+    let hw = model.hw.lock().unwrap();
+    assert_eq!(hw.iotlb_log.last().map(|v| v >> 60 & 3), Some(3), "page-selective through the register");
+}
+
+#[test]
+fn hardware_that_never_answers_times_out_with_the_register_named() {
+    let (model, mut u) = unit();
+    model.hw.lock().unwrap().stuck = true;
+    match u.enable(true) {
+        Err(Error::Timeout { unit, register, .. }) => {
+            assert_eq!(unit, "DRHD test");
+            assert_eq!(register, "GSTS.RTPS");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn faults_are_decoded_cleared_and_logged() {
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    {
+        let mut hw = model.hw.lock().unwrap();
+        hw.fault = [0x4000_0000, 1 << 63 | 5 << 32 | 0x0008];
+        hw.fsts |= fsts::PPF | fsts::PFO;
+    }
+    let f = u.poll_faults();
+    assert_eq!(f, vec![FaultRecord { source_id: 8, address: 0x4000_0000, reason: 5, write: true, pasid: None }]);
+    let hw = model.hw.lock().unwrap();
+    assert_eq!(hw.fault[1] >> 63, 0, "F cleared");
+    assert_eq!(hw.fsts & (fsts::PPF | fsts::PFO), 0);
+    drop(hw);
+    assert_eq!(u.fault_log().1, 1, "one overflow counted");
+    assert!(u.poll_faults().is_empty());
+}
