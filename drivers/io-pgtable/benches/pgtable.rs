@@ -1,1 +1,91 @@
-fn main() {}
+//! Map/unmap cost of the engine on heap tables, in ns per call.
+//!
+//! Each case keeps one "keeper" mapping next to the pages it maps so the
+//! tables already exist (no allocation on the measured path, as in a
+//! steady-state domain), then maps a batch of calls, unmaps them, and
+//! repeats; map and unmap are timed separately. Format: VT-d second stage,
+//! 4 levels (48 bits), coherent walker unless the line says otherwise.
+//!
+//! `cargo bench -p io-pgtable` (optimised). Linux's generic page table on
+//! an i7-12700 for comparison: map 4 KiB 53-57 ns, unmap 4 KiB 69-72 ns,
+//! map 256 x 4 KiB 391 ns.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use io_pgtable::{HeapTables, PageTable, Prot, VtdSecondStage};
+use portcullis_iommu::IotlbGather;
+
+const K4: u64 = 1 << 12;
+const M2: u64 = 1 << 21;
+const G1: u64 = 1 << 30;
+
+type Pt = PageTable<VtdSecondStage, HeapTables>;
+
+fn table(coherent: bool) -> Pt {
+    PageTable::new(VtdSecondStage::new(4).unwrap(), HeapTables::new(coherent)).unwrap()
+}
+
+/// Maps and unmaps `iovas` (each `len` bytes) `rounds` times; returns
+/// (map, unmap) time per call.
+fn run(pt: &mut Pt, iovas: &[u64], len: u64, rounds: usize) -> (f64, f64) {
+    let (mut map_t, mut unmap_t) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for &iova in iovas {
+            pt.map(black_box(iova), black_box(iova + 0x40_0000_0000), len, Prot::RW).unwrap();
+        }
+        map_t += t.elapsed();
+        let t = Instant::now();
+        for &iova in iovas {
+            let mut g = IotlbGather::default();
+            black_box(pt.unmap(black_box(iova), len, &mut g));
+            black_box(&g);
+        }
+        unmap_t += t.elapsed();
+        pt.release_deferred();
+    }
+    let calls = (iovas.len() * rounds) as f64;
+    (map_t.as_nanos() as f64 / calls, unmap_t.as_nanos() as f64 / calls)
+}
+
+fn case(name: &str, coherent: bool, keeper: (u64, u64), iovas: Vec<u64>, len: u64, rounds: usize) {
+    let mut pt = table(coherent);
+    pt.map(keeper.0, 0x40_0000_0000 + keeper.0, keeper.1, Prot::RW).unwrap();
+    // Warm up (and check it works), then measure.
+    run(&mut pt, &iovas, len, 3);
+    let tables = pt.memory().allocs();
+    let (map, unmap) = run(&mut pt, &iovas, len, rounds);
+    assert_eq!(pt.memory().allocs(), tables, "{name}: the measured loop allocated tables");
+    let suffix = if coherent { "" } else { " (non-coherent, batched flushes)" };
+    println!("map {name}: {map:.1} ns/call{suffix}");
+    println!("unmap {name}: {unmap:.1} ns/call{suffix}");
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick") || cfg!(debug_assertions);
+    let scale = if quick { 1 } else { 20 };
+    let base = 5 * G1;
+    // 4 KiB: 511 pages beside a keeper page in the same leaf table.
+    let small: Vec<u64> = (1..512).map(|i| base + i * K4).collect();
+    // 256 x 4 KiB in one call: 1 MiB halves of 2 MiB regions whose other
+    // half holds a keeper page (phys misaligned by 1 MiB would not matter:
+    // 1 MiB cannot use a 2 MiB page).
+    let mib: Vec<u64> = (0..64).map(|i| base + 2 * G1 + i * M2).collect();
+    // 2 MiB: 2 MiB pages beside a keeper 2 MiB page in the same table.
+    let big: Vec<u64> = (1..512).map(|i| base + 4 * G1 + i * M2).collect();
+
+    for coherent in [true, false] {
+        case("4 KiB", coherent, (base, K4), small.clone(), K4, 100 * scale);
+        let mut pt = table(coherent);
+        for &iova in &mib {
+            pt.map(iova + M2 - K4, 0x40_0000_0000, K4, Prot::RW).unwrap();
+        }
+        run(&mut pt, &mib, 1 << 20, 3);
+        let (map, unmap) = run(&mut pt, &mib, 1 << 20, 100 * scale);
+        let suffix = if coherent { "" } else { " (non-coherent, batched flushes)" };
+        println!("map 256 x 4 KiB (one 1 MiB call): {map:.1} ns/call{suffix}");
+        println!("unmap 256 x 4 KiB (one 1 MiB call): {unmap:.1} ns/call{suffix}");
+        case("2 MiB", coherent, (base + 4 * G1, M2), big.clone(), M2, 100 * scale);
+    }
+}

@@ -47,6 +47,22 @@ impl FlushBatch {
         slot.1 |= 1 << (index / ENTRIES_PER_LINE);
     }
 
+    /// Marks the lines in `lines` (bit n = line n) of `table`.
+    #[inline]
+    pub(crate) fn mark_lines<M: TableMemory>(&mut self, mem: &mut M, level: u32, table: u64, lines: u64) {
+        if !self.active || lines == 0 {
+            return;
+        }
+        let slot = &mut self.slots[level as usize];
+        if slot.0 != table {
+            if slot.1 != 0 {
+                flush_lines(mem, slot.0, slot.1);
+            }
+            *slot = (table, 0);
+        }
+        slot.1 |= lines;
+    }
+
     pub(crate) fn finish<M: TableMemory>(&mut self, mem: &mut M) {
         if !self.active {
             return;
@@ -69,6 +85,15 @@ fn flush_lines<M: TableMemory>(mem: &mut M, table: u64, mut lines: u64) {
     }
 }
 
+/// The mask of lines holding entries `index..index + count` (count > 0).
+#[inline]
+pub(crate) fn lines_of(index: usize, count: usize) -> u64 {
+    let first = index / ENTRIES_PER_LINE;
+    let last = (index + count - 1) / ENTRIES_PER_LINE;
+    let upto = if last == 63 { !0 } else { (1u64 << (last + 1)) - 1 };
+    upto & !((1u64 << first) - 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +111,10 @@ mod tests {
         assert_eq!(lines, [0, 2, 5, 6, 7, 63]);
         assert!(log.values().all(|&n| n == 1));
         flush_lines(&mut mem, t, !0);
+        assert_eq!(lines_of(0, 512), !0);
+        assert_eq!(lines_of(7, 2), 0b11);
+        assert_eq!(lines_of(8, 8), 0b10);
+        assert_eq!(lines_of(511, 1), 1 << 63);
         assert_eq!(mem.flush_stats(), (5, 6 * 64 + 4096));
     }
 }

@@ -14,6 +14,12 @@
 //!   up to the level-dependent bits, which is how the engine splits a large
 //!   page into smaller ones that translate identically.
 //! * Every level-0 entry that is present is a leaf.
+//! * The address is a plain field: `leaf_entry(p + level_size(l), l, prot)
+//!   == leaf_entry(p, l, prot) + level_size(l)`, so the engine writes a run
+//!   of leaves by adding the page size ([`crate::TableMemory::fill`]).
+//! * A non-present entry the engine writes is 0 (it never leaves other
+//!   bits behind), so "nonzero" and "present" agree for the engine's own
+//!   entries.
 
 use core::fmt;
 use portcullis_iommu::Prot;

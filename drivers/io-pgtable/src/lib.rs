@@ -69,7 +69,7 @@ use core::fmt;
 pub use domain::{Invalidator, NoInvalidator, PagingDomain, RecordingInvalidator};
 pub use first_stage::{FS_A, FS_ADDR_MASK, FS_D, FS_P, FS_PS, FS_RW, FS_US, FS_XD, X86FirstStage};
 pub use format::{Entry, PtFormat, level_shift, level_size, sizes_of_leaf_levels};
-pub use memory::{HEAP_TABLES_BASE, HeapTables, TableMemory};
+pub use memory::{Cleared, HEAP_TABLES_BASE, HeapTables, TableMemory};
 pub use portcullis_iommu::Prot;
 pub use second_stage::{SS_ADDR_MASK, SS_PS, SS_READ, SS_SNP, SS_WRITE, VtdSecondStage};
 pub use table::{PageTable, PartialUnmap, WalkStep};

@@ -20,7 +20,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::{CACHE_LINE, ENTRIES, TABLE_SIZE};
+use crate::{CACHE_LINE, ENTRIES, ENTRIES_PER_LINE, TABLE_SIZE};
 
 /// Memory that holds page tables, addressed by physical address.
 pub trait TableMemory {
@@ -45,9 +45,64 @@ pub trait TableMemory {
     fn flush(&mut self, phys: u64, len: u64);
 
     /// Whether every entry of `table` is zero. Implementations with direct
-    /// access to the page should override this with a plain scan.
+    /// access to the page should override this and the two methods below
+    /// with plain loops over the page: they are the engine's inner loops.
     fn is_empty(&self, table: u64) -> bool {
         (0..ENTRIES).all(|i| self.read(table, i) == 0)
+    }
+
+    /// Writes `first`, `first + step`, `first + 2 * step`, ... to entries
+    /// `index..index + count` (within one table) while they are zero;
+    /// stops at the first nonzero entry. Returns how many were written.
+    fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
+        let mut value = first;
+        for k in 0..count {
+            if self.read(table, index + k) != 0 {
+                return k;
+            }
+            self.write(table, index + k, value);
+            value = value.wrapping_add(step);
+        }
+        count
+    }
+
+    /// Zeroes entries `index..index + count` (within one table) and says
+    /// which were nonzero.
+    fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared {
+        let mut c = Cleared::default();
+        for i in index..index + count {
+            if self.read(table, i) != 0 {
+                self.write(table, i, 0);
+                c.note(i);
+            }
+        }
+        c
+    }
+}
+
+/// What [`TableMemory::clear`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleared {
+    /// Entries that were nonzero.
+    pub count: usize,
+    /// Index of the first of them (meaningless when `count` is 0).
+    pub first: usize,
+    /// Index of the last of them.
+    pub last: usize,
+    /// Cache lines that changed (bit n = bytes `64 * n .. 64 * n + 63`).
+    pub lines: u64,
+}
+
+impl Cleared {
+    /// Records that entry `index` (ascending order) was cleared.
+    #[inline]
+    pub fn note(&mut self, index: usize) {
+        if self.count == 0 {
+            self.first = index;
+        }
+        self.count += 1;
+        self.last = index;
+        self.lines |= 1 << (index / ENTRIES_PER_LINE);
     }
 }
 
@@ -259,5 +314,32 @@ impl TableMemory for HeapTables {
 
     fn is_empty(&self, table: u64) -> bool {
         self.page(table).iter().all(|&e| e == 0)
+    }
+
+    fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
+        let slot = self.live_slot(table);
+        let run = &mut self.pages[slot][index..index + count];
+        let mut value = first;
+        for (k, e) in run.iter_mut().enumerate() {
+            if *e != 0 {
+                return k;
+            }
+            *e = value;
+            value = value.wrapping_add(step);
+        }
+        count
+    }
+
+    fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared {
+        let slot = self.live_slot(table);
+        let run = &mut self.pages[slot][index..index + count];
+        let mut c = Cleared::default();
+        for (k, e) in run.iter_mut().enumerate() {
+            if *e != 0 {
+                *e = 0;
+                c.note(index + k);
+            }
+        }
+        c
     }
 }

@@ -31,25 +31,27 @@ use core::fmt;
 
 use portcullis_iommu::{IotlbGather, Prot};
 
-use crate::flush::FlushBatch;
+use crate::flush::{FlushBatch, lines_of};
 use crate::format::{Entry, PtFormat, level_shift, level_size, sizes_of_leaf_levels};
 use crate::memory::TableMemory;
-use crate::{ENTRIES, Error, MAX_LEVELS, PAGE_SIZE, TABLE_SIZE};
+use crate::{ENTRIES, Error, MAX_LEVELS, PAGE_SHIFT, PAGE_SIZE, TABLE_SIZE};
 
 /// An unmap that stopped early because a large page that the range only
 /// partly covers could not be split (no memory for the smaller table).
 ///
 /// Contract: everything in `[start, iova)` is unmapped and added to the
-/// gather; the large page containing `iova` and everything after it in the
-/// range are untouched and translate exactly as before. `unmapped` counts
-/// the bytes removed. The caller may retry `[iova, end)` later, or widen
-/// the unmap to the whole large page (which needs no allocation).
+/// gather; from `iova` to the end of the range everything translates
+/// exactly as before (the large page at fault, named in `error`, may have
+/// been split into smaller pages with the same translations by an earlier
+/// level of the same split). `unmapped` counts the bytes removed. The
+/// caller may retry `[iova, end)` later, or widen the unmap to the whole
+/// large page (which needs no allocation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartialUnmap {
     /// Bytes unmapped before stopping.
     pub unmapped: u64,
-    /// Start of the large page that could not be split (or of the range,
-    /// for a bad range).
+    /// Where the unmap stopped: the start of the range or of the large
+    /// page that could not be split, whichever is higher.
     pub iova: u64,
     /// Why ([`Error::NoMemory`], or [`Error::BadRange`] with nothing done).
     pub error: Error,
@@ -287,7 +289,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         let mut valid = top;
         let mut cur = iova;
         while cur < end {
-            let mut pa = phys + (cur - iova);
+            let pa = phys + (cur - iova);
             let level = self.leaf_level(cur | pa, end - cur);
             debug_assert!(valid >= level);
             let mut l = valid;
@@ -311,27 +313,25 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                 l -= 1;
                 path[l as usize] = next;
             }
+            // A run of leaves in one table, as far as the table, the
+            // length and the page size go.
             let t = path[level as usize];
             let size = level_size(level);
-            let mut i = index_of(cur, level);
-            loop {
-                let e = self.mem.read(t, i);
-                if self.format.is_present(e) {
-                    let at = if self.format.is_leaf(e, level) {
-                        cur
-                    } else {
-                        self.first_mapped(self.format.table_address(e), level - 1).map_or(cur, |off| cur + off)
-                    };
-                    return Err((cur, Error::AlreadyMapped { iova: at }));
-                }
-                self.mem.write(t, i, self.format.leaf_entry(pa, level, prot));
-                batch.mark(&mut self.mem, level, t, i);
-                cur += size;
-                pa += size;
-                i += 1;
-                if i == ENTRIES || end - cur < size {
-                    break;
-                }
+            let i = index_of(cur, level);
+            let count = ((ENTRIES - i) as u64).min((end - cur) >> level_shift(level)) as usize;
+            let written = self.mem.fill(t, i, count, self.format.leaf_entry(pa, level, prot), size);
+            if written > 0 {
+                batch.mark_lines(&mut self.mem, level, t, lines_of(i, written));
+                cur += written as u64 * size;
+            }
+            if written < count {
+                let e = self.mem.read(t, i + written);
+                let at = if self.format.is_leaf(e, level) {
+                    cur
+                } else {
+                    self.first_mapped(self.format.table_address(e), level - 1).map_or(cur, |off| cur + off)
+                };
+                return Err((cur, Error::AlreadyMapped { iova: at }));
             }
             valid = level;
             while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
@@ -441,6 +441,24 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             loop {
                 let t = path[l as usize];
                 let i = index_of(cur, l);
+                if l == 0 {
+                    // Every present level-0 entry is a 4 KiB leaf inside
+                    // the range: clear the run in one go.
+                    let count = ((ENTRIES - i) as u64).min((end - cur) >> PAGE_SHIFT) as usize;
+                    let c = self.mem.clear(t, i, count);
+                    if c.count > 0 {
+                        batch.mark_lines(&mut self.mem, 0, t, c.lines);
+                        touched[0] = true;
+                        unmapped += c.count as u64 * PAGE_SIZE;
+                        let table_base = cur - i as u64 * PAGE_SIZE;
+                        gather.add(
+                            table_base + c.first as u64 * PAGE_SIZE,
+                            table_base + c.last as u64 * PAGE_SIZE + PAGE_SIZE - 1,
+                        );
+                    }
+                    cur += count as u64 * PAGE_SIZE;
+                    break;
+                }
                 let e = self.mem.read(t, i);
                 let size = level_size(l);
                 let base = cur & !(size - 1);
@@ -468,7 +486,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                         }
                         None => {
                             let error = Error::NoMemory { iova: base, level: l - 1 };
-                            failure = Some(PartialUnmap { unmapped, iova: base, error });
+                            failure = Some(PartialUnmap { unmapped, iova: base.max(iova), error });
                             break;
                         }
                     }

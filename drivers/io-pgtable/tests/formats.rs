@@ -139,6 +139,9 @@ fn round_trips() {
                     assert!(f.is_present(e) && f.is_leaf(e, level));
                     assert_eq!(f.leaf_address(e, level), p);
                     assert_eq!(f.leaf_entry(f.leaf_address(e, level), level, f.leaf_prot(e)), e);
+                    // Linear address field (runs are written by adding).
+                    let step = level_size(level);
+                    assert_eq!(f.leaf_entry(p + 5 * step, level, prot), e + 5 * step);
                 }
             }
         }
