@@ -24,7 +24,11 @@ pub mod arch;
 #[cfg(target_os = "none")]
 pub mod ecam;
 #[cfg(target_os = "none")]
+pub mod edu;
+#[cfg(target_os = "none")]
 pub mod fatal;
+#[cfg(target_os = "none")]
+pub mod iommu;
 #[cfg(target_os = "none")]
 pub mod iommu_probe;
 #[cfg(target_os = "none")]

@@ -39,7 +39,14 @@ cases!(
     ivrs_ivhd_covers_edu,
     amd_registers_match_ivhd,
     iommufd_core_runs_in_the_kernel,
+    vtd_unattached_device_is_blocked,
+    vtd_mapped_dma_lands_exactly,
+    vtd_unmapped_iova_is_blocked_and_faults,
+    vtd_read_only_mapping_blocks_writes,
+    vtd_unmap_then_remap,
 );
+
+use crate::vtd_cases::*;
 
 const EDU: (u16, u16) = (0x1234, 0x11e8);
 const AMD_IOMMU: (u16, u16) = (0x1022, 0x1419);

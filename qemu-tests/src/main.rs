@@ -20,6 +20,8 @@ extern crate alloc;
 mod bench;
 #[cfg(target_os = "none")]
 mod cases;
+#[cfg(target_os = "none")]
+mod vtd_cases;
 
 #[cfg(target_os = "none")]
 portcullis_boot::entry_point!(kernel_main);

@@ -1,0 +1,74 @@
+//! The QEMU `edu` device (PCI 1234:11e8) as a DMA engine for tests: it
+//! copies between its 4 KiB internal buffer (device address 0x40000) and
+//! a DMA address, so a test can make a device read or write any IOVA.
+//!
+//! Registers (BAR0): 0x80 source, 0x88 destination, 0x90 count, 0x98
+//! command (bit 0 start / busy, bit 1 direction: 1 = buffer to RAM).
+
+use crate::ecam::Ecam;
+use crate::pci::{ConfigAccess, PciDevice};
+use core::time::Duration;
+
+/// The edu buffer's device address.
+pub const EDU_BUFFER: u64 = 0x40000;
+/// Its size.
+pub const EDU_BUFFER_SIZE: u64 = 4096;
+
+/// One edu device, memory decoding and bus mastering on.
+#[derive(Debug)]
+pub struct Edu {
+    regs: *mut u8,
+    /// Requester id.
+    pub sid: u16,
+}
+
+/// A DMA that did not finish in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaTimeout;
+
+impl Edu {
+    /// Takes over `dev` (must be an edu with its BAR0).
+    pub fn new(ecam: &Ecam, dev: &PciDevice) -> Option<Self> {
+        if (dev.vendor, dev.device) != (0x1234, 0x11e8) {
+            return None;
+        }
+        let bar = dev.bars.iter().find(|b| b.index == 0)?;
+        let cmd = ecam.read32(dev.segment, dev.bdf, 4);
+        // Memory space + bus master.
+        ecam.write32(dev.segment, dev.bdf, 4, (cmd & 0xffff) | 0x6);
+        let regs = crate::mem::map_mmio(bar.base, 0x100).ok()?;
+        Some(Self { regs, sid: dev.bdf.rid() })
+    }
+
+    fn w64(&self, off: usize, v: u64) {
+        // SAFETY: `regs` maps the edu's 1 MiB BAR0 uncached; these offsets
+        // are its DMA registers.
+        unsafe { self.regs.add(off).cast::<u64>().write_volatile(v) }
+    }
+
+    fn r64(&self, off: usize) -> u64 {
+        // SAFETY: as for w64.
+        unsafe { self.regs.add(off).cast::<u64>().read_volatile() }
+    }
+
+    fn run(&self, src: u64, dst: u64, len: u64, to_ram: bool) -> Result<(), DmaTimeout> {
+        assert!(len <= EDU_BUFFER_SIZE);
+        self.w64(0x80, src);
+        self.w64(0x88, dst);
+        self.w64(0x90, len);
+        self.w64(0x98, 1 | (to_ram as u64) << 1);
+        // A transfer takes about 100 ms of virtual time.
+        crate::time::poll_until(Duration::from_secs(5), || (self.r64(0x98) & 1 == 0).then_some(()))
+            .map_err(|_| DmaTimeout)
+    }
+
+    /// The device reads `len` bytes at DMA address `src` into its buffer.
+    pub fn read_from(&self, src: u64, len: u64) -> Result<(), DmaTimeout> {
+        self.run(src, EDU_BUFFER, len, false)
+    }
+
+    /// The device writes `len` bytes of its buffer to DMA address `dst`.
+    pub fn write_to(&self, dst: u64, len: u64) -> Result<(), DmaTimeout> {
+        self.run(EDU_BUFFER, dst, len, true)
+    }
+}

@@ -1,0 +1,217 @@
+//! The kernel's side of the IOMMU drivers: register access over uncached
+//! MMIO, page-table memory over frames, the clock, and VT-d domains that
+//! iommufd (or a test) can use.
+//!
+//! This is the only place IOMMU-related `unsafe` lives: volatile register
+//! accesses and table reads/writes through the direct map, each on memory
+//! this module owns (a mapped register block, frames it allocated).
+
+use crate::mem::{alloc_frames, free_frames, map_mmio, phys_to_virt};
+use alloc::string::String;
+use alloc::sync::Arc;
+use io_pgtable::{Invalidator, PagingDomain, TableMemory, VtdSecondStage};
+use spin::Mutex;
+
+/// A unit's register block, mapped uncached.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelMmio {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is to device registers mapped for the kernel's whole
+// lifetime; register accesses are independent volatile operations.
+unsafe impl Send for KernelMmio {}
+// SAFETY: as above.
+unsafe impl Sync for KernelMmio {}
+
+impl KernelMmio {
+    /// Maps `len` bytes of registers at physical `base`.
+    pub fn map(base: u64, len: usize) -> Result<Self, crate::mem::paging::MapError> {
+        Ok(Self { base: map_mmio(base, len as u64)?, len })
+    }
+
+    fn at<T>(&self, offset: usize) -> *mut T {
+        assert!(offset + core::mem::size_of::<T>() <= self.len, "register offset {offset:#x} outside the block");
+        assert!(offset.is_multiple_of(core::mem::size_of::<T>()), "misaligned register access at {offset:#x}");
+        // In bounds of the mapping, checked above.
+        self.base.wrapping_add(offset).cast()
+    }
+}
+
+impl vtd::regs::Mmio for KernelMmio {
+    fn read32(&self, offset: usize) -> u32 {
+        // SAFETY: `at` checked the offset lies in the mapped, aligned block.
+        unsafe { self.at::<u32>(offset).read_volatile() }
+    }
+    fn read64(&self, offset: usize) -> u64 {
+        // SAFETY: as for read32.
+        unsafe { self.at::<u64>(offset).read_volatile() }
+    }
+    fn write32(&self, offset: usize, value: u32) {
+        // SAFETY: as for read32; writing an IOMMU register affects DMA only.
+        unsafe { self.at::<u32>(offset).write_volatile(value) }
+    }
+    fn write64(&self, offset: usize, value: u64) {
+        // SAFETY: as for write32.
+        unsafe { self.at::<u64>(offset).write_volatile(value) }
+    }
+}
+
+/// Page-table (and root/context/queue) memory: one frame per table,
+/// reached through the direct map.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameTables {
+    coherent: bool,
+}
+
+impl FrameTables {
+    /// Tables for a walker that does (`coherent`) or does not snoop.
+    pub fn new(coherent: bool) -> Self {
+        Self { coherent }
+    }
+}
+
+impl TableMemory for FrameTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        alloc_frames(1, 4096).ok()
+    }
+    fn free_table(&mut self, table: u64) {
+        // A table we did not allocate is a driver bug; keep going.
+        let _ = free_frames(table, 1);
+    }
+    fn read(&self, table: u64, index: usize) -> u64 {
+        assert!(index < 512);
+        // SAFETY: `table` is a frame from alloc_table (RAM, direct-mapped);
+        // the hardware may write it (status words), hence volatile.
+        unsafe { phys_to_virt(table).cast::<u64>().add(index).read_volatile() }
+    }
+    fn write(&mut self, table: u64, index: usize, value: u64) {
+        assert!(index < 512);
+        // SAFETY: as for read; entries are written whole.
+        unsafe { phys_to_virt(table).cast::<u64>().add(index).write_volatile(value) }
+    }
+    fn coherent(&self) -> bool {
+        self.coherent
+    }
+    fn flush(&mut self, phys: u64, len: u64) {
+        let start = phys & !63;
+        let mut line = start;
+        while line < phys + len {
+            // SAFETY: clflush of a direct-mapped RAM line has no effect on
+            // memory contents; the line lies in a table frame we own.
+            unsafe { core::arch::x86_64::_mm_clflush(phys_to_virt(line)) };
+            line += 64;
+        }
+        // SAFETY: a fence orders the flushes before later device-visible
+        // writes (the register write that makes the hardware look).
+        unsafe { core::arch::x86_64::_mm_mfence() };
+    }
+}
+
+/// The kernel clock for hardware timeouts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelClock;
+
+impl vtd::Clock for KernelClock {
+    fn now_ns(&self) -> u64 {
+        crate::time::uptime_ns()
+    }
+}
+
+/// A VT-d unit as the kernel runs it.
+pub type VtdUnit = vtd::Unit<KernelMmio, FrameTables, KernelClock>;
+
+/// A shared unit (domains invalidate through it).
+pub type SharedUnit = Arc<Mutex<VtdUnit>>;
+
+/// Brings up the VT-d unit at `base` (translation on, every device
+/// blocked), with queued invalidation when `use_qi`.
+pub fn vtd_unit(name: String, base: u64, use_qi: bool) -> Result<SharedUnit, String> {
+    let mmio = KernelMmio::map(base, 0x1000).map_err(|e| alloc::format!("{name}: {e}"))?;
+    let caps = vtd::Caps {
+        cap: vtd::regs::Mmio::read64(&mmio, vtd::regs::CAP),
+        ecap: vtd::regs::Mmio::read64(&mmio, vtd::regs::ECAP),
+    };
+    let mut unit = vtd::Unit::new(name, mmio, FrameTables::new(caps.coherent()), KernelClock)
+        .map_err(|e| alloc::format!("{e}"))?;
+    unit.enable(use_qi).map_err(|e| alloc::format!("{e}"))?;
+    Ok(Arc::new(Mutex::new(unit)))
+}
+
+/// IOTLB invalidation of one domain through its unit.
+pub struct UnitInvalidator {
+    unit: SharedUnit,
+    did: u16,
+    caching_mode: bool,
+    /// The last invalidation error (an invalidator cannot return one).
+    pub error: Option<String>,
+}
+
+impl core::fmt::Debug for UnitInvalidator {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "UnitInvalidator(did {})", self.did)
+    }
+}
+
+impl Invalidator for UnitInvalidator {
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) {
+        if let Err(e) = self.unit.lock().invalidate_range(self.did, start, last, !tables_freed) {
+            self.error = Some(alloc::format!("{e}"));
+        }
+    }
+    fn mapped(&mut self, iova: u64, last: u64) {
+        // Caching mode: the unit may have cached the not-present entries.
+        if self.caching_mode {
+            self.invalidate(iova, last, false);
+        }
+    }
+}
+
+/// A VT-d second-stage domain on one unit.
+pub struct VtdDomain {
+    /// The page table and its invalidator.
+    pub domain: PagingDomain<VtdSecondStage, FrameTables, UnitInvalidator>,
+    /// Its domain id on the unit.
+    pub did: u16,
+    unit: SharedUnit,
+}
+
+impl core::fmt::Debug for VtdDomain {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "VtdDomain(did {}, {:?})", self.did, self.domain.table())
+    }
+}
+
+impl VtdDomain {
+    /// An empty domain for `unit`, using the page sizes and widths the unit
+    /// supports.
+    pub fn new(unit: &SharedUnit) -> Result<Self, String> {
+        let (caps, did) = {
+            let mut u = unit.lock();
+            let did = u.alloc_did().map_err(|e| alloc::format!("{e}"))?;
+            (u.caps(), did)
+        };
+        let widths =
+            [(1u8, 39u32), (2, 48), (3, 57)].into_iter().filter(|(b, _)| caps.sagaw() >> b & 1 != 0).map(|(_, w)| w);
+        let sllps = caps.sllps();
+        let format =
+            VtdSecondStage::from_caps(widths, caps.mgaw(), sllps & 1 != 0, sllps & 2 != 0, caps.snoop_control())
+                .ok_or_else(|| String::from("no second-stage width this engine supports"))?;
+        let inv = UnitInvalidator { unit: unit.clone(), did, caching_mode: caps.caching_mode(), error: None };
+        let domain =
+            PagingDomain::new(format, FrameTables::new(caps.coherent()), inv).map_err(|e| alloc::format!("{e:?}"))?;
+        Ok(Self { domain, did, unit: unit.clone() })
+    }
+
+    /// Points device `sid` at this domain.
+    pub fn attach(&self, sid: u16) -> Result<(), String> {
+        let levels = io_pgtable::PtFormat::levels(self.domain.table().format());
+        self.unit.lock().attach(sid, self.domain.table().root(), levels, self.did).map_err(|e| alloc::format!("{e}"))
+    }
+
+    /// Blocks device `sid` again.
+    pub fn detach(&self, sid: u16) -> Result<(), String> {
+        self.unit.lock().detach(sid).map_err(|e| alloc::format!("{e}"))
+    }
+}
