@@ -16,6 +16,7 @@ pub mod acpi;
 pub mod iommu_regs;
 pub mod ktest;
 pub mod mem;
+pub mod ownership;
 pub mod pci;
 pub mod time;
 

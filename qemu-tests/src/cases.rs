@@ -62,7 +62,7 @@ fn is_intel(p: &Platform) -> bool {
 
 fn known_config(p: &Platform) -> TestResult {
     match p.config.as_str() {
-        "none" | "intel" | "intel-sm" | "amd" => Ok(()),
+        "none" | "intel" | "intel-sm" | "intel-cm" | "amd" => Ok(()),
         other => skip!("unknown configuration {:?}: expectations unknown", other),
     }
 }
@@ -316,7 +316,7 @@ fn iommu_tables_match_configuration(p: &Platform) -> TestResult {
     known_config(p)?;
     let a = p.acpi.as_ref().map_err(|e| fail(alloc::format!("ACPI: {e}")))?;
     let (want_dmar, want_ivrs) = match p.config.as_str() {
-        "intel" | "intel-sm" => (true, false),
+        "intel" | "intel-sm" | "intel-cm" => (true, false),
         "amd" => (false, true),
         _ => (false, false),
     };
@@ -399,9 +399,11 @@ fn vtd_registers_match_qemu(p: &Platform) -> TestResult {
     }
     let r = portcullis_kernel::iommu_probe::vtd(QEMU_VTD_BASE).map_err(|e| fail(alloc::format!("{e}")))?;
     ensure_eq!(r.ver, 0x10, "VER (1.0)");
-    ensure_eq!(r.cap, QEMU_VTD_CAP, "CAP");
     let ecap = if p.config == "intel-sm" { QEMU_VTD_ECAP_SM } else { QEMU_VTD_ECAP };
     ensure_eq!(r.ecap, ecap, "ECAP");
+    // caching-mode=on sets CAP.CM (bit 7) and nothing else.
+    let cap = if p.config == "intel-cm" { QEMU_VTD_CAP | 1 << 7 } else { QEMU_VTD_CAP };
+    ensure_eq!(r.cap, cap, "CAP");
     ensure_eq!(r.gsts, 0, "GSTS (nothing enabled at boot)");
     ensure_eq!(r.fsts, 0, "FSTS (no faults at boot)");
     Ok(())

@@ -35,6 +35,11 @@ pub const CONFIGS: &[Config] = &[
         devices: devices!("-device", "intel-iommu,x-scalable-mode=on"),
         about: "Intel VT-d, scalable mode",
     },
+    Config {
+        name: "intel-cm",
+        devices: devices!("-device", "intel-iommu,caching-mode=on"),
+        about: "Intel VT-d, caching mode",
+    },
     Config { name: "amd", devices: devices!("-device", "amd-iommu,pt=off"), about: "AMD-Vi, translating" },
 ];
 

@@ -1,0 +1,199 @@
+//! Which IOMMU unit translates which PCI function, and with which
+//! requester id its DMA arrives.
+//!
+//! * A function belongs to the unit whose device scope names it (PCI
+//!   endpoint scope) or a bridge above it (sub-hierarchy scope: the bridge
+//!   and every bus below it); otherwise to the segment's INCLUDE_PCI_ALL
+//!   unit; otherwise to none (its DMA is not remapped).
+//! * DMA from behind a PCIe-to-PCI bridge carries the bridge's secondary
+//!   bus with device 0 function 0; behind a conventional PCI-to-PCI bridge,
+//!   the bridge's own id. The id nearest the root wins (each bridge
+//!   rewrites what passes it), and the driver programs that id's context
+//!   entry.
+//!
+//! Plain data in, plain data out: host-tested with hand-built topologies.
+
+use crate::pci::{Bdf, PciDevice};
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+/// One unit's scope, with its device-scope paths already resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitScope {
+    /// PCI segment.
+    pub segment: u16,
+    /// INCLUDE_PCI_ALL: every function of the segment no other unit names.
+    pub include_all: bool,
+    /// Functions named by PCI endpoint scopes.
+    pub endpoints: Vec<Bdf>,
+    /// Bridges named by PCI sub-hierarchy scopes.
+    pub bridges: Vec<Bdf>,
+}
+
+/// Where a function's DMA goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    /// Index of the unit (in the DMAR's DRHD order).
+    pub unit: usize,
+    /// The requester id its DMA carries (the context entry to program).
+    pub requester_id: u16,
+    /// The bridge that rewrote the id, if any.
+    pub alias_bridge: Option<Bdf>,
+}
+
+fn ancestors<'a>(dev: &PciDevice, all: &'a [PciDevice]) -> Vec<&'a PciDevice> {
+    let mut out = Vec::new();
+    let mut cur = dev.parent;
+    while let Some(p) = cur {
+        let Some(pd) = all.iter().find(|d| d.segment == dev.segment && d.bdf == p) else { break };
+        out.push(pd);
+        cur = pd.parent;
+        if out.len() > 32 {
+            break;
+        }
+    }
+    out
+}
+
+/// The requester id DMA from `dev` arrives with, and the aliasing bridge.
+pub fn requester_id(dev: &PciDevice, all: &[PciDevice]) -> (u16, Option<Bdf>) {
+    let mut rid = dev.bdf.rid();
+    let mut alias = None;
+    // From the device up; a bridge nearer the root overrides.
+    for b in ancestors(dev, all) {
+        match b.pcie.map(|p| p.port_type) {
+            // PCIe-to-PCI bridge: secondary bus, devfn 0.
+            Some(7) => {
+                if let Some(buses) = b.bridge {
+                    rid = (buses.secondary as u16) << 8;
+                    alias = Some(b.bdf);
+                }
+            }
+            // Conventional PCI-to-PCI bridge (no PCIe capability).
+            None if b.bridge.is_some() => {
+                rid = b.bdf.rid();
+                alias = Some(b.bdf);
+            }
+            _ => {}
+        }
+    }
+    (rid, alias)
+}
+
+/// Assigns every function to a unit (functions no unit covers are left
+/// out).
+pub fn assign(units: &[UnitScope], devices: &[PciDevice]) -> BTreeMap<(u16, Bdf), Assignment> {
+    let mut out = BTreeMap::new();
+    for dev in devices {
+        let named = units.iter().position(|u| {
+            u.segment == dev.segment
+                && !u.include_all
+                && (u.endpoints.contains(&dev.bdf)
+                    || u.bridges.contains(&dev.bdf)
+                    || u.bridges.iter().any(|b| {
+                        devices
+                            .iter()
+                            .find(|d| d.segment == dev.segment && d.bdf == *b)
+                            .and_then(|d| d.bridge)
+                            .is_some_and(|r| (r.secondary..=r.subordinate).contains(&dev.bdf.bus))
+                    }))
+        });
+        let unit = named.or_else(|| units.iter().position(|u| u.segment == dev.segment && u.include_all));
+        if let Some(unit) = unit {
+            let (requester_id, alias_bridge) = requester_id(dev, devices);
+            out.insert((dev.segment, dev.bdf), Assignment { unit, requester_id, alias_bridge });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::{BridgeBuses, PcieInfo};
+
+    fn dev(bus: u8, d: u8, parent: Option<Bdf>, pcie: Option<u8>, bridge: Option<(u8, u8)>) -> PciDevice {
+        PciDevice {
+            segment: 0,
+            bdf: Bdf { bus, device: d, function: 0 },
+            vendor: 0x1234,
+            device: 0x11e8,
+            class: (0, 0, 0),
+            revision: 0,
+            header_type: if bridge.is_some() { 1 } else { 0 },
+            bars: Vec::new(),
+            capabilities: Vec::new(),
+            msi: None,
+            msix: None,
+            pcie: pcie.map(|t| PcieInfo { offset: 0x40, port_type: t, version: 2 }),
+            bridge: bridge.map(|(s, e)| BridgeBuses { primary: bus, secondary: s, subordinate: e }),
+            parent,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn bdf(bus: u8, d: u8) -> Bdf {
+        Bdf { bus, device: d, function: 0 }
+    }
+
+    #[test]
+    fn scopes_bridges_aliases_and_the_catch_all() {
+        let devices = alloc::vec![
+            dev(0, 1, None, Some(0), None),            // endpoint on the root bus
+            dev(0, 2, None, Some(4), Some((1, 1))),    // root port
+            dev(1, 0, Some(bdf(0, 2)), Some(0), None), // PCIe device below it
+            dev(0, 5, None, Some(7), Some((2, 2))),    // PCIe-to-PCI bridge
+            dev(2, 1, Some(bdf(0, 5)), None, None),    // conventional device below it
+            dev(0, 6, None, None, Some((3, 3))),       // conventional PCI bridge
+            dev(3, 4, Some(bdf(0, 6)), None, None),
+            dev(0, 0x1f, None, None, None), // nobody names this one
+        ];
+        let units = alloc::vec![
+            UnitScope {
+                segment: 0,
+                include_all: false,
+                endpoints: alloc::vec![bdf(0, 1)],
+                bridges: alloc::vec![bdf(0, 2), bdf(0, 5)]
+            },
+            UnitScope { segment: 0, include_all: true, ..Default::default() },
+        ];
+        let a = assign(&units, &devices);
+        assert_eq!(a[&(0, bdf(0, 1))], Assignment { unit: 0, requester_id: 0x0008, alias_bridge: None });
+        assert_eq!(a[&(0, bdf(1, 0))].unit, 0, "below a sub-hierarchy scope");
+        assert_eq!(a[&(0, bdf(1, 0))].requester_id, 0x0100, "a root port does not alias");
+        assert_eq!(a[&(0, bdf(2, 1))], Assignment { unit: 0, requester_id: 0x0200, alias_bridge: Some(bdf(0, 5)) });
+        assert_eq!(a[&(0, bdf(3, 4))], Assignment { unit: 1, requester_id: 0x0030, alias_bridge: Some(bdf(0, 6)) });
+        assert_eq!(a[&(0, bdf(0, 0x1f))].unit, 1, "INCLUDE_PCI_ALL catches the rest");
+        let only_named = assign(&units[..1], &devices);
+        assert!(!only_named.contains_key(&(0, bdf(0, 0x1f))), "no catch-all: not remapped");
+    }
+}
+
+/// The unit scopes of a DMAR, resolving each PCI scope's path through
+/// configuration space (IOAPIC/HPET/ACPI scopes are not PCI functions).
+/// Scopes that do not resolve are skipped and returned as errors.
+pub fn unit_scopes(
+    dmar: &acpi_tables::dmar::Dmar,
+    cfg: &impl acpi_tables::scope::ConfigSpace,
+) -> (Vec<UnitScope>, Vec<acpi_tables::scope::ResolveError>) {
+    use acpi_tables::dmar::{SCOPE_PCI_ENDPOINT, SCOPE_PCI_SUB_HIERARCHY};
+    let mut units = Vec::new();
+    let mut errors = Vec::new();
+    for d in dmar.drhds() {
+        let mut u = UnitScope { segment: d.segment, include_all: d.include_pci_all(), ..Default::default() };
+        for s in &d.scopes {
+            if s.scope_type != SCOPE_PCI_ENDPOINT && s.scope_type != SCOPE_PCI_SUB_HIERARCHY {
+                continue;
+            }
+            match acpi_tables::scope::resolve(d.segment, s, cfg) {
+                Ok(b) => {
+                    let b = Bdf { bus: b.bus, device: b.device, function: b.function };
+                    if s.scope_type == SCOPE_PCI_ENDPOINT { u.endpoints.push(b) } else { u.bridges.push(b) }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        units.push(u);
+    }
+    (units, errors)
+}
