@@ -65,6 +65,7 @@ impl From<Error> for DomainError {
     fn from(e: Error) -> Self {
         match e {
             Error::BadRange { iova, length } => DomainError::BadRange { iova, length },
+            // The IOVA is not part of this error; PagingDomain::map fills it in.
             Error::BadPhys { length, .. } => DomainError::BadRange { iova: 0, length },
             Error::BadProt { .. } => DomainError::NotSupported,
             Error::AlreadyMapped { iova } => DomainError::AlreadyMapped { iova },
@@ -135,7 +136,10 @@ where
                     self.invalidator.invalidate(iova, iova + (length - 1), self.table.deferred_count() > 0);
                     self.table.release_deferred();
                 }
-                Err(e.into())
+                Err(match e {
+                    Error::BadPhys { .. } => DomainError::BadRange { iova, length },
+                    e => e.into(),
+                })
             }
         }
     }
