@@ -44,6 +44,11 @@ cases!(
     vtd_unmapped_iova_is_blocked_and_faults,
     vtd_read_only_mapping_blocks_writes,
     vtd_unmap_then_remap,
+    vtd_ownership_matches_pci_and_dmar,
+    vtd_bridge_alias_isolated_and_translated,
+    vtd_domains_isolate_and_share,
+    vtd_large_pages_are_used_and_split,
+    vtd_high_iovas_up_to_the_aperture,
 );
 
 use crate::vtd_cases::*;

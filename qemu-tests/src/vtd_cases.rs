@@ -253,3 +253,202 @@ pub fn vtd_unattached_device_is_blocked(p: &Platform) -> TestResult {
     ensure!(f.iter().any(|r| r.source_id == other.sid && r.write), "no fault from {:#x}: {:?}", other.sid, f);
     Ok(())
 }
+
+/// The edu behind the root port (64-bit DMA mask) and the one behind the
+/// PCIe-to-PCI bridge, by their parents' port types.
+fn edu_behind(p: &Platform, port_type: u8) -> Option<(Edu, &portcullis_kernel::pci::PciDevice)> {
+    let dev = p.pci.iter().find(|d| {
+        (d.vendor, d.device) == (0x1234, 0x11e8)
+            && d.parent.and_then(|b| p.pci.iter().find(|x| x.bdf == b)).and_then(|x| x.pcie).map(|x| x.port_type)
+                == Some(port_type)
+    })?;
+    Some((Edu::new(&p.ecam, dev)?, dev))
+}
+
+fn ownership(
+    p: &Platform,
+) -> Result<
+    alloc::collections::BTreeMap<(u16, portcullis_kernel::pci::Bdf), portcullis_kernel::ownership::Assignment>,
+    Outcome,
+> {
+    let Some(Ok(dmar)) = &p.dmar else { return Err(fail("no parsed DMAR".into())) };
+    let (units, errors) = portcullis_kernel::ownership::unit_scopes(dmar, &p.ecam);
+    ensure!(errors.is_empty(), "unresolved scopes: {:?}", errors);
+    Ok(portcullis_kernel::ownership::assign(&units, &p.pci))
+}
+
+pub fn vtd_ownership_matches_pci_and_dmar(p: &Platform) -> TestResult {
+    unit(p)?;
+    let owners = ownership(p)?;
+    for d in &p.pci {
+        let a = owners.get(&(d.segment, d.bdf));
+        ensure!(a.is_some(), "{} {:04x}:{:04x} has no unit", d.bdf, d.vendor, d.device);
+    }
+    let (_, bridged) = edu_behind(p, 7).ok_or_else(|| fail("no edu behind a PCIe-to-PCI bridge".into()))?;
+    let a = owners[&(bridged.segment, bridged.bdf)];
+    ensure_eq!(
+        a.requester_id,
+        (bridged.bdf.bus as u16) << 8,
+        "requester id behind the PCIe-to-PCI bridge (secondary bus, 0.0)"
+    );
+    let (_, rooted) = edu_behind(p, 4).ok_or_else(|| fail("no edu behind a root port".into()))?;
+    ensure_eq!(owners[&(rooted.segment, rooted.bdf)].requester_id, rooted.bdf.rid(), "a root port does not alias");
+    Ok(())
+}
+
+pub fn vtd_bridge_alias_isolated_and_translated(p: &Platform) -> TestResult {
+    let u = unit(p)?;
+    let owners = ownership(p)?;
+    let (edu, dev) = edu_behind(p, 7).ok_or_else(|| fail("no edu behind a PCIe-to-PCI bridge".into()))?;
+    let rid = owners[&(dev.segment, dev.bdf)].requester_id;
+    faults(u);
+    let bufs = Buffers::new()?;
+    // Not attached yet: blocked, and the fault names the alias.
+    edu.write_to(bufs.b(), 4096).map_err(|_| fail("DMA timed out".into()))?;
+    ensure!(bufs.page(2).iter().all(|&x| x == CANARY), "the bridged edu wrote memory before being attached");
+    let f = faults(u);
+    ensure!(f.iter().any(|r| r.source_id == rid), "no fault with the alias {:#x}: {:?}", rid, f);
+    let mut d = VtdDomain::new(u).map_err(fail)?;
+    d.domain.map(X, bufs.a(), 4096, Prot::READ).map_err(|e| fail(format!("{e}")))?;
+    d.domain.map(Y, bufs.b(), 4096, Prot::RW).map_err(|e| fail(format!("{e}")))?;
+    d.attach(rid).map_err(fail)?;
+    let r = (|| -> TestResult {
+        edu.read_from(X, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        edu.write_to(Y, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        let bad = bufs.page(2).iter().enumerate().position(|(i, &x)| x != Buffers::pattern(i));
+        ensure!(bad.is_none(), "DMA through the alias's context entry did not land (offset {:?})", bad);
+        bufs.check_untouched()
+    })();
+    d.detach(rid).map_err(fail)?;
+    r
+}
+
+pub fn vtd_domains_isolate_and_share(p: &Platform) -> TestResult {
+    let u = unit(p)?;
+    let edus = edus(p);
+    let e0 = edus.first().ok_or_else(|| fail("no edu".into()))?;
+    let (e1, _) = edu_behind(p, 4).ok_or_else(|| fail("no second edu".into()))?;
+    faults(u);
+    let mut bufs = Buffers::new()?;
+    let mut d1 = VtdDomain::new(u).map_err(fail)?;
+    let mut d2 = VtdDomain::new(u).map_err(fail)?;
+    d1.domain.map(X, bufs.a(), 4096, Prot::READ).map_err(|e| fail(format!("{e}")))?;
+    d1.domain.map(Y, bufs.b(), 4096, Prot::RW).map_err(|e| fail(format!("{e}")))?;
+    d2.domain.map(X, bufs.a(), 4096, Prot::READ).map_err(|e| fail(format!("{e}")))?;
+    d1.attach(e0.sid).map_err(fail)?;
+    d2.attach(e1.sid).map_err(fail)?;
+    let r = (|| -> TestResult {
+        e0.read_from(X, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        e1.read_from(X, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        // Y exists only in e0's domain.
+        e1.write_to(Y, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        ensure!(bufs.page(2).iter().all(|&x| x == CANARY), "a device reached another domain's page");
+        let f = faults(u);
+        ensure!(
+            f.iter().any(|r| r.source_id == e1.sid && r.address == Y),
+            "no fault for the other domain's IOVA: {:?}",
+            f
+        );
+        e0.write_to(Y, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        ensure!(bufs.page(2).iter().enumerate().all(|(i, &x)| x == Buffers::pattern(i)), "own domain's write missing");
+        // Shared: move e1 into e0's domain; now Y reaches B for it too.
+        bufs.fill(2, |_| CANARY);
+        d1.attach(e1.sid).map_err(fail)?;
+        e1.write_to(Y, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        ensure!(
+            bufs.page(2).iter().enumerate().all(|(i, &x)| x == Buffers::pattern(i)),
+            "shared domain: write missing"
+        );
+        bufs.check_untouched()
+    })();
+    let _ = d1.detach(e0.sid);
+    let _ = d1.detach(e1.sid);
+    let _ = &mut d2;
+    r
+}
+
+pub fn vtd_large_pages_are_used_and_split(p: &Platform) -> TestResult {
+    let u = unit(p)?;
+    let edus = edus(p);
+    let edu = edus.first().ok_or_else(|| fail("no edu".into()))?;
+    faults(u);
+    let huge = alloc_frames(512, 2 << 20).map_err(|e| fail(format!("{e}")))?;
+    let bufs = Buffers::new()?;
+    let r = (|| -> TestResult {
+        let iova = 0x400_0000;
+        let mut d = VtdDomain::new(u).map_err(fail)?;
+        d.domain.map(iova, huge, 2 << 20, Prot::RW).map_err(|e| fail(format!("{e}")))?;
+        d.domain.map(X, bufs.a(), 4096, Prot::READ).map_err(|e| fail(format!("{e}")))?;
+        ensure_eq!(d.domain.table().page_size(iova + 0x12_3000), Some(2 << 20), "page size of an aligned 2 MiB map");
+        d.attach(edu.sid).map_err(fail)?;
+        edu.read_from(X, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        edu.write_to(iova + 0x12_3000, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        let at = |off: u64| {
+            let p = phys_to_virt(huge + off);
+            // SAFETY: `huge` is 2 MiB of frames allocated above, direct-mapped.
+            (0..4096usize).all(|k| unsafe { p.add(k).read_volatile() } == Buffers::pattern(k))
+        };
+        ensure!(at(0x12_3000), "DMA inside the 2 MiB page did not land at its offset");
+        // Unmapping one 4 KiB page in the middle splits the 2 MiB page.
+        sync(&mut d, iova + 0x10_0000, 4096)?;
+        ensure_eq!(d.domain.table().page_size(iova + 0x1000), Some(4096), "page size after the split");
+        ensure_eq!(
+            d.domain.table().iova_to_phys(iova + 0x1f_f000).map(|t| t.0),
+            Some(huge + 0x1f_f000),
+            "rest of the page"
+        );
+        edu.write_to(iova + 0x1000, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        ensure!(at(0x1000), "DMA to the split page's remainder did not land");
+        edu.write_to(iova + 0x10_0000, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        ensure!(!at(0x10_0000), "DMA to the unmapped hole landed");
+        let f = faults(u);
+        ensure!(f.iter().any(|r| r.address == iova + 0x10_0000), "no fault for the hole: {:?}", f);
+        sync(&mut d, iova, 0x10_0000)?;
+        sync(&mut d, iova + 0x10_1000, 0xf_f000)?;
+        sync(&mut d, X, 4096)?;
+        // A 1 GiB identity page at IOVA 0 (1 GiB aligned): DMA to the
+        // physical address of B lands in B.
+        if d.domain.page_sizes() & (1 << 30) != 0 {
+            d.domain.map(0, 0, 1 << 30, Prot::RW).map_err(|e| fail(format!("1 GiB map: {e}")))?;
+            ensure_eq!(d.domain.table().page_size(bufs.b()), Some(1 << 30), "page size of the 1 GiB map");
+            edu.write_to(bufs.b(), 4096).map_err(|_| fail("DMA timed out".into()))?;
+            let ok = bufs.page(2).iter().enumerate().all(|(i, &x)| x == Buffers::pattern(i));
+            ensure!(ok, "DMA through the 1 GiB page did not land");
+            sync(&mut d, 0, 1 << 30)?;
+        }
+        d.detach(edu.sid).map_err(fail)?;
+        bufs.check_untouched()
+    })();
+    let _ = free_frames(huge, 512);
+    r
+}
+
+pub fn vtd_high_iovas_up_to_the_aperture(p: &Platform) -> TestResult {
+    let u = unit(p)?;
+    let (edu, _) = edu_behind(p, 4).ok_or_else(|| fail("no 64-bit edu".into()))?;
+    faults(u);
+    let mut bufs = Buffers::new()?;
+    let mut d = VtdDomain::new(u).map_err(fail)?;
+    let (_, last) = d.domain.aperture();
+    let high = [0x1_2345_6000u64, (last + 1) - 4096];
+    d.domain.map(X, bufs.a(), 4096, Prot::READ).map_err(|e| fail(format!("{e}")))?;
+    for iova in high {
+        d.domain.map(iova, bufs.b(), 4096, Prot::RW).map_err(|e| fail(format!("map {iova:#x}: {e}")))?;
+    }
+    ensure!(d.domain.map(last + 1, bufs.b(), 4096, Prot::RW).is_err(), "a map beyond the aperture succeeded");
+    d.attach(edu.sid).map_err(fail)?;
+    let r = (|| -> TestResult {
+        edu.read_from(X, 4096).map_err(|_| fail("DMA timed out".into()))?;
+        for iova in high {
+            bufs.fill(2, |_| CANARY);
+            edu.write_to(iova, 4096).map_err(|_| fail("DMA timed out".into()))?;
+            let ok = bufs.page(2).iter().enumerate().all(|(i, &x)| x == Buffers::pattern(i));
+            ensure!(ok, "DMA at IOVA {:#x} did not land", iova);
+        }
+        let f = faults(u);
+        ensure!(f.is_empty(), "faults: {:?}", f);
+        bufs.check_untouched()
+    })();
+    d.detach(edu.sid).map_err(fail)?;
+    r
+}

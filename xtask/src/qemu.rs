@@ -17,13 +17,26 @@ pub struct Config {
     pub about: &'static str,
 }
 
-/// A root port with a second edu behind it, so every configuration has a
-/// bridge to walk and a device whose DMAR scope is a sub-hierarchy.
-const EDUS: [&str; 6] =
-    ["-device", "edu", "-device", "pcie-root-port,id=rp1,chassis=1,slot=1", "-device", "edu,bus=rp1"];
+/// Three edu DMA engines: one on the root bus; one behind a PCIe root port
+/// (a sub-hierarchy scope) that can address all 64 bits; one behind a
+/// PCIe-to-PCI bridge, whose DMA carries the bridge's requester id.
+const EDUS: [&str; 10] = [
+    "-device",
+    "edu",
+    "-device",
+    "pcie-root-port,id=rp1,chassis=1,slot=1",
+    "-device",
+    "edu,bus=rp1,dma_mask=0xffffffffffffffff",
+    "-device",
+    "pcie-pci-bridge,id=pb1,bus=pcie.0,addr=0x5",
+    "-device",
+    "edu,bus=pb1,addr=0x1",
+];
 
 macro_rules! devices {
-    ($($d:expr),*) => { &[$($d,)* EDUS[0], EDUS[1], EDUS[2], EDUS[3], EDUS[4], EDUS[5]] };
+    ($($d:expr),*) => {
+        &[$($d,)* EDUS[0], EDUS[1], EDUS[2], EDUS[3], EDUS[4], EDUS[5], EDUS[6], EDUS[7], EDUS[8], EDUS[9]]
+    };
 }
 
 /// The test matrix, in the order `cargo xtask test` runs it.
