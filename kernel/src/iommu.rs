@@ -215,3 +215,116 @@ impl VtdDomain {
         self.unit.lock().detach(sid).map_err(|e| alloc::format!("{e}"))
     }
 }
+
+/// A device behind a VT-d unit, as iommufd binds it: domains it gets are
+/// VT-d second-stage domains on its unit; attaching programs its context
+/// entry (under the requester id its DMA carries).
+pub struct VtdDevice {
+    unit: SharedUnit,
+    unit_index: u16,
+    requester_id: u16,
+}
+
+impl core::fmt::Debug for VtdDevice {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "VtdDevice(unit {}, rid {:#x})", self.unit_index, self.requester_id)
+    }
+}
+
+impl VtdDevice {
+    /// The device with requester id `requester_id` behind unit number
+    /// `unit_index`.
+    pub fn new(unit: SharedUnit, unit_index: u16, requester_id: u16) -> Self {
+        Self { unit, unit_index, requester_id }
+    }
+}
+
+/// The x86 interrupt window: DMA writes there are interrupt requests, so
+/// no IOVA may be mapped there (Linux reports it as an MSI reserved region).
+pub const MSI_WINDOW: (u64, u64) = (0xfee0_0000, 0xfeef_ffff);
+
+impl iommufd::ctx::DeviceOps for VtdDevice {
+    fn handle(&self) -> portcullis_iommu::DeviceHandle {
+        portcullis_iommu::DeviceHandle((self.unit_index as u64) << 16 | self.requester_id as u64)
+    }
+    fn alloc_domain(
+        &self,
+    ) -> Result<alloc::boxed::Box<dyn portcullis_iommu::IommuDomain>, portcullis_iommu::DomainError> {
+        let inner = VtdDomain::new(&self.unit).map_err(|_| portcullis_iommu::DomainError::NoMemory)?;
+        Ok(alloc::boxed::Box::new(VtdIommuDomain { inner, unit_index: self.unit_index }))
+    }
+    fn reserved_regions(&self) -> alloc::vec::Vec<(u64, u64)> {
+        alloc::vec![MSI_WINDOW]
+    }
+}
+
+/// A [`VtdDomain`] behind the `IommuDomain` trait, programming context
+/// entries on attach.
+pub struct VtdIommuDomain {
+    inner: VtdDomain,
+    unit_index: u16,
+}
+
+impl core::fmt::Debug for VtdIommuDomain {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "VtdIommuDomain(unit {}, {:?})", self.unit_index, self.inner)
+    }
+}
+
+impl VtdIommuDomain {
+    /// The VT-d domain inside.
+    pub fn vtd(&self) -> &VtdDomain {
+        &self.inner
+    }
+}
+
+impl portcullis_iommu::IommuDomain for VtdIommuDomain {
+    fn page_sizes(&self) -> u64 {
+        self.inner.domain.page_sizes()
+    }
+    fn aperture(&self) -> (u64, u64) {
+        self.inner.domain.aperture()
+    }
+    fn map(
+        &mut self,
+        iova: u64,
+        phys: u64,
+        length: u64,
+        prot: portcullis_iommu::Prot,
+    ) -> Result<(), portcullis_iommu::DomainError> {
+        self.inner.domain.map(iova, phys, length, prot)
+    }
+    fn unmap(&mut self, iova: u64, length: u64, gather: &mut portcullis_iommu::IotlbGather) -> u64 {
+        self.inner.domain.unmap(iova, length, gather)
+    }
+    fn iotlb_sync(&mut self, gather: &mut portcullis_iommu::IotlbGather) {
+        self.inner.domain.iotlb_sync(gather)
+    }
+    fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        self.inner.domain.iova_to_phys(iova)
+    }
+    fn enforce_cache_coherency(&mut self) -> bool {
+        self.inner.domain.enforce_cache_coherency()
+    }
+    fn attach_device(&mut self, device: portcullis_iommu::DeviceHandle) -> Result<(), portcullis_iommu::DomainError> {
+        if (device.0 >> 16) as u16 != self.unit_index {
+            return Err(portcullis_iommu::DomainError::Incompatible);
+        }
+        self.inner.attach(device.0 as u16).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
+        self.inner.domain.attach_device(device)
+    }
+    fn detach_device(&mut self, device: portcullis_iommu::DeviceHandle) {
+        let _ = self.inner.detach(device.0 as u16);
+        self.inner.domain.detach_device(device);
+    }
+}
+
+impl Drop for VtdDomain {
+    /// The domain id is reused later: nothing of this domain may stay in
+    /// the IOTLB under it.
+    fn drop(&mut self) {
+        let mut u = self.unit.lock();
+        let _ = u.invalidate_range(self.did, 0, u64::MAX, false);
+        u.free_did(self.did);
+    }
+}

@@ -49,6 +49,7 @@ cases!(
     vtd_domains_isolate_and_share,
     vtd_large_pages_are_used_and_split,
     vtd_high_iovas_up_to_the_aperture,
+    vtd_iommufd_passthrough_dma,
 );
 
 use crate::vtd_cases::*;
