@@ -71,6 +71,10 @@ impl DeviceOps for MockDev {
 }
 
 fn ioas_map_unmap(size: u64, huge: bool) {
+    ioas_bench(size, huge, Arc::new(MockDev), MOCK_APERTURE_START, "mock domain");
+}
+
+fn ioas_bench(size: u64, huge: bool, dev: Arc<dyn DeviceOps>, iova_base: u64, what: &str) -> (u64, u64) {
     let mem = Arc::new(BenchMemory {
         len: size,
         stride: if huge { PAGE_SIZE } else { 2 * PAGE_SIZE },
@@ -78,34 +82,106 @@ fn ioas_map_unmap(size: u64, huge: bool) {
     });
     let ictx = Ictx::new(mem as Arc<dyn MemorySource>, u64::MAX);
     let ioas = ictx.ioas_alloc().expect("ioas");
-    let dev = ictx.bind_device(Arc::new(MockDev)).expect("bind");
+    let dev = ictx.bind_device(dev).expect("bind");
     ictx.attach(dev, ioas).expect("attach");
     let pages = size / PAGE_SIZE;
     let t0 = uptime_ns();
-    let iova = ictx.ioas_map(ioas, Some(MOCK_APERTURE_START), BASE, size, true, true).expect("map");
+    let iova = ictx.ioas_map(ioas, Some(iova_base), BASE, size, true, true).expect("map");
     let t1 = uptime_ns();
     let n = ictx.ioas_unmap(ioas, iova, size).expect("unmap");
     let t2 = uptime_ns();
     assert_eq!(n, size);
     assert_eq!(ictx.pinned_pages(), 0);
     println!(
-        "bench: qemu ioas {} MiB {} backing: map {} ms ({} ns/4 KiB), unmap {} ms ({} ns/4 KiB)",
+        "bench: qemu ioas {} MiB {} backing, {}: map {} ms ({} ns/4 KiB), unmap {} ms ({} ns/4 KiB)",
         size >> 20,
         if huge { "2 MiB" } else { "4 KiB" },
+        what,
         (t1 - t0) / 1_000_000,
         (t1 - t0) / pages,
         (t2 - t1) / 1_000_000,
         (t2 - t1) / pages,
     );
+    ((t1 - t0) / pages, (t2 - t1) / pages)
+}
+
+/// With a VT-d unit: the same IOAS map/unmap onto a real (emulated) VT-d
+/// second-stage domain, the invalidation waits one unmap costs, and DMA
+/// round trips per second through the translation.
+fn vtd(p: &portcullis_kernel::Platform) {
+    use portcullis_kernel::iommu::{VtdDevice, vtd_unit};
+    let Some(Ok(dmar)) = &p.dmar else { return };
+    let Some(drhd) = dmar.drhds().next() else { return };
+    let unit = match vtd_unit(alloc::format!("DRHD @{:#x}", drhd.register_base), drhd.register_base, true) {
+        Ok(u) => u,
+        Err(e) => {
+            println!("bench: VT-d bring-up failed: {e}");
+            return;
+        }
+    };
+    let edu = p.pci.iter().find_map(|d| portcullis_kernel::edu::Edu::new(&p.ecam, d));
+    let rid = edu.as_ref().map_or(0x0008, |e| e.sid);
+    for huge in [false, true] {
+        let before = unit.lock().stats;
+        ioas_bench(1 << 30, huge, Arc::new(VtdDevice::new(unit.clone(), 0, rid)), 1 << 30, "VT-d domain");
+        let after = unit.lock().stats;
+        println!(
+            "bench: qemu VT-d invalidation waits for that map+unmap+close: {} ({} invalidations)",
+            after.waits - before.waits,
+            after.invalidations - before.invalidations
+        );
+    }
+    if let Some(edu) = edu {
+        dma_round_trips(&edu, Some(&unit));
+    }
+}
+
+/// 4 KiB edu DMA round trips (device reads a page, writes it back).
+fn dma_round_trips(edu: &portcullis_kernel::edu::Edu, unit: Option<&portcullis_kernel::iommu::SharedUnit>) {
+    use portcullis_iommu::Prot;
+    let frames = portcullis_kernel::mem::alloc_frames(2, 4096).expect("frames");
+    let mut dom = None;
+    let (src, dst) = match unit {
+        Some(u) => {
+            let mut d = portcullis_kernel::iommu::VtdDomain::new(u).expect("domain");
+            d.domain.map(0x10_0000, frames, 4096, Prot::READ).expect("map");
+            d.domain.map(0x20_0000, frames + 4096, 4096, Prot::RW).expect("map");
+            d.attach(edu.sid).expect("attach");
+            dom = Some(d);
+            (0x10_0000, 0x20_0000)
+        }
+        None => (frames, frames + 4096),
+    };
+    const N: u64 = 20;
+    let t0 = uptime_ns();
+    for _ in 0..N {
+        edu.read_from(src, 4096).expect("dma");
+        edu.write_to(dst, 4096).expect("dma");
+    }
+    let dt = uptime_ns() - t0;
+    println!(
+        "bench: qemu edu 4 KiB DMA round trips {}: {} per second ({} us each)",
+        if unit.is_some() { "through VT-d" } else { "without an IOMMU" },
+        N * 1_000_000_000 / dt.max(1),
+        dt / N / 1000
+    );
+    if let Some(d) = dom {
+        let _ = d.detach(edu.sid);
+    }
+    let _ = portcullis_kernel::mem::free_frames(frames, 2);
 }
 
 /// Runs every in-guest benchmark and prints `bench:` lines.
-pub fn run() {
-    println!(
-        "bench: QEMU TCG, selftest mock domain (2 KiB I/O pages), TSC {} MHz",
-        portcullis_kernel::time::tsc_hz() / 1_000_000
-    );
-    for huge in [false, true] {
-        ioas_map_unmap(1 << 30, huge);
+pub fn run(p: &portcullis_kernel::Platform) {
+    println!("bench: QEMU TCG ({}), TSC {} MHz", p.config, portcullis_kernel::time::tsc_hz() / 1_000_000);
+    if p.dmar.is_some() {
+        vtd(p);
+    } else {
+        for huge in [false, true] {
+            ioas_map_unmap(1 << 30, huge);
+        }
+        if let Some(edu) = p.pci.iter().find_map(|d| portcullis_kernel::edu::Edu::new(&p.ecam, d)) {
+            dma_round_trips(&edu, None);
+        }
     }
 }

@@ -34,7 +34,7 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
         cases::crash(kind);
     }
     if boot.cmdline_value("bench").is_some() {
-        bench::run();
+        bench::run(&platform);
         exit_qemu(ExitCode::Success);
     }
     let start = boot.cmdline_value("ktest.start").and_then(|s| s.parse().ok()).unwrap_or(1);
