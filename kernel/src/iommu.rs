@@ -164,6 +164,8 @@ impl Invalidator for UnitInvalidator {
         // Caching mode: the unit may have cached the not-present entries.
         if self.caching_mode {
             self.invalidate(iova, last, false);
+        } else if let Err(e) = self.unit.lock().flush_write_buffer() {
+            self.error = Some(alloc::format!("{e}"));
         }
     }
 }
@@ -254,7 +256,11 @@ impl iommufd::ctx::DeviceOps for VtdDevice {
         Ok(alloc::boxed::Box::new(VtdIommuDomain { inner, unit_index: self.unit_index }))
     }
     fn reserved_regions(&self) -> alloc::vec::Vec<(u64, u64)> {
-        alloc::vec![MSI_WINDOW]
+        // The MSI window, and the device's RMRRs (mapped one-to-one by the
+        // domain on attach, so the IOAS must not use them).
+        let mut r = alloc::vec![MSI_WINDOW];
+        r.extend(self.unit.lock().rmrrs_for(self.requester_id));
+        r
     }
 }
 
@@ -310,7 +316,27 @@ impl portcullis_iommu::IommuDomain for VtdIommuDomain {
         if (device.0 >> 16) as u16 != self.unit_index {
             return Err(portcullis_iommu::DomainError::Incompatible);
         }
-        self.inner.attach(device.0 as u16).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
+        let sid = device.0 as u16;
+        // RMRRs: identity-mapped before the device translates through the
+        // domain (an unmapped RMRR would fault firmware's DMA).
+        let rmrrs = self.inner.unit.lock().rmrrs_for(sid);
+        let mut added = alloc::vec::Vec::new();
+        for (base, limit) in rmrrs {
+            let (start, end) = (base & !0xfff, (limit | 0xfff) + 1);
+            if self.inner.domain.iova_to_phys(start) == Some(start) {
+                continue;
+            }
+            if let Err(e) = self.inner.domain.map(start, start, end - start, portcullis_iommu::Prot::RW) {
+                let mut g = portcullis_iommu::IotlbGather::default();
+                for (s, len) in added {
+                    self.inner.domain.unmap(s, len, &mut g);
+                }
+                self.inner.domain.iotlb_sync(&mut g);
+                return Err(e);
+            }
+            added.push((start, end - start));
+        }
+        self.inner.attach(sid).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
         self.inner.domain.attach_device(device)
     }
     fn detach_device(&mut self, device: portcullis_iommu::DeviceHandle) {

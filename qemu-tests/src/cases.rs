@@ -50,6 +50,7 @@ cases!(
     vtd_large_pages_are_used_and_split,
     vtd_high_iovas_up_to_the_aperture,
     vtd_iommufd_passthrough_dma,
+    vtd_rmrr_identity_mapped_and_reserved,
 );
 
 use crate::vtd_cases::*;

@@ -181,6 +181,7 @@ pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
     free_dids: Vec<u16>,
     faults: Vec<FaultRecord>,
     overflows: u64,
+    rmrrs: Vec<(u16, u64, u64)>,
     /// Invalidation counters.
     pub stats: InvalidationStats,
 }
@@ -218,6 +219,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             free_dids: Vec::new(),
             faults: Vec::new(),
             overflows: 0,
+            rmrrs: Vec::new(),
             stats: InvalidationStats::default(),
         })
     }
@@ -432,6 +434,24 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 None => self.register_iotlb_invalidate(iotlb::DOMAIN | iotlb::did(did)),
             }
         }
+    }
+
+    /// Flushes the write buffer (CAP.RWBF units need it after page-table
+    /// updates before the hardware may see them); a no-op otherwise.
+    pub fn flush_write_buffer(&mut self) -> Result<(), Error> {
+        if self.caps.rwbf() { self.gcmd_oneshot(gcmd::WBF, "GSTS.WBFS") } else { Ok(()) }
+    }
+
+    /// Records the RMRR ranges (`[base, limit]`) of devices this unit
+    /// translates, by requester id: firmware keeps DMAing there, so any
+    /// domain such a device is attached to must map them one-to-one.
+    pub fn set_rmrrs(&mut self, rmrrs: Vec<(u16, u64, u64)>) {
+        self.rmrrs = rmrrs;
+    }
+
+    /// The RMRR ranges of device `sid`.
+    pub fn rmrrs_for(&self, sid: u16) -> Vec<(u64, u64)> {
+        self.rmrrs.iter().filter(|r| r.0 == sid).map(|r| (r.1, r.2)).collect()
     }
 
     /// A free domain id.
