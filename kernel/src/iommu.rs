@@ -354,3 +354,32 @@ impl Drop for VtdDomain {
         u.free_did(self.did);
     }
 }
+
+/// Every VT-d unit of the platform brought up (translation on, every
+/// device blocked), with who owns which device.
+pub struct VtdSystem {
+    /// One entry per DRHD, in DMAR order: base and the unit or why not.
+    pub units: alloc::vec::Vec<(u64, Result<SharedUnit, String>)>,
+    /// Device ownership from the DMAR scopes.
+    pub owners: alloc::collections::BTreeMap<(u16, crate::pci::Bdf), crate::ownership::Assignment>,
+}
+
+impl core::fmt::Debug for VtdSystem {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "VtdSystem({} units, {} devices)", self.units.len(), self.owners.len())
+    }
+}
+
+impl VtdSystem {
+    /// Brings up every DRHD of `p`'s DMAR (none without one).
+    pub fn bring_up(p: &crate::Platform) -> Option<Self> {
+        let Some(Ok(dmar)) = &p.dmar else { return None };
+        let units = dmar
+            .drhds()
+            .map(|d| (d.register_base, vtd_unit(alloc::format!("DRHD @{:#x}", d.register_base), d.register_base, true)))
+            .collect();
+        let (scopes, _) = crate::ownership::unit_scopes(dmar, &p.ecam);
+        let owners = crate::ownership::assign(&scopes, &p.pci);
+        Some(Self { units, owners })
+    }
+}

@@ -9,7 +9,10 @@ portcullis_boot::entry_point!(kernel_main);
 fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     use portcullis_kernel::arch::exit::{ExitCode, exit_qemu};
     let platform = portcullis_kernel::init(boot);
-    portcullis_kernel::report::print(&platform);
+    // Drive the IOMMUs: translation on, every device blocked until a
+    // domain is attached.
+    let vtd = portcullis_kernel::iommu::VtdSystem::bring_up(&platform);
+    portcullis_kernel::report::print(&platform, vtd.as_ref());
     exit_qemu(ExitCode::Success)
 }
 

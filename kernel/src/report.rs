@@ -3,8 +3,9 @@
 use crate::Platform;
 use crate::println;
 
-/// Prints the whole report to serial.
-pub fn print(p: &Platform) {
+/// Prints the whole report to serial; `vtd` is the VT-d driver's state
+/// when the kernel brought the units up.
+pub fn print(p: &Platform, vtd: Option<&crate::iommu::VtdSystem>) {
     println!("================ Portcullis platform report ================");
     println!(
         "CPU      {} ({}) family {:#x} model {:#x} stepping {}",
@@ -26,6 +27,9 @@ pub fn print(p: &Platform) {
     acpi(p);
     pci(p);
     iommus(p);
+    if let Some(v) = vtd {
+        drivers(p, v);
+    }
     println!("=============================================================");
 }
 
@@ -326,5 +330,42 @@ fn iommus(p: &Platform) {
     }
     if !any {
         println!("IOMMU    none described by ACPI (no DMAR or IVRS)");
+    }
+}
+
+fn drivers(p: &Platform, v: &crate::iommu::VtdSystem) {
+    for (i, (base, unit)) in v.units.iter().enumerate() {
+        match unit {
+            Err(e) => println!("Driver   VT-d unit {} at {:#x}: not running: {}", i, base, e),
+            Ok(u) => {
+                let u = u.lock();
+                let caps = u.caps();
+                println!(
+                    "Driver   VT-d unit {} at {:#x}: legacy mode{}, {} invalidation, translation on, {} domain ids",
+                    i,
+                    base,
+                    if caps.scalable() { " (scalable mode available)" } else { "" },
+                    if u.queued() { "queued" } else { "register-based" },
+                    caps.domains()
+                );
+                for ((seg, bdf), a) in v.owners.iter().filter(|(_, a)| a.unit == i) {
+                    let d = p.pci.iter().find(|d| d.segment == *seg && d.bdf == *bdf);
+                    let e = u.context_entry(a.requester_id);
+                    println!(
+                        "         {:04x}:{} {} requester id {:#06x}{}: {}",
+                        seg,
+                        bdf,
+                        d.map(|d| alloc::format!("{:04x}:{:04x}", d.vendor, d.device)).unwrap_or_default(),
+                        a.requester_id,
+                        a.alias_bridge.map(|b| alloc::format!(" (via bridge {})", b)).unwrap_or_default(),
+                        if e.present() {
+                            alloc::format!("attached, domain {}", e.did())
+                        } else {
+                            "blocked (no domain)".into()
+                        }
+                    );
+                }
+            }
+        }
     }
 }
