@@ -107,6 +107,35 @@ pub fn assign(units: &[UnitScope], devices: &[PciDevice]) -> BTreeMap<(u16, Bdf)
     out
 }
 
+/// The unit scopes of a DMAR, resolving each PCI scope's path through
+/// configuration space (IOAPIC/HPET/ACPI scopes are not PCI functions).
+/// Scopes that do not resolve are skipped and returned as errors.
+pub fn unit_scopes(
+    dmar: &acpi_tables::dmar::Dmar,
+    cfg: &impl acpi_tables::scope::ConfigSpace,
+) -> (Vec<UnitScope>, Vec<acpi_tables::scope::ResolveError>) {
+    use acpi_tables::dmar::{SCOPE_PCI_ENDPOINT, SCOPE_PCI_SUB_HIERARCHY};
+    let mut units = Vec::new();
+    let mut errors = Vec::new();
+    for d in dmar.drhds() {
+        let mut u = UnitScope { segment: d.segment, include_all: d.include_pci_all(), ..Default::default() };
+        for s in &d.scopes {
+            if s.scope_type != SCOPE_PCI_ENDPOINT && s.scope_type != SCOPE_PCI_SUB_HIERARCHY {
+                continue;
+            }
+            match acpi_tables::scope::resolve(d.segment, s, cfg) {
+                Ok(b) => {
+                    let b = Bdf { bus: b.bus, device: b.device, function: b.function };
+                    if s.scope_type == SCOPE_PCI_ENDPOINT { u.endpoints.push(b) } else { u.bridges.push(b) }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        units.push(u);
+    }
+    (units, errors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,33 +196,4 @@ mod tests {
         let only_named = assign(&units[..1], &devices);
         assert!(!only_named.contains_key(&(0, bdf(0, 0x1f))), "no catch-all: not remapped");
     }
-}
-
-/// The unit scopes of a DMAR, resolving each PCI scope's path through
-/// configuration space (IOAPIC/HPET/ACPI scopes are not PCI functions).
-/// Scopes that do not resolve are skipped and returned as errors.
-pub fn unit_scopes(
-    dmar: &acpi_tables::dmar::Dmar,
-    cfg: &impl acpi_tables::scope::ConfigSpace,
-) -> (Vec<UnitScope>, Vec<acpi_tables::scope::ResolveError>) {
-    use acpi_tables::dmar::{SCOPE_PCI_ENDPOINT, SCOPE_PCI_SUB_HIERARCHY};
-    let mut units = Vec::new();
-    let mut errors = Vec::new();
-    for d in dmar.drhds() {
-        let mut u = UnitScope { segment: d.segment, include_all: d.include_pci_all(), ..Default::default() };
-        for s in &d.scopes {
-            if s.scope_type != SCOPE_PCI_ENDPOINT && s.scope_type != SCOPE_PCI_SUB_HIERARCHY {
-                continue;
-            }
-            match acpi_tables::scope::resolve(d.segment, s, cfg) {
-                Ok(b) => {
-                    let b = Bdf { bus: b.bus, device: b.device, function: b.function };
-                    if s.scope_type == SCOPE_PCI_ENDPOINT { u.endpoints.push(b) } else { u.bridges.push(b) }
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        units.push(u);
-    }
-    (units, errors)
 }
