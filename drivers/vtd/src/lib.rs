@@ -20,6 +20,7 @@ pub mod entries;
 pub mod fault;
 pub mod qi;
 pub mod regs;
+pub mod scalable;
 pub mod unit;
 
 pub use fault::FaultRecord;

@@ -15,8 +15,9 @@
 
 use crate::entries::{ContextEntry, RootEntry, TranslationType};
 use crate::fault::FaultRecord;
-use crate::qi::{ContextScope, Descriptor, IotlbScope, page_blocks};
+use crate::qi::{ContextScope, Descriptor, Descriptor256, IotlbScope, PasidIotlbScope, page_blocks};
 use crate::regs::{self, Mmio, ccmd, fsts, gcmd, iotlb};
+use crate::scalable::{Invalidations, ScalableTables, TablesError};
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -135,6 +136,18 @@ impl Caps {
     pub fn scalable(&self) -> bool {
         self.ecap >> 43 & 1 != 0
     }
+    /// Second-stage translation in scalable mode (ECAP.SSTS).
+    pub fn second_stage(&self) -> bool {
+        self.ecap >> 46 & 1 != 0
+    }
+    /// First-stage translation in scalable mode (ECAP.FSTS).
+    pub fn first_stage(&self) -> bool {
+        self.ecap >> 47 & 1 != 0
+    }
+    /// First-stage 1 GiB pages (CAP.FS1GP).
+    pub fn first_stage_1g(&self) -> bool {
+        self.cap >> 56 & 1 != 0
+    }
     /// The deepest second-stage table the unit supports: (levels, AW).
     pub fn best_levels(&self) -> Option<(u32, u8)> {
         let s = self.sagaw();
@@ -148,12 +161,24 @@ impl Caps {
     }
 }
 
-const QUEUE_ENTRIES: u64 = 256;
-
-/// The invalidation queue: one 4 KiB page of 256 descriptors.
+/// The invalidation queue: one 4 KiB page of 256 128-bit descriptors, or
+/// of 128 256-bit ones in scalable mode (IQA.DW).
 struct Queue {
     page: u64,
     tail: u64,
+    wide: bool,
+}
+
+impl Queue {
+    fn slots(&self) -> u64 {
+        if self.wide { 128 } else { 256 }
+    }
+    fn words(&self) -> usize {
+        if self.wide { 4 } else { 2 }
+    }
+    fn shift(&self) -> u32 {
+        if self.wide { 5 } else { 4 }
+    }
 }
 
 /// Invalidations issued (for benchmarks and tests: "one wait per unmap").
@@ -182,6 +207,7 @@ pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
     faults: Vec<FaultRecord>,
     overflows: u64,
     rmrrs: Vec<(u16, u64, u64)>,
+    scalable: Option<ScalableTables<T>>,
     /// Invalidation counters.
     pub stats: InvalidationStats,
 }
@@ -220,6 +246,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             faults: Vec::new(),
             overflows: 0,
             rmrrs: Vec::new(),
+            scalable: None,
             stats: InvalidationStats::default(),
         })
     }
@@ -232,6 +259,11 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// Its capabilities.
     pub fn caps(&self) -> Caps {
         self.caps
+    }
+
+    /// Whether the unit runs in scalable mode.
+    pub fn is_scalable(&self) -> bool {
+        self.scalable.is_some()
     }
 
     /// Whether queued invalidation is in use.
@@ -311,8 +343,41 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 self.mem.free_table(page);
                 return Err(e);
             }
-            self.queue = Some(Queue { page, tail: 0 });
+            self.queue = Some(Queue { page, tail: 0, wide: false });
         }
+        self.gcmd(gcmd::TE, true)
+    }
+
+    /// Brings the unit up in scalable mode (ECAP.SMTS and QI needed):
+    /// scalable root table, queued invalidation with 256-bit descriptors,
+    /// global context and IOTLB invalidation, then translation. Every
+    /// device stays blocked until attached.
+    pub fn enable_scalable(&mut self) -> Result<(), Error>
+    where
+        T: Clone,
+    {
+        if !self.caps.scalable() || !self.caps.qi() {
+            return Err(Error::Unsupported {
+                unit: self.name.clone(),
+                what: "scalable mode needs ECAP.SMTS and ECAP.QI",
+            });
+        }
+        if self.mmio.read32(regs::GSTS) & gcmd::TE != 0 {
+            self.gcmd(gcmd::TE, false)?;
+        }
+        let tables = ScalableTables::new(self.mem.clone()).map_err(|_| Error::NoMemory { unit: self.name.clone() })?;
+        self.mmio.write64(regs::RTADDR, tables.rtaddr());
+        self.scalable = Some(tables);
+        self.gcmd_oneshot(gcmd::SRTP, "GSTS.RTPS")?;
+        let page = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+        self.mmio.write64(regs::IQT, 0);
+        self.mmio.write64(regs::IQA, page | crate::qi::iq256::IQA_DW);
+        if let Err(e) = self.gcmd(gcmd::QIE, true) {
+            self.mem.free_table(page);
+            return Err(e);
+        }
+        self.queue = Some(Queue { page, tail: 0, wide: true });
+        self.submit(&[Descriptor::context(ContextScope::Global), Descriptor::iotlb(IotlbScope::Global)])?;
         self.gcmd(gcmd::TE, true)
     }
 
@@ -343,33 +408,42 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// Submits `descs` followed by one invalidation wait, and waits for it.
     fn submit(&mut self, descs: &[Descriptor]) -> Result<(), Error> {
-        let Some(tail) = self.queue.as_ref().map(|q| q.tail) else {
+        let wide: alloc::vec::Vec<Descriptor256> = descs.iter().map(|d| Descriptor256::from(*d)).collect();
+        self.submit256(&wide)
+    }
+
+    /// As [`Self::submit`], for descriptors in their 256-bit form (legacy
+    /// queues use their first 128 bits).
+    fn submit256(&mut self, descs: &[Descriptor256]) -> Result<(), Error> {
+        let Some((tail, page, slots, words, shift)) =
+            self.queue.as_ref().map(|q| (q.tail, q.page, q.slots(), q.words(), q.shift()))
+        else {
             return Err(Error::Unsupported { unit: self.name.clone(), what: "queued invalidation is off" });
         };
         self.wait_seq = self.wait_seq.wrapping_add(1).max(1);
         let seq = self.wait_seq;
         let status = self.status_page;
         self.mem.write(status, 0, 0);
-        let mut all: Vec<Descriptor> = descs.to_vec();
-        all.push(Descriptor::wait(status, seq));
-        let page = self.queue.as_ref().expect("queue checked above").page;
+        let mut all: Vec<Descriptor256> = descs.to_vec();
+        all.push(Descriptor256::from(Descriptor::wait(status, seq)));
         let mut t = tail;
-        for chunk in all.chunks((QUEUE_ENTRIES - 1) as usize) {
+        for chunk in all.chunks((slots - 1) as usize) {
             // Room: the hardware head must not be overtaken.
             let n = chunk.len() as u64;
             self.wait_for("IQH", |m| {
-                let head = (m.read64(regs::IQH) >> 4) % QUEUE_ENTRIES;
-                (head + QUEUE_ENTRIES - t - 1) % QUEUE_ENTRIES >= n
+                let head = (m.read64(regs::IQH) >> shift) % slots;
+                (head + slots - t - 1) % slots >= n
             })?;
             for d in chunk {
-                self.mem.write(page, (t * 2) as usize, d.0[0]);
-                self.mem.write(page, (t * 2 + 1) as usize, d.0[1]);
-                t = (t + 1) % QUEUE_ENTRIES;
+                for w in 0..words {
+                    self.mem.write(page, t as usize * words + w, d.0[w]);
+                }
+                t = (t + 1) % slots;
             }
             if !self.mem.coherent() {
                 self.mem.flush(page, 4096);
             }
-            self.mmio.write64(regs::IQT, t << 4);
+            self.mmio.write64(regs::IQT, t << shift);
             if let Some(q) = self.queue.as_mut() {
                 q.tail = t;
             }
@@ -454,6 +528,65 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.rmrrs.iter().filter(|r| r.0 == sid).map(|r| (r.1, r.2)).collect()
     }
 
+    /// Invalidates `[start, last]` of a first-stage domain `did` (PASID 0):
+    /// PASID-based IOTLB invalidation, scalable mode only.
+    pub fn invalidate_range_pasid(&mut self, did: u16, start: u64, last: u64, leaf_only: bool) -> Result<(), Error> {
+        let blocks = page_blocks(start, last, self.caps.mamv(), 32);
+        let descs: Vec<Descriptor256> = match blocks {
+            Some(b) => b
+                .into_iter()
+                .map(|(addr, am)| {
+                    Descriptor256::pasid_iotlb(PasidIotlbScope::Pages { did, pasid: 0, addr, am, leaf_only })
+                })
+                .collect(),
+            None => alloc::vec![Descriptor256::pasid_iotlb(PasidIotlbScope::Pasid { did, pasid: 0 })],
+        };
+        self.submit256(&descs)
+    }
+
+    fn scalable_change(
+        &mut self,
+        f: impl Fn(&mut ScalableTables<T>) -> Result<Invalidations, TablesError>,
+        sid: u16,
+    ) -> Result<(), Error> {
+        let cm = self.caps.caching_mode();
+        let name = self.name.clone();
+        let tables =
+            self.scalable.as_mut().ok_or(Error::Unsupported { unit: name.clone(), what: "not in scalable mode" })?;
+        let inv = match f(tables) {
+            Ok(inv) => inv,
+            Err(TablesError::Busy { .. }) => {
+                // Replace a live entry: block, invalidate, then install.
+                let blocked = tables.block(sid);
+                let d = blocked.descriptors(cm);
+                self.submit256(&d)?;
+                let tables = self.scalable.as_mut().expect("still scalable");
+                f(tables).map_err(|_| Error::NoMemory { unit: name.clone() })?
+            }
+            Err(TablesError::NoMemory) => return Err(Error::NoMemory { unit: name }),
+            Err(_) => return Err(Error::Unsupported { unit: name, what: "entry cannot be encoded" }),
+        };
+        let d = inv.descriptors(cm);
+        if d.is_empty() { Ok(()) } else { self.submit256(&d) }
+    }
+
+    /// Scalable mode: device `sid` translates through the first-stage table
+    /// `root` (`levels` levels) of domain `did`.
+    pub fn attach_first_stage(&mut self, sid: u16, root: u64, levels: u32, did: u16) -> Result<(), Error> {
+        if !self.caps.first_stage() {
+            return Err(Error::Unsupported { unit: self.name.clone(), what: "first-stage translation (ECAP.FSTS)" });
+        }
+        self.scalable_change(|t| t.set_first_stage(sid, root, levels, did), sid)
+    }
+
+    /// The domain device `sid` is attached to, in either mode.
+    pub fn attached_domain(&self, sid: u16) -> Option<u16> {
+        match &self.scalable {
+            Some(t) => t.entry(sid).filter(|e| e.pasid.present()).map(|e| e.pasid.did()),
+            None => Some(self.context_entry(sid)).filter(|e| e.present()).map(|e| e.did()),
+        }
+    }
+
     /// A free domain id.
     pub fn alloc_did(&mut self) -> Result<u16, Error> {
         if let Some(d) = self.free_dids.pop() {
@@ -487,6 +620,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         let aw = crate::entries::aw_for_levels(levels)
             .filter(|aw| self.caps.sagaw() >> aw & 1 != 0)
             .ok_or_else(|| Error::Unsupported { unit: self.name.clone(), what: "page-table depth not in SAGAW" })?;
+        if self.scalable.is_some() {
+            return self.scalable_change(|t| t.set_second_stage(sid, root, aw, did), sid);
+        }
         self.set_context(sid, ContextEntry::new(TranslationType::Translate, root, aw, did), did)
     }
 
@@ -527,6 +663,11 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// Blocks device `sid` again (its context entry goes away).
     pub fn detach(&mut self, sid: u16) -> Result<(), Error> {
+        if let Some(t) = self.scalable.as_mut() {
+            let cm = self.caps.caching_mode();
+            let d = t.block(sid).descriptors(cm);
+            return if d.is_empty() { Ok(()) } else { self.submit256(&d) };
+        }
         let bus = (sid >> 8) as u8;
         let Some(&table) = self.context_tables.get(&bus) else { return Ok(()) };
         let idx = (sid & 0xff) as usize;
