@@ -9,7 +9,7 @@
 use crate::mem::{alloc_frames, free_frames, map_mmio, phys_to_virt};
 use alloc::string::String;
 use alloc::sync::Arc;
-use io_pgtable::{Invalidator, PagingDomain, TableMemory, VtdSecondStage};
+use io_pgtable::{Invalidator, PagingDomain, TableMemory, VtdSecondStage, X86FirstStage};
 use spin::Mutex;
 
 /// A unit's register block, mapped uncached.
@@ -125,9 +125,36 @@ pub type VtdUnit = vtd::Unit<KernelMmio, FrameTables, KernelClock>;
 /// A shared unit (domains invalidate through it).
 pub type SharedUnit = Arc<Mutex<VtdUnit>>;
 
+/// How a unit is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitMode {
+    /// Legacy root/context tables; queued invalidation when the unit has
+    /// it and `queued`, register-based otherwise.
+    Legacy {
+        /// Use the invalidation queue when ECAP.QI.
+        queued: bool,
+    },
+    /// Scalable-mode root/context/PASID tables with 256-bit queued
+    /// invalidation (ECAP.SMTS and ECAP.QI needed).
+    Scalable,
+}
+
+impl UnitMode {
+    /// The mode a kernel runs a unit in: scalable when the unit offers it,
+    /// legacy with queued invalidation otherwise.
+    pub fn best(caps: vtd::Caps) -> Self {
+        if caps.scalable() && caps.qi() { Self::Scalable } else { Self::Legacy { queued: true } }
+    }
+}
+
 /// Brings up the VT-d unit at `base` (translation on, every device
-/// blocked), with queued invalidation when `use_qi`.
-pub fn vtd_unit(name: String, base: u64, use_qi: bool) -> Result<SharedUnit, String> {
+/// blocked) in the best mode it offers (see [`UnitMode::best`]).
+pub fn vtd_unit(name: String, base: u64) -> Result<SharedUnit, String> {
+    vtd_unit_in(name, base, None)
+}
+
+/// As [`vtd_unit`], in `mode` when given.
+pub fn vtd_unit_in(name: String, base: u64, mode: Option<UnitMode>) -> Result<SharedUnit, String> {
     let mmio = KernelMmio::map(base, 0x1000).map_err(|e| alloc::format!("{name}: {e}"))?;
     let caps = vtd::Caps {
         cap: vtd::regs::Mmio::read64(&mmio, vtd::regs::CAP),
@@ -135,14 +162,46 @@ pub fn vtd_unit(name: String, base: u64, use_qi: bool) -> Result<SharedUnit, Str
     };
     let mut unit = vtd::Unit::new(name, mmio, FrameTables::new(caps.coherent()), KernelClock)
         .map_err(|e| alloc::format!("{e}"))?;
-    unit.enable(use_qi).map_err(|e| alloc::format!("{e}"))?;
+    match mode.unwrap_or(UnitMode::best(caps)) {
+        UnitMode::Legacy { queued } => unit.enable(queued),
+        UnitMode::Scalable => unit.enable_scalable(),
+    }
+    .map_err(|e| alloc::format!("{e}"))?;
     Ok(Arc::new(Mutex::new(unit)))
+}
+
+/// Which translation a domain's page table feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// VT-d second-stage tables (legacy mode, or a scalable-mode PASID
+    /// entry with PGTT = second-stage).
+    Second,
+    /// x86 first-stage (CPU-format) tables behind a scalable-mode PASID
+    /// entry with PGTT = first-stage.
+    First,
+}
+
+impl Stage {
+    /// The stage a new domain on a unit gets: second-stage where the unit
+    /// translates with it (legacy mode always does), first-stage on a
+    /// scalable unit that only has first-stage (QEMU `x-flts=on`).
+    pub fn default_for(unit: &VtdUnit) -> Option<Self> {
+        let caps = unit.caps();
+        if !unit.is_scalable() || caps.second_stage() {
+            Some(Self::Second)
+        } else if caps.first_stage() {
+            Some(Self::First)
+        } else {
+            None
+        }
+    }
 }
 
 /// IOTLB invalidation of one domain through its unit.
 pub struct UnitInvalidator {
     unit: SharedUnit,
     did: u16,
+    stage: Stage,
     caching_mode: bool,
     /// The last invalidation error (an invalidator cannot return one).
     pub error: Option<String>,
@@ -150,30 +209,138 @@ pub struct UnitInvalidator {
 
 impl core::fmt::Debug for UnitInvalidator {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "UnitInvalidator(did {})", self.did)
+        write!(f, "UnitInvalidator(did {}, {:?} stage)", self.did, self.stage)
+    }
+}
+
+impl UnitInvalidator {
+    fn range(&mut self, start: u64, last: u64, leaf_only: bool) {
+        let mut u = self.unit.lock();
+        // First-stage translations are cached under (DID, PASID): only
+        // PASID-based IOTLB invalidation reaches them.
+        let r = match self.stage {
+            Stage::Second => u.invalidate_range(self.did, start, last, leaf_only),
+            Stage::First => u.invalidate_range_pasid(self.did, start, last, leaf_only),
+        };
+        if let Err(e) = r {
+            self.error = Some(alloc::format!("{e}"));
+        }
     }
 }
 
 impl Invalidator for UnitInvalidator {
     fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) {
-        if let Err(e) = self.unit.lock().invalidate_range(self.did, start, last, !tables_freed) {
-            self.error = Some(alloc::format!("{e}"));
-        }
+        self.range(start, last, !tables_freed);
     }
     fn mapped(&mut self, iova: u64, last: u64) {
         // Caching mode: the unit may have cached the not-present entries.
         if self.caching_mode {
-            self.invalidate(iova, last, false);
+            self.range(iova, last, false);
         } else if let Err(e) = self.unit.lock().flush_write_buffer() {
             self.error = Some(alloc::format!("{e}"));
         }
     }
 }
 
-/// A VT-d second-stage domain on one unit.
+/// The page table of a [`VtdDomain`], in the format its stage uses.
+pub enum VtdPaging {
+    /// VT-d second-stage format.
+    Second(PagingDomain<VtdSecondStage, FrameTables, UnitInvalidator>),
+    /// x86 first-stage format.
+    First(PagingDomain<X86FirstStage, FrameTables, UnitInvalidator>),
+}
+
+/// Evaluates `$e` with `$d` bound to whichever paging domain `$p` holds.
+macro_rules! each {
+    ($p:expr, $d:ident => $e:expr) => {
+        match $p {
+            VtdPaging::Second($d) => $e,
+            VtdPaging::First($d) => $e,
+        }
+    };
+}
+
+impl VtdPaging {
+    /// Its stage.
+    pub fn stage(&self) -> Stage {
+        match self {
+            Self::Second(_) => Stage::Second,
+            Self::First(_) => Stage::First,
+        }
+    }
+    /// Physical address of the top-level table.
+    pub fn root(&self) -> u64 {
+        each!(self, d => d.table().root())
+    }
+    /// Levels of the table.
+    pub fn levels(&self) -> u32 {
+        each!(self, d => io_pgtable::PtFormat::levels(d.table().format()))
+    }
+    /// Size of the page mapping `iova` (the walk), if mapped.
+    pub fn page_size(&self, iova: u64) -> Option<u64> {
+        each!(self, d => d.table().page_size(iova))
+    }
+    /// Translation and permission of `iova`, if mapped.
+    pub fn translate(&self, iova: u64) -> Option<(u64, portcullis_iommu::Prot)> {
+        each!(self, d => d.table().iova_to_phys(iova))
+    }
+    /// Bytes of page-table memory in use.
+    pub fn table_bytes(&self) -> u64 {
+        each!(self, d => d.table().table_bytes())
+    }
+    /// The last invalidation error, if any.
+    pub fn invalidator_error(&self) -> Option<String> {
+        each!(self, d => d.invalidator().error.clone())
+    }
+}
+
+impl core::fmt::Debug for VtdPaging {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        each!(self, d => write!(f, "{:?} stage {:?}", self.stage(), d.table()))
+    }
+}
+
+impl portcullis_iommu::IommuDomain for VtdPaging {
+    fn page_sizes(&self) -> u64 {
+        each!(self, d => d.page_sizes())
+    }
+    fn aperture(&self) -> (u64, u64) {
+        each!(self, d => d.aperture())
+    }
+    fn map(
+        &mut self,
+        iova: u64,
+        phys: u64,
+        length: u64,
+        prot: portcullis_iommu::Prot,
+    ) -> Result<(), portcullis_iommu::DomainError> {
+        each!(self, d => d.map(iova, phys, length, prot))
+    }
+    fn unmap(&mut self, iova: u64, length: u64, gather: &mut portcullis_iommu::IotlbGather) -> u64 {
+        each!(self, d => d.unmap(iova, length, gather))
+    }
+    fn iotlb_sync(&mut self, gather: &mut portcullis_iommu::IotlbGather) {
+        each!(self, d => d.iotlb_sync(gather))
+    }
+    fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        each!(self, d => d.iova_to_phys(iova))
+    }
+    fn enforce_cache_coherency(&mut self) -> bool {
+        each!(self, d => d.enforce_cache_coherency())
+    }
+    fn attach_device(&mut self, device: portcullis_iommu::DeviceHandle) -> Result<(), portcullis_iommu::DomainError> {
+        each!(self, d => d.attach_device(device))
+    }
+    fn detach_device(&mut self, device: portcullis_iommu::DeviceHandle) {
+        each!(self, d => d.detach_device(device))
+    }
+}
+
+/// A VT-d domain on one unit: a page table, its domain id, and the unit
+/// whose IOTLB caches it.
 pub struct VtdDomain {
     /// The page table and its invalidator.
-    pub domain: PagingDomain<VtdSecondStage, FrameTables, UnitInvalidator>,
+    pub domain: VtdPaging,
     /// Its domain id on the unit.
     pub did: u16,
     unit: SharedUnit,
@@ -181,35 +348,74 @@ pub struct VtdDomain {
 
 impl core::fmt::Debug for VtdDomain {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "VtdDomain(did {}, {:?})", self.did, self.domain.table())
+        write!(f, "VtdDomain(did {}, {:?})", self.did, self.domain)
     }
 }
 
 impl VtdDomain {
-    /// An empty domain for `unit`, using the page sizes and widths the unit
-    /// supports.
+    /// An empty domain for `unit` in the stage it translates with by
+    /// default ([`Stage::default_for`]), using the page sizes and widths
+    /// the unit supports.
     pub fn new(unit: &SharedUnit) -> Result<Self, String> {
-        let (caps, did) = {
-            let mut u = unit.lock();
-            let did = u.alloc_did().map_err(|e| alloc::format!("{e}"))?;
-            (u.caps(), did)
+        let stage = Stage::default_for(&unit.lock()).ok_or_else(|| String::from("unit translates with no stage"))?;
+        Self::with_stage(unit, stage)
+    }
+
+    /// An empty `stage` domain for `unit`.
+    pub fn with_stage(unit: &SharedUnit, stage: Stage) -> Result<Self, String> {
+        let (caps, scalable) = {
+            let u = unit.lock();
+            (u.caps(), u.is_scalable())
         };
-        let widths =
-            [(1u8, 39u32), (2, 48), (3, 57)].into_iter().filter(|(b, _)| caps.sagaw() >> b & 1 != 0).map(|(_, w)| w);
-        let sllps = caps.sllps();
-        let format =
-            VtdSecondStage::from_caps(widths, caps.mgaw(), sllps & 1 != 0, sllps & 2 != 0, caps.snoop_control())
-                .ok_or_else(|| String::from("no second-stage width this engine supports"))?;
-        let inv = UnitInvalidator { unit: unit.clone(), did, caching_mode: caps.caching_mode(), error: None };
-        let domain =
-            PagingDomain::new(format, FrameTables::new(caps.coherent()), inv).map_err(|e| alloc::format!("{e:?}"))?;
-        Ok(Self { domain, did, unit: unit.clone() })
+        let mem = FrameTables::new(caps.coherent());
+        let inv =
+            |did| UnitInvalidator { unit: unit.clone(), did, stage, caching_mode: caps.caching_mode(), error: None };
+        let did = unit.lock().alloc_did().map_err(|e| alloc::format!("{e}"))?;
+        let domain = match stage {
+            Stage::Second => {
+                if scalable && !caps.second_stage() {
+                    Err(String::from("the unit has no second-stage translation (ECAP.SSTS)"))
+                } else {
+                    let widths = [(1u8, 39u32), (2, 48), (3, 57)]
+                        .into_iter()
+                        .filter(|(b, _)| caps.sagaw() >> b & 1 != 0)
+                        .map(|(_, w)| w);
+                    let sllps = caps.sllps();
+                    VtdSecondStage::from_caps(widths, caps.mgaw(), sllps & 1 != 0, sllps & 2 != 0, caps.snoop_control())
+                        .ok_or_else(|| String::from("no second-stage width this engine supports"))
+                        .and_then(|f| PagingDomain::new(f, mem, inv(did)).map_err(|e| alloc::format!("{e:?}")))
+                        .map(VtdPaging::Second)
+                }
+            }
+            Stage::First => {
+                if !scalable || !caps.first_stage() {
+                    Err(String::from("first-stage translation needs a scalable-mode unit with ECAP.FSTS"))
+                } else {
+                    // Supervisor requests are off in the PASID entry, so
+                    // every level carries U/S; 4-level paging (48-bit).
+                    let f = X86FirstStage::four_level().with_user(true).with_1g_pages(caps.first_stage_1g());
+                    PagingDomain::new(f, mem, inv(did)).map_err(|e| alloc::format!("{e:?}")).map(VtdPaging::First)
+                }
+            }
+        };
+        match domain {
+            Ok(domain) => Ok(Self { domain, did, unit: unit.clone() }),
+            Err(e) => {
+                unit.lock().free_did(did);
+                Err(e)
+            }
+        }
     }
 
     /// Points device `sid` at this domain.
     pub fn attach(&self, sid: u16) -> Result<(), String> {
-        let levels = io_pgtable::PtFormat::levels(self.domain.table().format());
-        self.unit.lock().attach(sid, self.domain.table().root(), levels, self.did).map_err(|e| alloc::format!("{e}"))
+        let (root, levels) = (self.domain.root(), self.domain.levels());
+        let mut u = self.unit.lock();
+        match self.domain.stage() {
+            Stage::Second => u.attach(sid, root, levels, self.did),
+            Stage::First => u.attach_first_stage(sid, root, levels, self.did),
+        }
+        .map_err(|e| alloc::format!("{e}"))
     }
 
     /// Blocks device `sid` again.
@@ -350,7 +556,10 @@ impl Drop for VtdDomain {
     /// the IOTLB under it.
     fn drop(&mut self) {
         let mut u = self.unit.lock();
-        let _ = u.invalidate_range(self.did, 0, u64::MAX, false);
+        let _ = match self.domain.stage() {
+            Stage::Second => u.invalidate_range(self.did, 0, u64::MAX, false),
+            Stage::First => u.invalidate_range_pasid(self.did, 0, u64::MAX, false),
+        };
         u.free_did(self.did);
     }
 }
@@ -376,7 +585,7 @@ impl VtdSystem {
         let Some(Ok(dmar)) = &p.dmar else { return None };
         let units = dmar
             .drhds()
-            .map(|d| (d.register_base, vtd_unit(alloc::format!("DRHD @{:#x}", d.register_base), d.register_base, true)))
+            .map(|d| (d.register_base, vtd_unit(alloc::format!("DRHD @{:#x}", d.register_base), d.register_base)))
             .collect();
         let (scopes, _) = crate::ownership::unit_scopes(dmar, &p.ecam);
         let owners = crate::ownership::assign(&scopes, &p.pci);

@@ -341,16 +341,35 @@ fn drivers(p: &Platform, v: &crate::iommu::VtdSystem) {
                 let u = u.lock();
                 let caps = u.caps();
                 println!(
-                    "Driver   VT-d unit {} at {:#x}: legacy mode{}, {} invalidation, translation on, {} domain ids",
+                    "Driver   VT-d unit {} at {:#x}: {}, {} invalidation, translation on, {} domain ids",
                     i,
                     base,
-                    if caps.scalable() { " (scalable mode available)" } else { "" },
-                    if u.queued() { "queued" } else { "register-based" },
+                    if u.is_scalable() {
+                        alloc::format!(
+                            "scalable mode ({} translation)",
+                            match crate::iommu::Stage::default_for(&u) {
+                                Some(crate::iommu::Stage::First) => "first-stage",
+                                Some(crate::iommu::Stage::Second) => "second-stage",
+                                None => "no",
+                            }
+                        )
+                    } else if caps.scalable() {
+                        "legacy mode (scalable mode available)".into()
+                    } else {
+                        "legacy mode".into()
+                    },
+                    if u.queued() && u.is_scalable() {
+                        "queued (256-bit)"
+                    } else if u.queued() {
+                        "queued"
+                    } else {
+                        "register-based"
+                    },
                     caps.domains()
                 );
                 for ((seg, bdf), a) in v.owners.iter().filter(|(_, a)| a.unit == i) {
                     let d = p.pci.iter().find(|d| d.segment == *seg && d.bdf == *bdf);
-                    let e = u.context_entry(a.requester_id);
+                    let did = u.attached_domain(a.requester_id);
                     println!(
                         "         {:04x}:{} {} requester id {:#06x}{}: {}",
                         seg,
@@ -358,10 +377,9 @@ fn drivers(p: &Platform, v: &crate::iommu::VtdSystem) {
                         d.map(|d| alloc::format!("{:04x}:{:04x}", d.vendor, d.device)).unwrap_or_default(),
                         a.requester_id,
                         a.alias_bridge.map(|b| alloc::format!(" (via bridge {})", b)).unwrap_or_default(),
-                        if e.present() {
-                            alloc::format!("attached, domain {}", e.did())
-                        } else {
-                            "blocked (no domain)".into()
+                        match did {
+                            Some(did) => alloc::format!("attached, domain {did}"),
+                            None => "blocked (no domain)".into(),
                         }
                     );
                 }

@@ -112,7 +112,7 @@ fn vtd(p: &portcullis_kernel::Platform) {
     use portcullis_kernel::iommu::{VtdDevice, vtd_unit};
     let Some(Ok(dmar)) = &p.dmar else { return };
     let Some(drhd) = dmar.drhds().next() else { return };
-    let unit = match vtd_unit(alloc::format!("DRHD @{:#x}", drhd.register_base), drhd.register_base, true) {
+    let unit = match vtd_unit(alloc::format!("DRHD @{:#x}", drhd.register_base), drhd.register_base) {
         Ok(u) => u,
         Err(e) => {
             println!("bench: VT-d bring-up failed: {e}");

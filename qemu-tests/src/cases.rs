@@ -39,6 +39,7 @@ cases!(
     ivrs_ivhd_covers_edu,
     amd_registers_match_ivhd,
     iommufd_core_runs_in_the_kernel,
+    vtd_unit_mode_and_stage_match_configuration,
     vtd_unattached_device_is_blocked,
     vtd_mapped_dma_lands_exactly,
     vtd_unmapped_iova_is_blocked_and_faults,
@@ -62,6 +63,8 @@ const QEMU_AMDVI_BASE: u64 = 0xfed8_0000;
 const QEMU_VTD_CAP: u64 = 0x00d2_008c_222f_0606;
 const QEMU_VTD_ECAP: u64 = 0x0000_0000_00f0_0f4a;
 const QEMU_VTD_ECAP_SM: u64 = 0x0000_4800_80f0_0f4a;
+/// `x-scalable-mode=on,x-flts=on`: SMTS and FSTS, no SSTS, no PT.
+const QEMU_VTD_ECAP_FS: u64 = 0x0000_8800_00f0_0f4a;
 
 fn is_intel(p: &Platform) -> bool {
     p.config.starts_with("intel")
@@ -69,7 +72,7 @@ fn is_intel(p: &Platform) -> bool {
 
 fn known_config(p: &Platform) -> TestResult {
     match p.config.as_str() {
-        "none" | "intel" | "intel-sm" | "intel-cm" | "amd" => Ok(()),
+        "none" | "intel" | "intel-sm" | "intel-fs" | "intel-cm" | "amd" => Ok(()),
         other => skip!("unknown configuration {:?}: expectations unknown", other),
     }
 }
@@ -323,7 +326,7 @@ fn iommu_tables_match_configuration(p: &Platform) -> TestResult {
     known_config(p)?;
     let a = p.acpi.as_ref().map_err(|e| fail(alloc::format!("ACPI: {e}")))?;
     let (want_dmar, want_ivrs) = match p.config.as_str() {
-        "intel" | "intel-sm" | "intel-cm" => (true, false),
+        "intel" | "intel-sm" | "intel-fs" | "intel-cm" => (true, false),
         "amd" => (false, true),
         _ => (false, false),
     };
@@ -406,10 +409,19 @@ fn vtd_registers_match_qemu(p: &Platform) -> TestResult {
     }
     let r = portcullis_kernel::iommu_probe::vtd(QEMU_VTD_BASE).map_err(|e| fail(alloc::format!("{e}")))?;
     ensure_eq!(r.ver, 0x10, "VER (1.0)");
-    let ecap = if p.config == "intel-sm" { QEMU_VTD_ECAP_SM } else { QEMU_VTD_ECAP };
+    let ecap = match p.config.as_str() {
+        "intel-sm" => QEMU_VTD_ECAP_SM,
+        "intel-fs" => QEMU_VTD_ECAP_FS,
+        _ => QEMU_VTD_ECAP,
+    };
     ensure_eq!(r.ecap, ecap, "ECAP");
     // caching-mode=on sets CAP.CM (bit 7) and nothing else.
-    let cap = if p.config == "intel-cm" { QEMU_VTD_CAP | 1 << 7 } else { QEMU_VTD_CAP };
+    // x-flts=on adds CAP.FS1GP (bit 56).
+    let cap = match p.config.as_str() {
+        "intel-cm" => QEMU_VTD_CAP | 1 << 7,
+        "intel-fs" => QEMU_VTD_CAP | 1 << 56,
+        _ => QEMU_VTD_CAP,
+    };
     ensure_eq!(r.cap, cap, "CAP");
     ensure_eq!(r.gsts, 0, "GSTS (nothing enabled at boot)");
     ensure_eq!(r.fsts, 0, "FSTS (no faults at boot)");

@@ -49,6 +49,11 @@ pub const CONFIGS: &[Config] = &[
         about: "Intel VT-d, scalable mode",
     },
     Config {
+        name: "intel-fs",
+        devices: devices!("-device", "intel-iommu,x-scalable-mode=on,x-flts=on,aw-bits=48"),
+        about: "Intel VT-d, scalable mode, first-stage translation",
+    },
+    Config {
         name: "intel-cm",
         devices: devices!("-device", "intel-iommu,caching-mode=on"),
         about: "Intel VT-d, caching mode",

@@ -34,7 +34,13 @@ impl FaultRecord {
     }
 }
 
-/// Description of a legacy-mode fault reason (spec appendix A).
+/// Legacy mode: a write to a page without write permission.
+pub const WRITE: u8 = 0x5;
+/// Scalable mode: a write to a page without write permission.
+pub const SM_WRITE: u8 = 0x85;
+
+/// Description of a fault reason (spec appendix A). Legacy-mode codes are
+/// below 0x30, scalable-mode codes from 0x30 on.
 pub fn reason_name(reason: u8) -> &'static str {
     match reason {
         0x1 => "root entry not present",
@@ -50,6 +56,13 @@ pub fn reason_name(reason: u8) -> &'static str {
         0xb => "reserved bits set in a context entry",
         0xc => "reserved bits set in a page-table entry",
         0xd => "translation request blocked by the context entry",
+        0x70 => "first-stage entry address not accessible",
+        0x71 => "first-stage entry not present",
+        0x72 => "reserved bits set in a first-stage entry",
+        0x80 => "non-canonical first-stage address",
+        0x81 => "user request through a supervisor-only first-stage entry",
+        0x85 => "write to a page without write permission (scalable mode)",
+        0x30..=0xff => "scalable-mode fault",
         _ => "other",
     }
 }

@@ -579,6 +579,13 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.scalable_change(|t| t.set_first_stage(sid, root, levels, did), sid)
     }
 
+    /// Scalable mode: the root, context, PASID-directory and PASID-0
+    /// entries the unit walks for `sid` (`None` in legacy mode or when a
+    /// level on the way is not present).
+    pub fn scalable_entry(&self, sid: u16) -> Option<crate::scalable::DeviceEntries> {
+        self.scalable.as_ref().and_then(|t| t.entry(sid))
+    }
+
     /// The domain device `sid` is attached to, in either mode.
     pub fn attached_domain(&self, sid: u16) -> Option<u16> {
         match &self.scalable {
@@ -630,6 +637,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     pub fn pass_through(&mut self, sid: u16, did: u16) -> Result<(), Error> {
         if !self.caps.pass_through() {
             return Err(Error::Unsupported { unit: self.name.clone(), what: "pass-through (ECAP.PT)" });
+        }
+        if self.scalable.is_some() {
+            return self.scalable_change(|t| t.set_pass_through(sid, did), sid);
         }
         let aw = self.caps.best_levels().map(|(_, aw)| aw).unwrap_or(1);
         self.set_context(sid, ContextEntry::new(TranslationType::PassThrough, 0, aw, did), did)
