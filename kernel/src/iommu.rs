@@ -592,3 +592,41 @@ impl VtdSystem {
         Some(Self { units, owners })
     }
 }
+
+/// Fault events taken (interrupts from any unit set up by
+/// [`enable_fault_interrupt`]).
+static FAULT_EVENTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+fn fault_event_handler() {
+    // Interrupt context: no locks, no allocation. Whoever waits polls the
+    // unit, which reads and clears the records and re-arms the event.
+    FAULT_EVENTS.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+}
+
+/// Fault events taken so far.
+pub fn fault_events() -> u64 {
+    FAULT_EVENTS.load(core::sync::atomic::Ordering::Acquire)
+}
+
+/// Makes `unit` signal recorded faults with an interrupt on `vector` to
+/// this CPU (the option beside polling). The handler only counts events
+/// ([`fault_events`]); the records are read by [`vtd::Unit::poll_faults`].
+/// Several units may share a vector.
+pub fn enable_fault_interrupt(unit: &SharedUnit, vector: u8) -> Result<(), String> {
+    use crate::arch::irq;
+    let (address, data) = irq::msi_for(vector).map_err(|e| alloc::format!("{e}"))?;
+    if let Err(e) = irq::register(vector, fault_event_handler) {
+        // The vector may already be ours (another unit); a foreign
+        // handler is an error.
+        if !irq::handler_is(vector, fault_event_handler) {
+            return Err(alloc::format!("{e}"));
+        }
+    }
+    unit.lock().enable_fault_event(address, data);
+    Ok(())
+}
+
+/// Masks `unit`'s fault event interrupt again (polling only).
+pub fn disable_fault_interrupt(unit: &SharedUnit) {
+    unit.lock().mask_fault_event();
+}

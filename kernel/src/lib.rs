@@ -132,6 +132,12 @@ mod imp {
         if let Some(Err(e)) = &ivrs {
             log::error!("IVRS does not parse: {}", e);
         }
+        // The local APIC receives MSIs (IOMMU fault events); interrupts
+        // stay disabled until a user enables them.
+        let lapic = acpi.as_ref().map(|a| a.local_apic).ok().filter(|&b| b != 0).unwrap_or(0xfee0_0000);
+        if let Err(e) = crate::arch::irq::init(lapic as u64) {
+            log::error!("local APIC at {:#x}: {:?}", lapic, e);
+        }
         log::debug!("bring-up done: {} PCI functions", pci.len());
         let config = boot.cmdline_value("config").unwrap_or("").to_string();
         Platform { boot, config, cpu, calibration, acpi, ecam, pci, dmar, ivrs }

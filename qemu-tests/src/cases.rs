@@ -44,6 +44,7 @@ cases!(
     vtd_mapped_dma_lands_exactly,
     vtd_unmapped_iova_is_blocked_and_faults,
     vtd_read_only_mapping_blocks_writes,
+    vtd_fault_event_interrupt,
     vtd_unmap_then_remap,
     vtd_ownership_matches_pci_and_dmar,
     vtd_bridge_alias_isolated_and_translated,

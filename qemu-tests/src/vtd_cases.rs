@@ -172,6 +172,65 @@ pub fn vtd_unmapped_iova_is_blocked_and_faults(p: &Platform) -> TestResult {
     r
 }
 
+/// The fault event interrupt (the option beside polling): a blocked DMA
+/// raises the MSI on the programmed vector; reading the records re-arms it
+/// for the next fault; masked, the unit sets FECTL.IP instead, and reading
+/// the records clears that too.
+pub fn vtd_fault_event_interrupt(p: &Platform) -> TestResult {
+    use portcullis_kernel::arch::irq;
+    use portcullis_kernel::iommu::{disable_fault_interrupt, enable_fault_interrupt, fault_events};
+    const VECTOR: u8 = 0x28;
+    let u = unit(p)?;
+    let edus = edus(p);
+    let edu = edus.first().ok_or_else(|| fail("no edu".into()))?;
+    faults(u);
+    let bufs = Buffers::new()?;
+    let mut d = VtdDomain::new(u).map_err(fail)?;
+    d.domain.map(X, bufs.a(), 4096, Prot::READ).map_err(|e| fail(format!("{e}")))?;
+    d.attach(edu.sid).map_err(fail)?;
+    enable_fault_interrupt(u, VECTOR).map_err(fail)?;
+    let wait_event = |after: u64| {
+        let deadline = portcullis_kernel::time::uptime_ns() + 2_000_000_000;
+        while fault_events() == after && portcullis_kernel::time::uptime_ns() < deadline {
+            core::hint::spin_loop();
+        }
+        fault_events()
+    };
+    irq::enable();
+    let r = (|| -> TestResult {
+        edu.read_from(X, 4096).map_err(|_| fail("DMA read timed out".into()))?;
+        for round in 0..2 {
+            let before = fault_events();
+            let on_vector = irq::count(VECTOR);
+            edu.write_to(Z, 4096).map_err(|_| fail("blocked DMA write timed out".into()))?;
+            let after = wait_event(before);
+            ensure!(after > before, "round {round}: no fault event interrupt within 2 s");
+            ensure!(irq::count(VECTOR) > on_vector, "round {round}: the interrupt came on another vector");
+            let f = faults(u);
+            ensure!(
+                f.iter().any(|r| r.source_id == edu.sid && r.address == Z && r.write),
+                "round {round}: no fault record for the blocked write: {:?}",
+                f
+            );
+        }
+        bufs.check_untouched()?;
+        ensure!(bufs.page(2).iter().all(|&x| x == CANARY), "page B changed by a blocked DMA");
+        // Masked: no interrupt, FECTL.IP set until the records are read.
+        disable_fault_interrupt(u);
+        let before = fault_events();
+        edu.write_to(Z, 4096).map_err(|_| fail("blocked DMA write timed out".into()))?;
+        ensure_eq!(u.lock().fault_event_state(), (true, true), "FECTL (IM, IP) after a masked fault");
+        ensure_eq!(fault_events(), before, "an interrupt arrived while masked");
+        ensure!(!faults(u).is_empty(), "no fault record while masked");
+        ensure_eq!(u.lock().fault_event_state(), (true, false), "FECTL (IM, IP) after reading the records");
+        Ok(())
+    })();
+    irq::disable();
+    disable_fault_interrupt(u);
+    d.detach(edu.sid).map_err(fail)?;
+    r
+}
+
 pub fn vtd_read_only_mapping_blocks_writes(p: &Platform) -> TestResult {
     let u = unit(p)?;
     let edus = edus(p);

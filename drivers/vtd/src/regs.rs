@@ -133,6 +133,8 @@ pub mod fsts {
 pub mod fectl {
     /// Interrupt mask.
     pub const IM: u32 = 1 << 31;
+    /// Interrupt pending: an event occurred while masked (read-only).
+    pub const IP: u32 = 1 << 30;
 }
 
 /// ICS: invalidation wait descriptor completed (IWC, RW1C).

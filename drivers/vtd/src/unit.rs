@@ -16,7 +16,7 @@
 use crate::entries::{ContextEntry, RootEntry, TranslationType};
 use crate::fault::FaultRecord;
 use crate::qi::{ContextScope, Descriptor, Descriptor256, IotlbScope, PasidIotlbScope, page_blocks};
-use crate::regs::{self, Mmio, ccmd, fsts, gcmd, iotlb};
+use crate::regs::{self, Mmio, ccmd, fectl, fsts, gcmd, iotlb};
 use crate::scalable::{Invalidations, ScalableTables, TablesError};
 use alloc::collections::BTreeMap;
 use alloc::string::String;
@@ -723,7 +723,11 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         }
         if status & fsts::PFO != 0 {
             self.overflows += 1;
-            self.mmio.write32(regs::FSTS, fsts::PFO);
+        }
+        if status & (fsts::PFO | fsts::PPF) != 0 {
+            // Writing the status back (PFO is RW1C, PPF read-only) marks
+            // the event serviced: a pending masked event (FECTL.IP) clears.
+            self.mmio.write32(regs::FSTS, fsts::PFO | fsts::PPF);
         }
         self.faults.extend_from_slice(&out);
         if self.faults.len() > 256 {
@@ -731,6 +735,33 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             self.faults.drain(..extra);
         }
         out
+    }
+
+    /// Signals fault events as the message-signalled interrupt
+    /// `address`/`data` (an x86 MSI: address 0xfeeX_X000 naming the
+    /// destination APIC, data the vector) and unmasks it. The unit raises
+    /// it when a fault is recorded while none was pending; the handler
+    /// should wake whoever calls [`Self::poll_faults`], which clears the
+    /// records and so re-arms the event. Polling works with or without it.
+    pub fn enable_fault_event(&mut self, address: u64, data: u32) {
+        // Mask while the message is changed, then unmask.
+        self.mmio.write32(regs::FECTL, fectl::IM);
+        self.mmio.write32(regs::FEDATA, data);
+        self.mmio.write32(regs::FEADDR, address as u32);
+        self.mmio.write32(regs::FEUADDR, (address >> 32) as u32);
+        self.mmio.write32(regs::FECTL, 0);
+    }
+
+    /// Masks the fault event interrupt (faults are still recorded; FECTL.IP
+    /// shows one arrived while masked).
+    pub fn mask_fault_event(&mut self) {
+        self.mmio.write32(regs::FECTL, fectl::IM);
+    }
+
+    /// FECTL: whether the fault event is masked and whether one is pending.
+    pub fn fault_event_state(&self) -> (bool, bool) {
+        let v = self.mmio.read32(regs::FECTL);
+        (v & fectl::IM != 0, v & fectl::IP != 0)
     }
 
     /// The fault log (latest 256) and the number of overflows seen.

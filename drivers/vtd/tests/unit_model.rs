@@ -51,6 +51,11 @@ struct Hw {
     processed: Vec<Descriptor>,
     fsts: u32,
     fault: [u64; 2],
+    /// FECTL (IM, IP), FEDATA, FEADDR, FEUADDR.
+    fectl: u32,
+    fe_msg: [u32; 3],
+    /// MSIs sent: (address, data).
+    interrupts: Vec<(u64, u32)>,
     /// Make GSTS never follow (timeouts).
     stuck: bool,
 }
@@ -90,6 +95,7 @@ impl Mmio for Model {
         match off {
             regs::GSTS => hw.gsts,
             regs::FSTS => hw.fsts,
+            regs::FECTL => hw.fectl,
             _ => panic!("unexpected 32-bit read at {off:#x}"),
         }
     }
@@ -121,7 +127,26 @@ impl Mmio for Model {
                 }
                 hw.gsts = (hw.gsts & !gcmd::PERSISTENT) | persistent;
             }
-            regs::FSTS => hw.fsts &= !(v & (fsts::PFO | fsts::IQE | fsts::ICE | fsts::ITE)),
+            regs::FSTS => {
+                hw.fsts &= !(v & (fsts::PFO | fsts::IQE | fsts::ICE | fsts::ITE));
+                // Serviced: a pending masked event clears once nothing is left.
+                if hw.fsts & (fsts::PPF | fsts::PFO) == 0 {
+                    hw.fectl &= !regs::fectl::IP;
+                }
+            }
+            regs::FECTL => {
+                let unmasking = hw.fectl & regs::fectl::IM != 0 && v & regs::fectl::IM == 0;
+                hw.fectl = (hw.fectl & regs::fectl::IP) | (v & regs::fectl::IM);
+                if unmasking && hw.fectl & regs::fectl::IP != 0 {
+                    // A pending event is delivered on unmask.
+                    hw.fectl &= !regs::fectl::IP;
+                    let msg = (hw.fe_msg[1] as u64 | (hw.fe_msg[2] as u64) << 32, hw.fe_msg[0]);
+                    hw.interrupts.push(msg);
+                }
+            }
+            regs::FEDATA => hw.fe_msg[0] = v,
+            regs::FEADDR => hw.fe_msg[1] = v,
+            regs::FEUADDR => hw.fe_msg[2] = v,
             o if o == FRO + 12 => {
                 if v & (1 << 31) != 0 {
                     hw.fault[1] &= !(1 << 63);
@@ -133,7 +158,11 @@ impl Mmio for Model {
     }
     fn write64(&self, off: usize, v: u64) {
         // 32-bit registers must not get 8-byte writes (QEMU aborts).
-        assert!(![regs::GCMD, regs::GSTS, regs::FSTS, regs::FECTL].contains(&off), "8-byte write to a 32-bit register");
+        assert!(
+            ![regs::GCMD, regs::GSTS, regs::FSTS, regs::FECTL, regs::FEDATA, regs::FEADDR, regs::FEUADDR]
+                .contains(&off),
+            "8-byte write to a 32-bit register"
+        );
         let mut hw = self.hw.lock().unwrap();
         match off {
             regs::RTADDR => hw.rtaddr = v,
@@ -163,7 +192,8 @@ impl Clock for TickClock {
 
 fn unit() -> (Model, Unit<Model, Shared, TickClock>) {
     let mem = Shared(Arc::new(Mutex::new(HeapTables::new(true))));
-    let model = Model { hw: Arc::new(Mutex::new(Hw::default())), mem: mem.clone() };
+    let hw = Hw { fectl: regs::fectl::IM, ..Hw::default() };
+    let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
     let u = Unit::new("DRHD test".into(), model.clone(), mem, TickClock::default()).unwrap();
     (model, u)
 }
@@ -250,4 +280,47 @@ fn faults_are_decoded_cleared_and_logged() {
     drop(hw);
     assert_eq!(u.fault_log().1, 1, "one overflow counted");
     assert!(u.poll_faults().is_empty());
+}
+
+impl Model {
+    /// The hardware records a fault: an MSI when unmasked and none was
+    /// pending, FECTL.IP when masked.
+    fn record_fault(&self, lo: u64, hi: u64) {
+        let mut hw = self.hw.lock().unwrap();
+        let was_pending = hw.fsts & fsts::PPF != 0;
+        hw.fault = [lo, hi];
+        hw.fsts |= fsts::PPF;
+        if was_pending {
+            return;
+        }
+        if hw.fectl & regs::fectl::IM != 0 {
+            hw.fectl |= regs::fectl::IP;
+        } else {
+            let msg = (hw.fe_msg[1] as u64 | (hw.fe_msg[2] as u64) << 32, hw.fe_msg[0]);
+            hw.interrupts.push(msg);
+        }
+    }
+}
+
+#[test]
+fn fault_event_interrupt_programs_the_message_and_rearms_after_polling() {
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    assert_eq!(u.fault_event_state(), (true, false), "masked at reset");
+    u.enable_fault_event(0xfee0_1000, 0x28);
+    assert_eq!(u.fault_event_state(), (false, false));
+    model.record_fault(0x4000_0000, 1 << 63 | 5 << 32 | 0x0008);
+    model.record_fault(0x4000_1000, 1 << 63 | 5 << 32 | 0x0008);
+    assert_eq!(model.hw.lock().unwrap().interrupts, vec![(0xfee0_1000, 0x28)], "one MSI while a fault is pending");
+    assert_eq!(u.poll_faults().len(), 1);
+    model.record_fault(0x4000_2000, 1 << 63 | 5 << 32 | 0x0008);
+    assert_eq!(model.hw.lock().unwrap().interrupts.len(), 2, "re-armed by polling");
+    u.poll_faults();
+    // Masked: IP instead of an MSI; polling services it.
+    u.mask_fault_event();
+    model.record_fault(0x4000_3000, 1 << 63 | 5 << 32 | 0x0008);
+    assert_eq!(u.fault_event_state(), (true, true));
+    assert_eq!(model.hw.lock().unwrap().interrupts.len(), 2);
+    assert_eq!(u.poll_faults().len(), 1);
+    assert_eq!(u.fault_event_state(), (true, false));
 }

@@ -1,7 +1,8 @@
 //! Exception entry: an IDT whose 32 exception vectors lead to small assembly
 //! stubs that save the registers and call [`exception_entry`], which reports
 //! the fault (vector, error code, RIP, CR2, a stack trace of return
-//! addresses) and ends the run through [`crate::fatal`].
+//! addresses) and ends the run through [`crate::fatal`]. Vectors 0x20-0x2f
+//! and 0xff lead to the device-interrupt stubs of [`super::irq`].
 //!
 //! The stubs are plain `global_asm!` so the kernel builds on stable Rust
 //! (no `x86-interrupt` ABI). Each stub pushes a zero where the CPU pushes no
@@ -150,6 +151,20 @@ pub fn init() {
                 reserved: 0,
             };
         }
+        let gate = |addr: u64| Gate {
+            offset_low: addr as u16,
+            selector: cs,
+            ist: 0,
+            attributes: 0x8e,
+            offset_mid: (addr >> 16) as u16,
+            offset_high: (addr >> 32) as u32,
+            reserved: 0,
+        };
+        // Device interrupts (see `irq`).
+        for i in 0..super::irq::VECTORS {
+            gates[super::irq::FIRST_VECTOR as usize + i] = gate(super::irq::stub(i));
+        }
+        gates[super::irq::SPURIOUS_VECTOR as usize] = gate(super::irq::spurious_stub());
         Idt(gates)
     });
     let ptr = DescriptorTablePointer {

@@ -6,6 +6,7 @@
 pub mod exit;
 pub mod gdt;
 pub mod idt;
+pub mod irq;
 pub mod port;
 
 /// CPU identification for the platform report.

@@ -7,7 +7,7 @@ use x86_64::instructions::port::Port;
 pub fn outb(port: u16, value: u8) {
     let mut p = Port::<u8>::new(port);
     // SAFETY: callers use only the legacy PC ports named in this kernel
-    // (PIT 0x40-0x43, 0x61, debug exit 0xf4); writing them has no memory effect.
+    // (PIT 0x40-0x43, 0x61, the PIC masks 0x21/0xa1, debug exit 0xf4); writing them has no memory effect.
     unsafe { p.write(value) }
 }
 
