@@ -157,8 +157,8 @@ pub fn vtd_unit(name: String, base: u64) -> Result<SharedUnit, String> {
 pub fn vtd_unit_in(name: String, base: u64, mode: Option<UnitMode>) -> Result<SharedUnit, String> {
     let mmio = KernelMmio::map(base, 0x1000).map_err(|e| alloc::format!("{name}: {e}"))?;
     let caps = vtd::Caps {
-        cap: vtd::regs::Mmio::read64(&mmio, vtd::regs::CAP),
-        ecap: vtd::regs::Mmio::read64(&mmio, vtd::regs::ECAP),
+        cap: vtd::regs::Mmio::get64(&mmio, vtd::regs::CAP),
+        ecap: vtd::regs::Mmio::get64(&mmio, vtd::regs::ECAP),
     };
     let mut unit = vtd::Unit::new(name, mmio, FrameTables::new(caps.coherent()), KernelClock)
         .map_err(|e| alloc::format!("{e}"))?;

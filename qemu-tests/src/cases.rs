@@ -73,7 +73,7 @@ fn is_intel(p: &Platform) -> bool {
 
 fn known_config(p: &Platform) -> TestResult {
     match p.config.as_str() {
-        "none" | "intel" | "intel-sm" | "intel-fs" | "intel-cm" | "amd" => Ok(()),
+        "none" | "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" | "amd" => Ok(()),
         other => skip!("unknown configuration {:?}: expectations unknown", other),
     }
 }
@@ -327,7 +327,7 @@ fn iommu_tables_match_configuration(p: &Platform) -> TestResult {
     known_config(p)?;
     let a = p.acpi.as_ref().map_err(|e| fail(alloc::format!("ACPI: {e}")))?;
     let (want_dmar, want_ivrs) = match p.config.as_str() {
-        "intel" | "intel-sm" | "intel-fs" | "intel-cm" => (true, false),
+        "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" => (true, false),
         "amd" => (false, true),
         _ => (false, false),
     };

@@ -54,6 +54,11 @@ pub const CONFIGS: &[Config] = &[
         about: "Intel VT-d, scalable mode, first-stage translation",
     },
     Config {
+        name: "intel-rb",
+        devices: devices!("-device", "intel-iommu"),
+        about: "Intel VT-d, legacy mode, register-based invalidation",
+    },
+    Config {
         name: "intel-cm",
         devices: devices!("-device", "intel-iommu,caching-mode=on"),
         about: "Intel VT-d, caching mode",

@@ -222,7 +222,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// Takes over a unit (translation must be off): reads its capabilities
     /// and allocates its root table. Nothing is enabled yet.
     pub fn new(name: String, mmio: M, mut mem: T, clock: C) -> Result<Self, Error> {
-        let caps = Caps { cap: mmio.read64(regs::CAP), ecap: mmio.read64(regs::ECAP) };
+        let caps = Caps { cap: mmio.get64(regs::CAP), ecap: mmio.get64(regs::ECAP) };
         let root = mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: name.clone() })?;
         let Some(status_page) = mem.alloc_table() else {
             mem.free_table(root);
@@ -296,21 +296,21 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// Sets or clears one GCMD bit and waits for GSTS to follow.
     fn gcmd(&self, bit: u32, on: bool) -> Result<(), Error> {
-        let persistent = self.mmio.read32(regs::GSTS) & gcmd::PERSISTENT;
+        let persistent = self.mmio.get32(regs::GSTS) & gcmd::PERSISTENT;
         let value = if on { persistent | bit } else { persistent & !bit };
-        self.mmio.write32(regs::GCMD, value);
-        self.wait_for("GSTS", |m| (m.read32(regs::GSTS) & bit != 0) == on)
+        self.mmio.set32(regs::GCMD, value);
+        self.wait_for("GSTS", |m| (m.get32(regs::GSTS) & bit != 0) == on)
     }
 
     /// One-shot GCMD commands (SRTP, WBF): GSTS shows completion.
     fn gcmd_oneshot(&self, bit: u32, register: &'static str) -> Result<(), Error> {
-        let persistent = self.mmio.read32(regs::GSTS) & gcmd::PERSISTENT;
-        self.mmio.write32(regs::GCMD, persistent | bit);
+        let persistent = self.mmio.get32(regs::GSTS) & gcmd::PERSISTENT;
+        self.mmio.set32(regs::GCMD, persistent | bit);
         match bit {
             // WBFS clears when the flush is done.
-            gcmd::WBF => self.wait_for(register, |m| m.read32(regs::GSTS) & gcmd::WBF == 0),
+            gcmd::WBF => self.wait_for(register, |m| m.get32(regs::GSTS) & gcmd::WBF == 0),
             // RTPS sets when the new root is latched.
-            _ => self.wait_for(register, |m| m.read32(regs::GSTS) & bit != 0),
+            _ => self.wait_for(register, |m| m.get32(regs::GSTS) & bit != 0),
         }
     }
 
@@ -324,10 +324,10 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 what: "no 3- or 4-level second-stage width (SAGAW)",
             });
         }
-        if self.mmio.read32(regs::GSTS) & gcmd::TE != 0 {
+        if self.mmio.get32(regs::GSTS) & gcmd::TE != 0 {
             self.gcmd(gcmd::TE, false)?;
         }
-        self.mmio.write64(regs::RTADDR, self.root | regs::rtaddr::TTM_LEGACY);
+        self.mmio.set64(regs::RTADDR, self.root | regs::rtaddr::TTM_LEGACY);
         self.gcmd_oneshot(gcmd::SRTP, "GSTS.RTPS")?;
         if self.caps.rwbf() {
             self.gcmd_oneshot(gcmd::WBF, "GSTS.WBFS")?;
@@ -336,9 +336,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.register_iotlb_invalidate(iotlb::GLOBAL)?;
         if use_qi && self.caps.qi() {
             let page = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
-            self.mmio.write64(regs::IQT, 0);
+            self.mmio.set64(regs::IQT, 0);
             // QS = 0: one 4 KiB page, 256 128-bit descriptors; DW = 0.
-            self.mmio.write64(regs::IQA, page);
+            self.mmio.set64(regs::IQA, page);
             if let Err(e) = self.gcmd(gcmd::QIE, true) {
                 self.mem.free_table(page);
                 return Err(e);
@@ -362,16 +362,16 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 what: "scalable mode needs ECAP.SMTS and ECAP.QI",
             });
         }
-        if self.mmio.read32(regs::GSTS) & gcmd::TE != 0 {
+        if self.mmio.get32(regs::GSTS) & gcmd::TE != 0 {
             self.gcmd(gcmd::TE, false)?;
         }
         let tables = ScalableTables::new(self.mem.clone()).map_err(|_| Error::NoMemory { unit: self.name.clone() })?;
-        self.mmio.write64(regs::RTADDR, tables.rtaddr());
+        self.mmio.set64(regs::RTADDR, tables.rtaddr());
         self.scalable = Some(tables);
         self.gcmd_oneshot(gcmd::SRTP, "GSTS.RTPS")?;
         let page = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
-        self.mmio.write64(regs::IQT, 0);
-        self.mmio.write64(regs::IQA, page | crate::qi::iq256::IQA_DW);
+        self.mmio.set64(regs::IQT, 0);
+        self.mmio.set64(regs::IQA, page | crate::qi::iq256::IQA_DW);
         if let Err(e) = self.gcmd(gcmd::QIE, true) {
             self.mem.free_table(page);
             return Err(e);
@@ -392,10 +392,10 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     }
 
     fn register_context_invalidate(&mut self, what: u64) -> Result<(), Error> {
-        self.mmio.write64(regs::CCMD, ccmd::ICC | what);
+        self.mmio.set64(regs::CCMD, ccmd::ICC | what);
         self.stats.invalidations += 1;
         self.stats.waits += 1;
-        self.wait_for("CCMD.ICC", |m| m.read64(regs::CCMD) & ccmd::ICC == 0)
+        self.wait_for("CCMD.ICC", |m| m.get64(regs::CCMD) & ccmd::ICC == 0)
     }
 
     fn register_iotlb_invalidate(&mut self, what: u64) -> Result<(), Error> {
@@ -431,7 +431,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             // Room: the hardware head must not be overtaken.
             let n = chunk.len() as u64;
             self.wait_for("IQH", |m| {
-                let head = (m.read64(regs::IQH) >> shift) % slots;
+                let head = (m.get64(regs::IQH) >> shift) % slots;
                 (head + slots - t - 1) % slots >= n
             })?;
             for d in chunk {
@@ -443,7 +443,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             if !self.mem.coherent() {
                 self.mem.flush(page, 4096);
             }
-            self.mmio.write64(regs::IQT, t << shift);
+            self.mmio.set64(regs::IQT, t << shift);
             if let Some(q) = self.queue.as_mut() {
                 q.tail = t;
             }
@@ -453,7 +453,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         let unit = self.name.clone();
         let mut error = None;
         let r = self.wait_for("invalidation wait status", |m| {
-            let f = m.read32(regs::FSTS);
+            let f = m.get32(regs::FSTS);
             if f & (fsts::IQE | fsts::ICE | fsts::ITE) != 0 {
                 error = Some(f);
                 return true;
@@ -704,7 +704,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// overflow), appending them to the unit's log; returns the new ones.
     pub fn poll_faults(&mut self) -> Vec<FaultRecord> {
         let mut out = Vec::new();
-        let status = self.mmio.read32(regs::FSTS);
+        let status = self.mmio.get32(regs::FSTS);
         if status & fsts::PPF != 0 {
             let nfr = self.caps.nfr();
             let first = fsts::fri(status) as usize % nfr;
@@ -727,7 +727,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         if status & (fsts::PFO | fsts::PPF) != 0 {
             // Writing the status back (PFO is RW1C, PPF read-only) marks
             // the event serviced: a pending masked event (FECTL.IP) clears.
-            self.mmio.write32(regs::FSTS, fsts::PFO | fsts::PPF);
+            self.mmio.set32(regs::FSTS, fsts::PFO | fsts::PPF);
         }
         self.faults.extend_from_slice(&out);
         if self.faults.len() > 256 {
@@ -745,22 +745,22 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// records and so re-arms the event. Polling works with or without it.
     pub fn enable_fault_event(&mut self, address: u64, data: u32) {
         // Mask while the message is changed, then unmask.
-        self.mmio.write32(regs::FECTL, fectl::IM);
-        self.mmio.write32(regs::FEDATA, data);
-        self.mmio.write32(regs::FEADDR, address as u32);
-        self.mmio.write32(regs::FEUADDR, (address >> 32) as u32);
-        self.mmio.write32(regs::FECTL, 0);
+        self.mmio.set32(regs::FECTL, fectl::IM);
+        self.mmio.set32(regs::FEDATA, data);
+        self.mmio.set32(regs::FEADDR, address as u32);
+        self.mmio.set32(regs::FEUADDR, (address >> 32) as u32);
+        self.mmio.set32(regs::FECTL, 0);
     }
 
     /// Masks the fault event interrupt (faults are still recorded; FECTL.IP
     /// shows one arrived while masked).
     pub fn mask_fault_event(&mut self) {
-        self.mmio.write32(regs::FECTL, fectl::IM);
+        self.mmio.set32(regs::FECTL, fectl::IM);
     }
 
     /// FECTL: whether the fault event is masked and whether one is pending.
     pub fn fault_event_state(&self) -> (bool, bool) {
-        let v = self.mmio.read32(regs::FECTL);
+        let v = self.mmio.get32(regs::FECTL);
         (v & fectl::IM != 0, v & fectl::IP != 0)
     }
 

@@ -10,6 +10,25 @@ use vtd::qi::Descriptor;
 use vtd::regs::{self, Mmio, fsts, gcmd};
 use vtd::{Clock, Error, FaultRecord, Unit};
 
+/// Register offsets as plain numbers, for matching on accessed offsets.
+mod off {
+    use vtd::regs;
+    pub const CAP: usize = regs::CAP.offset();
+    pub const CCMD: usize = regs::CCMD.offset();
+    pub const ECAP: usize = regs::ECAP.offset();
+    pub const FEADDR: usize = regs::FEADDR.offset();
+    pub const FECTL: usize = regs::FECTL.offset();
+    pub const FEDATA: usize = regs::FEDATA.offset();
+    pub const FEUADDR: usize = regs::FEUADDR.offset();
+    pub const FSTS: usize = regs::FSTS.offset();
+    pub const GCMD: usize = regs::GCMD.offset();
+    pub const GSTS: usize = regs::GSTS.offset();
+    pub const IQA: usize = regs::IQA.offset();
+    pub const IQH: usize = regs::IQH.offset();
+    pub const IQT: usize = regs::IQT.offset();
+    pub const RTADDR: usize = regs::RTADDR.offset();
+}
+
 /// QEMU's default capability registers (QEMU-NOTES).
 const CAP: u64 = 0x00d2_008c_222f_0606;
 const ECAP: u64 = 0x00f0_0f4a;
@@ -93,19 +112,19 @@ impl Mmio for Model {
     fn read32(&self, off: usize) -> u32 {
         let hw = self.hw.lock().unwrap();
         match off {
-            regs::GSTS => hw.gsts,
-            regs::FSTS => hw.fsts,
-            regs::FECTL => hw.fectl,
+            off::GSTS => hw.gsts,
+            off::FSTS => hw.fsts,
+            off::FECTL => hw.fectl,
             _ => panic!("unexpected 32-bit read at {off:#x}"),
         }
     }
     fn read64(&self, off: usize) -> u64 {
         let hw = self.hw.lock().unwrap();
         match off {
-            regs::CAP => CAP,
-            regs::ECAP => ECAP,
-            regs::CCMD => 0,
-            regs::IQH => hw.iqh,
+            off::CAP => CAP,
+            off::ECAP => ECAP,
+            off::CCMD => 0,
+            off::IQH => hw.iqh,
             o if o == IRO + 8 => 0,
             o if o == FRO => hw.fault[0],
             o if o == FRO + 8 => hw.fault[1],
@@ -115,7 +134,7 @@ impl Mmio for Model {
     fn write32(&self, off: usize, v: u32) {
         let mut hw = self.hw.lock().unwrap();
         match off {
-            regs::GCMD => {
+            off::GCMD => {
                 if hw.stuck {
                     return;
                 }
@@ -127,14 +146,14 @@ impl Mmio for Model {
                 }
                 hw.gsts = (hw.gsts & !gcmd::PERSISTENT) | persistent;
             }
-            regs::FSTS => {
+            off::FSTS => {
                 hw.fsts &= !(v & (fsts::PFO | fsts::IQE | fsts::ICE | fsts::ITE));
                 // Serviced: a pending masked event clears once nothing is left.
                 if hw.fsts & (fsts::PPF | fsts::PFO) == 0 {
                     hw.fectl &= !regs::fectl::IP;
                 }
             }
-            regs::FECTL => {
+            off::FECTL => {
                 let unmasking = hw.fectl & regs::fectl::IM != 0 && v & regs::fectl::IM == 0;
                 hw.fectl = (hw.fectl & regs::fectl::IP) | (v & regs::fectl::IM);
                 if unmasking && hw.fectl & regs::fectl::IP != 0 {
@@ -144,9 +163,9 @@ impl Mmio for Model {
                     hw.interrupts.push(msg);
                 }
             }
-            regs::FEDATA => hw.fe_msg[0] = v,
-            regs::FEADDR => hw.fe_msg[1] = v,
-            regs::FEUADDR => hw.fe_msg[2] = v,
+            off::FEDATA => hw.fe_msg[0] = v,
+            off::FEADDR => hw.fe_msg[1] = v,
+            off::FEUADDR => hw.fe_msg[2] = v,
             o if o == FRO + 12 => {
                 if v & (1 << 31) != 0 {
                     hw.fault[1] &= !(1 << 63);
@@ -159,16 +178,15 @@ impl Mmio for Model {
     fn write64(&self, off: usize, v: u64) {
         // 32-bit registers must not get 8-byte writes (QEMU aborts).
         assert!(
-            ![regs::GCMD, regs::GSTS, regs::FSTS, regs::FECTL, regs::FEDATA, regs::FEADDR, regs::FEUADDR]
-                .contains(&off),
+            ![off::GCMD, off::GSTS, off::FSTS, off::FECTL, off::FEDATA, off::FEADDR, off::FEUADDR].contains(&off),
             "8-byte write to a 32-bit register"
         );
         let mut hw = self.hw.lock().unwrap();
         match off {
-            regs::RTADDR => hw.rtaddr = v,
-            regs::CCMD => hw.ccmd_log.push(v),
-            regs::IQA => hw.iqa = v,
-            regs::IQT => {
+            off::RTADDR => hw.rtaddr = v,
+            off::CCMD => hw.ccmd_log.push(v),
+            off::IQA => hw.iqa = v,
+            off::IQT => {
                 hw.iqt = v;
                 let me = self.clone();
                 me.process_queue(&mut hw);
