@@ -136,6 +136,79 @@ pub fn unit_scopes(
     (units, errors)
 }
 
+/// One AMD-Vi unit as the IVRS describes it: the device ids its IVHD
+/// entries cover, and the aliases they declare.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IvrsUnit {
+    /// PCI segment.
+    pub segment: u16,
+    /// MMIO base of the unit.
+    pub base: u64,
+    /// The unit's own requester id (its DMA is never remapped by itself).
+    pub own_id: u16,
+    /// Covered device ids as inclusive ranges, with the id their DMA
+    /// carries when the firmware declares an alias.
+    pub ranges: Vec<(u16, u16, Option<u16>)>,
+    /// Highest device id covered.
+    pub last_id: u16,
+}
+
+impl IvrsUnit {
+    /// The device id DMA from requester id `rid` is looked up with, if the
+    /// unit covers `rid`.
+    pub fn lookup(&self, rid: u16) -> Option<u16> {
+        self.ranges.iter().rev().find(|r| (r.0..=r.1).contains(&rid)).map(|r| r.2.unwrap_or(rid))
+    }
+}
+
+/// The AMD-Vi units of an IVRS, one per IOMMU. Firmware describes each
+/// IOMMU with several IVHD blocks (types 0x10, 0x11, 0x40) for parsers of
+/// different ages; the newest type this parser reads is used. Blocks whose
+/// device entries do not pair up are returned as errors and skipped.
+pub fn ivrs_units(ivrs: &acpi_tables::ivrs::Ivrs) -> (Vec<IvrsUnit>, Vec<acpi_tables::Error>) {
+    let mut chosen: BTreeMap<(u16, u64), &acpi_tables::ivrs::Ivhd> = BTreeMap::new();
+    for h in ivrs.ivhds() {
+        let key = (h.segment, h.base_address);
+        if chosen.get(&key).is_none_or(|c| h.kind > c.kind) {
+            chosen.insert(key, h);
+        }
+    }
+    let mut units = Vec::new();
+    let mut errors = Vec::new();
+    for ((segment, base), h) in chosen {
+        match h.device_ranges() {
+            Ok(rs) => {
+                let ranges: Vec<_> = rs.iter().map(|r| (r.first, r.last, r.alias)).collect();
+                let last_id = ranges.iter().map(|r| r.1.max(r.2.unwrap_or(0))).max().unwrap_or(0);
+                units.push(IvrsUnit { segment, base, own_id: h.device_id, ranges, last_id });
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    (units, errors)
+}
+
+/// Assigns every function to the AMD-Vi unit covering the requester id its
+/// DMA carries (bridge aliasing first, then any alias the IVRS declares);
+/// the assignment's `requester_id` is the device id to program. The units'
+/// own functions are left out.
+pub fn assign_ivrs(units: &[IvrsUnit], devices: &[PciDevice]) -> BTreeMap<(u16, Bdf), Assignment> {
+    let mut out = BTreeMap::new();
+    for dev in devices {
+        let (rid, alias_bridge) = requester_id(dev, devices);
+        for (unit, u) in units.iter().enumerate() {
+            if u.segment != dev.segment || dev.bdf.rid() == u.own_id {
+                continue;
+            }
+            if let Some(id) = u.lookup(rid) {
+                out.insert((dev.segment, dev.bdf), Assignment { unit, requester_id: id, alias_bridge });
+                break;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +268,57 @@ mod tests {
         assert_eq!(a[&(0, bdf(0, 0x1f))].unit, 1, "INCLUDE_PCI_ALL catches the rest");
         let only_named = assign(&units[..1], &devices);
         assert!(!only_named.contains_key(&(0, bdf(0, 0x1f))), "no catch-all: not remapped");
+    }
+}
+
+#[cfg(test)]
+mod ivrs_tests {
+    use super::*;
+
+    fn d(bus: u8, dev: u8, parent: Option<Bdf>, pcie: Option<u8>, bridge: Option<(u8, u8)>) -> PciDevice {
+        use crate::pci::{BridgeBuses, PcieInfo};
+        PciDevice {
+            segment: 0,
+            bdf: Bdf { bus, device: dev, function: 0 },
+            vendor: 0x1234,
+            device: 0x11e8,
+            class: (0, 0, 0),
+            revision: 0,
+            header_type: if bridge.is_some() { 1 } else { 0 },
+            bars: Vec::new(),
+            capabilities: Vec::new(),
+            msi: None,
+            msix: None,
+            pcie: pcie.map(|t| PcieInfo { offset: 0x40, port_type: t, version: 2 }),
+            bridge: bridge.map(|(s, e)| BridgeBuses { primary: bus, secondary: s, subordinate: e }),
+            parent,
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn ivrs_ranges_aliases_and_bridges() {
+        let b = |bus, dev| Bdf { bus, device: dev, function: 0 };
+        let devices = alloc::vec![
+            d(0, 1, None, Some(0), None),
+            d(0, 5, None, Some(7), Some((2, 2))),
+            d(2, 1, Some(b(0, 5)), None, None),
+            d(0, 3, None, Some(0), None), // the IOMMU itself
+            d(4, 0, None, Some(0), None), // outside every range
+            d(0, 9, None, Some(0), None), // aliased by the firmware
+        ];
+        let unit = IvrsUnit {
+            segment: 0,
+            base: 0xfed8_0000,
+            own_id: 0x0018,
+            ranges: alloc::vec![(0x0000, 0x02ff, None), (0x0048, 0x0048, Some(0x00a0))],
+            last_id: 0x02ff,
+        };
+        let a = assign_ivrs(&[unit], &devices);
+        assert_eq!(a[&(0, b(0, 1))], Assignment { unit: 0, requester_id: 0x0008, alias_bridge: None });
+        assert_eq!(a[&(0, b(2, 1))], Assignment { unit: 0, requester_id: 0x0200, alias_bridge: Some(b(0, 5)) });
+        assert!(!a.contains_key(&(0, b(0, 3))), "the IOMMU is not its own client");
+        assert!(!a.contains_key(&(0, b(4, 0))), "not covered");
+        assert_eq!(a[&(0, b(0, 9))].requester_id, 0x00a0, "firmware alias");
     }
 }
