@@ -28,8 +28,8 @@
 
 use crate::errno::{Errno, Result};
 use crate::iova::{IntervalMap, IovaSpace, RangeSet, ReservedRanges};
-use crate::memsrc::PAGE_SIZE;
-use crate::pages::{Holder, Pages, UseKind};
+use crate::memsrc::{PAGE_SIZE, push_run};
+use crate::pages::{Holder, Pages, PhysRuns, UseKind};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -275,75 +275,79 @@ impl IoPagetable {
         Ok(iova)
     }
 
-    /// Maps the area's pages into `domain`, coalescing physically
-    /// contiguous pages into one call (so the domain can use large pages).
+    /// Maps the area's pages into `domain`: each physically contiguous
+    /// run (`phys`: runs `(address, pages)` from the area's first page) is
+    /// one call, so the domain can use large pages; with large pages
+    /// disabled (`small`), one call per page. On failure nothing stays
+    /// mapped.
     fn map_area_into(
         domain: &mut dyn IommuDomain,
         iova: u64,
         last: u64,
         area: &Area,
-        phys: &[u64],
+        phys: &[(u64, u64)],
         small: bool,
     ) -> Result<()> {
-        let mut done: Vec<(u64, u64)> = Vec::new();
-        let mut run: Option<(u64, u64, u64)> = None; // (iova, phys, len)
         let mut cur_iova = iova;
-        let mut byte = area.start_byte;
         let end_byte = area.start_byte + (last - iova);
+        let mut page = area.first_page();
         let mut result = Ok(());
-        let flush = |run: (u64, u64, u64), domain: &mut dyn IommuDomain, done: &mut Vec<(u64, u64)>| -> Result<()> {
+        let call = |cur_iova: u64, p: u64, len: u64, domain: &mut dyn IommuDomain| -> Result<()> {
             area.pages.fault_point()?;
-            domain.map(run.0, run.1, run.2, area.prot).map_err(domain_errno)?;
-            done.push((run.0, run.2));
-            Ok(())
+            domain.map(cur_iova, p, len, area.prot).map_err(domain_errno)
         };
-        while byte <= end_byte {
-            let page = byte / PAGE_SIZE;
-            let off = byte % PAGE_SIZE;
-            let n = (PAGE_SIZE - off).min(end_byte - byte + 1);
-            let p = phys[(page - area.first_page()) as usize] + off;
-            run = match run {
-                Some((ri, rp, rl)) if !small && rp + rl == p => Some((ri, rp, rl + n)),
-                Some(r) => {
-                    if let Err(e) = flush(r, domain, &mut done) {
-                        result = Err(e);
-                        run = None;
-                        break;
+        for &(p, n) in phys {
+            // The bytes of the area on pages [page, page + n).
+            let b0 = (page * PAGE_SIZE).max(area.start_byte);
+            let b1 = ((page + n) * PAGE_SIZE - 1).min(end_byte);
+            let start = p + (b0 - page * PAGE_SIZE);
+            page += n;
+            if small {
+                let mut b = b0;
+                while b <= b1 && result.is_ok() {
+                    let len = (PAGE_SIZE - b % PAGE_SIZE).min(b1 - b + 1);
+                    result = call(cur_iova, start + (b - b0), len, domain);
+                    if result.is_ok() {
+                        cur_iova = cur_iova.wrapping_add(len);
                     }
-                    Some((cur_iova, p, n))
+                    b += len;
                 }
-                None => Some((cur_iova, p, n)),
-            };
-            byte += n;
-            cur_iova = cur_iova.wrapping_add(n);
-        }
-        if result.is_ok()
-            && let Some(r) = run
-        {
-            result = flush(r, domain, &mut done);
-        }
-        if result.is_err() && !done.is_empty() {
-            let mut g = IotlbGather::default();
-            for (i, l) in done {
-                domain.unmap(i, l, &mut g);
+            } else {
+                result = call(cur_iova, start, b1 - b0 + 1, domain);
+                if result.is_ok() {
+                    cur_iova = cur_iova.wrapping_add(b1 - b0 + 1);
+                }
             }
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_err() && cur_iova != iova {
+            let mut g = IotlbGather::default();
+            domain.unmap(iova, cur_iova.wrapping_sub(iova), &mut g);
             domain.iotlb_sync(&mut g);
         }
         result
     }
 
-    /// The physical address of each page `[fp, lp]` of the area at
-    /// `start`, read back from `domain` (which maps the area).
-    fn read_back(domain: &DomainRef, start: u64, area: &Area, fp: u64, lp: u64) -> Vec<u64> {
+    /// The physical addresses of pages `[fp, lp]` of the area at `start`,
+    /// as runs, read back from `domain` (which maps the area): one query
+    /// per physically contiguous run.
+    fn read_back(domain: &DomainRef, start: u64, area: &Area, fp: u64, lp: u64) -> PhysRuns {
         let d = domain.lock();
-        (fp..=lp)
-            .map(|p| {
-                let first_byte = (p * PAGE_SIZE).max(area.start_byte);
-                let iova = start + (first_byte - area.start_byte);
-                let phys = d.iova_to_phys(iova).expect("a filled area is mapped in every domain");
-                phys - (first_byte - p * PAGE_SIZE)
-            })
-            .collect()
+        let mut out = Vec::new();
+        let mut page = fp;
+        while page <= lp {
+            let first_byte = (page * PAGE_SIZE).max(area.start_byte);
+            let off = first_byte - page * PAGE_SIZE;
+            let iova = start + (first_byte - area.start_byte);
+            let max = (lp + 1) * PAGE_SIZE - first_byte;
+            let (phys, len) = d.iova_to_phys_run(iova, max).expect("a filled area is mapped in every domain");
+            let n = (off + len).div_ceil(PAGE_SIZE).min(lp - page + 1);
+            push_run(&mut out, phys - off, n);
+            page += n;
+        }
+        out
     }
 
     fn holder(&self, start: u64, area: &Area, fp: u64, lp: u64) -> Holder {
@@ -362,8 +366,7 @@ impl IoPagetable {
         }
         let (last, area) = self.areas.get(start).map(|(l, a)| (l, a.clone())).ok_or(Errno::ENOENT)?;
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
-        let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
-        area.pages.pin(fp, lp, UseKind::Domain, Some(&mut phys))?;
+        let phys = area.pages.pin_runs(fp, lp, UseKind::Domain)?;
         for (k, (_, d)) in self.domains.iter().enumerate() {
             let r = Self::map_area_into(&mut **d.lock(), start, last, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
@@ -435,7 +438,7 @@ impl IoPagetable {
         let mut bytes = 0u64;
         // Pins are dropped only after every domain's IOTLB is clean: until
         // then the hardware may still reach the pages.
-        let mut release: Vec<(Area, u64, u64, Vec<u64>)> = Vec::new();
+        let mut release: Vec<(Area, u64, u64, PhysRuns)> = Vec::new();
         for &(s, l) in &hit {
             let (_, _, area) = self.areas.remove(s).expect("listed area exists");
             if area.filled {
@@ -581,19 +584,20 @@ impl IoPagetable {
         let first_domain = self.domains.is_empty();
         let starts: Vec<u64> = self.areas.iter().map(|(s, _, _)| s).collect();
         // (area start, first page, last page, addresses, holder key)
-        type Loaded = (u64, u64, u64, Vec<u64>, Option<u64>);
+        type Loaded = (u64, u64, u64, PhysRuns, Option<u64>);
         let mut done: Vec<Loaded> = Vec::new();
         let mut failure = None;
         for s in &starts {
             let (l, area) = self.area(*s);
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
             let phys = if first_domain {
-                let mut phys = alloc::vec![0u64; (lp - fp + 1) as usize];
-                if let Err(e) = area.pages.pin(fp, lp, UseKind::Domain, Some(&mut phys)) {
-                    failure = Some(e);
-                    break;
+                match area.pages.pin_runs(fp, lp, UseKind::Domain) {
+                    Ok(runs) => runs,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
-                phys
             } else {
                 Self::read_back(&self.domains[0].1, *s, &area, fp, lp)
             };
@@ -651,7 +655,7 @@ impl IoPagetable {
         let last_domain = self.domains.is_empty();
         // Holders naming this domain move to one that stays (before the
         // domain is emptied); with none left, the pins go after the sync.
-        let mut release: Vec<(u64, u64, u64, Vec<u64>)> = Vec::new();
+        let mut release: Vec<(u64, u64, u64, PhysRuns)> = Vec::new();
         let areas: Vec<(u64, u64, Area)> = self.areas.iter().map(|(s, l, a)| (s, l, a.clone())).collect();
         for (s, l, area) in &areas {
             if !area.filled {

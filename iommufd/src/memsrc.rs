@@ -34,6 +34,38 @@ pub trait MemorySource: Send + Sync {
     /// Drops one pin on each page (physical addresses from [`Self::pin`]).
     /// `dirty` marks them written.
     fn unpin(&self, phys: &[u64], dirty: bool);
+    /// Pins the `npages` pages starting at page-aligned `uptr`, like
+    /// [`Self::pin`], and appends their physical addresses to `out` as
+    /// runs `(phys, pages)` of physically contiguous pages, in order.
+    /// All or nothing (on error `out` is as it was and nothing is pinned).
+    ///
+    /// The default goes through [`Self::pin`] and coalesces; sources that
+    /// know their physical layout answer a run at a time.
+    fn pin_runs(&self, uptr: u64, npages: u64, write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
+        let mut phys = vec![0u64; usize::try_from(npages).map_err(|_| Errno::ENOMEM)?];
+        self.pin(uptr, &mut phys, write)?;
+        for p in phys {
+            push_run(out, p, 1);
+        }
+        Ok(())
+    }
+    /// Drops one pin on each page of each run `(phys, pages)` (as
+    /// [`Self::unpin`]). The default expands the runs into pages.
+    fn unpin_runs(&self, runs: &[(u64, u64)], dirty: bool) {
+        let mut buf: Vec<u64> = Vec::new();
+        for &(phys, n) in runs {
+            for k in 0..n {
+                buf.push(phys + k * PAGE_SIZE);
+                if buf.len() == 512 {
+                    self.unpin(&buf, dirty);
+                    buf.clear();
+                }
+            }
+        }
+        if !buf.is_empty() {
+            self.unpin(&buf, dirty);
+        }
+    }
     /// Copies from user memory at `uptr`.
     fn read_user(&self, uptr: u64, buf: &mut [u8]) -> Result<()>;
     /// Copies to user memory at `uptr`.
@@ -54,6 +86,21 @@ pub trait MemorySource: Send + Sync {
         let _ = uptr;
         Ok(None)
     }
+}
+
+/// Appends `pages` pages at `phys` to a run list, extending the last run
+/// when it ends where this one starts.
+pub fn push_run(runs: &mut Vec<(u64, u64)>, phys: u64, pages: u64) {
+    if pages == 0 {
+        return;
+    }
+    if let Some(last) = runs.last_mut()
+        && last.0 + last.1 * PAGE_SIZE == phys
+    {
+        last.1 += pages;
+        return;
+    }
+    runs.push((phys, pages));
 }
 
 struct FakePage {
@@ -436,6 +483,55 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
         Ok(())
     }
 
+    fn pin_runs(&self, uptr: u64, npages: u64, write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
+        if !uptr.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        let mut regions = self.regions.lock();
+        let end = npages.checked_mul(PAGE_SIZE).and_then(|l| uptr.checked_add(l)).ok_or(Errno::EFAULT)?;
+        let mut a = uptr;
+        while a < end {
+            let i = Self::region_of(&regions, a).ok_or(Errno::EFAULT)?;
+            if write && !regions[i].writable {
+                return Err(Errno::EFAULT);
+            }
+            a = regions[i].uptr + regions[i].len;
+        }
+        let mut a = uptr;
+        while a < end {
+            let i = Self::region_of(&regions, a).expect("checked above");
+            let reg = &mut regions[i];
+            let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
+            let n = (reg.pins.len() - first).min(((end - a) / PAGE_SIZE) as usize);
+            for c in &mut reg.pins[first..first + n] {
+                *c += 1;
+            }
+            push_run(out, reg.phys + first as u64 * PAGE_SIZE, n as u64);
+            a += n as u64 * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
+        let mut regions = self.regions.lock();
+        for &(phys, n) in runs {
+            let (mut p, end) = (phys, phys + n * PAGE_SIZE);
+            while p < end {
+                let reg = regions
+                    .iter_mut()
+                    .find(|r| p >= r.phys && p < r.phys + r.len)
+                    .expect("unpin of a page outside every region");
+                let first = ((p - reg.phys) / PAGE_SIZE) as usize;
+                let k = (reg.pins.len() - first).min(((end - p) / PAGE_SIZE) as usize);
+                for c in &mut reg.pins[first..first + k] {
+                    assert!(*c > 0, "unpin of an unpinned page");
+                    *c -= 1;
+                }
+                p += k as u64 * PAGE_SIZE;
+            }
+        }
+    }
+
     fn unpin(&self, phys: &[u64], _dirty: bool) {
         let mut regions = self.regions.lock();
         for &p in phys {
@@ -498,6 +594,14 @@ mod region_tests {
         assert_eq!(m.pin_count(0x20_0000), Ok(Some(1)));
         assert_eq!(m.peek_phys(0x20_0010), Ok(Some(0x3_0000_0010)));
         m.unpin(&out, false);
+        assert_eq!(m.pinned_pages(), 0);
+        let mut runs = Vec::new();
+        assert_eq!(m.pin_runs(0x1f_f000, 3, false, &mut runs), Err(Errno::EFAULT));
+        assert!(runs.is_empty());
+        m.pin_runs(0x1f_e000, 3, false, &mut runs).unwrap();
+        assert_eq!(runs, [(0x1_001f_e000, 2), (0x3_0000_0000, 1)]);
+        assert_eq!(m.pin_count(0x1f_f000), Ok(Some(1)));
+        m.unpin_runs(&runs, false);
         assert_eq!(m.pinned_pages(), 0);
     }
 }

@@ -17,7 +17,7 @@
 //! own internal lock, taken inside it. Callers may hold an IOAS lock.
 
 use crate::errno::{Errno, Result};
-use crate::memsrc::{MemorySource, PAGE_SIZE};
+use crate::memsrc::{MemorySource, PAGE_SIZE, push_run};
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
@@ -139,113 +139,255 @@ pub enum UseKind {
     Other,
 }
 
-/// Use counts of 512 consecutive pages, and their physical addresses where
-/// a use other than a domain's needs them.
+/// `Other` use counts of 512 consecutive pages and their physical
+/// addresses (valid where the count is not zero).
 struct Chunk {
-    domain: [u32; CHUNK as usize],
     other: [u32; CHUNK as usize],
-    /// Physical addresses, present while some page of the chunk has an
-    /// `Other` use (valid exactly for those pages).
-    phys: Option<Box<[u64; CHUNK as usize]>>,
+    phys: [u64; CHUNK as usize],
     used_pages: u32,
-    stored_pages: u32,
 }
 
-/// Per-page use counts, allocated in 512-page chunks only where something
-/// is pinned.
+/// Domain uses as runs of pages with the same count: `start -> (last,
+/// count)`, disjoint, counts above zero, neighbours with equal counts
+/// merged. Domain uses always come a whole area (or one page, for a cut)
+/// at a time, so a map or unmap of any size touches a few runs.
+#[derive(Default)]
+struct DomainUses {
+    runs: BTreeMap<u64, (u64, u32)>,
+}
+
+impl DomainUses {
+    fn count(&self, page: u64) -> u32 {
+        match self.runs.range(..=page).next_back() {
+            Some((_, &(l, c))) if l >= page => c,
+            _ => 0,
+        }
+    }
+    /// Makes `at` the start of a run if a run covers it.
+    fn split(&mut self, at: u64) {
+        if let Some((&s, &(l, c))) = self.runs.range(..at).next_back()
+            && l >= at
+        {
+            self.runs.insert(s, (at - 1, c));
+            self.runs.insert(at, (l, c));
+        }
+    }
+    /// Merges equal-count neighbours between the run before `first` and
+    /// the run starting after `last`.
+    fn merge(&mut self, first: u64, last: u64) {
+        let from = self.runs.range(..first).next_back().map_or(first, |(&s, _)| s);
+        let keys: Vec<(u64, u64, u32)> =
+            self.runs.range(from..=last.saturating_add(1)).map(|(&s, &(l, c))| (s, l, c)).collect();
+        let mut prev: Option<(u64, u64, u32)> = None;
+        for (s, l, c) in keys {
+            match prev {
+                Some((ps, pl, pc)) if pc == c && pl + 1 == s => {
+                    self.runs.remove(&s);
+                    self.runs.insert(ps, (l, c));
+                    prev = Some((ps, l, c));
+                }
+                _ => prev = Some((s, l, c)),
+            }
+        }
+    }
+    fn add(&mut self, first: u64, last: u64) {
+        self.split(first);
+        self.split(last + 1);
+        let inside: Vec<(u64, u64)> = self.runs.range(first..=last).map(|(&s, &(l, _))| (s, l)).collect();
+        let mut cur = first;
+        for (s, l) in inside {
+            if s > cur {
+                self.runs.insert(cur, (s - 1, 1));
+            }
+            self.runs.get_mut(&s).expect("listed").1 += 1;
+            cur = l + 1;
+        }
+        if cur <= last {
+            self.runs.insert(cur, (last, 1));
+        }
+        self.merge(first, last);
+    }
+    fn remove(&mut self, first: u64, last: u64) {
+        self.split(first);
+        self.split(last + 1);
+        let inside: Vec<(u64, u64)> = self.runs.range(first..=last).map(|(&s, &(l, _))| (s, l)).collect();
+        let mut cur = first;
+        for (s, l) in inside {
+            assert_eq!(s, cur, "unpin of page {cur} with no domain use");
+            let c = &mut self.runs.get_mut(&s).expect("listed").1;
+            *c -= 1;
+            if *c == 0 {
+                self.runs.remove(&s);
+            }
+            cur = l + 1;
+        }
+        assert!(cur > last, "unpin of page {cur} with no domain use");
+        self.merge(first, last);
+    }
+    /// Ranges of `[first, last]` with no domain use, in order.
+    fn gaps(&self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) {
+        let mut cur = first;
+        let before = self.runs.range(..first).next_back().map(|(&s, &(l, _))| (s, l));
+        for (s, l) in before.into_iter().chain(self.runs.range(first..=last).map(|(&s, &(l, _))| (s, l))) {
+            if l < cur {
+                continue;
+            }
+            if s > cur {
+                out.push((cur, s - 1));
+            }
+            cur = l + 1;
+            if cur > last {
+                return;
+            }
+        }
+        if cur <= last {
+            out.push((cur, last));
+        }
+    }
+}
+
+/// Use counts of the pages of one [`Pages`]: domain uses as runs,
+/// other uses per page in 512-page chunks (with the addresses they need),
+/// allocated only where such pages are.
 #[derive(Default)]
 struct PinTable {
+    domain: DomainUses,
     chunks: BTreeMap<u64, Box<Chunk>>,
     pinned_pages: u64,
     stored_pages: u64,
 }
 
 impl PinTable {
-    fn counts(&self, page: u64) -> (u32, u32) {
-        self.chunks.get(&(page / CHUNK)).map_or((0, 0), |c| {
-            let i = (page % CHUNK) as usize;
-            (c.domain[i], c.other[i])
-        })
+    fn other(&self, page: u64) -> u32 {
+        self.chunks.get(&(page / CHUNK)).map_or(0, |c| c.other[(page % CHUNK) as usize])
     }
     fn uses(&self, page: u64) -> u32 {
-        let (d, o) = self.counts(page);
-        d + o
+        self.domain.count(page) + self.other(page)
     }
     fn stored(&self, page: u64) -> Option<u64> {
         let c = self.chunks.get(&(page / CHUNK))?;
         let i = (page % CHUNK) as usize;
-        if c.other[i] > 0 { c.phys.as_ref().map(|p| p[i]) } else { None }
+        (c.other[i] > 0).then(|| c.phys[i])
     }
-    fn chunk(&mut self, page: u64) -> &mut Chunk {
-        self.chunks.entry(page / CHUNK).or_insert_with(|| {
-            Box::new(Chunk {
-                domain: [0; CHUNK as usize],
-                other: [0; CHUNK as usize],
-                phys: None,
-                used_pages: 0,
-                stored_pages: 0,
-            })
-        })
-    }
-    /// Adds a use of `kind`; `phys` is the page's address (stored when it
-    /// is the first `Other` use).
-    fn add(&mut self, page: u64, kind: UseKind, phys: u64) {
-        let i = (page % CHUNK) as usize;
-        let mut newly_stored = false;
-        let c = self.chunk(page);
-        if c.domain[i] + c.other[i] == 0 {
-            c.used_pages += 1;
+    /// Splits `[first, last]` into maximal ranges of pages with and
+    /// without an `Other` use: `f(start, last, has_other)` in order.
+    fn other_ranges(&self, first: u64, last: u64, mut f: impl FnMut(u64, u64, bool)) {
+        let mut cur = first; // first page not reported yet
+        let mut run: Option<(u64, bool)> = None;
+        let emit = |p: u64, has: bool, run: &mut Option<(u64, bool)>, f: &mut dyn FnMut(u64, u64, bool)| match *run {
+            Some((_, h)) if h == has => {}
+            Some((s, h)) => {
+                f(s, p - 1, h);
+                *run = Some((p, has));
+            }
+            None => *run = Some((p, has)),
+        };
+        for (&ci, c) in self.chunks.range(first / CHUNK..=last / CHUNK) {
+            let lo = (ci * CHUNK).max(first);
+            let hi = (ci * CHUNK + CHUNK - 1).min(last);
+            if lo > cur {
+                emit(cur, false, &mut run, &mut f);
+            }
+            for p in lo..=hi {
+                emit(p, c.other[(p % CHUNK) as usize] > 0, &mut run, &mut f);
+            }
+            cur = hi + 1;
         }
-        match kind {
-            UseKind::Domain => c.domain[i] += 1,
-            UseKind::Other => {
+        if cur <= last {
+            emit(cur, false, &mut run, &mut f);
+        }
+        if let Some((s, h)) = run {
+            f(s, last, h);
+        }
+    }
+    /// Ranges of `[first, last]` whose pages have no use at all.
+    fn unused(&self, first: u64, last: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        self.domain.gaps(first, last, &mut gaps);
+        if self.chunks.is_empty() {
+            return gaps;
+        }
+        let mut out = Vec::new();
+        for (s, l) in gaps {
+            self.other_ranges(s, l, |a, b, has| {
+                if !has {
+                    out.push((a, b));
+                }
+            });
+        }
+        out
+    }
+    /// Adds an `Other` use of each page of `[first, last]`; `phys` gives
+    /// their addresses (runs from `first`).
+    fn add_other(&mut self, first: u64, last: u64, phys: &[(u64, u64)]) {
+        let mut page = first;
+        for &(p, n) in phys {
+            for k in 0..n {
+                let c = self.chunks.entry(page / CHUNK).or_insert_with(|| {
+                    Box::new(Chunk { other: [0; CHUNK as usize], phys: [0; CHUNK as usize], used_pages: 0 })
+                });
+                let i = (page % CHUNK) as usize;
                 if c.other[i] == 0 {
-                    c.phys.get_or_insert_with(|| Box::new([0; CHUNK as usize]))[i] = phys;
-                    c.stored_pages += 1;
-                    newly_stored = true;
+                    c.phys[i] = p + k * PAGE_SIZE;
+                    c.used_pages += 1;
+                    self.stored_pages += 1;
                 }
                 c.other[i] += 1;
+                page += 1;
             }
         }
-        if newly_stored {
-            self.stored_pages += 1;
-        }
+        debug_assert_eq!(page, last + 1);
     }
-    /// Drops a use of `kind`; returns the stored address if it was the
-    /// page's last `Other` use, and whether the page has no use left.
-    fn remove(&mut self, page: u64, kind: UseKind) -> (Option<u64>, bool) {
-        let i = (page % CHUNK) as usize;
-        let key = page / CHUNK;
-        let c = self.chunks.get_mut(&key).expect("unpin of a page with no use");
-        let mut dropped = None;
-        match kind {
-            UseKind::Domain => {
-                assert!(c.domain[i] > 0, "unpin of page {page} with no domain use");
-                c.domain[i] -= 1;
-            }
-            UseKind::Other => {
-                assert!(c.other[i] > 0, "unpin of page {page} with no other use");
-                c.other[i] -= 1;
-                if c.other[i] == 0 {
-                    dropped = c.phys.as_ref().map(|p| p[i]);
-                    c.stored_pages -= 1;
-                    if c.stored_pages == 0 {
-                        c.phys = None;
-                    }
+    /// Drops an `Other` use of each page of `[first, last]`; `f(page,
+    /// phys)` for each page whose last `Other` use this was.
+    fn remove_other(&mut self, first: u64, last: u64, mut f: impl FnMut(u64, u64)) {
+        for page in first..=last {
+            let key = page / CHUNK;
+            let c = self.chunks.get_mut(&key).expect("unpin of a page with no use");
+            let i = (page % CHUNK) as usize;
+            assert!(c.other[i] > 0, "unpin of page {page} with no other use");
+            c.other[i] -= 1;
+            if c.other[i] == 0 {
+                f(page, c.phys[i]);
+                c.used_pages -= 1;
+                self.stored_pages -= 1;
+                if c.used_pages == 0 {
+                    self.chunks.remove(&key);
                 }
             }
         }
-        let gone = c.domain[i] + c.other[i] == 0;
-        if gone {
-            c.used_pages -= 1;
+    }
+}
+
+/// Reads page-indexed runs `(phys, pages)` that start at page `base`, in
+/// increasing page order.
+struct RunCursor<'a> {
+    runs: &'a [(u64, u64)],
+    idx: usize,
+    /// Page of `runs[idx]`'s first page.
+    at: u64,
+}
+
+impl<'a> RunCursor<'a> {
+    fn new(runs: &'a [(u64, u64)], base: u64) -> Self {
+        Self { runs, idx: 0, at: base }
+    }
+    /// Appends the addresses of pages `[first, last]` (not before any
+    /// page asked for earlier) to `out`; false if the runs end first.
+    fn take(&mut self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) -> bool {
+        let mut page = first;
+        while page <= last {
+            let Some(&(p, n)) = self.runs.get(self.idx) else { return false };
+            if page >= self.at + n {
+                self.at += n;
+                self.idx += 1;
+                continue;
+            }
+            let k = (last + 1).min(self.at + n) - page;
+            push_run(out, p + (page - self.at) * PAGE_SIZE, k);
+            page += k;
         }
-        if dropped.is_some() {
-            self.stored_pages -= 1;
-        }
-        if c.used_pages == 0 {
-            self.chunks.remove(&key);
-        }
-        (dropped, gone)
+        true
     }
 }
 
@@ -266,6 +408,10 @@ pub struct Holder {
     pub domain: DomainRef,
 }
 
+/// Physical addresses of consecutive pages as runs `(address of the first
+/// page, pages)` of physically contiguous pages, in page order.
+pub type PhysRuns = Vec<(u64, u64)>;
+
 /// A domain as areas and holders share it.
 pub type DomainRef = Arc<Mutex<Box<dyn portcullis_iommu::IommuDomain>>>;
 
@@ -276,14 +422,18 @@ impl core::fmt::Debug for Holder {
 }
 
 impl Holder {
-    fn phys(&self, page: u64) -> Option<u64> {
+    /// The physical run from `page`: `(address of page, pages)`, at most
+    /// `max_pages` pages, all inside this holder.
+    fn phys_run(&self, page: u64, max_pages: u64) -> Option<(u64, u64)> {
         if page < self.first_page || page > self.last_page {
             return None;
         }
+        let max_pages = max_pages.min(self.last_page - page + 1);
         let first_byte = (page * PAGE_SIZE).max(self.start_byte);
+        let off = first_byte - page * PAGE_SIZE;
         let iova = self.iova + (first_byte - self.start_byte);
-        let p = self.domain.lock().iova_to_phys(iova)?;
-        Some(p - (first_byte - page * PAGE_SIZE))
+        let (p, len) = self.domain.lock().iova_to_phys_run(iova, max_pages * PAGE_SIZE - off)?;
+        Some((p - off, (off + len).div_ceil(PAGE_SIZE).min(max_pages)))
     }
 }
 
@@ -386,10 +536,18 @@ impl Pages {
         }
     }
 
-    fn read_back(&self, page: u64) -> Option<u64> {
+    /// Appends the addresses of pages `[first, last]` as runs, read back
+    /// from the domains holding them; false if some page has no holder.
+    fn read_back(&self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) -> bool {
         let holders: Vec<Holder> =
-            self.holders.lock().values().filter(|h| h.first_page <= page && page <= h.last_page).cloned().collect();
-        holders.iter().find_map(|h| h.phys(page))
+            self.holders.lock().values().filter(|h| h.first_page <= last && first <= h.last_page).cloned().collect();
+        let mut page = first;
+        while page <= last {
+            let Some((p, n)) = holders.iter().find_map(|h| h.phys_run(page, last - page + 1)) else { return false };
+            push_run(out, p, n);
+            page += n;
+        }
+        true
     }
 
     /// Physical address of page `index` while it has a use: stored, or
@@ -402,112 +560,157 @@ impl Pages {
         if uses == 0 {
             return None;
         }
-        stored.or_else(|| self.read_back(index))
+        stored.or_else(|| {
+            let mut r = Vec::new();
+            self.read_back(index, index, &mut r).then(|| r[0].0)
+        })
     }
 
     /// Takes one use of `kind` of every page in `[first, last]`, pinning
     /// those that had none, and writes their physical addresses to `out`
     /// (if given, `out.len() == last - first + 1`). All or nothing.
     pub fn pin(&self, first: u64, last: u64, kind: UseKind, out: Option<&mut [u64]>) -> Result<()> {
+        let runs = self.pin_runs(first, last, kind)?;
+        if let Some(o) = out {
+            let mut k = 0;
+            for (p, n) in runs {
+                for j in 0..n {
+                    o[k] = p + j * PAGE_SIZE;
+                    k += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes one use of `kind` of every page in `[first, last]`, pinning
+    /// those that had none (a run at a time in the memory source), and
+    /// returns the addresses of all of them as runs `(phys, pages)` in page
+    /// order. All or nothing.
+    pub fn pin_runs(&self, first: u64, last: u64, kind: UseKind) -> Result<PhysRuns> {
         if first > last || last >= self.npages {
             return Err(Errno::EINVAL);
         }
         let mut t = self.table.lock();
-        // Runs of pages with no use yet need the source.
-        let mut fresh: Vec<(u64, u64)> = Vec::new();
-        let mut p = first;
-        while p <= last {
-            if t.uses(p) == 0 {
-                let s = p;
-                while p <= last && t.uses(p) == 0 {
-                    p += 1;
-                }
-                fresh.push((s, p - 1));
-            } else {
-                p += 1;
-            }
-        }
+        let fresh = t.unused(first, last);
         let fresh_count: u64 = fresh.iter().map(|(s, e)| e - s + 1).sum();
         if fresh_count > 0 {
             self.accounting.faults.point()?;
         }
         self.accounting.charge(fresh_count)?;
-        // Fresh pages are pinned straight into their slots of `phys_all`.
-        let n = (last - first + 1) as usize;
-        let mut phys_all: Vec<u64> = alloc::vec![0; n];
-        let mut pinned_runs: Vec<(usize, usize)> = Vec::with_capacity(fresh.len());
-        let undo = |runs: &[(usize, usize)], phys_all: &[u64]| {
-            for &(a, b) in runs {
-                self.source.unpin(&phys_all[a..b], false);
-            }
+        // Fresh pages are pinned run by run; `fresh_runs[ends[i - 1]..ends[i]]`
+        // are the addresses of `fresh[i]`.
+        let mut fresh_runs: Vec<(u64, u64)> = Vec::new();
+        let mut ends: Vec<usize> = Vec::with_capacity(fresh.len());
+        let undo = |runs: &[(u64, u64)]| {
+            self.source.unpin_runs(runs, false);
             self.accounting.credit(fresh_count);
         };
         for &(s, e) in &fresh {
-            let (a, b) = ((s - first) as usize, (e - first + 1) as usize);
-            if let Err(err) = self.source.pin(self.uptr + s * PAGE_SIZE, &mut phys_all[a..b], self.writable) {
-                undo(&pinned_runs, &phys_all);
+            // A fresh range's runs never merge with the previous range's.
+            let before = fresh_runs.len();
+            let mut mine = Vec::new();
+            if let Err(err) = self.source.pin_runs(self.uptr + s * PAGE_SIZE, e - s + 1, self.writable, &mut mine) {
+                undo(&fresh_runs);
                 return Err(err);
             }
-            pinned_runs.push((a, b));
+            fresh_runs.extend_from_slice(&mine);
+            ends.push(before + mine.len());
         }
-        // Every other page's address: stored, or read back from a domain
-        // holding it (the table stays locked: holders only take domain
-        // locks, which never wait for this lock).
-        let mut next_fresh = fresh.iter().peekable();
+        // Every page's address in order: fresh ones from the source, the
+        // others stored or read back from a domain holding them (the table
+        // stays locked: holders only take domain locks, which never wait
+        // for this lock).
+        let mut all: Vec<(u64, u64)> = Vec::new();
+        let mut ok = true;
         let mut page = first;
-        while page <= last {
-            if let Some(&&(s, e)) = next_fresh.peek()
-                && s == page
-            {
-                next_fresh.next();
-                page = e + 1;
-                continue;
-            }
-            match t.stored(page).or_else(|| self.read_back(page)) {
-                Some(ph) => phys_all[(page - first) as usize] = ph,
-                None => {
-                    // A page in use that no one can locate: a broken
-                    // holder registration. Refuse rather than guess.
-                    undo(&pinned_runs, &phys_all);
-                    return Err(Errno::EIO);
+        let mut used = |a: u64, b: u64, all: &mut Vec<(u64, u64)>, t: &PinTable| {
+            t.other_ranges(a, b, |x, y, stored| {
+                if !ok {
+                    return;
                 }
+                if stored {
+                    for q in x..=y {
+                        push_run(all, t.stored(q).expect("stored"), 1);
+                    }
+                } else {
+                    ok = self.read_back(x, y, all);
+                }
+            });
+        };
+        for (i, &(s, e)) in fresh.iter().enumerate() {
+            if s > page {
+                used(page, s - 1, &mut all, &t);
             }
-            page += 1;
+            let from = if i == 0 { 0 } else { ends[i - 1] };
+            for &(p, n) in &fresh_runs[from..ends[i]] {
+                push_run(&mut all, p, n);
+            }
+            page = e + 1;
+        }
+        if page <= last {
+            used(page, last, &mut all, &t);
+        }
+        if !ok {
+            // A page in use that no one can locate: a broken holder
+            // registration. Refuse rather than guess.
+            undo(&fresh_runs);
+            return Err(Errno::EIO);
         }
         t.pinned_pages += fresh_count;
-        for (k, page) in (first..=last).enumerate() {
-            t.add(page, kind, phys_all[k]);
+        match kind {
+            UseKind::Domain => t.domain.add(first, last),
+            UseKind::Other => t.add_other(first, last, &all),
         }
-        if let Some(o) = out {
-            o.copy_from_slice(&phys_all);
-        }
-        Ok(())
+        Ok(all)
     }
 
     /// Drops one use of `kind` of every page in `[first, last]`; pages
     /// whose last use goes are unpinned. For `Domain` uses the caller passes
     /// the addresses it read back before unmapping the domains (`hint`,
-    /// one per page), since nothing else knows them any more.
-    pub fn unpin(&self, first: u64, last: u64, kind: UseKind, hint: Option<&[u64]>) {
+    /// runs from `first`), since nothing else knows them any more.
+    pub fn unpin(&self, first: u64, last: u64, kind: UseKind, hint: Option<&[(u64, u64)]>) {
         let mut t = self.table.lock();
-        let mut release: Vec<u64> = Vec::new();
-        for (k, page) in (first..=last).enumerate() {
-            let stored = t.stored(page);
-            let (dropped, gone) = t.remove(page, kind);
-            if gone {
-                let phys = dropped
-                    .or(stored)
-                    .or_else(|| hint.and_then(|h| h.get(k).copied()))
-                    .or_else(|| self.read_back(page))
-                    .expect("the address of a page being unpinned is known");
-                release.push(phys);
+        let mut release: Vec<(u64, u64)> = Vec::new();
+        let mut count = 0u64;
+        match kind {
+            UseKind::Domain => {
+                t.domain.remove(first, last);
+                let mut gone = Vec::new();
+                t.domain.gaps(first, last, &mut gone);
+                let mut cursor = hint.map(|h| RunCursor::new(h, first));
+                for (s, e) in gone {
+                    t.other_ranges(s, e, |a, b, has_other| {
+                        if has_other {
+                            return;
+                        }
+                        count += b - a + 1;
+                        let found = cursor.as_mut().is_some_and(|c| c.take(a, b, &mut release))
+                            || self.read_back(a, b, &mut release);
+                        assert!(found, "the address of a page being unpinned is known");
+                    });
+                }
+            }
+            UseKind::Other => {
+                let mut gaps = Vec::new();
+                t.domain.gaps(first, last, &mut gaps);
+                let mut gi = 0;
+                t.remove_other(first, last, |page, phys| {
+                    while gi < gaps.len() && gaps[gi].1 < page {
+                        gi += 1;
+                    }
+                    if gi < gaps.len() && gaps[gi].0 <= page {
+                        count += 1;
+                        push_run(&mut release, phys, 1);
+                    }
+                });
             }
         }
-        if !release.is_empty() {
-            t.pinned_pages -= release.len() as u64;
+        if count > 0 {
+            t.pinned_pages -= count;
             drop(t);
-            self.source.unpin(&release, self.writable);
-            self.accounting.credit(release.len() as u64);
+            self.source.unpin_runs(&release, self.writable);
+            self.accounting.credit(count);
         }
     }
 }
@@ -542,6 +745,44 @@ mod tests {
         assert_eq!(a.pinned_pages(), 0);
         assert_eq!(acct.pinned(), 0);
         assert_eq!(p.pinned_pages(), 0);
+    }
+
+    #[test]
+    fn domain_uses_are_runs_with_counts() {
+        let mut d = DomainUses::default();
+        d.add(0, 9);
+        d.add(5, 14);
+        assert_eq!((d.count(0), d.count(5), d.count(9), d.count(10), d.count(15)), (1, 2, 2, 1, 0));
+        assert_eq!(d.runs.len(), 3);
+        d.add(0, 4);
+        d.add(10, 14);
+        assert_eq!(d.runs.len(), 1, "equal neighbours merge");
+        let mut gaps = Vec::new();
+        d.gaps(0, 20, &mut gaps);
+        assert_eq!(gaps, [(15, 20)]);
+        d.remove(0, 14);
+        d.remove(3, 7);
+        gaps.clear();
+        d.gaps(0, 20, &mut gaps);
+        assert_eq!(gaps, [(3, 7), (15, 20)]);
+        d.remove(0, 2);
+        d.remove(8, 14);
+        assert!(d.runs.is_empty());
+    }
+
+    #[test]
+    fn runs_mix_domain_and_other_uses() {
+        let (a, acct) = setup(u64::MAX);
+        let (p, _) = Pages::new(a.clone(), acct.clone(), 0x10_0000, 8 * PAGE_SIZE, true).unwrap();
+        p.pin(2, 3, UseKind::Other, None).unwrap();
+        let runs = p.pin_runs(0, 7, UseKind::Domain).unwrap();
+        let base = a.phys_of(0x10_0000).unwrap();
+        assert_eq!(runs, [(base, 8)], "one contiguous run over fresh and stored pages");
+        assert_eq!((acct.pinned(), a.pinned_pages()), (8, 8));
+        p.unpin(0, 7, UseKind::Domain, Some(&runs));
+        assert_eq!((acct.pinned(), a.pinned_pages(), p.uses(2), p.uses(4)), (2, 2, 1, 0));
+        p.unpin(2, 3, UseKind::Other, None);
+        assert_eq!((acct.pinned(), a.pinned_pages(), p.stored_pages()), (0, 0, 0));
     }
 
     #[test]

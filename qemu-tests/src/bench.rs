@@ -9,7 +9,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use iommufd::ctx::{DeviceOps, Ictx};
 use iommufd::errno::{Errno, Result};
-use iommufd::memsrc::{MemorySource, PAGE_SIZE};
+use iommufd::memsrc::{MemorySource, PAGE_SIZE, push_run};
 use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain};
 use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain};
 use portcullis_kernel::println;
@@ -43,6 +43,31 @@ impl MemorySource for BenchMemory {
         let mut pins = self.pins.lock();
         for p in phys {
             pins[((p - PHYS) / self.stride) as usize] -= 1;
+        }
+    }
+    fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
+        let first = uptr.checked_sub(BASE).ok_or(Errno::EFAULT)? / PAGE_SIZE;
+        if (first + npages) * PAGE_SIZE > self.len {
+            return Err(Errno::EFAULT);
+        }
+        let mut pins = self.pins.lock();
+        for c in &mut pins[first as usize..(first + npages) as usize] {
+            *c += 1;
+        }
+        if self.stride == PAGE_SIZE {
+            push_run(out, PHYS + first * PAGE_SIZE, npages);
+        } else {
+            out.extend((first..first + npages).map(|k| (PHYS + k * self.stride, 1)));
+        }
+        Ok(())
+    }
+    fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
+        let mut pins = self.pins.lock();
+        for &(p, n) in runs {
+            let first = ((p - PHYS) / self.stride) as usize;
+            for c in &mut pins[first..first + n as usize] {
+                *c -= 1;
+            }
         }
     }
     fn read_user(&self, _: u64, _: &mut [u8]) -> Result<()> {

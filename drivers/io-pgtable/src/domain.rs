@@ -160,6 +160,10 @@ where
         self.table.iova_to_phys(iova).map(|(phys, _)| phys)
     }
 
+    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+        self.table.phys_run(iova, max_len)
+    }
+
     /// Forces snooping on every later mapping when the format can encode it
     /// (VT-d second stage with ECAP.SC). As the hardware cannot fix up what
     /// is already mapped without rewriting it, this refuses (false) while

@@ -550,6 +550,35 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         Some((self.format.leaf_address(step.raw, step.level) + (iova & (size - 1)), self.format.leaf_prot(step.raw)))
     }
 
+    /// The physically contiguous run from `iova`: `(phys, len)` with
+    /// `1 <= len <= max_len`, `[iova, iova + len)` translating to
+    /// `[phys, phys + len)`. One walk from the root; the run then extends
+    /// over the following leaves of the same table while they continue it.
+    pub fn phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+        if max_len == 0 {
+            return None;
+        }
+        let step = self.leaf_step(iova)?;
+        let size = level_size(step.level);
+        let phys = self.format.leaf_address(step.raw, step.level) + (iova & (size - 1));
+        let mut len = size - (iova & (size - 1));
+        let mut next = phys + len;
+        let mut i = step.index + 1;
+        while len < max_len && i < ENTRIES {
+            let raw = self.mem.read(step.table, i);
+            if !self.format.is_present(raw)
+                || !self.format.is_leaf(raw, step.level)
+                || self.format.leaf_address(raw, step.level) != next
+            {
+                break;
+            }
+            len += size;
+            next += size;
+            i += 1;
+        }
+        Some((phys, len.min(max_len)))
+    }
+
     /// Size of the page that translates `iova`, if mapped.
     pub fn page_size(&self, iova: u64) -> Option<u64> {
         self.leaf_step(iova).map(|s| level_size(s.level))

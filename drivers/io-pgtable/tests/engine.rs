@@ -431,3 +431,23 @@ fn drop_frees_every_table() {
     drop(pt);
     assert_eq!(live.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+#[test]
+fn phys_runs_cover_whole_leaves_and_contiguous_neighbours() {
+    let mut pt = ss(4);
+    // Two contiguous 2 MiB pages, then a 4 KiB page elsewhere.
+    pt.map(0x4000_0000, 0x1_0000_0000, 0x40_0000, Prot::RW).unwrap();
+    pt.map(0x4040_0000, 0x2_0000_0000, 0x1000, Prot::READ).unwrap();
+    assert_eq!(pt.phys_run(0x4000_1000, u64::MAX), Some((0x1_0000_1000, 0x3f_f000)));
+    assert_eq!(pt.phys_run(0x4000_1000, 0x2000), Some((0x1_0000_1000, 0x2000)));
+    assert_eq!(pt.phys_run(0x4020_0000, u64::MAX), Some((0x1_0020_0000, 0x20_0000)));
+    assert_eq!(pt.phys_run(0x4040_0800, u64::MAX), Some((0x2_0000_0800, 0x800)));
+    assert_eq!(pt.phys_run(0x4040_1000, u64::MAX), None);
+    assert_eq!(pt.phys_run(0x4000_0000, 0), None);
+    // Contiguous 4 KiB leaves join; a gap in the physical addresses ends the run.
+    pt.map(0x8000_0000, 0x3_0000_0000, 0x3000, Prot::RW).unwrap();
+    pt.map(0x8000_3000, 0x3_0000_4000, 0x1000, Prot::RW).unwrap();
+    assert_eq!(pt.phys_run(0x8000_0000, u64::MAX), Some((0x3_0000_0000, 0x3000)));
+    let d = PagingDomain::new(VtdSecondStage::new(4).unwrap(), HeapTables::default(), NoInvalidator).unwrap();
+    assert_eq!(d.iova_to_phys_run(0, 0x1000), None);
+}

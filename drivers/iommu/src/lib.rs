@@ -159,6 +159,24 @@ pub trait IommuDomain: Send {
     /// Detaches `device` (it is blocked afterwards until attached elsewhere).
     fn detach_device(&mut self, device: DeviceHandle);
 
+    /// The physically contiguous run starting at `iova`: `(phys, len)`
+    /// with `1 <= len <= max_len` such that `[iova, iova + len)` translates
+    /// to `[phys, phys + len)`, or `None` if `iova` is unmapped (or
+    /// `max_len` is 0). Callers read a mapped range back with one call per
+    /// run instead of one per page.
+    ///
+    /// The default answers up to the end of the granule page containing
+    /// `iova` through [`Self::iova_to_phys`]; domains that know their leaf
+    /// sizes return whole leaves (or more).
+    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+        if max_len == 0 {
+            return None;
+        }
+        let phys = self.iova_to_phys(iova)?;
+        let g = self.granule();
+        Some((phys, (g - (iova & (g - 1))).min(max_len)))
+    }
+
     /// The smallest page size (the granule).
     fn granule(&self) -> u64 {
         let sizes = self.page_sizes();

@@ -225,6 +225,32 @@ impl IommuDomain for MockDomain {
         self.entry(iova).map(|e| e.phys + iova % MOCK_IO_PAGE_SIZE)
     }
 
+    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+        if max_len == 0 {
+            return None;
+        }
+        let page = iova / MOCK_IO_PAGE_SIZE;
+        let off = iova % MOCK_IO_PAGE_SIZE;
+        let first = self.get(page)?.phys;
+        let mut len = MOCK_IO_PAGE_SIZE - off;
+        // Further pages while they continue the run, a chunk at a time.
+        let mut p = page + 1;
+        'chunks: while len < max_len {
+            let Some(c) = self.chunks.get(&(p / CHUNK as u64)) else { break };
+            for v in &c[(p % CHUNK as u64) as usize..] {
+                if len >= max_len
+                    || *v & PRESENT == 0
+                    || *v & !(MOCK_IO_PAGE_SIZE - 1) != first + (p - page) * MOCK_IO_PAGE_SIZE
+                {
+                    break 'chunks;
+                }
+                len += MOCK_IO_PAGE_SIZE;
+                p += 1;
+            }
+        }
+        Some((first + off, len.min(max_len)))
+    }
+
     fn enforce_cache_coherency(&mut self) -> bool {
         self.coherent = true;
         true
