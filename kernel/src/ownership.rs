@@ -269,43 +269,17 @@ mod tests {
         let only_named = assign(&units[..1], &devices);
         assert!(!only_named.contains_key(&(0, bdf(0, 0x1f))), "no catch-all: not remapped");
     }
-}
-
-#[cfg(test)]
-mod ivrs_tests {
-    use super::*;
-
-    fn d(bus: u8, dev: u8, parent: Option<Bdf>, pcie: Option<u8>, bridge: Option<(u8, u8)>) -> PciDevice {
-        use crate::pci::{BridgeBuses, PcieInfo};
-        PciDevice {
-            segment: 0,
-            bdf: Bdf { bus, device: dev, function: 0 },
-            vendor: 0x1234,
-            device: 0x11e8,
-            class: (0, 0, 0),
-            revision: 0,
-            header_type: if bridge.is_some() { 1 } else { 0 },
-            bars: Vec::new(),
-            capabilities: Vec::new(),
-            msi: None,
-            msix: None,
-            pcie: pcie.map(|t| PcieInfo { offset: 0x40, port_type: t, version: 2 }),
-            bridge: bridge.map(|(s, e)| BridgeBuses { primary: bus, secondary: s, subordinate: e }),
-            parent,
-            warnings: Vec::new(),
-        }
-    }
 
     #[test]
     fn ivrs_ranges_aliases_and_bridges() {
         let b = |bus, dev| Bdf { bus, device: dev, function: 0 };
         let devices = alloc::vec![
-            d(0, 1, None, Some(0), None),
-            d(0, 5, None, Some(7), Some((2, 2))),
-            d(2, 1, Some(b(0, 5)), None, None),
-            d(0, 3, None, Some(0), None), // the IOMMU itself
-            d(4, 0, None, Some(0), None), // outside every range
-            d(0, 9, None, Some(0), None), // aliased by the firmware
+            dev(0, 1, None, Some(0), None),
+            dev(0, 5, None, Some(7), Some((2, 2))),
+            dev(2, 1, Some(b(0, 5)), None, None),
+            dev(0, 3, None, Some(0), None), // the IOMMU itself
+            dev(4, 0, None, Some(0), None), // outside every range
+            dev(0, 9, None, Some(0), None), // aliased by the firmware
         ];
         let unit = IvrsUnit {
             segment: 0,
