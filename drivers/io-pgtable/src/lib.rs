@@ -10,8 +10,9 @@
 //!   which levels may hold leaves, present/leaf/address/permission bits,
 //!   snoop). Implemented by [`VtdSecondStage`] (VT-d second stage, 3/4/5
 //!   levels per CAP.SAGAW, large pages per CAP.SLLPS, SNP per ECAP.SC) and
-//!   [`X86FirstStage`] (x86-64 4/5-level paging as the VT-d first stage).
-//!   The trait's documentation says how AMD-Vi v1 would plug in.
+//!   [`X86FirstStage`] (x86-64 4/5-level paging as the VT-d first stage)
+//!   and [`AmdV1`] (AMD-Vi v1 host tables, 3 to 6 levels, large pages as
+//!   NextLevel 0 above the bottom level, FC for forced coherence).
 //! * [`TableMemory`]: where tables live (allocate a zeroed 4 KiB table,
 //!   free it, read/write one entry, flush cache lines for non-coherent
 //!   walkers). [`HeapTables`] is the host implementation with fault
@@ -56,6 +57,7 @@
 
 extern crate alloc;
 
+mod amd_v1;
 mod domain;
 mod first_stage;
 mod flush;
@@ -66,6 +68,10 @@ mod table;
 
 use core::fmt;
 
+pub use amd_v1::{
+    AMD_ADDR_MASK, AMD_D, AMD_FC, AMD_IR, AMD_IW, AMD_NEXT_LEVEL_MASK, AMD_NEXT_LEVEL_SHIFT, AMD_PR, AMD_U, AmdV1,
+    AmdV1Entry, amd_next_level,
+};
 pub use domain::{Invalidator, NoInvalidator, PagingDomain, RecordingInvalidator};
 pub use first_stage::{FS_A, FS_ADDR_MASK, FS_D, FS_P, FS_PS, FS_RW, FS_US, FS_XD, X86FirstStage};
 pub use format::{Entry, PtFormat, level_shift, level_size, sizes_of_leaf_levels};
