@@ -82,32 +82,6 @@ impl MockDomain {
         MockEntry::decode(c[(page % CHUNK as u64) as usize])
     }
 
-    fn set(&mut self, page: u64, v: u64) {
-        let c = self.chunks.entry(page / CHUNK as u64).or_insert_with(|| Box::new([0; CHUNK]));
-        let slot = &mut c[(page % CHUNK as u64) as usize];
-        match (*slot & PRESENT != 0, v & PRESENT != 0) {
-            (false, true) => self.mapped += 1,
-            (true, false) => self.mapped -= 1,
-            _ => {}
-        }
-        *slot = v;
-    }
-
-    /// Mapped I/O pages in `[first, end)`, in order.
-    fn pages_in(&self, first: u64, end: u64) -> alloc::vec::Vec<u64> {
-        let mut out = alloc::vec::Vec::new();
-        let (c0, c1) = (first / CHUNK as u64, (end.max(1) - 1) / CHUNK as u64);
-        for (&ci, c) in self.chunks.range(c0..=c1) {
-            for (k, v) in c.iter().enumerate() {
-                let page = ci * CHUNK as u64 + k as u64;
-                if *v & PRESENT != 0 && page >= first && page < end {
-                    out.push(page);
-                }
-            }
-        }
-        out
-    }
-
     /// An empty mock domain.
     pub fn new() -> Self {
         Self::default()
@@ -185,13 +159,30 @@ impl IommuDomain for MockDomain {
         }
         let first = iova / MOCK_IO_PAGE_SIZE;
         let n = length / MOCK_IO_PAGE_SIZE;
-        if let Some(k) = (first..first + n).find(|&k| self.get(k).is_some()) {
-            return Err(DomainError::AlreadyMapped { iova: k * MOCK_IO_PAGE_SIZE });
+        let end = first + n;
+        // A chunk at a time: refuse if anything is mapped, then write.
+        let (c0, c1) = (first / CHUNK as u64, (end - 1) / CHUNK as u64);
+        for (&ci, c) in self.chunks.range(c0..=c1) {
+            let lo = (ci * CHUNK as u64).max(first);
+            let hi = (ci * CHUNK as u64 + CHUNK as u64).min(end);
+            let base = ci * CHUNK as u64;
+            if let Some(k) = (lo..hi).find(|&k| c[(k - base) as usize] & PRESENT != 0) {
+                return Err(DomainError::AlreadyMapped { iova: k * MOCK_IO_PAGE_SIZE });
+            }
         }
-        for i in 0..n {
-            let e = MockEntry { phys: phys + i * MOCK_IO_PAGE_SIZE, prot, start: i == 0, last: i == n - 1 };
-            self.set(first + i, e.encode());
+        let mut page = first;
+        while page < end {
+            let ci = page / CHUNK as u64;
+            let hi = ((ci + 1) * CHUNK as u64).min(end);
+            let c = self.chunks.entry(ci).or_insert_with(|| Box::new([0; CHUNK]));
+            for k in page..hi {
+                let i = k - first;
+                let e = MockEntry { phys: phys + i * MOCK_IO_PAGE_SIZE, prot, start: i == 0, last: i == n - 1 };
+                c[(k % CHUNK as u64) as usize] = e.encode();
+            }
+            page = hi;
         }
+        self.mapped += n as usize;
         Ok(())
     }
 
@@ -199,19 +190,29 @@ impl IommuDomain for MockDomain {
         let Ok(last) = self.check(iova, length) else { return 0 };
         let first = iova / MOCK_IO_PAGE_SIZE;
         let end = first + length / MOCK_IO_PAGE_SIZE;
-        let keys = self.pages_in(first, end);
-        if let (Some(&lo), Some(&hi)) = (keys.first(), keys.last())
-            && (!self.get(lo).is_some_and(|e| e.start) || !self.get(hi).is_some_and(|e| e.last))
-        {
-            self.misaligned_unmaps += 1;
+        let (c0, c1) = (first / CHUNK as u64, (end - 1) / CHUNK as u64);
+        let (mut lo, mut hi, mut count) = (None, 0u64, 0u64);
+        for (&ci, c) in self.chunks.range_mut(c0..=c1) {
+            let base = ci * CHUNK as u64;
+            let (a, b) = (base.max(first), (base + CHUNK as u64).min(end));
+            for slot in &mut c[(a - base) as usize..(b - base) as usize] {
+                if *slot & PRESENT != 0 {
+                    lo.get_or_insert(*slot);
+                    hi = *slot;
+                    count += 1;
+                    *slot = 0;
+                }
+            }
         }
-        for k in &keys {
-            self.set(*k, 0);
-        }
-        if !keys.is_empty() {
+        self.mapped -= count as usize;
+        if let Some(lo) = lo {
+            let (lo, hi) = (MockEntry::decode(lo).expect("present"), MockEntry::decode(hi).expect("present"));
+            if !lo.start || !hi.last {
+                self.misaligned_unmaps += 1;
+            }
             gather.add(iova, last);
         }
-        keys.len() as u64 * MOCK_IO_PAGE_SIZE
+        count * MOCK_IO_PAGE_SIZE
     }
 
     fn iotlb_sync(&mut self, gather: &mut IotlbGather) {
