@@ -167,9 +167,12 @@ impl AmdV1 {
     }
 
     /// Allows or forbids 2 MiB (NextLevel 0 at hardware level 2) and 1 GiB
-    /// (NextLevel 0 at hardware level 3) leaves. Both on by default.
+    /// (NextLevel 0 at hardware level 3) leaves. Both on by default. The
+    /// hardware takes either at any level; 1 GiB leaves are only allowed
+    /// together with 2 MiB ones, because the engine splits a 1 GiB page
+    /// into 2 MiB leaves when part of it is unmapped.
     pub const fn with_large_pages(mut self, two_mib: bool, one_gib: bool) -> Self {
-        self.leaf_levels = 1 | (two_mib as u32) << 1 | (one_gib as u32) << 2;
+        self.leaf_levels = 1 | (two_mib as u32) << 1 | ((two_mib && one_gib) as u32) << 2;
         self
     }
 

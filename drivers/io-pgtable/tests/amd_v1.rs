@@ -101,6 +101,9 @@ fn depth_and_aperture() {
     assert_eq!(AmdV1::from_caps(QEMU_EFR, 64).unwrap().aperture_last(), u64::MAX);
     assert!(AmdV1::from_caps(3 << 10, 48).is_none());
     assert_eq!(amd(4).with_large_pages(true, false).leaf_levels(), 0b011);
+    // 1 GiB leaves only with 2 MiB ones (a split 1 GiB page is 2 MiB leaves).
+    assert_eq!(amd(4).with_large_pages(false, true).leaf_levels(), 0b001);
+    assert_eq!(amd(4).with_large_pages(false, false).leaf_levels(), 0b001);
     assert_eq!(sizes_of_leaf_levels(amd(4).leaf_levels()), K4 | M2 | G1);
 }
 

@@ -2,7 +2,9 @@
 //! partial unmaps that split them, injected allocation failures, syncs)
 //! against a reference map of extents, checking after every step every
 //! translation and permission, that nothing else is mapped, the structural
-//! invariants and the table accounting.
+//! invariants and the table accounting. Runs for VT-d second stage, x86
+//! first stage and AMD-Vi v1 (3, 4 and 6 levels, whose raw NextLevel
+//! encodings are checked along every mapped extent's walk).
 
 use std::collections::BTreeMap;
 
@@ -130,6 +132,33 @@ fn check<F: PtFormat>(pt: &PageTable<F, HeapTables>, m: &Model) -> Result<(), Te
 }
 
 fn run<F: PtFormat>(format: F, coherent: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    run_checked(format, coherent, ops, |_, _| Ok(()))
+}
+
+/// AMD-Vi v1: along the walk to the first and last byte of every mapped
+/// extent, each table entry says NextLevel = its level with PR|IR|IW, and
+/// the leaf says NextLevel 0.
+fn amd_raw_check(pt: &PageTable<AmdV1, HeapTables>, m: &Model) -> Result<(), TestCaseError> {
+    for (s, (l, _, _)) in m {
+        for iova in [*s, s + l - 1] {
+            let steps = pt.walk(iova);
+            let (leaf, tables) = steps.split_last().unwrap();
+            for t in tables {
+                prop_assert_eq!(t.raw & !AMD_ADDR_MASK, AMD_IR | AMD_IW | u64::from(t.level) << 9 | AMD_PR);
+            }
+            prop_assert_eq!(amd_next_level(leaf.raw), 0, "leaf at {:#x}", iova);
+            prop_assert_eq!(leaf.raw & (AMD_PR | AMD_U | AMD_D | 0x1fe), AMD_PR);
+        }
+    }
+    Ok(())
+}
+
+fn run_checked<F: PtFormat>(
+    format: F,
+    coherent: bool,
+    ops: Vec<Op>,
+    raw_check: impl Fn(&PageTable<F, HeapTables>, &Model) -> Result<(), TestCaseError>,
+) -> Result<(), TestCaseError> {
     let mut pt = PageTable::new(format, HeapTables::new(coherent)).unwrap();
     let mut m = Model::new();
     let mut gather = IotlbGather::default();
@@ -201,6 +230,7 @@ fn run<F: PtFormat>(format: F, coherent: bool, ops: Vec<Op>) -> Result<(), TestC
             }
         }
         check(&pt, &m)?;
+        raw_check(&pt, &m)?;
         pt.for_each_mapping(|_, size, _, _| {
             stats[5] += u64::from(size == G1);
             stats[6] += u64::from(size == M2);
@@ -240,5 +270,26 @@ proptest! {
     #[test]
     fn first_stage_matches_model(one_gib in any::<bool>(), ops in ops()) {
         run(X86FirstStage::four_level().with_1g_pages(one_gib), true, ops)?;
+    }
+
+    #[test]
+    fn amd_v1_3level_matches_model(coherent in any::<bool>(), ops in ops()) {
+        run_checked(AmdV1::new(3).unwrap(), coherent, ops, amd_raw_check)?;
+    }
+
+    #[test]
+    fn amd_v1_4level_matches_model(
+        two_mib in any::<bool>(),
+        one_gib in any::<bool>(),
+        force_coherent in any::<bool>(),
+        ops in ops(),
+    ) {
+        let format = AmdV1::new(4).unwrap().with_large_pages(two_mib, one_gib).with_force_coherent(force_coherent);
+        run_checked(format, false, ops, amd_raw_check)?;
+    }
+
+    #[test]
+    fn amd_v1_6level_matches_model(ops in ops()) {
+        run_checked(AmdV1::new(6).unwrap(), true, ops, amd_raw_check)?;
     }
 }
