@@ -27,6 +27,7 @@
 //! domain is `&mut self` throughout).
 
 use alloc::vec::Vec;
+use core::cell::Cell;
 use core::fmt;
 
 use portcullis_iommu::{IotlbGather, Prot};
@@ -83,6 +84,11 @@ pub struct PageTable<F: PtFormat, M: TableMemory> {
     force_snoop: bool,
     tables: usize,
     deferred: Vec<u64>,
+    /// The walk to the last 4 KiB leaf table a map wrote or a lookup read:
+    /// `(iova >> 21, tables root first by level)`. Consecutive small maps
+    /// and lookups start there instead of at the root. Tables leave the
+    /// tree only through unmap and a failed map's unwind, which clear it.
+    walk_cache: Cell<Option<(u64, [u64; MAX_LEVELS])>>,
 }
 
 impl<F: PtFormat, M: TableMemory> fmt::Debug for PageTable<F, M> {
@@ -126,6 +132,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             force_snoop: false,
             tables: 1,
             deferred: Vec::new(),
+            walk_cache: Cell::new(None),
         })
     }
 
@@ -140,6 +147,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// The table memory, mutably (fault injection in tests). Writing
     /// entries through it behind the engine's back breaks its invariants.
     pub fn memory_mut(&mut self) -> &mut M {
+        self.walk_cache.set(None);
         &mut self.mem
     }
     /// Physical address of the root table (what the context or PASID
@@ -245,6 +253,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         let mut batch = FlushBatch::new(!self.coherent);
         let result = self.map_range(iova, phys, end, prot, &mut batch);
         if let Err((stopped, _)) = result {
+            self.walk_cache.set(None);
             // Everything in [iova, stopped) was mapped by this call with
             // pages that fit in it, so this never needs to split.
             if stopped > iova {
@@ -287,10 +296,23 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         path[top as usize] = self.root;
         // path[valid..=top] are the tables covering `cur`.
         let mut valid = top;
+        if let Some((key, cached)) = self.walk_cache.get()
+            && key == iova >> level_shift(1)
+        {
+            path = cached;
+            valid = 0;
+        }
         let mut cur = iova;
+        let mut last_level = top;
         while cur < end {
             let pa = phys + (cur - iova);
             let level = self.leaf_level(cur | pa, end - cur);
+            if valid < level {
+                // Only a cached walk starts below a large piece's level:
+                // the tables above are the cached ones, still covering `cur`.
+                valid = level;
+            }
+            last_level = level;
             debug_assert!(valid >= level);
             let mut l = valid;
             while l > level {
@@ -337,6 +359,10 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
                 valid += 1;
             }
+        }
+        if last_level == 0 {
+            // path[0..=top] lead to the leaf table of the last page written.
+            self.walk_cache.set(Some(((cur - 1) >> level_shift(1), path)));
         }
         Ok(())
     }
@@ -409,6 +435,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// not allocate.
     pub fn try_unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, PartialUnmap> {
         let end = self.check_range(iova, length).map_err(|error| PartialUnmap { unmapped: 0, iova, error })?;
+        self.walk_cache.set(None);
         let deferred_before = self.deferred.len();
         let mut batch = FlushBatch::new(!self.coherent);
         let result = self.unmap_range(iova, end, gather, &mut batch);
@@ -588,11 +615,20 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         if iova > self.last {
             return None;
         }
-        let mut t = self.root;
-        let mut l = self.top;
+        let mut path = [0u64; MAX_LEVELS];
+        let (mut t, mut l) = match self.walk_cache.get() {
+            // The 4 KiB leaf table covering `iova` is in the tree.
+            Some((key, cached)) if key == iova >> level_shift(1) => (cached[0], 0),
+            _ => (self.root, self.top),
+        };
+        let walked = l != 0;
         loop {
+            path[l as usize] = t;
             let index = index_of(iova, l);
             let raw = self.mem.read(t, index);
+            if l == 0 && walked {
+                self.walk_cache.set(Some((iova >> level_shift(1), path)));
+            }
             if !self.format.is_present(raw) {
                 return None;
             }
