@@ -1,7 +1,8 @@
 //! AMD-Vi "v1" host page tables (AMD I/O Virtualization Technology (IOMMU)
 //! Specification, pub. 48882, section 2.2.3 "I/O Page Tables for Host
-//! Translations"; the device table entry's Mode field in 2.2.2.1; the
-//! supported depth from EFR.HATS in 3.4.12, MMIO offset 0x0030).
+//! Translations"; the device table entry's Mode field in 2.2.2; the
+//! supported depth from EFR.HATS, the Extended Feature Register at MMIO
+//! offset 0x0030, section 3.4).
 //!
 //! # Entries
 //!
@@ -15,7 +16,7 @@
 //! | 6     | D         | dirty (written by the IOMMU only when the DTE enables it; never set here) |
 //! | 11:9  | NextLevel | PDE: hardware level of the table it points at; PTE: 0 (or 7, see below) |
 //! | 51:12 | address   | next table, or the page (aligned to the page size) |
-//! | 59    | U         | PTE: tells an ATS-capable device not to cache the translation (not used here) |
+//! | 59    | U         | PTE: an ATS-capable device must use untranslated requests for this page (not used here) |
 //! | 60    | FC        | PTE: force coherent, the upstream request snoops whatever the device asked |
 //! | 61    | IR        | read allowed |
 //! | 62    | IW        | write allowed |
@@ -85,7 +86,8 @@ pub const AMD_NEXT_LEVEL_SHIFT: u32 = 9;
 pub const AMD_NEXT_LEVEL_MASK: u64 = 7 << AMD_NEXT_LEVEL_SHIFT;
 /// Address field, bits 51:12.
 pub const AMD_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-/// U (bit 59): ATS-capable devices must not cache this translation.
+/// U (bit 59): an ATS-capable device must use untranslated requests for
+/// this page; never set here.
 pub const AMD_U: u64 = 1 << 59;
 /// Force coherent (bit 60, PTEs only).
 pub const AMD_FC: u64 = 1 << 60;
