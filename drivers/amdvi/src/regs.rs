@@ -1,0 +1,242 @@
+//! The AMD-Vi MMIO register block (spec §3.4) and the seam to it.
+//!
+//! [`Mmio`] is how the driver touches registers: the kernel implements it
+//! over an uncached mapping of the IVHD's base address, host tests over a
+//! register model. It has the same shape as `vtd::regs::Mmio`, so one
+//! kernel type can implement both. Every register the driver uses is a
+//! 64-bit register and gets 64-bit accesses; the typed accessors make
+//! another width impossible for the constants below.
+
+/// A 32-bit register at a fixed offset (4-byte aligned, checked when the
+/// constant is built). No fixed AMD-Vi register the driver uses is 32-bit;
+/// the type exists so the seam matches the VT-d one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reg32(usize);
+
+/// A 64-bit register at a fixed offset (8-byte aligned, checked when the
+/// constant is built).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reg64(usize);
+
+impl Reg32 {
+    /// A 32-bit register at `offset` (panics at compile time when misplaced).
+    pub const fn at(offset: usize) -> Self {
+        assert!(offset.is_multiple_of(4) && offset + 4 <= BLOCK, "misplaced 32-bit register");
+        Self(offset)
+    }
+    /// Offset from the unit's base.
+    pub const fn offset(self) -> usize {
+        self.0
+    }
+}
+
+impl Reg64 {
+    const fn at(offset: usize) -> Self {
+        assert!(offset.is_multiple_of(8) && offset + 8 <= BLOCK, "misplaced 64-bit register");
+        Self(offset)
+    }
+    /// Offset from the unit's base.
+    pub const fn offset(self) -> usize {
+        self.0
+    }
+}
+
+/// Size of the register block the driver maps: 16 KiB (the control
+/// registers at 0000h-1FFFh and the pointer/status registers from 2000h;
+/// performance counters beyond 4000h are not used).
+pub const BLOCK: usize = 0x4000;
+
+/// Register access for one unit. Offsets are from the unit's base.
+pub trait Mmio {
+    /// 32-bit read.
+    fn read32(&self, offset: usize) -> u32;
+    /// 64-bit read.
+    fn read64(&self, offset: usize) -> u64;
+    /// 32-bit write.
+    fn write32(&self, offset: usize, value: u32);
+    /// 64-bit write.
+    fn write64(&self, offset: usize, value: u64);
+    /// Reads a 32-bit register.
+    fn get32(&self, r: Reg32) -> u32 {
+        self.read32(r.offset())
+    }
+    /// Reads a 64-bit register.
+    fn get64(&self, r: Reg64) -> u64 {
+        self.read64(r.offset())
+    }
+    /// Writes a 32-bit register.
+    fn set32(&self, r: Reg32, value: u32) {
+        self.write32(r.offset(), value)
+    }
+    /// Writes a 64-bit register.
+    fn set64(&self, r: Reg64, value: u64) {
+        self.write64(r.offset(), value)
+    }
+}
+
+/// Device Table Base Address (MMIO 0000h): base in bits 51:12, `Size` in
+/// bits 8:0 (table size in 4 KiB pages, minus one).
+pub const DEV_TABLE_BASE: Reg64 = Reg64::at(0x0000);
+/// Command Buffer Base Address (MMIO 0008h): base in bits 51:12, `ComLen`
+/// in bits 59:56 (2^ComLen entries of 16 bytes, 8..=15).
+pub const CMD_BUF_BASE: Reg64 = Reg64::at(0x0008);
+/// Event Log Base Address (MMIO 0010h): base in bits 51:12, `EventLen` in
+/// bits 59:56 (2^EventLen entries of 16 bytes, 8..=15).
+pub const EVENT_LOG_BASE: Reg64 = Reg64::at(0x0010);
+/// IOMMU Control (MMIO 0018h), bits in [`control`].
+pub const CONTROL: Reg64 = Reg64::at(0x0018);
+/// Exclusion Range Base (MMIO 0020h): ExEn bit 0, Allow bit 1, base 51:12.
+pub const EXCLUSION_BASE: Reg64 = Reg64::at(0x0020);
+/// Exclusion Range Limit (MMIO 0028h): limit in bits 51:12 (the low 12
+/// bits read as ones).
+pub const EXCLUSION_LIMIT: Reg64 = Reg64::at(0x0028);
+/// Extended Feature Register (MMIO 0030h, read-only; present when the PCI
+/// capability header's EFRSup is set). Decoded by [`crate::caps::Caps`].
+pub const EXT_FEATURE: Reg64 = Reg64::at(0x0030);
+/// Command Buffer Head Pointer (MMIO 2000h): byte offset in bits 18:4.
+pub const CMD_BUF_HEAD: Reg64 = Reg64::at(0x2000);
+/// Command Buffer Tail Pointer (MMIO 2008h): byte offset in bits 18:4.
+pub const CMD_BUF_TAIL: Reg64 = Reg64::at(0x2008);
+/// Event Log Head Pointer (MMIO 2010h): byte offset in bits 18:4.
+pub const EVENT_LOG_HEAD: Reg64 = Reg64::at(0x2010);
+/// Event Log Tail Pointer (MMIO 2018h): byte offset in bits 18:4.
+pub const EVENT_LOG_TAIL: Reg64 = Reg64::at(0x2018);
+/// IOMMU Status (MMIO 2020h), bits in [`status`].
+pub const STATUS: Reg64 = Reg64::at(0x2020);
+
+/// Every fixed register as (offset, width in bytes), in offset order.
+pub const LAYOUT: [(usize, usize); 12] = [
+    (DEV_TABLE_BASE.offset(), 8),
+    (CMD_BUF_BASE.offset(), 8),
+    (EVENT_LOG_BASE.offset(), 8),
+    (CONTROL.offset(), 8),
+    (EXCLUSION_BASE.offset(), 8),
+    (EXCLUSION_LIMIT.offset(), 8),
+    (EXT_FEATURE.offset(), 8),
+    (CMD_BUF_HEAD.offset(), 8),
+    (CMD_BUF_TAIL.offset(), 8),
+    (EVENT_LOG_HEAD.offset(), 8),
+    (EVENT_LOG_TAIL.offset(), 8),
+    (STATUS.offset(), 8),
+];
+
+// The fixed registers are in offset order and do not overlap (spec §3.4).
+const _: () = {
+    let mut i = 1;
+    while i < LAYOUT.len() {
+        assert!(LAYOUT[i - 1].0 + LAYOUT[i - 1].1 <= LAYOUT[i].0, "overlapping registers");
+        i += 1;
+    }
+};
+
+/// Physical address field of the base registers (bits 51:12).
+pub const BASE_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Device Table Base Address fields (MMIO 0000h).
+pub mod dev_table {
+    /// Largest `Size` value: 512 pages (2 MiB, 65536 entries).
+    pub const MAX_SIZE: u64 = 0x1ff;
+    /// The register value for a table at `base` of `pages` 4 KiB pages.
+    pub const fn value(base: u64, pages: u64) -> u64 {
+        (base & super::BASE_MASK) | ((pages - 1) & MAX_SIZE)
+    }
+}
+
+/// Command Buffer / Event Log Base Address length field (bits 59:56).
+pub mod log_len {
+    /// Shift of ComLen / EventLen.
+    pub const SHIFT: u32 = 56;
+    /// Smallest legal length: 2^8 = 256 entries (4 KiB).
+    pub const MIN: u32 = 8;
+    /// The register value for a ring at `base` of `2^len` 16-byte entries.
+    pub const fn value(base: u64, len: u32) -> u64 {
+        (base & super::BASE_MASK) | ((len as u64 & 0xf) << SHIFT)
+    }
+}
+
+/// Head/tail pointer registers: the byte offset field (bits 18:4).
+pub const POINTER_MASK: u64 = 0x7_fff0;
+
+/// IOMMU Control register bits (MMIO 0018h).
+pub mod control {
+    /// IommuEn: translation and the other enables take effect.
+    pub const IOMMU_EN: u64 = 1 << 0;
+    /// HtTunEn: HyperTransport tunnel translation.
+    pub const HT_TUN_EN: u64 = 1 << 1;
+    /// EventLogEn: event logging.
+    pub const EVENT_LOG_EN: u64 = 1 << 2;
+    /// EventIntEn: interrupt when an event is logged.
+    pub const EVENT_INT_EN: u64 = 1 << 3;
+    /// ComWaitIntEn: interrupt on COMPLETION_WAIT with I = 1.
+    pub const COM_WAIT_INT_EN: u64 = 1 << 4;
+    /// InvTimeOut (bits 7:5): device IOTLB invalidation time-out.
+    pub const INV_TIMEOUT_MASK: u64 = 7 << 5;
+    /// PassPW: response pass posted write.
+    pub const PASS_PW: u64 = 1 << 8;
+    /// ResPassPW.
+    pub const RES_PASS_PW: u64 = 1 << 9;
+    /// Coherent: device table fetches snoop processor caches.
+    pub const COHERENT: u64 = 1 << 10;
+    /// Isoc: isochronous traffic.
+    pub const ISOC: u64 = 1 << 11;
+    /// CmdBufEn: the command processor fetches commands.
+    pub const CMD_BUF_EN: u64 = 1 << 12;
+    /// PPRLogEn.
+    pub const PPR_LOG_EN: u64 = 1 << 13;
+    /// PprIntEn.
+    pub const PPR_INT_EN: u64 = 1 << 14;
+    /// PPREn.
+    pub const PPR_EN: u64 = 1 << 15;
+    /// GTEn: guest translation.
+    pub const GT_EN: u64 = 1 << 16;
+    /// GAEn: guest virtual APIC.
+    pub const GA_EN: u64 = 1 << 17;
+}
+
+/// IOMMU Status register bits (MMIO 2020h).
+pub mod status {
+    /// EventOverflow (RW1C): the event log was full; logging stopped.
+    pub const EVENT_OVERFLOW: u64 = 1 << 0;
+    /// EventLogInt (RW1C): an event was logged with EventIntEn set.
+    pub const EVENT_LOG_INT: u64 = 1 << 1;
+    /// ComWaitInt (RW1C): a COMPLETION_WAIT with I = 1 completed.
+    pub const COM_WAIT_INT: u64 = 1 << 2;
+    /// EventLogRun (RO): the event logger is running.
+    pub const EVENT_LOG_RUN: u64 = 1 << 3;
+    /// CmdBufRun (RO): the command processor is running.
+    pub const CMD_BUF_RUN: u64 = 1 << 4;
+    /// PprOverflow (RW1C).
+    pub const PPR_OVERFLOW: u64 = 1 << 5;
+    /// PprInt (RW1C).
+    pub const PPR_INT: u64 = 1 << 6;
+    /// PprLogRun (RO).
+    pub const PPR_LOG_RUN: u64 = 1 << 7;
+    /// The write-one-to-clear bits the driver acknowledges.
+    pub const W1C: u64 = EVENT_OVERFLOW | EVENT_LOG_INT | COM_WAIT_INT | PPR_OVERFLOW | PPR_INT;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_match_the_spec() {
+        let offs: [usize; 12] = LAYOUT.map(|r| r.0);
+        assert_eq!(offs, [0x0, 0x8, 0x10, 0x18, 0x20, 0x28, 0x30, 0x2000, 0x2008, 0x2010, 0x2018, 0x2020]);
+    }
+
+    #[test]
+    fn base_register_values() {
+        assert_eq!(dev_table::value(0x1234_5000, 1), 0x1234_5000);
+        assert_eq!(dev_table::value(0x20_0000, 512), 0x20_01ff);
+        assert_eq!(log_len::value(0x8000, 8), 0x0800_0000_0000_8000);
+        assert_eq!(log_len::value(0xf_ffff_ffff_f000, 15), 0x0f0f_ffff_ffff_f000);
+    }
+
+    #[test]
+    fn control_and_status_bits() {
+        assert_eq!(control::IOMMU_EN | control::EVENT_LOG_EN | control::CMD_BUF_EN | control::COHERENT, 0x1405);
+        assert_eq!(status::W1C, 0x67);
+        assert_eq!(status::EVENT_LOG_RUN | status::CMD_BUF_RUN | status::PPR_LOG_RUN, 0x98);
+    }
+}

@@ -1,0 +1,650 @@
+//! One AMD-Vi unit (one IVHD): bring-up, device table entries, the
+//! command buffer with completion waits, invalidation, and the event log.
+//!
+//! Invariants:
+//! * Every wait on the hardware has a timeout from the [`Clock`] and fails
+//!   with an error naming the unit and the register.
+//! * From [`Unit::enable`] on, every device id the device table covers has
+//!   a valid entry (V = 1, TV = 1): blocked unless attached or passed
+//!   through. No entry is ever invalid, since V = 0 lets DMA through
+//!   untranslated.
+//! * A device table entry changes in steps that are each safe to be seen:
+//!   a live entry is first blocked, then the high words change, then word 0
+//!   (V, TV, Mode, root, IR, IW) is written last in one 64-bit store.
+//! * After an entry changes, the unit is told with INVALIDATE_DEVTAB_ENTRY
+//!   *and* INVALIDATE_IOMMU_PAGES for the domain the old entry tagged its
+//!   IOTLB entries with (QEMU ignores the first; its IOTLB is dropped by
+//!   domain), then one COMPLETION_WAIT.
+//! * Every batch of commands ends with one COMPLETION_WAIT storing a fresh
+//!   sequence number; the driver waits for that store. The producer reads
+//!   the hardware head before reusing a slot and never fills the ring (one
+//!   slot stays free, so head == tail always means empty).
+//! * Domain id 0 is reserved for blocked and pass-through entries.
+//! * Device table, command buffer, event log and completion-wait page come
+//!   from the [`ContiguousMemory`]; all of them are allocated by `enable`
+//!   and freed by `disable` (or by a failed `enable`, which leaves nothing
+//!   behind). When the walker does not snoop, changed lines are flushed
+//!   before the unit may see them.
+
+use crate::caps::Caps;
+use crate::cmd::{Command, PageRange, covering_block, exact_blocks};
+use crate::dte::{DeviceTableEntry, DteKind};
+use crate::event::Event;
+use crate::memory::ContiguousMemory;
+use crate::regs::{self, Mmio, control, status};
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// Monotonic time for timeouts.
+pub trait Clock {
+    /// Nanoseconds since some fixed point.
+    fn now_ns(&self) -> u64;
+}
+
+/// How long any single hardware wait may take.
+pub const TIMEOUT_NS: u64 = 100_000_000;
+
+/// log2 of the command buffer and event log entry counts: 256 entries of
+/// 16 bytes, one 4 KiB page each (the smallest size the spec allows).
+pub const RING_LEN_LOG2: u32 = regs::log_len::MIN;
+/// Bytes in the command buffer and in the event log.
+pub const RING_BYTES: u64 = 16 << RING_LEN_LOG2;
+/// Range invalidations that would need more INVALIDATE_IOMMU_PAGES than
+/// this are sent as one command over the smallest aligned block covering
+/// the range (invalidating more than asked is always correct).
+pub const MAX_RANGE_COMMANDS: usize = 8;
+/// Events kept in [`Unit::event_log`].
+pub const EVENT_LOG_KEEP: usize = 256;
+
+/// A driver error, naming the unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The unit did not reach a state in time.
+    Timeout { unit: String, register: &'static str, waited_ns: u64 },
+    /// No memory for the device table, a ring or the completion-wait page.
+    NoMemory { unit: String },
+    /// The unit cannot do what was asked.
+    Unsupported { unit: String, what: &'static str },
+    /// All domain ids are in use.
+    NoDomainId { unit: String },
+    /// A device id beyond the device table.
+    NoSuchDevice { unit: String, device_id: u16, last_device_id: u16 },
+    /// An argument the hardware cannot encode.
+    Invalid { unit: String, what: &'static str },
+    /// The unit is not enabled (no device table or command buffer yet).
+    NotEnabled { unit: String },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timeout { unit, register, waited_ns } => {
+                write!(f, "{unit}: timed out after {} us waiting on {register}", waited_ns / 1000)
+            }
+            Self::NoMemory { unit } => write!(f, "{unit}: out of memory for the device table or rings"),
+            Self::Unsupported { unit, what } => write!(f, "{unit}: unsupported: {what}"),
+            Self::NoDomainId { unit } => write!(f, "{unit}: no free domain id"),
+            Self::NoSuchDevice { unit, device_id, last_device_id } => {
+                write!(f, "{unit}: device id {device_id:#06x} beyond the device table (last {last_device_id:#06x})")
+            }
+            Self::Invalid { unit, what } => write!(f, "{unit}: invalid argument: {what}"),
+            Self::NotEnabled { unit } => write!(f, "{unit}: not enabled"),
+        }
+    }
+}
+
+/// Whether the allocator hands out `domain_id`: not 0 (blocked and
+/// pass-through entries), and not with bit 8 set. QEMU before its
+/// reserved-mask fix (upstream ff3dcb3bf6, "Fix masks for various IOMMU
+/// reserved bits") treats DTE bit 72, DomainID bit 8, as reserved and
+/// refuses DMA through such an entry; 32767 ids remain, more than any
+/// hypervisor needs.
+pub const fn usable_domain_id(domain_id: u16) -> bool {
+    domain_id != 0 && domain_id & 0x100 == 0
+}
+
+/// Commands issued (for benchmarks and tests: "one wait per unmap").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidationStats {
+    /// Commands issued, completion waits excluded.
+    pub commands: u64,
+    /// COMPLETION_WAIT commands (each one waited for).
+    pub waits: u64,
+}
+
+/// What `enable` allocated.
+#[derive(Debug, Clone, Copy)]
+struct Rings {
+    dev_table: u64,
+    dev_table_pages: usize,
+    cmd_buf: u64,
+    /// Next free byte offset in the command buffer (the tail we wrote).
+    cmd_tail: u64,
+    event_log: u64,
+    /// Next byte offset to read in the event log (the head we wrote).
+    event_head: u64,
+    wait_page: u64,
+}
+
+/// One AMD-Vi unit.
+pub struct Unit<M: Mmio, T: ContiguousMemory, C: Clock> {
+    name: String,
+    mmio: M,
+    mem: T,
+    clock: C,
+    caps: Caps,
+    last_device_id: u16,
+    coherent: bool,
+    rings: Option<Rings>,
+    wait_seq: u64,
+    next_domain: u32,
+    free_domains: Vec<u16>,
+    events: Vec<Event>,
+    overflows: u64,
+    /// Command counters.
+    pub stats: InvalidationStats,
+}
+
+impl<M: Mmio, T: ContiguousMemory, C: Clock> fmt::Debug for Unit<M, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Unit({}, {}, devices 0..={:#06x}, enabled {})",
+            self.name,
+            self.caps,
+            self.last_device_id,
+            self.rings.is_some()
+        )
+    }
+}
+
+impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
+    /// Takes over a unit: reads its Extended Feature Register. Nothing is
+    /// allocated or enabled yet. `last_device_id` is the highest device id
+    /// (requester id) the unit must cover, from the IVHD's device entries;
+    /// the device table is sized for `0..=last_device_id`, rounded up to
+    /// whole 4 KiB pages (128 entries each).
+    pub fn new(name: String, mmio: M, mem: T, clock: C, last_device_id: u16) -> Self {
+        let caps = Caps::from_efr(mmio.get64(regs::EXT_FEATURE));
+        Self {
+            name,
+            mmio,
+            mem,
+            clock,
+            caps,
+            last_device_id,
+            coherent: true,
+            rings: None,
+            wait_seq: 0,
+            next_domain: 1,
+            free_domains: Vec::new(),
+            events: Vec::new(),
+            overflows: 0,
+            stats: InvalidationStats::default(),
+        }
+    }
+
+    /// Adds the PCI capability header and Miscellaneous Information
+    /// register 0 the kernel read from config space (optional; they refine
+    /// [`Self::caps`]).
+    pub fn set_pci_capability(&mut self, header: u32, misc: u32) {
+        self.caps.cap_header = Some(header);
+        self.caps.misc = Some(misc);
+    }
+
+    /// Whether the unit's fetches snoop CPU caches (the IVHD Coherent
+    /// flag; default `true`). Takes effect at the next [`Self::enable`],
+    /// which programs Control.Coherent from it; when `false` the driver
+    /// flushes every line it changes in the unit's structures.
+    pub fn set_coherent(&mut self, coherent: bool) {
+        self.coherent = coherent;
+    }
+
+    /// The unit's name (for messages).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its capabilities.
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    /// The highest device id the device table covers as asked for.
+    pub fn last_device_id(&self) -> u16 {
+        self.last_device_id
+    }
+
+    /// Whether [`Self::enable`] succeeded and [`Self::disable`] has not run.
+    pub fn is_enabled(&self) -> bool {
+        self.rings.is_some()
+    }
+
+    /// Device table pages for `0..=last_device_id`.
+    pub fn dev_table_pages(&self) -> usize {
+        ((self.last_device_id as usize + 1) * DeviceTableEntry::SIZE as usize).div_ceil(4096)
+    }
+
+    /// The table memory (domains allocate their page tables from the same
+    /// pool).
+    pub fn memory_mut(&mut self) -> &mut T {
+        &mut self.mem
+    }
+
+    /// The table memory, read-only.
+    pub fn memory(&self) -> &T {
+        &self.mem
+    }
+
+    /// Whether changed lines are flushed for the unit to see them.
+    pub fn flushes(&self) -> bool {
+        !self.coherent || !self.mem.coherent()
+    }
+
+    fn err_no_memory(&self) -> Error {
+        Error::NoMemory { unit: self.name.clone() }
+    }
+
+    fn not_enabled(&self) -> Error {
+        Error::NotEnabled { unit: self.name.clone() }
+    }
+
+    fn wait_until(&self, register: &'static str, mut done: impl FnMut(&Self) -> bool) -> Result<(), Error> {
+        let start = self.clock.now_ns();
+        loop {
+            if done(self) {
+                return Ok(());
+            }
+            let waited = self.clock.now_ns().saturating_sub(start);
+            if waited > TIMEOUT_NS {
+                // One last look before giving up.
+                if done(self) {
+                    return Ok(());
+                }
+                return Err(Error::Timeout { unit: self.name.clone(), register, waited_ns: waited });
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Allocates the device table, rings and completion-wait page; on
+    /// failure frees what it got.
+    fn allocate(&mut self) -> Result<Rings, Error> {
+        let pages = self.dev_table_pages();
+        let dev_table = self.mem.alloc_contiguous(pages).ok_or_else(|| self.err_no_memory())?;
+        let mut got = Vec::with_capacity(3);
+        for _ in 0..3 {
+            match self.mem.alloc_table() {
+                Some(p) => got.push(p),
+                None => {
+                    for p in got {
+                        self.mem.free_table(p);
+                    }
+                    self.mem.free_contiguous(dev_table, pages);
+                    return Err(self.err_no_memory());
+                }
+            }
+        }
+        Ok(Rings {
+            dev_table,
+            dev_table_pages: pages,
+            cmd_buf: got[0],
+            cmd_tail: 0,
+            event_log: got[1],
+            event_head: 0,
+            wait_page: got[2],
+        })
+    }
+
+    fn release(&mut self, r: Rings) {
+        self.mem.free_table(r.wait_page);
+        self.mem.free_table(r.event_log);
+        self.mem.free_table(r.cmd_buf);
+        self.mem.free_contiguous(r.dev_table, r.dev_table_pages);
+    }
+
+    /// Brings the unit up (spec §3.4 programming order): translation off,
+    /// device table with every entry blocked, command buffer and event log
+    /// programmed and enabled, exclusion range off, then IommuEn; then
+    /// every cache flushed (INVALIDATE_IOMMU_ALL when EFR.IASup, else
+    /// every device table entry and every domain id handed out so far) and
+    /// one completion wait. QEMU runs commands only once IommuEn and
+    /// CmdBufEn are both set, hence the flush after IommuEn; every entry is
+    /// blocked by then. A failure turns the unit off again and frees
+    /// everything.
+    pub fn enable(&mut self) -> Result<(), Error> {
+        if self.rings.is_some() {
+            return Ok(());
+        }
+        // Firmware may have left it on: stop everything first.
+        if self.mmio.get64(regs::CONTROL) & (control::IOMMU_EN | control::CMD_BUF_EN | control::EVENT_LOG_EN) != 0 {
+            self.mmio.set64(regs::CONTROL, 0);
+        }
+        let r = self.allocate()?;
+        // Every entry of every page blocked (the unit may index any entry
+        // the Size field covers). Words 1-3 are already zero.
+        let blocked = DeviceTableEntry::blocked().0[0];
+        for page in 0..r.dev_table_pages as u64 {
+            for e in 0..(4096 / DeviceTableEntry::SIZE) as usize {
+                self.mem.write(r.dev_table + page * 4096, e * 4, blocked);
+            }
+        }
+        if self.flushes() {
+            self.mem.flush(r.dev_table, r.dev_table_pages as u64 * 4096);
+        }
+        self.mmio.set64(regs::DEV_TABLE_BASE, regs::dev_table::value(r.dev_table, r.dev_table_pages as u64));
+        self.mmio.set64(regs::CMD_BUF_BASE, regs::log_len::value(r.cmd_buf, RING_LEN_LOG2));
+        self.mmio.set64(regs::CMD_BUF_HEAD, 0);
+        self.mmio.set64(regs::CMD_BUF_TAIL, 0);
+        self.mmio.set64(regs::EVENT_LOG_BASE, regs::log_len::value(r.event_log, RING_LEN_LOG2));
+        self.mmio.set64(regs::EVENT_LOG_HEAD, 0);
+        self.mmio.set64(regs::EVENT_LOG_TAIL, 0);
+        // An exclusion range would let DMA bypass translation.
+        self.mmio.set64(regs::EXCLUSION_BASE, 0);
+        self.mmio.set64(regs::EXCLUSION_LIMIT, 0);
+        self.mmio.set64(regs::STATUS, status::W1C);
+        let coherent = if self.coherent { control::COHERENT } else { 0 };
+        let ctrl = coherent | control::CMD_BUF_EN | control::EVENT_LOG_EN;
+        self.mmio.set64(regs::CONTROL, ctrl);
+        self.mmio.set64(regs::CONTROL, ctrl | control::IOMMU_EN);
+        self.rings = Some(r);
+        let flushed = self
+            .wait_until("Status.CmdBufRun", |u| u.mmio.get64(regs::STATUS) & status::CMD_BUF_RUN != 0)
+            .and_then(|()| self.flush_everything());
+        if let Err(e) = flushed {
+            self.mmio.set64(regs::CONTROL, 0);
+            if let Some(r) = self.rings.take() {
+                self.release(r);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Turns translation, the command buffer and the event log off and
+    /// frees the unit's structures. Every device's DMA passes untranslated
+    /// afterwards, so do this only when no device may DMA.
+    pub fn disable(&mut self) -> Result<(), Error> {
+        let r = self.rings.take().ok_or_else(|| self.not_enabled())?;
+        let ctrl = self.mmio.get64(regs::CONTROL);
+        self.mmio.set64(regs::CONTROL, ctrl & !(control::IOMMU_EN | control::CMD_BUF_EN | control::EVENT_LOG_EN));
+        self.release(r);
+        Ok(())
+    }
+
+    /// The commands that drop every cached translation and entry.
+    fn everything(&self) -> Vec<Command> {
+        if self.caps.invalidate_all() {
+            return alloc::vec![Command::invalidate_all()];
+        }
+        let mut cmds: Vec<Command> = (0..=self.last_device_id).map(Command::invalidate_devtab_entry).collect();
+        let used = (0..self.next_domain).filter(|&d| d == 0 || usable_domain_id(d as u16));
+        cmds.extend(used.map(|d| Command::invalidate_pages(d as u16, PageRange::All, true)));
+        cmds
+    }
+
+    fn flush_everything(&mut self) -> Result<(), Error> {
+        let cmds = self.everything();
+        self.submit(&cmds)
+    }
+
+    /// Writes `cmds` and one COMPLETION_WAIT to the command buffer and
+    /// waits until the unit has stored the wait's sequence number.
+    fn submit(&mut self, cmds: &[Command]) -> Result<(), Error> {
+        let r = self.rings.ok_or_else(|| self.not_enabled())?;
+        self.wait_seq += 1;
+        let seq = self.wait_seq;
+        self.mem.write(r.wait_page, 0, 0);
+        let mut all = cmds.to_vec();
+        all.push(Command::completion_wait(r.wait_page, seq));
+        let slots = RING_BYTES / Command::SIZE;
+        let mut tail = r.cmd_tail;
+        for chunk in all.chunks(slots as usize - 1) {
+            let need = chunk.len() as u64 * Command::SIZE;
+            // Room: never overtake the hardware head; keep one slot free.
+            // The head is reduced modulo the ring: QEMU leaves it at the
+            // ring size for a moment after processing the last slot.
+            self.wait_until("Command Buffer Head", |u| {
+                let head = (u.mmio.get64(regs::CMD_BUF_HEAD) & regs::POINTER_MASK) % RING_BYTES;
+                (head + RING_BYTES - tail - Command::SIZE) % RING_BYTES >= need
+            })?;
+            let first = tail;
+            for c in chunk {
+                let i = (tail / 8) as usize;
+                self.mem.write(r.cmd_buf, i, c.0[0]);
+                self.mem.write(r.cmd_buf, i + 1, c.0[1]);
+                tail = (tail + Command::SIZE) % RING_BYTES;
+            }
+            if self.flushes() {
+                if first < tail {
+                    self.mem.flush(r.cmd_buf + first, tail - first);
+                } else {
+                    self.mem.flush(r.cmd_buf + first, RING_BYTES - first);
+                    if tail > 0 {
+                        self.mem.flush(r.cmd_buf, tail);
+                    }
+                }
+            }
+            self.mmio.set64(regs::CMD_BUF_TAIL, tail);
+            if let Some(rr) = self.rings.as_mut() {
+                rr.cmd_tail = tail;
+            }
+        }
+        self.stats.commands += cmds.len() as u64;
+        self.stats.waits += 1;
+        self.wait_until("Command Buffer Head (COMPLETION_WAIT store)", |u| u.mem.read(r.wait_page, 0) == seq)
+    }
+
+    /// Where entry `device_id` lives: (page, index of its first word).
+    fn dte_slot(r: &Rings, device_id: u16) -> (u64, usize) {
+        let byte = device_id as u64 * DeviceTableEntry::SIZE;
+        (r.dev_table + byte / 4096 * 4096, (byte % 4096 / 8) as usize)
+    }
+
+    fn check_device(&self, device_id: u16) -> Result<Rings, Error> {
+        let r = self.rings.ok_or_else(|| self.not_enabled())?;
+        if device_id > self.last_device_id {
+            return Err(Error::NoSuchDevice {
+                unit: self.name.clone(),
+                device_id,
+                last_device_id: self.last_device_id,
+            });
+        }
+        Ok(r)
+    }
+
+    /// The device table entry of `device_id` (`None` when not enabled or
+    /// beyond the table).
+    pub fn dte(&self, device_id: u16) -> Option<DeviceTableEntry> {
+        let r = self.check_device(device_id).ok()?;
+        let (page, i) = Self::dte_slot(&r, device_id);
+        Some(DeviceTableEntry([
+            self.mem.read(page, i),
+            self.mem.read(page, i + 1),
+            self.mem.read(page, i + 2),
+            self.mem.read(page, i + 3),
+        ]))
+    }
+
+    /// The domain `device_id` translates through, if attached.
+    pub fn attached_domain(&self, device_id: u16) -> Option<u16> {
+        match self.dte(device_id)?.kind() {
+            DteKind::Translated { domain_id, .. } => Some(domain_id),
+            _ => None,
+        }
+    }
+
+    /// Replaces the entry of `device_id` and tells the unit.
+    fn set_dte(&mut self, device_id: u16, new: DeviceTableEntry) -> Result<(), Error> {
+        let r = self.check_device(device_id)?;
+        let old = self.dte(device_id).unwrap_or_default();
+        if old == new {
+            return Ok(());
+        }
+        let (page, i) = Self::dte_slot(&r, device_id);
+        let blocked = DeviceTableEntry::blocked().0[0];
+        if old.0[1..] != new.0[1..] {
+            if old.0[0] != blocked {
+                self.mem.write(page, i, blocked);
+            }
+            for w in (1..4).rev() {
+                self.mem.write(page, i + w, new.0[w]);
+            }
+        }
+        self.mem.write(page, i, new.0[0]);
+        if self.flushes() {
+            self.mem.flush(page + i as u64 * 8, DeviceTableEntry::SIZE);
+        }
+        let old_domain = old.tag().unwrap_or(0);
+        self.submit(&[
+            Command::invalidate_devtab_entry(device_id),
+            Command::invalidate_pages(old_domain, PageRange::All, true),
+        ])
+    }
+
+    /// A free domain id: 1..=65535 without bit 8 ([`usable_domain_id`]);
+    /// 0 is reserved for blocked and pass-through entries. On a unit
+    /// without INVALIDATE_IOMMU_ALL an id used for the first time is
+    /// flushed before it is handed out.
+    pub fn alloc_domain_id(&mut self) -> Result<u16, Error> {
+        if let Some(d) = self.free_domains.pop() {
+            return Ok(d);
+        }
+        let mut next = self.next_domain;
+        while next <= u16::MAX as u32 && !usable_domain_id(next as u16) {
+            next += 1;
+        }
+        if next > u16::MAX as u32 {
+            return Err(Error::NoDomainId { unit: self.name.clone() });
+        }
+        let d = next as u16;
+        if self.rings.is_some() && !self.caps.invalidate_all() {
+            self.submit(&[Command::invalidate_pages(d, PageRange::All, true)])?;
+        }
+        self.next_domain = next + 1;
+        Ok(d)
+    }
+
+    /// Returns a domain id. No device may still be attached to it (detach
+    /// flushed its IOTLB entries).
+    pub fn free_domain_id(&mut self, domain_id: u16) {
+        if usable_domain_id(domain_id)
+            && (domain_id as u32) < self.next_domain
+            && !self.free_domains.contains(&domain_id)
+        {
+            self.free_domains.push(domain_id);
+        }
+    }
+
+    /// Points `device_id` at the host page table `root` (4 KiB aligned) of
+    /// `levels` levels (1..=6, at most what EFR.HATS allows) in domain
+    /// `domain_id` (not 0). The device translates from now on; its old
+    /// entry's cached translations are invalidated.
+    pub fn attach(&mut self, device_id: u16, root: u64, levels: u32, domain_id: u16) -> Result<(), Error> {
+        if !usable_domain_id(domain_id) {
+            return Err(Error::Invalid { unit: self.name.clone(), what: "domain id 0 or with bit 8 set" });
+        }
+        if self.caps.max_levels().is_none_or(|max| levels > max) {
+            return Err(Error::Unsupported { unit: self.name.clone(), what: "page-table depth beyond EFR.HATS" });
+        }
+        let e = DeviceTableEntry::translated(root, levels, domain_id).ok_or_else(|| Error::Invalid {
+            unit: self.name.clone(),
+            what: "root must be 4 KiB aligned below 2^52 and levels 1..=6",
+        })?;
+        self.set_dte(device_id, e)
+    }
+
+    /// Blocks `device_id` again and invalidates what its old entry cached.
+    pub fn detach(&mut self, device_id: u16) -> Result<(), Error> {
+        self.set_dte(device_id, DeviceTableEntry::blocked())
+    }
+
+    /// Lets `device_id` DMA to physical addresses untranslated (V = 1,
+    /// TV = 1, Mode 0, IR = IW = 1).
+    pub fn pass_through(&mut self, device_id: u16) -> Result<(), Error> {
+        self.set_dte(device_id, DeviceTableEntry::pass_through())
+    }
+
+    /// The INVALIDATE_IOMMU_PAGES commands for `[start, last]` of a domain.
+    pub fn range_commands(domain_id: u16, start: u64, last: u64) -> Vec<Command> {
+        let mut blocks = exact_blocks(start, last);
+        if blocks.len() > MAX_RANGE_COMMANDS {
+            blocks = alloc::vec![covering_block(start, last)];
+        }
+        blocks.into_iter().map(|b| Command::invalidate_pages(domain_id, b, true)).collect()
+    }
+
+    /// Invalidates the IOTLB and page-directory caches of `domain_id` for
+    /// `[start, last]` (inclusive): as few INVALIDATE_IOMMU_PAGES as the
+    /// power-of-two encoding allows (at most [`MAX_RANGE_COMMANDS`], else
+    /// one covering block) and one completion wait.
+    pub fn invalidate_range(&mut self, domain_id: u16, start: u64, last: u64) -> Result<(), Error> {
+        if start > last {
+            return Err(Error::Invalid { unit: self.name.clone(), what: "range start after its last byte" });
+        }
+        let cmds = Self::range_commands(domain_id, start, last);
+        self.submit(&cmds)
+    }
+
+    /// Invalidates every cache of the unit (INVALIDATE_IOMMU_ALL, or every
+    /// entry and domain when the unit lacks it) with one completion wait.
+    pub fn invalidate_all(&mut self) -> Result<(), Error> {
+        self.flush_everything()
+    }
+
+    /// Reads every new event log entry, advances the head, restarts a log
+    /// that overflowed (spec: the unit stops logging and sets
+    /// Status.EventOverflow; the driver clears it and re-enables), and
+    /// appends the events to the log; returns the new ones.
+    pub fn poll_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        let Some(r) = self.rings else { return out };
+        let st = self.mmio.get64(regs::STATUS);
+        let tail = (self.mmio.get64(regs::EVENT_LOG_TAIL) & regs::POINTER_MASK) % RING_BYTES;
+        let mut head = r.event_head;
+        while head != tail {
+            let i = (head / 8) as usize;
+            let raw = [self.mem.read(r.event_log, i), self.mem.read(r.event_log, i + 1)];
+            // Code 0: the entry has not landed yet; look again next time.
+            let Some(e) = Event::decode(raw) else { break };
+            out.push(e);
+            // Cleared so that a slot not yet rewritten is recognised.
+            self.mem.write(r.event_log, i, 0);
+            self.mem.write(r.event_log, i + 1, 0);
+            if self.flushes() {
+                self.mem.flush(r.event_log + head, 16);
+            }
+            head = (head + 16) % RING_BYTES;
+        }
+        if head != r.event_head {
+            self.mmio.set64(regs::EVENT_LOG_HEAD, head);
+            if let Some(rr) = self.rings.as_mut() {
+                rr.event_head = head;
+            }
+        }
+        if st & status::EVENT_OVERFLOW != 0 {
+            self.overflows += 1;
+            let ctrl = self.mmio.get64(regs::CONTROL);
+            self.mmio.set64(regs::CONTROL, ctrl & !control::EVENT_LOG_EN);
+            self.mmio.set64(regs::STATUS, status::EVENT_OVERFLOW);
+            self.mmio.set64(regs::CONTROL, ctrl | control::EVENT_LOG_EN);
+        }
+        let ack = st & (status::EVENT_LOG_INT | status::COM_WAIT_INT);
+        if ack != 0 {
+            self.mmio.set64(regs::STATUS, ack);
+        }
+        self.events.extend_from_slice(&out);
+        if self.events.len() > EVENT_LOG_KEEP {
+            let extra = self.events.len() - EVENT_LOG_KEEP;
+            self.events.drain(..extra);
+        }
+        out
+    }
+
+    /// The event log (latest [`EVENT_LOG_KEEP`]) and the number of
+    /// overflows seen.
+    pub fn event_log(&self) -> (&[Event], u64) {
+        (&self.events, self.overflows)
+    }
+}
