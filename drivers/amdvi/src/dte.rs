@@ -208,8 +208,8 @@ mod tests {
     fn no_reserved_bits_and_no_interrupt_remapping() {
         let top = DeviceTableEntry::translated(0x000f_ffff_ffff_f000, 6, 0xfeff).unwrap();
         for e in [DeviceTableEntry::blocked(), DeviceTableEntry::pass_through(), top] {
-            for w in 0..3 {
-                assert_eq!(e.0[w] & QEMU_RSVD[w], 0, "{e:?} word {w}");
+            for (w, rsvd) in QEMU_RSVD.iter().enumerate() {
+                assert_eq!(e.0[w] & rsvd, 0, "{e:?} word {w}");
             }
             assert_eq!(e.0[3], 0);
             assert!(!e.interrupt_remapping());
