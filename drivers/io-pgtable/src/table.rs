@@ -84,11 +84,13 @@ pub struct PageTable<F: PtFormat, M: TableMemory> {
     force_snoop: bool,
     tables: usize,
     deferred: Vec<u64>,
-    /// The walk to the last 4 KiB leaf table a map wrote or a lookup read:
-    /// `(iova >> 21, tables root first by level)`. Consecutive small maps
+    /// The walk to the last 4 KiB leaf table a map wrote: `(iova >> 21,
+    /// tables by level)`, and the last 4 KiB leaf table a lookup read:
+    /// `(iova >> 21, table)` (`u64::MAX` when none). Consecutive small maps
     /// and lookups start there instead of at the root. Tables leave the
-    /// tree only through unmap and a failed map's unwind, which clear it.
-    walk_cache: Cell<Option<(u64, [u64; MAX_LEVELS])>>,
+    /// tree only through unmap and a failed map's unwind, which clear both.
+    map_path: Option<(u64, [u64; MAX_LEVELS])>,
+    lookup_leaf: Cell<(u64, u64)>,
 }
 
 impl<F: PtFormat, M: TableMemory> fmt::Debug for PageTable<F, M> {
@@ -132,7 +134,8 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             force_snoop: false,
             tables: 1,
             deferred: Vec::new(),
-            walk_cache: Cell::new(None),
+            map_path: None,
+            lookup_leaf: Cell::new((u64::MAX, 0)),
         })
     }
 
@@ -147,7 +150,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// The table memory, mutably (fault injection in tests). Writing
     /// entries through it behind the engine's back breaks its invariants.
     pub fn memory_mut(&mut self) -> &mut M {
-        self.walk_cache.set(None);
+        self.forget_walks();
         &mut self.mem
     }
     /// Physical address of the root table (what the context or PASID
@@ -203,6 +206,11 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         self.mem.is_empty(self.root)
     }
 
+    fn forget_walks(&mut self) {
+        self.map_path = None;
+        self.lookup_leaf.set((u64::MAX, 0));
+    }
+
     /// Frees the tables unlinked since the last call. Call only after the
     /// IOTLB and paging-structure caches were invalidated for every range
     /// unmapped since then. Returns how many were freed.
@@ -253,7 +261,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         let mut batch = FlushBatch::new(!self.coherent);
         let result = self.map_range(iova, phys, end, prot, &mut batch);
         if let Err((stopped, _)) = result {
-            self.walk_cache.set(None);
+            self.forget_walks();
             // Everything in [iova, stopped) was mapped by this call with
             // pages that fit in it, so this never needs to split.
             if stopped > iova {
@@ -296,7 +304,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         path[top as usize] = self.root;
         // path[valid..=top] are the tables covering `cur`.
         let mut valid = top;
-        if let Some((key, cached)) = self.walk_cache.get()
+        if let Some((key, cached)) = self.map_path
             && key == iova >> level_shift(1)
         {
             path = cached;
@@ -362,7 +370,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         }
         if last_level == 0 {
             // path[0..=top] lead to the leaf table of the last page written.
-            self.walk_cache.set(Some(((cur - 1) >> level_shift(1), path)));
+            self.map_path = Some(((cur - 1) >> level_shift(1), path));
         }
         Ok(())
     }
@@ -435,7 +443,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// not allocate.
     pub fn try_unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, PartialUnmap> {
         let end = self.check_range(iova, length).map_err(|error| PartialUnmap { unmapped: 0, iova, error })?;
-        self.walk_cache.set(None);
+        self.forget_walks();
         let deferred_before = self.deferred.len();
         let mut batch = FlushBatch::new(!self.coherent);
         let result = self.unmap_range(iova, end, gather, &mut batch);
@@ -615,19 +623,19 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         if iova > self.last {
             return None;
         }
-        let mut path = [0u64; MAX_LEVELS];
-        let (mut t, mut l) = match self.walk_cache.get() {
+        let (key, leaf) = self.lookup_leaf.get();
+        let (mut t, mut l) = if key == iova >> level_shift(1) {
             // The 4 KiB leaf table covering `iova` is in the tree.
-            Some((key, cached)) if key == iova >> level_shift(1) => (cached[0], 0),
-            _ => (self.root, self.top),
+            (leaf, 0)
+        } else {
+            (self.root, self.top)
         };
         let walked = l != 0;
         loop {
-            path[l as usize] = t;
             let index = index_of(iova, l);
             let raw = self.mem.read(t, index);
             if l == 0 && walked {
-                self.walk_cache.set(Some((iova >> level_shift(1), path)));
+                self.lookup_leaf.set((iova >> level_shift(1), t));
             }
             if !self.format.is_present(raw) {
                 return None;
