@@ -1,0 +1,927 @@
+//! The unit driver against a register-level model of an AMD-Vi unit:
+//! registers with QEMU's write semantics (Status W1C, head/tail pointer
+//! masks, the command head left at the ring size after the last slot), a
+//! command processor that consumes the buffer on tail writes (or slowly,
+//! one command per clock tick), completion-wait stores, a QEMU-like IOTLB
+//! (cached per device and page, tagged and dropped by domain), and an event
+//! log the test appends to, with overflow.
+
+use amdvi::cmd::{self, PageRange};
+use amdvi::dte::DteKind;
+use amdvi::event::{self, Event, flags};
+use amdvi::regs::{self, Mmio, control, status};
+use amdvi::unit::RING_BYTES;
+use amdvi::{Clock, Command, ContiguousMemory, DeviceTableEntry, Error, Unit};
+use io_pgtable::{HeapTables, TableMemory};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+// ---------------------------------------------------------------------------
+// Memory: heap tables plus contiguous runs at their own fake addresses.
+// ---------------------------------------------------------------------------
+
+const CONTIG_BASE: u64 = 0x40_0000_0000;
+
+struct MemInner {
+    heap: HeapTables,
+    runs: BTreeMap<u64, Vec<[u64; 512]>>,
+    next_run: u64,
+    attempts: u64,
+    fail_at: Option<u64>,
+    coherent: bool,
+    flushes: Vec<(u64, u64)>,
+}
+
+#[derive(Clone)]
+struct Mem(Arc<Mutex<MemInner>>);
+
+impl Mem {
+    fn new(coherent: bool) -> Self {
+        Self(Arc::new(Mutex::new(MemInner {
+            heap: HeapTables::new(coherent),
+            runs: BTreeMap::new(),
+            next_run: CONTIG_BASE,
+            attempts: 0,
+            fail_at: None,
+            coherent,
+            flushes: Vec::new(),
+        })))
+    }
+    /// Tables and contiguous pages allocated and not freed.
+    fn live(&self) -> usize {
+        let m = self.0.lock().unwrap();
+        m.heap.live_tables() + m.runs.values().map(Vec::len).sum::<usize>()
+    }
+    fn attempts(&self) -> u64 {
+        self.0.lock().unwrap().attempts
+    }
+    fn fail_nth(&self, n: u64) {
+        let mut m = self.0.lock().unwrap();
+        m.fail_at = Some(m.attempts + n);
+    }
+    fn take_flushes(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.0.lock().unwrap().flushes)
+    }
+    fn phys_read(&self, addr: u64) -> u64 {
+        self.read(addr & !0xfff, ((addr & 0xfff) / 8) as usize)
+    }
+    fn phys_write(&self, addr: u64, v: u64) {
+        self.clone().write(addr & !0xfff, ((addr & 0xfff) / 8) as usize, v)
+    }
+    fn try_alloc(m: &mut MemInner) -> bool {
+        m.attempts += 1;
+        if m.fail_at == Some(m.attempts) {
+            m.fail_at = None;
+            return false;
+        }
+        true
+    }
+}
+
+impl MemInner {
+    fn run_page(&mut self, page: u64) -> Option<&mut [u64; 512]> {
+        let (&base, run) = self.runs.range_mut(..=page).next_back()?;
+        run.get_mut(((page - base) / 4096) as usize)
+    }
+}
+
+impl TableMemory for Mem {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let mut m = self.0.lock().unwrap();
+        if !Self::try_alloc(&mut m) {
+            return None;
+        }
+        m.heap.alloc_table()
+    }
+    fn free_table(&mut self, t: u64) {
+        self.0.lock().unwrap().heap.free_table(t)
+    }
+    fn read(&self, t: u64, i: usize) -> u64 {
+        let mut m = self.0.lock().unwrap();
+        if t >= CONTIG_BASE {
+            return m.run_page(t).expect("read of a page that is not allocated")[i];
+        }
+        m.heap.read(t, i)
+    }
+    fn write(&mut self, t: u64, i: usize, v: u64) {
+        let mut m = self.0.lock().unwrap();
+        if t >= CONTIG_BASE {
+            m.run_page(t).expect("write to a page that is not allocated")[i] = v;
+        } else {
+            m.heap.write(t, i, v)
+        }
+    }
+    fn coherent(&self) -> bool {
+        self.0.lock().unwrap().coherent
+    }
+    fn flush(&mut self, p: u64, l: u64) {
+        self.0.lock().unwrap().flushes.push((p, l));
+    }
+}
+
+impl ContiguousMemory for Mem {
+    fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
+        let mut m = self.0.lock().unwrap();
+        if !Self::try_alloc(&mut m) {
+            return None;
+        }
+        let base = m.next_run;
+        m.next_run += pages as u64 * 4096 + 4096;
+        m.runs.insert(base, vec![[0; 512]; pages]);
+        Some(base)
+    }
+    fn free_contiguous(&mut self, base: u64, pages: usize) {
+        let run = self.0.lock().unwrap().runs.remove(&base).expect("free of an unknown run");
+        assert_eq!(run.len(), pages, "freed with another page count");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The register model.
+// ---------------------------------------------------------------------------
+
+/// QEMU's EFR: PreF, PPR, GT, IA, GA, HE, GATS = 2, HATS = 2 (6 levels).
+const QEMU_EFR: u64 = 0x29d3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dma {
+    Blocked,
+    Untranslated,
+    Translated { domain: u16, root: u64 },
+}
+
+#[derive(Default)]
+struct Hw {
+    efr: u64,
+    dev_table: u64,
+    cmd_base: u64,
+    evt_base: u64,
+    control: u64,
+    excl: [u64; 2],
+    /// Internal command head and the head register (QEMU leaves the
+    /// register at the ring size after the last slot).
+    cmd_head: u64,
+    cmd_head_reg: u64,
+    cmd_tail: u64,
+    evt_head: u64,
+    evt_tail: u64,
+    status: u64,
+    /// Every register write, in order: (offset, value).
+    writes: Vec<(usize, u64)>,
+    processed: Vec<Command>,
+    /// Non-blocked device table entries found when IommuEn was set.
+    unblocked_at_enable: Option<usize>,
+    /// The IOTLB: (device, page) -> (domain, translation).
+    iotlb: HashMap<(u16, u64), (u16, Dma)>,
+    illegal_commands: usize,
+    /// Never run commands or report CmdBufRun.
+    stuck: bool,
+    /// Run one command per clock tick instead of on tail writes.
+    lazy: bool,
+    head_at_ring_end_seen: bool,
+    overruns: usize,
+}
+
+#[derive(Clone)]
+struct Model {
+    hw: Arc<Mutex<Hw>>,
+    mem: Mem,
+}
+
+fn ring_bytes(base_reg: u64) -> u64 {
+    16 << ((base_reg >> 56) & 0xf)
+}
+
+impl Model {
+    fn running(hw: &Hw) -> bool {
+        !hw.stuck && hw.control & control::IOMMU_EN != 0 && hw.control & control::CMD_BUF_EN != 0
+    }
+
+    fn exec_one(&self, hw: &mut Hw) {
+        let size = ring_bytes(hw.cmd_base);
+        let at = (hw.cmd_base & regs::BASE_MASK) + hw.cmd_head;
+        let c = Command([self.mem.phys_read(at), self.mem.phys_read(at + 8)]);
+        let [w0, w1] = c.0;
+        match c.opcode() {
+            cmd::COMPLETION_WAIT => {
+                if w0 >> 52 & 0xff != 0 {
+                    hw.illegal_commands += 1;
+                }
+                if w0 & cmd::wait::STORE != 0 {
+                    self.mem.phys_write(w0 & cmd::wait::ADDR_MASK, w1);
+                }
+            }
+            cmd::INVALIDATE_DEVTAB_ENTRY => {
+                // QEMU: nothing to do but check reserved bits.
+                if w0 >> 16 & ((1 << 44) - 1) != 0 || w1 != 0 {
+                    hw.illegal_commands += 1;
+                }
+            }
+            cmd::INVALIDATE_IOMMU_PAGES => {
+                if w0 >> 20 & 0xfff != 0 || w0 >> 48 & 0xfff != 0 || w1 >> 3 & 0x1ff != 0 {
+                    hw.illegal_commands += 1;
+                }
+                // QEMU drops every entry of the domain, whatever the range.
+                let domain = (w0 >> 32) as u16;
+                hw.iotlb.retain(|_, (d, _)| *d != domain);
+            }
+            cmd::INVALIDATE_IOMMU_ALL => {
+                if w0 & ((1 << 60) - 1) != 0 || w1 != 0 {
+                    hw.illegal_commands += 1;
+                }
+                hw.iotlb.clear();
+            }
+            _ => hw.illegal_commands += 1,
+        }
+        hw.processed.push(c);
+        hw.cmd_head += 16;
+        hw.cmd_head_reg = hw.cmd_head;
+        if hw.cmd_head >= size {
+            hw.head_at_ring_end_seen = true;
+            hw.cmd_head = 0;
+        }
+    }
+
+    fn run(&self, hw: &mut Hw, limit: usize) {
+        let mut n = 0;
+        while Self::running(hw) && hw.cmd_head != hw.cmd_tail && n < limit {
+            self.exec_one(hw);
+            n += 1;
+        }
+    }
+
+    fn update_status(hw: &mut Hw) {
+        let on = hw.control & control::IOMMU_EN != 0;
+        hw.status &= !(status::CMD_BUF_RUN | status::EVENT_LOG_RUN);
+        if Self::running(hw) {
+            hw.status |= status::CMD_BUF_RUN;
+        }
+        if on && hw.control & control::EVENT_LOG_EN != 0 && hw.status & status::EVENT_OVERFLOW == 0 {
+            hw.status |= status::EVENT_LOG_RUN;
+        }
+    }
+
+    fn dte(&self, hw: &Hw, device: u16) -> DeviceTableEntry {
+        let at = (hw.dev_table & regs::BASE_MASK) + device as u64 * 32;
+        DeviceTableEntry([0, 8, 16, 24].map(|o| self.mem.phys_read(at + o)))
+    }
+
+    /// A DMA by `device` to `addr`: the IOTLB first (as QEMU), then the
+    /// device table entry; successful translations are cached.
+    fn dma(&self, device: u16, addr: u64) -> Dma {
+        let mut hw = self.hw.lock().unwrap();
+        if hw.control & control::IOMMU_EN == 0 {
+            return Dma::Untranslated;
+        }
+        let page = addr >> 12;
+        if let Some((_, t)) = hw.iotlb.get(&(device, page)) {
+            return *t;
+        }
+        let e = self.dte(&hw, device);
+        let t = match e.kind() {
+            DteKind::Invalid | DteKind::PassThrough => Dma::Untranslated,
+            DteKind::Translated { root, domain_id, .. } => Dma::Translated { domain: domain_id, root },
+            _ => Dma::Blocked,
+        };
+        if t != Dma::Blocked {
+            hw.iotlb.insert((device, page), (e.domain_id(), t));
+        }
+        t
+    }
+
+    /// The unit logs an event (dropped while the log is off or overflowed;
+    /// a full log sets EventOverflow and stops logging).
+    fn log_event(&self, raw: [u64; 2]) -> bool {
+        let mut hw = self.hw.lock().unwrap();
+        if hw.status & status::EVENT_LOG_RUN == 0 {
+            return false;
+        }
+        let size = ring_bytes(hw.evt_base);
+        let next = (hw.evt_tail + 16) % size;
+        if next == hw.evt_head {
+            hw.status |= status::EVENT_OVERFLOW;
+            hw.status &= !status::EVENT_LOG_RUN;
+            return false;
+        }
+        let at = (hw.evt_base & regs::BASE_MASK) + hw.evt_tail;
+        self.mem.phys_write(at, raw[0]);
+        self.mem.phys_write(at + 8, raw[1]);
+        hw.evt_tail = next;
+        true
+    }
+
+    fn processed(&self) -> Vec<Command> {
+        std::mem::take(&mut self.hw.lock().unwrap().processed)
+    }
+}
+
+impl Mmio for Model {
+    fn read32(&self, off: usize) -> u32 {
+        panic!("32-bit read at {off:#x}: every AMD-Vi register the driver uses is 64-bit")
+    }
+    fn write32(&self, off: usize, v: u32) {
+        panic!("32-bit write at {off:#x} = {v:#x}")
+    }
+    fn read64(&self, off: usize) -> u64 {
+        let hw = self.hw.lock().unwrap();
+        match off {
+            0x0000 => hw.dev_table,
+            0x0008 => hw.cmd_base,
+            0x0010 => hw.evt_base,
+            0x0018 => hw.control,
+            0x0030 => hw.efr,
+            0x2000 => hw.cmd_head_reg,
+            0x2008 => hw.cmd_tail,
+            0x2010 => hw.evt_head,
+            0x2018 => hw.evt_tail,
+            0x2020 => hw.status,
+            _ => panic!("unexpected read at {off:#x}"),
+        }
+    }
+    fn write64(&self, off: usize, v: u64) {
+        let mut hw = self.hw.lock().unwrap();
+        hw.writes.push((off, v));
+        match off {
+            0x0000 => hw.dev_table = v,
+            0x0008 => {
+                hw.cmd_base = v;
+                (hw.cmd_head, hw.cmd_head_reg, hw.cmd_tail) = (0, 0, 0);
+            }
+            0x0010 => {
+                hw.evt_base = v;
+                (hw.evt_head, hw.evt_tail) = (0, 0);
+            }
+            0x0018 => {
+                let was_on = hw.control & control::IOMMU_EN != 0;
+                hw.control = v;
+                if !was_on && v & control::IOMMU_EN != 0 {
+                    let pages = (hw.dev_table & 0x1ff) + 1;
+                    let bad = (0..pages * 128).filter(|&d| self.dte(&hw, d as u16).kind() != DteKind::Blocked).count();
+                    hw.unblocked_at_enable = Some(bad);
+                }
+                Self::update_status(&mut hw);
+                if !hw.lazy {
+                    self.run(&mut hw, usize::MAX);
+                }
+            }
+            0x0020 => hw.excl[0] = v,
+            0x0028 => hw.excl[1] = v | 0xfff,
+            0x2000 => {
+                hw.cmd_head = v & regs::POINTER_MASK;
+                hw.cmd_head_reg = hw.cmd_head;
+            }
+            0x2008 => {
+                let size = ring_bytes(hw.cmd_base);
+                let new = v & regs::POINTER_MASK;
+                // The producer must not write past the consumer.
+                let free = (hw.cmd_head + size - hw.cmd_tail - 16) % size;
+                let added = (new + size - hw.cmd_tail) % size;
+                if added > free {
+                    hw.overruns += 1;
+                }
+                hw.cmd_tail = new;
+                if !hw.lazy {
+                    self.run(&mut hw, usize::MAX);
+                }
+            }
+            0x2010 => hw.evt_head = v & regs::POINTER_MASK,
+            0x2018 => hw.evt_tail = v & regs::POINTER_MASK,
+            0x2020 => {
+                hw.status &= !(v & status::W1C);
+                Self::update_status(&mut hw);
+            }
+            _ => panic!("unexpected write at {off:#x} = {v:#x}"),
+        }
+    }
+}
+
+/// A clock that advances 1 µs per reading; with a lazy model each reading
+/// also lets the hardware run one command.
+#[derive(Default)]
+struct TickClock {
+    now: AtomicU64,
+    model: Option<Model>,
+}
+
+impl Clock for TickClock {
+    fn now_ns(&self) -> u64 {
+        if let Some(m) = &self.model {
+            let mut hw = m.hw.lock().unwrap();
+            if hw.lazy {
+                m.run(&mut hw, 1);
+            }
+        }
+        self.now.fetch_add(1000, Ordering::Relaxed)
+    }
+}
+
+type TestUnit = Unit<Model, Mem, TickClock>;
+
+struct Setup {
+    efr: u64,
+    last: u16,
+    coherent: bool,
+    lazy: bool,
+    stuck: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self { efr: QEMU_EFR, last: 0xff, coherent: true, lazy: false, stuck: false }
+    }
+}
+
+fn build(s: Setup) -> (Model, Mem, TestUnit) {
+    let mem = Mem::new(s.coherent);
+    let hw = Hw { efr: s.efr, lazy: s.lazy, stuck: s.stuck, ..Hw::default() };
+    let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
+    let clock = TickClock { now: AtomicU64::new(0), model: Some(model.clone()) };
+    let u = Unit::new("IVHD test".into(), model.clone(), mem.clone(), clock, s.last);
+    (model, mem, u)
+}
+
+fn unit() -> (Model, Mem, TestUnit) {
+    build(Setup::default())
+}
+
+fn enabled() -> (Model, Mem, TestUnit) {
+    let (model, mem, mut u) = unit();
+    u.enable().unwrap();
+    model.processed();
+    (model, mem, u)
+}
+
+const ROOT: u64 = 0x1234_5000;
+const PDE: u64 = cmd::pages::PDE;
+
+fn pages_cmd(domain: u16, w1: u64) -> Command {
+    Command([0x3000_0000_0000_0000 | (domain as u64) << 32, w1])
+}
+
+fn opcodes(cmds: &[Command]) -> Vec<u8> {
+    cmds.iter().map(|c| c.opcode()).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Bring-up.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn bring_up_programs_everything_before_iommu_en_with_every_entry_blocked() {
+    let (model, mem, mut u) = unit();
+    assert!(!u.is_enabled());
+    u.enable().unwrap();
+    let hw = model.hw.lock().unwrap();
+    let order: Vec<usize> = hw.writes.iter().map(|w| w.0).collect();
+    let pos = |off: usize| order.iter().position(|&o| o == off).unwrap();
+    let en = hw.writes.iter().position(|w| w.0 == 0x18 && w.1 & control::IOMMU_EN != 0).unwrap();
+    for off in [0x0, 0x8, 0x10, 0x20, 0x28, 0x2000, 0x2008, 0x2010, 0x2018] {
+        assert!(pos(off) < en, "register {off:#x} programmed before IommuEn");
+    }
+    assert_eq!(hw.unblocked_at_enable, Some(0), "every entry blocked when translation starts");
+    // 256 device ids -> 8 KiB -> two pages, Size = 1.
+    assert_eq!(hw.dev_table & 0x1ff, 1);
+    assert_eq!(u.dev_table_pages(), 2);
+    assert_eq!(hw.cmd_base >> 56, 8, "ComLen: 256 entries");
+    assert_eq!(hw.evt_base >> 56, 8, "EventLen: 256 entries");
+    assert_eq!(hw.excl[0] & 1, 0, "exclusion range off");
+    let want = control::IOMMU_EN | control::CMD_BUF_EN | control::EVENT_LOG_EN | control::COHERENT;
+    assert_eq!(hw.control, want);
+    assert_eq!(opcodes(&hw.processed), [cmd::INVALIDATE_IOMMU_ALL, cmd::COMPLETION_WAIT]);
+    assert_eq!(hw.illegal_commands, 0);
+    drop(hw);
+    assert_eq!((u.stats.commands, u.stats.waits), (1, 1));
+    assert_eq!(mem.live(), 2 + 3, "device table pages, command buffer, event log, wait page");
+    for d in [0, 0x18, 0xff] {
+        assert_eq!(u.dte(d).unwrap(), DeviceTableEntry::blocked());
+        assert_eq!(model.dma(d, 0x1000), Dma::Blocked);
+    }
+    assert_eq!(u.dte(0x100), None, "beyond the table");
+    u.disable().unwrap();
+    assert_eq!(mem.live(), 0);
+    assert_eq!(model.hw.lock().unwrap().control & (control::IOMMU_EN | control::CMD_BUF_EN), 0);
+}
+
+#[test]
+fn device_table_is_sized_in_whole_pages() {
+    for (last, pages) in [(0u16, 1usize), (0x7f, 1), (0x80, 2), (0xffff, 512)] {
+        let (model, _, mut u) = build(Setup { last, ..Setup::default() });
+        assert_eq!(u.dev_table_pages(), pages);
+        u.enable().unwrap();
+        assert_eq!((model.hw.lock().unwrap().dev_table & 0x1ff) as usize, pages - 1);
+        assert_eq!(model.hw.lock().unwrap().unblocked_at_enable, Some(0));
+    }
+}
+
+#[test]
+fn without_invalidate_all_enable_flushes_each_entry_and_domain_zero() {
+    let (model, _, mut u) = build(Setup { efr: QEMU_EFR & !amdvi::caps::efr::IA, ..Setup::default() });
+    u.enable().unwrap();
+    let p = model.processed();
+    assert_eq!(p.len(), 256 + 1 + 1, "more than the ring holds: written in chunks");
+    for (d, c) in p[..256].iter().enumerate() {
+        assert_eq!(*c, Command::invalidate_devtab_entry(d as u16));
+    }
+    assert_eq!(p[256], pages_cmd(0, 0x7fff_ffff_ffff_f000 | PDE | 1));
+    assert_eq!(p[257].opcode(), cmd::COMPLETION_WAIT);
+    assert_eq!(u.stats.waits, 1);
+    // A fresh domain id is flushed before use on such a unit.
+    let d = u.alloc_domain_id().unwrap();
+    assert_eq!(model.processed()[0], pages_cmd(d, 0x7fff_ffff_ffff_f003));
+}
+
+#[test]
+fn firmware_left_on_is_turned_off_first() {
+    let (model, _, mut u) = unit();
+    model.hw.lock().unwrap().control = control::IOMMU_EN | control::CMD_BUF_EN;
+    u.enable().unwrap();
+    let hw = model.hw.lock().unwrap();
+    assert_eq!(hw.writes[0], (0x18, 0), "control cleared before anything else");
+}
+
+// ---------------------------------------------------------------------------
+// Device table entries.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn attach_and_detach_write_the_entry_and_flush_the_old_domain() {
+    let (model, _, mut u) = enabled();
+    let d = u.alloc_domain_id().unwrap();
+    assert_eq!(d, 1);
+    u.attach(0x18, ROOT, 4, d).unwrap();
+    let e = u.dte(0x18).unwrap();
+    assert_eq!(e.0, [0x6000_0000_1234_5803, 1, 0, 0], "V TV Mode=4 root IR IW; DomainID 1; no IV");
+    assert_eq!(u.attached_domain(0x18), Some(1));
+    assert_eq!(u.attached_domain(0x10), None);
+    let p = model.processed();
+    assert_eq!(p[..2], [Command::invalidate_devtab_entry(0x18), pages_cmd(0, 0x7fff_ffff_ffff_f003)]);
+    assert_eq!(opcodes(&p[2..]), [cmd::COMPLETION_WAIT]);
+    assert_eq!(model.dma(0x18, 0x5000), Dma::Translated { domain: 1, root: ROOT });
+    assert_eq!(model.dma(0x10, 0x5000), Dma::Blocked, "other devices stay blocked");
+
+    // The translation is cached; detaching must drop it even though the
+    // unit ignores INVALIDATE_DEVTAB_ENTRY.
+    u.detach(0x18).unwrap();
+    assert_eq!(u.dte(0x18).unwrap(), DeviceTableEntry::blocked());
+    let p = model.processed();
+    assert_eq!(p[..2], [Command::invalidate_devtab_entry(0x18), pages_cmd(1, 0x7fff_ffff_ffff_f003)]);
+    assert_eq!(model.dma(0x18, 0x5000), Dma::Blocked, "no stale IOTLB entry");
+    assert_eq!(u.attached_domain(0x18), None);
+    // Detaching a blocked device changes nothing and issues nothing.
+    let before = u.stats;
+    u.detach(0x18).unwrap();
+    assert_eq!(u.stats, before);
+    assert_eq!(model.hw.lock().unwrap().illegal_commands, 0);
+}
+
+#[test]
+fn moving_a_device_between_domains_flushes_the_first() {
+    let (model, _, mut u) = enabled();
+    let (a, b) = (u.alloc_domain_id().unwrap(), u.alloc_domain_id().unwrap());
+    u.attach(0x20, ROOT, 3, a).unwrap();
+    assert_eq!(model.dma(0x20, 0x7000), Dma::Translated { domain: a, root: ROOT });
+    model.processed();
+    u.attach(0x20, 0x8000, 4, b).unwrap();
+    assert_eq!(model.processed()[1], pages_cmd(a, 0x7fff_ffff_ffff_f003));
+    assert_eq!(model.dma(0x20, 0x7000), Dma::Translated { domain: b, root: 0x8000 });
+    assert_eq!(u.attached_domain(0x20), Some(b));
+}
+
+#[test]
+fn pass_through_entry() {
+    let (model, _, mut u) = enabled();
+    u.pass_through(0x08).unwrap();
+    assert_eq!(u.dte(0x08).unwrap().0, [0x6000_0000_0000_0003, 0, 0, 0]);
+    assert_eq!(model.dma(0x08, 0xdead_b000), Dma::Untranslated);
+    assert_eq!(u.attached_domain(0x08), None);
+    u.detach(0x08).unwrap();
+    assert_eq!(model.dma(0x08, 0xdead_b000), Dma::Blocked);
+}
+
+#[test]
+fn bad_arguments_are_refused_with_the_unit_named() {
+    let (_, _, mut u) = unit();
+    assert_eq!(u.attach(0, ROOT, 4, 1), Err(Error::NotEnabled { unit: "IVHD test".into() }));
+    u.enable().unwrap();
+    let e = u.attach(0x100, ROOT, 4, 1).unwrap_err();
+    assert_eq!(e, Error::NoSuchDevice { unit: "IVHD test".into(), device_id: 0x100, last_device_id: 0xff });
+    assert!(e.to_string().starts_with("IVHD test: device id 0x0100"));
+    assert!(matches!(u.attach(1, ROOT, 7, 1), Err(Error::Unsupported { .. })));
+    assert!(matches!(u.attach(1, ROOT | 0x800, 4, 1), Err(Error::Invalid { .. })));
+    assert!(matches!(u.attach(1, ROOT, 0, 1), Err(Error::Invalid { .. })));
+    assert!(matches!(u.attach(1, ROOT, 4, 0), Err(Error::Invalid { .. })));
+    assert!(matches!(u.attach(1, ROOT, 4, 0x100), Err(Error::Invalid { .. })));
+    assert!(matches!(u.invalidate_range(1, 0x2000, 0x1000), Err(Error::Invalid { .. })));
+    // A unit whose HATS allows only 4 levels refuses 5.
+    let (_, _, mut small) = build(Setup { efr: 0, ..Setup::default() });
+    small.enable().unwrap();
+    assert!(matches!(small.attach(1, ROOT, 5, 1), Err(Error::Unsupported { .. })));
+    small.attach(1, ROOT, 4, 1).unwrap();
+}
+
+#[test]
+fn domain_ids_skip_zero_and_bit_8_and_are_reused() {
+    let (_, _, mut u) = enabled();
+    let ids: Vec<u16> = (0..300).map(|_| u.alloc_domain_id().unwrap()).collect();
+    assert!(ids.iter().all(|&d| amdvi::unit::usable_domain_id(d)));
+    assert_eq!(ids[254], 255);
+    assert_eq!(ids[255], 0x200, "0x100..=0x1ff skipped");
+    u.free_domain_id(7);
+    u.free_domain_id(0);
+    assert_eq!(u.alloc_domain_id().unwrap(), 7);
+    let mut n = 300;
+    while u.alloc_domain_id().is_ok() {
+        n += 1;
+    }
+    assert_eq!(n, 32767);
+    assert!(matches!(u.alloc_domain_id(), Err(Error::NoDomainId { .. })));
+}
+
+#[test]
+fn non_coherent_units_get_every_changed_line_flushed() {
+    let (model, mem, mut u) = build(Setup { coherent: false, ..Setup::default() });
+    assert!(u.flushes());
+    u.enable().unwrap();
+    let dt = model.hw.lock().unwrap().dev_table & regs::BASE_MASK;
+    let f = mem.take_flushes();
+    assert!(f.contains(&(dt, 2 * 4096)), "whole device table before IommuEn: {f:x?}");
+    u.attach(0x81, ROOT, 4, 1).unwrap();
+    let f = mem.take_flushes();
+    assert!(f.contains(&(dt + 0x81 * 32, 32)), "the changed entry: {f:x?}");
+    let cmd_base = model.hw.lock().unwrap().cmd_base & regs::BASE_MASK;
+    assert!(f.iter().any(|&(p, _)| p & !0xfff == cmd_base), "the commands written: {f:x?}");
+    // Coherent unit and memory: nothing flushed.
+    let (_, mem, mut u) = enabled();
+    mem.take_flushes();
+    u.attach(0x81, ROOT, 4, 1).unwrap();
+    assert!(mem.take_flushes().is_empty());
+    // The unit's Coherent flag alone also forces flushes.
+    let (model, _, mut u) = unit();
+    u.set_coherent(false);
+    u.enable().unwrap();
+    assert!(u.flushes());
+    assert_eq!(model.hw.lock().unwrap().control & control::COHERENT, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Invalidation.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn range_invalidations_use_the_size_encoding() {
+    let (model, _, mut u) = enabled();
+    let cases: [(u64, u64, &[u64]); 6] = [
+        // One page.
+        (0x1000, 0x1fff, &[0x1000 | PDE]),
+        // 2 MiB aligned: bits 12..19 set, S.
+        (0x20_0000, 0x3f_ffff, &[0x2f_f000 | PDE | 1]),
+        // 3 + 4 + 1... pages: 0x3000, 0x4000-0x7fff, 0x8000.
+        (0x3000, 0x8fff, &[0x3000 | PDE, 0x5000 | PDE | 1, 0x8000 | PDE]),
+        // Unaligned inside a page: the page.
+        (0x4_0123, 0x4_0456, &[0x4_0000 | PDE]),
+        // Needs more than 8 exact blocks: one 128 MiB block at 0 covers it.
+        (0x1000, 0x7fe_ffff, &[0x3ff_f000 | PDE | 1]),
+        // Everything.
+        (0, u64::MAX, &[0x7fff_ffff_ffff_f000 | PDE | 1]),
+    ];
+    for (start, last, words) in cases {
+        let before = u.stats;
+        u.invalidate_range(9, start, last).unwrap();
+        let p = model.processed();
+        let want: Vec<Command> = words.iter().map(|&w| pages_cmd(9, w)).collect();
+        assert_eq!(p[..p.len() - 1], want[..], "[{start:#x}, {last:#x}]");
+        assert_eq!(p.last().unwrap().opcode(), cmd::COMPLETION_WAIT);
+        assert_eq!(u.stats.waits - before.waits, 1, "one wait per call");
+        assert_eq!(u.stats.commands - before.commands, words.len() as u64);
+    }
+    assert_eq!(model.hw.lock().unwrap().illegal_commands, 0, "no reserved bit set");
+    // The decoded ranges cover the request.
+    for c in Unit::<Model, Mem, TickClock>::range_commands(1, 0x3000, 0x8fff) {
+        assert!(matches!(PageRange::decode(c.0[1]), PageRange::Block { .. }));
+    }
+}
+
+#[test]
+fn invalidate_all_is_one_command_and_one_wait() {
+    let (model, _, mut u) = enabled();
+    u.invalidate_all().unwrap();
+    assert_eq!(model.processed(), [Command::invalidate_all(), model_wait(&model, 2)]);
+}
+
+/// The completion wait the unit issues as its `seq`th (the wait page is
+/// the third heap page `enable` allocates, after the two rings).
+fn model_wait(model: &Model, seq: u64) -> Command {
+    let addr = model.mem.0.lock().unwrap().heap.live_addresses()[2];
+    Command::completion_wait(addr, seq)
+}
+
+#[test]
+fn completion_waits_store_a_fresh_sequence_number_and_the_ring_wraps() {
+    let (model, _, mut u) = enabled();
+    for i in 0..1000u64 {
+        let start = (i * 7919 % 4096) << 12;
+        u.invalidate_range(2, start, start + (i % 5) * 0x1000 + 0xfff).unwrap();
+    }
+    let p = model.processed();
+    let waits: Vec<u64> = p.iter().filter(|c| c.opcode() == cmd::COMPLETION_WAIT).map(|c| c.0[1]).collect();
+    assert_eq!(waits.len(), 1000);
+    assert!(waits.windows(2).all(|w| w[1] == w[0] + 1), "sequence numbers increase by one");
+    let hw = model.hw.lock().unwrap();
+    assert!(p.len() as u64 * 16 > 4 * RING_BYTES, "wrapped several times");
+    assert!(hw.head_at_ring_end_seen, "the head register read as the ring size at least once");
+    assert_eq!((hw.overruns, hw.illegal_commands), (0, 0));
+    assert_eq!(u.stats.waits, 1001);
+}
+
+#[test]
+fn a_slow_unit_is_never_overrun() {
+    // One command per clock tick: the producer must wait for room.
+    let (model, _, mut u) =
+        build(Setup { efr: QEMU_EFR & !amdvi::caps::efr::IA, last: 0x3ff, lazy: true, ..Setup::default() });
+    u.enable().unwrap();
+    let p = model.processed();
+    assert_eq!(p.len(), 1024 + 2);
+    assert!(p[..1024].iter().enumerate().all(|(d, c)| *c == Command::invalidate_devtab_entry(d as u16)));
+    assert_eq!(model.hw.lock().unwrap().overruns, 0);
+    u.attach(0x3ff, ROOT, 4, 1).unwrap();
+    assert_eq!(opcodes(&model.processed()), [2, 3, 1]);
+}
+
+// ---------------------------------------------------------------------------
+// Timeouts.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_unit_that_never_runs_times_out_and_leaves_nothing_behind() {
+    let (model, mem, mut u) = build(Setup { stuck: true, ..Setup::default() });
+    match u.enable() {
+        Err(Error::Timeout { unit, register, waited_ns }) => {
+            assert_eq!(unit, "IVHD test");
+            assert_eq!(register, "Status.CmdBufRun");
+            assert!(waited_ns > amdvi::unit::TIMEOUT_NS);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(mem.live(), 0);
+    assert_eq!(model.hw.lock().unwrap().control, 0);
+    assert!(!u.is_enabled());
+}
+
+#[test]
+fn a_unit_that_stops_mid_way_times_out_on_the_completion_wait() {
+    let (model, _, mut u) = enabled();
+    model.hw.lock().unwrap().stuck = true;
+    let e = u.invalidate_range(1, 0, 0xfff).unwrap_err();
+    assert!(matches!(e, Error::Timeout { register: "Command Buffer Head (COMPLETION_WAIT store)", .. }), "{e:?}");
+    assert!(e.to_string().starts_with("IVHD test: timed out after"));
+    // The ring is now partly full; the next batches fill it and then the
+    // producer waits for room.
+    let mut last = None;
+    for _ in 0..200 {
+        if let Err(e) = u.invalidate_range(1, 0, 0xfff) {
+            last = Some(e);
+            if matches!(last, Some(Error::Timeout { register: "Command Buffer Head", .. })) {
+                break;
+            }
+        }
+    }
+    assert!(matches!(last, Some(Error::Timeout { register: "Command Buffer Head", .. })), "{last:?}");
+    assert_eq!(model.hw.lock().unwrap().overruns, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Events.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn events_are_decoded_the_head_advances_and_entries_are_cleared() {
+    let (model, mem, mut u) = enabled();
+    let fault = Event::encode(event::IO_PAGE_FAULT, 0x18, 1, flags::RW | flags::PE | flags::PR, 0xabc_d000);
+    let illegal = Event::encode(event::ILLEGAL_DEV_TABLE_ENTRY, 0x20, 0, flags::I, 0xfee0_0000);
+    let other = Event::encode(event::PAGE_TAB_HARDWARE_ERROR, 0x18, 0, 0, 0x5000);
+    for e in [fault, illegal, other] {
+        assert!(model.log_event(e));
+    }
+    let got = u.poll_events();
+    assert_eq!(
+        got,
+        [
+            Event::IoPageFault { device_id: 0x18, domain_id: 1, address: 0xabc_d000, flags: 0x70 },
+            Event::IllegalDevTableEntry { device_id: 0x20, address: 0xfee0_0000, flags: flags::I },
+            Event::Other { code: event::PAGE_TAB_HARDWARE_ERROR, raw: other },
+        ]
+    );
+    let hw = model.hw.lock().unwrap();
+    assert_eq!(hw.evt_head, 48);
+    let base = hw.evt_base & regs::BASE_MASK;
+    drop(hw);
+    assert!((0..6).all(|i| mem.phys_read(base + i * 8) == 0), "read entries cleared");
+    assert!(u.poll_events().is_empty());
+    assert_eq!(u.event_log().0.len(), 3);
+    assert_eq!(got[0].to_string(), "IO_PAGE_FAULT: DMA write from 00:03.0 domain 1 at 0xabcd000 PR PE");
+}
+
+#[test]
+fn an_entry_not_yet_written_is_read_on_the_next_poll() {
+    let (model, mem, mut u) = enabled();
+    let (base, tail) = {
+        let mut hw = model.hw.lock().unwrap();
+        hw.evt_tail = 16; // tail moved, entry still zero
+        (hw.evt_base & regs::BASE_MASK, hw.evt_tail)
+    };
+    assert!(u.poll_events().is_empty());
+    assert_eq!(model.hw.lock().unwrap().evt_head, 0, "head not advanced past an unwritten entry");
+    let raw = Event::encode(event::IO_PAGE_FAULT, 8, 2, 0, 0x1000);
+    mem.phys_write(base, raw[0]);
+    mem.phys_write(base + 8, raw[1]);
+    assert_eq!(u.poll_events().len(), 1);
+    assert_eq!(model.hw.lock().unwrap().evt_head, tail);
+}
+
+#[test]
+fn overflow_is_counted_and_logging_restarts() {
+    let (model, _, mut u) = enabled();
+    let mut logged = 0;
+    for i in 0..300u64 {
+        if model.log_event(Event::encode(event::IO_PAGE_FAULT, 8, 1, 0, i << 12)) {
+            logged += 1;
+        }
+    }
+    assert_eq!(logged, 255, "a 256-entry ring holds 255");
+    let st = model.hw.lock().unwrap().status;
+    assert_ne!(st & status::EVENT_OVERFLOW, 0);
+    assert_eq!(st & status::EVENT_LOG_RUN, 0, "logging stopped");
+    let got = u.poll_events();
+    assert_eq!(got.len(), 255);
+    assert_eq!(got[254], Event::IoPageFault { device_id: 8, domain_id: 1, address: 254 << 12, flags: 0 });
+    assert_eq!(u.event_log().1, 1, "one overflow");
+    let st = model.hw.lock().unwrap().status;
+    assert_eq!(st & status::EVENT_OVERFLOW, 0, "cleared");
+    assert_ne!(st & status::EVENT_LOG_RUN, 0, "restarted");
+    // The log wraps and keeps working; the kept log is bounded.
+    for round in 0..3u64 {
+        for i in 0..200u64 {
+            assert!(model.log_event(Event::encode(event::IO_PAGE_FAULT, 8, 1, 0, (round * 1000 + i) << 12)));
+        }
+        assert_eq!(u.poll_events().len(), 200);
+    }
+    let (log, overflows) = u.event_log();
+    assert_eq!((log.len(), overflows), (amdvi::unit::EVENT_LOG_KEEP, 1));
+    assert_eq!(
+        log.last().map(|e| e.to_string()),
+        Some("IO_PAGE_FAULT: DMA read from 00:01.0 domain 1 at 0x897000".into())
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Out of memory.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn out_of_memory_at_each_allocation_leaves_nothing_behind() {
+    let mut failures = 0;
+    for n in 1.. {
+        let (model, mem, mut u) = unit();
+        mem.fail_nth(n);
+        match u.enable() {
+            Err(Error::NoMemory { unit }) => {
+                assert_eq!(unit, "IVHD test");
+                assert_eq!(mem.live(), 0, "failure at allocation {n}");
+                assert!(!u.is_enabled());
+                let hw = model.hw.lock().unwrap();
+                assert_eq!(hw.control & control::IOMMU_EN, 0, "translation never turned on");
+                failures += 1;
+            }
+            Ok(()) => {
+                // Past the last allocation: attach and detach allocate
+                // nothing, so an armed failure cannot hit them.
+                let attempts = mem.attempts();
+                mem.fail_nth(1);
+                u.attach(0x10, ROOT, 4, 1).unwrap();
+                u.detach(0x10).unwrap();
+                u.invalidate_range(1, 0, 0xfff).unwrap();
+                assert_eq!(mem.attempts(), attempts);
+                u.disable().unwrap();
+                assert_eq!(mem.live(), 0);
+                break;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(failures, 4, "device table, command buffer, event log, wait page");
+}
+
+#[test]
+fn enable_is_idempotent_and_disable_needs_enable() {
+    let (model, mem, mut u) = enabled();
+    u.enable().unwrap();
+    assert!(model.processed().is_empty());
+    assert_eq!(mem.live(), 5);
+    u.disable().unwrap();
+    assert!(matches!(u.disable(), Err(Error::NotEnabled { .. })));
+    assert!(u.poll_events().is_empty());
+    // And again from scratch.
+    u.enable().unwrap();
+    assert_eq!(u.dte(0).unwrap(), DeviceTableEntry::blocked());
+}
