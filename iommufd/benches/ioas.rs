@@ -69,7 +69,7 @@ impl MemorySource for BenchMemory {
     fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
         let mut pins = self.pins.lock().unwrap();
         for &(p, n) in runs {
-            let first = ((p - PHYS) / self.stride) as usize;
+            let first = ((p - PHYS) >> self.stride.trailing_zeros()) as usize;
             for c in &mut pins[first..first + n as usize] {
                 *c -= 1;
             }

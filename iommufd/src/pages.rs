@@ -50,13 +50,17 @@ impl FaultPlan {
         self.calls.store(0, SeqCst);
         self.fail_at.store(n.unwrap_or(0), SeqCst);
     }
-    /// Fault points passed since arming.
+    /// Fault points passed since arming (not counted while disarmed).
     pub fn calls(&self) -> u64 {
         self.calls.load(core::sync::atomic::Ordering::SeqCst)
     }
     /// One fault point: `ENOMEM` if this is the armed one.
     pub fn point(&self) -> Result<()> {
-        use core::sync::atomic::Ordering::SeqCst;
+        use core::sync::atomic::Ordering::{Relaxed, SeqCst};
+        // Disarmed (always, outside sweeps): one plain load per point.
+        if self.fail_at.load(Relaxed) == 0 {
+            return Ok(());
+        }
         let n = self.calls.fetch_add(1, SeqCst) + 1;
         if self.fail_at.load(SeqCst) == n { Err(Errno::ENOMEM) } else { Ok(()) }
     }
@@ -598,6 +602,23 @@ impl Pages {
             self.accounting.faults.point()?;
         }
         self.accounting.charge(fresh_count)?;
+        if fresh.len() == 1 && fresh[0] == (first, last) {
+            // Nothing in the range was in use (a new mapping): the source's
+            // runs are the answer.
+            let mut all = Vec::new();
+            if let Err(err) =
+                self.source.pin_runs(self.uptr + first * PAGE_SIZE, last - first + 1, self.writable, &mut all)
+            {
+                self.accounting.credit(fresh_count);
+                return Err(err);
+            }
+            t.pinned_pages += fresh_count;
+            match kind {
+                UseKind::Domain => t.domain.add(first, last),
+                UseKind::Other => t.add_other(first, last, &all),
+            }
+            return Ok(all);
+        }
         // Fresh pages are pinned run by run; `fresh_runs[ends[i - 1]..ends[i]]`
         // are the addresses of `fresh[i]`.
         let mut fresh_runs: Vec<(u64, u64)> = Vec::new();
