@@ -56,7 +56,12 @@ pub mod pages {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageRange {
     /// `2^order` 4 KiB pages from `addr`, which is aligned to that size.
-    Block { addr: u64, order: u32 },
+    Block {
+        /// First byte (aligned to the block size).
+        addr: u64,
+        /// log2 of the page count.
+        order: u32,
+    },
     /// Every page.
     All,
 }

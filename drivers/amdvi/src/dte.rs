@@ -66,7 +66,14 @@ pub enum DteKind {
     PassThrough,
     /// V = 1, TV = 1, Mode = `levels`: DMA goes through the table at
     /// `root`, tagged with `domain_id`.
-    Translated { root: u64, levels: u32, domain_id: u16 },
+    Translated {
+        /// Page-table root (physical).
+        root: u64,
+        /// Mode: page-table levels.
+        levels: u32,
+        /// DomainID the IOTLB entries are tagged with.
+        domain_id: u16,
+    },
     /// Anything else (a valid entry the driver would not write).
     Other,
 }

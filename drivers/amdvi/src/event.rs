@@ -2,8 +2,8 @@
 //! its tail; software reads from the head and advances it.
 //!
 //! Layout (as four 32-bit dwords): dword 0 bits 15:0 the device id (bits
-//! 19:16 PASID[19:16] for some codes), dword 1 bits 31:28 the event code,
-//! 27:16 flags, 15:0 the domain id (or PASID[15:0]); dwords 2-3 an
+//! 19:16 `PASID[19:16]` for some codes), dword 1 bits 31:28 the event code,
+//! 27:16 flags, 15:0 the domain id (or `PASID[15:0]`); dwords 2-3 an
 //! address.
 
 use core::fmt;
@@ -53,13 +53,37 @@ pub mod flags {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// A DMA through a translating entry faulted.
-    IoPageFault { device_id: u16, domain_id: u16, address: u64, flags: u16 },
+    IoPageFault {
+        /// Requester id (bus << 8 | device << 3 | function).
+        device_id: u16,
+        /// DomainID of the entry (`PASID[15:0]` when GN is set).
+        domain_id: u16,
+        /// The DMA address.
+        address: u64,
+        /// [`flags`] bits.
+        flags: u16,
+    },
     /// The device's table entry has reserved bits set or is inconsistent.
-    IllegalDevTableEntry { device_id: u16, address: u64, flags: u16 },
-    /// The unit could not execute a command: `address` is the command's.
-    IllegalCommand { address: u64 },
+    IllegalDevTableEntry {
+        /// Requester id.
+        device_id: u16,
+        /// The DMA address.
+        address: u64,
+        /// [`flags`] bits.
+        flags: u16,
+    },
+    /// The unit could not execute a command.
+    IllegalCommand {
+        /// Physical address of the command.
+        address: u64,
+    },
     /// Any other code, with its raw words.
-    Other { code: u8, raw: [u64; 2] },
+    Other {
+        /// Event code.
+        code: u8,
+        /// The entry as written.
+        raw: [u64; 2],
+    },
 }
 
 impl Event {

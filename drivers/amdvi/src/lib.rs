@@ -9,7 +9,7 @@
 //! * [`event`]: 128-bit event log entries;
 //! * [`memory`]: [`ContiguousMemory`], the table-memory extension the
 //!   device table needs;
-//! * [`unit`]: one IOMMU brought up, devices attached or blocked,
+//! * [`mod@unit`]: one IOMMU brought up, devices attached or blocked,
 //!   invalidations issued, events collected.
 //!
 //! Hardware access is behind traits (`Mmio`, `ContiguousMemory` over
@@ -18,6 +18,7 @@
 //! emulated unit.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 extern crate alloc;
 

@@ -61,19 +61,52 @@ pub const EVENT_LOG_KEEP: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// The unit did not reach a state in time.
-    Timeout { unit: String, register: &'static str, waited_ns: u64 },
+    Timeout {
+        /// The unit's name.
+        unit: String,
+        /// The register (or memory word) waited on.
+        register: &'static str,
+        /// How long the driver waited.
+        waited_ns: u64,
+    },
     /// No memory for the device table, a ring or the completion-wait page.
-    NoMemory { unit: String },
+    NoMemory {
+        /// The unit's name.
+        unit: String,
+    },
     /// The unit cannot do what was asked.
-    Unsupported { unit: String, what: &'static str },
+    Unsupported {
+        /// The unit's name.
+        unit: String,
+        /// What is missing.
+        what: &'static str,
+    },
     /// All domain ids are in use.
-    NoDomainId { unit: String },
+    NoDomainId {
+        /// The unit's name.
+        unit: String,
+    },
     /// A device id beyond the device table.
-    NoSuchDevice { unit: String, device_id: u16, last_device_id: u16 },
+    NoSuchDevice {
+        /// The unit's name.
+        unit: String,
+        /// The device id asked for.
+        device_id: u16,
+        /// The last device id the table covers.
+        last_device_id: u16,
+    },
     /// An argument the hardware cannot encode.
-    Invalid { unit: String, what: &'static str },
+    Invalid {
+        /// The unit's name.
+        unit: String,
+        /// What is wrong.
+        what: &'static str,
+    },
     /// The unit is not enabled (no device table or command buffer yet).
-    NotEnabled { unit: String },
+    NotEnabled {
+        /// The unit's name.
+        unit: String,
+    },
 }
 
 impl fmt::Display for Error {
