@@ -85,12 +85,13 @@ pub struct PageTable<F: PtFormat, M: TableMemory> {
     tables: usize,
     deferred: Vec<u64>,
     /// The walk to the last 4 KiB leaf table a map wrote: `(iova >> 21,
-    /// tables by level)`, and the last 4 KiB leaf table a lookup read:
-    /// `(iova >> 21, table)` (`u64::MAX` when none). Consecutive small maps
-    /// and lookups start there instead of at the root. Tables leave the
-    /// tree only through unmap and a failed map's unwind, which clear both.
+    /// tables by level)`, and the table a lookup last found its leaf in:
+    /// `(iova >> level_shift(level + 1), table, level)` (`u64::MAX` when
+    /// none). Consecutive small maps and lookups start there instead of at
+    /// the root. Tables leave the tree only through unmap and a failed
+    /// map's unwind, which clear both.
     map_path: Option<(u64, [u64; MAX_LEVELS])>,
-    lookup_leaf: Cell<(u64, u64)>,
+    lookup_leaf: Cell<(u64, u64, u32)>,
 }
 
 impl<F: PtFormat, M: TableMemory> fmt::Debug for PageTable<F, M> {
@@ -135,7 +136,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             tables: 1,
             deferred: Vec::new(),
             map_path: None,
-            lookup_leaf: Cell::new((u64::MAX, 0)),
+            lookup_leaf: Cell::new((u64::MAX, 0, 0)),
         })
     }
 
@@ -208,7 +209,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
 
     fn forget_walks(&mut self) {
         self.map_path = None;
-        self.lookup_leaf.set((u64::MAX, 0));
+        self.lookup_leaf.set((u64::MAX, 0, 0));
     }
 
     /// Frees the tables unlinked since the last call. Call only after the
@@ -623,24 +624,24 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         if iova > self.last {
             return None;
         }
-        let (key, leaf) = self.lookup_leaf.get();
-        let (mut t, mut l) = if key == iova >> level_shift(1) {
-            // The 4 KiB leaf table covering `iova` is in the tree.
-            (leaf, 0)
+        let (key, cached, level) = self.lookup_leaf.get();
+        let (mut t, mut l) = if level < self.top && key == iova >> level_shift(level + 1) {
+            // The level-`level` table covering `iova` is in the tree.
+            (cached, level)
         } else {
             (self.root, self.top)
         };
-        let walked = l != 0;
+        let start = l;
         loop {
             let index = index_of(iova, l);
             let raw = self.mem.read(t, index);
-            if l == 0 && walked {
-                self.lookup_leaf.set((iova >> level_shift(1), t));
-            }
             if !self.format.is_present(raw) {
                 return None;
             }
             if self.format.is_leaf(raw, l) {
+                if l != start && l < self.top {
+                    self.lookup_leaf.set((iova >> level_shift(l + 1), t, l));
+                }
                 return Some(WalkStep { level: l, table: t, index, raw });
             }
             t = self.format.table_address(raw);
