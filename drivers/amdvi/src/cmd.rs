@@ -129,6 +129,23 @@ pub fn covering_block(start: u64, last: u64) -> PageRange {
     }
 }
 
+/// Range invalidations that would need more INVALIDATE_IOMMU_PAGES than
+/// this are sent as one command over the smallest aligned block covering
+/// the range (invalidating more than asked is always correct).
+pub const MAX_RANGE_COMMANDS: usize = 8;
+
+/// The INVALIDATE_IOMMU_PAGES commands (PDE set: directory entries may
+/// have been freed) for `[start, last]` (inclusive) of `domain_id`: the
+/// exact blocks, or one covering block when more than
+/// [`MAX_RANGE_COMMANDS`] would be needed.
+pub fn range_commands(domain_id: u16, start: u64, last: u64) -> Vec<Command> {
+    let mut blocks = exact_blocks(start, last);
+    if blocks.len() > MAX_RANGE_COMMANDS {
+        blocks = alloc::vec![covering_block(start, last)];
+    }
+    blocks.into_iter().map(|b| Command::invalidate_pages(domain_id, b, true)).collect()
+}
+
 /// One command buffer entry.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 #[repr(transparent)]

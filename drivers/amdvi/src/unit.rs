@@ -27,7 +27,7 @@
 //!   before the unit may see them.
 
 use crate::caps::Caps;
-use crate::cmd::{Command, PageRange, covering_block, exact_blocks};
+use crate::cmd::{Command, PageRange, range_commands};
 use crate::dte::{DeviceTableEntry, DteKind};
 use crate::event::Event;
 use crate::memory::ContiguousMemory;
@@ -50,10 +50,7 @@ pub const TIMEOUT_NS: u64 = 100_000_000;
 pub const RING_LEN_LOG2: u32 = regs::log_len::MIN;
 /// Bytes in the command buffer and in the event log.
 pub const RING_BYTES: u64 = 16 << RING_LEN_LOG2;
-/// Range invalidations that would need more INVALIDATE_IOMMU_PAGES than
-/// this are sent as one command over the smallest aligned block covering
-/// the range (invalidating more than asked is always correct).
-pub const MAX_RANGE_COMMANDS: usize = 8;
+pub use crate::cmd::MAX_RANGE_COMMANDS;
 /// Events kept in [`Unit::event_log`].
 pub const EVENT_LOG_KEEP: usize = 256;
 
@@ -426,9 +423,11 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// waits until the unit has stored the wait's sequence number.
     fn submit(&mut self, cmds: &[Command]) -> Result<(), Error> {
         let r = self.rings.ok_or_else(|| self.not_enabled())?;
+        // Sequence numbers only grow, so a stale store never matches and
+        // the page needs no clearing (a CPU write there could race the
+        // unit's store on a non-coherent path).
         self.wait_seq += 1;
         let seq = self.wait_seq;
-        self.mem.write(r.wait_page, 0, 0);
         let mut all = cmds.to_vec();
         all.push(Command::completion_wait(r.wait_page, seq));
         let slots = RING_BYTES / Command::SIZE;
@@ -599,24 +598,16 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         self.set_dte(device_id, DeviceTableEntry::pass_through())
     }
 
-    /// The INVALIDATE_IOMMU_PAGES commands for `[start, last]` of a domain.
-    pub fn range_commands(domain_id: u16, start: u64, last: u64) -> Vec<Command> {
-        let mut blocks = exact_blocks(start, last);
-        if blocks.len() > MAX_RANGE_COMMANDS {
-            blocks = alloc::vec![covering_block(start, last)];
-        }
-        blocks.into_iter().map(|b| Command::invalidate_pages(domain_id, b, true)).collect()
-    }
-
     /// Invalidates the IOTLB and page-directory caches of `domain_id` for
     /// `[start, last]` (inclusive): as few INVALIDATE_IOMMU_PAGES as the
-    /// power-of-two encoding allows (at most [`MAX_RANGE_COMMANDS`], else
-    /// one covering block) and one completion wait.
+    /// power-of-two encoding allows ([`range_commands`]: at most
+    /// [`MAX_RANGE_COMMANDS`], else one covering block) and one completion
+    /// wait.
     pub fn invalidate_range(&mut self, domain_id: u16, start: u64, last: u64) -> Result<(), Error> {
         if start > last {
             return Err(Error::Invalid { unit: self.name.clone(), what: "range start after its last byte" });
         }
-        let cmds = Self::range_commands(domain_id, start, last);
+        let cmds = range_commands(domain_id, start, last);
         self.submit(&cmds)
     }
 

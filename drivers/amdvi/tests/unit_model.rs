@@ -697,7 +697,7 @@ fn range_invalidations_use_the_size_encoding() {
     }
     assert_eq!(model.hw.lock().unwrap().illegal_commands, 0, "no reserved bit set");
     // The decoded ranges cover the request.
-    for c in Unit::<Model, Mem, TickClock>::range_commands(1, 0x3000, 0x8fff) {
+    for c in cmd::range_commands(1, 0x3000, 0x8fff) {
         assert!(matches!(PageRange::decode(c.0[1]), PageRange::Block { .. }));
     }
 }
