@@ -21,6 +21,8 @@ pub mod pci;
 pub mod time;
 
 #[cfg(target_os = "none")]
+pub mod amd;
+#[cfg(target_os = "none")]
 pub mod arch;
 #[cfg(target_os = "none")]
 pub mod ecam;

@@ -12,7 +12,8 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     // Drive the IOMMUs: translation on, every device blocked until a
     // domain is attached.
     let vtd = portcullis_kernel::iommu::VtdSystem::bring_up(&platform);
-    portcullis_kernel::report::print(&platform, vtd.as_ref());
+    let amd = portcullis_kernel::amd::AmdSystem::bring_up(&platform);
+    portcullis_kernel::report::print(&platform, vtd.as_ref(), amd.as_ref());
     exit_qemu(ExitCode::Success)
 }
 

@@ -3,9 +3,9 @@
 use crate::Platform;
 use crate::println;
 
-/// Prints the whole report to serial; `vtd` is the VT-d driver's state
-/// when the kernel brought the units up.
-pub fn print(p: &Platform, vtd: Option<&crate::iommu::VtdSystem>) {
+/// Prints the whole report to serial; `vtd` and `amd` are the drivers'
+/// state when the kernel brought the units up.
+pub fn print(p: &Platform, vtd: Option<&crate::iommu::VtdSystem>, amd: Option<&crate::amd::AmdSystem>) {
     println!("================ Portcullis platform report ================");
     println!(
         "CPU      {} ({}) family {:#x} model {:#x} stepping {}",
@@ -29,6 +29,9 @@ pub fn print(p: &Platform, vtd: Option<&crate::iommu::VtdSystem>) {
     iommus(p);
     if let Some(v) = vtd {
         drivers(p, v);
+    }
+    if let Some(a) = amd {
+        amd_drivers(p, a);
     }
     println!("=============================================================");
 }
@@ -379,6 +382,43 @@ fn drivers(p: &Platform, v: &crate::iommu::VtdSystem) {
                         a.alias_bridge.map(|b| alloc::format!(" (via bridge {})", b)).unwrap_or_default(),
                         match did {
                             Some(did) => alloc::format!("attached, domain {did}"),
+                            None => "blocked (no domain)".into(),
+                        }
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn amd_drivers(p: &Platform, a: &crate::amd::AmdSystem) {
+    for (i, (scope, unit)) in a.units.iter().enumerate() {
+        match unit {
+            Err(e) => println!("Driver   AMD-Vi unit {} at {:#x}: not running: {}", i, scope.base, e),
+            Ok(u) => {
+                let u = u.lock();
+                let caps = u.caps();
+                println!(
+                    "Driver   AMD-Vi unit {} at {:#x}: translation on, device table for ids 0..={:#06x} ({} page(s)), \
+                     command buffer, {} page-table levels at most, invalidate-all {}",
+                    i,
+                    scope.base,
+                    u.last_device_id(),
+                    u.dev_table_pages(),
+                    caps.max_levels().map_or_else(|| "no".into(), |l| alloc::format!("{l}")),
+                    yes(caps.invalidate_all())
+                );
+                for ((seg, bdf), o) in a.owners.iter().filter(|(_, o)| o.unit == i) {
+                    let d = p.pci.iter().find(|d| d.segment == *seg && d.bdf == *bdf);
+                    println!(
+                        "         {:04x}:{} {} device id {:#06x}{}: {}",
+                        seg,
+                        bdf,
+                        d.map(|d| alloc::format!("{:04x}:{:04x}", d.vendor, d.device)).unwrap_or_default(),
+                        o.requester_id,
+                        o.alias_bridge.map(|b| alloc::format!(" (via bridge {})", b)).unwrap_or_default(),
+                        match u.attached_domain(o.requester_id) {
+                            Some(id) => alloc::format!("attached, domain {id}"),
                             None => "blocked (no domain)".into(),
                         }
                     );
