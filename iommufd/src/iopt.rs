@@ -35,6 +35,9 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use portcullis_iommu::{DomainError, IommuDomain, IotlbGather, Prot};
 
+/// Most pieces handed to a domain in one `map_runs` call.
+const MAP_BATCH: usize = 1024;
+
 /// A domain as the IOAS holds it (shared with its HWPT object).
 pub use crate::pages::DomainRef;
 
@@ -277,8 +280,9 @@ impl IoPagetable {
 
     /// Maps the area's pages into `domain`: each physically contiguous
     /// run (`phys`: runs `(address, pages)` from the area's first page) is
-    /// one call, so the domain can use large pages; with large pages
-    /// disabled (`small`), one call per page. On failure nothing stays
+    /// one piece, so the domain can use large pages; with large pages
+    /// disabled (`small`), one piece per page. Pieces go to the domain up
+    /// to [`MAP_BATCH`] per `map_runs` call. On failure nothing stays
     /// mapped.
     fn map_area_into(
         domain: &mut dyn IommuDomain,
@@ -288,14 +292,27 @@ impl IoPagetable {
         phys: &[(u64, u64)],
         small: bool,
     ) -> Result<()> {
-        let mut cur_iova = iova;
         let end_byte = area.start_byte + (last - iova);
         let mut page = area.first_page();
-        let mut result = Ok(());
-        let call = |cur_iova: u64, p: u64, len: u64, domain: &mut dyn IommuDomain| -> Result<()> {
+        let mut batch: Vec<(u64, u64)> = Vec::with_capacity(MAP_BATCH.min(if small {
+            (last - iova) as usize / PAGE_SIZE as usize + 2
+        } else {
+            phys.len()
+        }));
+        // IOVA of batch[0]: everything before it is mapped.
+        let mut batch_iova = iova;
+        let mut next_iova = iova;
+        let flush = |batch: &mut Vec<(u64, u64)>, batch_iova: &mut u64, next: u64, domain: &mut dyn IommuDomain| {
+            if batch.is_empty() {
+                return Ok(());
+            }
             area.pages.fault_point()?;
-            domain.map(cur_iova, p, len, area.prot).map_err(domain_errno)
+            domain.map_runs(*batch_iova, batch, area.prot).map_err(domain_errno)?;
+            batch.clear();
+            *batch_iova = next;
+            Ok(())
         };
+        let mut result = Ok(());
         for &(p, n) in phys {
             // The bytes of the area on pages [page, page + n).
             let b0 = (page * PAGE_SIZE).max(area.start_byte);
@@ -304,27 +321,35 @@ impl IoPagetable {
             page += n;
             if small {
                 let mut b = b0;
-                while b <= b1 && result.is_ok() {
+                while b <= b1 {
                     let len = (PAGE_SIZE - b % PAGE_SIZE).min(b1 - b + 1);
-                    result = call(cur_iova, start + (b - b0), len, domain);
-                    if result.is_ok() {
-                        cur_iova = cur_iova.wrapping_add(len);
-                    }
+                    batch.push((start + (b - b0), len));
+                    next_iova = next_iova.wrapping_add(len);
                     b += len;
+                    if batch.len() >= MAP_BATCH {
+                        result = flush(&mut batch, &mut batch_iova, next_iova, domain);
+                        if result.is_err() {
+                            break;
+                        }
+                    }
                 }
             } else {
-                result = call(cur_iova, start, b1 - b0 + 1, domain);
-                if result.is_ok() {
-                    cur_iova = cur_iova.wrapping_add(b1 - b0 + 1);
+                batch.push((start, b1 - b0 + 1));
+                next_iova = next_iova.wrapping_add(b1 - b0 + 1);
+                if batch.len() >= MAP_BATCH {
+                    result = flush(&mut batch, &mut batch_iova, next_iova, domain);
                 }
             }
             if result.is_err() {
                 break;
             }
         }
-        if result.is_err() && cur_iova != iova {
+        if result.is_ok() {
+            result = flush(&mut batch, &mut batch_iova, next_iova, domain);
+        }
+        if result.is_err() && batch_iova != iova {
             let mut g = IotlbGather::default();
-            domain.unmap(iova, cur_iova.wrapping_sub(iova), &mut g);
+            domain.unmap(iova, batch_iova.wrapping_sub(iova), &mut g);
             domain.iotlb_sync(&mut g);
         }
         result

@@ -124,7 +124,12 @@ where
     }
 
     fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
-        match self.table.map(iova, phys, length, prot) {
+        self.map_runs(iova, &[(phys, length)], prot)
+    }
+
+    fn map_runs(&mut self, iova: u64, runs: &[(u64, u64)], prot: Prot) -> Result<(), DomainError> {
+        let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.1));
+        match self.table.map_runs(iova, runs, prot) {
             Ok(()) => {
                 self.invalidator.mapped(iova, iova + (length - 1));
                 Ok(())

@@ -250,17 +250,43 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// found, [`Error::NoMemory`] with the IOVA and level of the table that
     /// could not be allocated.
     pub fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), Error> {
-        let end = self.check_range(iova, length)?;
-        let bad_phys = Error::BadPhys { phys, length };
-        if phys & (PAGE_SIZE - 1) != 0 || phys.checked_add(length).is_none_or(|e| e > self.output_limit) {
-            return Err(bad_phys);
+        self.map_runs(iova, &[(phys, length)], prot)
+    }
+
+    /// Maps consecutive pieces from `iova`: `runs[k] = (phys, length)` at
+    /// `iova` plus the lengths before it, each as [`PageTable::map`] would
+    /// (largest pages that fit). One call for a range whose physical pages
+    /// are scattered; all or nothing over the whole range, with the errors
+    /// of `map` (a bad range names the whole range when it is the total
+    /// that is wrong, the piece when it is one piece).
+    pub fn map_runs(&mut self, iova: u64, runs: &[(u64, u64)], prot: Prot) -> Result<(), Error> {
+        let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.1));
+        let end = self.check_range(iova, total.ok_or(Error::BadRange { iova, length: u64::MAX })?)?;
+        let mut at = iova;
+        for &(phys, length) in runs {
+            if length == 0 || length & (PAGE_SIZE - 1) != 0 {
+                return Err(Error::BadRange { iova: at, length });
+            }
+            if phys & (PAGE_SIZE - 1) != 0 || phys.checked_add(length).is_none_or(|e| e > self.output_limit) {
+                return Err(Error::BadPhys { phys, length });
+            }
+            at += length;
         }
         if !self.format.accepts(prot) {
             return Err(Error::BadProt { prot });
         }
         let prot = if self.force_snoop { prot | Prot::CACHE } else { prot };
         let mut batch = FlushBatch::new(!self.coherent);
-        let result = self.map_range(iova, phys, end, prot, &mut batch);
+        let mut result = Ok(());
+        let mut cur = iova;
+        for &(phys, length) in runs {
+            result = self.map_range(cur, phys, cur + length, prot, &mut batch);
+            if result.is_err() {
+                break;
+            }
+            cur += length;
+        }
+        debug_assert!(result.is_err() || cur == end);
         if let Err((stopped, _)) = result {
             self.forget_walks();
             // Everything in [iova, stopped) was mapped by this call with

@@ -451,3 +451,34 @@ fn phys_runs_cover_whole_leaves_and_contiguous_neighbours() {
     let d = PagingDomain::new(VtdSecondStage::new(4).unwrap(), HeapTables::default(), NoInvalidator).unwrap();
     assert_eq!(d.iova_to_phys_run(0, 0x1000), None);
 }
+
+#[test]
+fn map_runs_maps_scattered_pieces_all_or_nothing() {
+    let mut pt = ss(4);
+    // 4 KiB, then 2 MiB (IOVA 2 MiB aligned: one large page), then 8 KiB.
+    let runs = [(0x1_0000_0000, 0x1000), (0x2_0000_0000, 0x20_0000), (0x3_0000_5000, 0x2000)];
+    pt.map_runs(0x1f_f000, &runs, Prot::RW).unwrap();
+    assert_eq!(pt.iova_to_phys(0x1f_f000), Some((0x1_0000_0000, Prot::RW)));
+    assert_eq!(pt.page_size(0x20_0000), Some(0x20_0000));
+    assert_eq!(pt.iova_to_phys(0x3f_ffff), Some((0x2_001f_ffff, Prot::RW)));
+    assert_eq!(pt.iova_to_phys(0x40_1fff), Some((0x3_0000_6fff, Prot::RW)));
+    assert_eq!(pt.iova_to_phys(0x40_2000), None);
+    // A later piece runs into a mapping: the earlier pieces are unwound.
+    pt.map(0x400_0000, 0x9_0000_0000, 0x1000, Prot::RW).unwrap();
+    let tables = pt.table_count();
+    assert_eq!(
+        pt.map_runs(0x3ff_e000, &[(0xb_0000_0000, 0x1000), (0xc_0000_0000, 0x2000)], Prot::RW),
+        Err(Error::AlreadyMapped { iova: 0x400_0000 })
+    );
+    assert_eq!(pt.iova_to_phys(0x3ff_e000), None, "the first piece was unwound");
+    assert_eq!(pt.table_count(), tables);
+    // Bad pieces and prot are refused before anything is written.
+    assert_eq!(
+        pt.map_runs(0x500_0000, &[(0x1000, 0x1000), (0x2000, 0x800), (0x3000, 0x800)], Prot::RW),
+        Err(Error::BadRange { iova: 0x500_1000, length: 0x800 })
+    );
+    assert_eq!(pt.map_runs(0x500_0000, &[], Prot::RW), Err(Error::BadRange { iova: 0x500_0000, length: 0 }));
+    assert!(matches!(pt.map_runs(0x500_0000, &[(0x1000, 0x1000)], Prot::NONE), Err(Error::BadProt { .. })));
+    assert_eq!(pt.iova_to_phys(0x500_0000), None);
+    pt.check_invariants().unwrap();
+}

@@ -144,6 +144,26 @@ pub trait IommuDomain: Send {
     fn aperture(&self) -> (u64, u64);
     /// Maps `[iova, iova + length)` to `[phys, phys + length)`.
     fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError>;
+    /// Maps consecutive pieces from `iova`: `runs[k] = (phys, length)` goes
+    /// at `iova` plus the lengths of the pieces before it. All or nothing,
+    /// like [`Self::map`]; one call for a range whose physical pages are
+    /// scattered. The default maps piece by piece and, on failure, unmaps
+    /// what it mapped (with an IOTLB sync) before returning the error.
+    fn map_runs(&mut self, iova: u64, runs: &[(u64, u64)], prot: Prot) -> Result<(), DomainError> {
+        let mut cur = iova;
+        for &(phys, length) in runs {
+            if let Err(e) = self.map(cur, phys, length, prot) {
+                if cur != iova {
+                    let mut g = IotlbGather::default();
+                    self.unmap(iova, cur - iova, &mut g);
+                    self.iotlb_sync(&mut g);
+                }
+                return Err(e);
+            }
+            cur = cur.wrapping_add(length);
+        }
+        Ok(())
+    }
     /// Unmaps `[iova, iova + length)`, adding what it removed to `gather`.
     /// Returns the bytes that were mapped.
     fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64;
