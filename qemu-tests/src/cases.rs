@@ -53,8 +53,20 @@ cases!(
     vtd_high_iovas_up_to_the_aperture,
     vtd_iommufd_passthrough_dma,
     vtd_rmrr_identity_mapped_and_reserved,
+    amd_device_table_entries_match_ownership,
+    amd_mapped_dma_lands_exactly,
+    amd_unmapped_iova_is_blocked,
+    amd_read_only_mapping_blocks_writes,
+    amd_unmap_then_remap,
+    amd_unattached_device_is_blocked,
+    amd_bridge_alias_isolated_and_translated,
+    amd_domains_isolate_and_share,
+    amd_large_pages_are_used_and_split,
+    amd_high_iovas_up_to_the_aperture,
+    amd_iommufd_passthrough_dma,
 );
 
+use crate::amd_cases::*;
 use crate::vtd_cases::*;
 
 const EDU: (u16, u16) = (0x1234, 0x11e8);

@@ -17,9 +17,13 @@
 extern crate alloc;
 
 #[cfg(target_os = "none")]
+mod amd_cases;
+#[cfg(target_os = "none")]
 mod bench;
 #[cfg(target_os = "none")]
 mod cases;
+#[cfg(target_os = "none")]
+mod dma_cases;
 #[cfg(target_os = "none")]
 mod vtd_cases;
 

@@ -17,10 +17,12 @@ pub struct Config {
     pub about: &'static str,
 }
 
-/// Three edu DMA engines: one on the root bus; one behind a PCIe root port
+/// Four edu DMA engines: one on the root bus; one behind a PCIe root port
 /// (a sub-hierarchy scope) that can address all 64 bits; one behind a
-/// PCIe-to-PCI bridge, whose DMA carries the bridge's requester id.
-const EDUS: [&str; 10] = [
+/// PCIe-to-PCI bridge, whose DMA carries the bridge's requester id; and a
+/// second 64-bit one on the root bus at slot 6 (QEMU's AMD-Vi sees devices
+/// behind bridges under bus 0, so its tests need two root-bus devices).
+const EDUS: [&str; 12] = [
     "-device",
     "edu",
     "-device",
@@ -31,11 +33,13 @@ const EDUS: [&str; 10] = [
     "pcie-pci-bridge,id=pb1,bus=pcie.0,addr=0x5",
     "-device",
     "edu,bus=pb1,addr=0x1",
+    "-device",
+    "edu,addr=0x6,dma_mask=0xffffffffffffffff",
 ];
 
 macro_rules! devices {
     ($($d:expr),*) => {
-        &[$($d,)* EDUS[0], EDUS[1], EDUS[2], EDUS[3], EDUS[4], EDUS[5], EDUS[6], EDUS[7], EDUS[8], EDUS[9]]
+        &[$($d,)* EDUS[0], EDUS[1], EDUS[2], EDUS[3], EDUS[4], EDUS[5], EDUS[6], EDUS[7], EDUS[8], EDUS[9], EDUS[10], EDUS[11]]
     };
 }
 
