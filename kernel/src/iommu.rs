@@ -316,6 +316,14 @@ impl portcullis_iommu::IommuDomain for VtdPaging {
     ) -> Result<(), portcullis_iommu::DomainError> {
         each!(self, d => d.map(iova, phys, length, prot))
     }
+    fn map_runs(
+        &mut self,
+        iova: u64,
+        runs: &[(u64, u64)],
+        prot: portcullis_iommu::Prot,
+    ) -> Result<(), portcullis_iommu::DomainError> {
+        each!(self, d => d.map_runs(iova, runs, prot))
+    }
     fn unmap(&mut self, iova: u64, length: u64, gather: &mut portcullis_iommu::IotlbGather) -> u64 {
         each!(self, d => d.unmap(iova, length, gather))
     }
@@ -514,6 +522,14 @@ macro_rules! forward_paging {
             prot: portcullis_iommu::Prot,
         ) -> Result<(), portcullis_iommu::DomainError> {
             self.$($path).+.map(iova, phys, length, prot)
+        }
+        fn map_runs(
+            &mut self,
+            iova: u64,
+            runs: &[(u64, u64)],
+            prot: portcullis_iommu::Prot,
+        ) -> Result<(), portcullis_iommu::DomainError> {
+            self.$($path).+.map_runs(iova, runs, prot)
         }
         fn unmap(&mut self, iova: u64, length: u64, gather: &mut portcullis_iommu::IotlbGather) -> u64 {
             self.$($path).+.unmap(iova, length, gather)
