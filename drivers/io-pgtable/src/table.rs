@@ -261,7 +261,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// that is wrong, the piece when it is one piece).
     pub fn map_runs(&mut self, iova: u64, runs: &[(u64, u64)], prot: Prot) -> Result<(), Error> {
         let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.1));
-        let end = self.check_range(iova, total.ok_or(Error::BadRange { iova, length: u64::MAX })?)?;
+        self.check_range(iova, total.ok_or(Error::BadRange { iova, length: u64::MAX })?)?;
         let mut at = iova;
         for &(phys, length) in runs {
             if length == 0 || length & (PAGE_SIZE - 1) != 0 {
@@ -277,16 +277,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         }
         let prot = if self.force_snoop { prot | Prot::CACHE } else { prot };
         let mut batch = FlushBatch::new(!self.coherent);
-        let mut result = Ok(());
-        let mut cur = iova;
-        for &(phys, length) in runs {
-            result = self.map_range(cur, phys, cur + length, prot, &mut batch);
-            if result.is_err() {
-                break;
-            }
-            cur += length;
-        }
-        debug_assert!(result.is_err() || cur == end);
+        let result = self.map_range(iova, runs, prot, &mut batch);
         if let Err((stopped, _)) = result {
             self.forget_walks();
             // Everything in [iova, stopped) was mapped by this call with
@@ -321,8 +312,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     fn map_range(
         &mut self,
         iova: u64,
-        phys: u64,
-        end: u64,
+        runs: &[(u64, u64)],
         prot: Prot,
         batch: &mut FlushBatch,
     ) -> Result<(), (u64, Error)> {
@@ -339,60 +329,64 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         }
         let mut cur = iova;
         let mut last_level = top;
-        while cur < end {
-            let pa = phys + (cur - iova);
-            let level = self.leaf_level(cur | pa, end - cur);
-            if valid < level {
-                // Only a cached walk starts below a large piece's level:
-                // the tables above are the cached ones, still covering `cur`.
-                valid = level;
-            }
-            last_level = level;
-            debug_assert!(valid >= level);
-            let mut l = valid;
-            while l > level {
-                let t = path[l as usize];
-                let i = index_of(cur, l);
-                let e = self.mem.read(t, i);
-                let next = if !self.format.is_present(e) {
-                    let Some(new) = self.mem.alloc_table() else {
-                        return Err((cur, Error::NoMemory { iova: cur, level: l - 1 }));
+        for &(phys, length) in runs {
+            let (run_iova, end) = (cur, cur + length);
+            while cur < end {
+                let pa = phys + (cur - run_iova);
+                // Pieces shorter than 2 MiB take 4 KiB pages whatever the alignment.
+                let level = if end - cur < level_size(1) { 0 } else { self.leaf_level(cur | pa, end - cur) };
+                if valid < level {
+                    // Only a cached walk starts below a large piece's level:
+                    // the tables above are the cached ones, still covering `cur`.
+                    valid = level;
+                }
+                last_level = level;
+                debug_assert!(valid >= level);
+                let mut l = valid;
+                while l > level {
+                    let t = path[l as usize];
+                    let i = index_of(cur, l);
+                    let e = self.mem.read(t, i);
+                    let next = if !self.format.is_present(e) {
+                        let Some(new) = self.mem.alloc_table() else {
+                            return Err((cur, Error::NoMemory { iova: cur, level: l - 1 }));
+                        };
+                        self.tables += 1;
+                        self.mem.write(t, i, self.format.table_entry(new, l));
+                        batch.mark(&mut self.mem, l, t, i);
+                        new
+                    } else if self.format.is_leaf(e, l) {
+                        return Err((cur, Error::AlreadyMapped { iova: cur }));
+                    } else {
+                        self.format.table_address(e)
                     };
-                    self.tables += 1;
-                    self.mem.write(t, i, self.format.table_entry(new, l));
-                    batch.mark(&mut self.mem, l, t, i);
-                    new
-                } else if self.format.is_leaf(e, l) {
-                    return Err((cur, Error::AlreadyMapped { iova: cur }));
-                } else {
-                    self.format.table_address(e)
-                };
-                l -= 1;
-                path[l as usize] = next;
-            }
-            // A run of leaves in one table, as far as the table, the
-            // length and the page size go.
-            let t = path[level as usize];
-            let size = level_size(level);
-            let i = index_of(cur, level);
-            let count = ((ENTRIES - i) as u64).min((end - cur) >> level_shift(level)) as usize;
-            let written = self.mem.fill(t, i, count, self.format.leaf_entry(pa, level, prot), size);
-            if written > 0 {
-                batch.mark_lines(&mut self.mem, level, t, lines_of(i, written));
-                cur += written as u64 * size;
-            }
-            if written < count {
-                let e = self.mem.read(t, i + written);
-                let at = if self.format.is_leaf(e, level) {
-                    cur
-                } else {
-                    self.first_mapped(self.format.table_address(e), level - 1).map_or(cur, |off| cur + off)
-                };
-                return Err((cur, Error::AlreadyMapped { iova: at }));
-            }
-            valid = level;
-            while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
-                valid += 1;
+                    l -= 1;
+                    path[l as usize] = next;
+                }
+                // A run of leaves in one table, as far as the table, the
+                // length and the page size go.
+                let t = path[level as usize];
+                let size = level_size(level);
+                let i = index_of(cur, level);
+                let count = ((ENTRIES - i) as u64).min((end - cur) >> level_shift(level)) as usize;
+                let written = self.mem.fill(t, i, count, self.format.leaf_entry(pa, level, prot), size);
+                if written > 0 {
+                    batch.mark_lines(&mut self.mem, level, t, lines_of(i, written));
+                    cur += written as u64 * size;
+                }
+                if written < count {
+                    let e = self.mem.read(t, i + written);
+                    let at = if self.format.is_leaf(e, level) {
+                        cur
+                    } else {
+                        self.first_mapped(self.format.table_address(e), level - 1).map_or(cur, |off| cur + off)
+                    };
+                    return Err((cur, Error::AlreadyMapped { iova: at }));
+                }
+                valid = level;
+                while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
+                    valid += 1;
+                }
             }
         }
         if last_level == 0 {
