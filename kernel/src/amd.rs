@@ -312,5 +312,9 @@ pub fn unit_info(p: &crate::Platform, ivrs: &acpi_tables::ivrs::Ivrs, s: &crate:
         let off = h.capability_offset;
         Some((p.ecam.read32(h.segment, bdf, off), p.ecam.read32(h.segment, bdf, off + 0x10)))
     });
-    AmdUnitInfo { base: s.base, last_device_id: s.last_id, coherent, pci_capability }
+    // The table covers every id, not just the IVRS ranges: QEMU does not
+    // bound a lookup by the table's Size field, so an id beyond a smaller
+    // table would read its entry from whatever memory follows (Linux also
+    // always uses the full 2 MiB table).
+    AmdUnitInfo { base: s.base, last_device_id: 0xffff, coherent, pci_capability }
 }

@@ -9,7 +9,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use portcullis_iommu::IommuDomain;
-use portcullis_kernel::amd::{AmdDevice, AmdDomain, AmdUnitInfo, SharedAmdUnit, amd_unit, unit_info};
+use portcullis_kernel::amd::{AmdDevice, AmdDomain, SharedAmdUnit, amd_unit, unit_info};
 use portcullis_kernel::edu::Edu;
 use portcullis_kernel::ktest::{Outcome, TestResult};
 use portcullis_kernel::ownership::{Assignment, IvrsUnit, assign_ivrs, ivrs_units};
@@ -38,10 +38,7 @@ fn amd(p: &Platform) -> Result<Amd, Outcome> {
         }
         let owners = assign_ivrs(&units, &p.pci);
         let scope = units.drain(..).next().ok_or_else(|| String::from("IVRS has no IVHD"))?;
-        // The whole device-id space: QEMU does not check an id against the
-        // table's size, so a device outside the IVRS ranges would read its
-        // entry from whatever memory follows a smaller table.
-        let info = AmdUnitInfo { last_device_id: 0xffff, ..unit_info(p, ivrs, &scope) };
+        let info = unit_info(p, ivrs, &scope);
         let unit = amd_unit(format!("IVHD @{:#x}", scope.base), info)?;
         Ok((unit, scope, owners))
     });
