@@ -356,21 +356,32 @@ impl IoPagetable {
     }
 
     /// The physical addresses of pages `[fp, lp]` of the area at `start`,
-    /// as runs, read back from `domain` (which maps the area): one query
-    /// per physically contiguous run.
+    /// as runs, read back from `domain` (which maps the area), up to 256
+    /// runs per domain call.
     fn read_back(domain: &DomainRef, start: u64, area: &Area, fp: u64, lp: u64) -> PhysRuns {
         let d = domain.lock();
         let mut out = Vec::new();
-        let mut page = fp;
-        while page <= lp {
-            let first_byte = (page * PAGE_SIZE).max(area.start_byte);
-            let off = first_byte - page * PAGE_SIZE;
-            let iova = start + (first_byte - area.start_byte);
-            let max = (lp + 1) * PAGE_SIZE - first_byte;
-            let (phys, len) = d.iova_to_phys_run(iova, max).expect("a filled area is mapped in every domain");
-            let n = (off + len).div_ceil(PAGE_SIZE).min(lp - page + 1);
-            push_run(&mut out, phys - off, n);
-            page += n;
+        let mut buf = [(0u64, 0u64); 256];
+        // Area byte b is at IOVA start + (b - start_byte); the range asked
+        // for may run past the area's end (within page lp): the domain
+        // stops where the mapping does.
+        let mut b = (fp * PAGE_SIZE).max(area.start_byte);
+        let b_end = (lp + 1) * PAGE_SIZE;
+        let mut next_page = fp;
+        while next_page <= lp {
+            let iova = start + (b - area.start_byte);
+            let (n, done) = d.iova_to_phys_runs(iova, b_end - b, &mut buf);
+            assert!(done > 0, "a filled area is mapped in every domain");
+            for &(phys, len) in &buf[..n] {
+                // Pages holding bytes [b, b + len), from the first not yet
+                // reported; page p's address is phys + p * PAGE_SIZE - b.
+                let (p0, p1) = ((b / PAGE_SIZE).max(next_page), ((b + len - 1) / PAGE_SIZE).min(lp));
+                if p0 <= p1 {
+                    push_run(&mut out, phys.wrapping_add(p0 * PAGE_SIZE).wrapping_sub(b), p1 - p0 + 1);
+                    next_page = p1 + 1;
+                }
+                b += len;
+            }
         }
         out
     }

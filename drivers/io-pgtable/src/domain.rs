@@ -169,6 +169,10 @@ where
         self.table.phys_run(iova, max_len)
     }
 
+    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+        self.table.phys_runs(iova, length, out)
+    }
+
     /// Forces snooping on every later mapping when the format can encode it
     /// (VT-d second stage with ECAP.SC). As the hardware cannot fix up what
     /// is already mapped without rewriting it, this refuses (false) while

@@ -30,7 +30,7 @@ use alloc::vec::Vec;
 use core::cell::Cell;
 use core::fmt;
 
-use portcullis_iommu::{IotlbGather, Prot};
+use portcullis_iommu::{IotlbGather, Prot, push_run};
 
 use crate::flush::{FlushBatch, lines_of};
 use crate::format::{Entry, PtFormat, level_shift, level_size, sizes_of_leaf_levels};
@@ -633,6 +633,40 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             i += 1;
         }
         Some((phys, len.min(max_len)))
+    }
+
+    /// `[iova, iova + length)` as physically contiguous runs in `out`
+    /// (see `IommuDomain::iova_to_phys_runs`): `(runs, bytes covered)`.
+    /// One walk per leaf table (from the lookup cache when it covers the
+    /// start), then the leaves of that table in a row.
+    pub fn phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+        let (mut n, mut done) = (0usize, 0u64);
+        'walks: while done < length {
+            let cur = iova.wrapping_add(done);
+            let Some(step) = self.leaf_step(cur) else { break };
+            let size = level_size(step.level);
+            let off = cur & (size - 1);
+            let len = (size - off).min(length - done);
+            if !push_run(out, &mut n, self.format.leaf_address(step.raw, step.level) + off, len) {
+                break;
+            }
+            done += len;
+            for i in step.index + 1..ENTRIES {
+                if done >= length {
+                    break 'walks;
+                }
+                let raw = self.mem.read(step.table, i);
+                if !self.format.is_present(raw) || !self.format.is_leaf(raw, step.level) {
+                    break;
+                }
+                let len = size.min(length - done);
+                if !push_run(out, &mut n, self.format.leaf_address(raw, step.level), len) {
+                    break 'walks;
+                }
+                done += len;
+            }
+        }
+        (n, done)
     }
 
     /// Size of the page that translates `iova`, if mapped.

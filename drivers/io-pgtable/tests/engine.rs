@@ -482,3 +482,29 @@ fn map_runs_maps_scattered_pieces_all_or_nothing() {
     assert_eq!(pt.iova_to_phys(0x500_0000), None);
     pt.check_invariants().unwrap();
 }
+
+#[test]
+fn phys_runs_read_a_range_back_in_few_runs() {
+    let mut pt = ss(4);
+    // 4 KiB pages: two contiguous, then one elsewhere, then a 2 MiB page
+    // continuing nothing, then a hole.
+    pt.map(0x1f_d000, 0x5000, 0x2000, Prot::RW).unwrap();
+    pt.map(0x1f_f000, 0x9000, 0x1000, Prot::RW).unwrap();
+    pt.map(0x20_0000, 0x40_0000, 0x20_0000, Prot::RW).unwrap();
+    let mut out = [(0u64, 0u64); 8];
+    assert_eq!(pt.phys_runs(0x1f_d800, 0x40_0000, &mut out), (3, 0x20_2800));
+    assert_eq!(out[..3], [(0x5800, 0x1800), (0x9000, 0x1000), (0x40_0000, 0x20_0000)]);
+    // Stops when the output is full, and after `length` bytes.
+    let mut one = [(0u64, 0u64); 1];
+    assert_eq!(pt.phys_runs(0x1f_d000, 0x40_0000, &mut one), (1, 0x2000));
+    assert_eq!(pt.phys_runs(0x20_1000, 0x3000, &mut out), (1, 0x3000));
+    assert_eq!(out[0], (0x40_1000, 0x3000));
+    assert_eq!(pt.phys_runs(0x40_0000, 0x1000, &mut out), (0, 0));
+    // Through the domain.
+    let mut d = PagingDomain::new(VtdSecondStage::new(4).unwrap(), HeapTables::default(), NoInvalidator).unwrap();
+    d.map(0x1f_d000, 0x5000, 0x2000, Prot::RW).unwrap();
+    d.map(0x1f_f000, 0x9000, 0x1000, Prot::RW).unwrap();
+    let mut runs = [(0u64, 0u64); 4];
+    assert_eq!(d.iova_to_phys_runs(0x1f_d800, 0x10_0000, &mut runs), (2, 0x2800));
+    assert_eq!(runs[..2], [(0x5800, 0x1800), (0x9000, 0x1000)]);
+}

@@ -197,11 +197,49 @@ pub trait IommuDomain: Send {
         Some((phys, (g - (iova & (g - 1))).min(max_len)))
     }
 
+    /// Reads `[iova, iova + length)` back as physically contiguous runs:
+    /// fills `out` with `(phys, len)` for consecutive IOVA pieces from
+    /// `iova` and returns `(runs written, bytes covered)`. Stops at the
+    /// first unmapped byte, when `out` is full, or after `length` bytes.
+    /// Neighbouring runs that continue each other physically are merged.
+    ///
+    /// The default calls [`Self::iova_to_phys_run`] per run; domains that
+    /// can read their leaves in a row answer a whole range in one call.
+    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+        let (mut n, mut done) = (0usize, 0u64);
+        while done < length {
+            let Some((phys, len)) = self.iova_to_phys_run(iova.wrapping_add(done), length - done) else { break };
+            if !push_run(out, &mut n, phys, len) {
+                break;
+            }
+            done += len;
+        }
+        (n, done)
+    }
+
     /// The smallest page size (the granule).
     fn granule(&self) -> u64 {
         let sizes = self.page_sizes();
         if sizes == 0 { 4096 } else { 1 << sizes.trailing_zeros() }
     }
+}
+
+/// Appends `(phys, len)` to the runs `out[..*n]`, extending the last run
+/// when it ends at `phys`. False (and nothing changed) when `out` is full.
+pub fn push_run(out: &mut [(u64, u64)], n: &mut usize, phys: u64, len: u64) -> bool {
+    if *n > 0 {
+        let last = &mut out[*n - 1];
+        if last.0.wrapping_add(last.1) == phys {
+            last.1 += len;
+            return true;
+        }
+    }
+    if *n == out.len() {
+        return false;
+    }
+    out[*n] = (phys, len);
+    *n += 1;
+    true
 }
 
 /// The largest page size from `sizes` usable at `iova`/`phys` for at most
