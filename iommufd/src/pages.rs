@@ -699,6 +699,19 @@ impl Pages {
                 t.domain.remove(first, last);
                 let mut gone = Vec::new();
                 t.domain.gaps(first, last, &mut gone);
+                if let Some(h) = hint
+                    && gone == [(first, last)]
+                    && t.chunks.range(first / CHUNK..=last / CHUNK).next().is_none()
+                {
+                    // Every page goes (no other use anywhere in the range):
+                    // the caller's addresses are the ones to release.
+                    let count = last - first + 1;
+                    t.pinned_pages -= count;
+                    drop(t);
+                    self.source.unpin_runs(h, self.writable);
+                    self.accounting.credit(count);
+                    return;
+                }
                 let mut cursor = hint.map(|h| RunCursor::new(h, first));
                 for (s, e) in gone {
                     t.other_ranges(s, e, |a, b, has_other| {
