@@ -293,6 +293,31 @@ impl IoPagetable {
         small: bool,
     ) -> Result<()> {
         let end_byte = area.start_byte + (last - iova);
+        if !small && area.start_byte % PAGE_SIZE == 0 && (end_byte + 1) % PAGE_SIZE == 0 {
+            // Whole pages (the usual case): each run is one piece as it is.
+            let mut batch: Vec<(u64, u64)> = Vec::with_capacity(MAP_BATCH.min(phys.len()));
+            let mut cur = iova;
+            let mut result = Ok(());
+            for chunk in phys.chunks(MAP_BATCH) {
+                batch.clear();
+                batch.extend(chunk.iter().map(|&(p, n)| (p, n * PAGE_SIZE)));
+                let len: u64 = chunk.iter().map(|&(_, n)| n).sum::<u64>() * PAGE_SIZE;
+                result = area
+                    .pages
+                    .fault_point()
+                    .and_then(|()| domain.map_runs(cur, &batch, area.prot).map_err(domain_errno));
+                if result.is_err() {
+                    break;
+                }
+                cur = cur.wrapping_add(len);
+            }
+            if result.is_err() && cur != iova {
+                let mut g = IotlbGather::default();
+                domain.unmap(iova, cur.wrapping_sub(iova), &mut g);
+                domain.iotlb_sync(&mut g);
+            }
+            return result;
+        }
         let mut page = area.first_page();
         let mut batch: Vec<(u64, u64)> = Vec::with_capacity(MAP_BATCH.min(if small {
             (last - iova) as usize / PAGE_SIZE as usize + 2
