@@ -339,6 +339,9 @@ impl portcullis_iommu::IommuDomain for VtdPaging {
     fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
         each!(self, d => d.iova_to_phys_run(iova, max_len))
     }
+    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+        each!(self, d => d.iova_to_phys_runs(iova, length, out))
+    }
     fn granule(&self) -> u64 {
         each!(self, d => d.granule())
     }
@@ -545,6 +548,9 @@ macro_rules! forward_paging {
         }
         fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
             self.$($path).+.iova_to_phys_run(iova, max_len)
+        }
+        fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+            self.$($path).+.iova_to_phys_runs(iova, length, out)
         }
         fn granule(&self) -> u64 {
             self.$($path).+.granule()
