@@ -279,7 +279,7 @@ impl IoPagetable {
     }
 
     /// Maps the area's pages into `domain`: each physically contiguous
-    /// run (`phys`: runs `(address, pages)` from the area's first page) is
+    /// run (`phys`: runs `(address, bytes)` from the area's first page) is
     /// one piece, so the domain can use large pages; with large pages
     /// disabled (`small`), one piece per page. Pieces go to the domain up
     /// to [`MAP_BATCH`] per `map_runs` call. On failure nothing stays
@@ -293,19 +293,16 @@ impl IoPagetable {
         small: bool,
     ) -> Result<()> {
         let end_byte = area.start_byte + (last - iova);
-        if !small && area.start_byte % PAGE_SIZE == 0 && (end_byte + 1) % PAGE_SIZE == 0 {
+        if !small && area.start_byte.is_multiple_of(PAGE_SIZE) && (end_byte + 1).is_multiple_of(PAGE_SIZE) {
             // Whole pages (the usual case): each run is one piece as it is.
-            let mut batch: Vec<(u64, u64)> = Vec::with_capacity(MAP_BATCH.min(phys.len()));
             let mut cur = iova;
             let mut result = Ok(());
             for chunk in phys.chunks(MAP_BATCH) {
-                batch.clear();
-                batch.extend(chunk.iter().map(|&(p, n)| (p, n * PAGE_SIZE)));
-                let len: u64 = chunk.iter().map(|&(_, n)| n).sum::<u64>() * PAGE_SIZE;
+                let len: u64 = chunk.iter().map(|&(_, len)| len).sum();
                 result = area
                     .pages
                     .fault_point()
-                    .and_then(|()| domain.map_runs(cur, &batch, area.prot).map_err(domain_errno));
+                    .and_then(|()| domain.map_runs(cur, chunk, area.prot).map_err(domain_errno));
                 if result.is_err() {
                     break;
                 }
@@ -338,7 +335,8 @@ impl IoPagetable {
             Ok(())
         };
         let mut result = Ok(());
-        for &(p, n) in phys {
+        for &(p, len) in phys {
+            let n = len / PAGE_SIZE;
             // The bytes of the area on pages [page, page + n).
             let b0 = (page * PAGE_SIZE).max(area.start_byte);
             let b1 = ((page + n) * PAGE_SIZE - 1).min(end_byte);
@@ -402,7 +400,7 @@ impl IoPagetable {
                 // reported; page p's address is phys + p * PAGE_SIZE - b.
                 let (p0, p1) = ((b / PAGE_SIZE).max(next_page), ((b + len - 1) / PAGE_SIZE).min(lp));
                 if p0 <= p1 {
-                    push_run(&mut out, phys.wrapping_add(p0 * PAGE_SIZE).wrapping_sub(b), p1 - p0 + 1);
+                    push_run(&mut out, phys.wrapping_add(p0 * PAGE_SIZE).wrapping_sub(b), (p1 - p0 + 1) * PAGE_SIZE);
                     next_page = p1 + 1;
                 }
                 b += len;

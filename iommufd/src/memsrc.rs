@@ -36,7 +36,8 @@ pub trait MemorySource: Send + Sync {
     fn unpin(&self, phys: &[u64], dirty: bool);
     /// Pins the `npages` pages starting at page-aligned `uptr`, like
     /// [`Self::pin`], and appends their physical addresses to `out` as
-    /// runs `(phys, pages)` of physically contiguous pages, in order.
+    /// runs `(phys, bytes)` of physically contiguous pages (`bytes` a
+    /// multiple of [`PAGE_SIZE`]), in order.
     /// All or nothing (on error `out` is as it was and nothing is pinned).
     ///
     /// The default goes through [`Self::pin`] and coalesces; sources that
@@ -45,16 +46,16 @@ pub trait MemorySource: Send + Sync {
         let mut phys = vec![0u64; usize::try_from(npages).map_err(|_| Errno::ENOMEM)?];
         self.pin(uptr, &mut phys, write)?;
         for p in phys {
-            push_run(out, p, 1);
+            push_run(out, p, PAGE_SIZE);
         }
         Ok(())
     }
-    /// Drops one pin on each page of each run `(phys, pages)` (as
+    /// Drops one pin on each page of each run `(phys, bytes)` (as
     /// [`Self::unpin`]). The default expands the runs into pages.
     fn unpin_runs(&self, runs: &[(u64, u64)], dirty: bool) {
         let mut buf: Vec<u64> = Vec::new();
-        for &(phys, n) in runs {
-            for k in 0..n {
+        for &(phys, len) in runs {
+            for k in 0..len / PAGE_SIZE {
                 buf.push(phys + k * PAGE_SIZE);
                 if buf.len() == 512 {
                     self.unpin(&buf, dirty);
@@ -88,19 +89,19 @@ pub trait MemorySource: Send + Sync {
     }
 }
 
-/// Appends `pages` pages at `phys` to a run list, extending the last run
-/// when it ends where this one starts.
-pub fn push_run(runs: &mut Vec<(u64, u64)>, phys: u64, pages: u64) {
-    if pages == 0 {
+/// Appends the `len` bytes at `phys` to a run list `(phys, bytes)`,
+/// extending the last run when it ends where this one starts.
+pub fn push_run(runs: &mut Vec<(u64, u64)>, phys: u64, len: u64) {
+    if len == 0 {
         return;
     }
     if let Some(last) = runs.last_mut()
-        && last.0 + last.1 * PAGE_SIZE == phys
+        && last.0 + last.1 == phys
     {
-        last.1 += pages;
+        last.1 += len;
         return;
     }
-    runs.push((phys, pages));
+    runs.push((phys, len));
 }
 
 struct FakePage {
@@ -506,7 +507,7 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
             for c in &mut reg.pins[first..first + n] {
                 *c += 1;
             }
-            push_run(out, reg.phys + first as u64 * PAGE_SIZE, n as u64);
+            push_run(out, reg.phys + first as u64 * PAGE_SIZE, n as u64 * PAGE_SIZE);
             a += n as u64 * PAGE_SIZE;
         }
         Ok(())
@@ -514,8 +515,8 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
 
     fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
         let mut regions = self.regions.lock();
-        for &(phys, n) in runs {
-            let (mut p, end) = (phys, phys + n * PAGE_SIZE);
+        for &(phys, len) in runs {
+            let (mut p, end) = (phys, phys + len);
             while p < end {
                 let reg = regions
                     .iter_mut()
@@ -599,7 +600,7 @@ mod region_tests {
         assert_eq!(m.pin_runs(0x1f_f000, 3, false, &mut runs), Err(Errno::EFAULT));
         assert!(runs.is_empty());
         m.pin_runs(0x1f_e000, 3, false, &mut runs).unwrap();
-        assert_eq!(runs, [(0x1_001f_e000, 2), (0x3_0000_0000, 1)]);
+        assert_eq!(runs, [(0x1_001f_e000, 0x2000), (0x3_0000_0000, 0x1000)]);
         assert_eq!(m.pin_count(0x1f_f000), Ok(Some(1)));
         m.unpin_runs(&runs, false);
         assert_eq!(m.pinned_pages(), 0);

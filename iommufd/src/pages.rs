@@ -325,8 +325,8 @@ impl PinTable {
     /// their addresses (runs from `first`).
     fn add_other(&mut self, first: u64, last: u64, phys: &[(u64, u64)]) {
         let mut page = first;
-        for &(p, n) in phys {
-            for k in 0..n {
+        for &(p, len) in phys {
+            for k in 0..len / PAGE_SIZE {
                 let c = self.chunks.entry(page / CHUNK).or_insert_with(|| {
                     Box::new(Chunk { other: [0; CHUNK as usize], phys: [0; CHUNK as usize], used_pages: 0 })
                 });
@@ -363,7 +363,7 @@ impl PinTable {
     }
 }
 
-/// Reads page-indexed runs `(phys, pages)` that start at page `base`, in
+/// Reads runs `(phys, bytes)` of whole pages that start at page `base`, in
 /// increasing page order.
 struct RunCursor<'a> {
     runs: &'a [(u64, u64)],
@@ -381,14 +381,15 @@ impl<'a> RunCursor<'a> {
     fn take(&mut self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) -> bool {
         let mut page = first;
         while page <= last {
-            let Some(&(p, n)) = self.runs.get(self.idx) else { return false };
+            let Some(&(p, len)) = self.runs.get(self.idx) else { return false };
+            let n = len / PAGE_SIZE;
             if page >= self.at + n {
                 self.at += n;
                 self.idx += 1;
                 continue;
             }
             let k = (last + 1).min(self.at + n) - page;
-            push_run(out, p + (page - self.at) * PAGE_SIZE, k);
+            push_run(out, p + (page - self.at) * PAGE_SIZE, k * PAGE_SIZE);
             page += k;
         }
         true
@@ -413,7 +414,8 @@ pub struct Holder {
 }
 
 /// Physical addresses of consecutive pages as runs `(address of the first
-/// page, pages)` of physically contiguous pages, in page order.
+/// page, bytes)` of physically contiguous whole pages, in page order (the
+/// form `IommuDomain::map_runs` takes).
 pub type PhysRuns = Vec<(u64, u64)>;
 
 /// A domain as areas and holders share it.
@@ -548,7 +550,7 @@ impl Pages {
         let mut page = first;
         while page <= last {
             let Some((p, n)) = holders.iter().find_map(|h| h.phys_run(page, last - page + 1)) else { return false };
-            push_run(out, p, n);
+            push_run(out, p, n * PAGE_SIZE);
             page += n;
         }
         true
@@ -577,8 +579,8 @@ impl Pages {
         let runs = self.pin_runs(first, last, kind)?;
         if let Some(o) = out {
             let mut k = 0;
-            for (p, n) in runs {
-                for j in 0..n {
+            for (p, len) in runs {
+                for j in 0..len / PAGE_SIZE {
                     o[k] = p + j * PAGE_SIZE;
                     k += 1;
                 }
@@ -589,7 +591,7 @@ impl Pages {
 
     /// Takes one use of `kind` of every page in `[first, last]`, pinning
     /// those that had none (a run at a time in the memory source), and
-    /// returns the addresses of all of them as runs `(phys, pages)` in page
+    /// returns the addresses of all of them as runs `(phys, bytes)` in page
     /// order. All or nothing.
     pub fn pin_runs(&self, first: u64, last: u64, kind: UseKind) -> Result<PhysRuns> {
         if first > last || last >= self.npages {
@@ -652,7 +654,7 @@ impl Pages {
                 }
                 if stored {
                     for q in x..=y {
-                        push_run(all, t.stored(q).expect("stored"), 1);
+                        push_run(all, t.stored(q).expect("stored"), PAGE_SIZE);
                     }
                 } else {
                     ok = self.read_back(x, y, all);
@@ -735,7 +737,7 @@ impl Pages {
                     }
                     if gi < gaps.len() && gaps[gi].0 <= page {
                         count += 1;
-                        push_run(&mut release, phys, 1);
+                        push_run(&mut release, phys, PAGE_SIZE);
                     }
                 });
             }
@@ -811,7 +813,7 @@ mod tests {
         p.pin(2, 3, UseKind::Other, None).unwrap();
         let runs = p.pin_runs(0, 7, UseKind::Domain).unwrap();
         let base = a.phys_of(0x10_0000).unwrap();
-        assert_eq!(runs, [(base, 8)], "one contiguous run over fresh and stored pages");
+        assert_eq!(runs, [(base, 8 * PAGE_SIZE)], "one contiguous run over fresh and stored pages");
         assert_eq!((acct.pinned(), a.pinned_pages()), (8, 8));
         p.unpin(0, 7, UseKind::Domain, Some(&runs));
         assert_eq!((acct.pinned(), a.pinned_pages(), p.uses(2), p.uses(4)), (2, 2, 1, 0));

@@ -55,17 +55,17 @@ impl MemorySource for BenchMemory {
             *c += 1;
         }
         if self.stride == PAGE_SIZE {
-            push_run(out, PHYS + first * PAGE_SIZE, npages);
+            push_run(out, PHYS + first * PAGE_SIZE, npages * PAGE_SIZE);
         } else {
-            out.extend((first..first + npages).map(|k| (PHYS + k * self.stride, 1)));
+            out.extend((first..first + npages).map(|k| (PHYS + k * self.stride, PAGE_SIZE)));
         }
         Ok(())
     }
     fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
         let mut pins = self.pins.lock();
-        for &(p, n) in runs {
+        for &(p, len) in runs {
             let first = ((p - PHYS) >> self.stride.trailing_zeros()) as usize;
-            for c in &mut pins[first..first + n as usize] {
+            for c in &mut pins[first..first + (len / PAGE_SIZE) as usize] {
                 *c -= 1;
             }
         }
