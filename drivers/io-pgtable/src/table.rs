@@ -329,7 +329,39 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         }
         let mut cur = iova;
         let mut last_level = top;
-        for &(phys, length) in runs {
+        let mut k = 0;
+        while k < runs.len() {
+            let (phys, length) = runs[k];
+            if length == PAGE_SIZE && valid == 0 {
+                // Single 4 KiB pieces (scattered memory) into the leaf table
+                // we are in: one entry each, lines marked once.
+                let t = path[0];
+                let first = index_of(cur, 0);
+                let mut i = first;
+                let mut clash = false;
+                while k < runs.len() && runs[k].1 == PAGE_SIZE && i < ENTRIES {
+                    if self.mem.read(t, i) != 0 {
+                        clash = true;
+                        break;
+                    }
+                    self.mem.write(t, i, self.format.leaf_entry(runs[k].0, 0, prot));
+                    i += 1;
+                    k += 1;
+                    cur += PAGE_SIZE;
+                }
+                if i > first {
+                    batch.mark_lines(&mut self.mem, 0, t, lines_of(first, i - first));
+                }
+                if clash {
+                    return Err((cur, Error::AlreadyMapped { iova: cur }));
+                }
+                last_level = 0;
+                while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
+                    valid += 1;
+                }
+                continue;
+            }
+            k += 1;
             let (run_iova, end) = (cur, cur + length);
             while cur < end {
                 let pa = phys + (cur - run_iova);

@@ -508,3 +508,35 @@ fn phys_runs_read_a_range_back_in_few_runs() {
     assert_eq!(d.iova_to_phys_runs(0x1f_d800, 0x10_0000, &mut runs), (2, 0x2800));
     assert_eq!(runs[..2], [(0x5800, 0x1800), (0x9000, 0x1000)]);
 }
+
+#[test]
+fn map_runs_of_scattered_pages_across_tables_and_their_unwind() {
+    let mut pt = ss(4);
+    let scattered = |n: u64| -> Vec<(u64, u64)> { (0..n).map(|k| (0x10_0000_0000 + k * 0x3000, 0x1000)).collect() };
+    // 1500 single pages from 3 pages before a 2 MiB boundary: three leaf tables.
+    let iova = 0x4000_0000 - 0x3000;
+    pt.map_runs(iova, &scattered(1500), Prot::RW).unwrap();
+    for k in 0..1500 {
+        assert_eq!(pt.iova_to_phys(iova + k * 0x1000), Some((0x10_0000_0000 + k * 0x3000, Prot::RW)));
+    }
+    assert_eq!(pt.iova_to_phys(iova + 1500 * 0x1000), None);
+    pt.check_invariants().unwrap();
+    // A second call whose pieces run into the first mapping half way
+    // through a leaf table: nothing of it stays, tables included.
+    let tables = pt.table_count();
+    let start = iova - 700 * 0x1000;
+    assert_eq!(pt.map_runs(start, &scattered(800), Prot::READ), Err(Error::AlreadyMapped { iova }));
+    for k in 0..700 {
+        assert_eq!(pt.iova_to_phys(start + k * 0x1000), None);
+    }
+    assert_eq!(pt.table_count(), tables);
+    // Mixed: single pages, then a 2 MiB piece, then single pages again.
+    let mut runs = scattered(3);
+    runs.push((0x20_0000_0000, 0x20_0000));
+    runs.extend(scattered(2));
+    let at = 0x8000_0000 - 0x3000;
+    pt.map_runs(at, &runs, Prot::RW).unwrap();
+    assert_eq!(pt.page_size(0x8000_0000), Some(0x20_0000));
+    assert_eq!(pt.iova_to_phys(0x8020_1000), Some((0x10_0000_3000, Prot::RW)));
+    pt.check_invariants().unwrap();
+}
