@@ -383,7 +383,7 @@ impl IoPagetable {
     /// runs per domain call.
     fn read_back(domain: &DomainRef, start: u64, area: &Area, fp: u64, lp: u64) -> PhysRuns {
         let d = domain.lock();
-        let mut out = Vec::new();
+        let mut out: PhysRuns = Vec::new();
         let mut buf = [(0u64, 0u64); 256];
         // Area byte b is at IOVA start + (b - start_byte); the range asked
         // for may run past the area's end (within page lp): the domain
@@ -395,6 +395,12 @@ impl IoPagetable {
             let iova = start + (b - area.start_byte);
             let (n, done) = d.iova_to_phys_runs(iova, b_end - b, &mut buf);
             assert!(done > 0, "a filled area is mapped in every domain");
+            if out.capacity() == 0 {
+                // Size the list once from the density of the first answer
+                // (growing a long list by copies costs more than reading it).
+                let estimate = (n as u64).saturating_mul((b_end - b).div_ceil(done)).min(lp - next_page + 1);
+                out.reserve(estimate as usize + 1);
+            }
             for &(phys, len) in &buf[..n] {
                 // Pages holding bytes [b, b + len), from the first not yet
                 // reported; page p's address is phys + p * PAGE_SIZE - b.
