@@ -215,8 +215,8 @@ fn main() {
             run_with(size, huge, Arc::new(EngineDevice), "VT-d engine");
         }
     }
+    // 4 KiB backing only: with 2 MiB backing a 64 MiB call is a few
+    // microseconds and the figure would time thread start-up.
     println!("Two threads mapping disjoint ranges of one IOAS (target: >= 1.8x one thread)");
-    for huge in [false, true] {
-        threads(1 << 30, huge);
-    }
+    threads(4 << 30, false);
 }
