@@ -402,6 +402,13 @@ impl IoPagetable {
                 out.reserve(estimate as usize + 1);
             }
             for &(phys, len) in &buf[..n] {
+                if (b | len | phys) % PAGE_SIZE == 0 {
+                    // Whole pages (every run of a whole-page area).
+                    push_run(&mut out, phys, len);
+                    next_page += len / PAGE_SIZE;
+                    b += len;
+                    continue;
+                }
                 // Pages holding bytes [b, b + len), from the first not yet
                 // reported; page p's address is phys + p * PAGE_SIZE - b.
                 let (p0, p1) = ((b / PAGE_SIZE).max(next_page), ((b + len - 1) / PAGE_SIZE).min(lp));
