@@ -402,7 +402,7 @@ impl IoPagetable {
                 out.reserve(estimate as usize + 1);
             }
             for &(phys, len) in &buf[..n] {
-                if (b | len | phys) % PAGE_SIZE == 0 {
+                if (b | len | phys).is_multiple_of(PAGE_SIZE) {
                     // Whole pages (every run of a whole-page area).
                     push_run(&mut out, phys, len);
                     next_page += len / PAGE_SIZE;
