@@ -34,6 +34,19 @@ use portcullis_iommu::{IotlbGather, Prot, push_run};
 
 use crate::flush::{FlushBatch, lines_of};
 use crate::format::{Entry, PtFormat, level_shift, level_size, sizes_of_leaf_levels};
+
+/// The leaf levels the engine uses from those a format allows: level 0 and
+/// every level above it up to the first one missing. Splitting a leaf makes
+/// leaves one level down, so a large page is only used when every smaller
+/// size is allowed too (a unit offering 1 GiB but not 2 MiB pages gets
+/// 4 KiB pages only).
+fn usable_leaf_levels(allowed: u32) -> u32 {
+    let mut levels = 1;
+    while levels < 32 && allowed >> levels & 1 != 0 {
+        levels += 1;
+    }
+    if levels >= 32 { u32::MAX } else { (1 << levels) - 1 }
+}
 use crate::memory::TableMemory;
 use crate::{ENTRIES, Error, MAX_LEVELS, PAGE_SHIFT, PAGE_SIZE, TABLE_SIZE};
 
@@ -120,9 +133,12 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         assert!((1..=MAX_LEVELS as u32).contains(&levels), "format with {levels} levels");
         let root = mem.alloc_table().ok_or(Error::NoMemory { iova: 0, level: levels - 1 })?;
         let max_last = if level_shift(levels) >= 64 { u64::MAX } else { level_size(levels) - 1 };
-        let last = format.aperture_last().min(max_last);
+        // The engine works with exclusive ends (`iova + length`), so the
+        // page that ends at 2^64 stays outside the aperture: a map there is
+        // refused as out of range rather than overflowing.
+        let last = format.aperture_last().min(max_last).min(u64::MAX - PAGE_SIZE);
         let output_limit = 1u64 << format.output_bits().min(63);
-        let leaf_levels = format.leaf_levels() & ((1 << levels) - 1) | 1;
+        let leaf_levels = usable_leaf_levels(format.leaf_levels() & ((1 << levels) - 1));
         Ok(Self {
             coherent: mem.coherent(),
             format,
@@ -176,7 +192,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                 mask |= 1 << l;
             }
         }
-        self.leaf_levels = self.format.leaf_levels() & mask | 1;
+        self.leaf_levels = usable_leaf_levels(self.format.leaf_levels() & mask);
     }
     /// Whether new mappings get [`Prot::CACHE`] added.
     pub fn force_snoop(&self) -> bool {

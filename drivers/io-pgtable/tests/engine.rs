@@ -540,3 +540,19 @@ fn map_runs_of_scattered_pages_across_tables_and_their_unwind() {
     assert_eq!(pt.iova_to_phys(0x8020_1000), Some((0x10_0000_3000, Prot::RW)));
     pt.check_invariants().unwrap();
 }
+
+/// A format offering 1 GiB but not 2 MiB leaves gets 4 KiB pages only:
+/// splitting a 1 GiB leaf would need the 2 MiB leaves it may not use.
+#[test]
+fn large_pages_only_with_every_smaller_size() {
+    let f = VtdSecondStage::new(4).unwrap().with_large_pages(false, true);
+    let mut pt = PageTable::new(f, HeapTables::default()).unwrap();
+    assert_eq!(pt.page_sizes(), 4096);
+    pt.map(1 << 30, 1 << 30, 1 << 30, Prot::RW).unwrap();
+    assert_eq!(pt.page_size(1 << 30), Some(4096));
+    let mut g = IotlbGather::default();
+    assert_eq!(pt.unmap((1 << 30) + (5 << 21), 4096, &mut g), 4096);
+    pt.check_invariants().unwrap();
+    pt.set_page_sizes(1 << 30);
+    assert_eq!(pt.page_sizes(), 4096, "set_page_sizes keeps the rule");
+}
