@@ -8,7 +8,7 @@
 //! id, after bridge and IVRS aliasing), and QEMU records no events, so
 //! callers detect blocked DMA by its effect on memory.
 
-use crate::iommu::{FrameTables, KernelClock, KernelMmio, MSI_WINDOW, forward_paging};
+use crate::iommu::{FrameTables, KernelClock, KernelMmio, MSI_WINDOW};
 use crate::mem::{alloc_frames, free_frames};
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -248,7 +248,7 @@ impl AmdIommuDomain {
 }
 
 impl IommuDomain for AmdIommuDomain {
-    forward_paging!(inner.domain);
+    portcullis_iommu::forward_paging!(inner.domain);
 
     fn attach_device(&mut self, device: portcullis_iommu::DeviceHandle) -> Result<(), portcullis_iommu::DomainError> {
         if device.0 & AMD_HANDLE == 0 || (device.0 >> 16) as u16 != self.unit_index {

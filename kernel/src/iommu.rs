@@ -300,51 +300,17 @@ impl core::fmt::Debug for VtdPaging {
     }
 }
 
+impl VtdPaging {
+    fn inner(&self) -> &dyn portcullis_iommu::IommuDomain {
+        each!(self, d => d)
+    }
+    fn inner_mut(&mut self) -> &mut dyn portcullis_iommu::IommuDomain {
+        each!(self, d => d)
+    }
+}
+
 impl portcullis_iommu::IommuDomain for VtdPaging {
-    fn page_sizes(&self) -> u64 {
-        each!(self, d => d.page_sizes())
-    }
-    fn aperture(&self) -> (u64, u64) {
-        each!(self, d => d.aperture())
-    }
-    fn map(
-        &mut self,
-        iova: u64,
-        phys: u64,
-        length: u64,
-        prot: portcullis_iommu::Prot,
-    ) -> Result<(), portcullis_iommu::DomainError> {
-        each!(self, d => d.map(iova, phys, length, prot))
-    }
-    fn map_runs(
-        &mut self,
-        iova: u64,
-        runs: &[(u64, u64)],
-        prot: portcullis_iommu::Prot,
-    ) -> Result<(), portcullis_iommu::DomainError> {
-        each!(self, d => d.map_runs(iova, runs, prot))
-    }
-    fn unmap(&mut self, iova: u64, length: u64, gather: &mut portcullis_iommu::IotlbGather) -> u64 {
-        each!(self, d => d.unmap(iova, length, gather))
-    }
-    fn iotlb_sync(&mut self, gather: &mut portcullis_iommu::IotlbGather) {
-        each!(self, d => d.iotlb_sync(gather))
-    }
-    fn iova_to_phys(&self, iova: u64) -> Option<u64> {
-        each!(self, d => d.iova_to_phys(iova))
-    }
-    fn enforce_cache_coherency(&mut self) -> bool {
-        each!(self, d => d.enforce_cache_coherency())
-    }
-    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
-        each!(self, d => d.iova_to_phys_run(iova, max_len))
-    }
-    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
-        each!(self, d => d.iova_to_phys_runs(iova, length, out))
-    }
-    fn granule(&self) -> u64 {
-        each!(self, d => d.granule())
-    }
+    portcullis_iommu::forward_paging!(fn inner, inner_mut);
     fn attach_device(&mut self, device: portcullis_iommu::DeviceHandle) -> Result<(), portcullis_iommu::DomainError> {
         each!(self, d => d.attach_device(device))
     }
@@ -507,60 +473,8 @@ impl VtdIommuDomain {
     }
 }
 
-/// The page-table half of `IommuDomain` (everything but attach/detach),
-/// forwarded to the `IommuDomain` at `self.$path`.
-macro_rules! forward_paging {
-    ($($path:ident).+) => {
-        fn page_sizes(&self) -> u64 {
-            self.$($path).+.page_sizes()
-        }
-        fn aperture(&self) -> (u64, u64) {
-            self.$($path).+.aperture()
-        }
-        fn map(
-            &mut self,
-            iova: u64,
-            phys: u64,
-            length: u64,
-            prot: portcullis_iommu::Prot,
-        ) -> Result<(), portcullis_iommu::DomainError> {
-            self.$($path).+.map(iova, phys, length, prot)
-        }
-        fn map_runs(
-            &mut self,
-            iova: u64,
-            runs: &[(u64, u64)],
-            prot: portcullis_iommu::Prot,
-        ) -> Result<(), portcullis_iommu::DomainError> {
-            self.$($path).+.map_runs(iova, runs, prot)
-        }
-        fn unmap(&mut self, iova: u64, length: u64, gather: &mut portcullis_iommu::IotlbGather) -> u64 {
-            self.$($path).+.unmap(iova, length, gather)
-        }
-        fn iotlb_sync(&mut self, gather: &mut portcullis_iommu::IotlbGather) {
-            self.$($path).+.iotlb_sync(gather)
-        }
-        fn iova_to_phys(&self, iova: u64) -> Option<u64> {
-            self.$($path).+.iova_to_phys(iova)
-        }
-        fn enforce_cache_coherency(&mut self) -> bool {
-            self.$($path).+.enforce_cache_coherency()
-        }
-        fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
-            self.$($path).+.iova_to_phys_run(iova, max_len)
-        }
-        fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
-            self.$($path).+.iova_to_phys_runs(iova, length, out)
-        }
-        fn granule(&self) -> u64 {
-            self.$($path).+.granule()
-        }
-    };
-}
-pub(crate) use forward_paging;
-
 impl portcullis_iommu::IommuDomain for VtdIommuDomain {
-    forward_paging!(inner.domain);
+    portcullis_iommu::forward_paging!(inner.domain);
     fn attach_device(&mut self, device: portcullis_iommu::DeviceHandle) -> Result<(), portcullis_iommu::DomainError> {
         if (device.0 >> 16) as u16 != self.unit_index {
             return Err(portcullis_iommu::DomainError::Incompatible);

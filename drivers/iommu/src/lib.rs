@@ -137,6 +137,10 @@ impl IotlbGather {
 ///   iommufd only unmaps ranges it mapped.
 /// * Page sizes are powers of two; the smallest is the domain's granule and
 ///   every `iova`, `phys` and `length` is a multiple of it.
+///
+/// Wrappers that add attach/detach behaviour around another domain forward
+/// the rest with [`forward_paging!`]; a method added here must be added
+/// there too, or wrappers silently fall back to its default.
 pub trait IommuDomain: Send {
     /// Bitmap of supported page sizes (bit n set = 2^n bytes).
     fn page_sizes(&self) -> u64;
@@ -251,8 +255,59 @@ pub fn best_page_size(sizes: u64, iova: u64, phys: u64, length: u64) -> Option<u
     (usable != 0 && length != 0).then(|| 1 << (63 - usable.leading_zeros()))
 }
 
+/// Implements every `IommuDomain` method except `attach_device` and
+/// `detach_device` by forwarding to an inner domain: either a field path
+/// (`forward_paging!(inner.domain);`) or a pair of methods returning
+/// `&dyn IommuDomain` and `&mut dyn IommuDomain`
+/// (`forward_paging!(fn get, get_mut);`). Use it inside the `impl` block.
+#[macro_export]
+macro_rules! forward_paging {
+    (fn $get:ident, $get_mut:ident) => {
+        $crate::forward_paging!(@methods self, self.$get(), self.$get_mut());
+    };
+    ($($path:ident).+) => {
+        $crate::forward_paging!(@methods self, &self.$($path).+, &mut self.$($path).+);
+    };
+    (@methods $self:ident, $get:expr, $get_mut:expr) => {
+        fn page_sizes(&$self) -> u64 {
+            $crate::IommuDomain::page_sizes($get)
+        }
+        fn aperture(&$self) -> (u64, u64) {
+            $crate::IommuDomain::aperture($get)
+        }
+        fn map(&mut $self, iova: u64, phys: u64, length: u64, prot: $crate::Prot) -> Result<(), $crate::DomainError> {
+            $crate::IommuDomain::map($get_mut, iova, phys, length, prot)
+        }
+        fn map_runs(&mut $self, iova: u64, runs: &[(u64, u64)], prot: $crate::Prot) -> Result<(), $crate::DomainError> {
+            $crate::IommuDomain::map_runs($get_mut, iova, runs, prot)
+        }
+        fn unmap(&mut $self, iova: u64, length: u64, gather: &mut $crate::IotlbGather) -> u64 {
+            $crate::IommuDomain::unmap($get_mut, iova, length, gather)
+        }
+        fn iotlb_sync(&mut $self, gather: &mut $crate::IotlbGather) {
+            $crate::IommuDomain::iotlb_sync($get_mut, gather)
+        }
+        fn iova_to_phys(&$self, iova: u64) -> Option<u64> {
+            $crate::IommuDomain::iova_to_phys($get, iova)
+        }
+        fn enforce_cache_coherency(&mut $self) -> bool {
+            $crate::IommuDomain::enforce_cache_coherency($get_mut)
+        }
+        fn iova_to_phys_run(&$self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+            $crate::IommuDomain::iova_to_phys_run($get, iova, max_len)
+        }
+        fn iova_to_phys_runs(&$self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+            $crate::IommuDomain::iova_to_phys_runs($get, iova, length, out)
+        }
+        fn granule(&$self) -> u64 {
+            $crate::IommuDomain::granule($get)
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
     #[test]
@@ -275,5 +330,116 @@ mod tests {
         g.add(0x1000, 0x1fff);
         g.add(0x9000, 0x9fff);
         assert_eq!((g.start, g.last), (Some(0x1000), 0x9fff));
+    }
+
+    /// A domain that records which method ran.
+    #[derive(Default)]
+    struct Recorder(std::vec::Vec<&'static str>, core::cell::Cell<u32>);
+
+    impl IommuDomain for Recorder {
+        fn page_sizes(&self) -> u64 {
+            self.1.set(self.1.get() + 1);
+            1 << 12
+        }
+        fn aperture(&self) -> (u64, u64) {
+            self.1.set(self.1.get() + 1);
+            (0, 1 << 20)
+        }
+        fn map(&mut self, _: u64, _: u64, _: u64, _: Prot) -> Result<(), DomainError> {
+            self.0.push("map");
+            Ok(())
+        }
+        fn map_runs(&mut self, _: u64, _: &[(u64, u64)], _: Prot) -> Result<(), DomainError> {
+            self.0.push("map_runs");
+            Ok(())
+        }
+        fn unmap(&mut self, _: u64, len: u64, _: &mut IotlbGather) -> u64 {
+            self.0.push("unmap");
+            len
+        }
+        fn iotlb_sync(&mut self, _: &mut IotlbGather) {
+            self.0.push("iotlb_sync");
+        }
+        fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+            self.1.set(self.1.get() + 1);
+            Some(iova)
+        }
+        fn enforce_cache_coherency(&mut self) -> bool {
+            self.0.push("enforce_cache_coherency");
+            true
+        }
+        fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn detach_device(&mut self, _: DeviceHandle) {}
+        fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+            self.1.set(self.1.get() + 100);
+            Some((iova, max_len))
+        }
+        fn iova_to_phys_runs(&self, _: u64, length: u64, _: &mut [(u64, u64)]) -> (usize, u64) {
+            self.1.set(self.1.get() + 1000);
+            (0, length)
+        }
+        fn granule(&self) -> u64 {
+            self.1.set(self.1.get() + 10_000);
+            4096
+        }
+    }
+
+    struct ByField {
+        inner: Recorder,
+    }
+    impl IommuDomain for ByField {
+        crate::forward_paging!(inner);
+        fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn detach_device(&mut self, _: DeviceHandle) {}
+    }
+
+    struct ByMethod(Recorder);
+    impl ByMethod {
+        fn get(&self) -> &dyn IommuDomain {
+            &self.0
+        }
+        fn get_mut(&mut self) -> &mut dyn IommuDomain {
+            &mut self.0
+        }
+    }
+    impl IommuDomain for ByMethod {
+        crate::forward_paging!(fn get, get_mut);
+        fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn detach_device(&mut self, _: DeviceHandle) {}
+    }
+
+    /// Every method reaches the inner domain's own implementation (not the
+    /// trait's default), through both forms of the macro.
+    fn exercise(d: &mut dyn IommuDomain) {
+        let mut g = IotlbGather::default();
+        d.map(0, 0, 4096, Prot::RW).unwrap();
+        d.map_runs(0, &[(0, 4096)], Prot::RW).unwrap();
+        d.unmap(0, 4096, &mut g);
+        d.iotlb_sync(&mut g);
+        d.enforce_cache_coherency();
+        assert_eq!(d.page_sizes(), 1 << 12);
+        assert_eq!(d.aperture(), (0, 1 << 20));
+        assert_eq!(d.iova_to_phys(5), Some(5));
+        assert_eq!(d.iova_to_phys_run(0, 77), Some((0, 77)));
+        assert_eq!(d.iova_to_phys_runs(0, 99, &mut []), (0, 99));
+        assert_eq!(d.granule(), 4096);
+    }
+
+    #[test]
+    fn forwarding_reaches_every_method() {
+        let mut a = ByField { inner: Recorder::default() };
+        exercise(&mut a);
+        let mut b = ByMethod(Recorder::default());
+        exercise(&mut b);
+        for r in [&a.inner, &b.0] {
+            assert_eq!(r.0, ["map", "map_runs", "unmap", "iotlb_sync", "enforce_cache_coherency"]);
+            assert_eq!(r.1.get(), 3 + 100 + 1000 + 10_000);
+        }
     }
 }
