@@ -16,21 +16,6 @@ use io_pgtable::{AmdV1, Invalidator, PagingDomain};
 use portcullis_iommu::IommuDomain;
 use spin::Mutex;
 
-impl amdvi::regs::Mmio for KernelMmio {
-    fn read32(&self, offset: usize) -> u32 {
-        vtd::regs::Mmio::read32(self, offset)
-    }
-    fn read64(&self, offset: usize) -> u64 {
-        vtd::regs::Mmio::read64(self, offset)
-    }
-    fn write32(&self, offset: usize, value: u32) {
-        vtd::regs::Mmio::write32(self, offset, value)
-    }
-    fn write64(&self, offset: usize, value: u64) {
-        vtd::regs::Mmio::write64(self, offset, value)
-    }
-}
-
 impl amdvi::ContiguousMemory for FrameTables {
     fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
         // Naturally aligned up to 2 MiB: the device table's base needs

@@ -2,107 +2,48 @@
 //!
 //! [`Mmio`] is how the driver touches registers: the kernel implements it
 //! over an uncached mapping of the IVHD's base address, host tests over a
-//! register model. It has the same shape as `vtd::regs::Mmio`, so one
-//! kernel type can implement both. Every register the driver uses is a
+//! register model; it is the trait VT-d uses too
+//! (`portcullis_iommu::mmio`), so one kernel type serves both. Every
+//! register the driver uses is a
 //! 64-bit register and gets 64-bit accesses; the typed accessors make
 //! another width impossible for the constants below.
 
-/// A 32-bit register at a fixed offset (4-byte aligned, checked when the
-/// constant is built). No fixed AMD-Vi register the driver uses is 32-bit;
-/// the type exists so the seam matches the VT-d one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reg32(usize);
-
-/// A 64-bit register at a fixed offset (8-byte aligned, checked when the
-/// constant is built).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reg64(usize);
-
-impl Reg32 {
-    /// A 32-bit register at `offset` (panics at compile time when misplaced).
-    pub const fn at(offset: usize) -> Self {
-        assert!(offset.is_multiple_of(4) && offset + 4 <= BLOCK, "misplaced 32-bit register");
-        Self(offset)
-    }
-    /// Offset from the unit's base.
-    pub const fn offset(self) -> usize {
-        self.0
-    }
-}
-
-impl Reg64 {
-    const fn at(offset: usize) -> Self {
-        assert!(offset.is_multiple_of(8) && offset + 8 <= BLOCK, "misplaced 64-bit register");
-        Self(offset)
-    }
-    /// Offset from the unit's base.
-    pub const fn offset(self) -> usize {
-        self.0
-    }
-}
+pub use portcullis_iommu::mmio::{Mmio, Reg32, Reg64};
 
 /// Size of the register block the driver maps: 16 KiB (the control
 /// registers at 0000h-1FFFh and the pointer/status registers from 2000h;
 /// performance counters beyond 4000h are not used).
 pub const BLOCK: usize = 0x4000;
 
-/// Register access for one unit. Offsets are from the unit's base.
-pub trait Mmio {
-    /// 32-bit read.
-    fn read32(&self, offset: usize) -> u32;
-    /// 64-bit read.
-    fn read64(&self, offset: usize) -> u64;
-    /// 32-bit write.
-    fn write32(&self, offset: usize, value: u32);
-    /// 64-bit write.
-    fn write64(&self, offset: usize, value: u64);
-    /// Reads a 32-bit register.
-    fn get32(&self, r: Reg32) -> u32 {
-        self.read32(r.offset())
-    }
-    /// Reads a 64-bit register.
-    fn get64(&self, r: Reg64) -> u64 {
-        self.read64(r.offset())
-    }
-    /// Writes a 32-bit register.
-    fn set32(&self, r: Reg32, value: u32) {
-        self.write32(r.offset(), value)
-    }
-    /// Writes a 64-bit register.
-    fn set64(&self, r: Reg64, value: u64) {
-        self.write64(r.offset(), value)
-    }
-}
-
 /// Device Table Base Address (MMIO 0000h): base in bits 51:12, `Size` in
 /// bits 8:0 (table size in 4 KiB pages, minus one).
-pub const DEV_TABLE_BASE: Reg64 = Reg64::at(0x0000);
+pub const DEV_TABLE_BASE: Reg64 = Reg64::at(0x0000, BLOCK);
 /// Command Buffer Base Address (MMIO 0008h): base in bits 51:12, `ComLen`
 /// in bits 59:56 (2^ComLen entries of 16 bytes, 8..=15).
-pub const CMD_BUF_BASE: Reg64 = Reg64::at(0x0008);
+pub const CMD_BUF_BASE: Reg64 = Reg64::at(0x0008, BLOCK);
 /// Event Log Base Address (MMIO 0010h): base in bits 51:12, `EventLen` in
 /// bits 59:56 (2^EventLen entries of 16 bytes, 8..=15).
-pub const EVENT_LOG_BASE: Reg64 = Reg64::at(0x0010);
+pub const EVENT_LOG_BASE: Reg64 = Reg64::at(0x0010, BLOCK);
 /// IOMMU Control (MMIO 0018h), bits in [`control`].
-pub const CONTROL: Reg64 = Reg64::at(0x0018);
+pub const CONTROL: Reg64 = Reg64::at(0x0018, BLOCK);
 /// Exclusion Range Base (MMIO 0020h): ExEn bit 0, Allow bit 1, base 51:12.
-pub const EXCLUSION_BASE: Reg64 = Reg64::at(0x0020);
+pub const EXCLUSION_BASE: Reg64 = Reg64::at(0x0020, BLOCK);
 /// Exclusion Range Limit (MMIO 0028h): limit in bits 51:12 (the low 12
 /// bits read as ones).
-pub const EXCLUSION_LIMIT: Reg64 = Reg64::at(0x0028);
+pub const EXCLUSION_LIMIT: Reg64 = Reg64::at(0x0028, BLOCK);
 /// Extended Feature Register (MMIO 0030h, read-only; present when the PCI
 /// capability header's EFRSup is set). Decoded by [`crate::caps::Caps`].
-pub const EXT_FEATURE: Reg64 = Reg64::at(0x0030);
+pub const EXT_FEATURE: Reg64 = Reg64::at(0x0030, BLOCK);
 /// Command Buffer Head Pointer (MMIO 2000h): byte offset in bits 18:4.
-pub const CMD_BUF_HEAD: Reg64 = Reg64::at(0x2000);
+pub const CMD_BUF_HEAD: Reg64 = Reg64::at(0x2000, BLOCK);
 /// Command Buffer Tail Pointer (MMIO 2008h): byte offset in bits 18:4.
-pub const CMD_BUF_TAIL: Reg64 = Reg64::at(0x2008);
+pub const CMD_BUF_TAIL: Reg64 = Reg64::at(0x2008, BLOCK);
 /// Event Log Head Pointer (MMIO 2010h): byte offset in bits 18:4.
-pub const EVENT_LOG_HEAD: Reg64 = Reg64::at(0x2010);
+pub const EVENT_LOG_HEAD: Reg64 = Reg64::at(0x2010, BLOCK);
 /// Event Log Tail Pointer (MMIO 2018h): byte offset in bits 18:4.
-pub const EVENT_LOG_TAIL: Reg64 = Reg64::at(0x2018);
+pub const EVENT_LOG_TAIL: Reg64 = Reg64::at(0x2018, BLOCK);
 /// IOMMU Status (MMIO 2020h), bits in [`status`].
-pub const STATUS: Reg64 = Reg64::at(0x2020);
+pub const STATUS: Reg64 = Reg64::at(0x2020, BLOCK);
 
 /// Every fixed register as (offset, width in bytes), in offset order.
 pub const LAYOUT: [(usize, usize); 12] = [
@@ -121,13 +62,7 @@ pub const LAYOUT: [(usize, usize); 12] = [
 ];
 
 // The fixed registers are in offset order and do not overlap (spec §3.4).
-const _: () = {
-    let mut i = 1;
-    while i < LAYOUT.len() {
-        assert!(LAYOUT[i - 1].0 + LAYOUT[i - 1].1 <= LAYOUT[i].0, "overlapping registers");
-        i += 1;
-    }
-};
+const _: () = portcullis_iommu::mmio::check_layout(&LAYOUT);
 
 /// Physical address field of the base registers (bits 51:12).
 pub const BASE_MASK: u64 = 0x000f_ffff_ffff_f000;

@@ -13,6 +13,8 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod mmio;
+
 use core::fmt;
 
 /// Access permissions of a mapping.

@@ -5,105 +5,43 @@
 //! (`crate::model`). Accesses are width-correct: 32-bit registers get 32-bit
 //! accesses (QEMU aborts on an 8-byte write to FSTS, FECTL, ...).
 
-/// A 32-bit register at a fixed offset (4-byte aligned, checked when the
-/// constant is built).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reg32(usize);
-
-/// A 64-bit register at a fixed offset (8-byte aligned, checked when the
-/// constant is built).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reg64(usize);
-
-impl Reg32 {
-    const fn at(offset: usize) -> Self {
-        assert!(offset.is_multiple_of(4) && offset + 4 <= BLOCK, "misplaced 32-bit register");
-        Self(offset)
-    }
-    /// Offset from the unit's base.
-    pub const fn offset(self) -> usize {
-        self.0
-    }
-}
-
-impl Reg64 {
-    const fn at(offset: usize) -> Self {
-        assert!(offset.is_multiple_of(8) && offset + 8 <= BLOCK, "misplaced 64-bit register");
-        Self(offset)
-    }
-    /// Offset from the unit's base.
-    pub const fn offset(self) -> usize {
-        self.0
-    }
-}
+pub use portcullis_iommu::mmio::{Mmio, Reg32, Reg64};
 
 /// Size of the register block the driver maps.
 pub const BLOCK: usize = 0x1000;
 
-/// Register access for one unit. Offsets are from the unit's base. The
-/// driver uses the typed accessors with the [`Reg32`]/[`Reg64`] constants
-/// below, so a register can only be accessed with its own width; the raw
-/// methods remain for the registers whose offsets the capability registers
-/// give (fault recording, IOTLB).
-pub trait Mmio {
-    /// 32-bit read.
-    fn read32(&self, offset: usize) -> u32;
-    /// 64-bit read.
-    fn read64(&self, offset: usize) -> u64;
-    /// 32-bit write.
-    fn write32(&self, offset: usize, value: u32);
-    /// 64-bit write.
-    fn write64(&self, offset: usize, value: u64);
-    /// Reads a 32-bit register.
-    fn get32(&self, r: Reg32) -> u32 {
-        self.read32(r.offset())
-    }
-    /// Reads a 64-bit register.
-    fn get64(&self, r: Reg64) -> u64 {
-        self.read64(r.offset())
-    }
-    /// Writes a 32-bit register.
-    fn set32(&self, r: Reg32, value: u32) {
-        self.write32(r.offset(), value)
-    }
-    /// Writes a 64-bit register.
-    fn set64(&self, r: Reg64, value: u64) {
-        self.write64(r.offset(), value)
-    }
-}
-
 /// Version (32).
-pub const VER: Reg32 = Reg32::at(0x00);
+pub const VER: Reg32 = Reg32::at(0x00, BLOCK);
 /// Capability (64).
-pub const CAP: Reg64 = Reg64::at(0x08);
+pub const CAP: Reg64 = Reg64::at(0x08, BLOCK);
 /// Extended capability (64).
-pub const ECAP: Reg64 = Reg64::at(0x10);
+pub const ECAP: Reg64 = Reg64::at(0x10, BLOCK);
 /// Global command (32).
-pub const GCMD: Reg32 = Reg32::at(0x18);
+pub const GCMD: Reg32 = Reg32::at(0x18, BLOCK);
 /// Global status (32).
-pub const GSTS: Reg32 = Reg32::at(0x1c);
+pub const GSTS: Reg32 = Reg32::at(0x1c, BLOCK);
 /// Root table address (64).
-pub const RTADDR: Reg64 = Reg64::at(0x20);
+pub const RTADDR: Reg64 = Reg64::at(0x20, BLOCK);
 /// Context command (64).
-pub const CCMD: Reg64 = Reg64::at(0x28);
+pub const CCMD: Reg64 = Reg64::at(0x28, BLOCK);
 /// Fault status (32).
-pub const FSTS: Reg32 = Reg32::at(0x34);
+pub const FSTS: Reg32 = Reg32::at(0x34, BLOCK);
 /// Fault event control (32).
-pub const FECTL: Reg32 = Reg32::at(0x38);
+pub const FECTL: Reg32 = Reg32::at(0x38, BLOCK);
 /// Fault event data (32).
-pub const FEDATA: Reg32 = Reg32::at(0x3c);
+pub const FEDATA: Reg32 = Reg32::at(0x3c, BLOCK);
 /// Fault event address (32).
-pub const FEADDR: Reg32 = Reg32::at(0x40);
+pub const FEADDR: Reg32 = Reg32::at(0x40, BLOCK);
 /// Fault event upper address (32).
-pub const FEUADDR: Reg32 = Reg32::at(0x44);
+pub const FEUADDR: Reg32 = Reg32::at(0x44, BLOCK);
 /// Invalidation queue head (64).
-pub const IQH: Reg64 = Reg64::at(0x80);
+pub const IQH: Reg64 = Reg64::at(0x80, BLOCK);
 /// Invalidation queue tail (64).
-pub const IQT: Reg64 = Reg64::at(0x88);
+pub const IQT: Reg64 = Reg64::at(0x88, BLOCK);
 /// Invalidation queue address (64).
-pub const IQA: Reg64 = Reg64::at(0x90);
+pub const IQA: Reg64 = Reg64::at(0x90, BLOCK);
 /// Invalidation completion status (32).
-pub const ICS: Reg32 = Reg32::at(0x9c);
+pub const ICS: Reg32 = Reg32::at(0x9c, BLOCK);
 
 /// Every fixed register as (offset, width in bytes), in offset order.
 pub const LAYOUT: [(usize, usize); 16] = [
@@ -126,13 +64,7 @@ pub const LAYOUT: [(usize, usize); 16] = [
 ];
 
 // The fixed registers are in offset order and do not overlap (spec 11.4).
-const _: () = {
-    let mut i = 1;
-    while i < LAYOUT.len() {
-        assert!(LAYOUT[i - 1].0 + LAYOUT[i - 1].1 <= LAYOUT[i].0, "overlapping registers");
-        i += 1;
-    }
-};
+const _: () = portcullis_iommu::mmio::check_layout(&LAYOUT);
 
 /// GCMD/GSTS bits (spec 11.4.4, 11.4.5).
 pub mod gcmd {
