@@ -188,6 +188,27 @@ pub fn edu_behind(p: &Platform, port_type: u8) -> Option<(Edu, &portcullis_kerne
     Some((Edu::new(&p.ecam, dev)?, dev))
 }
 
+/// The first edu and its device id, with pending faults drained.
+fn device<B: Backend>(b: &B, p: &Platform) -> Result<(Edu, u16), Outcome> {
+    let edu = first_edu(p)?;
+    let id = b.device_id(p, &edu)?;
+    b.faults();
+    Ok((edu, id))
+}
+
+/// The usual set-up: the first edu, fresh buffers, and a domain with A at X
+/// (read-only) and, when `with_y`, B at Y (read-write).
+fn setup<B: Backend>(b: &B, p: &Platform, with_y: bool) -> Result<(Edu, u16, Buffers, B::Domain), Outcome> {
+    let (edu, id) = device(b, p)?;
+    let bufs = Buffers::new()?;
+    let mut d = b.new_domain().map_err(fail)?;
+    map(b, &mut d, X, bufs.a(), 4096, Prot::READ)?;
+    if with_y {
+        map(b, &mut d, Y, bufs.b(), 4096, Prot::RW)?;
+    }
+    Ok((edu, id, bufs, d))
+}
+
 fn map<B: Backend>(b: &B, d: &mut B::Domain, iova: u64, phys: u64, len: u64, prot: Prot) -> TestResult {
     b.paging(d).map(iova, phys, len, prot).map_err(|e| fail(format!("map {iova:#x}: {e}")))
 }
@@ -227,13 +248,7 @@ fn holds_pattern(page: &[u8]) -> bool {
 /// Case 1: A mapped at X (read-only), B at Y: edu copies X to Y; B holds
 /// the pattern, guards and A are untouched.
 pub fn mapped_dma_lands_exactly<B: Backend>(b: &B, p: &Platform) -> TestResult {
-    let edu = first_edu(p)?;
-    let id = b.device_id(p, &edu)?;
-    b.faults();
-    let bufs = Buffers::new()?;
-    let mut d = b.new_domain().map_err(fail)?;
-    map(b, &mut d, X, bufs.a(), 4096, Prot::READ)?;
-    map(b, &mut d, Y, bufs.b(), 4096, Prot::RW)?;
+    let (edu, id, bufs, d) = setup(b, p, true)?;
     attached(b, &d, id, || {
         dma_read(&edu, X)?;
         dma_write(&edu, Y)?;
@@ -247,12 +262,7 @@ pub fn mapped_dma_lands_exactly<B: Backend>(b: &B, p: &Platform) -> TestResult {
 /// Case 2: a write to an unmapped IOVA changes nothing, is recorded, and
 /// the device works again once the IOVA is mapped.
 pub fn unmapped_iova_is_blocked<B: Backend>(b: &B, p: &Platform) -> TestResult {
-    let edu = first_edu(p)?;
-    let id = b.device_id(p, &edu)?;
-    b.faults();
-    let bufs = Buffers::new()?;
-    let mut d = b.new_domain().map_err(fail)?;
-    map(b, &mut d, X, bufs.a(), 4096, Prot::READ)?;
+    let (edu, id, bufs, mut d) = setup(b, p, false)?;
     b.attach(&d, id).map_err(fail)?;
     let r = (|| {
         dma_read(&edu, X)?;
@@ -272,13 +282,7 @@ pub fn unmapped_iova_is_blocked<B: Backend>(b: &B, p: &Platform) -> TestResult {
 
 /// Case 3: a read-only mapping lets the device read and blocks its write.
 pub fn read_only_mapping_blocks_writes<B: Backend>(b: &B, p: &Platform) -> TestResult {
-    let edu = first_edu(p)?;
-    let id = b.device_id(p, &edu)?;
-    b.faults();
-    let bufs = Buffers::new()?;
-    let mut d = b.new_domain().map_err(fail)?;
-    map(b, &mut d, X, bufs.a(), 4096, Prot::READ)?;
-    map(b, &mut d, Y, bufs.b(), 4096, Prot::RW)?;
+    let (edu, id, bufs, d) = setup(b, p, true)?;
     let want = b.write_denied_reason(&d);
     attached(b, &d, id, || {
         // Fill the edu buffer with B's canary bytes, then try to write them
@@ -303,13 +307,7 @@ pub fn read_only_mapping_blocks_writes<B: Backend>(b: &B, p: &Platform) -> TestR
 /// Case 4: after an unmap the DMA is blocked (no stale IOTLB entry) and
 /// the unmap cost one invalidation wait; a remap sends it to the new page.
 pub fn unmap_then_remap<B: Backend>(b: &B, p: &Platform) -> TestResult {
-    let edu = first_edu(p)?;
-    let id = b.device_id(p, &edu)?;
-    b.faults();
-    let mut bufs = Buffers::new()?;
-    let mut d = b.new_domain().map_err(fail)?;
-    map(b, &mut d, X, bufs.a(), 4096, Prot::READ)?;
-    map(b, &mut d, Y, bufs.b(), 4096, Prot::RW)?;
+    let (edu, id, mut bufs, mut d) = setup(b, p, true)?;
     b.attach(&d, id).map_err(fail)?;
     let r = (|| {
         dma_read(&edu, X)?;
@@ -411,9 +409,7 @@ pub fn domains_isolate_and_share<B: Backend>(b: &B, p: &Platform) -> TestResult 
 /// the walk), DMA at offsets inside them lands right, a partial unmap
 /// splits and the rest still translates.
 pub fn large_pages_are_used_and_split<B: Backend>(b: &B, p: &Platform) -> TestResult {
-    let edu = first_edu(p)?;
-    let id = b.device_id(p, &edu)?;
-    b.faults();
+    let (edu, id) = device(b, p)?;
     let huge = alloc_frames(512, 2 << 20).map_err(|e| fail(format!("{e}")))?;
     let bufs = Buffers::new()?;
     let r = (|| -> TestResult {
@@ -494,9 +490,7 @@ pub fn iommufd_passthrough_dma<B: Backend>(b: &B, p: &Platform) -> TestResult {
     use iommufd::ctx::Ictx;
     use iommufd::memsrc::{MemorySource, RegionMemory};
     use portcullis_kernel::mem::DirectMap;
-    let edu = first_edu(p)?;
-    let id = b.device_id(p, &edu)?;
-    b.faults();
+    let (edu, id) = device(b, p)?;
     const GPA: u64 = 0x80_0000;
     const PAGES: usize = 16;
     let frames = alloc_frames(PAGES, 4096).map_err(|e| fail(format!("{e}")))?;
