@@ -8,7 +8,7 @@
 //! id, after bridge and IVRS aliasing), and QEMU records no events, so
 //! callers detect blocked DMA by its effect on memory.
 
-use crate::iommu::{FrameTables, KernelClock, KernelMmio, MSI_WINDOW};
+use crate::iommu::{FrameTables, KernelClock, KernelMmio, MSI_WINDOW, identity_map_then};
 use crate::mem::{alloc_frames, free_frames};
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -41,10 +41,12 @@ pub type AmdUnit = amdvi::Unit<KernelMmio, FrameTables, KernelClock>;
 pub type SharedAmdUnit = Arc<Mutex<AmdUnit>>;
 
 /// What the IVRS and PCI say about a unit, for bring-up.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AmdUnitInfo {
     /// MMIO base.
     pub base: u64,
+    /// Ranges to identity-map for the devices they name (IVMD).
+    pub unity: alloc::vec::Vec<amdvi::UnityRange>,
     /// Highest device id the unit covers.
     pub last_device_id: u16,
     /// IVHD flags bit 5: the unit's table walks snoop CPU caches.
@@ -52,6 +54,13 @@ pub struct AmdUnitInfo {
     /// The unit's PCI capability header and Miscellaneous Information
     /// register 0, when read.
     pub pci_capability: Option<(u32, u32)>,
+}
+
+/// The ranges the IVRS's IVMD blocks require identity-mapped.
+pub fn unity_ranges(ivrs: &acpi_tables::ivrs::Ivrs) -> alloc::vec::Vec<amdvi::UnityRange> {
+    ivrs.ivmds()
+        .filter_map(|m| amdvi::UnityRange::from_ivmd(m.kind, m.flags, m.device_id, m.aux_data, m.start, m.length))
+        .collect()
 }
 
 /// Brings up the AMD-Vi unit `info` describes: every device it covers
@@ -63,6 +72,7 @@ pub fn amd_unit(name: String, info: AmdUnitInfo) -> Result<SharedAmdUnit, String
     if let Some((header, misc)) = info.pci_capability {
         unit.set_pci_capability(header, misc);
     }
+    unit.set_unity_ranges(info.unity);
     unit.enable().map_err(|e| alloc::format!("{e}"))?;
     Ok(Arc::new(Mutex::new(unit)))
 }
@@ -206,9 +216,11 @@ impl iommufd::ctx::DeviceOps for AmdDevice {
         Ok(alloc::boxed::Box::new(AmdIommuDomain { inner, unit_index: self.unit_index }))
     }
     fn reserved_regions(&self) -> alloc::vec::Vec<(u64, u64)> {
-        // The interrupt window; AMD-Vi also reserves nothing else on QEMU
-        // (no IVMD). IVMD unity ranges are not mapped yet.
-        alloc::vec![MSI_WINDOW]
+        // The interrupt window, and the device's unity ranges (mapped
+        // one-to-one by the domain on attach, so the IOAS must not use them).
+        let mut r = alloc::vec![MSI_WINDOW];
+        r.extend(self.unit.lock().unity_for(self.device_id).into_iter().map(|u| (u.start, u.last)));
+        r
     }
 }
 
@@ -239,8 +251,35 @@ impl IommuDomain for AmdIommuDomain {
         if device.0 & AMD_HANDLE == 0 || (device.0 >> 16) as u16 != self.unit_index {
             return Err(portcullis_iommu::DomainError::Incompatible);
         }
-        self.inner.attach(device.0 as u16).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
-        self.inner.domain.attach_device(device)
+        let id = device.0 as u16;
+        // Unity ranges: identity-mapped before the device translates
+        // through the domain (firmware's DMA there must keep working).
+        let unity: alloc::vec::Vec<_> = self
+            .inner
+            .unit
+            .lock()
+            .unity_for(id)
+            .into_iter()
+            .filter_map(|u| {
+                // A range with neither permission stays reserved, unmapped.
+                let prot = match (u.read, u.write) {
+                    (true, true) => portcullis_iommu::Prot::RW,
+                    (false, true) => portcullis_iommu::Prot::WRITE,
+                    (true, false) => portcullis_iommu::Prot::READ,
+                    (false, false) => return None,
+                };
+                Some((u.start, u.last, prot))
+            })
+            .collect();
+        identity_map_then(
+            self,
+            |s| &mut s.inner.domain,
+            &unity,
+            |s| {
+                s.inner.attach(id).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
+                s.inner.domain.attach_device(device)
+            },
+        )
     }
     fn detach_device(&mut self, device: portcullis_iommu::DeviceHandle) {
         let _ = self.inner.detach(device.0 as u16);
@@ -301,5 +340,5 @@ pub fn unit_info(p: &crate::Platform, ivrs: &acpi_tables::ivrs::Ivrs, s: &crate:
     // bound a lookup by the table's Size field, so an id beyond a smaller
     // table would read its entry from whatever memory follows (Linux also
     // always uses the full 2 MiB table).
-    AmdUnitInfo { base: s.base, last_device_id: 0xffff, coherent, pci_capability }
+    AmdUnitInfo { base: s.base, unity: unity_ranges(ivrs), last_device_id: 0xffff, coherent, pci_capability }
 }

@@ -407,6 +407,8 @@ impl VtdDomain {
     }
 }
 
+pub(crate) use portcullis_iommu::identity_map_then;
+
 /// A device behind a VT-d unit, as iommufd binds it: domains it gets are
 /// VT-d second-stage domains on its unit; attaching programs its context
 /// entry (under the requester id its DMA carries).
@@ -482,25 +484,23 @@ impl portcullis_iommu::IommuDomain for VtdIommuDomain {
         let sid = device.0 as u16;
         // RMRRs: identity-mapped before the device translates through the
         // domain (an unmapped RMRR would fault firmware's DMA).
-        let rmrrs = self.inner.unit.lock().rmrrs_for(sid);
-        let mut added = alloc::vec::Vec::new();
-        for (base, limit) in rmrrs {
-            let (start, end) = (base & !0xfff, (limit | 0xfff) + 1);
-            if self.inner.domain.iova_to_phys(start) == Some(start) {
-                continue;
-            }
-            if let Err(e) = self.inner.domain.map(start, start, end - start, portcullis_iommu::Prot::RW) {
-                let mut g = portcullis_iommu::IotlbGather::default();
-                for (s, len) in added {
-                    self.inner.domain.unmap(s, len, &mut g);
-                }
-                self.inner.domain.iotlb_sync(&mut g);
-                return Err(e);
-            }
-            added.push((start, end - start));
-        }
-        self.inner.attach(sid).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
-        self.inner.domain.attach_device(device)
+        let rmrrs: alloc::vec::Vec<_> = self
+            .inner
+            .unit
+            .lock()
+            .rmrrs_for(sid)
+            .into_iter()
+            .map(|(b, l)| (b, l, portcullis_iommu::Prot::RW))
+            .collect();
+        identity_map_then(
+            self,
+            |s| &mut s.inner.domain,
+            &rmrrs,
+            |s| {
+                s.inner.attach(sid).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
+                s.inner.domain.attach_device(device)
+            },
+        )
     }
     fn detach_device(&mut self, device: portcullis_iommu::DeviceHandle) {
         let _ = self.inner.detach(device.0 as u16);

@@ -104,6 +104,17 @@ impl Backend for Amd {
     fn attached(&self, id: u16) -> Option<u16> {
         self.unit.lock().attached_domain(id)
     }
+    fn set_firmware_range(&self, range: Option<(u16, u64, u64)>) {
+        let unity = range.map(|(id, start, last)| amdvi::UnityRange {
+            first_id: id,
+            last_id: id,
+            start,
+            last,
+            read: true,
+            write: true,
+        });
+        self.unit.lock().set_unity_ranges(unity.into_iter().collect());
+    }
 }
 
 /// The common DMA cases under AMD-Vi test names.
@@ -128,6 +139,7 @@ amd_dma_cases!(
     amd_large_pages_are_used_and_split => large_pages_are_used_and_split,
     amd_high_iovas_up_to_the_aperture => high_iovas_up_to_the_aperture,
     amd_iommufd_passthrough_dma => iommufd_passthrough_dma,
+    amd_unity_range_identity_mapped_and_reserved => firmware_ranges_identity_mapped_and_reserved,
 );
 
 /// Every edu is covered by the IVRS under the id its DMA carries, and an

@@ -64,6 +64,7 @@ cases!(
     amd_large_pages_are_used_and_split,
     amd_high_iovas_up_to_the_aperture,
     amd_iommufd_passthrough_dma,
+    amd_unity_range_identity_mapped_and_reserved,
 );
 
 use crate::amd_cases::*;

@@ -12,7 +12,6 @@ use portcullis_iommu::{IommuDomain, Prot};
 use portcullis_kernel::edu::Edu;
 use portcullis_kernel::iommu::{SharedUnit, Stage, UnitMode, VtdDevice, VtdDomain, vtd_unit_in};
 use portcullis_kernel::ktest::{Outcome, TestResult};
-use portcullis_kernel::mem::{alloc_frames, free_frames};
 use portcullis_kernel::{Platform, ensure, ensure_eq, skip};
 
 static UNIT: spin::Once<Result<SharedUnit, String>> = spin::Once::new();
@@ -98,6 +97,9 @@ impl Backend for Vtd {
     fn attached(&self, id: u16) -> Option<u16> {
         self.unit.lock().attached_domain(id)
     }
+    fn set_firmware_range(&self, range: Option<(u16, u64, u64)>) {
+        self.unit.lock().set_rmrrs(range.into_iter().collect());
+    }
 }
 
 /// The common DMA cases (`dma_cases`) under VT-d test names.
@@ -122,6 +124,7 @@ vtd_dma_cases!(
     vtd_large_pages_are_used_and_split => large_pages_are_used_and_split,
     vtd_high_iovas_up_to_the_aperture => high_iovas_up_to_the_aperture,
     vtd_iommufd_passthrough_dma => iommufd_passthrough_dma,
+    vtd_rmrr_identity_mapped_and_reserved => firmware_ranges_identity_mapped_and_reserved,
 );
 
 /// The fault event interrupt (the option beside polling): a blocked DMA
@@ -263,48 +266,4 @@ pub fn vtd_ownership_matches_pci_and_dmar(p: &Platform) -> TestResult {
     let (_, rooted) = edu_behind(p, 4).ok_or_else(|| fail("no edu behind a root port".into()))?;
     ensure_eq!(owners[&(rooted.segment, rooted.bdf)].requester_id, rooted.bdf.rid(), "a root port does not alias");
     Ok(())
-}
-
-/// RMRRs: a device's reserved memory range is identity-mapped in any
-/// domain it attaches to and reserved in the IOAS. QEMU's DMAR has no
-/// RMRR, so the test gives the unit one for the edu (a page of our own).
-pub fn vtd_rmrr_identity_mapped_and_reserved(p: &Platform) -> TestResult {
-    use alloc::sync::Arc;
-    use iommufd::ctx::Ictx;
-    use iommufd::memsrc::{MemorySource, RegionMemory};
-    use portcullis_kernel::iommu::VtdDevice;
-    use portcullis_kernel::mem::DirectMap;
-    let u = unit(p)?;
-    let edus = edus(p);
-    let edu = edus.first().ok_or_else(|| fail("no edu".into()))?;
-    faults(u);
-    let mut bufs = Buffers::new()?;
-    let rmrr = bufs.b();
-    u.lock().set_rmrrs(alloc::vec![(edu.sid, rmrr, rmrr + 0xfff)]);
-    let r = (|| -> TestResult {
-        let guest = alloc_frames(1, 4096).map_err(|e| fail(format!("{e}")))?;
-        let mem = Arc::new(RegionMemory::new(DirectMap));
-        mem.add_region(0x10_0000, guest, 4096, true).map_err(|e| fail(format!("{e}")))?;
-        let ictx = Ictx::new(mem as Arc<dyn MemorySource>, 1024);
-        let ioas = ictx.ioas_alloc().map_err(|e| fail(format!("{e}")))?;
-        let dev =
-            ictx.bind_device(Arc::new(VtdDevice::new(u.clone(), 0, edu.sid))).map_err(|e| fail(format!("{e}")))?;
-        ictx.attach(dev, ioas).map_err(|e| fail(format!("attach: {e}")))?;
-        let refused = ictx.ioas_map(ioas, Some(rmrr), 0x10_0000, 4096, true, true);
-        ensure_eq!(refused, Err(iommufd::Errno::EINVAL), "mapping over the RMRR");
-        // The device reaches the RMRR page one-to-one: it reads the page
-        // into its buffer, the CPU clears the page, the device writes the
-        // buffer back: only an identity mapping restores the pattern.
-        bufs.fill(2, Buffers::pattern);
-        edu.read_from(rmrr, 4096).map_err(|_| fail("DMA timed out".into()))?;
-        bufs.fill(2, |_| 0);
-        edu.write_to(rmrr, 4096).map_err(|_| fail("DMA timed out".into()))?;
-        ensure!(bufs.page(2).iter().enumerate().all(|(k, &x)| x == Buffers::pattern(k)), "RMRR DMA did not round-trip");
-        ensure!(faults(u).is_empty(), "faults on the RMRR");
-        drop(ictx);
-        let _ = free_frames(guest, 1);
-        Ok(())
-    })();
-    u.lock().set_rmrrs(Vec::new());
-    r
 }

@@ -35,4 +35,4 @@ pub use cmd::Command;
 pub use dte::DeviceTableEntry;
 pub use event::Event;
 pub use memory::ContiguousMemory;
-pub use unit::{Clock, Error, InvalidationStats, Unit};
+pub use unit::{Clock, Error, InvalidationStats, Unit, UnityRange};

@@ -172,6 +172,7 @@ pub struct Unit<M: Mmio, T: ContiguousMemory, C: Clock> {
     free_domains: Vec<u16>,
     events: Vec<Event>,
     overflows: u64,
+    unity: Vec<UnityRange>,
     /// Command counters.
     pub stats: InvalidationStats,
 }
@@ -186,6 +187,54 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> fmt::Debug for Unit<M, T, C> {
             self.last_device_id,
             self.rings.is_some()
         )
+    }
+}
+
+/// A range the firmware requires identity-mapped for some devices (an IVMD
+/// block with the unity or exclusion flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnityRange {
+    /// First device id it applies to.
+    pub first_id: u16,
+    /// Last device id (inclusive).
+    pub last_id: u16,
+    /// First byte.
+    pub start: u64,
+    /// Last byte (inclusive).
+    pub last: u64,
+    /// Devices may read it.
+    pub read: bool,
+    /// Devices may write it.
+    pub write: bool,
+}
+
+impl UnityRange {
+    /// The range an IVMD block asks for, if it asks for one: type 0x20 for
+    /// every device, 0x21 for one, 0x22 for `device_id..=aux_data`; flags
+    /// bit 0 (unity, with IR bit 1 and IW bit 2) or bit 3 (exclusion range:
+    /// untranslated read-write access, which the driver gives by mapping
+    /// it one-to-one read-write instead of enabling the exclusion
+    /// registers). `None` for blocks with neither flag or an empty range.
+    pub fn from_ivmd(kind: u8, flags: u8, device_id: u16, aux_data: u16, start: u64, length: u64) -> Option<Self> {
+        let (first_id, last_id) = match kind {
+            0x20 => (0, 0xffff),
+            0x21 => (device_id, device_id),
+            0x22 => (device_id, aux_data.max(device_id)),
+            _ => return None,
+        };
+        let exclusion = flags & 8 != 0;
+        if (flags & 1 == 0 && !exclusion) || length == 0 {
+            return None;
+        }
+        let last = start.checked_add(length - 1)?;
+        Some(Self {
+            first_id,
+            last_id,
+            start,
+            last,
+            read: exclusion || flags & 2 != 0,
+            write: exclusion || flags & 4 != 0,
+        })
     }
 }
 
@@ -211,6 +260,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             free_domains: Vec::new(),
             events: Vec::new(),
             overflows: 0,
+            unity: Vec::new(),
             stats: InvalidationStats::default(),
         }
     }
@@ -666,9 +716,47 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         out
     }
 
+    /// Records the firmware's unity-mapped ranges (IVMD blocks): devices
+    /// keep DMAing there, so any domain such a device is attached to must
+    /// map them one-to-one.
+    pub fn set_unity_ranges(&mut self, ranges: Vec<UnityRange>) {
+        self.unity = ranges;
+    }
+
+    /// The unity-mapped ranges that apply to `device_id`.
+    pub fn unity_for(&self, device_id: u16) -> Vec<UnityRange> {
+        self.unity.iter().filter(|r| (r.first_id..=r.last_id).contains(&device_id)).copied().collect()
+    }
+
     /// The event log (latest [`EVENT_LOG_KEEP`]) and the number of
     /// overflows seen.
     pub fn event_log(&self) -> (&[Event], u64) {
         (&self.events, self.overflows)
+    }
+}
+
+#[cfg(test)]
+mod unity_tests {
+    use super::UnityRange;
+
+    #[test]
+    fn ivmd_blocks_become_unity_ranges() {
+        let r = UnityRange::from_ivmd(0x21, 0b011, 0x0010, 0, 0xd000_0000, 0x2000).unwrap();
+        assert_eq!(
+            (r.first_id, r.last_id, r.start, r.last, r.read, r.write),
+            (0x10, 0x10, 0xd000_0000, 0xd000_1fff, true, false)
+        );
+        let all = UnityRange::from_ivmd(0x20, 0b111, 0x55, 0x66, 0x1000, 0x1000).unwrap();
+        assert_eq!((all.first_id, all.last_id), (0, 0xffff));
+        let range = UnityRange::from_ivmd(0x22, 0b1000, 0x100, 0x1ff, 0x1000, 0x1000).unwrap();
+        assert_eq!(
+            (range.first_id, range.last_id, range.read, range.write),
+            (0x100, 0x1ff, true, true),
+            "exclusion: RW"
+        );
+        assert_eq!(UnityRange::from_ivmd(0x21, 0b110, 1, 0, 0x1000, 0x1000), None, "no unity or exclusion flag");
+        assert_eq!(UnityRange::from_ivmd(0x21, 1, 1, 0, 0x1000, 0), None, "empty");
+        assert_eq!(UnityRange::from_ivmd(0x21, 1, 1, 0, u64::MAX, 2), None, "wraps");
+        assert_eq!(UnityRange::from_ivmd(0x10, 1, 1, 0, 0x1000, 0x1000), None, "not an IVMD type");
     }
 }

@@ -13,6 +13,8 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
 pub mod mmio;
 
 use core::fmt;
@@ -307,6 +309,48 @@ macro_rules! forward_paging {
     };
 }
 
+/// Maps each `(base, limit, prot)` range one-to-one in `paging(w)` (whole pages;
+/// ranges already identity-mapped are left alone), then runs `then`; if a
+/// map or `then` fails, the mappings this call added are removed again, so
+/// the domain is as it was. Firmware-reserved ranges (VT-d RMRRs, AMD-Vi
+/// unity ranges) go through here before a device is attached.
+pub fn identity_map_then<W>(
+    w: &mut W,
+    paging: fn(&mut W) -> &mut dyn crate::IommuDomain,
+    ranges: &[(u64, u64, crate::Prot)],
+    then: impl FnOnce(&mut W) -> Result<(), crate::DomainError>,
+) -> Result<(), crate::DomainError> {
+    let mut added = alloc::vec::Vec::new();
+    let mut result = Ok(());
+    for &(base, limit, prot) in ranges {
+        let (start, end) = (base & !0xfff, (limit | 0xfff).wrapping_add(1));
+        if end <= start {
+            result = Err(crate::DomainError::BadRange { iova: base, length: limit.wrapping_sub(base) });
+            break;
+        }
+        if paging(w).iova_to_phys(start) == Some(start) {
+            continue;
+        }
+        if let Err(e) = paging(w).map(start, start, end - start, prot) {
+            result = Err(e);
+            break;
+        }
+        added.push((start, end - start));
+    }
+    if result.is_ok() {
+        result = then(w);
+    }
+    if result.is_err() && !added.is_empty() {
+        let d = paging(w);
+        let mut g = crate::IotlbGather::default();
+        for (s, len) in added {
+            d.unmap(s, len, &mut g);
+        }
+        d.iotlb_sync(&mut g);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -443,5 +487,75 @@ mod tests {
             assert_eq!(r.0, ["map", "map_runs", "unmap", "iotlb_sync", "enforce_cache_coherency"]);
             assert_eq!(r.1.get(), 3 + 100 + 1000 + 10_000);
         }
+    }
+
+    /// A domain whose map fails at a chosen IOVA.
+    #[derive(Default)]
+    struct Flaky {
+        mapped: std::vec::Vec<(u64, u64)>,
+        fail_at: Option<u64>,
+    }
+
+    impl IommuDomain for Flaky {
+        fn page_sizes(&self) -> u64 {
+            1 << 12
+        }
+        fn aperture(&self) -> (u64, u64) {
+            (0, u64::MAX)
+        }
+        fn map(&mut self, iova: u64, phys: u64, len: u64, _: Prot) -> Result<(), DomainError> {
+            if self.fail_at == Some(iova) {
+                return Err(DomainError::NoMemory);
+            }
+            assert_eq!(iova, phys);
+            self.mapped.push((iova, len));
+            Ok(())
+        }
+        fn unmap(&mut self, iova: u64, len: u64, _: &mut IotlbGather) -> u64 {
+            self.mapped.retain(|m| *m != (iova, len));
+            len
+        }
+        fn iotlb_sync(&mut self, _: &mut IotlbGather) {}
+        fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+            self.mapped.iter().any(|&(s, l)| (s..s + l).contains(&iova)).then_some(iova)
+        }
+        fn enforce_cache_coherency(&mut self) -> bool {
+            false
+        }
+        fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn detach_device(&mut self, _: DeviceHandle) {}
+    }
+
+    fn as_dyn(d: &mut Flaky) -> &mut dyn IommuDomain {
+        d
+    }
+
+    #[test]
+    fn identity_maps_unwind_on_any_failure() {
+        let ranges = [(0x1000, 0x2fff, Prot::RW), (0x8100, 0x81ff, Prot::READ), (0x10_0000, 0x10_0fff, Prot::RW)];
+        // Success: whole pages, one-to-one, then the attach runs.
+        let mut d = Flaky::default();
+        identity_map_then(&mut d, as_dyn, &ranges, |_| Ok(())).unwrap();
+        assert_eq!(d.mapped, [(0x1000, 0x2000), (0x8000, 0x1000), (0x10_0000, 0x1000)]);
+        // A range already mapped one-to-one stays, and is not undone.
+        let mut d = Flaky { mapped: std::vec![(0x8000, 0x1000)], fail_at: None };
+        let r = identity_map_then(&mut d, as_dyn, &ranges, |_| Err(DomainError::Timeout));
+        assert_eq!(r, Err(DomainError::Timeout));
+        assert_eq!(d.mapped, [(0x8000, 0x1000)], "the attach failed: only what was there before stays");
+        // A map failing part-way: the earlier ranges are removed, `then` never runs.
+        let mut d = Flaky { mapped: std::vec::Vec::new(), fail_at: Some(0x10_0000) };
+        let r = identity_map_then(&mut d, as_dyn, &ranges, |_| panic!("ran after a failed map"));
+        assert_eq!(r, Err(DomainError::NoMemory));
+        assert!(d.mapped.is_empty());
+        // A range that wraps is refused before anything is mapped.
+        let mut d = Flaky::default();
+        let r =
+            identity_map_then(&mut d, as_dyn, &[(0x1000, 0xfff, Prot::RW), (u64::MAX - 5, u64::MAX, Prot::RW)], |_| {
+                Ok(())
+            });
+        assert!(matches!(r, Err(DomainError::BadRange { .. })));
+        assert!(d.mapped.is_empty());
     }
 }
