@@ -431,6 +431,19 @@ impl<P: PhysMemory> RegionMemory<P> {
         Ok(())
     }
 
+    /// Removes the region added as exactly `[uptr, uptr + len)`: `ENOENT`
+    /// if there is none, `EBUSY` while any of its pages is pinned (unmap
+    /// it from every IOAS first).
+    pub fn remove_region(&self, uptr: u64, len: u64) -> Result<()> {
+        let mut r = self.regions.lock();
+        let i = r.iter().position(|x| x.uptr == uptr && x.len == len).ok_or(Errno::ENOENT)?;
+        if r[i].pins.iter().any(|&p| p > 0) {
+            return Err(Errno::EBUSY);
+        }
+        r.remove(i);
+        Ok(())
+    }
+
     /// Pages pinned at least once, over all regions.
     pub fn pinned_pages(&self) -> u64 {
         self.regions.lock().iter().map(|r| r.pins.iter().filter(|&&p| p > 0).count() as u64).sum()
@@ -604,5 +617,19 @@ mod region_tests {
         assert_eq!(m.pin_count(0x1f_f000), Ok(Some(1)));
         m.unpin_runs(&runs, false);
         assert_eq!(m.pinned_pages(), 0);
+    }
+
+    #[test]
+    fn regions_are_removed_only_whole_and_unpinned() {
+        let m = RegionMemory::new(NoPhysAccess);
+        m.add_region(0x10_0000, 0x1_0000_0000, 0x4000, true).unwrap();
+        let mut out = [0u64; 1];
+        m.pin(0x10_2000, &mut out, true).unwrap();
+        assert_eq!(m.remove_region(0x10_0000, 0x2000), Err(Errno::ENOENT), "not the whole region");
+        assert_eq!(m.remove_region(0x10_0000, 0x4000), Err(Errno::EBUSY), "a page is pinned");
+        m.unpin(&out, false);
+        m.remove_region(0x10_0000, 0x4000).unwrap();
+        assert_eq!(m.pin(0x10_0000, &mut out, false), Err(Errno::EFAULT), "gone");
+        m.add_region(0x10_0000, 0x2_0000_0000, 0x1000, true).unwrap();
     }
 }

@@ -537,16 +537,54 @@ impl core::fmt::Debug for VtdSystem {
 }
 
 impl VtdSystem {
-    /// Brings up every DRHD of `p`'s DMAR (none without one).
+    /// Brings up every DRHD of `p`'s DMAR (none without one) in the best
+    /// mode each offers.
     pub fn bring_up(p: &crate::Platform) -> Option<Self> {
+        Self::bring_up_in(p, None)
+    }
+
+    /// As [`Self::bring_up`], every unit in `mode` when given.
+    pub fn bring_up_in(p: &crate::Platform, mode: Option<UnitMode>) -> Option<Self> {
         let Some(Ok(dmar)) = &p.dmar else { return None };
         let units = dmar
             .drhds()
-            .map(|d| (d.register_base, vtd_unit(alloc::format!("DRHD @{:#x}", d.register_base), d.register_base)))
+            .map(|d| {
+                let name = alloc::format!("DRHD @{:#x}", d.register_base);
+                (d.register_base, vtd_unit_in(name, d.register_base, mode))
+            })
             .collect();
         let (scopes, _) = crate::ownership::unit_scopes(dmar, &p.ecam);
         let owners = crate::ownership::assign(&scopes, &p.pci);
-        Some(Self { units, owners })
+        let system = Self { units, owners };
+        system.give_rmrrs(dmar, &p.ecam);
+        Some(system)
+    }
+
+    /// Hands every unit the RMRRs of the devices it translates, under the
+    /// requester id their DMA carries (scopes that name no enumerated
+    /// function are logged and skipped).
+    fn give_rmrrs(&self, dmar: &acpi_tables::dmar::Dmar, ecam: &crate::ecam::Ecam) {
+        let mut per_unit: alloc::vec::Vec<alloc::vec::Vec<(u16, u64, u64)>> =
+            alloc::vec![alloc::vec::Vec::new(); self.units.len()];
+        for r in dmar.rmrrs() {
+            for s in &r.scopes {
+                match acpi_tables::scope::resolve(r.segment, s, ecam) {
+                    Ok(b) => {
+                        let bdf = crate::pci::Bdf { bus: b.bus, device: b.device, function: b.function };
+                        match self.owners.get(&(r.segment, bdf)) {
+                            Some(a) => per_unit[a.unit].push((a.requester_id, r.base, r.limit)),
+                            None => log::warn!("RMRR [{:#x}-{:#x}]: {} has no VT-d unit", r.base, r.limit, bdf),
+                        }
+                    }
+                    Err(e) => log::warn!("RMRR [{:#x}-{:#x}]: scope unresolved: {}", r.base, r.limit, e),
+                }
+            }
+        }
+        for ((_, unit), rmrrs) in self.units.iter().zip(per_unit) {
+            if let Ok(u) = unit {
+                u.lock().set_rmrrs(rmrrs);
+            }
+        }
     }
 }
 

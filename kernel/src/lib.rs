@@ -35,6 +35,8 @@ pub mod iommu;
 #[cfg(target_os = "none")]
 pub mod iommu_probe;
 #[cfg(target_os = "none")]
+pub mod passthrough;
+#[cfg(target_os = "none")]
 pub mod report;
 #[cfg(target_os = "none")]
 pub mod serial;

@@ -11,9 +11,8 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     let platform = portcullis_kernel::init(boot);
     // Drive the IOMMUs: translation on, every device blocked until a
     // domain is attached.
-    let vtd = portcullis_kernel::iommu::VtdSystem::bring_up(&platform);
-    let amd = portcullis_kernel::amd::AmdSystem::bring_up(&platform);
-    portcullis_kernel::report::print(&platform, vtd.as_ref(), amd.as_ref());
+    let iommus = portcullis_kernel::passthrough::Iommus::bring_up(&platform);
+    portcullis_kernel::report::print(&platform, iommus.vtd.as_ref(), iommus.amd.as_ref());
     exit_qemu(ExitCode::Success)
 }
 

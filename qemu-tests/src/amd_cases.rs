@@ -3,24 +3,23 @@
 //! (device table entries, ownership from the IVRS). QEMU's AMD-Vi records
 //! no events, so blocking is proven by memory alone.
 
-use crate::dma_cases::{self as dma, Backend, Fault, edus, fail};
+use crate::dma_cases::{self as dma, Backend, Fault, edus, fail, iommus};
 use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use portcullis_iommu::IommuDomain;
-use portcullis_kernel::amd::{AmdDevice, AmdDomain, SharedAmdUnit, amd_unit, unit_info};
+use portcullis_kernel::amd::{AmdDevice, AmdDomain, SharedAmdUnit};
 use portcullis_kernel::edu::Edu;
 use portcullis_kernel::ktest::{Outcome, TestResult};
-use portcullis_kernel::ownership::{Assignment, IvrsUnit, assign_ivrs, ivrs_units};
+use portcullis_kernel::ownership::Assignment;
 use portcullis_kernel::pci::Bdf;
 use portcullis_kernel::{Platform, ensure, ensure_eq, skip};
 
 type Owners = alloc::collections::BTreeMap<(u16, Bdf), Assignment>;
 
-static UNIT: spin::Once<Result<(SharedAmdUnit, IvrsUnit, Owners), String>> = spin::Once::new();
-
-/// The AMD-Vi unit (brought up once per boot) as the common cases drive it.
+/// The AMD-Vi unit (brought up once per boot with the others, see
+/// `dma_cases::iommus`) as the common cases drive it.
 pub struct Amd {
     unit: &'static SharedAmdUnit,
     owners: &'static Owners,
@@ -30,22 +29,10 @@ fn amd(p: &Platform) -> Result<Amd, Outcome> {
     if p.config != "amd" {
         skip!("needs the AMD IOMMU configuration");
     }
-    let Some(Ok(ivrs)) = &p.ivrs else { return Err(fail("no parsed IVRS".into())) };
-    let r = UNIT.call_once(|| {
-        let (mut units, errors) = ivrs_units(ivrs);
-        if !errors.is_empty() {
-            return Err(format!("IVRS device entries: {errors:?}"));
-        }
-        let owners = assign_ivrs(&units, &p.pci);
-        let scope = units.drain(..).next().ok_or_else(|| String::from("IVRS has no IVHD"))?;
-        let info = unit_info(p, ivrs, &scope);
-        let unit = amd_unit(format!("IVHD @{:#x}", scope.base), info)?;
-        Ok((unit, scope, owners))
-    });
-    match r {
-        Ok((unit, _, owners)) => Ok(Amd { unit, owners }),
-        Err(e) => Err(fail(format!("bring-up: {e}"))),
-    }
+    let system = iommus(p).amd.as_ref().ok_or_else(|| fail("no parsed IVRS".into()))?;
+    let (_, unit) = system.units.first().ok_or_else(|| fail("IVRS has no IVHD".into()))?;
+    let unit = unit.as_ref().map_err(|e| fail(format!("bring-up: {e}")))?;
+    Ok(Amd { unit, owners: &system.owners })
 }
 
 impl Backend for Amd {

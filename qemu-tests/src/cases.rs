@@ -65,9 +65,11 @@ cases!(
     amd_high_iovas_up_to_the_aperture,
     amd_iommufd_passthrough_dma,
     amd_unity_range_identity_mapped_and_reserved,
+    guest_dma_api_passes_a_device_through,
 );
 
 use crate::amd_cases::*;
+use crate::dma_cases::guest_dma_api_passes_a_device_through;
 use crate::vtd_cases::*;
 
 const EDU: (u16, u16) = (0x1234, 0x11e8);

@@ -3,31 +3,26 @@
 //! writable, unmapped again or not attached is blocked, changes no byte,
 //! and leaves a fault record naming the device and the address.
 
-use crate::dma_cases::{self as dma, Backend, Buffers, CANARY, Fault, X, Z, edu_behind, edus, fail};
+use crate::dma_cases::{self as dma, Backend, Buffers, CANARY, Fault, X, Z, edu_behind, edus, fail, iommus};
 use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use portcullis_iommu::{IommuDomain, Prot};
 use portcullis_kernel::edu::Edu;
-use portcullis_kernel::iommu::{SharedUnit, Stage, UnitMode, VtdDevice, VtdDomain, vtd_unit_in};
+use portcullis_kernel::iommu::{SharedUnit, Stage, VtdDevice, VtdDomain};
 use portcullis_kernel::ktest::{Outcome, TestResult};
 use portcullis_kernel::{Platform, ensure, ensure_eq, skip};
 
-static UNIT: spin::Once<Result<SharedUnit, String>> = spin::Once::new();
-
-/// The VT-d unit covering the edu devices, brought up once per boot.
+/// The VT-d unit covering the edu devices (brought up once per boot with
+/// the others, see `dma_cases::iommus`).
 fn unit(p: &Platform) -> Result<&'static SharedUnit, Outcome> {
     if !p.config.starts_with("intel") {
         skip!("needs an Intel IOMMU configuration");
     }
-    let Some(Ok(dmar)) = &p.dmar else { return Err(fail("no parsed DMAR".into())) };
-    let base = dmar.drhds().next().ok_or_else(|| fail("no DRHD".into()))?.register_base;
-    // `intel-rb`: the same hardware as `intel`, driven without the
-    // invalidation queue (register-based invalidation).
-    let mode = (p.config == "intel-rb").then_some(UnitMode::Legacy { queued: false });
-    let r = UNIT.call_once(|| vtd_unit_in(format!("DRHD @{base:#x}"), base, mode));
-    r.as_ref().map_err(|e| fail(format!("bring-up: {e}")))
+    let v = iommus(p).vtd.as_ref().ok_or_else(|| fail("no parsed DMAR".into()))?;
+    let (_, u) = v.units.first().ok_or_else(|| fail("no DRHD".into()))?;
+    u.as_ref().map_err(|e| fail(format!("bring-up: {e}")))
 }
 
 fn faults(u: &SharedUnit) -> Vec<vtd::FaultRecord> {

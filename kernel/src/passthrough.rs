@@ -1,0 +1,194 @@
+//! Device passthrough for a hypervisor: the embedding API.
+//!
+//! A VMM that owns the machine brings every IOMMU up once ([`Iommus`]),
+//! then gives each guest a [`GuestDma`]: the guest's RAM mapped at
+//! IOVA = guest physical address in one iommufd IOAS, and the devices it
+//! is given attached to it. A device's DMA then reaches exactly the guest's
+//! memory, translated, and nothing else; a device the guest does not own
+//! stays blocked.
+//!
+//! ```text
+//! let iommus = Iommus::bring_up(&platform);
+//! let mut guest = GuestDma::new(pin_limit_pages);
+//! guest.add_memory(0, host_base, 512 << 20, true)?;   // GPA 0.. -> host frames
+//! guest.assign(&iommus, 0, Bdf { bus: 0, device: 3, function: 0 })?;
+//! // ... the guest programs the device with guest-physical addresses ...
+//! guest.unassign(0, bdf)?;                               // blocked again
+//! ```
+//!
+//! Everything below is iommufd's object model (`iommufd::ctx::Ictx`): a
+//! VMM that wants more (several IOAS, accesses for emulated devices, the
+//! uAPI) uses [`GuestDma::ictx`] directly.
+
+use crate::amd::{AmdDevice, AmdSystem};
+use crate::iommu::{UnitMode, VtdDevice, VtdSystem};
+use crate::mem::DirectMap;
+use crate::pci::Bdf;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::sync::Arc;
+use iommufd::ctx::{DeviceOps, Ictx};
+use iommufd::memsrc::{MemorySource, RegionMemory};
+
+/// Why a passthrough request failed. Nothing changed when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassthroughError {
+    /// No IOMMU unit translates the function: its DMA could reach all of
+    /// memory, so it must not be given to a guest.
+    NotIsolated(u16, Bdf),
+    /// The unit that covers the function did not come up.
+    UnitDown(u16, Bdf, String),
+    /// The function is already assigned to this guest.
+    AlreadyAssigned(u16, Bdf),
+    /// The function is not assigned to this guest.
+    NotAssigned(u16, Bdf),
+    /// iommufd refused (the errno it gave, and what was being done).
+    Iommufd(&'static str, iommufd::Errno),
+}
+
+impl core::fmt::Display for PassthroughError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotIsolated(s, b) => write!(f, "{s:04x}:{b} is behind no IOMMU: its DMA cannot be isolated"),
+            Self::UnitDown(s, b, e) => write!(f, "{s:04x}:{b}: its IOMMU unit is not running: {e}"),
+            Self::AlreadyAssigned(s, b) => write!(f, "{s:04x}:{b} is already assigned"),
+            Self::NotAssigned(s, b) => write!(f, "{s:04x}:{b} is not assigned"),
+            Self::Iommufd(what, e) => write!(f, "{what}: {e:?}"),
+        }
+    }
+}
+
+/// Every IOMMU of the platform, brought up with every device blocked.
+pub struct Iommus {
+    /// The VT-d units (a DMAR was present).
+    pub vtd: Option<VtdSystem>,
+    /// The AMD-Vi units (an IVRS was present).
+    pub amd: Option<AmdSystem>,
+}
+
+impl core::fmt::Debug for Iommus {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Iommus({:?}, {:?})", self.vtd, self.amd)
+    }
+}
+
+impl Iommus {
+    /// Brings up every unit the firmware describes, each VT-d unit in the
+    /// best mode it offers.
+    pub fn bring_up(p: &crate::Platform) -> Self {
+        Self::bring_up_in(p, None)
+    }
+
+    /// As [`Self::bring_up`], VT-d units in `vtd_mode` when given.
+    pub fn bring_up_in(p: &crate::Platform, vtd_mode: Option<UnitMode>) -> Self {
+        Self { vtd: VtdSystem::bring_up_in(p, vtd_mode), amd: AmdSystem::bring_up(p) }
+    }
+
+    /// The function `segment:bdf` as iommufd binds it: its unit and the
+    /// requester (device) id its DMA carries.
+    pub fn device(&self, segment: u16, bdf: Bdf) -> Result<Arc<dyn DeviceOps>, PassthroughError> {
+        if let Some(v) = &self.vtd
+            && let Some(a) = v.owners.get(&(segment, bdf))
+        {
+            return match &v.units[a.unit].1 {
+                Ok(u) => Ok(Arc::new(VtdDevice::new(u.clone(), a.unit as u16, a.requester_id))),
+                Err(e) => Err(PassthroughError::UnitDown(segment, bdf, e.clone())),
+            };
+        }
+        if let Some(m) = &self.amd
+            && let Some(a) = m.owners.get(&(segment, bdf))
+        {
+            return match &m.units[a.unit].1 {
+                Ok(u) => Ok(Arc::new(AmdDevice::new(u.clone(), a.unit as u16, a.requester_id))),
+                Err(e) => Err(PassthroughError::UnitDown(segment, bdf, e.clone())),
+            };
+        }
+        Err(PassthroughError::NotIsolated(segment, bdf))
+    }
+}
+
+/// One guest's DMA view: its memory at IOVA = guest physical address, and
+/// the devices assigned to it.
+pub struct GuestDma {
+    memory: Arc<RegionMemory<DirectMap>>,
+    ictx: Ictx,
+    ioas: u32,
+    devices: BTreeMap<(u16, Bdf), u32>,
+}
+
+impl core::fmt::Debug for GuestDma {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "GuestDma(IOAS {}, {} device(s), {:?})", self.ioas, self.devices.len(), self.memory)
+    }
+}
+
+impl GuestDma {
+    /// An empty guest view that may pin at most `pin_limit_pages` pages.
+    pub fn new(pin_limit_pages: u64) -> Result<Self, PassthroughError> {
+        let memory = Arc::new(RegionMemory::new(DirectMap));
+        let ictx = Ictx::new(memory.clone() as Arc<dyn MemorySource>, pin_limit_pages);
+        let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
+        Ok(Self { memory, ictx, ioas, devices: BTreeMap::new() })
+    }
+
+    /// Maps guest RAM `[gpa, gpa + len)`, backed by host physical
+    /// `[hpa, hpa + len)`, at IOVA `gpa` for every assigned device (and
+    /// every later one). Page aligned; `writable` lets devices write it.
+    pub fn add_memory(&mut self, gpa: u64, hpa: u64, len: u64, writable: bool) -> Result<(), PassthroughError> {
+        self.memory.add_region(gpa, hpa, len, writable).map_err(|e| PassthroughError::Iommufd("guest memory", e))?;
+        if let Err(e) = self.ictx.ioas_map(self.ioas, Some(gpa), gpa, len, true, writable) {
+            let _ = self.memory.remove_region(gpa, len);
+            return Err(PassthroughError::Iommufd("IOAS map at the guest physical address", e));
+        }
+        Ok(())
+    }
+
+    /// Unmaps guest RAM added as `[gpa, gpa + len)`: devices can no longer
+    /// reach it (one IOTLB invalidation per domain), and its pages are
+    /// unpinned.
+    pub fn remove_memory(&mut self, gpa: u64, len: u64) -> Result<(), PassthroughError> {
+        self.ictx.ioas_unmap(self.ioas, gpa, len).map_err(|e| PassthroughError::Iommufd("IOAS unmap", e))?;
+        self.memory.remove_region(gpa, len).map_err(|e| PassthroughError::Iommufd("guest memory", e))
+    }
+
+    /// Gives the guest the function `segment:bdf`: its DMA is translated
+    /// through the guest's memory map from now on. Refused for a function
+    /// no IOMMU isolates.
+    pub fn assign(&mut self, iommus: &Iommus, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
+        if self.devices.contains_key(&(segment, bdf)) {
+            return Err(PassthroughError::AlreadyAssigned(segment, bdf));
+        }
+        let ops = iommus.device(segment, bdf)?;
+        let dev = self.ictx.bind_device(ops).map_err(|e| PassthroughError::Iommufd("bind", e))?;
+        if let Err(e) = self.ictx.attach(dev, self.ioas) {
+            let _ = self.ictx.unbind_device(dev);
+            return Err(PassthroughError::Iommufd("attach", e));
+        }
+        self.devices.insert((segment, bdf), dev);
+        Ok(())
+    }
+
+    /// Takes the function back: it is blocked again.
+    pub fn unassign(&mut self, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
+        let dev = *self.devices.get(&(segment, bdf)).ok_or(PassthroughError::NotAssigned(segment, bdf))?;
+        self.ictx.detach(dev).map_err(|e| PassthroughError::Iommufd("detach", e))?;
+        self.ictx.unbind_device(dev).map_err(|e| PassthroughError::Iommufd("unbind", e))?;
+        self.devices.remove(&(segment, bdf));
+        Ok(())
+    }
+
+    /// Guest pages pinned now.
+    pub fn pinned_pages(&self) -> u64 {
+        self.memory.pinned_pages()
+    }
+
+    /// The iommufd context underneath, for what this API does not cover.
+    pub fn ictx(&self) -> &Ictx {
+        &self.ictx
+    }
+
+    /// The IOAS holding the guest's memory map.
+    pub fn ioas(&self) -> u32 {
+        self.ioas
+    }
+}
