@@ -446,6 +446,14 @@ impl iommufd::ctx::DeviceOps for VtdDevice {
         let inner = VtdDomain::new(&self.unit).map_err(|_| portcullis_iommu::DomainError::NoMemory)?;
         Ok(alloc::boxed::Box::new(VtdIommuDomain { inner, unit_index: self.unit_index }))
     }
+    /// As Linux's VT-d driver: type `IOMMU_HW_INFO_TYPE_INTEL_VTD` with the
+    /// unit's capability registers (no errata flags).
+    fn hw_info(&self) -> (u32, alloc::vec::Vec<u8>) {
+        use iommufd::uapi::{IOMMU_HW_INFO_TYPE_INTEL_VTD, IommuHwInfoVtd};
+        let caps = self.unit.lock().caps();
+        let info = IommuHwInfoVtd { flags: 0, __reserved: 0, cap_reg: caps.cap, ecap_reg: caps.ecap };
+        (IOMMU_HW_INFO_TYPE_INTEL_VTD, info.to_bytes())
+    }
     fn reserved_regions(&self) -> alloc::vec::Vec<(u64, u64)> {
         // The MSI window, and the device's RMRRs (mapped one-to-one by the
         // domain on attach, so the IOAS must not use them).

@@ -53,6 +53,7 @@ cases!(
     vtd_high_iovas_up_to_the_aperture,
     vtd_iommufd_passthrough_dma,
     vtd_rmrr_identity_mapped_and_reserved,
+    vtd_iommufd_hw_info_reports_the_unit,
     amd_device_table_entries_match_ownership,
     amd_mapped_dma_lands_exactly,
     amd_unmapped_iova_is_blocked,

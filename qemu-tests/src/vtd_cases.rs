@@ -262,3 +262,20 @@ pub fn vtd_ownership_matches_pci_and_dmar(p: &Platform) -> TestResult {
     ensure_eq!(owners[&(rooted.segment, rooted.bdf)].requester_id, rooted.bdf.rid(), "a root port does not alias");
     Ok(())
 }
+
+/// `IOMMU_GET_HW_INFO` on a VT-d device reports what Linux's VT-d driver
+/// does: type INTEL_VTD and the unit's CAP and ECAP registers.
+pub fn vtd_iommufd_hw_info_reports_the_unit(p: &Platform) -> TestResult {
+    use iommufd::uapi::{IOMMU_HW_INFO_TYPE_INTEL_VTD, IommuHwInfoVtd};
+    let b = vtd(p)?;
+    let edus = edus(p);
+    let edu = edus.first().ok_or_else(|| fail("no edu".into()))?;
+    let id = b.device_id(p, edu)?;
+    let (kind, bytes) = iommufd::ctx::DeviceOps::hw_info(&VtdDevice::new(b.unit.clone(), 0, id));
+    ensure_eq!(kind, IOMMU_HW_INFO_TYPE_INTEL_VTD, "data type");
+    ensure_eq!(bytes.len(), IommuHwInfoVtd::SIZE, "data length");
+    let info = IommuHwInfoVtd::read(&bytes);
+    let caps = b.unit.lock().caps();
+    ensure_eq!((info.flags, info.cap_reg, info.ecap_reg), (0, caps.cap, caps.ecap), "flags, CAP, ECAP");
+    Ok(())
+}
