@@ -18,6 +18,7 @@ extern crate alloc;
 
 pub mod entries;
 pub mod fault;
+pub mod ir;
 pub mod qi;
 pub mod regs;
 pub mod scalable;

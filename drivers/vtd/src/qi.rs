@@ -59,6 +59,17 @@ impl Descriptor {
         }
     }
 
+    /// Type 4: interrupt entry cache invalidate (spec 6.5.2.7): every
+    /// entry (`None`) or the `2^im` entries from `index` (aligned to that
+    /// count). Word 0: type, G in bit 4 (index-selective), IM in 31:27,
+    /// IIDX in 47:32.
+    pub fn iec(index: Option<(u16, u8)>) -> Self {
+        match index {
+            None => Self([0x4, 0]),
+            Some((index, im)) => Self([0x4 | 1 << 4 | ((im as u64) & 0x1f) << 27 | (index as u64) << 32, 0]),
+        }
+    }
+
     /// Type 5: invalidation wait, writing `data` to `status_addr` (4-byte
     /// aligned) when everything before it completed.
     pub fn wait(status_addr: u64, data: u32) -> Self {
@@ -85,6 +96,7 @@ impl fmt::Debug for Descriptor {
                 hi & 0x3f,
                 (hi >> 6) & 1
             ),
+            4 => write!(f, "IEC(g{} index {} im {})", (lo >> 4) & 1, (lo >> 32) as u16, (lo >> 27) & 0x1f),
             5 => write!(f, "WAIT(status {:#x} data {:#x})", hi, lo >> 32),
             k => write!(f, "Desc(type {k} {lo:#x} {hi:#x})"),
         }

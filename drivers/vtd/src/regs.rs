@@ -42,9 +42,12 @@ pub const IQT: Reg64 = Reg64::at(0x88, BLOCK);
 pub const IQA: Reg64 = Reg64::at(0x90, BLOCK);
 /// Invalidation completion status (32).
 pub const ICS: Reg32 = Reg32::at(0x9c, BLOCK);
+/// Interrupt remapping table address (64): table in bits 63:12, EIME in
+/// bit 11 (x2APIC destinations), S in bits 3:0 (2^(S+1) entries).
+pub const IRTA: Reg64 = Reg64::at(0xb8, BLOCK);
 
 /// Every fixed register as (offset, width in bytes), in offset order.
-pub const LAYOUT: [(usize, usize); 16] = [
+pub const LAYOUT: [(usize, usize); 17] = [
     (VER.offset(), 4),
     (CAP.offset(), 8),
     (ECAP.offset(), 8),
@@ -61,6 +64,7 @@ pub const LAYOUT: [(usize, usize); 16] = [
     (IQT.offset(), 8),
     (IQA.offset(), 8),
     (ICS.offset(), 4),
+    (IRTA.offset(), 8),
 ];
 
 // The fixed registers are in offset order and do not overlap (spec 11.4).

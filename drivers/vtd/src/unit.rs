@@ -120,6 +120,14 @@ impl Caps {
     pub fn qi(&self) -> bool {
         self.ecap >> 1 & 1 != 0
     }
+    /// Interrupt remapping (ECAP.IR).
+    pub fn interrupt_remapping(&self) -> bool {
+        self.ecap >> 3 & 1 != 0
+    }
+    /// x2APIC destinations in remapped interrupts (ECAP.EIM).
+    pub fn eim(&self) -> bool {
+        self.ecap >> 4 & 1 != 0
+    }
     /// Pass-through (ECAP.PT).
     pub fn pass_through(&self) -> bool {
         self.ecap >> 6 & 1 != 0
@@ -208,6 +216,8 @@ pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
     overflows: u64,
     rmrrs: Vec<(u16, u64, u64)>,
     scalable: Option<ScalableTables<T>>,
+    /// The interrupt remapping table (one page, 256 entries) while on.
+    irt: Option<u64>,
     /// Invalidation counters.
     pub stats: InvalidationStats,
 }
@@ -247,6 +257,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             overflows: 0,
             rmrrs: Vec::new(),
             scalable: None,
+            irt: None,
             stats: InvalidationStats::default(),
         })
     }
@@ -379,6 +390,95 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.queue = Some(Queue { page, tail: 0, wide: true });
         self.submit(&[Descriptor::context(ContextScope::Global), Descriptor::iotlb(IotlbScope::Global)])?;
         self.gcmd(gcmd::TE, true)
+    }
+
+    /// Turns interrupt remapping on with an empty table of
+    /// [`crate::ir::IRTES_PER_PAGE`] entries: from now on every MSI from a
+    /// device is blocked (and recorded as a fault) unless its table entry
+    /// says where it goes; compatibility-format interrupts are blocked.
+    /// Needs ECAP.IR and queued invalidation (the interrupt entry cache is
+    /// only invalidated through the queue).
+    pub fn enable_interrupt_remapping(&mut self) -> Result<(), Error> {
+        if !self.caps.interrupt_remapping() {
+            return Err(Error::Unsupported { unit: self.name.clone(), what: "interrupt remapping (ECAP.IR)" });
+        }
+        if self.queue.is_none() {
+            return Err(Error::Unsupported {
+                unit: self.name.clone(),
+                what: "interrupt remapping needs queued invalidation",
+            });
+        }
+        if self.irt.is_some() {
+            return Ok(());
+        }
+        let table = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+        if !self.mem.coherent() {
+            self.mem.flush(table, 4096);
+        }
+        // 256 entries: S = 7.
+        self.mmio.set64(regs::IRTA, crate::ir::irta(table, 7, false));
+        let on = self
+            .gcmd_oneshot(gcmd::SIRTP, "GSTS.IRTPS")
+            .and_then(|()| self.submit(&[Descriptor::iec(None)]))
+            .and_then(|()| self.gcmd(gcmd::IRE, true));
+        if let Err(e) = on {
+            let _ = self.gcmd(gcmd::IRE, false);
+            self.mem.free_table(table);
+            return Err(e);
+        }
+        self.irt = Some(table);
+        Ok(())
+    }
+
+    /// Turns interrupt remapping off again (MSIs pass unremapped) and
+    /// frees the table.
+    pub fn disable_interrupt_remapping(&mut self) -> Result<(), Error> {
+        let Some(table) = self.irt else { return Ok(()) };
+        self.gcmd(gcmd::IRE, false)?;
+        self.irt = None;
+        self.mem.free_table(table);
+        Ok(())
+    }
+
+    /// Whether interrupt remapping is on.
+    pub fn interrupt_remapping_on(&self) -> bool {
+        self.irt.is_some()
+    }
+
+    /// Writes table entry `index` (`Irte::default()` to remove it) and
+    /// invalidates the unit's cached copy, waiting for it. A present entry
+    /// is replaced through not-present, so the unit never sees half of one.
+    pub fn set_irte(&mut self, index: u16, entry: crate::ir::Irte) -> Result<(), Error> {
+        let name = self.name.clone();
+        let table = self.irt.ok_or(Error::Unsupported { unit: name.clone(), what: "interrupt remapping is off" })?;
+        if index as usize >= crate::ir::IRTES_PER_PAGE {
+            return Err(Error::Unsupported { unit: name, what: "interrupt remapping table index out of range" });
+        }
+        let i = index as usize * 2;
+        let old = self.mem.read(table, i);
+        if old & 1 != 0 {
+            self.mem.write(table, i, old & !1);
+            self.flush_irte(table, index);
+            self.submit(&[Descriptor::iec(Some((index, 0)))])?;
+        }
+        // High half first, present bit (low half) last.
+        self.mem.write(table, i + 1, entry.0[1]);
+        self.mem.write(table, i, entry.0[0]);
+        self.flush_irte(table, index);
+        self.submit(&[Descriptor::iec(Some((index, 0)))])
+    }
+
+    /// Table entry `index` as the unit sees it.
+    pub fn irte(&self, index: u16) -> Option<crate::ir::Irte> {
+        let table = self.irt?;
+        let i = (index as usize).checked_mul(2).filter(|&i| i < crate::ir::IRTES_PER_PAGE * 2)?;
+        Some(crate::ir::Irte([self.mem.read(table, i), self.mem.read(table, i + 1)]))
+    }
+
+    fn flush_irte(&mut self, table: u64, index: u16) {
+        if !self.mem.coherent() {
+            self.mem.flush(table + index as u64 * 16, 16);
+        }
     }
 
     /// Turns translation (and queued invalidation) off.

@@ -27,6 +27,7 @@ mod off {
     pub const IQH: usize = regs::IQH.offset();
     pub const IQT: usize = regs::IQT.offset();
     pub const RTADDR: usize = regs::RTADDR.offset();
+    pub const IRTA: usize = regs::IRTA.offset();
 }
 
 /// QEMU's default capability registers (QEMU-NOTES).
@@ -73,6 +74,8 @@ struct Hw {
     /// FECTL (IM, IP), FEDATA, FEADDR, FEUADDR.
     fectl: u32,
     fe_msg: [u32; 3],
+    irta: u64,
+    latched_irta: u64,
     /// MSIs sent: (address, data).
     interrupts: Vec<(u64, u32)>,
     /// Make GSTS never follow (timeouts).
@@ -144,6 +147,10 @@ impl Mmio for Model {
                     hw.latched_root = hw.rtaddr;
                     hw.gsts |= gcmd::SRTP;
                 }
+                if v & gcmd::SIRTP != 0 {
+                    hw.latched_irta = hw.irta;
+                    hw.gsts |= gcmd::SIRTP;
+                }
                 hw.gsts = (hw.gsts & !gcmd::PERSISTENT) | persistent;
             }
             off::FSTS => {
@@ -184,6 +191,7 @@ impl Mmio for Model {
         let mut hw = self.hw.lock().unwrap();
         match off {
             off::RTADDR => hw.rtaddr = v,
+            off::IRTA => hw.irta = v,
             off::CCMD => hw.ccmd_log.push(v),
             off::IQA => hw.iqa = v,
             off::IQT => {
@@ -341,4 +349,44 @@ fn fault_event_interrupt_programs_the_message_and_rearms_after_polling() {
     assert_eq!(model.hw.lock().unwrap().interrupts.len(), 2);
     assert_eq!(u.poll_faults().len(), 1);
     assert_eq!(u.fault_event_state(), (true, false));
+}
+
+#[test]
+fn interrupt_remapping_table_entries_and_their_invalidation() {
+    use vtd::ir::Irte;
+    let (_, mut register_based) = unit();
+    register_based.enable(false).unwrap();
+    assert!(matches!(register_based.enable_interrupt_remapping(), Err(Error::Unsupported { .. })), "needs the queue");
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    u.enable_interrupt_remapping().unwrap();
+    {
+        let hw = model.hw.lock().unwrap();
+        assert_eq!(hw.gsts & (gcmd::IRE | gcmd::TE | gcmd::QIE), gcmd::IRE | gcmd::TE | gcmd::QIE);
+        assert_eq!(hw.gsts & gcmd::CFI, 0, "compatibility-format interrupts stay blocked");
+        assert_eq!(hw.latched_irta & 0xf, 7, "256 entries");
+        assert_eq!(hw.latched_irta & !0xfff, hw.irta & !0xfff);
+        let kinds: Vec<u8> = hw.processed.iter().map(|d| d.kind()).collect();
+        assert_eq!(&kinds[kinds.len() - 2..], [4, 5], "global interrupt entry cache invalidation, then a wait");
+        assert_eq!(hw.processed[hw.processed.len() - 2].0[0] & (1 << 4), 0, "global");
+    }
+    let table = model.hw.lock().unwrap().irta & !0xfff;
+    let e = Irte::remapped(0x29, 0, false, 0x0008);
+    u.set_irte(5, e).unwrap();
+    assert_eq!(u.irte(5), Some(e));
+    assert_eq!([model.mem.read(table, 10), model.mem.read(table, 11)], e.0, "entry 5 at 16 * 5");
+    let iec = |hw: &Hw| -> Vec<(u64, u64)> {
+        hw.processed.iter().filter(|d| d.kind() == 4).map(|d| ((d.0[0] >> 4) & 1, d.0[0] >> 32)).collect()
+    };
+    assert_eq!(iec(&model.hw.lock().unwrap()).last(), Some(&(1, 5)), "index-selective for entry 5");
+    // Replacing a present entry goes through not-present: two invalidations.
+    let before = iec(&model.hw.lock().unwrap()).len();
+    u.set_irte(5, Irte::remapped(0x2a, 0, false, 0x0010)).unwrap();
+    assert_eq!(iec(&model.hw.lock().unwrap()).len(), before + 2);
+    u.set_irte(5, Irte::default()).unwrap();
+    assert!(!u.irte(5).unwrap().present());
+    assert!(u.set_irte(256, e).is_err(), "beyond the table");
+    u.disable_interrupt_remapping().unwrap();
+    assert_eq!(model.hw.lock().unwrap().gsts & gcmd::IRE, 0);
+    assert!(u.set_irte(5, e).is_err(), "remapping is off");
 }
