@@ -62,6 +62,32 @@ impl Edu {
             .map_err(|_| DmaTimeout)
     }
 
+    fn w32(&self, off: usize, v: u32) {
+        // SAFETY: as for w64; the interrupt registers take 32-bit accesses.
+        unsafe { self.regs.add(off).cast::<u32>().write_volatile(v) }
+    }
+
+    fn r32(&self, off: usize) -> u32 {
+        // SAFETY: as for w32.
+        unsafe { self.regs.add(off).cast::<u32>().read_volatile() }
+    }
+
+    /// Raises the device's interrupt with status bits `status` (register
+    /// 0x60): an MSI when MSI is enabled.
+    pub fn raise_interrupt(&self, status: u32) {
+        self.w32(0x60, status);
+    }
+
+    /// Acknowledges status bits `status` (register 0x64).
+    pub fn ack_interrupt(&self, status: u32) {
+        self.w32(0x64, status);
+    }
+
+    /// Pending interrupt status bits (register 0x24).
+    pub fn interrupt_status(&self) -> u32 {
+        self.r32(0x24)
+    }
+
     /// The device reads `len` bytes at DMA address `src` into its buffer.
     pub fn read_from(&self, src: u64, len: u64) -> Result<(), DmaTimeout> {
         self.run(src, EDU_BUFFER, len, false)
@@ -71,4 +97,29 @@ impl Edu {
     pub fn write_to(&self, dst: u64, len: u64) -> Result<(), DmaTimeout> {
         self.run(EDU_BUFFER, dst, len, true)
     }
+}
+
+/// Programs (or, with `None`, disables) the MSI capability of `dev`: one
+/// vector, message `address`/`data`. `false` when the function has no MSI
+/// capability.
+pub fn set_msi(ecam: &Ecam, dev: &PciDevice, message: Option<(u64, u32)>) -> bool {
+    let Some(msi) = dev.msi else { return false };
+    let (seg, bdf, off) = (dev.segment, dev.bdf, msi.offset as u16);
+    let header = ecam.read32(seg, bdf, off);
+    // Control is the upper half of the first dword: clear Enable and
+    // Multiple Message Enable first.
+    let control = (header >> 16) & !(1 | 0x70);
+    ecam.write32(seg, bdf, off, header & 0xffff | control << 16);
+    if let Some((address, data)) = message {
+        ecam.write32(seg, bdf, off + 4, address as u32);
+        let data_off = if msi.addr64 {
+            ecam.write32(seg, bdf, off + 8, (address >> 32) as u32);
+            off + 12
+        } else {
+            off + 8
+        };
+        ecam.write32(seg, bdf, data_off, data & 0xffff);
+        ecam.write32(seg, bdf, off, header & 0xffff | (control | 1) << 16);
+    }
+    true
 }

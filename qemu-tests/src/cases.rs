@@ -54,6 +54,7 @@ cases!(
     vtd_iommufd_passthrough_dma,
     vtd_rmrr_identity_mapped_and_reserved,
     vtd_iommufd_hw_info_reports_the_unit,
+    vtd_interrupt_remapping_routes_and_blocks_msi,
     amd_device_table_entries_match_ownership,
     amd_mapped_dma_lands_exactly,
     amd_unmapped_iova_is_blocked,
