@@ -35,8 +35,15 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use portcullis_iommu::{DomainError, IommuDomain, IotlbGather, Prot};
 
-/// Most pieces handed to a domain in one `map_runs` call.
+/// Most pieces handed to a domain in one `map_runs` call when they must be
+/// built (pages split, or large pages off).
 const MAP_BATCH: usize = 1024;
+
+/// Most pieces handed to a domain in one `map_runs` call when the pinned
+/// runs go as they are: no copy is made, and each call may cost the domain
+/// an invalidation wait (units that cache not-present entries: VT-d caching
+/// mode, AMD-Vi NpCache), so calls are few and large.
+const MAP_BATCH_RUNS: usize = 1 << 16;
 
 /// A domain as the IOAS holds it (shared with its HWPT object).
 pub use crate::pages::DomainRef;
@@ -282,8 +289,8 @@ impl IoPagetable {
     /// run (`phys`: runs `(address, bytes)` from the area's first page) is
     /// one piece, so the domain can use large pages; with large pages
     /// disabled (`small`), one piece per page. Pieces go to the domain up
-    /// to [`MAP_BATCH`] per `map_runs` call. On failure nothing stays
-    /// mapped.
+    /// to [`MAP_BATCH_RUNS`] (as pinned) or [`MAP_BATCH`] (built) per
+    /// `map_runs` call. On failure nothing stays mapped.
     fn map_area_into(
         domain: &mut dyn IommuDomain,
         iova: u64,
@@ -297,7 +304,7 @@ impl IoPagetable {
             // Whole pages (the usual case): each run is one piece as it is.
             let mut cur = iova;
             let mut result = Ok(());
-            for chunk in phys.chunks(MAP_BATCH) {
+            for chunk in phys.chunks(MAP_BATCH_RUNS) {
                 let len: u64 = chunk.iter().map(|&(_, len)| len).sum();
                 result = area
                     .pages
