@@ -565,7 +565,26 @@ impl VtdSystem {
         let owners = crate::ownership::assign(&scopes, &p.pci);
         let system = Self { units, owners };
         system.give_rmrrs(dmar, &p.ecam);
+        system.remap_interrupts();
         Some(system)
+    }
+
+    /// Turns interrupt remapping on wherever the unit can (ECAP.IR with
+    /// queued invalidation), with an empty table: until an entry routes it,
+    /// every MSI from a device is blocked, so a device cannot raise an
+    /// interrupt it was not given. The fault event is not remapped.
+    fn remap_interrupts(&self) {
+        for (_, unit) in &self.units {
+            if let Ok(u) = unit {
+                let mut u = u.lock();
+                if u.caps().interrupt_remapping()
+                    && u.queued()
+                    && let Err(e) = u.enable_interrupt_remapping()
+                {
+                    log::warn!("{e}");
+                }
+            }
+        }
     }
 
     /// Hands every unit the RMRRs of the devices it translates, under the

@@ -42,6 +42,12 @@ pub enum PassthroughError {
     AlreadyAssigned(u16, Bdf),
     /// The function is not assigned to this guest.
     NotAssigned(u16, Bdf),
+    /// The function's unit does not remap interrupts: the device could
+    /// raise any interrupt on the host by writing the interrupt window.
+    /// [`GuestDma::allow_unsafe_interrupts`] accepts that risk.
+    UnsafeInterrupts(u16, Bdf),
+    /// Routing an interrupt failed (no remapping, table full, ...).
+    Interrupt(u16, Bdf, String),
     /// iommufd refused (the errno it gave, and what was being done).
     Iommufd(&'static str, iommufd::Errno),
 }
@@ -53,6 +59,10 @@ impl core::fmt::Display for PassthroughError {
             Self::UnitDown(s, b, e) => write!(f, "{s:04x}:{b}: its IOMMU unit is not running: {e}"),
             Self::AlreadyAssigned(s, b) => write!(f, "{s:04x}:{b} is already assigned"),
             Self::NotAssigned(s, b) => write!(f, "{s:04x}:{b} is not assigned"),
+            Self::UnsafeInterrupts(s, b) => {
+                write!(f, "{s:04x}:{b}: its IOMMU does not remap interrupts, so the device could inject any interrupt")
+            }
+            Self::Interrupt(s, b, e) => write!(f, "{s:04x}:{b}: interrupt routing: {e}"),
             Self::Iommufd(what, e) => write!(f, "{what}: {e:?}"),
         }
     }
@@ -105,6 +115,21 @@ impl Iommus {
         }
         Err(PassthroughError::NotIsolated(segment, bdf))
     }
+
+    /// The VT-d unit and requester id of `segment:bdf`, when a VT-d unit
+    /// translates it.
+    fn vtd_unit(&self, segment: u16, bdf: Bdf) -> Option<(crate::iommu::SharedUnit, u16)> {
+        let v = self.vtd.as_ref()?;
+        let a = v.owners.get(&(segment, bdf))?;
+        v.units[a.unit].1.as_ref().ok().map(|u| (u.clone(), a.requester_id))
+    }
+
+    /// Whether the function's MSIs are remapped (so it can raise only the
+    /// interrupts it is given). AMD-Vi interrupt remapping is not
+    /// implemented yet: `false` there.
+    pub fn interrupts_isolated(&self, segment: u16, bdf: Bdf) -> bool {
+        self.vtd_unit(segment, bdf).is_some_and(|(u, _)| u.lock().interrupt_remapping_on())
+    }
 }
 
 /// One guest's DMA view: its memory at IOVA = guest physical address, and
@@ -114,6 +139,19 @@ pub struct GuestDma {
     ictx: Ictx,
     ioas: u32,
     devices: BTreeMap<(u16, Bdf), u32>,
+    /// Interrupt remapping entries routed for assigned devices.
+    routes: alloc::vec::Vec<(u16, Bdf, crate::iommu::SharedUnit, u16)>,
+    allow_unsafe_interrupts: bool,
+}
+
+impl Drop for GuestDma {
+    fn drop(&mut self) {
+        // The devices are detached by the iommufd context going away; the
+        // interrupt routes are the guest's too.
+        for (_, _, unit, index) in self.routes.drain(..) {
+            let _ = unit.lock().free_irte(index);
+        }
+    }
 }
 
 impl core::fmt::Debug for GuestDma {
@@ -128,7 +166,21 @@ impl GuestDma {
         let memory = Arc::new(RegionMemory::new(DirectMap));
         let ictx = Ictx::new(memory.clone() as Arc<dyn MemorySource>, pin_limit_pages);
         let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
-        Ok(Self { memory, ictx, ioas, devices: BTreeMap::new() })
+        Ok(Self {
+            memory,
+            ictx,
+            ioas,
+            devices: BTreeMap::new(),
+            routes: alloc::vec::Vec::new(),
+            allow_unsafe_interrupts: false,
+        })
+    }
+
+    /// Lets [`Self::assign`] accept devices whose unit does not remap
+    /// interrupts (as Linux's `allow_unsafe_interrupts`): such a device
+    /// can raise any interrupt on the host.
+    pub fn allow_unsafe_interrupts(&mut self, allow: bool) {
+        self.allow_unsafe_interrupts = allow;
     }
 
     /// Maps guest RAM `[gpa, gpa + len)`, backed by host physical
@@ -159,6 +211,9 @@ impl GuestDma {
             return Err(PassthroughError::AlreadyAssigned(segment, bdf));
         }
         let ops = iommus.device(segment, bdf)?;
+        if !self.allow_unsafe_interrupts && !iommus.interrupts_isolated(segment, bdf) {
+            return Err(PassthroughError::UnsafeInterrupts(segment, bdf));
+        }
         let dev = self.ictx.bind_device(ops).map_err(|e| PassthroughError::Iommufd("bind", e))?;
         if let Err(e) = self.ictx.attach(dev, self.ioas) {
             let _ = self.ictx.unbind_device(dev);
@@ -168,13 +223,54 @@ impl GuestDma {
         Ok(())
     }
 
-    /// Takes the function back: it is blocked again.
+    /// Takes the function back: its DMA and its interrupts are blocked
+    /// again.
     pub fn unassign(&mut self, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
         let dev = *self.devices.get(&(segment, bdf)).ok_or(PassthroughError::NotAssigned(segment, bdf))?;
         self.ictx.detach(dev).map_err(|e| PassthroughError::Iommufd("detach", e))?;
         self.ictx.unbind_device(dev).map_err(|e| PassthroughError::Iommufd("unbind", e))?;
         self.devices.remove(&(segment, bdf));
+        let mut i = 0;
+        while i < self.routes.len() {
+            if (self.routes[i].0, self.routes[i].1) == (segment, bdf) {
+                let (_, _, unit, index) = self.routes.swap_remove(i);
+                let _ = unit.lock().free_irte(index);
+            } else {
+                i += 1;
+            }
+        }
         Ok(())
+    }
+
+    /// Routes one MSI of the assigned function `segment:bdf` to `vector`
+    /// on the CPU with APIC id `apic_id`, through an interrupt remapping
+    /// entry that accepts it only from this function. Returns the MSI
+    /// address and data to program into the device (or to give its
+    /// virtual MSI capability). The route goes away with [`Self::unassign`].
+    pub fn route_msi(
+        &mut self,
+        iommus: &Iommus,
+        segment: u16,
+        bdf: Bdf,
+        vector: u8,
+        apic_id: u32,
+    ) -> Result<(u64, u32), PassthroughError> {
+        if !self.devices.contains_key(&(segment, bdf)) {
+            return Err(PassthroughError::NotAssigned(segment, bdf));
+        }
+        let fail = |e: String| PassthroughError::Interrupt(segment, bdf, e);
+        let (unit, rid) =
+            iommus.vtd_unit(segment, bdf).ok_or_else(|| fail("no VT-d unit remaps its interrupts".into()))?;
+        let mut u = unit.lock();
+        let index = u.alloc_irte().map_err(|e| fail(alloc::format!("{e}")))?;
+        let entry = vtd::ir::Irte::remapped(vector, apic_id, false, rid);
+        if let Err(e) = u.set_irte(index, entry) {
+            let _ = u.free_irte(index);
+            return Err(fail(alloc::format!("{e}")));
+        }
+        drop(u);
+        self.routes.push((segment, bdf, unit, index));
+        Ok((vtd::ir::msi_address(index), 0))
     }
 
     /// Guest pages pinned now.

@@ -370,6 +370,16 @@ fn drivers(p: &Platform, v: &crate::iommu::VtdSystem) {
                     },
                     caps.domains()
                 );
+                println!(
+                    "         interrupt remapping {}",
+                    if u.interrupt_remapping_on() {
+                        "on (device MSIs blocked until routed)"
+                    } else if caps.interrupt_remapping() {
+                        "available but off (needs queued invalidation)"
+                    } else {
+                        "not supported"
+                    }
+                );
                 for ((seg, bdf), a) in v.owners.iter().filter(|(_, a)| a.unit == i) {
                     let d = p.pci.iter().find(|d| d.segment == *seg && d.bdf == *bdf);
                     let did = u.attached_domain(a.requester_id);

@@ -648,10 +648,20 @@ pub fn guest_dma_api_passes_a_device_through(p: &Platform) -> TestResult {
             );
             return Ok(());
         }
+        // Without interrupt remapping the device could raise any host
+        // interrupt: refused unless the VMM accepts that.
+        let isolated = iommus.interrupts_isolated(seg, bdf);
+        if !isolated {
+            ensure_eq!(guest.assign(iommus, seg, bdf), Err(PassthroughError::UnsafeInterrupts(seg, bdf)), "assign");
+            guest.allow_unsafe_interrupts(true);
+        }
         guest.assign(iommus, seg, bdf).map_err(err)?;
         // Pinned once the IOAS has a domain to fill, each page once.
         ensure_eq!(guest.pinned_pages(), PAGES as u64, "guest pages pinned");
         ensure_eq!(guest.assign(iommus, seg, bdf), Err(PassthroughError::AlreadyAssigned(seg, bdf)), "second assign");
+        if isolated {
+            msi_through_route(&mut guest, iommus, p, &edu, seg, bdf)?;
+        }
         dma_read(&edu, GPA + 2 * 4096)?;
         dma_write(&edu, GPA + 5 * 4096)?;
         ensure!(holds_pattern(&page(5)), "guest page 5 did not get the data");
@@ -674,6 +684,36 @@ pub fn guest_dma_api_passes_a_device_through(p: &Platform) -> TestResult {
     })();
     let _ = free_frames(frames, PAGES);
     r
+}
+
+/// The assigned edu's MSI, routed through the API, arrives on the vector
+/// it names.
+fn msi_through_route(
+    guest: &mut portcullis_kernel::passthrough::GuestDma,
+    iommus: &portcullis_kernel::passthrough::Iommus,
+    p: &Platform,
+    edu: &Edu,
+    seg: u16,
+    bdf: portcullis_kernel::pci::Bdf,
+) -> TestResult {
+    use portcullis_kernel::arch::irq;
+    const VECTOR: u8 = 0x2a;
+    let dev = p.pci.iter().find(|d| d.segment == seg && d.bdf == bdf).ok_or_else(|| fail("no such device".into()))?;
+    let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
+    let msg = guest.route_msi(iommus, seg, bdf, VECTOR, apic as u32).map_err(|e| fail(format!("{e}")))?;
+    ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(msg)), "the edu has no MSI capability");
+    irq::enable();
+    let before = irq::count(VECTOR);
+    edu.raise_interrupt(1);
+    let deadline = portcullis_kernel::time::uptime_ns() + 2_000_000_000;
+    while irq::count(VECTOR) == before && portcullis_kernel::time::uptime_ns() < deadline {
+        core::hint::spin_loop();
+    }
+    edu.ack_interrupt(1);
+    irq::disable();
+    portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
+    ensure!(irq::count(VECTOR) > before, "the routed MSI did not arrive on vector {:#x}", VECTOR);
+    Ok(())
 }
 
 /// Whether the function is blocked (attached to no domain) on its unit.

@@ -287,7 +287,6 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
     use portcullis_kernel::arch::irq;
     use vtd::ir::{Irte, msi_address};
     const VECTOR: u8 = 0x29;
-    const HANDLE: u16 = 5;
     let u = unit(p)?;
     if !u.lock().caps().interrupt_remapping() {
         skip!("the unit has no interrupt remapping (ECAP.IR)");
@@ -299,9 +298,12 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
     let dev = p.pci.iter().find(|d| d.bdf.rid() == edu.sid).ok_or_else(|| fail("edu not enumerated".into()))?;
     let id = vtd(p)?.device_id(p, &edu)?;
     let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
+    // The kernel turns remapping on at bring-up; leave it as found.
+    let was_on = u.lock().interrupt_remapping_on();
     u.lock().enable_interrupt_remapping().map_err(|e| fail(format!("{e}")))?;
+    let handle = u.lock().alloc_irte().map_err(|e| fail(format!("{e}")))?;
     faults(u);
-    let msi_set = portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi_address(HANDLE), 0)));
+    let msi_set = portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi_address(handle), 0)));
     irq::enable();
     // Raises the edu's interrupt; true when it arrived on VECTOR.
     let raise = |wait_ms: u64| -> bool {
@@ -321,13 +323,13 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
         let f = faults(u);
         ensure!(f.iter().any(|r| r.source_id == id && r.reason == 0x22), "no 'entry not present' fault: {:?}", f);
         // The entry: delivered to VECTOR.
-        u.lock().set_irte(HANDLE, Irte::remapped(VECTOR, apic as u32, false, id)).map_err(|e| fail(format!("{e}")))?;
+        u.lock().set_irte(handle, Irte::remapped(VECTOR, apic as u32, false, id)).map_err(|e| fail(format!("{e}")))?;
         ensure!(raise(2000), "the remapped MSI did not arrive on vector {:#x}", VECTOR);
         ensure!(raise(2000), "a second remapped MSI did not arrive");
         ensure!(faults(u).is_empty(), "faults while delivering");
         // An entry for another requester id: source-id verification blocks it.
         u.lock()
-            .set_irte(HANDLE, Irte::remapped(VECTOR, apic as u32, false, id ^ 0x100))
+            .set_irte(handle, Irte::remapped(VECTOR, apic as u32, false, id ^ 0x100))
             .map_err(|e| fail(format!("{e}")))?;
         ensure!(!raise(200), "an MSI from the wrong source was delivered");
         let f = faults(u);
@@ -336,7 +338,10 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
     })();
     irq::disable();
     portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
-    let _ = u.lock().disable_interrupt_remapping();
+    let _ = u.lock().free_irte(handle);
+    if !was_on {
+        let _ = u.lock().disable_interrupt_remapping();
+    }
     faults(u);
     r
 }

@@ -218,6 +218,8 @@ pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
     scalable: Option<ScalableTables<T>>,
     /// The interrupt remapping table (one page, 256 entries) while on.
     irt: Option<u64>,
+    /// Table entries handed out by `alloc_irte` (bit per entry).
+    irt_used: [u64; 4],
     /// Invalidation counters.
     pub stats: InvalidationStats,
 }
@@ -258,6 +260,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             rmrrs: Vec::new(),
             scalable: None,
             irt: None,
+            irt_used: [0; 4],
             stats: InvalidationStats::default(),
         })
     }
@@ -436,6 +439,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         let Some(table) = self.irt else { return Ok(()) };
         self.gcmd(gcmd::IRE, false)?;
         self.irt = None;
+        self.irt_used = [0; 4];
         self.mem.free_table(table);
         Ok(())
     }
@@ -466,6 +470,31 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.mem.write(table, i, entry.0[0]);
         self.flush_irte(table, index);
         self.submit(&[Descriptor::iec(Some((index, 0)))])
+    }
+
+    /// A free table entry index (not present, not handed out), or
+    /// `NoIrte` when all are in use.
+    pub fn alloc_irte(&mut self) -> Result<u16, Error> {
+        if self.irt.is_none() {
+            return Err(Error::Unsupported { unit: self.name.clone(), what: "interrupt remapping is off" });
+        }
+        for (w, word) in self.irt_used.iter_mut().enumerate() {
+            if *word != u64::MAX {
+                let bit = (!*word).trailing_zeros();
+                *word |= 1 << bit;
+                return Ok((w * 64) as u16 + bit as u16);
+            }
+        }
+        Err(Error::Unsupported { unit: self.name.clone(), what: "every interrupt remapping table entry is in use" })
+    }
+
+    /// Clears entry `index` (blocking its interrupts) and makes it free.
+    pub fn free_irte(&mut self, index: u16) -> Result<(), Error> {
+        self.set_irte(index, crate::ir::Irte::default())?;
+        if let Some(word) = self.irt_used.get_mut(index as usize / 64) {
+            *word &= !(1 << (index % 64));
+        }
+        Ok(())
     }
 
     /// Table entry `index` as the unit sees it.

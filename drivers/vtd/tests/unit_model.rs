@@ -385,6 +385,14 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     assert_eq!(iec(&model.hw.lock().unwrap()).len(), before + 2);
     u.set_irte(5, Irte::default()).unwrap();
     assert!(!u.irte(5).unwrap().present());
+    // The allocator hands out each entry once, then refuses.
+    let got: Vec<u16> = (0..256).map(|_| u.alloc_irte().unwrap()).collect();
+    assert_eq!(got, (0..256).collect::<Vec<u16>>());
+    assert!(u.alloc_irte().is_err(), "table full");
+    u.set_irte(7, e).unwrap();
+    u.free_irte(7).unwrap();
+    assert!(!u.irte(7).unwrap().present(), "freeing clears the entry");
+    assert_eq!(u.alloc_irte().unwrap(), 7);
     assert!(u.set_irte(256, e).is_err(), "beyond the table");
     u.disable_interrupt_remapping().unwrap();
     assert_eq!(model.hw.lock().unwrap().gsts & gcmd::IRE, 0);
