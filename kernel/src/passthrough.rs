@@ -124,11 +124,20 @@ impl Iommus {
         v.units[a.unit].1.as_ref().ok().map(|u| (u.clone(), a.requester_id))
     }
 
+    /// The AMD-Vi unit and device id of `segment:bdf`, when an AMD-Vi
+    /// unit translates it.
+    fn amd_unit(&self, segment: u16, bdf: Bdf) -> Option<(crate::amd::SharedAmdUnit, u16)> {
+        let m = self.amd.as_ref()?;
+        let a = m.owners.get(&(segment, bdf))?;
+        m.units[a.unit].1.as_ref().ok().map(|u| (u.clone(), a.requester_id))
+    }
+
     /// Whether the function's MSIs are remapped (so it can raise only the
-    /// interrupts it is given). AMD-Vi interrupt remapping is not
-    /// implemented yet: `false` there.
+    /// interrupts it is given): VT-d with interrupt remapping on, or
+    /// AMD-Vi (whose device table entries always control interrupts).
     pub fn interrupts_isolated(&self, segment: u16, bdf: Bdf) -> bool {
         self.vtd_unit(segment, bdf).is_some_and(|(u, _)| u.lock().interrupt_remapping_on())
+            || self.amd_unit(segment, bdf).is_some()
     }
 }
 
@@ -139,17 +148,38 @@ pub struct GuestDma {
     ictx: Ictx,
     ioas: u32,
     devices: BTreeMap<(u16, Bdf), u32>,
-    /// Interrupt remapping entries routed for assigned devices.
-    routes: alloc::vec::Vec<(u16, Bdf, crate::iommu::SharedUnit, u16)>,
+    /// Interrupt routes made for assigned devices.
+    routes: alloc::vec::Vec<(u16, Bdf, Route)>,
     allow_unsafe_interrupts: bool,
+}
+
+/// One routed MSI: where its remapping entry lives.
+enum Route {
+    /// VT-d: an entry of the unit's table.
+    Vtd(crate::iommu::SharedUnit, u16),
+    /// AMD-Vi: an entry of the device's own table.
+    Amd(crate::amd::SharedAmdUnit, u16, u16),
+}
+
+impl Route {
+    fn remove(self) {
+        match self {
+            Self::Vtd(unit, index) => {
+                let _ = unit.lock().free_irte(index);
+            }
+            Self::Amd(unit, device_id, index) => {
+                let _ = unit.lock().unroute_interrupt(device_id, index);
+            }
+        }
+    }
 }
 
 impl Drop for GuestDma {
     fn drop(&mut self) {
         // The devices are detached by the iommufd context going away; the
         // interrupt routes are the guest's too.
-        for (_, _, unit, index) in self.routes.drain(..) {
-            let _ = unit.lock().free_irte(index);
+        for (_, _, route) in self.routes.drain(..) {
+            route.remove();
         }
     }
 }
@@ -233,8 +263,7 @@ impl GuestDma {
         let mut i = 0;
         while i < self.routes.len() {
             if (self.routes[i].0, self.routes[i].1) == (segment, bdf) {
-                let (_, _, unit, index) = self.routes.swap_remove(i);
-                let _ = unit.lock().free_irte(index);
+                self.routes.swap_remove(i).2.remove();
             } else {
                 i += 1;
             }
@@ -259,8 +288,14 @@ impl GuestDma {
             return Err(PassthroughError::NotAssigned(segment, bdf));
         }
         let fail = |e: String| PassthroughError::Interrupt(segment, bdf, e);
-        let (unit, rid) =
-            iommus.vtd_unit(segment, bdf).ok_or_else(|| fail("no VT-d unit remaps its interrupts".into()))?;
+        if let Some((unit, id)) = iommus.amd_unit(segment, bdf) {
+            let dest =
+                u8::try_from(apic_id).map_err(|_| fail("APIC id beyond 8 bits (x2APIC routes: not yet)".into()))?;
+            let index = unit.lock().route_interrupt(id, vector, dest).map_err(|e| fail(alloc::format!("{e}")))?;
+            self.routes.push((segment, bdf, Route::Amd(unit, id, index)));
+            return Ok(amdvi::irte::msi_message(index));
+        }
+        let (unit, rid) = iommus.vtd_unit(segment, bdf).ok_or_else(|| fail("no unit remaps its interrupts".into()))?;
         let mut u = unit.lock();
         let index = u.alloc_irte().map_err(|e| fail(alloc::format!("{e}")))?;
         let entry = vtd::ir::Irte::remapped(vector, apic_id, false, rid);
@@ -269,7 +304,7 @@ impl GuestDma {
             return Err(fail(alloc::format!("{e}")));
         }
         drop(u);
-        self.routes.push((segment, bdf, unit, index));
+        self.routes.push((segment, bdf, Route::Vtd(unit, index)));
         Ok((vtd::ir::msi_address(index), 0))
     }
 

@@ -158,3 +158,43 @@ pub fn amd_device_table_entries_match_ownership(p: &Platform) -> TestResult {
     ensure_eq!(b.unit.lock().dte(id), Some(amdvi::DeviceTableEntry::blocked()), "entry after detach");
     r
 }
+
+/// Interrupts are isolated too: every device entry has IV = 1, so an edu
+/// MSI is aborted until its device gets a route; routed, it arrives on the
+/// vector the entry names; unrouted, it is blocked again.
+pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
+    use portcullis_kernel::arch::irq;
+    const VECTOR: u8 = 0x2b;
+    let b = amd(p)?;
+    let edu = edus(p).into_iter().next().ok_or_else(|| fail("no edu".into()))?;
+    let id = b.device_id(p, &edu)?;
+    let dev = p.pci.iter().find(|d| d.bdf.rid() == edu.sid).ok_or_else(|| fail("edu not enumerated".into()))?;
+    let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
+    let raise = |wait_ms: u64| -> bool {
+        let before = irq::count(VECTOR);
+        edu.raise_interrupt(1);
+        let deadline = portcullis_kernel::time::uptime_ns() + wait_ms * 1_000_000;
+        while irq::count(VECTOR) == before && portcullis_kernel::time::uptime_ns() < deadline {
+            core::hint::spin_loop();
+        }
+        edu.ack_interrupt(1);
+        irq::count(VECTOR) > before
+    };
+    irq::enable();
+    let r = (|| -> TestResult {
+        // An ordinary MSI straight at the vector: aborted (IntCtl = 00b).
+        let direct = (0xfee0_0000 | (apic as u64) << 12, VECTOR as u32);
+        ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(direct)), "the edu has no MSI capability");
+        ensure!(!raise(200), "an unrouted MSI reached the CPU");
+        let index = b.unit.lock().route_interrupt(id, VECTOR, apic).map_err(|e| fail(format!("{e}")))?;
+        portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(amdvi::irte::msi_message(index)));
+        ensure!(raise(2000), "the routed MSI did not arrive on vector {:#x}", VECTOR);
+        b.unit.lock().unroute_interrupt(id, index).map_err(|e| fail(format!("{e}")))?;
+        ensure!(!raise(200), "an MSI arrived after its route was removed");
+        Ok(())
+    })();
+    irq::disable();
+    portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
+    let _ = b.unit.lock().release_interrupts(id);
+    r
+}

@@ -67,6 +67,7 @@ cases!(
     amd_high_iovas_up_to_the_aperture,
     amd_iommufd_passthrough_dma,
     amd_unity_range_identity_mapped_and_reserved,
+    amd_interrupts_blocked_until_routed,
     guest_dma_api_passes_a_device_through,
 );
 

@@ -17,7 +17,7 @@ pub const INVALIDATE_DEVTAB_ENTRY: u8 = 0x2;
 pub const INVALIDATE_IOMMU_PAGES: u8 = 0x3;
 /// INVALIDATE_IOTLB_PAGES opcode (device IOTLBs; not issued).
 pub const INVALIDATE_IOTLB_PAGES: u8 = 0x4;
-/// INVALIDATE_INTERRUPT_TABLE opcode (not issued).
+/// INVALIDATE_INTERRUPT_TABLE opcode.
 pub const INVALIDATE_INTERRUPT_TABLE: u8 = 0x5;
 /// INVALIDATE_IOMMU_ALL opcode (needs EFR.IASup).
 pub const INVALIDATE_IOMMU_ALL: u8 = 0x8;
@@ -180,6 +180,12 @@ impl Command {
         Self([Self::op(INVALIDATE_IOMMU_PAGES) | (domain_id as u64) << 32, w1])
     }
 
+    /// INVALIDATE_INTERRUPT_TABLE (spec §2.4.5): drops what the unit
+    /// cached of `device_id`'s interrupt remapping table.
+    pub const fn invalidate_interrupt_table(device_id: u16) -> Self {
+        Self([Self::op(INVALIDATE_INTERRUPT_TABLE) | device_id as u64, 0])
+    }
+
     /// INVALIDATE_IOMMU_ALL (spec §2.4.7; EFR.IASup).
     pub const fn invalidate_all() -> Self {
         Self([Self::op(INVALIDATE_IOMMU_ALL), 0])
@@ -197,6 +203,7 @@ impl fmt::Debug for Command {
         match self.opcode() {
             COMPLETION_WAIT => write!(f, "COMPLETION_WAIT(store {:#x} data {:#x})", w0 & wait::ADDR_MASK, w1),
             INVALIDATE_DEVTAB_ENTRY => write!(f, "INVALIDATE_DEVTAB_ENTRY({:#06x})", w0 as u16),
+            INVALIDATE_INTERRUPT_TABLE => write!(f, "INVALIDATE_INTERRUPT_TABLE({:#06x})", w0 as u16),
             INVALIDATE_IOMMU_PAGES => write!(
                 f,
                 "INVALIDATE_IOMMU_PAGES(domain {} {:?} pde {})",

@@ -6,9 +6,14 @@
 //! (spec Table 7; QEMU does the same), so every device id the unit covers
 //! gets at least [`DeviceTableEntry::blocked`] before translation is on.
 //!
-//! Interrupt fields are left clear: IV = 0 means interrupt remapping is not
-//! in use for the device and its MSIs are forwarded unchanged (what happens
-//! with the IOMMU off); remapping is separate work. SysMgt = 0 and
+//! Interrupts: every entry the driver writes has IV = 1. With IntCtl = 00b
+//! ([`Interrupts::Blocked`], the default) the device's fixed and
+//! arbitrated MSIs are aborted, and with InitPass, EIntPass, NMIPass and
+//! Lint0/1Pass clear so are its INIT, ExtInt, NMI and LINT messages: a
+//! device can raise no interrupt it was not given. [`Interrupts::Remapped`]
+//! (IntCtl = 10b) sends its MSIs through the device's interrupt remapping
+//! table (`crate::irte`). (IV = 0 would forward MSIs unchanged, as with the
+//! IOMMU off.) SysMgt = 0 and
 //! IoCtl = 0 block system-management messages and port I/O, SE = 0 keeps
 //! page-fault events, I = 0 keeps device IOTLBs (ATS) off.
 
@@ -46,8 +51,46 @@ pub mod w1 {
 pub mod w2 {
     /// IV (bit 128): the interrupt remapping fields are valid.
     pub const IV: u64 = 1 << 0;
+    /// IntTabLen (bits 132:129): the table holds 2^IntTabLen entries.
+    pub const INT_TAB_LEN_SHIFT: u32 = 1;
+    /// Interrupt table root pointer (bits 179:134: 64-byte aligned).
+    pub const INT_TABLE_MASK: u64 = 0x000f_ffff_ffff_ffc0;
     /// IntCtl (bits 189:188): fixed/arbitrated interrupt handling.
     pub const INT_CTL_SHIFT: u32 = 60;
+    /// IntCtl = 10b: remapped through the table.
+    pub const INT_CTL_REMAP: u64 = 2 << INT_CTL_SHIFT;
+}
+
+/// What an entry does with a device's interrupts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupts {
+    /// IV = 1, IntCtl = 00b, no pass bits: every interrupt aborted.
+    Blocked,
+    /// IV = 1, IntCtl = 10b: MSIs remapped through the `2^len_log2`-entry
+    /// table at `table` (64-byte aligned).
+    Remapped {
+        /// Table address.
+        table: u64,
+        /// log2 of the number of entries (at most 11).
+        len_log2: u8,
+    },
+}
+
+impl Interrupts {
+    /// Word 2 of an entry with these interrupt settings; `None` when the
+    /// table is misaligned or too large.
+    pub const fn word2(self) -> Option<u64> {
+        match self {
+            Self::Blocked => Some(w2::IV),
+            Self::Remapped { table, len_log2 } => {
+                if table & !w2::INT_TABLE_MASK != 0 || len_log2 > 11 {
+                    None
+                } else {
+                    Some(w2::IV | (len_log2 as u64) << w2::INT_TAB_LEN_SHIFT | table | w2::INT_CTL_REMAP)
+                }
+            }
+        }
+    }
 }
 
 /// Deepest table a DTE can name (Mode 6; 7 is reserved).
@@ -91,15 +134,28 @@ impl DeviceTableEntry {
     pub const SIZE: u64 = 32;
 
     /// Valid, translation valid, Mode 0, no read or write permission: the
-    /// device's DMA is blocked. Domain id 0.
+    /// device's DMA is blocked, and its interrupts ([`Interrupts::Blocked`]).
+    /// Domain id 0.
     pub const fn blocked() -> Self {
-        Self([w0::V | w0::TV, 0, 0, 0])
+        Self([w0::V | w0::TV, 0, w2::IV, 0])
     }
 
     /// Valid, translation valid, Mode 0, reads and writes allowed: the
-    /// device's DMA is untranslated. Domain id 0.
+    /// device's DMA is untranslated; interrupts blocked. Domain id 0.
     pub const fn pass_through() -> Self {
-        Self([w0::V | w0::TV | w0::IR | w0::IW, 0, 0, 0])
+        Self([w0::V | w0::TV | w0::IR | w0::IW, 0, w2::IV, 0])
+    }
+
+    /// The same entry with interrupt settings `interrupts`; `None` when
+    /// they cannot be encoded.
+    pub const fn with_interrupts(mut self, interrupts: Interrupts) -> Option<Self> {
+        match interrupts.word2() {
+            Some(w) => {
+                self.0[2] = w;
+                Some(self)
+            }
+            None => None,
+        }
     }
 
     /// Translation through the `levels`-level host table at `root`
@@ -111,7 +167,7 @@ impl DeviceTableEntry {
             return None;
         }
         let lo = w0::V | w0::TV | (levels as u64) << w0::MODE_SHIFT | root | w0::IR | w0::IW;
-        Some(Self([lo, domain_id as u64, 0, 0]))
+        Some(Self([lo, domain_id as u64, w2::IV, 0]))
     }
 
     /// V bit.
@@ -145,6 +201,22 @@ impl DeviceTableEntry {
     /// IV bit (interrupt remapping fields valid).
     pub const fn interrupt_remapping(self) -> bool {
         self.0[2] & w2::IV != 0
+    }
+    /// The interrupt settings, when IV = 1 and they are ones the driver
+    /// writes.
+    pub const fn interrupts(self) -> Option<Interrupts> {
+        let w = self.0[2];
+        if w & w2::IV == 0 {
+            return None;
+        }
+        match (w >> w2::INT_CTL_SHIFT) & 3 {
+            0 => Some(Interrupts::Blocked),
+            2 => Some(Interrupts::Remapped {
+                table: w & w2::INT_TABLE_MASK,
+                len_log2: ((w >> w2::INT_TAB_LEN_SHIFT) & 0xf) as u8,
+            }),
+            _ => None,
+        }
     }
 
     /// What the entry does.
@@ -196,10 +268,16 @@ mod tests {
 
     #[test]
     fn encodings() {
-        assert_eq!(DeviceTableEntry::blocked().0, [0x3, 0, 0, 0]);
-        assert_eq!(DeviceTableEntry::pass_through().0, [0x6000_0000_0000_0003, 0, 0, 0]);
+        assert_eq!(DeviceTableEntry::blocked().0, [0x3, 0, 1, 0]);
+        assert_eq!(DeviceTableEntry::pass_through().0, [0x6000_0000_0000_0003, 0, 1, 0]);
         let t = DeviceTableEntry::translated(0x1234_5000, 4, 7).unwrap();
-        assert_eq!(t.0, [0x6000_0000_1234_5803, 7, 0, 0]);
+        assert_eq!(t.0, [0x6000_0000_1234_5803, 7, 1, 0]);
+        let r = t.with_interrupts(Interrupts::Remapped { table: 0xabc_d040, len_log2: 6 }).unwrap();
+        assert_eq!(r.0[2], 0x2000_0000_0abc_d04d);
+        assert_eq!(r.interrupts(), Some(Interrupts::Remapped { table: 0xabc_d040, len_log2: 6 }));
+        assert_eq!(t.interrupts(), Some(Interrupts::Blocked));
+        assert_eq!(t.with_interrupts(Interrupts::Remapped { table: 0x1020, len_log2: 6 }), None, "misaligned");
+        assert_eq!(t.with_interrupts(Interrupts::Remapped { table: 0x1000, len_log2: 12 }), None, "too long");
         assert_eq!(t.kind(), DteKind::Translated { root: 0x1234_5000, levels: 4, domain_id: 7 });
         assert_eq!(DeviceTableEntry::blocked().kind(), DteKind::Blocked);
         assert_eq!(DeviceTableEntry::pass_through().kind(), DteKind::PassThrough);
@@ -212,14 +290,16 @@ mod tests {
     }
 
     #[test]
-    fn no_reserved_bits_and_no_interrupt_remapping() {
+    fn no_reserved_bits_and_interrupts_always_controlled() {
         let top = DeviceTableEntry::translated(0x000f_ffff_ffff_f000, 6, 0xfeff).unwrap();
-        for e in [DeviceTableEntry::blocked(), DeviceTableEntry::pass_through(), top] {
+        let remapped =
+            top.with_interrupts(Interrupts::Remapped { table: 0x000f_ffff_ffff_ffc0, len_log2: 11 }).unwrap();
+        for e in [DeviceTableEntry::blocked(), DeviceTableEntry::pass_through(), top, remapped] {
             for (w, rsvd) in QEMU_RSVD.iter().enumerate() {
                 assert_eq!(e.0[w] & rsvd, 0, "{e:?} word {w}");
             }
             assert_eq!(e.0[3], 0);
-            assert!(!e.interrupt_remapping());
+            assert!(e.interrupt_remapping(), "IV = 1: interrupts never pass unchecked");
         }
     }
 }

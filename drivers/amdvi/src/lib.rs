@@ -26,13 +26,14 @@ pub mod caps;
 pub mod cmd;
 pub mod dte;
 pub mod event;
+pub mod irte;
 pub mod memory;
 pub mod regs;
 pub mod unit;
 
 pub use caps::Caps;
 pub use cmd::Command;
-pub use dte::DeviceTableEntry;
+pub use dte::{DeviceTableEntry, Interrupts};
 pub use event::Event;
 pub use memory::ContiguousMemory;
 pub use unit::{Clock, Error, InvalidationStats, Unit, UnityRange};

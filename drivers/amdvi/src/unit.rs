@@ -28,7 +28,7 @@
 
 use crate::caps::Caps;
 use crate::cmd::{Command, PageRange, range_commands};
-use crate::dte::{DeviceTableEntry, DteKind};
+use crate::dte::{DeviceTableEntry, DteKind, Interrupts};
 use crate::event::Event;
 use crate::memory::ContiguousMemory;
 use crate::regs::{self, Mmio, control, status};
@@ -173,6 +173,8 @@ pub struct Unit<M: Mmio, T: ContiguousMemory, C: Clock> {
     events: Vec<Event>,
     overflows: u64,
     unity: Vec<UnityRange>,
+    /// Per-device interrupt remapping tables: (table page, entries in use).
+    irq_tables: alloc::collections::BTreeMap<u16, (u64, u64)>,
     /// Command counters.
     pub stats: InvalidationStats,
 }
@@ -238,6 +240,9 @@ impl UnityRange {
     }
 }
 
+/// Entries per device interrupt remapping table: 2^6 = 64 (256 bytes).
+pub const IRQ_TABLE_LOG2: u8 = 6;
+
 impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// Takes over a unit: reads its Extended Feature Register. Nothing is
     /// allocated or enabled yet. `last_device_id` is the highest device id
@@ -261,6 +266,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             events: Vec::new(),
             overflows: 0,
             unity: Vec::new(),
+            irq_tables: alloc::collections::BTreeMap::new(),
             stats: InvalidationStats::default(),
         }
     }
@@ -378,6 +384,9 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     }
 
     fn release(&mut self, r: Rings) {
+        for (_, (table, _)) in core::mem::take(&mut self.irq_tables) {
+            self.mem.free_table(table);
+        }
         self.mem.free_table(r.wait_page);
         self.mem.free_table(r.event_log);
         self.mem.free_table(r.cmd_buf);
@@ -402,12 +411,14 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             self.mmio.set64(regs::CONTROL, 0);
         }
         let r = self.allocate()?;
-        // Every entry of every page blocked (the unit may index any entry
-        // the Size field covers). Words 1-3 are already zero.
-        let blocked = DeviceTableEntry::blocked().0[0];
+        // Every entry of every page blocked, DMA and interrupts (the unit
+        // may index any entry the Size field covers). Words 1 and 3 are
+        // already zero.
+        let blocked = DeviceTableEntry::blocked();
         for page in 0..r.dev_table_pages as u64 {
             for e in 0..(4096 / DeviceTableEntry::SIZE) as usize {
-                self.mem.write(r.dev_table + page * 4096, e * 4, blocked);
+                self.mem.write(r.dev_table + page * 4096, e * 4 + 2, blocked.0[2]);
+                self.mem.write(r.dev_table + page * 4096, e * 4, blocked.0[0]);
             }
         }
         if self.flushes() {
@@ -634,18 +645,113 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             unit: self.name.clone(),
             what: "root must be 4 KiB aligned below 2^52 and levels 1..=6",
         })?;
-        self.set_dte(device_id, e)
+        self.set_dte_keeping_interrupts(device_id, e)
     }
 
-    /// Blocks `device_id` again and invalidates what its old entry cached.
+    /// Blocks `device_id`'s DMA again and invalidates what its old entry
+    /// cached (its interrupt routes stay).
     pub fn detach(&mut self, device_id: u16) -> Result<(), Error> {
-        self.set_dte(device_id, DeviceTableEntry::blocked())
+        self.set_dte_keeping_interrupts(device_id, DeviceTableEntry::blocked())
     }
 
     /// Lets `device_id` DMA to physical addresses untranslated (V = 1,
     /// TV = 1, Mode 0, IR = IW = 1).
     pub fn pass_through(&mut self, device_id: u16) -> Result<(), Error> {
-        self.set_dte(device_id, DeviceTableEntry::pass_through())
+        self.set_dte_keeping_interrupts(device_id, DeviceTableEntry::pass_through())
+    }
+
+    /// The interrupt settings `device_id`'s entry carries.
+    fn interrupts_of(&self, device_id: u16) -> Interrupts {
+        match self.irq_tables.get(&device_id) {
+            Some(&(table, _)) => Interrupts::Remapped { table, len_log2: IRQ_TABLE_LOG2 },
+            None => Interrupts::Blocked,
+        }
+    }
+
+    fn set_dte_keeping_interrupts(&mut self, device_id: u16, e: DeviceTableEntry) -> Result<(), Error> {
+        let e = e
+            .with_interrupts(self.interrupts_of(device_id))
+            .ok_or_else(|| Error::Invalid { unit: self.name.clone(), what: "interrupt table cannot be encoded" })?;
+        self.set_dte(device_id, e)
+    }
+
+    /// Routes one MSI of `device_id` to `vector` on the CPU with APIC id
+    /// `dest`: an entry in the device's own interrupt remapping table
+    /// (made on first use: its device table entry switches to remapped
+    /// interrupts). Returns the entry's index; the device raises it with
+    /// [`crate::irte::msi_message`]. Other MSIs of the device stay blocked.
+    pub fn route_interrupt(&mut self, device_id: u16, vector: u8, dest: u8) -> Result<u16, Error> {
+        self.check_device(device_id)?;
+        if !self.irq_tables.contains_key(&device_id) {
+            let table = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+            if !self.mem.coherent() || self.flushes() {
+                self.mem.flush(table, 4096);
+            }
+            self.irq_tables.insert(device_id, (table, 0));
+            let current = self.dte(device_id).unwrap_or(DeviceTableEntry::blocked());
+            if let Err(e) = self.set_dte_keeping_interrupts(device_id, current) {
+                self.irq_tables.remove(&device_id);
+                self.mem.free_table(table);
+                return Err(e);
+            }
+        }
+        let (table, used) = self.irq_tables[&device_id];
+        if used == u64::MAX {
+            return Err(Error::Unsupported { unit: self.name.clone(), what: "every interrupt table entry is in use" });
+        }
+        let index = (!used).trailing_zeros() as u16;
+        self.write_irte(table, index, crate::irte::Irte::remapped(vector, dest));
+        self.irq_tables.insert(device_id, (table, used | 1 << index));
+        if let Err(e) = self.submit(&[Command::invalidate_interrupt_table(device_id)]) {
+            self.write_irte(table, index, crate::irte::Irte::default());
+            self.irq_tables.insert(device_id, (table, used));
+            return Err(e);
+        }
+        Ok(index)
+    }
+
+    /// Removes route `index` of `device_id`: that MSI is blocked again.
+    pub fn unroute_interrupt(&mut self, device_id: u16, index: u16) -> Result<(), Error> {
+        let Some(&(table, used)) = self.irq_tables.get(&device_id) else { return Ok(()) };
+        if index >= 1 << IRQ_TABLE_LOG2 || used & 1 << index == 0 {
+            return Ok(());
+        }
+        self.write_irte(table, index, crate::irte::Irte::default());
+        self.irq_tables.insert(device_id, (table, used & !(1 << index)));
+        self.submit(&[Command::invalidate_interrupt_table(device_id)])
+    }
+
+    /// Drops every route of `device_id`: its entry goes back to blocked
+    /// interrupts and the table is freed.
+    pub fn release_interrupts(&mut self, device_id: u16) -> Result<(), Error> {
+        let Some((table, _)) = self.irq_tables.remove(&device_id) else { return Ok(()) };
+        let current = self.dte(device_id).unwrap_or(DeviceTableEntry::blocked());
+        let r = self
+            .set_dte_keeping_interrupts(device_id, current)
+            .and_then(|()| self.submit(&[Command::invalidate_interrupt_table(device_id)]));
+        self.mem.free_table(table);
+        r
+    }
+
+    /// Route `index` of `device_id` as the unit reads it.
+    pub fn irte(&self, device_id: u16, index: u16) -> Option<crate::irte::Irte> {
+        let &(table, _) = self.irq_tables.get(&device_id)?;
+        if index >= 1 << IRQ_TABLE_LOG2 {
+            return None;
+        }
+        let word = self.mem.read(table, index as usize / 2);
+        Some(crate::irte::Irte((word >> (32 * (index % 2))) as u32))
+    }
+
+    fn write_irte(&mut self, table: u64, index: u16, e: crate::irte::Irte) {
+        // Entries are 32-bit; tables are written as 64-bit words.
+        let i = index as usize / 2;
+        let shift = 32 * (index % 2) as u32;
+        let word = self.mem.read(table, i) & !(0xffff_ffffu64 << shift) | (e.0 as u64) << shift;
+        self.mem.write(table, i, word);
+        if self.flushes() {
+            self.mem.flush(table + i as u64 * 8, 8);
+        }
     }
 
     /// Invalidates the IOTLB and page-directory caches of `domain_id` for

@@ -226,6 +226,12 @@ impl Model {
                 let domain = (w0 >> 32) as u16;
                 hw.iotlb.retain(|_, (d, _)| *d != domain);
             }
+            cmd::INVALIDATE_INTERRUPT_TABLE => {
+                // QEMU caches no interrupt table entries: reserved bits only.
+                if w0 >> 16 & ((1 << 44) - 1) != 0 || w1 != 0 {
+                    hw.illegal_commands += 1;
+                }
+            }
             cmd::INVALIDATE_IOMMU_ALL => {
                 if w0 & ((1 << 60) - 1) != 0 || w1 != 0 {
                     hw.illegal_commands += 1;
@@ -551,7 +557,7 @@ fn attach_and_detach_write_the_entry_and_flush_the_old_domain() {
     assert_eq!(d, 1);
     u.attach(0x18, ROOT, 4, d).unwrap();
     let e = u.dte(0x18).unwrap();
-    assert_eq!(e.0, [0x6000_0000_1234_5803, 1, 0, 0], "V TV Mode=4 root IR IW; DomainID 1; no IV");
+    assert_eq!(e.0, [0x6000_0000_1234_5803, 1, 1, 0], "V TV Mode=4 root IR IW; DomainID 1; IV with IntCtl abort");
     assert_eq!(u.attached_domain(0x18), Some(1));
     assert_eq!(u.attached_domain(0x10), None);
     let p = model.processed();
@@ -592,7 +598,7 @@ fn moving_a_device_between_domains_flushes_the_first() {
 fn pass_through_entry() {
     let (model, _, mut u) = enabled();
     u.pass_through(0x08).unwrap();
-    assert_eq!(u.dte(0x08).unwrap().0, [0x6000_0000_0000_0003, 0, 0, 0]);
+    assert_eq!(u.dte(0x08).unwrap().0, [0x6000_0000_0000_0003, 0, 1, 0]);
     assert_eq!(model.dma(0x08, 0xdead_b000), Dma::Untranslated);
     assert_eq!(u.attached_domain(0x08), None);
     u.detach(0x08).unwrap();
@@ -924,4 +930,42 @@ fn enable_is_idempotent_and_disable_needs_enable() {
     // And again from scratch.
     u.enable().unwrap();
     assert_eq!(u.dte(0).unwrap(), DeviceTableEntry::blocked());
+}
+
+#[test]
+fn interrupt_routes_live_in_a_per_device_table() {
+    use amdvi::irte::Irte;
+    use amdvi::{DeviceTableEntry, Interrupts};
+    let (model, _, mut u) = enabled();
+    assert_eq!(u.dte(0x10).unwrap().interrupts(), Some(Interrupts::Blocked), "every device starts blocked");
+    let d = u.alloc_domain_id().unwrap();
+    u.attach(0x10, ROOT, 4, d).unwrap();
+    model.processed();
+    let i = u.route_interrupt(0x10, 0x2b, 0).unwrap();
+    assert_eq!(i, 0);
+    let Some(Interrupts::Remapped { table, len_log2 }) = u.dte(0x10).unwrap().interrupts() else {
+        panic!("not remapped: {:?}", u.dte(0x10))
+    };
+    assert_eq!(len_log2, amdvi::unit::IRQ_TABLE_LOG2);
+    assert_eq!(u.dte(0x10).unwrap().0[..2], DeviceTableEntry::translated(ROOT, 4, d).unwrap().0[..2], "DMA unchanged");
+    assert_eq!(u.irte(0x10, 0), Some(Irte::remapped(0x2b, 0)));
+    assert_eq!(model.mem.read(table, 0) as u32, Irte::remapped(0x2b, 0).0, "entry 0 in the table's first word");
+    let ops = opcodes(&model.processed());
+    assert!(ops.contains(&cmd::INVALIDATE_INTERRUPT_TABLE), "{ops:?}");
+    assert_eq!(u.route_interrupt(0x10, 0x2c, 0).unwrap(), 1, "second route, next entry");
+    assert_eq!(model.mem.read(table, 0) >> 32, Irte::remapped(0x2c, 0).0 as u64, "entry 1 in the high half");
+    // Detach keeps the routes; unroute and release undo them.
+    u.detach(0x10).unwrap();
+    assert_eq!(u.dte(0x10).unwrap().interrupts(), Some(Interrupts::Remapped { table, len_log2 }));
+    u.unroute_interrupt(0x10, 0).unwrap();
+    assert_eq!(u.irte(0x10, 0), Some(Irte::default()));
+    assert_eq!(u.route_interrupt(0x10, 0x2d, 0).unwrap(), 0, "a freed entry is reused");
+    u.release_interrupts(0x10).unwrap();
+    assert_eq!(u.dte(0x10).unwrap(), DeviceTableEntry::blocked());
+    assert_eq!(u.irte(0x10, 0), None);
+    for _ in 0..64 {
+        u.route_interrupt(0x18, 0x30, 0).unwrap();
+    }
+    assert!(u.route_interrupt(0x18, 0x30, 0).is_err(), "table full");
+    assert_eq!(model.hw.lock().unwrap().illegal_commands, 0);
 }
