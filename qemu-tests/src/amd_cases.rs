@@ -26,8 +26,8 @@ pub struct Amd {
 }
 
 fn amd(p: &Platform) -> Result<Amd, Outcome> {
-    if p.config != "amd" {
-        skip!("needs the AMD IOMMU configuration");
+    if !p.config.starts_with("amd") {
+        skip!("needs an AMD IOMMU configuration");
     }
     let system = iommus(p).amd.as_ref().ok_or_else(|| fail("no parsed IVRS".into()))?;
     let (_, unit) = system.units.first().ok_or_else(|| fail("IVRS has no IVHD".into()))?;
@@ -161,7 +161,8 @@ pub fn amd_device_table_entries_match_ownership(p: &Platform) -> TestResult {
 
 /// Interrupts are isolated too: every device entry has IV = 1, so an edu
 /// MSI is aborted until its device gets a route; routed, it arrives on the
-/// vector the entry names; unrouted, it is blocked again.
+/// vector the entry names; unrouted, it is blocked again (the routing half
+/// on `amd-ir`, where QEMU's unit remaps interrupts).
 pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
     use portcullis_kernel::arch::irq;
     const VECTOR: u8 = 0x2b;
@@ -186,6 +187,11 @@ pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
         let direct = (0xfee0_0000 | (apic as u64) << 12, VECTOR as u32);
         ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(direct)), "the edu has no MSI capability");
         ensure!(!raise(200), "an unrouted MSI reached the CPU");
+        if p.config != "amd-ir" {
+            // Without `intremap=on` QEMU's unit drops every MSI of an
+            // IV = 1 entry: blocking is all there is to see here.
+            return Ok(());
+        }
         let index = b.unit.lock().route_interrupt(id, VECTOR, apic).map_err(|e| fail(format!("{e}")))?;
         portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(amdvi::irte::msi_message(index)));
         ensure!(raise(2000), "the routed MSI did not arrive on vector {:#x}", VECTOR);

@@ -91,7 +91,7 @@ fn is_intel(p: &Platform) -> bool {
 
 fn known_config(p: &Platform) -> TestResult {
     match p.config.as_str() {
-        "none" | "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" | "amd" => Ok(()),
+        "none" | "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" | "amd" | "amd-ir" => Ok(()),
         other => skip!("unknown configuration {:?}: expectations unknown", other),
     }
 }
@@ -346,7 +346,7 @@ fn iommu_tables_match_configuration(p: &Platform) -> TestResult {
     let a = p.acpi.as_ref().map_err(|e| fail(alloc::format!("ACPI: {e}")))?;
     let (want_dmar, want_ivrs) = match p.config.as_str() {
         "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" => (true, false),
-        "amd" => (false, true),
+        "amd" | "amd-ir" => (false, true),
         _ => (false, false),
     };
     ensure_eq!(a.has_table("DMAR"), want_dmar, "DMAR listed");
@@ -448,7 +448,7 @@ fn vtd_registers_match_qemu(p: &Platform) -> TestResult {
 }
 
 fn amd_unit(p: &Platform) -> Result<&acpi_tables::ivrs::Ivhd, portcullis_kernel::ktest::Outcome> {
-    if p.config != "amd" {
+    if !p.config.starts_with("amd") {
         skip!("needs the AMD IOMMU configuration");
     }
     let Some(Ok(ivrs)) = &p.ivrs else { skip!("no parsed IVRS (see iommu_tables_match_configuration)") };

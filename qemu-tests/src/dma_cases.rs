@@ -659,7 +659,8 @@ pub fn guest_dma_api_passes_a_device_through(p: &Platform) -> TestResult {
         // Pinned once the IOAS has a domain to fill, each page once.
         ensure_eq!(guest.pinned_pages(), PAGES as u64, "guest pages pinned");
         ensure_eq!(guest.assign(iommus, seg, bdf), Err(PassthroughError::AlreadyAssigned(seg, bdf)), "second assign");
-        if isolated {
+        // (QEMU's AMD-Vi remaps only with `intremap=on`: the `amd-ir` run.)
+        if isolated && p.config != "amd" {
             msi_through_route(&mut guest, iommus, p, &edu, seg, bdf)?;
         }
         dma_read(&edu, GPA + 2 * 4096)?;

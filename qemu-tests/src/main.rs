@@ -4,7 +4,7 @@
 //!
 //! Command line (set by `cargo xtask test`):
 //! * `config=NAME`: the QEMU configuration, so tests know what hardware to
-//!   expect (`none`, `intel`, `intel-sm`, `intel-fs`, `intel-rb`, `intel-cm`, `amd`);
+//!   expect (`none`, `intel`, `intel-sm`, `intel-fs`, `intel-rb`, `intel-cm`, `amd`, `amd-ir`);
 //! * `ktest.start=N`: resume at test N after a crash of test N-1;
 //! * `ktest.crash=KIND`: instead of the tests, deliberately take a fault
 //!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report;

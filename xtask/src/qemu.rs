@@ -67,7 +67,12 @@ pub const CONFIGS: &[Config] = &[
         devices: devices!("-device", "intel-iommu,caching-mode=on"),
         about: "Intel VT-d, caching mode",
     },
-    Config { name: "amd", devices: devices!("-device", "amd-iommu,pt=off,intremap=on"), about: "AMD-Vi, translating" },
+    Config { name: "amd", devices: devices!("-device", "amd-iommu,pt=off"), about: "AMD-Vi, translating" },
+    Config {
+        name: "amd-ir",
+        devices: devices!("-device", "amd-iommu,pt=off,intremap=on"),
+        about: "AMD-Vi, translating, interrupt remapping",
+    },
 ];
 
 /// The configuration `cargo xtask run` boots by default.
