@@ -431,6 +431,11 @@ impl<P: PhysMemory> RegionMemory<P> {
         Ok(())
     }
 
+    /// Whether a region was added as exactly `[uptr, uptr + len)`.
+    pub fn has_region(&self, uptr: u64, len: u64) -> bool {
+        self.regions.lock().iter().any(|x| x.uptr == uptr && x.len == len)
+    }
+
     /// Removes the region added as exactly `[uptr, uptr + len)`: `ENOENT`
     /// if there is none, `EBUSY` while any of its pages is pinned (unmap
     /// it from every IOAS first).
@@ -626,6 +631,7 @@ mod region_tests {
         let mut out = [0u64; 1];
         m.pin(0x10_2000, &mut out, true).unwrap();
         assert_eq!(m.remove_region(0x10_0000, 0x2000), Err(Errno::ENOENT), "not the whole region");
+        assert!(m.has_region(0x10_0000, 0x4000) && !m.has_region(0x10_0000, 0x2000));
         assert_eq!(m.remove_region(0x10_0000, 0x4000), Err(Errno::EBUSY), "a page is pinned");
         m.unpin(&out, false);
         m.remove_region(0x10_0000, 0x4000).unwrap();

@@ -228,9 +228,41 @@ impl GuestDma {
     /// Unmaps guest RAM added as `[gpa, gpa + len)`: devices can no longer
     /// reach it (one IOTLB invalidation per domain), and its pages are
     /// unpinned.
+    /// Only whole ranges as added: anything else is refused (`ENOENT`)
+    /// and changes nothing.
     pub fn remove_memory(&mut self, gpa: u64, len: u64) -> Result<(), PassthroughError> {
+        if !self.memory.has_region(gpa, len) {
+            return Err(PassthroughError::Iommufd("guest memory", iommufd::Errno::ENOENT));
+        }
         self.ictx.ioas_unmap(self.ioas, gpa, len).map_err(|e| PassthroughError::Iommufd("IOAS unmap", e))?;
         self.memory.remove_region(gpa, len).map_err(|e| PassthroughError::Iommufd("guest memory", e))
+    }
+
+    /// DMA faults the IOMMUs' logs hold (the latest 256 per unit, after
+    /// polling them) for the functions assigned to this guest now, as
+    /// (segment, function, address, write): what a VMM reports to the guest
+    /// or logs. QEMU's AMD-Vi records none.
+    pub fn dma_faults(&self, iommus: &Iommus) -> alloc::vec::Vec<(u16, Bdf, u64, bool)> {
+        let mut out = alloc::vec::Vec::new();
+        for &(segment, bdf) in self.devices.keys() {
+            if let Some((unit, rid)) = iommus.vtd_unit(segment, bdf) {
+                let mut u = unit.lock();
+                u.poll_faults();
+                let (log, _) = u.fault_log();
+                out.extend(log.iter().filter(|r| r.source_id == rid).map(|r| (segment, bdf, r.address, r.write)));
+            } else if let Some((unit, id)) = iommus.amd_unit(segment, bdf) {
+                let mut u = unit.lock();
+                u.poll_events();
+                let (log, _) = u.event_log();
+                out.extend(log.iter().filter_map(|e| match *e {
+                    amdvi::Event::IoPageFault { device_id, address, flags, .. } if device_id == id => {
+                        Some((segment, bdf, address, flags & amdvi::event::flags::RW != 0))
+                    }
+                    _ => None,
+                }));
+            }
+        }
+        out
     }
 
     /// Gives the guest the function `segment:bdf`: its DMA is translated
