@@ -68,7 +68,7 @@ impl Backend for Amd {
         None
     }
     fn device_id(&self, p: &Platform, edu: &Edu) -> Result<u16, Outcome> {
-        let dev = p.pci.iter().find(|d| d.bdf.rid() == edu.sid).ok_or_else(|| fail("edu not enumerated".into()))?;
+        let dev = dma::edu_device(p, edu)?;
         if dev.bdf.bus != 0 {
             // QEMU 10.0's AMD-Vi names a device by the bus number its bus
             // had when the device was created (0 for every bus behind a
@@ -104,18 +104,7 @@ impl Backend for Amd {
     }
 }
 
-/// The common DMA cases under AMD-Vi test names.
-macro_rules! amd_dma_cases {
-    ($($name:ident => $case:ident),* $(,)?) => {
-        $(
-            pub fn $name(p: &Platform) -> TestResult {
-                dma::$case(&amd(p)?, p)
-            }
-        )*
-    };
-}
-
-amd_dma_cases!(
+dma::dma_cases_for!(amd;
     amd_mapped_dma_lands_exactly => mapped_dma_lands_exactly,
     amd_unmapped_iova_is_blocked => unmapped_iova_is_blocked,
     amd_read_only_mapping_blocks_writes => read_only_mapping_blocks_writes,
@@ -169,18 +158,9 @@ pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
     let b = amd(p)?;
     let edu = edus(p).into_iter().next().ok_or_else(|| fail("no edu".into()))?;
     let id = b.device_id(p, &edu)?;
-    let dev = p.pci.iter().find(|d| d.bdf.rid() == edu.sid).ok_or_else(|| fail("edu not enumerated".into()))?;
+    let dev = dma::edu_device(p, &edu)?;
     let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
-    let raise = |wait_ms: u64| -> bool {
-        let before = irq::count(VECTOR);
-        edu.raise_interrupt(1);
-        let deadline = portcullis_kernel::time::uptime_ns() + wait_ms * 1_000_000;
-        while irq::count(VECTOR) == before && portcullis_kernel::time::uptime_ns() < deadline {
-            core::hint::spin_loop();
-        }
-        edu.ack_interrupt(1);
-        irq::count(VECTOR) > before
-    };
+    let raise = |wait_ms: u64| dma::raise_and_wait(&edu, VECTOR, wait_ms);
     irq::enable();
     let r = (|| -> TestResult {
         // An ordinary MSI straight at the vector: aborted (IntCtl = 00b).

@@ -107,6 +107,39 @@ pub fn edus(p: &Platform) -> Vec<Edu> {
     p.pci.iter().filter_map(|d| Edu::new(&p.ecam, d)).collect()
 }
 
+/// The PCI function `edu` drives.
+pub fn edu_device<'a>(p: &'a Platform, edu: &Edu) -> Result<&'a portcullis_kernel::pci::PciDevice, Outcome> {
+    p.pci.iter().find(|d| d.bdf.rid() == edu.sid).ok_or_else(|| fail("edu not enumerated".into()))
+}
+
+/// Raises the edu's interrupt, waits up to `wait_ms` for it to arrive on
+/// `vector`, acknowledges it; true when it arrived.
+pub fn raise_and_wait(edu: &Edu, vector: u8, wait_ms: u64) -> bool {
+    use portcullis_kernel::arch::irq;
+    let before = irq::count(vector);
+    edu.raise_interrupt(1);
+    let deadline = portcullis_kernel::time::uptime_ns() + wait_ms * 1_000_000;
+    while irq::count(vector) == before && portcullis_kernel::time::uptime_ns() < deadline {
+        core::hint::spin_loop();
+    }
+    edu.ack_interrupt(1);
+    irq::count(vector) > before
+}
+
+/// Defines the common DMA cases under a driver's test names: each
+/// `name => case` becomes `pub fn name(p)` running `case` with the backend
+/// `$backend(p)` returns.
+macro_rules! dma_cases_for {
+    ($backend:ident; $($name:ident => $case:ident),* $(,)?) => {
+        $(
+            pub fn $name(p: &Platform) -> TestResult {
+                $crate::dma_cases::$case(&$backend(p)?, p)
+            }
+        )*
+    };
+}
+pub(crate) use dma_cases_for;
+
 fn first_edu(p: &Platform) -> Result<Edu, Outcome> {
     edus(p).into_iter().next().ok_or_else(|| fail("no edu".into()))
 }
@@ -612,7 +645,7 @@ pub fn guest_dma_api_passes_a_device_through(p: &Platform) -> TestResult {
     const PAGES: usize = 16;
     let iommus = iommus(p);
     let edu = first_edu(p)?;
-    let dev = p.pci.iter().find(|d| d.bdf.rid() == edu.sid).ok_or_else(|| fail("edu not enumerated".into()))?;
+    let dev = edu_device(p, &edu)?;
     let (seg, bdf) = (dev.segment, dev.bdf);
     let frames = alloc_frames(PAGES, 4096).map_err(|e| fail(format!("{e}")))?;
     let page = |i: usize| -> Vec<u8> {
@@ -716,16 +749,10 @@ fn msi_through_route(
     let msg = guest.route_msi(iommus, seg, bdf, VECTOR, apic as u32).map_err(|e| fail(format!("{e}")))?;
     ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(msg)), "the edu has no MSI capability");
     irq::enable();
-    let before = irq::count(VECTOR);
-    edu.raise_interrupt(1);
-    let deadline = portcullis_kernel::time::uptime_ns() + 2_000_000_000;
-    while irq::count(VECTOR) == before && portcullis_kernel::time::uptime_ns() < deadline {
-        core::hint::spin_loop();
-    }
-    edu.ack_interrupt(1);
+    let arrived = raise_and_wait(edu, VECTOR, 2000);
     irq::disable();
     portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
-    ensure!(irq::count(VECTOR) > before, "the routed MSI did not arrive on vector {:#x}", VECTOR);
+    ensure!(arrived, "the routed MSI did not arrive on vector {:#x}", VECTOR);
     Ok(())
 }
 

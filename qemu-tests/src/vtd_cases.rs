@@ -80,7 +80,7 @@ impl Backend for Vtd {
         })
     }
     fn device_id(&self, p: &Platform, edu: &Edu) -> Result<u16, Outcome> {
-        let dev = p.pci.iter().find(|d| d.bdf.rid() == edu.sid).ok_or_else(|| fail("edu not enumerated".into()))?;
+        let dev = dma::edu_device(p, edu)?;
         self.owners
             .get(&(dev.segment, dev.bdf))
             .map(|a| a.requester_id)
@@ -97,18 +97,7 @@ impl Backend for Vtd {
     }
 }
 
-/// The common DMA cases (`dma_cases`) under VT-d test names.
-macro_rules! vtd_dma_cases {
-    ($($name:ident => $case:ident),* $(,)?) => {
-        $(
-            pub fn $name(p: &Platform) -> TestResult {
-                dma::$case(&vtd(p)?, p)
-            }
-        )*
-    };
-}
-
-vtd_dma_cases!(
+dma::dma_cases_for!(vtd;
     vtd_mapped_dma_lands_exactly => mapped_dma_lands_exactly,
     vtd_unmapped_iova_is_blocked_and_faults => unmapped_iova_is_blocked,
     vtd_read_only_mapping_blocks_writes => read_only_mapping_blocks_writes,
@@ -295,7 +284,7 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
         skip!("interrupt remapping needs queued invalidation (this configuration drives the unit without)");
     }
     let edu = edus(p).into_iter().next().ok_or_else(|| fail("no edu".into()))?;
-    let dev = p.pci.iter().find(|d| d.bdf.rid() == edu.sid).ok_or_else(|| fail("edu not enumerated".into()))?;
+    let dev = dma::edu_device(p, &edu)?;
     let id = vtd(p)?.device_id(p, &edu)?;
     let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
     // The kernel turns remapping on at bring-up; leave it as found.
@@ -305,17 +294,7 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
     faults(u);
     let msi_set = portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi_address(handle), 0)));
     irq::enable();
-    // Raises the edu's interrupt; true when it arrived on VECTOR.
-    let raise = |wait_ms: u64| -> bool {
-        let before = irq::count(VECTOR);
-        edu.raise_interrupt(1);
-        let deadline = portcullis_kernel::time::uptime_ns() + wait_ms * 1_000_000;
-        while irq::count(VECTOR) == before && portcullis_kernel::time::uptime_ns() < deadline {
-            core::hint::spin_loop();
-        }
-        edu.ack_interrupt(1);
-        irq::count(VECTOR) > before
-    };
+    let raise = |wait_ms: u64| dma::raise_and_wait(&edu, VECTOR, wait_ms);
     let r = (|| -> TestResult {
         ensure!(msi_set, "the edu has no MSI capability");
         // No entry yet: blocked, and recorded.
