@@ -97,39 +97,56 @@ impl Iommus {
     /// The function `segment:bdf` as iommufd binds it: its unit and the
     /// requester (device) id its DMA carries.
     pub fn device(&self, segment: u16, bdf: Bdf) -> Result<Arc<dyn DeviceOps>, PassthroughError> {
+        Ok(match self.locate(segment, bdf)? {
+            Located::Vtd(u, index, rid) => Arc::new(VtdDevice::new(u, index, rid)),
+            Located::Amd(u, index, id) => Arc::new(AmdDevice::new(u, index, id)),
+        })
+    }
+
+    /// The running unit that translates `segment:bdf`, its index and the
+    /// requester (device) id the function's DMA carries.
+    fn locate(&self, segment: u16, bdf: Bdf) -> Result<Located, PassthroughError> {
+        let down = |e: &String| PassthroughError::UnitDown(segment, bdf, e.clone());
         if let Some(v) = &self.vtd
             && let Some(a) = v.owners.get(&(segment, bdf))
         {
-            return match &v.units[a.unit].1 {
-                Ok(u) => Ok(Arc::new(VtdDevice::new(u.clone(), a.unit as u16, a.requester_id))),
-                Err(e) => Err(PassthroughError::UnitDown(segment, bdf, e.clone())),
-            };
+            let u = v.units[a.unit].1.as_ref().map_err(down)?;
+            return Ok(Located::Vtd(u.clone(), a.unit as u16, a.requester_id));
         }
         if let Some(m) = &self.amd
             && let Some(a) = m.owners.get(&(segment, bdf))
         {
-            return match &m.units[a.unit].1 {
-                Ok(u) => Ok(Arc::new(AmdDevice::new(u.clone(), a.unit as u16, a.requester_id))),
-                Err(e) => Err(PassthroughError::UnitDown(segment, bdf, e.clone())),
-            };
+            let u = m.units[a.unit].1.as_ref().map_err(down)?;
+            return Ok(Located::Amd(u.clone(), a.unit as u16, a.requester_id));
         }
         Err(PassthroughError::NotIsolated(segment, bdf))
     }
 
-    /// The VT-d unit and requester id of `segment:bdf`, when a VT-d unit
-    /// translates it.
+    /// The VT-d unit and requester id of `segment:bdf`, when a running
+    /// VT-d unit translates it.
     fn vtd_unit(&self, segment: u16, bdf: Bdf) -> Option<(crate::iommu::SharedUnit, u16)> {
-        let v = self.vtd.as_ref()?;
-        let a = v.owners.get(&(segment, bdf))?;
-        v.units[a.unit].1.as_ref().ok().map(|u| (u.clone(), a.requester_id))
+        match self.locate(segment, bdf) {
+            Ok(Located::Vtd(u, _, rid)) => Some((u, rid)),
+            _ => None,
+        }
     }
 
-    /// The AMD-Vi unit and device id of `segment:bdf`, when an AMD-Vi
-    /// unit translates it.
+    /// The AMD-Vi unit and device id of `segment:bdf`, when a running
+    /// AMD-Vi unit translates it.
     fn amd_unit(&self, segment: u16, bdf: Bdf) -> Option<(crate::amd::SharedAmdUnit, u16)> {
-        let m = self.amd.as_ref()?;
-        let a = m.owners.get(&(segment, bdf))?;
-        m.units[a.unit].1.as_ref().ok().map(|u| (u.clone(), a.requester_id))
+        match self.locate(segment, bdf) {
+            Ok(Located::Amd(u, _, id)) => Some((u, id)),
+            _ => None,
+        }
+    }
+
+    /// The domain id `segment:bdf` is attached to on its unit (`None`:
+    /// blocked, or no running unit translates it).
+    pub fn attached_domain(&self, segment: u16, bdf: Bdf) -> Option<u16> {
+        match self.locate(segment, bdf).ok()? {
+            Located::Vtd(u, _, rid) => u.lock().attached_domain(rid),
+            Located::Amd(u, _, id) => u.lock().attached_domain(id),
+        }
     }
 
     /// Whether the function's MSIs are remapped (so it can raise only the
@@ -139,6 +156,14 @@ impl Iommus {
         self.vtd_unit(segment, bdf).is_some_and(|(u, _)| u.lock().interrupt_remapping_on())
             || self.amd_unit(segment, bdf).is_some()
     }
+}
+
+/// Where a function's DMA is translated.
+enum Located {
+    /// A VT-d unit: (unit, unit index, requester id).
+    Vtd(crate::iommu::SharedUnit, u16, u16),
+    /// An AMD-Vi unit: (unit, unit index, device id).
+    Amd(crate::amd::SharedAmdUnit, u16, u16),
 }
 
 /// One guest's DMA view: its memory at IOVA = guest physical address, and
