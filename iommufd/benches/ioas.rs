@@ -11,83 +11,16 @@
 
 use iommufd::ctx::DeviceOps;
 use iommufd::ctx::Ictx;
-use iommufd::errno::{Errno, Result};
-use iommufd::memsrc::{MemorySource, PAGE_SIZE, push_run};
+use iommufd::memsrc::PAGE_SIZE;
+use iommufd::selftest::described::DescribedMemory;
 use iommufd::selftest::mock::MockDomain;
 use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
-/// User memory at `BASE` of `len` bytes; page k is at physical
-/// `PHYS + k * stride` (stride 4 KiB: contiguous, like 2 MiB pages;
-/// 8 KiB: never adjacent, like scattered 4 KiB pages).
-struct BenchMemory {
-    len: u64,
-    stride: u64,
-    pins: Mutex<Vec<u32>>,
-}
-
+/// User memory at `BASE`, described at physical `PHYS` (never touched).
 const BASE: u64 = 0x7f00_0000_0000;
 const PHYS: u64 = 0x10_0000_0000;
-
-impl MemorySource for BenchMemory {
-    fn pin(&self, uptr: u64, out: &mut [u64], _write: bool) -> Result<()> {
-        let first = uptr.checked_sub(BASE).ok_or(Errno::EFAULT)? / PAGE_SIZE;
-        if (first + out.len() as u64) * PAGE_SIZE > self.len {
-            return Err(Errno::EFAULT);
-        }
-        let mut pins = self.pins.lock().unwrap();
-        for (k, o) in out.iter_mut().enumerate() {
-            let page = first as usize + k;
-            pins[page] += 1;
-            *o = PHYS + page as u64 * self.stride;
-        }
-        Ok(())
-    }
-    fn unpin(&self, phys: &[u64], _dirty: bool) {
-        let mut pins = self.pins.lock().unwrap();
-        for p in phys {
-            pins[((p - PHYS) / self.stride) as usize] -= 1;
-        }
-    }
-    fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
-        let first = uptr.checked_sub(BASE).ok_or(Errno::EFAULT)? / PAGE_SIZE;
-        if (first + npages) * PAGE_SIZE > self.len {
-            return Err(Errno::EFAULT);
-        }
-        let mut pins = self.pins.lock().unwrap();
-        for c in &mut pins[first as usize..(first + npages) as usize] {
-            *c += 1;
-        }
-        if self.stride == PAGE_SIZE {
-            push_run(out, PHYS + first * PAGE_SIZE, npages * PAGE_SIZE);
-        } else {
-            out.extend((first..first + npages).map(|k| (PHYS + k * self.stride, PAGE_SIZE)));
-        }
-        Ok(())
-    }
-    fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
-        let mut pins = self.pins.lock().unwrap();
-        for &(p, len) in runs {
-            let first = ((p - PHYS) >> self.stride.trailing_zeros()) as usize;
-            for c in &mut pins[first..first + (len / PAGE_SIZE) as usize] {
-                *c -= 1;
-            }
-        }
-    }
-    fn read_user(&self, _: u64, _: &mut [u8]) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    fn write_user(&self, _: u64, _: &[u8]) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    fn read_phys(&self, _: u64, _: &mut [u8]) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    fn write_phys(&self, _: u64, _: &[u8]) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-}
+use std::time::Instant;
 
 /// A mock device whose domains cover 48 bits of IOVA (Linux's mock
 /// aperture is 2 GiB, too small for the 16 GiB runs).
@@ -125,11 +58,7 @@ fn run(size: u64, huge: bool) {
 }
 
 fn run_with(size: u64, huge: bool, device: Arc<dyn DeviceOps>, what: &str) {
-    let mem = Arc::new(BenchMemory {
-        len: size,
-        stride: if huge { PAGE_SIZE } else { 2 * PAGE_SIZE },
-        pins: Mutex::new(vec![0; (size / PAGE_SIZE) as usize]),
-    });
+    let mem = Arc::new(DescribedMemory::backed(BASE, PHYS, size, huge));
     let ictx = Ictx::new(mem.clone(), u64::MAX);
     let ioas = ictx.ioas_alloc().unwrap();
     let dev = ictx.bind_device(device).unwrap();
@@ -161,11 +90,7 @@ fn run_with(size: u64, huge: bool, device: Arc<dyn DeviceOps>, what: &str) {
 /// IOAS, 64 MiB per call, against one thread doing all of it: the speedup.
 fn threads(size: u64, huge: bool) {
     const PIECE: u64 = 64 << 20;
-    let mem = Arc::new(BenchMemory {
-        len: size,
-        stride: if huge { PAGE_SIZE } else { 2 * PAGE_SIZE },
-        pins: Mutex::new(vec![0; (size / PAGE_SIZE) as usize]),
-    });
+    let mem = Arc::new(DescribedMemory::backed(BASE, PHYS, size, huge));
     let ictx = Arc::new(Ictx::new(mem.clone(), u64::MAX));
     let ioas = ictx.ioas_alloc().unwrap();
     let dev = ictx.bind_device(Arc::new(EngineDevice)).unwrap();

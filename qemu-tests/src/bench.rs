@@ -8,8 +8,8 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use iommufd::ctx::{DeviceOps, Ictx};
-use iommufd::errno::{Errno, Result};
-use iommufd::memsrc::{MemorySource, PAGE_SIZE, push_run};
+use iommufd::memsrc::{MemorySource, PAGE_SIZE};
+use iommufd::selftest::described::DescribedMemory;
 use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain};
 use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain};
 use portcullis_kernel::println;
@@ -18,71 +18,6 @@ use portcullis_kernel::time::uptime_ns;
 const BASE: u64 = 0x7f00_0000_0000;
 /// Fake physical base: never accessed.
 const PHYS: u64 = 0x100_0000_0000;
-
-struct BenchMemory {
-    len: u64,
-    stride: u64,
-    pins: spin::Mutex<Vec<u32>>,
-}
-
-impl MemorySource for BenchMemory {
-    fn pin(&self, uptr: u64, out: &mut [u64], _write: bool) -> Result<()> {
-        let first = uptr.checked_sub(BASE).ok_or(Errno::EFAULT)? / PAGE_SIZE;
-        if (first + out.len() as u64) * PAGE_SIZE > self.len {
-            return Err(Errno::EFAULT);
-        }
-        let mut pins = self.pins.lock();
-        for (k, o) in out.iter_mut().enumerate() {
-            let page = first as usize + k;
-            pins[page] += 1;
-            *o = PHYS + page as u64 * self.stride;
-        }
-        Ok(())
-    }
-    fn unpin(&self, phys: &[u64], _dirty: bool) {
-        let mut pins = self.pins.lock();
-        for p in phys {
-            pins[((p - PHYS) / self.stride) as usize] -= 1;
-        }
-    }
-    fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
-        let first = uptr.checked_sub(BASE).ok_or(Errno::EFAULT)? / PAGE_SIZE;
-        if (first + npages) * PAGE_SIZE > self.len {
-            return Err(Errno::EFAULT);
-        }
-        let mut pins = self.pins.lock();
-        for c in &mut pins[first as usize..(first + npages) as usize] {
-            *c += 1;
-        }
-        if self.stride == PAGE_SIZE {
-            push_run(out, PHYS + first * PAGE_SIZE, npages * PAGE_SIZE);
-        } else {
-            out.extend((first..first + npages).map(|k| (PHYS + k * self.stride, PAGE_SIZE)));
-        }
-        Ok(())
-    }
-    fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
-        let mut pins = self.pins.lock();
-        for &(p, len) in runs {
-            let first = ((p - PHYS) >> self.stride.trailing_zeros()) as usize;
-            for c in &mut pins[first..first + (len / PAGE_SIZE) as usize] {
-                *c -= 1;
-            }
-        }
-    }
-    fn read_user(&self, _: u64, _: &mut [u8]) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    fn write_user(&self, _: u64, _: &[u8]) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    fn read_phys(&self, _: u64, _: &mut [u8]) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    fn write_phys(&self, _: u64, _: &[u8]) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-}
 
 struct MockDev;
 
@@ -106,11 +41,7 @@ fn ioas_bench(size: u64, huge: bool, dev: Arc<dyn DeviceOps>, iova_base: u64, wh
     let pages = size / PAGE_SIZE;
     let (mut map, mut unmap) = (u64::MAX, u64::MAX);
     for _ in 0..RUNS {
-        let mem = Arc::new(BenchMemory {
-            len: size,
-            stride: if huge { PAGE_SIZE } else { 2 * PAGE_SIZE },
-            pins: spin::Mutex::new(alloc::vec![0; (size / PAGE_SIZE) as usize]),
-        });
+        let mem = Arc::new(DescribedMemory::backed(BASE, PHYS, size, huge));
         let ictx = Ictx::new(mem as Arc<dyn MemorySource>, u64::MAX);
         let ioas = ictx.ioas_alloc().expect("ioas");
         let dev = ictx.bind_device(dev.clone()).expect("bind");

@@ -3,6 +3,7 @@
 //! dispatcher with the same inputs and expected results.
 
 pub mod cmd;
+pub mod described;
 pub mod mock;
 
 pub use mock::MockDomain;

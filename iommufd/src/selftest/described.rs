@@ -1,0 +1,138 @@
+//! A memory source for benchmarks that describes memory without having
+//! any: user page k is "physical" `phys + k * stride`, never touched. A
+//! stride of 4 KiB makes the pages physically contiguous (like memory
+//! backed by 2 MiB pages); 8 KiB makes no two adjacent (like scattered
+//! 4 KiB pages). Pins are counted per page, so a benchmark can check that
+//! everything was unpinned.
+
+use crate::errno::{Errno, Result};
+use crate::memsrc::{MemorySource, PAGE_SIZE, push_run};
+use alloc::vec;
+use alloc::vec::Vec;
+use spin::Mutex;
+
+/// `len` bytes of user memory at `base`, described as above.
+pub struct DescribedMemory {
+    base: u64,
+    phys: u64,
+    len: u64,
+    stride: u64,
+    pins: Mutex<Vec<u32>>,
+}
+
+impl core::fmt::Debug for DescribedMemory {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "DescribedMemory({:#x}+{:#x} at {:#x}, stride {:#x})", self.base, self.len, self.phys, self.stride)
+    }
+}
+
+impl DescribedMemory {
+    /// Memory at user address `base` of `len` bytes; page k at `phys + k *
+    /// stride` (`stride` a power of two, at least 4 KiB).
+    pub fn new(base: u64, phys: u64, len: u64, stride: u64) -> Self {
+        assert!(stride.is_power_of_two() && stride >= PAGE_SIZE);
+        Self { base, phys, len, stride, pins: Mutex::new(vec![0; (len / PAGE_SIZE) as usize]) }
+    }
+
+    /// Memory backed like 2 MiB pages (`huge`) or scattered 4 KiB pages.
+    pub fn backed(base: u64, phys: u64, len: u64, huge: bool) -> Self {
+        Self::new(base, phys, len, if huge { PAGE_SIZE } else { 2 * PAGE_SIZE })
+    }
+
+    /// Pages pinned at least once.
+    pub fn pinned_pages(&self) -> u64 {
+        self.pins.lock().iter().filter(|&&p| p > 0).count() as u64
+    }
+
+    fn first_page(&self, uptr: u64, npages: u64) -> Result<u64> {
+        let first = uptr.checked_sub(self.base).ok_or(Errno::EFAULT)? / PAGE_SIZE;
+        if (first + npages) * PAGE_SIZE > self.len {
+            return Err(Errno::EFAULT);
+        }
+        Ok(first)
+    }
+
+    fn page_of(&self, phys: u64) -> usize {
+        ((phys - self.phys) >> self.stride.trailing_zeros()) as usize
+    }
+}
+
+impl MemorySource for DescribedMemory {
+    fn pin(&self, uptr: u64, out: &mut [u64], _write: bool) -> Result<()> {
+        let first = self.first_page(uptr, out.len() as u64)?;
+        let mut pins = self.pins.lock();
+        for (k, o) in out.iter_mut().enumerate() {
+            let page = first as usize + k;
+            pins[page] += 1;
+            *o = self.phys + page as u64 * self.stride;
+        }
+        Ok(())
+    }
+    fn unpin(&self, phys: &[u64], _dirty: bool) {
+        let mut pins = self.pins.lock();
+        for &p in phys {
+            pins[self.page_of(p)] -= 1;
+        }
+    }
+    fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
+        let first = self.first_page(uptr, npages)?;
+        let mut pins = self.pins.lock();
+        for c in &mut pins[first as usize..(first + npages) as usize] {
+            *c += 1;
+        }
+        if self.stride == PAGE_SIZE {
+            push_run(out, self.phys + first * PAGE_SIZE, npages * PAGE_SIZE);
+        } else {
+            out.extend((first..first + npages).map(|k| (self.phys + k * self.stride, PAGE_SIZE)));
+        }
+        Ok(())
+    }
+    fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
+        let mut pins = self.pins.lock();
+        for &(p, len) in runs {
+            let first = self.page_of(p);
+            for c in &mut pins[first..first + (len / PAGE_SIZE) as usize] {
+                *c -= 1;
+            }
+        }
+    }
+    fn read_user(&self, _: u64, _: &mut [u8]) -> Result<()> {
+        Err(Errno::EOPNOTSUPP)
+    }
+    fn write_user(&self, _: u64, _: &[u8]) -> Result<()> {
+        Err(Errno::EOPNOTSUPP)
+    }
+    fn read_phys(&self, _: u64, _: &mut [u8]) -> Result<()> {
+        Err(Errno::EOPNOTSUPP)
+    }
+    fn write_phys(&self, _: u64, _: &[u8]) -> Result<()> {
+        Err(Errno::EOPNOTSUPP)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_described_and_pins_counted() {
+        let m = DescribedMemory::backed(0x1000_0000, 0x10_0000_0000, 8 * PAGE_SIZE, false);
+        let mut out = Vec::new();
+        m.pin_runs(0x1000_1000, 2, true, &mut out).unwrap();
+        assert_eq!(out, [(0x10_0000_2000, PAGE_SIZE), (0x10_0000_4000, PAGE_SIZE)]);
+        assert_eq!(m.pinned_pages(), 2);
+        assert_eq!(m.pin_runs(0x1000_7000, 2, true, &mut out), Err(Errno::EFAULT), "past the end");
+        m.unpin_runs(&out, false);
+        assert_eq!(m.pinned_pages(), 0);
+        let huge = DescribedMemory::backed(0, 0x20_0000, 4 * PAGE_SIZE, true);
+        let mut runs = Vec::new();
+        huge.pin_runs(0, 4, false, &mut runs).unwrap();
+        assert_eq!(runs, [(0x20_0000, 4 * PAGE_SIZE)], "contiguous: one run");
+        let mut pages = [0u64; 2];
+        huge.pin(PAGE_SIZE, &mut pages, false).unwrap();
+        assert_eq!(pages, [0x20_1000, 0x20_2000]);
+        huge.unpin(&pages, false);
+        huge.unpin_runs(&runs, false);
+        assert_eq!(huge.pinned_pages(), 0);
+    }
+}
