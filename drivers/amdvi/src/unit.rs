@@ -684,7 +684,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         self.check_device(device_id)?;
         if !self.irq_tables.contains_key(&device_id) {
             let table = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
-            if !self.mem.coherent() || self.flushes() {
+            if self.flushes() {
                 self.mem.flush(table, 4096);
             }
             self.irq_tables.insert(device_id, (table, 0));
