@@ -16,33 +16,16 @@ use crate::errno::{Errno, Result};
 use crate::iopt::{DomainRef, IoPagetable, Owner};
 use crate::memsrc::{MemorySource, PAGE_SIZE};
 use crate::pages::{AccountMode, Accounting, Pages};
-use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
-use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, Prot};
+pub use portcullis_iommu::DeviceOps;
+use portcullis_iommu::{DomainError, Prot};
 use spin::Mutex;
 
 /// Largest object id (ids are positive 31-bit numbers).
 pub const MAX_OBJECT_ID: u32 = i32::MAX as u32;
-
-/// A device as iommufd sees it: how to get a domain it can use, and what
-/// IOVA it must never be given.
-pub trait DeviceOps: Send + Sync {
-    /// The handle the IOMMU driver knows the device by.
-    fn handle(&self) -> DeviceHandle;
-    /// A new, empty paging domain this device can attach to.
-    fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError>;
-    /// IOVA ranges the device cannot use (MSI window, RMRRs), `[start, last]`.
-    fn reserved_regions(&self) -> Vec<(u64, u64)> {
-        Vec::new()
-    }
-    /// `IOMMU_GET_HW_INFO`: the driver's data type and bytes.
-    fn hw_info(&self) -> (u32, Vec<u8>) {
-        (0, Vec::new())
-    }
-}
 
 /// An in-kernel user of an IOAS (a mediated device, an emulated DMA
 /// engine): it pins pages or reads and writes through IOVAs with the CPU.
@@ -321,10 +304,10 @@ impl Ictx {
                     self.unbind_device(dev_id)?;
                 }
             }
-            Object::Ioas(ioas) => {
-                let _ = ioas.iopt.lock().unmap_all();
-            }
-            Object::Hwpt(h) => self.release_hwpt(id, &h),
+            // The object is gone either way; a failed invalidation is
+            // reported (its pages stay pinned).
+            Object::Ioas(ioas) => ioas.iopt.lock().unmap_all().map(|_| ())?,
+            Object::Hwpt(h) => self.release_hwpt(id, &h)?,
             Object::Device(_) | Object::Access(_) | Object::Placeholder(_) => {
                 unreachable!("refused above: held by their drivers, or not created yet")
             }
@@ -332,10 +315,14 @@ impl Ictx {
         Ok(())
     }
 
-    fn release_hwpt(&self, id: u32, h: &Hwpt) {
-        h.ioas.iopt.lock().remove_domain(id as u64);
+    /// Drops a HWPT's hold on its IOAS. The domain leaves the IOAS even
+    /// when its final invalidation fails (the error is returned, and the
+    /// pages it mapped stay pinned).
+    fn release_hwpt(&self, id: u32, h: &Hwpt) -> Result<()> {
+        let r = h.ioas.iopt.lock().remove_domain(id as u64);
         h.ioas.auto_hwpts.lock().retain(|x| *x != id);
         h.ioas.refs.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 
     /// `IOMMU_IOAS_MAP`: maps user memory; returns the IOVA used.
@@ -660,7 +647,9 @@ impl Ictx {
                     Ok(id) => Ok(id),
                     Err(e) => {
                         self.objects.lock().remove(&id);
-                        self.release_hwpt(id, &hwpt);
+                        // A failed invalidation of the new domain is the
+                        // more serious error.
+                        self.release_hwpt(id, &hwpt)?;
                         Err(e)
                     }
                 }
@@ -682,7 +671,8 @@ impl Ictx {
         hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
         if hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && hwpt.auto {
             self.objects.lock().remove(&hwpt_id);
-            self.release_hwpt(hwpt_id, &hwpt);
+            // The device is detached either way.
+            self.release_hwpt(hwpt_id, &hwpt)?;
         }
         Ok(())
     }
@@ -707,7 +697,9 @@ impl Ictx {
                 old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
                 if old_hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && old_hwpt.auto {
                     self.objects.lock().remove(&old);
-                    self.release_hwpt(old, &old_hwpt);
+                    // The device is on the new HWPT either way; the old
+                    // domain's failed invalidation is still reported.
+                    self.release_hwpt(old, &old_hwpt)?;
                 }
                 Ok(new)
             }
@@ -794,6 +786,8 @@ mod tests {
     use super::*;
     use crate::memsrc::FakeAddressSpace;
     use crate::selftest::mock::{MOCK_APERTURE_START, MockDomain};
+    use alloc::boxed::Box;
+    use portcullis_iommu::{DeviceHandle, IommuDomain};
 
     struct MockDev(u64);
     impl DeviceOps for MockDev {

@@ -129,9 +129,23 @@ fn domain_errno(e: DomainError) -> Errno {
         DomainError::BadRange { .. } => Errno::EINVAL,
         DomainError::AlreadyMapped { .. } => Errno::EEXIST,
         DomainError::Incompatible => Errno::EINVAL,
-        DomainError::Timeout => Errno::ETIMEDOUT,
+        DomainError::Hardware { cause: portcullis_iommu::HwError::Timeout { .. }, .. } => Errno::ETIMEDOUT,
+        DomainError::Hardware { cause: portcullis_iommu::HwError::NoMemory, .. } => Errno::ENOMEM,
+        DomainError::Hardware { .. } | DomainError::NeedsRecovery => Errno::EIO,
         DomainError::NotSupported => Errno::EOPNOTSUPP,
     }
+}
+
+/// Whether an error from a domain may leave translations cached (a failed
+/// or timed-out invalidation): pages that range pointed at must then stay
+/// pinned, as a device may still reach them.
+fn may_be_stale(e: Errno) -> bool {
+    matches!(e, Errno::EIO | Errno::ETIMEDOUT)
+}
+
+/// Syncs `g` on `d`, as an errno.
+fn sync(d: &mut dyn IommuDomain, g: &mut IotlbGather) -> Result<()> {
+    d.iotlb_sync(g).map_err(domain_errno)
 }
 
 fn last_of(iova: u64, length: u64) -> Result<u64> {
@@ -274,11 +288,14 @@ impl IoPagetable {
             self.areas.insert(start, last, area).map_err(|_| Errno::EEXIST)?;
             if let Err(e) = self.fill_area(start) {
                 self.areas.remove(start);
+                let mut result = Err(e);
                 for s in loaded.iter().rev() {
-                    self.unfill_area(*s);
+                    if let Err(e) = self.unfill_area(*s) {
+                        result = Err(e);
+                    }
                     self.areas.remove(*s);
                 }
-                return Err(e);
+                return result;
             }
             loaded.push(start);
         }
@@ -318,7 +335,7 @@ impl IoPagetable {
             if result.is_err() && cur != iova {
                 let mut g = IotlbGather::default();
                 domain.unmap(iova, cur.wrapping_sub(iova), &mut g);
-                domain.iotlb_sync(&mut g);
+                sync(domain, &mut g)?;
             }
             return result;
         }
@@ -380,7 +397,7 @@ impl IoPagetable {
         if result.is_err() && batch_iova != iova {
             let mut g = IotlbGather::default();
             domain.unmap(iova, batch_iova.wrapping_sub(iova), &mut g);
-            domain.iotlb_sync(&mut g);
+            sync(domain, &mut g)?;
         }
         result
     }
@@ -449,11 +466,16 @@ impl IoPagetable {
         for (k, (_, d)) in self.domains.iter().enumerate() {
             let r = Self::map_area_into(&mut **d.lock(), start, last, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
+                let mut stale = may_be_stale(e);
                 for (_, d) in &self.domains[..k] {
                     let mut d = d.lock();
                     let mut g = IotlbGather::default();
                     d.unmap(start, last - start + 1, &mut g);
-                    d.iotlb_sync(&mut g);
+                    stale |= sync(&mut **d, &mut g).is_err();
+                }
+                if stale {
+                    // A device may still reach the pages: they stay pinned.
+                    return Err(Errno::EIO);
                 }
                 area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
                 return Err(e);
@@ -467,26 +489,35 @@ impl IoPagetable {
     }
 
     /// Removes the area at `start` from every domain and drops its pins.
-    fn unfill_area(&mut self, start: u64) {
-        let Some((last, area)) = self.areas.get(start).map(|(l, a)| (l, a.clone())) else { return };
+    /// When an invalidation fails the pins stay (a device may still reach
+    /// the pages) and the error is returned; the area is unfilled either
+    /// way.
+    fn unfill_area(&mut self, start: u64) -> Result<()> {
+        let Some((last, area)) = self.areas.get(start).map(|(l, a)| (l, a.clone())) else { return Ok(()) };
         if !area.filled {
-            return;
+            return Ok(());
         }
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
         let phys = Self::read_back(&self.domains[0].1, start, &area, fp, lp);
+        let mut result = Ok(());
         for (_, d) in &self.domains {
             let mut d = d.lock();
             let mut g = IotlbGather::default();
             d.unmap(start, last - start + 1, &mut g);
-            d.iotlb_sync(&mut g);
+            if let Err(e) = sync(&mut **d, &mut g) {
+                result = Err(e);
+            }
         }
         if let Some(k) = area.holder {
             area.pages.unregister(k);
         }
-        area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+        if result.is_ok() {
+            area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+        }
         let a = self.areas.get_mut(start).expect("area exists").1;
         a.filled = false;
         a.holder = None;
+        result
     }
 
     /// Unmaps every area inside `[iova, iova + length)`. The range must not
@@ -530,16 +561,25 @@ impl IoPagetable {
             }
             bytes += l - s + 1;
         }
+        let mut synced = Ok(());
         for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
-            d.lock().iotlb_sync(g);
+            if let Err(e) = sync(&mut **d.lock(), g) {
+                synced = Err(e);
+            }
         }
         for (area, fp, lp, phys) in release {
             if let Some(k) = area.holder {
                 area.pages.unregister(k);
             }
+            if synced.is_err() {
+                // The areas are gone from the table, but a device may still
+                // reach their pages through stale IOTLB entries: the pins
+                // stay for good (the unmap reports the failure).
+                continue;
+            }
             area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
         }
-        Ok(bytes)
+        synced.map(|()| bytes)
     }
 
     /// The slices of pages mapped at `[iova, iova + length)`, which must be
@@ -682,7 +722,7 @@ impl IoPagetable {
             };
             let r = Self::map_area_into(&mut **domain.lock(), *s, l, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
-                if first_domain {
+                if first_domain && !may_be_stale(e) {
                     area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
                 }
                 failure = Some(e);
@@ -700,19 +740,20 @@ impl IoPagetable {
                 let (l, _) = self.area(*s);
                 d.unmap(*s, l - s + 1, &mut g);
             }
-            d.iotlb_sync(&mut g);
+            let synced = sync(&mut **d, &mut g);
             drop(d);
             for (s, fp, lp, phys, key) in done.iter().rev() {
                 let pages = self.area(*s).1.pages;
                 if let Some(k) = key {
                     pages.unregister(*k);
                 }
-                if first_domain {
+                // After a failed sync a device may still reach the pages.
+                if first_domain && synced.is_ok() {
                     pages.unpin(*fp, *lp, UseKind::Domain, Some(phys));
                 }
             }
             self.remove_reserved(owner);
-            return Err(e);
+            return Err(synced.err().unwrap_or(e));
         }
         self.iova_alignment = new_align;
         self.domains.push((key, domain));
@@ -728,8 +769,11 @@ impl IoPagetable {
 
     /// Removes a domain: unloads every area from it, drops the pins when it
     /// was the last, removes its reservations, recomputes the alignment.
-    pub fn remove_domain(&mut self, key: u64) {
-        let Some(i) = self.domains.iter().position(|(k, _)| *k == key) else { return };
+    /// The domain is removed even when its invalidation fails; the pins
+    /// it held then stay (a device may still reach the pages through
+    /// stale entries) and the error is returned.
+    pub fn remove_domain(&mut self, key: u64) -> Result<()> {
+        let Some(i) = self.domains.iter().position(|(k, _)| *k == key) else { return Ok(()) };
         let (_, domain) = self.domains.swap_remove(i);
         let last_domain = self.domains.is_empty();
         // Holders naming this domain move to one that stays (before the
@@ -747,25 +791,28 @@ impl IoPagetable {
                 area.pages.retarget(k, self.domains[0].1.clone());
             }
         }
-        {
+        let synced = {
             let mut d = domain.lock();
             let mut g = IotlbGather::default();
             for (s, l, _) in &areas {
                 d.unmap(*s, l - s + 1, &mut g);
             }
-            d.iotlb_sync(&mut g);
-        }
+            sync(&mut **d, &mut g)
+        };
         for (s, fp, lp, phys) in release {
             let a = self.areas.get_mut(s).expect("area exists").1;
             if let Some(k) = a.holder.take() {
                 a.pages.unregister(k);
             }
             a.filled = false;
-            a.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+            if synced.is_ok() {
+                a.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+            }
         }
         self.remove_reserved(Owner::Domain(key));
         // Lowering the alignment cannot fail.
         let _ = self.recalc_alignment();
+        synced
     }
 
     /// `IOMMU_OPTION_HUGE_PAGES` = 0: refused (`EINVAL`) once domains hold
@@ -1090,7 +1137,7 @@ mod tests {
         assert_eq!(dst.domain_count(), 1);
         assert_eq!(e.mem.pinned_pages(), 2);
         assert_eq!(dst.reserved().count(), 2, "only the first domain's aperture reservations");
-        dst.remove_domain(7);
+        dst.remove_domain(7).unwrap();
         assert_eq!(e.mem.pinned_pages(), 0);
         assert_eq!(dst.iova_alignment(), 1);
         assert_eq!(src.get_pages(iova + 0x8000, 1).map(|_| ()), Err(Errno::ENOENT));

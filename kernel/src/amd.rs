@@ -28,12 +28,6 @@ impl amdvi::ContiguousMemory for FrameTables {
     }
 }
 
-impl amdvi::Clock for KernelClock {
-    fn now_ns(&self) -> u64 {
-        crate::time::uptime_ns()
-    }
-}
-
 /// An AMD-Vi unit as the kernel runs it.
 pub type AmdUnit = amdvi::Unit<KernelMmio, FrameTables, KernelClock>;
 
@@ -95,17 +89,22 @@ impl core::fmt::Debug for AmdInvalidator {
 }
 
 impl Invalidator for AmdInvalidator {
-    fn invalidate(&mut self, start: u64, last: u64, _tables_freed: bool) {
+    fn invalidate(&mut self, start: u64, last: u64, _tables_freed: bool) -> Result<(), portcullis_iommu::DomainError> {
         // INVALIDATE_IOMMU_PAGES always drops the page-directory entries
         // the range covers (PDE = 1), freed tables included.
-        if let Err(e) = self.unit.lock().invalidate_range(self.domain_id, start, last) {
+        self.unit.lock().invalidate_range(self.domain_id, start, last).map_err(|e| {
             self.error = Some(alloc::format!("{e}"));
-        }
+            portcullis_iommu::DomainError::Hardware {
+                unit: 0,
+                cause: portcullis_iommu::HwError::Timeout { register: "invalidation", waited_ns: 0 },
+            }
+        })
     }
-    fn mapped(&mut self, iova: u64, last: u64) {
+    fn mapped(&mut self, iova: u64, last: u64) -> Result<(), portcullis_iommu::DomainError> {
         if self.np_cache {
-            self.invalidate(iova, last, false);
+            return self.invalidate(iova, last, false);
         }
+        Ok(())
     }
 }
 
@@ -276,7 +275,7 @@ impl IommuDomain for AmdIommuDomain {
             |s| &mut s.inner.domain,
             &unity,
             |s| {
-                s.inner.attach(id).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
+                s.inner.attach(id).map_err(|_| portcullis_iommu::DomainError::Incompatible)?;
                 s.inner.domain.attach_device(device)
             },
         )

@@ -214,7 +214,7 @@ impl core::fmt::Debug for UnitInvalidator {
 }
 
 impl UnitInvalidator {
-    fn range(&mut self, start: u64, last: u64, leaf_only: bool) {
+    fn range(&mut self, start: u64, last: u64, leaf_only: bool) -> Result<(), portcullis_iommu::DomainError> {
         let mut u = self.unit.lock();
         // First-stage translations are cached under (DID, PASID): only
         // PASID-based IOTLB invalidation reaches them.
@@ -222,22 +222,32 @@ impl UnitInvalidator {
             Stage::Second => u.invalidate_range(self.did, start, last, leaf_only),
             Stage::First => u.invalidate_range_pasid(self.did, start, last, leaf_only),
         };
-        if let Err(e) = r {
+        r.map_err(|e| {
             self.error = Some(alloc::format!("{e}"));
-        }
+            portcullis_iommu::DomainError::Hardware {
+                unit: 0,
+                cause: portcullis_iommu::HwError::Timeout { register: "invalidation", waited_ns: 0 },
+            }
+        })
     }
 }
 
 impl Invalidator for UnitInvalidator {
-    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) {
-        self.range(start, last, !tables_freed);
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) -> Result<(), portcullis_iommu::DomainError> {
+        self.range(start, last, !tables_freed)
     }
-    fn mapped(&mut self, iova: u64, last: u64) {
+    fn mapped(&mut self, iova: u64, last: u64) -> Result<(), portcullis_iommu::DomainError> {
         // Caching mode: the unit may have cached the not-present entries.
         if self.caching_mode {
-            self.range(iova, last, false);
-        } else if let Err(e) = self.unit.lock().flush_write_buffer() {
-            self.error = Some(alloc::format!("{e}"));
+            self.range(iova, last, false)
+        } else {
+            self.unit.lock().flush_write_buffer().map_err(|e| {
+                self.error = Some(alloc::format!("{e}"));
+                portcullis_iommu::DomainError::Hardware {
+                    unit: 0,
+                    cause: portcullis_iommu::HwError::Timeout { register: "write buffer", waited_ns: 0 },
+                }
+            })
         }
     }
 }
@@ -505,7 +515,7 @@ impl portcullis_iommu::IommuDomain for VtdIommuDomain {
             |s| &mut s.inner.domain,
             &rmrrs,
             |s| {
-                s.inner.attach(sid).map_err(|_| portcullis_iommu::DomainError::Timeout)?;
+                s.inner.attach(sid).map_err(|_| portcullis_iommu::DomainError::Incompatible)?;
                 s.inner.domain.attach_device(device)
             },
         )

@@ -126,7 +126,7 @@ fn engine_alone(unit: &portcullis_kernel::iommu::SharedUnit) {
     let t2 = uptime_ns();
     let mut g = IotlbGather::default();
     d.domain.unmap(1 << 30, SIZE, &mut g);
-    d.domain.iotlb_sync(&mut g);
+    d.domain.iotlb_sync(&mut g).expect("IOTLB sync");
     let t3 = uptime_ns();
     println!(
         "bench: qemu VT-d domain alone, 1 GiB of scattered 4 KiB pages: map_runs {} ns/4 KiB, read-back {} ns/4 KiB, unmap+sync {} ns/4 KiB",

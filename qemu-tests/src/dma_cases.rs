@@ -266,7 +266,7 @@ fn unmap<B: Backend>(b: &B, d: &mut B::Domain, iova: u64, len: u64) -> TestResul
     let mut g = IotlbGather::default();
     let n = b.paging(d).unmap(iova, len, &mut g);
     ensure_eq!(n, len, "bytes unmapped at {iova:#x}");
-    b.paging(d).iotlb_sync(&mut g);
+    b.paging(d).iotlb_sync(&mut g).map_err(|e| fail(format!("sync: {e}")))?;
     if let Some(e) = b.invalidation_error(d) {
         return Err(fail(e));
     }

@@ -37,10 +37,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 /// Monotonic time for timeouts.
-pub trait Clock {
-    /// Nanoseconds since some fixed point.
-    fn now_ns(&self) -> u64;
-}
+pub use portcullis_iommu::Clock;
 
 /// How long any single hardware wait may take.
 pub const TIMEOUT_NS: u64 = 100_000_000;

@@ -30,13 +30,15 @@ pub trait Invalidator {
     /// Invalidates IOTLB entries for `[start, last]`; when `tables_freed`,
     /// also the paging-structure caches (the walker may hold pointers to
     /// tables that are about to be freed).
-    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool);
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError>;
 
     /// Called after a successful map of `[iova, last]`. Units that cache
     /// non-present entries (VT-d CAP.CM = 1, as QEMU's) need an
-    /// invalidation here; others do nothing, the default.
-    fn mapped(&mut self, iova: u64, last: u64) {
+    /// invalidation here, and units with a write buffer a flush; others do
+    /// nothing, the default.
+    fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
         let _ = (iova, last);
+        Ok(())
     }
 }
 
@@ -48,8 +50,9 @@ pub struct RecordingInvalidator {
 }
 
 impl Invalidator for RecordingInvalidator {
-    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) {
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
         self.invalidations.push((start, last, tables_freed));
+        Ok(())
     }
 }
 
@@ -58,7 +61,9 @@ impl Invalidator for RecordingInvalidator {
 pub struct NoInvalidator;
 
 impl Invalidator for NoInvalidator {
-    fn invalidate(&mut self, _start: u64, _last: u64, _tables_freed: bool) {}
+    fn invalidate(&mut self, _start: u64, _last: u64, _tables_freed: bool) -> Result<(), DomainError> {
+        Ok(())
+    }
 }
 
 impl From<Error> for DomainError {
@@ -80,12 +85,14 @@ pub struct PagingDomain<F: PtFormat, M: TableMemory, I: Invalidator> {
     table: PageTable<F, M>,
     invalidator: I,
     devices: Vec<DeviceHandle>,
+    /// An invalidation failed: maps are refused until `recover`.
+    needs_recovery: bool,
 }
 
 impl<F: PtFormat, M: TableMemory, I: Invalidator> PagingDomain<F, M, I> {
     /// A domain with an empty page table.
     pub fn new(format: F, mem: M, invalidator: I) -> Result<Self, Error> {
-        Ok(Self { table: PageTable::new(format, mem)?, invalidator, devices: Vec::new() })
+        Ok(Self { table: PageTable::new(format, mem)?, invalidator, devices: Vec::new(), needs_recovery: false })
     }
     /// The page table.
     pub fn table(&self) -> &PageTable<F, M> {
@@ -106,6 +113,17 @@ impl<F: PtFormat, M: TableMemory, I: Invalidator> PagingDomain<F, M, I> {
     /// Attached devices, in attach order.
     pub fn devices(&self) -> &[DeviceHandle] {
         &self.devices
+    }
+    /// Whether an invalidation failed and [`IommuDomain::recover`] has not
+    /// succeeded since.
+    pub fn needs_recovery(&self) -> bool {
+        self.needs_recovery
+    }
+    /// Runs an invalidation; a failure marks the domain for recovery.
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
+        let r = self.invalidator.invalidate(start, last, tables_freed);
+        self.needs_recovery |= r.is_err();
+        r
     }
 }
 
@@ -128,17 +146,30 @@ where
     }
 
     fn map_runs(&mut self, iova: u64, runs: &[(u64, u64)], prot: Prot) -> Result<(), DomainError> {
+        if self.needs_recovery {
+            return Err(DomainError::NeedsRecovery);
+        }
         let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.1));
         match self.table.map_runs(iova, runs, prot) {
             Ok(()) => {
-                self.invalidator.mapped(iova, iova + (length - 1));
+                let last = iova + (length - 1);
+                if let Err(e) = self.invalidator.mapped(iova, last) {
+                    // The unit may hold the old not-present entries (or
+                    // the writes may sit in its write buffer): undo the
+                    // map, so it is all or nothing, and keep any freed
+                    // table until a recovery invalidates everything.
+                    self.needs_recovery = true;
+                    let mut g = IotlbGather::default();
+                    self.table.unmap(iova, length, &mut g);
+                    return Err(e);
+                }
                 Ok(())
             }
             Err(e) => {
                 if matches!(e, Error::AlreadyMapped { .. } | Error::NoMemory { .. }) {
                     // The unwind may have removed entries the walker saw
                     // and unlinked tables it may hold.
-                    self.invalidator.invalidate(iova, iova + (length - 1), self.table.deferred_count() > 0);
+                    self.invalidate(iova, iova + (length - 1), self.table.deferred_count() > 0)?;
                     self.table.release_deferred();
                 }
                 Err(match e {
@@ -153,12 +184,29 @@ where
         self.table.unmap(iova, length, gather)
     }
 
-    fn iotlb_sync(&mut self, gather: &mut IotlbGather) {
+    fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError> {
         if let Some(start) = gather.start {
-            self.invalidator.invalidate(start, gather.last, gather.freed_tables > 0);
+            let (last, freed) = (gather.last, gather.freed_tables > 0);
+            *gather = IotlbGather::default();
+            // On failure the unlinked tables stay deferred: the walker may
+            // still hold them.
+            self.invalidate(start, last, freed)?;
         }
+        if !self.needs_recovery {
+            self.table.release_deferred();
+        }
+        Ok(())
+    }
+
+    fn recover(&mut self) -> Result<(), DomainError> {
+        if !self.needs_recovery {
+            return Ok(());
+        }
+        let (first, last) = self.table.aperture();
+        self.invalidator.invalidate(first, last, true)?;
+        self.needs_recovery = false;
         self.table.release_deferred();
-        *gather = IotlbGather::default();
+        Ok(())
     }
 
     fn iova_to_phys(&self, iova: u64) -> Option<u64> {

@@ -367,7 +367,7 @@ fn domain_defers_frees_until_sync() {
     assert_eq!(dom.unmap(0, M2, &mut g), 3 * K4);
     assert_eq!(g.freed_tables, 2);
     assert_eq!(d.table().memory().live_tables(), 3, "freed tables wait for the sync");
-    d.iotlb_sync(&mut g);
+    d.iotlb_sync(&mut g).unwrap();
     assert!(g.is_empty());
     assert_eq!(d.table().memory().live_tables(), 1);
     assert_eq!(d.invalidator().invalidations.last(), Some(&(0x10_0000, 0x10_2fff, true)));
@@ -555,4 +555,49 @@ fn large_pages_only_with_every_smaller_size() {
     pt.check_invariants().unwrap();
     pt.set_page_sizes(1 << 30);
     assert_eq!(pt.page_sizes(), 4096, "set_page_sizes keeps the rule");
+}
+
+/// An invalidator that fails while `fail` is set.
+#[derive(Default)]
+struct FlakyInvalidator {
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    calls: Vec<(u64, u64, bool)>,
+}
+
+impl Invalidator for FlakyInvalidator {
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
+        self.calls.push((start, last, tables_freed));
+        if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(DomainError::Hardware {
+                unit: 0xfed9_0000,
+                cause: portcullis_iommu::HwError::Timeout { register: "test", waited_ns: 1 },
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A failed invalidation is reported by the sync, keeps the tables the
+/// unmap unlinked (the walker may hold them), and makes the domain refuse
+/// maps until a full invalidation succeeds.
+#[test]
+fn failed_invalidation_keeps_tables_and_blocks_maps_until_recovered() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inv = FlakyInvalidator { fail: fail.clone(), calls: Vec::new() };
+    let mut d = PagingDomain::new(VtdSecondStage::new(3).unwrap(), HeapTables::default(), inv).unwrap();
+    d.map(0x10_0000, 0x20_0000, 3 * K4, Prot::RW).unwrap();
+    let tables = d.table().memory().live_tables();
+    fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut g = IotlbGather::default();
+    assert_eq!(d.unmap(0, M2, &mut g), 3 * K4);
+    assert!(matches!(d.iotlb_sync(&mut g), Err(DomainError::Hardware { unit: 0xfed9_0000, .. })));
+    assert!(d.needs_recovery());
+    assert_eq!(d.table().memory().live_tables(), tables, "unlinked tables are kept after a failed sync");
+    assert_eq!(d.map(0x40_0000, 0, K4, Prot::RW), Err(DomainError::NeedsRecovery));
+    assert_eq!(d.recover().map_err(|_| ()), Err(()), "recovery fails while the unit does");
+    fail.store(false, std::sync::atomic::Ordering::Relaxed);
+    d.recover().unwrap();
+    assert_eq!(d.invalidator().calls.last(), Some(&(0, (1 << 39) - 1, true)), "recovery invalidates everything");
+    assert_eq!(d.table().memory().live_tables(), 1, "tables freed once the unit is clean");
+    d.map(0x40_0000, 0, K4, Prot::RW).unwrap();
 }

@@ -69,6 +69,68 @@ impl core::ops::BitOr for Prot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DeviceHandle(pub u64);
 
+/// What went wrong in an IOMMU unit's hardware or driver state: the cause
+/// a driver error carries, and the cause inside [`DomainError::Hardware`].
+/// Plain data (no strings), so it can travel through every layer up to
+/// a hypervisor's own error type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HwError {
+    /// The unit did not reach a state in time.
+    Timeout {
+        /// The register (or memory word) waited on.
+        register: &'static str,
+        /// How long the driver waited.
+        waited_ns: u64,
+    },
+    /// The unit reported an invalidation queue or command error (VT-d
+    /// FSTS.IQE/ICE/ITE; the status register's value).
+    QueueError {
+        /// The fault/status register when the error was seen.
+        status: u32,
+    },
+    /// No memory for a table, queue or ring.
+    NoMemory,
+    /// The unit cannot do what was asked.
+    Unsupported(&'static str),
+    /// All domain ids are in use.
+    NoDomainId,
+    /// A requester (device) id beyond what the unit's tables cover.
+    NoSuchDevice {
+        /// The id asked for.
+        device_id: u16,
+        /// The last id the unit covers.
+        last_device_id: u16,
+    },
+    /// An argument the hardware cannot encode.
+    Invalid(&'static str),
+    /// The unit is not enabled yet (or was disabled).
+    NotEnabled,
+    /// A table (interrupt remapping entries, ...) has no free slot.
+    TableFull,
+}
+
+impl fmt::Display for HwError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timeout { register, waited_ns } => {
+                write!(f, "timed out after {} us waiting on {register}", waited_ns / 1000)
+            }
+            Self::QueueError { status } => write!(f, "invalidation queue error, status {status:#x}"),
+            Self::NoMemory => write!(f, "out of memory for tables"),
+            Self::Unsupported(what) => write!(f, "unsupported: {what}"),
+            Self::NoDomainId => write!(f, "no free domain id"),
+            Self::NoSuchDevice { device_id, last_device_id } => {
+                write!(f, "device id {device_id:#06x} beyond the unit's tables (last {last_device_id:#06x})")
+            }
+            Self::Invalid(what) => write!(f, "invalid argument: {what}"),
+            Self::NotEnabled => write!(f, "not enabled"),
+            Self::TableFull => write!(f, "table full"),
+        }
+    }
+}
+
+impl core::error::Error for HwError {}
+
 /// Why a domain operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomainError {
@@ -81,8 +143,18 @@ pub enum DomainError {
     AlreadyMapped { iova: u64 },
     /// The device cannot use this domain (wrong unit, incompatible format).
     Incompatible,
-    /// The hardware did not respond in time.
-    Timeout,
+    /// The unit failed (a wait timed out, an invalidation or a table write
+    /// was refused): the unit's register base and the driver's cause.
+    Hardware {
+        /// Register base of the unit.
+        unit: u64,
+        /// What the driver saw.
+        cause: HwError,
+    },
+    /// An IOTLB invalidation of this domain failed earlier: a device may
+    /// still use stale translations, so the domain refuses to map until
+    /// [`IommuDomain::recover`] succeeds.
+    NeedsRecovery,
     /// The operation is not supported by this domain.
     NotSupported,
     /// Failure injected by a test (fault-injection sweeps).
@@ -96,9 +168,19 @@ impl fmt::Display for DomainError {
             Self::BadRange { iova, length } => write!(f, "bad range {iova:#x}+{length:#x} for this domain"),
             Self::AlreadyMapped { iova } => write!(f, "IOVA {iova:#x} is already mapped"),
             Self::Incompatible => write!(f, "device and domain are incompatible"),
-            Self::Timeout => write!(f, "IOMMU hardware timed out"),
+            Self::Hardware { unit, cause } => write!(f, "IOMMU unit at {unit:#x}: {cause}"),
+            Self::NeedsRecovery => write!(f, "an invalidation failed: the domain needs recovery"),
             Self::NotSupported => write!(f, "not supported by this domain"),
             Self::Injected => write!(f, "injected failure"),
+        }
+    }
+}
+
+impl core::error::Error for DomainError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Hardware { cause, .. } => Some(cause),
+            _ => None,
         }
     }
 }
@@ -164,7 +246,9 @@ pub trait IommuDomain: Send {
                 if cur != iova {
                     let mut g = IotlbGather::default();
                     self.unmap(iova, cur - iova, &mut g);
-                    self.iotlb_sync(&mut g);
+                    // A failed sync is the more urgent error: the caller
+                    // must not reuse what was mapped.
+                    self.iotlb_sync(&mut g)?;
                 }
                 return Err(e);
             }
@@ -176,7 +260,19 @@ pub trait IommuDomain: Send {
     /// Returns the bytes that were mapped.
     fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64;
     /// Invalidates the IOTLB for everything in `gather` and clears it.
-    fn iotlb_sync(&mut self, gather: &mut IotlbGather);
+    ///
+    /// On failure the translations may still be cached: the caller must
+    /// keep whatever the unmapped range pointed at (pinned pages) alive, and
+    /// the domain refuses further maps ([`DomainError::NeedsRecovery`])
+    /// until [`Self::recover`] succeeds. Tables the unmaps freed are kept
+    /// until then too.
+    fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError>;
+    /// After a failed invalidation: invalidates everything the domain may
+    /// have cached and, when that succeeds, accepts maps again. A domain
+    /// that never failed returns `Ok` at once (the default).
+    fn recover(&mut self) -> Result<(), DomainError> {
+        Ok(())
+    }
     /// The physical address `iova` translates to, if mapped.
     fn iova_to_phys(&self, iova: u64) -> Option<u64>;
     /// Makes every mapping cache coherent (snoop control); false if the
@@ -230,6 +326,32 @@ pub trait IommuDomain: Send {
         let sizes = self.page_sizes();
         if sizes == 0 { 4096 } else { 1 << sizes.trailing_zeros() }
     }
+}
+
+/// A device as iommufd (or any user of domains) binds it: how to get a
+/// domain it can use, what IOVA it must never be given, and what
+/// `IOMMU_GET_HW_INFO` reports for it. Drivers implement it beside their
+/// domains; iommufd only calls it.
+pub trait DeviceOps: Send + Sync {
+    /// The handle the IOMMU driver knows the device by.
+    fn handle(&self) -> DeviceHandle;
+    /// A new, empty paging domain this device can attach to.
+    fn alloc_domain(&self) -> Result<alloc::boxed::Box<dyn IommuDomain>, DomainError>;
+    /// IOVA ranges the device cannot use (MSI window, RMRRs), `[start, last]`.
+    fn reserved_regions(&self) -> alloc::vec::Vec<(u64, u64)> {
+        alloc::vec::Vec::new()
+    }
+    /// `IOMMU_GET_HW_INFO`: the driver's data type and bytes.
+    fn hw_info(&self) -> (u32, alloc::vec::Vec<u8>) {
+        (0, alloc::vec::Vec::new())
+    }
+}
+
+/// A monotonic clock for hardware timeouts (both drivers bound every wait
+/// on the hardware with it).
+pub trait Clock {
+    /// Nanoseconds since some fixed point.
+    fn now_ns(&self) -> u64;
 }
 
 /// Appends `(phys, len)` to the runs `out[..*n]`, extending the last run
@@ -288,8 +410,11 @@ macro_rules! forward_paging {
         fn unmap(&mut $self, iova: u64, length: u64, gather: &mut $crate::IotlbGather) -> u64 {
             $crate::IommuDomain::unmap($get_mut, iova, length, gather)
         }
-        fn iotlb_sync(&mut $self, gather: &mut $crate::IotlbGather) {
+        fn iotlb_sync(&mut $self, gather: &mut $crate::IotlbGather) -> Result<(), $crate::DomainError> {
             $crate::IommuDomain::iotlb_sync($get_mut, gather)
+        }
+        fn recover(&mut $self) -> Result<(), $crate::DomainError> {
+            $crate::IommuDomain::recover($get_mut)
         }
         fn iova_to_phys(&$self, iova: u64) -> Option<u64> {
             $crate::IommuDomain::iova_to_phys($get, iova)
@@ -346,7 +471,9 @@ pub fn identity_map_then<W>(
         for (s, len) in added {
             d.unmap(s, len, &mut g);
         }
-        d.iotlb_sync(&mut g);
+        // The ranges were never used by the device (the attach failed or
+        // never ran); a failed sync still wins, as the maps were live.
+        d.iotlb_sync(&mut g)?;
     }
     result
 }
@@ -403,8 +530,13 @@ mod tests {
             self.0.push("unmap");
             len
         }
-        fn iotlb_sync(&mut self, _: &mut IotlbGather) {
+        fn iotlb_sync(&mut self, _: &mut IotlbGather) -> Result<(), DomainError> {
             self.0.push("iotlb_sync");
+            Ok(())
+        }
+        fn recover(&mut self) -> Result<(), DomainError> {
+            self.0.push("recover");
+            Ok(())
         }
         fn iova_to_phys(&self, iova: u64) -> Option<u64> {
             self.1.set(self.1.get() + 1);
@@ -467,7 +599,8 @@ mod tests {
         d.map(0, 0, 4096, Prot::RW).unwrap();
         d.map_runs(0, &[(0, 4096)], Prot::RW).unwrap();
         d.unmap(0, 4096, &mut g);
-        d.iotlb_sync(&mut g);
+        d.iotlb_sync(&mut g).unwrap();
+        d.recover().unwrap();
         d.enforce_cache_coherency();
         assert_eq!(d.page_sizes(), 1 << 12);
         assert_eq!(d.aperture(), (0, 1 << 20));
@@ -484,7 +617,7 @@ mod tests {
         let mut b = ByMethod(Recorder::default());
         exercise(&mut b);
         for r in [&a.inner, &b.0] {
-            assert_eq!(r.0, ["map", "map_runs", "unmap", "iotlb_sync", "enforce_cache_coherency"]);
+            assert_eq!(r.0, ["map", "map_runs", "unmap", "iotlb_sync", "recover", "enforce_cache_coherency"]);
             assert_eq!(r.1.get(), 3 + 100 + 1000 + 10_000);
         }
     }
@@ -515,7 +648,9 @@ mod tests {
             self.mapped.retain(|m| *m != (iova, len));
             len
         }
-        fn iotlb_sync(&mut self, _: &mut IotlbGather) {}
+        fn iotlb_sync(&mut self, _: &mut IotlbGather) -> Result<(), DomainError> {
+            Ok(())
+        }
         fn iova_to_phys(&self, iova: u64) -> Option<u64> {
             self.mapped.iter().any(|&(s, l)| (s..s + l).contains(&iova)).then_some(iova)
         }
@@ -541,8 +676,8 @@ mod tests {
         assert_eq!(d.mapped, [(0x1000, 0x2000), (0x8000, 0x1000), (0x10_0000, 0x1000)]);
         // A range already mapped one-to-one stays, and is not undone.
         let mut d = Flaky { mapped: std::vec![(0x8000, 0x1000)], fail_at: None };
-        let r = identity_map_then(&mut d, as_dyn, &ranges, |_| Err(DomainError::Timeout));
-        assert_eq!(r, Err(DomainError::Timeout));
+        let r = identity_map_then(&mut d, as_dyn, &ranges, |_| Err(DomainError::Incompatible));
+        assert_eq!(r, Err(DomainError::Incompatible));
         assert_eq!(d.mapped, [(0x8000, 0x1000)], "the attach failed: only what was there before stays");
         // A map failing part-way: the earlier ranges are removed, `then` never runs.
         let mut d = Flaky { mapped: std::vec::Vec::new(), fail_at: Some(0x10_0000) };

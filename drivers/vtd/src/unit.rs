@@ -25,10 +25,7 @@ use core::fmt;
 use io_pgtable::TableMemory;
 
 /// Monotonic time for timeouts.
-pub trait Clock {
-    /// Nanoseconds since some fixed point.
-    fn now_ns(&self) -> u64;
-}
+pub use portcullis_iommu::Clock;
 
 /// How long any single hardware wait may take.
 pub const TIMEOUT_NS: u64 = 100_000_000;

@@ -215,11 +215,12 @@ impl IommuDomain for MockDomain {
         count * MOCK_IO_PAGE_SIZE
     }
 
-    fn iotlb_sync(&mut self, gather: &mut IotlbGather) {
+    fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError> {
         if !gather.is_empty() {
             self.syncs += 1;
         }
         *gather = IotlbGather::default();
+        Ok(())
     }
 
     fn iova_to_phys(&self, iova: u64) -> Option<u64> {
@@ -285,7 +286,7 @@ mod tests {
         let mut g = IotlbGather::default();
         assert_eq!(d.unmap(base, 0x1800, &mut g), 0x1800);
         assert_eq!(d.misaligned_unmaps, 0);
-        d.iotlb_sync(&mut g);
+        d.iotlb_sync(&mut g).unwrap();
         assert_eq!(d.syncs, 1);
         assert_eq!(d.mapped_pages(), 0);
     }
