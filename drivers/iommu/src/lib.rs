@@ -131,6 +131,34 @@ impl fmt::Display for HwError {
 
 impl core::error::Error for HwError {}
 
+/// A driver error: which unit (by its register base, as the DMAR and IVRS
+/// name units) and what went wrong there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitError {
+    /// Register base of the unit.
+    pub unit: u64,
+    /// What the driver saw.
+    pub cause: HwError,
+}
+
+impl fmt::Display for UnitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IOMMU unit at {:#x}: {}", self.unit, self.cause)
+    }
+}
+
+impl core::error::Error for UnitError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+impl From<UnitError> for DomainError {
+    fn from(e: UnitError) -> Self {
+        DomainError::Hardware { unit: e.unit, cause: e.cause }
+    }
+}
+
 /// Why a domain operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomainError {
