@@ -29,6 +29,7 @@ pub mod event;
 pub mod irte;
 pub mod memory;
 pub mod regs;
+pub mod shared;
 pub mod unit;
 
 pub use caps::Caps;
@@ -36,4 +37,5 @@ pub use cmd::Command;
 pub use dte::{DeviceTableEntry, Interrupts};
 pub use event::Event;
 pub use memory::ContiguousMemory;
+pub use shared::{AmdDomain, BringUp, Shared};
 pub use unit::{Clock, Error, InvalidationStats, Unit, UnityRange};

@@ -16,6 +16,7 @@
 extern crate alloc;
 
 pub mod mmio;
+pub mod unit;
 
 use core::fmt;
 

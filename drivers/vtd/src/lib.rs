@@ -22,7 +22,9 @@ pub mod ir;
 pub mod qi;
 pub mod regs;
 pub mod scalable;
+pub mod shared;
 pub mod unit;
 
 pub use fault::FaultRecord;
+pub use shared::{Mode, Shared, Stage, VtdDomain};
 pub use unit::{Caps, Clock, Error, InvalidationStats, Unit};

@@ -283,6 +283,11 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     }
 
     /// The table memory (domains allocate from the same pool).
+    pub fn memory(&self) -> &T {
+        &self.mem
+    }
+
+    /// The table memory, mutably.
     pub fn memory_mut(&mut self) -> &mut T {
         &mut self.mem
     }

@@ -1,0 +1,348 @@
+//! The vendor-generic layer above the unit drivers: what a running IOMMU
+//! unit offers ([`IommuUnit`]), the paging domains its driver makes
+//! ([`UnitDomain`]), and the one domain and device type every user of a
+//! unit goes through ([`Domain`], [`Device`]).
+//!
+//! ```text
+//!   iommufd / passthrough ──► Device (DeviceOps) ──► Domain (IommuDomain)
+//!                                     │                    │
+//!                                     ▼                    ▼
+//!                          Arc<dyn IommuUnit>   Box<dyn UnitDomain>
+//!                          (vtd::Shared,         (the driver's page table,
+//!                           amdvi::Shared)        format and stage chosen
+//!                                                 by the driver)
+//! ```
+//!
+//! What is vendor-neutral lives here once: firmware ranges identity-mapped
+//! before an attach (and removed again if it fails), the MSI window kept out
+//! of every IOAS, device handles naming (unit, requester id), and a
+//! domain's refusal to accept a device of another unit. What differs per
+//! vendor (format and stage choice from capabilities, how an attach is
+//! written, invalidation commands, fault records, interrupt remapping
+//! entries) stays in each driver behind these traits.
+//!
+//! Locking: a unit's state sits behind its own lock inside the driver's
+//! `IommuUnit` implementation; a domain's invalidator takes that lock for
+//! each command. Callers hold a domain's lock (iommufd's `DomainRef`) before
+//! a unit's, never the other way round.
+
+use crate::{DeviceHandle, DeviceOps, DomainError, IommuDomain, Prot, UnitError, identity_map_then};
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// The x86 interrupt window `[0xfee0_0000, 0xfeef_ffff]`: DMA writes there
+/// are interrupt requests, so no IOVA may be mapped there (Linux reports it
+/// as an MSI reserved region).
+pub const MSI_WINDOW: IovaRange = IovaRange { start: 0xfee0_0000, last: 0xfeef_ffff };
+
+/// An inclusive IOVA range `[start, last]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IovaRange {
+    /// First byte.
+    pub start: u64,
+    /// Last byte (inclusive).
+    pub last: u64,
+}
+
+/// Which IOMMU architecture a unit implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Vendor {
+    /// Intel VT-d (a DMAR DRHD).
+    IntelVtd,
+    /// AMD-Vi (an IVRS IVHD).
+    AmdVi,
+}
+
+/// A firmware-reserved range a device's DMA must keep reaching one-to-one
+/// (VT-d RMRR, AMD-Vi IVMD unity range), or may never use (IVMD exclusion
+/// ranges are reported with no permission).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirmwareRange {
+    /// The requester (device) id it belongs to.
+    pub requester_id: u16,
+    /// The range.
+    pub range: IovaRange,
+    /// What the device may do there; [`Prot::NONE`] keeps the range out
+    /// of the IOAS without mapping it.
+    pub prot: Prot,
+}
+
+/// A DMA fault a unit recorded, in vendor-neutral form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaFault {
+    /// Requester (device) id of the DMA.
+    pub requester_id: u16,
+    /// The address the device used (page-aligned on VT-d).
+    pub address: u64,
+    /// The access was a write.
+    pub write: bool,
+    /// The unit's own reason or event code (VT-d fault reason, AMD-Vi
+    /// event code).
+    pub reason: u8,
+}
+
+/// One remapped MSI: the handle to free it with, and the address/data the
+/// device (or its virtual MSI capability) must be programmed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiRoute {
+    /// The remapping entry (unit-specific index).
+    pub handle: u16,
+    /// MSI address to program.
+    pub address: u64,
+    /// MSI data to program.
+    pub data: u32,
+}
+
+/// One running IOMMU unit, as the generic layer drives it. Implemented by
+/// each driver over its own unit (with its own lock inside); methods take
+/// `&self` so one unit can be shared by its domains and devices.
+pub trait IommuUnit: Send + Sync + fmt::Debug {
+    /// Register base (the unit's name in errors and reports).
+    fn base(&self) -> u64;
+    /// Its architecture.
+    fn vendor(&self) -> Vendor;
+    /// A new empty paging domain with its own domain id, in the format and
+    /// stage this unit translates with (the driver's choice from its
+    /// capabilities).
+    fn new_domain(self: Arc<Self>) -> Result<Box<dyn UnitDomain>, UnitError>;
+    /// The domain id `requester_id` translates through, `None` when it is
+    /// blocked (or in pass-through).
+    fn attached_domain(&self, requester_id: u16) -> Option<u16>;
+    /// Blocks `requester_id`'s DMA (the state every device starts in),
+    /// with its caches invalidated.
+    fn block(&self, requester_id: u16) -> Result<(), UnitError>;
+    /// Lets `requester_id`'s DMA through untranslated, where the unit can.
+    fn pass_through(&self, requester_id: u16) -> Result<(), UnitError>;
+    /// Firmware ranges of `requester_id`.
+    fn firmware_ranges(&self, requester_id: u16) -> Vec<FirmwareRange>;
+    /// Replaces every firmware range of the unit (bring-up, tests).
+    fn set_firmware_ranges(&self, ranges: Vec<FirmwareRange>);
+    /// Reads new fault records from the hardware and returns them (they
+    /// are also kept in the unit's log).
+    fn poll_faults(&self) -> Vec<DmaFault>;
+    /// The unit's fault log (the latest records polled, oldest first) and
+    /// how many times the hardware's recording overflowed.
+    fn fault_log(&self) -> (Vec<DmaFault>, u64);
+    /// Whether MSIs from devices are remapped (so a device can raise only
+    /// the interrupts it is given).
+    fn remaps_interrupts(&self) -> bool;
+    /// Routes an MSI of `requester_id` to `vector` on the CPU with APIC id
+    /// `destination`, through an entry that accepts it from that requester
+    /// only.
+    fn route_msi(&self, requester_id: u16, vector: u8, destination: u32) -> Result<MsiRoute, UnitError>;
+    /// Frees a route made by [`Self::route_msi`]: the MSI is blocked again.
+    fn free_msi(&self, requester_id: u16, handle: u16) -> Result<(), UnitError>;
+    /// `IOMMU_GET_HW_INFO` for devices behind this unit: type and bytes.
+    fn hw_info(&self) -> (u32, Vec<u8>) {
+        (0, Vec::new())
+    }
+    /// Invalidation completion waits issued so far (benchmarks, tests).
+    fn invalidation_waits(&self) -> u64;
+}
+
+/// Shape of a domain's page table, for reports and checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableInfo {
+    /// Physical address of the top-level table.
+    pub root: u64,
+    /// Levels.
+    pub levels: u32,
+    /// Format name ("VT-d second stage", "x86 first stage", "AMD v1").
+    pub format: &'static str,
+}
+
+/// A paging domain of one unit, made by [`IommuUnit::new_domain`]. Its
+/// `IommuDomain` methods map and unmap (invalidating through the unit);
+/// the `attach_device`/`detach_device` of the trait are not used on it:
+/// [`Domain`] attaches by requester id through the two methods below.
+pub trait UnitDomain: IommuDomain + fmt::Debug {
+    /// Its domain id on its unit.
+    fn domain_id(&self) -> u16;
+    /// Its unit's register base.
+    fn unit_base(&self) -> u64;
+    /// Points `requester_id` at this domain (context, PASID or device
+    /// table entry written and its caches invalidated).
+    fn attach_requester(&mut self, requester_id: u16) -> Result<(), UnitError>;
+    /// Blocks `requester_id` again (it must be attached to this domain).
+    fn detach_requester(&mut self, requester_id: u16) -> Result<(), UnitError>;
+    /// Size of the page mapping `iova`, from the walk (`None`: unmapped).
+    fn page_size(&self, iova: u64) -> Option<u64>;
+    /// Its table.
+    fn table_info(&self) -> TableInfo;
+}
+
+/// Where a device's DMA is translated: which unit (by its index in the
+/// platform's list) and the requester id the DMA carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequesterRef {
+    /// Index of the unit.
+    pub unit: u16,
+    /// Requester (device) id, after bridge and firmware aliasing.
+    pub requester_id: u16,
+}
+
+impl RequesterRef {
+    /// The handle iommufd knows the device by.
+    pub const fn handle(self) -> DeviceHandle {
+        DeviceHandle((self.unit as u64) << 16 | self.requester_id as u64)
+    }
+    /// The inverse of [`Self::handle`] (`None` for handles not made here).
+    pub const fn from_handle(h: DeviceHandle) -> Option<Self> {
+        if h.0 >> 32 != 0 {
+            return None;
+        }
+        Some(Self { unit: (h.0 >> 16) as u16, requester_id: h.0 as u16 })
+    }
+}
+
+/// A device behind a unit: what iommufd binds (`DeviceOps`), and what a
+/// passthrough layer attaches.
+#[derive(Clone)]
+pub struct Device {
+    unit: Arc<dyn IommuUnit>,
+    at: RequesterRef,
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Device(unit {} @{:#x}, rid {:#06x})", self.at.unit, self.unit.base(), self.at.requester_id)
+    }
+}
+
+impl Device {
+    /// The device `at.requester_id` behind `unit` (number `at.unit`).
+    pub fn new(unit: Arc<dyn IommuUnit>, at: RequesterRef) -> Self {
+        Self { unit, at }
+    }
+    /// Its unit.
+    pub fn unit(&self) -> &Arc<dyn IommuUnit> {
+        &self.unit
+    }
+    /// Its unit index and requester id.
+    pub fn requester(&self) -> RequesterRef {
+        self.at
+    }
+    /// A new empty domain on its unit.
+    pub fn new_domain(&self) -> Result<Domain, UnitError> {
+        Ok(Domain { inner: self.unit.clone().new_domain()?, unit_index: self.at.unit, unit: self.unit.clone() })
+    }
+}
+
+impl DeviceOps for Device {
+    fn handle(&self) -> DeviceHandle {
+        self.at.handle()
+    }
+    fn alloc_domain(&self) -> Result<Box<dyn IommuDomain>, DomainError> {
+        Ok(Box::new(self.new_domain()?))
+    }
+    /// The MSI window, and the device's firmware ranges (mapped one-to-one
+    /// by the domain on attach, or kept unmapped, so no IOAS may use them).
+    fn reserved_regions(&self) -> Vec<(u64, u64)> {
+        let mut r = alloc::vec![(MSI_WINDOW.start, MSI_WINDOW.last)];
+        r.extend(self.unit.firmware_ranges(self.at.requester_id).into_iter().map(|f| (f.range.start, f.range.last)));
+        r
+    }
+    fn hw_info(&self) -> (u32, Vec<u8>) {
+        self.unit.hw_info()
+    }
+}
+
+/// A paging domain on one unit with vendor-neutral attach: devices are
+/// named by their [`RequesterRef`] handle, a device of another unit is
+/// refused, and the device's firmware ranges are identity-mapped before
+/// it translates through the domain (and removed again if the attach
+/// fails).
+pub struct Domain {
+    inner: Box<dyn UnitDomain>,
+    unit_index: u16,
+    unit: Arc<dyn IommuUnit>,
+}
+
+impl fmt::Debug for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Domain(unit {}, {:?})", self.unit_index, self.inner)
+    }
+}
+
+impl Domain {
+    /// The driver's domain inside.
+    pub fn unit_domain(&self) -> &dyn UnitDomain {
+        &*self.inner
+    }
+    /// Its domain id.
+    pub fn domain_id(&self) -> u16 {
+        self.inner.domain_id()
+    }
+    /// Its unit.
+    pub fn unit(&self) -> &Arc<dyn IommuUnit> {
+        &self.unit
+    }
+    /// Size of the page mapping `iova`, from the walk.
+    pub fn page_size(&self, iova: u64) -> Option<u64> {
+        self.inner.page_size(iova)
+    }
+    /// Its table's shape.
+    pub fn table_info(&self) -> TableInfo {
+        self.inner.table_info()
+    }
+
+    fn requester(&self, device: DeviceHandle) -> Result<u16, DomainError> {
+        match RequesterRef::from_handle(device) {
+            Some(r) if r.unit == self.unit_index => Ok(r.requester_id),
+            _ => Err(DomainError::Incompatible),
+        }
+    }
+
+    /// Points `requester_id` of this domain's unit at the domain, with its
+    /// firmware ranges identity-mapped first (removed again if the attach
+    /// fails, so the domain is as it was).
+    pub fn attach_requester(&mut self, requester_id: u16) -> Result<(), DomainError> {
+        let ranges: Vec<(u64, u64, Prot)> = self
+            .unit
+            .firmware_ranges(requester_id)
+            .into_iter()
+            .filter(|f| f.prot != Prot::NONE)
+            .map(|f| (f.range.start, f.range.last, f.prot))
+            .collect();
+        identity_map_then(
+            self,
+            |s| &mut *s.inner,
+            &ranges,
+            |s| s.inner.attach_requester(requester_id).map_err(DomainError::from),
+        )
+    }
+
+    /// Blocks `requester_id` again.
+    pub fn detach_requester(&mut self, requester_id: u16) -> Result<(), DomainError> {
+        self.inner.detach_requester(requester_id).map_err(DomainError::from)
+    }
+}
+
+impl IommuDomain for Domain {
+    crate::forward_paging!(fn paging, paging_mut);
+
+    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        let rid = self.requester(device)?;
+        self.attach_requester(rid)
+    }
+
+    fn detach_device(&mut self, device: DeviceHandle) {
+        // The trait's detach cannot fail; a unit that cannot block the
+        // device any more has stopped answering, and every later command to
+        // it (the domain's invalidations included) reports that.
+        if let Ok(rid) = self.requester(device) {
+            let _ = self.inner.detach_requester(rid);
+        }
+    }
+}
+
+impl Domain {
+    fn paging(&self) -> &dyn IommuDomain {
+        &*self.inner
+    }
+    fn paging_mut(&mut self) -> &mut dyn IommuDomain {
+        &mut *self.inner
+    }
+}

@@ -1,0 +1,457 @@
+//! A VT-d unit behind the vendor-generic traits of `portcullis_iommu::unit`:
+//! [`Shared`] (one running DRHD, its state under a lock) and [`VtdDomain`]
+//! (a page table in the stage the unit translates with, invalidated through
+//! the unit).
+//!
+//! Choices made here from the unit's capabilities, so no caller repeats
+//! them: the mode a unit runs in ([`Mode::best`]), the stage and table
+//! depth of a new domain ([`Stage::default_for`]), which invalidation a
+//! map needs (caching mode: the range; a write buffer: its flush), and
+//! whether interrupt remapping is turned on at bring-up.
+
+use crate::ir::{Irte, msi_address};
+use crate::{Caps, Clock, Error, Unit, regs};
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::fmt;
+use io_pgtable::{Invalidator, PagingDomain, PtFormat, TableMemory, VtdSecondStage, X86FirstStage};
+use portcullis_iommu::mmio::Mmio;
+use portcullis_iommu::unit::{DmaFault, FirmwareRange, IommuUnit, MsiRoute, TableInfo, UnitDomain, Vendor};
+use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, Prot, UnitError};
+use spin::Mutex;
+
+/// `IOMMU_HW_INFO_TYPE_INTEL_VTD` of Linux's uAPI.
+pub const HW_INFO_TYPE_INTEL_VTD: u32 = 1;
+
+/// How a unit is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Legacy root/context tables; queued invalidation when the unit has
+    /// it and `queued`, register-based otherwise.
+    Legacy {
+        /// Use the invalidation queue when ECAP.QI.
+        queued: bool,
+    },
+    /// Scalable-mode root/context/PASID tables with 256-bit queued
+    /// invalidation (ECAP.SMTS and ECAP.QI needed).
+    Scalable,
+}
+
+impl Mode {
+    /// Scalable when the unit offers it, legacy with queued invalidation
+    /// otherwise.
+    pub fn best(caps: Caps) -> Self {
+        if caps.scalable() && caps.qi() { Self::Scalable } else { Self::Legacy { queued: true } }
+    }
+}
+
+/// Which translation a domain's page table feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// VT-d second-stage tables (legacy mode, or a scalable-mode PASID
+    /// entry with PGTT = second-stage).
+    Second,
+    /// x86 first-stage (CPU-format) tables behind a scalable-mode PASID
+    /// entry with PGTT = first-stage.
+    First,
+}
+
+impl Stage {
+    /// The stage a new domain gets: second-stage where the unit translates
+    /// with it (legacy mode always does), first-stage on a scalable unit
+    /// that only has first-stage (QEMU `x-flts=on`).
+    pub fn default_for(caps: Caps, scalable: bool) -> Option<Self> {
+        if !scalable || caps.second_stage() {
+            Some(Self::Second)
+        } else if caps.first_stage() {
+            Some(Self::First)
+        } else {
+            None
+        }
+    }
+}
+
+/// The `UnitError` for a driver error of the unit at `base`.
+pub fn unit_error(base: u64, e: Error) -> UnitError {
+    use portcullis_iommu::HwError;
+    let cause = match e {
+        Error::Timeout { register, waited_ns, .. } => HwError::Timeout { register, waited_ns },
+        Error::QueueError { fsts, .. } => HwError::QueueError { status: fsts },
+        Error::NoMemory { .. } => HwError::NoMemory,
+        Error::Unsupported { what, .. } => HwError::Unsupported(what),
+        Error::NoDomainId { .. } => HwError::NoDomainId,
+    };
+    UnitError { unit: base, cause }
+}
+
+fn fault(r: &crate::FaultRecord) -> DmaFault {
+    DmaFault { requester_id: r.source_id, address: r.address, write: r.write, reason: r.reason }
+}
+
+/// One running VT-d unit, shared by its domains and devices.
+pub struct Shared<M: Mmio, T: TableMemory, C: Clock> {
+    base: u64,
+    unit: Mutex<Unit<M, T, C>>,
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> fmt::Debug for Shared<M, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VT-d unit @{:#x}", self.base)
+    }
+}
+
+impl<M, T, C> Shared<M, T, C>
+where
+    M: Mmio + Send + 'static,
+    T: TableMemory + Clone + Send + 'static,
+    C: Clock + Send + 'static,
+{
+    /// Brings up the unit at register base `base`: translation on in
+    /// `mode` (the best it offers when `None`), every device blocked, and
+    /// interrupt remapping on with an empty table where the unit has it
+    /// and runs its queue, so no device MSI passes until routed.
+    pub fn bring_up(base: u64, mmio: M, mem: T, clock: C, mode: Option<Mode>) -> Result<Arc<Self>, UnitError> {
+        let err = |e| unit_error(base, e);
+        let caps = Caps { cap: mmio.get64(regs::CAP), ecap: mmio.get64(regs::ECAP) };
+        let mut unit = Unit::new(alloc::format!("DRHD @{base:#x}"), mmio, mem, clock).map_err(err)?;
+        match mode.unwrap_or(Mode::best(caps)) {
+            Mode::Legacy { queued } => unit.enable(queued),
+            Mode::Scalable => unit.enable_scalable(),
+        }
+        .map_err(err)?;
+        if caps.interrupt_remapping() && unit.queued() {
+            unit.enable_interrupt_remapping().map_err(err)?;
+        }
+        Ok(Arc::new(Self { base, unit: Mutex::new(unit) }))
+    }
+
+    /// The driver's unit, for what the generic traits do not cover
+    /// (reports, the fault event interrupt, register-level tests).
+    pub fn lock(&self) -> spin::MutexGuard<'_, Unit<M, T, C>> {
+        self.unit.lock()
+    }
+
+    /// A new empty domain in `stage`.
+    pub fn new_domain_in(self: &Arc<Self>, stage: Stage) -> Result<VtdDomain<M, T, C>, UnitError> {
+        let base = self.base;
+        let bad = |what| UnitError { unit: base, cause: portcullis_iommu::HwError::Unsupported(what) };
+        let (caps, scalable, mem, did) = {
+            let mut u = self.unit.lock();
+            let did = u.alloc_did().map_err(|e| unit_error(base, e))?;
+            (u.caps(), u.is_scalable(), u.memory().clone(), did)
+        };
+        let inv = UnitInvalidator { unit: self.clone(), did, stage, caching_mode: caps.caching_mode() };
+        let paging = match stage {
+            Stage::Second if scalable && !caps.second_stage() => {
+                Err(bad("the unit has no second-stage translation (ECAP.SSTS)"))
+            }
+            Stage::Second => {
+                let widths =
+                    [(1u8, 39u32), (2, 48), (3, 57)].into_iter().filter(|(b, _)| caps.sagaw() >> b & 1 != 0).map(|(_, w)| w);
+                let sllps = caps.sllps();
+                VtdSecondStage::from_caps(widths, caps.mgaw(), sllps & 1 != 0, sllps & 2 != 0, caps.snoop_control())
+                    .ok_or(bad("no second-stage width the engine supports"))
+                    .and_then(|f| {
+                        PagingDomain::new(f, mem, inv)
+                            .map_err(|_| UnitError { unit: base, cause: portcullis_iommu::HwError::NoMemory })
+                    })
+                    .map(Paging::Second)
+            }
+            Stage::First if !scalable || !caps.first_stage() => {
+                Err(bad("first-stage translation needs a scalable-mode unit with ECAP.FSTS"))
+            }
+            Stage::First => {
+                // Supervisor requests are off in the PASID entry, so every
+                // level carries U/S; 4-level paging (48-bit).
+                let f = X86FirstStage::four_level().with_user(true).with_1g_pages(caps.first_stage_1g());
+                PagingDomain::new(f, mem, inv)
+                    .map_err(|_| UnitError { unit: base, cause: portcullis_iommu::HwError::NoMemory })
+                    .map(Paging::First)
+            }
+        };
+        match paging {
+            Ok(paging) => Ok(VtdDomain { paging, did, unit: self.clone() }),
+            Err(e) => {
+                self.unit.lock().free_did(did);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<M, T, C> IommuUnit for Shared<M, T, C>
+where
+    M: Mmio + Send + 'static,
+    T: TableMemory + Clone + Send + 'static,
+    C: Clock + Send + 'static,
+{
+    fn base(&self) -> u64 {
+        self.base
+    }
+    fn vendor(&self) -> Vendor {
+        Vendor::IntelVtd
+    }
+    fn new_domain(self: Arc<Self>) -> Result<Box<dyn UnitDomain>, UnitError> {
+        let stage = {
+            let u = self.unit.lock();
+            Stage::default_for(u.caps(), u.is_scalable())
+        }
+        .ok_or(UnitError { unit: self.base, cause: portcullis_iommu::HwError::Unsupported("no translation stage") })?;
+        Ok(Box::new(self.new_domain_in(stage)?))
+    }
+    fn attached_domain(&self, requester_id: u16) -> Option<u16> {
+        self.unit.lock().attached_domain(requester_id)
+    }
+    fn block(&self, requester_id: u16) -> Result<(), UnitError> {
+        self.unit.lock().detach(requester_id).map_err(|e| unit_error(self.base, e))
+    }
+    fn pass_through(&self, requester_id: u16) -> Result<(), UnitError> {
+        let mut u = self.unit.lock();
+        let did = u.alloc_did().map_err(|e| unit_error(self.base, e))?;
+        u.pass_through(requester_id, did).map_err(|e| {
+            u.free_did(did);
+            unit_error(self.base, e)
+        })
+    }
+    fn firmware_ranges(&self, requester_id: u16) -> Vec<FirmwareRange> {
+        self.unit
+            .lock()
+            .rmrrs_for(requester_id)
+            .into_iter()
+            .map(|(start, last)| FirmwareRange {
+                requester_id,
+                range: portcullis_iommu::unit::IovaRange { start, last },
+                prot: Prot::RW,
+            })
+            .collect()
+    }
+    fn set_firmware_ranges(&self, ranges: Vec<FirmwareRange>) {
+        self.unit.lock().set_rmrrs(ranges.into_iter().map(|f| (f.requester_id, f.range.start, f.range.last)).collect());
+    }
+    fn poll_faults(&self) -> Vec<DmaFault> {
+        self.unit
+            .lock()
+            .poll_faults()
+            .iter()
+            .map(fault)
+            .collect()
+    }
+    fn fault_log(&self) -> (Vec<DmaFault>, u64) {
+        let u = self.unit.lock();
+        let (log, overflows) = u.fault_log();
+        (log.iter().map(fault).collect(), overflows)
+    }
+    fn remaps_interrupts(&self) -> bool {
+        self.unit.lock().interrupt_remapping_on()
+    }
+    fn route_msi(&self, requester_id: u16, vector: u8, destination: u32) -> Result<MsiRoute, UnitError> {
+        let mut u = self.unit.lock();
+        let index = u.alloc_irte().map_err(|e| unit_error(self.base, e))?;
+        if let Err(e) = u.set_irte(index, Irte::remapped(vector, destination, false, requester_id)) {
+            // The entry may be half-written: freeing it clears it again
+            // (and reports a second failure, which the first covers).
+            let _ = u.free_irte(index);
+            return Err(unit_error(self.base, e));
+        }
+        Ok(MsiRoute { handle: index, address: msi_address(index), data: 0 })
+    }
+    fn free_msi(&self, _requester_id: u16, handle: u16) -> Result<(), UnitError> {
+        self.unit.lock().free_irte(handle).map_err(|e| unit_error(self.base, e))
+    }
+    /// As Linux's VT-d driver: `IOMMU_HW_INFO_TYPE_INTEL_VTD` with the
+    /// capability registers (`struct iommu_hw_info_vtd`: flags, reserved,
+    /// CAP, ECAP; no errata flags).
+    fn hw_info(&self) -> (u32, Vec<u8>) {
+        let caps = self.unit.lock().caps();
+        let mut b = Vec::with_capacity(24);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&caps.cap.to_le_bytes());
+        b.extend_from_slice(&caps.ecap.to_le_bytes());
+        (HW_INFO_TYPE_INTEL_VTD, b)
+    }
+    fn invalidation_waits(&self) -> u64 {
+        self.unit.lock().stats.waits
+    }
+}
+
+/// IOTLB invalidation of one domain through its unit.
+pub struct UnitInvalidator<M: Mmio, T: TableMemory, C: Clock> {
+    unit: Arc<Shared<M, T, C>>,
+    did: u16,
+    stage: Stage,
+    caching_mode: bool,
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> fmt::Debug for UnitInvalidator<M, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UnitInvalidator(did {}, {:?} stage)", self.did, self.stage)
+    }
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> UnitInvalidator<M, T, C> {
+    fn range(&self, start: u64, last: u64, leaf_only: bool) -> Result<(), DomainError> {
+        let mut u = self.unit.unit.lock();
+        // First-stage translations are cached under (DID, PASID): only
+        // PASID-based IOTLB invalidation reaches them.
+        match self.stage {
+            Stage::Second => u.invalidate_range(self.did, start, last, leaf_only),
+            Stage::First => u.invalidate_range_pasid(self.did, start, last, leaf_only),
+        }
+        .map_err(|e| unit_error(self.unit.base, e).into())
+    }
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> Invalidator for UnitInvalidator<M, T, C> {
+    fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
+        self.range(start, last, !tables_freed)
+    }
+    fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
+        // Caching mode: the unit may have cached the not-present entries.
+        if self.caching_mode {
+            self.range(iova, last, false)
+        } else {
+            self.unit.unit.lock().flush_write_buffer().map_err(|e| unit_error(self.unit.base, e).into())
+        }
+    }
+}
+
+/// A domain's page table in the format of its stage.
+pub enum Paging<M: Mmio, T: TableMemory, C: Clock> {
+    /// VT-d second-stage format.
+    Second(PagingDomain<VtdSecondStage, T, UnitInvalidator<M, T, C>>),
+    /// x86 first-stage format.
+    First(PagingDomain<X86FirstStage, T, UnitInvalidator<M, T, C>>),
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> fmt::Debug for Paging<M, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Second(_) => write!(f, "Paging(second stage)"),
+            Self::First(_) => write!(f, "Paging(first stage)"),
+        }
+    }
+}
+
+/// Evaluates `$e` with `$d` bound to whichever paging domain `$p` holds.
+macro_rules! each {
+    ($p:expr, $d:ident => $e:expr) => {
+        match $p {
+            Paging::Second($d) => $e,
+            Paging::First($d) => $e,
+        }
+    };
+}
+
+/// A VT-d domain: its page table, domain id and unit.
+pub struct VtdDomain<M: Mmio, T: TableMemory, C: Clock> {
+    paging: Paging<M, T, C>,
+    did: u16,
+    unit: Arc<Shared<M, T, C>>,
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> fmt::Debug for VtdDomain<M, T, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VtdDomain(did {}, {:?} stage, unit @{:#x})", self.did, self.stage(), self.unit.base)
+    }
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> VtdDomain<M, T, C> {
+    /// Its stage.
+    pub fn stage(&self) -> Stage {
+        match self.paging {
+            Paging::Second(_) => Stage::Second,
+            Paging::First(_) => Stage::First,
+        }
+    }
+    /// The page table.
+    pub fn paging(&self) -> &Paging<M, T, C> {
+        &self.paging
+    }
+    fn root_levels(&self) -> (u64, u32) {
+        each!(&self.paging, d => (d.table().root(), d.table().format().levels()))
+    }
+}
+
+impl<M, T, C> VtdDomain<M, T, C>
+where
+    M: Mmio + Send + 'static,
+    T: TableMemory + Clone + Send + 'static,
+    C: Clock + Send + 'static,
+{
+    fn inner(&self) -> &dyn IommuDomain {
+        each!(&self.paging, d => d)
+    }
+    fn inner_mut(&mut self) -> &mut dyn IommuDomain {
+        each!(&mut self.paging, d => d)
+    }
+}
+
+impl<M, T, C> IommuDomain for VtdDomain<M, T, C>
+where
+    M: Mmio + Send + 'static,
+    T: TableMemory + Clone + Send + 'static,
+    C: Clock + Send + 'static,
+{
+    portcullis_iommu::forward_paging!(fn inner, inner_mut);
+    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.attach_requester(device.0 as u16).map_err(DomainError::from)
+    }
+    fn detach_device(&mut self, device: DeviceHandle) {
+        let _ = self.detach_requester(device.0 as u16);
+    }
+}
+
+impl<M, T, C> UnitDomain for VtdDomain<M, T, C>
+where
+    M: Mmio + Send + 'static,
+    T: TableMemory + Clone + Send + 'static,
+    C: Clock + Send + 'static,
+{
+    fn domain_id(&self) -> u16 {
+        self.did
+    }
+    fn unit_base(&self) -> u64 {
+        self.unit.base
+    }
+    fn attach_requester(&mut self, requester_id: u16) -> Result<(), UnitError> {
+        let (root, levels) = self.root_levels();
+        let mut u = self.unit.unit.lock();
+        match self.stage() {
+            Stage::Second => u.attach(requester_id, root, levels, self.did),
+            Stage::First => u.attach_first_stage(requester_id, root, levels, self.did),
+        }
+        .map_err(|e| unit_error(self.unit.base, e))
+    }
+    fn detach_requester(&mut self, requester_id: u16) -> Result<(), UnitError> {
+        self.unit.unit.lock().detach(requester_id).map_err(|e| unit_error(self.unit.base, e))
+    }
+    fn page_size(&self, iova: u64) -> Option<u64> {
+        each!(&self.paging, d => d.table().page_size(iova))
+    }
+    fn table_info(&self) -> TableInfo {
+        let (root, levels) = self.root_levels();
+        let format = match self.stage() {
+            Stage::Second => "VT-d second stage",
+            Stage::First => "x86 first stage",
+        };
+        TableInfo { root, levels, format }
+    }
+}
+
+impl<M: Mmio, T: TableMemory, C: Clock> Drop for VtdDomain<M, T, C> {
+    /// The domain id is reused later: nothing of this domain may stay in
+    /// the IOTLB under it. If the unit cannot confirm that, the id is not
+    /// reused.
+    fn drop(&mut self) {
+        let mut u = self.unit.unit.lock();
+        let clean = match self.stage() {
+            Stage::Second => u.invalidate_range(self.did, 0, u64::MAX, false),
+            Stage::First => u.invalidate_range_pasid(self.did, 0, u64::MAX, false),
+        };
+        if clean.is_ok() {
+            u.free_did(self.did);
+        }
+    }
+}
