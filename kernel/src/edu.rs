@@ -37,7 +37,7 @@ impl Edu {
         // Memory space + bus master.
         ecam.write32(dev.segment, dev.bdf, 4, (cmd & 0xffff) | 0x6);
         let regs = crate::mem::map_mmio(bar.base, 0x100).ok()?;
-        Some(Self { regs, sid: dev.bdf.rid() })
+        Some(Self { regs, sid: dev.bdf.requester_id() })
     }
 
     fn w64(&self, off: usize, v: u64) {

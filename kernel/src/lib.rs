@@ -16,12 +16,9 @@ pub mod acpi;
 pub mod iommu_regs;
 pub mod ktest;
 pub mod mem;
-pub mod ownership;
 pub mod pci;
 pub mod time;
 
-#[cfg(target_os = "none")]
-pub mod amd;
 #[cfg(target_os = "none")]
 pub mod arch;
 #[cfg(target_os = "none")]
@@ -31,11 +28,9 @@ pub mod edu;
 #[cfg(target_os = "none")]
 pub mod fatal;
 #[cfg(target_os = "none")]
-pub mod iommu;
+pub mod host;
 #[cfg(target_os = "none")]
 pub mod iommu_probe;
-#[cfg(target_os = "none")]
-pub mod passthrough;
 #[cfg(target_os = "none")]
 pub mod report;
 #[cfg(target_os = "none")]

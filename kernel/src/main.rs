@@ -11,8 +11,9 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     let platform = portcullis_kernel::init(boot);
     // Drive the IOMMUs: translation on, every device blocked until a
     // domain is attached.
-    let iommus = portcullis_kernel::passthrough::Iommus::bring_up(&platform);
-    portcullis_kernel::report::print(&platform, iommus.vtd.as_ref(), iommus.amd.as_ref());
+    let host = portcullis_kernel::host::KernelHost::new(&platform);
+    let iommus = portcullis_kernel::host::Iommus::bring_up(host);
+    portcullis_kernel::report::print(&platform, &iommus);
     exit_qemu(ExitCode::Success)
 }
 

@@ -11,35 +11,10 @@
 //! config space ([`tests`]) and in the kernel against ECAM.
 
 use alloc::vec::Vec;
-use core::fmt;
 
-/// A PCI function address within a segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Bdf {
-    /// Bus.
-    pub bus: u8,
-    /// Device (0-31).
-    pub device: u8,
-    /// Function (0-7).
-    pub function: u8,
-}
-
-impl Bdf {
-    /// The 16-bit requester id (`bus << 8 | device << 3 | function`).
-    pub fn rid(self) -> u16 {
-        (self.bus as u16) << 8 | (self.device as u16) << 3 | self.function as u16
-    }
-    /// From a requester id.
-    pub fn from_rid(rid: u16) -> Self {
-        Self { bus: (rid >> 8) as u8, device: ((rid >> 3) & 0x1f) as u8, function: (rid & 7) as u8 }
-    }
-}
-
-impl fmt::Display for Bdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:02x}:{:02x}.{}", self.bus, self.device, self.function)
-    }
-}
+/// A PCI function address within a segment (the one `Bdf` of the
+/// workspace, from the ACPI parser).
+pub use acpi_tables::scope::Bdf;
 
 /// Reads and writes configuration space. Reads of an absent function return
 /// all ones, as the hardware does.
@@ -545,8 +520,8 @@ mod tests {
     #[test]
     fn requester_ids() {
         let b = bdf(0x12, 0x1f, 7);
-        assert_eq!(b.rid(), 0x12ff);
-        assert_eq!(Bdf::from_rid(0x12ff), b);
+        assert_eq!(b.requester_id(), 0x12ff);
+        assert_eq!(Bdf::from_requester_id(0x12ff), b);
         assert_eq!(b.to_string(), "12:1f.7");
     }
 }

@@ -3,9 +3,9 @@
 use crate::Platform;
 use crate::println;
 
-/// Prints the whole report to serial; `vtd` and `amd` are the drivers'
-/// state when the kernel brought the units up.
-pub fn print(p: &Platform, vtd: Option<&crate::iommu::VtdSystem>, amd: Option<&crate::amd::AmdSystem>) {
+/// Prints the whole report to serial; `iommus` is what bring-up made of
+/// the units.
+pub fn print(p: &Platform, iommus: &crate::host::Iommus) {
     println!("================ Portcullis platform report ================");
     println!(
         "CPU      {} ({}) family {:#x} model {:#x} stepping {}",
@@ -26,13 +26,8 @@ pub fn print(p: &Platform, vtd: Option<&crate::iommu::VtdSystem>, amd: Option<&c
     memory(p);
     acpi(p);
     pci(p);
-    iommus(p);
-    if let Some(v) = vtd {
-        drivers(p, v);
-    }
-    if let Some(a) = amd {
-        amd_drivers(p, a);
-    }
+    firmware_iommus(p);
+    drivers(p, iommus);
     println!("=============================================================");
 }
 
@@ -134,7 +129,7 @@ fn pci(p: &Platform) {
     }
 }
 
-fn iommus(p: &Platform) {
+fn firmware_iommus(p: &Platform) {
     use crate::iommu_regs::{AmdFeatures, VtdCaps};
     let mut any = false;
     match &p.dmar {
@@ -220,7 +215,10 @@ fn iommus(p: &Platform) {
                 for s in &u.scopes {
                     match acpi_tables::scope::resolve(u.segment, s, &p.ecam) {
                         Ok(b) => {
-                            let dev = p.pci.iter().find(|d| d.segment == u.segment && d.bdf.rid() == b.requester_id());
+                            let dev = p
+                                .pci
+                                .iter()
+                                .find(|d| d.segment == u.segment && d.bdf.requester_id() == b.requester_id());
                             let what = dev
                                 .map(|d| alloc::format!("{:04x}:{:04x} {}", d.vendor, d.device, d.class_name()))
                                 .unwrap_or_default();
@@ -268,7 +266,7 @@ fn iommus(p: &Platform) {
                     .filter(|o| o.base_address == h.base_address && o.kind != h.kind)
                     .map(|o| alloc::format!("{:#x}", o.kind))
                     .collect();
-                let b = crate::pci::Bdf::from_rid(h.device_id);
+                let b = crate::pci::Bdf::from_requester_id(h.device_id);
                 println!(
                     "IOMMU {}  AMD-Vi IVHD type {:#x} at {:#x}, segment {}, PCI function {} capability {:#x}, flags {:#x}",
                     i, h.kind, h.base_address, h.segment, b, h.capability_offset, h.flags
@@ -308,16 +306,18 @@ fn iommus(p: &Platform) {
                             let covered: alloc::vec::Vec<_> = p
                                 .pci
                                 .iter()
-                                .filter(|d| d.segment == h.segment && (r.first..=r.last).contains(&d.bdf.rid()))
+                                .filter(|d| {
+                                    d.segment == h.segment && (r.first..=r.last).contains(&d.bdf.requester_id())
+                                })
                                 .map(|d| alloc::format!("{} {:04x}:{:04x}", d.bdf, d.vendor, d.device))
                                 .collect();
                             println!(
                                 "         devices {}..={} setting {:#x}{}: {}",
-                                crate::pci::Bdf::from_rid(r.first),
-                                crate::pci::Bdf::from_rid(r.last),
+                                crate::pci::Bdf::from_requester_id(r.first),
+                                crate::pci::Bdf::from_requester_id(r.last),
                                 r.data_setting,
                                 r.alias
-                                    .map(|a| alloc::format!(" alias {}", crate::pci::Bdf::from_rid(a)))
+                                    .map(|a| alloc::format!(" alias {}", crate::pci::Bdf::from_requester_id(a)))
                                     .unwrap_or_default(),
                                 if covered.is_empty() {
                                     alloc::string::String::from("(none present)")
@@ -336,23 +336,28 @@ fn iommus(p: &Platform) {
     }
 }
 
-fn drivers(p: &Platform, v: &crate::iommu::VtdSystem) {
-    for (i, (base, unit)) in v.units.iter().enumerate() {
-        match unit {
-            Err(e) => println!("Driver   VT-d unit {} at {:#x}: not running: {}", i, base, e),
-            Ok(u) => {
+fn drivers(p: &Platform, iommus: &crate::host::Iommus) {
+    use portcullis::Driver;
+    for (i, unit) in iommus.units().iter().enumerate() {
+        let what = match unit.vendor {
+            portcullis::Vendor::IntelVtd => "VT-d",
+            portcullis::Vendor::AmdVi => "AMD-Vi",
+        };
+        match &unit.state {
+            Err(e) => println!("Driver   {} unit {} at {}: not running: {}", what, i, unit.base, e),
+            Ok(Driver::Vtd(u)) => {
                 let u = u.lock();
                 let caps = u.caps();
                 println!(
-                    "Driver   VT-d unit {} at {:#x}: {}, {} invalidation, translation on, {} domain ids",
+                    "Driver   VT-d unit {} at {}: {}, {} invalidation, translation on, {} domain ids",
                     i,
-                    base,
+                    unit.base,
                     if u.is_scalable() {
                         alloc::format!(
                             "scalable mode ({} translation)",
-                            match crate::iommu::Stage::default_for(&u) {
-                                Some(crate::iommu::Stage::First) => "first-stage",
-                                Some(crate::iommu::Stage::Second) => "second-stage",
+                            match vtd::Stage::default_for(caps, true) {
+                                Some(vtd::Stage::First) => "first-stage",
+                                Some(vtd::Stage::Second) => "second-stage",
                                 None => "no",
                             }
                         )
@@ -380,60 +385,52 @@ fn drivers(p: &Platform, v: &crate::iommu::VtdSystem) {
                         "not supported"
                     }
                 );
-                for ((seg, bdf), a) in v.owners.iter().filter(|(_, a)| a.unit == i) {
-                    let d = p.pci.iter().find(|d| d.segment == *seg && d.bdf == *bdf);
-                    let did = u.attached_domain(a.requester_id);
-                    println!(
-                        "         {:04x}:{} {} requester id {:#06x}{}: {}",
-                        seg,
-                        bdf,
-                        d.map(|d| alloc::format!("{:04x}:{:04x}", d.vendor, d.device)).unwrap_or_default(),
-                        a.requester_id,
-                        a.alias_bridge.map(|b| alloc::format!(" (via bridge {})", b)).unwrap_or_default(),
-                        match did {
-                            Some(did) => alloc::format!("attached, domain {did}"),
-                            None => "blocked (no domain)".into(),
-                        }
-                    );
-                }
+                owners(p, iommus, i, "requester id", |rid| u.attached_domain(rid));
             }
-        }
-    }
-}
-
-fn amd_drivers(p: &Platform, a: &crate::amd::AmdSystem) {
-    for (i, (scope, unit)) in a.units.iter().enumerate() {
-        match unit {
-            Err(e) => println!("Driver   AMD-Vi unit {} at {:#x}: not running: {}", i, scope.base, e),
-            Ok(u) => {
+            Ok(Driver::Amd(u)) => {
                 let u = u.lock();
                 let caps = u.caps();
                 println!(
-                    "Driver   AMD-Vi unit {} at {:#x}: translation on, device table for ids 0..={:#06x} ({} page(s)), \
+                    "Driver   AMD-Vi unit {} at {}: translation on, device table for ids 0..={:#06x} ({} page(s)), \
                      command buffer, {} page-table levels at most, invalidate-all {}",
                     i,
-                    scope.base,
+                    unit.base,
                     u.last_device_id(),
                     u.dev_table_pages(),
                     caps.max_levels().map_or_else(|| "no".into(), |l| alloc::format!("{l}")),
                     yes(caps.invalidate_all())
                 );
-                for ((seg, bdf), o) in a.owners.iter().filter(|(_, o)| o.unit == i) {
-                    let d = p.pci.iter().find(|d| d.segment == *seg && d.bdf == *bdf);
-                    println!(
-                        "         {:04x}:{} {} device id {:#06x}{}: {}",
-                        seg,
-                        bdf,
-                        d.map(|d| alloc::format!("{:04x}:{:04x}", d.vendor, d.device)).unwrap_or_default(),
-                        o.requester_id,
-                        o.alias_bridge.map(|b| alloc::format!(" (via bridge {})", b)).unwrap_or_default(),
-                        match u.attached_domain(o.requester_id) {
-                            Some(id) => alloc::format!("attached, domain {id}"),
-                            None => "blocked (no domain)".into(),
-                        }
-                    );
-                }
+                owners(p, iommus, i, "device id", |id| u.attached_domain(id));
             }
         }
+    }
+    for problem in iommus.problems() {
+        println!("Driver   firmware table problem: {:?}", problem);
+    }
+}
+
+/// The functions unit `unit` translates, with their requester (device) ids
+/// and attachment.
+fn owners(
+    p: &Platform,
+    iommus: &crate::host::Iommus,
+    unit: usize,
+    id_name: &str,
+    attached: impl Fn(u16) -> Option<u16>,
+) {
+    for (f, a) in iommus.assignments().filter(|(_, a)| a.unit == unit) {
+        let d = p.pci.iter().find(|d| d.segment == f.segment && d.bdf == f.bdf);
+        println!(
+            "         {} {} {} {:#06x}{}: {}",
+            f,
+            d.map(|d| alloc::format!("{:04x}:{:04x}", d.vendor, d.device)).unwrap_or_default(),
+            id_name,
+            a.requester_id,
+            a.alias_bridge.map(|b| alloc::format!(" (via bridge {})", b)).unwrap_or_default(),
+            match attached(a.requester_id) {
+                Some(did) => alloc::format!("attached, domain {did}"),
+                None => "blocked (no domain)".into(),
+            }
+        );
     }
 }

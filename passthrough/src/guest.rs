@@ -89,14 +89,7 @@ impl<P: Platform> GuestDma<P> {
         let memory = Arc::new(RegionMemory::new(PlatformPhys(iommus.platform().clone())));
         let ictx = Ictx::new(memory.clone() as Arc<dyn MemorySource>, pin_limit_pages);
         let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
-        Ok(Self {
-            memory,
-            ictx,
-            ioas,
-            devices: BTreeMap::new(),
-            routes: Vec::new(),
-            allow_unsafe_interrupts: false,
-        })
+        Ok(Self { memory, ictx, ioas, devices: BTreeMap::new(), routes: Vec::new(), allow_unsafe_interrupts: false })
     }
 
     /// Lets [`Self::assign`] accept devices whose unit does not remap
@@ -109,10 +102,18 @@ impl<P: Platform> GuestDma<P> {
     /// Maps guest RAM `[gpa, gpa + len)`, backed by host physical
     /// `[hpa, hpa + len)`, at IOVA `gpa` for every assigned device (and
     /// every later one). Page aligned; `writable` lets devices write it.
-    pub fn add_memory(&mut self, gpa: GuestAddr, hpa: PhysAddr, len: u64, writable: bool) -> Result<(), PassthroughError> {
+    pub fn add_memory(
+        &mut self,
+        gpa: GuestAddr,
+        hpa: PhysAddr,
+        len: u64,
+        writable: bool,
+    ) -> Result<(), PassthroughError> {
         page_range(gpa.0, len)?;
         page_range(hpa.0, len)?;
-        self.memory.add_region(gpa.0, hpa.0, len, writable).map_err(|e| PassthroughError::Iommufd("guest memory", e))?;
+        self.memory
+            .add_region(gpa.0, hpa.0, len, writable)
+            .map_err(|e| PassthroughError::Iommufd("guest memory", e))?;
         if let Err(e) = self.ictx.ioas_map(self.ioas, Some(gpa.0), gpa.0, len, true, writable) {
             // Nothing was mapped, so nothing pins the region.
             let _ = self.memory.remove_region(gpa.0, len);
@@ -216,7 +217,13 @@ impl<P: Platform> GuestDma<P> {
     /// entry that accepts it only from this function. Returns the MSI
     /// address and data to program into the device (or to give its virtual
     /// MSI capability). The route goes away with [`Self::unassign`].
-    pub fn route_msi(&mut self, segment: u16, bdf: Bdf, vector: u8, apic_id: u32) -> Result<(u64, u32), PassthroughError> {
+    pub fn route_msi(
+        &mut self,
+        segment: u16,
+        bdf: Bdf,
+        vector: u8,
+        apic_id: u32,
+    ) -> Result<(u64, u32), PassthroughError> {
         let function = Function { segment, bdf };
         let a = self.devices.get(&function).ok_or(PassthroughError::NotAssigned(function))?;
         let MsiRoute { handle, address, data } =

@@ -10,9 +10,9 @@ use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use portcullis_iommu::Prot;
 use portcullis_iommu::mmio::Mmio;
 use portcullis_iommu::unit::{Device, FirmwareRange, IommuUnit, IovaRange, RequesterRef, Vendor};
-use portcullis_iommu::Prot;
 
 /// A VT-d unit driven over the platform.
 pub type VtdUnit<P> = vtd::Shared<<P as Platform>::Mmio, PlatformTables<P>, PlatformClock<P>>;
@@ -206,13 +206,17 @@ impl<P: Platform> Iommus<P> {
             .filter_map(|m| amdvi::UnityRange::from_ivmd(m.kind, m.flags, m.device_id, m.aux_data, m.start, m.length))
             .collect();
         for s in scopes {
-            let ivhd = ivrs.ivhds().filter(|h| h.segment == s.segment && h.base_address == s.base).max_by_key(|h| h.kind);
+            let ivhd =
+                ivrs.ivhds().filter(|h| h.segment == s.segment && h.base_address == s.base).max_by_key(|h| h.kind);
             let coherent = ivhd.is_some_and(|h| h.flags & (1 << 5) != 0);
             let pci_capability = ivhd.and_then(|h| {
                 let bdf = Bdf::from_requester_id(h.device_id);
                 functions.iter().find(|f| f.segment == h.segment && f.bdf == bdf)?;
                 let off = h.capability_offset;
-                Some((self.platform.pci_read32(h.segment, bdf, off), self.platform.pci_read32(h.segment, bdf, off + 0x10)))
+                Some((
+                    self.platform.pci_read32(h.segment, bdf, off),
+                    self.platform.pci_read32(h.segment, bdf, off + 0x10),
+                ))
             });
             // The table covers every id, not just the IVRS ranges: QEMU does
             // not bound a lookup by the table's Size field, so an id beyond a

@@ -126,7 +126,11 @@ pub fn unit_scopes(
             }
             match acpi_tables::scope::resolve(d.segment, s, cfg) {
                 Ok(b) => {
-                    if s.scope_type == SCOPE_PCI_ENDPOINT { u.endpoints.push(b) } else { u.bridges.push(b) }
+                    if s.scope_type == SCOPE_PCI_ENDPOINT {
+                        u.endpoints.push(b)
+                    } else {
+                        u.bridges.push(b)
+                    }
                 }
                 Err(e) => errors.push(e),
             }

@@ -3,104 +3,29 @@
 //! (device table entries, ownership from the IVRS). QEMU's AMD-Vi records
 //! no events, so blocking is proven by memory alone.
 
-use crate::dma_cases::{self as dma, Backend, Fault, edus, fail, iommus};
+use crate::dma_cases::{self as dma, Backend, UnitBackend, edus, fail};
 use alloc::format;
-use alloc::string::String;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
-use portcullis_iommu::IommuDomain;
-use portcullis_kernel::amd::{AmdDevice, AmdDomain, SharedAmdUnit};
-use portcullis_kernel::edu::Edu;
+use portcullis::drivers::amdvi;
+use portcullis::{AmdUnit, Driver, Vendor};
+use portcullis_kernel::host::KernelHost;
 use portcullis_kernel::ktest::{Outcome, TestResult};
-use portcullis_kernel::ownership::Assignment;
-use portcullis_kernel::pci::Bdf;
 use portcullis_kernel::{Platform, ensure, ensure_eq, skip};
-
-type Owners = alloc::collections::BTreeMap<(u16, Bdf), Assignment>;
 
 /// The AMD-Vi unit (brought up once per boot with the others, see
 /// `dma_cases::iommus`) as the common cases drive it.
-pub struct Amd {
-    unit: &'static SharedAmdUnit,
-    owners: &'static Owners,
-}
-
-fn amd(p: &Platform) -> Result<Amd, Outcome> {
+fn amd(p: &Platform) -> Result<UnitBackend, Outcome> {
     if !p.config.starts_with("amd") {
         skip!("needs an AMD IOMMU configuration");
     }
-    let system = iommus(p).amd.as_ref().ok_or_else(|| fail("no parsed IVRS".into()))?;
-    let (_, unit) = system.units.first().ok_or_else(|| fail("IVRS has no IVHD".into()))?;
-    let unit = unit.as_ref().map_err(|e| fail(format!("bring-up: {e}")))?;
-    Ok(Amd { unit, owners: &system.owners })
+    UnitBackend::first(p, Vendor::AmdVi)
 }
 
-impl Backend for Amd {
-    type Domain = AmdDomain;
-    fn new_domain(&self) -> Result<AmdDomain, String> {
-        AmdDomain::new(self.unit)
-    }
-    fn paging<'a>(&self, d: &'a mut AmdDomain) -> &'a mut dyn IommuDomain {
-        &mut d.domain
-    }
-    fn attach(&self, d: &AmdDomain, id: u16) -> Result<(), String> {
-        d.attach(id)
-    }
-    fn detach(&self, d: &AmdDomain, id: u16) -> Result<(), String> {
-        d.detach(id)
-    }
-    fn page_size(&self, d: &AmdDomain, iova: u64) -> Option<u64> {
-        d.page_size(iova)
-    }
-    fn invalidation_error(&self, d: &AmdDomain) -> Option<String> {
-        d.invalidator_error()
-    }
-    fn waits(&self) -> u64 {
-        self.unit.lock().stats.waits
-    }
-    fn faults(&self) -> Option<Vec<Fault>> {
-        // QEMU 10.0.2 writes no usable event log: read it (so the driver
-        // path runs) but do not rely on it.
-        self.unit.lock().poll_events();
-        None
-    }
-    fn write_denied_reason(&self, _: &AmdDomain) -> Option<u8> {
-        None
-    }
-    fn device_id(&self, p: &Platform, edu: &Edu) -> Result<u16, Outcome> {
-        let dev = dma::edu_device(p, edu)?;
-        if dev.bdf.bus != 0 {
-            // QEMU 10.0's AMD-Vi names a device by the bus number its bus
-            // had when the device was created (0 for every bus behind a
-            // bridge, numbered later by firmware): its DMA is looked up
-            // under device id (0, devfn), not the id real hardware uses.
-            skip!(
-                "QEMU's AMD-Vi looks {} up under bus 0 (bus numbers fixed at creation), not as {:#06x}",
-                dev.bdf,
-                edu.sid
-            );
-        }
-        self.owners
-            .get(&(dev.segment, dev.bdf))
-            .map(|a| a.requester_id)
-            .ok_or_else(|| fail(format!("{} is not covered by the IVRS", dev.bdf)))
-    }
-    fn device_ops(&self, id: u16) -> Arc<dyn iommufd::ctx::DeviceOps> {
-        Arc::new(AmdDevice::new(self.unit.clone(), 0, id))
-    }
-    fn attached(&self, id: u16) -> Option<u16> {
-        self.unit.lock().attached_domain(id)
-    }
-    fn set_firmware_range(&self, range: Option<(u16, u64, u64)>) {
-        let unity = range.map(|(id, start, last)| amdvi::UnityRange {
-            first_id: id,
-            last_id: id,
-            start,
-            last,
-            read: true,
-            write: true,
-        });
-        self.unit.lock().set_unity_ranges(unity.into_iter().collect());
+/// The same unit as the AMD-Vi driver's own type.
+fn unit(b: &UnitBackend) -> Result<Arc<AmdUnit<KernelHost>>, Outcome> {
+    match &b.driver {
+        Driver::Amd(u) => Ok(u.clone()),
+        Driver::Vtd(_) => Err(fail("the first AMD-Vi unit is not an AMD-Vi unit".into())),
     }
 }
 
@@ -123,28 +48,29 @@ dma::dma_cases_for!(amd;
 /// table root, IR/IW, the domain id); a detach puts the blocked entry back.
 pub fn amd_device_table_entries_match_ownership(p: &Platform) -> TestResult {
     let b = amd(p)?;
+    let u = unit(&b)?;
     let all = edus(p);
     ensure!(all.len() >= 3, "expected three edus, found {}", all.len());
     for e in all.iter().filter(|e| e.sid >> 8 == 0) {
         let id = b.device_id(p, e)?;
-        let dte = b.unit.lock().dte(id).ok_or_else(|| fail(format!("no entry for {id:#x}")))?;
+        let dte = u.lock().dte(id).ok_or_else(|| fail(format!("no entry for {id:#x}")))?;
         ensure_eq!(dte, amdvi::DeviceTableEntry::blocked(), "entry of unattached device {:#x}", id);
     }
     let e = &all[0];
     let id = b.device_id(p, e)?;
     let d = b.new_domain().map_err(fail)?;
-    d.attach(id).map_err(fail)?;
+    b.attach(&d, id).map_err(fail)?;
     let r = (|| {
-        let t = d.domain.table();
-        let levels = io_pgtable::PtFormat::levels(t.format());
-        let want = amdvi::DeviceTableEntry::translated(t.root(), levels, d.domain_id)
+        let t = d.table_info();
+        ensure_eq!(t.format, "AMD v1", "table format");
+        let want = amdvi::DeviceTableEntry::translated(t.root, t.levels, d.domain_id())
             .ok_or_else(|| fail("no encodable entry".into()))?;
-        ensure_eq!(b.unit.lock().dte(id), Some(want), "translated entry");
-        ensure_eq!(b.attached(id), Some(d.domain_id), "attached domain");
+        ensure_eq!(u.lock().dte(id), Some(want), "translated entry");
+        ensure_eq!(b.attached(id), Some(d.domain_id()), "attached domain");
         Ok(())
     })();
-    d.detach(id).map_err(fail)?;
-    ensure_eq!(b.unit.lock().dte(id), Some(amdvi::DeviceTableEntry::blocked()), "entry after detach");
+    b.detach(&d, id).map_err(fail)?;
+    ensure_eq!(u.lock().dte(id), Some(amdvi::DeviceTableEntry::blocked()), "entry after detach");
     r
 }
 
@@ -156,6 +82,7 @@ pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
     use portcullis_kernel::arch::irq;
     const VECTOR: u8 = 0x2b;
     let b = amd(p)?;
+    let u = unit(&b)?;
     let edu = edus(p).into_iter().next().ok_or_else(|| fail("no edu".into()))?;
     let id = b.device_id(p, &edu)?;
     let dev = dma::edu_device(p, &edu)?;
@@ -172,15 +99,15 @@ pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
             // IV = 1 entry: blocking is all there is to see here.
             return Ok(());
         }
-        let index = b.unit.lock().route_interrupt(id, VECTOR, apic).map_err(|e| fail(format!("{e}")))?;
+        let index = u.lock().route_interrupt(id, VECTOR, apic).map_err(|e| fail(format!("{e}")))?;
         portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(amdvi::irte::msi_message(index)));
         ensure!(raise(2000), "the routed MSI did not arrive on vector {:#x}", VECTOR);
-        b.unit.lock().unroute_interrupt(id, index).map_err(|e| fail(format!("{e}")))?;
+        u.lock().unroute_interrupt(id, index).map_err(|e| fail(format!("{e}")))?;
         ensure!(!raise(200), "an MSI arrived after its route was removed");
         Ok(())
     })();
     irq::disable();
     portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
-    let _ = b.unit.lock().release_interrupts(id);
+    let _ = u.lock().release_interrupts(id);
     r
 }

@@ -11,7 +11,9 @@ use iommufd::ctx::{DeviceOps, Ictx};
 use iommufd::memsrc::{MemorySource, PAGE_SIZE};
 use iommufd::selftest::described::DescribedMemory;
 use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain};
+use portcullis::{Device, Domain, Driver, IommuUnit, Iommus, RequesterRef};
 use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain};
+use portcullis_kernel::host::KernelHost;
 use portcullis_kernel::println;
 use portcullis_kernel::time::uptime_ns;
 
@@ -70,63 +72,87 @@ fn ioas_bench(size: u64, huge: bool, dev: Arc<dyn DeviceOps>, iova_base: u64, wh
     (map / pages, unmap / pages)
 }
 
-/// With a VT-d unit: the same IOAS map/unmap onto a real (emulated) VT-d
-/// second-stage domain, the invalidation waits one unmap costs, and DMA
-/// round trips per second through the translation.
-fn vtd(p: &portcullis_kernel::Platform) {
-    use portcullis_kernel::iommu::{VtdDevice, vtd_unit};
-    let Some(Ok(dmar)) = &p.dmar else { return };
-    let Some(drhd) = dmar.drhds().next() else { return };
-    let unit = match vtd_unit(alloc::format!("DRHD @{:#x}", drhd.register_base), drhd.register_base) {
-        Ok(u) => u,
-        Err(e) => {
-            println!("bench: VT-d bring-up failed: {e}");
-            return;
+/// Invalidation counters of a unit: (completion waits, commands or
+/// invalidations issued).
+fn stats(d: &Driver<KernelHost>) -> (u64, u64) {
+    match d {
+        Driver::Vtd(u) => {
+            let s = u.lock().stats;
+            (s.waits, s.invalidations)
         }
-    };
-    let edu = p.pci.iter().find_map(|d| portcullis_kernel::edu::Edu::new(&p.ecam, d));
-    let rid = edu.as_ref().map_or(0x0008, |e| e.sid);
-    for huge in [false, true] {
-        let before = unit.lock().stats;
-        ioas_bench(1 << 30, huge, Arc::new(VtdDevice::new(unit.clone(), 0, rid)), 1 << 30, "VT-d domain");
-        let after = unit.lock().stats;
-        println!(
-            "bench: qemu VT-d invalidation waits for those {RUNS} map+unmap+close: {} ({} invalidations)",
-            after.waits - before.waits,
-            after.invalidations - before.invalidations
-        );
-    }
-    engine_alone(&unit);
-    if let Some(edu) = edu {
-        dma_round_trips(&edu, Some(&unit));
+        Driver::Amd(u) => {
+            let s = u.lock().stats;
+            (s.waits, s.commands)
+        }
     }
 }
 
-/// The VT-d domain's own share of the 4 KiB-backing figure: the same 1 GiB
-/// of scattered 4 KiB pages straight into a domain with `map_runs` (1024
+/// With an IOMMU: the same IOAS map/unmap onto a real (emulated) domain
+/// (VT-d second or first stage, AMD v1) and the invalidation waits one
+/// map+unmap costs; on VT-d also the domain alone and DMA round trips per
+/// second through the translation. The units come up through the
+/// passthrough crate, as a hypervisor brings them up.
+fn iommu(p: &portcullis_kernel::Platform) {
+    let iommus = Iommus::bring_up(KernelHost::new(p));
+    let Some((index, driver)) =
+        iommus.units().iter().enumerate().find_map(|(i, u)| u.state.as_ref().ok().map(|d| (i as u16, d.clone())))
+    else {
+        println!("bench: no IOMMU unit came up: {:?}", iommus.units());
+        return;
+    };
+    let unit = driver.generic();
+    let (name, waits_name, commands_name) = match driver {
+        Driver::Vtd(_) => ("VT-d", "invalidation waits", "invalidations"),
+        Driver::Amd(_) => ("AMD-Vi", "completion waits", "commands"),
+    };
+    // A root-bus edu (QEMU's AMD-Vi sees devices behind bridges under bus 0).
+    let edu = p.pci.iter().find_map(|d| portcullis_kernel::edu::Edu::new(&p.ecam, d));
+    let rid = edu.as_ref().map_or(0x0010, |e| e.sid);
+    let device = RequesterRef { unit: index, requester_id: rid };
+    for huge in [false, true] {
+        let before = stats(&driver);
+        let what = alloc::format!("{name} domain");
+        ioas_bench(1 << 30, huge, Arc::new(Device::new(unit.clone(), device)), 1 << 30, &what);
+        let after = stats(&driver);
+        println!(
+            "bench: qemu {name} {waits_name} for those {RUNS} map+unmap+close: {} ({} {commands_name})",
+            after.0 - before.0,
+            after.1 - before.1
+        );
+    }
+    if let Driver::Vtd(_) = driver {
+        engine_alone(&unit, index);
+        if let Some(edu) = edu {
+            dma_round_trips(&edu, Some((&unit, index)));
+        }
+    }
+}
+
+/// The domain's own share of the 4 KiB-backing figure: the same 1 GiB of
+/// scattered 4 KiB pages straight into a domain with `map_runs` (1024
 /// pieces per call, as iommufd hands them), read back and unmapped.
-fn engine_alone(unit: &portcullis_kernel::iommu::SharedUnit) {
+fn engine_alone(unit: &Arc<dyn IommuUnit>, index: u16) {
     use portcullis_iommu::{IommuDomain, IotlbGather, Prot};
-    let mut d = portcullis_kernel::iommu::VtdDomain::new(unit).expect("domain");
+    let mut d = Domain::new(unit.clone(), index).expect("domain");
     const SIZE: u64 = 1 << 30;
     let pages = SIZE / PAGE_SIZE;
     let runs: Vec<(u64, u64)> = (0..1024).map(|k| (PHYS + k * 2 * PAGE_SIZE, PAGE_SIZE)).collect();
     let t0 = uptime_ns();
     for c in 0..pages / 1024 {
         let iova = (1 << 30) + c * 1024 * PAGE_SIZE;
-        d.domain.map_runs(iova, &runs, Prot::RW).expect("map");
+        d.map_runs(iova, &runs, Prot::RW).expect("map");
     }
     let t1 = uptime_ns();
     let mut out = [(0u64, 0u64); 256];
     let mut iova = 1 << 30;
     while iova < (1 << 30) + SIZE {
-        let (_, done) = d.domain.iova_to_phys_runs(iova, (1 << 30) + SIZE - iova, &mut out);
+        let (_, done) = d.iova_to_phys_runs(iova, (1 << 30) + SIZE - iova, &mut out);
         iova += done;
     }
     let t2 = uptime_ns();
     let mut g = IotlbGather::default();
-    d.domain.unmap(1 << 30, SIZE, &mut g);
-    d.domain.iotlb_sync(&mut g).expect("IOTLB sync");
+    d.unmap(1 << 30, SIZE, &mut g);
+    d.iotlb_sync(&mut g).expect("IOTLB sync");
     let t3 = uptime_ns();
     println!(
         "bench: qemu VT-d domain alone, 1 GiB of scattered 4 KiB pages: map_runs {} ns/4 KiB, read-back {} ns/4 KiB, unmap+sync {} ns/4 KiB",
@@ -137,16 +163,16 @@ fn engine_alone(unit: &portcullis_kernel::iommu::SharedUnit) {
 }
 
 /// 4 KiB edu DMA round trips (device reads a page, writes it back).
-fn dma_round_trips(edu: &portcullis_kernel::edu::Edu, unit: Option<&portcullis_kernel::iommu::SharedUnit>) {
-    use portcullis_iommu::Prot;
+fn dma_round_trips(edu: &portcullis_kernel::edu::Edu, unit: Option<(&Arc<dyn IommuUnit>, u16)>) {
+    use portcullis_iommu::{IommuDomain, Prot};
     let frames = portcullis_kernel::mem::alloc_frames(2, 4096).expect("frames");
     let mut dom = None;
     let (src, dst) = match unit {
-        Some(u) => {
-            let mut d = portcullis_kernel::iommu::VtdDomain::new(u).expect("domain");
-            d.domain.map(0x10_0000, frames, 4096, Prot::READ).expect("map");
-            d.domain.map(0x20_0000, frames + 4096, 4096, Prot::RW).expect("map");
-            d.attach(edu.sid).expect("attach");
+        Some((u, index)) => {
+            let mut d = Domain::new(u.clone(), index).expect("domain");
+            d.map(0x10_0000, frames, 4096, Prot::READ).expect("map");
+            d.map(0x20_0000, frames + 4096, 4096, Prot::RW).expect("map");
+            d.unit_domain().attach_requester(edu.sid).expect("attach");
             dom = Some(d);
             (0x10_0000, 0x20_0000)
         }
@@ -166,46 +192,16 @@ fn dma_round_trips(edu: &portcullis_kernel::edu::Edu, unit: Option<&portcullis_k
         dt / N / 1000
     );
     if let Some(d) = dom {
-        let _ = d.detach(edu.sid);
+        d.unit_domain().detach_requester(edu.sid).expect("detach");
     }
     let _ = portcullis_kernel::mem::free_frames(frames, 2);
-}
-
-/// With an AMD-Vi unit: the same IOAS map/unmap onto an AMD v1 domain and
-/// the invalidation waits it costs.
-fn amd(p: &portcullis_kernel::Platform) {
-    use portcullis_kernel::amd::{AmdDevice, amd_unit, unit_info};
-    let Some(Ok(ivrs)) = &p.ivrs else { return };
-    let (units, _) = portcullis_kernel::ownership::ivrs_units(ivrs);
-    let Some(scope) = units.first() else { return };
-    let unit = match amd_unit(alloc::format!("IVHD @{:#x}", scope.base), unit_info(p, ivrs, scope)) {
-        Ok(u) => u,
-        Err(e) => {
-            println!("bench: AMD-Vi bring-up failed: {e}");
-            return;
-        }
-    };
-    // A root-bus device (QEMU's AMD-Vi sees devices behind bridges under bus 0).
-    let id = p.pci.iter().find_map(|d| portcullis_kernel::edu::Edu::new(&p.ecam, d)).map_or(0x0010, |e| e.sid);
-    for huge in [false, true] {
-        let before = unit.lock().stats;
-        ioas_bench(1 << 30, huge, Arc::new(AmdDevice::new(unit.clone(), 0, id)), 1 << 30, "AMD-Vi domain");
-        let after = unit.lock().stats;
-        println!(
-            "bench: qemu AMD-Vi completion waits for those {RUNS} map+unmap+close: {} ({} commands)",
-            after.waits - before.waits,
-            after.commands - before.commands
-        );
-    }
 }
 
 /// Runs every in-guest benchmark and prints `bench:` lines.
 pub fn run(p: &portcullis_kernel::Platform) {
     println!("bench: QEMU TCG ({}), TSC {} MHz", p.config, portcullis_kernel::time::tsc_hz() / 1_000_000);
-    if p.dmar.is_some() {
-        vtd(p);
-    } else if p.ivrs.is_some() {
-        amd(p);
+    if p.dmar.is_some() || p.ivrs.is_some() {
+        iommu(p);
     } else {
         for huge in [false, true] {
             ioas_map_unmap(1 << 30, huge);

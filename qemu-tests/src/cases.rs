@@ -278,11 +278,11 @@ fn acpi_found(p: &Platform) -> TestResult {
 }
 
 fn pci_enumeration_finds_the_q35_chipset(p: &Platform) -> TestResult {
-    let host = p.pci.iter().find(|d| d.bdf.rid() == 0);
+    let host = p.pci.iter().find(|d| d.bdf.requester_id() == 0);
     ensure!(host.is_some_and(|d| (d.vendor, d.device) == (0x8086, 0x29c0)), "00:00.0 is not the q35 host bridge");
-    let lpc = p.pci.iter().find(|d| d.bdf.rid() == 0xf8);
+    let lpc = p.pci.iter().find(|d| d.bdf.requester_id() == 0xf8);
     ensure!(lpc.is_some_and(|d| (d.vendor, d.device) == (0x8086, 0x2918)), "00:1f.0 is not the ICH9 LPC bridge");
-    let mut rids: Vec<_> = p.pci.iter().map(|d| (d.segment, d.bdf.rid())).collect();
+    let mut rids: Vec<_> = p.pci.iter().map(|d| (d.segment, d.bdf.requester_id())).collect();
     rids.sort_unstable();
     let n = rids.len();
     rids.dedup();
@@ -379,7 +379,7 @@ fn dmar_drhd_scopes_match_pci(p: &Platform) -> TestResult {
         let bdf = acpi_tables::scope::resolve(u.segment, s, &p.ecam).map_err(|e| fail(alloc::format!("{e}")))?;
         match s.scope_type {
             acpi_tables::dmar::SCOPE_PCI_ENDPOINT | acpi_tables::dmar::SCOPE_PCI_SUB_HIERARCHY => {
-                let found = p.pci.iter().any(|d| d.segment == u.segment && d.bdf.rid() == bdf.requester_id());
+                let found = p.pci.iter().any(|d| d.segment == u.segment && d.bdf.requester_id() == bdf.requester_id());
                 ensure!(found, "scope at offset {:#x} names {} which enumeration did not find", s.offset, bdf);
                 covered.push(bdf.requester_id());
             }
@@ -394,7 +394,7 @@ fn dmar_drhd_scopes_match_pci(p: &Platform) -> TestResult {
         // QEMU lists every root-bus device; each must be covered.
         for d in p.pci.iter().filter(|d| d.bdf.bus == 0) {
             ensure!(
-                covered.contains(&d.bdf.rid()),
+                covered.contains(&d.bdf.requester_id()),
                 "{} {:04x}:{:04x} not in any DRHD scope",
                 d.bdf,
                 d.vendor,
@@ -408,13 +408,13 @@ fn dmar_drhd_scopes_match_pci(p: &Platform) -> TestResult {
         .iter()
         .filter(|s| s.scope_type == acpi_tables::dmar::SCOPE_PCI_SUB_HIERARCHY)
         .filter_map(|s| acpi_tables::scope::resolve(u.segment, s, &p.ecam).ok())
-        .filter_map(|b| p.pci.iter().find(|d| d.bdf.rid() == b.requester_id()).and_then(|d| d.bridge))
+        .filter_map(|b| p.pci.iter().find(|d| d.bdf.requester_id() == b.requester_id()).and_then(|d| d.bridge))
         .map(|b| (b.secondary, b.subordinate))
         .collect();
     for d in p.pci.iter().filter(|d| (d.vendor, d.device) == EDU) {
         let under = subtrees.iter().any(|(lo, hi)| (*lo..=*hi).contains(&d.bdf.bus));
         ensure!(
-            u.include_pci_all() || covered.contains(&d.bdf.rid()) || under,
+            u.include_pci_all() || covered.contains(&d.bdf.requester_id()) || under,
             "edu {} not covered by the DRHD",
             d.bdf
         );
@@ -462,7 +462,7 @@ fn ivrs_ivhd_covers_edu(p: &Platform) -> TestResult {
         ensure_eq!(b.base_address, QEMU_AMDVI_BASE, "IVHD type {:#x} base address", b.kind);
     }
     let iommu = p.find_pci(AMD_IOMMU.0, AMD_IOMMU.1).ok_or_else(|| fail("no 1022:1419 function".into()))?;
-    ensure_eq!(h.device_id, iommu.bdf.rid(), "IVHD device id vs the IOMMU's PCI function");
+    ensure_eq!(h.device_id, iommu.bdf.requester_id(), "IVHD device id vs the IOMMU's PCI function");
     let cap = iommu.capability(0x0f).ok_or_else(|| fail("IOMMU function has no secure-device capability".into()))?;
     ensure_eq!(h.capability_offset, cap as u16, "IVHD capability offset");
     let lo = p.ecam.read32(iommu.segment, iommu.bdf, cap as u16 + 4);
@@ -471,13 +471,13 @@ fn ivrs_ivhd_covers_edu(p: &Platform) -> TestResult {
     let ranges = h.device_ranges().map_err(|e| fail(alloc::format!("{e}")))?;
     let edu = p.find_pci(EDU.0, EDU.1).ok_or_else(|| fail("no edu".into()))?;
     ensure!(
-        ranges.iter().any(|r| (r.first..=r.last).contains(&edu.bdf.rid())),
+        ranges.iter().any(|r| (r.first..=r.last).contains(&edu.bdf.requester_id())),
         "edu {} not covered by IVHD device entries {:x?}",
         edu.bdf,
         ranges
     );
     for d in p.pci.iter().filter(|d| d.bdf != iommu.bdf) {
-        ensure!(ranges.iter().any(|r| (r.first..=r.last).contains(&d.bdf.rid())), "{} not covered", d.bdf);
+        ensure!(ranges.iter().any(|r| (r.first..=r.last).contains(&d.bdf.requester_id())), "{} not covered", d.bdf);
     }
     Ok(())
 }

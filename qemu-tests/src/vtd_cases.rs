@@ -3,98 +3,36 @@
 //! writable, unmapped again or not attached is blocked, changes no byte,
 //! and leaves a fault record naming the device and the address.
 
-use crate::dma_cases::{self as dma, Backend, Buffers, CANARY, Fault, X, Z, edu_behind, edus, fail, iommus};
+use crate::dma_cases::{self as dma, Backend, Buffers, CANARY, UnitBackend, X, Z, edu_behind, edus, fail};
 use alloc::format;
-use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use portcullis::drivers::vtd;
+use portcullis::{Driver, Vendor, VtdUnit};
 use portcullis_iommu::{IommuDomain, Prot};
-use portcullis_kernel::edu::Edu;
-use portcullis_kernel::iommu::{SharedUnit, Stage, VtdDevice, VtdDomain};
+use portcullis_kernel::host::KernelHost;
 use portcullis_kernel::ktest::{Outcome, TestResult};
 use portcullis_kernel::{Platform, ensure, ensure_eq, skip};
 
 /// The VT-d unit covering the edu devices (brought up once per boot with
-/// the others, see `dma_cases::iommus`).
-fn unit(p: &Platform) -> Result<&'static SharedUnit, Outcome> {
+/// the others, see `dma_cases::iommus`), as the common cases drive it.
+fn vtd(p: &Platform) -> Result<UnitBackend, Outcome> {
     if !p.config.starts_with("intel") {
         skip!("needs an Intel IOMMU configuration");
     }
-    let v = iommus(p).vtd.as_ref().ok_or_else(|| fail("no parsed DMAR".into()))?;
-    let (_, u) = v.units.first().ok_or_else(|| fail("no DRHD".into()))?;
-    u.as_ref().map_err(|e| fail(format!("bring-up: {e}")))
+    UnitBackend::first(p, Vendor::IntelVtd)
 }
 
-fn faults(u: &SharedUnit) -> Vec<vtd::FaultRecord> {
+/// The same unit as the VT-d driver's own type.
+fn unit(p: &Platform) -> Result<Arc<VtdUnit<KernelHost>>, Outcome> {
+    match vtd(p)?.driver {
+        Driver::Vtd(u) => Ok(u),
+        Driver::Amd(_) => Err(fail("the first VT-d unit is not a VT-d unit".into())),
+    }
+}
+
+fn faults(u: &VtdUnit<KernelHost>) -> Vec<vtd::FaultRecord> {
     u.lock().poll_faults()
-}
-
-/// The VT-d unit as the common DMA cases drive it.
-pub struct Vtd {
-    unit: &'static SharedUnit,
-    owners: alloc::collections::BTreeMap<(u16, portcullis_kernel::pci::Bdf), portcullis_kernel::ownership::Assignment>,
-}
-
-fn vtd(p: &Platform) -> Result<Vtd, Outcome> {
-    let unit = unit(p)?;
-    Ok(Vtd { unit, owners: ownership(p)? })
-}
-
-impl Backend for Vtd {
-    type Domain = VtdDomain;
-    fn new_domain(&self) -> Result<VtdDomain, String> {
-        VtdDomain::new(self.unit)
-    }
-    fn paging<'a>(&self, d: &'a mut VtdDomain) -> &'a mut dyn IommuDomain {
-        &mut d.domain
-    }
-    fn attach(&self, d: &VtdDomain, id: u16) -> Result<(), String> {
-        d.attach(id)
-    }
-    fn detach(&self, d: &VtdDomain, id: u16) -> Result<(), String> {
-        d.detach(id)
-    }
-    fn page_size(&self, d: &VtdDomain, iova: u64) -> Option<u64> {
-        d.domain.page_size(iova)
-    }
-    fn invalidation_error(&self, d: &VtdDomain) -> Option<String> {
-        d.domain.invalidator_error()
-    }
-    fn waits(&self) -> u64 {
-        self.unit.lock().stats.waits
-    }
-    fn faults(&self) -> Option<Vec<Fault>> {
-        let f = faults(self.unit);
-        Some(
-            f.iter()
-                .map(|r| Fault { source: r.source_id, address: r.address, write: r.write, reason: r.reason })
-                .collect(),
-        )
-    }
-    fn write_denied_reason(&self, d: &VtdDomain) -> Option<u8> {
-        // A second-stage walk reports reason 5 (QEMU does so in scalable
-        // mode too); a first-stage walk reports the scalable-mode code 0x85.
-        Some(match d.domain.stage() {
-            Stage::Second => vtd::fault::WRITE,
-            Stage::First => vtd::fault::SM_WRITE,
-        })
-    }
-    fn device_id(&self, p: &Platform, edu: &Edu) -> Result<u16, Outcome> {
-        let dev = dma::edu_device(p, edu)?;
-        self.owners
-            .get(&(dev.segment, dev.bdf))
-            .map(|a| a.requester_id)
-            .ok_or_else(|| fail(format!("{} has no VT-d unit", dev.bdf)))
-    }
-    fn device_ops(&self, id: u16) -> Arc<dyn iommufd::ctx::DeviceOps> {
-        Arc::new(VtdDevice::new(self.unit.clone(), 0, id))
-    }
-    fn attached(&self, id: u16) -> Option<u16> {
-        self.unit.lock().attached_domain(id)
-    }
-    fn set_firmware_range(&self, range: Option<(u16, u64, u64)>) {
-        self.unit.lock().set_rmrrs(range.into_iter().collect());
-    }
 }
 
 dma::dma_cases_for!(vtd;
@@ -117,16 +55,16 @@ dma::dma_cases_for!(vtd;
 /// the records clears that too.
 pub fn vtd_fault_event_interrupt(p: &Platform) -> TestResult {
     use portcullis_kernel::arch::irq;
-    use portcullis_kernel::iommu::{disable_fault_interrupt, enable_fault_interrupt, fault_events};
     const VECTOR: u8 = 0x28;
-    let u = unit(p)?;
+    let b = vtd(p)?;
+    let u = &unit(p)?;
     let edus = edus(p);
     let edu = edus.first().ok_or_else(|| fail("no edu".into()))?;
     faults(u);
     let bufs = Buffers::new()?;
-    let mut d = VtdDomain::new(u).map_err(fail)?;
-    d.domain.map(X, bufs.a(), 4096, Prot::READ).map_err(|e| fail(format!("{e}")))?;
-    d.attach(edu.sid).map_err(fail)?;
+    let mut d = b.new_domain().map_err(fail)?;
+    d.map(X, bufs.a(), 4096, Prot::READ).map_err(|e| fail(format!("{e}")))?;
+    b.attach(&d, edu.sid).map_err(fail)?;
     enable_fault_interrupt(u, VECTOR).map_err(fail)?;
     let wait_event = |after: u64| {
         let deadline = portcullis_kernel::time::uptime_ns() + 2_000_000_000;
@@ -166,7 +104,7 @@ pub fn vtd_fault_event_interrupt(p: &Platform) -> TestResult {
     })();
     irq::disable();
     disable_fault_interrupt(u);
-    d.detach(edu.sid).map_err(fail)?;
+    b.detach(&d, edu.sid).map_err(fail)?;
     r
 }
 
@@ -175,6 +113,8 @@ pub fn vtd_fault_event_interrupt(p: &Platform) -> TestResult {
 /// attach programs exactly the entry that stage needs: a legacy context
 /// entry, or a PASID-0 entry with the right PGTT, table root and depth.
 pub fn vtd_unit_mode_and_stage_match_configuration(p: &Platform) -> TestResult {
+    use vtd::Stage;
+    let b = vtd(p)?;
     let u = unit(p)?;
     let edus = edus(p);
     let edu = edus.first().ok_or_else(|| fail("no edu".into()))?;
@@ -185,12 +125,18 @@ pub fn vtd_unit_mode_and_stage_match_configuration(p: &Platform) -> TestResult {
     };
     ensure_eq!(u.lock().is_scalable(), want_scalable, "unit in scalable mode");
     ensure_eq!(u.lock().queued(), p.config != "intel-rb", "queued invalidation on");
-    let d = VtdDomain::new(u).map_err(fail)?;
-    ensure_eq!(d.domain.stage(), want_stage, "domain stage");
-    d.attach(edu.sid).map_err(fail)?;
+    let d = b.new_domain().map_err(fail)?;
+    let t = d.table_info();
+    let want_format = match want_stage {
+        Stage::Second => "VT-d second stage",
+        Stage::First => "x86 first stage",
+    };
+    ensure_eq!(t.format, want_format, "domain stage");
+    b.attach(&d, edu.sid).map_err(fail)?;
+    let did = d.domain_id();
     let r = (|| -> TestResult {
         let unit = u.lock();
-        ensure_eq!(unit.attached_domain(edu.sid), Some(d.did), "attached domain id");
+        ensure_eq!(unit.attached_domain(edu.sid), Some(did), "attached domain id");
         if want_scalable {
             use vtd::scalable::Pgtt;
             let e = unit.scalable_entry(edu.sid).ok_or_else(|| fail("no scalable-mode entries".into()))?;
@@ -198,12 +144,12 @@ pub fn vtd_unit_mode_and_stage_match_configuration(p: &Platform) -> TestResult {
             match want_stage {
                 Stage::Second => {
                     ensure_eq!(e.pasid.pgtt(), Some(Pgtt::SecondStage), "PGTT");
-                    ensure_eq!(e.pasid.ss_root(), d.domain.root(), "second-stage table root");
-                    ensure_eq!(e.pasid.ss_levels(), d.domain.levels(), "second-stage depth");
+                    ensure_eq!(e.pasid.ss_root(), t.root, "second-stage table root");
+                    ensure_eq!(e.pasid.ss_levels(), t.levels, "second-stage depth");
                 }
                 Stage::First => {
                     ensure_eq!(e.pasid.pgtt(), Some(Pgtt::FirstStage), "PGTT");
-                    ensure_eq!(e.pasid.fs_root(), d.domain.root(), "first-stage table root");
+                    ensure_eq!(e.pasid.fs_root(), t.root, "first-stage table root");
                     ensure_eq!(e.pasid.fs_levels(), 4, "first-stage depth");
                     ensure!(!e.pasid.sre(), "supervisor requests enabled");
                 }
@@ -211,44 +157,36 @@ pub fn vtd_unit_mode_and_stage_match_configuration(p: &Platform) -> TestResult {
         } else {
             let c = unit.context_entry(edu.sid);
             ensure!(c.present(), "context entry not present");
-            ensure_eq!(c.did(), d.did, "context entry domain id");
-            ensure_eq!(c.root(), d.domain.root(), "second-stage table root");
+            ensure_eq!(c.did(), did, "context entry domain id");
+            ensure_eq!(c.root(), t.root, "second-stage table root");
         }
         Ok(())
     })();
-    d.detach(edu.sid).map_err(fail)?;
+    b.detach(&d, edu.sid).map_err(fail)?;
     ensure_eq!(u.lock().attached_domain(edu.sid), None, "attached after detach");
     r
 }
 
-fn ownership(
-    p: &Platform,
-) -> Result<
-    alloc::collections::BTreeMap<(u16, portcullis_kernel::pci::Bdf), portcullis_kernel::ownership::Assignment>,
-    Outcome,
-> {
-    let Some(Ok(dmar)) = &p.dmar else { return Err(fail("no parsed DMAR".into())) };
-    let (units, errors) = portcullis_kernel::ownership::unit_scopes(dmar, &p.ecam);
-    ensure!(errors.is_empty(), "unresolved scopes: {:?}", errors);
-    Ok(portcullis_kernel::ownership::assign(&units, &p.pci))
-}
-
+/// Every function is translated by the VT-d unit (QEMU's DRHD has
+/// INCLUDE_PCI_ALL), under the requester id its DMA carries.
 pub fn vtd_ownership_matches_pci_and_dmar(p: &Platform) -> TestResult {
-    unit(p)?;
-    let owners = ownership(p)?;
+    let b = vtd(p)?;
+    let problems = b.iommus.problems();
+    ensure!(problems.is_empty(), "firmware table problems: {:?}", problems);
     for d in &p.pci {
-        let a = owners.get(&(d.segment, d.bdf));
+        let a = b.iommus.assignment(d.segment, d.bdf);
         ensure!(a.is_some(), "{} {:04x}:{:04x} has no unit", d.bdf, d.vendor, d.device);
     }
     let (_, bridged) = edu_behind(p, 7).ok_or_else(|| fail("no edu behind a PCIe-to-PCI bridge".into()))?;
-    let a = owners[&(bridged.segment, bridged.bdf)];
+    let a = b.iommus.assignment(bridged.segment, bridged.bdf).ok_or_else(|| fail("bridged edu unowned".into()))?;
     ensure_eq!(
         a.requester_id,
         (bridged.bdf.bus as u16) << 8,
         "requester id behind the PCIe-to-PCI bridge (secondary bus, 0.0)"
     );
     let (_, rooted) = edu_behind(p, 4).ok_or_else(|| fail("no edu behind a root port".into()))?;
-    ensure_eq!(owners[&(rooted.segment, rooted.bdf)].requester_id, rooted.bdf.rid(), "a root port does not alias");
+    let a = b.iommus.assignment(rooted.segment, rooted.bdf).ok_or_else(|| fail("rooted edu unowned".into()))?;
+    ensure_eq!(a.requester_id, rooted.bdf.requester_id(), "a root port does not alias");
     Ok(())
 }
 
@@ -260,11 +198,11 @@ pub fn vtd_iommufd_hw_info_reports_the_unit(p: &Platform) -> TestResult {
     let edus = edus(p);
     let edu = edus.first().ok_or_else(|| fail("no edu".into()))?;
     let id = b.device_id(p, edu)?;
-    let (kind, bytes) = iommufd::ctx::DeviceOps::hw_info(&VtdDevice::new(b.unit.clone(), 0, id));
+    let (kind, bytes) = b.device_ops(id).hw_info();
     ensure_eq!(kind, IOMMU_HW_INFO_TYPE_INTEL_VTD, "data type");
     ensure_eq!(bytes.len(), IommuHwInfoVtd::SIZE, "data length");
     let info = IommuHwInfoVtd::read(&bytes);
-    let caps = b.unit.lock().caps();
+    let caps = unit(p)?.lock().caps();
     ensure_eq!((info.flags, info.cap_reg, info.ecap_reg), (0, caps.cap, caps.ecap), "flags, CAP, ECAP");
     Ok(())
 }
@@ -276,7 +214,7 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
     use portcullis_kernel::arch::irq;
     use vtd::ir::{Irte, msi_address};
     const VECTOR: u8 = 0x29;
-    let u = unit(p)?;
+    let u = &unit(p)?;
     if !u.lock().caps().interrupt_remapping() {
         skip!("the unit has no interrupt remapping (ECAP.IR)");
     }
@@ -323,4 +261,41 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
     }
     faults(u);
     r
+}
+
+/// Fault events taken (interrupts from any unit set up by
+/// [`enable_fault_interrupt`]).
+static FAULT_EVENTS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+fn fault_event_handler() {
+    // Interrupt context: no locks, no allocation. Whoever waits polls the
+    // unit, which reads and clears the records and re-arms the event.
+    FAULT_EVENTS.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+}
+
+/// Fault events taken so far.
+fn fault_events() -> u64 {
+    FAULT_EVENTS.load(core::sync::atomic::Ordering::Acquire)
+}
+
+/// Makes `unit` signal recorded faults with an interrupt on `vector` to
+/// this CPU (the option beside polling). The handler only counts events;
+/// the records are read by polling the unit.
+fn enable_fault_interrupt(unit: &VtdUnit<KernelHost>, vector: u8) -> Result<(), alloc::string::String> {
+    use portcullis_kernel::arch::irq;
+    let (address, data) = irq::msi_for(vector).map_err(|e| format!("{e}"))?;
+    if let Err(e) = irq::register(vector, fault_event_handler) {
+        // The vector may already be ours (an earlier run); a foreign
+        // handler is an error.
+        if !irq::handler_is(vector, fault_event_handler) {
+            return Err(format!("{e}"));
+        }
+    }
+    unit.lock().enable_fault_event(address, data);
+    Ok(())
+}
+
+/// Masks `unit`'s fault event interrupt again (polling only).
+fn disable_fault_interrupt(unit: &VtdUnit<KernelHost>) {
+    unit.lock().mask_fault_event();
 }

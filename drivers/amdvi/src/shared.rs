@@ -182,12 +182,7 @@ where
         );
     }
     fn poll_faults(&self) -> Vec<DmaFault> {
-        self.unit
-            .lock()
-            .poll_events()
-            .iter()
-            .filter_map(fault)
-            .collect()
+        self.unit.lock().poll_events().iter().filter_map(fault).collect()
     }
     fn fault_log(&self) -> (Vec<DmaFault>, u64) {
         let u = self.unit.lock();
@@ -294,12 +289,16 @@ where
     fn unit_base(&self) -> u64 {
         self.unit.base
     }
-    fn attach_requester(&mut self, requester_id: u16) -> Result<(), UnitError> {
+    fn attach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         let t = self.paging.table();
         let (root, levels) = (t.root(), t.format().levels());
-        self.unit.unit.lock().attach(requester_id, root, levels, self.domain_id).map_err(|e| unit_error(self.unit.base, e))
+        self.unit
+            .unit
+            .lock()
+            .attach(requester_id, root, levels, self.domain_id)
+            .map_err(|e| unit_error(self.unit.base, e))
     }
-    fn detach_requester(&mut self, requester_id: u16) -> Result<(), UnitError> {
+    fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         self.unit.unit.lock().detach(requester_id).map_err(|e| unit_error(self.unit.base, e))
     }
     fn page_size(&self, iova: u64) -> Option<u64> {

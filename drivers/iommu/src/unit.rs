@@ -164,9 +164,11 @@ pub trait UnitDomain: IommuDomain + fmt::Debug {
     fn unit_base(&self) -> u64;
     /// Points `requester_id` at this domain (context, PASID or device
     /// table entry written and its caches invalidated).
-    fn attach_requester(&mut self, requester_id: u16) -> Result<(), UnitError>;
+    /// This writes the unit's entry only: [`Domain::attach_requester`]
+    /// maps the device's firmware ranges first.
+    fn attach_requester(&self, requester_id: u16) -> Result<(), UnitError>;
     /// Blocks `requester_id` again (it must be attached to this domain).
-    fn detach_requester(&mut self, requester_id: u16) -> Result<(), UnitError>;
+    fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError>;
     /// Size of the page mapping `iova`, from the walk (`None`: unmapped).
     fn page_size(&self, iova: u64) -> Option<u64>;
     /// Its table.
@@ -226,7 +228,7 @@ impl Device {
     }
     /// A new empty domain on its unit.
     pub fn new_domain(&self) -> Result<Domain, UnitError> {
-        Ok(Domain { inner: self.unit.clone().new_domain()?, unit_index: self.at.unit, unit: self.unit.clone() })
+        Domain::new(self.unit.clone(), self.at.unit)
     }
 }
 
@@ -267,6 +269,11 @@ impl fmt::Debug for Domain {
 }
 
 impl Domain {
+    /// A new empty domain on `unit`, number `unit_index` (devices are
+    /// named by [`RequesterRef`] handles carrying that number).
+    pub fn new(unit: Arc<dyn IommuUnit>, unit_index: u16) -> Result<Self, UnitError> {
+        Ok(Domain { inner: unit.clone().new_domain()?, unit_index, unit })
+    }
     /// The driver's domain inside.
     pub fn unit_domain(&self) -> &dyn UnitDomain {
         &*self.inner

@@ -147,8 +147,10 @@ where
                 Err(bad("the unit has no second-stage translation (ECAP.SSTS)"))
             }
             Stage::Second => {
-                let widths =
-                    [(1u8, 39u32), (2, 48), (3, 57)].into_iter().filter(|(b, _)| caps.sagaw() >> b & 1 != 0).map(|(_, w)| w);
+                let widths = [(1u8, 39u32), (2, 48), (3, 57)]
+                    .into_iter()
+                    .filter(|(b, _)| caps.sagaw() >> b & 1 != 0)
+                    .map(|(_, w)| w);
                 let sllps = caps.sllps();
                 VtdSecondStage::from_caps(widths, caps.mgaw(), sllps & 1 != 0, sllps & 2 != 0, caps.snoop_control())
                     .ok_or(bad("no second-stage width the engine supports"))
@@ -230,12 +232,7 @@ where
         self.unit.lock().set_rmrrs(ranges.into_iter().map(|f| (f.requester_id, f.range.start, f.range.last)).collect());
     }
     fn poll_faults(&self) -> Vec<DmaFault> {
-        self.unit
-            .lock()
-            .poll_faults()
-            .iter()
-            .map(fault)
-            .collect()
+        self.unit.lock().poll_faults().iter().map(fault).collect()
     }
     fn fault_log(&self) -> (Vec<DmaFault>, u64) {
         let u = self.unit.lock();
@@ -415,7 +412,7 @@ where
     fn unit_base(&self) -> u64 {
         self.unit.base
     }
-    fn attach_requester(&mut self, requester_id: u16) -> Result<(), UnitError> {
+    fn attach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         let (root, levels) = self.root_levels();
         let mut u = self.unit.unit.lock();
         match self.stage() {
@@ -424,7 +421,7 @@ where
         }
         .map_err(|e| unit_error(self.unit.base, e))
     }
-    fn detach_requester(&mut self, requester_id: u16) -> Result<(), UnitError> {
+    fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         self.unit.unit.lock().detach(requester_id).map_err(|e| unit_error(self.unit.base, e))
     }
     fn page_size(&self, iova: u64) -> Option<u64> {

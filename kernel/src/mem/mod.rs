@@ -157,6 +157,11 @@ mod imp {
         }
     }
 
+    /// Whether `[phys, phys + len)` is RAM the direct map covers.
+    pub fn is_direct_mapped(phys: u64, len: u64) -> bool {
+        direct_mapped(phys, len as usize)
+    }
+
     fn direct_mapped(phys: u64, len: usize) -> bool {
         let Some(end) = phys.checked_add(len as u64) else { return false };
         DIRECT_RANGES.lock().iter().any(|&(s, e)| s <= phys && end <= e)
