@@ -17,7 +17,9 @@
 //!   free it, read/write one entry, flush cache lines for non-coherent
 //!   walkers). [`HeapTables`] is the host implementation with fault
 //!   injection and flush logging; the kernel implements it over frames in
-//!   its direct map, which is the only place `unsafe` is needed.
+//!   its direct map, which is the only place `unsafe` is needed. With the
+//!   `testing` feature, `NonCoherentTables` models a walker that sees only
+//!   flushed cache lines, for the tests of crates that drive the engine.
 //! * [`Invalidator`]: the IOTLB side of a domain, used by [`PagingDomain`],
 //!   which puts a [`PageTable`] behind `portcullis_iommu::IommuDomain`.
 //!
@@ -64,6 +66,8 @@ mod flush;
 mod format;
 mod geometry;
 mod memory;
+#[cfg(test)]
+mod noncoherent_tests;
 mod second_stage;
 mod table;
 
@@ -78,6 +82,8 @@ pub use first_stage::{FS_A, FS_ADDR_MASK, FS_D, FS_P, FS_PS, FS_RW, FS_US, FS_XD
 pub use format::{Entry, PtFormat};
 pub use geometry::{Geometry, level_shift, level_size, sizes_of_leaf_levels};
 pub use memory::{Cleared, HEAP_TABLES_BASE, HeapTables, TableMemory};
+#[cfg(any(test, feature = "testing"))]
+pub use memory::{NonCoherentTables, WALKER_POISON, WalkerFault};
 pub use portcullis_iommu::Prot;
 pub use second_stage::{SS_ADDR_MASK, SS_PS, SS_READ, SS_SNP, SS_WRITE, VtdSecondStage};
 pub use table::{PageTable, PartialUnmap, WalkStep};
