@@ -71,7 +71,8 @@
 //! ([`AmdV1::max_levels_from_efr`]). QEMU's `amd-iommu` reports 10b (six
 //! levels) and its walker follows DTE Mode 1 to 6.
 
-use crate::format::{PtFormat, level_size};
+use crate::format::PtFormat;
+use crate::geometry::{Geometry, level_size};
 use core::fmt;
 use portcullis_iommu::Prot;
 
@@ -112,10 +113,7 @@ pub const fn amd_next_level(pte: u64) -> u32 {
 /// [`AmdV1::dte_mode`] and the root table's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AmdV1 {
-    levels: u32,
-    input_bits: u32,
-    output_bits: u32,
-    leaf_levels: u32,
+    geometry: Geometry,
     force_coherent: bool,
 }
 
@@ -128,7 +126,10 @@ impl AmdV1 {
         if levels < 3 || levels > 6 {
             return None;
         }
-        Some(Self { levels, input_bits: 64, output_bits: 52, leaf_levels: 0b111, force_coherent: false })
+        match Geometry::new(levels) {
+            Some(g) => Some(Self { geometry: g.with_large_pages(true, true), force_coherent: false }),
+            None => None,
+        }
     }
 
     /// The deepest table the unit walks, from its Extended Feature Register
@@ -144,11 +145,8 @@ impl AmdV1 {
     /// The levels needed to translate `input_bits` of IOVA, never fewer
     /// than 3 (at most 6 covers all 64 bits).
     pub const fn levels_for_input_bits(input_bits: u32) -> u32 {
-        let mut levels = 3;
-        while levels < 6 && crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * levels < input_bits {
-            levels += 1;
-        }
-        levels
+        let levels = Geometry::levels_covering(input_bits);
+        if levels < 3 { 3 } else { levels }
     }
 
     /// The format for a unit with Extended Feature Register `efr` when
@@ -174,7 +172,7 @@ impl AmdV1 {
     /// together with 2 MiB ones, because the engine splits a 1 GiB page
     /// into 2 MiB leaves when part of it is unmapped.
     pub const fn with_large_pages(mut self, two_mib: bool, one_gib: bool) -> Self {
-        self.leaf_levels = 1 | (two_mib as u32) << 1 | ((two_mib && one_gib) as u32) << 2;
+        self.geometry = self.geometry.with_large_pages(two_mib, two_mib && one_gib);
         self
     }
 
@@ -189,25 +187,19 @@ impl AmdV1 {
     /// Limits the aperture to `bits` of IOVA; never beyond what the levels
     /// cover, never below 12 bits.
     pub const fn with_input_bits(mut self, bits: u32) -> Self {
-        self.input_bits = if bits < crate::PAGE_SHIFT {
-            crate::PAGE_SHIFT
-        } else if bits > 64 {
-            64
-        } else {
-            bits
-        };
+        self.geometry = self.geometry.with_input_bits(bits);
         self
     }
 
     /// Limits output addresses to `bits` (the host address width); at most 52.
     pub const fn with_output_bits(mut self, bits: u32) -> Self {
-        self.output_bits = if bits > 52 { 52 } else { bits };
+        self.geometry = self.geometry.with_output_bits(bits);
         self
     }
 
     /// The DTE Mode field for this table (the number of levels).
     pub const fn dte_mode(&self) -> u32 {
-        self.levels
+        self.geometry.levels()
     }
 
     /// Whether every leaf sets FC (see [`AmdV1::with_force_coherent`]).
@@ -306,22 +298,8 @@ pub enum AmdV1Entry {
 
 impl PtFormat for AmdV1 {
     #[inline]
-    fn levels(&self) -> u32 {
-        self.levels
-    }
-    #[inline]
-    fn aperture_last(&self) -> u64 {
-        let covered = crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * self.levels;
-        let bits = if self.input_bits < covered { self.input_bits } else { covered };
-        if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
-    }
-    #[inline]
-    fn output_bits(&self) -> u32 {
-        self.output_bits
-    }
-    #[inline]
-    fn leaf_levels(&self) -> u32 {
-        self.leaf_levels
+    fn geometry(&self) -> &Geometry {
+        &self.geometry
     }
     #[inline]
     fn is_present(&self, pte: u64) -> bool {

@@ -32,7 +32,8 @@
 //! * There is no snoop bit in the entries (first-stage snooping is the
 //!   PASID entry's PGSNP), so [`Prot::CACHE`] is not encoded.
 
-use crate::format::{PtFormat, level_size};
+use crate::format::PtFormat;
+use crate::geometry::{Geometry, level_size};
 use core::fmt;
 use portcullis_iommu::Prot;
 
@@ -56,28 +57,34 @@ pub const FS_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// x86-64 first-stage format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct X86FirstStage {
-    levels: u32,
-    one_gib: bool,
+    geometry: Geometry,
     user: bool,
     execute_disable: bool,
-    output_bits: u32,
 }
 
 impl X86FirstStage {
+    /// `levels`-level paging with the lower canonical half as aperture (the
+    /// top bit the levels translate is the sign bit) and 2 MiB pages.
+    const fn with_levels(levels: u32) -> Self {
+        let Some(g) = Geometry::new(levels) else { panic!("x86 paging has 4 or 5 levels") };
+        let geometry = g.with_input_bits(g.covered_bits() - 1).with_large_pages(true, false);
+        Self { geometry, user: true, execute_disable: false }
+    }
+
     /// 4-level paging (48-bit, lower canonical half usable) with 2 MiB
     /// pages, user accesses, no XD.
     pub const fn four_level() -> Self {
-        Self { levels: 4, one_gib: false, user: true, execute_disable: false, output_bits: 52 }
+        Self::with_levels(4)
     }
 
     /// 5-level paging (57-bit; CAP.FS5LP).
     pub const fn five_level() -> Self {
-        Self { levels: 5, ..Self::four_level() }
+        Self::with_levels(5)
     }
 
     /// Allows 1 GiB leaves (CAP.FS1GP).
     pub const fn with_1g_pages(mut self, on: bool) -> Self {
-        self.one_gib = on;
+        self.geometry = self.geometry.with_large_pages(true, on);
         self
     }
 
@@ -96,7 +103,7 @@ impl X86FirstStage {
 
     /// Limits output addresses to `bits`; at most 52.
     pub const fn with_output_bits(mut self, bits: u32) -> Self {
-        self.output_bits = if bits > 52 { 52 } else { bits };
+        self.geometry = self.geometry.with_output_bits(bits);
         self
     }
 
@@ -107,21 +114,8 @@ impl X86FirstStage {
 
 impl PtFormat for X86FirstStage {
     #[inline]
-    fn levels(&self) -> u32 {
-        self.levels
-    }
-    #[inline]
-    fn aperture_last(&self) -> u64 {
-        // Lower canonical half: bit (width - 1) is the sign bit.
-        (1u64 << (crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * self.levels - 1)) - 1
-    }
-    #[inline]
-    fn output_bits(&self) -> u32 {
-        self.output_bits
-    }
-    #[inline]
-    fn leaf_levels(&self) -> u32 {
-        0b011 | (self.one_gib as u32) << 2
+    fn geometry(&self) -> &Geometry {
+        &self.geometry
     }
     #[inline]
     fn is_present(&self, pte: u64) -> bool {

@@ -21,15 +21,19 @@
 //!   bits behind), so "nonzero" and "present" agree for the engine's own
 //!   entries.
 
+use crate::geometry::Geometry;
 use core::fmt;
 use portcullis_iommu::Prot;
 
 /// One page-table format: the geometry of the tree and the encoding of its
 /// entries.
 ///
-/// Geometry shared by all formats Portcullis drives: 4 KiB tables of 512
-/// 64-bit entries, 9 IOVA bits per level, level 0 holding 4 KiB pages.
-/// Level `l` entries each cover `1 << (12 + 9 * l)` bytes; the root table
+/// The geometry (levels, aperture, output width, leaf levels) is one
+/// [`Geometry`] the format holds and returns from [`PtFormat::geometry`];
+/// the four geometry methods below answer from it and are not meant to be
+/// overridden. Every format shares the granule: 4 KiB tables of 512 64-bit
+/// entries, 9 IOVA bits per level, level 0 holding 4 KiB pages, so level
+/// `l` entries each cover `1 << (12 + 9 * l)` bytes and the root table
 /// holds entries of level `levels() - 1`.
 ///
 /// Methods take `&self` because some properties are per unit rather than
@@ -37,36 +41,42 @@ use portcullis_iommu::Prot;
 /// CAP.SLLPS, snoop control from ECAP.SC). They are small and the engine is
 /// generic over the format, so they inline into the walk.
 ///
-/// # How AMD-Vi v1 would plug in
-///
-/// The AMD v1 format encodes the *level of the next table* in bits 11:9 of
-/// each entry (the "next level" field) instead of a large-page bit: a table
-/// entry at level `l` says `l` (the child holds level `l - 1` entries, which
-/// the hardware numbers one higher), a leaf says 0 or 7. That is why
+/// Formats without a page-size bit (AMD-Vi v1 encodes the level of the
+/// next table in each entry) compute it from the level, which is why
 /// [`PtFormat::table_entry`] and [`PtFormat::leaf_entry`] receive the level
 /// of the entry being built and [`PtFormat::is_leaf`] the level being
-/// decoded: an `AmdV1` format would compute the next-level field from them,
-/// set IR/IW for permissions and PR for present, and report leaves at
-/// levels 0..=2 through [`PtFormat::leaf_levels`]. Its "skip levels" and
-/// "next level 7" page sizes (any power of two, by replicating entries) are
-/// not needed for the 4 KiB/2 MiB/1 GiB sizes the engine maps and can stay
-/// unused. Its up-to-six-level trees fit [`crate::MAX_LEVELS`].
+/// decoded.
 pub trait PtFormat: fmt::Debug {
+    /// The shape of the tree: levels, aperture, output width, leaf levels.
+    fn geometry(&self) -> &Geometry;
+
     /// Levels of the tree (3 for a 39-bit VT-d second stage, 4 for 48-bit).
-    fn levels(&self) -> u32;
+    #[inline]
+    fn levels(&self) -> u32 {
+        self.geometry().levels()
+    }
 
     /// Last IOVA (inclusive) the tree may translate; the aperture starts
     /// at 0. At most `(1 << (12 + 9 * levels())) - 1`, less where the unit
     /// translates fewer bits (CAP.MGAW) or the format needs canonical
     /// addresses (x86 first stage keeps to the lower half).
-    fn aperture_last(&self) -> u64;
+    #[inline]
+    fn aperture_last(&self) -> u64 {
+        self.geometry().aperture_last()
+    }
 
     /// Width of the output (physical) addresses the entries can hold.
-    fn output_bits(&self) -> u32;
+    #[inline]
+    fn output_bits(&self) -> u32 {
+        self.geometry().output_bits()
+    }
 
     /// Bit `l` set when a present level-`l` entry may be a leaf. Bit 0 is
     /// always set.
-    fn leaf_levels(&self) -> u32;
+    #[inline]
+    fn leaf_levels(&self) -> u32 {
+        self.geometry().leaf_levels()
+    }
 
     /// Whether the format can express the permissions `prot` (at least one
     /// of read and write).
@@ -129,29 +139,4 @@ impl<F: PtFormat> fmt::Debug for Entry<'_, F> {
         }
         self.format.fmt_entry(self.raw, self.level, f)
     }
-}
-
-/// Bytes covered by one entry at `level`.
-#[inline]
-pub const fn level_size(level: u32) -> u64 {
-    1 << level_shift(level)
-}
-
-/// log2 of [`level_size`].
-#[inline]
-pub const fn level_shift(level: u32) -> u32 {
-    crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * level
-}
-
-/// The page-size bitmap (bit n set = 2^n bytes) of a leaf-level mask.
-pub const fn sizes_of_leaf_levels(leaf_levels: u32) -> u64 {
-    let mut sizes = 0;
-    let mut l = 0;
-    while l < crate::MAX_LEVELS as u32 {
-        if leaf_levels >> l & 1 != 0 {
-            sizes |= level_size(l);
-        }
-        l += 1;
-    }
-    sizes
 }

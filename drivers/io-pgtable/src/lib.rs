@@ -6,9 +6,9 @@
 //! Three seams, each a trait, so that the logic runs on the host and under
 //! Miri without hardware:
 //!
-//! * [`PtFormat`]: the geometry and entry encoding of one format (levels,
-//!   which levels may hold leaves, present/leaf/address/permission bits,
-//!   snoop). Implemented by [`VtdSecondStage`] (VT-d second stage, 3/4/5
+//! * [`PtFormat`]: the geometry and entry encoding of one format (a
+//!   [`Geometry`]: levels, aperture, output width, which levels may hold
+//!   leaves; and the present/leaf/address/permission bits, snoop). Implemented by [`VtdSecondStage`] (VT-d second stage, 3/4/5
 //!   levels per CAP.SAGAW, large pages per CAP.SLLPS, SNP per ECAP.SC) and
 //!   [`X86FirstStage`] (x86-64 4/5-level paging as the VT-d first stage)
 //!   and [`AmdV1`] (AMD-Vi v1 host tables, 3 to 6 levels, large pages as
@@ -17,7 +17,9 @@
 //!   free it, read/write one entry, flush cache lines for non-coherent
 //!   walkers). [`HeapTables`] is the host implementation with fault
 //!   injection and flush logging; the kernel implements it over frames in
-//!   its direct map, which is the only place `unsafe` is needed.
+//!   its direct map, which is the only place `unsafe` is needed. With the
+//!   `testing` feature, `NonCoherentTables` models a walker that sees only
+//!   flushed cache lines, for the tests of crates that drive the engine.
 //! * [`Invalidator`]: the IOTLB side of a domain, used by [`PagingDomain`],
 //!   which puts a [`PageTable`] behind `portcullis_iommu::IommuDomain`.
 //!
@@ -62,7 +64,10 @@ mod domain;
 mod first_stage;
 mod flush;
 mod format;
+mod geometry;
 mod memory;
+#[cfg(test)]
+mod noncoherent_tests;
 mod second_stage;
 mod table;
 
@@ -74,8 +79,11 @@ pub use amd_v1::{
 };
 pub use domain::{Invalidator, NoInvalidator, PagingDomain, RecordingInvalidator};
 pub use first_stage::{FS_A, FS_ADDR_MASK, FS_D, FS_P, FS_PS, FS_RW, FS_US, FS_XD, X86FirstStage};
-pub use format::{Entry, PtFormat, level_shift, level_size, sizes_of_leaf_levels};
+pub use format::{Entry, PtFormat};
+pub use geometry::{Geometry, level_shift, level_size, sizes_of_leaf_levels};
 pub use memory::{Cleared, HEAP_TABLES_BASE, HeapTables, TableMemory};
+#[cfg(any(test, feature = "testing"))]
+pub use memory::{NonCoherentTables, WALKER_POISON, WalkerFault};
 pub use portcullis_iommu::Prot;
 pub use second_stage::{SS_ADDR_MASK, SS_PS, SS_READ, SS_SNP, SS_WRITE, VtdSecondStage};
 pub use table::{PageTable, PartialUnmap, WalkStep};

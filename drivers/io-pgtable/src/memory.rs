@@ -1,5 +1,8 @@
 //! Where the tables live: the [`TableMemory`] seam, and [`HeapTables`], the
 //! host implementation on heap pages used by tests, Miri and benchmarks.
+//! With the `testing` feature (and in this crate's tests),
+//! [`NonCoherentTables`] models a walker that does not snoop: it sees only
+//! what was flushed.
 //!
 //! Invariants of a `TableMemory` (the engine relies on them):
 //! * `alloc_table` returns a 4 KiB-aligned physical address of a 4 KiB
@@ -341,5 +344,298 @@ impl TableMemory for HeapTables {
             }
         }
         c
+    }
+}
+
+/// What the walker sees in a fresh [`NonCoherentTables`] table until its
+/// zeroes are flushed: garbage that is present in every format (bits 0 and
+/// 1 set: R|W for the VT-d second stage, P for x86, PR for AMD v1), so a
+/// walker that trusts it translates to a nonsense address instead of
+/// faulting.
+#[cfg(any(test, feature = "testing"))]
+pub const WALKER_POISON: u64 = 0xdead_beef_0bad_f00f;
+
+/// Why [`NonCoherentTables::walker_read`] refused a read.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkerFault {
+    /// The cache line holding the entry differs between what the CPU wrote
+    /// and what the walker sees: a write that was not flushed, or the
+    /// zeroes of a fresh table that the allocation never flushed (then
+    /// `walker` is [`WALKER_POISON`]).
+    Stale {
+        /// The table read.
+        table: u64,
+        /// The entry read.
+        index: usize,
+        /// The entry as the walker sees it (what the hardware would use).
+        walker: u64,
+        /// The entry as the CPU wrote it.
+        cpu: u64,
+    },
+    /// The walker followed an address that is not a live table (freed, or
+    /// never allocated, for example read out of poison).
+    NotATable {
+        /// The address.
+        table: u64,
+    },
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl core::fmt::Display for WalkerFault {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            Self::Stale { table, index, walker, cpu } => write!(
+                f,
+                "walker read {table:#x}[{index}] from an unflushed line: it sees {walker:#x}, the CPU wrote {cpu:#x}"
+            ),
+            Self::NotATable { table } => write!(f, "walker read {table:#x}, which is not a live table"),
+        }
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl core::error::Error for WalkerFault {}
+
+/// Table memory as a walker that does not snoop CPU caches sees it (VT-d
+/// ECAP.C = 0), for host tests. Built only for this crate's tests and with
+/// the `testing` feature, so other crates' tests can use it too.
+///
+/// Two views of every table:
+/// * the **CPU view**, what [`TableMemory::read`] and [`TableMemory::write`]
+///   see (a [`HeapTables`], with its use-after-free checks, fault injection
+///   and flush log, reachable through [`NonCoherentTables::cpu_mut`]);
+/// * the **walker view**, what the IOMMU would read from memory, which
+///   changes only when [`TableMemory::flush`] writes a line back. A fresh
+///   table holds [`WALKER_POISON`] there: the allocator's zeroes are still
+///   in the CPU's cache.
+///
+/// The [`TableMemory`] contract says `alloc_table` itself flushes the
+/// zeroes of a fresh table on a non-coherent unit.
+/// [`NonCoherentTables::new`] does (the correct behaviour);
+/// [`NonCoherentTables::without_alloc_flush`] does not (the bug a kernel
+/// memory source can have), so that a test can show that it is caught.
+///
+/// A test walker reads entries with [`NonCoherentTables::walker_read`],
+/// which refuses any read from a line whose two views differ: between
+/// operations every line a walker can reach must have been flushed.
+/// [`NonCoherentTables::unflushed_lines`] lists every such line of every
+/// live table.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug)]
+pub struct NonCoherentTables {
+    cpu: HeapTables,
+    walker: BTreeMap<u64, Box<[u64; ENTRIES]>>,
+    flush_on_alloc: bool,
+    alloc_flushes: u64,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Default for NonCoherentTables {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl NonCoherentTables {
+    /// Empty memory whose `alloc_table` flushes the zeroes of each fresh
+    /// table, as the [`TableMemory`] contract asks.
+    pub fn new() -> Self {
+        Self { cpu: HeapTables::new(false), walker: BTreeMap::new(), flush_on_alloc: true, alloc_flushes: 0 }
+    }
+
+    /// Empty memory whose `alloc_table` does *not* flush the zeroes: the
+    /// walker sees [`WALKER_POISON`] in every line of a fresh table the
+    /// engine has not written and flushed since.
+    pub fn without_alloc_flush() -> Self {
+        Self { flush_on_alloc: false, ..Self::new() }
+    }
+
+    /// Whether `alloc_table` flushes the zeroes of fresh tables.
+    pub fn flushes_allocations(&self) -> bool {
+        self.flush_on_alloc
+    }
+
+    /// How many fresh tables `alloc_table` flushed (not counted in the CPU
+    /// view's [`HeapTables::flush_stats`], which counts the engine's
+    /// flushes only).
+    pub fn alloc_flushes(&self) -> u64 {
+        self.alloc_flushes
+    }
+
+    /// The CPU view (table counts, flush statistics, snapshots).
+    pub fn cpu(&self) -> &HeapTables {
+        &self.cpu
+    }
+
+    /// The CPU view, mutably, for fault injection and the flush log.
+    /// Allocating, freeing or writing through it bypasses the walker view.
+    pub fn cpu_mut(&mut self) -> &mut HeapTables {
+        &mut self.cpu
+    }
+
+    /// Entry `index` of `table` as the walker sees it, unchecked; `None`
+    /// when `table` is not a live table.
+    pub fn walker_entry(&self, table: u64, index: usize) -> Option<u64> {
+        self.walker.get(&table).map(|page| page[index])
+    }
+
+    /// Entry `index` of `table` as the walker reads it: refused when the
+    /// cache line holding it was changed by the CPU and not flushed (or is
+    /// a fresh table's unflushed poison), or when `table` is not live.
+    pub fn walker_read(&self, table: u64, index: usize) -> Result<u64, WalkerFault> {
+        let (Some(seen), true) = (self.walker.get(&table), self.cpu.is_live(table)) else {
+            return Err(WalkerFault::NotATable { table });
+        };
+        let cpu = self.cpu.page(table);
+        let line = index / ENTRIES_PER_LINE * ENTRIES_PER_LINE;
+        let range = line..line + ENTRIES_PER_LINE;
+        if seen[range.clone()] != cpu[range] {
+            return Err(WalkerFault::Stale { table, index, walker: seen[index], cpu: cpu[index] });
+        }
+        Ok(seen[index])
+    }
+
+    /// Every line of every live table whose walker view differs from the
+    /// CPU view, as `(table, line)` with `line` in `0..64`, ascending.
+    pub fn unflushed_lines(&self) -> Vec<(u64, usize)> {
+        let mut out = Vec::new();
+        for (&table, seen) in &self.walker {
+            let cpu = self.cpu.page(table);
+            for (line, (a, b)) in seen.chunks(ENTRIES_PER_LINE).zip(cpu.chunks(ENTRIES_PER_LINE)).enumerate() {
+                if a != b {
+                    out.push((table, line));
+                }
+            }
+        }
+        out
+    }
+
+    /// Copies the lines `[phys, phys + len)` touches from the CPU view to
+    /// the walker view.
+    fn write_back(&mut self, phys: u64, len: u64) {
+        let mut line = phys & !(CACHE_LINE - 1);
+        while line < phys + len {
+            let table = line & !(TABLE_SIZE - 1);
+            let first = ((line - table) / 8) as usize;
+            let cpu = self.cpu.page(table);
+            let Some(seen) = self.walker.get_mut(&table) else {
+                panic!("flush of {line:#x}, which is not in a live table")
+            };
+            seen[first..first + ENTRIES_PER_LINE].copy_from_slice(&cpu[first..first + ENTRIES_PER_LINE]);
+            line += CACHE_LINE;
+        }
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl TableMemory for NonCoherentTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        let table = self.cpu.alloc_table()?;
+        self.walker.insert(table, Box::new([WALKER_POISON; ENTRIES]));
+        if self.flush_on_alloc {
+            self.write_back(table, TABLE_SIZE);
+            self.alloc_flushes += 1;
+        }
+        Some(table)
+    }
+
+    fn free_table(&mut self, table: u64) {
+        self.cpu.free_table(table);
+        self.walker.remove(&table);
+    }
+
+    #[inline]
+    fn read(&self, table: u64, index: usize) -> u64 {
+        self.cpu.read(table, index)
+    }
+
+    #[inline]
+    fn write(&mut self, table: u64, index: usize, value: u64) {
+        self.cpu.write(table, index, value);
+    }
+
+    fn coherent(&self) -> bool {
+        false
+    }
+
+    fn flush(&mut self, phys: u64, len: u64) {
+        self.cpu.flush(phys, len);
+        self.write_back(phys, len);
+    }
+
+    fn is_empty(&self, table: u64) -> bool {
+        self.cpu.is_empty(table)
+    }
+
+    fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
+        self.cpu.fill(table, index, count, first, step)
+    }
+
+    fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared {
+        self.cpu.clear(table, index, count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_reach_the_walker_only_when_flushed() {
+        let mut mem = NonCoherentTables::new();
+        let t = mem.alloc_table().unwrap();
+        assert_eq!(mem.alloc_flushes(), 1);
+        assert_eq!(mem.walker_read(t, 9), Ok(0));
+        mem.write(t, 9, 0x1003);
+        // The whole line 8..16 is refused, not just the entry written.
+        let stale = WalkerFault::Stale { table: t, index: 12, walker: 0, cpu: 0 };
+        assert_eq!(mem.walker_read(t, 12), Err(stale));
+        assert_eq!(mem.walker_read(t, 9), Err(WalkerFault::Stale { table: t, index: 9, walker: 0, cpu: 0x1003 }));
+        assert_eq!(mem.walker_read(t, 16), Ok(0));
+        assert_eq!(mem.unflushed_lines(), [(t, 1)]);
+        mem.flush(t + 64, 64);
+        assert_eq!(mem.walker_read(t, 9), Ok(0x1003));
+        assert!(mem.unflushed_lines().is_empty());
+        assert_eq!(mem.cpu().flush_stats(), (1, 64));
+    }
+
+    #[test]
+    fn fresh_tables_hold_poison_unless_the_allocation_flushes() {
+        let mut mem = NonCoherentTables::without_alloc_flush();
+        assert!(!mem.flushes_allocations());
+        let t = mem.alloc_table().unwrap();
+        assert_eq!(mem.read(t, 0), 0);
+        assert_eq!(mem.walker_entry(t, 0), Some(WALKER_POISON));
+        assert_eq!(
+            mem.walker_read(t, 0),
+            Err(WalkerFault::Stale { table: t, index: 0, walker: WALKER_POISON, cpu: 0 })
+        );
+        assert_eq!(mem.unflushed_lines().len(), 64);
+        // Writing and flushing one line fixes that line only.
+        mem.write(t, 3, 0x2003);
+        mem.flush(t, 64);
+        assert_eq!(mem.walker_read(t, 3), Ok(0x2003));
+        assert!(matches!(mem.walker_read(t, 8), Err(WalkerFault::Stale { walker: WALKER_POISON, .. })));
+        assert_eq!(mem.unflushed_lines().len(), 63);
+        // Poison is present in every format.
+        assert_eq!(WALKER_POISON & 3, 3);
+    }
+
+    #[test]
+    fn freed_tables_are_not_tables() {
+        let mut mem = NonCoherentTables::new();
+        let t = mem.alloc_table().unwrap();
+        mem.free_table(t);
+        assert_eq!(mem.walker_read(t, 0), Err(WalkerFault::NotATable { table: t }));
+        assert_eq!(mem.walker_read(0x1000, 0), Err(WalkerFault::NotATable { table: 0x1000 }));
+        // A reused table is poisoned again until its zeroes are flushed.
+        let mut bad = NonCoherentTables::without_alloc_flush();
+        let u = bad.alloc_table().unwrap();
+        bad.flush(u, TABLE_SIZE);
+        bad.free_table(u);
+        assert_eq!(bad.alloc_table(), Some(u));
+        assert_eq!(bad.walker_entry(u, 100), Some(WALKER_POISON));
     }
 }

@@ -20,7 +20,8 @@
 //! and the accessed/dirty bits (8, 9) are left clear: Portcullis enables
 //! neither execute requests, memory-type overrides nor A/D tracking.
 
-use crate::format::{PtFormat, level_size};
+use crate::format::PtFormat;
+use crate::geometry::{Geometry, level_size};
 use core::fmt;
 use portcullis_iommu::Prot;
 
@@ -35,16 +36,10 @@ pub const SS_SNP: u64 = 1 << 11;
 /// Address field, bits 51:12.
 pub const SS_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
-/// The address widths CAP.SAGAW can offer, with their number of levels.
-const WIDTHS: [(u32, u32); 3] = [(39, 3), (48, 4), (57, 5)];
-
 /// A VT-d second-stage format for one remapping unit's capabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VtdSecondStage {
-    levels: u32,
-    guest_width: u32,
-    output_bits: u32,
-    leaf_levels: u32,
+    geometry: Geometry,
     snoop: bool,
 }
 
@@ -56,13 +51,10 @@ impl VtdSecondStage {
         if levels < 3 || levels > 5 {
             return None;
         }
-        Some(Self {
-            levels,
-            guest_width: crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * levels,
-            output_bits: 52,
-            leaf_levels: 0b111,
-            snoop: false,
-        })
+        match Geometry::new(levels) {
+            Some(g) => Some(Self { geometry: g.with_large_pages(true, true), snoop: false }),
+            None => None,
+        }
     }
 
     /// The format for a unit reporting the SAGAW widths `sagaw_widths`
@@ -77,25 +69,26 @@ impl VtdSecondStage {
         large_1g: bool,
         snoop_control: bool,
     ) -> Option<Self> {
-        let mut covering: Option<(u32, u32)> = None;
-        let mut widest: Option<(u32, u32)> = None;
+        let mut covering: Option<Self> = None;
+        let mut widest: Option<Self> = None;
         for w in sagaw_widths {
-            let Some(&(width, levels)) = WIDTHS.iter().find(|(bits, _)| *bits == w) else { continue };
-            if width >= mgaw && covering.is_none_or(|(cw, _)| width < cw) {
-                covering = Some((width, levels));
+            // Only the exact widths of a 3, 4 or 5-level table.
+            let levels = Geometry::levels_covering(w);
+            let Some(f) = Self::new(levels).filter(|_| Geometry::bits_covered(levels) == w) else { continue };
+            if w >= mgaw && covering.is_none_or(|c| levels < c.levels()) {
+                covering = Some(f);
             }
-            if widest.is_none_or(|(ww, _)| width > ww) {
-                widest = Some((width, levels));
+            if widest.is_none_or(|c| levels > c.levels()) {
+                widest = Some(f);
             }
         }
-        let (_, levels) = covering.or(widest)?;
-        let format = Self::new(levels)?.with_large_pages(large_2m, large_1g).with_snoop_control(snoop_control);
+        let format = covering.or(widest)?.with_large_pages(large_2m, large_1g).with_snoop_control(snoop_control);
         Some(format.with_guest_width(mgaw))
     }
 
     /// Allows or forbids 2 MiB and 1 GiB leaves (CAP.SLLPS bits 0 and 1).
     pub const fn with_large_pages(mut self, two_mib: bool, one_gib: bool) -> Self {
-        self.leaf_levels = 1 | (two_mib as u32) << 1 | (one_gib as u32) << 2;
+        self.geometry = self.geometry.with_large_pages(two_mib, one_gib);
         self
     }
 
@@ -108,40 +101,21 @@ impl VtdSecondStage {
     /// Limits the aperture to `bits` of IOVA (CAP.MGAW); never beyond what
     /// the levels cover, never below 12 bits.
     pub const fn with_guest_width(mut self, bits: u32) -> Self {
-        let max = crate::PAGE_SHIFT + crate::BITS_PER_LEVEL * self.levels;
-        self.guest_width = if bits > max {
-            max
-        } else if bits < crate::PAGE_SHIFT {
-            crate::PAGE_SHIFT
-        } else {
-            bits
-        };
+        self.geometry = self.geometry.with_input_bits(bits);
         self
     }
 
     /// Limits output addresses to `bits` (the host address width); at most 52.
     pub const fn with_output_bits(mut self, bits: u32) -> Self {
-        self.output_bits = if bits > 52 { 52 } else { bits };
+        self.geometry = self.geometry.with_output_bits(bits);
         self
     }
 }
 
 impl PtFormat for VtdSecondStage {
     #[inline]
-    fn levels(&self) -> u32 {
-        self.levels
-    }
-    #[inline]
-    fn aperture_last(&self) -> u64 {
-        (1u64 << self.guest_width) - 1
-    }
-    #[inline]
-    fn output_bits(&self) -> u32 {
-        self.output_bits
-    }
-    #[inline]
-    fn leaf_levels(&self) -> u32 {
-        self.leaf_levels
+    fn geometry(&self) -> &Geometry {
+        &self.geometry
     }
     #[inline]
     fn is_present(&self, pte: u64) -> bool {

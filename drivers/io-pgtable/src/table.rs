@@ -33,7 +33,8 @@ use core::fmt;
 use portcullis_iommu::{IotlbGather, Prot, push_run};
 
 use crate::flush::{FlushBatch, lines_of};
-use crate::format::{Entry, PtFormat, level_shift, level_size, sizes_of_leaf_levels};
+use crate::format::{Entry, PtFormat};
+use crate::geometry::{index_of, level_shift, level_size, sizes_of_leaf_levels};
 
 /// The leaf levels the engine uses from those a format allows: level 0 and
 /// every level above it up to the first one missing. Splitting a leaf makes
@@ -120,25 +121,20 @@ impl<F: PtFormat, M: TableMemory> fmt::Debug for PageTable<F, M> {
     }
 }
 
-#[inline]
-fn index_of(iova: u64, level: u32) -> usize {
-    ((iova >> level_shift(level)) as usize) & (ENTRIES - 1)
-}
-
 impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// An empty page table (just the root). Fails only if the root cannot
     /// be allocated.
     pub fn new(format: F, mut mem: M) -> Result<Self, Error> {
-        let levels = format.levels();
+        let geometry = *format.geometry();
+        let levels = geometry.levels();
         assert!((1..=MAX_LEVELS as u32).contains(&levels), "format with {levels} levels");
         let root = mem.alloc_table().ok_or(Error::NoMemory { iova: 0, level: levels - 1 })?;
-        let max_last = if level_shift(levels) >= 64 { u64::MAX } else { level_size(levels) - 1 };
         // The engine works with exclusive ends (`iova + length`), so the
         // page that ends at 2^64 stays outside the aperture: a map there is
         // refused as out of range rather than overflowing.
-        let last = format.aperture_last().min(max_last).min(u64::MAX - PAGE_SIZE);
-        let output_limit = 1u64 << format.output_bits().min(63);
-        let leaf_levels = usable_leaf_levels(format.leaf_levels() & ((1 << levels) - 1));
+        let last = geometry.aperture_last().min(u64::MAX - PAGE_SIZE);
+        let output_limit = 1u64 << geometry.output_bits().min(63);
+        let leaf_levels = usable_leaf_levels(geometry.leaf_levels() & ((1 << levels) - 1));
         Ok(Self {
             coherent: mem.coherent(),
             format,
