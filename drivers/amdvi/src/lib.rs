@@ -36,4 +36,4 @@ pub use cmd::Command;
 pub use dte::{DeviceTableEntry, Interrupts};
 pub use event::Event;
 pub use memory::ContiguousMemory;
-pub use unit::{Clock, Error, InvalidationStats, Unit, UnityRange};
+pub use unit::{Clock, Error, HwError, InvalidationStats, Unit, UnitError, UnityRange};

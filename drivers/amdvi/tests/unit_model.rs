@@ -11,7 +11,7 @@ use amdvi::dte::DteKind;
 use amdvi::event::{self, Event, flags};
 use amdvi::regs::{self, Mmio, control, status};
 use amdvi::unit::RING_BYTES;
-use amdvi::{Clock, Command, ContiguousMemory, DeviceTableEntry, Error, Unit};
+use amdvi::{Clock, Command, ContiguousMemory, DeviceTableEntry, Error, HwError, Unit};
 use io_pgtable::{HeapTables, TableMemory};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -424,6 +424,9 @@ impl Clock for TickClock {
 
 type TestUnit = Unit<Model, Mem, TickClock>;
 
+/// The register base the test unit is named by.
+const BASE: u64 = 0xfeb8_0000;
+
 struct Setup {
     efr: u64,
     last: u16,
@@ -443,7 +446,7 @@ fn build(s: Setup) -> (Model, Mem, TestUnit) {
     let hw = Hw { efr: s.efr, lazy: s.lazy, stuck: s.stuck, ..Hw::default() };
     let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
     let clock = TickClock { now: AtomicU64::new(0), model: Some(model.clone()) };
-    let u = Unit::new("IVHD test".into(), model.clone(), mem.clone(), clock, s.last);
+    let u = Unit::new(BASE, model.clone(), mem.clone(), clock, s.last);
     (model, mem, u)
 }
 
@@ -608,21 +611,22 @@ fn pass_through_entry() {
 #[test]
 fn bad_arguments_are_refused_with_the_unit_named() {
     let (_, _, mut u) = unit();
-    assert_eq!(u.attach(0, ROOT, 4, 1), Err(Error::NotEnabled { unit: "IVHD test".into() }));
+    assert_eq!(u.base(), BASE);
+    assert_eq!(u.attach(0, ROOT, 4, 1), Err(Error { unit: BASE, cause: HwError::NotEnabled }));
     u.enable().unwrap();
     let e = u.attach(0x100, ROOT, 4, 1).unwrap_err();
-    assert_eq!(e, Error::NoSuchDevice { unit: "IVHD test".into(), device_id: 0x100, last_device_id: 0xff });
-    assert!(e.to_string().starts_with("IVHD test: device id 0x0100"));
-    assert!(matches!(u.attach(1, ROOT, 7, 1), Err(Error::Unsupported { .. })));
-    assert!(matches!(u.attach(1, ROOT | 0x800, 4, 1), Err(Error::Invalid { .. })));
-    assert!(matches!(u.attach(1, ROOT, 0, 1), Err(Error::Invalid { .. })));
-    assert!(matches!(u.attach(1, ROOT, 4, 0), Err(Error::Invalid { .. })));
-    assert!(matches!(u.attach(1, ROOT, 4, 0x100), Err(Error::Invalid { .. })));
-    assert!(matches!(u.invalidate_range(1, 0x2000, 0x1000), Err(Error::Invalid { .. })));
+    assert_eq!(e, Error { unit: BASE, cause: HwError::NoSuchDevice { device_id: 0x100, last_device_id: 0xff } });
+    assert!(e.to_string().starts_with("IOMMU unit at 0xfeb80000: device id 0x0100"), "{e}");
+    assert!(matches!(u.attach(1, ROOT, 7, 1), Err(Error { cause: HwError::Unsupported(_), .. })));
+    assert!(matches!(u.attach(1, ROOT | 0x800, 4, 1), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert!(matches!(u.attach(1, ROOT, 0, 1), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert!(matches!(u.attach(1, ROOT, 4, 0), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert!(matches!(u.attach(1, ROOT, 4, 0x100), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert!(matches!(u.invalidate_range(1, 0x2000, 0x1000), Err(Error { cause: HwError::Invalid(_), .. })));
     // A unit whose HATS allows only 4 levels refuses 5.
     let (_, _, mut small) = build(Setup { efr: 0, ..Setup::default() });
     small.enable().unwrap();
-    assert!(matches!(small.attach(1, ROOT, 5, 1), Err(Error::Unsupported { .. })));
+    assert!(matches!(small.attach(1, ROOT, 5, 1), Err(Error { cause: HwError::Unsupported(_), .. })));
     small.attach(1, ROOT, 4, 1).unwrap();
 }
 
@@ -641,7 +645,7 @@ fn domain_ids_skip_zero_and_bit_8_and_are_reused() {
         n += 1;
     }
     assert_eq!(n, 32767);
-    assert!(matches!(u.alloc_domain_id(), Err(Error::NoDomainId { .. })));
+    assert!(matches!(u.alloc_domain_id(), Err(Error { cause: HwError::NoDomainId, .. })));
 }
 
 #[test]
@@ -762,8 +766,8 @@ fn a_slow_unit_is_never_overrun() {
 fn a_unit_that_never_runs_times_out_and_leaves_nothing_behind() {
     let (model, mem, mut u) = build(Setup { stuck: true, ..Setup::default() });
     match u.enable() {
-        Err(Error::Timeout { unit, register, waited_ns }) => {
-            assert_eq!(unit, "IVHD test");
+        Err(Error { unit, cause: HwError::Timeout { register, waited_ns } }) => {
+            assert_eq!(unit, BASE);
             assert_eq!(register, "Status.CmdBufRun");
             assert!(waited_ns > amdvi::unit::TIMEOUT_NS);
         }
@@ -779,20 +783,26 @@ fn a_unit_that_stops_mid_way_times_out_on_the_completion_wait() {
     let (model, _, mut u) = enabled();
     model.hw.lock().unwrap().stuck = true;
     let e = u.invalidate_range(1, 0, 0xfff).unwrap_err();
-    assert!(matches!(e, Error::Timeout { register: "Command Buffer Head (COMPLETION_WAIT store)", .. }), "{e:?}");
-    assert!(e.to_string().starts_with("IVHD test: timed out after"));
+    assert!(
+        matches!(e.cause, HwError::Timeout { register: "Command Buffer Head (COMPLETION_WAIT store)", .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().starts_with("IOMMU unit at 0xfeb80000: timed out after"), "{e}");
     // The ring is now partly full; the next batches fill it and then the
     // producer waits for room.
     let mut last = None;
     for _ in 0..200 {
         if let Err(e) = u.invalidate_range(1, 0, 0xfff) {
             last = Some(e);
-            if matches!(last, Some(Error::Timeout { register: "Command Buffer Head", .. })) {
+            if matches!(last, Some(Error { cause: HwError::Timeout { register: "Command Buffer Head", .. }, .. })) {
                 break;
             }
         }
     }
-    assert!(matches!(last, Some(Error::Timeout { register: "Command Buffer Head", .. })), "{last:?}");
+    assert!(
+        matches!(last, Some(Error { cause: HwError::Timeout { register: "Command Buffer Head", .. }, .. })),
+        "{last:?}"
+    );
     assert_eq!(model.hw.lock().unwrap().overruns, 0);
 }
 
@@ -891,8 +901,8 @@ fn out_of_memory_at_each_allocation_leaves_nothing_behind() {
         let (model, mem, mut u) = unit();
         mem.fail_nth(n);
         match u.enable() {
-            Err(Error::NoMemory { unit }) => {
-                assert_eq!(unit, "IVHD test");
+            Err(Error { unit, cause: HwError::NoMemory }) => {
+                assert_eq!(unit, BASE);
                 assert_eq!(mem.live(), 0, "failure at allocation {n}");
                 assert!(!u.is_enabled());
                 let hw = model.hw.lock().unwrap();
@@ -925,7 +935,7 @@ fn enable_is_idempotent_and_disable_needs_enable() {
     assert!(model.processed().is_empty());
     assert_eq!(mem.live(), 5);
     u.disable().unwrap();
-    assert!(matches!(u.disable(), Err(Error::NotEnabled { .. })));
+    assert!(matches!(u.disable(), Err(Error { cause: HwError::NotEnabled, .. })));
     assert!(u.poll_events().is_empty());
     // And again from scratch.
     u.enable().unwrap();
@@ -966,6 +976,6 @@ fn interrupt_routes_live_in_a_per_device_table() {
     for _ in 0..64 {
         u.route_interrupt(0x18, 0x30, 0).unwrap();
     }
-    assert!(u.route_interrupt(0x18, 0x30, 0).is_err(), "table full");
+    assert_eq!(u.route_interrupt(0x18, 0x30, 0), Err(Error { unit: BASE, cause: HwError::TableFull }));
     assert_eq!(model.hw.lock().unwrap().illegal_commands, 0);
 }

@@ -25,4 +25,4 @@ pub mod scalable;
 pub mod unit;
 
 pub use fault::FaultRecord;
-pub use unit::{Caps, Clock, Error, InvalidationStats, Unit};
+pub use unit::{Caps, Clock, Error, HwError, InvalidationStats, Unit, UnitError};

@@ -8,7 +8,7 @@ use io_pgtable::{HeapTables, TableMemory};
 use std::sync::{Arc, Mutex};
 use vtd::qi::Descriptor;
 use vtd::regs::{self, Mmio, fsts, gcmd};
-use vtd::{Clock, Error, FaultRecord, Unit};
+use vtd::{Clock, Error, FaultRecord, HwError, Unit};
 
 /// Register offsets as plain numbers, for matching on accessed offsets.
 mod off {
@@ -80,6 +80,9 @@ struct Hw {
     interrupts: Vec<(u64, u32)>,
     /// Make GSTS never follow (timeouts).
     stuck: bool,
+    /// Report an invalidation queue error (FSTS.IQE) instead of running
+    /// the queue.
+    queue_error: bool,
 }
 
 #[derive(Clone)]
@@ -94,6 +97,10 @@ const IRO: usize = 0xf0;
 impl Model {
     fn process_queue(&self, hw: &mut Hw) {
         if hw.gsts & gcmd::QIE == 0 {
+            return;
+        }
+        if hw.queue_error {
+            hw.fsts |= fsts::IQE;
             return;
         }
         let page = hw.iqa & !0xfff;
@@ -216,11 +223,14 @@ impl Clock for TickClock {
     }
 }
 
+/// The register base the test unit is named by.
+const BASE: u64 = 0xfed9_0000;
+
 fn unit() -> (Model, Unit<Model, Shared, TickClock>) {
     let mem = Shared(Arc::new(Mutex::new(HeapTables::new(true))));
     let hw = Hw { fectl: regs::fectl::IM, ..Hw::default() };
     let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
-    let u = Unit::new("DRHD test".into(), model.clone(), mem, TickClock::default()).unwrap();
+    let u = Unit::new(BASE, model.clone(), mem, TickClock::default()).unwrap();
     (model, u)
 }
 
@@ -281,8 +291,8 @@ fn hardware_that_never_answers_times_out_with_the_register_named() {
     let (model, mut u) = unit();
     model.hw.lock().unwrap().stuck = true;
     match u.enable(true) {
-        Err(Error::Timeout { unit, register, .. }) => {
-            assert_eq!(unit, "DRHD test");
+        Err(Error { unit, cause: HwError::Timeout { register, .. } }) => {
+            assert_eq!(unit, BASE);
             assert_eq!(register, "GSTS.RTPS");
         }
         other => panic!("{other:?}"),
@@ -356,7 +366,10 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     use vtd::ir::Irte;
     let (_, mut register_based) = unit();
     register_based.enable(false).unwrap();
-    assert!(matches!(register_based.enable_interrupt_remapping(), Err(Error::Unsupported { .. })), "needs the queue");
+    assert!(
+        matches!(register_based.enable_interrupt_remapping(), Err(Error { cause: HwError::Unsupported(_), .. })),
+        "needs the queue"
+    );
     let (model, mut u) = unit();
     u.enable(true).unwrap();
     u.enable_interrupt_remapping().unwrap();
@@ -388,13 +401,33 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     // The allocator hands out each entry once, then refuses.
     let got: Vec<u16> = (0..256).map(|_| u.alloc_irte().unwrap()).collect();
     assert_eq!(got, (0..256).collect::<Vec<u16>>());
-    assert!(u.alloc_irte().is_err(), "table full");
+    assert_eq!(u.alloc_irte(), Err(Error { unit: BASE, cause: HwError::TableFull }));
     u.set_irte(7, e).unwrap();
     u.free_irte(7).unwrap();
     assert!(!u.irte(7).unwrap().present(), "freeing clears the entry");
     assert_eq!(u.alloc_irte().unwrap(), 7);
-    assert!(u.set_irte(256, e).is_err(), "beyond the table");
+    assert!(matches!(u.set_irte(256, e), Err(Error { cause: HwError::Invalid(_), .. })), "beyond the table");
     u.disable_interrupt_remapping().unwrap();
     assert_eq!(model.hw.lock().unwrap().gsts & gcmd::IRE, 0);
-    assert!(u.set_irte(5, e).is_err(), "remapping is off");
+    assert_eq!(u.set_irte(5, e), Err(Error { unit: BASE, cause: HwError::NotEnabled }), "remapping is off");
+}
+
+#[test]
+fn a_queue_error_is_reported_with_the_fault_status() {
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    model.hw.lock().unwrap().queue_error = true;
+    let e = u.invalidate_range(1, 0, 0xfff, true).unwrap_err();
+    assert_eq!(e, Error { unit: BASE, cause: HwError::QueueError { status: fsts::IQE } });
+    assert!(e.to_string().starts_with("IOMMU unit at 0xfed90000: invalidation queue error"), "{e}");
+}
+
+#[test]
+fn pasid_based_invalidation_needs_scalable_mode() {
+    let (_, mut u) = unit();
+    u.enable(true).unwrap();
+    assert!(matches!(
+        u.invalidate_range_pasid(1, 0, 0xfff, true),
+        Err(Error { cause: HwError::Unsupported("not in scalable mode"), .. })
+    ));
 }
