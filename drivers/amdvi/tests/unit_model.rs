@@ -11,10 +11,10 @@ use amdvi::dte::DteKind;
 use amdvi::event::{self, Event, flags};
 use amdvi::regs::{self, Mmio, control, status};
 use amdvi::unit::RING_BYTES;
-use amdvi::{Clock, Command, ContiguousMemory, DeviceTableEntry, Error, HwError, Unit};
+use amdvi::{Command, ContiguousMemory, DeviceTableEntry, Error, HwError, Unit};
 use io_pgtable::{HeapTables, TableMemory};
+use portcullis_iommu::testing::TickClock;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------------
@@ -402,26 +402,6 @@ impl Mmio for Model {
     }
 }
 
-/// A clock that advances 1 µs per reading; with a lazy model each reading
-/// also lets the hardware run one command.
-#[derive(Default)]
-struct TickClock {
-    now: AtomicU64,
-    model: Option<Model>,
-}
-
-impl Clock for TickClock {
-    fn now_ns(&self) -> u64 {
-        if let Some(m) = &self.model {
-            let mut hw = m.hw.lock().unwrap();
-            if hw.lazy {
-                m.run(&mut hw, 1);
-            }
-        }
-        self.now.fetch_add(1000, Ordering::Relaxed)
-    }
-}
-
 type TestUnit = Unit<Model, Mem, TickClock>;
 
 /// The register base the test unit is named by.
@@ -445,7 +425,15 @@ fn build(s: Setup) -> (Model, Mem, TestUnit) {
     let mem = Mem::new(s.coherent);
     let hw = Hw { efr: s.efr, lazy: s.lazy, stuck: s.stuck, ..Hw::default() };
     let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
-    let clock = TickClock { now: AtomicU64::new(0), model: Some(model.clone()) };
+    // 1 µs per reading; with a lazy model each reading also lets the
+    // hardware run one command.
+    let ticked = model.clone();
+    let clock = TickClock::new().on_read(move || {
+        let mut hw = ticked.hw.lock().unwrap();
+        if hw.lazy {
+            ticked.run(&mut hw, 1);
+        }
+    });
     let u = Unit::new(BASE, model.clone(), mem.clone(), clock, s.last);
     (model, mem, u)
 }

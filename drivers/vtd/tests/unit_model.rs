@@ -5,10 +5,11 @@
 //! RW1C F bits).
 
 use io_pgtable::{HeapTables, TableMemory};
+use portcullis_iommu::testing::TickClock;
 use std::sync::{Arc, Mutex};
 use vtd::qi::Descriptor;
 use vtd::regs::{self, Mmio, fsts, gcmd};
-use vtd::{Clock, Error, FaultRecord, HwError, Unit};
+use vtd::{Error, FaultRecord, HwError, Unit};
 
 /// Register offsets as plain numbers, for matching on accessed offsets.
 mod off {
@@ -210,16 +211,6 @@ impl Mmio for Model {
             o if o == IRO => {}
             _ => panic!("64-bit write at {off:#x}"),
         }
-    }
-}
-
-/// A clock that advances 1 µs per reading (so timeouts end quickly).
-#[derive(Default)]
-struct TickClock(std::sync::atomic::AtomicU64);
-
-impl Clock for TickClock {
-    fn now_ns(&self) -> u64 {
-        self.0.fetch_add(1000, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
