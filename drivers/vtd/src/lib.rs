@@ -5,7 +5,9 @@
 //! * [`entries`]: root and context entries (legacy mode);
 //! * [`qi`]: queued-invalidation descriptors;
 //! * [`fault`]: fault records;
-//! * [`unit`]: one DRHD brought up, devices attached or blocked,
+//! * [`scalable`]: scalable-mode entry encodings and the tables that
+//!   hold them;
+//! * [`mod@unit`]: one DRHD brought up, devices attached or blocked,
 //!   invalidations issued, faults collected.
 //!
 //! Hardware access is behind traits (`Mmio`, `io_pgtable::TableMemory`,
