@@ -16,7 +16,7 @@
 use crate::entries::{ContextEntry, RootEntry, TranslationType};
 use crate::fault::FaultRecord;
 use crate::qi::{ContextScope, Descriptor, Descriptor256, IotlbScope, PasidIotlbScope, page_blocks};
-use crate::regs::{self, Mmio, ccmd, fectl, fsts, gcmd, iotlb};
+use crate::regs::{self, Fectl, Fsts, Gcmd, Mmio, ccmd, iotlb};
 use crate::scalable::{Invalidations, ScalableTables, TablesError};
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
@@ -290,22 +290,23 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     }
 
     /// Sets or clears one GCMD bit and waits for GSTS to follow.
-    fn gcmd(&self, bit: u32, on: bool) -> Result<(), Error> {
-        let persistent = self.mmio.get32(regs::GSTS) & gcmd::PERSISTENT;
-        let value = if on { persistent | bit } else { persistent & !bit };
-        self.mmio.set32(regs::GCMD, value);
-        self.wait_for("GSTS", |m| (m.get32(regs::GSTS) & bit != 0) == on)
+    fn gcmd(&self, bit: Gcmd, on: bool) -> Result<(), Error> {
+        let persistent = regs::read_gsts(&self.mmio) & Gcmd::PERSISTENT;
+        let value = if on { persistent | bit } else { persistent - bit };
+        self.mmio.set32(regs::GCMD, value.bits());
+        self.wait_for("GSTS", |m| regs::read_gsts(m).contains(bit) == on)
     }
 
     /// One-shot GCMD commands (SRTP, WBF): GSTS shows completion.
-    fn gcmd_oneshot(&self, bit: u32, register: &'static str) -> Result<(), Error> {
-        let persistent = self.mmio.get32(regs::GSTS) & gcmd::PERSISTENT;
-        self.mmio.set32(regs::GCMD, persistent | bit);
-        match bit {
+    fn gcmd_oneshot(&self, bit: Gcmd, register: &'static str) -> Result<(), Error> {
+        let persistent = regs::read_gsts(&self.mmio) & Gcmd::PERSISTENT;
+        self.mmio.set32(regs::GCMD, (persistent | bit).bits());
+        if bit == Gcmd::WBF {
             // WBFS clears when the flush is done.
-            gcmd::WBF => self.wait_for(register, |m| m.get32(regs::GSTS) & gcmd::WBF == 0),
-            // RTPS sets when the new root is latched.
-            _ => self.wait_for(register, |m| m.get32(regs::GSTS) & bit != 0),
+            self.wait_for(register, |m| !regs::read_gsts(m).contains(Gcmd::WBF))
+        } else {
+            // RTPS (IRTPS) sets when the new root (table) is latched.
+            self.wait_for(register, |m| regs::read_gsts(m).contains(bit))
         }
     }
 
@@ -316,13 +317,13 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         if self.caps.best_levels().is_none() {
             return Err(self.err(HwError::Unsupported("no 3- or 4-level second-stage width (SAGAW)")));
         }
-        if self.mmio.get32(regs::GSTS) & gcmd::TE != 0 {
-            self.gcmd(gcmd::TE, false)?;
+        if regs::read_gsts(&self.mmio).contains(Gcmd::TE) {
+            self.gcmd(Gcmd::TE, false)?;
         }
         self.mmio.set64(regs::RTADDR, self.root | regs::rtaddr::TTM_LEGACY);
-        self.gcmd_oneshot(gcmd::SRTP, "GSTS.RTPS")?;
+        self.gcmd_oneshot(Gcmd::SRTP, "GSTS.RTPS")?;
         if self.caps.rwbf() {
-            self.gcmd_oneshot(gcmd::WBF, "GSTS.WBFS")?;
+            self.gcmd_oneshot(Gcmd::WBF, "GSTS.WBFS")?;
         }
         self.register_context_invalidate(ccmd::GLOBAL)?;
         self.register_iotlb_invalidate(iotlb::GLOBAL)?;
@@ -331,13 +332,13 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             self.mmio.set64(regs::IQT, 0);
             // QS = 0: one 4 KiB page, 256 128-bit descriptors; DW = 0.
             self.mmio.set64(regs::IQA, page);
-            if let Err(e) = self.gcmd(gcmd::QIE, true) {
+            if let Err(e) = self.gcmd(Gcmd::QIE, true) {
                 self.mem.free_table(page);
                 return Err(e);
             }
             self.queue = Some(Queue { page, tail: 0, wide: false });
         }
-        self.gcmd(gcmd::TE, true)
+        self.gcmd(Gcmd::TE, true)
     }
 
     /// Brings the unit up in scalable mode (ECAP.SMTS and QI needed):
@@ -351,23 +352,23 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         if !self.caps.scalable() || !self.caps.qi() {
             return Err(self.err(HwError::Unsupported("scalable mode needs ECAP.SMTS and ECAP.QI")));
         }
-        if self.mmio.get32(regs::GSTS) & gcmd::TE != 0 {
-            self.gcmd(gcmd::TE, false)?;
+        if regs::read_gsts(&self.mmio).contains(Gcmd::TE) {
+            self.gcmd(Gcmd::TE, false)?;
         }
         let tables = ScalableTables::new(self.mem.clone()).map_err(|_| self.err(HwError::NoMemory))?;
         self.mmio.set64(regs::RTADDR, tables.rtaddr());
         self.scalable = Some(tables);
-        self.gcmd_oneshot(gcmd::SRTP, "GSTS.RTPS")?;
+        self.gcmd_oneshot(Gcmd::SRTP, "GSTS.RTPS")?;
         let page = self.mem.alloc_table().ok_or_else(|| self.err(HwError::NoMemory))?;
         self.mmio.set64(regs::IQT, 0);
         self.mmio.set64(regs::IQA, page | crate::qi::iq256::IQA_DW);
-        if let Err(e) = self.gcmd(gcmd::QIE, true) {
+        if let Err(e) = self.gcmd(Gcmd::QIE, true) {
             self.mem.free_table(page);
             return Err(e);
         }
         self.queue = Some(Queue { page, tail: 0, wide: true });
         self.submit(&[Descriptor::context(ContextScope::Global), Descriptor::iotlb(IotlbScope::Global)])?;
-        self.gcmd(gcmd::TE, true)
+        self.gcmd(Gcmd::TE, true)
     }
 
     /// Turns interrupt remapping on with an empty table of
@@ -393,11 +394,11 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         // 256 entries: S = 7.
         self.mmio.set64(regs::IRTA, crate::ir::irta(table, 7, false));
         let on = self
-            .gcmd_oneshot(gcmd::SIRTP, "GSTS.IRTPS")
+            .gcmd_oneshot(Gcmd::SIRTP, "GSTS.IRTPS")
             .and_then(|()| self.submit(&[Descriptor::iec(None)]))
-            .and_then(|()| self.gcmd(gcmd::IRE, true));
+            .and_then(|()| self.gcmd(Gcmd::IRE, true));
         if let Err(e) = on {
-            let _ = self.gcmd(gcmd::IRE, false);
+            let _ = self.gcmd(Gcmd::IRE, false);
             self.mem.free_table(table);
             return Err(e);
         }
@@ -409,7 +410,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// frees the table.
     pub fn disable_interrupt_remapping(&mut self) -> Result<(), Error> {
         let Some(table) = self.irt else { return Ok(()) };
-        self.gcmd(gcmd::IRE, false)?;
+        self.gcmd(Gcmd::IRE, false)?;
         self.irt = None;
         self.irt_used = [0; 4];
         self.mem.free_table(table);
@@ -483,9 +484,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// Turns translation (and queued invalidation) off.
     pub fn disable(&mut self) -> Result<(), Error> {
-        self.gcmd(gcmd::TE, false)?;
+        self.gcmd(Gcmd::TE, false)?;
         if let Some(q) = self.queue.take() {
-            self.gcmd(gcmd::QIE, false)?;
+            self.gcmd(Gcmd::QIE, false)?;
             self.mem.free_table(q.page);
         }
         Ok(())
@@ -552,9 +553,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.stats.waits += 1;
         let mut error = None;
         let r = self.wait_for("invalidation wait status", |m| {
-            let f = m.get32(regs::FSTS);
-            if f & (fsts::IQE | fsts::ICE | fsts::ITE) != 0 {
-                error = Some(f);
+            let f = regs::read_fsts(m);
+            if f.intersects(Fsts::QUEUE_ERRORS) {
+                error = Some(f.bits());
                 return true;
             }
             false
@@ -612,7 +613,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// Flushes the write buffer (CAP.RWBF units need it after page-table
     /// updates before the hardware may see them); a no-op otherwise.
     pub fn flush_write_buffer(&mut self) -> Result<(), Error> {
-        if self.caps.rwbf() { self.gcmd_oneshot(gcmd::WBF, "GSTS.WBFS") } else { Ok(()) }
+        if self.caps.rwbf() { self.gcmd_oneshot(Gcmd::WBF, "GSTS.WBFS") } else { Ok(()) }
     }
 
     /// Records the RMRR ranges (`[base, limit]`) of devices this unit
@@ -813,10 +814,10 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// overflow), appending them to the unit's log; returns the new ones.
     pub fn poll_faults(&mut self) -> Vec<FaultRecord> {
         let mut out = Vec::new();
-        let status = self.mmio.get32(regs::FSTS);
-        if status & fsts::PPF != 0 {
+        let status = regs::read_fsts(&self.mmio);
+        if status.contains(Fsts::PPF) {
             let nfr = self.caps.nfr();
-            let first = fsts::fri(status) as usize % nfr;
+            let first = status.fri() as usize % nfr;
             for k in 0..nfr {
                 let i = (first + k) % nfr;
                 let off = self.caps.fro() + i * 16;
@@ -830,13 +831,13 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 self.mmio.write32(off + 12, 1 << 31);
             }
         }
-        if status & fsts::PFO != 0 {
+        if status.contains(Fsts::PFO) {
             self.overflows += 1;
         }
-        if status & (fsts::PFO | fsts::PPF) != 0 {
+        if status.intersects(Fsts::PFO | Fsts::PPF) {
             // Writing the status back (PFO is RW1C, PPF read-only) marks
             // the event serviced: a pending masked event (FECTL.IP) clears.
-            self.mmio.set32(regs::FSTS, fsts::PFO | fsts::PPF);
+            self.mmio.set32(regs::FSTS, (Fsts::PFO | Fsts::PPF).bits());
         }
         self.faults.extend_from_slice(&out);
         if self.faults.len() > 256 {
@@ -854,23 +855,23 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// records and so re-arms the event. Polling works with or without it.
     pub fn enable_fault_event(&mut self, address: u64, data: u32) {
         // Mask while the message is changed, then unmask.
-        self.mmio.set32(regs::FECTL, fectl::IM);
+        self.mmio.set32(regs::FECTL, Fectl::IM.bits());
         self.mmio.set32(regs::FEDATA, data);
         self.mmio.set32(regs::FEADDR, address as u32);
         self.mmio.set32(regs::FEUADDR, (address >> 32) as u32);
-        self.mmio.set32(regs::FECTL, 0);
+        self.mmio.set32(regs::FECTL, Fectl::empty().bits());
     }
 
     /// Masks the fault event interrupt (faults are still recorded; FECTL.IP
     /// shows one arrived while masked).
     pub fn mask_fault_event(&mut self) {
-        self.mmio.set32(regs::FECTL, fectl::IM);
+        self.mmio.set32(regs::FECTL, Fectl::IM.bits());
     }
 
     /// FECTL: whether the fault event is masked and whether one is pending.
     pub fn fault_event_state(&self) -> (bool, bool) {
-        let v = self.mmio.get32(regs::FECTL);
-        (v & fectl::IM != 0, v & fectl::IP != 0)
+        let v = regs::read_fectl(&self.mmio);
+        (v.contains(Fectl::IM), v.contains(Fectl::IP))
     }
 
     /// The fault log (latest 256) and the number of overflows seen.
