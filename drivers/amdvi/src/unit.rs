@@ -31,7 +31,7 @@ use crate::cmd::{Command, PageRange, range_commands};
 use crate::dte::{DeviceTableEntry, DteKind, Interrupts};
 use crate::event::Event;
 use crate::memory::ContiguousMemory;
-use crate::regs::{self, Mmio, control, status};
+use crate::regs::{self, Control, Mmio, Status};
 use alloc::vec::Vec;
 use core::fmt;
 pub use portcullis_iommu::{HwError, UnitError};
@@ -345,7 +345,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             return Ok(());
         }
         // Firmware may have left it on: stop everything first.
-        if self.mmio.get64(regs::CONTROL) & (control::IOMMU_EN | control::CMD_BUF_EN | control::EVENT_LOG_EN) != 0 {
+        if regs::read_control(&self.mmio).intersects(Control::RUNNING) {
             self.mmio.set64(regs::CONTROL, 0);
         }
         let r = self.allocate()?;
@@ -372,14 +372,14 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         // An exclusion range would let DMA bypass translation.
         self.mmio.set64(regs::EXCLUSION_BASE, 0);
         self.mmio.set64(regs::EXCLUSION_LIMIT, 0);
-        self.mmio.set64(regs::STATUS, status::W1C);
-        let coherent = if self.coherent { control::COHERENT } else { 0 };
-        let ctrl = coherent | control::CMD_BUF_EN | control::EVENT_LOG_EN;
-        self.mmio.set64(regs::CONTROL, ctrl);
-        self.mmio.set64(regs::CONTROL, ctrl | control::IOMMU_EN);
+        self.mmio.set64(regs::STATUS, Status::W1C.bits());
+        let coherent = if self.coherent { Control::COHERENT } else { Control::empty() };
+        let ctrl = coherent | Control::CMD_BUF_EN | Control::EVENT_LOG_EN;
+        self.mmio.set64(regs::CONTROL, ctrl.bits());
+        self.mmio.set64(regs::CONTROL, (ctrl | Control::IOMMU_EN).bits());
         self.rings = Some(r);
         let flushed = self
-            .wait_until("Status.CmdBufRun", |u| u.mmio.get64(regs::STATUS) & status::CMD_BUF_RUN != 0)
+            .wait_until("Status.CmdBufRun", |u| regs::read_status(&u.mmio).contains(Status::CMD_BUF_RUN))
             .and_then(|()| self.flush_everything());
         if let Err(e) = flushed {
             self.mmio.set64(regs::CONTROL, 0);
@@ -396,8 +396,8 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// afterwards, so do this only when no device may DMA.
     pub fn disable(&mut self) -> Result<(), Error> {
         let r = self.rings.take().ok_or_else(|| self.not_enabled())?;
-        let ctrl = self.mmio.get64(regs::CONTROL);
-        self.mmio.set64(regs::CONTROL, ctrl & !(control::IOMMU_EN | control::CMD_BUF_EN | control::EVENT_LOG_EN));
+        let ctrl = regs::read_control(&self.mmio);
+        self.mmio.set64(regs::CONTROL, (ctrl - Control::RUNNING).bits());
         self.release(r);
         Ok(())
     }
@@ -712,7 +712,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     pub fn poll_events(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
         let Some(r) = self.rings else { return out };
-        let st = self.mmio.get64(regs::STATUS);
+        let st = regs::read_status(&self.mmio);
         let tail = (self.mmio.get64(regs::EVENT_LOG_TAIL) & regs::POINTER_MASK) % RING_BYTES;
         let mut head = r.event_head;
         while head != tail {
@@ -735,16 +735,16 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
                 rr.event_head = head;
             }
         }
-        if st & status::EVENT_OVERFLOW != 0 {
+        if st.contains(Status::EVENT_OVERFLOW) {
             self.overflows += 1;
-            let ctrl = self.mmio.get64(regs::CONTROL);
-            self.mmio.set64(regs::CONTROL, ctrl & !control::EVENT_LOG_EN);
-            self.mmio.set64(regs::STATUS, status::EVENT_OVERFLOW);
-            self.mmio.set64(regs::CONTROL, ctrl | control::EVENT_LOG_EN);
+            let ctrl = regs::read_control(&self.mmio);
+            self.mmio.set64(regs::CONTROL, (ctrl - Control::EVENT_LOG_EN).bits());
+            self.mmio.set64(regs::STATUS, Status::EVENT_OVERFLOW.bits());
+            self.mmio.set64(regs::CONTROL, (ctrl | Control::EVENT_LOG_EN).bits());
         }
-        let ack = st & (status::EVENT_LOG_INT | status::COM_WAIT_INT);
-        if ack != 0 {
-            self.mmio.set64(regs::STATUS, ack);
+        let ack = st & (Status::EVENT_LOG_INT | Status::COM_WAIT_INT);
+        if !ack.is_empty() {
+            self.mmio.set64(regs::STATUS, ack.bits());
         }
         self.events.extend_from_slice(&out);
         if self.events.len() > EVENT_LOG_KEEP {
