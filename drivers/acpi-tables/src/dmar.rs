@@ -7,23 +7,66 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use bitflags::bitflags;
 
 use crate::{Error, ErrorKind, Reader, checked_table};
 
-/// Table flag: the platform supports interrupt remapping.
-pub const FLAG_INTR_REMAP: u8 = 1;
-/// Table flag: firmware asks the OS not to enable x2APIC mode.
-pub const FLAG_X2APIC_OPT_OUT: u8 = 2;
-/// Table flag: firmware set up DMA protection and opts in to the OS keeping it.
-pub const FLAG_DMA_CTRL_PLATFORM_OPT_IN: u8 = 4;
+bitflags! {
+    /// DMAR table flags (VT-d spec 8.1, the byte at offset 37). Parsed
+    /// values keep reserved bits (`from_bits_retain`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct DmarFlags: u8 {
+        /// INTR_REMAP: the platform supports interrupt remapping.
+        const INTR_REMAP = 1 << 0;
+        /// X2APIC_OPT_OUT: firmware asks the OS not to enable x2APIC mode.
+        const X2APIC_OPT_OUT = 1 << 1;
+        /// DMA_CTRL_PLATFORM_OPT_IN: firmware set up DMA protection and
+        /// opts in to the OS keeping it.
+        const DMA_CTRL_PLATFORM_OPT_IN = 1 << 2;
+    }
+}
 
-/// DRHD flag: the unit covers every PCI device of its segment not covered by
-/// another unit.
-pub const DRHD_INCLUDE_PCI_ALL: u8 = 1;
-/// ATSR flag: ATS is allowed for every root port of the segment.
-pub const ATSR_ALL_PORTS: u8 = 1;
-/// SATC flag: the devices require ATC to function.
-pub const SATC_ATC_REQUIRED: u8 = 1;
+bitflags! {
+    /// DRHD flags (VT-d spec 8.3, byte 4 of the structure).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct DrhdFlags: u8 {
+        /// INCLUDE_PCI_ALL: the unit covers every PCI device of its segment
+        /// not covered by another unit.
+        const INCLUDE_PCI_ALL = 1 << 0;
+    }
+}
+
+bitflags! {
+    /// ATSR flags (VT-d spec 8.5, byte 4 of the structure).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct AtsrFlags: u8 {
+        /// ALL_PORTS: ATS is allowed for every root port of the segment.
+        const ALL_PORTS = 1 << 0;
+    }
+}
+
+bitflags! {
+    /// SATC flags (VT-d spec 8.8, byte 4 of the structure).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct SatcFlags: u8 {
+        /// ATC_REQUIRED: the devices require ATC to function.
+        const ATC_REQUIRED = 1 << 0;
+    }
+}
+
+/// Table flag [`DmarFlags::INTR_REMAP`] as a raw byte.
+pub const FLAG_INTR_REMAP: u8 = DmarFlags::INTR_REMAP.bits();
+/// Table flag [`DmarFlags::X2APIC_OPT_OUT`] as a raw byte.
+pub const FLAG_X2APIC_OPT_OUT: u8 = DmarFlags::X2APIC_OPT_OUT.bits();
+/// Table flag [`DmarFlags::DMA_CTRL_PLATFORM_OPT_IN`] as a raw byte.
+pub const FLAG_DMA_CTRL_PLATFORM_OPT_IN: u8 = DmarFlags::DMA_CTRL_PLATFORM_OPT_IN.bits();
+
+/// DRHD flag [`DrhdFlags::INCLUDE_PCI_ALL`] as a raw byte.
+pub const DRHD_INCLUDE_PCI_ALL: u8 = DrhdFlags::INCLUDE_PCI_ALL.bits();
+/// ATSR flag [`AtsrFlags::ALL_PORTS`] as a raw byte.
+pub const ATSR_ALL_PORTS: u8 = AtsrFlags::ALL_PORTS.bits();
+/// SATC flag [`SatcFlags::ATC_REQUIRED`] as a raw byte.
+pub const SATC_ATC_REQUIRED: u8 = SatcFlags::ATC_REQUIRED.bits();
 
 /// Remapping structure type codes.
 pub const TYPE_DRHD: u16 = 0;
@@ -56,7 +99,7 @@ pub struct Dmar {
     pub header: crate::SdtHeader,
     /// Raw host address width field: the DMA address width minus one.
     pub host_address_width: u8,
-    /// `FLAG_*` bits.
+    /// The raw flags byte; [`Dmar::flags`] decodes it.
     pub flags: u8,
     /// The remapping structures in table order.
     pub structures: Vec<Structure>,
@@ -126,6 +169,7 @@ impl Structure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drhd {
     pub offset: usize,
+    /// The raw flags byte; [`Drhd::flags`] decodes it.
     pub flags: u8,
     /// Register set size: 2^size pages of 4 KiB (bits 3:0; upper bits reserved).
     pub size: u8,
@@ -135,10 +179,15 @@ pub struct Drhd {
 }
 
 impl Drhd {
+    /// The flags, decoded (reserved bits kept).
+    pub fn flags(&self) -> DrhdFlags {
+        DrhdFlags::from_bits_retain(self.flags)
+    }
+
     /// INCLUDE_PCI_ALL: the unit covers all devices of its segment that no
     /// other unit lists.
     pub fn include_pci_all(&self) -> bool {
-        self.flags & DRHD_INCLUDE_PCI_ALL != 0
+        self.flags().contains(DrhdFlags::INCLUDE_PCI_ALL)
     }
 
     /// Size of the register set in bytes: 4 KiB << size (only the 4 defined
@@ -164,15 +213,21 @@ pub struct Rmrr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Atsr {
     pub offset: usize,
+    /// The raw flags byte; [`Atsr::flags`] decodes it.
     pub flags: u8,
     pub segment: u16,
     pub scopes: Vec<DeviceScope>,
 }
 
 impl Atsr {
+    /// The flags, decoded (reserved bits kept).
+    pub fn flags(&self) -> AtsrFlags {
+        AtsrFlags::from_bits_retain(self.flags)
+    }
+
     /// ALL_PORTS flag.
     pub fn all_ports(&self) -> bool {
-        self.flags & ATSR_ALL_PORTS != 0
+        self.flags().contains(AtsrFlags::ALL_PORTS)
     }
 }
 
@@ -198,9 +253,22 @@ pub struct Andd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Satc {
     pub offset: usize,
+    /// The raw flags byte; [`Satc::flags`] decodes it.
     pub flags: u8,
     pub segment: u16,
     pub scopes: Vec<DeviceScope>,
+}
+
+impl Satc {
+    /// The flags, decoded (reserved bits kept).
+    pub fn flags(&self) -> SatcFlags {
+        SatcFlags::from_bits_retain(self.flags)
+    }
+
+    /// ATC_REQUIRED flag.
+    pub fn atc_required(&self) -> bool {
+        self.flags().contains(SatcFlags::ATC_REQUIRED)
+    }
 }
 
 /// SoC Integrated Device Property structure (type 6).
@@ -296,7 +364,13 @@ impl Dmar {
         self.host_address_width.saturating_add(1)
     }
 
-    /// Whether a table flag (`FLAG_*`) is set.
+    /// The table flags, decoded (reserved bits kept).
+    pub fn flags(&self) -> DmarFlags {
+        DmarFlags::from_bits_retain(self.flags)
+    }
+
+    /// Whether a table flag (a raw `FLAG_*` byte) is set; see also
+    /// [`Self::flags`].
     pub fn has_flag(&self, flag: u8) -> bool {
         self.flags & flag != 0
     }

@@ -14,8 +14,50 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use bitflags::bitflags;
 
 use crate::{Error, ErrorKind, Reader, checked_table};
+
+bitflags! {
+    /// IVHD flags (AMD IOMMU spec chapter 5, IVHD block byte 1): how the
+    /// platform set up the IOMMU's HyperTransport and coherency controls,
+    /// and what it supports. Parsed values keep every bit.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct IvhdFlags: u8 {
+        /// HtTunEn: HyperTransport tunnel translation.
+        const HT_TUN_EN = 1 << 0;
+        /// PassPW: posted-write ordering pass.
+        const PASS_PW = 1 << 1;
+        /// ResPassPW: response pass posted write.
+        const RES_PASS_PW = 1 << 2;
+        /// Isoc: isochronous traffic.
+        const ISOC = 1 << 3;
+        /// IotlbSup: the IOMMU supports remote IOTLBs (ATS).
+        const IOTLB_SUP = 1 << 4;
+        /// Coherent: the IOMMU's table walks snoop processor caches.
+        const COHERENT = 1 << 5;
+        /// PreFSup: prefetch IOMMU pages command supported.
+        const PREF_SUP = 1 << 6;
+        /// PPRSup: peripheral page requests supported.
+        const PPR_SUP = 1 << 7;
+    }
+}
+
+bitflags! {
+    /// IVMD flags (AMD IOMMU spec chapter 5, IVMD block byte 1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct IvmdFlags: u8 {
+        /// Unity: the range must be identity-mapped for the devices, with
+        /// the IR and IW permissions.
+        const UNITY = 1 << 0;
+        /// IR: devices may read the unity range.
+        const IR = 1 << 1;
+        /// IW: devices may write the unity range.
+        const IW = 1 << 2;
+        /// ExclusionRange: the range is accessed untranslated (read-write).
+        const EXCLUSION_RANGE = 1 << 3;
+    }
+}
 
 /// Offset of the first IVHD/IVMD block.
 pub const BLOCKS_OFFSET: usize = 48;
@@ -85,6 +127,7 @@ pub struct Ivhd {
     pub offset: usize,
     /// 0x10, 0x11 or 0x40.
     pub kind: u8,
+    /// The raw flags byte; [`Ivhd::flags`] decodes it.
     pub flags: u8,
     /// PCI requester ID of the IOMMU itself.
     pub device_id: u16,
@@ -239,12 +282,20 @@ pub struct DeviceRange {
 pub struct Ivmd {
     pub offset: usize,
     pub kind: u8,
+    /// The raw flags byte; [`Ivmd::flags`] decodes it.
     pub flags: u8,
     pub device_id: u16,
     /// For type 0x22 the last device ID of the range; otherwise reserved.
     pub aux_data: u16,
     pub start: u64,
     pub length: u64,
+}
+
+impl Ivmd {
+    /// The flags, decoded (reserved bits kept).
+    pub fn flags(&self) -> IvmdFlags {
+        IvmdFlags::from_bits_retain(self.flags)
+    }
 }
 
 impl Ivrs {
@@ -398,6 +449,16 @@ fn parse_entries(b: &Reader<'_>, start: usize) -> Result<Vec<DeviceEntry>, Error
 }
 
 impl Ivhd {
+    /// The flags, decoded (reserved bits kept).
+    pub fn flags(&self) -> IvhdFlags {
+        IvhdFlags::from_bits_retain(self.flags)
+    }
+
+    /// The Coherent flag: the IOMMU's table walks snoop processor caches.
+    pub fn coherent(&self) -> bool {
+        self.flags().contains(IvhdFlags::COHERENT)
+    }
+
     /// Resolves the device entries into device ID ranges: `All` becomes
     /// 0..=0xFFFF, select entries a one-device range, and each range start
     /// (plain, alias or extended) is paired with the `EndRange` that must

@@ -4,8 +4,8 @@
 
 mod common;
 
-use acpi_tables::dmar::{self, Dmar, Structure};
-use acpi_tables::ivrs::{self, Block, DeviceRange, EntryKind, Ivrs, Uid};
+use acpi_tables::dmar::{self, AtsrFlags, Dmar, DmarFlags, DrhdFlags, SatcFlags, Structure};
+use acpi_tables::ivrs::{self, Block, DeviceRange, EntryKind, IvhdFlags, IvmdFlags, Ivrs, Uid};
 use acpi_tables::scope::{self, Bdf, ConfigSpace};
 use acpi_tables::{Error, ErrorKind};
 use common::*;
@@ -30,11 +30,13 @@ fn qemu_intel_iommu_dmar() {
     assert_eq!(t.dma_address_bits(), 39);
     assert!(t.has_flag(dmar::FLAG_INTR_REMAP));
     assert!(!t.has_flag(dmar::FLAG_X2APIC_OPT_OUT));
+    assert_eq!(t.flags(), DmarFlags::INTR_REMAP);
     let drhds: Vec<_> = t.drhds().collect();
     assert_eq!(drhds.len(), 1);
     let d = drhds[0];
     assert_eq!((d.offset, d.segment, d.register_base), (48, 0, 0xfed9_0000));
     assert!(d.include_pci_all());
+    assert_eq!(d.flags(), DrhdFlags::INCLUDE_PCI_ALL);
     assert_eq!(d.register_set_bytes(), 4096);
     assert_eq!(d.scopes.len(), 1);
     let s = &d.scopes[0];
@@ -50,6 +52,7 @@ fn qemu_intel_iommu_dmar() {
     assert_eq!(scope::resolve(d.segment, s, &NoDevices), Ok(Bdf::new(0xff, 0, 0)));
     let atsr: Vec<_> = t.atsrs().collect();
     assert!(atsr[0].all_ports() && atsr[0].scopes.is_empty());
+    assert_eq!(atsr[0].flags(), AtsrFlags::ALL_PORTS);
     assert_eq!(t.rmrrs().count(), 0);
 }
 
@@ -85,10 +88,12 @@ fn dmar_with_every_structure_type() {
         ],
     );
     let t = Dmar::parse(&t).unwrap();
+    assert_eq!(t.flags(), DmarFlags::INTR_REMAP | DmarFlags::DMA_CTRL_PLATFORM_OPT_IN);
     let names: Vec<_> = t.structures.iter().map(Structure::name).collect();
     assert_eq!(names, ["DRHD", "RMRR", "RHSA", "ANDD", "SATC", "SIDP", "unknown"]);
     let d = t.drhds().next().unwrap();
     assert_eq!((d.segment, d.size, d.register_set_bytes()), (1, 2, 16384));
+    assert!(!d.include_pci_all() && d.flags().is_empty());
     assert_eq!(d.scopes[1].path, vec![(0x1c, 0), (0, 0)]);
     let r = t.rmrrs().next().unwrap();
     assert_eq!((r.base, r.limit), (0x7c00_0000, 0x7fff_ffff));
@@ -101,7 +106,10 @@ fn dmar_with_every_structure_type() {
         s => panic!("{s:?}"),
     }
     match &t.structures[4] {
-        Structure::Satc(x) => assert_eq!((x.flags, x.scopes[0].path[0]), (1, (0xb, 0))),
+        Structure::Satc(x) => {
+            assert_eq!((x.flags, x.scopes[0].path[0]), (1, (0xb, 0)));
+            assert!(x.atc_required() && x.flags() == SatcFlags::ATC_REQUIRED);
+        }
         s => panic!("{s:?}"),
     }
     match &t.structures[5] {
@@ -146,6 +154,10 @@ fn qemu_amd_iommu_ivrs() {
     assert_eq!(hs.iter().map(|h| h.kind).collect::<Vec<_>>(), [0x10, 0x11, 0x40]);
     for h in &hs {
         assert_eq!((h.device_id, h.capability_offset, h.base_address, h.segment), (0x10, 0x40, 0xfed8_0000, 0));
+        // 0xd1: PPRSup, PreFSup, IotlbSup, HtTunEn; not coherent.
+        let want = IvhdFlags::PPR_SUP | IvhdFlags::PREF_SUP | IvhdFlags::IOTLB_SUP | IvhdFlags::HT_TUN_EN;
+        assert_eq!(h.flags(), want);
+        assert!(!h.coherent());
         assert_eq!(
             h.device_ranges().unwrap(),
             [DeviceRange { first: 0, last: 0xffff, data_setting: 0, alias: None, ext: None }]
@@ -247,6 +259,7 @@ fn ivmd_and_unknown_blocks() {
     match &t.blocks[1] {
         Block::Ivmd(m) => {
             assert_eq!((m.offset, m.kind, m.flags, m.device_id, m.aux_data), (80, 0x22, 8, 0x100, 0x1ff));
+            assert_eq!(m.flags(), IvmdFlags::EXCLUSION_RANGE);
             assert_eq!((m.start, m.length), (0x7000_0000, 0x10_0000));
         }
         b => panic!("{b:?}"),

@@ -38,4 +38,4 @@ pub use dte::{DeviceTableEntry, Interrupts};
 pub use event::Event;
 pub use memory::ContiguousMemory;
 pub use shared::{AmdDomain, BringUp, Shared};
-pub use unit::{Clock, Error, InvalidationStats, Unit, UnityRange};
+pub use unit::{Clock, Error, HwError, InvalidationStats, Unit, UnitError, UnityRange};

@@ -8,6 +8,7 @@
 //! 64-bit register and gets 64-bit accesses; the typed accessors make
 //! another width impossible for the constants below.
 
+use bitflags::bitflags;
 pub use portcullis_iommu::mmio::{Mmio, Reg32, Reg64};
 
 /// Size of the register block the driver maps: 16 KiB (the control
@@ -24,7 +25,7 @@ pub const CMD_BUF_BASE: Reg64 = Reg64::at(0x0008, BLOCK);
 /// Event Log Base Address (MMIO 0010h): base in bits 51:12, `EventLen` in
 /// bits 59:56 (2^EventLen entries of 16 bytes, 8..=15).
 pub const EVENT_LOG_BASE: Reg64 = Reg64::at(0x0010, BLOCK);
-/// IOMMU Control (MMIO 0018h), bits in [`control`].
+/// IOMMU Control (MMIO 0018h), bits in [`Control`].
 pub const CONTROL: Reg64 = Reg64::at(0x0018, BLOCK);
 /// Exclusion Range Base (MMIO 0020h): ExEn bit 0, Allow bit 1, base 51:12.
 pub const EXCLUSION_BASE: Reg64 = Reg64::at(0x0020, BLOCK);
@@ -42,7 +43,7 @@ pub const CMD_BUF_TAIL: Reg64 = Reg64::at(0x2008, BLOCK);
 pub const EVENT_LOG_HEAD: Reg64 = Reg64::at(0x2010, BLOCK);
 /// Event Log Tail Pointer (MMIO 2018h): byte offset in bits 18:4.
 pub const EVENT_LOG_TAIL: Reg64 = Reg64::at(0x2018, BLOCK);
-/// IOMMU Status (MMIO 2020h), bits in [`status`].
+/// IOMMU Status (MMIO 2020h), bits in [`Status`].
 pub const STATUS: Reg64 = Reg64::at(0x2020, BLOCK);
 
 /// Every fixed register as (offset, width in bytes), in offset order.
@@ -92,62 +93,95 @@ pub mod log_len {
 /// Head/tail pointer registers: the byte offset field (bits 18:4).
 pub const POINTER_MASK: u64 = 0x7_fff0;
 
-/// IOMMU Control register bits (MMIO 0018h).
-pub mod control {
-    /// IommuEn: translation and the other enables take effect.
-    pub const IOMMU_EN: u64 = 1 << 0;
-    /// HtTunEn: HyperTransport tunnel translation.
-    pub const HT_TUN_EN: u64 = 1 << 1;
-    /// EventLogEn: event logging.
-    pub const EVENT_LOG_EN: u64 = 1 << 2;
-    /// EventIntEn: interrupt when an event is logged.
-    pub const EVENT_INT_EN: u64 = 1 << 3;
-    /// ComWaitIntEn: interrupt on COMPLETION_WAIT with I = 1.
-    pub const COM_WAIT_INT_EN: u64 = 1 << 4;
-    /// InvTimeOut (bits 7:5): device IOTLB invalidation time-out.
-    pub const INV_TIMEOUT_MASK: u64 = 7 << 5;
-    /// PassPW: response pass posted write.
-    pub const PASS_PW: u64 = 1 << 8;
-    /// ResPassPW.
-    pub const RES_PASS_PW: u64 = 1 << 9;
-    /// Coherent: device table fetches snoop processor caches.
-    pub const COHERENT: u64 = 1 << 10;
-    /// Isoc: isochronous traffic.
-    pub const ISOC: u64 = 1 << 11;
-    /// CmdBufEn: the command processor fetches commands.
-    pub const CMD_BUF_EN: u64 = 1 << 12;
-    /// PPRLogEn.
-    pub const PPR_LOG_EN: u64 = 1 << 13;
-    /// PprIntEn.
-    pub const PPR_INT_EN: u64 = 1 << 14;
-    /// PPREn.
-    pub const PPR_EN: u64 = 1 << 15;
-    /// GTEn: guest translation.
-    pub const GT_EN: u64 = 1 << 16;
-    /// GAEn: guest virtual APIC.
-    pub const GA_EN: u64 = 1 << 17;
+bitflags! {
+    /// IOMMU Control register bits (spec §3.4, MMIO 0018h). Only single-bit
+    /// enables are flags; InvTimeOut (bits 7:5) is a field, see
+    /// [`Control::INV_TIMEOUT_MASK`]. Values read from the unit keep every
+    /// bit (`from_bits_retain`); clear bits with `-`/`remove`, never `!`
+    /// (which drops the bits not named here).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Control: u64 {
+        /// IommuEn: translation and the other enables take effect.
+        const IOMMU_EN = 1 << 0;
+        /// HtTunEn: HyperTransport tunnel translation.
+        const HT_TUN_EN = 1 << 1;
+        /// EventLogEn: event logging.
+        const EVENT_LOG_EN = 1 << 2;
+        /// EventIntEn: interrupt when an event is logged.
+        const EVENT_INT_EN = 1 << 3;
+        /// ComWaitIntEn: interrupt on COMPLETION_WAIT with I = 1.
+        const COM_WAIT_INT_EN = 1 << 4;
+        /// PassPW: response pass posted write.
+        const PASS_PW = 1 << 8;
+        /// ResPassPW.
+        const RES_PASS_PW = 1 << 9;
+        /// Coherent: device table fetches snoop processor caches.
+        const COHERENT = 1 << 10;
+        /// Isoc: isochronous traffic.
+        const ISOC = 1 << 11;
+        /// CmdBufEn: the command processor fetches commands.
+        const CMD_BUF_EN = 1 << 12;
+        /// PPRLogEn.
+        const PPR_LOG_EN = 1 << 13;
+        /// PprIntEn.
+        const PPR_INT_EN = 1 << 14;
+        /// PPREn.
+        const PPR_EN = 1 << 15;
+        /// GTEn: guest translation.
+        const GT_EN = 1 << 16;
+        /// GAEn: guest virtual APIC.
+        const GA_EN = 1 << 17;
+    }
 }
 
-/// IOMMU Status register bits (MMIO 2020h).
-pub mod status {
-    /// EventOverflow (RW1C): the event log was full; logging stopped.
-    pub const EVENT_OVERFLOW: u64 = 1 << 0;
-    /// EventLogInt (RW1C): an event was logged with EventIntEn set.
-    pub const EVENT_LOG_INT: u64 = 1 << 1;
-    /// ComWaitInt (RW1C): a COMPLETION_WAIT with I = 1 completed.
-    pub const COM_WAIT_INT: u64 = 1 << 2;
-    /// EventLogRun (RO): the event logger is running.
-    pub const EVENT_LOG_RUN: u64 = 1 << 3;
-    /// CmdBufRun (RO): the command processor is running.
-    pub const CMD_BUF_RUN: u64 = 1 << 4;
-    /// PprOverflow (RW1C).
-    pub const PPR_OVERFLOW: u64 = 1 << 5;
-    /// PprInt (RW1C).
-    pub const PPR_INT: u64 = 1 << 6;
-    /// PprLogRun (RO).
-    pub const PPR_LOG_RUN: u64 = 1 << 7;
+impl Control {
+    /// InvTimeOut (bits 7:5): device IOTLB invalidation time-out field.
+    pub const INV_TIMEOUT_MASK: u64 = 7 << 5;
+    /// The enables that make the unit walk tables, run commands or log
+    /// events: what bring-up and `disable` turn off first.
+    pub const RUNNING: Self = Self::IOMMU_EN.union(Self::CMD_BUF_EN).union(Self::EVENT_LOG_EN);
+}
+
+bitflags! {
+    /// IOMMU Status register bits (spec §3.4, MMIO 2020h).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Status: u64 {
+        /// EventOverflow (RW1C): the event log was full; logging stopped.
+        const EVENT_OVERFLOW = 1 << 0;
+        /// EventLogInt (RW1C): an event was logged with EventIntEn set.
+        const EVENT_LOG_INT = 1 << 1;
+        /// ComWaitInt (RW1C): a COMPLETION_WAIT with I = 1 completed.
+        const COM_WAIT_INT = 1 << 2;
+        /// EventLogRun (RO): the event logger is running.
+        const EVENT_LOG_RUN = 1 << 3;
+        /// CmdBufRun (RO): the command processor is running.
+        const CMD_BUF_RUN = 1 << 4;
+        /// PprOverflow (RW1C).
+        const PPR_OVERFLOW = 1 << 5;
+        /// PprInt (RW1C).
+        const PPR_INT = 1 << 6;
+        /// PprLogRun (RO).
+        const PPR_LOG_RUN = 1 << 7;
+    }
+}
+
+impl Status {
     /// The write-one-to-clear bits the driver acknowledges.
-    pub const W1C: u64 = EVENT_OVERFLOW | EVENT_LOG_INT | COM_WAIT_INT | PPR_OVERFLOW | PPR_INT;
+    pub const W1C: Self = Self::EVENT_OVERFLOW
+        .union(Self::EVENT_LOG_INT)
+        .union(Self::COM_WAIT_INT)
+        .union(Self::PPR_OVERFLOW)
+        .union(Self::PPR_INT);
+}
+
+/// The Control register as read from the unit (every bit kept).
+pub fn read_control(m: &(impl Mmio + ?Sized)) -> Control {
+    Control::from_bits_retain(m.get64(CONTROL))
+}
+
+/// The Status register as read from the unit (every bit kept).
+pub fn read_status(m: &(impl Mmio + ?Sized)) -> Status {
+    Status::from_bits_retain(m.get64(STATUS))
 }
 
 #[cfg(test)]
@@ -170,8 +204,12 @@ mod tests {
 
     #[test]
     fn control_and_status_bits() {
-        assert_eq!(control::IOMMU_EN | control::EVENT_LOG_EN | control::CMD_BUF_EN | control::COHERENT, 0x1405);
-        assert_eq!(status::W1C, 0x67);
-        assert_eq!(status::EVENT_LOG_RUN | status::CMD_BUF_RUN | status::PPR_LOG_RUN, 0x98);
+        assert_eq!((Control::RUNNING | Control::COHERENT).bits(), 0x1405);
+        assert_eq!(Status::W1C.bits(), 0x67);
+        assert_eq!((Status::EVENT_LOG_RUN | Status::CMD_BUF_RUN | Status::PPR_LOG_RUN).bits(), 0x98);
+        assert_eq!(Control::INV_TIMEOUT_MASK, 0xe0);
+        // Differences keep bits the driver does not name.
+        let firmware = Control::from_bits_retain(1 << 40 | 0x1005);
+        assert_eq!((firmware - Control::RUNNING).bits(), 1 << 40);
     }
 }

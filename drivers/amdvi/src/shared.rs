@@ -9,7 +9,7 @@
 //! not-present entries), and that every device's interrupts are blocked
 //! until routed (IV = 1, IntCtl = abort, in every device table entry).
 
-use crate::{Caps, Clock, ContiguousMemory, Error, Event, Unit, UnityRange};
+use crate::{Caps, Clock, ContiguousMemory, Event, Unit, UnityRange};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -20,19 +20,6 @@ use portcullis_iommu::unit::{DmaFault, FirmwareRange, IommuUnit, IovaRange, MsiR
 use portcullis_iommu::{DeviceHandle, DomainError, HwError, IommuDomain, Prot, UnitError};
 use spin::Mutex;
 
-/// The `UnitError` for a driver error of the unit at `base`.
-pub fn unit_error(base: u64, e: Error) -> UnitError {
-    let cause = match e {
-        Error::Timeout { register, waited_ns, .. } => HwError::Timeout { register, waited_ns },
-        Error::NoMemory { .. } => HwError::NoMemory,
-        Error::Unsupported { what, .. } => HwError::Unsupported(what),
-        Error::NoDomainId { .. } => HwError::NoDomainId,
-        Error::NoSuchDevice { device_id, last_device_id, .. } => HwError::NoSuchDevice { device_id, last_device_id },
-        Error::Invalid { what, .. } => HwError::Invalid(what),
-        Error::NotEnabled { .. } => HwError::NotEnabled,
-    };
-    UnitError { unit: base, cause }
-}
 
 /// An I/O page fault event as a vendor-neutral fault (other events are
 /// not DMA faults).
@@ -84,13 +71,13 @@ where
     /// device blocked, DMA and interrupts), command buffer and event log
     /// running, translation on.
     pub fn bring_up(base: u64, mmio: M, mem: T, clock: C, info: BringUp) -> Result<Arc<Self>, UnitError> {
-        let mut unit = Unit::new(alloc::format!("IVHD @{base:#x}"), mmio, mem, clock, info.last_device_id);
+        let mut unit = Unit::new(base, mmio, mem, clock, info.last_device_id);
         unit.set_coherent(info.coherent);
         if let Some((header, misc)) = info.pci_capability {
             unit.set_pci_capability(header, misc);
         }
         unit.set_unity_ranges(info.unity);
-        unit.enable().map_err(|e| unit_error(base, e))?;
+        unit.enable()?;
         Ok(Arc::new(Self { base, unit: Mutex::new(unit) }))
     }
 
@@ -104,7 +91,7 @@ where
         let base = self.base;
         let (caps, mem, id): (Caps, T, u16) = {
             let mut u = self.unit.lock();
-            let id = u.alloc_domain_id().map_err(|e| unit_error(base, e))?;
+            let id = u.alloc_domain_id()?;
             (u.caps(), u.memory().clone(), id)
         };
         let paging = AmdV1::from_caps(caps.efr, 48)
@@ -142,10 +129,10 @@ where
         self.unit.lock().attached_domain(requester_id)
     }
     fn block(&self, requester_id: u16) -> Result<(), UnitError> {
-        self.unit.lock().detach(requester_id).map_err(|e| unit_error(self.base, e))
+        self.unit.lock().detach(requester_id)
     }
     fn pass_through(&self, requester_id: u16) -> Result<(), UnitError> {
-        self.unit.lock().pass_through(requester_id).map_err(|e| unit_error(self.base, e))
+        self.unit.lock().pass_through(requester_id)
     }
     /// The unity and exclusion ranges of the device; a range with neither
     /// permission is kept out of the IOAS but not mapped.
@@ -200,12 +187,12 @@ where
             cause: HwError::Unsupported("APIC ids beyond 8 bits (x2APIC destinations)"),
         })?;
         let index =
-            self.unit.lock().route_interrupt(requester_id, vector, dest).map_err(|e| unit_error(self.base, e))?;
+            self.unit.lock().route_interrupt(requester_id, vector, dest)?;
         let (address, data) = crate::irte::msi_message(index);
         Ok(MsiRoute { handle: index, address, data })
     }
     fn free_msi(&self, requester_id: u16, handle: u16) -> Result<(), UnitError> {
-        self.unit.lock().unroute_interrupt(requester_id, handle).map_err(|e| unit_error(self.base, e))
+        self.unit.lock().unroute_interrupt(requester_id, handle)
     }
     fn invalidation_waits(&self) -> u64 {
         self.unit.lock().stats.waits
@@ -235,7 +222,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Invalidator for AmdInvalidator<M, T
             .unit
             .lock()
             .invalidate_range(self.domain_id, start, last)
-            .map_err(|e| unit_error(self.unit.base, e).into())
+            .map_err(DomainError::from)
     }
     fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
         if self.np_cache { self.invalidate(iova, last, false) } else { Ok(()) }
@@ -296,10 +283,9 @@ where
             .unit
             .lock()
             .attach(requester_id, root, levels, self.domain_id)
-            .map_err(|e| unit_error(self.unit.base, e))
     }
     fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
-        self.unit.unit.lock().detach(requester_id).map_err(|e| unit_error(self.unit.base, e))
+        self.unit.unit.lock().detach(requester_id)
     }
     fn page_size(&self, iova: u64) -> Option<u64> {
         self.paging.table().page_size(iova)

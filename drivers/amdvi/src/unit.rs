@@ -31,10 +31,10 @@ use crate::cmd::{Command, PageRange, range_commands};
 use crate::dte::{DeviceTableEntry, DteKind, Interrupts};
 use crate::event::Event;
 use crate::memory::ContiguousMemory;
-use crate::regs::{self, Mmio, control, status};
-use alloc::string::String;
+use crate::regs::{self, Control, Mmio, Status};
 use alloc::vec::Vec;
 use core::fmt;
+pub use portcullis_iommu::{HwError, UnitError};
 
 /// Monotonic time for timeouts.
 pub use portcullis_iommu::Clock;
@@ -51,75 +51,9 @@ pub use crate::cmd::MAX_RANGE_COMMANDS;
 /// Events kept in [`Unit::event_log`].
 pub const EVENT_LOG_KEEP: usize = 256;
 
-/// A driver error, naming the unit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Error {
-    /// The unit did not reach a state in time.
-    Timeout {
-        /// The unit's name.
-        unit: String,
-        /// The register (or memory word) waited on.
-        register: &'static str,
-        /// How long the driver waited.
-        waited_ns: u64,
-    },
-    /// No memory for the device table, a ring or the completion-wait page.
-    NoMemory {
-        /// The unit's name.
-        unit: String,
-    },
-    /// The unit cannot do what was asked.
-    Unsupported {
-        /// The unit's name.
-        unit: String,
-        /// What is missing.
-        what: &'static str,
-    },
-    /// All domain ids are in use.
-    NoDomainId {
-        /// The unit's name.
-        unit: String,
-    },
-    /// A device id beyond the device table.
-    NoSuchDevice {
-        /// The unit's name.
-        unit: String,
-        /// The device id asked for.
-        device_id: u16,
-        /// The last device id the table covers.
-        last_device_id: u16,
-    },
-    /// An argument the hardware cannot encode.
-    Invalid {
-        /// The unit's name.
-        unit: String,
-        /// What is wrong.
-        what: &'static str,
-    },
-    /// The unit is not enabled (no device table or command buffer yet).
-    NotEnabled {
-        /// The unit's name.
-        unit: String,
-    },
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Timeout { unit, register, waited_ns } => {
-                write!(f, "{unit}: timed out after {} us waiting on {register}", waited_ns / 1000)
-            }
-            Self::NoMemory { unit } => write!(f, "{unit}: out of memory for the device table or rings"),
-            Self::Unsupported { unit, what } => write!(f, "{unit}: unsupported: {what}"),
-            Self::NoDomainId { unit } => write!(f, "{unit}: no free domain id"),
-            Self::NoSuchDevice { unit, device_id, last_device_id } => {
-                write!(f, "{unit}: device id {device_id:#06x} beyond the device table (last {last_device_id:#06x})")
-            }
-            Self::Invalid { unit, what } => write!(f, "{unit}: invalid argument: {what}"),
-            Self::NotEnabled { unit } => write!(f, "{unit}: not enabled"),
-        }
-    }
-}
+/// A driver error: the unit's register base and what went wrong there
+/// (plain data, no strings; see [`HwError`]).
+pub type Error = UnitError;
 
 /// Whether the allocator hands out `domain_id`: not 0 (blocked and
 /// pass-through entries), and not with bit 8 set. QEMU before its
@@ -156,7 +90,8 @@ struct Rings {
 
 /// One AMD-Vi unit.
 pub struct Unit<M: Mmio, T: ContiguousMemory, C: Clock> {
-    name: String,
+    /// Register base (the IVHD's), naming the unit in errors.
+    base: u64,
     mmio: M,
     mem: T,
     clock: C,
@@ -180,8 +115,8 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> fmt::Debug for Unit<M, T, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Unit({}, {}, devices 0..={:#06x}, enabled {})",
-            self.name,
+            "Unit(IVHD @{:#x}, {}, devices 0..={:#06x}, enabled {})",
+            self.base,
             self.caps,
             self.last_device_id,
             self.rings.is_some()
@@ -241,15 +176,16 @@ impl UnityRange {
 pub const IRQ_TABLE_LOG2: u8 = 6;
 
 impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
-    /// Takes over a unit: reads its Extended Feature Register. Nothing is
-    /// allocated or enabled yet. `last_device_id` is the highest device id
+    /// Takes over the unit whose registers are at `base` (the IVHD's base
+    /// address; `mmio` reaches them): reads its Extended Feature Register.
+    /// Nothing is allocated or enabled yet. `last_device_id` is the highest device id
     /// (requester id) the unit must cover, from the IVHD's device entries;
     /// the device table is sized for `0..=last_device_id`, rounded up to
     /// whole 4 KiB pages (128 entries each).
-    pub fn new(name: String, mmio: M, mem: T, clock: C, last_device_id: u16) -> Self {
+    pub fn new(base: u64, mmio: M, mem: T, clock: C, last_device_id: u16) -> Self {
         let caps = Caps::from_efr(mmio.get64(regs::EXT_FEATURE));
         Self {
-            name,
+            base,
             mmio,
             mem,
             clock,
@@ -284,9 +220,9 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         self.coherent = coherent;
     }
 
-    /// The unit's name (for messages).
-    pub fn name(&self) -> &str {
-        &self.name
+    /// The unit's register base (as the IVHD gives it; errors carry it).
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     /// Its capabilities.
@@ -325,12 +261,17 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         !self.coherent || !self.mem.coherent()
     }
 
+    /// An error of this unit.
+    fn err(&self, cause: HwError) -> Error {
+        UnitError { unit: self.base, cause }
+    }
+
     fn err_no_memory(&self) -> Error {
-        Error::NoMemory { unit: self.name.clone() }
+        self.err(HwError::NoMemory)
     }
 
     fn not_enabled(&self) -> Error {
-        Error::NotEnabled { unit: self.name.clone() }
+        self.err(HwError::NotEnabled)
     }
 
     fn wait_until(&self, register: &'static str, mut done: impl FnMut(&Self) -> bool) -> Result<(), Error> {
@@ -345,7 +286,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
                 if done(self) {
                     return Ok(());
                 }
-                return Err(Error::Timeout { unit: self.name.clone(), register, waited_ns: waited });
+                return Err(self.err(HwError::Timeout { register, waited_ns: waited }));
             }
             core::hint::spin_loop();
         }
@@ -404,7 +345,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             return Ok(());
         }
         // Firmware may have left it on: stop everything first.
-        if self.mmio.get64(regs::CONTROL) & (control::IOMMU_EN | control::CMD_BUF_EN | control::EVENT_LOG_EN) != 0 {
+        if regs::read_control(&self.mmio).intersects(Control::RUNNING) {
             self.mmio.set64(regs::CONTROL, 0);
         }
         let r = self.allocate()?;
@@ -431,14 +372,14 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         // An exclusion range would let DMA bypass translation.
         self.mmio.set64(regs::EXCLUSION_BASE, 0);
         self.mmio.set64(regs::EXCLUSION_LIMIT, 0);
-        self.mmio.set64(regs::STATUS, status::W1C);
-        let coherent = if self.coherent { control::COHERENT } else { 0 };
-        let ctrl = coherent | control::CMD_BUF_EN | control::EVENT_LOG_EN;
-        self.mmio.set64(regs::CONTROL, ctrl);
-        self.mmio.set64(regs::CONTROL, ctrl | control::IOMMU_EN);
+        self.mmio.set64(regs::STATUS, Status::W1C.bits());
+        let coherent = if self.coherent { Control::COHERENT } else { Control::empty() };
+        let ctrl = coherent | Control::CMD_BUF_EN | Control::EVENT_LOG_EN;
+        self.mmio.set64(regs::CONTROL, ctrl.bits());
+        self.mmio.set64(regs::CONTROL, (ctrl | Control::IOMMU_EN).bits());
         self.rings = Some(r);
         let flushed = self
-            .wait_until("Status.CmdBufRun", |u| u.mmio.get64(regs::STATUS) & status::CMD_BUF_RUN != 0)
+            .wait_until("Status.CmdBufRun", |u| regs::read_status(&u.mmio).contains(Status::CMD_BUF_RUN))
             .and_then(|()| self.flush_everything());
         if let Err(e) = flushed {
             self.mmio.set64(regs::CONTROL, 0);
@@ -455,8 +396,8 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// afterwards, so do this only when no device may DMA.
     pub fn disable(&mut self) -> Result<(), Error> {
         let r = self.rings.take().ok_or_else(|| self.not_enabled())?;
-        let ctrl = self.mmio.get64(regs::CONTROL);
-        self.mmio.set64(regs::CONTROL, ctrl & !(control::IOMMU_EN | control::CMD_BUF_EN | control::EVENT_LOG_EN));
+        let ctrl = regs::read_control(&self.mmio);
+        self.mmio.set64(regs::CONTROL, (ctrl - Control::RUNNING).bits());
         self.release(r);
         Ok(())
     }
@@ -535,11 +476,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     fn check_device(&self, device_id: u16) -> Result<Rings, Error> {
         let r = self.rings.ok_or_else(|| self.not_enabled())?;
         if device_id > self.last_device_id {
-            return Err(Error::NoSuchDevice {
-                unit: self.name.clone(),
-                device_id,
-                last_device_id: self.last_device_id,
-            });
+            return Err(self.err(HwError::NoSuchDevice { device_id, last_device_id: self.last_device_id }));
         }
         Ok(r)
     }
@@ -606,7 +543,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             next += 1;
         }
         if next > u16::MAX as u32 {
-            return Err(Error::NoDomainId { unit: self.name.clone() });
+            return Err(self.err(HwError::NoDomainId));
         }
         let d = next as u16;
         if self.rings.is_some() && !self.caps.invalidate_all() {
@@ -633,15 +570,13 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// entry's cached translations are invalidated.
     pub fn attach(&mut self, device_id: u16, root: u64, levels: u32, domain_id: u16) -> Result<(), Error> {
         if !usable_domain_id(domain_id) {
-            return Err(Error::Invalid { unit: self.name.clone(), what: "domain id 0 or with bit 8 set" });
+            return Err(self.err(HwError::Invalid("domain id 0 or with bit 8 set")));
         }
         if self.caps.max_levels().is_none_or(|max| levels > max) {
-            return Err(Error::Unsupported { unit: self.name.clone(), what: "page-table depth beyond EFR.HATS" });
+            return Err(self.err(HwError::Unsupported("page-table depth beyond EFR.HATS")));
         }
-        let e = DeviceTableEntry::translated(root, levels, domain_id).ok_or_else(|| Error::Invalid {
-            unit: self.name.clone(),
-            what: "root must be 4 KiB aligned below 2^52 and levels 1..=6",
-        })?;
+        let e = DeviceTableEntry::translated(root, levels, domain_id)
+            .ok_or_else(|| self.err(HwError::Invalid("root must be 4 KiB aligned below 2^52 and levels 1..=6")))?;
         self.set_dte_keeping_interrupts(device_id, e)
     }
 
@@ -668,7 +603,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     fn set_dte_keeping_interrupts(&mut self, device_id: u16, e: DeviceTableEntry) -> Result<(), Error> {
         let e = e
             .with_interrupts(self.interrupts_of(device_id))
-            .ok_or_else(|| Error::Invalid { unit: self.name.clone(), what: "interrupt table cannot be encoded" })?;
+            .ok_or_else(|| self.err(HwError::Invalid("interrupt table cannot be encoded")))?;
         self.set_dte(device_id, e)
     }
 
@@ -680,7 +615,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     pub fn route_interrupt(&mut self, device_id: u16, vector: u8, dest: u8) -> Result<u16, Error> {
         self.check_device(device_id)?;
         if !self.irq_tables.contains_key(&device_id) {
-            let table = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+            let table = self.mem.alloc_table().ok_or_else(|| self.err_no_memory())?;
             if self.flushes() {
                 self.mem.flush(table, 4096);
             }
@@ -694,7 +629,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         }
         let (table, used) = self.irq_tables[&device_id];
         if used == u64::MAX {
-            return Err(Error::Unsupported { unit: self.name.clone(), what: "every interrupt table entry is in use" });
+            return Err(self.err(HwError::TableFull));
         }
         let index = (!used).trailing_zeros() as u16;
         self.write_irte(table, index, crate::irte::Irte::remapped(vector, dest));
@@ -758,7 +693,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// wait.
     pub fn invalidate_range(&mut self, domain_id: u16, start: u64, last: u64) -> Result<(), Error> {
         if start > last {
-            return Err(Error::Invalid { unit: self.name.clone(), what: "range start after its last byte" });
+            return Err(self.err(HwError::Invalid("range start after its last byte")));
         }
         let cmds = range_commands(domain_id, start, last);
         self.submit(&cmds)
@@ -777,7 +712,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     pub fn poll_events(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
         let Some(r) = self.rings else { return out };
-        let st = self.mmio.get64(regs::STATUS);
+        let st = regs::read_status(&self.mmio);
         let tail = (self.mmio.get64(regs::EVENT_LOG_TAIL) & regs::POINTER_MASK) % RING_BYTES;
         let mut head = r.event_head;
         while head != tail {
@@ -800,16 +735,16 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
                 rr.event_head = head;
             }
         }
-        if st & status::EVENT_OVERFLOW != 0 {
+        if st.contains(Status::EVENT_OVERFLOW) {
             self.overflows += 1;
-            let ctrl = self.mmio.get64(regs::CONTROL);
-            self.mmio.set64(regs::CONTROL, ctrl & !control::EVENT_LOG_EN);
-            self.mmio.set64(regs::STATUS, status::EVENT_OVERFLOW);
-            self.mmio.set64(regs::CONTROL, ctrl | control::EVENT_LOG_EN);
+            let ctrl = regs::read_control(&self.mmio);
+            self.mmio.set64(regs::CONTROL, (ctrl - Control::EVENT_LOG_EN).bits());
+            self.mmio.set64(regs::STATUS, Status::EVENT_OVERFLOW.bits());
+            self.mmio.set64(regs::CONTROL, (ctrl | Control::EVENT_LOG_EN).bits());
         }
-        let ack = st & (status::EVENT_LOG_INT | status::COM_WAIT_INT);
-        if ack != 0 {
-            self.mmio.set64(regs::STATUS, ack);
+        let ack = st & (Status::EVENT_LOG_INT | Status::COM_WAIT_INT);
+        if !ack.is_empty() {
+            self.mmio.set64(regs::STATUS, ack.bits());
         }
         self.events.extend_from_slice(&out);
         if self.events.len() > EVENT_LOG_KEEP {

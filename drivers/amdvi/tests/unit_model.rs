@@ -9,12 +9,12 @@
 use amdvi::cmd::{self, PageRange};
 use amdvi::dte::DteKind;
 use amdvi::event::{self, Event, flags};
-use amdvi::regs::{self, Mmio, control, status};
+use amdvi::regs::{self, Control, Mmio, Status};
 use amdvi::unit::RING_BYTES;
-use amdvi::{Clock, Command, ContiguousMemory, DeviceTableEntry, Error, Unit};
+use amdvi::{Command, ContiguousMemory, DeviceTableEntry, Error, HwError, Unit};
 use io_pgtable::{HeapTables, TableMemory};
+use portcullis_iommu::testing::TickClock;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------------
@@ -157,7 +157,7 @@ struct Hw {
     dev_table: u64,
     cmd_base: u64,
     evt_base: u64,
-    control: u64,
+    control: Control,
     excl: [u64; 2],
     /// Internal command head and the head register (QEMU leaves the
     /// register at the ring size after the last slot).
@@ -166,7 +166,7 @@ struct Hw {
     cmd_tail: u64,
     evt_head: u64,
     evt_tail: u64,
-    status: u64,
+    status: Status,
     /// Every register write, in order: (offset, value).
     writes: Vec<(usize, u64)>,
     processed: Vec<Command>,
@@ -195,7 +195,7 @@ fn ring_bytes(base_reg: u64) -> u64 {
 
 impl Model {
     fn running(hw: &Hw) -> bool {
-        !hw.stuck && hw.control & control::IOMMU_EN != 0 && hw.control & control::CMD_BUF_EN != 0
+        !hw.stuck && hw.control.contains(Control::IOMMU_EN | Control::CMD_BUF_EN)
     }
 
     fn exec_one(&self, hw: &mut Hw) {
@@ -258,13 +258,13 @@ impl Model {
     }
 
     fn update_status(hw: &mut Hw) {
-        let on = hw.control & control::IOMMU_EN != 0;
-        hw.status &= !(status::CMD_BUF_RUN | status::EVENT_LOG_RUN);
+        let on = hw.control.contains(Control::IOMMU_EN);
+        hw.status -= Status::CMD_BUF_RUN | Status::EVENT_LOG_RUN;
         if Self::running(hw) {
-            hw.status |= status::CMD_BUF_RUN;
+            hw.status |= Status::CMD_BUF_RUN;
         }
-        if on && hw.control & control::EVENT_LOG_EN != 0 && hw.status & status::EVENT_OVERFLOW == 0 {
-            hw.status |= status::EVENT_LOG_RUN;
+        if on && hw.control.contains(Control::EVENT_LOG_EN) && !hw.status.contains(Status::EVENT_OVERFLOW) {
+            hw.status |= Status::EVENT_LOG_RUN;
         }
     }
 
@@ -277,7 +277,7 @@ impl Model {
     /// device table entry; successful translations are cached.
     fn dma(&self, device: u16, addr: u64) -> Dma {
         let mut hw = self.hw.lock().unwrap();
-        if hw.control & control::IOMMU_EN == 0 {
+        if !hw.control.contains(Control::IOMMU_EN) {
             return Dma::Untranslated;
         }
         let page = addr >> 12;
@@ -300,14 +300,14 @@ impl Model {
     /// a full log sets EventOverflow and stops logging).
     fn log_event(&self, raw: [u64; 2]) -> bool {
         let mut hw = self.hw.lock().unwrap();
-        if hw.status & status::EVENT_LOG_RUN == 0 {
+        if !hw.status.contains(Status::EVENT_LOG_RUN) {
             return false;
         }
         let size = ring_bytes(hw.evt_base);
         let next = (hw.evt_tail + 16) % size;
         if next == hw.evt_head {
-            hw.status |= status::EVENT_OVERFLOW;
-            hw.status &= !status::EVENT_LOG_RUN;
+            hw.status |= Status::EVENT_OVERFLOW;
+            hw.status -= Status::EVENT_LOG_RUN;
             return false;
         }
         let at = (hw.evt_base & regs::BASE_MASK) + hw.evt_tail;
@@ -335,13 +335,13 @@ impl Mmio for Model {
             0x0000 => hw.dev_table,
             0x0008 => hw.cmd_base,
             0x0010 => hw.evt_base,
-            0x0018 => hw.control,
+            0x0018 => hw.control.bits(),
             0x0030 => hw.efr,
             0x2000 => hw.cmd_head_reg,
             0x2008 => hw.cmd_tail,
             0x2010 => hw.evt_head,
             0x2018 => hw.evt_tail,
-            0x2020 => hw.status,
+            0x2020 => hw.status.bits(),
             _ => panic!("unexpected read at {off:#x}"),
         }
     }
@@ -359,9 +359,9 @@ impl Mmio for Model {
                 (hw.evt_head, hw.evt_tail) = (0, 0);
             }
             0x0018 => {
-                let was_on = hw.control & control::IOMMU_EN != 0;
-                hw.control = v;
-                if !was_on && v & control::IOMMU_EN != 0 {
+                let was_on = hw.control.contains(Control::IOMMU_EN);
+                hw.control = Control::from_bits_retain(v);
+                if !was_on && hw.control.contains(Control::IOMMU_EN) {
                     let pages = (hw.dev_table & 0x1ff) + 1;
                     let bad = (0..pages * 128).filter(|&d| self.dte(&hw, d as u16).kind() != DteKind::Blocked).count();
                     hw.unblocked_at_enable = Some(bad);
@@ -394,7 +394,7 @@ impl Mmio for Model {
             0x2010 => hw.evt_head = v & regs::POINTER_MASK,
             0x2018 => hw.evt_tail = v & regs::POINTER_MASK,
             0x2020 => {
-                hw.status &= !(v & status::W1C);
+                hw.status -= Status::from_bits_retain(v) & Status::W1C;
                 Self::update_status(&mut hw);
             }
             _ => panic!("unexpected write at {off:#x} = {v:#x}"),
@@ -402,27 +402,10 @@ impl Mmio for Model {
     }
 }
 
-/// A clock that advances 1 µs per reading; with a lazy model each reading
-/// also lets the hardware run one command.
-#[derive(Default)]
-struct TickClock {
-    now: AtomicU64,
-    model: Option<Model>,
-}
-
-impl Clock for TickClock {
-    fn now_ns(&self) -> u64 {
-        if let Some(m) = &self.model {
-            let mut hw = m.hw.lock().unwrap();
-            if hw.lazy {
-                m.run(&mut hw, 1);
-            }
-        }
-        self.now.fetch_add(1000, Ordering::Relaxed)
-    }
-}
-
 type TestUnit = Unit<Model, Mem, TickClock>;
+
+/// The register base the test unit is named by.
+const BASE: u64 = 0xfeb8_0000;
 
 struct Setup {
     efr: u64,
@@ -442,8 +425,16 @@ fn build(s: Setup) -> (Model, Mem, TestUnit) {
     let mem = Mem::new(s.coherent);
     let hw = Hw { efr: s.efr, lazy: s.lazy, stuck: s.stuck, ..Hw::default() };
     let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
-    let clock = TickClock { now: AtomicU64::new(0), model: Some(model.clone()) };
-    let u = Unit::new("IVHD test".into(), model.clone(), mem.clone(), clock, s.last);
+    // 1 µs per reading; with a lazy model each reading also lets the
+    // hardware run one command.
+    let ticked = model.clone();
+    let clock = TickClock::new().on_read(move || {
+        let mut hw = ticked.hw.lock().unwrap();
+        if hw.lazy {
+            ticked.run(&mut hw, 1);
+        }
+    });
+    let u = Unit::new(BASE, model.clone(), mem.clone(), clock, s.last);
     (model, mem, u)
 }
 
@@ -481,7 +472,11 @@ fn bring_up_programs_everything_before_iommu_en_with_every_entry_blocked() {
     let hw = model.hw.lock().unwrap();
     let order: Vec<usize> = hw.writes.iter().map(|w| w.0).collect();
     let pos = |off: usize| order.iter().position(|&o| o == off).unwrap();
-    let en = hw.writes.iter().position(|w| w.0 == 0x18 && w.1 & control::IOMMU_EN != 0).unwrap();
+    let en = hw
+        .writes
+        .iter()
+        .position(|w| w.0 == 0x18 && Control::from_bits_retain(w.1).contains(Control::IOMMU_EN))
+        .unwrap();
     for off in [0x0, 0x8, 0x10, 0x20, 0x28, 0x2000, 0x2008, 0x2010, 0x2018] {
         assert!(pos(off) < en, "register {off:#x} programmed before IommuEn");
     }
@@ -492,7 +487,7 @@ fn bring_up_programs_everything_before_iommu_en_with_every_entry_blocked() {
     assert_eq!(hw.cmd_base >> 56, 8, "ComLen: 256 entries");
     assert_eq!(hw.evt_base >> 56, 8, "EventLen: 256 entries");
     assert_eq!(hw.excl[0] & 1, 0, "exclusion range off");
-    let want = control::IOMMU_EN | control::CMD_BUF_EN | control::EVENT_LOG_EN | control::COHERENT;
+    let want = Control::IOMMU_EN | Control::CMD_BUF_EN | Control::EVENT_LOG_EN | Control::COHERENT;
     assert_eq!(hw.control, want);
     assert_eq!(opcodes(&hw.processed), [cmd::INVALIDATE_IOMMU_ALL, cmd::COMPLETION_WAIT]);
     assert_eq!(hw.illegal_commands, 0);
@@ -506,7 +501,7 @@ fn bring_up_programs_everything_before_iommu_en_with_every_entry_blocked() {
     assert_eq!(u.dte(0x100), None, "beyond the table");
     u.disable().unwrap();
     assert_eq!(mem.live(), 0);
-    assert_eq!(model.hw.lock().unwrap().control & (control::IOMMU_EN | control::CMD_BUF_EN), 0);
+    assert!(!model.hw.lock().unwrap().control.intersects(Control::IOMMU_EN | Control::CMD_BUF_EN));
 }
 
 #[test]
@@ -540,7 +535,7 @@ fn without_invalidate_all_enable_flushes_each_entry_and_domain_zero() {
 #[test]
 fn firmware_left_on_is_turned_off_first() {
     let (model, _, mut u) = unit();
-    model.hw.lock().unwrap().control = control::IOMMU_EN | control::CMD_BUF_EN;
+    model.hw.lock().unwrap().control = Control::IOMMU_EN | Control::CMD_BUF_EN;
     u.enable().unwrap();
     let hw = model.hw.lock().unwrap();
     assert_eq!(hw.writes[0], (0x18, 0), "control cleared before anything else");
@@ -608,21 +603,22 @@ fn pass_through_entry() {
 #[test]
 fn bad_arguments_are_refused_with_the_unit_named() {
     let (_, _, mut u) = unit();
-    assert_eq!(u.attach(0, ROOT, 4, 1), Err(Error::NotEnabled { unit: "IVHD test".into() }));
+    assert_eq!(u.base(), BASE);
+    assert_eq!(u.attach(0, ROOT, 4, 1), Err(Error { unit: BASE, cause: HwError::NotEnabled }));
     u.enable().unwrap();
     let e = u.attach(0x100, ROOT, 4, 1).unwrap_err();
-    assert_eq!(e, Error::NoSuchDevice { unit: "IVHD test".into(), device_id: 0x100, last_device_id: 0xff });
-    assert!(e.to_string().starts_with("IVHD test: device id 0x0100"));
-    assert!(matches!(u.attach(1, ROOT, 7, 1), Err(Error::Unsupported { .. })));
-    assert!(matches!(u.attach(1, ROOT | 0x800, 4, 1), Err(Error::Invalid { .. })));
-    assert!(matches!(u.attach(1, ROOT, 0, 1), Err(Error::Invalid { .. })));
-    assert!(matches!(u.attach(1, ROOT, 4, 0), Err(Error::Invalid { .. })));
-    assert!(matches!(u.attach(1, ROOT, 4, 0x100), Err(Error::Invalid { .. })));
-    assert!(matches!(u.invalidate_range(1, 0x2000, 0x1000), Err(Error::Invalid { .. })));
+    assert_eq!(e, Error { unit: BASE, cause: HwError::NoSuchDevice { device_id: 0x100, last_device_id: 0xff } });
+    assert!(e.to_string().starts_with("IOMMU unit at 0xfeb80000: device id 0x0100"), "{e}");
+    assert!(matches!(u.attach(1, ROOT, 7, 1), Err(Error { cause: HwError::Unsupported(_), .. })));
+    assert!(matches!(u.attach(1, ROOT | 0x800, 4, 1), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert!(matches!(u.attach(1, ROOT, 0, 1), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert!(matches!(u.attach(1, ROOT, 4, 0), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert!(matches!(u.attach(1, ROOT, 4, 0x100), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert!(matches!(u.invalidate_range(1, 0x2000, 0x1000), Err(Error { cause: HwError::Invalid(_), .. })));
     // A unit whose HATS allows only 4 levels refuses 5.
     let (_, _, mut small) = build(Setup { efr: 0, ..Setup::default() });
     small.enable().unwrap();
-    assert!(matches!(small.attach(1, ROOT, 5, 1), Err(Error::Unsupported { .. })));
+    assert!(matches!(small.attach(1, ROOT, 5, 1), Err(Error { cause: HwError::Unsupported(_), .. })));
     small.attach(1, ROOT, 4, 1).unwrap();
 }
 
@@ -641,7 +637,7 @@ fn domain_ids_skip_zero_and_bit_8_and_are_reused() {
         n += 1;
     }
     assert_eq!(n, 32767);
-    assert!(matches!(u.alloc_domain_id(), Err(Error::NoDomainId { .. })));
+    assert!(matches!(u.alloc_domain_id(), Err(Error { cause: HwError::NoDomainId, .. })));
 }
 
 #[test]
@@ -667,7 +663,7 @@ fn non_coherent_units_get_every_changed_line_flushed() {
     u.set_coherent(false);
     u.enable().unwrap();
     assert!(u.flushes());
-    assert_eq!(model.hw.lock().unwrap().control & control::COHERENT, 0);
+    assert!(!model.hw.lock().unwrap().control.contains(Control::COHERENT));
 }
 
 // ---------------------------------------------------------------------------
@@ -762,15 +758,15 @@ fn a_slow_unit_is_never_overrun() {
 fn a_unit_that_never_runs_times_out_and_leaves_nothing_behind() {
     let (model, mem, mut u) = build(Setup { stuck: true, ..Setup::default() });
     match u.enable() {
-        Err(Error::Timeout { unit, register, waited_ns }) => {
-            assert_eq!(unit, "IVHD test");
+        Err(Error { unit, cause: HwError::Timeout { register, waited_ns } }) => {
+            assert_eq!(unit, BASE);
             assert_eq!(register, "Status.CmdBufRun");
             assert!(waited_ns > amdvi::unit::TIMEOUT_NS);
         }
         other => panic!("{other:?}"),
     }
     assert_eq!(mem.live(), 0);
-    assert_eq!(model.hw.lock().unwrap().control, 0);
+    assert_eq!(model.hw.lock().unwrap().control, Control::empty());
     assert!(!u.is_enabled());
 }
 
@@ -779,20 +775,26 @@ fn a_unit_that_stops_mid_way_times_out_on_the_completion_wait() {
     let (model, _, mut u) = enabled();
     model.hw.lock().unwrap().stuck = true;
     let e = u.invalidate_range(1, 0, 0xfff).unwrap_err();
-    assert!(matches!(e, Error::Timeout { register: "Command Buffer Head (COMPLETION_WAIT store)", .. }), "{e:?}");
-    assert!(e.to_string().starts_with("IVHD test: timed out after"));
+    assert!(
+        matches!(e.cause, HwError::Timeout { register: "Command Buffer Head (COMPLETION_WAIT store)", .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().starts_with("IOMMU unit at 0xfeb80000: timed out after"), "{e}");
     // The ring is now partly full; the next batches fill it and then the
     // producer waits for room.
     let mut last = None;
     for _ in 0..200 {
         if let Err(e) = u.invalidate_range(1, 0, 0xfff) {
             last = Some(e);
-            if matches!(last, Some(Error::Timeout { register: "Command Buffer Head", .. })) {
+            if matches!(last, Some(Error { cause: HwError::Timeout { register: "Command Buffer Head", .. }, .. })) {
                 break;
             }
         }
     }
-    assert!(matches!(last, Some(Error::Timeout { register: "Command Buffer Head", .. })), "{last:?}");
+    assert!(
+        matches!(last, Some(Error { cause: HwError::Timeout { register: "Command Buffer Head", .. }, .. })),
+        "{last:?}"
+    );
     assert_eq!(model.hw.lock().unwrap().overruns, 0);
 }
 
@@ -856,15 +858,15 @@ fn overflow_is_counted_and_logging_restarts() {
     }
     assert_eq!(logged, 255, "a 256-entry ring holds 255");
     let st = model.hw.lock().unwrap().status;
-    assert_ne!(st & status::EVENT_OVERFLOW, 0);
-    assert_eq!(st & status::EVENT_LOG_RUN, 0, "logging stopped");
+    assert!(st.contains(Status::EVENT_OVERFLOW));
+    assert!(!st.contains(Status::EVENT_LOG_RUN), "logging stopped");
     let got = u.poll_events();
     assert_eq!(got.len(), 255);
     assert_eq!(got[254], Event::IoPageFault { device_id: 8, domain_id: 1, address: 254 << 12, flags: 0 });
     assert_eq!(u.event_log().1, 1, "one overflow");
     let st = model.hw.lock().unwrap().status;
-    assert_eq!(st & status::EVENT_OVERFLOW, 0, "cleared");
-    assert_ne!(st & status::EVENT_LOG_RUN, 0, "restarted");
+    assert!(!st.contains(Status::EVENT_OVERFLOW), "cleared");
+    assert!(st.contains(Status::EVENT_LOG_RUN), "restarted");
     // The log wraps and keeps working; the kept log is bounded.
     for round in 0..3u64 {
         for i in 0..200u64 {
@@ -891,12 +893,12 @@ fn out_of_memory_at_each_allocation_leaves_nothing_behind() {
         let (model, mem, mut u) = unit();
         mem.fail_nth(n);
         match u.enable() {
-            Err(Error::NoMemory { unit }) => {
-                assert_eq!(unit, "IVHD test");
+            Err(Error { unit, cause: HwError::NoMemory }) => {
+                assert_eq!(unit, BASE);
                 assert_eq!(mem.live(), 0, "failure at allocation {n}");
                 assert!(!u.is_enabled());
                 let hw = model.hw.lock().unwrap();
-                assert_eq!(hw.control & control::IOMMU_EN, 0, "translation never turned on");
+                assert!(!hw.control.contains(Control::IOMMU_EN), "translation never turned on");
                 failures += 1;
             }
             Ok(()) => {
@@ -925,7 +927,7 @@ fn enable_is_idempotent_and_disable_needs_enable() {
     assert!(model.processed().is_empty());
     assert_eq!(mem.live(), 5);
     u.disable().unwrap();
-    assert!(matches!(u.disable(), Err(Error::NotEnabled { .. })));
+    assert!(matches!(u.disable(), Err(Error { cause: HwError::NotEnabled, .. })));
     assert!(u.poll_events().is_empty());
     // And again from scratch.
     u.enable().unwrap();
@@ -966,6 +968,6 @@ fn interrupt_routes_live_in_a_per_device_table() {
     for _ in 0..64 {
         u.route_interrupt(0x18, 0x30, 0).unwrap();
     }
-    assert!(u.route_interrupt(0x18, 0x30, 0).is_err(), "table full");
+    assert_eq!(u.route_interrupt(0x18, 0x30, 0), Err(Error { unit: BASE, cause: HwError::TableFull }));
     assert_eq!(model.hw.lock().unwrap().illegal_commands, 0);
 }

@@ -16,6 +16,8 @@
 extern crate alloc;
 
 pub mod mmio;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod unit;
 
 use core::fmt;

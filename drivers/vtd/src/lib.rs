@@ -5,7 +5,9 @@
 //! * [`entries`]: root and context entries (legacy mode);
 //! * [`qi`]: queued-invalidation descriptors;
 //! * [`fault`]: fault records;
-//! * [`unit`]: one DRHD brought up, devices attached or blocked,
+//! * [`scalable`]: scalable-mode entry encodings and the tables that
+//!   hold them;
+//! * [`mod@unit`]: one DRHD brought up, devices attached or blocked,
 //!   invalidations issued, faults collected.
 //!
 //! Hardware access is behind traits (`Mmio`, `io_pgtable::TableMemory`,
@@ -27,4 +29,4 @@ pub mod unit;
 
 pub use fault::FaultRecord;
 pub use shared::{Mode, Shared, Stage, VtdDomain};
-pub use unit::{Caps, Clock, Error, InvalidationStats, Unit};
+pub use unit::{Caps, Clock, Error, HwError, InvalidationStats, Unit, UnitError};

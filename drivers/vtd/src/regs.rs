@@ -5,6 +5,7 @@
 //! (`crate::model`). Accesses are width-correct: 32-bit registers get 32-bit
 //! accesses (QEMU aborts on an 8-byte write to FSTS, FECTL, ...).
 
+use bitflags::bitflags;
 pub use portcullis_iommu::mmio::{Mmio, Reg32, Reg64};
 
 /// Size of the register block the driver maps.
@@ -70,25 +71,38 @@ pub const LAYOUT: [(usize, usize); 17] = [
 // The fixed registers are in offset order and do not overlap (spec 11.4).
 const _: () = portcullis_iommu::mmio::check_layout(&LAYOUT);
 
-/// GCMD/GSTS bits (spec 11.4.4, 11.4.5).
-pub mod gcmd {
-    /// Translation enable.
-    pub const TE: u32 = 1 << 31;
-    /// Set root table pointer.
-    pub const SRTP: u32 = 1 << 30;
-    /// Write buffer flush.
-    pub const WBF: u32 = 1 << 27;
-    /// Queued invalidation enable.
-    pub const QIE: u32 = 1 << 26;
-    /// Interrupt remapping enable.
-    pub const IRE: u32 = 1 << 25;
-    /// Set interrupt remap table pointer.
-    pub const SIRTP: u32 = 1 << 24;
-    /// Compatibility format interrupts.
-    pub const CFI: u32 = 1 << 23;
+bitflags! {
+    /// GCMD (spec 11.4.4) and GSTS (spec 11.4.5) bits: a command in GCMD,
+    /// its status in GSTS at the same position. Only the bits the driver
+    /// uses are named; values read from the unit keep the others
+    /// (`from_bits_retain`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Gcmd: u32 {
+        /// TE / TES: translation enable.
+        const TE = 1 << 31;
+        /// SRTP / RTPS: set root table pointer (one-shot; RTPS sets once
+        /// the new root is latched).
+        const SRTP = 1 << 30;
+        /// WBF / WBFS: write buffer flush (one-shot; WBFS clears when done).
+        const WBF = 1 << 27;
+        /// QIE / QIES: queued invalidation enable.
+        const QIE = 1 << 26;
+        /// IRE / IRES: interrupt remapping enable.
+        const IRE = 1 << 25;
+        /// SIRTP / IRTPS: set interrupt remap table pointer (one-shot).
+        const SIRTP = 1 << 24;
+        /// CFI / CFIS: compatibility format interrupts pass.
+        const CFI = 1 << 23;
+    }
+}
+
+/// GSTS has GCMD's layout (spec 11.4.5).
+pub type Gsts = Gcmd;
+
+impl Gcmd {
     /// The bits that are persistent enables (written back on every GCMD
     /// write, since GCMD acts on the difference from GSTS).
-    pub const PERSISTENT: u32 = TE | QIE | IRE | CFI;
+    pub const PERSISTENT: Self = Self::TE.union(Self::QIE).union(Self::IRE).union(Self::CFI);
 }
 
 /// RTADDR translation table mode (spec 11.4.6).
@@ -131,31 +145,77 @@ pub mod iotlb {
     }
 }
 
-/// FSTS bits (spec 11.4.9.1).
-pub mod fsts {
-    /// Primary fault overflow (RW1C).
-    pub const PFO: u32 = 1 << 0;
-    /// Primary pending fault (RO: some fault record has F set).
-    pub const PPF: u32 = 1 << 1;
-    /// Invalidation queue error (RW1C).
-    pub const IQE: u32 = 1 << 4;
-    /// Invalidation completion error (RW1C).
-    pub const ICE: u32 = 1 << 5;
-    /// Invalidation time-out error (RW1C).
-    pub const ITE: u32 = 1 << 6;
-    /// Index of the first pending fault record.
-    pub fn fri(fsts: u32) -> u32 {
-        (fsts >> 8) & 0xff
+bitflags! {
+    /// FSTS bits (spec 11.4.9.1); the FRI field (bits 15:8) is read with
+    /// [`Fsts::fri`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Fsts: u32 {
+        /// PFO: primary fault overflow (RW1C).
+        const PFO = 1 << 0;
+        /// PPF: primary pending fault (RO: some fault record has F set).
+        const PPF = 1 << 1;
+        /// IQE: invalidation queue error (RW1C).
+        const IQE = 1 << 4;
+        /// ICE: invalidation completion error (RW1C).
+        const ICE = 1 << 5;
+        /// ITE: invalidation time-out error (RW1C).
+        const ITE = 1 << 6;
     }
 }
 
-/// FECTL bits.
-pub mod fectl {
-    /// Interrupt mask.
-    pub const IM: u32 = 1 << 31;
-    /// Interrupt pending: an event occurred while masked (read-only).
-    pub const IP: u32 = 1 << 30;
+impl Fsts {
+    /// The invalidation errors: any of them fails a queued invalidation.
+    pub const QUEUE_ERRORS: Self = Self::IQE.union(Self::ICE).union(Self::ITE);
+    /// The write-one-to-clear bits.
+    pub const W1C: Self = Self::PFO.union(Self::QUEUE_ERRORS);
+    /// FRI: index of the first pending fault record (bits 15:8).
+    pub const fn fri(self) -> u32 {
+        (self.bits() >> 8) & 0xff
+    }
+}
+
+bitflags! {
+    /// FECTL bits (spec 11.4.9.2).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Fectl: u32 {
+        /// IM: interrupt mask.
+        const IM = 1 << 31;
+        /// IP: interrupt pending, an event occurred while masked (RO).
+        const IP = 1 << 30;
+    }
+}
+
+/// GSTS as read from the unit (every bit kept).
+pub fn read_gsts(m: &(impl Mmio + ?Sized)) -> Gsts {
+    Gsts::from_bits_retain(m.get32(GSTS))
+}
+
+/// FSTS as read from the unit (every bit kept, FRI included).
+pub fn read_fsts(m: &(impl Mmio + ?Sized)) -> Fsts {
+    Fsts::from_bits_retain(m.get32(FSTS))
+}
+
+/// FECTL as read from the unit (every bit kept).
+pub fn read_fectl(m: &(impl Mmio + ?Sized)) -> Fectl {
+    Fectl::from_bits_retain(m.get32(FECTL))
 }
 
 /// ICS: invalidation wait descriptor completed (IWC, RW1C).
 pub const ICS_IWC: u32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_bits_sit_where_the_spec_puts_them() {
+        assert_eq!(Gcmd::PERSISTENT.bits(), 0x8680_0000, "TE 31, QIE 26, IRE 25, CFI 23");
+        assert_eq!((Gcmd::SRTP | Gcmd::WBF | Gcmd::SIRTP).bits(), 0x4900_0000);
+        assert_eq!(Fsts::W1C.bits(), 0x71);
+        let f = Fsts::from_bits_retain(0x0000_2a03);
+        assert_eq!((f.fri(), f.contains(Fsts::PPF | Fsts::PFO)), (0x2a, true));
+        assert_eq!((Fectl::IM | Fectl::IP).bits(), 0xc000_0000);
+        // Differences keep bits the driver does not name.
+        assert_eq!((Gsts::from_bits_retain(0x8000_0001) - Gsts::TE).bits(), 1);
+    }
+}

@@ -10,7 +10,7 @@
 //! whether interrupt remapping is turned on at bring-up.
 
 use crate::ir::{Irte, msi_address};
-use crate::{Caps, Clock, Error, Unit, regs};
+use crate::{Caps, Clock, Unit, regs};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -72,18 +72,6 @@ impl Stage {
     }
 }
 
-/// The `UnitError` for a driver error of the unit at `base`.
-pub fn unit_error(base: u64, e: Error) -> UnitError {
-    use portcullis_iommu::HwError;
-    let cause = match e {
-        Error::Timeout { register, waited_ns, .. } => HwError::Timeout { register, waited_ns },
-        Error::QueueError { fsts, .. } => HwError::QueueError { status: fsts },
-        Error::NoMemory { .. } => HwError::NoMemory,
-        Error::Unsupported { what, .. } => HwError::Unsupported(what),
-        Error::NoDomainId { .. } => HwError::NoDomainId,
-    };
-    UnitError { unit: base, cause }
-}
 
 fn fault(r: &crate::FaultRecord) -> DmaFault {
     DmaFault { requester_id: r.source_id, address: r.address, write: r.write, reason: r.reason }
@@ -112,16 +100,15 @@ where
     /// interrupt remapping on with an empty table where the unit has it
     /// and runs its queue, so no device MSI passes until routed.
     pub fn bring_up(base: u64, mmio: M, mem: T, clock: C, mode: Option<Mode>) -> Result<Arc<Self>, UnitError> {
-        let err = |e| unit_error(base, e);
         let caps = Caps { cap: mmio.get64(regs::CAP), ecap: mmio.get64(regs::ECAP) };
-        let mut unit = Unit::new(alloc::format!("DRHD @{base:#x}"), mmio, mem, clock).map_err(err)?;
+        let mut unit = Unit::new(base, mmio, mem, clock)?;
         match mode.unwrap_or(Mode::best(caps)) {
             Mode::Legacy { queued } => unit.enable(queued),
             Mode::Scalable => unit.enable_scalable(),
         }
-        .map_err(err)?;
+        ?;
         if caps.interrupt_remapping() && unit.queued() {
-            unit.enable_interrupt_remapping().map_err(err)?;
+            unit.enable_interrupt_remapping()?;
         }
         Ok(Arc::new(Self { base, unit: Mutex::new(unit) }))
     }
@@ -138,7 +125,7 @@ where
         let bad = |what| UnitError { unit: base, cause: portcullis_iommu::HwError::Unsupported(what) };
         let (caps, scalable, mem, did) = {
             let mut u = self.unit.lock();
-            let did = u.alloc_did().map_err(|e| unit_error(base, e))?;
+            let did = u.alloc_did()?;
             (u.caps(), u.is_scalable(), u.memory().clone(), did)
         };
         let inv = UnitInvalidator { unit: self.clone(), did, stage, caching_mode: caps.caching_mode() };
@@ -206,15 +193,12 @@ where
         self.unit.lock().attached_domain(requester_id)
     }
     fn block(&self, requester_id: u16) -> Result<(), UnitError> {
-        self.unit.lock().detach(requester_id).map_err(|e| unit_error(self.base, e))
+        self.unit.lock().detach(requester_id)
     }
     fn pass_through(&self, requester_id: u16) -> Result<(), UnitError> {
         let mut u = self.unit.lock();
-        let did = u.alloc_did().map_err(|e| unit_error(self.base, e))?;
-        u.pass_through(requester_id, did).map_err(|e| {
-            u.free_did(did);
-            unit_error(self.base, e)
-        })
+        let did = u.alloc_did()?;
+        u.pass_through(requester_id, did).inspect_err(|_| u.free_did(did))
     }
     fn firmware_ranges(&self, requester_id: u16) -> Vec<FirmwareRange> {
         self.unit
@@ -244,17 +228,17 @@ where
     }
     fn route_msi(&self, requester_id: u16, vector: u8, destination: u32) -> Result<MsiRoute, UnitError> {
         let mut u = self.unit.lock();
-        let index = u.alloc_irte().map_err(|e| unit_error(self.base, e))?;
+        let index = u.alloc_irte()?;
         if let Err(e) = u.set_irte(index, Irte::remapped(vector, destination, false, requester_id)) {
             // The entry may be half-written: freeing it clears it again
             // (and reports a second failure, which the first covers).
             let _ = u.free_irte(index);
-            return Err(unit_error(self.base, e));
+            return Err(e);
         }
         Ok(MsiRoute { handle: index, address: msi_address(index), data: 0 })
     }
     fn free_msi(&self, _requester_id: u16, handle: u16) -> Result<(), UnitError> {
-        self.unit.lock().free_irte(handle).map_err(|e| unit_error(self.base, e))
+        self.unit.lock().free_irte(handle)
     }
     /// As Linux's VT-d driver: `IOMMU_HW_INFO_TYPE_INTEL_VTD` with the
     /// capability registers (`struct iommu_hw_info_vtd`: flags, reserved,
@@ -296,7 +280,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> UnitInvalidator<M, T, C> {
             Stage::Second => u.invalidate_range(self.did, start, last, leaf_only),
             Stage::First => u.invalidate_range_pasid(self.did, start, last, leaf_only),
         }
-        .map_err(|e| unit_error(self.unit.base, e).into())
+        .map_err(DomainError::from)
     }
 }
 
@@ -309,7 +293,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Invalidator for UnitInvalidator<M, T, C>
         if self.caching_mode {
             self.range(iova, last, false)
         } else {
-            self.unit.unit.lock().flush_write_buffer().map_err(|e| unit_error(self.unit.base, e).into())
+            self.unit.unit.lock().flush_write_buffer().map_err(DomainError::from)
         }
     }
 }
@@ -419,10 +403,9 @@ where
             Stage::Second => u.attach(requester_id, root, levels, self.did),
             Stage::First => u.attach_first_stage(requester_id, root, levels, self.did),
         }
-        .map_err(|e| unit_error(self.unit.base, e))
     }
     fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
-        self.unit.unit.lock().detach(requester_id).map_err(|e| unit_error(self.unit.base, e))
+        self.unit.unit.lock().detach(requester_id)
     }
     fn page_size(&self, iova: u64) -> Option<u64> {
         each!(&self.paging, d => d.table().page_size(iova))

@@ -16,13 +16,13 @@
 use crate::entries::{ContextEntry, RootEntry, TranslationType};
 use crate::fault::FaultRecord;
 use crate::qi::{ContextScope, Descriptor, Descriptor256, IotlbScope, PasidIotlbScope, page_blocks};
-use crate::regs::{self, Mmio, ccmd, fectl, fsts, gcmd, iotlb};
+use crate::regs::{self, Fectl, Fsts, Gcmd, Mmio, ccmd, iotlb};
 use crate::scalable::{Invalidations, ScalableTables, TablesError};
 use alloc::collections::BTreeMap;
-use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use io_pgtable::TableMemory;
+pub use portcullis_iommu::{HwError, UnitError};
 
 /// Monotonic time for timeouts.
 pub use portcullis_iommu::Clock;
@@ -30,34 +30,9 @@ pub use portcullis_iommu::Clock;
 /// How long any single hardware wait may take.
 pub const TIMEOUT_NS: u64 = 100_000_000;
 
-/// A driver error, naming the unit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Error {
-    /// The unit did not reach a state in time.
-    Timeout { unit: String, register: &'static str, waited_ns: u64 },
-    /// The unit reported an invalidation queue error (FSTS.IQE/ICE/ITE).
-    QueueError { unit: String, fsts: u32 },
-    /// No memory for a table or queue page.
-    NoMemory { unit: String },
-    /// The unit cannot do what was asked (e.g. no usable address width).
-    Unsupported { unit: String, what: &'static str },
-    /// All domain ids are in use.
-    NoDomainId { unit: String },
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Timeout { unit, register, waited_ns } => {
-                write!(f, "{unit}: timed out after {} us waiting on {register}", waited_ns / 1000)
-            }
-            Self::QueueError { unit, fsts } => write!(f, "{unit}: invalidation queue error, FSTS {fsts:#x}"),
-            Self::NoMemory { unit } => write!(f, "{unit}: out of memory for tables"),
-            Self::Unsupported { unit, what } => write!(f, "{unit}: unsupported: {what}"),
-            Self::NoDomainId { unit } => write!(f, "{unit}: no free domain id"),
-        }
-    }
-}
+/// A driver error: the unit's register base and what went wrong there
+/// (plain data, no strings; see [`HwError`]).
+pub type Error = UnitError;
 
 /// Capability registers, decoded as the driver needs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +172,8 @@ pub struct InvalidationStats {
 
 /// One VT-d unit.
 pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
-    name: String,
+    /// Register base (the DRHD's), naming the unit in errors.
+    base: u64,
     mmio: M,
     mem: T,
     clock: C,
@@ -223,24 +199,27 @@ pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
 
 impl<M: Mmio, T: TableMemory, C: Clock> fmt::Debug for Unit<M, T, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Unit({}, caps {:x?}, queued {})", self.name, self.caps, self.queue.is_some())
+        write!(f, "Unit(DRHD @{:#x}, caps {:x?}, queued {})", self.base, self.caps, self.queue.is_some())
     }
 }
 
 impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
-    /// Takes over a unit (translation must be off): reads its capabilities
-    /// and allocates its root table. Nothing is enabled yet.
-    pub fn new(name: String, mmio: M, mut mem: T, clock: C) -> Result<Self, Error> {
+    /// Takes over the unit whose registers are at `base` (the DRHD's
+    /// register base address; `mmio` reaches them) with translation off:
+    /// reads its capabilities and allocates its root table. Nothing is
+    /// enabled yet.
+    pub fn new(base: u64, mmio: M, mut mem: T, clock: C) -> Result<Self, Error> {
         let caps = Caps { cap: mmio.get64(regs::CAP), ecap: mmio.get64(regs::ECAP) };
-        let root = mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: name.clone() })?;
+        let no_memory = UnitError { unit: base, cause: HwError::NoMemory };
+        let root = mem.alloc_table().ok_or(no_memory)?;
         let Some(status_page) = mem.alloc_table() else {
             mem.free_table(root);
-            return Err(Error::NoMemory { unit: name });
+            return Err(no_memory);
         };
         // Domain id 0 is reserved when caching mode is on; keep it unused
         // everywhere for simplicity.
         Ok(Self {
-            name,
+            base,
             mmio,
             mem,
             clock,
@@ -262,9 +241,14 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         })
     }
 
-    /// The unit's name (for messages).
-    pub fn name(&self) -> &str {
-        &self.name
+    /// The unit's register base (as the DRHD gives it; errors carry it).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// An error of this unit.
+    fn err(&self, cause: HwError) -> Error {
+        UnitError { unit: self.base, cause }
     }
 
     /// Its capabilities.
@@ -304,29 +288,30 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 if done(&self.mmio) {
                     return Ok(());
                 }
-                return Err(Error::Timeout { unit: self.name.clone(), register, waited_ns: waited });
+                return Err(self.err(HwError::Timeout { register, waited_ns: waited }));
             }
             core::hint::spin_loop();
         }
     }
 
     /// Sets or clears one GCMD bit and waits for GSTS to follow.
-    fn gcmd(&self, bit: u32, on: bool) -> Result<(), Error> {
-        let persistent = self.mmio.get32(regs::GSTS) & gcmd::PERSISTENT;
-        let value = if on { persistent | bit } else { persistent & !bit };
-        self.mmio.set32(regs::GCMD, value);
-        self.wait_for("GSTS", |m| (m.get32(regs::GSTS) & bit != 0) == on)
+    fn gcmd(&self, bit: Gcmd, on: bool) -> Result<(), Error> {
+        let persistent = regs::read_gsts(&self.mmio) & Gcmd::PERSISTENT;
+        let value = if on { persistent | bit } else { persistent - bit };
+        self.mmio.set32(regs::GCMD, value.bits());
+        self.wait_for("GSTS", |m| regs::read_gsts(m).contains(bit) == on)
     }
 
     /// One-shot GCMD commands (SRTP, WBF): GSTS shows completion.
-    fn gcmd_oneshot(&self, bit: u32, register: &'static str) -> Result<(), Error> {
-        let persistent = self.mmio.get32(regs::GSTS) & gcmd::PERSISTENT;
-        self.mmio.set32(regs::GCMD, persistent | bit);
-        match bit {
+    fn gcmd_oneshot(&self, bit: Gcmd, register: &'static str) -> Result<(), Error> {
+        let persistent = regs::read_gsts(&self.mmio) & Gcmd::PERSISTENT;
+        self.mmio.set32(regs::GCMD, (persistent | bit).bits());
+        if bit == Gcmd::WBF {
             // WBFS clears when the flush is done.
-            gcmd::WBF => self.wait_for(register, |m| m.get32(regs::GSTS) & gcmd::WBF == 0),
-            // RTPS sets when the new root is latched.
-            _ => self.wait_for(register, |m| m.get32(regs::GSTS) & bit != 0),
+            self.wait_for(register, |m| !regs::read_gsts(m).contains(Gcmd::WBF))
+        } else {
+            // RTPS (IRTPS) sets when the new root (table) is latched.
+            self.wait_for(register, |m| regs::read_gsts(m).contains(bit))
         }
     }
 
@@ -335,33 +320,30 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// device stays blocked until [`Self::attach`].
     pub fn enable(&mut self, use_qi: bool) -> Result<(), Error> {
         if self.caps.best_levels().is_none() {
-            return Err(Error::Unsupported {
-                unit: self.name.clone(),
-                what: "no 3- or 4-level second-stage width (SAGAW)",
-            });
+            return Err(self.err(HwError::Unsupported("no 3- or 4-level second-stage width (SAGAW)")));
         }
-        if self.mmio.get32(regs::GSTS) & gcmd::TE != 0 {
-            self.gcmd(gcmd::TE, false)?;
+        if regs::read_gsts(&self.mmio).contains(Gcmd::TE) {
+            self.gcmd(Gcmd::TE, false)?;
         }
         self.mmio.set64(regs::RTADDR, self.root | regs::rtaddr::TTM_LEGACY);
-        self.gcmd_oneshot(gcmd::SRTP, "GSTS.RTPS")?;
+        self.gcmd_oneshot(Gcmd::SRTP, "GSTS.RTPS")?;
         if self.caps.rwbf() {
-            self.gcmd_oneshot(gcmd::WBF, "GSTS.WBFS")?;
+            self.gcmd_oneshot(Gcmd::WBF, "GSTS.WBFS")?;
         }
         self.register_context_invalidate(ccmd::GLOBAL)?;
         self.register_iotlb_invalidate(iotlb::GLOBAL)?;
         if use_qi && self.caps.qi() {
-            let page = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+            let page = self.mem.alloc_table().ok_or_else(|| self.err(HwError::NoMemory))?;
             self.mmio.set64(regs::IQT, 0);
             // QS = 0: one 4 KiB page, 256 128-bit descriptors; DW = 0.
             self.mmio.set64(regs::IQA, page);
-            if let Err(e) = self.gcmd(gcmd::QIE, true) {
+            if let Err(e) = self.gcmd(Gcmd::QIE, true) {
                 self.mem.free_table(page);
                 return Err(e);
             }
             self.queue = Some(Queue { page, tail: 0, wide: false });
         }
-        self.gcmd(gcmd::TE, true)
+        self.gcmd(Gcmd::TE, true)
     }
 
     /// Brings the unit up in scalable mode (ECAP.SMTS and QI needed):
@@ -373,28 +355,25 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         T: Clone,
     {
         if !self.caps.scalable() || !self.caps.qi() {
-            return Err(Error::Unsupported {
-                unit: self.name.clone(),
-                what: "scalable mode needs ECAP.SMTS and ECAP.QI",
-            });
+            return Err(self.err(HwError::Unsupported("scalable mode needs ECAP.SMTS and ECAP.QI")));
         }
-        if self.mmio.get32(regs::GSTS) & gcmd::TE != 0 {
-            self.gcmd(gcmd::TE, false)?;
+        if regs::read_gsts(&self.mmio).contains(Gcmd::TE) {
+            self.gcmd(Gcmd::TE, false)?;
         }
-        let tables = ScalableTables::new(self.mem.clone()).map_err(|_| Error::NoMemory { unit: self.name.clone() })?;
+        let tables = ScalableTables::new(self.mem.clone()).map_err(|_| self.err(HwError::NoMemory))?;
         self.mmio.set64(regs::RTADDR, tables.rtaddr());
         self.scalable = Some(tables);
-        self.gcmd_oneshot(gcmd::SRTP, "GSTS.RTPS")?;
-        let page = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+        self.gcmd_oneshot(Gcmd::SRTP, "GSTS.RTPS")?;
+        let page = self.mem.alloc_table().ok_or_else(|| self.err(HwError::NoMemory))?;
         self.mmio.set64(regs::IQT, 0);
         self.mmio.set64(regs::IQA, page | crate::qi::iq256::IQA_DW);
-        if let Err(e) = self.gcmd(gcmd::QIE, true) {
+        if let Err(e) = self.gcmd(Gcmd::QIE, true) {
             self.mem.free_table(page);
             return Err(e);
         }
         self.queue = Some(Queue { page, tail: 0, wide: true });
         self.submit(&[Descriptor::context(ContextScope::Global), Descriptor::iotlb(IotlbScope::Global)])?;
-        self.gcmd(gcmd::TE, true)
+        self.gcmd(Gcmd::TE, true)
     }
 
     /// Turns interrupt remapping on with an empty table of
@@ -405,29 +384,26 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// only invalidated through the queue).
     pub fn enable_interrupt_remapping(&mut self) -> Result<(), Error> {
         if !self.caps.interrupt_remapping() {
-            return Err(Error::Unsupported { unit: self.name.clone(), what: "interrupt remapping (ECAP.IR)" });
+            return Err(self.err(HwError::Unsupported("interrupt remapping (ECAP.IR)")));
         }
         if self.queue.is_none() {
-            return Err(Error::Unsupported {
-                unit: self.name.clone(),
-                what: "interrupt remapping needs queued invalidation",
-            });
+            return Err(self.err(HwError::Unsupported("interrupt remapping needs queued invalidation")));
         }
         if self.irt.is_some() {
             return Ok(());
         }
-        let table = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+        let table = self.mem.alloc_table().ok_or_else(|| self.err(HwError::NoMemory))?;
         if !self.mem.coherent() {
             self.mem.flush(table, 4096);
         }
         // 256 entries: S = 7.
         self.mmio.set64(regs::IRTA, crate::ir::irta(table, 7, false));
         let on = self
-            .gcmd_oneshot(gcmd::SIRTP, "GSTS.IRTPS")
+            .gcmd_oneshot(Gcmd::SIRTP, "GSTS.IRTPS")
             .and_then(|()| self.submit(&[Descriptor::iec(None)]))
-            .and_then(|()| self.gcmd(gcmd::IRE, true));
+            .and_then(|()| self.gcmd(Gcmd::IRE, true));
         if let Err(e) = on {
-            let _ = self.gcmd(gcmd::IRE, false);
+            let _ = self.gcmd(Gcmd::IRE, false);
             self.mem.free_table(table);
             return Err(e);
         }
@@ -439,7 +415,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// frees the table.
     pub fn disable_interrupt_remapping(&mut self) -> Result<(), Error> {
         let Some(table) = self.irt else { return Ok(()) };
-        self.gcmd(gcmd::IRE, false)?;
+        self.gcmd(Gcmd::IRE, false)?;
         self.irt = None;
         self.irt_used = [0; 4];
         self.mem.free_table(table);
@@ -455,10 +431,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// invalidates the unit's cached copy, waiting for it. A present entry
     /// is replaced through not-present, so the unit never sees half of one.
     pub fn set_irte(&mut self, index: u16, entry: crate::ir::Irte) -> Result<(), Error> {
-        let name = self.name.clone();
-        let table = self.irt.ok_or(Error::Unsupported { unit: name.clone(), what: "interrupt remapping is off" })?;
+        let table = self.irt.ok_or(self.err(HwError::NotEnabled))?;
         if index as usize >= crate::ir::IRTES_PER_PAGE {
-            return Err(Error::Unsupported { unit: name, what: "interrupt remapping table index out of range" });
+            return Err(self.err(HwError::Invalid("interrupt remapping table index out of range")));
         }
         let i = index as usize * 2;
         let old = self.mem.read(table, i);
@@ -478,7 +453,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// `NoIrte` when all are in use.
     pub fn alloc_irte(&mut self) -> Result<u16, Error> {
         if self.irt.is_none() {
-            return Err(Error::Unsupported { unit: self.name.clone(), what: "interrupt remapping is off" });
+            return Err(self.err(HwError::NotEnabled));
         }
         for (w, word) in self.irt_used.iter_mut().enumerate() {
             if *word != u64::MAX {
@@ -487,7 +462,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 return Ok((w * 64) as u16 + bit as u16);
             }
         }
-        Err(Error::Unsupported { unit: self.name.clone(), what: "every interrupt remapping table entry is in use" })
+        Err(self.err(HwError::TableFull))
     }
 
     /// Clears entry `index` (blocking its interrupts) and makes it free.
@@ -514,9 +489,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// Turns translation (and queued invalidation) off.
     pub fn disable(&mut self) -> Result<(), Error> {
-        self.gcmd(gcmd::TE, false)?;
+        self.gcmd(Gcmd::TE, false)?;
         if let Some(q) = self.queue.take() {
-            self.gcmd(gcmd::QIE, false)?;
+            self.gcmd(Gcmd::QIE, false)?;
             self.mem.free_table(q.page);
         }
         Ok(())
@@ -549,7 +524,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         let Some((tail, page, slots, words, shift)) =
             self.queue.as_ref().map(|q| (q.tail, q.page, q.slots(), q.words(), q.shift()))
         else {
-            return Err(Error::Unsupported { unit: self.name.clone(), what: "queued invalidation is off" });
+            return Err(self.err(HwError::NotEnabled));
         };
         self.wait_seq = self.wait_seq.wrapping_add(1).max(1);
         let seq = self.wait_seq;
@@ -581,18 +556,17 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         }
         self.stats.invalidations += descs.len() as u64;
         self.stats.waits += 1;
-        let unit = self.name.clone();
         let mut error = None;
         let r = self.wait_for("invalidation wait status", |m| {
-            let f = m.get32(regs::FSTS);
-            if f & (fsts::IQE | fsts::ICE | fsts::ITE) != 0 {
-                error = Some(f);
+            let f = regs::read_fsts(m);
+            if f.intersects(Fsts::QUEUE_ERRORS) {
+                error = Some(f.bits());
                 return true;
             }
             false
         } || self.mem.read(status, 0) as u32 == seq);
         if let Some(f) = error {
-            return Err(Error::QueueError { unit, fsts: f });
+            return Err(self.err(HwError::QueueError { status: f }));
         }
         r
     }
@@ -644,7 +618,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// Flushes the write buffer (CAP.RWBF units need it after page-table
     /// updates before the hardware may see them); a no-op otherwise.
     pub fn flush_write_buffer(&mut self) -> Result<(), Error> {
-        if self.caps.rwbf() { self.gcmd_oneshot(gcmd::WBF, "GSTS.WBFS") } else { Ok(()) }
+        if self.caps.rwbf() { self.gcmd_oneshot(Gcmd::WBF, "GSTS.WBFS") } else { Ok(()) }
     }
 
     /// Records the RMRR ranges (`[base, limit]`) of devices this unit
@@ -662,6 +636,10 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// Invalidates `[start, last]` of a first-stage domain `did` (PASID 0):
     /// PASID-based IOTLB invalidation, scalable mode only.
     pub fn invalidate_range_pasid(&mut self, did: u16, start: u64, last: u64, leaf_only: bool) -> Result<(), Error> {
+        if self.scalable.is_none() {
+            // A 128-bit queue cannot carry the PASID-based descriptor.
+            return Err(self.err(HwError::Unsupported("not in scalable mode")));
+        }
         let blocks = page_blocks(start, last, self.caps.mamv(), 32);
         let descs: Vec<Descriptor256> = match blocks {
             Some(b) => b
@@ -681,9 +659,16 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         sid: u16,
     ) -> Result<(), Error> {
         let cm = self.caps.caching_mode();
-        let name = self.name.clone();
-        let tables =
-            self.scalable.as_mut().ok_or(Error::Unsupported { unit: name.clone(), what: "not in scalable mode" })?;
+        let unit = self.base;
+        let cause = |e: TablesError| match e {
+            TablesError::NoMemory => HwError::NoMemory,
+            TablesError::Invalid(what) => HwError::Invalid(what),
+            // Only after a block: the entry came back (cannot happen with
+            // the unit holding the tables alone).
+            TablesError::Busy { .. } => HwError::Invalid("PASID entry still present after blocking"),
+        };
+        let not_scalable = UnitError { unit, cause: HwError::Unsupported("not in scalable mode") };
+        let tables = self.scalable.as_mut().ok_or(not_scalable)?;
         let inv = match f(tables) {
             Ok(inv) => inv,
             Err(TablesError::Busy { .. }) => {
@@ -692,10 +677,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 let d = blocked.descriptors(cm);
                 self.submit256(&d)?;
                 let tables = self.scalable.as_mut().expect("still scalable");
-                f(tables).map_err(|_| Error::NoMemory { unit: name.clone() })?
+                f(tables).map_err(|e| UnitError { unit, cause: cause(e) })?
             }
-            Err(TablesError::NoMemory) => return Err(Error::NoMemory { unit: name }),
-            Err(_) => return Err(Error::Unsupported { unit: name, what: "entry cannot be encoded" }),
+            Err(e) => return Err(UnitError { unit, cause: cause(e) }),
         };
         let d = inv.descriptors(cm);
         if d.is_empty() { Ok(()) } else { self.submit256(&d) }
@@ -705,7 +689,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// `root` (`levels` levels) of domain `did`.
     pub fn attach_first_stage(&mut self, sid: u16, root: u64, levels: u32, did: u16) -> Result<(), Error> {
         if !self.caps.first_stage() {
-            return Err(Error::Unsupported { unit: self.name.clone(), what: "first-stage translation (ECAP.FSTS)" });
+            return Err(self.err(HwError::Unsupported("first-stage translation (ECAP.FSTS)")));
         }
         self.scalable_change(|t| t.set_first_stage(sid, root, levels, did), sid)
     }
@@ -731,7 +715,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             return Ok(d);
         }
         if self.next_did >= self.caps.domains().min(1 << 16) {
-            return Err(Error::NoDomainId { unit: self.name.clone() });
+            return Err(self.err(HwError::NoDomainId));
         }
         let d = self.next_did as u16;
         self.next_did += 1;
@@ -757,7 +741,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     pub fn attach(&mut self, sid: u16, root: u64, levels: u32, did: u16) -> Result<(), Error> {
         let aw = crate::entries::aw_for_levels(levels)
             .filter(|aw| self.caps.sagaw() >> aw & 1 != 0)
-            .ok_or_else(|| Error::Unsupported { unit: self.name.clone(), what: "page-table depth not in SAGAW" })?;
+            .ok_or_else(|| self.err(HwError::Unsupported("page-table depth not in SAGAW")))?;
         if self.scalable.is_some() {
             return self.scalable_change(|t| t.set_second_stage(sid, root, aw, did), sid);
         }
@@ -767,7 +751,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// Lets device `sid` DMA to physical addresses untranslated (ECAP.PT).
     pub fn pass_through(&mut self, sid: u16, did: u16) -> Result<(), Error> {
         if !self.caps.pass_through() {
-            return Err(Error::Unsupported { unit: self.name.clone(), what: "pass-through (ECAP.PT)" });
+            return Err(self.err(HwError::Unsupported("pass-through (ECAP.PT)")));
         }
         if self.scalable.is_some() {
             return self.scalable_change(|t| t.set_pass_through(sid, did), sid);
@@ -781,7 +765,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         let table = match self.context_tables.get(&bus) {
             Some(t) => *t,
             None => {
-                let t = self.mem.alloc_table().ok_or_else(|| Error::NoMemory { unit: self.name.clone() })?;
+                let t = self.mem.alloc_table().ok_or_else(|| self.err(HwError::NoMemory))?;
                 self.context_tables.insert(bus, t);
                 self.write_entry(self.root, bus as usize, RootEntry::new(t).0);
                 t
@@ -835,10 +819,10 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// overflow), appending them to the unit's log; returns the new ones.
     pub fn poll_faults(&mut self) -> Vec<FaultRecord> {
         let mut out = Vec::new();
-        let status = self.mmio.get32(regs::FSTS);
-        if status & fsts::PPF != 0 {
+        let status = regs::read_fsts(&self.mmio);
+        if status.contains(Fsts::PPF) {
             let nfr = self.caps.nfr();
-            let first = fsts::fri(status) as usize % nfr;
+            let first = status.fri() as usize % nfr;
             for k in 0..nfr {
                 let i = (first + k) % nfr;
                 let off = self.caps.fro() + i * 16;
@@ -852,13 +836,13 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 self.mmio.write32(off + 12, 1 << 31);
             }
         }
-        if status & fsts::PFO != 0 {
+        if status.contains(Fsts::PFO) {
             self.overflows += 1;
         }
-        if status & (fsts::PFO | fsts::PPF) != 0 {
+        if status.intersects(Fsts::PFO | Fsts::PPF) {
             // Writing the status back (PFO is RW1C, PPF read-only) marks
             // the event serviced: a pending masked event (FECTL.IP) clears.
-            self.mmio.set32(regs::FSTS, fsts::PFO | fsts::PPF);
+            self.mmio.set32(regs::FSTS, (Fsts::PFO | Fsts::PPF).bits());
         }
         self.faults.extend_from_slice(&out);
         if self.faults.len() > 256 {
@@ -876,23 +860,23 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// records and so re-arms the event. Polling works with or without it.
     pub fn enable_fault_event(&mut self, address: u64, data: u32) {
         // Mask while the message is changed, then unmask.
-        self.mmio.set32(regs::FECTL, fectl::IM);
+        self.mmio.set32(regs::FECTL, Fectl::IM.bits());
         self.mmio.set32(regs::FEDATA, data);
         self.mmio.set32(regs::FEADDR, address as u32);
         self.mmio.set32(regs::FEUADDR, (address >> 32) as u32);
-        self.mmio.set32(regs::FECTL, 0);
+        self.mmio.set32(regs::FECTL, Fectl::empty().bits());
     }
 
     /// Masks the fault event interrupt (faults are still recorded; FECTL.IP
     /// shows one arrived while masked).
     pub fn mask_fault_event(&mut self) {
-        self.mmio.set32(regs::FECTL, fectl::IM);
+        self.mmio.set32(regs::FECTL, Fectl::IM.bits());
     }
 
     /// FECTL: whether the fault event is masked and whether one is pending.
     pub fn fault_event_state(&self) -> (bool, bool) {
-        let v = self.mmio.get32(regs::FECTL);
-        (v & fectl::IM != 0, v & fectl::IP != 0)
+        let v = regs::read_fectl(&self.mmio);
+        (v.contains(Fectl::IM), v.contains(Fectl::IP))
     }
 
     /// The fault log (latest 256) and the number of overflows seen.

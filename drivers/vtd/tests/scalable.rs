@@ -2,26 +2,13 @@
 //! are written in, what reads back, what blocking leaves, which lines are
 //! flushed on a non-coherent walker, and the invalidations each change
 //! asks for.
-//!
-//! The module is included by path so these tests build whether or not the
-//! library declares it yet; its `super::qi` import resolves to the `qi`
-//! imported here.
-
-extern crate alloc;
 
 use io_pgtable::{HeapTables, TableMemory};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-#[allow(unused_imports)]
-use vtd::qi;
 use vtd::qi::Descriptor256;
-
-#[allow(dead_code)]
-#[path = "../src/scalable.rs"]
-mod scalable;
-
-use scalable::{
+use vtd::scalable::{
     DeviceEntries, Invalidation, PasidEntry, Pgtt, RTADDR_TTM_SCALABLE, ScalableContextEntry, ScalableTables, Snoop,
     TablesError,
 };

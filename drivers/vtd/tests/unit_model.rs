@@ -5,10 +5,11 @@
 //! RW1C F bits).
 
 use io_pgtable::{HeapTables, TableMemory};
+use portcullis_iommu::testing::TickClock;
 use std::sync::{Arc, Mutex};
 use vtd::qi::Descriptor;
-use vtd::regs::{self, Mmio, fsts, gcmd};
-use vtd::{Clock, Error, FaultRecord, Unit};
+use vtd::regs::{Fectl, Fsts, Gcmd, Gsts, Mmio};
+use vtd::{Error, FaultRecord, HwError, Unit};
 
 /// Register offsets as plain numbers, for matching on accessed offsets.
 mod off {
@@ -60,7 +61,7 @@ impl TableMemory for Shared {
 
 #[derive(Default)]
 struct Hw {
-    gsts: u32,
+    gsts: Gsts,
     rtaddr: u64,
     latched_root: u64,
     ccmd_log: Vec<u64>,
@@ -69,10 +70,10 @@ struct Hw {
     iqh: u64,
     iqt: u64,
     processed: Vec<Descriptor>,
-    fsts: u32,
+    fsts: Fsts,
     fault: [u64; 2],
     /// FECTL (IM, IP), FEDATA, FEADDR, FEUADDR.
-    fectl: u32,
+    fectl: Fectl,
     fe_msg: [u32; 3],
     irta: u64,
     latched_irta: u64,
@@ -80,6 +81,9 @@ struct Hw {
     interrupts: Vec<(u64, u32)>,
     /// Make GSTS never follow (timeouts).
     stuck: bool,
+    /// Report an invalidation queue error (FSTS.IQE) instead of running
+    /// the queue.
+    queue_error: bool,
 }
 
 #[derive(Clone)]
@@ -93,7 +97,11 @@ const IRO: usize = 0xf0;
 
 impl Model {
     fn process_queue(&self, hw: &mut Hw) {
-        if hw.gsts & gcmd::QIE == 0 {
+        if !hw.gsts.contains(Gcmd::QIE) {
+            return;
+        }
+        if hw.queue_error {
+            hw.fsts |= Fsts::IQE;
             return;
         }
         let page = hw.iqa & !0xfff;
@@ -115,9 +123,9 @@ impl Mmio for Model {
     fn read32(&self, off: usize) -> u32 {
         let hw = self.hw.lock().unwrap();
         match off {
-            off::GSTS => hw.gsts,
-            off::FSTS => hw.fsts,
-            off::FECTL => hw.fectl,
+            off::GSTS => hw.gsts.bits(),
+            off::FSTS => hw.fsts.bits(),
+            off::FECTL => hw.fectl.bits(),
             _ => panic!("unexpected 32-bit read at {off:#x}"),
         }
     }
@@ -142,30 +150,32 @@ impl Mmio for Model {
                     return;
                 }
                 // Acts on the difference: persistent bits follow the value.
-                let persistent = v & gcmd::PERSISTENT;
-                if v & gcmd::SRTP != 0 {
+                let v = Gcmd::from_bits_retain(v);
+                let persistent = v & Gcmd::PERSISTENT;
+                if v.contains(Gcmd::SRTP) {
                     hw.latched_root = hw.rtaddr;
-                    hw.gsts |= gcmd::SRTP;
+                    hw.gsts |= Gsts::SRTP;
                 }
-                if v & gcmd::SIRTP != 0 {
+                if v.contains(Gcmd::SIRTP) {
                     hw.latched_irta = hw.irta;
-                    hw.gsts |= gcmd::SIRTP;
+                    hw.gsts |= Gsts::SIRTP;
                 }
-                hw.gsts = (hw.gsts & !gcmd::PERSISTENT) | persistent;
+                hw.gsts = (hw.gsts - Gsts::PERSISTENT) | persistent;
             }
             off::FSTS => {
-                hw.fsts &= !(v & (fsts::PFO | fsts::IQE | fsts::ICE | fsts::ITE));
+                hw.fsts -= Fsts::from_bits_retain(v) & Fsts::W1C;
                 // Serviced: a pending masked event clears once nothing is left.
-                if hw.fsts & (fsts::PPF | fsts::PFO) == 0 {
-                    hw.fectl &= !regs::fectl::IP;
+                if !hw.fsts.intersects(Fsts::PPF | Fsts::PFO) {
+                    hw.fectl -= Fectl::IP;
                 }
             }
             off::FECTL => {
-                let unmasking = hw.fectl & regs::fectl::IM != 0 && v & regs::fectl::IM == 0;
-                hw.fectl = (hw.fectl & regs::fectl::IP) | (v & regs::fectl::IM);
-                if unmasking && hw.fectl & regs::fectl::IP != 0 {
+                let v = Fectl::from_bits_retain(v);
+                let unmasking = hw.fectl.contains(Fectl::IM) && !v.contains(Fectl::IM);
+                hw.fectl = (hw.fectl & Fectl::IP) | (v & Fectl::IM);
+                if unmasking && hw.fectl.contains(Fectl::IP) {
                     // A pending event is delivered on unmask.
-                    hw.fectl &= !regs::fectl::IP;
+                    hw.fectl -= Fectl::IP;
                     let msg = (hw.fe_msg[1] as u64 | (hw.fe_msg[2] as u64) << 32, hw.fe_msg[0]);
                     hw.interrupts.push(msg);
                 }
@@ -176,7 +186,7 @@ impl Mmio for Model {
             o if o == FRO + 12 => {
                 if v & (1 << 31) != 0 {
                     hw.fault[1] &= !(1 << 63);
-                    hw.fsts &= !fsts::PPF;
+                    hw.fsts -= Fsts::PPF;
                 }
             }
             _ => panic!("32-bit write at {off:#x} = {v:#x}"),
@@ -206,21 +216,14 @@ impl Mmio for Model {
     }
 }
 
-/// A clock that advances 1 µs per reading (so timeouts end quickly).
-#[derive(Default)]
-struct TickClock(std::sync::atomic::AtomicU64);
-
-impl Clock for TickClock {
-    fn now_ns(&self) -> u64 {
-        self.0.fetch_add(1000, std::sync::atomic::Ordering::Relaxed)
-    }
-}
+/// The register base the test unit is named by.
+const BASE: u64 = 0xfed9_0000;
 
 fn unit() -> (Model, Unit<Model, Shared, TickClock>) {
     let mem = Shared(Arc::new(Mutex::new(HeapTables::new(true))));
-    let hw = Hw { fectl: regs::fectl::IM, ..Hw::default() };
+    let hw = Hw { fectl: Fectl::IM, ..Hw::default() };
     let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
-    let u = Unit::new("DRHD test".into(), model.clone(), mem, TickClock::default()).unwrap();
+    let u = Unit::new(BASE, model.clone(), mem, TickClock::default()).unwrap();
     (model, u)
 }
 
@@ -229,7 +232,7 @@ fn bring_up_sets_root_invalidates_and_enables_qi_then_translation() {
     let (model, mut u) = unit();
     u.enable(true).unwrap();
     let hw = model.hw.lock().unwrap();
-    assert_eq!(hw.gsts & (gcmd::TE | gcmd::QIE), gcmd::TE | gcmd::QIE);
+    assert!(hw.gsts.contains(Gsts::TE | Gsts::QIE));
     assert_ne!(hw.latched_root, 0);
     assert_eq!(hw.ccmd_log.len(), 1, "one global context invalidation");
     assert_eq!(hw.iotlb_log.len(), 1, "one global IOTLB invalidation");
@@ -281,8 +284,8 @@ fn hardware_that_never_answers_times_out_with_the_register_named() {
     let (model, mut u) = unit();
     model.hw.lock().unwrap().stuck = true;
     match u.enable(true) {
-        Err(Error::Timeout { unit, register, .. }) => {
-            assert_eq!(unit, "DRHD test");
+        Err(Error { unit, cause: HwError::Timeout { register, .. } }) => {
+            assert_eq!(unit, BASE);
             assert_eq!(register, "GSTS.RTPS");
         }
         other => panic!("{other:?}"),
@@ -296,13 +299,13 @@ fn faults_are_decoded_cleared_and_logged() {
     {
         let mut hw = model.hw.lock().unwrap();
         hw.fault = [0x4000_0000, 1 << 63 | 5 << 32 | 0x0008];
-        hw.fsts |= fsts::PPF | fsts::PFO;
+        hw.fsts |= Fsts::PPF | Fsts::PFO;
     }
     let f = u.poll_faults();
     assert_eq!(f, vec![FaultRecord { source_id: 8, address: 0x4000_0000, reason: 5, write: true, pasid: None }]);
     let hw = model.hw.lock().unwrap();
     assert_eq!(hw.fault[1] >> 63, 0, "F cleared");
-    assert_eq!(hw.fsts & (fsts::PPF | fsts::PFO), 0);
+    assert!(!hw.fsts.intersects(Fsts::PPF | Fsts::PFO));
     drop(hw);
     assert_eq!(u.fault_log().1, 1, "one overflow counted");
     assert!(u.poll_faults().is_empty());
@@ -313,14 +316,14 @@ impl Model {
     /// pending, FECTL.IP when masked.
     fn record_fault(&self, lo: u64, hi: u64) {
         let mut hw = self.hw.lock().unwrap();
-        let was_pending = hw.fsts & fsts::PPF != 0;
+        let was_pending = hw.fsts.contains(Fsts::PPF);
         hw.fault = [lo, hi];
-        hw.fsts |= fsts::PPF;
+        hw.fsts |= Fsts::PPF;
         if was_pending {
             return;
         }
-        if hw.fectl & regs::fectl::IM != 0 {
-            hw.fectl |= regs::fectl::IP;
+        if hw.fectl.contains(Fectl::IM) {
+            hw.fectl |= Fectl::IP;
         } else {
             let msg = (hw.fe_msg[1] as u64 | (hw.fe_msg[2] as u64) << 32, hw.fe_msg[0]);
             hw.interrupts.push(msg);
@@ -356,14 +359,17 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     use vtd::ir::Irte;
     let (_, mut register_based) = unit();
     register_based.enable(false).unwrap();
-    assert!(matches!(register_based.enable_interrupt_remapping(), Err(Error::Unsupported { .. })), "needs the queue");
+    assert!(
+        matches!(register_based.enable_interrupt_remapping(), Err(Error { cause: HwError::Unsupported(_), .. })),
+        "needs the queue"
+    );
     let (model, mut u) = unit();
     u.enable(true).unwrap();
     u.enable_interrupt_remapping().unwrap();
     {
         let hw = model.hw.lock().unwrap();
-        assert_eq!(hw.gsts & (gcmd::IRE | gcmd::TE | gcmd::QIE), gcmd::IRE | gcmd::TE | gcmd::QIE);
-        assert_eq!(hw.gsts & gcmd::CFI, 0, "compatibility-format interrupts stay blocked");
+        assert!(hw.gsts.contains(Gsts::IRE | Gsts::TE | Gsts::QIE));
+        assert!(!hw.gsts.contains(Gsts::CFI), "compatibility-format interrupts stay blocked");
         assert_eq!(hw.latched_irta & 0xf, 7, "256 entries");
         assert_eq!(hw.latched_irta & !0xfff, hw.irta & !0xfff);
         let kinds: Vec<u8> = hw.processed.iter().map(|d| d.kind()).collect();
@@ -388,13 +394,33 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     // The allocator hands out each entry once, then refuses.
     let got: Vec<u16> = (0..256).map(|_| u.alloc_irte().unwrap()).collect();
     assert_eq!(got, (0..256).collect::<Vec<u16>>());
-    assert!(u.alloc_irte().is_err(), "table full");
+    assert_eq!(u.alloc_irte(), Err(Error { unit: BASE, cause: HwError::TableFull }));
     u.set_irte(7, e).unwrap();
     u.free_irte(7).unwrap();
     assert!(!u.irte(7).unwrap().present(), "freeing clears the entry");
     assert_eq!(u.alloc_irte().unwrap(), 7);
-    assert!(u.set_irte(256, e).is_err(), "beyond the table");
+    assert!(matches!(u.set_irte(256, e), Err(Error { cause: HwError::Invalid(_), .. })), "beyond the table");
     u.disable_interrupt_remapping().unwrap();
-    assert_eq!(model.hw.lock().unwrap().gsts & gcmd::IRE, 0);
-    assert!(u.set_irte(5, e).is_err(), "remapping is off");
+    assert!(!model.hw.lock().unwrap().gsts.contains(Gsts::IRE));
+    assert_eq!(u.set_irte(5, e), Err(Error { unit: BASE, cause: HwError::NotEnabled }), "remapping is off");
+}
+
+#[test]
+fn a_queue_error_is_reported_with_the_fault_status() {
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    model.hw.lock().unwrap().queue_error = true;
+    let e = u.invalidate_range(1, 0, 0xfff, true).unwrap_err();
+    assert_eq!(e, Error { unit: BASE, cause: HwError::QueueError { status: Fsts::IQE.bits() } });
+    assert!(e.to_string().starts_with("IOMMU unit at 0xfed90000: invalidation queue error"), "{e}");
+}
+
+#[test]
+fn pasid_based_invalidation_needs_scalable_mode() {
+    let (_, mut u) = unit();
+    u.enable(true).unwrap();
+    assert!(matches!(
+        u.invalidate_range_pasid(1, 0, 0xfff, true),
+        Err(Error { cause: HwError::Unsupported("not in scalable mode"), .. })
+    ));
 }
