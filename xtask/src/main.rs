@@ -95,7 +95,7 @@ fn split(args: &Option<String>) -> Vec<String> {
 
 fn run_kernel(config: &str, qemu_args: &[String], release: bool) -> Result<bool> {
     let c = qemu::config(config)?;
-    let version = qemu::check_qemu()?;
+    let version = qemu::ensure(&[qemu::Tool::BareMetalTarget, qemu::Tool::Qemu])?.unwrap_or_default();
     let kernel = qemu::build_kernel("portcullis-kernel", "portcullis", release)?;
     let args = qemu::args(&c, &kernel, &format!("config={}", c.name), "stdio", qemu_args);
     println!("==> {version}: booting configuration '{}' ({})", c.name, c.about);
@@ -131,7 +131,7 @@ fn bench() -> Result<bool> {
         return Ok(false);
     }
     println!("  Linux generic page table (i7-12700): map 4 KiB 53-57 ns, unmap 4 KiB 69-72 ns, map 256 x 4 KiB 391 ns");
-    let version = qemu::check_qemu()?;
+    let version = qemu::ensure(&[qemu::Tool::BareMetalTarget, qemu::Tool::Qemu])?.unwrap_or_default();
     let kernel = qemu::build_kernel("qemu-tests", "portcullis-tests", true)?;
     let mut ok = true;
     for name in ["none", "intel", "intel-fs", "amd"] {

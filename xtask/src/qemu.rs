@@ -116,6 +116,79 @@ pub fn check_qemu() -> Result<String> {
     }
 }
 
+/// What `cargo xtask` needs from the machine besides the Rust toolchain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// `qemu-system-x86_64` 10.0 or newer.
+    Qemu,
+    /// `iasl` (acpica-tools), for the parser's cross-check.
+    Iasl,
+    /// The `x86_64-unknown-none` standard library.
+    BareMetalTarget,
+}
+
+impl Tool {
+    fn present(self) -> bool {
+        match self {
+            Self::Qemu => check_qemu().is_ok(),
+            Self::Iasl => Command::new("iasl").arg("-v").output().is_ok(),
+            Self::BareMetalTarget => {
+                let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+                Command::new(rustc)
+                    .current_dir(root())
+                    .args(["--print", "target-libdir", "--target", "x86_64-unknown-none"])
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string()))
+                    .is_some_and(|dir| dir.join("libcore.rlib").exists() || has_core(&dir))
+            }
+        }
+    }
+    fn what(self) -> &'static str {
+        match self {
+            Self::Qemu => "QEMU 10 (qemu-system-x86, from bookworm-backports)",
+            Self::Iasl => "iasl (acpica-tools)",
+            Self::BareMetalTarget => "the x86_64-unknown-none target (rustup, from rust-toolchain.toml)",
+        }
+    }
+}
+
+fn has_core(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .is_ok_and(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("libcore-")))
+}
+
+/// Installs what of `tools` is missing with `.ci/setup` (saying what it
+/// installs first), unless `PORTCULLIS_NO_SETUP` is set; then checks again.
+/// Returns QEMU's version line when QEMU was asked for.
+pub fn ensure(tools: &[Tool]) -> Result<Option<String>> {
+    let missing: Vec<Tool> = tools.iter().copied().filter(|t| !t.present()).collect();
+    if !missing.is_empty() {
+        let list: Vec<&str> = missing.iter().map(|t| t.what()).collect();
+        if std::env::var_os("PORTCULLIS_NO_SETUP").is_some() {
+            println!("==> missing: {} (PORTCULLIS_NO_SETUP is set: not installing)", list.join(", "));
+        } else {
+            println!("==> missing: {}; installing with `bash .ci/setup` (apt-get needs root or sudo)", list.join(", "));
+            let status = Command::new("bash").arg(root().join(".ci/setup")).current_dir(root()).status()?;
+            if !status.success() {
+                bail!(".ci/setup failed ({status}); install {} by hand", list.join(", "));
+            }
+        }
+        let still: Vec<Tool> = missing.iter().copied().filter(|t| !t.present()).collect();
+        // Without iasl one test passes vacuously; without the others
+        // nothing can run.
+        if still.iter().any(|t| *t != Tool::Iasl) {
+            let list: Vec<&str> = still.iter().map(|t| t.what()).collect();
+            bail!("still missing: {}", list.join(", "));
+        }
+        if still.contains(&Tool::Iasl) {
+            println!("==> iasl is still missing: the parser's iasl cross-check passes vacuously");
+        }
+    }
+    if tools.contains(&Tool::Qemu) { check_qemu().map(Some) } else { Ok(None) }
+}
+
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()

@@ -49,6 +49,14 @@ struct Row {
 pub fn run(opts: &Options) -> Result<bool> {
     let started = Instant::now();
     let mut rows = Vec::new();
+    let mut tools = Vec::new();
+    if !opts.no_host {
+        tools.push(qemu::Tool::Iasl);
+    }
+    if !opts.no_qemu {
+        tools.extend([qemu::Tool::BareMetalTarget, qemu::Tool::Qemu]);
+    }
+    qemu::ensure(&tools)?;
     if !opts.no_host {
         rows.push(host_tests()?);
     }
