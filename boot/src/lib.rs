@@ -3,7 +3,7 @@
 //! QEMU (and Xen, Firecracker, cloud-hypervisor) boot an ELF kernel directly
 //! when it carries a Xen `PHYS32_ENTRY` note. This crate provides:
 //!
-//! * the note and the 32-bit entry (`pvh_start32`, in [`entry`]): clear
+//! * the note and the 32-bit entry (`pvh_start32`, in `entry`): clear
 //!   `.bss`, set up a stack and identity page tables for the low 4 GiB, enable
 //!   long mode and jump to 64-bit code;
 //! * the hand-over ([`start_info`]): the `hvm_start_info` block QEMU leaves in

@@ -1,5 +1,5 @@
 //! The in-kernel test runner. Test cases are plain functions over the
-//! booted [`Platform`](crate::Platform); results go to serial as KTAP:
+//! booted `Platform`; results go to serial as KTAP:
 //!
 //! ```text
 //! KTAP version 1
@@ -14,7 +14,7 @@
 //! ```
 //!
 //! A test that panics or faults is reported as `not ok` by the fatal path
-//! ([`on_fatal`]) and the run ends with [`ExitCode::Crash`]; the host
+//! (`on_fatal`) and the run ends with `ExitCode::Crash`; the host
 //! (`cargo xtask test`) boots again with `ktest.start=N+1` to run the rest.
 //! `# running:` lines let the host name the test that hangs.
 

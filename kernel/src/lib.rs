@@ -2,9 +2,9 @@
 //! (the report kernel `portcullis`, the in-guest test kernel) needs to bring
 //! a machine up and describe it.
 //!
-//! [`init`] runs the bring-up in order: serial and logging, descriptor
+//! `init` runs the bring-up in order: serial and logging, descriptor
 //! tables and exception handlers, frame allocator and page tables, heap,
-//! clock, ACPI, PCI. It returns a [`Platform`] with what was found.
+//! clock, ACPI, PCI. It returns a `Platform` with what was found.
 //!
 //! Hardware-free parts (frame allocator, PCI walk, register decoding, KTAP
 //! formatting) build and run as ordinary host tests.

@@ -8,7 +8,7 @@
 //! register it touches with decoding disabled meanwhile.
 //!
 //! The accessor is a trait so the walk runs on the host against a fake
-//! config space ([`tests`]) and in the kernel against ECAM.
+//! config space (`tests`) and in the kernel against ECAM.
 
 use alloc::vec::Vec;
 

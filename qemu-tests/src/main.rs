@@ -1,5 +1,5 @@
 //! `portcullis-tests`: the in-guest test kernel. Boots like the report
-//! kernel, then runs every test case in [`cases`] and prints KTAP to serial
+//! kernel, then runs every test case in `cases` and prints KTAP to serial
 //! (see `portcullis_kernel::ktest`).
 //!
 //! Command line (set by `cargo xtask test`):

@@ -1,12 +1,12 @@
 //! Physical memory, the kernel's page tables and the heap.
 //!
-//! Virtual layout after [`init`]:
+//! Virtual layout after `init`:
 //!
 //! | range                                   | what                                  |
 //! |-----------------------------------------|---------------------------------------|
 //! | image link addresses (2 MiB +)          | kernel image, W^X, stack guard unmapped |
 //! | `DIRECT_MAP_BASE + phys`                | all RAM/ACPI memory, write-back, NX   |
-//! | `DIRECT_MAP_BASE + phys` (on demand)    | other firmware memory, see [`map_phys`] |
+//! | `DIRECT_MAP_BASE + phys` (on demand)    | other firmware memory, see `map_phys` |
 //! | `MMIO_BASE + phys` (on demand)          | device registers, uncached, NX        |
 //!
 //! Nothing else is mapped: in particular low memory (null page included)
