@@ -1,20 +1,13 @@
 //! Reading the identification registers of the IOMMUs the ACPI tables name,
 //! for the report and the in-guest tests. Read-only: nothing here changes
-//! IOMMU state. (The drivers own the units once they exist.)
+//! IOMMU state, and it works whether or not a driver owns the unit. The
+//! offsets are the drivers' ([`vtd::regs`], [`amdvi::regs`]), the accesses
+//! go through [`KernelMmio`], and the values decode with the drivers'
+//! [`vtd::Caps`] and [`amdvi::Caps`].
 
-use crate::iommu_regs::{amd, vtd};
+use crate::host::KernelMmio;
 use crate::mem::paging::MapError;
-
-fn read32(base: *const u8, off: usize) -> u32 {
-    // SAFETY: callers pass a register block mapped uncached by map_mmio and
-    // an offset inside it; a 32-bit read of an IOMMU register has no effect.
-    unsafe { base.add(off).cast::<u32>().read_volatile() }
-}
-
-fn read64(base: *const u8, off: usize) -> u64 {
-    // SAFETY: as for read32; the 64-bit registers read here are 8-aligned.
-    unsafe { base.add(off).cast::<u64>().read_volatile() }
-}
+use portcullis::Mmio;
 
 /// VT-d identification registers of one DRHD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,16 +24,18 @@ pub struct VtdRegs {
     pub fsts: u32,
 }
 
+impl VtdRegs {
+    /// CAP and ECAP, decoded by the driver.
+    pub fn caps(&self) -> vtd::Caps {
+        vtd::Caps { cap: self.cap, ecap: self.ecap }
+    }
+}
+
 /// Reads a VT-d unit's registers at `base`.
 pub fn vtd(base: u64) -> Result<VtdRegs, MapError> {
-    let p = crate::mem::map_mmio(base, 0x1000)?;
-    Ok(VtdRegs {
-        ver: read32(p, vtd::VER),
-        cap: read64(p, vtd::CAP),
-        ecap: read64(p, vtd::ECAP),
-        gsts: read32(p, vtd::GSTS),
-        fsts: read32(p, vtd::FSTS),
-    })
+    use vtd::regs::{BLOCK, CAP, ECAP, FSTS, GSTS, VER};
+    let m = KernelMmio::map(base, BLOCK)?;
+    Ok(VtdRegs { ver: m.get32(VER), cap: m.get64(CAP), ecap: m.get64(ECAP), gsts: m.get32(GSTS), fsts: m.get32(FSTS) })
 }
 
 /// AMD-Vi registers of one IVHD.
@@ -54,9 +49,21 @@ pub struct AmdRegs {
     pub status: u64,
 }
 
-/// Reads an AMD-Vi unit's registers at `base` (the MMIO block is 16 KiB;
-/// the status register sits at 0x2020).
+impl AmdRegs {
+    /// The EFR, decoded by the driver.
+    pub fn caps(&self) -> amdvi::Caps {
+        amdvi::Caps::from_efr(self.efr)
+    }
+    /// The control register's flags.
+    pub fn control(&self) -> amdvi::regs::Control {
+        amdvi::regs::Control::from_bits_retain(self.control)
+    }
+}
+
+/// Reads an AMD-Vi unit's registers at `base` (the whole 16 KiB block: the
+/// status register sits at 0x2020).
 pub fn amd(base: u64) -> Result<AmdRegs, MapError> {
-    let p = crate::mem::map_mmio(base, 0x4000)?;
-    Ok(AmdRegs { control: read64(p, amd::CONTROL), efr: read64(p, amd::EFR), status: read64(p, amd::STATUS) })
+    use amdvi::regs::{BLOCK, CONTROL, EXT_FEATURE, STATUS};
+    let m = KernelMmio::map(base, BLOCK)?;
+    Ok(AmdRegs { control: m.get64(CONTROL), efr: m.get64(EXT_FEATURE), status: m.get64(STATUS) })
 }

@@ -130,7 +130,6 @@ fn pci(p: &Platform) {
 }
 
 fn firmware_iommus(p: &Platform) {
-    use crate::iommu_regs::{AmdFeatures, VtdCaps};
     let mut any = false;
     match &p.dmar {
         None => {}
@@ -161,8 +160,7 @@ fn firmware_iommus(p: &Platform) {
                 match crate::iommu_probe::vtd(u.register_base) {
                     Err(e) => println!("         registers unreadable: {}", e),
                     Ok(r) => {
-                        let c = VtdCaps { cap: r.cap, ecap: r.ecap };
-                        let (p2m, p1g) = c.second_level_large_pages();
+                        let c = r.caps();
                         println!(
                             "         version {}.{}  CAP {:#018x}  ECAP {:#018x}  GSTS {:#x}",
                             r.ver >> 4 & 0xf,
@@ -171,7 +169,7 @@ fn firmware_iommus(p: &Platform) {
                             r.ecap,
                             r.gsts
                         );
-                        let sagaw: alloc::vec::Vec<_> = c.sagaw_bits().map(|b| alloc::format!("{}", b)).collect();
+                        let sagaw: alloc::vec::Vec<_> = c.sagaw_widths().map(|b| alloc::format!("{}", b)).collect();
                         println!(
                             "         address widths: guest {} bits (MGAW), page tables for {} bits (SAGAW)",
                             c.mgaw(),
@@ -179,15 +177,15 @@ fn firmware_iommus(p: &Platform) {
                         );
                         println!(
                             "         page sizes: 4 KiB{}{}; {} domain ids; caching mode {}; write-buffer flush {}",
-                            if p2m { ", 2 MiB" } else { "" },
-                            if p1g { ", 1 GiB" } else { "" },
+                            if c.second_stage_2m() { ", 2 MiB" } else { "" },
+                            if c.second_stage_1g() { ", 1 GiB" } else { "" },
                             c.domains(),
                             yes(c.caching_mode()),
                             yes(c.rwbf())
                         );
                         println!(
                             "         queued invalidation {}, interrupt remapping {} (x2APIC {}), pass-through {}, coherent walks {}, snoop control {}",
-                            yes(c.queued_invalidation()),
+                            yes(c.qi()),
                             yes(c.interrupt_remapping()),
                             yes(c.eim()),
                             yes(c.pass_through()),
@@ -196,7 +194,7 @@ fn firmware_iommus(p: &Platform) {
                         );
                         println!(
                             "         scalable mode {}, first-stage {}, second-stage {}, nested {}, PASID {}, dirty tracking {}",
-                            yes(c.scalable_mode()),
+                            yes(c.scalable()),
                             yes(c.first_stage()),
                             yes(c.second_stage()),
                             yes(c.nested()),
@@ -205,9 +203,9 @@ fn firmware_iommus(p: &Platform) {
                         );
                         println!(
                             "         fault recording: {} register(s) at +{:#x}, IOTLB registers at +{:#x}, FSTS {:#x}",
-                            c.fault_records(),
-                            c.fault_record_offset(),
-                            c.iotlb_offset(),
+                            c.nfr(),
+                            c.fro(),
+                            c.iro(),
                             r.fsts
                         );
                     }
@@ -281,20 +279,25 @@ fn firmware_iommus(p: &Platform) {
                 match crate::iommu_probe::amd(h.base_address) {
                     Err(e) => println!("         registers unreadable: {}", e),
                     Ok(r) => {
-                        let f = AmdFeatures(r.efr);
-                        let flags: alloc::vec::Vec<_> = f.flags().collect();
+                        let f = r.caps();
                         println!(
                             "         EFR {:#018x}: {} ; host levels {}, guest levels {}, PASID bits {}",
                             r.efr,
-                            flags.join(" "),
-                            f.host_levels(),
-                            f.guest_levels(),
-                            f.pasid_bits()
+                            f.feature_names().join(" "),
+                            f.max_levels().map_or_else(
+                                || alloc::format!("reserved (HATS {})", f.hats()),
+                                |l| alloc::format!("{l}")
+                            ),
+                            f.guest_levels().map_or_else(
+                                || alloc::format!("reserved (GATS {})", f.gats()),
+                                |l| alloc::format!("{l}")
+                            ),
+                            f.pasid_bits().map_or_else(|| "none".into(), |b| alloc::format!("{b}"))
                         );
                         println!(
                             "         control {:#x} (IOMMU {}), status {:#x}",
                             r.control,
-                            if r.control & 1 != 0 { "enabled" } else { "disabled" },
+                            if r.control().contains(amdvi::regs::Control::IOMMU_EN) { "enabled" } else { "disabled" },
                             r.status
                         );
                     }

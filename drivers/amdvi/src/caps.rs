@@ -134,9 +134,13 @@ impl Caps {
             h => Some(4 + h as u32),
         }
     }
+    /// Raw GATS field.
+    pub const fn gats(&self) -> u8 {
+        ((self.efr >> efr::GATS_SHIFT) & 3) as u8
+    }
     /// Guest page-table levels (GATS: 4 or 5; `None` when reserved).
     pub const fn guest_levels(&self) -> Option<u32> {
-        match (self.efr >> efr::GATS_SHIFT) & 3 {
+        match self.gats() {
             0 => Some(4),
             1 => Some(5),
             _ => None,
@@ -145,6 +149,13 @@ impl Caps {
     /// PASmax field.
     pub const fn pasmax(&self) -> u8 {
         ((self.efr >> efr::PASMAX_SHIFT) & 0x1f) as u8
+    }
+    /// PASID width in bits: the largest PASID is 2^(PASmax + 1) - 1
+    /// (spec §3.4, EFR PASmax), so PASmax + 1 bits. `None` when the unit
+    /// takes no PASIDs at all (neither GTSup nor PPRSup), where PASmax
+    /// means nothing.
+    pub const fn pasid_bits(&self) -> Option<u32> {
+        if self.guest_translation() || self.ppr() { Some(self.pasmax() as u32 + 1) } else { None }
     }
     /// DevTblSegSup field (0: one device table).
     pub const fn dev_table_segments(&self) -> u8 {
@@ -221,8 +232,26 @@ mod tests {
         assert!(!c.x2apic() && !c.nx() && !c.perf_counters());
         assert_eq!(c.max_levels(), Some(6));
         assert_eq!(c.guest_levels(), None, "QEMU reports the reserved GATS value 2");
+        assert_eq!(c.gats(), 2);
+        assert_eq!(c.pasmax(), 0);
+        assert_eq!(c.pasid_bits(), Some(1), "GTSup with PASmax 0: PASIDs 0 and 1");
         assert_eq!(c.feature_names(), ["PreF", "PPR", "GT", "IA", "GA", "HE"]);
         assert!(c.np_cache(), "unknown header: assume not-present caching");
+    }
+
+    #[test]
+    fn feature_bits_levels_and_pasids() {
+        // The single-bit features the report names, at the spec's positions
+        // (HASup 49, HDSup 52, SNPSup 63; bit 46 is none of them).
+        assert_eq!(Caps::from_efr(1 << 49 | 1 << 52 | 1 << 63).feature_names(), ["HA", "HD", "SNP"]);
+        assert!(Caps::from_efr(1 << 46).feature_names().is_empty());
+        assert_eq!(Caps::from_efr(0).guest_levels(), Some(4));
+        assert_eq!(Caps::from_efr(1 << 12).guest_levels(), Some(5));
+        assert_eq!(Caps::from_efr(3 << 12).guest_levels(), None);
+        // PASmax 15: 16-bit PASIDs; no GTSup and no PPRSup: no PASIDs.
+        assert_eq!(Caps::from_efr(efr::GT | 15 << 32).pasid_bits(), Some(16));
+        assert_eq!(Caps::from_efr(efr::PPR | 19 << 32).pasid_bits(), Some(20));
+        assert_eq!(Caps::from_efr(15 << 32).pasid_bits(), None);
     }
 
     #[test]

@@ -131,20 +131,19 @@ where
             Stage::Second if scalable && !caps.second_stage() => {
                 Err(bad("the unit has no second-stage translation (ECAP.SSTS)"))
             }
-            Stage::Second => {
-                let widths = [(1u8, 39u32), (2, 48), (3, 57)]
-                    .into_iter()
-                    .filter(|(b, _)| caps.sagaw() >> b & 1 != 0)
-                    .map(|(_, w)| w);
-                let sllps = caps.sllps();
-                VtdSecondStage::from_caps(widths, caps.mgaw(), sllps & 1 != 0, sllps & 2 != 0, caps.snoop_control())
-                    .ok_or(bad("no second-stage width the engine supports"))
-                    .and_then(|f| {
-                        PagingDomain::new(f, mem, inv)
-                            .map_err(|_| UnitError { unit: base, cause: portcullis_iommu::HwError::NoMemory })
-                    })
-                    .map(Paging::Second)
-            }
+            Stage::Second => VtdSecondStage::from_caps(
+                caps.sagaw_widths(),
+                caps.mgaw(),
+                caps.second_stage_2m(),
+                caps.second_stage_1g(),
+                caps.snoop_control(),
+            )
+            .ok_or(bad("no second-stage width the engine supports"))
+            .and_then(|f| {
+                PagingDomain::new(f, mem, inv)
+                    .map_err(|_| UnitError { unit: base, cause: portcullis_iommu::HwError::NoMemory })
+            })
+            .map(Paging::Second),
             Stage::First if !scalable || !caps.first_stage() => {
                 Err(bad("first-stage translation needs a scalable-mode unit with ECAP.FSTS"))
             }

@@ -34,7 +34,8 @@ pub const TIMEOUT_NS: u64 = 100_000_000;
 /// (plain data, no strings; see [`HwError`]).
 pub type Error = UnitError;
 
-/// Capability registers, decoded as the driver needs them.
+/// The Capability (CAP, VT-d spec 11.4.2) and Extended Capability (ECAP,
+/// spec 11.4.3) registers, decoded for the driver and the platform report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {
     /// Raw CAP.
@@ -60,6 +61,13 @@ impl Caps {
     pub fn sagaw(&self) -> u8 {
         ((self.cap >> 8) & 0x1f) as u8
     }
+    /// The second-stage input widths SAGAW offers, in bits, smallest
+    /// first: bit 1 is 39 bits (3 levels), bit 2 48 (4), bit 3 57 (5)
+    /// (spec 11.4.2; bits 0 and 4 are reserved).
+    pub fn sagaw_widths(&self) -> impl Iterator<Item = u32> + use<> {
+        let sagaw = self.sagaw();
+        [(1u8, 39u32), (2, 48), (3, 57)].into_iter().filter(move |(b, _)| sagaw >> b & 1 != 0).map(|(_, w)| w)
+    }
     /// MGAW + 1.
     pub fn mgaw(&self) -> u32 {
         ((self.cap >> 16) & 0x3f) as u32 + 1
@@ -71,6 +79,14 @@ impl Caps {
     /// SLLPS bits.
     pub fn sllps(&self) -> u8 {
         ((self.cap >> 34) & 0xf) as u8
+    }
+    /// Second-stage 2 MiB pages (SLLPS bit 0, spec 11.4.2).
+    pub fn second_stage_2m(&self) -> bool {
+        self.sllps() & 1 != 0
+    }
+    /// Second-stage 1 GiB pages (SLLPS bit 1, spec 11.4.2).
+    pub fn second_stage_1g(&self) -> bool {
+        self.sllps() & 2 != 0
     }
     /// Page-selective invalidation supported.
     pub fn psi(&self) -> bool {
@@ -92,6 +108,11 @@ impl Caps {
     pub fn qi(&self) -> bool {
         self.ecap >> 1 & 1 != 0
     }
+    /// Device-TLBs: ATS translation requests are answered (ECAP.DT,
+    /// spec 11.4.3).
+    pub fn device_tlb(&self) -> bool {
+        self.ecap >> 2 & 1 != 0
+    }
     /// Interrupt remapping (ECAP.IR).
     pub fn interrupt_remapping(&self) -> bool {
         self.ecap >> 3 & 1 != 0
@@ -112,6 +133,14 @@ impl Caps {
     pub fn iro(&self) -> usize {
         (((self.ecap >> 8) & 0x3ff) * 16) as usize
     }
+    /// Nested translation (ECAP.NEST, bit 26, spec 11.4.3).
+    pub fn nested(&self) -> bool {
+        self.ecap >> 26 & 1 != 0
+    }
+    /// Requests with a PASID (ECAP.PASID, bit 40, spec 11.4.3).
+    pub fn pasid(&self) -> bool {
+        self.ecap >> 40 & 1 != 0
+    }
     /// Scalable mode (ECAP.SMTS).
     pub fn scalable(&self) -> bool {
         self.ecap >> 43 & 1 != 0
@@ -123,6 +152,11 @@ impl Caps {
     /// First-stage translation in scalable mode (ECAP.FSTS).
     pub fn first_stage(&self) -> bool {
         self.ecap >> 47 & 1 != 0
+    }
+    /// Second-stage accessed/dirty bits, what dirty tracking needs
+    /// (ECAP.SSADS, bit 45, spec 11.4.3; SLADS in earlier revisions).
+    pub fn dirty_tracking(&self) -> bool {
+        self.ecap >> 45 & 1 != 0
     }
     /// First-stage 1 GiB pages (CAP.FS1GP).
     pub fn first_stage_1g(&self) -> bool {
@@ -882,5 +916,55 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// The fault log (latest 256) and the number of overflows seen.
     pub fn fault_log(&self) -> (&[FaultRecord], u64) {
         (&self.faults, self.overflows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// QEMU's default CAP and ECAP (intel-iommu, legacy mode).
+    const QEMU_CAP: u64 = 0x00d2_008c_222f_0606;
+    const QEMU_ECAP: u64 = 0xf0_0f4a;
+    /// ECAP with x-scalable-mode=on (SMTS and SSTS added).
+    const QEMU_ECAP_SM: u64 = 0x0000_4800_80f0_0f4a;
+
+    #[test]
+    fn qemu_default_capabilities_decode() {
+        let c = Caps { cap: QEMU_CAP, ecap: QEMU_ECAP };
+        assert_eq!(c.domains(), 65536);
+        assert_eq!(c.sagaw_widths().collect::<Vec<_>>(), [39, 48]);
+        assert_eq!(c.mgaw(), 48);
+        assert_eq!(c.fro(), 0x220);
+        assert_eq!(c.nfr(), 1);
+        assert_eq!((c.second_stage_2m(), c.second_stage_1g()), (true, true));
+        assert!(c.psi());
+        assert!(!c.caching_mode());
+        assert!(c.qi() && c.interrupt_remapping() && c.pass_through());
+        assert!(!c.coherent() && !c.scalable());
+        assert_eq!(c.iro(), 0xf0);
+        assert!(!c.nested() && !c.pasid() && !c.dirty_tracking() && !c.device_tlb());
+        let sm = Caps { cap: QEMU_CAP, ecap: QEMU_ECAP_SM };
+        assert!(sm.scalable());
+        assert!(sm.second_stage());
+        assert!(!sm.first_stage());
+    }
+
+    #[test]
+    fn single_bit_fields_sit_where_the_spec_puts_them() {
+        let ecap = |b: u32| Caps { cap: 0, ecap: 1 << b };
+        assert!(ecap(2).device_tlb());
+        assert!(ecap(26).nested());
+        assert!(ecap(40).pasid());
+        assert!(ecap(45).dirty_tracking());
+        assert!(!ecap(50).dirty_tracking(), "bit 50 is not SSADS");
+        assert!(ecap(47).first_stage() && ecap(46).second_stage() && ecap(43).scalable());
+        // SAGAW bit 3 is 5-level (57-bit); bits 0 and 4 name no width here.
+        let sagaw = |bits: u64| Caps { cap: bits << 8, ecap: 0 }.sagaw_widths().collect::<Vec<_>>();
+        assert_eq!(sagaw(0b1_1111), [39, 48, 57]);
+        assert_eq!(sagaw(0b1_0001), [] as [u32; 0]);
+        // SLLPS bit 1 alone: 1 GiB without 2 MiB.
+        let c = Caps { cap: 2 << 34, ecap: 0 };
+        assert!(!c.second_stage_2m() && c.second_stage_1g());
     }
 }
