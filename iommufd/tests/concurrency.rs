@@ -1,7 +1,7 @@
 //! Concurrency: several threads map, unmap and copy on one IOAS and on
 //! different IOAS at once, each checking its own mappings through the
 //! attached domains while the others run; afterwards every pin is gone.
-//! (Lock design: see DESIGN.md and the top of ctx.rs.)
+//! (Lock design: see DESIGN.md and the top of ctx/mod.rs.)
 
 use iommufd::ctx::Ictx;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
