@@ -24,7 +24,12 @@
 //! areas it met before the one it cannot cut, then fails.
 //!
 //! Locking: an `IoPagetable` lives behind its IOAS's mutex. Inside it,
-//! domain locks are taken one at a time, then the `Pages` lock (leaf).
+//! domain locks are taken one at a time, and never held while a `Pages`
+//! method runs: a `Pages` takes domain locks itself (to read addresses
+//! back) while holding its own lock, so the order is IOAS → `Pages` →
+//! domain (see the top of `ctx/mod.rs` and DESIGN.md, "Locking"). Every
+//! path here pins before it locks a domain and drops its domain guards
+//! before it unpins or registers holders.
 
 use crate::errno::{Errno, Result};
 use crate::iova::{IntervalMap, IovaSpace, RangeSet, ReservedRanges};

@@ -13,8 +13,13 @@
 //! context's [`Accounting`] at pin time and credited at unpin; a pin that
 //! would exceed the limit fails with `ENOMEM` and changes nothing.
 //!
-//! Locking: `Pages::table` is a leaf lock except for the memory source's
-//! own internal lock, taken inside it. Callers may hold an IOAS lock.
+//! Locking: callers may hold an IOAS lock, never a domain lock. While
+//! `Pages::table` is held, a read-back takes domain locks (one at a time)
+//! and pinning takes the memory source's lock: the order is `Pages` →
+//! domain → memory source. Holding the table across a read-back is what
+//! keeps the uses of the pages read (so their pins, so the addresses read)
+//! from going away before the new use is recorded. `Pages::holders` is a
+//! leaf: the list is copied out before any domain is locked.
 
 use crate::errno::{Errno, Result};
 use crate::memsrc::{MemorySource, PAGE_SIZE, push_run};
@@ -641,9 +646,11 @@ impl Pages {
             ends.push(before + mine.len());
         }
         // Every page's address in order: fresh ones from the source, the
-        // others stored or read back from a domain holding them (the table
-        // stays locked: holders only take domain locks, which never wait
-        // for this lock).
+        // others stored or read back from a domain holding them. The table
+        // stays locked, so those pages keep their uses (and pins) until
+        // this use is recorded; taking domain locks under it follows the
+        // order `Pages` → domain (no one holding a domain lock waits for
+        // a `Pages` lock).
         let mut all: Vec<(u64, u64)> = Vec::new();
         let mut ok = true;
         let mut page = first;

@@ -7,7 +7,14 @@
 //! A wrong id, or an id of the wrong type, is `ENOENT`.
 //!
 //! Lock order (never taken the other way round):
-//! `objects` → `Ioas::iopt` → a domain's mutex → `Pages` → memory source.
+//! `objects` → `Ioas::iopt` → `Pages` → a domain's mutex → memory source.
+//! `Pages` comes before the domains because a `Pages` reads the addresses
+//! of pages already in use back from the domains that map them while it
+//! holds its lock; no code holding a domain lock takes a `Pages` lock
+//! (DESIGN.md, "Locking", argues why this cannot deadlock). Leaves, held
+//! only for their own data: `Pages` holders, accounting, and the small
+//! mutexes of the objects (`auto_hwpts`, `accesses`, `attached`, an
+//! access's IOAS, the compat IOAS, the selftest state).
 //! The object table lock is held only to look objects up, insert or
 //! remove them, never across an IOAS operation, so operations on different
 //! IOAS run in parallel and operations on one IOAS serialise on its mutex.
