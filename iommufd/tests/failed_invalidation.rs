@@ -1,9 +1,10 @@
 //! Hardware failures under the object model, on mock domains whose
 //! failures a test injects (`MockFaults`): an IOTLB invalidation that
 //! fails (the pages it covered stay pinned, the error reaches the caller,
-//! the domain refuses maps until recovered).
+//! the domain refuses maps until recovered) and a domain that refuses a
+//! device (a replace that cannot go back leaves the device blocked).
 
-use iommufd::ctx::Ictx;
+use iommufd::ctx::{Ictx, ReplaceError};
 use iommufd::errno::Errno;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
 use iommufd::selftest::cmd::MockDevice;
@@ -182,4 +183,53 @@ fn pages_left_pinned_by_a_failed_unmap_are_found_by_a_copy_sharing_them() {
     // B's unmap succeeds; the failed one's pins stay.
     assert_eq!(w.ictx.ioas_unmap(b, 0, u64::MAX), Ok(4 * PAGE_SIZE));
     assert_eq!((w.mem.pinned_pages(), w.ictx.pinned_pages()), (4, 4));
+}
+
+#[test]
+fn a_replace_that_cannot_go_back_leaves_the_device_blocked() {
+    let w = world();
+    let old = hwpt_of(&w);
+    let other = w.ictx.ioas_alloc().unwrap();
+    w.ictx.ioas_map(w.ioas, Some(IOVA), USER, 2 * PAGE_SIZE, true, true).unwrap();
+    // A move that fails for an ordinary reason: back where it was.
+    assert_eq!(w.ictx.replace(w.dev, 999), Err(ReplaceError::Stayed(Errno::ENOENT)));
+    assert_eq!(w.ictx.attached_hwpt(w.dev), Ok(Some(old)));
+    // Now the hardware refuses every attach: the new domain refuses the
+    // device, and so does the old one when the device goes back.
+    let objects = w.ictx.object_ids();
+    w.faults.refuse_attach(true);
+    let r = w.ictx.replace(w.dev, other);
+    assert_eq!(r, Err(ReplaceError::Blocked { error: Errno::EIO, back: Errno::EIO }));
+    assert_eq!(Errno::from(r.unwrap_err()), Errno::EIO);
+    // Blocked: attached to nothing; the old automatic HWPT went with its
+    // last device, the new one was never kept; the old domain's pins went
+    // with it (its invalidation succeeded).
+    assert_eq!(w.ictx.attached_hwpt(w.dev), Ok(None));
+    assert_eq!(w.ictx.hwpt(old).map(|_| ()), Err(Errno::ENOENT));
+    assert_eq!(w.ictx.object_ids(), objects.into_iter().filter(|&id| id != old).collect::<Vec<_>>());
+    assert_eq!(w.mem.pinned_pages(), 0);
+    // The device can be attached again once the hardware takes it.
+    w.faults.refuse_attach(false);
+    w.ictx.attach(w.dev, w.ioas).unwrap();
+    assert_eq!(w.mem.pinned_pages(), 2);
+}
+
+#[test]
+fn a_blocked_device_keeps_a_shared_old_hwpt_alive_for_the_others() {
+    let w = world();
+    let old = hwpt_of(&w);
+    // A second device shares the automatic HWPT; it has its own switches.
+    let d2 = w.ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap();
+    assert_eq!(w.ictx.attach(d2, w.ioas), Ok(old));
+    let other = w.ictx.ioas_alloc().unwrap();
+    // The old HWPT's domain came from the first device (its switches).
+    w.faults.refuse_attach(true);
+    let r = w.ictx.replace(w.dev, other);
+    assert!(matches!(r, Err(ReplaceError::Blocked { .. })), "{r:?}");
+    assert_eq!(w.ictx.attached_hwpt(w.dev), Ok(None));
+    assert_eq!(w.ictx.attached_hwpt(d2), Ok(Some(old)));
+    assert_eq!(w.ictx.destroy(old), Err(Errno::EBUSY), "still held by the second device");
+    w.faults.refuse_attach(false);
+    w.ictx.detach(d2).unwrap();
+    assert_eq!(w.ictx.hwpt(old).map(|_| ()), Err(Errno::ENOENT), "gone with its last device");
 }

@@ -128,7 +128,10 @@ fn every_error_path_unwinds_fully() {
     ));
     report.push(("attach (new domain filled)", sweep("attach", |w| w.ictx.attach(w.spare_dev, w.b).map(|_| ()))));
     report.push(("hwpt alloc (fill)", sweep("hwpt_alloc", |w| w.ictx.hwpt_alloc(w.spare_dev, w.a).map(|_| ()))));
-    report.push(("replace to another IOAS", sweep("replace", |w| w.ictx.replace(w.dev_a, w.b).map(|_| ()))));
+    report.push((
+        "replace to another IOAS",
+        sweep("replace", |w| w.ictx.replace(w.dev_a, w.b).map(|_| ()).map_err(Errno::from)),
+    ));
     report.push(("ioas alloc", sweep("ioas_alloc", |w| w.ictx.ioas_alloc().map(|_| ()))));
     report.push(("unmap", sweep("unmap", |w| w.ictx.ioas_unmap(w.a, MOCK_APERTURE_START, 8 * page).map(|_| ()))));
     report.push((

@@ -5,7 +5,8 @@
 //! Invariants: a device is attached to at most one HWPT (`attached`) and
 //! holds one reference on it; while attached, its reserved regions are
 //! reserved in that HWPT's IOAS under `Owner::Device(id)`; an automatic
-//! HWPT goes away with its last device.
+//! HWPT goes away with its last device. A device attached to nothing is
+//! blocked: the IOMMU refuses its DMA.
 
 use super::{Ictx, Object};
 use crate::ctx::hw_pagetable::Hwpt;
@@ -15,8 +16,69 @@ use crate::iopt::Owner;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
-use portcullis_iommu::{DeviceOps, DomainError};
+use portcullis_iommu::DeviceOps;
 use spin::Mutex;
+
+/// Why [`Ictx::replace`] failed, and where that left the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplaceError {
+    /// The move failed; the device is still attached to its old HWPT,
+    /// exactly as before the call.
+    Stayed(Errno),
+    /// The device is attached to the new HWPT `hwpt`, but releasing the
+    /// old automatic HWPT it left failed its final invalidation (that
+    /// HWPT is gone; the pages it mapped stay pinned).
+    Moved {
+        /// The HWPT the device is attached to now.
+        hwpt: u32,
+        /// The failed invalidation.
+        error: Errno,
+    },
+    /// The move failed (`error`), and the device could not go back: its
+    /// old IOAS no longer leaves its reserved regions free, or its old
+    /// domain refused it (`back`, a hardware refusal). The device is
+    /// attached to nothing, so the IOMMU blocks its DMA; it holds no
+    /// HWPT (an automatic old HWPT without other devices is gone) and can
+    /// be attached again.
+    Blocked {
+        /// Why the new attach failed.
+        error: Errno,
+        /// Why going back failed.
+        back: Errno,
+    },
+}
+
+impl ReplaceError {
+    /// The errno the uAPI reports: the failure of the move, or of the old
+    /// HWPT's release when the device did move.
+    pub fn errno(self) -> Errno {
+        match self {
+            Self::Stayed(e) | Self::Moved { error: e, .. } | Self::Blocked { error: e, .. } => e,
+        }
+    }
+}
+
+impl From<ReplaceError> for Errno {
+    fn from(e: ReplaceError) -> Errno {
+        e.errno()
+    }
+}
+
+impl core::fmt::Display for ReplaceError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Stayed(e) => write!(f, "replace failed ({e}); the device stays on its old HWPT"),
+            Self::Moved { hwpt, error } => {
+                write!(f, "the device moved to HWPT {hwpt}, but releasing the old HWPT failed ({error})")
+            }
+            Self::Blocked { error, back } => {
+                write!(f, "replace failed ({error}) and the device could not go back ({back}): it is blocked")
+            }
+        }
+    }
+}
+
+impl core::error::Error for ReplaceError {}
 
 /// A bound device.
 pub struct Device {
@@ -128,7 +190,9 @@ impl Ictx {
             self.reserve_device(dev_id, dev, &hwpt.ioas)?;
             if let Err(e) = hwpt.domain.lock().attach_device(handle) {
                 hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
-                return Err(if e == DomainError::Incompatible { Errno::EINVAL } else { Errno::ENOMEM });
+                // Incompatible is EINVAL (the caller tries the next
+                // automatic HWPT); a hardware refusal EIO or ETIMEDOUT.
+                return Err(crate::iopt::domain_errno(e));
             }
             hwpt.refs.fetch_add(1, Ordering::SeqCst);
             *dev.attached.lock() = Some(hwpt_id);
@@ -182,16 +246,22 @@ impl Ictx {
         Ok(())
     }
 
-    /// Moves an attached device to another HWPT or IOAS. On failure the
-    /// device stays where it was.
-    pub fn replace(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
-        let dev = self.device(dev_id)?;
-        let Some(old) = *dev.attached.lock() else { return Err(Errno::EINVAL) };
+    /// Moves an attached device to another HWPT or IOAS; returns the new
+    /// HWPT id. The device is detached from its old domain first and, if
+    /// the new attach fails, attached to it again: then it stays where it
+    /// was ([`ReplaceError::Stayed`]). If going back fails too (the old
+    /// IOAS now maps something in the device's reserved regions, or the
+    /// old domain refuses the device: a hardware error), the device is
+    /// left blocked, attached to nothing ([`ReplaceError::Blocked`]); it
+    /// never panics.
+    pub fn replace(&self, dev_id: u32, pt_id: u32) -> core::result::Result<u32, ReplaceError> {
+        let dev = self.device(dev_id).map_err(ReplaceError::Stayed)?;
+        let Some(old) = *dev.attached.lock() else { return Err(ReplaceError::Stayed(Errno::EINVAL)) };
         if old == pt_id {
             return Ok(old);
         }
         // Keep the old HWPT alive while trying the new one.
-        let old_hwpt = self.hwpt(old)?;
+        let old_hwpt = self.hwpt(old).map_err(ReplaceError::Stayed)?;
         old_hwpt.refs.fetch_add(1, Ordering::SeqCst);
         *dev.attached.lock() = None;
         old_hwpt.domain.lock().detach_device(dev.ops.handle());
@@ -204,19 +274,41 @@ impl Ictx {
                     self.objects.lock().remove(&old);
                     // The device is on the new HWPT either way; the old
                     // domain's failed invalidation is still reported.
-                    self.release_hwpt(old, &old_hwpt)?;
+                    self.release_hwpt(old, &old_hwpt).map_err(|error| ReplaceError::Moved { hwpt: new, error })?;
                 }
                 Ok(new)
             }
-            Err(e) => {
-                // Back to the old HWPT, exactly as before.
-                self.reserve_device(dev_id, &dev, &old_hwpt.ioas).expect("old reservations fit again");
-                old_hwpt.domain.lock().attach_device(dev.ops.handle()).expect("old domain accepts the device again");
-                old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
-                *dev.attached.lock() = Some(old);
-                Err(e)
-            }
+            Err(error) => match self.reattach(dev_id, &dev, &old_hwpt) {
+                Ok(()) => {
+                    old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
+                    *dev.attached.lock() = Some(old);
+                    Err(ReplaceError::Stayed(error))
+                }
+                Err(back) => {
+                    // Blocked: drop the device's reference and our
+                    // keep-alive, as a detach would.
+                    old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
+                    if old_hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && old_hwpt.auto {
+                        self.objects.lock().remove(&old);
+                        // A failed invalidation here leaves the old pages
+                        // pinned; the replace's own failure is reported.
+                        let _ = self.release_hwpt(old, &old_hwpt);
+                    }
+                    Err(ReplaceError::Blocked { error, back })
+                }
+            },
         }
+    }
+
+    /// Puts a device back on the HWPT a failed replace took it from: its
+    /// reservations in the old IOAS, then the old domain. All or nothing.
+    fn reattach(&self, dev_id: u32, dev: &Device, old: &Hwpt) -> Result<()> {
+        self.reserve_device(dev_id, dev, &old.ioas)?;
+        if let Err(e) = old.domain.lock().attach_device(dev.ops.handle()) {
+            old.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+            return Err(crate::iopt::domain_errno(e));
+        }
+        Ok(())
     }
 
     /// The HWPT a device is attached to.

@@ -32,7 +32,7 @@ mod hw_pagetable;
 mod ioas;
 
 pub use access::{Access, AccessOps};
-pub use device::{Device, DeviceOwner};
+pub use device::{Device, DeviceOwner, ReplaceError};
 pub use hw_pagetable::Hwpt;
 pub use ioas::Ioas;
 pub use portcullis_iommu::DeviceOps;
