@@ -24,7 +24,12 @@
 //! areas it met before the one it cannot cut, then fails.
 //!
 //! Locking: an `IoPagetable` lives behind its IOAS's mutex. Inside it,
-//! domain locks are taken one at a time, then the `Pages` lock (leaf).
+//! domain locks are taken one at a time, and never held while a `Pages`
+//! method runs: a `Pages` takes domain locks itself (to read addresses
+//! back) while holding its own lock, so the order is IOAS → `Pages` →
+//! domain (see the top of `ctx/mod.rs` and DESIGN.md, "Locking"). Every
+//! path here pins before it locks a domain and drops its domain guards
+//! before it unpins or registers holders.
 
 use crate::errno::{Errno, Result};
 use crate::iova::{IntervalMap, IovaSpace, RangeSet, ReservedRanges};
@@ -123,7 +128,8 @@ impl Default for IoPagetable {
     }
 }
 
-fn domain_errno(e: DomainError) -> Errno {
+/// The errno a domain failure reports.
+pub(crate) fn domain_errno(e: DomainError) -> Errno {
     match e {
         DomainError::NoMemory | DomainError::Injected => Errno::ENOMEM,
         DomainError::BadRange { .. } => Errno::EINVAL,
@@ -136,11 +142,35 @@ fn domain_errno(e: DomainError) -> Errno {
     }
 }
 
-/// Whether an error from a domain may leave translations cached (a failed
-/// or timed-out invalidation): pages that range pointed at must then stay
-/// pinned, as a device may still reach them.
-fn may_be_stale(e: Errno) -> bool {
-    matches!(e, Errno::EIO | Errno::ETIMEDOUT)
+/// A failed load of an area into a domain: the errno, and whether the
+/// domain may still cache translations to the area's pages (a hardware
+/// failure, such as an invalidation that failed while the domain unwound a
+/// partial map), in which case those pages must stay pinned because a
+/// device may still reach them. A domain that refuses the map outright
+/// (out of memory, a bad range, `NeedsRecovery` after an earlier failed
+/// invalidation) mapped nothing: not stale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LoadError {
+    errno: Errno,
+    stale: bool,
+}
+
+impl From<Errno> for LoadError {
+    /// A failure before the domain was touched (a fault point).
+    fn from(errno: Errno) -> Self {
+        Self { errno, stale: false }
+    }
+}
+
+impl LoadError {
+    /// A map the domain refused: stale only for a hardware failure.
+    fn map(e: DomainError) -> Self {
+        Self { errno: domain_errno(e), stale: matches!(e, DomainError::Hardware { .. }) }
+    }
+    /// A failed invalidation: always stale.
+    fn sync(e: Errno) -> Self {
+        Self { errno: e, stale: true }
+    }
 }
 
 /// Syncs `g` on `d`, as an errno.
@@ -315,7 +345,7 @@ impl IoPagetable {
         area: &Area,
         phys: &[(u64, u64)],
         small: bool,
-    ) -> Result<()> {
+    ) -> core::result::Result<(), LoadError> {
         let end_byte = area.start_byte + (last - iova);
         if !small && area.start_byte.is_multiple_of(PAGE_SIZE) && (end_byte + 1).is_multiple_of(PAGE_SIZE) {
             // Whole pages (the usual case): each run is one piece as it is.
@@ -326,7 +356,8 @@ impl IoPagetable {
                 result = area
                     .pages
                     .fault_point()
-                    .and_then(|()| domain.map_runs(cur, chunk, area.prot).map_err(domain_errno));
+                    .map_err(LoadError::from)
+                    .and_then(|()| domain.map_runs(cur, chunk, area.prot).map_err(LoadError::map));
                 if result.is_err() {
                     break;
                 }
@@ -335,7 +366,7 @@ impl IoPagetable {
             if result.is_err() && cur != iova {
                 let mut g = IotlbGather::default();
                 domain.unmap(iova, cur.wrapping_sub(iova), &mut g);
-                sync(domain, &mut g)?;
+                sync(domain, &mut g).map_err(LoadError::sync)?;
             }
             return result;
         }
@@ -353,7 +384,7 @@ impl IoPagetable {
                 return Ok(());
             }
             area.pages.fault_point()?;
-            domain.map_runs(*batch_iova, batch, area.prot).map_err(domain_errno)?;
+            domain.map_runs(*batch_iova, batch, area.prot).map_err(LoadError::map)?;
             batch.clear();
             *batch_iova = next;
             Ok(())
@@ -397,7 +428,7 @@ impl IoPagetable {
         if result.is_err() && batch_iova != iova {
             let mut g = IotlbGather::default();
             domain.unmap(iova, batch_iova.wrapping_sub(iova), &mut g);
-            sync(domain, &mut g)?;
+            sync(domain, &mut g).map_err(LoadError::sync)?;
         }
         result
     }
@@ -455,7 +486,10 @@ impl IoPagetable {
     }
 
     /// Loads the area starting at `start` into every domain (pinning its
-    /// pages once). Nothing changes on failure.
+    /// pages once). Nothing changes on failure, except when a domain may
+    /// still cache translations to the pages (a hardware failure, or a
+    /// failed invalidation while unloading the domains already loaded):
+    /// the pages then stay pinned and the error says why.
     fn fill_area(&mut self, start: u64) -> Result<()> {
         if self.domains.is_empty() {
             return Ok(());
@@ -465,20 +499,22 @@ impl IoPagetable {
         let phys = area.pages.pin_runs(fp, lp, UseKind::Domain)?;
         for (k, (_, d)) in self.domains.iter().enumerate() {
             let r = Self::map_area_into(&mut **d.lock(), start, last, &area, &phys, self.disable_large_pages);
-            if let Err(e) = r {
-                let mut stale = may_be_stale(e);
+            if let Err(mut e) = r {
                 for (_, d) in &self.domains[..k] {
                     let mut d = d.lock();
                     let mut g = IotlbGather::default();
                     d.unmap(start, last - start + 1, &mut g);
-                    stale |= sync(&mut **d, &mut g).is_err();
+                    if let Err(se) = sync(&mut **d, &mut g)
+                        && !e.stale
+                    {
+                        e = LoadError::sync(se);
+                    }
                 }
-                if stale {
-                    // A device may still reach the pages: they stay pinned.
-                    return Err(Errno::EIO);
+                if !e.stale {
+                    area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
                 }
-                area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
-                return Err(e);
+                // Stale: a device may still reach the pages, they stay pinned.
+                return Err(e.errno);
             }
         }
         let key = area.pages.register(self.holder(start, &area, fp, lp));
@@ -722,10 +758,10 @@ impl IoPagetable {
             };
             let r = Self::map_area_into(&mut **domain.lock(), *s, l, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
-                if first_domain && !may_be_stale(e) {
+                if first_domain && !e.stale {
                     area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
                 }
-                failure = Some(e);
+                failure = Some(e.errno);
                 break;
             }
             // Registered at once: a later area over the same pages reads

@@ -13,8 +13,13 @@
 //! context's [`Accounting`] at pin time and credited at unpin; a pin that
 //! would exceed the limit fails with `ENOMEM` and changes nothing.
 //!
-//! Locking: `Pages::table` is a leaf lock except for the memory source's
-//! own internal lock, taken inside it. Callers may hold an IOAS lock.
+//! Locking: callers may hold an IOAS lock, never a domain lock. While
+//! `Pages::table` is held, a read-back takes domain locks (one at a time)
+//! and pinning takes the memory source's lock: the order is `Pages` →
+//! domain → memory source. Holding the table across a read-back is what
+//! keeps the uses of the pages read (so their pins, so the addresses read)
+//! from going away before the new use is recorded. `Pages::holders` is a
+//! leaf: the list is copied out before any domain is locked.
 
 use crate::errno::{Errno, Result};
 use crate::memsrc::{MemorySource, PAGE_SIZE, push_run};
@@ -556,6 +561,28 @@ impl Pages {
         true
     }
 
+    /// Appends the addresses of pages `[first, last]`, which have uses
+    /// (the caller holds the table lock, so they keep them): read back from
+    /// the domains holding them or, when no holder covers them, from the
+    /// memory source, by pinning them once more and dropping that pin at
+    /// once (a pinned page does not move). No holder covers a page in use
+    /// when its area's holder has gone while the area's use is about to be
+    /// dropped (an unmap of another IOAS waiting for this lock, or a holder
+    /// retargeted away from the domain read), or for good when a failed
+    /// invalidation left the pages of an unmapped area pinned.
+    fn locate(&self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) -> Result<()> {
+        let mut found = Vec::new();
+        if !self.read_back(first, last, &mut found) {
+            found.clear();
+            self.source.pin_runs(self.uptr + first * PAGE_SIZE, last - first + 1, self.writable, &mut found)?;
+            self.source.unpin_runs(&found, false);
+        }
+        for (p, n) in found {
+            push_run(out, p, n);
+        }
+        Ok(())
+    }
+
     /// Physical address of page `index` while it has a use: stored, or
     /// read back from a domain that holds it.
     pub fn phys(&self, index: u64) -> Option<u64> {
@@ -641,15 +668,18 @@ impl Pages {
             ends.push(before + mine.len());
         }
         // Every page's address in order: fresh ones from the source, the
-        // others stored or read back from a domain holding them (the table
-        // stays locked: holders only take domain locks, which never wait
-        // for this lock).
+        // others stored or located (read back from a domain holding them,
+        // see `locate`). The table
+        // stays locked, so those pages keep their uses (and pins) until
+        // this use is recorded; taking domain locks under it follows the
+        // order `Pages` → domain (no one holding a domain lock waits for
+        // a `Pages` lock).
         let mut all: Vec<(u64, u64)> = Vec::new();
-        let mut ok = true;
+        let mut failed = Ok(());
         let mut page = first;
         let mut used = |a: u64, b: u64, all: &mut Vec<(u64, u64)>, t: &PinTable| {
             t.other_ranges(a, b, |x, y, stored| {
-                if !ok {
+                if failed.is_err() {
                     return;
                 }
                 if stored {
@@ -657,7 +687,7 @@ impl Pages {
                         push_run(all, t.stored(q).expect("stored"), PAGE_SIZE);
                     }
                 } else {
-                    ok = self.read_back(x, y, all);
+                    failed = self.locate(x, y, all);
                 }
             });
         };
@@ -674,11 +704,10 @@ impl Pages {
         if page <= last {
             used(page, last, &mut all, &t);
         }
-        if !ok {
-            // A page in use that no one can locate: a broken holder
-            // registration. Refuse rather than guess.
+        if let Err(e) = failed {
+            // The memory source could not answer for a page in use.
             undo(&fresh_runs);
-            return Err(Errno::EIO);
+            return Err(e);
         }
         t.pinned_pages += fresh_count;
         match kind {
@@ -722,7 +751,7 @@ impl Pages {
                         }
                         count += b - a + 1;
                         let found = cursor.as_mut().is_some_and(|c| c.take(a, b, &mut release))
-                            || self.read_back(a, b, &mut release);
+                            || self.locate(a, b, &mut release).is_ok();
                         assert!(found, "the address of a page being unpinned is known");
                     });
                 }

@@ -1,7 +1,12 @@
 //! Concurrency: several threads map, unmap and copy on one IOAS and on
 //! different IOAS at once, each checking its own mappings through the
-//! attached domains while the others run; afterwards every pin is gone.
-//! (Lock design: see DESIGN.md and the top of ctx.rs.)
+//! attached domains while the others run, and one more adds and removes
+//! a second domain of the shared IOAS all the while (loading it reads
+//! every area back from the first domain), so the first domain's lock is
+//! taken both under `Pages` locks (copies reading addresses back) and
+//! under the shared IOAS's lock alone, by different threads at once (the
+//! lock order of DESIGN.md, exercised); afterwards every pin is gone. (Lock design: see DESIGN.md and the top
+//! of ctx/mod.rs.)
 
 use iommufd::ctx::Ictx;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
@@ -30,12 +35,25 @@ fn parallel_map_unmap_copy_keep_every_invariant() {
         (1..64).find_map(|id| ictx.hwpt(id).ok().filter(|h| h.ioas_id == ioas)).unwrap()
     };
     let (shared_hwpt, other_hwpt) = (hwpt_of(shared), hwpt_of(other));
+    let churn_dev = ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap();
+    let done = std::sync::atomic::AtomicU64::new(0);
 
     std::thread::scope(|s| {
+        // A second domain of the shared IOAS, made (loaded from the first)
+        // and destroyed (its holders moved back) until the others finish.
+        s.spawn(|| {
+            let mut rounds = 0u64;
+            while done.load(std::sync::atomic::Ordering::SeqCst) < THREADS || rounds < 10 {
+                let h = ictx.hwpt_alloc(churn_dev, shared).unwrap();
+                ictx.destroy(h).unwrap();
+                rounds += 1;
+            }
+        });
         for t in 0..THREADS {
             let ictx = ictx.clone();
             let mem = mem.clone();
             let (shared_hwpt, other_hwpt) = (shared_hwpt.clone(), other_hwpt.clone());
+            let done = &done;
             s.spawn(move || {
                 let uptr = USER + t * CHUNK;
                 // Disjoint IOVA windows per thread in both IOAS.
@@ -55,6 +73,7 @@ fn parallel_map_unmap_copy_keep_every_invariant() {
                     assert_eq!(ictx.ioas_unmap(shared, iova, len), Ok(len));
                     assert_eq!(shared_hwpt.domain.lock().iova_to_phys(iova), None);
                 }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     });

@@ -4,14 +4,26 @@
 //! whole observable state must equal the state before the call: the
 //! objects, the pins on every user page, the accounting, and the contents
 //! of every domain.
+//!
+//! The same sweep over failed IOTLB invalidations (the mock domains'
+//! `MockFaults`): every operation that invalidates is run with its 1st,
+//! 2nd, ... invalidation failing, and every operation of the first sweep
+//! with each fault point failing *and* the invalidation that unwinds it
+//! failing too. A failed invalidation cannot leave the state as it was
+//! (the pages it covered must stay pinned), so after one the check is the
+//! safety rule instead: nothing is mapped that was not mapped before, no
+//! page lost a pin, every page a domain maps is pinned, and the
+//! accounting matches the pins.
 
-use iommufd::ctx::Ictx;
+use iommufd::ctx::{Ictx, ReplaceError};
 use iommufd::dispatch::ioctl;
 use iommufd::errno::Errno;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
 use iommufd::selftest::cmd::MockDevice;
-use iommufd::selftest::mock::MOCK_APERTURE_START;
-use iommufd::uapi::{IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IommuIoasMap};
+use iommufd::selftest::mock::{MOCK_APERTURE_START, MockFaults};
+use iommufd::uapi::{
+    IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_UNMAP, IommuIoasMap, IommuIoasUnmap,
+};
 use std::sync::Arc;
 
 const USER: u64 = 0x3000_0000;
@@ -49,9 +61,11 @@ fn snapshot(ictx: &Ictx, mem: &FakeAddressSpace) -> Snapshot {
 struct World {
     mem: Arc<FakeAddressSpace>,
     ictx: Ictx,
+    /// Failure switches of every mock domain.
+    faults: Arc<MockFaults>,
     /// IOAS with two devices in two domains, and a mapping.
     a: u32,
-    /// IOAS without devices, with a mapping.
+    /// IOAS without devices, with two mappings.
     b: u32,
     spare_dev: u32,
     dev_a: u32,
@@ -61,17 +75,93 @@ fn world() -> World {
     let mem = Arc::new(FakeAddressSpace::new());
     mem.map(USER, USER_PAGES * PAGE_SIZE, true);
     let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
+    let faults = MockFaults::new();
+    let device = || Arc::new(MockDevice::with_faults(0, faults.clone()));
     let a = ictx.ioas_alloc().unwrap();
     let b = ictx.ioas_alloc().unwrap();
-    let dev_a = ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap();
+    let dev_a = ictx.bind_device(device()).unwrap();
     ictx.attach(dev_a, a).unwrap();
-    let d2 = ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap();
+    let d2 = ictx.bind_device(device()).unwrap();
     let h2 = ictx.hwpt_alloc(d2, a).unwrap();
     ictx.attach(d2, h2).unwrap();
     ictx.ioas_map(a, Some(MOCK_APERTURE_START), USER, 8 * PAGE_SIZE, true, true).unwrap();
     ictx.ioas_map(b, Some(MOCK_APERTURE_START + 0x10000), USER + 0x8000, 8 * PAGE_SIZE, true, true).unwrap();
-    let spare_dev = ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap();
-    World { mem, ictx, a, b, spare_dev, dev_a }
+    // A second area, so that filling a new domain of b can fail half-way.
+    ictx.ioas_map(b, Some(MOCK_APERTURE_START + 0x30000), USER + 0x28000, 2 * PAGE_SIZE, true, true).unwrap();
+    let spare_dev = ictx.bind_device(device()).unwrap();
+    World { mem, ictx, faults, a, b, spare_dev, dev_a }
+}
+
+/// After a call that failed with invalidations failing: nothing mapped
+/// that was not, no pin dropped, every page a domain maps pinned, the
+/// accounting equal to the pins.
+fn check_safe(name: &str, w: &World, before: &Snapshot, after: &Snapshot) {
+    for (id, pages) in &after.domains {
+        let old = before.domains.iter().find(|(b, _)| b == id).map(|(_, p)| p);
+        for (k, t) in pages.iter().enumerate() {
+            let Some(phys) = t else { continue };
+            assert!(
+                old.is_some_and(|o| o[k] == Some(*phys)),
+                "{name}: HWPT {id} maps I/O page {k} to {phys:#x}, which it did not before"
+            );
+            let page = (0..USER_PAGES).find(|&p| w.mem.phys_of(USER + p * PAGE_SIZE) == Some(phys & !(PAGE_SIZE - 1)));
+            let page = page.unwrap_or_else(|| panic!("{name}: HWPT {id} maps {phys:#x}, not user memory"));
+            assert!(after.pins[page as usize] > 0, "{name}: HWPT {id} maps user page {page}, which is not pinned");
+        }
+    }
+    for (p, (b, a)) in before.pins.iter().zip(&after.pins).enumerate() {
+        assert!(a >= b, "{name}: user page {p} lost a pin ({b} -> {a}) although an invalidation failed");
+    }
+    assert_eq!(after.accounted, after.pins.iter().map(|&c| c as u64).sum::<u64>(), "{name}: accounting");
+}
+
+/// Runs `op` with invalidation 1, 2, ... failing until it succeeds; after
+/// each failure the call must report EIO and the state be safe. Returns
+/// how many invalidations the call makes.
+fn sync_sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>) -> u64 {
+    for n in 1..100 {
+        let w = world();
+        let before = snapshot(&w.ictx, &w.mem);
+        w.faults.fail_sync_at(Some(n), false);
+        let r = op(&w);
+        w.faults.fail_sync_at(None, false);
+        match r {
+            Ok(()) => return n - 1,
+            Err(e) => {
+                assert_eq!(e, Errno::EIO, "{name}: invalidation {n} failed");
+                check_safe(name, &w, &before, &snapshot(&w.ictx, &w.mem));
+            }
+        }
+    }
+    panic!("{name}: never succeeded");
+}
+
+/// Runs `op` with each of its `points` fault points failing *and* the
+/// first invalidation after arming failing (the one that unwinds the
+/// failure, if any). A failure that invalidated nothing must leave the
+/// state exactly as it was; one whose unwinding invalidation failed must
+/// leave it safe. Returns how many failures had a failed invalidation.
+fn unwind_sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>, points: u64) -> u64 {
+    let mut stale = 0;
+    for n in 1..=points {
+        let w = world();
+        let before = snapshot(&w.ictx, &w.mem);
+        w.ictx.accounting().faults.arm(Some(n));
+        w.faults.fail_sync_at(Some(1), false);
+        let r = op(&w);
+        w.ictx.accounting().faults.arm(None);
+        let synced = w.faults.syncs();
+        w.faults.fail_sync_at(None, false);
+        let e = r.expect_err("a fault point of the plain sweep fails");
+        let after = snapshot(&w.ictx, &w.mem);
+        if synced == 0 {
+            assert_eq!(after, before, "{name}: state changed after failure {e} at fault point {n}");
+        } else {
+            stale += 1;
+            check_safe(name, &w, &before, &after);
+        }
+    }
+    stale
 }
 
 /// Runs `op` with fault point 1, 2, ... failing until it succeeds,
@@ -96,60 +186,118 @@ fn sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>) -> u64 {
     panic!("{name}: never succeeded");
 }
 
+type Op = (&'static str, Box<dyn Fn(&World) -> Result<(), Errno>>);
+
+/// The operations both sweeps run.
+fn operations() -> Vec<Op> {
+    let page = PAGE_SIZE;
+    vec![
+        (
+            "map into two domains",
+            Box::new(move |w: &World| {
+                let iova = Some(MOCK_APERTURE_START + 0x20000);
+                w.ictx.ioas_map(w.a, iova, USER + 0x10000, 16 * page, true, true).map(|_| ())
+            }),
+        ),
+        (
+            "map with allocated IOVA",
+            Box::new(move |w: &World| w.ictx.ioas_map(w.a, None, USER + 0x10000, 4 * page, true, false).map(|_| ())),
+        ),
+        (
+            "copy into two domains",
+            Box::new(move |w: &World| {
+                let (src, dst) = (MOCK_APERTURE_START + 0x10000, Some(MOCK_APERTURE_START + 0x40000));
+                w.ictx.ioas_copy(w.a, w.b, src, dst, 8 * page, true, true).map(|_| ())
+            }),
+        ),
+        ("attach (new domain filled)", Box::new(|w: &World| w.ictx.attach(w.spare_dev, w.b).map(|_| ()))),
+        ("hwpt alloc (fill)", Box::new(|w: &World| w.ictx.hwpt_alloc(w.spare_dev, w.a).map(|_| ()))),
+        (
+            "replace to another IOAS",
+            // Moved: the device is on the new HWPT and only the old one's
+            // final invalidation failed; what the sweeps check is the move.
+            Box::new(|w: &World| match w.ictx.replace(w.dev_a, w.b) {
+                Ok(_) | Err(ReplaceError::Moved { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            }),
+        ),
+        ("ioas alloc", Box::new(|w: &World| w.ictx.ioas_alloc().map(|_| ()))),
+        ("unmap", Box::new(move |w: &World| w.ictx.ioas_unmap(w.a, MOCK_APERTURE_START, 8 * page).map(|_| ()))),
+        (
+            "IOAS_MAP through the dispatcher",
+            Box::new(move |w: &World| {
+                let c = IommuIoasMap {
+                    size: IommuIoasMap::SIZE as u32,
+                    flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE,
+                    ioas_id: w.a,
+                    user_va: USER + 0x20000,
+                    length: 4 * page,
+                    iova: MOCK_APERTURE_START + 0x60000,
+                    ..Default::default()
+                };
+                let mut buf = c.to_bytes();
+                ioctl(&w.ictx, IOMMU_IOAS_MAP, &mut buf)
+            }),
+        ),
+    ]
+}
+
 #[test]
 fn every_error_path_unwinds_fully() {
     let mut report = Vec::new();
-    let page = PAGE_SIZE;
-    report.push((
-        "map into two domains",
-        sweep("map", |w| {
-            w.ictx.ioas_map(w.a, Some(MOCK_APERTURE_START + 0x20000), USER + 0x10000, 16 * page, true, true).map(|_| ())
-        }),
-    ));
-    report.push((
-        "map with allocated IOVA",
-        sweep("map-alloc", |w| w.ictx.ioas_map(w.a, None, USER + 0x10000, 4 * page, true, false).map(|_| ())),
-    ));
-    report.push((
-        "copy into two domains",
-        sweep("copy", |w| {
-            w.ictx
-                .ioas_copy(
-                    w.a,
-                    w.b,
-                    MOCK_APERTURE_START + 0x10000,
-                    Some(MOCK_APERTURE_START + 0x40000),
-                    8 * page,
-                    true,
-                    true,
-                )
-                .map(|_| ())
-        }),
-    ));
-    report.push(("attach (new domain filled)", sweep("attach", |w| w.ictx.attach(w.spare_dev, w.b).map(|_| ()))));
-    report.push(("hwpt alloc (fill)", sweep("hwpt_alloc", |w| w.ictx.hwpt_alloc(w.spare_dev, w.a).map(|_| ()))));
-    report.push(("replace to another IOAS", sweep("replace", |w| w.ictx.replace(w.dev_a, w.b).map(|_| ()))));
-    report.push(("ioas alloc", sweep("ioas_alloc", |w| w.ictx.ioas_alloc().map(|_| ()))));
-    report.push(("unmap", sweep("unmap", |w| w.ictx.ioas_unmap(w.a, MOCK_APERTURE_START, 8 * page).map(|_| ()))));
-    report.push((
-        "IOAS_MAP through the dispatcher",
-        sweep("ioctl-map", |w| {
-            let c = IommuIoasMap {
-                size: IommuIoasMap::SIZE as u32,
-                flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE,
-                ioas_id: w.a,
-                user_va: USER + 0x20000,
-                length: 4 * page,
-                iova: MOCK_APERTURE_START + 0x60000,
-                ..Default::default()
-            };
-            let mut buf = c.to_bytes();
-            ioctl(&w.ictx, IOMMU_IOAS_MAP, &mut buf)
-        }),
-    ));
+    for (name, op) in operations() {
+        report.push((name, sweep(name, op)));
+    }
     for (name, faults) in &report {
         println!("{name}: {faults} failure point(s) swept");
     }
     // The sweeps really exercised failures (not just the success path).
     assert!(report.iter().filter(|(_, n)| *n >= 2).count() >= 5, "{report:?}");
+}
+
+#[test]
+fn every_failed_invalidation_keeps_what_a_device_may_reach_pinned() {
+    let page = PAGE_SIZE;
+    // Operations that invalidate: each failing invalidation in turn.
+    let invalidating: Vec<Op> = vec![
+        (
+            "unmap from two domains",
+            Box::new(move |w: &World| w.ictx.ioas_unmap(w.a, MOCK_APERTURE_START, 8 * page).map(|_| ())),
+        ),
+        ("unmap everything", Box::new(|w: &World| w.ictx.ioas_unmap(w.a, 0, u64::MAX).map(|_| ()))),
+        ("detach the last device of a domain", Box::new(|w: &World| w.ictx.detach(w.dev_a))),
+        (
+            "unmap through the dispatcher",
+            Box::new(move |w: &World| {
+                let c = IommuIoasUnmap {
+                    size: IommuIoasUnmap::SIZE as u32,
+                    ioas_id: w.a,
+                    iova: MOCK_APERTURE_START,
+                    length: 8 * page,
+                };
+                let mut buf = c.to_bytes();
+                ioctl(&w.ictx, IOMMU_IOAS_UNMAP, &mut buf)
+            }),
+        ),
+    ];
+    let mut report = Vec::new();
+    for (name, op) in invalidating {
+        report.push((name, sync_sweep(name, op)));
+    }
+    // Every operation of the first sweep, with the invalidation that
+    // unwinds a failure failing too.
+    let mut unwinds = Vec::new();
+    for (name, op) in operations() {
+        let points = sweep(name, &op);
+        unwinds.push((name, unwind_sweep(name, op, points)));
+    }
+    for (name, n) in &report {
+        println!("{name}: {n} invalidation(s) failed in turn");
+    }
+    for (name, n) in &unwinds {
+        println!("{name}: {n} failure(s) whose unwinding invalidation failed");
+    }
+    assert!(report.iter().all(|(_, n)| *n >= 1), "{report:?}");
+    assert_eq!(report[0].1, 2, "one invalidation per domain for the whole unmap");
+    assert!(unwinds.iter().filter(|(_, n)| *n >= 1).count() >= 3, "{unwinds:?}");
 }

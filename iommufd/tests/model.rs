@@ -8,11 +8,18 @@
 //! (mapped IOVA -> the user page's physical address, everything else
 //! unmapped), and pins: a user page is pinned exactly once if some IOAS
 //! with a device maps it, else not at all; accounting equals the pins.
+//!
+//! One more step arms a failed IOTLB invalidation: the next invalidation
+//! of any domain fails. The model knows which step invalidates (an unmap
+//! or a last detach that removes mappings from a domain, or the unwinding
+//! of a copy or attach that failed half-way); that step fails, the pages
+//! it was releasing stay pinned for good (the model adds them to a
+//! `leaked` set), and the domain refuses maps until it is gone.
 
 use iommufd::ctx::Ictx;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
 use iommufd::selftest::cmd::MockDevice;
-use iommufd::selftest::mock::MOCK_APERTURE_START;
+use iommufd::selftest::mock::{MOCK_APERTURE_START, MockFaults};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -29,6 +36,7 @@ enum Op {
     Copy { src: usize, dst: usize, slot: u64, n: u64, dst_slot: u64 },
     Attach { dev: usize, ioas: usize },
     Detach { dev: usize },
+    FailSync,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -40,6 +48,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(src, dst, slot, n, dst_slot)| Op::Copy { src, dst, slot, n, dst_slot }),
         2 => (0..2usize, 0..2usize).prop_map(|(dev, ioas)| Op::Attach { dev, ioas }),
         1 => (0..2usize).prop_map(|dev| Op::Detach { dev }),
+        1 => Just(Op::FailSync),
     ]
 }
 
@@ -52,6 +61,12 @@ struct Model {
     areas: [BTreeMap<u64, (u64, u64, u32)>; 2],
     attached: [Option<usize>; 2],
     next_map: u32,
+    /// The next invalidation fails.
+    sync_armed: bool,
+    /// The IOAS's domain had an invalidation fail: it refuses maps.
+    broken: [bool; 2],
+    /// (user page, map call) pins a failed invalidation left for good.
+    leaked: BTreeSet<(u64, u32)>,
 }
 
 impl Model {
@@ -68,15 +83,35 @@ impl Model {
     fn has_device(&self, ioas: usize) -> bool {
         self.attached.contains(&Some(ioas))
     }
-    /// Whether an area maps user pages that do not exist (possible while
-    /// no domain forces the pages to be pinned: mapping is lazy).
-    fn has_bad_pages(&self, ioas: usize) -> bool {
-        self.areas[ioas].iter().any(|(s, (l, p, _))| p + (l - s) >= USER_PAGES)
+    /// An invalidation happens: whether it fails (and disarms).
+    fn sync_fails(&mut self) -> bool {
+        core::mem::take(&mut self.sync_armed)
+    }
+    /// The pins of an area stay for good.
+    fn leak(&mut self, s: u64, (l, p, id): (u64, u64, u32)) {
+        self.leaked.extend((p..=p + (l - s)).filter(|&q| q < USER_PAGES).map(|q| (q, id)));
+    }
+    /// Areas removed by an unmap of `ioas`: one invalidation if a domain
+    /// held them; if it fails, the unmap fails, the areas are gone anyway
+    /// and their pins stay for good.
+    fn unmapped(&mut self, ioas: usize, removed: Vec<(u64, (u64, u64, u32))>) -> bool {
+        if removed.is_empty() || !self.has_device(ioas) || !self.sync_fails() {
+            return true;
+        }
+        for (s, a) in removed {
+            self.leak(s, a);
+        }
+        self.broken[ioas] = true;
+        false
+    }
+    /// Whether the domain of `ioas` refuses maps.
+    fn refuses_maps(&self, ioas: usize) -> bool {
+        self.has_device(ioas) && self.broken[ioas]
     }
     /// Pins per user page: one per map call whose pages some IOAS with a
-    /// device maps.
+    /// device maps, or that a failed invalidation left pinned.
     fn pins(&self) -> BTreeMap<u64, u32> {
-        let mut held: BTreeSet<(u64, u32)> = BTreeSet::new();
+        let mut held: BTreeSet<(u64, u32)> = self.leaked.clone();
         for ioas in 0..2 {
             if self.has_device(ioas) {
                 for (s, (l, p, id)) in &self.areas[ioas] {
@@ -99,6 +134,7 @@ fn iova(slot: u64) -> u64 {
 struct Sys {
     mem: Arc<FakeAddressSpace>,
     ictx: Ictx,
+    faults: Arc<MockFaults>,
     ioas: [u32; 2],
     devs: [u32; 2],
 }
@@ -107,12 +143,13 @@ fn sys() -> Sys {
     let mem = Arc::new(FakeAddressSpace::new());
     mem.map(USER, USER_PAGES * PAGE_SIZE, true);
     let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
+    let faults = MockFaults::new();
     let ioas = [ictx.ioas_alloc().unwrap(), ictx.ioas_alloc().unwrap()];
     let devs = [
-        ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap(),
-        ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap(),
+        ictx.bind_device(Arc::new(MockDevice::with_faults(0, faults.clone()))).unwrap(),
+        ictx.bind_device(Arc::new(MockDevice::with_faults(0, faults.clone()))).unwrap(),
     ];
-    Sys { mem, ictx, ioas, devs }
+    Sys { mem, ictx, faults, ioas, devs }
 }
 
 /// Applies `op` to the model; returns whether it should succeed.
@@ -121,6 +158,9 @@ fn step_model(m: &mut Model, op: &Op) -> bool {
         Op::Map { ioas, page, n, slot } => {
             // Pages are only touched when a domain needs them pinned.
             if (page + n > USER_PAGES && m.has_device(ioas)) || !m.overlaps(ioas, slot, slot + n - 1).is_empty() {
+                return false;
+            }
+            if m.refuses_maps(ioas) {
                 return false;
             }
             m.next_map += 1;
@@ -133,14 +173,13 @@ fn step_model(m: &mut Model, op: &Op) -> bool {
             if hit.is_empty() || hit.iter().any(|&(a, b)| a < s || b > l) {
                 return false;
             }
-            for (a, _) in hit {
-                m.areas[ioas].remove(&a);
-            }
-            true
+            let removed: Vec<(u64, (u64, u64, u32))> =
+                hit.iter().map(|(a, _)| (*a, m.areas[ioas].remove(a).unwrap())).collect();
+            m.unmapped(ioas, removed)
         }
         Op::UnmapAll { ioas } => {
-            m.areas[ioas].clear();
-            true
+            let removed: Vec<(u64, (u64, u64, u32))> = core::mem::take(&mut m.areas[ioas]).into_iter().collect();
+            m.unmapped(ioas, removed)
         }
         Op::Copy { src, dst, slot, n, dst_slot } => {
             let (s, l) = (slot, slot + n - 1);
@@ -159,8 +198,22 @@ fn step_model(m: &mut Model, op: &Op) -> bool {
             if !m.overlaps(dst, dst_slot, dst_slot + n - 1).is_empty() {
                 return false;
             }
-            if m.has_device(dst) && pieces.iter().any(|(_, len, p, _)| p + len > USER_PAGES) {
-                return false;
+            if m.has_device(dst) {
+                // Pieces become areas and are loaded in order; a piece
+                // whose pages do not exist fails, and the pieces loaded
+                // before it are unloaded again, the last one first: the
+                // first of those invalidations may be the armed one.
+                if let Some(bad) = pieces.iter().position(|(_, len, p, _)| p + len > USER_PAGES) {
+                    if bad > 0 && m.sync_fails() {
+                        let (off, len, p, id) = pieces[bad - 1];
+                        m.leak(dst_slot + off, (dst_slot + off + len - 1, p, id));
+                        m.broken[dst] = true;
+                    }
+                    return false;
+                }
+                if m.refuses_maps(dst) {
+                    return false;
+                }
             }
             for (off, len, p, id) in pieces {
                 m.areas[dst].insert(dst_slot + off, (dst_slot + off + len - 1, p, id));
@@ -168,14 +221,44 @@ fn step_model(m: &mut Model, op: &Op) -> bool {
             true
         }
         Op::Attach { dev, ioas } => {
-            if m.attached[dev].is_some() || (!m.has_device(ioas) && m.has_bad_pages(ioas)) {
+            if m.attached[dev].is_some() {
                 return false;
+            }
+            if !m.has_device(ioas) {
+                // A new domain loads the areas in IOVA order; at the first
+                // with missing pages it is unloaded again (one
+                // invalidation, if anything was loaded) and dropped.
+                let first_bad = m.areas[ioas].iter().find(|(s, (l, p, _))| p + (l - *s) >= USER_PAGES).map(|(s, _)| *s);
+                if let Some(bad) = first_bad {
+                    let loaded: Vec<(u64, (u64, u64, u32))> =
+                        m.areas[ioas].range(..bad).map(|(s, a)| (*s, *a)).collect();
+                    if !loaded.is_empty() && m.sync_fails() {
+                        for (s, a) in loaded {
+                            m.leak(s, a);
+                        }
+                    }
+                    return false;
+                }
+                m.broken[ioas] = false;
             }
             m.attached[dev] = Some(ioas);
             true
         }
         Op::Detach { dev } => {
-            m.attached[dev] = None;
+            let Some(ioas) = m.attached[dev].take() else { return true };
+            if m.has_device(ioas) || m.areas[ioas].is_empty() || !m.sync_fails() {
+                return true;
+            }
+            // The last device leaves and the domain's invalidation fails:
+            // detached anyway, the areas' pins stay for good.
+            let areas: Vec<(u64, (u64, u64, u32))> = m.areas[ioas].iter().map(|(s, a)| (*s, *a)).collect();
+            for (s, a) in areas {
+                m.leak(s, a);
+            }
+            false
+        }
+        Op::FailSync => {
+            m.sync_armed = true;
             true
         }
     }
@@ -195,6 +278,10 @@ fn step_sys(s: &Sys, op: &Op) -> bool {
             .is_ok(),
         Op::Attach { dev, ioas } => s.ictx.attach(s.devs[dev], s.ioas[ioas]).is_ok(),
         Op::Detach { dev } => s.ictx.detach(s.devs[dev]).is_ok(),
+        Op::FailSync => {
+            s.faults.fail_sync_at(Some(1), false);
+            true
+        }
     }
 }
 
@@ -232,6 +319,14 @@ proptest! {
             check(&s, &m)?;
         }
         drop(s.ictx);
-        prop_assert_eq!(s.mem.pinned_pages(), 0, "everything unpinned on close");
+        // Closing unbinds the devices in id order, each detaching first;
+        // an armed failure hits the first domain that unloads anything.
+        step_model(&mut m, &Op::Detach { dev: 0 });
+        step_model(&mut m, &Op::Detach { dev: 1 });
+        // Everything is unpinned on close but what failed invalidations left.
+        for p in 0..USER_PAGES {
+            let leaked = m.leaked.iter().filter(|(q, _)| *q == p).count() as u32;
+            prop_assert_eq!(s.mem.pins(USER + p * PAGE_SIZE), leaked, "pins of page {} after close", p);
+        }
     }
 }

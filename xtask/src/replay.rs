@@ -153,168 +153,9 @@ pub fn parse_recording(text: &str, name: &str) -> Result<Vec<Call>> {
 }
 
 // ---------------------------------------------------------------------------
-// Field tables, derived from iommufd::uapi's structs
+// Names and summaries (fields from `iommufd::uapi::command_fields`, whose
+// offsets come from the structs' own declarations)
 // ---------------------------------------------------------------------------
-
-/// What a field holds, for id translation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// A plain value.
-    Plain,
-    /// The id of an existing object.
-    Id,
-    /// An output naming an object, possibly a new one: the pair (Linux's
-    /// value, ours) teaches the id map.
-    NewId,
-}
-
-/// One field of an argument struct.
-#[derive(Clone, Copy, Debug)]
-pub struct Field {
-    pub name: &'static str,
-    pub off: usize,
-    pub len: usize,
-    pub kind: Kind,
-}
-
-impl Field {
-    fn get(&self, b: &[u8]) -> Option<u64> {
-        let s = b.get(self.off..self.off + self.len)?;
-        let mut v = [0u8; 8];
-        v[..self.len.min(8)].copy_from_slice(&s[..self.len.min(8)]);
-        Some(u64::from_le_bytes(v))
-    }
-    fn put(&self, b: &mut [u8], val: u64) {
-        if let Some(s) = b.get_mut(self.off..self.off + self.len) {
-            let n = self.len.min(8);
-            s[..n].copy_from_slice(&val.to_le_bytes()[..n]);
-        }
-    }
-    fn is_id(&self) -> bool {
-        self.kind != Kind::Plain
-    }
-}
-
-fn field_len<S, T>(_: impl Fn(&S) -> T) -> usize {
-    core::mem::size_of::<T>()
-}
-
-macro_rules! fields {
-    ($base:expr, $t:ty, $prefix:literal; $($f:ident : $k:ident),* $(,)?) => {
-        vec![$(Field {
-            name: concat!($prefix, stringify!($f)),
-            off: $base + core::mem::offset_of!($t, $f),
-            len: field_len(|s: &$t| s.$f),
-            kind: Kind::$k,
-        }),*]
-    };
-}
-
-/// The selftest ops whose `id` is an object id (the access ops use an fd).
-fn test_id_kind(op: u32) -> Kind {
-    match op {
-        IOMMU_TEST_OP_ADD_RESERVED
-        | IOMMU_TEST_OP_MOCK_DOMAIN
-        | IOMMU_TEST_OP_MD_CHECK_MAP
-        | IOMMU_TEST_OP_CREATE_ACCESS
-        | IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE
-        | IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS
-        | IOMMU_TEST_OP_DIRTY
-        | IOMMU_TEST_OP_MD_CHECK_IOTLB => Kind::Id,
-        _ => Kind::Plain,
-    }
-}
-
-/// The fields of command `cmd`'s struct (for IOMMU_TEST_CMD, of the op
-/// found in `input`), in offset order.
-pub fn command_fields(cmd: u32, input: &[u8]) -> Vec<Field> {
-    const U: usize = IOMMU_TEST_CMD_UNION_OFFSET;
-    match cmd {
-        IOMMU_DESTROY => fields!(0, IommuDestroy, ""; size: Plain, id: Id),
-        IOMMU_IOAS_ALLOC => fields!(0, IommuIoasAlloc, ""; size: Plain, flags: Plain, out_ioas_id: NewId),
-        IOMMU_IOAS_ALLOW_IOVAS => fields!(0, IommuIoasAllowIovas, "";
-            size: Plain, ioas_id: Id, num_iovas: Plain, __reserved: Plain, allowed_iovas: Plain),
-        IOMMU_IOAS_COPY => fields!(0, IommuIoasCopy, "";
-            size: Plain, flags: Plain, dst_ioas_id: Id, src_ioas_id: Id, length: Plain, dst_iova: Plain,
-            src_iova: Plain),
-        IOMMU_IOAS_IOVA_RANGES => fields!(0, IommuIoasIovaRanges, "";
-            size: Plain, ioas_id: Id, num_iovas: Plain, __reserved: Plain, allowed_iovas: Plain,
-            out_iova_alignment: Plain),
-        IOMMU_IOAS_MAP => fields!(0, IommuIoasMap, "";
-            size: Plain, flags: Plain, ioas_id: Id, __reserved: Plain, user_va: Plain, length: Plain, iova: Plain),
-        IOMMU_IOAS_UNMAP => fields!(0, IommuIoasUnmap, ""; size: Plain, ioas_id: Id, iova: Plain, length: Plain),
-        IOMMU_OPTION => fields!(0, IommuOption, "";
-            size: Plain, option_id: Plain, op: Plain, __reserved: Plain, object_id: Id, val64: Plain),
-        IOMMU_VFIO_IOAS => fields!(0, IommuVfioIoas, ""; size: Plain, ioas_id: NewId, op: Plain, __reserved: Plain),
-        IOMMU_HWPT_ALLOC => fields!(0, IommuHwptAlloc, "";
-            size: Plain, flags: Plain, dev_id: Id, pt_id: Id, out_hwpt_id: NewId, __reserved: Plain,
-            data_type: Plain, data_len: Plain, data_uptr: Plain, fault_id: Id, __reserved2: Plain),
-        IOMMU_GET_HW_INFO => fields!(0, IommuHwInfo, "";
-            size: Plain, flags: Plain, dev_id: Id, data_len: Plain, data_uptr: Plain, out_data_type: Plain,
-            __reserved: Plain, out_capabilities: Plain),
-        IOMMU_HWPT_SET_DIRTY_TRACKING => fields!(0, IommuHwptSetDirtyTracking, "";
-            size: Plain, flags: Plain, hwpt_id: Id, __reserved: Plain),
-        IOMMU_HWPT_GET_DIRTY_BITMAP => fields!(0, IommuHwptGetDirtyBitmap, "";
-            size: Plain, hwpt_id: Id, flags: Plain, __reserved: Plain, iova: Plain, length: Plain,
-            page_size: Plain, data: Plain),
-        IOMMU_HWPT_INVALIDATE => fields!(0, IommuHwptInvalidate, "";
-            size: Plain, hwpt_id: Id, data_uptr: Plain, data_type: Plain, entry_len: Plain, entry_num: Plain,
-            __reserved: Plain),
-        IOMMU_FAULT_QUEUE_ALLOC => fields!(0, IommuFaultAlloc, "";
-            size: Plain, flags: Plain, out_fault_id: NewId, out_fault_fd: Plain),
-        IOMMU_TEST_CMD => {
-            let op = u32::get(input, 4);
-            let mut f = fields!(0, IommuTestCmd, ""; size: Plain, op: Plain, id: Plain, __reserved: Plain);
-            f[2].kind = test_id_kind(op);
-            let union: Vec<Field> = match op {
-                IOMMU_TEST_OP_ADD_RESERVED => {
-                    fields!(U, IommuTestAddReserved, "add_reserved."; start: Plain, length: Plain)
-                }
-                IOMMU_TEST_OP_MOCK_DOMAIN => fields!(U, IommuTestMockDomain, "mock_domain.";
-                    out_stdev_id: NewId, out_hwpt_id: NewId, out_idev_id: NewId),
-                IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS => fields!(U, IommuTestMockDomainFlags, "mock_domain_flags.";
-                    out_stdev_id: NewId, out_hwpt_id: NewId, out_idev_id: NewId, dev_flags: Plain),
-                IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE => {
-                    fields!(U, IommuTestMockDomainReplace, "mock_domain_replace."; pt_id: NewId)
-                }
-                IOMMU_TEST_OP_MD_CHECK_MAP => {
-                    fields!(U, IommuTestCheckMap, "check_map."; iova: Plain, length: Plain, uptr: Plain)
-                }
-                IOMMU_TEST_OP_MD_CHECK_REFS => {
-                    fields!(U, IommuTestCheckRefs, "check_refs."; length: Plain, uptr: Plain, refs: Plain)
-                }
-                IOMMU_TEST_OP_CREATE_ACCESS => {
-                    fields!(U, IommuTestCreateAccess, "create_access."; out_access_fd: Plain, flags: Plain)
-                }
-                IOMMU_TEST_OP_DESTROY_ACCESS_PAGES => {
-                    fields!(U, IommuTestDestroyAccessPages, "destroy_access_pages."; access_pages_id: Plain)
-                }
-                IOMMU_TEST_OP_ACCESS_PAGES => fields!(U, IommuTestAccessPages, "access_pages.";
-                    flags: Plain, out_access_pages_id: Plain, iova: Plain, length: Plain, uptr: Plain),
-                IOMMU_TEST_OP_ACCESS_RW => fields!(U, IommuTestAccessRw, "access_rw.";
-                    iova: Plain, length: Plain, uptr: Plain, flags: Plain),
-                IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT => {
-                    fields!(U, IommuTestMemoryLimit, "memory_limit."; limit: Plain)
-                }
-                IOMMU_TEST_OP_ACCESS_REPLACE_IOAS => {
-                    fields!(U, IommuTestAccessReplaceIoas, "access_replace_ioas."; ioas_id: Id)
-                }
-                IOMMU_TEST_OP_DIRTY => fields!(U, IommuTestDirty, "dirty.";
-                    flags: Plain, iova: Plain, length: Plain, page_size: Plain, uptr: Plain, out_nr_dirty: Plain),
-                IOMMU_TEST_OP_MD_CHECK_IOTLB => {
-                    fields!(U, IommuTestCheckIotlb, "check_iotlb."; id: Plain, iotlb: Plain)
-                }
-                IOMMU_TEST_OP_TRIGGER_IOPF => fields!(U, IommuTestTriggerIopf, "trigger_iopf.";
-                    dev_id: Id, pasid: Plain, grpid: Plain, perm: Plain, addr: Plain),
-                _ => Vec::new(),
-            };
-            f.extend(union);
-            f.extend(fields!(0, IommuTestCmd, ""; last: Plain));
-            f
-        }
-        _ => Vec::new(),
-    }
-}
 
 /// `sizeof` the command's struct, if known.
 fn struct_size(cmd: u32) -> Option<usize> {
@@ -331,30 +172,15 @@ pub fn call_name(cmd: u32, input: &[u8]) -> String {
         return base;
     }
     let op = u32::get(input, 4);
-    let opn = match op {
-        IOMMU_TEST_OP_ADD_RESERVED => "ADD_RESERVED",
-        IOMMU_TEST_OP_MOCK_DOMAIN => "MOCK_DOMAIN",
-        IOMMU_TEST_OP_MD_CHECK_MAP => "MD_CHECK_MAP",
-        IOMMU_TEST_OP_MD_CHECK_REFS => "MD_CHECK_REFS",
-        IOMMU_TEST_OP_CREATE_ACCESS => "CREATE_ACCESS",
-        IOMMU_TEST_OP_DESTROY_ACCESS_PAGES => "DESTROY_ACCESS_PAGES",
-        IOMMU_TEST_OP_ACCESS_PAGES => "ACCESS_PAGES",
-        IOMMU_TEST_OP_ACCESS_RW => "ACCESS_RW",
-        IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT => "SET_TEMP_MEMORY_LIMIT",
-        IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE => "MOCK_DOMAIN_REPLACE",
-        IOMMU_TEST_OP_ACCESS_REPLACE_IOAS => "ACCESS_REPLACE_IOAS",
-        IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS => "MOCK_DOMAIN_FLAGS",
-        IOMMU_TEST_OP_DIRTY => "DIRTY",
-        IOMMU_TEST_OP_MD_CHECK_IOTLB => "MD_CHECK_IOTLB",
-        IOMMU_TEST_OP_TRIGGER_IOPF => "TRIGGER_IOPF",
-        _ => return format!("{base}/op={op}"),
-    };
-    format!("{base}/{opn}")
+    match test_op(op) {
+        Some(o) => format!("{base}/{}", o.name),
+        None => format!("{base}/op={op}"),
+    }
 }
 
 /// The name of the field (or byte) at offset `off` of the argument bytes.
-fn field_at(fields: &[Field], ssize: Option<usize>, off: usize) -> (String, Option<Field>) {
-    if let Some(f) = fields.iter().find(|f| off >= f.off && off < f.off + f.len) {
+fn field_at(fields: &[ArgField], ssize: Option<usize>, off: usize) -> (String, Option<ArgField>) {
+    if let Some(f) = fields.iter().find(|f| off >= f.offset && off < f.offset + f.size) {
         return (f.name.to_string(), Some(*f));
     }
     match ssize {
@@ -588,7 +414,7 @@ impl IdMap {
         self.to_ours.insert(linux, ours);
         self.to_linux.insert(ours, linux);
     }
-    fn translate(&self, fields: &[Field], b: &mut [u8]) {
+    fn translate(&self, fields: &[ArgField], b: &mut [u8]) {
         for f in fields.iter().filter(|f| f.is_id()) {
             if let Some(v) = f.get(b) {
                 f.put(b, self.ours(v));
@@ -658,7 +484,7 @@ fn replay_seed(calls: &[Call], allow: &[Allow], verbose: bool, report: &mut Repo
         // New ids: learn the pairing, and note numbering differences.
         let mut id_note = None;
         if c.errno == 0 && our_errno == 0 {
-            for f in fields.iter().filter(|f| f.kind == Kind::NewId) {
+            for f in fields.iter().filter(|f| f.kind == FieldKind::NewId) {
                 let (Some(l), Some(o)) = (f.get(&c.out), f.get(ours)) else { continue };
                 if l != 0 && o != 0 && l != o && ids.ours(l) != o && id_note.is_none() {
                     id_note = Some(format!("{}: new id Linux {l}, ours {o}", f.name));
@@ -1003,11 +829,11 @@ mod tests {
         let f = command_fields(IOMMU_IOAS_COPY, &[]);
         let names: Vec<&str> = f.iter().map(|f| f.name).collect();
         assert_eq!(names, ["size", "flags", "dst_ioas_id", "src_ioas_id", "length", "dst_iova", "src_iova"]);
-        assert_eq!((f[3].off, f[3].len, f[3].kind), (12, 4, Kind::Id));
+        assert_eq!((f[3].offset, f[3].size, f[3].kind), (12, 4, FieldKind::Id));
         let mut t = IommuTestCmd { op: IOMMU_TEST_OP_MOCK_DOMAIN, ..Default::default() }.to_bytes();
         t[4] = IOMMU_TEST_OP_MOCK_DOMAIN as u8;
         let f = command_fields(IOMMU_TEST_CMD, &t);
-        let ids: Vec<(&str, usize)> = f.iter().filter(|f| f.is_id()).map(|f| (f.name, f.off)).collect();
+        let ids: Vec<(&str, usize)> = f.iter().filter(|f| f.is_id()).map(|f| (f.name, f.offset)).collect();
         assert_eq!(
             ids,
             [

@@ -11,7 +11,7 @@
 //! "descriptors" are numbers from 3 up in a per-context table, never
 //! reused.
 
-use super::mock::{MOCK_IO_PAGE_SIZE, MockDomain};
+use super::mock::{MOCK_IO_PAGE_SIZE, MockDomain, MockFaults};
 use crate::ctx::{DeviceOps, Ictx};
 use crate::dispatch::{add_test_reserved, respond};
 use crate::errno::{Errno, Result};
@@ -111,12 +111,20 @@ pub struct MockDevice {
     handle: DeviceHandle,
     /// MOCK_FLAGS_DEVICE_* bits.
     pub flags: u32,
+    /// Failure switches shared by every domain it allocates.
+    faults: Arc<MockFaults>,
 }
 
 impl MockDevice {
     /// A new mock device with a unique handle.
     pub fn new(flags: u32) -> Self {
-        Self { handle: DeviceHandle(NEXT_MOCK_DEVICE.fetch_add(1, Ordering::Relaxed)), flags }
+        Self::with_faults(flags, MockFaults::new())
+    }
+
+    /// A new mock device whose domains take their hardware failures from
+    /// `faults` (tests keep the other `Arc`).
+    pub fn with_faults(flags: u32, faults: Arc<MockFaults>) -> Self {
+        Self { handle: DeviceHandle(NEXT_MOCK_DEVICE.fetch_add(1, Ordering::Relaxed)), flags, faults }
     }
 }
 
@@ -125,7 +133,7 @@ impl DeviceOps for MockDevice {
         self.handle
     }
     fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
-        Ok(Box::new(MockDomain::new()))
+        Ok(Box::new(MockDomain::with_faults(self.faults.clone())))
     }
     fn hw_info(&self) -> (u32, Vec<u8>) {
         // struct iommu_test_hw_info { __u32 flags; __u32 test_reg; }

@@ -7,10 +7,17 @@
 //! Every 2 KiB I/O page is one `u64` (address plus flag bits) in 512-entry
 //! chunks, the way Linux's mock keeps one xarray value per I/O page, so the
 //! benchmarks measure iommufd rather than a slow map.
+//!
+//! Hardware failures can be injected through [`MockFaults`]: a failing
+//! IOTLB invalidation (after which the domain refuses maps with
+//! [`DomainError::NeedsRecovery`] until [`IommuDomain::recover`], as a
+//! real domain does) and a refused device attach.
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
-use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, Prot};
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use portcullis_iommu::{DeviceHandle, DomainError, HwError, IommuDomain, IotlbGather, Prot};
 
 /// The mock's I/O page size.
 pub const MOCK_IO_PAGE_SIZE: u64 = 2048;
@@ -21,6 +28,71 @@ pub const MOCK_APERTURE_LAST: u64 = (1 << 31) - 1;
 
 const CHUNK: usize = 512;
 const PRESENT: u64 = 1 << 4;
+
+/// The register base the mock's hardware errors name.
+pub const MOCK_UNIT: u64 = 0xfeed_0000;
+
+/// Hardware failure switches for mock domains. A test keeps an `Arc` of
+/// them because a domain inside a HWPT is reachable only through the
+/// `IommuDomain` trait; every domain made with the same switches (see
+/// [`MockDomain::with_faults`], `MockDevice::with_faults`) shares them,
+/// and the sync count is over all of them.
+#[derive(Debug, Default)]
+pub struct MockFaults {
+    /// Invalidating syncs since [`Self::fail_sync_at`] (only counted while
+    /// armed).
+    syncs: AtomicU64,
+    /// The sync that fails (1-based); 0 when disarmed.
+    fail_sync_at: AtomicU64,
+    /// The failure is a timed-out wait (ETIMEDOUT) rather than a queue
+    /// error (EIO).
+    timeout: AtomicBool,
+    /// Attaches are refused while set.
+    refuse_attach: AtomicBool,
+}
+
+impl MockFaults {
+    /// New switches, all off.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Makes the `n`th invalidating `iotlb_sync` from now (1-based; syncs
+    /// of an empty gather do not count) fail; `None` disarms. `timeout`
+    /// picks a timed-out wait over an invalidation queue error.
+    pub fn fail_sync_at(&self, n: Option<u64>, timeout: bool) {
+        self.syncs.store(0, Ordering::SeqCst);
+        self.timeout.store(timeout, Ordering::SeqCst);
+        self.fail_sync_at.store(n.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// Invalidating syncs since arming.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::SeqCst)
+    }
+
+    /// Makes `attach_device` fail with a hardware error while `on`.
+    pub fn refuse_attach(&self, on: bool) {
+        self.refuse_attach.store(on, Ordering::SeqCst);
+    }
+
+    /// One invalidating sync: its injected failure, if this is the one.
+    fn sync(&self) -> Result<(), DomainError> {
+        let at = self.fail_sync_at.load(Ordering::SeqCst);
+        if at == 0 {
+            return Ok(());
+        }
+        if self.syncs.fetch_add(1, Ordering::SeqCst) + 1 != at {
+            return Ok(());
+        }
+        let cause = if self.timeout.load(Ordering::SeqCst) {
+            HwError::Timeout { register: "mock invalidation wait", waited_ns: 1_000_000 }
+        } else {
+            HwError::QueueError { status: 0x10 }
+        };
+        Err(DomainError::Hardware { unit: MOCK_UNIT, cause })
+    }
+}
 
 /// One mapped I/O page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +123,10 @@ pub struct MockDomain {
     pub misaligned_unmaps: u64,
     coherent: bool,
     aperture: Option<(u64, u64)>,
+    /// Injected hardware failures.
+    faults: Arc<MockFaults>,
+    /// An invalidation failed: maps are refused until `recover`.
+    needs_recovery: bool,
 }
 
 impl MockEntry {
@@ -91,6 +167,28 @@ impl MockDomain {
     /// beyond the Linux mock's 2 GiB).
     pub fn with_aperture(start: u64, last: u64) -> Self {
         Self { aperture: Some((start, last)), ..Self::default() }
+    }
+
+    /// An empty mock domain whose hardware failures `faults` injects.
+    pub fn with_faults(faults: Arc<MockFaults>) -> Self {
+        Self { faults, ..Self::default() }
+    }
+
+    /// Its failure switches.
+    pub fn faults(&self) -> &Arc<MockFaults> {
+        &self.faults
+    }
+
+    /// Makes the `n`th invalidating sync from now fail with an
+    /// invalidation queue error; `None` disarms (see
+    /// [`MockFaults::fail_sync_at`]).
+    pub fn fail_sync_at(&mut self, n: Option<u64>) {
+        self.faults.fail_sync_at(n, false);
+    }
+
+    /// Whether an invalidation failed and no `recover` succeeded since.
+    pub fn needs_recovery(&self) -> bool {
+        self.needs_recovery
     }
 
     /// The entry for the I/O page containing `iova`.
@@ -149,6 +247,9 @@ impl IommuDomain for MockDomain {
     }
 
     fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
+        if self.needs_recovery {
+            return Err(DomainError::NeedsRecovery);
+        }
         self.map_calls += 1;
         if self.fail_map_at == Some(self.map_calls) {
             return Err(DomainError::Injected);
@@ -216,10 +317,18 @@ impl IommuDomain for MockDomain {
     }
 
     fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError> {
-        if !gather.is_empty() {
-            self.syncs += 1;
+        if gather.is_empty() {
+            return Ok(());
         }
         *gather = IotlbGather::default();
+        self.syncs += 1;
+        let r = self.faults.sync();
+        self.needs_recovery |= r.is_err();
+        r
+    }
+
+    fn recover(&mut self) -> Result<(), DomainError> {
+        self.needs_recovery = false;
         Ok(())
     }
 
@@ -259,6 +368,9 @@ impl IommuDomain for MockDomain {
     }
 
     fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        if self.faults.refuse_attach.load(Ordering::SeqCst) {
+            return Err(DomainError::Hardware { unit: MOCK_UNIT, cause: HwError::QueueError { status: 0x20 } });
+        }
         self.devices.insert(device);
         Ok(())
     }
@@ -289,6 +401,39 @@ mod tests {
         d.iotlb_sync(&mut g).unwrap();
         assert_eq!(d.syncs, 1);
         assert_eq!(d.mapped_pages(), 0);
+    }
+
+    #[test]
+    fn a_failed_sync_refuses_maps_until_recovered() {
+        let mut d = MockDomain::new();
+        let base = MOCK_APERTURE_START;
+        d.map(base, 0x10_0000, 0x1000, Prot::RW).unwrap();
+        d.fail_sync_at(Some(2));
+        let mut g = IotlbGather::default();
+        d.iotlb_sync(&mut g).unwrap(); // an empty gather does not count
+        d.unmap(base, 0x800, &mut g);
+        d.iotlb_sync(&mut g).unwrap();
+        d.unmap(base + 0x800, 0x800, &mut g);
+        let e = d.iotlb_sync(&mut g).unwrap_err();
+        assert!(matches!(e, DomainError::Hardware { unit: MOCK_UNIT, cause: HwError::QueueError { .. } }), "{e:?}");
+        assert!(g.is_empty() && d.needs_recovery());
+        assert_eq!(d.map(base, 0x10_0000, 0x800, Prot::RW), Err(DomainError::NeedsRecovery));
+        assert_eq!(d.mapped_pages(), 0);
+        d.recover().unwrap();
+        d.map(base, 0x10_0000, 0x800, Prot::RW).unwrap();
+        // Shared switches: a timeout, and a refused attach.
+        let f = MockFaults::new();
+        let mut d = MockDomain::with_faults(f.clone());
+        f.fail_sync_at(Some(1), true);
+        d.map(base, 0, 0x800, Prot::READ).unwrap();
+        d.unmap(base, 0x800, &mut g);
+        let e = d.iotlb_sync(&mut g).unwrap_err();
+        assert!(matches!(e, DomainError::Hardware { cause: HwError::Timeout { .. }, .. }), "{e:?}");
+        assert_eq!(f.syncs(), 1);
+        f.refuse_attach(true);
+        assert!(d.attach_device(DeviceHandle(1)).is_err());
+        f.refuse_attach(false);
+        d.attach_device(DeviceHandle(1)).unwrap();
     }
 
     #[test]

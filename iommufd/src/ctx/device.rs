@@ -1,0 +1,387 @@
+//! Devices: binding (directly, or under an owner object as the selftest's
+//! mock device is), attach to a HWPT or an IOAS, detach and replace
+//! (Linux's `device.c`).
+//!
+//! Invariants: a device is attached to at most one HWPT (`attached`) and
+//! holds one reference on it; while attached, its reserved regions are
+//! reserved in that HWPT's IOAS under `Owner::Device(id)`; an automatic
+//! HWPT goes away with its last device. A device attached to nothing is
+//! blocked: the IOMMU refuses its DMA.
+
+use super::{Ictx, Object};
+use crate::ctx::hw_pagetable::Hwpt;
+use crate::ctx::ioas::Ioas;
+use crate::errno::{Errno, Result};
+use crate::iopt::Owner;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
+use portcullis_iommu::DeviceOps;
+use spin::Mutex;
+
+/// Why [`Ictx::replace`] failed, and where that left the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplaceError {
+    /// The move failed; the device is still attached to its old HWPT,
+    /// exactly as before the call.
+    Stayed(Errno),
+    /// The device is attached to the new HWPT `hwpt`, but releasing the
+    /// old automatic HWPT it left failed its final invalidation (that
+    /// HWPT is gone; the pages it mapped stay pinned).
+    Moved {
+        /// The HWPT the device is attached to now.
+        hwpt: u32,
+        /// The failed invalidation.
+        error: Errno,
+    },
+    /// The move failed (`error`), and the device could not go back: its
+    /// old IOAS no longer leaves its reserved regions free, or its old
+    /// domain refused it (`back`, a hardware refusal). The device is
+    /// attached to nothing, so the IOMMU blocks its DMA; it holds no
+    /// HWPT (an automatic old HWPT without other devices is gone) and can
+    /// be attached again.
+    Blocked {
+        /// Why the new attach failed.
+        error: Errno,
+        /// Why going back failed.
+        back: Errno,
+    },
+}
+
+impl ReplaceError {
+    /// The errno the uAPI reports: the failure of the move, or of the old
+    /// HWPT's release when the device did move.
+    pub fn errno(self) -> Errno {
+        match self {
+            Self::Stayed(e) | Self::Moved { error: e, .. } | Self::Blocked { error: e, .. } => e,
+        }
+    }
+}
+
+impl From<ReplaceError> for Errno {
+    fn from(e: ReplaceError) -> Errno {
+        e.errno()
+    }
+}
+
+impl core::fmt::Display for ReplaceError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Stayed(e) => write!(f, "replace failed ({e}); the device stays on its old HWPT"),
+            Self::Moved { hwpt, error } => {
+                write!(f, "the device moved to HWPT {hwpt}, but releasing the old HWPT failed ({error})")
+            }
+            Self::Blocked { error, back } => {
+                write!(f, "replace failed ({error}) and the device could not go back ({back}): it is blocked")
+            }
+        }
+    }
+}
+
+impl core::error::Error for ReplaceError {}
+
+/// A bound device.
+pub struct Device {
+    pub(super) ops: Arc<dyn DeviceOps>,
+    /// The HWPT it is attached to.
+    pub(super) attached: Mutex<Option<u32>>,
+    pub(super) refs: AtomicU32,
+}
+
+impl Device {
+    /// The driver's hardware information for `IOMMU_GET_HW_INFO`.
+    pub fn hw_info(&self) -> (u32, Vec<u8>) {
+        self.ops.hw_info()
+    }
+}
+
+impl core::fmt::Debug for Device {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Device({:?}, attached {:?})", self.ops.handle(), self.attached.lock())
+    }
+}
+
+/// See [`Object::DeviceOwner`].
+#[derive(Debug)]
+pub struct DeviceOwner {
+    /// The bound device's object id (0 until bound).
+    pub dev_id: AtomicU32,
+    pub(super) refs: AtomicU32,
+}
+
+impl Ictx {
+    /// Binds a device; returns its object id. It starts detached.
+    pub fn bind_device(&self, ops: Arc<dyn DeviceOps>) -> Result<u32> {
+        self.insert(Object::Device(Arc::new(Device { ops, attached: Mutex::new(None), refs: AtomicU32::new(0) })))
+    }
+
+    /// Takes an id for an owner object and binds `ops` under it (the
+    /// selftest's mock device). Returns `(owner_id, device_id)`; the owner
+    /// stays invisible until [`Self::finalize_owner`] (or goes with
+    /// [`Self::abort_owner`]), as Linux's object under construction.
+    pub fn bind_owned_device(&self, ops: Arc<dyn DeviceOps>) -> Result<(u32, u32)> {
+        let owner_id = self.insert(Object::Placeholder(Arc::new(AtomicU32::new(0))))?;
+        match self.bind_device(ops) {
+            Ok(dev_id) => Ok((owner_id, dev_id)),
+            Err(e) => {
+                self.objects.lock().remove(&owner_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the owner from [`Self::bind_owned_device`] visible; destroying
+    /// it from then on unbinds the device.
+    pub fn finalize_owner(&self, owner_id: u32, dev_id: u32) {
+        let owner = Arc::new(DeviceOwner { dev_id: AtomicU32::new(dev_id), refs: AtomicU32::new(0) });
+        self.objects.lock().insert(owner_id, Object::DeviceOwner(owner));
+    }
+
+    /// Undoes [`Self::bind_owned_device`].
+    pub fn abort_owner(&self, owner_id: u32, dev_id: u32) {
+        let _ = self.unbind_device(dev_id);
+        self.objects.lock().remove(&owner_id);
+    }
+
+    /// The owner object `id`.
+    pub fn device_owner(&self, id: u32) -> Result<Arc<DeviceOwner>> {
+        match self.get(id)? {
+            Object::DeviceOwner(o) => Ok(o),
+            _ => Err(Errno::ENOENT),
+        }
+    }
+
+    /// Unbinds a device (detaching it first).
+    pub fn unbind_device(&self, dev_id: u32) -> Result<()> {
+        let dev = self.device(dev_id)?;
+        self.detach(dev_id)?;
+        if dev.refs.load(Ordering::SeqCst) != 0 {
+            return Err(Errno::EBUSY);
+        }
+        self.objects.lock().remove(&dev_id);
+        Ok(())
+    }
+
+    pub(super) fn reserve_device(&self, dev_id: u32, dev: &Device, ioas: &Ioas) -> Result<()> {
+        let mut iopt = ioas.iopt.lock();
+        for (s, l) in dev.ops.reserved_regions() {
+            if let Err(e) = iopt.reserve(s, l, Owner::Device(dev_id)) {
+                iopt.remove_reserved(Owner::Device(dev_id));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches a device to a HWPT, or to an IOAS (reusing a compatible
+    /// automatic HWPT or making one). Returns the HWPT id. `EINVAL` if the
+    /// device is already attached (use [`Self::replace`]).
+    pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+        let dev = self.device(dev_id)?;
+        if dev.attached.lock().is_some() {
+            return Err(Errno::EINVAL);
+        }
+        self.attach_to(dev_id, &dev, pt_id)
+    }
+
+    pub(super) fn attach_to(&self, dev_id: u32, dev: &Arc<Device>, pt_id: u32) -> Result<u32> {
+        let handle = dev.ops.handle();
+        let try_hwpt = |hwpt_id: u32, hwpt: &Arc<Hwpt>| -> Result<u32> {
+            self.reserve_device(dev_id, dev, &hwpt.ioas)?;
+            if let Err(e) = hwpt.domain.lock().attach_device(handle) {
+                hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+                // Incompatible is EINVAL (the caller tries the next
+                // automatic HWPT); a hardware refusal EIO or ETIMEDOUT.
+                return Err(crate::iopt::domain_errno(e));
+            }
+            hwpt.refs.fetch_add(1, Ordering::SeqCst);
+            *dev.attached.lock() = Some(hwpt_id);
+            Ok(hwpt_id)
+        };
+        match self.get(pt_id)? {
+            Object::Hwpt(hwpt) => try_hwpt(pt_id, &hwpt),
+            Object::Ioas(ioas) => {
+                let autos = ioas.auto_hwpts.lock().clone();
+                for id in autos {
+                    if let Ok(hwpt) = self.hwpt(id) {
+                        match try_hwpt(id, &hwpt) {
+                            Ok(id) => return Ok(id),
+                            Err(Errno::EINVAL) => continue,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                let (id, hwpt) = self.new_hwpt(pt_id, &ioas, dev, true)?;
+                match try_hwpt(id, &hwpt) {
+                    Ok(id) => Ok(id),
+                    Err(e) => {
+                        self.objects.lock().remove(&id);
+                        // A failed invalidation of the new domain is the
+                        // more serious error.
+                        self.release_hwpt(id, &hwpt)?;
+                        Err(e)
+                    }
+                }
+            }
+            // Linux's iommufd_device_change_pt: any other object type.
+            Object::Device(_) | Object::DeviceOwner(_) | Object::Access(_) | Object::Placeholder(_) => {
+                Err(Errno::EINVAL)
+            }
+        }
+    }
+
+    /// Detaches a device (no-op when detached). An automatic HWPT goes
+    /// away with its last device.
+    pub fn detach(&self, dev_id: u32) -> Result<()> {
+        let dev = self.device(dev_id)?;
+        let Some(hwpt_id) = dev.attached.lock().take() else { return Ok(()) };
+        let hwpt = self.hwpt(hwpt_id)?;
+        hwpt.domain.lock().detach_device(dev.ops.handle());
+        hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+        if hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && hwpt.auto {
+            self.objects.lock().remove(&hwpt_id);
+            // The device is detached either way.
+            self.release_hwpt(hwpt_id, &hwpt)?;
+        }
+        Ok(())
+    }
+
+    /// Moves an attached device to another HWPT or IOAS; returns the new
+    /// HWPT id. The device is detached from its old domain first and, if
+    /// the new attach fails, attached to it again: then it stays where it
+    /// was ([`ReplaceError::Stayed`]). If going back fails too (the old
+    /// IOAS now maps something in the device's reserved regions, or the
+    /// old domain refuses the device: a hardware error), the device is
+    /// left blocked, attached to nothing ([`ReplaceError::Blocked`]); it
+    /// never panics.
+    pub fn replace(&self, dev_id: u32, pt_id: u32) -> core::result::Result<u32, ReplaceError> {
+        let dev = self.device(dev_id).map_err(ReplaceError::Stayed)?;
+        let Some(old) = *dev.attached.lock() else { return Err(ReplaceError::Stayed(Errno::EINVAL)) };
+        if old == pt_id {
+            return Ok(old);
+        }
+        // Keep the old HWPT alive while trying the new one.
+        let old_hwpt = self.hwpt(old).map_err(ReplaceError::Stayed)?;
+        old_hwpt.refs.fetch_add(1, Ordering::SeqCst);
+        *dev.attached.lock() = None;
+        old_hwpt.domain.lock().detach_device(dev.ops.handle());
+        old_hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+        match self.attach_to(dev_id, &dev, pt_id) {
+            Ok(new) => {
+                // Drop the attach's reference and our keep-alive.
+                old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
+                if old_hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && old_hwpt.auto {
+                    self.objects.lock().remove(&old);
+                    // The device is on the new HWPT either way; the old
+                    // domain's failed invalidation is still reported.
+                    self.release_hwpt(old, &old_hwpt).map_err(|error| ReplaceError::Moved { hwpt: new, error })?;
+                }
+                Ok(new)
+            }
+            Err(error) => match self.reattach(dev_id, &dev, &old_hwpt) {
+                Ok(()) => {
+                    old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
+                    *dev.attached.lock() = Some(old);
+                    Err(ReplaceError::Stayed(error))
+                }
+                Err(back) => {
+                    // Blocked: drop the device's reference and our
+                    // keep-alive, as a detach would.
+                    old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
+                    if old_hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && old_hwpt.auto {
+                        self.objects.lock().remove(&old);
+                        // A failed invalidation here leaves the old pages
+                        // pinned; the replace's own failure is reported.
+                        let _ = self.release_hwpt(old, &old_hwpt);
+                    }
+                    Err(ReplaceError::Blocked { error, back })
+                }
+            },
+        }
+    }
+
+    /// Puts a device back on the HWPT a failed replace took it from: its
+    /// reservations in the old IOAS, then the old domain. All or nothing.
+    fn reattach(&self, dev_id: u32, dev: &Device, old: &Hwpt) -> Result<()> {
+        self.reserve_device(dev_id, dev, &old.ioas)?;
+        if let Err(e) = old.domain.lock().attach_device(dev.ops.handle()) {
+            old.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+            return Err(crate::iopt::domain_errno(e));
+        }
+        Ok(())
+    }
+
+    /// The HWPT a device is attached to.
+    pub fn attached_hwpt(&self, dev_id: u32) -> Result<Option<u32>> {
+        Ok(*self.device(dev_id)?.attached.lock())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ctx::DeviceOps;
+    use crate::ctx::tests::{MockDev, ctx};
+    use crate::errno::Errno;
+    use crate::selftest::mock::{MOCK_APERTURE_START, MockDomain};
+    use alloc::boxed::Box;
+    use alloc::sync::Arc;
+    use alloc::vec::Vec;
+    use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain};
+
+    #[test]
+    fn attach_reuses_domains_and_pins_once() {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let iova = c.ioas_map(ioas, Some(MOCK_APERTURE_START), 0x4000_0000, 0x10000, true, true).unwrap();
+        assert_eq!(mem.pinned_pages(), 0);
+        let d1 = c.bind_device(Arc::new(MockDev(1))).unwrap();
+        let d2 = c.bind_device(Arc::new(MockDev(2))).unwrap();
+        let h1 = c.attach(d1, ioas).unwrap();
+        let h2 = c.attach(d2, ioas).unwrap();
+        assert_eq!(h1, h2, "the compatible automatic domain is shared");
+        assert_eq!(mem.pinned_pages(), 16);
+        let h3 = c.hwpt_alloc(d1, ioas).unwrap();
+        c.replace(d1, h3).unwrap();
+        assert_eq!(mem.pinned_pages(), 16, "two domains, one pin per page");
+        assert_eq!(c.hwpt(h3).unwrap().domain.lock().iova_to_phys(iova), mem.phys_of(0x4000_0000));
+        let other = c.ioas_alloc().unwrap();
+        c.ioas_copy(other, ioas, iova, None, 0x4000, true, false).unwrap();
+        assert_eq!(mem.pinned_pages(), 16);
+        c.ioas_unmap(ioas, 0, u64::MAX).unwrap();
+        assert_eq!(mem.pinned_pages(), 0, "the copy in a domain-less IOAS pins nothing");
+        drop(c);
+        assert_eq!(mem.pinned_pages(), 0);
+    }
+
+    struct MsiDev;
+    impl DeviceOps for MsiDev {
+        fn handle(&self) -> DeviceHandle {
+            DeviceHandle(77)
+        }
+        fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
+            Ok(Box::new(MockDomain::new()))
+        }
+        fn reserved_regions(&self) -> Vec<(u64, u64)> {
+            alloc::vec![(0x400_0000, 0x40f_ffff)] // an MSI window
+        }
+    }
+
+    #[test]
+    fn device_reserved_regions_conflict_and_reserve() {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let iova = c.ioas_map(ioas, Some(0x400_0000), 0x4000_0000, 0x1000, true, true).unwrap();
+        let d = c.bind_device(Arc::new(MsiDev)).unwrap();
+        let before = c.object_ids();
+        assert_eq!(c.attach(d, ioas), Err(Errno::EADDRINUSE), "a mapping sits in the device's MSI window");
+        assert_eq!(c.object_ids(), before, "the failed attach left no HWPT behind");
+        assert_eq!(mem.pinned_pages(), 0);
+        c.ioas_unmap(ioas, iova, 0x1000).unwrap();
+        c.attach(d, ioas).unwrap();
+        let (ranges, _) = c.ioas_iova_ranges(ioas).unwrap();
+        assert!(ranges.iter().all(|&(s, l)| l < 0x400_0000 || s > 0x40f_ffff), "window reserved: {ranges:x?}");
+        assert_eq!(c.ioas_map(ioas, Some(0x400_0000), 0x4000_0000, 0x1000, true, true), Err(Errno::EINVAL));
+        c.detach(d).unwrap();
+        assert!(c.ioas_iova_ranges(ioas).unwrap().0.iter().any(|&(s, l)| s <= 0x400_0000 && l >= 0x40f_ffff));
+    }
+}
