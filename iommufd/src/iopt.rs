@@ -346,6 +346,10 @@ impl IoPagetable {
         phys: &[(u64, u64)],
         small: bool,
     ) -> core::result::Result<(), LoadError> {
+        // A domain whose invalidation failed earlier is recovered (one full
+        // invalidation) before it maps anything new; if that fails too,
+        // nothing was mapped here.
+        domain.recover().map_err(|e| LoadError { errno: domain_errno(e), stale: false })?;
         let end_byte = area.start_byte + (last - iova);
         if !small && area.start_byte.is_multiple_of(PAGE_SIZE) && (end_byte + 1).is_multiple_of(PAGE_SIZE) {
             // Whole pages (the usual case): each run is one piece as it is.

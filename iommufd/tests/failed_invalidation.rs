@@ -101,7 +101,7 @@ fn an_unmap_whose_invalidation_fails_keeps_the_pages_pinned() {
 }
 
 #[test]
-fn a_map_onto_a_domain_needing_recovery_fails_and_changes_nothing() {
+fn a_map_onto_a_domain_needing_recovery_recovers_it_first_or_changes_nothing() {
     let w = world();
     // A second domain on the IOAS, after the automatic one.
     let d2 = w.ictx.bind_device(Arc::new(MockDevice::with_faults(0, w.faults.clone()))).unwrap();
@@ -112,26 +112,29 @@ fn a_map_onto_a_domain_needing_recovery_fails_and_changes_nothing() {
     // The unmap syncs the automatic domain, then h2's, which fails.
     w.faults.fail_sync_at(Some(2), false);
     assert_eq!(w.ictx.ioas_unmap(w.ioas, IOVA, 2 * PAGE_SIZE), Err(Errno::EIO));
-    w.faults.fail_sync_at(None, false);
+    // The next map recovers h2 first (a whole-domain invalidation); while
+    // the unit keeps failing, the recovery fails, the automatic domain is
+    // unloaded again and the new pins dropped.
+    w.faults.fail_sync_at(Some(1), false);
     let before = state(&w);
-    // The map loads the automatic domain, then h2 refuses (NeedsRecovery):
-    // the first domain is unloaded again and the new pins dropped.
     assert_eq!(
         w.ictx.ioas_map(w.ioas, Some(IOVA + 0x20000), USER + 0x10000, 2 * PAGE_SIZE, true, true),
         Err(Errno::EIO)
     );
     assert_eq!(state(&w), before);
+    w.faults.fail_sync_at(Some(1), false);
     assert_eq!(w.ictx.ioas_map(w.ioas, None, USER + 0x10000, PAGE_SIZE, true, false), Err(Errno::EIO));
     assert_eq!(state(&w), before);
     // A copy into it (from a domain-less IOAS) is refused the same way.
     let src = w.ictx.ioas_alloc().unwrap();
     let src_iova = w.ictx.ioas_map(src, None, USER + 0x18000, 2 * PAGE_SIZE, true, true).unwrap();
     let before = state(&w);
+    w.faults.fail_sync_at(Some(1), false);
     let r = w.ictx.ioas_copy(w.ioas, src, src_iova, Some(IOVA + 0x30000), 2 * PAGE_SIZE, true, true);
     assert_eq!(r, Err(Errno::EIO));
     assert_eq!(state(&w), before);
-    // Recovered, the domain maps again.
-    assert_eq!(w.ictx.hwpt(h2).unwrap().domain.lock().recover(), Ok(()));
+    // The unit answers again: the next map recovers the domain and maps.
+    w.faults.fail_sync_at(None, false);
     w.ictx.ioas_map(w.ioas, Some(IOVA + 0x20000), USER + 0x10000, 2 * PAGE_SIZE, true, true).unwrap();
     assert_eq!(w.ictx.hwpt(h2).unwrap().domain.lock().iova_to_phys(IOVA + 0x20000), w.mem.phys_of(USER + 0x10000));
 }
@@ -232,4 +235,35 @@ fn a_blocked_device_keeps_a_shared_old_hwpt_alive_for_the_others() {
     w.faults.refuse_attach(false);
     w.ictx.detach(d2).unwrap();
     assert_eq!(w.ictx.hwpt(old).map(|_| ()), Err(Errno::ENOENT), "gone with its last device");
+}
+
+/// A domain that cannot let a device go (the unit cannot write the blocked
+/// entry) keeps it: detach, replace and unbind fail and change nothing,
+/// and closing the context frees and unpins nothing the device may still
+/// reach.
+#[test]
+fn a_device_its_domain_cannot_block_keeps_everything_it_reaches() {
+    let w = world();
+    w.ictx.ioas_map(w.ioas, Some(IOVA), USER, 4 * PAGE_SIZE, true, true).unwrap();
+    let other = w.ictx.ioas_alloc().unwrap();
+    let before = state(&w);
+    w.faults.refuse_detach(true);
+    assert_eq!(w.ictx.detach(w.dev), Err(Errno::ETIMEDOUT));
+    assert_eq!(state(&w), before, "a refused detach changes nothing");
+    assert!(matches!(w.ictx.replace(w.dev, other), Err(ReplaceError::Stayed(Errno::ETIMEDOUT))));
+    assert_eq!(state(&w), before, "a replace that cannot detach changes nothing");
+    assert_eq!(w.ictx.unbind_device(w.dev), Err(Errno::ETIMEDOUT));
+    assert_eq!(state(&w), before, "a refused unbind changes nothing");
+    let mem = w.mem.clone();
+    drop(w.ictx);
+    assert_eq!(mem.pinned_pages(), 4, "closing keeps the pages the unblocked device may reach pinned");
+    // The same close with the unit answering again unpins everything.
+    let w = world();
+    w.ictx.ioas_map(w.ioas, Some(IOVA), USER, 4 * PAGE_SIZE, true, true).unwrap();
+    w.faults.refuse_detach(true);
+    assert!(w.ictx.detach(w.dev).is_err());
+    w.faults.refuse_detach(false);
+    let mem = w.mem.clone();
+    drop(w.ictx);
+    assert_eq!(mem.pinned_pages(), 0);
 }

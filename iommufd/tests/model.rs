@@ -14,7 +14,9 @@
 //! or a last detach that removes mappings from a domain, or the unwinding
 //! of a copy or attach that failed half-way); that step fails, the pages
 //! it was releasing stay pinned for good (the model adds them to a
-//! `leaked` set), and the domain refuses maps until it is gone.
+//! `leaked` set), and the domain needs recovery: the next map into it
+//! first invalidates the whole domain, which fails if armed again (then
+//! the map fails and changes nothing) and otherwise lets the map go on.
 
 use iommufd::ctx::Ictx;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
@@ -104,9 +106,17 @@ impl Model {
         self.broken[ioas] = true;
         false
     }
-    /// Whether the domain of `ioas` refuses maps.
-    fn refuses_maps(&self, ioas: usize) -> bool {
-        self.has_device(ioas) && self.broken[ioas]
+    /// A map into `ioas`'s domain: a domain needing recovery is
+    /// invalidated whole first; whether that fails (the map is refused).
+    fn recovery_fails(&mut self, ioas: usize) -> bool {
+        if !(self.has_device(ioas) && self.broken[ioas]) {
+            return false;
+        }
+        if self.sync_fails() {
+            return true;
+        }
+        self.broken[ioas] = false;
+        false
     }
     /// Pins per user page: one per map call whose pages some IOAS with a
     /// device maps, or that a failed invalidation left pinned.
@@ -160,7 +170,7 @@ fn step_model(m: &mut Model, op: &Op) -> bool {
             if (page + n > USER_PAGES && m.has_device(ioas)) || !m.overlaps(ioas, slot, slot + n - 1).is_empty() {
                 return false;
             }
-            if m.refuses_maps(ioas) {
+            if m.recovery_fails(ioas) {
                 return false;
             }
             m.next_map += 1;
@@ -200,18 +210,21 @@ fn step_model(m: &mut Model, op: &Op) -> bool {
             }
             if m.has_device(dst) {
                 // Pieces become areas and are loaded in order; a piece
-                // whose pages do not exist fails, and the pieces loaded
-                // before it are unloaded again, the last one first: the
-                // first of those invalidations may be the armed one.
-                if let Some(bad) = pieces.iter().position(|(_, len, p, _)| p + len > USER_PAGES) {
+                // whose pages do not exist fails (its pin, before the
+                // domain is touched), and the pieces loaded before it are
+                // unloaded again, the last one first: the first of those
+                // invalidations may be the armed one. The first piece
+                // loaded recovers a domain that needs it.
+                let bad = pieces.iter().position(|(_, len, p, _)| p + len > USER_PAGES);
+                if bad != Some(0) && m.recovery_fails(dst) {
+                    return false;
+                }
+                if let Some(bad) = bad {
                     if bad > 0 && m.sync_fails() {
                         let (off, len, p, id) = pieces[bad - 1];
                         m.leak(dst_slot + off, (dst_slot + off + len - 1, p, id));
                         m.broken[dst] = true;
                     }
-                    return false;
-                }
-                if m.refuses_maps(dst) {
                     return false;
                 }
             }

@@ -253,8 +253,8 @@ where
     fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
         self.attach_requester(device.0 as u16).map_err(DomainError::from)
     }
-    fn detach_device(&mut self, device: DeviceHandle) {
-        let _ = self.detach_requester(device.0 as u16);
+    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.detach_requester(device.0 as u16).map_err(DomainError::from)
     }
 }
 

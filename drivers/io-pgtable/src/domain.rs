@@ -242,7 +242,8 @@ where
         Ok(())
     }
 
-    fn detach_device(&mut self, device: DeviceHandle) {
+    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
         self.devices.retain(|d| *d != device);
+        Ok(())
     }
 }

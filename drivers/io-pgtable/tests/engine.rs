@@ -376,7 +376,7 @@ fn domain_defers_frees_until_sync() {
     assert_eq!(d.table().walk(0)[2].raw, 0x801);
     assert_eq!(d.table().iova_to_phys(0), Some((0, Prot::READ | Prot::CACHE)));
     assert_eq!(d.devices(), [DeviceHandle(7)]);
-    d.detach_device(DeviceHandle(7));
+    d.detach_device(DeviceHandle(7)).unwrap();
     assert!(d.devices().is_empty());
     // Snooping cannot be forced late, nor on a format without SNP.
     let mut d = PagingDomain::new(

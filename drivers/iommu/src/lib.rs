@@ -311,8 +311,10 @@ pub trait IommuDomain: Send {
     fn enforce_cache_coherency(&mut self) -> bool;
     /// Points `device` at this domain.
     fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError>;
-    /// Detaches `device` (it is blocked afterwards until attached elsewhere).
-    fn detach_device(&mut self, device: DeviceHandle);
+    /// Detaches `device` (it is blocked afterwards until attached
+    /// elsewhere). On failure the device may still reach the domain: the
+    /// caller must keep the domain (and what it maps) as it is.
+    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError>;
 
     /// The physically contiguous run starting at `iova`: `(phys, len)`
     /// with `1 <= len <= max_len` such that `[iova, iova + len)` translates
@@ -580,7 +582,9 @@ mod tests {
         fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
             Ok(())
         }
-        fn detach_device(&mut self, _: DeviceHandle) {}
+        fn detach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
+            Ok(())
+        }
         fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
             self.1.set(self.1.get() + 100);
             Some((iova, max_len))
@@ -603,7 +607,9 @@ mod tests {
         fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
             Ok(())
         }
-        fn detach_device(&mut self, _: DeviceHandle) {}
+        fn detach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
+            Ok(())
+        }
     }
 
     struct ByMethod(Recorder);
@@ -620,7 +626,9 @@ mod tests {
         fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
             Ok(())
         }
-        fn detach_device(&mut self, _: DeviceHandle) {}
+        fn detach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
+            Ok(())
+        }
     }
 
     /// Every method reaches the inner domain's own implementation (not the
@@ -691,7 +699,9 @@ mod tests {
         fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
             Ok(())
         }
-        fn detach_device(&mut self, _: DeviceHandle) {}
+        fn detach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
+            Ok(())
+        }
     }
 
     fn as_dyn(d: &mut Flaky) -> &mut dyn IommuDomain {

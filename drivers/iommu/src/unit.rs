@@ -335,13 +335,9 @@ impl IommuDomain for Domain {
         self.attach_requester(rid)
     }
 
-    fn detach_device(&mut self, device: DeviceHandle) {
-        // The trait's detach cannot fail; a unit that cannot block the
-        // device any more has stopped answering, and every later command to
-        // it (the domain's invalidations included) reports that.
-        if let Ok(rid) = self.requester(device) {
-            let _ = self.inner.detach_requester(rid);
-        }
+    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        let rid = self.requester(device)?;
+        self.detach_requester(rid)
     }
 }
 

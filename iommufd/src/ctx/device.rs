@@ -231,12 +231,15 @@ impl Ictx {
     }
 
     /// Detaches a device (no-op when detached). An automatic HWPT goes
-    /// away with its last device.
+    /// away with its last device. When the domain cannot block the device
+    /// (a hardware error), nothing changes: the device stays attached, so
+    /// its HWPT, IOAS and pins stay too, and the error is returned.
     pub fn detach(&self, dev_id: u32) -> Result<()> {
         let dev = self.device(dev_id)?;
-        let Some(hwpt_id) = dev.attached.lock().take() else { return Ok(()) };
+        let Some(hwpt_id) = *dev.attached.lock() else { return Ok(()) };
         let hwpt = self.hwpt(hwpt_id)?;
-        hwpt.domain.lock().detach_device(dev.ops.handle());
+        hwpt.domain.lock().detach_device(dev.ops.handle()).map_err(crate::iopt::domain_errno)?;
+        *dev.attached.lock() = None;
         hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
         if hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && hwpt.auto {
             self.objects.lock().remove(&hwpt_id);
@@ -262,9 +265,14 @@ impl Ictx {
         }
         // Keep the old HWPT alive while trying the new one.
         let old_hwpt = self.hwpt(old).map_err(ReplaceError::Stayed)?;
+        // A domain that cannot let the device go keeps it: nothing changed.
+        old_hwpt
+            .domain
+            .lock()
+            .detach_device(dev.ops.handle())
+            .map_err(|e| ReplaceError::Stayed(crate::iopt::domain_errno(e)))?;
         old_hwpt.refs.fetch_add(1, Ordering::SeqCst);
         *dev.attached.lock() = None;
-        old_hwpt.domain.lock().detach_device(dev.ops.handle());
         old_hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
         match self.attach_to(dev_id, &dev, pt_id) {
             Ok(new) => {

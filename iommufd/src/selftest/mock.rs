@@ -49,6 +49,8 @@ pub struct MockFaults {
     timeout: AtomicBool,
     /// Attaches are refused while set.
     refuse_attach: AtomicBool,
+    /// Detaches fail while set (the unit cannot block the device).
+    refuse_detach: AtomicBool,
 }
 
 impl MockFaults {
@@ -74,6 +76,12 @@ impl MockFaults {
     /// Makes `attach_device` fail with a hardware error while `on`.
     pub fn refuse_attach(&self, on: bool) {
         self.refuse_attach.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes `detach_device` fail with a hardware error while `on` (the
+    /// device stays attached, as when a unit stops answering).
+    pub fn refuse_detach(&self, on: bool) {
+        self.refuse_detach.store(on, Ordering::SeqCst);
     }
 
     /// One invalidating sync: its injected failure, if this is the one.
@@ -327,8 +335,13 @@ impl IommuDomain for MockDomain {
         r
     }
 
+    /// A recovery is one whole-domain invalidation: it can fail as a sync
+    /// does (the injected failure counts it as a sync).
     fn recover(&mut self) -> Result<(), DomainError> {
-        self.needs_recovery = false;
+        if self.needs_recovery {
+            self.faults.sync()?;
+            self.needs_recovery = false;
+        }
         Ok(())
     }
 
@@ -375,8 +388,15 @@ impl IommuDomain for MockDomain {
         Ok(())
     }
 
-    fn detach_device(&mut self, device: DeviceHandle) {
+    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        if self.faults.refuse_detach.load(Ordering::SeqCst) {
+            return Err(DomainError::Hardware {
+                unit: MOCK_UNIT,
+                cause: HwError::Timeout { register: "mock context invalidation", waited_ns: 1_000_000 },
+            });
+        }
         self.devices.remove(&device);
+        Ok(())
     }
 }
 
