@@ -28,7 +28,7 @@ struct WideMockDevice;
 
 impl DeviceOps for WideMockDevice {
     fn handle(&self) -> DeviceHandle {
-        DeviceHandle(1)
+        DeviceHandle::Opaque(1)
     }
     fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
         Ok(Box::new(MockDomain::with_aperture(0, (1 << 48) - 1)))
@@ -41,7 +41,7 @@ struct EngineDevice;
 
 impl DeviceOps for EngineDevice {
     fn handle(&self) -> DeviceHandle {
-        DeviceHandle(2)
+        DeviceHandle::Opaque(2)
     }
     fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
         let f = io_pgtable::VtdSecondStage::from_caps([39, 48], 48, true, true, false).expect("format");

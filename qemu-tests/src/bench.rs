@@ -25,7 +25,7 @@ struct MockDev;
 
 impl DeviceOps for MockDev {
     fn handle(&self) -> DeviceHandle {
-        DeviceHandle(1)
+        DeviceHandle::Opaque(1)
     }
     fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
         Ok(Box::new(MockDomain::new()))

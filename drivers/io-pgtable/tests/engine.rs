@@ -359,7 +359,7 @@ fn domain_defers_frees_until_sync() {
     assert_eq!(dom.granule(), K4);
     assert_eq!(dom.aperture(), (0, (1 << 39) - 1));
     assert!(dom.enforce_cache_coherency());
-    dom.attach_device(DeviceHandle(7)).unwrap();
+    dom.attach_device(DeviceHandle::Opaque(7)).unwrap();
     dom.map(0x10_0000, 0x20_0000, 3 * K4, Prot::RW).unwrap();
     assert_eq!(dom.iova_to_phys(0x10_1234), Some(0x20_1234));
     assert_eq!(dom.map(0x10_0000, 0, K4, Prot::RW), Err(DomainError::AlreadyMapped { iova: 0x10_0000 }));
@@ -375,8 +375,8 @@ fn domain_defers_frees_until_sync() {
     d.map(0, 0, K4, Prot::READ).unwrap();
     assert_eq!(d.table().walk(0)[2].raw, 0x801);
     assert_eq!(d.table().iova_to_phys(0), Some((0, Prot::READ | Prot::CACHE)));
-    assert_eq!(d.devices(), [DeviceHandle(7)]);
-    d.detach_device(DeviceHandle(7)).unwrap();
+    assert_eq!(d.devices(), [DeviceHandle::Opaque(7)]);
+    d.detach_device(DeviceHandle::Opaque(7)).unwrap();
     assert!(d.devices().is_empty());
     // Snooping cannot be forced late, nor on a format without SNP.
     let mut d = PagingDomain::new(

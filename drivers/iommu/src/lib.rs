@@ -67,10 +67,27 @@ impl core::ops::BitOr for Prot {
     }
 }
 
-/// An identifier the embedding kernel gives a device (for iommufd: the
-/// device object's handle into the driver). Opaque to the domain trait.
+/// How a domain knows a device (for iommufd: the device object's handle
+/// into the driver).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DeviceHandle(pub u64);
+pub enum DeviceHandle {
+    /// A PCI function behind an IOMMU unit: the unit and the requester id
+    /// its DMA carries.
+    Requester(RequesterRef),
+    /// A device no unit translates (the selftest mock, benchmarks,
+    /// host-side page tables): a number only its domains interpret.
+    Opaque(u64),
+}
+
+/// Where a device's DMA is translated: which unit (by its index in the
+/// platform's list) and the requester id the DMA carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequesterRef {
+    /// Index of the unit.
+    pub unit: u16,
+    /// Requester (device) id, after bridge and firmware aliasing.
+    pub requester_id: u16,
+}
 
 /// What went wrong in an IOMMU unit's hardware or driver state: the cause
 /// a driver error carries, and the cause inside [`DomainError::Hardware`].

@@ -175,27 +175,19 @@ pub trait UnitDomain: IommuDomain + fmt::Debug {
     fn table_info(&self) -> TableInfo;
 }
 
-/// Where a device's DMA is translated: which unit (by its index in the
-/// platform's list) and the requester id the DMA carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RequesterRef {
-    /// Index of the unit.
-    pub unit: u16,
-    /// Requester (device) id, after bridge and firmware aliasing.
-    pub requester_id: u16,
-}
+pub use crate::RequesterRef;
 
 impl RequesterRef {
     /// The handle iommufd knows the device by.
     pub const fn handle(self) -> DeviceHandle {
-        DeviceHandle((self.unit as u64) << 16 | self.requester_id as u64)
+        DeviceHandle::Requester(self)
     }
-    /// The inverse of [`Self::handle`] (`None` for handles not made here).
+    /// The inverse of [`Self::handle`] (`None` for other handles).
     pub const fn from_handle(h: DeviceHandle) -> Option<Self> {
-        if h.0 >> 32 != 0 {
-            return None;
+        match h {
+            DeviceHandle::Requester(r) => Some(r),
+            DeviceHandle::Opaque(_) => None,
         }
-        Some(Self { unit: (h.0 >> 16) as u16, requester_id: h.0 as u16 })
     }
 }
 

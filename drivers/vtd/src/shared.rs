@@ -18,7 +18,7 @@ use core::fmt;
 use io_pgtable::{Invalidator, PagingDomain, PtFormat, TableMemory, VtdSecondStage, X86FirstStage};
 use portcullis_iommu::mmio::Mmio;
 use portcullis_iommu::unit::{DmaFault, FirmwareRange, IommuUnit, MsiRoute, TableInfo, UnitDomain, Vendor};
-use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, Prot, UnitError};
+use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, Prot, RequesterRef, UnitError};
 use spin::Mutex;
 
 /// `IOMMU_HW_INFO_TYPE_INTEL_VTD` of Linux's uAPI.
@@ -373,11 +373,15 @@ where
     C: Clock + Send + 'static,
 {
     portcullis_iommu::forward_paging!(fn inner, inner_mut);
+    /// The unit's entry only (the generic `Domain` maps firmware ranges
+    /// first); a device of another unit is not checked here.
     fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
-        self.attach_requester(device.0 as u16).map_err(DomainError::from)
+        let r = RequesterRef::from_handle(device).ok_or(DomainError::Incompatible)?;
+        self.attach_requester(r.requester_id).map_err(DomainError::from)
     }
     fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
-        self.detach_requester(device.0 as u16).map_err(DomainError::from)
+        let r = RequesterRef::from_handle(device).ok_or(DomainError::Incompatible)?;
+        self.detach_requester(r.requester_id).map_err(DomainError::from)
     }
 }
 

@@ -364,7 +364,7 @@ mod tests {
     struct MsiDev;
     impl DeviceOps for MsiDev {
         fn handle(&self) -> DeviceHandle {
-            DeviceHandle(77)
+            DeviceHandle::Opaque(77)
         }
         fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
             Ok(Box::new(MockDomain::new()))

@@ -298,7 +298,7 @@ pub(super) mod tests {
     pub(crate) struct MockDev(pub(crate) u64);
     impl DeviceOps for MockDev {
         fn handle(&self) -> DeviceHandle {
-            DeviceHandle(self.0)
+            DeviceHandle::Opaque(self.0)
         }
         fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
             Ok(Box::new(MockDomain::new()))

@@ -124,7 +124,7 @@ impl MockDevice {
     /// A new mock device whose domains take their hardware failures from
     /// `faults` (tests keep the other `Arc`).
     pub fn with_faults(flags: u32, faults: Arc<MockFaults>) -> Self {
-        Self { handle: DeviceHandle(NEXT_MOCK_DEVICE.fetch_add(1, Ordering::Relaxed)), flags, faults }
+        Self { handle: DeviceHandle::Opaque(NEXT_MOCK_DEVICE.fetch_add(1, Ordering::Relaxed)), flags, faults }
     }
 }
 

@@ -451,9 +451,9 @@ mod tests {
         assert!(matches!(e, DomainError::Hardware { cause: HwError::Timeout { .. }, .. }), "{e:?}");
         assert_eq!(f.syncs(), 1);
         f.refuse_attach(true);
-        assert!(d.attach_device(DeviceHandle(1)).is_err());
+        assert!(d.attach_device(DeviceHandle::Opaque(1)).is_err());
         f.refuse_attach(false);
-        d.attach_device(DeviceHandle(1)).unwrap();
+        d.attach_device(DeviceHandle::Opaque(1)).unwrap();
     }
 
     #[test]
