@@ -12,6 +12,7 @@
 //!   for the whole batch, so unmapping many pages costs one invalidation.
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 extern crate alloc;
 
@@ -186,9 +187,17 @@ pub enum DomainError {
     NoMemory,
     /// The range is outside the aperture, or not aligned to the smallest
     /// page size.
-    BadRange { iova: u64, length: u64 },
+    BadRange {
+        /// First IOVA of the range.
+        iova: u64,
+        /// Its length.
+        length: u64,
+    },
     /// Part of the range is already mapped.
-    AlreadyMapped { iova: u64 },
+    AlreadyMapped {
+        /// The first IOVA found mapped.
+        iova: u64,
+    },
     /// The device cannot use this domain (wrong unit, incompatible format).
     Incompatible,
     /// The unit failed (a wait timed out, an invalidation or a table write
