@@ -68,6 +68,8 @@ pub enum PassthroughError {
     /// The unit refused an interrupt route (no remapping, table full,
     /// destination it cannot encode, or the hardware failed).
     Interrupt(Function, UnitError),
+    /// No such interrupt route (freed, or never made by this guest).
+    NoSuchRoute,
     /// The memory range is not page aligned, is empty or wraps.
     BadRange {
         /// Guest physical address.
@@ -90,6 +92,7 @@ impl fmt::Display for PassthroughError {
                 write!(f, "{d}: its IOMMU does not remap interrupts, so the device could inject any interrupt")
             }
             Self::Interrupt(d, e) => write!(f, "{d}: interrupt routing: {e}"),
+            Self::NoSuchRoute => write!(f, "no such interrupt route"),
             Self::BadRange { gpa, len } => write!(f, "guest memory {gpa:#x}+{len:#x} is not a page-aligned range"),
             Self::Iommufd(what, e) => write!(f, "{what}: {e:?}"),
         }

@@ -26,6 +26,24 @@ pub struct GuestFault {
     pub reason: u8,
 }
 
+/// A routed MSI of one of the guest's devices, as [`GuestDma::route_msi`]
+/// hands it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MsiHandle(u32);
+
+/// What [`GuestDma::route_msi`] made: the handle to retarget or free the
+/// route with, and the MSI address and data to program into the device
+/// (or its virtual MSI capability). Retargeting does not change them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Msi {
+    /// The route.
+    pub handle: MsiHandle,
+    /// MSI address to program.
+    pub address: u64,
+    /// MSI data to program.
+    pub data: u32,
+}
+
 /// One routed MSI.
 struct Route {
     function: Function,
@@ -54,7 +72,8 @@ pub struct GuestDma<P: Platform> {
     ictx: Ictx,
     ioas: u32,
     devices: BTreeMap<Function, Assigned>,
-    routes: Vec<Route>,
+    routes: BTreeMap<MsiHandle, Route>,
+    next_route: u32,
     allow_unsafe_interrupts: bool,
 }
 
@@ -63,7 +82,7 @@ impl<P: Platform> Drop for GuestDma<P> {
     /// away; the interrupt routes go here. A route whose entry cannot be
     /// cleared stays in the unit's table (the unit has stopped answering).
     fn drop(&mut self) {
-        for r in self.routes.drain(..) {
+        for r in core::mem::take(&mut self.routes).into_values() {
             let _ = r.free();
         }
     }
@@ -89,7 +108,15 @@ impl<P: Platform> GuestDma<P> {
         let memory = Arc::new(RegionMemory::new(PlatformPhys(iommus.platform().clone())));
         let ictx = Ictx::new(memory.clone() as Arc<dyn MemorySource>, pin_limit_pages);
         let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
-        Ok(Self { memory, ictx, ioas, devices: BTreeMap::new(), routes: Vec::new(), allow_unsafe_interrupts: false })
+        Ok(Self {
+            memory,
+            ictx,
+            ioas,
+            devices: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            next_route: 0,
+            allow_unsafe_interrupts: false,
+        })
     }
 
     /// Lets [`Self::assign`] accept devices whose unit does not remap
@@ -193,7 +220,7 @@ impl<P: Platform> GuestDma<P> {
         // Interrupts first: a route left behind would outlive the device's
         // ownership.
         let mut first_error = None;
-        self.routes.retain(|r| {
+        self.routes.retain(|_, r| {
             if r.function != function {
                 return true;
             }
@@ -214,22 +241,38 @@ impl<P: Platform> GuestDma<P> {
 
     /// Routes one MSI of the assigned function `segment:bdf` to `vector`
     /// on the CPU with APIC id `apic_id`, through an interrupt remapping
-    /// entry that accepts it only from this function. Returns the MSI
-    /// address and data to program into the device (or to give its virtual
-    /// MSI capability). The route goes away with [`Self::unassign`].
-    pub fn route_msi(
-        &mut self,
-        segment: u16,
-        bdf: Bdf,
-        vector: u8,
-        apic_id: u32,
-    ) -> Result<(u64, u32), PassthroughError> {
+    /// entry that accepts it only from this function. A function may have
+    /// several routes (one per MSI/MSI-X vector). Returns the route's
+    /// handle and the MSI address and data to program into the device.
+    /// The route goes away with [`Self::free_msi`] or [`Self::unassign`].
+    pub fn route_msi(&mut self, segment: u16, bdf: Bdf, vector: u8, apic_id: u32) -> Result<Msi, PassthroughError> {
         let function = Function { segment, bdf };
         let a = self.devices.get(&function).ok_or(PassthroughError::NotAssigned(function))?;
         let MsiRoute { handle, address, data } =
             a.unit.route_msi(a.requester_id, vector, apic_id).map_err(|e| PassthroughError::Interrupt(function, e))?;
-        self.routes.push(Route { function, unit: a.unit.clone(), requester_id: a.requester_id, handle });
-        Ok((address, data))
+        let id = MsiHandle(self.next_route);
+        self.next_route += 1;
+        self.routes.insert(id, Route { function, unit: a.unit.clone(), requester_id: a.requester_id, handle });
+        Ok(Msi { handle: id, address, data })
+    }
+
+    /// Points route `msi` at another vector and CPU. The device keeps its
+    /// MSI address and data; once this returns, the old vector never
+    /// arrives.
+    pub fn retarget_msi(&mut self, msi: MsiHandle, vector: u8, apic_id: u32) -> Result<(), PassthroughError> {
+        let r = self.routes.get(&msi).ok_or(PassthroughError::NoSuchRoute)?;
+        r.unit
+            .retarget_msi(r.requester_id, r.handle, vector, apic_id)
+            .map_err(|e| PassthroughError::Interrupt(r.function, e))
+    }
+
+    /// Frees route `msi`: the device's MSI through it is blocked again and
+    /// its remapping entry can be reused.
+    pub fn free_msi(&mut self, msi: MsiHandle) -> Result<(), PassthroughError> {
+        let r = self.routes.get(&msi).ok_or(PassthroughError::NoSuchRoute)?;
+        r.free()?;
+        self.routes.remove(&msi);
+        Ok(())
     }
 
     /// Guest pages pinned now.

@@ -126,7 +126,7 @@ pub mod topology;
 
 pub use acpi_tables::scope::Bdf;
 pub use error::{BringUpError, Function, PassthroughError};
-pub use guest::{GuestDma, GuestFault};
+pub use guest::{GuestDma, GuestFault, Msi, MsiHandle};
 pub use iommus::{AmdUnit, Driver, Iommus, Options, TableProblem, Unit, VtdUnit};
 pub use platform::{BridgeBuses, PciFunction, Platform, PlatformClock, PlatformError, PlatformPhys, PlatformTables};
 pub use portcullis_iommu::mmio::Mmio;

@@ -847,7 +847,8 @@ pub fn guest_dma_api_passes_a_device_through(p: &Platform) -> TestResult {
 }
 
 /// The assigned edu's MSI, routed through the API, arrives on the vector
-/// it names.
+/// it names; retargeted, only on the new one; freed, on none; a second
+/// route coexists with the first; a new route reuses a freed entry.
 fn msi_through_route(
     guest: &mut portcullis_kernel::host::GuestDma,
     p: &Platform,
@@ -857,16 +858,47 @@ fn msi_through_route(
 ) -> TestResult {
     use portcullis_kernel::arch::irq;
     const VECTOR: u8 = 0x2a;
+    const OTHER: u8 = 0x2c;
     let dev = p.pci.iter().find(|d| d.segment == seg && d.bdf == bdf).ok_or_else(|| fail("no such device".into()))?;
-    let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
-    let msg = guest.route_msi(seg, bdf, VECTOR, apic as u32).map_err(|e| fail(format!("{e}")))?;
-    ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(msg)), "the edu has no MSI capability");
+    let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))? as u32;
+    let err = |e: portcullis::PassthroughError| fail(format!("{e}"));
+    let msi = guest.route_msi(seg, bdf, VECTOR, apic).map_err(err)?;
+    // A second route of the same function (another MSI-X vector would use
+    // it): a different entry.
+    let second = guest.route_msi(seg, bdf, OTHER, apic).map_err(err)?;
+    ensure!((second.address, second.data) != (msi.address, msi.data), "two routes share an entry");
+    ensure!(
+        portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi.address, msi.data))),
+        "the edu has no MSI capability"
+    );
     irq::enable();
-    let arrived = raise_and_wait(edu, VECTOR, 2000);
+    let r = (|| -> TestResult {
+        let (a0, b0) = (irq::count(VECTOR), irq::count(OTHER));
+        ensure!(raise_and_wait(edu, VECTOR, 2000), "the routed MSI did not arrive on vector {:#x}", VECTOR);
+        ensure_eq!(irq::count(OTHER), b0, "the MSI also arrived on the other vector");
+        // Retargeted: the same address/data now arrive on OTHER only.
+        guest.retarget_msi(msi.handle, OTHER, apic).map_err(err)?;
+        let a1 = irq::count(VECTOR);
+        ensure!(raise_and_wait(edu, OTHER, 2000), "the retargeted MSI did not arrive on vector {:#x}", OTHER);
+        ensure_eq!(irq::count(VECTOR), a1, "the old vector arrived after the retarget");
+        ensure!(a1 > a0, "counted nothing on the first vector");
+        // Freed: nothing arrives, on either vector.
+        guest.free_msi(msi.handle).map_err(err)?;
+        let (a2, b2) = (irq::count(VECTOR), irq::count(OTHER));
+        ensure!(!raise_and_wait(edu, OTHER, 200), "an MSI arrived through a freed route");
+        ensure_eq!((irq::count(VECTOR), irq::count(OTHER)), (a2, b2), "an interrupt arrived after the free");
+        ensure!(guest.free_msi(msi.handle).is_err(), "a route freed twice");
+        // A new route reuses the freed entry.
+        let again = guest.route_msi(seg, bdf, VECTOR, apic).map_err(err)?;
+        ensure_eq!((again.address, again.data), (msi.address, msi.data), "the freed entry was not reused");
+        ensure!(raise_and_wait(edu, VECTOR, 2000), "the MSI did not arrive through the reused entry");
+        guest.free_msi(again.handle).map_err(err)?;
+        guest.free_msi(second.handle).map_err(err)?;
+        Ok(())
+    })();
     irq::disable();
     portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
-    ensure!(arrived, "the routed MSI did not arrive on vector {:#x}", VECTOR);
-    Ok(())
+    r
 }
 
 /// Reads and drops pending fault records so later cases start clean.

@@ -189,6 +189,13 @@ where
         let (address, data) = crate::irte::msi_message(index);
         Ok(MsiRoute { handle: index, address, data })
     }
+    fn retarget_msi(&self, requester_id: u16, handle: u16, vector: u8, destination: u32) -> Result<(), UnitError> {
+        let dest = u8::try_from(destination).map_err(|_| UnitError {
+            unit: self.base,
+            cause: HwError::Unsupported("APIC ids beyond 8 bits (x2APIC destinations)"),
+        })?;
+        self.unit.lock().retarget_interrupt(requester_id, handle, vector, dest)
+    }
     fn free_msi(&self, requester_id: u16, handle: u16) -> Result<(), UnitError> {
         self.unit.lock().unroute_interrupt(requester_id, handle)
     }

@@ -642,6 +642,21 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         Ok(index)
     }
 
+    /// Points route `index` of `device_id` at a new vector and destination:
+    /// the 32-bit entry is rewritten in one access and the device's
+    /// interrupt table invalidated and waited for; from the return on only
+    /// the new vector can arrive.
+    pub fn retarget_interrupt(&mut self, device_id: u16, index: u16, vector: u8, dest: u8) -> Result<(), Error> {
+        let Some(&(table, used)) = self.irq_tables.get(&device_id) else {
+            return Err(self.err(HwError::Invalid("retarget of a device with no routes")));
+        };
+        if index >= 1 << IRQ_TABLE_LOG2 || used & 1 << index == 0 {
+            return Err(self.err(HwError::Invalid("retarget of a route that does not exist")));
+        }
+        self.write_irte(table, index, crate::irte::Irte::remapped(vector, dest));
+        self.submit(&[Command::invalidate_interrupt_table(device_id)])
+    }
+
     /// Removes route `index` of `device_id`: that MSI is blocked again.
     pub fn unroute_interrupt(&mut self, device_id: u16, index: u16) -> Result<(), Error> {
         let Some(&(table, used)) = self.irq_tables.get(&device_id) else { return Ok(()) };

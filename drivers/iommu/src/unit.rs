@@ -132,6 +132,10 @@ pub trait IommuUnit: Send + Sync + fmt::Debug {
     /// `destination`, through an entry that accepts it from that requester
     /// only.
     fn route_msi(&self, requester_id: u16, vector: u8, destination: u32) -> Result<MsiRoute, UnitError>;
+    /// Points a route made by [`Self::route_msi`] at another vector and
+    /// destination. The device's MSI address and data stay as they were;
+    /// once this returns, the old vector never arrives.
+    fn retarget_msi(&self, requester_id: u16, handle: u16, vector: u8, destination: u32) -> Result<(), UnitError>;
     /// Frees a route made by [`Self::route_msi`]: the MSI is blocked again.
     fn free_msi(&self, requester_id: u16, handle: u16) -> Result<(), UnitError>;
     /// `IOMMU_GET_HW_INFO` for devices behind this unit: type and bytes.

@@ -234,6 +234,14 @@ where
         }
         Ok(MsiRoute { handle: index, address: msi_address(index), data: 0 })
     }
+    fn retarget_msi(&self, requester_id: u16, handle: u16, vector: u8, destination: u32) -> Result<(), UnitError> {
+        let mut u = self.unit.lock();
+        match u.irte(handle) {
+            Some(e) if e.present() && e.sid() == requester_id => {}
+            _ => return Err(u.err_invalid("retarget of a route this requester does not hold")),
+        }
+        u.retarget_irte(handle, Irte::remapped(vector, destination, false, requester_id))
+    }
     fn free_msi(&self, _requester_id: u16, handle: u16) -> Result<(), UnitError> {
         self.unit.lock().free_irte(handle)
     }

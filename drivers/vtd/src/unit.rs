@@ -281,6 +281,11 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     }
 
     /// An error of this unit.
+    /// An `Invalid` error of this unit (for callers outside the module).
+    pub fn err_invalid(&self, what: &'static str) -> Error {
+        self.err(HwError::Invalid(what))
+    }
+
     fn err(&self, cause: HwError) -> Error {
         UnitError { unit: self.base, cause }
     }
@@ -478,6 +483,26 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         }
         // High half first, present bit (low half) last.
         self.mem.write(table, i + 1, entry.0[1]);
+        self.mem.write(table, i, entry.0[0]);
+        self.flush_irte(table, index);
+        self.submit(&[Descriptor::iec(Some((index, 0)))])
+    }
+
+    /// Points present entry `index` at a new vector and destination without
+    /// a gap: only the low 64 bits change (present, vector, destination;
+    /// the source-id check in the high half stays), written in one access,
+    /// then the unit's cached copy is invalidated and waited for. From the
+    /// return on, only the new vector can arrive. `entry`'s high half must
+    /// equal the present one's.
+    pub fn retarget_irte(&mut self, index: u16, entry: crate::ir::Irte) -> Result<(), Error> {
+        let table = self.irt.ok_or(self.err(HwError::NotEnabled))?;
+        if index as usize >= crate::ir::IRTES_PER_PAGE {
+            return Err(self.err(HwError::Invalid("interrupt remapping table index out of range")));
+        }
+        let i = index as usize * 2;
+        if self.mem.read(table, i) & 1 == 0 || self.mem.read(table, i + 1) != entry.0[1] || entry.0[0] & 1 == 0 {
+            return Err(self.err(HwError::Invalid("retarget of an absent entry or with another source check")));
+        }
         self.mem.write(table, i, entry.0[0]);
         self.flush_irte(table, index);
         self.submit(&[Descriptor::iec(Some((index, 0)))])
