@@ -17,12 +17,13 @@ pub struct Config {
     pub about: &'static str,
 }
 
-/// Four edu DMA engines: one on the root bus; one behind a PCIe root port
+/// Five edu DMA engines: one on the root bus; one behind a PCIe root port
 /// (a sub-hierarchy scope) that can address all 64 bits; one behind a
-/// PCIe-to-PCI bridge, whose DMA carries the bridge's requester id; and a
-/// second 64-bit one on the root bus at slot 6 (QEMU's AMD-Vi sees devices
-/// behind bridges under bus 0, so its tests need two root-bus devices).
-const EDUS: [&str; 12] = [
+/// PCIe-to-PCI bridge, whose DMA carries the bridge's requester id; a
+/// second 64-bit one on the root bus at slot 6 and a third root-bus one at
+/// slot 7 (QEMU's AMD-Vi sees devices behind bridges under bus 0, so its
+/// tests use root-bus devices: two guests and the host need three).
+const EDUS: [&str; 14] = [
     "-device",
     "edu",
     "-device",
@@ -35,11 +36,13 @@ const EDUS: [&str; 12] = [
     "edu,bus=pb1,addr=0x1",
     "-device",
     "edu,addr=0x6,dma_mask=0xffffffffffffffff",
+    "-device",
+    "edu,addr=0x7",
 ];
 
 macro_rules! devices {
     ($($d:expr),*) => {
-        &[$($d,)* EDUS[0], EDUS[1], EDUS[2], EDUS[3], EDUS[4], EDUS[5], EDUS[6], EDUS[7], EDUS[8], EDUS[9], EDUS[10], EDUS[11]]
+        &[$($d,)* EDUS[0], EDUS[1], EDUS[2], EDUS[3], EDUS[4], EDUS[5], EDUS[6], EDUS[7], EDUS[8], EDUS[9], EDUS[10], EDUS[11], EDUS[12], EDUS[13]]
     };
 }
 
