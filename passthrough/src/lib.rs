@@ -121,6 +121,7 @@ extern crate alloc;
 mod error;
 mod guest;
 mod iommus;
+pub mod ownership;
 mod platform;
 pub mod topology;
 
