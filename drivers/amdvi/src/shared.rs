@@ -20,7 +20,6 @@ use portcullis_iommu::unit::{DmaFault, FirmwareRange, IommuUnit, IovaRange, MsiR
 use portcullis_iommu::{DeviceHandle, DomainError, HwError, IommuDomain, Prot, UnitError};
 use spin::Mutex;
 
-
 /// An I/O page fault event as a vendor-neutral fault (other events are
 /// not DMA faults).
 fn fault(e: &Event) -> Option<DmaFault> {
@@ -186,8 +185,7 @@ where
             unit: self.base,
             cause: HwError::Unsupported("APIC ids beyond 8 bits (x2APIC destinations)"),
         })?;
-        let index =
-            self.unit.lock().route_interrupt(requester_id, vector, dest)?;
+        let index = self.unit.lock().route_interrupt(requester_id, vector, dest)?;
         let (address, data) = crate::irte::msi_message(index);
         Ok(MsiRoute { handle: index, address, data })
     }
@@ -218,11 +216,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Invalidator for AmdInvalidator<M, T
     fn invalidate(&mut self, start: u64, last: u64, _tables_freed: bool) -> Result<(), DomainError> {
         // INVALIDATE_IOMMU_PAGES always drops the page-directory entries
         // the range covers (PDE = 1), freed tables included.
-        self.unit
-            .unit
-            .lock()
-            .invalidate_range(self.domain_id, start, last)
-            .map_err(DomainError::from)
+        self.unit.unit.lock().invalidate_range(self.domain_id, start, last).map_err(DomainError::from)
     }
     fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
         if self.np_cache { self.invalidate(iova, last, false) } else { Ok(()) }
@@ -279,10 +273,7 @@ where
     fn attach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         let t = self.paging.table();
         let (root, levels) = (t.root(), t.format().levels());
-        self.unit
-            .unit
-            .lock()
-            .attach(requester_id, root, levels, self.domain_id)
+        self.unit.unit.lock().attach(requester_id, root, levels, self.domain_id)
     }
     fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         self.unit.unit.lock().detach(requester_id)

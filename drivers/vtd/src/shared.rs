@@ -72,7 +72,6 @@ impl Stage {
     }
 }
 
-
 fn fault(r: &crate::FaultRecord) -> DmaFault {
     DmaFault { requester_id: r.source_id, address: r.address, write: r.write, reason: r.reason }
 }
@@ -105,8 +104,7 @@ where
         match mode.unwrap_or(Mode::best(caps)) {
             Mode::Legacy { queued } => unit.enable(queued),
             Mode::Scalable => unit.enable_scalable(),
-        }
-        ?;
+        }?;
         if caps.interrupt_remapping() && unit.queued() {
             unit.enable_interrupt_remapping()?;
         }
