@@ -13,7 +13,9 @@
 
 mod support;
 
-use portcullis::{Bdf, GuestAddr, GuestDma, GuestFault, Iommus, Options, PciFunction, PhysAddr};
+use portcullis::{
+    Bdf, GuestAddr, GuestDma, GuestFault, HwError, Iommus, Options, PassthroughError, PciFunction, PhysAddr, UnitError,
+};
 use std::sync::Arc;
 use support::host::pci::{CONVENTIONAL, ENDPOINT, INTEGRATED, PCIE_TO_PCI, ROOT_PORT, bdf, bridge, endpoint};
 use support::host::{ModelHost, POISON, View};
@@ -243,6 +245,12 @@ fn scenario(config: Config) -> Arc<ModelHost> {
         Msi::Blocked("source id not allowed by the entry"),
         "another device using the same message"
     );
+    // An APIC id the unit's xAPIC-format entries cannot hold is refused,
+    // not truncated to another CPU's.
+    let t0 = mark(&host);
+    let e = guest.route_msi(0, ALIASED, 0x43, 0x123).unwrap_err();
+    assert!(matches!(e, PassthroughError::Interrupt(_, UnitError { cause: HwError::Unsupported(_), .. })), "{e:?}");
+    assert!(changed_since(&host, host.unit(UNIT_A).view, &[r.words[0] + 16], t0).is_none(), "no entry written");
     let (address_c, data_c) = guest.route_msi(0, XHCI, 0x42, 1).unwrap();
     let Msi::Remapped(rc) = walk::msi(&host, UNIT_C, 0x00a0, address_c, data_c).unwrap() else { panic!() };
     assert_eq!((rc.vector, rc.destination), (0x42, 1));
