@@ -387,3 +387,33 @@ fn two_units_each_translate_only_their_own_devices() {
     amd_invalidated(&host.amd(DIE0).log(), changed, "detach", |i| i.covers_device(0x100));
     assert_maps(&host, DIE1, 0x4100, R1);
 }
+
+/// 06:05.0 and 06:06.0 both reach the unit as 00:14.4: one guest at a
+/// time may have them.
+#[test]
+fn functions_behind_the_pci_bridge_belong_to_one_guest() {
+    let host = with_iommu_function(ModelHost::builder(), bdf(0, 0, 2))
+        .amd_unit(UNIT_990, QEMU_EFR, true)
+        .functions(topology_990())
+        .ivrs(IVRS_990XA)
+        .guest_ram(0x2_0000_0000, 1 << 32)
+        .build();
+    let iommus = Iommus::bring_up(host.clone());
+    let mut g1 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g1.add_memory(GuestAddr(R1.0), PhysAddr(R1.1), R1.2, true).unwrap();
+    let mut g2 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g2.add_memory(GuestAddr(R1.0), PhysAddr(R2.1), R1.2, true).unwrap();
+    g1.assign(&iommus, 0, LEGACY_PCI).unwrap();
+    mark(&host);
+    let sibling = bdf(6, 6, 0);
+    assert_eq!(
+        g2.assign(&iommus, 0, sibling),
+        Err(PassthroughError::RequesterInUse(Function { segment: 0, bdf: sibling }))
+    );
+    untouched(&host, &[], "a refused assignment");
+    assert_maps(&host, UNIT_990, ALIAS_RID, R1);
+    drop(g1);
+    assert_blocked(&host, UNIT_990, ALIAS_RID, R1.0, "the first guest is gone");
+    g2.assign(&iommus, 0, sibling).unwrap();
+    assert_maps(&host, UNIT_990, ALIAS_RID, (R1.0, R2.1, R1.2));
+}

@@ -430,3 +430,76 @@ fn scalable_mode_second_stage_with_caching_mode() {
     vtd_invalidated(&log, changed, "PASID entry cleared", pasid_cache(did));
     vtd_invalidated(&log, changed, "IOTLB after the PASID entry cleared", |i| i.covers_iotlb(did, R1.0, true));
 }
+
+/// Memory added while devices translate reaches them (ECAP.C = 0: the new
+/// tables and entries are flushed); dropping the guest blocks its devices
+/// and clears their MSI routes, each change invalidated.
+#[test]
+fn memory_added_later_and_dropping_the_guest() {
+    let host = host(Config::QEMU);
+    let iommus = Iommus::bring_up(host.clone());
+    let mut guest = GuestDma::new(&iommus, 1 << 20).unwrap();
+    guest.add_memory(GuestAddr(R1.0), PhysAddr(R1.1), R1.2, true).unwrap();
+    guest.assign(&iommus, 0, ALIASED).unwrap();
+    guest.assign(&iommus, 0, XHCI).unwrap();
+    guest.add_memory(GuestAddr(R2.0), PhysAddr(R2.1), R2.2, true).unwrap();
+    assert_maps(&host, UNIT_A, ALIAS_RID, R2);
+    assert_maps(&host, UNIT_C, 0x00a0, R2);
+    let (address, data) = guest.route_msi(0, ALIASED, 0x41, 3).unwrap();
+    let did = walk(&host, UNIT_A, ALIAS_RID, 0).domain.unwrap();
+    let t0 = mark(&host);
+    drop(guest);
+    let w = walk(&host, UNIT_A, ALIAS_RID, R1.0);
+    assert_eq!(w.outcome, Outcome::Blocked("context entry not present"));
+    let changed = changed_since(&host, View::Memory, &w.entry_words, t0).unwrap();
+    vtd_invalidated(&host.vtd(UNIT_A).log(), changed, "detach on drop", |i| i.covers_context(did, ALIAS_RID));
+    assert_eq!(walk::msi(&host, UNIT_A, ALIAS_RID, address, data).unwrap(), Msi::Blocked("entry not present"));
+    assert_blocked(&host, UNIT_C, 0x00a0, R2.0, "00:14.0 after the drop");
+    assert_eq!(iommus.attached_domain(0, ALIASED), None);
+    // The requester ids are free again.
+    let mut next = GuestDma::new(&iommus, 1 << 20).unwrap();
+    next.add_memory(GuestAddr(R1.0), PhysAddr(R1.1), R1.2, true).unwrap();
+    next.assign(&iommus, 0, ALIASED).unwrap();
+    assert_maps(&host, UNIT_A, ALIAS_RID, R1);
+}
+
+/// 83:01.0 and 83:02.0 sit behind the same PCIe-to-PCI bridge: their DMA
+/// both carries 83:00.0, so the unit cannot tell them apart. Another
+/// guest may have neither once one is assigned (it would retarget the
+/// first guest's device to its own memory); within one guest, the id is
+/// detached only when the last of them is unassigned.
+#[test]
+fn functions_sharing_a_requester_id_belong_to_one_guest() {
+    let sibling = bdf(0x83, 2, 0);
+    let host = host(Config::QEMU.coherent(true));
+    let iommus = Iommus::bring_up(host.clone());
+    let mut g1 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g1.add_memory(GuestAddr(R1.0), PhysAddr(R1.1), R1.2, true).unwrap();
+    let mut g2 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g2.add_memory(GuestAddr(R1.0), PhysAddr(R2.1), R1.2, true).unwrap();
+    g1.assign(&iommus, 0, ALIASED).unwrap();
+    mark(&host);
+    for f in [sibling, ALIASED] {
+        let e = g2.assign(&iommus, 0, f);
+        assert_eq!(e, Err(PassthroughError::RequesterInUse(portcullis::Function { segment: 0, bdf: f })));
+    }
+    untouched(&host, &[], "refused assignments");
+    assert_maps(&host, UNIT_A, ALIAS_RID, R1);
+    // The sibling in the same guest shares the translation.
+    g1.assign(&iommus, 0, sibling).unwrap();
+    g1.unassign(0, ALIASED).unwrap();
+    assert_maps(&host, UNIT_A, ALIAS_RID, R1);
+    assert_eq!(iommus.attached_domain(0, sibling), walk(&host, UNIT_A, ALIAS_RID, 0).domain);
+    assert_eq!(
+        g2.assign(&iommus, 0, ALIASED),
+        Err(PassthroughError::RequesterInUse(portcullis::Function { segment: 0, bdf: ALIASED }))
+    );
+    g1.unassign(0, sibling).unwrap();
+    assert_blocked(&host, UNIT_A, ALIAS_RID, R1.0, "both unassigned");
+    // Now the other guest may have them.
+    g2.assign(&iommus, 0, sibling).unwrap();
+    assert_maps(&host, UNIT_A, ALIAS_RID, (R1.0, R2.1, R1.2));
+    // A function with its own id is unaffected by all this.
+    g1.assign(&iommus, 0, NVME).unwrap();
+    assert_maps(&host, UNIT_A, 0x8100, R1);
+}
