@@ -126,12 +126,44 @@ fn topology_990() -> Vec<PciFunction> {
     ]
 }
 
+/// `ivrs` with the Coherent flag (bit 5) of every IVHD cleared and the
+/// checksum fixed: the same machine with a unit whose fetches do not snoop.
+fn without_coherent_flag(ivrs: &[u8]) -> Vec<u8> {
+    let mut t = ivrs.to_vec();
+    let mut at = 48;
+    while at + 4 <= t.len() {
+        let len = u16::from_le_bytes([t[at + 2], t[at + 3]]) as usize;
+        if matches!(t[at], 0x10 | 0x11 | 0x40) {
+            t[at + 1] &= !(1 << 5);
+        }
+        at += len.max(4);
+    }
+    t[9] = 0;
+    let sum = t.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+    t[9] = sum.wrapping_neg();
+    t
+}
+
 #[test]
 fn one_unit_from_a_real_ivrs_with_an_alias_range() {
+    scenario_990(true);
+}
+
+/// The same with the IVHD's Coherent flag clear: the unit reads memory,
+/// not the CPU's caches, and the walker reads only lines written back
+/// (device table, interrupt tables, page tables, fresh frames' zeroes).
+#[test]
+fn one_unit_from_a_real_ivrs_non_coherent() {
+    let host = scenario_990(false);
+    assert!(!host.mem.flushes().is_empty());
+}
+
+fn scenario_990(coherent: bool) -> std::sync::Arc<ModelHost> {
+    let ivrs = if coherent { IVRS_990XA.to_vec() } else { without_coherent_flag(IVRS_990XA) };
     let host = with_iommu_function(ModelHost::builder(), bdf(0, 0, 2))
-        .amd_unit(UNIT_990, QEMU_EFR, true)
+        .amd_unit(UNIT_990, QEMU_EFR, coherent)
         .functions(topology_990())
-        .ivrs(IVRS_990XA)
+        .ivrs(&ivrs)
         .guest_ram(0x2_0000_0000, 1 << 32)
         .build();
     // The alias range is the firmware's.
@@ -291,6 +323,7 @@ fn one_unit_from_a_real_ivrs_with_an_alias_range() {
     drop(guest);
     assert_only_interrupt_tables_left(&host, UNIT_990, &runs_at_bring_up, &[ALIAS_RID, 0x100]);
     assert_eq!(host.amd(UNIT_990).state().illegal_commands, 0);
+    host
 }
 
 /// The T14's IVMD exclusion range for 03:00.0 is mapped one-to-one (the

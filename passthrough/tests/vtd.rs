@@ -503,3 +503,54 @@ fn functions_sharing_a_requester_id_belong_to_one_guest() {
     g1.assign(&iommus, 0, NVME).unwrap();
     assert_maps(&host, UNIT_A, 0x8100, R1);
 }
+
+/// Scalable mode on a unit with first-stage translation only (as QEMU's
+/// `x-flts=on`): the domain's table is an x86 first-stage table behind a
+/// PASID entry with PGTT = first-stage; unmaps and detaches use
+/// PASID-based IOTLB invalidation.
+#[test]
+fn scalable_mode_first_stage_only() {
+    let config = Config { cap: Config::QEMU.cap | 1 << 56, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 47 };
+    let host = host(config);
+    let iommus = Iommus::bring_up(host.clone());
+    assert!(iommus.units().iter().all(|u| u.state.is_ok()), "{:?}", iommus.units());
+    let mut guest = GuestDma::new(&iommus, 1 << 20).unwrap();
+    for (gpa, hpa, len) in [R1, R2] {
+        guest.add_memory(GuestAddr(gpa), PhysAddr(hpa), len, true).unwrap();
+    }
+    guest.assign(&iommus, 0, ALIASED).unwrap();
+    for r in [R1, R2] {
+        assert_maps(&host, UNIT_A, ALIAS_RID, r);
+    }
+    assert_blocked(&host, UNIT_A, 0x8100, R1.0, "81:00.0 not assigned");
+    let did = walk(&host, UNIT_A, ALIAS_RID, 0).domain.unwrap();
+    let before: Vec<Walk> = (0..R2.2).step_by(4096).map(|off| walk(&host, UNIT_A, ALIAS_RID, R2.0 + off)).collect();
+    let t0 = mark(&host);
+    guest.remove_memory(GuestAddr(R2.0), R2.2).unwrap();
+    let log = host.vtd(UNIT_A).log();
+    let freed: Vec<_> = host.mem.freed().into_iter().filter(|f| f.stamp > t0).collect();
+    for (k, old) in before.iter().enumerate() {
+        let iova = R2.0 + k as u64 * 4096;
+        assert_blocked(&host, UNIT_A, ALIAS_RID, iova, "removed memory");
+        let in_freed = |a: u64| freed.iter().any(|f| a >= f.base && a < f.base + f.count as u64 * 4096);
+        let kept: Vec<u64> = old.table_words.iter().copied().filter(|&a| !in_freed(a)).collect();
+        let changed = changed_since(&host, View::Cpu, &kept, t0).unwrap();
+        let tables = old.tables.iter().any(|&t| in_freed(t));
+        vtd_invalidated(&log, changed, "first-stage unmap", |i| i.covers_pasid_iotlb(did, 0, iova, tables));
+    }
+    let t0 = mark(&host);
+    guest.unassign(0, ALIASED).unwrap();
+    let w = walk(&host, UNIT_A, ALIAS_RID, R1.0);
+    assert!(w.blocked(), "{:?}", w.outcome);
+    let log = host.vtd(UNIT_A).log();
+    let changed = changed_since(&host, View::Cpu, &w.entry_words, t0).unwrap();
+    vtd_invalidated(
+        &log,
+        changed,
+        "PASID entry cleared",
+        |i| matches!(*i, Invalidation::PasidCache { g: 1, did: d, pasid: 0 } if d == did),
+    );
+    vtd_invalidated(&log, changed, "first-stage IOTLB after the PASID entry cleared", |i| {
+        i.covers_pasid_iotlb(did, 0, R1.0, true)
+    });
+}

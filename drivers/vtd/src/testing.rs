@@ -181,6 +181,23 @@ impl Invalidation {
         }
     }
 
+    /// Whether this drops first-stage (PASID-tagged) IOTLB entries of
+    /// `pasid` in domain `did` for `iova`; with `tables`, paging-structure
+    /// cache entries too (no IH). A domain-selective IOTLB invalidation
+    /// covers every PASID of the domain in scalable mode.
+    pub fn covers_pasid_iotlb(&self, did: u16, pasid: u32, iova: u64, tables: bool) -> bool {
+        match *self {
+            Self::PasidIotlb { did: d, pasid: p, pages: None } => d == did && p == pasid,
+            Self::PasidIotlb { did: d, pasid: p, pages: Some((addr, am, ih)) } => {
+                let size = 1u64 << (12 + am as u32).min(63);
+                d == did && p == pasid && iova & !(size - 1) == addr & !(size - 1) && !(tables && ih)
+            }
+            Self::Iotlb(IotlbInvalidation::Global) => true,
+            Self::Iotlb(IotlbInvalidation::Domain(d)) => d == did,
+            _ => false,
+        }
+    }
+
     /// Whether this drops the cached interrupt remapping entry `index`.
     pub fn covers_interrupt_entry(&self, index: u16) -> bool {
         match *self {
