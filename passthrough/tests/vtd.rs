@@ -534,7 +534,7 @@ fn scalable_mode_first_stage_only() {
         assert_blocked(&host, UNIT_A, ALIAS_RID, iova, "removed memory");
         let in_freed = |a: u64| freed.iter().any(|f| a >= f.base && a < f.base + f.count as u64 * 4096);
         let kept: Vec<u64> = old.table_words.iter().copied().filter(|&a| !in_freed(a)).collect();
-        let changed = changed_since(&host, View::Cpu, &kept, t0).unwrap();
+        let changed = changed_since(&host, host.unit(UNIT_A).view, &kept, t0).unwrap();
         let tables = old.tables.iter().any(|&t| in_freed(t));
         vtd_invalidated(&log, changed, "first-stage unmap", |i| i.covers_pasid_iotlb(did, 0, iova, tables));
     }
@@ -543,7 +543,7 @@ fn scalable_mode_first_stage_only() {
     let w = walk(&host, UNIT_A, ALIAS_RID, R1.0);
     assert!(w.blocked(), "{:?}", w.outcome);
     let log = host.vtd(UNIT_A).log();
-    let changed = changed_since(&host, View::Cpu, &w.entry_words, t0).unwrap();
+    let changed = changed_since(&host, host.unit(UNIT_A).view, &w.entry_words, t0).unwrap();
     vtd_invalidated(
         &log,
         changed,
@@ -553,4 +553,24 @@ fn scalable_mode_first_stage_only() {
     vtd_invalidated(&log, changed, "first-stage IOTLB after the PASID entry cleared", |i| {
         i.covers_pasid_iotlb(did, 0, R1.0, true)
     });
+}
+
+/// Guest memory over the RMRR: the device that needs the RMRR cannot be
+/// given to that guest (its DMA would land in guest memory), nothing is
+/// written, and its requester id stays free for another guest.
+#[test]
+fn an_rmrr_inside_guest_memory_refuses_the_device() {
+    let host = host(Config::QEMU.coherent(true));
+    let iommus = Iommus::bring_up(host.clone());
+    let mut g1 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g1.add_memory(GuestAddr(RMRR.0 & !0x1f_ffff), PhysAddr(R1.1), 0x20_0000, true).unwrap();
+    mark(&host);
+    assert!(matches!(g1.assign(&iommus, 0, XHCI), Err(PassthroughError::Iommufd("attach", _))));
+    // (The domain made for the attach was filled and dropped again: its
+    // invalidations ran, but no device entry was written.)
+    assert_eq!(walk(&host, UNIT_C, 0x00a0, RMRR.0).outcome, Outcome::Blocked("root entry not present"));
+    let mut g2 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g2.add_memory(GuestAddr(R1.0), PhysAddr(R2.1), R1.2, true).unwrap();
+    g2.assign(&iommus, 0, XHCI).unwrap();
+    assert_eq!(walk(&host, UNIT_C, 0x00a0, RMRR.0).hpa(true), Some(RMRR.0));
 }
