@@ -2,13 +2,13 @@
 //! from a real machine's DMAR, guest memory, assignment, MSI routes and
 //! unassignment, checked by walking what the driver wrote.
 //!
-//! The DMAR is `dmar-0d29630957f2.dat` from the corpus (a two-socket Xeon
-//! machine, see `drivers/acpi-tables/tests/corpus/SOURCES.tsv`): three
-//! DRHDs, one with endpoint scopes (80:04.0-7) and sub-hierarchy scopes
-//! (bridges 80:01.0 and 80:02.0) on the second root bus, one with the
-//! single endpoint 00:1b.0, and an INCLUDE_PCI_ALL unit; one RMRR for the
-//! USB controllers 00:14.0, 00:1a.0 and 00:1d.0. The PCI topology below is
-//! built to what those scopes name, with a PCIe-to-PCI bridge (82:00.0)
+//! The DMAR is `dmar-0d29630957f2.dat` from the corpus (a Supermicro
+//! X10DAi, two Xeon sockets; `drivers/acpi-tables/tests/corpus/SOURCES.tsv`):
+//! three DRHDs, one with endpoint scopes (80:04.0-7) and sub-hierarchy
+//! scopes (bridges 80:01.0 and 80:02.0) on the second root bus, one with
+//! the single endpoint 00:1b.0, and an INCLUDE_PCI_ALL unit; one RMRR for
+//! the USB controllers 00:14.0, 00:1a.0 and 00:1d.0. The PCI topology below
+//! is built to what those scopes name, with a PCIe-to-PCI bridge (82:00.0)
 //! under 80:02.0 whose conventional devices alias to 83:00.0.
 
 mod support;
