@@ -61,6 +61,11 @@ pub enum PassthroughError {
     AlreadyAssigned(Function),
     /// The function is not assigned to this guest.
     NotAssigned(Function),
+    /// Another guest holds the requester id the function's DMA carries:
+    /// the function itself, or one whose DMA carries the same id (behind
+    /// the same PCIe-to-PCI or PCI bridge, or a firmware alias). The unit
+    /// cannot tell their DMA apart, so only one guest may have them.
+    RequesterInUse(Function),
     /// The function's unit does not remap interrupts: the device could
     /// raise any interrupt on the host by writing the interrupt window.
     /// [`crate::GuestDma::allow_unsafe_interrupts`] accepts that risk.
@@ -88,6 +93,9 @@ impl fmt::Display for PassthroughError {
             Self::UnitDown(d, e) => write!(f, "{d}: its IOMMU unit is not running: {e}"),
             Self::AlreadyAssigned(d) => write!(f, "{d} is already assigned"),
             Self::NotAssigned(d) => write!(f, "{d} is not assigned"),
+            Self::RequesterInUse(d) => {
+                write!(f, "{d}: another guest has a device whose DMA carries the same requester id")
+            }
             Self::UnsafeInterrupts(d) => {
                 write!(f, "{d}: its IOMMU does not remap interrupts, so the device could inject any interrupt")
             }

@@ -2,7 +2,7 @@
 //! iommufd IOAS, the devices assigned to it, and their interrupt routes.
 
 use crate::error::{Function, PassthroughError};
-use crate::iommus::Iommus;
+use crate::iommus::{Claims, Iommus};
 use crate::platform::{Platform, PlatformPhys};
 use crate::{Bdf, GuestAddr, PhysAddr};
 use alloc::collections::BTreeMap;
@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use iommufd::ctx::{DeviceOps, Ictx};
 use iommufd::memsrc::{MemorySource, RegionMemory};
-use portcullis_iommu::unit::{IommuUnit, MsiRoute};
+use portcullis_iommu::unit::{IommuUnit, MsiRoute, RequesterRef};
 
 /// A DMA fault of one of the guest's devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,11 +58,12 @@ impl Route {
     }
 }
 
-/// One assigned device.
+/// One assigned function. Functions of the guest whose DMA carries the
+/// same requester id share one iommufd device (`id`).
 struct Assigned {
     id: u32,
     unit: Arc<dyn IommuUnit>,
-    requester_id: u16,
+    at: RequesterRef,
 }
 
 /// One guest's DMA view: its memory at IOVA = guest physical address, and
@@ -75,15 +76,29 @@ pub struct GuestDma<P: Platform> {
     routes: BTreeMap<MsiHandle, Route>,
     next_route: u32,
     allow_unsafe_interrupts: bool,
+    claims: Arc<Claims>,
+    guest: u64,
 }
 
 impl<P: Platform> Drop for GuestDma<P> {
-    /// The devices are detached (blocked) by the iommufd context going
-    /// away; the interrupt routes go here. A route whose entry cannot be
-    /// cleared stays in the unit's table (the unit has stopped answering).
+    /// The interrupt routes go, then the devices are detached (blocked)
+    /// and their requester ids given back. A route whose entry cannot be
+    /// cleared stays in the unit's table, and a device that cannot be
+    /// detached keeps its requester id (the unit has stopped answering).
     fn drop(&mut self) {
         for r in core::mem::take(&mut self.routes).into_values() {
             let _ = r.free();
+        }
+        let mut detached: Vec<u32> = Vec::new();
+        for a in self.devices.values() {
+            if !detached.contains(&a.id) {
+                if self.ictx.detach(a.id).is_err() {
+                    continue;
+                }
+                let _ = self.ictx.unbind_device(a.id);
+                detached.push(a.id);
+            }
+            self.claims.release(a.at, self.guest);
         }
     }
 }
@@ -108,6 +123,8 @@ impl<P: Platform> GuestDma<P> {
         let memory = Arc::new(RegionMemory::new(PlatformPhys(iommus.platform().clone())));
         let ictx = Ictx::new(memory.clone() as Arc<dyn MemorySource>, pin_limit_pages);
         let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
+        let claims = iommus.claims().clone();
+        let guest = claims.new_guest();
         Ok(Self {
             memory,
             ictx,
@@ -116,6 +133,8 @@ impl<P: Platform> GuestDma<P> {
             routes: BTreeMap::new(),
             next_route: 0,
             allow_unsafe_interrupts: false,
+            claims,
+            guest,
         })
     }
 
@@ -176,7 +195,7 @@ impl<P: Platform> GuestDma<P> {
                 polled.push(key);
             }
             let (log, _) = a.unit.fault_log();
-            out.extend(log.iter().filter(|f| f.requester_id == a.requester_id).map(|f| GuestFault {
+            out.extend(log.iter().filter(|f| f.requester_id == a.at.requester_id).map(|f| GuestFault {
                 function,
                 address: f.address,
                 write: f.write,
@@ -188,8 +207,10 @@ impl<P: Platform> GuestDma<P> {
 
     /// Gives the guest the function `segment:bdf`: its DMA is translated
     /// through the guest's memory map from now on. Refused for a function
-    /// no IOMMU isolates, and (unless allowed) one whose interrupts the
-    /// unit does not remap.
+    /// no IOMMU isolates, (unless allowed) one whose interrupts the unit
+    /// does not remap, and one whose requester id a device of another
+    /// guest of the same [`Iommus`] carries (the same function, or one
+    /// behind the same bridge: the unit cannot tell their DMA apart).
     pub fn assign(&mut self, iommus: &Iommus<P>, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
         let function = Function { segment, bdf };
         if self.devices.contains_key(&function) {
@@ -200,23 +221,41 @@ impl<P: Platform> GuestDma<P> {
         if !self.allow_unsafe_interrupts && !unit.remaps_interrupts() {
             return Err(PassthroughError::UnsafeInterrupts(function));
         }
-        let requester_id = device.requester().requester_id;
+        let at = device.requester();
+        if !self.claims.take(at, self.guest) {
+            return Err(PassthroughError::RequesterInUse(function));
+        }
+        // Another function of this guest carries the same requester id: its
+        // DMA already goes through the guest's memory map.
+        if let Some(id) = self.devices.values().find(|a| a.at == at).map(|a| a.id) {
+            self.devices.insert(function, Assigned { id, unit, at });
+            return Ok(());
+        }
         let ops: Arc<dyn DeviceOps> = Arc::new(device);
-        let id = self.ictx.bind_device(ops).map_err(|e| PassthroughError::Iommufd("bind", e))?;
+        let id = match self.ictx.bind_device(ops) {
+            Ok(id) => id,
+            Err(e) => {
+                self.claims.release(at, self.guest);
+                return Err(PassthroughError::Iommufd("bind", e));
+            }
+        };
         if let Err(e) = self.ictx.attach(id, self.ioas) {
             // Never attached: unbinding only drops the object.
             let _ = self.ictx.unbind_device(id);
+            self.claims.release(at, self.guest);
             return Err(PassthroughError::Iommufd("attach", e));
         }
-        self.devices.insert(function, Assigned { id, unit, requester_id });
+        self.devices.insert(function, Assigned { id, unit, at });
         Ok(())
     }
 
     /// Takes the function back: its DMA and its interrupts are blocked
-    /// again.
+    /// again (its DMA only once no other function of the guest carries
+    /// the same requester id).
     pub fn unassign(&mut self, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
         let function = Function { segment, bdf };
-        let id = self.devices.get(&function).ok_or(PassthroughError::NotAssigned(function))?.id;
+        let (id, at) =
+            self.devices.get(&function).map(|a| (a.id, a.at)).ok_or(PassthroughError::NotAssigned(function))?;
         // Interrupts first: a route left behind would outlive the device's
         // ownership.
         let mut first_error = None;
@@ -233,9 +272,13 @@ impl<P: Platform> GuestDma<P> {
         if let Some(e) = first_error {
             return Err(e);
         }
-        self.ictx.detach(id).map_err(|e| PassthroughError::Iommufd("detach", e))?;
-        self.ictx.unbind_device(id).map_err(|e| PassthroughError::Iommufd("unbind", e))?;
+        let shared = self.devices.iter().any(|(f, a)| *f != function && a.id == id);
+        if !shared {
+            self.ictx.detach(id).map_err(|e| PassthroughError::Iommufd("detach", e))?;
+            self.ictx.unbind_device(id).map_err(|e| PassthroughError::Iommufd("unbind", e))?;
+        }
         self.devices.remove(&function);
+        self.claims.release(at, self.guest);
         Ok(())
     }
 
@@ -248,11 +291,13 @@ impl<P: Platform> GuestDma<P> {
     pub fn route_msi(&mut self, segment: u16, bdf: Bdf, vector: u8, apic_id: u32) -> Result<Msi, PassthroughError> {
         let function = Function { segment, bdf };
         let a = self.devices.get(&function).ok_or(PassthroughError::NotAssigned(function))?;
-        let MsiRoute { handle, address, data } =
-            a.unit.route_msi(a.requester_id, vector, apic_id).map_err(|e| PassthroughError::Interrupt(function, e))?;
+        let MsiRoute { handle, address, data } = a
+            .unit
+            .route_msi(a.at.requester_id, vector, apic_id)
+            .map_err(|e| PassthroughError::Interrupt(function, e))?;
         let id = MsiHandle(self.next_route);
         self.next_route += 1;
-        self.routes.insert(id, Route { function, unit: a.unit.clone(), requester_id: a.requester_id, handle });
+        self.routes.insert(id, Route { function, unit: a.unit.clone(), requester_id: a.at.requester_id, handle });
         Ok(Msi { handle: id, address, data })
     }
 

@@ -10,6 +10,7 @@ use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 use portcullis_iommu::Prot;
 use portcullis_iommu::mmio::Mmio;
 use portcullis_iommu::unit::{Device, FirmwareRange, IommuUnit, IovaRange, RequesterRef, Vendor};
@@ -100,12 +101,57 @@ pub struct Options {
     pub vtd_mode: Option<vtd::Mode>,
 }
 
+/// Which guest holds each requester id of each unit, across every
+/// [`crate::GuestDma`] made from one [`Iommus`]: an id (and so every
+/// function whose DMA carries it) belongs to one guest at a time.
+#[derive(Debug, Default)]
+pub(crate) struct Claims {
+    next_guest: AtomicU64,
+    /// (guest, holds) per requester id.
+    held: spin::Mutex<BTreeMap<RequesterRef, (u64, usize)>>,
+}
+
+impl Claims {
+    /// A number no other guest has.
+    pub(crate) fn new_guest(&self) -> u64 {
+        self.next_guest.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// One more hold of `at` by `guest`; `false` when another guest holds
+    /// it.
+    pub(crate) fn take(&self, at: RequesterRef, guest: u64) -> bool {
+        let mut held = self.held.lock();
+        match held.get_mut(&at) {
+            Some((g, n)) if *g == guest => *n += 1,
+            Some(_) => return false,
+            None => {
+                held.insert(at, (guest, 1));
+            }
+        }
+        true
+    }
+
+    /// Gives back one hold of `at` by `guest`.
+    pub(crate) fn release(&self, at: RequesterRef, guest: u64) {
+        let mut held = self.held.lock();
+        if let Some((g, n)) = held.get_mut(&at)
+            && *g == guest
+        {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&at);
+            }
+        }
+    }
+}
+
 /// Every IOMMU of the platform, brought up with every device blocked.
 pub struct Iommus<P: Platform> {
     platform: Arc<P>,
     units: Vec<Unit<P>>,
     owners: BTreeMap<(u16, Bdf), Assignment>,
     problems: Vec<TableProblem>,
+    claims: Arc<Claims>,
 }
 
 impl<P: Platform> fmt::Debug for Iommus<P> {
@@ -125,7 +171,13 @@ impl<P: Platform> Iommus<P> {
 
     /// As [`Self::bring_up`], with `options`.
     pub fn bring_up_with(platform: Arc<P>, options: Options) -> Self {
-        let mut s = Self { platform, units: Vec::new(), owners: BTreeMap::new(), problems: Vec::new() };
+        let mut s = Self {
+            platform,
+            units: Vec::new(),
+            owners: BTreeMap::new(),
+            problems: Vec::new(),
+            claims: Arc::new(Claims::default()),
+        };
         let functions = s.platform.pci_functions();
         s.bring_up_vtd(&functions, options);
         s.bring_up_amd(&functions);
@@ -235,6 +287,11 @@ impl<P: Platform> Iommus<P> {
     /// The platform.
     pub fn platform(&self) -> &Arc<P> {
         &self.platform
+    }
+
+    /// Who holds which requester id.
+    pub(crate) fn claims(&self) -> &Arc<Claims> {
+        &self.claims
     }
 
     /// Every unit, in bring-up order (VT-d in DMAR order, then AMD-Vi);

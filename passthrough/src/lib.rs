@@ -110,8 +110,10 @@
 //!   config space) writes the MSI address/data `route_msi` returns.
 //! * Run the guest, its nested page tables, or deliver the interrupt into
 //!   it.
-//! * Decide who owns a device across guests (one `GuestDma` checks its own
-//!   devices only).
+//! * Decide which guest gets which device. (It only refuses to give a
+//!   guest a function whose requester id a device of another guest of the
+//!   same `Iommus` carries: the same function, or one behind the same
+//!   bridge, whose DMA the unit cannot tell apart.)
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

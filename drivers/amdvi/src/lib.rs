@@ -10,7 +10,9 @@
 //! * [`memory`]: [`ContiguousMemory`], the table-memory extension the
 //!   device table needs;
 //! * [`mod@unit`]: one IOMMU brought up, devices attached or blocked,
-//!   invalidations issued, events collected.
+//!   invalidations issued, events collected;
+//! * `testing` (feature `testing`): a register-level model of a unit for
+//!   host tests, logging every command it runs.
 //!
 //! Hardware access is behind traits (`Mmio`, `ContiguousMemory` over
 //! `io_pgtable::TableMemory`, [`unit::Clock`]), so all of this runs on the
@@ -30,6 +32,8 @@ pub mod irte;
 pub mod memory;
 pub mod regs;
 pub mod shared;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod unit;
 
 pub use caps::Caps;

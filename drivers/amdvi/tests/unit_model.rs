@@ -7,14 +7,14 @@
 //! log the test appends to, with overflow.
 
 use amdvi::cmd::{self, PageRange};
-use amdvi::dte::DteKind;
 use amdvi::event::{self, Event, flags};
-use amdvi::regs::{self, Control, Mmio, Status};
+use amdvi::regs::{self, Control, Status};
+use amdvi::testing::{Dma, QEMU_EFR, RegisterModel};
 use amdvi::unit::RING_BYTES;
 use amdvi::{Command, ContiguousMemory, DeviceTableEntry, Error, HwError, Unit};
 use io_pgtable::{HeapTables, TableMemory};
-use portcullis_iommu::testing::TickClock;
-use std::collections::{BTreeMap, HashMap};
+use portcullis_iommu::testing::{DeviceMemory, TickClock};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------------
@@ -120,6 +120,15 @@ impl TableMemory for Mem {
     }
 }
 
+impl DeviceMemory for Mem {
+    fn read_u64(&self, phys: u64) -> u64 {
+        self.phys_read(phys)
+    }
+    fn write_u64(&self, phys: u64, value: u64) {
+        self.phys_write(phys, value)
+    }
+}
+
 impl ContiguousMemory for Mem {
     fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
         let mut m = self.0.lock().unwrap();
@@ -137,272 +146,8 @@ impl ContiguousMemory for Mem {
     }
 }
 
-// ---------------------------------------------------------------------------
-// The register model.
-// ---------------------------------------------------------------------------
-
-/// QEMU's EFR: PreF, PPR, GT, IA, GA, HE, GATS = 2, HATS = 2 (6 levels).
-const QEMU_EFR: u64 = 0x29d3;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dma {
-    Blocked,
-    Untranslated,
-    Translated { domain: u16, root: u64 },
-}
-
-#[derive(Default)]
-struct Hw {
-    efr: u64,
-    dev_table: u64,
-    cmd_base: u64,
-    evt_base: u64,
-    control: Control,
-    excl: [u64; 2],
-    /// Internal command head and the head register (QEMU leaves the
-    /// register at the ring size after the last slot).
-    cmd_head: u64,
-    cmd_head_reg: u64,
-    cmd_tail: u64,
-    evt_head: u64,
-    evt_tail: u64,
-    status: Status,
-    /// Every register write, in order: (offset, value).
-    writes: Vec<(usize, u64)>,
-    processed: Vec<Command>,
-    /// Non-blocked device table entries found when IommuEn was set.
-    unblocked_at_enable: Option<usize>,
-    /// The IOTLB: (device, page) -> (domain, translation).
-    iotlb: HashMap<(u16, u64), (u16, Dma)>,
-    illegal_commands: usize,
-    /// Never run commands or report CmdBufRun.
-    stuck: bool,
-    /// Run one command per clock tick instead of on tail writes.
-    lazy: bool,
-    head_at_ring_end_seen: bool,
-    overruns: usize,
-}
-
-#[derive(Clone)]
-struct Model {
-    hw: Arc<Mutex<Hw>>,
-    mem: Mem,
-}
-
-fn ring_bytes(base_reg: u64) -> u64 {
-    16 << ((base_reg >> 56) & 0xf)
-}
-
-impl Model {
-    fn running(hw: &Hw) -> bool {
-        !hw.stuck && hw.control.contains(Control::IOMMU_EN | Control::CMD_BUF_EN)
-    }
-
-    fn exec_one(&self, hw: &mut Hw) {
-        let size = ring_bytes(hw.cmd_base);
-        let at = (hw.cmd_base & regs::BASE_MASK) + hw.cmd_head;
-        let c = Command([self.mem.phys_read(at), self.mem.phys_read(at + 8)]);
-        let [w0, w1] = c.0;
-        match c.opcode() {
-            cmd::COMPLETION_WAIT => {
-                if w0 >> 52 & 0xff != 0 {
-                    hw.illegal_commands += 1;
-                }
-                if w0 & cmd::wait::STORE != 0 {
-                    self.mem.phys_write(w0 & cmd::wait::ADDR_MASK, w1);
-                }
-            }
-            cmd::INVALIDATE_DEVTAB_ENTRY => {
-                // QEMU: nothing to do but check reserved bits.
-                if w0 >> 16 & ((1 << 44) - 1) != 0 || w1 != 0 {
-                    hw.illegal_commands += 1;
-                }
-            }
-            cmd::INVALIDATE_IOMMU_PAGES => {
-                if w0 >> 20 & 0xfff != 0 || w0 >> 48 & 0xfff != 0 || w1 >> 3 & 0x1ff != 0 {
-                    hw.illegal_commands += 1;
-                }
-                // QEMU drops every entry of the domain, whatever the range.
-                let domain = (w0 >> 32) as u16;
-                hw.iotlb.retain(|_, (d, _)| *d != domain);
-            }
-            cmd::INVALIDATE_INTERRUPT_TABLE => {
-                // QEMU caches no interrupt table entries: reserved bits only.
-                if w0 >> 16 & ((1 << 44) - 1) != 0 || w1 != 0 {
-                    hw.illegal_commands += 1;
-                }
-            }
-            cmd::INVALIDATE_IOMMU_ALL => {
-                if w0 & ((1 << 60) - 1) != 0 || w1 != 0 {
-                    hw.illegal_commands += 1;
-                }
-                hw.iotlb.clear();
-            }
-            _ => hw.illegal_commands += 1,
-        }
-        hw.processed.push(c);
-        hw.cmd_head += 16;
-        hw.cmd_head_reg = hw.cmd_head;
-        if hw.cmd_head >= size {
-            hw.head_at_ring_end_seen = true;
-            hw.cmd_head = 0;
-        }
-    }
-
-    fn run(&self, hw: &mut Hw, limit: usize) {
-        let mut n = 0;
-        while Self::running(hw) && hw.cmd_head != hw.cmd_tail && n < limit {
-            self.exec_one(hw);
-            n += 1;
-        }
-    }
-
-    fn update_status(hw: &mut Hw) {
-        let on = hw.control.contains(Control::IOMMU_EN);
-        hw.status -= Status::CMD_BUF_RUN | Status::EVENT_LOG_RUN;
-        if Self::running(hw) {
-            hw.status |= Status::CMD_BUF_RUN;
-        }
-        if on && hw.control.contains(Control::EVENT_LOG_EN) && !hw.status.contains(Status::EVENT_OVERFLOW) {
-            hw.status |= Status::EVENT_LOG_RUN;
-        }
-    }
-
-    fn dte(&self, hw: &Hw, device: u16) -> DeviceTableEntry {
-        let at = (hw.dev_table & regs::BASE_MASK) + device as u64 * 32;
-        DeviceTableEntry([0, 8, 16, 24].map(|o| self.mem.phys_read(at + o)))
-    }
-
-    /// A DMA by `device` to `addr`: the IOTLB first (as QEMU), then the
-    /// device table entry; successful translations are cached.
-    fn dma(&self, device: u16, addr: u64) -> Dma {
-        let mut hw = self.hw.lock().unwrap();
-        if !hw.control.contains(Control::IOMMU_EN) {
-            return Dma::Untranslated;
-        }
-        let page = addr >> 12;
-        if let Some((_, t)) = hw.iotlb.get(&(device, page)) {
-            return *t;
-        }
-        let e = self.dte(&hw, device);
-        let t = match e.kind() {
-            DteKind::Invalid | DteKind::PassThrough => Dma::Untranslated,
-            DteKind::Translated { root, domain_id, .. } => Dma::Translated { domain: domain_id, root },
-            _ => Dma::Blocked,
-        };
-        if t != Dma::Blocked {
-            hw.iotlb.insert((device, page), (e.domain_id(), t));
-        }
-        t
-    }
-
-    /// The unit logs an event (dropped while the log is off or overflowed;
-    /// a full log sets EventOverflow and stops logging).
-    fn log_event(&self, raw: [u64; 2]) -> bool {
-        let mut hw = self.hw.lock().unwrap();
-        if !hw.status.contains(Status::EVENT_LOG_RUN) {
-            return false;
-        }
-        let size = ring_bytes(hw.evt_base);
-        let next = (hw.evt_tail + 16) % size;
-        if next == hw.evt_head {
-            hw.status |= Status::EVENT_OVERFLOW;
-            hw.status -= Status::EVENT_LOG_RUN;
-            return false;
-        }
-        let at = (hw.evt_base & regs::BASE_MASK) + hw.evt_tail;
-        self.mem.phys_write(at, raw[0]);
-        self.mem.phys_write(at + 8, raw[1]);
-        hw.evt_tail = next;
-        true
-    }
-
-    fn processed(&self) -> Vec<Command> {
-        std::mem::take(&mut self.hw.lock().unwrap().processed)
-    }
-}
-
-impl Mmio for Model {
-    fn read32(&self, off: usize) -> u32 {
-        panic!("32-bit read at {off:#x}: every AMD-Vi register the driver uses is 64-bit")
-    }
-    fn write32(&self, off: usize, v: u32) {
-        panic!("32-bit write at {off:#x} = {v:#x}")
-    }
-    fn read64(&self, off: usize) -> u64 {
-        let hw = self.hw.lock().unwrap();
-        match off {
-            0x0000 => hw.dev_table,
-            0x0008 => hw.cmd_base,
-            0x0010 => hw.evt_base,
-            0x0018 => hw.control.bits(),
-            0x0030 => hw.efr,
-            0x2000 => hw.cmd_head_reg,
-            0x2008 => hw.cmd_tail,
-            0x2010 => hw.evt_head,
-            0x2018 => hw.evt_tail,
-            0x2020 => hw.status.bits(),
-            _ => panic!("unexpected read at {off:#x}"),
-        }
-    }
-    fn write64(&self, off: usize, v: u64) {
-        let mut hw = self.hw.lock().unwrap();
-        hw.writes.push((off, v));
-        match off {
-            0x0000 => hw.dev_table = v,
-            0x0008 => {
-                hw.cmd_base = v;
-                (hw.cmd_head, hw.cmd_head_reg, hw.cmd_tail) = (0, 0, 0);
-            }
-            0x0010 => {
-                hw.evt_base = v;
-                (hw.evt_head, hw.evt_tail) = (0, 0);
-            }
-            0x0018 => {
-                let was_on = hw.control.contains(Control::IOMMU_EN);
-                hw.control = Control::from_bits_retain(v);
-                if !was_on && hw.control.contains(Control::IOMMU_EN) {
-                    let pages = (hw.dev_table & 0x1ff) + 1;
-                    let bad = (0..pages * 128).filter(|&d| self.dte(&hw, d as u16).kind() != DteKind::Blocked).count();
-                    hw.unblocked_at_enable = Some(bad);
-                }
-                Self::update_status(&mut hw);
-                if !hw.lazy {
-                    self.run(&mut hw, usize::MAX);
-                }
-            }
-            0x0020 => hw.excl[0] = v,
-            0x0028 => hw.excl[1] = v | 0xfff,
-            0x2000 => {
-                hw.cmd_head = v & regs::POINTER_MASK;
-                hw.cmd_head_reg = hw.cmd_head;
-            }
-            0x2008 => {
-                let size = ring_bytes(hw.cmd_base);
-                let new = v & regs::POINTER_MASK;
-                // The producer must not write past the consumer.
-                let free = (hw.cmd_head + size - hw.cmd_tail - 16) % size;
-                let added = (new + size - hw.cmd_tail) % size;
-                if added > free {
-                    hw.overruns += 1;
-                }
-                hw.cmd_tail = new;
-                if !hw.lazy {
-                    self.run(&mut hw, usize::MAX);
-                }
-            }
-            0x2010 => hw.evt_head = v & regs::POINTER_MASK,
-            0x2018 => hw.evt_tail = v & regs::POINTER_MASK,
-            0x2020 => {
-                hw.status -= Status::from_bits_retain(v) & Status::W1C;
-                Self::update_status(&mut hw);
-            }
-            _ => panic!("unexpected write at {off:#x} = {v:#x}"),
-        }
-    }
-}
-
-type TestUnit = Unit<Model, Mem, TickClock>;
+type TestUnit = Unit<RegisterModel, Mem, TickClock>;
+type Model = RegisterModel;
 
 /// The register base the test unit is named by.
 const BASE: u64 = 0xfeb8_0000;
@@ -423,15 +168,15 @@ impl Default for Setup {
 
 fn build(s: Setup) -> (Model, Mem, TestUnit) {
     let mem = Mem::new(s.coherent);
-    let hw = Hw { efr: s.efr, lazy: s.lazy, stuck: s.stuck, ..Hw::default() };
-    let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
+    let model = RegisterModel::new(s.efr, Arc::new(mem.clone()));
+    (model.state().lazy, model.state().stuck) = (s.lazy, s.stuck);
     // 1 µs per reading; with a lazy model each reading also lets the
     // hardware run one command.
     let ticked = model.clone();
     let clock = TickClock::new().on_read(move || {
-        let mut hw = ticked.hw.lock().unwrap();
-        if hw.lazy {
-            ticked.run(&mut hw, 1);
+        let lazy = ticked.state().lazy;
+        if lazy {
+            ticked.run(1);
         }
     });
     let u = Unit::new(BASE, model.clone(), mem.clone(), clock, s.last);
@@ -469,7 +214,7 @@ fn bring_up_programs_everything_before_iommu_en_with_every_entry_blocked() {
     let (model, mem, mut u) = unit();
     assert!(!u.is_enabled());
     u.enable().unwrap();
-    let hw = model.hw.lock().unwrap();
+    let hw = model.state();
     let order: Vec<usize> = hw.writes.iter().map(|w| w.0).collect();
     let pos = |off: usize| order.iter().position(|&o| o == off).unwrap();
     let en = hw
@@ -489,7 +234,8 @@ fn bring_up_programs_everything_before_iommu_en_with_every_entry_blocked() {
     assert_eq!(hw.excl[0] & 1, 0, "exclusion range off");
     let want = Control::IOMMU_EN | Control::CMD_BUF_EN | Control::EVENT_LOG_EN | Control::COHERENT;
     assert_eq!(hw.control, want);
-    assert_eq!(opcodes(&hw.processed), [cmd::INVALIDATE_IOMMU_ALL, cmd::COMPLETION_WAIT]);
+    let processed: Vec<Command> = hw.log.iter().map(|l| l.command).collect();
+    assert_eq!(opcodes(&processed), [cmd::INVALIDATE_IOMMU_ALL, cmd::COMPLETION_WAIT]);
     assert_eq!(hw.illegal_commands, 0);
     drop(hw);
     assert_eq!((u.stats.commands, u.stats.waits), (1, 1));
@@ -501,7 +247,7 @@ fn bring_up_programs_everything_before_iommu_en_with_every_entry_blocked() {
     assert_eq!(u.dte(0x100), None, "beyond the table");
     u.disable().unwrap();
     assert_eq!(mem.live(), 0);
-    assert!(!model.hw.lock().unwrap().control.intersects(Control::IOMMU_EN | Control::CMD_BUF_EN));
+    assert!(!model.state().control.intersects(Control::IOMMU_EN | Control::CMD_BUF_EN));
 }
 
 #[test]
@@ -510,8 +256,8 @@ fn device_table_is_sized_in_whole_pages() {
         let (model, _, mut u) = build(Setup { last, ..Setup::default() });
         assert_eq!(u.dev_table_pages(), pages);
         u.enable().unwrap();
-        assert_eq!((model.hw.lock().unwrap().dev_table & 0x1ff) as usize, pages - 1);
-        assert_eq!(model.hw.lock().unwrap().unblocked_at_enable, Some(0));
+        assert_eq!((model.state().dev_table & 0x1ff) as usize, pages - 1);
+        assert_eq!(model.state().unblocked_at_enable, Some(0));
     }
 }
 
@@ -535,9 +281,9 @@ fn without_invalidate_all_enable_flushes_each_entry_and_domain_zero() {
 #[test]
 fn firmware_left_on_is_turned_off_first() {
     let (model, _, mut u) = unit();
-    model.hw.lock().unwrap().control = Control::IOMMU_EN | Control::CMD_BUF_EN;
+    model.state().control = Control::IOMMU_EN | Control::CMD_BUF_EN;
     u.enable().unwrap();
-    let hw = model.hw.lock().unwrap();
+    let hw = model.state();
     assert_eq!(hw.writes[0], (0x18, 0), "control cleared before anything else");
 }
 
@@ -573,7 +319,7 @@ fn attach_and_detach_write_the_entry_and_flush_the_old_domain() {
     let before = u.stats;
     u.detach(0x18).unwrap();
     assert_eq!(u.stats, before);
-    assert_eq!(model.hw.lock().unwrap().illegal_commands, 0);
+    assert_eq!(model.state().illegal_commands, 0);
 }
 
 #[test]
@@ -645,13 +391,13 @@ fn non_coherent_units_get_every_changed_line_flushed() {
     let (model, mem, mut u) = build(Setup { coherent: false, ..Setup::default() });
     assert!(u.flushes());
     u.enable().unwrap();
-    let dt = model.hw.lock().unwrap().dev_table & regs::BASE_MASK;
+    let dt = model.state().dev_table & regs::BASE_MASK;
     let f = mem.take_flushes();
     assert!(f.contains(&(dt, 2 * 4096)), "whole device table before IommuEn: {f:x?}");
     u.attach(0x81, ROOT, 4, 1).unwrap();
     let f = mem.take_flushes();
     assert!(f.contains(&(dt + 0x81 * 32, 32)), "the changed entry: {f:x?}");
-    let cmd_base = model.hw.lock().unwrap().cmd_base & regs::BASE_MASK;
+    let cmd_base = model.state().cmd_base & regs::BASE_MASK;
     assert!(f.iter().any(|&(p, _)| p & !0xfff == cmd_base), "the commands written: {f:x?}");
     // Coherent unit and memory: nothing flushed.
     let (_, mem, mut u) = enabled();
@@ -663,7 +409,7 @@ fn non_coherent_units_get_every_changed_line_flushed() {
     u.set_coherent(false);
     u.enable().unwrap();
     assert!(u.flushes());
-    assert!(!model.hw.lock().unwrap().control.contains(Control::COHERENT));
+    assert!(!model.state().control.contains(Control::COHERENT));
 }
 
 // ---------------------------------------------------------------------------
@@ -697,7 +443,7 @@ fn range_invalidations_use_the_size_encoding() {
         assert_eq!(u.stats.waits - before.waits, 1, "one wait per call");
         assert_eq!(u.stats.commands - before.commands, words.len() as u64);
     }
-    assert_eq!(model.hw.lock().unwrap().illegal_commands, 0, "no reserved bit set");
+    assert_eq!(model.state().illegal_commands, 0, "no reserved bit set");
     // The decoded ranges cover the request.
     for c in cmd::range_commands(1, 0x3000, 0x8fff) {
         assert!(matches!(PageRange::decode(c.0[1]), PageRange::Block { .. }));
@@ -706,15 +452,15 @@ fn range_invalidations_use_the_size_encoding() {
 
 #[test]
 fn invalidate_all_is_one_command_and_one_wait() {
-    let (model, _, mut u) = enabled();
+    let (model, mem, mut u) = enabled();
     u.invalidate_all().unwrap();
-    assert_eq!(model.processed(), [Command::invalidate_all(), model_wait(&model, 2)]);
+    assert_eq!(model.processed(), [Command::invalidate_all(), model_wait(&mem, 2)]);
 }
 
 /// The completion wait the unit issues as its `seq`th (the wait page is
 /// the third heap page `enable` allocates, after the two rings).
-fn model_wait(model: &Model, seq: u64) -> Command {
-    let addr = model.mem.0.lock().unwrap().heap.live_addresses()[2];
+fn model_wait(mem: &Mem, seq: u64) -> Command {
+    let addr = mem.0.lock().unwrap().heap.live_addresses()[2];
     Command::completion_wait(addr, seq)
 }
 
@@ -729,7 +475,7 @@ fn completion_waits_store_a_fresh_sequence_number_and_the_ring_wraps() {
     let waits: Vec<u64> = p.iter().filter(|c| c.opcode() == cmd::COMPLETION_WAIT).map(|c| c.0[1]).collect();
     assert_eq!(waits.len(), 1000);
     assert!(waits.windows(2).all(|w| w[1] == w[0] + 1), "sequence numbers increase by one");
-    let hw = model.hw.lock().unwrap();
+    let hw = model.state();
     assert!(p.len() as u64 * 16 > 4 * RING_BYTES, "wrapped several times");
     assert!(hw.head_at_ring_end_seen, "the head register read as the ring size at least once");
     assert_eq!((hw.overruns, hw.illegal_commands), (0, 0));
@@ -745,7 +491,7 @@ fn a_slow_unit_is_never_overrun() {
     let p = model.processed();
     assert_eq!(p.len(), 1024 + 2);
     assert!(p[..1024].iter().enumerate().all(|(d, c)| *c == Command::invalidate_devtab_entry(d as u16)));
-    assert_eq!(model.hw.lock().unwrap().overruns, 0);
+    assert_eq!(model.state().overruns, 0);
     u.attach(0x3ff, ROOT, 4, 1).unwrap();
     assert_eq!(opcodes(&model.processed()), [2, 3, 1]);
 }
@@ -766,14 +512,14 @@ fn a_unit_that_never_runs_times_out_and_leaves_nothing_behind() {
         other => panic!("{other:?}"),
     }
     assert_eq!(mem.live(), 0);
-    assert_eq!(model.hw.lock().unwrap().control, Control::empty());
+    assert_eq!(model.state().control, Control::empty());
     assert!(!u.is_enabled());
 }
 
 #[test]
 fn a_unit_that_stops_mid_way_times_out_on_the_completion_wait() {
     let (model, _, mut u) = enabled();
-    model.hw.lock().unwrap().stuck = true;
+    model.state().stuck = true;
     let e = u.invalidate_range(1, 0, 0xfff).unwrap_err();
     assert!(
         matches!(e.cause, HwError::Timeout { register: "Command Buffer Head (COMPLETION_WAIT store)", .. }),
@@ -795,7 +541,7 @@ fn a_unit_that_stops_mid_way_times_out_on_the_completion_wait() {
         matches!(last, Some(Error { cause: HwError::Timeout { register: "Command Buffer Head", .. }, .. })),
         "{last:?}"
     );
-    assert_eq!(model.hw.lock().unwrap().overruns, 0);
+    assert_eq!(model.state().overruns, 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -820,7 +566,7 @@ fn events_are_decoded_the_head_advances_and_entries_are_cleared() {
             Event::Other { code: event::PAGE_TAB_HARDWARE_ERROR, raw: other },
         ]
     );
-    let hw = model.hw.lock().unwrap();
+    let hw = model.state();
     assert_eq!(hw.evt_head, 48);
     let base = hw.evt_base & regs::BASE_MASK;
     drop(hw);
@@ -834,17 +580,17 @@ fn events_are_decoded_the_head_advances_and_entries_are_cleared() {
 fn an_entry_not_yet_written_is_read_on_the_next_poll() {
     let (model, mem, mut u) = enabled();
     let (base, tail) = {
-        let mut hw = model.hw.lock().unwrap();
+        let mut hw = model.state();
         hw.evt_tail = 16; // tail moved, entry still zero
         (hw.evt_base & regs::BASE_MASK, hw.evt_tail)
     };
     assert!(u.poll_events().is_empty());
-    assert_eq!(model.hw.lock().unwrap().evt_head, 0, "head not advanced past an unwritten entry");
+    assert_eq!(model.state().evt_head, 0, "head not advanced past an unwritten entry");
     let raw = Event::encode(event::IO_PAGE_FAULT, 8, 2, 0, 0x1000);
     mem.phys_write(base, raw[0]);
     mem.phys_write(base + 8, raw[1]);
     assert_eq!(u.poll_events().len(), 1);
-    assert_eq!(model.hw.lock().unwrap().evt_head, tail);
+    assert_eq!(model.state().evt_head, tail);
 }
 
 #[test]
@@ -857,14 +603,14 @@ fn overflow_is_counted_and_logging_restarts() {
         }
     }
     assert_eq!(logged, 255, "a 256-entry ring holds 255");
-    let st = model.hw.lock().unwrap().status;
+    let st = model.state().status;
     assert!(st.contains(Status::EVENT_OVERFLOW));
     assert!(!st.contains(Status::EVENT_LOG_RUN), "logging stopped");
     let got = u.poll_events();
     assert_eq!(got.len(), 255);
     assert_eq!(got[254], Event::IoPageFault { device_id: 8, domain_id: 1, address: 254 << 12, flags: 0 });
     assert_eq!(u.event_log().1, 1, "one overflow");
-    let st = model.hw.lock().unwrap().status;
+    let st = model.state().status;
     assert!(!st.contains(Status::EVENT_OVERFLOW), "cleared");
     assert!(st.contains(Status::EVENT_LOG_RUN), "restarted");
     // The log wraps and keeps working; the kept log is bounded.
@@ -897,7 +643,7 @@ fn out_of_memory_at_each_allocation_leaves_nothing_behind() {
                 assert_eq!(unit, BASE);
                 assert_eq!(mem.live(), 0, "failure at allocation {n}");
                 assert!(!u.is_enabled());
-                let hw = model.hw.lock().unwrap();
+                let hw = model.state();
                 assert!(!hw.control.contains(Control::IOMMU_EN), "translation never turned on");
                 failures += 1;
             }
@@ -938,7 +684,7 @@ fn enable_is_idempotent_and_disable_needs_enable() {
 fn interrupt_routes_live_in_a_per_device_table() {
     use amdvi::irte::Irte;
     use amdvi::{DeviceTableEntry, Interrupts};
-    let (model, _, mut u) = enabled();
+    let (model, mem, mut u) = enabled();
     assert_eq!(u.dte(0x10).unwrap().interrupts(), Some(Interrupts::Blocked), "every device starts blocked");
     let d = u.alloc_domain_id().unwrap();
     u.attach(0x10, ROOT, 4, d).unwrap();
@@ -951,11 +697,11 @@ fn interrupt_routes_live_in_a_per_device_table() {
     assert_eq!(len_log2, amdvi::unit::IRQ_TABLE_LOG2);
     assert_eq!(u.dte(0x10).unwrap().0[..2], DeviceTableEntry::translated(ROOT, 4, d).unwrap().0[..2], "DMA unchanged");
     assert_eq!(u.irte(0x10, 0), Some(Irte::remapped(0x2b, 0)));
-    assert_eq!(model.mem.read(table, 0) as u32, Irte::remapped(0x2b, 0).0, "entry 0 in the table's first word");
+    assert_eq!(mem.read(table, 0) as u32, Irte::remapped(0x2b, 0).0, "entry 0 in the table's first word");
     let ops = opcodes(&model.processed());
     assert!(ops.contains(&cmd::INVALIDATE_INTERRUPT_TABLE), "{ops:?}");
     assert_eq!(u.route_interrupt(0x10, 0x2c, 0).unwrap(), 1, "second route, next entry");
-    assert_eq!(model.mem.read(table, 0) >> 32, Irte::remapped(0x2c, 0).0 as u64, "entry 1 in the high half");
+    assert_eq!(mem.read(table, 0) >> 32, Irte::remapped(0x2c, 0).0 as u64, "entry 1 in the high half");
     // Detach keeps the routes; unroute and release undo them.
     u.detach(0x10).unwrap();
     assert_eq!(u.dte(0x10).unwrap().interrupts(), Some(Interrupts::Remapped { table, len_log2 }));
@@ -969,5 +715,5 @@ fn interrupt_routes_live_in_a_per_device_table() {
         u.route_interrupt(0x18, 0x30, 0).unwrap();
     }
     assert_eq!(u.route_interrupt(0x18, 0x30, 0), Err(Error { unit: BASE, cause: HwError::TableFull }));
-    assert_eq!(model.hw.lock().unwrap().illegal_commands, 0);
+    assert_eq!(model.state().illegal_commands, 0);
 }

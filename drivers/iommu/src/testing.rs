@@ -1,10 +1,46 @@
 //! Helpers for host tests of the drivers (feature `testing`): one test
-//! clock for every register-model suite.
+//! clock for every register-model suite, and the memory seam through which
+//! the drivers' register models (`vtd::testing`, `amdvi::testing`) read
+//! and write physical memory as the hardware would.
 
 use crate::Clock;
 use alloc::boxed::Box;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Physical memory as an IOMMU register model reaches it: what the unit
+/// reads (descriptor and command fetches, table walks: on a unit that does
+/// not snoop CPU caches, that is memory, not what the CPU last wrote), and
+/// its DMA writes (completion stores, log entries), which the CPU sees too
+/// (DMA writes snoop on x86).
+///
+/// A model holds it as `Arc<dyn DeviceMemory>`, so the memory a test gives
+/// the driver (its table memory or a whole test platform) and the memory the
+/// model fetches from are the same.
+pub trait DeviceMemory: Send + Sync {
+    /// The naturally aligned 64-bit word at `phys`, as the unit reads it.
+    fn read_u64(&self, phys: u64) -> u64;
+
+    /// The unit writes the naturally aligned 64-bit word at `phys`.
+    fn write_u64(&self, phys: u64, value: u64);
+
+    /// The unit writes the naturally aligned 32-bit word at `phys` (the
+    /// other half of its 64-bit word is kept).
+    fn write_u32(&self, phys: u64, value: u32) {
+        let word = phys & !7;
+        let shift = (phys & 4) * 8;
+        let old = self.read_u64(word);
+        self.write_u64(word, old & !(0xffff_ffffu64 << shift) | (value as u64) << shift);
+    }
+
+    /// An ordering stamp: a counter the memory advances whenever what the
+    /// unit can read changes. A model records it with every command it
+    /// runs, so a test can check that an invalidation came after the
+    /// change it covers. Memories that do not count return 0.
+    fn stamp(&self) -> u64 {
+        0
+    }
+}
 
 /// A [`Clock`] that advances a fixed step on every reading (1 µs by
 /// default), so a driver's hardware timeouts end after a bounded number of

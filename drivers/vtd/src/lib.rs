@@ -8,7 +8,9 @@
 //! * [`scalable`]: scalable-mode entry encodings and the tables that
 //!   hold them;
 //! * [`mod@unit`]: one DRHD brought up, devices attached or blocked,
-//!   invalidations issued, faults collected.
+//!   invalidations issued, faults collected;
+//! * `testing` (feature `testing`): a register-level model of a unit for
+//!   host tests, logging every invalidation it runs.
 //!
 //! Hardware access is behind traits (`Mmio`, `io_pgtable::TableMemory`,
 //! [`unit::Clock`]), so all of this runs on the host against a register
@@ -25,6 +27,8 @@ pub mod qi;
 pub mod regs;
 pub mod scalable;
 pub mod shared;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod unit;
 
 pub use fault::FaultRecord;

@@ -223,7 +223,16 @@ where
     fn remaps_interrupts(&self) -> bool {
         self.unit.lock().interrupt_remapping_on()
     }
+    /// The table runs with IRTA.EIME clear (xAPIC destinations): an APIC
+    /// id beyond 8 bits cannot be named and is refused, never truncated
+    /// (which would deliver the interrupt to another CPU).
     fn route_msi(&self, requester_id: u16, vector: u8, destination: u32) -> Result<MsiRoute, UnitError> {
+        if destination > 0xff {
+            return Err(UnitError {
+                unit: self.base,
+                cause: portcullis_iommu::HwError::Unsupported("APIC ids beyond 8 bits (x2APIC destinations)"),
+            });
+        }
         let mut u = self.unit.lock();
         let index = u.alloc_irte()?;
         if let Err(e) = u.set_irte(index, Irte::remapped(vector, destination, false, requester_id)) {

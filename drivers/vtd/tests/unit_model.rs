@@ -5,36 +5,14 @@
 //! RW1C F bits).
 
 use io_pgtable::{HeapTables, TableMemory};
-use portcullis_iommu::testing::TickClock;
+use portcullis_iommu::testing::{DeviceMemory, TickClock};
 use std::sync::{Arc, Mutex};
-use vtd::qi::Descriptor;
-use vtd::regs::{Fectl, Fsts, Gcmd, Gsts, Mmio};
+use vtd::regs::{Fsts, Gsts};
+use vtd::testing::{Config, ContextInvalidation, Invalidation, IotlbInvalidation, RegisterModel, Via};
 use vtd::{Error, FaultRecord, HwError, Unit};
 
-/// Register offsets as plain numbers, for matching on accessed offsets.
-mod off {
-    use vtd::regs;
-    pub const CAP: usize = regs::CAP.offset();
-    pub const CCMD: usize = regs::CCMD.offset();
-    pub const ECAP: usize = regs::ECAP.offset();
-    pub const FEADDR: usize = regs::FEADDR.offset();
-    pub const FECTL: usize = regs::FECTL.offset();
-    pub const FEDATA: usize = regs::FEDATA.offset();
-    pub const FEUADDR: usize = regs::FEUADDR.offset();
-    pub const FSTS: usize = regs::FSTS.offset();
-    pub const GCMD: usize = regs::GCMD.offset();
-    pub const GSTS: usize = regs::GSTS.offset();
-    pub const IQA: usize = regs::IQA.offset();
-    pub const IQH: usize = regs::IQH.offset();
-    pub const IQT: usize = regs::IQT.offset();
-    pub const RTADDR: usize = regs::RTADDR.offset();
-    pub const IRTA: usize = regs::IRTA.offset();
-}
-
-/// QEMU's default capability registers (QEMU-NOTES).
-const CAP: u64 = 0x00d2_008c_222f_0606;
-const ECAP: u64 = 0x00f0_0f4a;
-
+/// Heap tables shared by the driver (its table memory) and the model (the
+/// memory it fetches descriptors from and stores wait status to).
 #[derive(Clone)]
 struct Shared(Arc<Mutex<HeapTables>>);
 
@@ -59,170 +37,38 @@ impl TableMemory for Shared {
     }
 }
 
-#[derive(Default)]
-struct Hw {
-    gsts: Gsts,
-    rtaddr: u64,
-    latched_root: u64,
-    ccmd_log: Vec<u64>,
-    iotlb_log: Vec<u64>,
-    iqa: u64,
-    iqh: u64,
-    iqt: u64,
-    processed: Vec<Descriptor>,
-    fsts: Fsts,
-    fault: [u64; 2],
-    /// FECTL (IM, IP), FEDATA, FEADDR, FEUADDR.
-    fectl: Fectl,
-    fe_msg: [u32; 3],
-    irta: u64,
-    latched_irta: u64,
-    /// MSIs sent: (address, data).
-    interrupts: Vec<(u64, u32)>,
-    /// Make GSTS never follow (timeouts).
-    stuck: bool,
-    /// Report an invalidation queue error (FSTS.IQE) instead of running
-    /// the queue.
-    queue_error: bool,
-}
-
-#[derive(Clone)]
-struct Model {
-    hw: Arc<Mutex<Hw>>,
-    mem: Shared,
-}
-
-const FRO: usize = 0x220;
-const IRO: usize = 0xf0;
-
-impl Model {
-    fn process_queue(&self, hw: &mut Hw) {
-        if !hw.gsts.contains(Gcmd::QIE) {
-            return;
-        }
-        if hw.queue_error {
-            hw.fsts |= Fsts::IQE;
-            return;
-        }
-        let page = hw.iqa & !0xfff;
-        while hw.iqh != hw.iqt {
-            let i = (hw.iqh >> 4) as usize;
-            let d = Descriptor([self.mem.read(page, i * 2), self.mem.read(page, i * 2 + 1)]);
-            if d.kind() == 5 && d.0[0] & (1 << 5) != 0 {
-                // Status write: the status page's first entry.
-                let mut m = self.mem.clone();
-                m.write(d.0[1] & !0xfff, ((d.0[1] & 0xfff) / 8) as usize, d.0[0] >> 32);
-            }
-            hw.processed.push(d);
-            hw.iqh = (((hw.iqh >> 4) + 1) % 256) << 4;
-        }
+impl DeviceMemory for Shared {
+    fn read_u64(&self, phys: u64) -> u64 {
+        self.read(phys & !0xfff, (phys & 0xfff) as usize / 8)
+    }
+    fn write_u64(&self, phys: u64, value: u64) {
+        self.clone().write(phys & !0xfff, (phys & 0xfff) as usize / 8, value)
     }
 }
 
-impl Mmio for Model {
-    fn read32(&self, off: usize) -> u32 {
-        let hw = self.hw.lock().unwrap();
-        match off {
-            off::GSTS => hw.gsts.bits(),
-            off::FSTS => hw.fsts.bits(),
-            off::FECTL => hw.fectl.bits(),
-            _ => panic!("unexpected 32-bit read at {off:#x}"),
-        }
-    }
-    fn read64(&self, off: usize) -> u64 {
-        let hw = self.hw.lock().unwrap();
-        match off {
-            off::CAP => CAP,
-            off::ECAP => ECAP,
-            off::CCMD => 0,
-            off::IQH => hw.iqh,
-            o if o == IRO + 8 => 0,
-            o if o == FRO => hw.fault[0],
-            o if o == FRO + 8 => hw.fault[1],
-            _ => panic!("unexpected 64-bit read at {off:#x}"),
-        }
-    }
-    fn write32(&self, off: usize, v: u32) {
-        let mut hw = self.hw.lock().unwrap();
-        match off {
-            off::GCMD => {
-                if hw.stuck {
-                    return;
-                }
-                // Acts on the difference: persistent bits follow the value.
-                let v = Gcmd::from_bits_retain(v);
-                let persistent = v & Gcmd::PERSISTENT;
-                if v.contains(Gcmd::SRTP) {
-                    hw.latched_root = hw.rtaddr;
-                    hw.gsts |= Gsts::SRTP;
-                }
-                if v.contains(Gcmd::SIRTP) {
-                    hw.latched_irta = hw.irta;
-                    hw.gsts |= Gsts::SIRTP;
-                }
-                hw.gsts = (hw.gsts - Gsts::PERSISTENT) | persistent;
-            }
-            off::FSTS => {
-                hw.fsts -= Fsts::from_bits_retain(v) & Fsts::W1C;
-                // Serviced: a pending masked event clears once nothing is left.
-                if !hw.fsts.intersects(Fsts::PPF | Fsts::PFO) {
-                    hw.fectl -= Fectl::IP;
-                }
-            }
-            off::FECTL => {
-                let v = Fectl::from_bits_retain(v);
-                let unmasking = hw.fectl.contains(Fectl::IM) && !v.contains(Fectl::IM);
-                hw.fectl = (hw.fectl & Fectl::IP) | (v & Fectl::IM);
-                if unmasking && hw.fectl.contains(Fectl::IP) {
-                    // A pending event is delivered on unmask.
-                    hw.fectl -= Fectl::IP;
-                    let msg = (hw.fe_msg[1] as u64 | (hw.fe_msg[2] as u64) << 32, hw.fe_msg[0]);
-                    hw.interrupts.push(msg);
-                }
-            }
-            off::FEDATA => hw.fe_msg[0] = v,
-            off::FEADDR => hw.fe_msg[1] = v,
-            off::FEUADDR => hw.fe_msg[2] = v,
-            o if o == FRO + 12 => {
-                if v & (1 << 31) != 0 {
-                    hw.fault[1] &= !(1 << 63);
-                    hw.fsts -= Fsts::PPF;
-                }
-            }
-            _ => panic!("32-bit write at {off:#x} = {v:#x}"),
-        }
-    }
-    fn write64(&self, off: usize, v: u64) {
-        // 32-bit registers must not get 8-byte writes (QEMU aborts).
-        assert!(
-            ![off::GCMD, off::GSTS, off::FSTS, off::FECTL, off::FEDATA, off::FEADDR, off::FEUADDR].contains(&off),
-            "8-byte write to a 32-bit register"
-        );
-        let mut hw = self.hw.lock().unwrap();
-        match off {
-            off::RTADDR => hw.rtaddr = v,
-            off::IRTA => hw.irta = v,
-            off::CCMD => hw.ccmd_log.push(v),
-            off::IQA => hw.iqa = v,
-            off::IQT => {
-                hw.iqt = v;
-                let me = self.clone();
-                me.process_queue(&mut hw);
-            }
-            o if o == IRO + 8 => hw.iotlb_log.push(v),
-            o if o == IRO => {}
-            _ => panic!("64-bit write at {off:#x}"),
-        }
-    }
+/// The kinds (descriptor types: 1 context, 2 IOTLB, 4 IEC, 5 wait) of the
+/// queued invalidations logged.
+fn kinds(log: &[vtd::testing::Logged]) -> Vec<u8> {
+    log.iter()
+        .filter(|l| l.via == Via::Queue)
+        .map(|l| match l.what {
+            Invalidation::Context(_) => 1,
+            Invalidation::Iotlb(_) => 2,
+            Invalidation::InterruptEntries(_) => 4,
+            Invalidation::Wait { .. } => 5,
+            Invalidation::PasidIotlb { .. } => 6,
+            Invalidation::PasidCache { .. } => 7,
+            Invalidation::Other(d) => (d[0] & 0xf) as u8,
+        })
+        .collect()
 }
 
 /// The register base the test unit is named by.
 const BASE: u64 = 0xfed9_0000;
 
-fn unit() -> (Model, Unit<Model, Shared, TickClock>) {
+fn unit() -> (RegisterModel, Unit<RegisterModel, Shared, TickClock>) {
     let mem = Shared(Arc::new(Mutex::new(HeapTables::new(true))));
-    let hw = Hw { fectl: Fectl::IM, ..Hw::default() };
-    let model = Model { hw: Arc::new(Mutex::new(hw)), mem: mem.clone() };
+    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
     let u = Unit::new(BASE, model.clone(), mem, TickClock::default()).unwrap();
     (model, u)
 }
@@ -231,11 +77,15 @@ fn unit() -> (Model, Unit<Model, Shared, TickClock>) {
 fn bring_up_sets_root_invalidates_and_enables_qi_then_translation() {
     let (model, mut u) = unit();
     u.enable(true).unwrap();
-    let hw = model.hw.lock().unwrap();
+    let hw = model.state();
     assert!(hw.gsts.contains(Gsts::TE | Gsts::QIE));
     assert_ne!(hw.latched_root, 0);
-    assert_eq!(hw.ccmd_log.len(), 1, "one global context invalidation");
-    assert_eq!(hw.iotlb_log.len(), 1, "one global IOTLB invalidation");
+    let by_register: Vec<Invalidation> = hw.log.iter().filter(|l| l.via == Via::Register).map(|l| l.what).collect();
+    assert_eq!(
+        by_register,
+        [Invalidation::Context(ContextInvalidation::Global), Invalidation::Iotlb(IotlbInvalidation::Global)],
+        "one global context and one global IOTLB invalidation"
+    );
     assert!(u.queued());
 }
 
@@ -250,8 +100,10 @@ fn attach_writes_a_context_entry_and_invalidates_through_the_queue() {
     assert!(e.present());
     assert_eq!((e.root(), e.aw(), e.did()), (root, 2, did));
     assert!(!u.context_entry(0x0010).present(), "other devices stay blocked");
-    let kinds: Vec<u8> = model.hw.lock().unwrap().processed.iter().map(|d| d.kind()).collect();
-    assert_eq!(kinds, vec![1, 2, 5], "context, IOTLB domain, wait");
+    let log = model.log();
+    assert_eq!(kinds(&log), vec![1, 2, 5], "context, IOTLB domain, wait");
+    assert!(log[log.len() - 3].what.covers_context(did, 0x0008));
+    assert_eq!(log[log.len() - 2].what, Invalidation::Iotlb(IotlbInvalidation::Domain(did)));
     u.detach(0x0008).unwrap();
     assert!(!u.context_entry(0x0008).present());
 }
@@ -260,12 +112,15 @@ fn attach_writes_a_context_entry_and_invalidates_through_the_queue() {
 fn a_range_invalidation_is_one_wait() {
     let (model, mut u) = unit();
     u.enable(true).unwrap();
-    model.hw.lock().unwrap().processed.clear();
+    model.take_log();
     let before = u.stats;
     u.invalidate_range(1, 0x40_0000, 0x7f_ffff, true).unwrap();
-    let hw = model.hw.lock().unwrap();
-    let kinds: Vec<u8> = hw.processed.iter().map(|d| d.kind()).collect();
-    assert_eq!(kinds, vec![2, 5], "one 4 MiB page-selective invalidation (MAMV allows it) and one wait");
+    let log = model.log();
+    assert_eq!(kinds(&log), vec![2, 5], "one 4 MiB page-selective invalidation (MAMV allows it) and one wait");
+    assert_eq!(
+        log[0].what,
+        Invalidation::Iotlb(IotlbInvalidation::Pages { did: 1, addr: 0x40_0000, am: 10, ih: true })
+    );
     assert_eq!(u.stats.waits - before.waits, 1);
 }
 
@@ -275,14 +130,19 @@ fn register_based_invalidation_without_qi() {
     u.enable(false).unwrap();
     assert!(!u.queued());
     u.invalidate_range(3, 0x1000, 0x1fff, false).unwrap();
-    let hw = model.hw.lock().unwrap();
-    assert_eq!(hw.iotlb_log.last().map(|v| v >> 60 & 3), Some(3), "page-selective through the register");
+    let last = model.log().last().copied().unwrap();
+    assert_eq!(last.via, Via::Register);
+    assert_eq!(
+        last.what,
+        Invalidation::Iotlb(IotlbInvalidation::Pages { did: 3, addr: 0x1000, am: 0, ih: false }),
+        "page-selective through the register"
+    );
 }
 
 #[test]
 fn hardware_that_never_answers_times_out_with_the_register_named() {
     let (model, mut u) = unit();
-    model.hw.lock().unwrap().stuck = true;
+    model.state().stuck = true;
     match u.enable(true) {
         Err(Error { unit, cause: HwError::Timeout { register, .. } }) => {
             assert_eq!(unit, BASE);
@@ -297,38 +157,18 @@ fn faults_are_decoded_cleared_and_logged() {
     let (model, mut u) = unit();
     u.enable(true).unwrap();
     {
-        let mut hw = model.hw.lock().unwrap();
+        let mut hw = model.state();
         hw.fault = [0x4000_0000, 1 << 63 | 5 << 32 | 0x0008];
         hw.fsts |= Fsts::PPF | Fsts::PFO;
     }
     let f = u.poll_faults();
     assert_eq!(f, vec![FaultRecord { source_id: 8, address: 0x4000_0000, reason: 5, write: true, pasid: None }]);
-    let hw = model.hw.lock().unwrap();
+    let hw = model.state();
     assert_eq!(hw.fault[1] >> 63, 0, "F cleared");
     assert!(!hw.fsts.intersects(Fsts::PPF | Fsts::PFO));
     drop(hw);
     assert_eq!(u.fault_log().1, 1, "one overflow counted");
     assert!(u.poll_faults().is_empty());
-}
-
-impl Model {
-    /// The hardware records a fault: an MSI when unmasked and none was
-    /// pending, FECTL.IP when masked.
-    fn record_fault(&self, lo: u64, hi: u64) {
-        let mut hw = self.hw.lock().unwrap();
-        let was_pending = hw.fsts.contains(Fsts::PPF);
-        hw.fault = [lo, hi];
-        hw.fsts |= Fsts::PPF;
-        if was_pending {
-            return;
-        }
-        if hw.fectl.contains(Fectl::IM) {
-            hw.fectl |= Fectl::IP;
-        } else {
-            let msg = (hw.fe_msg[1] as u64 | (hw.fe_msg[2] as u64) << 32, hw.fe_msg[0]);
-            hw.interrupts.push(msg);
-        }
-    }
 }
 
 #[test]
@@ -340,16 +180,16 @@ fn fault_event_interrupt_programs_the_message_and_rearms_after_polling() {
     assert_eq!(u.fault_event_state(), (false, false));
     model.record_fault(0x4000_0000, 1 << 63 | 5 << 32 | 0x0008);
     model.record_fault(0x4000_1000, 1 << 63 | 5 << 32 | 0x0008);
-    assert_eq!(model.hw.lock().unwrap().interrupts, vec![(0xfee0_1000, 0x28)], "one MSI while a fault is pending");
+    assert_eq!(model.state().interrupts, vec![(0xfee0_1000, 0x28)], "one MSI while a fault is pending");
     assert_eq!(u.poll_faults().len(), 1);
     model.record_fault(0x4000_2000, 1 << 63 | 5 << 32 | 0x0008);
-    assert_eq!(model.hw.lock().unwrap().interrupts.len(), 2, "re-armed by polling");
+    assert_eq!(model.state().interrupts.len(), 2, "re-armed by polling");
     u.poll_faults();
     // Masked: IP instead of an MSI; polling services it.
     u.mask_fault_event();
     model.record_fault(0x4000_3000, 1 << 63 | 5 << 32 | 0x0008);
     assert_eq!(u.fault_event_state(), (true, true));
-    assert_eq!(model.hw.lock().unwrap().interrupts.len(), 2);
+    assert_eq!(model.state().interrupts.len(), 2);
     assert_eq!(u.poll_faults().len(), 1);
     assert_eq!(u.fault_event_state(), (true, false));
 }
@@ -367,28 +207,35 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     u.enable(true).unwrap();
     u.enable_interrupt_remapping().unwrap();
     {
-        let hw = model.hw.lock().unwrap();
+        let hw = model.state();
         assert!(hw.gsts.contains(Gsts::IRE | Gsts::TE | Gsts::QIE));
         assert!(!hw.gsts.contains(Gsts::CFI), "compatibility-format interrupts stay blocked");
         assert_eq!(hw.latched_irta & 0xf, 7, "256 entries");
         assert_eq!(hw.latched_irta & !0xfff, hw.irta & !0xfff);
-        let kinds: Vec<u8> = hw.processed.iter().map(|d| d.kind()).collect();
+        let kinds = kinds(&hw.log);
         assert_eq!(&kinds[kinds.len() - 2..], [4, 5], "global interrupt entry cache invalidation, then a wait");
-        assert_eq!(hw.processed[hw.processed.len() - 2].0[0] & (1 << 4), 0, "global");
+        assert_eq!(hw.log[hw.log.len() - 2].what, Invalidation::InterruptEntries(None), "global");
     }
-    let table = model.hw.lock().unwrap().irta & !0xfff;
+    let table = model.state().irta & !0xfff;
+    assert_eq!(model.interrupt_table(), Some(model.state().irta));
     let e = Irte::remapped(0x29, 0, false, 0x0008);
     u.set_irte(5, e).unwrap();
     assert_eq!(u.irte(5), Some(e));
-    assert_eq!([model.mem.read(table, 10), model.mem.read(table, 11)], e.0, "entry 5 at 16 * 5");
-    let iec = |hw: &Hw| -> Vec<(u64, u64)> {
-        hw.processed.iter().filter(|d| d.kind() == 4).map(|d| ((d.0[0] >> 4) & 1, d.0[0] >> 32)).collect()
+    assert_eq!([u.memory().read(table, 10), u.memory().read(table, 11)], e.0, "entry 5 at 16 * 5");
+    let iec = |m: &RegisterModel| -> Vec<Option<(u16, u8)>> {
+        m.log()
+            .iter()
+            .filter_map(|l| match l.what {
+                Invalidation::InterruptEntries(i) => Some(i),
+                _ => None,
+            })
+            .collect()
     };
-    assert_eq!(iec(&model.hw.lock().unwrap()).last(), Some(&(1, 5)), "index-selective for entry 5");
+    assert_eq!(iec(&model).last(), Some(&Some((5, 0))), "index-selective for entry 5");
     // Replacing a present entry goes through not-present: two invalidations.
-    let before = iec(&model.hw.lock().unwrap()).len();
+    let before = iec(&model).len();
     u.set_irte(5, Irte::remapped(0x2a, 0, false, 0x0010)).unwrap();
-    assert_eq!(iec(&model.hw.lock().unwrap()).len(), before + 2);
+    assert_eq!(iec(&model).len(), before + 2);
     u.set_irte(5, Irte::default()).unwrap();
     assert!(!u.irte(5).unwrap().present());
     // The allocator hands out each entry once, then refuses.
@@ -401,7 +248,8 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     assert_eq!(u.alloc_irte().unwrap(), 7);
     assert!(matches!(u.set_irte(256, e), Err(Error { cause: HwError::Invalid(_), .. })), "beyond the table");
     u.disable_interrupt_remapping().unwrap();
-    assert!(!model.hw.lock().unwrap().gsts.contains(Gsts::IRE));
+    assert!(!model.state().gsts.contains(Gsts::IRE));
+    assert_eq!(model.interrupt_table(), None);
     assert_eq!(u.set_irte(5, e), Err(Error { unit: BASE, cause: HwError::NotEnabled }), "remapping is off");
 }
 
@@ -409,7 +257,7 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
 fn a_queue_error_is_reported_with_the_fault_status() {
     let (model, mut u) = unit();
     u.enable(true).unwrap();
-    model.hw.lock().unwrap().queue_error = true;
+    model.state().queue_error = true;
     let e = u.invalidate_range(1, 0, 0xfff, true).unwrap_err();
     assert_eq!(e, Error { unit: BASE, cause: HwError::QueueError { status: Fsts::IQE.bits() } });
     assert!(e.to_string().starts_with("IOMMU unit at 0xfed90000: invalidation queue error"), "{e}");
