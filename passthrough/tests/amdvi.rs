@@ -227,7 +227,7 @@ fn scenario_990(coherent: bool) -> std::sync::Arc<ModelHost> {
     // MSIs: each device's own table; the entry names vector and
     // destination, the device table entry points at the table.
     let t0 = mark(&host);
-    let portcullis::Msi { address: address, data: data, .. } = guest.route_msi(0, LEGACY_PCI, 0x51, 2).unwrap();
+    let portcullis::Msi { address, data, .. } = guest.route_msi(0, LEGACY_PCI, 0x51, 2).unwrap();
     let Msi::Remapped(r) = walk::msi(&host, UNIT_990, ALIAS_RID, address, data).unwrap() else {
         panic!("not remapped")
     };

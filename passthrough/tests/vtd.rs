@@ -233,7 +233,7 @@ fn scenario(config: Config) -> Arc<ModelHost> {
 
     // MSIs: an entry naming the vector, the destination and the source id.
     let t0 = mark(&host);
-    let portcullis::Msi { address: address, data: data, .. } = guest.route_msi(0, ALIASED, 0x41, 3).unwrap();
+    let portcullis::Msi { address, data, .. } = guest.route_msi(0, ALIASED, 0x41, 3).unwrap();
     untouched(&host, &[UNIT_A], "routing an MSI of 83:01.0");
     let Msi::Remapped(r) = walk::msi(&host, UNIT_A, ALIAS_RID, address, data).unwrap() else { panic!("not remapped") };
     assert_eq!((r.vector, r.destination), (0x41, 3));
@@ -445,7 +445,7 @@ fn memory_added_later_and_dropping_the_guest() {
     guest.add_memory(GuestAddr(R2.0), PhysAddr(R2.1), R2.2, true).unwrap();
     assert_maps(&host, UNIT_A, ALIAS_RID, R2);
     assert_maps(&host, UNIT_C, 0x00a0, R2);
-    let portcullis::Msi { address: address, data: data, .. } = guest.route_msi(0, ALIASED, 0x41, 3).unwrap();
+    let portcullis::Msi { address, data, .. } = guest.route_msi(0, ALIASED, 0x41, 3).unwrap();
     let did = walk(&host, UNIT_A, ALIAS_RID, 0).domain.unwrap();
     let t0 = mark(&host);
     drop(guest);
