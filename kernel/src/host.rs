@@ -84,6 +84,7 @@ impl KernelHost {
                 parent: d.parent,
                 bridge: d.bridge.map(|b| BridgeBuses { secondary: b.secondary, subordinate: b.subordinate }),
                 pcie_port_type: d.pcie.map(|x| x.port_type),
+                acs: d.pcie.is_some() && has_acs(&p.ecam, d.segment, d.bdf),
             })
             .collect();
         Arc::new(Self {
@@ -93,6 +94,28 @@ impl KernelHost {
             ecam: Ecam::new(&regions),
         })
     }
+}
+
+/// Whether the function has an Access Control Services extended capability
+/// (ID 0x000d) in its PCI Express extended configuration space.
+fn has_acs(ecam: &Ecam, segment: u16, bdf: Bdf) -> bool {
+    let mut offset = 0x100u16;
+    // At most (4096 - 256) / 4 headers; a loop in the list ends here.
+    for _ in 0..960 {
+        let header = ecam.read32(segment, bdf, offset);
+        if header == 0 || header == u32::MAX {
+            return false;
+        }
+        if header & 0xffff == 0x000d {
+            return true;
+        }
+        let next = (header >> 20) as u16 & !3;
+        if next < 0x100 {
+            return false;
+        }
+        offset = next;
+    }
+    false
 }
 
 /// Whether `[phys, phys + len)` is frames the kernel's RAM covers.

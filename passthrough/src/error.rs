@@ -61,11 +61,11 @@ pub enum PassthroughError {
     AlreadyAssigned(Function),
     /// The function is not assigned to this guest.
     NotAssigned(Function),
-    /// Another guest holds the requester id the function's DMA carries:
-    /// the function itself, or one whose DMA carries the same id (behind
-    /// the same PCIe-to-PCI or PCI bridge, or a firmware alias). The unit
-    /// cannot tell their DMA apart, so only one guest may have them.
-    RequesterInUse(Function),
+    /// The function's isolation group belongs to someone else (the host or
+    /// another guest); nothing changed.
+    Owned(Function, crate::ownership::Owner),
+    /// The unit refused to change the function's translation.
+    Unit(Function, UnitError),
     /// The function's unit does not remap interrupts: the device could
     /// raise any interrupt on the host by writing the interrupt window.
     /// [`crate::GuestDma::allow_unsafe_interrupts`] accepts that risk.
@@ -93,9 +93,8 @@ impl fmt::Display for PassthroughError {
             Self::UnitDown(d, e) => write!(f, "{d}: its IOMMU unit is not running: {e}"),
             Self::AlreadyAssigned(d) => write!(f, "{d} is already assigned"),
             Self::NotAssigned(d) => write!(f, "{d} is not assigned"),
-            Self::RequesterInUse(d) => {
-                write!(f, "{d}: another guest has a device whose DMA carries the same requester id")
-            }
+            Self::Owned(d, o) => write!(f, "{d} belongs to {o}"),
+            Self::Unit(d, e) => write!(f, "{d}: {e}"),
             Self::UnsafeInterrupts(d) => {
                 write!(f, "{d}: its IOMMU does not remap interrupts, so the device could inject any interrupt")
             }
@@ -111,7 +110,7 @@ impl core::error::Error for PassthroughError {
     fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
         match self {
             Self::UnitDown(_, e) => Some(e),
-            Self::Interrupt(_, e) => Some(e),
+            Self::Interrupt(_, e) | Self::Unit(_, e) => Some(e),
             _ => None,
         }
     }

@@ -2,7 +2,9 @@
 //! iommufd IOAS, the devices assigned to it, and their interrupt routes.
 
 use crate::error::{Function, PassthroughError};
-use crate::iommus::{Claims, Iommus};
+use crate::iommus::Iommus;
+use crate::machine::{FaultBatch, Machine};
+use crate::ownership::{GroupId, Owner};
 use crate::platform::{Platform, PlatformPhys};
 use crate::{Bdf, GuestAddr, PhysAddr};
 use alloc::collections::BTreeMap;
@@ -16,8 +18,12 @@ use portcullis_iommu::unit::{IommuUnit, MsiRoute, RequesterRef};
 /// A DMA fault of one of the guest's devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestFault {
-    /// The device.
+    /// The device: the guest's function whose requester id the DMA
+    /// carried (for functions sharing an id, the first the guest was
+    /// given).
     pub function: Function,
+    /// Where the DMA arrived: unit and requester id.
+    pub requester: RequesterRef,
     /// The (guest physical) address it used.
     pub address: u64,
     /// It was a write.
@@ -76,29 +82,39 @@ pub struct GuestDma<P: Platform> {
     routes: BTreeMap<MsiHandle, Route>,
     next_route: u32,
     allow_unsafe_interrupts: bool,
-    claims: Arc<Claims>,
-    guest: u64,
+    machine: Arc<Machine>,
+    owner: Owner,
 }
 
 impl<P: Platform> Drop for GuestDma<P> {
     /// The interrupt routes go, then the devices are detached (blocked)
-    /// and their requester ids given back. A route whose entry cannot be
-    /// cleared stays in the unit's table, and a device that cannot be
-    /// detached keeps its requester id (the unit has stopped answering).
+    /// and their groups given back. A route whose entry cannot be cleared
+    /// stays in the unit's table, and a device that cannot be detached
+    /// keeps its group (the unit has stopped answering; nobody else may be
+    /// given what it can still reach).
     fn drop(&mut self) {
         for r in core::mem::take(&mut self.routes).into_values() {
             let _ = r.free();
         }
         let mut detached: Vec<u32> = Vec::new();
-        for a in self.devices.values() {
-            if !detached.contains(&a.id) {
-                if self.ictx.detach(a.id).is_err() {
+        let mut failed: Vec<u32> = Vec::new();
+        let devices: Vec<(Function, u32)> = self.devices.iter().map(|(f, a)| (*f, a.id)).collect();
+        for (function, id) in devices {
+            if failed.contains(&id) {
+                continue;
+            }
+            if !detached.contains(&id) {
+                if self.ictx.detach(id).is_err() {
+                    failed.push(id);
                     continue;
                 }
-                let _ = self.ictx.unbind_device(a.id);
-                detached.push(a.id);
+                let _ = self.ictx.unbind_device(id);
+                detached.push(id);
             }
-            self.claims.release(a.at, self.guest);
+            self.release(function);
+        }
+        if let Owner::Guest(id) = self.owner {
+            self.machine.drop_guest(id);
         }
     }
 }
@@ -118,13 +134,26 @@ fn page_range(gpa: u64, len: u64) -> Result<(), PassthroughError> {
 
 impl<P: Platform> GuestDma<P> {
     /// An empty guest view on `iommus`' platform that may pin at most
-    /// `pin_limit_pages` pages.
+    /// `pin_limit_pages` pages; a new guest as the machine-wide ownership
+    /// knows it.
     pub fn new(iommus: &Iommus<P>, pin_limit_pages: u64) -> Result<Self, PassthroughError> {
+        let owner = Owner::Guest(iommus.machine().new_guest());
+        Self::with_owner(iommus, pin_limit_pages, owner)
+    }
+
+    /// A DMA view for the host's own devices: translated through a domain
+    /// the host maps (for example its RAM one-to-one: `add_memory(GuestAddr(x),
+    /// PhysAddr(x), ..)`); the functions assigned to it belong to the host.
+    /// See also [`Iommus::claim_for_host`] for pass-through.
+    pub fn new_host(iommus: &Iommus<P>, pin_limit_pages: u64) -> Result<Self, PassthroughError> {
+        Self::with_owner(iommus, pin_limit_pages, Owner::Host)
+    }
+
+    fn with_owner(iommus: &Iommus<P>, pin_limit_pages: u64, owner: Owner) -> Result<Self, PassthroughError> {
         let memory = Arc::new(RegionMemory::new(PlatformPhys(iommus.platform().clone())));
         let ictx = Ictx::new(memory.clone() as Arc<dyn MemorySource>, pin_limit_pages);
         let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
-        let claims = iommus.claims().clone();
-        let guest = claims.new_guest();
+        let machine = iommus.machine().clone();
         Ok(Self {
             memory,
             ictx,
@@ -133,8 +162,8 @@ impl<P: Platform> GuestDma<P> {
             routes: BTreeMap::new(),
             next_route: 0,
             allow_unsafe_interrupts: false,
-            claims,
-            guest,
+            machine,
+            owner,
         })
     }
 
@@ -182,35 +211,64 @@ impl<P: Platform> GuestDma<P> {
         self.memory.remove_region(gpa.0, len).map_err(|e| PassthroughError::Iommufd("guest memory", e))
     }
 
-    /// DMA faults the IOMMUs' logs hold (the latest per unit, after
-    /// polling them) for the functions assigned to this guest now: what a
-    /// VMM reports to the guest or logs. QEMU's AMD-Vi records none.
-    pub fn dma_faults(&self) -> Vec<GuestFault> {
-        let mut out = Vec::new();
-        let mut polled: Vec<*const ()> = Vec::new();
-        for (&function, a) in &self.devices {
-            let key = Arc::as_ptr(&a.unit) as *const ();
-            if !polled.contains(&key) {
-                a.unit.poll_faults();
-                polled.push(key);
-            }
-            let (log, _) = a.unit.fault_log();
-            out.extend(log.iter().filter(|f| f.requester_id == a.at.requester_id).map(|f| GuestFault {
-                function,
-                address: f.address,
-                write: f.write,
-                reason: f.reason,
-            }));
+    /// The guest's fault stream: DMA faults of its devices not read
+    /// before (each is read once, oldest first), and how many were lost
+    /// (its queue of [`crate::FAULT_QUEUE`] was full, or a unit's fault
+    /// recording overflowed). Faults of other guests' devices never show
+    /// up here. QEMU's AMD-Vi records none.
+    pub fn dma_faults(&mut self) -> FaultBatch<GuestFault> {
+        self.machine.route_faults();
+        let batch = self.machine.take_faults(self.owner);
+        let faults = batch
+            .faults
+            .into_iter()
+            .map(|r| {
+                let requester = RequesterRef { unit: r.unit as u16, requester_id: r.fault.requester_id };
+                let function = self
+                    .devices
+                    .iter()
+                    .find(|(_, a)| a.at == requester)
+                    .map(|(f, _)| *f)
+                    .or_else(|| self.machine.groups.get(r.group).and_then(|g| g.functions.first().copied()))
+                    .unwrap_or(Function { segment: 0, bdf: Bdf::from_requester_id(r.fault.requester_id) });
+                GuestFault {
+                    function,
+                    requester,
+                    address: r.fault.address,
+                    write: r.fault.write,
+                    reason: r.fault.reason,
+                }
+            })
+            .collect();
+        FaultBatch { faults, lost: batch.lost }
+    }
+
+    /// Who this view belongs to (a guest, or the host for
+    /// [`Self::new_host`]).
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    fn group(&self, function: Function) -> Result<GroupId, PassthroughError> {
+        self.machine.groups.of(function).map(|g| g.id).ok_or(PassthroughError::NotIsolated(function))
+    }
+
+    /// Drops `function`'s hold of its group.
+    fn release(&self, function: Function) {
+        if let Some(g) = self.machine.groups.of(function) {
+            self.machine.unhold(function, g.id, self.owner);
         }
-        out
     }
 
     /// Gives the guest the function `segment:bdf`: its DMA is translated
     /// through the guest's memory map from now on. Refused for a function
     /// no IOMMU isolates, (unless allowed) one whose interrupts the unit
-    /// does not remap, and one whose requester id a device of another
-    /// guest of the same [`Iommus`] carries (the same function, or one
-    /// behind the same bridge: the unit cannot tell their DMA apart).
+    /// does not remap, and one whose isolation group (the same function,
+    /// one behind the same bridge, an ACS-less sibling: the unit cannot
+    /// keep their DMA apart) belongs to the host or another guest of the
+    /// same [`Iommus`] ([`PassthroughError::Owned`] names it). Giving one
+    /// function of a group gives the guest the group: nobody else can be
+    /// given its other functions until the guest lets every one go.
     pub fn assign(&mut self, iommus: &Iommus<P>, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
         let function = Function { segment, bdf };
         if self.devices.contains_key(&function) {
@@ -222,9 +280,8 @@ impl<P: Platform> GuestDma<P> {
             return Err(PassthroughError::UnsafeInterrupts(function));
         }
         let at = device.requester();
-        if !self.claims.take(at, self.guest) {
-            return Err(PassthroughError::RequesterInUse(function));
-        }
+        let group = self.group(function)?;
+        self.machine.hold(function, group, self.owner).map_err(|t| PassthroughError::Owned(function, t.owner))?;
         // Another function of this guest carries the same requester id: its
         // DMA already goes through the guest's memory map.
         if let Some(id) = self.devices.values().find(|a| a.at == at).map(|a| a.id) {
@@ -235,14 +292,14 @@ impl<P: Platform> GuestDma<P> {
         let id = match self.ictx.bind_device(ops) {
             Ok(id) => id,
             Err(e) => {
-                self.claims.release(at, self.guest);
+                self.release(function);
                 return Err(PassthroughError::Iommufd("bind", e));
             }
         };
         if let Err(e) = self.ictx.attach(id, self.ioas) {
             // Never attached: unbinding only drops the object.
             let _ = self.ictx.unbind_device(id);
-            self.claims.release(at, self.guest);
+            self.release(function);
             return Err(PassthroughError::Iommufd("attach", e));
         }
         self.devices.insert(function, Assigned { id, unit, at });
@@ -254,8 +311,7 @@ impl<P: Platform> GuestDma<P> {
     /// the same requester id).
     pub fn unassign(&mut self, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
         let function = Function { segment, bdf };
-        let (id, at) =
-            self.devices.get(&function).map(|a| (a.id, a.at)).ok_or(PassthroughError::NotAssigned(function))?;
+        let id = self.devices.get(&function).map(|a| a.id).ok_or(PassthroughError::NotAssigned(function))?;
         // Interrupts first: a route left behind would outlive the device's
         // ownership.
         let mut first_error = None;
@@ -278,7 +334,7 @@ impl<P: Platform> GuestDma<P> {
             self.ictx.unbind_device(id).map_err(|e| PassthroughError::Iommufd("unbind", e))?;
         }
         self.devices.remove(&function);
-        self.claims.release(at, self.guest);
+        self.release(function);
         Ok(())
     }
 

@@ -3,6 +3,8 @@
 //! requester id its DMA arrives with.
 
 use crate::error::{BringUpError, Function, PassthroughError};
+use crate::machine::{FaultBatch, Machine, RoutedFault};
+use crate::ownership::{Group, Groups, Owner};
 use crate::platform::{ConfigSpace, Platform, PlatformClock, PlatformTables};
 use crate::topology::{self, Assignment};
 use crate::{Bdf, PhysAddr};
@@ -10,7 +12,6 @@ use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
 use portcullis_iommu::Prot;
 use portcullis_iommu::mmio::Mmio;
 use portcullis_iommu::unit::{Device, FirmwareRange, IommuUnit, IovaRange, RequesterRef, Vendor};
@@ -101,57 +102,25 @@ pub struct Options {
     pub vtd_mode: Option<vtd::Mode>,
 }
 
-/// Which guest holds each requester id of each unit, across every
-/// [`crate::GuestDma`] made from one [`Iommus`]: an id (and so every
-/// function whose DMA carries it) belongs to one guest at a time.
-#[derive(Debug, Default)]
-pub(crate) struct Claims {
-    next_guest: AtomicU64,
-    /// (guest, holds) per requester id.
-    held: spin::Mutex<BTreeMap<RequesterRef, (u64, usize)>>,
-}
-
-impl Claims {
-    /// A number no other guest has.
-    pub(crate) fn new_guest(&self) -> u64 {
-        self.next_guest.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// One more hold of `at` by `guest`; `false` when another guest holds
-    /// it.
-    pub(crate) fn take(&self, at: RequesterRef, guest: u64) -> bool {
-        let mut held = self.held.lock();
-        match held.get_mut(&at) {
-            Some((g, n)) if *g == guest => *n += 1,
-            Some(_) => return false,
-            None => {
-                held.insert(at, (guest, 1));
-            }
-        }
-        true
-    }
-
-    /// Gives back one hold of `at` by `guest`.
-    pub(crate) fn release(&self, at: RequesterRef, guest: u64) {
-        let mut held = self.held.lock();
-        if let Some((g, n)) = held.get_mut(&at)
-            && *g == guest
-        {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&at);
-            }
-        }
-    }
-}
-
 /// Every IOMMU of the platform, brought up with every device blocked.
 pub struct Iommus<P: Platform> {
     platform: Arc<P>,
     units: Vec<Unit<P>>,
     owners: BTreeMap<(u16, Bdf), Assignment>,
     problems: Vec<TableProblem>,
-    claims: Arc<Claims>,
+    machine: Arc<Machine>,
+}
+
+/// What a function the host claims does with its DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostUse {
+    /// Stays blocked: the host reserves it (nobody may assign it).
+    Blocked,
+    /// Untranslated: its DMA reaches physical addresses, as without an
+    /// IOMMU (VT-d ECAP.PT; AMD-Vi always). For the hypervisor's own
+    /// trusted devices; use a host [`crate::GuestDma`] (identity-mapped host
+    /// RAM, or any map) to keep translation.
+    PassThrough,
 }
 
 impl<P: Platform> fmt::Debug for Iommus<P> {
@@ -176,11 +145,16 @@ impl<P: Platform> Iommus<P> {
             units: Vec::new(),
             owners: BTreeMap::new(),
             problems: Vec::new(),
-            claims: Arc::new(Claims::default()),
+            machine: Arc::new(Machine::new(Groups::default(), Vec::new())),
         };
         let functions = s.platform.pci_functions();
         s.bring_up_vtd(&functions, options);
         s.bring_up_amd(&functions);
+        let assigned: Vec<(Function, Assignment)> = s.assignments().collect();
+        let acs = |f: Function| functions.iter().any(|x| x.segment == f.segment && x.bdf == f.bdf && x.acs);
+        let groups = Groups::build(&assigned, acs);
+        let units = s.units.iter().map(|u| u.state.as_ref().ok().map(|d| d.generic())).collect();
+        s.machine = Arc::new(Machine::new(groups, units));
         s
     }
 
@@ -290,8 +264,78 @@ impl<P: Platform> Iommus<P> {
     }
 
     /// Who holds which requester id.
-    pub(crate) fn claims(&self) -> &Arc<Claims> {
-        &self.claims
+    pub(crate) fn machine(&self) -> &Arc<Machine> {
+        &self.machine
+    }
+
+    /// Every isolation group: functions the IOMMU cannot tell apart (one
+    /// requester id, or an ACS-less multi-function device). A group is
+    /// assigned whole, to one owner.
+    pub fn groups(&self) -> &[Group] {
+        self.machine.groups.all()
+    }
+
+    /// The group of `segment:bdf` (`None`: no unit translates it).
+    pub fn group_of(&self, segment: u16, bdf: Bdf) -> Option<&Group> {
+        self.machine.groups.of(Function { segment, bdf })
+    }
+
+    /// Who owns `segment:bdf`'s group now (`None`: nobody; its DMA is
+    /// blocked).
+    pub fn owner_of(&self, segment: u16, bdf: Bdf) -> Option<Owner> {
+        self.group_of(segment, bdf).and_then(|g| self.machine.owner(g.id))
+    }
+
+    /// Keeps `segment:bdf` (and its whole group) for the host, `how`: no
+    /// guest can be given it until [`Self::release_host`]. Refused, with
+    /// the owner named, when a guest has the group.
+    pub fn claim_for_host(&self, segment: u16, bdf: Bdf, how: HostUse) -> Result<(), PassthroughError> {
+        let function = Function { segment, bdf };
+        let (d, _) = self.locate(segment, bdf)?;
+        let group = self.group_of(segment, bdf).ok_or(PassthroughError::NotIsolated(function))?.clone();
+        self.machine.hold(function, group.id, Owner::Host).map_err(|t| PassthroughError::Owned(function, t.owner))?;
+        if how == HostUse::PassThrough {
+            let unit = d.generic();
+            for (k, r) in group.requesters().enumerate() {
+                if let Err(e) = unit.pass_through(r.requester_id) {
+                    // Back to blocked, as before the call.
+                    for r in group.requesters().take(k) {
+                        let _ = unit.block(r.requester_id);
+                    }
+                    self.machine.unhold(function, group.id, Owner::Host);
+                    return Err(PassthroughError::Unit(function, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a function the host claimed back: once no function of its
+    /// group is claimed any more, the group's DMA is blocked again and any
+    /// guest may be given it.
+    pub fn release_host(&self, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
+        let function = Function { segment, bdf };
+        let (d, _) = self.locate(segment, bdf)?;
+        let group = self.group_of(segment, bdf).ok_or(PassthroughError::NotIsolated(function))?.clone();
+        if self.machine.owner(group.id) != Some(Owner::Host) {
+            return Err(PassthroughError::NotAssigned(function));
+        }
+        let unit = d.generic();
+        let last = self.machine.holds_left(group.id) <= 1;
+        if last {
+            for r in group.requesters() {
+                unit.block(r.requester_id).map_err(|e| PassthroughError::Unit(function, e))?;
+            }
+        }
+        self.machine.unhold(function, group.id, Owner::Host);
+        Ok(())
+    }
+
+    /// DMA faults of functions no guest owns (the host's, and blocked
+    /// ones), not read before, and how many were lost.
+    pub fn host_faults(&self) -> FaultBatch<RoutedFault> {
+        self.machine.route_faults();
+        self.machine.take_faults(Owner::Host)
     }
 
     /// Every unit, in bring-up order (VT-d in DMAR order, then AMD-Vi);

@@ -66,6 +66,10 @@ pub struct PciFunction {
     /// The device/port type of its PCI Express capability (0 endpoint,
     /// 4 root port, 7 PCIe-to-PCI bridge, ...), `None` without one.
     pub pcie_port_type: Option<u8>,
+    /// It has an Access Control Services extended capability (so the
+    /// functions of its device cannot reach each other peer to peer
+    /// around the IOMMU when all have it).
+    pub acs: bool,
 }
 
 /// The services a host gives Portcullis. Implement it once; every method

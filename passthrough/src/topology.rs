@@ -225,6 +225,7 @@ mod tests {
             parent,
             bridge: bridge.map(|(s, e)| BridgeBuses { secondary: s, subordinate: e }),
             pcie_port_type: pcie,
+            acs: false,
         }
     }
 

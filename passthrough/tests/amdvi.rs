@@ -16,7 +16,7 @@ mod support;
 
 use amdvi::event::{self, Event};
 use amdvi::testing::{Invalidation, QEMU_EFR};
-use portcullis::{Bdf, Function, GuestAddr, GuestDma, GuestFault, Iommus, PassthroughError, PciFunction, PhysAddr};
+use portcullis::{Bdf, Function, GuestAddr, GuestDma, Iommus, PassthroughError, PciFunction, PhysAddr};
 use support::host::pci::{CONVENTIONAL, ENDPOINT, INTEGRATED, ROOT_PORT, bdf, bridge, endpoint};
 use support::host::{HostBuilder, ModelHost};
 use support::walk::{self, Msi, Outcome, Walk};
@@ -258,15 +258,12 @@ fn scenario_990(coherent: bool) -> std::sync::Arc<ModelHost> {
         event::flags::RW,
         0x9000
     )));
+    let batch = guest.dma_faults();
     assert_eq!(
-        guest.dma_faults(),
-        [GuestFault {
-            function: Function { segment: 0, bdf: LEGACY_PCI },
-            address: 0x9000,
-            write: true,
-            reason: event::IO_PAGE_FAULT
-        }]
+        batch.faults.iter().map(|f| (f.function, f.address, f.write, f.reason)).collect::<Vec<_>>(),
+        [(Function { segment: 0, bdf: LEGACY_PCI }, 0x9000, true, event::IO_PAGE_FAULT)]
     );
+    assert!(guest.dma_faults().faults.is_empty(), "each fault is read once");
 
     // Removing memory.
     let devices = [ALIAS_RID, 0x100];
@@ -441,7 +438,7 @@ fn functions_behind_the_pci_bridge_belong_to_one_guest() {
     let sibling = bdf(6, 6, 0);
     assert_eq!(
         g2.assign(&iommus, 0, sibling),
-        Err(PassthroughError::RequesterInUse(Function { segment: 0, bdf: sibling }))
+        Err(PassthroughError::Owned(Function { segment: 0, bdf: sibling }, g1.owner()))
     );
     untouched(&host, &[], "a refused assignment");
     assert_maps(&host, UNIT_990, ALIAS_RID, R1);

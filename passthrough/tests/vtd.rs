@@ -257,15 +257,19 @@ fn scenario(config: Config) -> Arc<ModelHost> {
 
     // Faults the unit records reach the guest's view.
     host.vtd(UNIT_A).record_fault(0x1234_5000, fault_hi(6, true, ALIAS_RID));
+    let batch = guest.dma_faults();
     assert_eq!(
-        guest.dma_faults(),
+        batch.faults,
         [GuestFault {
             function: portcullis::Function { segment: 0, bdf: ALIASED },
+            requester: portcullis::RequesterRef { unit: 0, requester_id: ALIAS_RID },
             address: 0x1234_5000,
             write: false,
             reason: 6
         }]
     );
+    assert_eq!(batch.lost, 0);
+    assert!(guest.dma_faults().faults.is_empty(), "each fault is read once");
 
     // Removing memory: every page of it blocked, each covered by an IOTLB
     // invalidation after its entry changed; tables freed only after.
@@ -481,7 +485,11 @@ fn functions_sharing_a_requester_id_belong_to_one_guest() {
     mark(&host);
     for f in [sibling, ALIASED] {
         let e = g2.assign(&iommus, 0, f);
-        assert_eq!(e, Err(PassthroughError::RequesterInUse(portcullis::Function { segment: 0, bdf: f })));
+        assert_eq!(
+            e,
+            Err(PassthroughError::Owned(portcullis::Function { segment: 0, bdf: f }, g1.owner())),
+            "the owner is named"
+        );
     }
     untouched(&host, &[], "refused assignments");
     assert_maps(&host, UNIT_A, ALIAS_RID, R1);
@@ -492,7 +500,7 @@ fn functions_sharing_a_requester_id_belong_to_one_guest() {
     assert_eq!(iommus.attached_domain(0, sibling), walk(&host, UNIT_A, ALIAS_RID, 0).domain);
     assert_eq!(
         g2.assign(&iommus, 0, ALIASED),
-        Err(PassthroughError::RequesterInUse(portcullis::Function { segment: 0, bdf: ALIASED }))
+        Err(PassthroughError::Owned(portcullis::Function { segment: 0, bdf: ALIASED }, g1.owner()))
     );
     g1.unassign(0, sibling).unwrap();
     assert_blocked(&host, UNIT_A, ALIAS_RID, R1.0, "both unassigned");
@@ -573,4 +581,146 @@ fn an_rmrr_inside_guest_memory_refuses_the_device() {
     g2.add_memory(GuestAddr(R1.0), PhysAddr(R2.1), R1.2, true).unwrap();
     g2.assign(&iommus, 0, XHCI).unwrap();
     assert_eq!(walk(&host, UNIT_C, 0x00a0, RMRR.0).hpa(true), Some(RMRR.0));
+}
+
+/// Machine-wide ownership with two guests and the host: a group (one
+/// requester id, or an ACS-less multi-function device) belongs to one
+/// owner; a claim by anyone else is refused naming the owner and changes
+/// nothing; the host's pass-through device reaches physical memory; each
+/// owner reads only its own faults, each once.
+#[test]
+fn two_guests_and_the_host_own_disjoint_groups_and_read_their_own_faults() {
+    use portcullis::{HostUse, Owner};
+    let sibling = bdf(0x81, 0, 1);
+    let host = host(Config::QEMU.coherent(true));
+    let iommus = Iommus::bring_up(host.clone());
+    // Groups: the PCIe-to-PCI bridge's functions share one id; the two
+    // functions of the NVMe device have no ACS, so they are one group.
+    let g = |f| iommus.group_of(0, f).unwrap().id;
+    assert_eq!(g(ALIASED), g(bdf(0x83, 2, 0)));
+    assert_eq!(g(NVME), g(sibling));
+    assert_eq!(iommus.group_of(0, NVME).unwrap().requester_ids, [0x8100, 0x8101]);
+    assert_ne!(g(NVME), g(ALIASED));
+    assert!(iommus.groups().len() > 10);
+
+    let mut g1 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g1.add_memory(GuestAddr(R1.0), PhysAddr(R1.1), R1.2, true).unwrap();
+    let mut g2 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g2.add_memory(GuestAddr(R1.0), PhysAddr(R2.1), R1.2, true).unwrap();
+    assert_ne!(g1.owner(), g2.owner());
+    g1.assign(&iommus, 0, NVME).unwrap();
+    g2.assign(&iommus, 0, ALIASED).unwrap();
+    iommus.claim_for_host(0, XHCI, HostUse::PassThrough).unwrap();
+    assert_eq!(iommus.owner_of(0, sibling), Some(g1.owner()), "the group came with the function");
+    assert_eq!(iommus.owner_of(0, XHCI), Some(Owner::Host));
+
+    // Refusals name the owner and change nothing.
+    mark(&host);
+    let f = |bdf| portcullis::Function { segment: 0, bdf };
+    assert_eq!(g2.assign(&iommus, 0, sibling), Err(PassthroughError::Owned(f(sibling), g1.owner())));
+    assert_eq!(g2.assign(&iommus, 0, NVME), Err(PassthroughError::Owned(f(NVME), g1.owner())));
+    assert_eq!(g1.assign(&iommus, 0, XHCI), Err(PassthroughError::Owned(f(XHCI), Owner::Host)));
+    assert_eq!(iommus.claim_for_host(0, NVME, HostUse::Blocked), Err(PassthroughError::Owned(f(NVME), g1.owner())));
+    untouched(&host, &[], "refused claims");
+    // Each guest's device reaches its own memory only; the host's passes.
+    assert_maps(&host, UNIT_A, 0x8100, R1);
+    assert_maps(&host, UNIT_A, ALIAS_RID, (R1.0, R2.1, R1.2));
+    assert!(matches!(walk(&host, UNIT_C, 0x00a0, 0x1234_5000).outcome, Outcome::Untranslated));
+
+    // Faults: each lands in its owner's stream only, read once.
+    host.vtd(UNIT_A).record_fault(0x7000, fault_hi(6, false, ALIAS_RID));
+    assert!(g1.dma_faults().faults.is_empty(), "guest 1 sees guest 2's fault");
+    host.vtd(UNIT_A).record_fault(0x8000, fault_hi(5, false, 0x8101));
+    let f2 = g2.dma_faults();
+    assert_eq!(f2.faults.iter().map(|x| (x.function, x.address)).collect::<Vec<_>>(), [(f(ALIASED), 0x7000)]);
+    let f1 = g1.dma_faults();
+    // The sibling's DMA is the group's: guest 1's, reported under the
+    // requester id it carried.
+    assert_eq!(f1.faults.iter().map(|x| (x.requester.requester_id, x.address)).collect::<Vec<_>>(), [(0x8101, 0x8000)]);
+    assert!(g1.dma_faults().faults.is_empty() && g2.dma_faults().faults.is_empty(), "read once");
+    // A device nobody owns: the host's stream.
+    host.vtd(UNIT_B).record_fault(0x9000, fault_hi(6, true, bdf(0, 0x1b, 0).requester_id()));
+    let h = iommus.host_faults();
+    assert_eq!(h.faults.iter().map(|x| x.fault.address).collect::<Vec<_>>(), [0x9000]);
+    assert!(g1.dma_faults().faults.is_empty() && g2.dma_faults().faults.is_empty());
+
+    // Released by the host, blocked again, and any guest may have it.
+    iommus.release_host(0, XHCI).unwrap();
+    assert_blocked(&host, UNIT_C, 0x00a0, 0x1234_5000, "released by the host");
+    assert_eq!(iommus.owner_of(0, XHCI), None);
+    g1.assign(&iommus, 0, XHCI).unwrap();
+    // A guest gone gives its groups back.
+    drop(g2);
+    assert_eq!(iommus.owner_of(0, ALIASED), None);
+    assert_blocked(&host, UNIT_A, ALIAS_RID, R1.0, "its guest is gone");
+    g1.assign(&iommus, 0, ALIASED).unwrap();
+}
+
+/// Lost faults are counted: a unit whose fault recording overflowed (every
+/// owner with devices on it is told), and a guest's queue that filled up
+/// while it did not read it.
+#[test]
+fn faults_lost_to_overflow_or_a_full_queue_are_counted() {
+    let host = host(Config::QEMU.coherent(true));
+    let iommus = Iommus::bring_up(host.clone());
+    let mut g1 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    let mut g2 = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g1.assign(&iommus, 0, NVME).unwrap();
+    g2.assign(&iommus, 0, ALIASED).unwrap();
+    // Two faults before anyone polls: the unit keeps one, overflows once.
+    host.vtd(UNIT_A).record_fault(0x1000, fault_hi(6, false, ALIAS_RID));
+    host.vtd(UNIT_A).record_fault(0x2000, fault_hi(6, false, ALIAS_RID));
+    let b2 = g2.dma_faults();
+    assert_eq!((b2.faults.len(), b2.lost), (1, 1));
+    assert_eq!(g1.dma_faults().lost, 1, "guest 1 has a device on the unit that overflowed");
+    // Guest 2 does not read while guest 1 polls: its queue fills.
+    for k in 0..(portcullis::FAULT_QUEUE as u64 + 10) {
+        host.vtd(UNIT_A).record_fault(0x10_0000 + k * 0x1000, fault_hi(6, false, ALIAS_RID));
+        assert!(g1.dma_faults().faults.is_empty());
+    }
+    let b2 = g2.dma_faults();
+    assert_eq!((b2.faults.len(), b2.lost), (portcullis::FAULT_QUEUE, 10));
+    assert_eq!(b2.faults[0].address, 0x10_0000, "oldest first");
+    let empty = g2.dma_faults();
+    assert!(empty.faults.is_empty() && empty.lost == 0);
+}
+
+/// `Iommus` is shared by threads and a `GuestDma` moves to one: three
+/// guests assign, map, unmap and unassign concurrently; at the end every
+/// table is as the last step left it.
+#[test]
+fn guests_on_several_threads() {
+    fn sync<T: Sync + Send>() {}
+    fn send<T: Send>() {}
+    sync::<Iommus<ModelHost>>();
+    send::<GuestDma<ModelHost>>();
+    let host = host(Config::QEMU.coherent(true));
+    let iommus = Arc::new(Iommus::bring_up(host.clone()));
+    let devices = [NVME, ALIASED, bdf(0x80, 4, 3)];
+    let hpa = [0x2_4000_0000u64, 0x2_8000_0000, 0x2_c000_0000];
+    std::thread::scope(|s| {
+        for k in 0..3 {
+            let iommus = iommus.clone();
+            s.spawn(move || {
+                let mut g = GuestDma::new(&iommus, 1 << 20).unwrap();
+                for round in 0..8u64 {
+                    let gpa = round << 24;
+                    g.add_memory(GuestAddr(gpa), PhysAddr(hpa[k] + (round << 21)), 1 << 20, true).unwrap();
+                    g.assign(&iommus, 0, devices[k]).unwrap();
+                    if round < 7 {
+                        g.unassign(0, devices[k]).unwrap();
+                        g.remove_memory(GuestAddr(gpa), 1 << 20).unwrap();
+                    }
+                }
+                // Kept alive (assigned, last round mapped) for the check.
+                std::mem::forget(g);
+            });
+        }
+    });
+    for (k, (d, rid)) in devices.iter().zip([0x8100u16, ALIAS_RID, bdf(0x80, 4, 3).requester_id()]).enumerate() {
+        let gpa = 7u64 << 24;
+        assert_maps(&host, UNIT_A, rid, (gpa, hpa[k] + (7 << 21), 1 << 20));
+        assert_blocked(&host, UNIT_A, rid, 6 << 24, "an earlier round's memory");
+        assert!(iommus.owner_of(0, *d).is_some());
+    }
 }

@@ -829,7 +829,7 @@ pub fn guest_dma_api_passes_a_device_through(p: &Platform) -> TestResult {
         dma_write(&edu, GPA + 9 * 4096)?;
         untouched(&[2, 5])?;
         if iommus.units().iter().any(|u| u.vendor == Vendor::IntelVtd) {
-            let f = guest.dma_faults();
+            let f = guest.dma_faults().faults;
             ensure!(
                 f.iter().any(|f| f.function == function && f.address == GPA + 9 * 4096 && f.write),
                 "the blocked write is not among the guest's faults: {:x?}",

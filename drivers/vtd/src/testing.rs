@@ -357,15 +357,17 @@ impl RegisterModel {
 
     /// The hardware records a fault in its (single) fault recording
     /// register: a fault event MSI when unmasked and none was pending,
-    /// FECTL.IP when masked.
+    /// FECTL.IP when masked. With a record still pending the fault is
+    /// lost and FSTS.PFO (primary fault overflow) is set instead.
     pub fn record_fault(&self, lo: u64, hi: u64) {
         let mut s = self.state.lock();
         let was_pending = s.fsts.contains(Fsts::PPF);
-        s.fault = [lo, hi];
-        s.fsts |= Fsts::PPF;
         if was_pending {
+            s.fsts |= Fsts::PFO;
             return;
         }
+        s.fault = [lo, hi];
+        s.fsts |= Fsts::PPF;
         if s.fectl.contains(Fectl::IM) {
             s.fectl |= Fectl::IP;
         } else {

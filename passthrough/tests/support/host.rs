@@ -578,7 +578,7 @@ pub mod pci {
     /// An endpoint (`pcie`: its PCI Express port type, `None` for a
     /// conventional PCI device) below `parent`.
     pub fn endpoint(at: Bdf, parent: Option<Bdf>, pcie: Option<u8>) -> PciFunction {
-        PciFunction { segment: 0, bdf: at, parent, bridge: None, pcie_port_type: pcie }
+        PciFunction { segment: 0, bdf: at, parent, bridge: None, pcie_port_type: pcie, acs: false }
     }
 
     /// A bridge to buses `secondary..=subordinate`.
@@ -589,6 +589,7 @@ pub mod pci {
             parent,
             bridge: Some(BridgeBuses { secondary, subordinate }),
             pcie_port_type: pcie,
+            acs: false,
         }
     }
 
