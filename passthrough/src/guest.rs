@@ -4,6 +4,7 @@
 use crate::error::{Function, PassthroughError};
 use crate::iommus::Iommus;
 use crate::platform::{Platform, PlatformPhys};
+use crate::quiesce::{self, Reset};
 use crate::{Bdf, GuestAddr, PhysAddr};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
@@ -68,6 +69,7 @@ struct Assigned {
 /// One guest's DMA view: its memory at IOVA = guest physical address, and
 /// the devices assigned to it.
 pub struct GuestDma<P: Platform> {
+    platform: Arc<P>,
     memory: Arc<RegionMemory<PlatformPhys<P>>>,
     ictx: Ictx,
     ioas: u32,
@@ -78,10 +80,16 @@ pub struct GuestDma<P: Platform> {
 }
 
 impl<P: Platform> Drop for GuestDma<P> {
-    /// The devices are detached (blocked) by the iommufd context going
-    /// away; the interrupt routes go here. A route whose entry cannot be
-    /// cleared stays in the unit's table (the unit has stopped answering).
+    /// Every device still assigned is quiesced first, as by
+    /// [`GuestDma::unassign`] (errors ignored); the interrupt routes go
+    /// here, and the devices are detached (blocked) by the iommufd context
+    /// going away. A route whose entry cannot be cleared stays in the
+    /// unit's table (the unit has stopped answering).
     fn drop(&mut self) {
+        let functions = self.platform.pci_functions();
+        for &f in self.devices.keys() {
+            let _ = quiesce::quiesce(&*self.platform, &functions, f);
+        }
         for r in core::mem::take(&mut self.routes).into_values() {
             let _ = r.free();
         }
@@ -109,6 +117,7 @@ impl<P: Platform> GuestDma<P> {
         let ictx = Ictx::new(memory.clone() as Arc<dyn MemorySource>, pin_limit_pages);
         let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
         Ok(Self {
+            platform: iommus.platform().clone(),
             memory,
             ictx,
             ioas,
@@ -212,11 +221,21 @@ impl<P: Platform> GuestDma<P> {
         Ok(())
     }
 
-    /// Takes the function back: its DMA and its interrupts are blocked
-    /// again.
-    pub fn unassign(&mut self, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
+    /// Takes the function back. It is quiesced first ([`mod@crate::quiesce`]:
+    /// bus mastering, MSI and MSI-X off, then a reset where one is
+    /// possible), so no DMA or MSI is in flight when its interrupt routes
+    /// and its DMA view go; then its DMA and interrupts are blocked again.
+    /// Returns the reset it got ([`Reset::NotPossible`]: none could be
+    /// done); its configuration space is left for the VMM to restore.
+    ///
+    /// A function that does not quiesce is taken back all the same and the
+    /// call fails with [`PassthroughError::Quiesce`]; one whose route or
+    /// detach fails stays assigned, but quiesced.
+    pub fn unassign(&mut self, segment: u16, bdf: Bdf) -> Result<Reset, PassthroughError> {
         let function = Function { segment, bdf };
         let id = self.devices.get(&function).ok_or(PassthroughError::NotAssigned(function))?.id;
+        let quiet = quiesce::quiesce(&*self.platform, &self.platform.pci_functions(), function)
+            .map_err(|e| PassthroughError::Quiesce(function, e));
         // Interrupts first: a route left behind would outlive the device's
         // ownership.
         let mut first_error = None;
@@ -236,7 +255,7 @@ impl<P: Platform> GuestDma<P> {
         self.ictx.detach(id).map_err(|e| PassthroughError::Iommufd("detach", e))?;
         self.ictx.unbind_device(id).map_err(|e| PassthroughError::Iommufd("unbind", e))?;
         self.devices.remove(&function);
-        Ok(())
+        quiet
     }
 
     /// Routes one MSI of the assigned function `segment:bdf` to `vector`
