@@ -54,7 +54,9 @@ impl ConfigAccess for Ecam {
     fn write32(&self, segment: u16, bdf: Bdf, offset: u16, value: u32) {
         if let Some(p) = self.address(segment, bdf, offset) {
             // SAFETY: as for read32; callers write only registers whose
-            // effects they own (BAR sizing, command register).
+            // effects they own (BAR sizing, command register, and the
+            // passthrough crate quiescing a device it takes back: MSI and
+            // MSI-X control, FLR, a bridge's secondary bus reset).
             unsafe { p.write_volatile(value) }
         }
     }

@@ -6,7 +6,7 @@
 //! command (bit 0 start / busy, bit 1 direction: 1 = buffer to RAM).
 
 use crate::ecam::Ecam;
-use crate::pci::{ConfigAccess, PciDevice};
+use crate::pci::{BarKind, ConfigAccess, PciDevice};
 use core::time::Duration;
 
 /// The edu buffer's device address.
@@ -27,12 +27,15 @@ pub struct Edu {
 pub struct DmaTimeout;
 
 impl Edu {
-    /// Takes over `dev` (must be an edu with its BAR0).
+    /// Takes over `dev` (must be an edu with its BAR0): its BARs as
+    /// enumerated (put back after a reset), memory decode and bus mastering
+    /// on.
     pub fn new(ecam: &Ecam, dev: &PciDevice) -> Option<Self> {
         if (dev.vendor, dev.device) != (0x1234, 0x11e8) {
             return None;
         }
         let bar = dev.bars.iter().find(|b| b.index == 0)?;
+        restore_bars(ecam, dev);
         let cmd = ecam.read32(dev.segment, dev.bdf, 4);
         // Memory space + bus master.
         ecam.write32(dev.segment, dev.bdf, 4, (cmd & 0xffff) | 0x6);
@@ -96,6 +99,23 @@ impl Edu {
     /// The device writes `len` bytes of its buffer to DMA address `dst`.
     pub fn write_to(&self, dst: u64, len: u64) -> Result<(), DmaTimeout> {
         self.run(EDU_BUFFER, dst, len, true)
+    }
+}
+
+/// Puts back the BARs enumeration found where they changed: a reset (an
+/// FLR, a secondary bus reset when the passthrough crate takes the device
+/// back) returns them to zero, and restoring them is the VMM's business,
+/// here the test's.
+fn restore_bars(ecam: &Ecam, dev: &PciDevice) {
+    for b in &dev.bars {
+        let off = 0x10 + 4 * b.index as u16;
+        let flags = if b.kind == BarKind::Io { 0x3 } else { 0xf };
+        if ecam.read32(dev.segment, dev.bdf, off) & !flags != b.base as u32 & !flags {
+            ecam.write32(dev.segment, dev.bdf, off, b.base as u32 & !flags);
+        }
+        if b.kind == BarKind::Mem64 && ecam.read32(dev.segment, dev.bdf, off + 4) != (b.base >> 32) as u32 {
+            ecam.write32(dev.segment, dev.bdf, off + 4, (b.base >> 32) as u32);
+        }
     }
 }
 

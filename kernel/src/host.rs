@@ -1,6 +1,7 @@
 //! The kernel as a `portcullis::Platform`: what the passthrough crate needs
 //! of a host, implemented over this kernel's uncached MMIO window, frame
-//! allocator, direct map, TSC clock, ECAM and ACPI copies.
+//! allocator, direct map, TSC clock, ECAM (read, and written to quiesce a device) and ACPI
+//! copies.
 //!
 //! This is the only IOMMU-related `unsafe` in the kernel: volatile register
 //! accesses, table words through the direct map, cache-line flushes. Every
@@ -185,6 +186,9 @@ impl portcullis::Platform for KernelHost {
     }
     fn pci_read32(&self, segment: u16, bdf: Bdf, offset: u16) -> u32 {
         self.ecam.read32(segment, bdf, offset)
+    }
+    fn pci_write32(&self, segment: u16, bdf: Bdf, offset: u16, value: u32) {
+        self.ecam.write32(segment, bdf, offset, value)
     }
     fn dmar(&self) -> Option<&[u8]> {
         self.dmar.as_deref()

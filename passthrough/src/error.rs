@@ -3,6 +3,7 @@
 
 use crate::Bdf;
 use crate::platform::PlatformError;
+use crate::quiesce::QuiesceError;
 use core::fmt;
 use portcullis_iommu::UnitError;
 
@@ -84,6 +85,11 @@ pub enum PassthroughError {
     },
     /// iommufd refused (what was being done, and its errno).
     Iommufd(&'static str, iommufd::Errno),
+    /// [`crate::GuestDma::unassign`] took the function back all the same
+    /// (its DMA view and interrupt routes are gone, it is no longer the
+    /// guest's), but it did not quiesce: it does not answer, or did not
+    /// come back from its reset. Its state is unknown.
+    Quiesce(Function, QuiesceError),
 }
 
 impl fmt::Display for PassthroughError {
@@ -102,6 +108,7 @@ impl fmt::Display for PassthroughError {
             Self::NoSuchRoute => write!(f, "no such interrupt route"),
             Self::BadRange { gpa, len } => write!(f, "guest memory {gpa:#x}+{len:#x} is not a page-aligned range"),
             Self::Iommufd(what, e) => write!(f, "{what}: {e:?}"),
+            Self::Quiesce(d, e) => write!(f, "{d} was taken back but not quiesced: {e}"),
         }
     }
 }
@@ -111,6 +118,7 @@ impl core::error::Error for PassthroughError {
         match self {
             Self::UnitDown(_, e) => Some(e),
             Self::Interrupt(_, e) | Self::Unit(_, e) => Some(e),
+            Self::Quiesce(_, e) => Some(e),
             _ => None,
         }
     }

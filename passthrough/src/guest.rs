@@ -6,6 +6,7 @@ use crate::iommus::Iommus;
 use crate::machine::{FaultBatch, Machine};
 use crate::ownership::{GroupId, Owner};
 use crate::platform::{Platform, PlatformPhys};
+use crate::quiesce::{self, Reset};
 use crate::{Bdf, GuestAddr, PhysAddr};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
@@ -75,6 +76,7 @@ struct Assigned {
 /// One guest's DMA view: its memory at IOVA = guest physical address, and
 /// the devices assigned to it.
 pub struct GuestDma<P: Platform> {
+    platform: Arc<P>,
     memory: Arc<RegionMemory<PlatformPhys<P>>>,
     ictx: Ictx,
     ioas: u32,
@@ -87,12 +89,18 @@ pub struct GuestDma<P: Platform> {
 }
 
 impl<P: Platform> Drop for GuestDma<P> {
-    /// The interrupt routes go, then the devices are detached (blocked)
-    /// and their groups given back. A route whose entry cannot be cleared
-    /// stays in the unit's table, and a device that cannot be detached
-    /// keeps its group (the unit has stopped answering; nobody else may be
-    /// given what it can still reach).
+    /// Every device still assigned is quiesced first, as by
+    /// [`GuestDma::unassign`] (errors ignored); then the interrupt routes
+    /// go, the devices are detached (blocked) and their groups given back.
+    /// A route whose entry cannot be cleared stays in the unit's table, and
+    /// a device that cannot be detached keeps its group (the unit has
+    /// stopped answering; nobody else may be given what it can still
+    /// reach).
     fn drop(&mut self) {
+        let functions = self.platform.pci_functions();
+        for &f in self.devices.keys() {
+            let _ = quiesce::quiesce(&*self.platform, &functions, f);
+        }
         for r in core::mem::take(&mut self.routes).into_values() {
             let _ = r.free();
         }
@@ -155,6 +163,7 @@ impl<P: Platform> GuestDma<P> {
         let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
         let machine = iommus.machine().clone();
         Ok(Self {
+            platform: iommus.platform().clone(),
             memory,
             ictx,
             ioas,
@@ -306,12 +315,23 @@ impl<P: Platform> GuestDma<P> {
         Ok(())
     }
 
-    /// Takes the function back: its DMA and its interrupts are blocked
-    /// again (its DMA only once no other function of the guest carries
-    /// the same requester id).
-    pub fn unassign(&mut self, segment: u16, bdf: Bdf) -> Result<(), PassthroughError> {
+    /// Takes the function back (its DMA is blocked only once no other
+    /// function of the guest carries the same requester id, and its group
+    /// goes back once none of its functions is the guest's). It is quiesced first ([`mod@crate::quiesce`]:
+    /// bus mastering, MSI and MSI-X off, then a reset where one is
+    /// possible), so no DMA or MSI is in flight when its interrupt routes
+    /// and its DMA view go; then its DMA and interrupts are blocked again.
+    /// Returns the reset it got ([`Reset::NotPossible`]: none could be
+    /// done); its configuration space is left for the VMM to restore.
+    ///
+    /// A function that does not quiesce is taken back all the same and the
+    /// call fails with [`PassthroughError::Quiesce`]; one whose route or
+    /// detach fails stays assigned, but quiesced.
+    pub fn unassign(&mut self, segment: u16, bdf: Bdf) -> Result<Reset, PassthroughError> {
         let function = Function { segment, bdf };
         let id = self.devices.get(&function).map(|a| a.id).ok_or(PassthroughError::NotAssigned(function))?;
+        let quiet = quiesce::quiesce(&*self.platform, &self.platform.pci_functions(), function)
+            .map_err(|e| PassthroughError::Quiesce(function, e));
         // Interrupts first: a route left behind would outlive the device's
         // ownership.
         let mut first_error = None;
@@ -335,7 +355,7 @@ impl<P: Platform> GuestDma<P> {
         }
         self.devices.remove(&function);
         self.release(function);
-        Ok(())
+        quiet
     }
 
     /// Routes one MSI of the assigned function `segment:bdf` to `vector`

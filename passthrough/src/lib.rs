@@ -17,7 +17,8 @@
 //!       ├─ Iommus::bring_up(platform)      every unit up, every device blocked
 //!       └─ GuestDma (one per guest)        iommufd IOAS with RAM at IOVA = GPA
 //!             ├─ add_memory / remove_memory
-//!             ├─ assign / unassign          attach through the generic Device/Domain
+//!             ├─ assign / unassign          attach through the generic Device/Domain;
+//!             │                              unassign quiesces and resets first (quiesce)
 //!             ├─ route_msi                   interrupt remapping entries
 //!             └─ dma_faults                  what the units recorded
 //! ```
@@ -81,6 +82,7 @@
 //!     fn flush_cache(&self, _: PhysAddr, _: u64) {}
 //!     fn now_ns(&self) -> u64 { 0 }
 //!     fn pci_read32(&self, _: u16, _: Bdf, _: u16) -> u32 { !0 }
+//!     fn pci_write32(&self, _: u16, _: Bdf, _: u16, _: u32) {}
 //!     fn dmar(&self) -> Option<&[u8]> { None }
 //!     fn ivrs(&self) -> Option<&[u8]> { None }
 //!     fn pci_functions(&self) -> Vec<PciFunction> { Vec::new() }
@@ -108,6 +110,9 @@
 //! * Enumerate PCI or find the ACPI tables: the platform hands both over.
 //! * Program the device: the VMM (or the guest, through the VMM's virtual
 //!   config space) writes the MSI address/data `route_msi` returns.
+//! * Restore a device's configuration space after `unassign` or guest
+//!   teardown reset it ([`mod@quiesce`]): BARs, command register and MSI
+//!   capabilities are at their reset defaults then.
 //! * Run the guest, its nested page tables, or deliver the interrupt into
 //!   it.
 //! * Decide which guest gets which device. (It only refuses to give a
@@ -126,6 +131,7 @@ mod iommus;
 mod machine;
 pub mod ownership;
 mod platform;
+pub mod quiesce;
 pub mod topology;
 
 pub use acpi_tables::scope::Bdf;
@@ -138,6 +144,7 @@ pub use platform::{BridgeBuses, PciFunction, Platform, PlatformClock, PlatformEr
 pub use portcullis_iommu::mmio::Mmio;
 pub use portcullis_iommu::unit::{Device, DmaFault, Domain, IommuUnit, RequesterRef, UnitDomain, Vendor};
 pub use portcullis_iommu::{DomainError, HwError, IommuDomain, Prot, UnitError};
+pub use quiesce::{QuiesceError, Reset, quiesce};
 
 /// The drivers, for vendor-specific access through [`Driver`].
 pub mod drivers {

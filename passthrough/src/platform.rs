@@ -119,6 +119,15 @@ pub trait Platform: Send + Sync + 'static {
     /// space; all ones for an absent function, as the hardware answers.
     fn pci_read32(&self, segment: u16, bdf: Bdf, offset: u16) -> u32;
 
+    /// Writes `value` to the aligned dword at `offset` of a function's
+    /// configuration space, as one access; ignored for an absent function.
+    /// The crate writes only to quiesce a function it is taking back (see
+    /// [`mod@crate::quiesce`]): its command register, MSI and MSI-X control,
+    /// PCIe Device Control or AF Control (FLR), and its parent bridge's
+    /// Bridge Control (secondary bus reset). The platform must not cache
+    /// or emulate these registers.
+    fn pci_write32(&self, segment: u16, bdf: Bdf, offset: u16, value: u32);
+
     /// The ACPI DMAR table's bytes, when the firmware has one.
     fn dmar(&self) -> Option<&[u8]>;
 

@@ -69,10 +69,11 @@ cases!(
     amd_unity_range_identity_mapped_and_reserved,
     amd_interrupts_blocked_until_routed,
     guest_dma_api_passes_a_device_through,
+    guest_dma_unassign_quiesces_the_device,
 );
 
 use crate::amd_cases::*;
-use crate::dma_cases::guest_dma_api_passes_a_device_through;
+use crate::dma_cases::{guest_dma_api_passes_a_device_through, guest_dma_unassign_quiesces_the_device};
 use crate::vtd_cases::*;
 
 const EDU: (u16, u16) = (0x1234, 0x11e8);

@@ -348,7 +348,9 @@ pub struct ModelHost {
     pub mem: Arc<Memory>,
     units: Vec<ModelUnit>,
     functions: Vec<PciFunction>,
-    config: BTreeMap<(u16, Bdf), BTreeMap<u16, u32>>,
+    config: Mutex<BTreeMap<(u16, Bdf), BTreeMap<u16, u32>>>,
+    /// Configuration writes, in order (segment, function, offset, value).
+    pub config_writes: Mutex<Vec<(u16, Bdf, u16, u32)>>,
     dmar: Option<Vec<u8>>,
     ivrs: Option<Vec<u8>>,
     clock: AtomicU64,
@@ -433,7 +435,8 @@ impl HostBuilder {
             mem,
             units,
             functions: self.functions,
-            config,
+            config: Mutex::new(config),
+            config_writes: Mutex::new(Vec::new()),
             dmar: self.dmar,
             ivrs: self.ivrs,
             clock: AtomicU64::new(0),
@@ -550,9 +553,17 @@ impl Platform for ModelHost {
         self.clock.fetch_add(1000, Ordering::Relaxed)
     }
     fn pci_read32(&self, segment: u16, bdf: Bdf, offset: u16) -> u32 {
-        match self.config.get(&(segment, bdf)) {
+        match self.config.lock().unwrap().get(&(segment, bdf)) {
             Some(c) => c.get(&(offset & !3)).copied().unwrap_or(0),
             None => u32::MAX,
+        }
+    }
+    /// Recorded, and kept as plain storage (no register semantics: the
+    /// functions here are not reset by it).
+    fn pci_write32(&self, segment: u16, bdf: Bdf, offset: u16, value: u32) {
+        self.config_writes.lock().unwrap().push((segment, bdf, offset, value));
+        if let Some(c) = self.config.lock().unwrap().get_mut(&(segment, bdf)) {
+            c.insert(offset & !3, value);
         }
     }
     fn dmar(&self) -> Option<&[u8]> {
