@@ -70,10 +70,14 @@ cases!(
     amd_interrupts_blocked_until_routed,
     guest_dma_api_passes_a_device_through,
     guest_dma_unassign_quiesces_the_device,
+    two_guests_and_the_host_share_the_machine,
 );
 
 use crate::amd_cases::*;
-use crate::dma_cases::{guest_dma_api_passes_a_device_through, guest_dma_unassign_quiesces_the_device};
+use crate::dma_cases::{
+    guest_dma_api_passes_a_device_through, guest_dma_unassign_quiesces_the_device,
+    two_guests_and_the_host_share_the_machine,
+};
 use crate::vtd_cases::*;
 
 const EDU: (u16, u16) = (0x1234, 0x11e8);
