@@ -74,6 +74,9 @@ pub enum PassthroughError {
     /// The unit refused an interrupt route (no remapping, table full,
     /// destination it cannot encode, or the hardware failed).
     Interrupt(Function, UnitError),
+    /// The APIC id is not one of the guest's CPUs
+    /// ([`crate::GuestDma::set_cpus`]).
+    ForeignCpu(Function, u32),
     /// No such interrupt route (freed, or never made by this guest).
     NoSuchRoute,
     /// The memory range is not page aligned, is empty or wraps.
@@ -106,6 +109,7 @@ impl fmt::Display for PassthroughError {
             }
             Self::Interrupt(d, e) => write!(f, "{d}: interrupt routing: {e}"),
             Self::NoSuchRoute => write!(f, "no such interrupt route"),
+            Self::ForeignCpu(d, apic) => write!(f, "{d}: APIC id {apic:#x} is not one of the guest's CPUs"),
             Self::BadRange { gpa, len } => write!(f, "guest memory {gpa:#x}+{len:#x} is not a page-aligned range"),
             Self::Iommufd(what, e) => write!(f, "{what}: {e:?}"),
             Self::Quiesce(d, e) => write!(f, "{d} was taken back but not quiesced: {e}"),

@@ -86,6 +86,8 @@ pub struct GuestDma<P: Platform> {
     allow_unsafe_interrupts: bool,
     machine: Arc<Machine>,
     owner: Owner,
+    /// APIC ids the guest's interrupts may be routed to (`None`: any).
+    cpus: Option<Vec<u32>>,
 }
 
 impl<P: Platform> Drop for GuestDma<P> {
@@ -173,6 +175,7 @@ impl<P: Platform> GuestDma<P> {
             allow_unsafe_interrupts: false,
             machine,
             owner,
+            cpus: None,
         })
     }
 
@@ -358,6 +361,21 @@ impl<P: Platform> GuestDma<P> {
         quiet
     }
 
+    /// Limits the CPUs (by APIC id) this guest's interrupts may be routed
+    /// or retargeted to: the ones the VMM runs the guest's vCPUs on. Until
+    /// set, any APIC id is accepted. Routes already made are not checked
+    /// again.
+    pub fn set_cpus(&mut self, apic_ids: &[u32]) {
+        self.cpus = Some(apic_ids.to_vec());
+    }
+
+    fn check_cpu(&self, function: Function, apic_id: u32) -> Result<(), PassthroughError> {
+        match &self.cpus {
+            Some(c) if !c.contains(&apic_id) => Err(PassthroughError::ForeignCpu(function, apic_id)),
+            _ => Ok(()),
+        }
+    }
+
     /// Routes one MSI of the assigned function `segment:bdf` to `vector`
     /// on the CPU with APIC id `apic_id`, through an interrupt remapping
     /// entry that accepts it only from this function. A function may have
@@ -367,6 +385,7 @@ impl<P: Platform> GuestDma<P> {
     pub fn route_msi(&mut self, segment: u16, bdf: Bdf, vector: u8, apic_id: u32) -> Result<Msi, PassthroughError> {
         let function = Function { segment, bdf };
         let a = self.devices.get(&function).ok_or(PassthroughError::NotAssigned(function))?;
+        self.check_cpu(function, apic_id)?;
         let MsiRoute { handle, address, data } = a
             .unit
             .route_msi(a.at.requester_id, vector, apic_id)
@@ -382,6 +401,7 @@ impl<P: Platform> GuestDma<P> {
     /// arrives.
     pub fn retarget_msi(&mut self, msi: MsiHandle, vector: u8, apic_id: u32) -> Result<(), PassthroughError> {
         let r = self.routes.get(&msi).ok_or(PassthroughError::NoSuchRoute)?;
+        self.check_cpu(r.function, apic_id)?;
         r.unit
             .retarget_msi(r.requester_id, r.handle, vector, apic_id)
             .map_err(|e| PassthroughError::Interrupt(r.function, e))

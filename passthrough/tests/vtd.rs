@@ -724,3 +724,30 @@ fn guests_on_several_threads() {
         assert!(iommus.owner_of(0, *d).is_some());
     }
 }
+
+/// Interrupt routes go only to the guest's CPUs; a retarget rewrites the
+/// entry in place (same address and data), and a freed entry is reused.
+#[test]
+fn routes_go_to_the_guests_cpus_and_retarget_in_place() {
+    let host = host(Config::QEMU.coherent(true));
+    let iommus = Iommus::bring_up(host.clone());
+    let mut g = GuestDma::new(&iommus, 1 << 20).unwrap();
+    g.assign(&iommus, 0, NVME).unwrap();
+    g.set_cpus(&[1, 3]);
+    let nvme = portcullis::Function { segment: 0, bdf: NVME };
+    assert_eq!(g.route_msi(0, NVME, 0x40, 2).unwrap_err(), PassthroughError::ForeignCpu(nvme, 2));
+    let m = g.route_msi(0, NVME, 0x40, 3).unwrap();
+    let Msi::Remapped(r) = walk::msi(&host, UNIT_A, 0x8100, m.address, m.data).unwrap() else { panic!() };
+    assert_eq!((r.vector, r.destination), (0x40, 3));
+    assert_eq!(g.retarget_msi(m.handle, 0x41, 5).unwrap_err(), PassthroughError::ForeignCpu(nvme, 5));
+    g.retarget_msi(m.handle, 0x41, 1).unwrap();
+    let Msi::Remapped(r) = walk::msi(&host, UNIT_A, 0x8100, m.address, m.data).unwrap() else { panic!() };
+    assert_eq!((r.vector, r.destination), (0x41, 1), "retargeted in place");
+    let second = g.route_msi(0, NVME, 0x42, 1).unwrap();
+    assert_ne!(second.address, m.address);
+    g.free_msi(m.handle).unwrap();
+    assert!(!matches!(walk::msi(&host, UNIT_A, 0x8100, m.address, m.data), Ok(Msi::Remapped(_))), "freed: blocked");
+    assert_eq!(g.free_msi(m.handle), Err(PassthroughError::NoSuchRoute));
+    let again = g.route_msi(0, NVME, 0x43, 3).unwrap();
+    assert_eq!((again.address, again.data), (m.address, m.data), "the freed entry is reused");
+}
