@@ -22,6 +22,8 @@ pub struct VtdRegs {
     pub gsts: u32,
     /// FSTS.
     pub fsts: u32,
+    /// IRTA (the interrupt remapping table; EIME in bit 11).
+    pub irta: u64,
 }
 
 impl VtdRegs {
@@ -33,9 +35,16 @@ impl VtdRegs {
 
 /// Reads a VT-d unit's registers at `base`.
 pub fn vtd(base: u64) -> Result<VtdRegs, MapError> {
-    use vtd::regs::{BLOCK, CAP, ECAP, FSTS, GSTS, VER};
+    use vtd::regs::{BLOCK, CAP, ECAP, FSTS, GSTS, IRTA, VER};
     let m = KernelMmio::map(base, BLOCK)?;
-    Ok(VtdRegs { ver: m.get32(VER), cap: m.get64(CAP), ecap: m.get64(ECAP), gsts: m.get32(GSTS), fsts: m.get32(FSTS) })
+    Ok(VtdRegs {
+        ver: m.get32(VER),
+        cap: m.get64(CAP),
+        ecap: m.get64(ECAP),
+        gsts: m.get32(GSTS),
+        fsts: m.get32(FSTS),
+        irta: m.get64(IRTA),
+    })
 }
 
 /// AMD-Vi registers of one IVHD.

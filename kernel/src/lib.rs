@@ -134,11 +134,37 @@ mod imp {
         // The local APIC receives MSIs (IOMMU fault events); interrupts
         // stay disabled until a user enables them.
         let lapic = acpi.as_ref().map(|a| a.local_apic).ok().filter(|&b| b != 0).unwrap_or(0xfee0_0000);
-        if let Err(e) = crate::arch::irq::init(lapic as u64) {
+        let x2apic = want_x2apic(boot, dmar.as_ref().and_then(|d| d.as_ref().ok()));
+        if let Err(e) = crate::arch::irq::init(lapic as u64, x2apic) {
             log::error!("local APIC at {:#x}: {:?}", lapic, e);
         }
         log::debug!("bring-up done: {} PCI functions", pci.len());
         let config = boot.cmdline_value("config").unwrap_or("").to_string();
         Platform { boot, config, cpu, calibration, acpi, ecam, pci, dmar, ivrs }
+    }
+
+    /// Whether to run the local APIC in x2APIC mode: only when the command
+    /// line asks (`x2apic=1`) and the DMAR does not opt out
+    /// (X2APIC_OPT_OUT). The kernel does not decide from the DMAR alone as
+    /// Linux does: QEMU's DMAR says INTR_REMAP without X2APIC_OPT_OUT
+    /// whether or not its unit has extended interrupt mode (`eim`), so the
+    /// table cannot tell the `intel-x2apic` configuration from `intel`, and
+    /// the unit's ECAP.EIM is read only later, by the IOMMU driver. Whoever
+    /// boots the kernel (xtask) knows what the machine offers and says so;
+    /// the interrupt remapping units are then brought up to match
+    /// ([`crate::arch::irq::x2apic`]).
+    fn want_x2apic(boot: &BootInfo, dmar: Option<&acpi_tables::dmar::Dmar>) -> bool {
+        if !matches!(boot.cmdline_value("x2apic"), Some("1" | "on" | "yes")) {
+            return false;
+        }
+        if dmar.is_some_and(|d| d.has_flag(acpi_tables::dmar::FLAG_X2APIC_OPT_OUT)) {
+            log::warn!("x2apic=1 asked, but the DMAR opts out of x2APIC (X2APIC_OPT_OUT): staying in xAPIC mode");
+            return false;
+        }
+        if !crate::arch::irq::cpu_has_x2apic() {
+            log::warn!("x2apic=1 asked, but the CPU has no x2APIC (CPUID.1:ECX bit 21): staying in xAPIC mode");
+            return false;
+        }
+        true
     }
 }

@@ -10,9 +10,10 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     use portcullis_kernel::arch::exit::{ExitCode, exit_qemu};
     let platform = portcullis_kernel::init(boot);
     // Drive the IOMMUs: translation on, every device blocked until a
-    // domain is attached.
+    // domain is attached; interrupt routes in the local APIC's format.
     let host = portcullis_kernel::host::KernelHost::new(&platform);
-    let iommus = portcullis_kernel::host::Iommus::bring_up(host);
+    let options = portcullis::Options { x2apic: portcullis_kernel::arch::irq::x2apic(), ..Default::default() };
+    let iommus = portcullis_kernel::host::Iommus::bring_up_with(host, options);
     portcullis_kernel::report::print(&platform, &iommus);
     exit_qemu(ExitCode::Success)
 }

@@ -22,6 +22,16 @@ pub fn print(p: &Platform, iommus: &crate::host::Iommus) {
         crate::time::tsc_hz() / 1_000_000,
         p.calibration
     );
+    {
+        use crate::arch::irq;
+        let mode = match irq::mode() {
+            Some(irq::ApicMode::X2Apic) => "x2APIC mode",
+            Some(irq::ApicMode::XApic) => "xAPIC mode",
+            None => "not set up",
+        };
+        let id = irq::apic_id().map_or("?".into(), |i| alloc::format!("{i:#x}"));
+        println!("         local APIC: {mode}, id {id} (x2APIC capable: {})", yes(irq::cpu_has_x2apic()));
+    }
     println!("Command  {:?}", p.boot.cmdline());
     memory(p);
     acpi(p);

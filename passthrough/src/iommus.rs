@@ -100,6 +100,10 @@ pub enum TableProblem {
 pub struct Options {
     /// The mode of every VT-d unit (`None`: the best each offers).
     pub vtd_mode: Option<vtd::Mode>,
+    /// The host's local APICs run in x2APIC mode: interrupt routes name
+    /// 32-bit APIC ids (VT-d: IRTA.EIME, AMD-Vi: 128-bit entries with
+    /// XTEn; a unit without ECAP.EIM or EFR.XTSup/GASup fails).
+    pub x2apic: bool,
 }
 
 /// Every IOMMU of the platform, brought up with every device blocked.
@@ -149,7 +153,7 @@ impl<P: Platform> Iommus<P> {
         };
         let functions = s.platform.pci_functions();
         s.bring_up_vtd(&functions, options);
-        s.bring_up_amd(&functions);
+        s.bring_up_amd(&functions, options);
         let assigned: Vec<(Function, Assignment)> = s.assignments().collect();
         let acs = |f: Function| functions.iter().any(|x| x.segment == f.segment && x.bdf == f.bdf && x.acs);
         let groups = Groups::build(&assigned, acs);
@@ -175,7 +179,8 @@ impl<P: Platform> Iommus<P> {
                 let caps = vtd::Caps { cap: mmio.get64(vtd::regs::CAP), ecap: mmio.get64(vtd::regs::ECAP) };
                 let mem = PlatformTables::new(self.platform.clone(), caps.coherent());
                 let clock = PlatformClock(self.platform.clone());
-                vtd::Shared::bring_up(base, mmio, mem, clock, options.vtd_mode)
+                let vtd_options = vtd::BringUp { mode: options.vtd_mode, x2apic: options.x2apic };
+                vtd::Shared::bring_up_with(base, mmio, mem, clock, vtd_options)
                     .map(Driver::Vtd)
                     .map_err(BringUpError::Unit)
             });
@@ -214,7 +219,7 @@ impl<P: Platform> Iommus<P> {
         }
     }
 
-    fn bring_up_amd(&mut self, functions: &[crate::PciFunction]) {
+    fn bring_up_amd(&mut self, functions: &[crate::PciFunction], options: Options) {
         let Some(bytes) = self.platform.ivrs() else { return };
         let ivrs = match acpi_tables::ivrs::Ivrs::parse(bytes) {
             Ok(t) => t,
@@ -248,7 +253,13 @@ impl<P: Platform> Iommus<P> {
             // not bound a lookup by the table's Size field, so an id beyond a
             // smaller table would read its entry from whatever memory
             // follows (Linux also always uses the full 2 MiB table).
-            let info = amdvi::BringUp { last_device_id: 0xffff, coherent, pci_capability, unity: unity.clone() };
+            let info = amdvi::BringUp {
+                last_device_id: 0xffff,
+                coherent,
+                pci_capability,
+                unity: unity.clone(),
+                x2apic: options.x2apic,
+            };
             let state = self.map(s.base, amdvi::regs::BLOCK as u64).and_then(|mmio| {
                 let mem = PlatformTables::new(self.platform.clone(), coherent);
                 let clock = PlatformClock(self.platform.clone());

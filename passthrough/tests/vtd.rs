@@ -249,7 +249,7 @@ fn scenario(config: Config) -> Arc<ModelHost> {
     // not truncated to another CPU's.
     let t0 = mark(&host);
     let e = guest.route_msi(0, ALIASED, 0x43, 0x123).unwrap_err();
-    assert!(matches!(e, PassthroughError::Interrupt(_, UnitError { cause: HwError::Unsupported(_), .. })), "{e:?}");
+    assert!(matches!(e, PassthroughError::Interrupt(_, UnitError { cause: HwError::Invalid(_), .. })), "{e:?}");
     assert!(changed_since(&host, host.unit(UNIT_A).view, &[r.words[0] + 16], t0).is_none(), "no entry written");
     let portcullis::Msi { address: address_c, data: data_c, .. } = guest.route_msi(0, XHCI, 0x42, 1).unwrap();
     let Msi::Remapped(rc) = walk::msi(&host, UNIT_C, 0x00a0, address_c, data_c).unwrap() else { panic!() };
@@ -393,7 +393,8 @@ fn without_the_flush_of_zeroed_frames_the_walker_reads_poison() {
 fn scalable_mode_second_stage_with_caching_mode() {
     let config = Config { cap: Config::QEMU.cap | 1 << 7, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 46 | 1 };
     let host = host(config);
-    let iommus = Iommus::bring_up_with(host.clone(), Options { vtd_mode: Some(vtd::Mode::Scalable) });
+    let iommus =
+        Iommus::bring_up_with(host.clone(), Options { vtd_mode: Some(vtd::Mode::Scalable), ..Options::default() });
     assert!(iommus.units().iter().all(|u| u.state.is_ok()), "{:?}", iommus.units());
     for b in host.bases() {
         assert_eq!(host.vtd(b).root_table().unwrap() >> 10 & 3, 1, "scalable root table");

@@ -77,7 +77,7 @@ pub fn amd_device_table_entries_match_ownership(p: &Platform) -> TestResult {
 /// Interrupts are isolated too: every device entry has IV = 1, so an edu
 /// MSI is aborted until its device gets a route; routed, it arrives on the
 /// vector the entry names; unrouted, it is blocked again (the routing half
-/// on `amd-ir`, where QEMU's unit remaps interrupts).
+/// on `amd-ir` and `amd-x2apic`, where QEMU's unit remaps interrupts).
 pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
     use portcullis_kernel::arch::irq;
     const VECTOR: u8 = 0x2b;
@@ -91,10 +91,10 @@ pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
     irq::enable();
     let r = (|| -> TestResult {
         // An ordinary MSI straight at the vector: aborted (IntCtl = 00b).
-        let direct = (0xfee0_0000 | (apic as u64) << 12, VECTOR as u32);
+        let direct = irq::msi_for(VECTOR).map_err(|e| fail(format!("{e}")))?;
         ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some(direct)), "the edu has no MSI capability");
         ensure!(!raise(200), "an unrouted MSI reached the CPU");
-        if p.config != "amd-ir" {
+        if !matches!(p.config.as_str(), "amd-ir" | "amd-x2apic") {
             // Without `intremap=on` QEMU's unit drops every MSI of an
             // IV = 1 entry: blocking is all there is to see here.
             return Ok(());
@@ -110,4 +110,77 @@ pub fn amd_interrupts_blocked_until_routed(p: &Platform) -> TestResult {
     portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
     let _ = u.lock().release_interrupts(id);
     r
+}
+
+/// x2APIC destinations on AMD-Vi (`amd-x2apic`:
+/// `amd-iommu,pt=off,intremap=on,xtsup=on`, the kernel's APIC in x2APIC
+/// mode): the unit runs with Control.GAEn and XTEn, routes are 128-bit
+/// entries; an edu MSI routed through the passthrough API to the CPU's
+/// 32-bit id arrives; retargeted to an id above 255 whose low byte is this
+/// CPU's, it no longer arrives (QEMU reads destination bits 31:8 too);
+/// retargeted back, it arrives again.
+pub fn amd_x2apic_destinations_route_msi(p: &Platform) -> TestResult {
+    use portcullis::PassthroughError;
+    use portcullis_kernel::arch::irq;
+    use portcullis_kernel::host::GuestDma;
+    const VECTOR: u8 = 0x2e;
+    if p.config != "amd-x2apic" {
+        skip!("needs amd-x2apic (amd-iommu,intremap=on,xtsup=on with the local APIC in x2APIC mode)");
+    }
+    let b = amd(p)?;
+    let u = unit(&b)?;
+    ensure!(irq::x2apic(), "the local APIC is not in x2APIC mode");
+    let caps = u.lock().caps();
+    ensure!(caps.x2apic() && caps.guest_apic(), "EFR without XTSup and GASup: {:#x}", caps.efr);
+    ensure!(u.lock().x2apic_interrupts(), "the driver did not turn x2APIC destinations on");
+    let r = portcullis_kernel::iommu_probe::amd(u.lock().base()).map_err(|e| fail(format!("{e}")))?;
+    let want = amdvi::regs::Control::GA_EN | amdvi::regs::Control::XT_EN;
+    ensure!(r.control().contains(want), "Control {:#x} lacks GAEn and XTEn", r.control);
+    let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
+    // Same low byte as this CPU's id: an 8-bit reading would deliver it.
+    let wide = apic | 0x1_0000;
+    let iommus = dma::iommus(p);
+    let edu = edus(p).into_iter().next().ok_or_else(|| fail("no edu".into()))?;
+    let id = b.device_id(p, &edu)?;
+    let dev = dma::edu_device(p, &edu)?;
+    let (seg, bdf) = (dev.segment, dev.bdf);
+    let err = |e: PassthroughError| fail(format!("{e}"));
+    let mut guest = GuestDma::new(iommus, 16).map_err(err)?;
+    guest.assign(iommus, seg, bdf).map_err(err)?;
+    let result = (|| -> TestResult {
+        let msi = guest.route_msi(seg, bdf, VECTOR, apic).map_err(err)?;
+        // The entry index is the MSI data (bits 10:0).
+        let index = (msi.data & 0x7ff) as u16;
+        let entry = || u.lock().irte_ga(id, index).ok_or_else(|| fail("no 128-bit table entry".into()));
+        let e = entry()?;
+        ensure!(e.enabled(), "entry {} not enabled", index);
+        ensure_eq!((e.vector(), e.destination()), (VECTOR, apic), "128-bit entry vector and destination");
+        ensure_eq!(u.lock().irte(id, index), None, "a 32-bit entry with x2APIC destinations");
+        ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi.address, msi.data))), "the edu has no MSI");
+        irq::enable();
+        let delivered = (|| -> TestResult {
+            ensure!(dma::raise_and_wait(&edu, VECTOR, 2000), "the MSI routed to x2APIC id {:#x} did not arrive", apic);
+            guest.retarget_msi(msi.handle, VECTOR, wide).map_err(err)?;
+            let e = entry()?;
+            ensure_eq!(e.destination(), wide, "destination after retargeting");
+            ensure_eq!(e.0[0] >> 8 & 0xff_ffff, (wide & 0xff_ffff) as u64, "destination bits 23:0 in bits 31:8");
+            ensure!(
+                !dma::raise_and_wait(&edu, VECTOR, 200),
+                "an MSI for x2APIC id {:#x} reached CPU {:#x}",
+                wide,
+                apic
+            );
+            guest.retarget_msi(msi.handle, VECTOR, apic).map_err(err)?;
+            ensure!(dma::raise_and_wait(&edu, VECTOR, 2000), "the MSI did not arrive after retargeting back");
+            Ok(())
+        })();
+        irq::disable();
+        portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
+        delivered?;
+        guest.free_msi(msi.handle).map_err(err)?;
+        ensure!(!u.lock().irte_ga(id, index).is_some_and(|e| e.enabled()), "the freed entry is still enabled");
+        Ok(())
+    })();
+    let _ = guest.unassign(seg, bdf);
+    result
 }

@@ -93,7 +93,8 @@ fn stats(d: &Driver<KernelHost>) -> (u64, u64) {
 /// second through the translation. The units come up through the
 /// passthrough crate, as a hypervisor brings them up.
 fn iommu(p: &portcullis_kernel::Platform) {
-    let iommus = Iommus::bring_up(KernelHost::new(p));
+    let x2apic = portcullis_kernel::arch::irq::x2apic();
+    let iommus = Iommus::bring_up_with(KernelHost::new(p), portcullis::Options { x2apic, ..Default::default() });
     let Some((index, driver)) =
         iommus.units().iter().enumerate().find_map(|(i, u)| u.state.as_ref().ok().map(|d| (i as u16, d.clone())))
     else {

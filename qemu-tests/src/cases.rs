@@ -4,8 +4,11 @@
 //!
 //! Configuration names (from `config=` on the command line) say what QEMU
 //! was started with: `none` (no IOMMU), `intel` (`intel-iommu`), `intel-sm`
-//! (`intel-iommu,x-scalable-mode=on`), `amd` (`amd-iommu,pt=off`); every
-//! configuration has at least one `edu` device.
+//! (`intel-iommu,x-scalable-mode=on`), `intel-x2apic`
+//! (`intel-iommu,intremap=on,eim=on`, the local APIC in x2APIC mode), `amd`
+//! (`amd-iommu,pt=off`), `amd-x2apic` (`...,intremap=on,xtsup=on`, the
+//! local APIC in x2APIC mode); every configuration has at least one `edu`
+//! device.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -30,6 +33,7 @@ cases!(
     mmio_window_maps_device_registers,
     clock_is_monotonic_and_waits_time_out,
     acpi_found,
+    local_apic_mode_matches_configuration,
     pci_enumeration_finds_the_q35_chipset,
     edu_found_with_bar0,
     pci_bridge_hierarchy_walked,
@@ -55,6 +59,7 @@ cases!(
     vtd_rmrr_identity_mapped_and_reserved,
     vtd_iommufd_hw_info_reports_the_unit,
     vtd_interrupt_remapping_routes_and_blocks_msi,
+    vtd_x2apic_destinations_route_msi,
     amd_device_table_entries_match_ownership,
     amd_mapped_dma_lands_exactly,
     amd_unmapped_iova_is_blocked,
@@ -68,6 +73,7 @@ cases!(
     amd_iommufd_passthrough_dma,
     amd_unity_range_identity_mapped_and_reserved,
     amd_interrupts_blocked_until_routed,
+    amd_x2apic_destinations_route_msi,
     guest_dma_api_passes_a_device_through,
     guest_dma_unassign_quiesces_the_device,
     two_guests_and_the_host_share_the_machine,
@@ -96,9 +102,44 @@ fn is_intel(p: &Platform) -> bool {
 
 fn known_config(p: &Platform) -> TestResult {
     match p.config.as_str() {
-        "none" | "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" | "amd" | "amd-ir" => Ok(()),
+        "none" | "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" | "intel-x2apic" | "amd" | "amd-ir"
+        | "amd-x2apic" => Ok(()),
         other => skip!("unknown configuration {:?}: expectations unknown", other),
     }
+}
+
+/// The local APIC runs in x2APIC mode on `intel-x2apic` and `amd-x2apic` (IA32_APIC_BASE
+/// EN and EXTD set, the id read from the x2APIC ID MSR is the MADT's) and
+/// in xAPIC mode everywhere else; either way a self-IPI through the ICR
+/// arrives, twice (so the EOI after the first one reached the APIC).
+fn local_apic_mode_matches_configuration(p: &Platform) -> TestResult {
+    use portcullis_kernel::arch::irq::{self, ApicMode};
+    const VECTOR: u8 = 0x2f;
+    known_config(p)?;
+    let want = if p.config.ends_with("-x2apic") { ApicMode::X2Apic } else { ApicMode::XApic };
+    ensure_eq!(irq::mode(), Some(want), "local APIC mode");
+    if want == ApicMode::X2Apic {
+        ensure!(irq::cpu_has_x2apic(), "x2APIC mode on a CPU without CPUID x2APIC");
+    }
+    let base = irq::apic_base_msr();
+    ensure_eq!(base & (3 << 10), if want == ApicMode::X2Apic { 3 << 10 } else { 1 << 11 }, "IA32_APIC_BASE EN/EXTD");
+    let id = irq::apic_id().ok_or_else(|| fail("no APIC id".into()))?;
+    ensure!(p.acpi().cpus.contains(&id), "APIC id {:#x} is not among the MADT's CPUs {:x?}", id, p.acpi().cpus);
+    irq::enable();
+    let r = (|| -> TestResult {
+        for round in 1..=2u64 {
+            let before = irq::count(VECTOR);
+            irq::self_ipi(VECTOR).map_err(|e| fail(alloc::format!("{e}")))?;
+            let deadline = portcullis_kernel::time::uptime_ns() + 100_000_000;
+            while irq::count(VECTOR) == before && portcullis_kernel::time::uptime_ns() < deadline {
+                core::hint::spin_loop();
+            }
+            ensure_eq!(irq::count(VECTOR), before + 1, "self-IPIs taken after sending {}", round);
+        }
+        Ok(())
+    })();
+    irq::disable();
+    r
 }
 
 fn boot_info_handed_over(p: &Platform) -> TestResult {
@@ -350,8 +391,8 @@ fn iommu_tables_match_configuration(p: &Platform) -> TestResult {
     known_config(p)?;
     let a = p.acpi.as_ref().map_err(|e| fail(alloc::format!("ACPI: {e}")))?;
     let (want_dmar, want_ivrs) = match p.config.as_str() {
-        "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" => (true, false),
-        "amd" | "amd-ir" => (false, true),
+        "intel" | "intel-sm" | "intel-fs" | "intel-rb" | "intel-cm" | "intel-x2apic" => (true, false),
+        "amd" | "amd-ir" | "amd-x2apic" => (false, true),
         _ => (false, false),
     };
     ensure_eq!(a.has_table("DMAR"), want_dmar, "DMAR listed");
@@ -436,6 +477,8 @@ fn vtd_registers_match_qemu(p: &Platform) -> TestResult {
     let ecap = match p.config.as_str() {
         "intel-sm" => QEMU_VTD_ECAP_SM,
         "intel-fs" => QEMU_VTD_ECAP_FS,
+        // eim=on adds ECAP.EIM (bit 4).
+        "intel-x2apic" => QEMU_VTD_ECAP | 1 << 4,
         _ => QEMU_VTD_ECAP,
     };
     ensure_eq!(r.ecap, ecap, "ECAP");

@@ -203,11 +203,13 @@ static IOMMUS: spin::Once<Iommus> = spin::Once::new();
 
 /// Every IOMMU of the machine, brought up once per boot the way a
 /// hypervisor embedding Portcullis does it (`intel-rb`: the VT-d unit
-/// driven without its invalidation queue).
+/// driven without its invalidation queue; routes to x2APIC ids when the
+/// kernel's local APIC runs in x2APIC mode, `intel-x2apic`).
 pub fn iommus(p: &Platform) -> &'static Iommus {
     IOMMUS.call_once(|| {
         let vtd_mode = (p.config == "intel-rb").then_some(vtd::Mode::Legacy { queued: false });
-        Iommus::bring_up_with(KernelHost::new(p), portcullis::Options { vtd_mode })
+        let x2apic = portcullis_kernel::arch::irq::x2apic();
+        Iommus::bring_up_with(KernelHost::new(p), portcullis::Options { vtd_mode, x2apic })
     })
 }
 
@@ -1005,7 +1007,7 @@ fn msi_through_route(
     const VECTOR: u8 = 0x2a;
     const OTHER: u8 = 0x2c;
     let dev = p.pci.iter().find(|d| d.segment == seg && d.bdf == bdf).ok_or_else(|| fail("no such device".into()))?;
-    let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))? as u32;
+    let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
     let err = |e: portcullis::PassthroughError| fail(format!("{e}"));
     let msi = guest.route_msi(seg, bdf, VECTOR, apic).map_err(err)?;
     // A second route of the same function (another MSI-X vector would use

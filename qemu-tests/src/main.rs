@@ -4,7 +4,9 @@
 //!
 //! Command line (set by `cargo xtask test`):
 //! * `config=NAME`: the QEMU configuration, so tests know what hardware to
-//!   expect (`none`, `intel`, `intel-sm`, `intel-fs`, `intel-rb`, `intel-cm`, `amd`, `amd-ir`);
+//!   expect (`none`, `intel`, `intel-sm`, `intel-fs`, `intel-rb`, `intel-cm`, `amd`, `amd-ir`,
+//!   `intel-x2apic`, `amd-x2apic`);
+//! * `x2apic=1`: run the local APIC in x2APIC mode (`intel-x2apic`, `amd-x2apic`);
 //! * `ktest.start=N`: resume at test N after a crash of test N-1;
 //! * `ktest.crash=KIND`: instead of the tests, deliberately take a fault
 //!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report;

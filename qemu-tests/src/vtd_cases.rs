@@ -225,9 +225,10 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
     let dev = dma::edu_device(p, &edu)?;
     let id = vtd(p)?.device_id(p, &edu)?;
     let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
-    // The kernel turns remapping on at bring-up; leave it as found.
+    // The kernel turns remapping on at bring-up (with x2APIC destinations
+    // when its APIC runs in x2APIC mode); leave it as found.
     let was_on = u.lock().interrupt_remapping_on();
-    u.lock().enable_interrupt_remapping().map_err(|e| fail(format!("{e}")))?;
+    u.lock().enable_interrupt_remapping_with(irq::x2apic()).map_err(|e| fail(format!("{e}")))?;
     let handle = u.lock().alloc_irte().map_err(|e| fail(format!("{e}")))?;
     faults(u);
     let msi_set = portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi_address(handle), 0)));
@@ -240,13 +241,14 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
         let f = faults(u);
         ensure!(f.iter().any(|r| r.source_id == id && r.reason == 0x22), "no 'entry not present' fault: {:?}", f);
         // The entry: delivered to VECTOR.
-        u.lock().set_irte(handle, Irte::remapped(VECTOR, apic as u32, false, id)).map_err(|e| fail(format!("{e}")))?;
+        let entry = u.lock().route_entry(VECTOR, apic, id).map_err(|e| fail(format!("{e}")))?;
+        u.lock().set_irte(handle, entry).map_err(|e| fail(format!("{e}")))?;
         ensure!(raise(2000), "the remapped MSI did not arrive on vector {:#x}", VECTOR);
         ensure!(raise(2000), "a second remapped MSI did not arrive");
         ensure!(faults(u).is_empty(), "faults while delivering");
         // An entry for another requester id: source-id verification blocks it.
         u.lock()
-            .set_irte(handle, Irte::remapped(VECTOR, apic as u32, false, id ^ 0x100))
+            .set_irte(handle, Irte::remapped(VECTOR, apic, irq::x2apic(), id ^ 0x100))
             .map_err(|e| fail(format!("{e}")))?;
         ensure!(!raise(200), "an MSI from the wrong source was delivered");
         let f = faults(u);
@@ -298,4 +300,73 @@ fn enable_fault_interrupt(unit: &VtdUnit<KernelHost>, vector: u8) -> Result<(), 
 /// Masks `unit`'s fault event interrupt again (polling only).
 fn disable_fault_interrupt(unit: &VtdUnit<KernelHost>) {
     unit.lock().mask_fault_event();
+}
+
+/// x2APIC destinations (`intel-x2apic`: `intel-iommu,intremap=on,eim=on`,
+/// the kernel's APIC in x2APIC mode): the unit's table runs with IRTA.EIME
+/// set; an edu MSI routed through the passthrough API to the CPU's 32-bit
+/// x2APIC id arrives, its table entry holding the id in bits 63:32;
+/// retargeted to an id above 255 whose low byte is this CPU's, it no
+/// longer arrives (the unit honours all 32 bits rather than an 8-bit
+/// field); retargeted back, it arrives again.
+pub fn vtd_x2apic_destinations_route_msi(p: &Platform) -> TestResult {
+    use portcullis::PassthroughError;
+    use portcullis_kernel::arch::irq;
+    use portcullis_kernel::host::GuestDma;
+    const VECTOR: u8 = 0x2d;
+    if p.config != "intel-x2apic" {
+        skip!("needs intel-x2apic (intel-iommu,intremap=on,eim=on with the local APIC in x2APIC mode)");
+    }
+    let u = &unit(p)?;
+    ensure!(irq::x2apic(), "the local APIC is not in x2APIC mode");
+    ensure!(u.lock().caps().eim(), "the unit has no ECAP.EIM");
+    ensure!(u.lock().x2apic_destinations(), "the driver did not enable x2APIC destinations");
+    let regs = portcullis_kernel::iommu_probe::vtd(u.lock().base()).map_err(|e| fail(format!("{e:?}")))?;
+    ensure!(regs.irta & (1 << 11) != 0, "IRTA.EIME clear: {:#x}", regs.irta);
+    ensure!(regs.gsts & (1 << 25) != 0, "GSTS.IRES clear: {:#x}", regs.gsts);
+    let apic = irq::apic_id().ok_or_else(|| fail("no local APIC".into()))?;
+    // Same low byte as this CPU's id: an 8-bit reading would deliver it.
+    let wide = apic | 0x1_0000;
+    let iommus = dma::iommus(p);
+    let edu = edus(p).into_iter().next().ok_or_else(|| fail("no edu".into()))?;
+    let dev = dma::edu_device(p, &edu)?;
+    let (seg, bdf) = (dev.segment, dev.bdf);
+    let err = |e: PassthroughError| fail(format!("{e}"));
+    let mut guest = GuestDma::new(iommus, 16).map_err(err)?;
+    guest.assign(iommus, seg, bdf).map_err(err)?;
+    let r = (|| -> TestResult {
+        let msi = guest.route_msi(seg, bdf, VECTOR, apic).map_err(err)?;
+        // The handle the address carries (bits 19:5, bit 15 in bit 2).
+        let index = ((msi.address >> 5) & 0x7fff | ((msi.address >> 2) & 1) << 15) as u16;
+        let entry = |u: &VtdUnit<KernelHost>| u.lock().irte(index).ok_or_else(|| fail("no table entry".into()));
+        let e = entry(u)?;
+        ensure!(e.present(), "entry {} not present", index);
+        ensure_eq!(e.0[0] >> 32, apic as u64, "IRTE bits 63:32 (x2APIC destination)");
+        ensure_eq!(e.vector(), VECTOR, "IRTE vector");
+        ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi.address, msi.data))), "the edu has no MSI");
+        irq::enable();
+        let delivered = (|| -> TestResult {
+            ensure!(dma::raise_and_wait(&edu, VECTOR, 2000), "the MSI routed to x2APIC id {:#x} did not arrive", apic);
+            guest.retarget_msi(msi.handle, VECTOR, wide).map_err(err)?;
+            ensure_eq!(entry(u)?.0[0] >> 32, wide as u64, "IRTE bits 63:32 after retargeting");
+            ensure!(
+                !dma::raise_and_wait(&edu, VECTOR, 200),
+                "an MSI for x2APIC id {:#x} reached CPU {:#x}",
+                wide,
+                apic
+            );
+            guest.retarget_msi(msi.handle, VECTOR, apic).map_err(err)?;
+            ensure!(dma::raise_and_wait(&edu, VECTOR, 2000), "the MSI did not arrive after retargeting back");
+            Ok(())
+        })();
+        irq::disable();
+        portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
+        delivered?;
+        guest.free_msi(msi.handle).map_err(err)?;
+        ensure!(!u.lock().irte(index).is_some_and(|e| e.present()), "the freed entry is still present");
+        Ok(())
+    })();
+    let _ = guest.unassign(seg, bdf);
+    faults(u);
+    r
 }

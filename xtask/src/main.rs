@@ -32,7 +32,7 @@ struct Cli {
 enum Cmd {
     /// Boot the kernel under QEMU and print the platform and IOMMU report.
     Run {
-        /// QEMU configuration: none, intel, intel-sm, intel-fs, intel-rb, intel-cm, amd, amd-ir.
+        /// QEMU configuration: none, intel, intel-sm, intel-fs, intel-rb, intel-cm, amd, amd-ir, intel-x2apic, amd-x2apic.
         #[arg(long, default_value = qemu::DEFAULT_RUN_CONFIG)]
         config: String,
         /// Extra QEMU arguments (split at whitespace), e.g. "-device edu".
@@ -44,7 +44,7 @@ enum Cmd {
     },
     /// Run host tests and the in-guest tests on the QEMU matrix.
     Test {
-        /// Run only this configuration (repeatable): none, intel, intel-sm, intel-fs, intel-rb, intel-cm, amd, amd-ir.
+        /// Run only this configuration (repeatable): none, intel, intel-sm, intel-fs, intel-rb, intel-cm, amd, amd-ir, intel-x2apic, amd-x2apic.
         #[arg(long)]
         config: Vec<String>,
         /// Extra QEMU arguments for every boot (split at whitespace).

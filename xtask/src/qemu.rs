@@ -15,6 +15,8 @@ pub struct Config {
     pub devices: &'static [&'static str],
     /// What it is for.
     pub about: &'static str,
+    /// Kernel command line words beyond `config=NAME` (empty for most).
+    pub cmdline: &'static str,
 }
 
 /// Five edu DMA engines: one on the root bus; one behind a PCIe root port
@@ -48,33 +50,55 @@ macro_rules! devices {
 
 /// The test matrix, in the order `cargo xtask test` runs it.
 pub const CONFIGS: &[Config] = &[
-    Config { name: "none", devices: devices!(), about: "no IOMMU" },
-    Config { name: "intel", devices: devices!("-device", "intel-iommu"), about: "Intel VT-d, legacy mode" },
+    Config { name: "none", devices: devices!(), about: "no IOMMU", cmdline: "" },
+    Config {
+        name: "intel",
+        devices: devices!("-device", "intel-iommu"),
+        about: "Intel VT-d, legacy mode",
+        cmdline: "",
+    },
     Config {
         name: "intel-sm",
         devices: devices!("-device", "intel-iommu,x-scalable-mode=on"),
         about: "Intel VT-d, scalable mode",
+        cmdline: "",
     },
     Config {
         name: "intel-fs",
         devices: devices!("-device", "intel-iommu,x-scalable-mode=on,x-flts=on,aw-bits=48"),
         about: "Intel VT-d, scalable mode, first-stage translation",
+        cmdline: "",
     },
     Config {
         name: "intel-rb",
         devices: devices!("-device", "intel-iommu"),
         about: "Intel VT-d, legacy mode, register-based invalidation",
+        cmdline: "",
     },
     Config {
         name: "intel-cm",
         devices: devices!("-device", "intel-iommu,caching-mode=on"),
         about: "Intel VT-d, caching mode",
+        cmdline: "",
     },
-    Config { name: "amd", devices: devices!("-device", "amd-iommu,pt=off"), about: "AMD-Vi, translating" },
+    Config { name: "amd", devices: devices!("-device", "amd-iommu,pt=off"), about: "AMD-Vi, translating", cmdline: "" },
     Config {
         name: "amd-ir",
         devices: devices!("-device", "amd-iommu,pt=off,intremap=on"),
         about: "AMD-Vi, translating, interrupt remapping",
+        cmdline: "",
+    },
+    Config {
+        name: "intel-x2apic",
+        devices: devices!("-device", "intel-iommu,intremap=on,eim=on"),
+        about: "Intel VT-d, interrupt remapping with x2APIC destinations (EIM), local APIC in x2APIC mode",
+        cmdline: "x2apic=1",
+    },
+    Config {
+        name: "amd-x2apic",
+        devices: devices!("-device", "amd-iommu,pt=off,intremap=on,xtsup=on"),
+        about: "AMD-Vi, translating, interrupt remapping with x2APIC destinations (XTSup), local APIC in x2APIC mode",
+        cmdline: "x2apic=1",
     },
 ];
 
@@ -249,7 +273,8 @@ pub fn args(config: &Config, kernel: &Path, cmdline: &str, serial: &str, extra: 
     a.extend(config.devices.iter().map(|s| s.to_string()));
     a.extend(extra.iter().cloned());
     a.extend(["-serial".into(), serial.into(), "-kernel".into(), kernel.display().to_string()]);
-    a.extend(["-append".into(), cmdline.into()]);
+    let cmdline = if config.cmdline.is_empty() { cmdline.to_string() } else { format!("{cmdline} {}", config.cmdline) };
+    a.extend(["-append".into(), cmdline]);
     a
 }
 

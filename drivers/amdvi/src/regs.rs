@@ -129,8 +129,12 @@ bitflags! {
         const PPR_EN = 1 << 15;
         /// GTEn: guest translation.
         const GT_EN = 1 << 16;
-        /// GAEn: guest virtual APIC.
+        /// GAEn: guest virtual APIC; also selects the 128-bit interrupt
+        /// remapping table entry format.
         const GA_EN = 1 << 17;
+        /// XTEn: x2APIC interrupt destinations (32-bit ids in the 128-bit
+        /// entries).
+        const XT_EN = 1 << 50;
     }
 }
 

@@ -46,6 +46,10 @@ pub struct BringUp {
     pub pci_capability: Option<(u32, u32)>,
     /// Ranges the IVMD blocks require identity-mapped (or kept out).
     pub unity: Vec<UnityRange>,
+    /// Interrupt routes name 32-bit x2APIC ids (128-bit entries,
+    /// Control.GAEn and XTEn), for a kernel running its local APICs in
+    /// x2APIC mode. Needs EFR.XTSup and EFR.GASup.
+    pub x2apic: bool,
 }
 
 /// One running AMD-Vi unit, shared by its domains and devices.
@@ -68,7 +72,9 @@ where
 {
     /// Brings up the unit at register base `base`: device table (every
     /// device blocked, DMA and interrupts), command buffer and event log
-    /// running, translation on.
+    /// running, translation on; with `info.x2apic`, interrupt routes in
+    /// the 128-bit format with 32-bit destinations (a unit without
+    /// EFR.XTSup or EFR.GASup is then an error naming it).
     pub fn bring_up(base: u64, mmio: M, mem: T, clock: C, info: BringUp) -> Result<Arc<Self>, UnitError> {
         let mut unit = Unit::new(base, mmio, mem, clock, info.last_device_id);
         unit.set_coherent(info.coherent);
@@ -76,6 +82,7 @@ where
             unit.set_pci_capability(header, misc);
         }
         unit.set_unity_ranges(info.unity);
+        unit.set_x2apic(info.x2apic)?;
         unit.enable()?;
         Ok(Arc::new(Self { base, unit: Mutex::new(unit) }))
     }
@@ -181,20 +188,12 @@ where
         true
     }
     fn route_msi(&self, requester_id: u16, vector: u8, destination: u32) -> Result<MsiRoute, UnitError> {
-        let dest = u8::try_from(destination).map_err(|_| UnitError {
-            unit: self.base,
-            cause: HwError::Unsupported("APIC ids beyond 8 bits (x2APIC destinations)"),
-        })?;
-        let index = self.unit.lock().route_interrupt(requester_id, vector, dest)?;
+        let index = self.unit.lock().route_interrupt(requester_id, vector, destination)?;
         let (address, data) = crate::irte::msi_message(index);
         Ok(MsiRoute { handle: index, address, data })
     }
     fn retarget_msi(&self, requester_id: u16, handle: u16, vector: u8, destination: u32) -> Result<(), UnitError> {
-        let dest = u8::try_from(destination).map_err(|_| UnitError {
-            unit: self.base,
-            cause: HwError::Unsupported("APIC ids beyond 8 bits (x2APIC destinations)"),
-        })?;
-        self.unit.lock().retarget_interrupt(requester_id, handle, vector, dest)
+        self.unit.lock().retarget_interrupt(requester_id, handle, vector, destination)
     }
     fn free_msi(&self, requester_id: u16, handle: u16) -> Result<(), UnitError> {
         self.unit.lock().unroute_interrupt(requester_id, handle)

@@ -107,6 +107,9 @@ pub struct Unit<M: Mmio, T: ContiguousMemory, C: Clock> {
     unity: Vec<UnityRange>,
     /// Per-device interrupt remapping tables: (table page, entries in use).
     irq_tables: alloc::collections::BTreeMap<u16, (u64, u64)>,
+    /// x2APIC destinations: 128-bit table entries (Control.GAEn) with
+    /// 32-bit APIC ids (Control.XTEn).
+    x2apic: bool,
     /// Command counters.
     pub stats: InvalidationStats,
 }
@@ -200,6 +203,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             overflows: 0,
             unity: Vec::new(),
             irq_tables: alloc::collections::BTreeMap::new(),
+            x2apic: false,
             stats: InvalidationStats::default(),
         }
     }
@@ -218,6 +222,35 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// flushes every line it changes in the unit's structures.
     pub fn set_coherent(&mut self, coherent: bool) {
         self.coherent = coherent;
+    }
+
+    /// Whether interrupt routes name 32-bit x2APIC ids (for a kernel whose
+    /// local APICs run in x2APIC mode). Takes effect at the next
+    /// [`Self::enable`], which then sets Control.GAEn (128-bit interrupt
+    /// table entries, GuestMode clear) and Control.XTEn. Needs EFR.XTSup
+    /// and EFR.GASup (the 32-bit entry holds an 8-bit id only); a unit
+    /// without them is an error naming the missing one, as is a change
+    /// while the unit runs (its tables would be in the other format).
+    pub fn set_x2apic(&mut self, on: bool) -> Result<(), Error> {
+        if on && !self.caps.x2apic() {
+            return Err(self.err(HwError::Unsupported("x2APIC interrupt destinations (EFR.XTSup)")));
+        }
+        if on && !self.caps.guest_apic() {
+            return Err(
+                self.err(HwError::Unsupported("x2APIC destinations need 128-bit interrupt table entries (EFR.GASup)"))
+            );
+        }
+        if self.rings.is_some() && on != self.x2apic {
+            return Err(self.err(HwError::Invalid("the interrupt entry format changes only while the unit is off")));
+        }
+        self.x2apic = on;
+        Ok(())
+    }
+
+    /// Whether interrupt routes name 32-bit x2APIC ids (see
+    /// [`Self::set_x2apic`]).
+    pub fn x2apic_interrupts(&self) -> bool {
+        self.x2apic
     }
 
     /// The unit's register base (as the IVHD gives it; errors carry it).
@@ -374,7 +407,8 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         self.mmio.set64(regs::EXCLUSION_LIMIT, 0);
         self.mmio.set64(regs::STATUS, Status::W1C.bits());
         let coherent = if self.coherent { Control::COHERENT } else { Control::empty() };
-        let ctrl = coherent | Control::CMD_BUF_EN | Control::EVENT_LOG_EN;
+        let x2apic = if self.x2apic { Control::GA_EN | Control::XT_EN } else { Control::empty() };
+        let ctrl = coherent | x2apic | Control::CMD_BUF_EN | Control::EVENT_LOG_EN;
         self.mmio.set64(regs::CONTROL, ctrl.bits());
         self.mmio.set64(regs::CONTROL, (ctrl | Control::IOMMU_EN).bits());
         self.rings = Some(r);
@@ -612,8 +646,10 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// (made on first use: its device table entry switches to remapped
     /// interrupts). Returns the entry's index; the device raises it with
     /// [`crate::irte::msi_message`]. Other MSIs of the device stay blocked.
-    pub fn route_interrupt(&mut self, device_id: u16, vector: u8, dest: u8) -> Result<u16, Error> {
+    /// An id above 255 needs x2APIC destinations ([`Self::set_x2apic`]).
+    pub fn route_interrupt(&mut self, device_id: u16, vector: u8, dest: u32) -> Result<u16, Error> {
         self.check_device(device_id)?;
+        self.check_destination(dest)?;
         if !self.irq_tables.contains_key(&device_id) {
             let table = self.mem.alloc_table().ok_or_else(|| self.err_no_memory())?;
             if self.flushes() {
@@ -632,28 +668,42 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             return Err(self.err(HwError::TableFull));
         }
         let index = (!used).trailing_zeros() as u16;
-        self.write_irte(table, index, crate::irte::Irte::remapped(vector, dest));
+        self.write_route(table, index, Some((vector, dest)));
         self.irq_tables.insert(device_id, (table, used | 1 << index));
         if let Err(e) = self.submit(&[Command::invalidate_interrupt_table(device_id)]) {
-            self.write_irte(table, index, crate::irte::Irte::default());
+            self.write_route(table, index, None);
             self.irq_tables.insert(device_id, (table, used));
             return Err(e);
         }
         Ok(index)
     }
 
-    /// Points route `index` of `device_id` at a new vector and destination:
-    /// the 32-bit entry is rewritten in one access and the device's
-    /// interrupt table invalidated and waited for; from the return on only
-    /// the new vector can arrive.
-    pub fn retarget_interrupt(&mut self, device_id: u16, index: u16, vector: u8, dest: u8) -> Result<(), Error> {
+    fn check_destination(&self, dest: u32) -> Result<(), Error> {
+        if dest > 0xff && !self.x2apic {
+            return Err(self.err(HwError::Invalid(
+                "an APIC id above 255 needs x2APIC destinations (the unit runs 32-bit entries)",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Points route `index` of `device_id` at a new vector and destination,
+    /// then invalidates the device's interrupt table and waits; from the
+    /// return on only the new vector can arrive. A 32-bit entry is
+    /// rewritten in one access. A 128-bit entry (x2APIC destinations) is
+    /// too when only its vector or only its low destination bits change;
+    /// when both change it takes two 64-bit writes (vector and destination
+    /// bits 31:24 first, then bits 23:0), and an MSI the unit remaps
+    /// between them goes to the new vector at the old destination.
+    pub fn retarget_interrupt(&mut self, device_id: u16, index: u16, vector: u8, dest: u32) -> Result<(), Error> {
         let Some(&(table, used)) = self.irq_tables.get(&device_id) else {
             return Err(self.err(HwError::Invalid("retarget of a device with no routes")));
         };
         if index >= 1 << IRQ_TABLE_LOG2 || used & 1 << index == 0 {
             return Err(self.err(HwError::Invalid("retarget of a route that does not exist")));
         }
-        self.write_irte(table, index, crate::irte::Irte::remapped(vector, dest));
+        self.check_destination(dest)?;
+        self.write_route(table, index, Some((vector, dest)));
         self.submit(&[Command::invalidate_interrupt_table(device_id)])
     }
 
@@ -663,7 +713,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         if index >= 1 << IRQ_TABLE_LOG2 || used & 1 << index == 0 {
             return Ok(());
         }
-        self.write_irte(table, index, crate::irte::Irte::default());
+        self.write_route(table, index, None);
         self.irq_tables.insert(device_id, (table, used & !(1 << index)));
         self.submit(&[Command::invalidate_interrupt_table(device_id)])
     }
@@ -680,14 +730,38 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         r
     }
 
-    /// Route `index` of `device_id` as the unit reads it.
+    /// Route `index` of `device_id` as the unit reads it, in the 32-bit
+    /// format (`None` with x2APIC destinations: see [`Self::irte_ga`]).
     pub fn irte(&self, device_id: u16, index: u16) -> Option<crate::irte::Irte> {
         let &(table, _) = self.irq_tables.get(&device_id)?;
-        if index >= 1 << IRQ_TABLE_LOG2 {
+        if index >= 1 << IRQ_TABLE_LOG2 || self.x2apic {
             return None;
         }
         let word = self.mem.read(table, index as usize / 2);
         Some(crate::irte::Irte((word >> (32 * (index % 2))) as u32))
+    }
+
+    /// Route `index` of `device_id` as the unit reads it, in the 128-bit
+    /// format x2APIC destinations use (`None` without them).
+    pub fn irte_ga(&self, device_id: u16, index: u16) -> Option<crate::irte::IrteGa> {
+        let &(table, _) = self.irq_tables.get(&device_id)?;
+        if index >= 1 << IRQ_TABLE_LOG2 || !self.x2apic {
+            return None;
+        }
+        let i = index as usize * 2;
+        Some(crate::irte::IrteGa([self.mem.read(table, i), self.mem.read(table, i + 1)]))
+    }
+
+    /// Writes entry `index` in the unit's format: `vector` to `dest`, or
+    /// not remapped (`None`).
+    fn write_route(&mut self, table: u64, index: u16, route: Option<(u8, u32)>) {
+        if self.x2apic {
+            let e = route.map_or(crate::irte::IrteGa::default(), |(v, d)| crate::irte::IrteGa::remapped(v, d));
+            self.write_irte_ga(table, index, e);
+        } else {
+            let e = route.map_or(crate::irte::Irte::default(), |(v, d)| crate::irte::Irte::remapped(v, d as u8));
+            self.write_irte(table, index, e);
+        }
     }
 
     fn write_irte(&mut self, table: u64, index: u16, e: crate::irte::Irte) {
@@ -698,6 +772,25 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         self.mem.write(table, i, word);
         if self.flushes() {
             self.mem.flush(table + i as u64 * 8, 8);
+        }
+    }
+
+    /// A 128-bit entry in 64-bit writes, ordered so the unit never reads a
+    /// remapping entry with half of it missing: a new entry's upper word
+    /// goes first and RemapEn (lower word) last; a removed one loses
+    /// RemapEn first; a retarget writes only the word that changes, or both
+    /// (upper first) when both do.
+    fn write_irte_ga(&mut self, table: u64, index: u16, e: crate::irte::IrteGa) {
+        let i = index as usize * 2;
+        let old = [self.mem.read(table, i), self.mem.read(table, i + 1)];
+        let order: [usize; 2] = if e.enabled() { [1, 0] } else { [0, 1] };
+        for w in order {
+            if old[w] != e.0[w] {
+                self.mem.write(table, i + w, e.0[w]);
+            }
+        }
+        if self.flushes() {
+            self.mem.flush(table + i as u64 * 8, 16);
         }
     }
 

@@ -31,6 +31,8 @@ struct MemInner {
     fail_at: Option<u64>,
     coherent: bool,
     flushes: Vec<(u64, u64)>,
+    /// Every table write, in order: (table, word index, value).
+    writes: Vec<(u64, usize, u64)>,
 }
 
 #[derive(Clone)]
@@ -46,6 +48,7 @@ impl Mem {
             fail_at: None,
             coherent,
             flushes: Vec::new(),
+            writes: Vec::new(),
         })))
     }
     /// Tables and contiguous pages allocated and not freed.
@@ -106,6 +109,7 @@ impl TableMemory for Mem {
     }
     fn write(&mut self, t: u64, i: usize, v: u64) {
         let mut m = self.0.lock().unwrap();
+        m.writes.push((t, i, v));
         if t >= CONTIG_BASE {
             m.run_page(t).expect("write to a page that is not allocated")[i] = v;
         } else {
@@ -715,5 +719,127 @@ fn interrupt_routes_live_in_a_per_device_table() {
         u.route_interrupt(0x18, 0x30, 0).unwrap();
     }
     assert_eq!(u.route_interrupt(0x18, 0x30, 0), Err(Error { unit: BASE, cause: HwError::TableFull }));
+    assert_eq!(model.state().illegal_commands, 0);
+}
+
+const EFR_XT: u64 = amdvi::caps::efr::XT;
+
+/// Where the unit sends MSI data `index` of `device` (its interrupt table
+/// as the device table entry in memory names it, read in the format the
+/// Control register selects, as QEMU reads it): (vector, destination),
+/// `None` when the entry is not remapping.
+fn remap(model: &Model, mem: &Mem, device: u16, index: u16) -> Option<(u8, u32)> {
+    let control = model.state().control;
+    let base = model.state().dev_table & 0x000f_ffff_ffff_f000;
+    let at = base + device as u64 * 32;
+    let word = |k: u64| mem.read((at + 8 * k) & !0xfff, (((at + 8 * k) & 0xfff) / 8) as usize);
+    let dte = amdvi::DeviceTableEntry([word(0), word(1), word(2), word(3)]);
+    let Some(amdvi::Interrupts::Remapped { table, .. }) = dte.interrupts() else { return None };
+    if control.contains(Control::GA_EN) {
+        let lo = mem.read(table, index as usize * 2);
+        let hi = mem.read(table, index as usize * 2 + 1);
+        let high_byte = if control.contains(Control::XT_EN) { (hi >> 56) as u32 } else { 0 };
+        let low = if control.contains(Control::XT_EN) { (lo >> 8) & 0xff_ffff } else { (lo >> 8) & 0xff };
+        (lo & 1 != 0).then_some((hi as u8, low as u32 | high_byte << 24))
+    } else {
+        let e = (mem.read(table, index as usize / 2) >> (32 * (index % 2))) as u32;
+        (e & 1 != 0).then_some(((e >> 16) as u8, (e >> 8) & 0xff))
+    }
+}
+
+impl Mem {
+    /// Table writes since the last call.
+    fn take_writes(&self) -> Vec<(u64, usize, u64)> {
+        std::mem::take(&mut self.0.lock().unwrap().writes)
+    }
+}
+
+#[test]
+fn x2apic_destinations_need_xtsup_and_gasup() {
+    let named = |e: &Error, what: &str| matches!(e.cause, HwError::Unsupported(m) if m.contains(what));
+    // QEMU without xtsup=on: GASup, no XTSup.
+    let (_, _, mut u) = unit();
+    let e = u.set_x2apic(true).unwrap_err();
+    assert!(named(&e, "EFR.XTSup"), "{e}");
+    assert!(!u.x2apic_interrupts());
+    let (_, _, mut u) = build(Setup { efr: (QEMU_EFR | EFR_XT) & !amdvi::caps::efr::GA, ..Setup::default() });
+    let e = u.set_x2apic(true).unwrap_err();
+    assert!(named(&e, "EFR.GASup"), "{e}");
+    // Through bring-up: refused before the unit is touched.
+    let mem = Mem::new(true);
+    let model = RegisterModel::new(QEMU_EFR, Arc::new(mem.clone()));
+    let info = amdvi::BringUp { last_device_id: 0xff, coherent: true, x2apic: true, ..amdvi::BringUp::default() };
+    let e = amdvi::Shared::bring_up(BASE, model.clone(), mem, TickClock::new(), info).unwrap_err();
+    assert!(named(&e, "EFR.XTSup") && e.unit == BASE, "{e}");
+    assert!(e.to_string().contains("EFR.XTSup"), "{e}");
+    assert_eq!(model.state().control, Control::empty(), "nothing enabled");
+}
+
+#[test]
+fn xapic_routes_refuse_ids_above_255() {
+    use amdvi::irte::Irte;
+    let (model, mem, mut u) = enabled();
+    assert_eq!(model.state().control & (Control::GA_EN | Control::XT_EN), Control::empty());
+    for dest in [0x100, 0x1_0000, u32::MAX] {
+        let e = u.route_interrupt(0x10, 0x2b, dest).unwrap_err();
+        assert!(matches!(e.cause, HwError::Invalid(m) if m.contains("255")), "{e}");
+    }
+    assert_eq!(u.dte(0x10).unwrap().interrupts(), Some(amdvi::Interrupts::Blocked), "a refused route makes no table");
+    let i = u.route_interrupt(0x10, 0x2b, 0xff).unwrap();
+    assert_eq!(u.irte(0x10, i), Some(Irte::remapped(0x2b, 0xff)));
+    assert_eq!(u.irte_ga(0x10, i), None, "no 128-bit entries without x2APIC destinations");
+    assert_eq!(remap(&model, &mem, 0x10, i), Some((0x2b, 0xff)));
+    assert!(matches!(u.retarget_interrupt(0x10, i, 0x2c, 0x100), Err(Error { cause: HwError::Invalid(_), .. })));
+    assert_eq!(remap(&model, &mem, 0x10, i), Some((0x2b, 0xff)), "a refused retarget changes nothing");
+}
+
+#[test]
+fn x2apic_routes_are_128_bit_entries_with_32_bit_ids() {
+    use amdvi::irte::IrteGa;
+    let (model, mem, mut u) = build(Setup { efr: QEMU_EFR | EFR_XT, ..Setup::default() });
+    u.set_x2apic(true).unwrap();
+    u.enable().unwrap();
+    model.processed();
+    assert!(model.state().control.contains(Control::IOMMU_EN | Control::GA_EN | Control::XT_EN));
+    assert!(matches!(u.set_x2apic(false), Err(Error { cause: HwError::Invalid(_), .. })), "not while running");
+    assert!(u.x2apic_interrupts());
+    mem.take_writes();
+    let i = u.route_interrupt(0x10, 0x2b, 0x1234_5678).unwrap();
+    let Some(amdvi::Interrupts::Remapped { table, .. }) = u.dte(0x10).unwrap().interrupts() else { panic!() };
+    let e = IrteGa::remapped(0x2b, 0x1234_5678);
+    assert_eq!(u.irte_ga(0x10, i), Some(e));
+    assert_eq!(u.irte(0x10, i), None, "no 32-bit view of a 128-bit entry");
+    assert_eq!([mem.read(table, 0), mem.read(table, 1)], e.0, "entry 0 in the table's first 16 bytes");
+    assert_eq!(remap(&model, &mem, 0x10, i), Some((0x2b, 0x1234_5678)));
+    let entry_writes = |w: Vec<(u64, usize, u64)>| -> Vec<usize> {
+        w.into_iter().filter(|&(t, _, _)| t == table).map(|(_, i, _)| i).collect()
+    };
+    assert_eq!(entry_writes(mem.take_writes()), [1, 0], "upper word first, RemapEn last");
+    assert!(opcodes(&model.processed()).contains(&cmd::INVALIDATE_INTERRUPT_TABLE));
+    // A second route: entry 1, words 2 and 3.
+    let j = u.route_interrupt(0x10, 0x2c, 7).unwrap();
+    assert_eq!(j, 1);
+    assert_eq!([mem.read(table, 2), mem.read(table, 3)], IrteGa::remapped(0x2c, 7).0);
+    mem.take_writes();
+    // Retargets write only what changes: the vector (upper word) ...
+    u.retarget_interrupt(0x10, i, 0x2d, 0x1234_5678).unwrap();
+    assert_eq!(entry_writes(mem.take_writes()), [1]);
+    // ... the low destination bits (lower word) ...
+    u.retarget_interrupt(0x10, i, 0x2d, 0x1200_0001).unwrap();
+    assert_eq!(entry_writes(mem.take_writes()), [0]);
+    assert_eq!(remap(&model, &mem, 0x10, i), Some((0x2d, 0x1200_0001)));
+    // ... or both, upper first.
+    u.retarget_interrupt(0x10, i, 0x2e, 0x300).unwrap();
+    assert_eq!(entry_writes(mem.take_writes()), [1, 0]);
+    assert_eq!(remap(&model, &mem, 0x10, i), Some((0x2e, 0x300)));
+    assert!(opcodes(&model.processed()).contains(&cmd::INVALIDATE_INTERRUPT_TABLE));
+    // Removed: RemapEn first.
+    u.unroute_interrupt(0x10, i).unwrap();
+    assert_eq!(entry_writes(mem.take_writes()), [0, 1]);
+    assert_eq!(remap(&model, &mem, 0x10, i), None);
+    assert_eq!(u.irte_ga(0x10, i), Some(IrteGa::default()));
+    assert_eq!(remap(&model, &mem, 0x10, j), Some((0x2c, 7)), "the other route stays");
+    assert_eq!(u.route_interrupt(0x10, 0x2f, u32::MAX).unwrap(), 0, "the freed entry is reused, any 32-bit id");
+    assert_eq!(remap(&model, &mem, 0x10, 0), Some((0x2f, u32::MAX)));
     assert_eq!(model.state().illegal_commands, 0);
 }

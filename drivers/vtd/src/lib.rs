@@ -32,5 +32,5 @@ pub mod testing;
 pub mod unit;
 
 pub use fault::FaultRecord;
-pub use shared::{Mode, Shared, Stage, VtdDomain};
+pub use shared::{BringUp, Mode, Shared, Stage, VtdDomain};
 pub use unit::{Caps, Clock, Error, HwError, InvalidationStats, Unit, UnitError};

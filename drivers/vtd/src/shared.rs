@@ -9,7 +9,7 @@
 //! map needs (caching mode: the range; a write buffer: its flush), and
 //! whether interrupt remapping is turned on at bring-up.
 
-use crate::ir::{Irte, msi_address};
+use crate::ir::msi_address;
 use crate::{Caps, Clock, Unit, regs};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -76,6 +76,17 @@ fn fault(r: &crate::FaultRecord) -> DmaFault {
     DmaFault { requester_id: r.source_id, address: r.address, write: r.write, reason: r.reason }
 }
 
+/// How [`Shared::bring_up_with`] brings a unit up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BringUp {
+    /// The mode (`None`: the best the unit offers, [`Mode::best`]).
+    pub mode: Option<Mode>,
+    /// Interrupt remapping with x2APIC destinations (IRTA.EIME, 32-bit
+    /// APIC ids), for a kernel running its local APICs in x2APIC mode.
+    /// Needs ECAP.EIM where the unit remaps interrupts.
+    pub x2apic: bool,
+}
+
 /// One running VT-d unit, shared by its domains and devices.
 pub struct Shared<M: Mmio, T: TableMemory, C: Clock> {
     base: u64,
@@ -96,17 +107,36 @@ where
 {
     /// Brings up the unit at register base `base`: translation on in
     /// `mode` (the best it offers when `None`), every device blocked, and
-    /// interrupt remapping on with an empty table where the unit has it
-    /// and runs its queue, so no device MSI passes until routed.
+    /// interrupt remapping on with an empty table (xAPIC destinations)
+    /// where the unit has it and runs its queue, so no device MSI passes
+    /// until routed.
     pub fn bring_up(base: u64, mmio: M, mem: T, clock: C, mode: Option<Mode>) -> Result<Arc<Self>, UnitError> {
+        Self::bring_up_with(base, mmio, mem, clock, BringUp { mode, x2apic: false })
+    }
+
+    /// As [`Self::bring_up`], with `options`: with `options.x2apic` the
+    /// interrupt remapping table takes 32-bit x2APIC destinations
+    /// (IRTA.EIME), and a unit that remaps interrupts without extended
+    /// interrupt mode (ECAP.EIM) is an error naming it rather than a unit
+    /// whose routes could not reach the kernel's CPUs.
+    pub fn bring_up_with(base: u64, mmio: M, mem: T, clock: C, options: BringUp) -> Result<Arc<Self>, UnitError> {
         let caps = Caps { cap: mmio.get64(regs::CAP), ecap: mmio.get64(regs::ECAP) };
+        let remaps = caps.interrupt_remapping();
+        if remaps && options.x2apic && !caps.eim() {
+            return Err(UnitError {
+                unit: base,
+                cause: portcullis_iommu::HwError::Unsupported(
+                    "x2APIC destinations need extended interrupt mode (ECAP.EIM)",
+                ),
+            });
+        }
         let mut unit = Unit::new(base, mmio, mem, clock)?;
-        match mode.unwrap_or(Mode::best(caps)) {
+        match options.mode.unwrap_or(Mode::best(caps)) {
             Mode::Legacy { queued } => unit.enable(queued),
             Mode::Scalable => unit.enable_scalable(),
         }?;
-        if caps.interrupt_remapping() && unit.queued() {
-            unit.enable_interrupt_remapping()?;
+        if remaps && unit.queued() {
+            unit.enable_interrupt_remapping_with(options.x2apic)?;
         }
         Ok(Arc::new(Self { base, unit: Mutex::new(unit) }))
     }
@@ -227,15 +257,11 @@ where
     /// id beyond 8 bits cannot be named and is refused, never truncated
     /// (which would deliver the interrupt to another CPU).
     fn route_msi(&self, requester_id: u16, vector: u8, destination: u32) -> Result<MsiRoute, UnitError> {
-        if destination > 0xff {
-            return Err(UnitError {
-                unit: self.base,
-                cause: portcullis_iommu::HwError::Unsupported("APIC ids beyond 8 bits (x2APIC destinations)"),
-            });
-        }
         let mut u = self.unit.lock();
+        // An id the table's format cannot hold is refused, not truncated.
+        let entry = u.route_entry(vector, destination, requester_id)?;
         let index = u.alloc_irte()?;
-        if let Err(e) = u.set_irte(index, Irte::remapped(vector, destination, false, requester_id)) {
+        if let Err(e) = u.set_irte(index, entry) {
             // The entry may be half-written: freeing it clears it again
             // (and reports a second failure, which the first covers).
             let _ = u.free_irte(index);
@@ -249,7 +275,8 @@ where
             Some(e) if e.present() && e.sid() == requester_id => {}
             _ => return Err(u.err_invalid("retarget of a route this requester does not hold")),
         }
-        u.retarget_irte(handle, Irte::remapped(vector, destination, false, requester_id))
+        let entry = u.route_entry(vector, destination, requester_id)?;
+        u.retarget_irte(handle, entry)
     }
     fn free_msi(&self, _requester_id: u16, handle: u16) -> Result<(), UnitError> {
         self.unit.lock().free_irte(handle)

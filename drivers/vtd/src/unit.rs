@@ -225,6 +225,9 @@ pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
     scalable: Option<ScalableTables<T>>,
     /// The interrupt remapping table (one page, 256 entries) while on.
     irt: Option<u64>,
+    /// The table runs in extended interrupt mode (IRTA.EIME): 32-bit
+    /// x2APIC destinations.
+    irt_x2apic: bool,
     /// Table entries handed out by `alloc_irte` (bit per entry).
     irt_used: [u64; 4],
     /// Invalidation counters.
@@ -270,6 +273,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             rmrrs: Vec::new(),
             scalable: None,
             irt: None,
+            irt_x2apic: false,
             irt_used: [0; 4],
             stats: InvalidationStats::default(),
         })
@@ -416,19 +420,36 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     }
 
     /// Turns interrupt remapping on with an empty table of
+    /// [`crate::ir::IRTES_PER_PAGE`] entries and xAPIC (8-bit)
+    /// destinations; see [`Self::enable_interrupt_remapping_with`].
+    pub fn enable_interrupt_remapping(&mut self) -> Result<(), Error> {
+        self.enable_interrupt_remapping_with(false)
+    }
+
+    /// Turns interrupt remapping on with an empty table of
     /// [`crate::ir::IRTES_PER_PAGE`] entries: from now on every MSI from a
     /// device is blocked (and recorded as a fault) unless its table entry
     /// says where it goes; compatibility-format interrupts are blocked.
     /// Needs ECAP.IR and queued invalidation (the interrupt entry cache is
-    /// only invalidated through the queue).
-    pub fn enable_interrupt_remapping(&mut self) -> Result<(), Error> {
+    /// only invalidated through the queue). With `x2apic` the table runs in
+    /// extended interrupt mode (IRTA.EIME = 1): entries name 32-bit x2APIC
+    /// ids, for a kernel whose local APICs run in x2APIC mode; that needs
+    /// ECAP.EIM. Already on in the other mode is an error (the table would
+    /// have to be rewritten).
+    pub fn enable_interrupt_remapping_with(&mut self, x2apic: bool) -> Result<(), Error> {
         if !self.caps.interrupt_remapping() {
             return Err(self.err(HwError::Unsupported("interrupt remapping (ECAP.IR)")));
         }
         if self.queue.is_none() {
             return Err(self.err(HwError::Unsupported("interrupt remapping needs queued invalidation")));
         }
+        if x2apic && !self.caps.eim() {
+            return Err(self.err(HwError::Unsupported("x2APIC destinations need extended interrupt mode (ECAP.EIM)")));
+        }
         if self.irt.is_some() {
+            if self.irt_x2apic != x2apic {
+                return Err(self.err_invalid("interrupt remapping is already on with the other destination format"));
+            }
             return Ok(());
         }
         let table = self.mem.alloc_table().ok_or_else(|| self.err(HwError::NoMemory))?;
@@ -436,7 +457,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             self.mem.flush(table, 4096);
         }
         // 256 entries: S = 7.
-        self.mmio.set64(regs::IRTA, crate::ir::irta(table, 7, false));
+        self.mmio.set64(regs::IRTA, crate::ir::irta(table, 7, x2apic));
         let on = self
             .gcmd_oneshot(Gcmd::SIRTP, "GSTS.IRTPS")
             .and_then(|()| self.submit(&[Descriptor::iec(None)]))
@@ -447,7 +468,26 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             return Err(e);
         }
         self.irt = Some(table);
+        self.irt_x2apic = x2apic;
         Ok(())
+    }
+
+    /// Whether remapping is on with x2APIC (32-bit) destinations
+    /// (IRTA.EIME).
+    pub fn x2apic_destinations(&self) -> bool {
+        self.irt.is_some() && self.irt_x2apic
+    }
+
+    /// The entry that routes `vector` to the CPU with APIC id `dest` for
+    /// requester `sid`, in the destination format the table runs with: an
+    /// id above 255 needs x2APIC destinations.
+    pub fn route_entry(&self, vector: u8, dest: u32, sid: u16) -> Result<crate::ir::Irte, Error> {
+        if dest > 0xff && !self.irt_x2apic {
+            return Err(self.err_invalid(
+                "an APIC id above 255 needs x2APIC destinations (interrupt remapping was enabled without them)",
+            ));
+        }
+        Ok(crate::ir::Irte::remapped(vector, dest, self.irt_x2apic, sid))
     }
 
     /// Turns interrupt remapping off again (MSIs pass unremapped) and
@@ -456,6 +496,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         let Some(table) = self.irt else { return Ok(()) };
         self.gcmd(Gcmd::IRE, false)?;
         self.irt = None;
+        self.irt_x2apic = false;
         self.irt_used = [0; 4];
         self.mem.free_table(table);
         Ok(())

@@ -272,3 +272,113 @@ fn pasid_based_invalidation_needs_scalable_mode() {
         Err(Error { cause: HwError::Unsupported("not in scalable mode"), .. })
     ));
 }
+
+/// ECAP.EIM: extended interrupt mode (x2APIC destinations).
+const ECAP_EIM: u64 = 1 << 4;
+
+/// A unit model whose ECAP has `extra` too, and the memory it shares
+/// with the driver.
+fn model_with_ecap(extra: u64) -> (RegisterModel, Shared) {
+    let mem = Shared(Arc::new(Mutex::new(HeapTables::new(true))));
+    let config = Config { ecap: Config::QEMU.ecap | extra, ..Config::QEMU };
+    (RegisterModel::new(config, Arc::new(mem.clone())), mem)
+}
+
+/// Where the unit sends the remappable MSI with handle `index`, as the
+/// hardware reads the table it latched: (vector, destination APIC id);
+/// `None` when the entry is not present. With IRTA.EIME the destination is
+/// bits 63:32 whole, without it the xAPIC id in bits 47:40.
+fn remap(model: &RegisterModel, mem: &Shared, index: u16) -> Option<(u8, u32)> {
+    let irta = model.state().latched_irta;
+    let low = mem.read(irta & !0xfff, index as usize * 2);
+    if low & 1 == 0 {
+        return None;
+    }
+    let dest = if irta & (1 << 11) != 0 { (low >> 32) as u32 } else { ((low >> 40) & 0xff) as u32 };
+    Some(((low >> 16) as u8, dest))
+}
+
+#[test]
+fn x2apic_destinations_need_eim() {
+    use vtd::shared::BringUp;
+    let eim_named = |e: &Error| matches!(e.cause, HwError::Unsupported(m) if m.contains("ECAP.EIM"));
+    // The unit alone.
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    let e = u.enable_interrupt_remapping_with(true).unwrap_err();
+    assert!(eim_named(&e), "{e}");
+    assert!(!u.interrupt_remapping_on());
+    assert!(!model.state().gsts.contains(Gsts::IRE));
+    assert_eq!(model.state().irta, 0, "IRTA untouched");
+    // Bring-up: refused before anything is enabled.
+    let (model, mem) = model_with_ecap(0);
+    let e = vtd::Shared::bring_up_with(
+        BASE,
+        model.clone(),
+        mem,
+        TickClock::default(),
+        BringUp { mode: None, x2apic: true },
+    )
+    .unwrap_err();
+    assert!(eim_named(&e), "{e}");
+    assert_eq!(e.unit, BASE);
+    assert!(e.to_string().contains("ECAP.EIM"), "{e}");
+    assert_eq!(model.state().gsts, Gsts::empty(), "nothing enabled");
+}
+
+#[test]
+fn x2apic_destinations_take_32_bit_apic_ids() {
+    use portcullis_iommu::unit::IommuUnit;
+    use vtd::shared::BringUp;
+    let (model, mem) = model_with_ecap(ECAP_EIM);
+    let options = BringUp { mode: None, x2apic: true };
+    let table_mem = mem.clone();
+    let unit = vtd::Shared::bring_up_with(BASE, model.clone(), mem, TickClock::default(), options).unwrap();
+    {
+        let hw = model.state();
+        assert!(hw.gsts.contains(Gsts::IRE), "remapping on");
+        assert_ne!(hw.latched_irta & (1 << 11), 0, "IRTA.EIME latched");
+        assert_eq!(hw.latched_irta & 0xf, 7, "256 entries");
+    }
+    assert!(unit.lock().x2apic_destinations());
+    let route = unit.route_msi(0x0008, 0x29, 0x1234_5678).unwrap();
+    let entry = unit.lock().irte(route.handle).unwrap();
+    assert_eq!(entry.0[0] >> 32, 0x1234_5678, "the whole id in bits 63:32");
+    assert_eq!(entry.0[1] & 0xffff, 0x0008, "source id");
+    assert_eq!(remap(&model, &table_mem, route.handle), Some((0x29, 0x1234_5678)));
+    // Retargeted to another 32-bit id, and to an 8-bit one.
+    unit.retarget_msi(0x0008, route.handle, 0x2a, 0x100).unwrap();
+    assert_eq!(remap(&model, &table_mem, route.handle), Some((0x2a, 0x100)));
+    unit.retarget_msi(0x0008, route.handle, 0x2a, 3).unwrap();
+    assert_eq!(remap(&model, &table_mem, route.handle), Some((0x2a, 3)));
+    assert_eq!(unit.lock().irte(route.handle).unwrap().0[0] >> 32, 3, "8-bit ids in bits 63:32 too");
+    // Asking for the other format on the running table is refused.
+    let e = unit.lock().enable_interrupt_remapping().unwrap_err();
+    assert!(matches!(e.cause, HwError::Invalid(_)), "{e}");
+    unit.free_msi(0x0008, route.handle).unwrap();
+    assert_eq!(remap(&model, &table_mem, route.handle), None);
+}
+
+#[test]
+fn xapic_destinations_refuse_ids_above_255() {
+    use portcullis_iommu::unit::IommuUnit;
+    // A unit that could do x2APIC, brought up without it: EIME clear.
+    let (model, mem) = model_with_ecap(ECAP_EIM);
+    let table_mem = mem.clone();
+    let unit = vtd::Shared::bring_up(BASE, model.clone(), mem, TickClock::default(), None).unwrap();
+    assert_eq!(model.state().latched_irta & (1 << 11), 0, "IRTA.EIME clear");
+    assert!(!unit.lock().x2apic_destinations());
+    let route = unit.route_msi(0x0008, 0x29, 0xff).unwrap();
+    assert_eq!(unit.lock().irte(route.handle).unwrap().0[0] >> 40 & 0xff, 0xff, "xAPIC id in bits 47:40");
+    assert_eq!(remap(&model, &table_mem, route.handle), Some((0x29, 0xff)));
+    let before = unit.lock().irte(route.handle);
+    for dest in [0x100, 0x1_0000, u32::MAX] {
+        let e = unit.route_msi(0x0008, 0x2a, dest).unwrap_err();
+        assert!(matches!(e.cause, HwError::Invalid(m) if m.contains("255")), "{e}");
+        let e = unit.retarget_msi(0x0008, route.handle, 0x2a, dest).unwrap_err();
+        assert!(matches!(e.cause, HwError::Invalid(_)), "{e}");
+    }
+    assert_eq!(unit.lock().irte(route.handle), before, "a refused retarget changes nothing");
+    // The refused routes took no entry: the next one is entry 1.
+    assert_eq!(unit.route_msi(0x0008, 0x2a, 1).unwrap().handle, 1);
+}
