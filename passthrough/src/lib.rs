@@ -14,14 +14,21 @@
 //! ```text
 //!   hypervisor ── Platform (MMIO, frames, RAM, clock, PCI, ACPI bytes)
 //!       │
-//!       ├─ Iommus::bring_up(platform)      every unit up, every device blocked
-//!       └─ GuestDma (one per guest)        iommufd IOAS with RAM at IOVA = GPA
+//!       ├─ Iommus::bring_up(platform)      every unit up, every device blocked;
+//!       │    groups, owners, claim_for_host / release_host, host_faults
+//!       └─ GuestDma (one per guest, or    iommufd IOAS with RAM at IOVA = GPA
+//!          new_host for the host's own)
 //!             ├─ add_memory / remove_memory
-//!             ├─ assign / unassign          attach through the generic Device/Domain;
-//!             │                              unassign quiesces and resets first (quiesce)
-//!             ├─ route_msi                   interrupt remapping entries
-//!             └─ dma_faults                  what the units recorded
+//!             ├─ assign / unassign          claims the isolation group; attach through
+//!             │                              the generic Device/Domain; unassign
+//!             │                              quiesces and resets first (quiesce)
+//!             ├─ route_msi / retarget_msi / free_msi, set_cpus
+//!             └─ dma_faults                  the guest's own fault stream
 //! ```
+//!
+//! Ownership is machine-wide ([`ownership`]): functions the IOMMU cannot
+//! tell apart form an isolation group, and a group belongs to the host,
+//! one guest, or nobody (blocked), never to two.
 //!
 //! Underneath are the vendor-generic unit traits of `portcullis_iommu::unit`
 //! (implemented by the `vtd` and `amdvi` drivers) and the iommufd object
@@ -115,10 +122,8 @@
 //!   capabilities are at their reset defaults then.
 //! * Run the guest, its nested page tables, or deliver the interrupt into
 //!   it.
-//! * Decide which guest gets which device. (It only refuses to give a
-//!   guest a function whose requester id a device of another guest of the
-//!   same `Iommus` carries: the same function, or one behind the same
-//!   bridge, whose DMA the unit cannot tell apart.)
+//! * Decide which guest gets which device: it only refuses to give anyone
+//!   a function whose isolation group someone else owns.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
