@@ -23,6 +23,7 @@ use crate::pages::AccountMode;
 use crate::uapi::{self, *};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use portcullis_iommu::IovaRange;
 
 /// Where a selftest mock device comes from (the `selftest` feature's
 /// `MOCK_DOMAIN` command): a factory for a device with the given flags.
@@ -57,7 +58,7 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
             }
             ictx.ioas(c.ioas_id)?;
             let ranges = load_ranges(ictx, c.allowed_iovas, c.num_iovas)?;
-            ictx.ioas_allow_iovas(c.ioas_id, ranges)
+            ictx.ioas_allow_iovas(c.ioas_id, &ranges)
         }
         IOMMU_IOAS_COPY => {
             let mut c = IommuIoasCopy::read(&kbuf);
@@ -88,8 +89,8 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
             }
             let (ranges, align) = ictx.ioas_iova_ranges(c.ioas_id)?;
             let max = c.num_iovas;
-            for (i, (start, last)) in ranges.iter().enumerate().take(max as usize) {
-                let elm = IommuIovaRange { start: *start, last: *last }.to_bytes();
+            for (i, r) in ranges.iter().enumerate().take(max as usize) {
+                let elm = IommuIovaRange { start: r.start, last: r.last }.to_bytes();
                 let at = c.allowed_iovas.checked_add(i as u64 * IommuIovaRange::SIZE as u64).ok_or(Errno::EFAULT)?;
                 ictx.source().write_user(at, &elm)?;
             }
@@ -235,8 +236,8 @@ fn check_map_prot(flags: u32) -> Result<()> {
 
 /// Reads `num` `iommu_iova_range`s at `uptr`: EFAULT when unreadable,
 /// EINVAL when `start >= last` or when one overlaps an earlier one.
-fn load_ranges(ictx: &Ictx, uptr: u64, num: u32) -> Result<Vec<(u64, u64)>> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
+fn load_ranges(ictx: &Ictx, uptr: u64, num: u32) -> Result<Vec<IovaRange>> {
+    let mut out: Vec<IovaRange> = Vec::new();
     for i in 0..num as u64 {
         let mut b = [0u8; IommuIovaRange::SIZE];
         let at = i.checked_mul(IommuIovaRange::SIZE as u64).and_then(|o| uptr.checked_add(o)).ok_or(Errno::EFAULT)?;
@@ -245,10 +246,10 @@ fn load_ranges(ictx: &Ictx, uptr: u64, num: u32) -> Result<Vec<(u64, u64)>> {
         if r.start >= r.last {
             return Err(Errno::EINVAL);
         }
-        if out.iter().any(|&(s, l)| s <= r.last && r.start <= l) {
+        if out.iter().any(|o| o.start <= r.last && r.start <= o.last) {
             return Err(Errno::EINVAL);
         }
-        out.push((r.start, r.last));
+        out.push(IovaRange { start: r.start, last: r.last });
     }
     Ok(out)
 }
@@ -306,5 +307,5 @@ pub(crate) fn add_test_reserved(ictx: &Ictx, ioas_id: u32, start: u64, length: u
     }
     let last = start.checked_add(length - 1).ok_or(Errno::EOVERFLOW)?;
     let ioas = ictx.ioas(ioas_id)?;
-    ioas.iopt.lock().reserve(start, last, Owner::Test)
+    ioas.iopt.lock().reserve(IovaRange { start, last }, Owner::Test)
 }

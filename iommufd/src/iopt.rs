@@ -38,7 +38,7 @@ use crate::pages::{Holder, Pages, PhysRuns, UseKind};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use portcullis_iommu::{DomainError, IommuDomain, IotlbGather, Prot};
+use portcullis_iommu::{DomainError, IommuDomain, IotlbGather, IovaRange, PhysRun, Prot};
 
 /// Most pieces handed to a domain in one `map_runs` call when they must be
 /// built (pages split, or large pages off).
@@ -225,9 +225,9 @@ impl IoPagetable {
         self.domains.len()
     }
 
-    /// Reserved ranges.
-    pub fn reserved(&self) -> impl Iterator<Item = (u64, u64, Owner)> + '_ {
-        self.reserved.iter()
+    /// Reserved ranges and their owners.
+    pub fn reserved(&self) -> impl Iterator<Item = (IovaRange, Owner)> + '_ {
+        self.reserved.iter().map(|(start, last, owner)| (IovaRange { start, last }, owner))
     }
 
     fn first_area_overlapping(&self, start: u64, last: u64) -> Option<(u64, u64)> {
@@ -333,7 +333,7 @@ impl IoPagetable {
     }
 
     /// Maps the area's pages into `domain`: each physically contiguous
-    /// run (`phys`: runs `(address, bytes)` from the area's first page) is
+    /// run (`phys`: runs from the area's first page) is
     /// one piece, so the domain can use large pages; with large pages
     /// disabled (`small`), one piece per page. Pieces go to the domain up
     /// to [`MAP_BATCH_RUNS`] (as pinned) or [`MAP_BATCH`] (built) per
@@ -343,7 +343,7 @@ impl IoPagetable {
         iova: u64,
         last: u64,
         area: &Area,
-        phys: &[(u64, u64)],
+        phys: &[PhysRun],
         small: bool,
     ) -> core::result::Result<(), LoadError> {
         // A domain whose invalidation failed earlier is recovered (one full
@@ -356,7 +356,7 @@ impl IoPagetable {
             let mut cur = iova;
             let mut result = Ok(());
             for chunk in phys.chunks(MAP_BATCH_RUNS) {
-                let len: u64 = chunk.iter().map(|&(_, len)| len).sum();
+                let len: u64 = chunk.iter().map(|r| r.len).sum();
                 result = area
                     .pages
                     .fault_point()
@@ -375,7 +375,7 @@ impl IoPagetable {
             return result;
         }
         let mut page = area.first_page();
-        let mut batch: Vec<(u64, u64)> = Vec::with_capacity(MAP_BATCH.min(if small {
+        let mut batch: Vec<PhysRun> = Vec::with_capacity(MAP_BATCH.min(if small {
             (last - iova) as usize / PAGE_SIZE as usize + 2
         } else {
             phys.len()
@@ -383,7 +383,7 @@ impl IoPagetable {
         // IOVA of batch[0]: everything before it is mapped.
         let mut batch_iova = iova;
         let mut next_iova = iova;
-        let flush = |batch: &mut Vec<(u64, u64)>, batch_iova: &mut u64, next: u64, domain: &mut dyn IommuDomain| {
+        let flush = |batch: &mut Vec<PhysRun>, batch_iova: &mut u64, next: u64, domain: &mut dyn IommuDomain| {
             if batch.is_empty() {
                 return Ok(());
             }
@@ -394,7 +394,7 @@ impl IoPagetable {
             Ok(())
         };
         let mut result = Ok(());
-        for &(p, len) in phys {
+        for &PhysRun { phys: p, len } in phys {
             let n = len / PAGE_SIZE;
             // The bytes of the area on pages [page, page + n).
             let b0 = (page * PAGE_SIZE).max(area.start_byte);
@@ -405,7 +405,7 @@ impl IoPagetable {
                 let mut b = b0;
                 while b <= b1 {
                     let len = (PAGE_SIZE - b % PAGE_SIZE).min(b1 - b + 1);
-                    batch.push((start + (b - b0), len));
+                    batch.push(PhysRun::new(start + (b - b0), len));
                     next_iova = next_iova.wrapping_add(len);
                     b += len;
                     if batch.len() >= MAP_BATCH {
@@ -416,7 +416,7 @@ impl IoPagetable {
                     }
                 }
             } else {
-                batch.push((start, b1 - b0 + 1));
+                batch.push(PhysRun::new(start, b1 - b0 + 1));
                 next_iova = next_iova.wrapping_add(b1 - b0 + 1);
                 if batch.len() >= MAP_BATCH {
                     result = flush(&mut batch, &mut batch_iova, next_iova, domain);
@@ -443,7 +443,7 @@ impl IoPagetable {
     fn read_back(domain: &DomainRef, start: u64, area: &Area, fp: u64, lp: u64) -> PhysRuns {
         let d = domain.lock();
         let mut out: PhysRuns = Vec::new();
-        let mut buf = [(0u64, 0u64); 256];
+        let mut buf = [PhysRun::default(); 256];
         // Area byte b is at IOVA start + (b - start_byte); the range asked
         // for may run past the area's end (within page lp): the domain
         // stops where the mapping does.
@@ -460,10 +460,11 @@ impl IoPagetable {
                 let estimate = (n as u64).saturating_mul((b_end - b).div_ceil(done)).min(lp - next_page + 1);
                 out.reserve(estimate as usize + 1);
             }
-            for &(phys, len) in &buf[..n] {
+            for &run in &buf[..n] {
+                let PhysRun { phys, len } = run;
                 if (b | len | phys).is_multiple_of(PAGE_SIZE) {
                     // Whole pages (every run of a whole-page area).
-                    push_run(&mut out, phys, len);
+                    push_run(&mut out, run);
                     next_page += len / PAGE_SIZE;
                     b += len;
                     continue;
@@ -472,7 +473,8 @@ impl IoPagetable {
                 // reported; page p's address is phys + p * PAGE_SIZE - b.
                 let (p0, p1) = ((b / PAGE_SIZE).max(next_page), ((b + len - 1) / PAGE_SIZE).min(lp));
                 if p0 <= p1 {
-                    push_run(&mut out, phys.wrapping_add(p0 * PAGE_SIZE).wrapping_sub(b), (p1 - p0 + 1) * PAGE_SIZE);
+                    let at = phys.wrapping_add(p0 * PAGE_SIZE).wrapping_sub(b);
+                    push_run(&mut out, PhysRun::new(at, (p1 - p0 + 1) * PAGE_SIZE));
                     next_page = p1 + 1;
                 }
                 b += len;
@@ -643,9 +645,10 @@ impl IoPagetable {
         }
     }
 
-    /// Reserves `[start, last]` for `owner`; fails with `EADDRINUSE` if an
-    /// area or an allowed range overlaps it.
-    pub fn reserve(&mut self, start: u64, last: u64, owner: Owner) -> Result<()> {
+    /// Reserves `range` for `owner`; fails with `EADDRINUSE` if an area or
+    /// an allowed range overlaps it.
+    pub fn reserve(&mut self, range: IovaRange, owner: Owner) -> Result<()> {
+        let IovaRange { start, last } = range;
         if self.first_area_overlapping(start, last).is_some() || self.allowed.any_overlap(start, last) {
             return Err(Errno::EADDRINUSE);
         }
@@ -659,29 +662,30 @@ impl IoPagetable {
 
     /// Replaces the allowed ranges (Linux's `iopt_set_allow_iova`); fails
     /// with `EADDRINUSE` when one overlaps a reserved range.
-    pub fn set_allowed(&mut self, ranges: Vec<(u64, u64)>) -> Result<()> {
-        if ranges.iter().any(|&(s, l)| self.reserved_overlap(s, l)) {
+    pub fn set_allowed(&mut self, ranges: &[IovaRange]) -> Result<()> {
+        if ranges.iter().any(|r| self.reserved_overlap(r.start, r.last)) {
             return Err(Errno::EADDRINUSE);
         }
-        self.allowed = RangeSet::from_ranges(&ranges).map_err(|_| Errno::EINVAL)?;
+        let spans: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.last)).collect();
+        self.allowed = RangeSet::from_ranges(&spans).map_err(|_| Errno::EINVAL)?;
         Ok(())
     }
 
     /// The IOVA ranges that are not reserved (what `IOMMU_IOAS_IOVA_RANGES`
     /// reports), in order.
-    pub fn iova_ranges(&self) -> Vec<(u64, u64)> {
+    pub fn iova_ranges(&self) -> Vec<IovaRange> {
         let used: Vec<(u64, u64)> = self.reserved.union().iter().collect();
         let mut out = Vec::new();
         let mut cursor: Option<u64> = Some(0);
         for (s, l) in used {
             let Some(c) = cursor else { break };
             if s > c {
-                out.push((c, s - 1));
+                out.push(IovaRange::new(c, s - 1));
             }
             cursor = if l == u64::MAX { None } else { Some(c.max(l + 1)) };
         }
         if let Some(c) = cursor {
-            out.push((c, u64::MAX));
+            out.push(IovaRange::new(c, u64::MAX));
         }
         out
     }
@@ -718,7 +722,7 @@ impl IoPagetable {
         if self.domains.iter().any(|(k, _)| *k == key) {
             return Err(Errno::EEXIST);
         }
-        let (granule, (ap_start, ap_last)) = {
+        let (granule, aperture) = {
             let d = domain.lock();
             (d.granule(), d.aperture())
         };
@@ -731,13 +735,13 @@ impl IoPagetable {
         }
         let owner = Owner::Domain(key);
         let reserve = |s: &mut Self, start: u64, last: u64| -> Result<()> {
-            s.reserve(start, last, owner).inspect_err(|_| s.remove_reserved(owner))
+            s.reserve(IovaRange { start, last }, owner).inspect_err(|_| s.remove_reserved(owner))
         };
-        if ap_start != 0 {
-            reserve(self, 0, ap_start - 1)?;
+        if aperture.start != 0 {
+            reserve(self, 0, aperture.start - 1)?;
         }
-        if ap_last != u64::MAX {
-            reserve(self, ap_last + 1, u64::MAX)?;
+        if aperture.last != u64::MAX {
+            reserve(self, aperture.last + 1, u64::MAX)?;
         }
         // Load every area: pinning first if this is the first domain.
         let first_domain = self.domains.is_empty();
@@ -960,12 +964,12 @@ impl IoPagetable {
     /// The first area in `[iova, last]` an access holds pages of, when the
     /// range is otherwise unmappable as a whole: unmap must first ask the
     /// accesses to let go of it.
-    pub fn access_blocker(&self, iova: u64, last: u64) -> Option<(u64, u64)> {
+    pub fn access_blocker(&self, iova: u64, last: u64) -> Option<IovaRange> {
         let hit = self.areas_overlapping(iova, last);
         if hit.iter().any(|&(s, l)| s < iova || l > last) {
             return None;
         }
-        hit.into_iter().find(|(s, _)| self.area(*s).1.accesses > 0)
+        hit.into_iter().find(|(s, _)| self.area(*s).1.accesses > 0).map(|(start, last)| IovaRange { start, last })
     }
 
     /// Pins the pages under `[iova, iova + length)` for an access (Linux's
@@ -1148,10 +1152,10 @@ mod tests {
         assert!(a >= PAGE_SIZE);
         let b = t.map_pages(&slice(&e, 0x1000_0800, 0x800), 0x800, None, Prot::READ).unwrap();
         assert_eq!(b % PAGE_SIZE, 0x800);
-        t.reserve(0x1_0000_0000, 0x1_ffff_ffff, Owner::Test).unwrap();
-        assert_eq!(t.iova_ranges(), alloc::vec![(0, 0xffff_ffff), (0x2_0000_0000, u64::MAX)]);
-        assert_eq!(t.reserve(a, a, Owner::Test), Err(Errno::EADDRINUSE));
-        assert_eq!(t.set_allowed(alloc::vec![(0x1_8000_0000, 0x1_8000_ffff)]), Err(Errno::EADDRINUSE));
+        t.reserve(IovaRange::new(0x1_0000_0000, 0x1_ffff_ffff), Owner::Test).unwrap();
+        assert_eq!(t.iova_ranges(), [IovaRange::new(0, 0xffff_ffff), IovaRange::new(0x2_0000_0000, u64::MAX)]);
+        assert_eq!(t.reserve(IovaRange::new(a, a), Owner::Test), Err(Errno::EADDRINUSE));
+        assert_eq!(t.set_allowed(&[IovaRange::new(0x1_8000_0000, 0x1_8000_ffff)]), Err(Errno::EADDRINUSE));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::errno::{Errno, Result};
 use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
+use portcullis_iommu::PhysRun;
 use spin::Mutex;
 
 /// CPU page size of every memory source in Portcullis.
@@ -36,25 +37,25 @@ pub trait MemorySource: Send + Sync {
     fn unpin(&self, phys: &[u64], dirty: bool);
     /// Pins the `npages` pages starting at page-aligned `uptr`, like
     /// [`Self::pin`], and appends their physical addresses to `out` as
-    /// runs `(phys, bytes)` of physically contiguous pages (`bytes` a
-    /// multiple of [`PAGE_SIZE`]), in order.
+    /// runs of physically contiguous pages (lengths multiples of
+    /// [`PAGE_SIZE`]), in order.
     /// All or nothing (on error `out` is as it was and nothing is pinned).
     ///
     /// The default goes through [`Self::pin`] and coalesces; sources that
     /// know their physical layout answer a run at a time.
-    fn pin_runs(&self, uptr: u64, npages: u64, write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
+    fn pin_runs(&self, uptr: u64, npages: u64, write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
         let mut phys = vec![0u64; usize::try_from(npages).map_err(|_| Errno::ENOMEM)?];
         self.pin(uptr, &mut phys, write)?;
         for p in phys {
-            push_run(out, p, PAGE_SIZE);
+            push_run(out, PhysRun::new(p, PAGE_SIZE));
         }
         Ok(())
     }
-    /// Drops one pin on each page of each run `(phys, bytes)` (as
-    /// [`Self::unpin`]). The default expands the runs into pages.
-    fn unpin_runs(&self, runs: &[(u64, u64)], dirty: bool) {
+    /// Drops one pin on each page of each run (as [`Self::unpin`]). The
+    /// default expands the runs into pages.
+    fn unpin_runs(&self, runs: &[PhysRun], dirty: bool) {
         let mut buf: Vec<u64> = Vec::new();
-        for &(phys, len) in runs {
+        for &PhysRun { phys, len } in runs {
             for k in 0..len / PAGE_SIZE {
                 buf.push(phys + k * PAGE_SIZE);
                 if buf.len() == 512 {
@@ -89,19 +90,20 @@ pub trait MemorySource: Send + Sync {
     }
 }
 
-/// Appends the `len` bytes at `phys` to a run list `(phys, bytes)`,
-/// extending the last run when it ends where this one starts.
-pub fn push_run(runs: &mut Vec<(u64, u64)>, phys: u64, len: u64) {
-    if len == 0 {
+/// Appends `run` to a run list, extending the last run when it ends
+/// where `run` starts (an empty run changes nothing).
+#[inline]
+pub fn push_run(runs: &mut Vec<PhysRun>, run: PhysRun) {
+    if run.len == 0 {
         return;
     }
     if let Some(last) = runs.last_mut()
-        && last.0 + last.1 == phys
+        && last.phys + last.len == run.phys
     {
-        last.1 += len;
+        last.len += run.len;
         return;
     }
-    runs.push((phys, len));
+    runs.push(run);
 }
 
 struct FakePage {
@@ -502,7 +504,7 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
         Ok(())
     }
 
-    fn pin_runs(&self, uptr: u64, npages: u64, write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
+    fn pin_runs(&self, uptr: u64, npages: u64, write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
         if !uptr.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
@@ -525,15 +527,15 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
             for c in &mut reg.pins[first..first + n] {
                 *c += 1;
             }
-            push_run(out, reg.phys + first as u64 * PAGE_SIZE, n as u64 * PAGE_SIZE);
+            push_run(out, PhysRun::new(reg.phys + first as u64 * PAGE_SIZE, n as u64 * PAGE_SIZE));
             a += n as u64 * PAGE_SIZE;
         }
         Ok(())
     }
 
-    fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
+    fn unpin_runs(&self, runs: &[PhysRun], _dirty: bool) {
         let mut regions = self.regions.lock();
-        for &(phys, len) in runs {
+        for &PhysRun { phys, len } in runs {
             let (mut p, end) = (phys, phys + len);
             while p < end {
                 let reg = regions
@@ -618,7 +620,7 @@ mod region_tests {
         assert_eq!(m.pin_runs(0x1f_f000, 3, false, &mut runs), Err(Errno::EFAULT));
         assert!(runs.is_empty());
         m.pin_runs(0x1f_e000, 3, false, &mut runs).unwrap();
-        assert_eq!(runs, [(0x1_001f_e000, 0x2000), (0x3_0000_0000, 0x1000)]);
+        assert_eq!(runs, [PhysRun::new(0x1_001f_e000, 0x2000), PhysRun::new(0x3_0000_0000, 0x1000)]);
         assert_eq!(m.pin_count(0x1f_f000), Ok(Some(1)));
         m.unpin_runs(&runs, false);
         assert_eq!(m.pinned_pages(), 0);

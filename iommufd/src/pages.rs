@@ -27,6 +27,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use portcullis_iommu::PhysRun;
 use spin::Mutex;
 
 /// How pinned pages are charged (Linux's `IOMMU_OPTION_RLIMIT_MODE`).
@@ -328,9 +329,9 @@ impl PinTable {
     }
     /// Adds an `Other` use of each page of `[first, last]`; `phys` gives
     /// their addresses (runs from `first`).
-    fn add_other(&mut self, first: u64, last: u64, phys: &[(u64, u64)]) {
+    fn add_other(&mut self, first: u64, last: u64, phys: &[PhysRun]) {
         let mut page = first;
-        for &(p, len) in phys {
+        for &PhysRun { phys: p, len } in phys {
             for k in 0..len / PAGE_SIZE {
                 let c = self.chunks.entry(page / CHUNK).or_insert_with(|| {
                     Box::new(Chunk { other: [0; CHUNK as usize], phys: [0; CHUNK as usize], used_pages: 0 })
@@ -368,25 +369,25 @@ impl PinTable {
     }
 }
 
-/// Reads runs `(phys, bytes)` of whole pages that start at page `base`, in
-/// increasing page order.
+/// Reads runs of whole pages that start at page `base`, in increasing
+/// page order.
 struct RunCursor<'a> {
-    runs: &'a [(u64, u64)],
+    runs: &'a [PhysRun],
     idx: usize,
     /// Page of `runs[idx]`'s first page.
     at: u64,
 }
 
 impl<'a> RunCursor<'a> {
-    fn new(runs: &'a [(u64, u64)], base: u64) -> Self {
+    fn new(runs: &'a [PhysRun], base: u64) -> Self {
         Self { runs, idx: 0, at: base }
     }
     /// Appends the addresses of pages `[first, last]` (not before any
     /// page asked for earlier) to `out`; false if the runs end first.
-    fn take(&mut self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) -> bool {
+    fn take(&mut self, first: u64, last: u64, out: &mut Vec<PhysRun>) -> bool {
         let mut page = first;
         while page <= last {
-            let Some(&(p, len)) = self.runs.get(self.idx) else { return false };
+            let Some(&PhysRun { phys: p, len }) = self.runs.get(self.idx) else { return false };
             let n = len / PAGE_SIZE;
             if page >= self.at + n {
                 self.at += n;
@@ -394,7 +395,7 @@ impl<'a> RunCursor<'a> {
                 continue;
             }
             let k = (last + 1).min(self.at + n) - page;
-            push_run(out, p + (page - self.at) * PAGE_SIZE, k * PAGE_SIZE);
+            push_run(out, PhysRun::new(p + (page - self.at) * PAGE_SIZE, k * PAGE_SIZE));
             page += k;
         }
         true
@@ -418,10 +419,10 @@ pub struct Holder {
     pub domain: DomainRef,
 }
 
-/// Physical addresses of consecutive pages as runs `(address of the first
-/// page, bytes)` of physically contiguous whole pages, in page order (the
-/// form `IommuDomain::map_runs` takes).
-pub type PhysRuns = Vec<(u64, u64)>;
+/// Physical addresses of consecutive pages as runs of physically
+/// contiguous whole pages, in page order (the form
+/// `IommuDomain::map_runs` takes).
+pub type PhysRuns = Vec<PhysRun>;
 
 /// A domain as areas and holders share it.
 pub type DomainRef = Arc<Mutex<Box<dyn portcullis_iommu::IommuDomain>>>;
@@ -443,7 +444,7 @@ impl Holder {
         let first_byte = (page * PAGE_SIZE).max(self.start_byte);
         let off = first_byte - page * PAGE_SIZE;
         let iova = self.iova + (first_byte - self.start_byte);
-        let (p, len) = self.domain.lock().iova_to_phys_run(iova, max_pages * PAGE_SIZE - off)?;
+        let PhysRun { phys: p, len } = self.domain.lock().iova_to_phys_run(iova, max_pages * PAGE_SIZE - off)?;
         Some((p - off, (off + len).div_ceil(PAGE_SIZE).min(max_pages)))
     }
 }
@@ -549,13 +550,13 @@ impl Pages {
 
     /// Appends the addresses of pages `[first, last]` as runs, read back
     /// from the domains holding them; false if some page has no holder.
-    fn read_back(&self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) -> bool {
+    fn read_back(&self, first: u64, last: u64, out: &mut Vec<PhysRun>) -> bool {
         let holders: Vec<Holder> =
             self.holders.lock().values().filter(|h| h.first_page <= last && first <= h.last_page).cloned().collect();
         let mut page = first;
         while page <= last {
             let Some((p, n)) = holders.iter().find_map(|h| h.phys_run(page, last - page + 1)) else { return false };
-            push_run(out, p, n * PAGE_SIZE);
+            push_run(out, PhysRun::new(p, n * PAGE_SIZE));
             page += n;
         }
         true
@@ -570,15 +571,15 @@ impl Pages {
     /// dropped (an unmap of another IOAS waiting for this lock, or a holder
     /// retargeted away from the domain read), or for good when a failed
     /// invalidation left the pages of an unmapped area pinned.
-    fn locate(&self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) -> Result<()> {
+    fn locate(&self, first: u64, last: u64, out: &mut Vec<PhysRun>) -> Result<()> {
         let mut found = Vec::new();
         if !self.read_back(first, last, &mut found) {
             found.clear();
             self.source.pin_runs(self.uptr + first * PAGE_SIZE, last - first + 1, self.writable, &mut found)?;
             self.source.unpin_runs(&found, false);
         }
-        for (p, n) in found {
-            push_run(out, p, n);
+        for run in found {
+            push_run(out, run);
         }
         Ok(())
     }
@@ -595,7 +596,7 @@ impl Pages {
         }
         stored.or_else(|| {
             let mut r = Vec::new();
-            self.read_back(index, index, &mut r).then(|| r[0].0)
+            self.read_back(index, index, &mut r).then(|| r[0].phys)
         })
     }
 
@@ -606,7 +607,7 @@ impl Pages {
         let runs = self.pin_runs(first, last, kind)?;
         if let Some(o) = out {
             let mut k = 0;
-            for (p, len) in runs {
+            for PhysRun { phys: p, len } in runs {
                 for j in 0..len / PAGE_SIZE {
                     o[k] = p + j * PAGE_SIZE;
                     k += 1;
@@ -618,8 +619,8 @@ impl Pages {
 
     /// Takes one use of `kind` of every page in `[first, last]`, pinning
     /// those that had none (a run at a time in the memory source), and
-    /// returns the addresses of all of them as runs `(phys, bytes)` in page
-    /// order. All or nothing.
+    /// returns the addresses of all of them as runs in page order. All or
+    /// nothing.
     pub fn pin_runs(&self, first: u64, last: u64, kind: UseKind) -> Result<PhysRuns> {
         if first > last || last >= self.npages {
             return Err(Errno::EINVAL);
@@ -650,9 +651,9 @@ impl Pages {
         }
         // Fresh pages are pinned run by run; `fresh_runs[ends[i - 1]..ends[i]]`
         // are the addresses of `fresh[i]`.
-        let mut fresh_runs: Vec<(u64, u64)> = Vec::new();
+        let mut fresh_runs: Vec<PhysRun> = Vec::new();
         let mut ends: Vec<usize> = Vec::with_capacity(fresh.len());
-        let undo = |runs: &[(u64, u64)]| {
+        let undo = |runs: &[PhysRun]| {
             self.source.unpin_runs(runs, false);
             self.accounting.credit(fresh_count);
         };
@@ -674,17 +675,17 @@ impl Pages {
         // this use is recorded; taking domain locks under it follows the
         // order `Pages` → domain (no one holding a domain lock waits for
         // a `Pages` lock).
-        let mut all: Vec<(u64, u64)> = Vec::new();
+        let mut all: Vec<PhysRun> = Vec::new();
         let mut failed = Ok(());
         let mut page = first;
-        let mut used = |a: u64, b: u64, all: &mut Vec<(u64, u64)>, t: &PinTable| {
+        let mut used = |a: u64, b: u64, all: &mut Vec<PhysRun>, t: &PinTable| {
             t.other_ranges(a, b, |x, y, stored| {
                 if failed.is_err() {
                     return;
                 }
                 if stored {
                     for q in x..=y {
-                        push_run(all, t.stored(q).expect("stored"), PAGE_SIZE);
+                        push_run(all, PhysRun::new(t.stored(q).expect("stored"), PAGE_SIZE));
                     }
                 } else {
                     failed = self.locate(x, y, all);
@@ -696,8 +697,8 @@ impl Pages {
                 used(page, s - 1, &mut all, &t);
             }
             let from = if i == 0 { 0 } else { ends[i - 1] };
-            for &(p, n) in &fresh_runs[from..ends[i]] {
-                push_run(&mut all, p, n);
+            for &run in &fresh_runs[from..ends[i]] {
+                push_run(&mut all, run);
             }
             page = e + 1;
         }
@@ -721,9 +722,9 @@ impl Pages {
     /// whose last use goes are unpinned. For `Domain` uses the caller passes
     /// the addresses it read back before unmapping the domains (`hint`,
     /// runs from `first`), since nothing else knows them any more.
-    pub fn unpin(&self, first: u64, last: u64, kind: UseKind, hint: Option<&[(u64, u64)]>) {
+    pub fn unpin(&self, first: u64, last: u64, kind: UseKind, hint: Option<&[PhysRun]>) {
         let mut t = self.table.lock();
-        let mut release: Vec<(u64, u64)> = Vec::new();
+        let mut release: Vec<PhysRun> = Vec::new();
         let mut count = 0u64;
         match kind {
             UseKind::Domain => {
@@ -766,7 +767,7 @@ impl Pages {
                     }
                     if gi < gaps.len() && gaps[gi].0 <= page {
                         count += 1;
-                        push_run(&mut release, phys, PAGE_SIZE);
+                        push_run(&mut release, PhysRun::new(phys, PAGE_SIZE));
                     }
                 });
             }
@@ -842,7 +843,7 @@ mod tests {
         p.pin(2, 3, UseKind::Other, None).unwrap();
         let runs = p.pin_runs(0, 7, UseKind::Domain).unwrap();
         let base = a.phys_of(0x10_0000).unwrap();
-        assert_eq!(runs, [(base, 8 * PAGE_SIZE)], "one contiguous run over fresh and stored pages");
+        assert_eq!(runs, [PhysRun::new(base, 8 * PAGE_SIZE)], "one contiguous run over fresh and stored pages");
         assert_eq!((acct.pinned(), a.pinned_pages()), (8, 8));
         p.unpin(0, 7, UseKind::Domain, Some(&runs));
         assert_eq!((acct.pinned(), a.pinned_pages(), p.uses(2), p.uses(4)), (2, 2, 1, 0));

@@ -160,11 +160,11 @@ fn get_info(ictx: &Ictx, arg: u64) -> Result<()> {
             _ => {
                 let head = VfioIommuType1InfoCapIovaRange::SIZE as u64;
                 let elem = VfioIovaRange::SIZE as u64;
-                for (k, (start, end)) in ranges.iter().enumerate() {
+                for (k, range) in ranges.iter().enumerate() {
                     if let Some(cur) = cur
                         && avail >= head + elem * (k as u64 + 1)
                     {
-                        let r = VfioIovaRange { start: *start, end: *end };
+                        let r = VfioIovaRange { start: range.start, end: range.last };
                         ictx.source().write_user(cur + head + elem * k as u64, &r.to_bytes())?;
                     }
                 }

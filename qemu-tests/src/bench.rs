@@ -133,18 +133,18 @@ fn iommu(p: &portcullis_kernel::Platform) {
 /// scattered 4 KiB pages straight into a domain with `map_runs` (1024
 /// pieces per call, as iommufd hands them), read back and unmapped.
 fn engine_alone(unit: &Arc<dyn IommuUnit>, index: u16) {
-    use portcullis_iommu::{IommuDomain, IotlbGather, Prot};
+    use portcullis_iommu::{IommuDomain, IotlbGather, PhysRun, Prot};
     let mut d = Domain::new(unit.clone(), index).expect("domain");
     const SIZE: u64 = 1 << 30;
     let pages = SIZE / PAGE_SIZE;
-    let runs: Vec<(u64, u64)> = (0..1024).map(|k| (PHYS + k * 2 * PAGE_SIZE, PAGE_SIZE)).collect();
+    let runs: Vec<PhysRun> = (0..1024).map(|k| PhysRun::new(PHYS + k * 2 * PAGE_SIZE, PAGE_SIZE)).collect();
     let t0 = uptime_ns();
     for c in 0..pages / 1024 {
         let iova = (1 << 30) + c * 1024 * PAGE_SIZE;
         d.map_runs(iova, &runs, Prot::RW).expect("map");
     }
     let t1 = uptime_ns();
-    let mut out = [(0u64, 0u64); 256];
+    let mut out = [PhysRun::default(); 256];
     let mut iova = 1 << 30;
     while iova < (1 << 30) + SIZE {
         let (_, done) = d.iova_to_phys_runs(iova, (1 << 30) + SIZE - iova, &mut out);

@@ -617,7 +617,7 @@ pub fn high_iovas_up_to_the_aperture<B: Backend>(b: &B, p: &Platform) -> TestRes
     b.faults();
     let mut bufs = Buffers::new()?;
     let mut d = b.new_domain().map_err(fail)?;
-    let (_, last) = b.paging(&mut d).aperture();
+    let last = b.paging(&mut d).aperture().last;
     let high = [0x1_2345_6000u64, (last + 1) - 4096];
     map(b, &mut d, X, bufs.a(), 4096, Prot::READ)?;
     for iova in high {
@@ -671,7 +671,7 @@ pub fn iommufd_passthrough_dma<B: Backend>(b: &B, p: &Platform) -> TestResult {
         ictx.attach(dev, ioas).map_err(|e| fail(format!("attach: {e}")))?;
         let (ranges, _) = ictx.ioas_iova_ranges(ioas).map_err(|e| fail(format!("{e}")))?;
         ensure!(
-            !ranges.iter().any(|&(s, l)| s <= 0xfee0_0000 && l >= 0xfee0_0000),
+            !ranges.iter().any(|r| r.start <= 0xfee0_0000 && r.last >= 0xfee0_0000),
             "MSI window not reserved: {:x?}",
             ranges
         );

@@ -18,7 +18,7 @@
 
 use alloc::vec::Vec;
 
-use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, Prot};
+use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, IovaRange, PhysRun, Prot};
 
 use crate::Error;
 use crate::format::PtFormat;
@@ -137,19 +137,19 @@ where
         self.table.page_sizes()
     }
 
-    fn aperture(&self) -> (u64, u64) {
+    fn aperture(&self) -> IovaRange {
         self.table.aperture()
     }
 
     fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
-        self.map_runs(iova, &[(phys, length)], prot)
+        self.map_runs(iova, &[PhysRun::new(phys, length)], prot)
     }
 
-    fn map_runs(&mut self, iova: u64, runs: &[(u64, u64)], prot: Prot) -> Result<(), DomainError> {
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
         if self.needs_recovery {
             return Err(DomainError::NeedsRecovery);
         }
-        let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.1));
+        let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.len));
         match self.table.map_runs(iova, runs, prot) {
             Ok(()) => {
                 let last = iova + (length - 1);
@@ -202,8 +202,8 @@ where
         if !self.needs_recovery {
             return Ok(());
         }
-        let (first, last) = self.table.aperture();
-        self.invalidator.invalidate(first, last, true)?;
+        let IovaRange { start, last } = self.table.aperture();
+        self.invalidator.invalidate(start, last, true)?;
         self.needs_recovery = false;
         self.table.release_deferred();
         Ok(())
@@ -213,11 +213,11 @@ where
         self.table.iova_to_phys(iova).map(|(phys, _)| phys)
     }
 
-    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<PhysRun> {
         self.table.phys_run(iova, max_len)
     }
 
-    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [PhysRun]) -> (usize, u64) {
         self.table.phys_runs(iova, length, out)
     }
 

@@ -153,7 +153,7 @@ fn scenario<F: PtFormat>(format: F, mem: NonCoherentTables) -> Result<(), Walker
 
     // The top of the aperture, far from everything else: a new table at
     // every level below the root.
-    let (_, last) = pt.aperture();
+    let last = pt.aperture().last;
     let top = (last - 2 * M2) & !(M2 - 1);
     pt.map(top, 0x6000_0000, M2, Prot::RW).unwrap();
     pt.map(top + M2, 0x7000_0000, K4, Prot::READ).unwrap();

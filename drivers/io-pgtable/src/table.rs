@@ -30,7 +30,7 @@ use alloc::vec::Vec;
 use core::cell::Cell;
 use core::fmt;
 
-use portcullis_iommu::{IotlbGather, Prot, push_run};
+use portcullis_iommu::{IotlbGather, IovaRange, PhysRun, Prot, push_run};
 
 use crate::flush::{FlushBatch, lines_of};
 use crate::format::{Entry, PtFormat};
@@ -172,8 +172,8 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         self.root
     }
     /// First and last (inclusive) IOVA.
-    pub fn aperture(&self) -> (u64, u64) {
-        (0, self.last)
+    pub fn aperture(&self) -> IovaRange {
+        IovaRange::new(0, self.last)
     }
     /// Page sizes map may use (bit n = 2^n bytes).
     pub fn page_sizes(&self) -> u64 {
@@ -262,20 +262,20 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// found, [`Error::NoMemory`] with the IOVA and level of the table that
     /// could not be allocated.
     pub fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), Error> {
-        self.map_runs(iova, &[(phys, length)], prot)
+        self.map_runs(iova, &[PhysRun::new(phys, length)], prot)
     }
 
-    /// Maps consecutive pieces from `iova`: `runs[k] = (phys, length)` at
+    /// Maps consecutive pieces from `iova`: `runs[k]` at
     /// `iova` plus the lengths before it, each as [`PageTable::map`] would
     /// (largest pages that fit). One call for a range whose physical pages
     /// are scattered; all or nothing over the whole range, with the errors
     /// of `map` (a bad range names the whole range when it is the total
     /// that is wrong, the piece when it is one piece).
-    pub fn map_runs(&mut self, iova: u64, runs: &[(u64, u64)], prot: Prot) -> Result<(), Error> {
-        let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.1));
+    pub fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), Error> {
+        let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.len));
         self.check_range(iova, total.ok_or(Error::BadRange { iova, length: u64::MAX })?)?;
         let mut at = iova;
-        for &(phys, length) in runs {
+        for &PhysRun { phys, len: length } in runs {
             if length == 0 || length & (PAGE_SIZE - 1) != 0 {
                 return Err(Error::BadRange { iova: at, length });
             }
@@ -324,7 +324,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     fn map_range(
         &mut self,
         iova: u64,
-        runs: &[(u64, u64)],
+        runs: &[PhysRun],
         prot: Prot,
         batch: &mut FlushBatch,
     ) -> Result<(), (u64, Error)> {
@@ -343,7 +343,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         let mut last_level = top;
         let mut k = 0;
         while k < runs.len() {
-            let (phys, length) = runs[k];
+            let PhysRun { phys, len: length } = runs[k];
             if length == PAGE_SIZE && valid == 0 {
                 // Single 4 KiB pieces (scattered memory) into the leaf table
                 // we are in: one entry each, lines marked once.
@@ -351,12 +351,12 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                 let first = index_of(cur, 0);
                 let mut i = first;
                 let mut clash = false;
-                while k < runs.len() && runs[k].1 == PAGE_SIZE && i < ENTRIES {
+                while k < runs.len() && runs[k].len == PAGE_SIZE && i < ENTRIES {
                     if self.mem.read(t, i) != 0 {
                         clash = true;
                         break;
                     }
-                    self.mem.write(t, i, self.format.leaf_entry(runs[k].0, 0, prot));
+                    self.mem.write(t, i, self.format.leaf_entry(runs[k].phys, 0, prot));
                     i += 1;
                     k += 1;
                     cur += PAGE_SIZE;
@@ -650,11 +650,11 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         Some((self.format.leaf_address(step.raw, step.level) + (iova & (size - 1)), self.format.leaf_prot(step.raw)))
     }
 
-    /// The physically contiguous run from `iova`: `(phys, len)` with
+    /// The physically contiguous run from `iova`: `{ phys, len }` with
     /// `1 <= len <= max_len`, `[iova, iova + len)` translating to
     /// `[phys, phys + len)`. One walk from the root; the run then extends
     /// over the following leaves of the same table while they continue it.
-    pub fn phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+    pub fn phys_run(&self, iova: u64, max_len: u64) -> Option<PhysRun> {
         if max_len == 0 {
             return None;
         }
@@ -676,14 +676,14 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             next += size;
             i += 1;
         }
-        Some((phys, len.min(max_len)))
+        Some(PhysRun::new(phys, len.min(max_len)))
     }
 
     /// `[iova, iova + length)` as physically contiguous runs in `out`
     /// (see `IommuDomain::iova_to_phys_runs`): `(runs, bytes covered)`.
     /// One walk per leaf table (from the lookup cache when it covers the
     /// start), then the leaves of that table in a row.
-    pub fn phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+    pub fn phys_runs(&self, iova: u64, length: u64, out: &mut [PhysRun]) -> (usize, u64) {
         let (mut n, mut done) = (0usize, 0u64);
         'walks: while done < length {
             let cur = iova.wrapping_add(done);
@@ -691,7 +691,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             let size = level_size(step.level);
             let off = cur & (size - 1);
             let len = (size - off).min(length - done);
-            if !push_run(out, &mut n, self.format.leaf_address(step.raw, step.level) + off, len) {
+            if !push_run(out, &mut n, PhysRun::new(self.format.leaf_address(step.raw, step.level) + off, len)) {
                 break;
             }
             done += len;
@@ -704,7 +704,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                     break;
                 }
                 let len = size.min(length - done);
-                if !push_run(out, &mut n, self.format.leaf_address(raw, step.level), len) {
+                if !push_run(out, &mut n, PhysRun::new(self.format.leaf_address(raw, step.level), len)) {
                     break 'walks;
                 }
                 done += len;

@@ -5,7 +5,7 @@
 //! the engine driving it (raw entries along a walk, splits, frees).
 
 use io_pgtable::*;
-use portcullis_iommu::{IommuDomain, IotlbGather};
+use portcullis_iommu::{IommuDomain, IotlbGather, IovaRange};
 
 const K4: u64 = 1 << 12;
 const M2: u64 = 1 << 21;
@@ -216,12 +216,12 @@ fn three_and_six_levels() {
     let steps = pt.walk(G1 + 77);
     assert_eq!(steps.len(), 1);
     assert_eq!(steps[0].raw, IR | 0xc000_0001);
-    assert_eq!(pt.aperture(), (0, (1 << 39) - 1));
+    assert_eq!(pt.aperture(), IovaRange::new(0, (1 << 39) - 1));
     // 6 levels: the whole 64-bit space but its last page (see
     // `last_page_of_64_bit_space`); the top pages sit in entry 127 of the
     // root (IOVA bits 63:57).
     let mut pt = table(amd(6));
-    assert_eq!(pt.aperture(), (0, u64::MAX - K4));
+    assert_eq!(pt.aperture(), IovaRange::new(0, u64::MAX - K4));
     let high = u64::MAX - 2 * M2 + 1;
     pt.map(high, 0x20_0000, M2, Prot::RW).unwrap();
     pt.map(0, 0x1000, K4, Prot::WRITE).unwrap();
@@ -253,7 +253,7 @@ fn three_and_six_levels() {
 #[test]
 fn last_page_of_64_bit_space() {
     let mut pt = table(amd(6));
-    assert_eq!(pt.aperture(), (0, u64::MAX - K4));
+    assert_eq!(pt.aperture(), IovaRange::new(0, u64::MAX - K4));
     let top = u64::MAX - K4 + 1;
     assert!(matches!(pt.map(top, 0x5000, K4, Prot::READ), Err(io_pgtable::Error::BadRange { .. })));
     let mut g = IotlbGather::default();
@@ -302,7 +302,7 @@ fn domain_enforces_coherency_with_fc() {
     let mut d = PagingDomain::new(amd(4), HeapTables::new(false), RecordingInvalidator::default()).unwrap();
     let dom: &mut dyn IommuDomain = &mut d;
     assert_eq!(dom.page_sizes(), K4 | M2 | G1);
-    assert_eq!(dom.aperture(), (0, (1 << 48) - 1));
+    assert_eq!(dom.aperture(), IovaRange::new(0, (1 << 48) - 1));
     assert!(dom.enforce_cache_coherency());
     dom.map(0x10_0000, 0x20_0000, K4, Prot::READ).unwrap();
     assert_eq!(d.table().walk(0x10_0000)[3].raw, FC | IR | 0x20_0001);

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use io_pgtable::*;
-use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather};
+use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, IovaRange, PhysRun};
 
 const K4: u64 = 1 << 12;
 const M2: u64 = 1 << 21;
@@ -136,7 +136,7 @@ fn overlap_is_refused_and_nothing_changes() {
 fn bad_arguments() {
     let mut pt = ss(3);
     let last = (1u64 << 39) - 1;
-    assert_eq!(pt.aperture(), (0, last));
+    assert_eq!(pt.aperture(), IovaRange::new(0, last));
     assert_eq!(pt.map(0x800, 0, K4, Prot::RW), Err(Error::BadRange { iova: 0x800, length: K4 }));
     assert_eq!(pt.map(0, 0, 0, Prot::RW), Err(Error::BadRange { iova: 0, length: 0 }));
     assert_eq!(pt.map(0, 0, 0x1800, Prot::RW), Err(Error::BadRange { iova: 0, length: 0x1800 }));
@@ -357,7 +357,7 @@ fn domain_defers_frees_until_sync() {
     let dom: &mut dyn IommuDomain = &mut d;
     assert_eq!(dom.page_sizes(), K4 | M2 | G1);
     assert_eq!(dom.granule(), K4);
-    assert_eq!(dom.aperture(), (0, (1 << 39) - 1));
+    assert_eq!(dom.aperture(), IovaRange::new(0, (1 << 39) - 1));
     assert!(dom.enforce_cache_coherency());
     dom.attach_device(DeviceHandle::Opaque(7)).unwrap();
     dom.map(0x10_0000, 0x20_0000, 3 * K4, Prot::RW).unwrap();
@@ -438,16 +438,16 @@ fn phys_runs_cover_whole_leaves_and_contiguous_neighbours() {
     // Two contiguous 2 MiB pages, then a 4 KiB page elsewhere.
     pt.map(0x4000_0000, 0x1_0000_0000, 0x40_0000, Prot::RW).unwrap();
     pt.map(0x4040_0000, 0x2_0000_0000, 0x1000, Prot::READ).unwrap();
-    assert_eq!(pt.phys_run(0x4000_1000, u64::MAX), Some((0x1_0000_1000, 0x3f_f000)));
-    assert_eq!(pt.phys_run(0x4000_1000, 0x2000), Some((0x1_0000_1000, 0x2000)));
-    assert_eq!(pt.phys_run(0x4020_0000, u64::MAX), Some((0x1_0020_0000, 0x20_0000)));
-    assert_eq!(pt.phys_run(0x4040_0800, u64::MAX), Some((0x2_0000_0800, 0x800)));
+    assert_eq!(pt.phys_run(0x4000_1000, u64::MAX), Some(PhysRun::new(0x1_0000_1000, 0x3f_f000)));
+    assert_eq!(pt.phys_run(0x4000_1000, 0x2000), Some(PhysRun::new(0x1_0000_1000, 0x2000)));
+    assert_eq!(pt.phys_run(0x4020_0000, u64::MAX), Some(PhysRun::new(0x1_0020_0000, 0x20_0000)));
+    assert_eq!(pt.phys_run(0x4040_0800, u64::MAX), Some(PhysRun::new(0x2_0000_0800, 0x800)));
     assert_eq!(pt.phys_run(0x4040_1000, u64::MAX), None);
     assert_eq!(pt.phys_run(0x4000_0000, 0), None);
     // Contiguous 4 KiB leaves join; a gap in the physical addresses ends the run.
     pt.map(0x8000_0000, 0x3_0000_0000, 0x3000, Prot::RW).unwrap();
     pt.map(0x8000_3000, 0x3_0000_4000, 0x1000, Prot::RW).unwrap();
-    assert_eq!(pt.phys_run(0x8000_0000, u64::MAX), Some((0x3_0000_0000, 0x3000)));
+    assert_eq!(pt.phys_run(0x8000_0000, u64::MAX), Some(PhysRun::new(0x3_0000_0000, 0x3000)));
     let d = PagingDomain::new(VtdSecondStage::new(4).unwrap(), HeapTables::default(), NoInvalidator).unwrap();
     assert_eq!(d.iova_to_phys_run(0, 0x1000), None);
 }
@@ -456,7 +456,11 @@ fn phys_runs_cover_whole_leaves_and_contiguous_neighbours() {
 fn map_runs_maps_scattered_pieces_all_or_nothing() {
     let mut pt = ss(4);
     // 4 KiB, then 2 MiB (IOVA 2 MiB aligned: one large page), then 8 KiB.
-    let runs = [(0x1_0000_0000, 0x1000), (0x2_0000_0000, 0x20_0000), (0x3_0000_5000, 0x2000)];
+    let runs = [
+        PhysRun::new(0x1_0000_0000, 0x1000),
+        PhysRun::new(0x2_0000_0000, 0x20_0000),
+        PhysRun::new(0x3_0000_5000, 0x2000),
+    ];
     pt.map_runs(0x1f_f000, &runs, Prot::RW).unwrap();
     assert_eq!(pt.iova_to_phys(0x1f_f000), Some((0x1_0000_0000, Prot::RW)));
     assert_eq!(pt.page_size(0x20_0000), Some(0x20_0000));
@@ -467,18 +471,22 @@ fn map_runs_maps_scattered_pieces_all_or_nothing() {
     pt.map(0x400_0000, 0x9_0000_0000, 0x1000, Prot::RW).unwrap();
     let tables = pt.table_count();
     assert_eq!(
-        pt.map_runs(0x3ff_e000, &[(0xb_0000_0000, 0x1000), (0xc_0000_0000, 0x2000)], Prot::RW),
+        pt.map_runs(0x3ff_e000, &[PhysRun::new(0xb_0000_0000, 0x1000), PhysRun::new(0xc_0000_0000, 0x2000)], Prot::RW),
         Err(Error::AlreadyMapped { iova: 0x400_0000 })
     );
     assert_eq!(pt.iova_to_phys(0x3ff_e000), None, "the first piece was unwound");
     assert_eq!(pt.table_count(), tables);
     // Bad pieces and prot are refused before anything is written.
     assert_eq!(
-        pt.map_runs(0x500_0000, &[(0x1000, 0x1000), (0x2000, 0x800), (0x3000, 0x800)], Prot::RW),
+        pt.map_runs(
+            0x500_0000,
+            &[PhysRun::new(0x1000, 0x1000), PhysRun::new(0x2000, 0x800), PhysRun::new(0x3000, 0x800)],
+            Prot::RW
+        ),
         Err(Error::BadRange { iova: 0x500_1000, length: 0x800 })
     );
     assert_eq!(pt.map_runs(0x500_0000, &[], Prot::RW), Err(Error::BadRange { iova: 0x500_0000, length: 0 }));
-    assert!(matches!(pt.map_runs(0x500_0000, &[(0x1000, 0x1000)], Prot::NONE), Err(Error::BadProt { .. })));
+    assert!(matches!(pt.map_runs(0x500_0000, &[PhysRun::new(0x1000, 0x1000)], Prot::NONE), Err(Error::BadProt { .. })));
     assert_eq!(pt.iova_to_phys(0x500_0000), None);
     pt.check_invariants().unwrap();
 }
@@ -491,28 +499,32 @@ fn phys_runs_read_a_range_back_in_few_runs() {
     pt.map(0x1f_d000, 0x5000, 0x2000, Prot::RW).unwrap();
     pt.map(0x1f_f000, 0x9000, 0x1000, Prot::RW).unwrap();
     pt.map(0x20_0000, 0x40_0000, 0x20_0000, Prot::RW).unwrap();
-    let mut out = [(0u64, 0u64); 8];
+    let mut out = [PhysRun::default(); 8];
     assert_eq!(pt.phys_runs(0x1f_d800, 0x40_0000, &mut out), (3, 0x20_2800));
-    assert_eq!(out[..3], [(0x5800, 0x1800), (0x9000, 0x1000), (0x40_0000, 0x20_0000)]);
+    assert_eq!(
+        out[..3],
+        [PhysRun::new(0x5800, 0x1800), PhysRun::new(0x9000, 0x1000), PhysRun::new(0x40_0000, 0x20_0000)]
+    );
     // Stops when the output is full, and after `length` bytes.
-    let mut one = [(0u64, 0u64); 1];
+    let mut one = [PhysRun::default(); 1];
     assert_eq!(pt.phys_runs(0x1f_d000, 0x40_0000, &mut one), (1, 0x2000));
     assert_eq!(pt.phys_runs(0x20_1000, 0x3000, &mut out), (1, 0x3000));
-    assert_eq!(out[0], (0x40_1000, 0x3000));
+    assert_eq!(out[0], PhysRun::new(0x40_1000, 0x3000));
     assert_eq!(pt.phys_runs(0x40_0000, 0x1000, &mut out), (0, 0));
     // Through the domain.
     let mut d = PagingDomain::new(VtdSecondStage::new(4).unwrap(), HeapTables::default(), NoInvalidator).unwrap();
     d.map(0x1f_d000, 0x5000, 0x2000, Prot::RW).unwrap();
     d.map(0x1f_f000, 0x9000, 0x1000, Prot::RW).unwrap();
-    let mut runs = [(0u64, 0u64); 4];
+    let mut runs = [PhysRun::default(); 4];
     assert_eq!(d.iova_to_phys_runs(0x1f_d800, 0x10_0000, &mut runs), (2, 0x2800));
-    assert_eq!(runs[..2], [(0x5800, 0x1800), (0x9000, 0x1000)]);
+    assert_eq!(runs[..2], [PhysRun::new(0x5800, 0x1800), PhysRun::new(0x9000, 0x1000)]);
 }
 
 #[test]
 fn map_runs_of_scattered_pages_across_tables_and_their_unwind() {
     let mut pt = ss(4);
-    let scattered = |n: u64| -> Vec<(u64, u64)> { (0..n).map(|k| (0x10_0000_0000 + k * 0x3000, 0x1000)).collect() };
+    let scattered =
+        |n: u64| -> Vec<PhysRun> { (0..n).map(|k| PhysRun::new(0x10_0000_0000 + k * 0x3000, 0x1000)).collect() };
     // 1500 single pages from 3 pages before a 2 MiB boundary: three leaf tables.
     let iova = 0x4000_0000 - 0x3000;
     pt.map_runs(iova, &scattered(1500), Prot::RW).unwrap();
@@ -532,7 +544,7 @@ fn map_runs_of_scattered_pages_across_tables_and_their_unwind() {
     assert_eq!(pt.table_count(), tables);
     // Mixed: single pages, then a 2 MiB piece, then single pages again.
     let mut runs = scattered(3);
-    runs.push((0x20_0000_0000, 0x20_0000));
+    runs.push(PhysRun::new(0x20_0000_0000, 0x20_0000));
     runs.extend(scattered(2));
     let at = 0x8000_0000 - 0x3000;
     pt.map_runs(at, &runs, Prot::RW).unwrap();

@@ -68,6 +68,54 @@ impl core::ops::BitOr for Prot {
     }
 }
 
+/// A physically contiguous run of memory: `len` bytes from `phys`. What
+/// domains map in one piece ([`IommuDomain::map_runs`]) and read back
+/// ([`IommuDomain::iova_to_phys_runs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(C)]
+pub struct PhysRun {
+    /// Physical address of the first byte.
+    pub phys: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+// Two words, laid out as C would: a slice of runs costs what a slice of
+// `(u64, u64)` did.
+const _: () = assert!(core::mem::size_of::<PhysRun>() == 16 && core::mem::align_of::<PhysRun>() == 8);
+
+impl PhysRun {
+    /// `len` bytes from `phys`.
+    #[inline]
+    pub const fn new(phys: u64, len: u64) -> Self {
+        Self { phys, len }
+    }
+    /// The physical address just past the run (wrapping at 2^64).
+    #[inline]
+    pub const fn end(self) -> u64 {
+        self.phys.wrapping_add(self.len)
+    }
+}
+
+/// An inclusive IOVA range `[start, last]`: apertures, reserved and
+/// allowed ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct IovaRange {
+    /// First byte.
+    pub start: u64,
+    /// Last byte (inclusive).
+    pub last: u64,
+}
+
+impl IovaRange {
+    /// `[start, last]`.
+    #[inline]
+    pub const fn new(start: u64, last: u64) -> Self {
+        Self { start, last }
+    }
+}
+
 /// How a domain knows a device (for iommufd: the device object's handle
 /// into the driver).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -288,17 +336,17 @@ pub trait IommuDomain: Send {
     /// Bitmap of supported page sizes (bit n set = 2^n bytes).
     fn page_sizes(&self) -> u64;
     /// First and last (inclusive) IOVA the domain can translate.
-    fn aperture(&self) -> (u64, u64);
+    fn aperture(&self) -> IovaRange;
     /// Maps `[iova, iova + length)` to `[phys, phys + length)`.
     fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError>;
-    /// Maps consecutive pieces from `iova`: `runs[k] = (phys, length)` goes
-    /// at `iova` plus the lengths of the pieces before it. All or nothing,
-    /// like [`Self::map`]; one call for a range whose physical pages are
+    /// Maps consecutive pieces from `iova`: `runs[k]` goes at `iova` plus
+    /// the lengths of the pieces before it. All or nothing, like
+    /// [`Self::map`]; one call for a range whose physical pages are
     /// scattered. The default maps piece by piece and, on failure, unmaps
     /// what it mapped (with an IOTLB sync) before returning the error.
-    fn map_runs(&mut self, iova: u64, runs: &[(u64, u64)], prot: Prot) -> Result<(), DomainError> {
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
         let mut cur = iova;
-        for &(phys, length) in runs {
+        for &PhysRun { phys, len: length } in runs {
             if let Err(e) = self.map(cur, phys, length, prot) {
                 if cur != iova {
                     let mut g = IotlbGather::default();
@@ -342,40 +390,40 @@ pub trait IommuDomain: Send {
     /// caller must keep the domain (and what it maps) as it is.
     fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError>;
 
-    /// The physically contiguous run starting at `iova`: `(phys, len)`
-    /// with `1 <= len <= max_len` such that `[iova, iova + len)` translates
-    /// to `[phys, phys + len)`, or `None` if `iova` is unmapped (or
-    /// `max_len` is 0). Callers read a mapped range back with one call per
-    /// run instead of one per page.
+    /// The physically contiguous run starting at `iova`: a [`PhysRun`]
+    /// `{ phys, len }` with `1 <= len <= max_len` such that
+    /// `[iova, iova + len)` translates to `[phys, phys + len)`, or `None`
+    /// if `iova` is unmapped (or `max_len` is 0). Callers read a mapped
+    /// range back with one call per run instead of one per page.
     ///
     /// The default answers up to the end of the granule page containing
     /// `iova` through [`Self::iova_to_phys`]; domains that know their leaf
     /// sizes return whole leaves (or more).
-    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<PhysRun> {
         if max_len == 0 {
             return None;
         }
         let phys = self.iova_to_phys(iova)?;
         let g = self.granule();
-        Some((phys, (g - (iova & (g - 1))).min(max_len)))
+        Some(PhysRun::new(phys, (g - (iova & (g - 1))).min(max_len)))
     }
 
     /// Reads `[iova, iova + length)` back as physically contiguous runs:
-    /// fills `out` with `(phys, len)` for consecutive IOVA pieces from
+    /// fills `out` with the runs of consecutive IOVA pieces from
     /// `iova` and returns `(runs written, bytes covered)`. Stops at the
     /// first unmapped byte, when `out` is full, or after `length` bytes.
     /// Neighbouring runs that continue each other physically are merged.
     ///
     /// The default calls [`Self::iova_to_phys_run`] per run; domains that
     /// can read their leaves in a row answer a whole range in one call.
-    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [PhysRun]) -> (usize, u64) {
         let (mut n, mut done) = (0usize, 0u64);
         while done < length {
-            let Some((phys, len)) = self.iova_to_phys_run(iova.wrapping_add(done), length - done) else { break };
-            if !push_run(out, &mut n, phys, len) {
+            let Some(run) = self.iova_to_phys_run(iova.wrapping_add(done), length - done) else { break };
+            if !push_run(out, &mut n, run) {
                 break;
             }
-            done += len;
+            done += run.len;
         }
         (n, done)
     }
@@ -396,8 +444,8 @@ pub trait DeviceOps: Send + Sync {
     fn handle(&self) -> DeviceHandle;
     /// A new, empty paging domain this device can attach to.
     fn alloc_domain(&self) -> Result<alloc::boxed::Box<dyn IommuDomain>, DomainError>;
-    /// IOVA ranges the device cannot use (MSI window, RMRRs), `[start, last]`.
-    fn reserved_regions(&self) -> alloc::vec::Vec<(u64, u64)> {
+    /// IOVA ranges the device cannot use (MSI window, RMRRs).
+    fn reserved_regions(&self) -> alloc::vec::Vec<IovaRange> {
         alloc::vec::Vec::new()
     }
     /// `IOMMU_GET_HW_INFO`: the driver's data type and bytes.
@@ -413,20 +461,21 @@ pub trait Clock {
     fn now_ns(&self) -> u64;
 }
 
-/// Appends `(phys, len)` to the runs `out[..*n]`, extending the last run
-/// when it ends at `phys`. False (and nothing changed) when `out` is full.
-pub fn push_run(out: &mut [(u64, u64)], n: &mut usize, phys: u64, len: u64) -> bool {
+/// Appends `run` to the runs `out[..*n]`, extending the last run when it
+/// ends where `run` starts. False (and nothing changed) when `out` is full.
+#[inline]
+pub fn push_run(out: &mut [PhysRun], n: &mut usize, run: PhysRun) -> bool {
     if *n > 0 {
         let last = &mut out[*n - 1];
-        if last.0.wrapping_add(last.1) == phys {
-            last.1 += len;
+        if last.end() == run.phys {
+            last.len += run.len;
             return true;
         }
     }
     if *n == out.len() {
         return false;
     }
-    out[*n] = (phys, len);
+    out[*n] = run;
     *n += 1;
     true
 }
@@ -457,13 +506,13 @@ macro_rules! forward_paging {
         fn page_sizes(&$self) -> u64 {
             $crate::IommuDomain::page_sizes($get)
         }
-        fn aperture(&$self) -> (u64, u64) {
+        fn aperture(&$self) -> $crate::IovaRange {
             $crate::IommuDomain::aperture($get)
         }
         fn map(&mut $self, iova: u64, phys: u64, length: u64, prot: $crate::Prot) -> Result<(), $crate::DomainError> {
             $crate::IommuDomain::map($get_mut, iova, phys, length, prot)
         }
-        fn map_runs(&mut $self, iova: u64, runs: &[(u64, u64)], prot: $crate::Prot) -> Result<(), $crate::DomainError> {
+        fn map_runs(&mut $self, iova: u64, runs: &[$crate::PhysRun], prot: $crate::Prot) -> Result<(), $crate::DomainError> {
             $crate::IommuDomain::map_runs($get_mut, iova, runs, prot)
         }
         fn unmap(&mut $self, iova: u64, length: u64, gather: &mut $crate::IotlbGather) -> u64 {
@@ -481,10 +530,10 @@ macro_rules! forward_paging {
         fn enforce_cache_coherency(&mut $self) -> bool {
             $crate::IommuDomain::enforce_cache_coherency($get_mut)
         }
-        fn iova_to_phys_run(&$self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+        fn iova_to_phys_run(&$self, iova: u64, max_len: u64) -> Option<$crate::PhysRun> {
             $crate::IommuDomain::iova_to_phys_run($get, iova, max_len)
         }
-        fn iova_to_phys_runs(&$self, iova: u64, length: u64, out: &mut [(u64, u64)]) -> (usize, u64) {
+        fn iova_to_phys_runs(&$self, iova: u64, length: u64, out: &mut [$crate::PhysRun]) -> (usize, u64) {
             $crate::IommuDomain::iova_to_phys_runs($get, iova, length, out)
         }
         fn granule(&$self) -> u64 {
@@ -493,7 +542,7 @@ macro_rules! forward_paging {
     };
 }
 
-/// Maps each `(base, limit, prot)` range one-to-one in `paging(w)` (whole pages;
+/// Maps each `(range, prot)` one-to-one in `paging(w)` (whole pages;
 /// ranges already identity-mapped are left alone), then runs `then`; if a
 /// map or `then` fails, the mappings this call added are removed again, so
 /// the domain is as it was. Firmware-reserved ranges (VT-d RMRRs, AMD-Vi
@@ -501,12 +550,12 @@ macro_rules! forward_paging {
 pub fn identity_map_then<W>(
     w: &mut W,
     paging: fn(&mut W) -> &mut dyn crate::IommuDomain,
-    ranges: &[(u64, u64, crate::Prot)],
+    ranges: &[(crate::IovaRange, crate::Prot)],
     then: impl FnOnce(&mut W) -> Result<(), crate::DomainError>,
 ) -> Result<(), crate::DomainError> {
     let mut added = alloc::vec::Vec::new();
     let mut result = Ok(());
-    for &(base, limit, prot) in ranges {
+    for &(crate::IovaRange { start: base, last: limit }, prot) in ranges {
         let (start, end) = (base & !0xfff, (limit | 0xfff).wrapping_add(1));
         if end <= start {
             result = Err(crate::DomainError::BadRange { iova: base, length: limit.wrapping_sub(base) });
@@ -573,15 +622,15 @@ mod tests {
             self.1.set(self.1.get() + 1);
             1 << 12
         }
-        fn aperture(&self) -> (u64, u64) {
+        fn aperture(&self) -> IovaRange {
             self.1.set(self.1.get() + 1);
-            (0, 1 << 20)
+            IovaRange::new(0, 1 << 20)
         }
         fn map(&mut self, _: u64, _: u64, _: u64, _: Prot) -> Result<(), DomainError> {
             self.0.push("map");
             Ok(())
         }
-        fn map_runs(&mut self, _: u64, _: &[(u64, u64)], _: Prot) -> Result<(), DomainError> {
+        fn map_runs(&mut self, _: u64, _: &[PhysRun], _: Prot) -> Result<(), DomainError> {
             self.0.push("map_runs");
             Ok(())
         }
@@ -611,11 +660,11 @@ mod tests {
         fn detach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
             Ok(())
         }
-        fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+        fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<PhysRun> {
             self.1.set(self.1.get() + 100);
-            Some((iova, max_len))
+            Some(PhysRun::new(iova, max_len))
         }
-        fn iova_to_phys_runs(&self, _: u64, length: u64, _: &mut [(u64, u64)]) -> (usize, u64) {
+        fn iova_to_phys_runs(&self, _: u64, length: u64, _: &mut [PhysRun]) -> (usize, u64) {
             self.1.set(self.1.get() + 1000);
             (0, length)
         }
@@ -662,15 +711,15 @@ mod tests {
     fn exercise(d: &mut dyn IommuDomain) {
         let mut g = IotlbGather::default();
         d.map(0, 0, 4096, Prot::RW).unwrap();
-        d.map_runs(0, &[(0, 4096)], Prot::RW).unwrap();
+        d.map_runs(0, &[PhysRun::new(0, 4096)], Prot::RW).unwrap();
         d.unmap(0, 4096, &mut g);
         d.iotlb_sync(&mut g).unwrap();
         d.recover().unwrap();
         d.enforce_cache_coherency();
         assert_eq!(d.page_sizes(), 1 << 12);
-        assert_eq!(d.aperture(), (0, 1 << 20));
+        assert_eq!(d.aperture(), IovaRange::new(0, 1 << 20));
         assert_eq!(d.iova_to_phys(5), Some(5));
-        assert_eq!(d.iova_to_phys_run(0, 77), Some((0, 77)));
+        assert_eq!(d.iova_to_phys_run(0, 77), Some(PhysRun::new(0, 77)));
         assert_eq!(d.iova_to_phys_runs(0, 99, &mut []), (0, 99));
         assert_eq!(d.granule(), 4096);
     }
@@ -698,8 +747,8 @@ mod tests {
         fn page_sizes(&self) -> u64 {
             1 << 12
         }
-        fn aperture(&self) -> (u64, u64) {
-            (0, u64::MAX)
+        fn aperture(&self) -> IovaRange {
+            IovaRange::new(0, u64::MAX)
         }
         fn map(&mut self, iova: u64, phys: u64, len: u64, _: Prot) -> Result<(), DomainError> {
             if self.fail_at == Some(iova) {
@@ -736,7 +785,11 @@ mod tests {
 
     #[test]
     fn identity_maps_unwind_on_any_failure() {
-        let ranges = [(0x1000, 0x2fff, Prot::RW), (0x8100, 0x81ff, Prot::READ), (0x10_0000, 0x10_0fff, Prot::RW)];
+        let ranges = [
+            (IovaRange::new(0x1000, 0x2fff), Prot::RW),
+            (IovaRange::new(0x8100, 0x81ff), Prot::READ),
+            (IovaRange::new(0x10_0000, 0x10_0fff), Prot::RW),
+        ];
         // Success: whole pages, one-to-one, then the attach runs.
         let mut d = Flaky::default();
         identity_map_then(&mut d, as_dyn, &ranges, |_| Ok(())).unwrap();
@@ -753,10 +806,8 @@ mod tests {
         assert!(d.mapped.is_empty());
         // A range that wraps is refused before anything is mapped.
         let mut d = Flaky::default();
-        let r =
-            identity_map_then(&mut d, as_dyn, &[(0x1000, 0xfff, Prot::RW), (u64::MAX - 5, u64::MAX, Prot::RW)], |_| {
-                Ok(())
-            });
+        let wraps = [(IovaRange::new(0x1000, 0xfff), Prot::RW), (IovaRange::new(u64::MAX - 5, u64::MAX), Prot::RW)];
+        let r = identity_map_then(&mut d, as_dyn, &wraps, |_| Ok(()));
         assert!(matches!(r, Err(DomainError::BadRange { .. })));
         assert!(d.mapped.is_empty());
     }

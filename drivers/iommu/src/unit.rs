@@ -37,14 +37,7 @@ use core::fmt;
 /// as an MSI reserved region).
 pub const MSI_WINDOW: IovaRange = IovaRange { start: 0xfee0_0000, last: 0xfeef_ffff };
 
-/// An inclusive IOVA range `[start, last]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct IovaRange {
-    /// First byte.
-    pub start: u64,
-    /// Last byte (inclusive).
-    pub last: u64,
-}
+pub use crate::IovaRange;
 
 /// Which IOMMU architecture a unit implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -237,9 +230,9 @@ impl DeviceOps for Device {
     }
     /// The MSI window, and the device's firmware ranges (mapped one-to-one
     /// by the domain on attach, or kept unmapped, so no IOAS may use them).
-    fn reserved_regions(&self) -> Vec<(u64, u64)> {
-        let mut r = alloc::vec![(MSI_WINDOW.start, MSI_WINDOW.last)];
-        r.extend(self.unit.firmware_ranges(self.at.requester_id).into_iter().map(|f| (f.range.start, f.range.last)));
+    fn reserved_regions(&self) -> Vec<IovaRange> {
+        let mut r = alloc::vec![MSI_WINDOW];
+        r.extend(self.unit.firmware_ranges(self.at.requester_id).into_iter().map(|f| f.range));
         r
     }
     fn hw_info(&self) -> (u32, Vec<u8>) {
@@ -302,12 +295,12 @@ impl Domain {
     /// firmware ranges identity-mapped first (removed again if the attach
     /// fails, so the domain is as it was).
     pub fn attach_requester(&mut self, requester_id: u16) -> Result<(), DomainError> {
-        let ranges: Vec<(u64, u64, Prot)> = self
+        let ranges: Vec<(IovaRange, Prot)> = self
             .unit
             .firmware_ranges(requester_id)
             .into_iter()
             .filter(|f| f.prot != Prot::NONE)
-            .map(|f| (f.range.start, f.range.last, f.prot))
+            .map(|f| (f.range, f.prot))
             .collect();
         identity_map_then(
             self,

@@ -234,7 +234,7 @@ where
             .into_iter()
             .map(|(start, last)| FirmwareRange {
                 requester_id,
-                range: portcullis_iommu::unit::IovaRange { start, last },
+                range: portcullis_iommu::IovaRange { start, last },
                 prot: Prot::RW,
             })
             .collect()

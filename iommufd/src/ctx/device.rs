@@ -164,8 +164,8 @@ impl Ictx {
 
     pub(super) fn reserve_device(&self, dev_id: u32, dev: &Device, ioas: &Ioas) -> Result<()> {
         let mut iopt = ioas.iopt.lock();
-        for (s, l) in dev.ops.reserved_regions() {
-            if let Err(e) = iopt.reserve(s, l, Owner::Device(dev_id)) {
+        for range in dev.ops.reserved_regions() {
+            if let Err(e) = iopt.reserve(range, Owner::Device(dev_id)) {
                 iopt.remove_reserved(Owner::Device(dev_id));
                 return Err(e);
             }
@@ -334,7 +334,7 @@ mod tests {
     use alloc::boxed::Box;
     use alloc::sync::Arc;
     use alloc::vec::Vec;
-    use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain};
+    use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IovaRange};
 
     #[test]
     fn attach_reuses_domains_and_pins_once() {
@@ -369,8 +369,8 @@ mod tests {
         fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
             Ok(Box::new(MockDomain::new()))
         }
-        fn reserved_regions(&self) -> Vec<(u64, u64)> {
-            alloc::vec![(0x400_0000, 0x40f_ffff)] // an MSI window
+        fn reserved_regions(&self) -> Vec<IovaRange> {
+            alloc::vec![IovaRange::new(0x400_0000, 0x40f_ffff)] // an MSI window
         }
     }
 
@@ -387,9 +387,9 @@ mod tests {
         c.ioas_unmap(ioas, iova, 0x1000).unwrap();
         c.attach(d, ioas).unwrap();
         let (ranges, _) = c.ioas_iova_ranges(ioas).unwrap();
-        assert!(ranges.iter().all(|&(s, l)| l < 0x400_0000 || s > 0x40f_ffff), "window reserved: {ranges:x?}");
+        assert!(ranges.iter().all(|r| r.last < 0x400_0000 || r.start > 0x40f_ffff), "window reserved: {ranges:x?}");
         assert_eq!(c.ioas_map(ioas, Some(0x400_0000), 0x4000_0000, 0x1000, true, true), Err(Errno::EINVAL));
         c.detach(d).unwrap();
-        assert!(c.ioas_iova_ranges(ioas).unwrap().0.iter().any(|&(s, l)| s <= 0x400_0000 && l >= 0x40f_ffff));
+        assert!(c.ioas_iova_ranges(ioas).unwrap().0.iter().any(|r| r.start <= 0x400_0000 && r.last >= 0x40f_ffff));
     }
 }

@@ -14,7 +14,7 @@ use crate::pages::Pages;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::AtomicU32;
-use portcullis_iommu::Prot;
+use portcullis_iommu::{IovaRange, Prot};
 use spin::Mutex;
 
 /// An I/O address space.
@@ -81,7 +81,7 @@ impl Ictx {
         // (with no IOAS lock held: they unpin through this context).
         for _ in 0..16 {
             let blocker = ioas.iopt.lock().access_blocker(iova, last);
-            let Some((s, l)) = blocker else {
+            let Some(IovaRange { start: s, last: l }) = blocker else {
                 let mut iopt = ioas.iopt.lock();
                 return if all { iopt.unmap_all() } else { iopt.unmap(iova, length) };
             };
@@ -116,14 +116,14 @@ impl Ictx {
     }
 
     /// `IOMMU_IOAS_IOVA_RANGES`: usable ranges and the IOVA alignment.
-    pub fn ioas_iova_ranges(&self, ioas_id: u32) -> Result<(Vec<(u64, u64)>, u64)> {
+    pub fn ioas_iova_ranges(&self, ioas_id: u32) -> Result<(Vec<IovaRange>, u64)> {
         let ioas = self.ioas(ioas_id)?;
         let iopt = ioas.iopt.lock();
         Ok((iopt.iova_ranges(), iopt.iova_alignment()))
     }
 
     /// `IOMMU_IOAS_ALLOW_IOVAS`.
-    pub fn ioas_allow_iovas(&self, ioas_id: u32, ranges: Vec<(u64, u64)>) -> Result<()> {
+    pub fn ioas_allow_iovas(&self, ioas_id: u32, ranges: &[IovaRange]) -> Result<()> {
         let ioas = self.ioas(ioas_id)?;
         ioas.iopt.lock().set_allowed(ranges)
     }

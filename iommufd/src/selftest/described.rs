@@ -9,6 +9,7 @@ use crate::errno::{Errno, Result};
 use crate::memsrc::{MemorySource, PAGE_SIZE, push_run};
 use alloc::vec;
 use alloc::vec::Vec;
+use portcullis_iommu::PhysRun;
 use spin::Mutex;
 
 /// `len` bytes of user memory at `base`, described as above.
@@ -74,22 +75,22 @@ impl MemorySource for DescribedMemory {
             pins[self.page_of(p)] -= 1;
         }
     }
-    fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<(u64, u64)>) -> Result<()> {
+    fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
         let first = self.first_page(uptr, npages)?;
         let mut pins = self.pins.lock();
         for c in &mut pins[first as usize..(first + npages) as usize] {
             *c += 1;
         }
         if self.stride == PAGE_SIZE {
-            push_run(out, self.phys + first * PAGE_SIZE, npages * PAGE_SIZE);
+            push_run(out, PhysRun::new(self.phys + first * PAGE_SIZE, npages * PAGE_SIZE));
         } else {
-            out.extend((first..first + npages).map(|k| (self.phys + k * self.stride, PAGE_SIZE)));
+            out.extend((first..first + npages).map(|k| PhysRun::new(self.phys + k * self.stride, PAGE_SIZE)));
         }
         Ok(())
     }
-    fn unpin_runs(&self, runs: &[(u64, u64)], _dirty: bool) {
+    fn unpin_runs(&self, runs: &[PhysRun], _dirty: bool) {
         let mut pins = self.pins.lock();
-        for &(p, len) in runs {
+        for &PhysRun { phys: p, len } in runs {
             let first = self.page_of(p);
             for c in &mut pins[first..first + (len / PAGE_SIZE) as usize] {
                 *c -= 1;
@@ -119,7 +120,7 @@ mod tests {
         let m = DescribedMemory::backed(0x1000_0000, 0x10_0000_0000, 8 * PAGE_SIZE, false);
         let mut out = Vec::new();
         m.pin_runs(0x1000_1000, 2, true, &mut out).unwrap();
-        assert_eq!(out, [(0x10_0000_2000, PAGE_SIZE), (0x10_0000_4000, PAGE_SIZE)]);
+        assert_eq!(out, [PhysRun::new(0x10_0000_2000, PAGE_SIZE), PhysRun::new(0x10_0000_4000, PAGE_SIZE)]);
         assert_eq!(m.pinned_pages(), 2);
         assert_eq!(m.pin_runs(0x1000_7000, 2, true, &mut out), Err(Errno::EFAULT), "past the end");
         m.unpin_runs(&out, false);
@@ -127,7 +128,7 @@ mod tests {
         let huge = DescribedMemory::backed(0, 0x20_0000, 4 * PAGE_SIZE, true);
         let mut runs = Vec::new();
         huge.pin_runs(0, 4, false, &mut runs).unwrap();
-        assert_eq!(runs, [(0x20_0000, 4 * PAGE_SIZE)], "contiguous: one run");
+        assert_eq!(runs, [PhysRun::new(0x20_0000, 4 * PAGE_SIZE)], "contiguous: one run");
         let mut pages = [0u64; 2];
         huge.pin(PAGE_SIZE, &mut pages, false).unwrap();
         assert_eq!(pages, [0x20_1000, 0x20_2000]);

@@ -17,7 +17,7 @@ use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use portcullis_iommu::{DeviceHandle, DomainError, HwError, IommuDomain, IotlbGather, Prot};
+use portcullis_iommu::{DeviceHandle, DomainError, HwError, IommuDomain, IotlbGather, IovaRange, PhysRun, Prot};
 
 /// The mock's I/O page size.
 pub const MOCK_IO_PAGE_SIZE: u64 = 2048;
@@ -130,7 +130,7 @@ pub struct MockDomain {
     /// Set when an unmap did not line up with map boundaries: a caller bug.
     pub misaligned_unmaps: u64,
     coherent: bool,
-    aperture: Option<(u64, u64)>,
+    aperture: Option<IovaRange>,
     /// Injected hardware failures.
     faults: Arc<MockFaults>,
     /// An invalidation failed: maps are refused until `recover`.
@@ -174,7 +174,7 @@ impl MockDomain {
     /// An empty mock domain with another aperture (benchmarks of sizes
     /// beyond the Linux mock's 2 GiB).
     pub fn with_aperture(start: u64, last: u64) -> Self {
-        Self { aperture: Some((start, last)), ..Self::default() }
+        Self { aperture: Some(IovaRange::new(start, last)), ..Self::default() }
     }
 
     /// An empty mock domain whose hardware failures `faults` injects.
@@ -237,8 +237,8 @@ impl MockDomain {
         if length == 0 || !iova.is_multiple_of(MOCK_IO_PAGE_SIZE) || !length.is_multiple_of(MOCK_IO_PAGE_SIZE) {
             return Err(bad);
         }
-        let (start, end) = self.aperture();
-        if iova < start || last > end {
+        let aperture = self.aperture();
+        if iova < aperture.start || last > aperture.last {
             return Err(bad);
         }
         Ok(last)
@@ -250,8 +250,8 @@ impl IommuDomain for MockDomain {
         MOCK_IO_PAGE_SIZE
     }
 
-    fn aperture(&self) -> (u64, u64) {
-        self.aperture.unwrap_or((MOCK_APERTURE_START, MOCK_APERTURE_LAST))
+    fn aperture(&self) -> IovaRange {
+        self.aperture.unwrap_or(IovaRange::new(MOCK_APERTURE_START, MOCK_APERTURE_LAST))
     }
 
     fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
@@ -349,7 +349,7 @@ impl IommuDomain for MockDomain {
         self.entry(iova).map(|e| e.phys + iova % MOCK_IO_PAGE_SIZE)
     }
 
-    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<(u64, u64)> {
+    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<PhysRun> {
         if max_len == 0 {
             return None;
         }
@@ -372,7 +372,7 @@ impl IommuDomain for MockDomain {
                 p += 1;
             }
         }
-        Some((first + off, len.min(max_len)))
+        Some(PhysRun::new(first + off, len.min(max_len)))
     }
 
     fn enforce_cache_coherency(&mut self) -> bool {
