@@ -77,12 +77,13 @@ cases!(
     guest_dma_api_passes_a_device_through,
     guest_dma_unassign_quiesces_the_device,
     two_guests_and_the_host_share_the_machine,
+    isolation_groups_follow_the_topology,
 );
 
 use crate::amd_cases::*;
 use crate::dma_cases::{
     guest_dma_api_passes_a_device_through, guest_dma_unassign_quiesces_the_device,
-    two_guests_and_the_host_share_the_machine,
+    isolation_groups_follow_the_topology, two_guests_and_the_host_share_the_machine,
 };
 use crate::vtd_cases::*;
 

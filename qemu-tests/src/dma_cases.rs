@@ -1217,3 +1217,48 @@ pub fn two_guests_and_the_host_share_the_machine(p: &Platform) -> TestResult {
     }
     Ok(())
 }
+
+/// Isolation groups follow the topology the IOMMU sees (issue 9): every
+/// translated function is in exactly one group; the edu behind the
+/// PCIe-to-PCI bridge is grouped under the bridge's alias requester id; a
+/// root-bus edu under its own; a group passes from nobody to a guest and
+/// back as the guest takes and gives its function.
+pub fn isolation_groups_follow_the_topology(p: &Platform) -> TestResult {
+    use portcullis::{GuestDma, Owner};
+    let iommus = iommus(p);
+    if iommus.units().is_empty() {
+        skip!("no IOMMU: no groups");
+    }
+    let mut seen = alloc::collections::BTreeSet::new();
+    for g in iommus.groups() {
+        for f in &g.functions {
+            ensure!(seen.insert(*f), "{f} in two groups");
+            ensure_eq!(iommus.group_of(f.segment, f.bdf).map(|x| x.id), Some(g.id), "group of {}", f);
+        }
+    }
+    for (f, a) in iommus.assignments() {
+        let g = iommus.group_of(f.segment, f.bdf).ok_or_else(|| fail(format!("{f} has no group")))?;
+        ensure!(g.requester_ids.contains(&a.requester_id), "{f}'s requester id {:#x} not in its group", a.requester_id);
+    }
+    let vtd = iommus.units().iter().any(|u| u.vendor == Vendor::IntelVtd);
+    if vtd {
+        let (_, bridged) = edu_behind(p, 7).ok_or_else(|| fail("no edu behind a PCIe-to-PCI bridge".into()))?;
+        let g = iommus.group_of(bridged.segment, bridged.bdf).ok_or_else(|| fail("bridged edu has no group".into()))?;
+        ensure_eq!(g.requester_ids, [(bridged.bdf.bus as u16) << 8], "the bridged edu's group id");
+    }
+    let root = first_edu(p)?;
+    let dev = edu_device(p, &root)?;
+    let g = iommus.group_of(dev.segment, dev.bdf).ok_or_else(|| fail("root edu has no group".into()))?;
+    ensure_eq!(g.requester_ids, [dev.bdf.requester_id()], "a root-bus edu's group id");
+    ensure_eq!(iommus.owner_of(dev.segment, dev.bdf), None, "owner before");
+    let mut guest = GuestDma::new(iommus, 1 << 10).map_err(|e| fail(format!("{e}")))?;
+    guest.allow_unsafe_interrupts(true);
+    guest.assign(iommus, dev.segment, dev.bdf).map_err(|e| fail(format!("{e}")))?;
+    ensure_eq!(iommus.owner_of(dev.segment, dev.bdf), Some(guest.owner()), "owner while assigned");
+    ensure!(matches!(guest.owner(), Owner::Guest(_)), "a guest's view owned by {:?}", guest.owner());
+    guest.unassign(dev.segment, dev.bdf).map_err(|e| fail(format!("{e}")))?;
+    ensure_eq!(iommus.owner_of(dev.segment, dev.bdf), None, "owner after");
+    drop(guest);
+    Edu::new(&p.ecam, dev).ok_or_else(|| fail("the edu cannot be taken over again".into()))?;
+    Ok(())
+}
