@@ -205,8 +205,10 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
                 ictx.source().write_user(c.data_uptr, &data[..n])?;
             }
             if (c.data_len as usize) > data.len() {
-                let zeros = alloc::vec![0u8; c.data_len as usize - data.len()];
-                ictx.source().write_user(c.data_uptr + data.len() as u64, &zeros)?;
+                // Zero the caller's tail in place, a bounded chunk at a
+                // time: the size is the caller's and must never size an
+                // allocation here.
+                zero_user(ictx, c.data_uptr, data.len() as u64, c.data_len as u64)?;
             }
             c.data_len = data.len() as u32;
             c.out_data_type = kind;
@@ -218,6 +220,22 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
         // Known to 6.12 but not implemented here yet (see module docs).
         _ => Err(Errno::EOPNOTSUPP),
     }
+}
+
+/// Zeroes bytes `[from, to)` of the caller's buffer at `uptr`, in chunks
+/// of at most 4 KiB from one static page of zeroes. `EFAULT` when the range
+/// wraps or the memory source refuses it.
+fn zero_user(ictx: &Ictx, uptr: u64, from: u64, to: u64) -> Result<()> {
+    static ZEROES: [u8; 4096] = [0; 4096];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROES.len() as u64);
+        let addr = uptr.checked_add(at).ok_or(Errno::EFAULT)?;
+        addr.checked_add(n).ok_or(Errno::EFAULT)?;
+        ictx.source().write_user(addr, &ZEROES[..n as usize])?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// `iommufd_ucmd_respond`: the output struct, `min(user size, struct size)`

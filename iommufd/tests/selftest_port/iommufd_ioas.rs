@@ -171,6 +171,14 @@ fn get_hw_info(s: &mut IoasFx) {
         s.get_hw_info(s.device_id, SCRATCH, 8).unwrap();
         s.get_hw_info(s.device_id, SCRATCH, 16).unwrap();
         s.get_hw_info(s.device_id, SCRATCH, 4).unwrap();
+        // A hostile size: the tail is zeroed in place, as far as the
+        // caller's memory goes (then EFAULT); it never sizes an
+        // allocation. The whole scratch area is zeroed on the way.
+        let (r, _) = s.get_hw_info_raw(s.device_id, SCRATCH, u32::MAX);
+        assert_eq!(r, Err(Errno::EFAULT));
+        // A tail that would wrap the address space.
+        let (r, _) = s.get_hw_info_raw(s.device_id, u64::MAX - 7, 64);
+        assert_eq!(r, Err(Errno::EFAULT));
     } else {
         assert_eq!(s.get_hw_info(s.device_id, SCRATCH, 8), Err(Errno::ENOENT));
         assert_eq!(s.get_hw_info(s.device_id, SCRATCH, 16), Err(Errno::ENOENT));
