@@ -21,6 +21,8 @@
 //!             │                              unassign quiesces and resets first (quiesce)
 //!             ├─ route_msi                   interrupt remapping entries
 //!             └─ dma_faults                  what the units recorded
+//!       Iommus::route_ioapic / retarget_ioapic / free_ioapic
+//!                                          the host's IOAPIC pins through remapping
 //! ```
 //!
 //! Underneath are the vendor-generic unit traits of `portcullis_iommu::unit`
@@ -127,6 +129,7 @@ extern crate alloc;
 
 mod error;
 mod guest;
+pub mod ioapic;
 mod iommus;
 mod machine;
 pub mod ownership;
@@ -137,6 +140,7 @@ pub mod topology;
 pub use acpi_tables::scope::Bdf;
 pub use error::{BringUpError, Function, PassthroughError};
 pub use guest::{GuestDma, GuestFault, Msi, MsiHandle};
+pub use ioapic::{IoapicError, IoapicHandle, IoapicRoute, IoapicSource, PinMode};
 pub use iommus::{AmdUnit, Driver, HostUse, Iommus, Options, TableProblem, Unit, VtdUnit};
 pub use machine::{FAULT_QUEUE, FaultBatch, RoutedFault};
 pub use ownership::{Group, GroupId, GuestId, Owner};
