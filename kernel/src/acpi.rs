@@ -38,6 +38,39 @@ pub struct IoApic {
     pub gsi_base: u32,
 }
 
+/// A MADT interrupt source override: ISA IRQ `irq` arrives at global
+/// system interrupt `gsi`, signalled as `flags` say (MPS INTI flags:
+/// polarity in bits 1:0, trigger mode in bits 3:2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IsaOverride {
+    /// ISA IRQ.
+    pub irq: u8,
+    /// Where it arrives.
+    pub gsi: u32,
+    /// MPS INTI flags.
+    pub flags: u16,
+}
+
+/// Where an ISA IRQ arrives and how it signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IsaIrq {
+    /// Global system interrupt (an IOAPIC's GSI base plus its pin).
+    pub gsi: u32,
+    /// Level-triggered (else edge).
+    pub level: bool,
+    /// Active low (else active high).
+    pub active_low: bool,
+}
+
+impl IsaOverride {
+    /// The override as an [`IsaIrq`]: "conforms to the bus" (00) in either
+    /// field means the ISA default, edge and active high; the reserved 10
+    /// is read the same way.
+    pub fn isa_irq(&self) -> IsaIrq {
+        IsaIrq { gsi: self.gsi, level: self.flags >> 2 & 3 == 3, active_low: self.flags & 3 == 3 }
+    }
+}
+
 /// An ECAM region from the MCFG.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct McfgRegion {
@@ -66,6 +99,9 @@ pub struct AcpiInfo {
     pub local_apic: u32,
     /// IOAPICs.
     pub ioapics: Vec<IoApic>,
+    /// Interrupt source overrides (ISA IRQs not at the GSI of their
+    /// number, or not edge and active high).
+    pub overrides: Vec<IsaOverride>,
     /// ECAM regions.
     pub mcfg: Vec<McfgRegion>,
     /// The whole DMAR, if present.
@@ -78,6 +114,36 @@ impl AcpiInfo {
     /// Whether a table with this signature is listed.
     pub fn has_table(&self, sig: &str) -> bool {
         self.tables.iter().any(|t| t.signature() == sig)
+    }
+
+    /// Where ISA IRQ `irq` arrives: its override, else GSI `irq`, edge,
+    /// active high.
+    pub fn isa_irq(&self, irq: u8) -> IsaIrq {
+        self.overrides
+            .iter()
+            .find(|o| o.irq == irq)
+            .map_or(IsaIrq { gsi: irq as u32, level: false, active_low: false }, IsaOverride::isa_irq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isa_irqs_follow_their_overrides() {
+        let info = AcpiInfo {
+            overrides: alloc::vec![
+                IsaOverride { irq: 0, gsi: 2, flags: 0 },
+                IsaOverride { irq: 9, gsi: 9, flags: 0b1111 },
+                IsaOverride { irq: 5, gsi: 21, flags: 0b1101 },
+            ],
+            ..AcpiInfo::default()
+        };
+        assert_eq!(info.isa_irq(0), IsaIrq { gsi: 2, level: false, active_low: false });
+        assert_eq!(info.isa_irq(4), IsaIrq { gsi: 4, level: false, active_low: false });
+        assert_eq!(info.isa_irq(9), IsaIrq { gsi: 9, level: true, active_low: true });
+        assert_eq!(info.isa_irq(5), IsaIrq { gsi: 21, level: true, active_low: false });
     }
 }
 
@@ -178,6 +244,9 @@ mod imp {
                         address: i.io_apic_address,
                         gsi_base: i.global_system_interrupt_base,
                     }),
+                    MadtEntry::InterruptSourceOverride(o) if o.bus == 0 => {
+                        info.overrides.push(IsaOverride { irq: o.irq, gsi: o.global_system_interrupt, flags: o.flags })
+                    }
                     _ => {}
                 }
             }

@@ -86,6 +86,9 @@ fn acpi(p: &Platform) {
             for io in &a.ioapics {
                 println!("         IOAPIC id {} at {:#x}, GSI base {}", io.id, io.address, io.gsi_base);
             }
+            for o in &a.overrides {
+                println!("         ISA IRQ {} -> GSI {} (flags {:#06x})", o.irq, o.gsi, o.flags);
+            }
             for m in &a.mcfg {
                 println!(
                     "         ECAM segment {} buses {:02x}-{:02x} at {:#x}",

@@ -68,6 +68,30 @@ pub fn calibrate() -> Calibration {
     how
 }
 
+/// Starts PIT channel 0 as a rate generator (mode 2): its output, ISA
+/// IRQ 0, pulses every `divisor` PIT ticks (at least 2), `PIT_HZ /
+/// divisor` times a second. Channel 2, which calibration uses, is not
+/// touched.
+#[cfg(target_os = "none")]
+pub fn pit_periodic(divisor: u16) {
+    use crate::arch::port::outb;
+    let d = divisor.max(2);
+    // Channel 0, lobyte/hibyte, mode 2, binary.
+    outb(0x43, 0b0011_0100);
+    outb(0x40, d as u8);
+    outb(0x40, (d >> 8) as u8);
+}
+
+/// Stops PIT channel 0's pulses: mode 0 with the longest count, whose
+/// output rises once at its end and then stays high (no further edges).
+#[cfg(target_os = "none")]
+pub fn pit_stop() {
+    use crate::arch::port::outb;
+    outb(0x43, 0b0011_0000);
+    outb(0x40, 0xff);
+    outb(0x40, 0xff);
+}
+
 /// TSC frequency in Hz (0 before calibration).
 pub fn tsc_hz() -> u64 {
     TSC_HZ.load(Ordering::Relaxed)

@@ -79,6 +79,9 @@ pub enum PassthroughError {
     ForeignCpu(Function, u32),
     /// No such interrupt route (freed, or never made by this guest).
     NoSuchRoute,
+    /// The host's IOAPIC with this id could not be routed
+    /// ([`crate::Iommus::route_ioapic`]).
+    Ioapic(u8, crate::ioapic::IoapicError),
     /// The memory range is not page aligned, is empty or wraps.
     BadRange {
         /// Guest physical address.
@@ -110,6 +113,7 @@ impl fmt::Display for PassthroughError {
             Self::Interrupt(d, e) => write!(f, "{d}: interrupt routing: {e}"),
             Self::NoSuchRoute => write!(f, "no such interrupt route"),
             Self::ForeignCpu(d, apic) => write!(f, "{d}: APIC id {apic:#x} is not one of the guest's CPUs"),
+            Self::Ioapic(id, e) => write!(f, "IOAPIC {id}: {e}"),
             Self::BadRange { gpa, len } => write!(f, "guest memory {gpa:#x}+{len:#x} is not a page-aligned range"),
             Self::Iommufd(what, e) => write!(f, "{what}: {e:?}"),
             Self::Quiesce(d, e) => write!(f, "{d} was taken back but not quiesced: {e}"),
@@ -123,6 +127,7 @@ impl core::error::Error for PassthroughError {
             Self::UnitDown(_, e) => Some(e),
             Self::Interrupt(_, e) | Self::Unit(_, e) => Some(e),
             Self::Quiesce(_, e) => Some(e),
+            Self::Ioapic(_, e) => Some(e),
             _ => None,
         }
     }

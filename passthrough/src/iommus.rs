@@ -113,6 +113,7 @@ pub struct Iommus<P: Platform> {
     owners: BTreeMap<(u16, Bdf), Assignment>,
     problems: Vec<TableProblem>,
     machine: Arc<Machine>,
+    ioapic_routes: crate::ioapic::Routes,
 }
 
 /// What a function the host claims does with its DMA.
@@ -150,6 +151,7 @@ impl<P: Platform> Iommus<P> {
             owners: BTreeMap::new(),
             problems: Vec::new(),
             machine: Arc::new(Machine::new(Groups::default(), Vec::new())),
+            ioapic_routes: Default::default(),
         };
         let functions = s.platform.pci_functions();
         s.bring_up_vtd(&functions, options);
@@ -277,6 +279,11 @@ impl<P: Platform> Iommus<P> {
     /// Who holds which requester id.
     pub(crate) fn machine(&self) -> &Arc<Machine> {
         &self.machine
+    }
+
+    /// The host's IOAPIC routes (`crate::ioapic`).
+    pub(crate) fn ioapic_routes(&self) -> &crate::ioapic::Routes {
+        &self.ioapic_routes
     }
 
     /// Every isolation group: functions the IOMMU cannot tell apart (one

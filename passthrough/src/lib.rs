@@ -24,6 +24,8 @@
 //!             │                              quiesces and resets first (quiesce)
 //!             ├─ route_msi / retarget_msi / free_msi, set_cpus
 //!             └─ dma_faults                  the guest's own fault stream
+//!       Iommus::route_ioapic / retarget_ioapic / free_ioapic
+//!                                          the host's IOAPIC pins through remapping
 //! ```
 //!
 //! Ownership is machine-wide ([`ownership`]): functions the IOMMU cannot
@@ -132,6 +134,7 @@ extern crate alloc;
 
 mod error;
 mod guest;
+pub mod ioapic;
 mod iommus;
 mod machine;
 pub mod ownership;
@@ -142,6 +145,7 @@ pub mod topology;
 pub use acpi_tables::scope::Bdf;
 pub use error::{BringUpError, Function, PassthroughError};
 pub use guest::{GuestDma, GuestFault, Msi, MsiHandle};
+pub use ioapic::{IoapicError, IoapicHandle, IoapicRoute, IoapicSource, PinMode};
 pub use iommus::{AmdUnit, Driver, HostUse, Iommus, Options, TableProblem, Unit, VtdUnit};
 pub use machine::{FAULT_QUEUE, FaultBatch, RoutedFault};
 pub use ownership::{Group, GroupId, GuestId, Owner};

@@ -78,6 +78,7 @@ cases!(
     guest_dma_unassign_quiesces_the_device,
     two_guests_and_the_host_share_the_machine,
     isolation_groups_follow_the_topology,
+    host_ioapic_interrupts_through_remapping,
 );
 
 use crate::amd_cases::*;
@@ -85,6 +86,7 @@ use crate::dma_cases::{
     guest_dma_api_passes_a_device_through, guest_dma_unassign_quiesces_the_device,
     isolation_groups_follow_the_topology, two_guests_and_the_host_share_the_machine,
 };
+use crate::ioapic_cases::host_ioapic_interrupts_through_remapping;
 use crate::vtd_cases::*;
 
 const EDU: (u16, u16) = (0x1234, 0x11e8);
@@ -320,6 +322,13 @@ fn acpi_found(p: &Platform) -> TestResult {
     ensure!(!a.cpus.is_empty(), "MADT lists no CPU");
     ensure_eq!(a.ioapics.len(), 1, "IOAPICs in the MADT");
     ensure_eq!(a.ioapics[0].address, 0xfec0_0000, "IOAPIC address");
+    ensure_eq!(a.ioapics[0].gsi_base, 0, "IOAPIC GSI base");
+    // QEMU's MADT moves the timer (ISA IRQ 0) to GSI 2, edge, active high.
+    ensure_eq!(
+        a.isa_irq(0),
+        portcullis_kernel::acpi::IsaIrq { gsi: 2, level: false, active_low: false },
+        "ISA IRQ 0 override"
+    );
     ensure!(a.mcfg.iter().any(|m| m.segment == 0 && m.bus_start == 0 && m.base == 0xb000_0000), "MCFG {:x?}", a.mcfg);
     Ok(())
 }

@@ -27,6 +27,8 @@ mod cases;
 #[cfg(target_os = "none")]
 mod dma_cases;
 #[cfg(target_os = "none")]
+mod ioapic_cases;
+#[cfg(target_os = "none")]
 mod vtd_cases;
 
 #[cfg(target_os = "none")]

@@ -9,6 +9,7 @@
 //! entry cannot be used by another requester id.
 
 use core::fmt;
+use portcullis_iommu::unit::PinMode;
 
 /// One 32-bit interrupt remapping table entry.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
@@ -88,6 +89,21 @@ pub const fn msi_message(index: u16) -> (u64, u32) {
     (0xfee0_0000, (index & 0x7ff) as u32)
 }
 
+/// The redirection entry an IOAPIC pin signalling as `pin` must hold to
+/// raise entry `index` of its source's table: fixed delivery (so the
+/// message data's bits 10:8 are 0) and the index in the vector field (the
+/// data's bits 7:0, which the unit reads as the index); physical
+/// destination 0, which the entry overrides; mask clear. `None` for an
+/// index above 255, which the vector field cannot carry. The EOI of a
+/// level-triggered pin must name this vector field (the IOAPIC's EOI
+/// register), not the vector the entry delivers.
+pub const fn ioapic_rte(index: u16, pin: PinMode) -> Option<u64> {
+    if index > 0xff {
+        return None;
+    }
+    Some((pin.level as u64) << 15 | (pin.active_low as u64) << 13 | index as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +128,20 @@ mod tests {
         assert_eq!(IrteGa::remapped(0x30, 3).0, [0x301, 0x30], "an 8-bit id in the low destination field");
         assert!(!IrteGa::default().enabled());
         assert_eq!(format!("{e:?}"), "IrteGa(vector 0x2b to 0x12345678)");
+    }
+
+    /// The IOAPIC's message carries the vector field in data bits 7:0 and
+    /// the delivery mode in 10:8: with fixed delivery the data is the
+    /// index, as for an MSI of the same entry.
+    #[test]
+    fn ioapic_entries_carry_the_index_as_the_msi_data_does() {
+        let data = |rte: u64| (rte & 0xff) as u32 | (((rte >> 8) & 7) as u32) << 8;
+        for index in [0u16, 5, 63, 255] {
+            let rte = ioapic_rte(index, PinMode::EDGE_HIGH).unwrap();
+            assert_eq!(data(rte), msi_message(index).1, "index {index}");
+            assert_eq!(rte >> 16, 0, "unmasked, destination 0");
+        }
+        assert_eq!(ioapic_rte(7, PinMode::LEVEL_LOW), Some(1 << 15 | 1 << 13 | 7));
+        assert_eq!(ioapic_rte(256, PinMode::EDGE_HIGH), None);
     }
 }

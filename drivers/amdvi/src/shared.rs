@@ -16,7 +16,9 @@ use alloc::vec::Vec;
 use core::fmt;
 use io_pgtable::{AmdV1, Invalidator, PagingDomain, PtFormat};
 use portcullis_iommu::mmio::Mmio;
-use portcullis_iommu::unit::{DmaFault, FirmwareRange, IommuUnit, IovaRange, MsiRoute, TableInfo, UnitDomain, Vendor};
+use portcullis_iommu::unit::{
+    DmaFault, FirmwareRange, IoapicRte, IommuUnit, IovaRange, MsiRoute, PinMode, TableInfo, UnitDomain, Vendor,
+};
 use portcullis_iommu::{DeviceHandle, DomainError, HwError, IommuDomain, Prot, RequesterRef, UnitError};
 use spin::Mutex;
 
@@ -200,6 +202,34 @@ where
     }
     fn invalidation_waits(&self) -> u64 {
         self.unit.lock().stats.waits
+    }
+    /// An entry in the table of device id `source_id` (the IVRS's IOAPIC
+    /// special entry), made as an MSI's; the redirection entry carries its
+    /// index in the vector field. The entries have no trigger mode: the
+    /// delivered interrupt keeps the message's.
+    fn route_ioapic(&self, source_id: u16, pin: PinMode, vector: u8, destination: u32) -> Result<IoapicRte, UnitError> {
+        let r = self.route_msi(source_id, vector, destination)?;
+        match crate::irte::ioapic_rte(r.handle, pin) {
+            Some(rte) => Ok(IoapicRte { handle: r.handle, rte }),
+            None => {
+                let _ = self.free_msi(source_id, r.handle);
+                Err(UnitError { unit: self.base, cause: HwError::TableFull })
+            }
+        }
+    }
+    /// The entry changes; the redirection entry stays as it is.
+    fn retarget_ioapic(
+        &self,
+        source_id: u16,
+        handle: u16,
+        pin: PinMode,
+        vector: u8,
+        destination: u32,
+    ) -> Result<IoapicRte, UnitError> {
+        let rte = crate::irte::ioapic_rte(handle, pin)
+            .ok_or(UnitError { unit: self.base, cause: HwError::Invalid("retarget of a route that does not exist") })?;
+        self.retarget_msi(source_id, handle, vector, destination)?;
+        Ok(IoapicRte { handle, rte })
     }
 }
 

@@ -88,6 +88,38 @@ pub struct MsiRoute {
     pub data: u32,
 }
 
+/// How an IOAPIC input pin signals: ISA interrupts are edge-triggered
+/// and active high unless the MADT overrides them; PCI INTx and the ACPI
+/// SCI are level-triggered and active low.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct PinMode {
+    /// Level-triggered (else edge).
+    pub level: bool,
+    /// Active low (else active high).
+    pub active_low: bool,
+}
+
+impl PinMode {
+    /// Edge-triggered, active high (an ISA interrupt without override).
+    pub const EDGE_HIGH: Self = Self { level: false, active_low: false };
+    /// Level-triggered, active low (PCI INTx).
+    pub const LEVEL_LOW: Self = Self { level: true, active_low: true };
+}
+
+/// One remapped IOAPIC pin: the remapping entry, and the 64-bit
+/// redirection table entry to program into the IOAPIC for it (in the form
+/// the unit remaps, mask bit clear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoapicRte {
+    /// The remapping entry (unit-specific index); freed with
+    /// [`IommuUnit::free_msi`] like an MSI's.
+    pub handle: u16,
+    /// Redirection entry: low 32 bits to register 0x10 + 2 * pin, high 32
+    /// bits to the next. For a level-triggered pin, the vector field (bits
+    /// 7:0) is also what the IOAPIC's EOI register must be given.
+    pub rte: u64,
+}
+
 /// One running IOMMU unit, as the generic layer drives it. Implemented by
 /// each driver over its own unit (with its own lock inside); methods take
 /// `&self` so one unit can be shared by its domains and devices.
@@ -137,6 +169,32 @@ pub trait IommuUnit: Send + Sync + fmt::Debug {
     }
     /// Invalidation completion waits issued so far (benchmarks, tests).
     fn invalidation_waits(&self) -> u64;
+    /// Routes the interrupt of an IOAPIC input pin signalling as `pin`,
+    /// whose messages reach the unit with `source_id` (the DMAR's IOAPIC
+    /// device scope, the IVRS's IOAPIC special entry), to `vector` on the
+    /// CPU with APIC id `destination`. Returns the entry and the
+    /// redirection entry the IOAPIC must hold; the route is freed with
+    /// [`Self::free_msi`]`(source_id, handle)`.
+    fn route_ioapic(&self, source_id: u16, pin: PinMode, vector: u8, destination: u32) -> Result<IoapicRte, UnitError> {
+        let _ = (source_id, pin, vector, destination);
+        Err(UnitError { unit: self.base(), cause: crate::HwError::Unsupported("IOAPIC interrupt remapping") })
+    }
+    /// Points a route made by [`Self::route_ioapic`] at another vector and
+    /// destination; once this returns, the old vector never arrives.
+    /// Returns the redirection entry for the route now: where it differs
+    /// from the IOAPIC's (VT-d: the vector field follows the entry's, which
+    /// the EOI of a level-triggered pin matches), write it again.
+    fn retarget_ioapic(
+        &self,
+        source_id: u16,
+        handle: u16,
+        pin: PinMode,
+        vector: u8,
+        destination: u32,
+    ) -> Result<IoapicRte, UnitError> {
+        let _ = (source_id, handle, pin, vector, destination);
+        Err(UnitError { unit: self.base(), cause: crate::HwError::Unsupported("IOAPIC interrupt remapping") })
+    }
 }
 
 /// Shape of a domain's page table, for reports and checks.

@@ -9,6 +9,7 @@
 //! format are blocked too (GCMD.CFI stays clear).
 
 use core::fmt;
+use portcullis_iommu::unit::PinMode;
 
 /// One interrupt remapping table entry, 128 bits.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
@@ -25,6 +26,15 @@ impl Irte {
     pub fn remapped(vector: u8, dest: u32, x2apic: bool, sid: u16) -> Self {
         let dst = if x2apic { (dest as u64) << 32 } else { ((dest & 0xff) as u64) << 40 };
         Self([1 | (vector as u64) << 16 | dst, sid as u64 | 1 << 18])
+    }
+    /// The same entry, level-triggered (TM, bit 4) when `level`: the CPU's
+    /// EOI of its vector then reaches the IOAPIC pin that raised it.
+    pub fn with_level(self, level: bool) -> Self {
+        Self([self.0[0] & !(1 << 4) | (level as u64) << 4, self.0[1]])
+    }
+    /// Trigger mode (TM, bit 4): level.
+    pub fn level(self) -> bool {
+        self.0[0] >> 4 & 1 != 0
     }
     /// The entry is present (P).
     pub fn present(self) -> bool {
@@ -72,6 +82,24 @@ pub fn msi_address(handle: u16) -> u64 {
     0xfee0_0000 | ((handle as u64) & 0x7fff) << 5 | 1 << 4 | ((handle as u64) >> 15) << 2
 }
 
+/// The redirection entry an IOAPIC pin signalling as `pin` must hold to
+/// raise table entry `handle` (remappable format, spec 5.1.5.1): handle
+/// bits 14:0 in 63:49, interrupt format (1) in 48, mask (16) clear,
+/// trigger mode in 15, polarity in 13, handle bit 15 in 11, bits 10:8
+/// zero, and the entry's vector in 7:0 (what the EOI broadcast of a
+/// level-triggered pin is matched against). The IOAPIC turns it into a
+/// message with the remappable address [`msi_address`] gives and data 0
+/// but for the vector and trigger bits, which the unit ignores.
+pub fn ioapic_rte(handle: u16, vector: u8, pin: PinMode) -> u64 {
+    let handle = handle as u64;
+    (handle & 0x7fff) << 49
+        | 1 << 48
+        | (pin.level as u64) << 15
+        | (pin.active_low as u64) << 13
+        | (handle >> 15) << 11
+        | vector as u64
+}
+
 /// The IRTA value for a table at `table` with `2^(s + 1)` entries.
 pub fn irta(table: u64, s: u8, x2apic: bool) -> u64 {
     table & !0xfff | (x2apic as u64) << 11 | (s as u64 & 0xf)
@@ -94,5 +122,27 @@ mod tests {
         assert_eq!(irta(0x12_3000, 7, false), 0x12_3007);
         assert_eq!(irta(0x12_3000, 7, true), 0x12_3807);
         assert_eq!(format!("{e:?}"), "Irte(vector 0x29 to 0x300, sid 0x0008 svt 1)");
+        assert!(!e.level());
+        assert_eq!(e.with_level(true).0, [1 | 1 << 4 | 0x29 << 16 | 3 << 40, 0x0008 | 1 << 18]);
+        assert!(e.with_level(true).level());
+        assert_eq!(e.with_level(true).with_level(false), e);
+    }
+
+    /// The IOAPIC copies RTE bits 63:48 into message address bits 19:4
+    /// and bit 11 into address bit 2 (how QEMU's IOAPIC and the spec's
+    /// figure 5-10 line up): the address is then `msi_address(handle)`.
+    #[test]
+    fn ioapic_entries_name_the_handle_as_the_msi_address_does() {
+        let message = |rte: u64| 0xfee0_0000 | ((rte >> 48) & 0xffff) << 4 | ((rte >> 11) & 1) << 2;
+        for handle in [0u16, 1, 5, 0x7fff, 0x8000, 0xffff] {
+            let rte = ioapic_rte(handle, 0x31, PinMode::EDGE_HIGH);
+            assert_eq!(message(rte), msi_address(handle), "handle {handle:#x}");
+            assert_eq!(rte & 0x1_f7ff, 0x31, "unmasked, edge, active high, fixed, vector");
+        }
+        assert_eq!(ioapic_rte(5, 0x31, PinMode::EDGE_HIGH), 5 << 49 | 1 << 48 | 0x31);
+        assert_eq!(
+            ioapic_rte(0x8001, 0x40, PinMode::LEVEL_LOW),
+            1 << 49 | 1 << 48 | 1 << 15 | 1 << 13 | 1 << 11 | 0x40
+        );
     }
 }

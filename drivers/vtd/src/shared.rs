@@ -9,7 +9,7 @@
 //! map needs (caching mode: the range; a write buffer: its flush), and
 //! whether interrupt remapping is turned on at bring-up.
 
-use crate::ir::msi_address;
+use crate::ir::{ioapic_rte, msi_address};
 use crate::{Caps, Clock, Unit, regs};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -17,7 +17,9 @@ use alloc::vec::Vec;
 use core::fmt;
 use io_pgtable::{Invalidator, PagingDomain, PtFormat, TableMemory, VtdSecondStage, X86FirstStage};
 use portcullis_iommu::mmio::Mmio;
-use portcullis_iommu::unit::{DmaFault, FirmwareRange, IommuUnit, MsiRoute, TableInfo, UnitDomain, Vendor};
+use portcullis_iommu::unit::{
+    DmaFault, FirmwareRange, IoapicRte, IommuUnit, MsiRoute, PinMode, TableInfo, UnitDomain, Vendor,
+};
 use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, Prot, RequesterRef, UnitError};
 use spin::Mutex;
 
@@ -145,6 +147,19 @@ where
     /// (reports, the fault event interrupt, register-level tests).
     pub fn lock(&self) -> spin::MutexGuard<'_, Unit<M, T, C>> {
         self.unit.lock()
+    }
+
+    /// The table entry of an IOAPIC pin's route: as an MSI's (in the
+    /// table's destination format, x2APIC or not), with the pin's trigger
+    /// mode.
+    fn ioapic_entry(
+        &self,
+        source_id: u16,
+        pin: PinMode,
+        vector: u8,
+        destination: u32,
+    ) -> Result<crate::ir::Irte, UnitError> {
+        Ok(self.unit.lock().route_entry(vector, destination, source_id)?.with_level(pin.level))
     }
 
     /// A new empty domain in `stage`.
@@ -292,6 +307,36 @@ where
         b.extend_from_slice(&caps.cap.to_le_bytes());
         b.extend_from_slice(&caps.ecap.to_le_bytes());
         (HW_INFO_TYPE_INTEL_VTD, b)
+    }
+    /// An entry as [`Self::route_msi`] makes it (source id `source_id`,
+    /// all 16 bits verified), with the pin's trigger mode, and the
+    /// remappable redirection entry naming it.
+    fn route_ioapic(&self, source_id: u16, pin: PinMode, vector: u8, destination: u32) -> Result<IoapicRte, UnitError> {
+        let entry = self.ioapic_entry(source_id, pin, vector, destination)?;
+        let mut u = self.unit.lock();
+        let index = u.alloc_irte()?;
+        if let Err(e) = u.set_irte(index, entry) {
+            let _ = u.free_irte(index);
+            return Err(e);
+        }
+        Ok(IoapicRte { handle: index, rte: ioapic_rte(index, vector, pin) })
+    }
+    fn retarget_ioapic(
+        &self,
+        source_id: u16,
+        handle: u16,
+        pin: PinMode,
+        vector: u8,
+        destination: u32,
+    ) -> Result<IoapicRte, UnitError> {
+        let entry = self.ioapic_entry(source_id, pin, vector, destination)?;
+        let mut u = self.unit.lock();
+        match u.irte(handle) {
+            Some(e) if e.present() && e.sid() == source_id => {}
+            _ => return Err(u.err_invalid("retarget of a route this source does not hold")),
+        }
+        u.retarget_irte(handle, entry)?;
+        Ok(IoapicRte { handle, rte: ioapic_rte(handle, vector, pin) })
     }
     fn invalidation_waits(&self) -> u64 {
         self.unit.lock().stats.waits

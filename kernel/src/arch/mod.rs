@@ -6,6 +6,7 @@
 pub mod exit;
 pub mod gdt;
 pub mod idt;
+pub mod ioapic;
 pub mod irq;
 pub mod port;
 
