@@ -191,8 +191,13 @@ fn amd_tables_hold_the_route(
         "the IOAPIC's device table entry does not remap: {:x?}",
         dte
     );
-    let irte = u.irte(source.source_id, entry).ok_or_else(|| fail("no interrupt table".into()))?;
-    ensure!(irte.enabled(), "entry {} not enabled", entry);
-    ensure_eq!((irte.vector(), irte.destination() as u32), (VECTOR, apic), "the remapping entry");
+    // 32-bit entries, or 128-bit ones with x2APIC destinations.
+    let (enabled, vector, dest) = match (u.irte(source.source_id, entry), u.irte_ga(source.source_id, entry)) {
+        (Some(e), _) => (e.enabled(), e.vector(), e.destination() as u32),
+        (None, Some(e)) => (e.enabled(), e.vector(), e.destination()),
+        (None, None) => return Err(fail("no interrupt table".into())),
+    };
+    ensure!(enabled, "entry {} not enabled", entry);
+    ensure_eq!((vector, dest), (VECTOR, apic), "the remapping entry");
     Ok(())
 }
