@@ -10,10 +10,10 @@
 //! then makes its checks in the order Linux 6.12 makes them (the table in
 //! the `uapi` module docs), so the same input gives the same errno.
 //!
-//! Not implemented yet, and answered with `EOPNOTSUPP` so callers can tell:
-//! nested HWPTs, dirty tracking, HWPT invalidation, fault queues, the VFIO
-//! type1 compatibility ioctls (`ENOTTY` as for any unknown ioctl), and the
-//! selftest's access and dirty-bitmap operations.
+//! Dirty tracking (`IOMMU_HWPT_ALLOC_DIRTY_TRACKING`,
+//! `IOMMU_HWPT_SET_DIRTY_TRACKING`, `IOMMU_HWPT_GET_DIRTY_BITMAP`) is
+//! here; not implemented yet, and answered with `EOPNOTSUPP` so callers can
+//! tell: nested HWPTs, HWPT invalidation, fault queues.
 
 use crate::ctx::{DeviceOps, Ictx};
 use crate::errno::{Errno, Result};
@@ -181,13 +181,11 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
                 // Nested translation is not implemented yet.
                 return Err(Errno::EOPNOTSUPP);
             }
-            if c.flags & !IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12 != 0
-                || c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0
-                || c.data_type != IOMMU_HWPT_DATA_NONE
-            {
+            if c.flags & !IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12 != 0 || c.data_type != IOMMU_HWPT_DATA_NONE {
                 return Err(Errno::EOPNOTSUPP);
             }
-            let id = ictx.hwpt_alloc(c.dev_id, c.pt_id)?;
+            let dirty = c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
+            let id = ictx.hwpt_alloc_with(c.dev_id, c.pt_id, dirty)?;
             c.out_hwpt_id = id;
             respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
                 let _ = ictx.destroy(id);
@@ -212,8 +210,24 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
             }
             c.data_len = data.len() as u32;
             c.out_data_type = kind;
-            c.out_capabilities = 0;
+            c.out_capabilities = if dev.supports_dirty_tracking() { IOMMU_HW_CAP_DIRTY_TRACKING } else { 0 };
             respond(&c.to_bytes(), user_size, buf)
+        }
+        IOMMU_HWPT_SET_DIRTY_TRACKING => {
+            // Linux does not check `__reserved` here.
+            let c = IommuHwptSetDirtyTracking::read(&kbuf);
+            if c.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            ictx.hwpt_set_dirty_tracking(c.hwpt_id, c.flags & IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0)
+        }
+        IOMMU_HWPT_GET_DIRTY_BITMAP => {
+            let c = IommuHwptGetDirtyBitmap::read(&kbuf);
+            if c.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let no_clear = c.flags & IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0;
+            ictx.hwpt_get_dirty_bitmap(c.hwpt_id, c.iova, c.length, c.page_size, c.data, no_clear)
         }
         #[cfg(feature = "selftest")]
         IOMMU_TEST_CMD => crate::selftest::cmd::test_cmd(ictx, &kbuf, user_size, buf),

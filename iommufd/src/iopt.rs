@@ -238,6 +238,21 @@ impl IoPagetable {
         self.areas.iter_overlapping(start, last).map(|(s, l, _)| (s, l)).collect()
     }
 
+    /// Whether areas cover `[start, last]` without a hole.
+    pub fn covered(&self, start: u64, last: u64) -> bool {
+        let mut next = start;
+        for (s, l, _) in self.areas.iter_overlapping(start, last) {
+            if s > next {
+                return false;
+            }
+            if l >= last {
+                return true;
+            }
+            next = l + 1;
+        }
+        false
+    }
+
     fn reserved_overlap(&self, start: u64, last: u64) -> bool {
         self.reserved.any_overlap(start, last)
     }

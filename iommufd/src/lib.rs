@@ -10,6 +10,7 @@
 extern crate alloc;
 
 pub mod ctx;
+pub mod dirty;
 pub mod dispatch;
 pub mod errno;
 pub mod iopt;

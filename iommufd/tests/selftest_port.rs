@@ -75,6 +75,8 @@
 mod harness;
 #[path = "selftest_port/iommufd.rs"]
 mod iommufd;
+#[path = "selftest_port/iommufd_dirty_tracking.rs"]
+mod iommufd_dirty_tracking;
 #[path = "selftest_port/iommufd_ioas.rs"]
 mod iommufd_ioas;
 #[path = "selftest_port/iommufd_mock_domain.rs"]

@@ -383,6 +383,44 @@ pub trait IommuDomain: Send {
     /// Makes every mapping cache coherent (snoop control); false if the
     /// hardware cannot.
     fn enforce_cache_coherency(&mut self) -> bool;
+
+    /// Whether the domain can track writes by devices (it was made with
+    /// dirty tracking, on a unit that records dirty bits); the default: no.
+    fn dirty_capable(&self) -> bool {
+        false
+    }
+    /// Starts or stops recording which pages devices write. Domains that
+    /// cannot: [`DomainError::NotSupported`] (the default).
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
+        let _ = enable;
+        Err(DomainError::NotSupported)
+    }
+    /// Calls `record(iova, len)` for every mapped piece of `[iova, iova +
+    /// length)` written since it was last cleared, in ascending IOVA
+    /// order; with `clear`, clears those dirty bits, adding what it
+    /// cleared to `gather` (the caller syncs once for the whole call).
+    /// Refused with [`DomainError::NotSupported`] by domains that cannot
+    /// track (the default), and with [`DomainError::BadRange`] while
+    /// tracking is off.
+    fn read_and_clear_dirty(
+        &mut self,
+        iova: u64,
+        length: u64,
+        clear: bool,
+        gather: &mut IotlbGather,
+        record: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), DomainError> {
+        let _ = (iova, length, clear, gather, record);
+        Err(DomainError::NotSupported)
+    }
+
+    /// The domain as `Any`, for test tools that drive a concrete domain
+    /// behind the trait (the selftest's dirty-marking command); `None`,
+    /// the default, for domains that do not offer it.
+    fn as_any_mut(&mut self) -> Option<&mut dyn core::any::Any> {
+        None
+    }
+
     /// Points `device` at this domain.
     fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError>;
     /// Detaches `device` (it is blocked afterwards until attached
@@ -451,6 +489,17 @@ pub trait DeviceOps: Send + Sync {
     /// `IOMMU_GET_HW_INFO`: the driver's data type and bytes.
     fn hw_info(&self) -> (u32, alloc::vec::Vec<u8>) {
         (0, alloc::vec::Vec::new())
+    }
+    /// Whether the device's unit can track its writes (dirty bits), so it
+    /// may use a domain made with [`Self::alloc_dirty_domain`].
+    fn supports_dirty_tracking(&self) -> bool {
+        false
+    }
+    /// A new, empty paging domain that can track dirty pages
+    /// ([`IommuDomain::dirty_capable`]); [`DomainError::NotSupported`] when
+    /// the unit cannot (the default).
+    fn alloc_dirty_domain(&self) -> Result<alloc::boxed::Box<dyn IommuDomain>, DomainError> {
+        Err(DomainError::NotSupported)
     }
 }
 
@@ -529,6 +578,25 @@ macro_rules! forward_paging {
         }
         fn enforce_cache_coherency(&mut $self) -> bool {
             $crate::IommuDomain::enforce_cache_coherency($get_mut)
+        }
+        fn dirty_capable(&$self) -> bool {
+            $crate::IommuDomain::dirty_capable($get)
+        }
+        fn as_any_mut(&mut $self) -> Option<&mut dyn core::any::Any> {
+            $crate::IommuDomain::as_any_mut($get_mut)
+        }
+        fn set_dirty_tracking(&mut $self, enable: bool) -> Result<(), $crate::DomainError> {
+            $crate::IommuDomain::set_dirty_tracking($get_mut, enable)
+        }
+        fn read_and_clear_dirty(
+            &mut $self,
+            iova: u64,
+            length: u64,
+            clear: bool,
+            gather: &mut $crate::IotlbGather,
+            record: &mut dyn FnMut(u64, u64),
+        ) -> Result<(), $crate::DomainError> {
+            $crate::IommuDomain::read_and_clear_dirty($get_mut, iova, length, clear, gather, record)
         }
         fn iova_to_phys_run(&$self, iova: u64, max_len: u64) -> Option<$crate::PhysRun> {
             $crate::IommuDomain::iova_to_phys_run($get, iova, max_len)
@@ -654,6 +722,30 @@ mod tests {
             self.0.push("enforce_cache_coherency");
             true
         }
+        fn dirty_capable(&self) -> bool {
+            self.1.set(self.1.get() + 100_000);
+            true
+        }
+        fn as_any_mut(&mut self) -> Option<&mut dyn core::any::Any> {
+            self.0.push("as_any_mut");
+            None
+        }
+        fn set_dirty_tracking(&mut self, _: bool) -> Result<(), DomainError> {
+            self.0.push("set_dirty_tracking");
+            Ok(())
+        }
+        fn read_and_clear_dirty(
+            &mut self,
+            iova: u64,
+            length: u64,
+            _: bool,
+            _: &mut IotlbGather,
+            record: &mut dyn FnMut(u64, u64),
+        ) -> Result<(), DomainError> {
+            self.0.push("read_and_clear_dirty");
+            record(iova, length);
+            Ok(())
+        }
         fn attach_device(&mut self, _: DeviceHandle) -> Result<(), DomainError> {
             Ok(())
         }
@@ -716,6 +808,12 @@ mod tests {
         d.iotlb_sync(&mut g).unwrap();
         d.recover().unwrap();
         d.enforce_cache_coherency();
+        assert!(d.dirty_capable());
+        d.set_dirty_tracking(true).unwrap();
+        let mut seen = std::vec::Vec::new();
+        d.read_and_clear_dirty(0, 4096, true, &mut g, &mut |i, l| seen.push((i, l))).unwrap();
+        assert_eq!(seen, [(0, 4096)]);
+        assert!(d.as_any_mut().is_none());
         assert_eq!(d.page_sizes(), 1 << 12);
         assert_eq!(d.aperture(), IovaRange::new(0, 1 << 20));
         assert_eq!(d.iova_to_phys(5), Some(5));
@@ -731,8 +829,21 @@ mod tests {
         let mut b = ByMethod(Recorder::default());
         exercise(&mut b);
         for r in [&a.inner, &b.0] {
-            assert_eq!(r.0, ["map", "map_runs", "unmap", "iotlb_sync", "recover", "enforce_cache_coherency"]);
-            assert_eq!(r.1.get(), 3 + 100 + 1000 + 10_000);
+            assert_eq!(
+                r.0,
+                [
+                    "map",
+                    "map_runs",
+                    "unmap",
+                    "iotlb_sync",
+                    "recover",
+                    "enforce_cache_coherency",
+                    "set_dirty_tracking",
+                    "read_and_clear_dirty",
+                    "as_any_mut"
+                ]
+            );
+            assert_eq!(r.1.get(), 3 + 100 + 1000 + 10_000 + 100_000);
         }
     }
 

@@ -93,6 +93,10 @@ impl Device {
     pub fn hw_info(&self) -> (u32, Vec<u8>) {
         self.ops.hw_info()
     }
+    /// Whether its unit can track dirty pages (`IOMMU_HW_CAP_DIRTY_TRACKING`).
+    pub fn supports_dirty_tracking(&self) -> bool {
+        self.ops.supports_dirty_tracking()
+    }
 }
 
 impl core::fmt::Debug for Device {
@@ -187,6 +191,11 @@ impl Ictx {
     pub(super) fn attach_to(&self, dev_id: u32, dev: &Arc<Device>, pt_id: u32) -> Result<u32> {
         let handle = dev.ops.handle();
         let try_hwpt = |hwpt_id: u32, hwpt: &Arc<Hwpt>| -> Result<u32> {
+            // A domain tracking dirty pages takes only devices whose unit
+            // records them.
+            if hwpt.dirty && !dev.ops.supports_dirty_tracking() {
+                return Err(Errno::EINVAL);
+            }
             self.reserve_device(dev_id, dev, &hwpt.ioas)?;
             if let Err(e) = hwpt.domain.lock().attach_device(handle) {
                 hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
@@ -211,7 +220,7 @@ impl Ictx {
                         }
                     }
                 }
-                let (id, hwpt) = self.new_hwpt(pt_id, &ioas, dev, true)?;
+                let (id, hwpt) = self.new_hwpt(pt_id, &ioas, dev, true, false)?;
                 match try_hwpt(id, &hwpt) {
                     Ok(id) => Ok(id),
                     Err(e) => {

@@ -13,6 +13,7 @@ use crate::iopt::DomainRef;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
+use portcullis_iommu::DomainError;
 use spin::Mutex;
 
 /// A HW page table of the paging kind: a domain loaded with an IOAS.
@@ -26,6 +27,9 @@ pub struct Hwpt {
     pub auto: bool,
     /// The domain enforces cache coherency (snoop) on every mapping.
     pub coherent: bool,
+    /// Allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`: the domain can
+    /// track dirty pages, and only devices that can are attached.
+    pub dirty: bool,
     pub(super) refs: AtomicU32,
 }
 
@@ -42,9 +46,20 @@ impl Ictx {
         ioas: &Arc<Ioas>,
         dev: &Device,
         auto: bool,
+        dirty: bool,
     ) -> Result<(u32, Arc<Hwpt>)> {
         self.accounting.faults.point()?;
-        let mut domain = dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?;
+        let mut domain = if dirty {
+            if !dev.ops.supports_dirty_tracking() {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            dev.ops.alloc_dirty_domain().map_err(|e| match e {
+                DomainError::NotSupported => Errno::EOPNOTSUPP,
+                _ => Errno::ENOMEM,
+            })?
+        } else {
+            dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?
+        };
         let coherent = domain.enforce_cache_coherency();
         let domain: DomainRef = Arc::new(Mutex::new(domain));
         let hwpt = Arc::new(Hwpt {
@@ -53,6 +68,7 @@ impl Ictx {
             domain: domain.clone(),
             auto,
             coherent,
+            dirty,
             refs: AtomicU32::new(0),
         });
         let id = self.insert(Object::Hwpt(hwpt.clone()))?;
@@ -69,9 +85,75 @@ impl Ictx {
 
     /// `IOMMU_HWPT_ALLOC` (paging): a domain for `dev_id` loaded with the IOAS.
     pub fn hwpt_alloc(&self, dev_id: u32, ioas_id: u32) -> Result<u32> {
+        self.hwpt_alloc_with(dev_id, ioas_id, false)
+    }
+
+    /// `IOMMU_HWPT_ALLOC` on an IOAS, with dirty tracking when `dirty`
+    /// (`EOPNOTSUPP` when the device's unit cannot track).
+    pub fn hwpt_alloc_with(&self, dev_id: u32, ioas_id: u32, dirty: bool) -> Result<u32> {
         let dev = self.device(dev_id)?;
         let ioas = self.ioas(ioas_id)?;
-        self.new_hwpt(ioas_id, &ioas, &dev, false).map(|(id, _)| id)
+        self.new_hwpt(ioas_id, &ioas, &dev, false, dirty).map(|(id, _)| id)
+    }
+
+    /// `IOMMU_HWPT_SET_DIRTY_TRACKING`: starts or stops dirty tracking of
+    /// a HWPT's domain (`EOPNOTSUPP` for a domain that cannot track).
+    pub fn hwpt_set_dirty_tracking(&self, hwpt_id: u32, enable: bool) -> Result<()> {
+        let hwpt = self.hwpt(hwpt_id)?;
+        let _iopt = hwpt.ioas.iopt.lock();
+        hwpt.domain.lock().set_dirty_tracking(enable).map_err(crate::iopt::domain_errno)
+    }
+
+    /// `IOMMU_HWPT_GET_DIRTY_BITMAP`: sets bit `k` of the caller's bitmap
+    /// at `data` for every `page_size` piece `[iova + k * page_size, ..)`
+    /// of `[iova, iova + length)` that devices wrote since the last read
+    /// (bits of clean pieces are left as the caller had them), and clears
+    /// the dirty state unless `no_clear`, with one IOTLB invalidation.
+    ///
+    /// Checks, in Linux's order: the range must not wrap (`EOVERFLOW`)
+    /// and must be aligned to the IOAS's IOVA alignment and to
+    /// `page_size` (`EINVAL`, as is a zero `page_size`); the domain must
+    /// track (`EOPNOTSUPP`); the range must be covered by mappings without
+    /// holes (`EINVAL`). The bitmap is written a bounded chunk at a time,
+    /// whatever its size.
+    pub fn hwpt_get_dirty_bitmap(
+        &self,
+        hwpt_id: u32,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        data: u64,
+        no_clear: bool,
+    ) -> Result<()> {
+        let hwpt = self.hwpt(hwpt_id)?;
+        let iopt = hwpt.ioas.iopt.lock();
+        let last = iova.checked_add(length.wrapping_sub(1)).ok_or(Errno::EOVERFLOW)?;
+        let align = iopt.iova_alignment();
+        let end = last.wrapping_add(1);
+        if iova & (align - 1) != 0 || end & (align - 1) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if page_size == 0 || iova & (page_size - 1) != 0 || end & (page_size - 1) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mut domain = hwpt.domain.lock();
+        if !domain.dirty_capable() {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if !iopt.covered(iova, last) {
+            return Err(Errno::EINVAL);
+        }
+        let shift = page_size.trailing_zeros();
+        let bits = (last - iova) >> shift;
+        let mut writer = crate::dirty::BitmapWriter::new(self.source(), data, bits + 1);
+        let mut gather = portcullis_iommu::IotlbGather::default();
+        let read = domain.read_and_clear_dirty(iova, length, !no_clear, &mut gather, &mut |at, len| {
+            writer.set((at - iova) >> shift, (at + (len - 1) - iova) >> shift);
+        });
+        let synced = if no_clear { Ok(()) } else { domain.iotlb_sync(&mut gather) };
+        read.map_err(crate::iopt::domain_errno)?;
+        synced.map_err(crate::iopt::domain_errno)?;
+        writer.finish()
     }
 
     /// Drops a HWPT's hold on its IOAS. The domain leaves the IOAS even

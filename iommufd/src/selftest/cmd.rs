@@ -3,9 +3,8 @@
 //! Implemented: ADD_RESERVED, MOCK_DOMAIN, MOCK_DOMAIN_FLAGS,
 //! MOCK_DOMAIN_REPLACE, MD_CHECK_MAP, MD_CHECK_REFS, SET_TEMP_MEMORY_LIMIT,
 //! CREATE_ACCESS, ACCESS_PAGES, DESTROY_ACCESS_PAGES, ACCESS_RW,
-//! ACCESS_REPLACE_IOAS. DIRTY, MD_CHECK_IOTLB and TRIGGER_IOPF (dirty
-//! tracking, nested domains, page faults) are not implemented yet and
-//! answer `EOPNOTSUPP`.
+//! ACCESS_REPLACE_IOAS, DIRTY. MD_CHECK_IOTLB and TRIGGER_IOPF (nested
+//! domains, page faults) are not implemented yet and answer `EOPNOTSUPP`.
 //!
 //! Linux hands an access to user space as a file descriptor; here the
 //! "descriptors" are numbers from 3 up in a per-context table, never
@@ -135,6 +134,15 @@ impl DeviceOps for MockDevice {
     fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
         Ok(Box::new(MockDomain::with_faults(self.faults.clone())))
     }
+    fn supports_dirty_tracking(&self) -> bool {
+        self.flags & MOCK_FLAGS_DEVICE_NO_DIRTY == 0
+    }
+    fn alloc_dirty_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
+        if !self.supports_dirty_tracking() {
+            return Err(DomainError::NotSupported);
+        }
+        Ok(Box::new(MockDomain::with_dirty_tracking(self.faults.clone())))
+    }
     fn hw_info(&self) -> (u32, Vec<u8>) {
         // struct iommu_test_hw_info { __u32 flags; __u32 test_reg; }
         let mut v = Vec::with_capacity(8);
@@ -180,6 +188,48 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             let dev = owner.dev_id.load(Ordering::SeqCst);
             r.pt_id = ictx.replace(dev, r.pt_id)?;
             r.write(&mut c.payload);
+            respond(&c.to_bytes(), user_size, buf)
+        }
+        IOMMU_TEST_OP_DIRTY => {
+            // Marks the mock domain's I/O pages written as a device would,
+            // from a user bitmap: bit k for `iova + k * page_size`; counts
+            // the ones mapped. The bitmap is read a bounded chunk at a time.
+            let mut d = IommuTestDirty::read(&c.payload);
+            if d.page_size == 0
+                || d.length == 0
+                || !d.iova.is_multiple_of(d.page_size)
+                || !d.length.is_multiple_of(d.page_size)
+                || d.uptr == 0
+            {
+                return Err(Errno::EINVAL);
+            }
+            let hwpt = ictx.hwpt(c.id)?;
+            let mut domain = hwpt.domain.lock();
+            let mock = domain.as_any_mut().and_then(|a| a.downcast_mut::<MockDomain>()).ok_or(Errno::EINVAL)?;
+            if !mock.tracking() {
+                return Err(Errno::EINVAL);
+            }
+            let pages = d.length / d.page_size;
+            let mut count = 0u64;
+            let mut chunk = [0u8; 4096];
+            let mut byte = 0u64;
+            while byte < pages.div_ceil(8) {
+                let n = (pages.div_ceil(8) - byte).min(chunk.len() as u64) as usize;
+                let at = d.uptr.checked_add(byte).ok_or(Errno::EFAULT)?;
+                ictx.source().read_user(at, &mut chunk[..n])?;
+                for (k, b) in chunk[..n].iter().enumerate() {
+                    for bit in 0..8u64 {
+                        let page = (byte + k as u64) * 8 + bit;
+                        if b >> bit & 1 != 0 && page < pages && mock.mark_dirty(d.iova + page * d.page_size) {
+                            count += 1;
+                        }
+                    }
+                }
+                byte += n as u64;
+            }
+            drop(domain);
+            d.out_nr_dirty = count;
+            d.write(&mut c.payload);
             respond(&c.to_bytes(), user_size, buf)
         }
         IOMMU_TEST_OP_MD_CHECK_MAP => {

@@ -28,6 +28,8 @@ pub const MOCK_APERTURE_LAST: u64 = (1 << 31) - 1;
 
 const CHUNK: usize = 512;
 const PRESENT: u64 = 1 << 4;
+/// A device wrote the I/O page since its dirty bit was last cleared.
+const DIRTY: u64 = 1 << 5;
 
 /// The register base the mock's hardware errors name.
 pub const MOCK_UNIT: u64 = 0xfeed_0000;
@@ -135,6 +137,10 @@ pub struct MockDomain {
     faults: Arc<MockFaults>,
     /// An invalidation failed: maps are refused until `recover`.
     needs_recovery: bool,
+    /// Made with dirty tracking (Linux's mock gets its dirty ops then).
+    dirty_ops: bool,
+    /// Dirty tracking is on.
+    tracking: bool,
 }
 
 impl MockEntry {
@@ -180,6 +186,30 @@ impl MockDomain {
     /// An empty mock domain whose hardware failures `faults` injects.
     pub fn with_faults(faults: Arc<MockFaults>) -> Self {
         Self { faults, ..Self::default() }
+    }
+
+    /// An empty mock domain that can track dirty pages.
+    pub fn with_dirty_tracking(faults: Arc<MockFaults>) -> Self {
+        Self { faults, dirty_ops: true, ..Self::default() }
+    }
+
+    /// Whether dirty tracking is on.
+    pub fn tracking(&self) -> bool {
+        self.tracking
+    }
+
+    /// `IOMMU_TEST_OP_DIRTY` for one I/O page: marks the page at `iova`
+    /// written, as a device's write would; false when nothing is mapped
+    /// there.
+    pub fn mark_dirty(&mut self, iova: u64) -> bool {
+        let page = iova / MOCK_IO_PAGE_SIZE;
+        let Some(c) = self.chunks.get_mut(&(page / CHUNK as u64)) else { return false };
+        let slot = &mut c[(page % CHUNK as u64) as usize];
+        if *slot & PRESENT == 0 {
+            return false;
+        }
+        *slot |= DIRTY;
+        true
     }
 
     /// Its failure switches.
@@ -378,6 +408,62 @@ impl IommuDomain for MockDomain {
     fn enforce_cache_coherency(&mut self) -> bool {
         self.coherent = true;
         true
+    }
+
+    fn dirty_capable(&self) -> bool {
+        self.dirty_ops
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn core::any::Any> {
+        Some(self)
+    }
+
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
+        if !self.dirty_ops {
+            return Err(DomainError::NotSupported);
+        }
+        self.tracking = enable;
+        Ok(())
+    }
+
+    /// Reports the dirty I/O pages of the range, one 2 KiB page at a time,
+    /// clearing their bits when asked; refused while tracking is off.
+    fn read_and_clear_dirty(
+        &mut self,
+        iova: u64,
+        length: u64,
+        clear: bool,
+        gather: &mut IotlbGather,
+        record: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), DomainError> {
+        if !self.dirty_ops {
+            return Err(DomainError::NotSupported);
+        }
+        if !self.tracking {
+            return Err(DomainError::BadRange { iova, length });
+        }
+        if length == 0 {
+            return Ok(());
+        }
+        let first = iova / MOCK_IO_PAGE_SIZE;
+        let last = iova.saturating_add(length - 1) / MOCK_IO_PAGE_SIZE;
+        let (c0, c1) = (first / CHUNK as u64, last / CHUNK as u64);
+        for (&ci, c) in self.chunks.range_mut(c0..=c1) {
+            let base = ci * CHUNK as u64;
+            let (a, b) = (base.max(first), (base + CHUNK as u64 - 1).min(last));
+            for page in a..=b {
+                let slot = &mut c[(page - base) as usize];
+                if *slot & (PRESENT | DIRTY) == PRESENT | DIRTY {
+                    let at = page * MOCK_IO_PAGE_SIZE;
+                    record(at, MOCK_IO_PAGE_SIZE);
+                    if clear {
+                        *slot &= !DIRTY;
+                        gather.add(at, at + MOCK_IO_PAGE_SIZE - 1);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
