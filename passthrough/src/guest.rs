@@ -294,6 +294,13 @@ impl<P: Platform> GuestDma<P> {
         let at = device.requester();
         let group = self.group(function)?;
         self.machine.hold(function, group, self.owner).map_err(|t| PassthroughError::Owned(function, t.owner))?;
+        // The unit's interrupt table for the requester id holds as many
+        // entries as the function has vectors (AMD-Vi; VT-d has one table).
+        let vectors = quiesce::msi_vectors(&*self.platform, function);
+        if let Err(e) = unit.reserve_interrupts(at.requester_id, vectors) {
+            self.release(function);
+            return Err(PassthroughError::Interrupt(function, e));
+        }
         // Another function of this guest carries the same requester id: its
         // DMA already goes through the guest's memory map.
         if let Some(id) = self.devices.values().find(|a| a.at == at).map(|a| a.id) {

@@ -225,6 +225,20 @@ impl<P: Platform + ?Sized> Config<'_, P> {
     }
 }
 
+/// How many interrupt vectors `function` can use: MSI's Multiple Message
+/// Capable (bits 3:1 of Message Control, 2^n, at most 32) and MSI-X's
+/// Table Size (bits 10:0 of Message Control, plus one, at most 2048), the
+/// larger of the two, at least 1 (a function with neither, or absent).
+pub(crate) fn msi_vectors<P: Platform + ?Sized>(platform: &P, function: Function) -> u16 {
+    let cfg = Config { platform, segment: function.segment, bdf: function.bdf };
+    if !cfg.ready() {
+        return 1;
+    }
+    let msi = cfg.capability(CAP_MSI).map_or(0, |at| 1u16 << ((cfg.read(at) >> 17) & 7).min(5));
+    let msix = cfg.capability(CAP_MSIX).map_or(0, |at| ((cfg.read(at) >> 16) & 0x7ff) as u16 + 1);
+    msi.max(msix).max(1)
+}
+
 /// Busy-waits until `done` or `ns` nanoseconds pass; whether it is done.
 fn poll<P: Platform + ?Sized>(platform: &P, ns: u64, mut done: impl FnMut() -> bool) -> bool {
     let start = platform.now_ns();

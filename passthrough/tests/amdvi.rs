@@ -447,3 +447,54 @@ fn functions_behind_the_pci_bridge_belong_to_one_guest() {
     g2.assign(&iommus, 0, sibling).unwrap();
     assert_maps(&host, UNIT_990, ALIAS_RID, (R1.0, R2.1, R1.2));
 }
+
+/// A function's interrupt remapping table holds as many entries as its
+/// MSI/MSI-X capabilities give it vectors (the next power of two, at least
+/// 2): the GPU's MSI-X table of 37 vectors gets 64 entries, the PCI
+/// device with one MSI vector 2; a route beyond the table is refused.
+#[test]
+fn interrupt_tables_are_sized_to_the_functions_vectors() {
+    let host = with_iommu_function(ModelHost::builder(), bdf(0, 0, 2))
+        .amd_unit(UNIT_990, QEMU_EFR, true)
+        .functions(topology_990())
+        // The GPU: PCI Express capability at 0x40, then MSI-X at 0x60 with
+        // Table Size 36 (37 vectors).
+        .config_dword(0, GPU, 0x40, 0x10 | 0x60 << 8 | 2 << 16)
+        .config_dword(0, GPU, 0x60, 0x11 | 36 << 16)
+        // 06:05.0: a capability list with MSI alone, Multiple Message
+        // Capable 0 (one vector).
+        .config_dword(0, LEGACY_PCI, 0x04, 1 << 20)
+        .config_dword(0, LEGACY_PCI, 0x34, 0x50)
+        .config_dword(0, LEGACY_PCI, 0x50, 0x05)
+        .ivrs(IVRS_990XA)
+        .guest_ram(0x2_0000_0000, 1 << 32)
+        .build();
+    let iommus = Iommus::bring_up(host.clone());
+    let mut guest = GuestDma::new(&iommus, 1 << 20).unwrap();
+    guest.add_memory(GuestAddr(R1.0), PhysAddr(R1.1), R1.2, true).unwrap();
+    guest.assign(&iommus, 0, GPU).unwrap();
+    guest.assign(&iommus, 0, LEGACY_PCI).unwrap();
+    let int_tab_len = |rid: u16| {
+        let w = walk(&host, UNIT_990, rid, 0);
+        host.mem.read(host.unit(UNIT_990).view, w.entry_words[2]).unwrap() >> 1 & 0xf
+    };
+    let mut gpu = Vec::new();
+    for k in 0..64u32 {
+        let m = guest.route_msi(0, GPU, 0x40 + k as u8, 0).unwrap();
+        assert_eq!(m.data, k, "entry {k}");
+        gpu.push(m);
+    }
+    assert_eq!(int_tab_len(0x100), 6, "64 entries for 37 vectors");
+    let e = guest.route_msi(0, GPU, 0x90, 0).unwrap_err();
+    assert!(matches!(e, PassthroughError::Interrupt(_, ref u) if u.cause == amdvi::HwError::TableFull), "{e:?}");
+    let Msi::Remapped(r) = walk::msi(&host, UNIT_990, 0x100, gpu[63].address, gpu[63].data).unwrap() else {
+        panic!("entry 63 not remapped")
+    };
+    assert_eq!(r.vector, 0x40 + 63);
+    for k in 0..2 {
+        assert_eq!(guest.route_msi(0, LEGACY_PCI, 0x50 + k, 1).unwrap().data, k as u32);
+    }
+    assert_eq!(int_tab_len(ALIAS_RID), 1, "2 entries for one vector");
+    assert!(guest.route_msi(0, LEGACY_PCI, 0x52, 1).is_err(), "a third route of a 2-entry table");
+    assert_eq!(walk::msi(&host, UNIT_990, ALIAS_RID, 0xfee0_0000, 2).unwrap(), Msi::Blocked("index beyond IntTabLen"));
+}

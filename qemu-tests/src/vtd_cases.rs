@@ -253,6 +253,16 @@ pub fn vtd_interrupt_remapping_routes_and_blocks_msi(p: &Platform) -> TestResult
         ensure!(!raise(200), "an MSI from the wrong source was delivered");
         let f = faults(u);
         ensure!(f.iter().any(|r| r.source_id == id && r.reason == 0x26), "no source-id fault: {:?}", f);
+        // The table has the unit's full 65536 entries (IRTA.S = 15): an
+        // entry far above 255, with handle bit 15 in the address, works.
+        ensure_eq!(u.lock().interrupt_table_entries(), vtd::ir::MAX_IRTES, "interrupt remapping table entries");
+        const HIGH: u16 = 0x8123;
+        u.lock().set_irte(HIGH, entry).map_err(|e| fail(format!("{e}")))?;
+        portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi_address(HIGH), 0)));
+        let delivered = raise(2000);
+        u.lock().set_irte(HIGH, Irte::default()).map_err(|e| fail(format!("{e}")))?;
+        ensure!(delivered, "the MSI through entry {:#x} did not arrive", HIGH);
+        ensure!(faults(u).is_empty(), "faults while delivering through entry {:#x}", HIGH);
         Ok(())
     })();
     irq::disable();

@@ -189,6 +189,9 @@ where
     fn remaps_interrupts(&self) -> bool {
         true
     }
+    fn reserve_interrupts(&self, requester_id: u16, vectors: u16) -> Result<(), UnitError> {
+        self.unit.lock().reserve_interrupts(requester_id, vectors)
+    }
     fn route_msi(&self, requester_id: u16, vector: u8, destination: u32) -> Result<MsiRoute, UnitError> {
         let index = self.unit.lock().route_interrupt(requester_id, vector, destination)?;
         let (address, data) = crate::irte::msi_message(index);

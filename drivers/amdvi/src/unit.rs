@@ -105,8 +105,11 @@ pub struct Unit<M: Mmio, T: ContiguousMemory, C: Clock> {
     events: Vec<Event>,
     overflows: u64,
     unity: Vec<UnityRange>,
-    /// Per-device interrupt remapping tables: (table page, entries in use).
-    irq_tables: alloc::collections::BTreeMap<u16, (u64, u64)>,
+    /// Per-device interrupt remapping tables.
+    irq_tables: alloc::collections::BTreeMap<u16, IrqTable>,
+    /// Table sizes (log2 of the entries) reserved per device with
+    /// [`Self::reserve_interrupts`].
+    irq_reserved: alloc::collections::BTreeMap<u16, u8>,
     /// x2APIC destinations: 128-bit table entries (Control.GAEn) with
     /// 32-bit APIC ids (Control.XTEn).
     x2apic: bool,
@@ -175,8 +178,63 @@ impl UnityRange {
     }
 }
 
-/// Entries per device interrupt remapping table: 2^6 = 64 (256 bytes).
+/// Entries per device interrupt remapping table when none was reserved
+/// ([`Unit::reserve_interrupts`]): 2^6 = 64.
 pub const IRQ_TABLE_LOG2: u8 = 6;
+
+/// The smallest reserved table: 2 entries (IntTabLen 1), even for a
+/// function with one vector, so a VMM can route a new vector before it
+/// frees the old one when the guest reprograms the MSI (and a function's
+/// second route, as the in-guest `msi_through_route` makes on the one-vector
+/// edu, still has an entry).
+pub const IRQ_TABLE_MIN_LOG2: u8 = 1;
+
+/// The largest table: 512 entries (IntTabLen 9), though IntTabLen allows
+/// 2048. QEMU (10.0.2) reads the delivery mode from bits 10:8 of the MSI
+/// data before it looks at the table and remaps only fixed (0) or
+/// arbitrated (1) delivery, so an index from 512 up (bit 9 or 10 set) is
+/// refused there (drivers/amdvi/README.md). Functions with more vectors
+/// share the 512 entries.
+pub const IRQ_TABLE_MAX_LOG2: u8 = 9;
+
+/// log2 of the table a function with `vectors` MSI/MSI-X vectors gets: the
+/// next power of two, between [`IRQ_TABLE_MIN_LOG2`] and
+/// [`IRQ_TABLE_MAX_LOG2`].
+pub const fn irq_table_log2(vectors: u16) -> u8 {
+    let v = if vectors == 0 { 1 } else { vectors as u32 };
+    let log2 = v.next_power_of_two().trailing_zeros() as u8;
+    if log2 < IRQ_TABLE_MIN_LOG2 {
+        IRQ_TABLE_MIN_LOG2
+    } else if log2 > IRQ_TABLE_MAX_LOG2 {
+        IRQ_TABLE_MAX_LOG2
+    } else {
+        log2
+    }
+}
+
+/// One device's interrupt remapping table: `pages` pages from `base`
+/// (contiguous when more than one), 2^`log2` entries, a bit per entry in
+/// use.
+struct IrqTable {
+    base: u64,
+    pages: usize,
+    log2: u8,
+    used: Vec<u64>,
+}
+
+impl IrqTable {
+    fn entries(&self) -> usize {
+        1 << self.log2
+    }
+    fn in_use(&self, index: u16) -> bool {
+        (index as usize) < self.entries() && self.used[index as usize / 64] >> (index % 64) & 1 != 0
+    }
+    /// The page holding 64-bit word `word` of the table, and the word's
+    /// index there.
+    fn word(&self, word: usize) -> (u64, usize) {
+        (self.base + (word / 512) as u64 * 4096, word % 512)
+    }
+}
 
 impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// Takes over the unit whose registers are at `base` (the IVHD's base
@@ -203,6 +261,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             overflows: 0,
             unity: Vec::new(),
             irq_tables: alloc::collections::BTreeMap::new(),
+            irq_reserved: alloc::collections::BTreeMap::new(),
             x2apic: false,
             stats: InvalidationStats::default(),
         }
@@ -355,8 +414,8 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     }
 
     fn release(&mut self, r: Rings) {
-        for (_, (table, _)) in core::mem::take(&mut self.irq_tables) {
-            self.mem.free_table(table);
+        for (_, table) in core::mem::take(&mut self.irq_tables) {
+            self.free_irq_table(table);
         }
         self.mem.free_table(r.wait_page);
         self.mem.free_table(r.event_log);
@@ -629,7 +688,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// The interrupt settings `device_id`'s entry carries.
     fn interrupts_of(&self, device_id: u16) -> Interrupts {
         match self.irq_tables.get(&device_id) {
-            Some(&(table, _)) => Interrupts::Remapped { table, len_log2: IRQ_TABLE_LOG2 },
+            Some(t) => Interrupts::Remapped { table: t.base, len_log2: t.log2 },
             None => Interrupts::Blocked,
         }
     }
@@ -641,41 +700,97 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         self.set_dte(device_id, e)
     }
 
+    /// Sizes `device_id`'s interrupt remapping table for a function with
+    /// `vectors` MSI/MSI-X vectors: 2^[`irq_table_log2`] entries (at least
+    /// 2, at most 512). Functions sharing the device id (behind a
+    /// PCIe-to-PCI bridge) share the table, so the largest reservation
+    /// wins; it holds until the unit goes. A table made before (by a
+    /// route) that is smaller and has no routes is freed, so the next
+    /// route makes one of the reserved size; one with routes stays as it
+    /// is until [`Self::release_interrupts`]. Without a reservation a
+    /// device gets [`IRQ_TABLE_LOG2`] (64 entries).
+    pub fn reserve_interrupts(&mut self, device_id: u16, vectors: u16) -> Result<(), Error> {
+        self.check_device(device_id)?;
+        let log2 = irq_table_log2(vectors);
+        let reserved = self.irq_reserved.get(&device_id).map_or(log2, |&r| r.max(log2));
+        self.irq_reserved.insert(device_id, reserved);
+        match self.irq_tables.get(&device_id) {
+            Some(t) if t.log2 < reserved && t.used.iter().all(|&w| w == 0) => self.release_interrupts(device_id),
+            _ => Ok(()),
+        }
+    }
+
+    /// Entries in `device_id`'s interrupt remapping table (`None` while it
+    /// has none).
+    pub fn interrupt_table_entries(&self, device_id: u16) -> Option<usize> {
+        self.irq_tables.get(&device_id).map(IrqTable::entries)
+    }
+
+    /// A new, empty table for `device_id`, of the size reserved for it.
+    fn alloc_irq_table(&mut self, device_id: u16) -> Result<IrqTable, Error> {
+        let log2 = self.irq_reserved.get(&device_id).copied().unwrap_or(IRQ_TABLE_LOG2);
+        let entry_bytes = if self.x2apic { 16 } else { 4 };
+        let pages = ((entry_bytes << log2) as usize).div_ceil(4096);
+        let base = if pages == 1 { self.mem.alloc_table() } else { self.mem.alloc_contiguous(pages) }
+            .ok_or_else(|| self.err_no_memory())?;
+        if self.flushes() {
+            self.mem.flush(base, pages as u64 * 4096);
+        }
+        Ok(IrqTable { base, pages, log2, used: alloc::vec![0; (1usize << log2).div_ceil(64)] })
+    }
+
+    fn free_irq_table(&mut self, t: IrqTable) {
+        if t.pages == 1 {
+            self.mem.free_table(t.base);
+        } else {
+            self.mem.free_contiguous(t.base, t.pages);
+        }
+    }
+
     /// Routes one MSI of `device_id` to `vector` on the CPU with APIC id
     /// `dest`: an entry in the device's own interrupt remapping table
-    /// (made on first use: its device table entry switches to remapped
-    /// interrupts). Returns the entry's index; the device raises it with
+    /// (made on first use, of the size [`Self::reserve_interrupts`] set:
+    /// its device table entry switches to remapped interrupts). Returns
+    /// the entry's index; the device raises it with
     /// [`crate::irte::msi_message`]. Other MSIs of the device stay blocked.
-    /// An id above 255 needs x2APIC destinations ([`Self::set_x2apic`]).
+    /// Every entry in use is `TableFull`. An id above 255 needs x2APIC
+    /// destinations ([`Self::set_x2apic`]).
     pub fn route_interrupt(&mut self, device_id: u16, vector: u8, dest: u32) -> Result<u16, Error> {
         self.check_device(device_id)?;
         self.check_destination(dest)?;
         if !self.irq_tables.contains_key(&device_id) {
-            let table = self.mem.alloc_table().ok_or_else(|| self.err_no_memory())?;
-            if self.flushes() {
-                self.mem.flush(table, 4096);
-            }
-            self.irq_tables.insert(device_id, (table, 0));
+            let table = self.alloc_irq_table(device_id)?;
+            self.irq_tables.insert(device_id, table);
             let current = self.dte(device_id).unwrap_or(DeviceTableEntry::blocked());
             if let Err(e) = self.set_dte_keeping_interrupts(device_id, current) {
-                self.irq_tables.remove(&device_id);
-                self.mem.free_table(table);
+                if let Some(t) = self.irq_tables.remove(&device_id) {
+                    self.free_irq_table(t);
+                }
                 return Err(e);
             }
         }
-        let (table, used) = self.irq_tables[&device_id];
-        if used == u64::MAX {
+        let t = &self.irq_tables[&device_id];
+        let Some(index) = (0..t.entries() as u16).find(|&i| !t.in_use(i)) else {
             return Err(self.err(HwError::TableFull));
-        }
-        let index = (!used).trailing_zeros() as u16;
-        self.write_route(table, index, Some((vector, dest)));
-        self.irq_tables.insert(device_id, (table, used | 1 << index));
+        };
+        self.write_route(device_id, index, Some((vector, dest)));
+        self.mark(device_id, index, true);
         if let Err(e) = self.submit(&[Command::invalidate_interrupt_table(device_id)]) {
-            self.write_route(table, index, None);
-            self.irq_tables.insert(device_id, (table, used));
+            self.write_route(device_id, index, None);
+            self.mark(device_id, index, false);
             return Err(e);
         }
         Ok(index)
+    }
+
+    fn mark(&mut self, device_id: u16, index: u16, used: bool) {
+        if let Some(w) = self.irq_tables.get_mut(&device_id).and_then(|t| t.used.get_mut(index as usize / 64)) {
+            if used {
+                *w |= 1 << (index % 64);
+            } else {
+                *w &= !(1 << (index % 64));
+            }
+        }
     }
 
     fn check_destination(&self, dest: u32) -> Result<(), Error> {
@@ -696,101 +811,103 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// bits 31:24 first, then bits 23:0), and an MSI the unit remaps
     /// between them goes to the new vector at the old destination.
     pub fn retarget_interrupt(&mut self, device_id: u16, index: u16, vector: u8, dest: u32) -> Result<(), Error> {
-        let Some(&(table, used)) = self.irq_tables.get(&device_id) else {
+        let Some(t) = self.irq_tables.get(&device_id) else {
             return Err(self.err(HwError::Invalid("retarget of a device with no routes")));
         };
-        if index >= 1 << IRQ_TABLE_LOG2 || used & 1 << index == 0 {
+        if !t.in_use(index) {
             return Err(self.err(HwError::Invalid("retarget of a route that does not exist")));
         }
         self.check_destination(dest)?;
-        self.write_route(table, index, Some((vector, dest)));
+        self.write_route(device_id, index, Some((vector, dest)));
         self.submit(&[Command::invalidate_interrupt_table(device_id)])
     }
 
     /// Removes route `index` of `device_id`: that MSI is blocked again.
     pub fn unroute_interrupt(&mut self, device_id: u16, index: u16) -> Result<(), Error> {
-        let Some(&(table, used)) = self.irq_tables.get(&device_id) else { return Ok(()) };
-        if index >= 1 << IRQ_TABLE_LOG2 || used & 1 << index == 0 {
+        if !self.irq_tables.get(&device_id).is_some_and(|t| t.in_use(index)) {
             return Ok(());
         }
-        self.write_route(table, index, None);
-        self.irq_tables.insert(device_id, (table, used & !(1 << index)));
+        self.write_route(device_id, index, None);
+        self.mark(device_id, index, false);
         self.submit(&[Command::invalidate_interrupt_table(device_id)])
     }
 
     /// Drops every route of `device_id`: its entry goes back to blocked
     /// interrupts and the table is freed.
     pub fn release_interrupts(&mut self, device_id: u16) -> Result<(), Error> {
-        let Some((table, _)) = self.irq_tables.remove(&device_id) else { return Ok(()) };
+        let Some(table) = self.irq_tables.remove(&device_id) else { return Ok(()) };
         let current = self.dte(device_id).unwrap_or(DeviceTableEntry::blocked());
         let r = self
             .set_dte_keeping_interrupts(device_id, current)
             .and_then(|()| self.submit(&[Command::invalidate_interrupt_table(device_id)]));
-        self.mem.free_table(table);
+        self.free_irq_table(table);
         r
     }
 
     /// Route `index` of `device_id` as the unit reads it, in the 32-bit
     /// format (`None` with x2APIC destinations: see [`Self::irte_ga`]).
     pub fn irte(&self, device_id: u16, index: u16) -> Option<crate::irte::Irte> {
-        let &(table, _) = self.irq_tables.get(&device_id)?;
-        if index >= 1 << IRQ_TABLE_LOG2 || self.x2apic {
+        let t = self.irq_tables.get(&device_id)?;
+        if index as usize >= t.entries() || self.x2apic {
             return None;
         }
-        let word = self.mem.read(table, index as usize / 2);
+        let (page, i) = t.word(index as usize / 2);
+        let word = self.mem.read(page, i);
         Some(crate::irte::Irte((word >> (32 * (index % 2))) as u32))
     }
 
     /// Route `index` of `device_id` as the unit reads it, in the 128-bit
     /// format x2APIC destinations use (`None` without them).
     pub fn irte_ga(&self, device_id: u16, index: u16) -> Option<crate::irte::IrteGa> {
-        let &(table, _) = self.irq_tables.get(&device_id)?;
-        if index >= 1 << IRQ_TABLE_LOG2 || !self.x2apic {
+        let t = self.irq_tables.get(&device_id)?;
+        if index as usize >= t.entries() || !self.x2apic {
             return None;
         }
-        let i = index as usize * 2;
-        Some(crate::irte::IrteGa([self.mem.read(table, i), self.mem.read(table, i + 1)]))
+        let (page, i) = t.word(index as usize * 2);
+        Some(crate::irte::IrteGa([self.mem.read(page, i), self.mem.read(page, i + 1)]))
     }
 
-    /// Writes entry `index` in the unit's format: `vector` to `dest`, or
-    /// not remapped (`None`).
-    fn write_route(&mut self, table: u64, index: u16, route: Option<(u8, u32)>) {
+    /// Writes entry `index` of `device_id`'s table in the unit's format:
+    /// `vector` to `dest`, or not remapped (`None`).
+    fn write_route(&mut self, device_id: u16, index: u16, route: Option<(u8, u32)>) {
+        let Some(t) = self.irq_tables.get(&device_id) else { return };
         if self.x2apic {
+            let at = t.word(index as usize * 2);
             let e = route.map_or(crate::irte::IrteGa::default(), |(v, d)| crate::irte::IrteGa::remapped(v, d));
-            self.write_irte_ga(table, index, e);
+            self.write_irte_ga(at, e);
         } else {
+            let at = t.word(index as usize / 2);
             let e = route.map_or(crate::irte::Irte::default(), |(v, d)| crate::irte::Irte::remapped(v, d as u8));
-            self.write_irte(table, index, e);
+            self.write_irte(at, index, e);
         }
     }
 
-    fn write_irte(&mut self, table: u64, index: u16, e: crate::irte::Irte) {
+    /// A 32-bit entry at `(page, i)`, the 64-bit word holding it.
+    fn write_irte(&mut self, (page, i): (u64, usize), index: u16, e: crate::irte::Irte) {
         // Entries are 32-bit; tables are written as 64-bit words.
-        let i = index as usize / 2;
         let shift = 32 * (index % 2) as u32;
-        let word = self.mem.read(table, i) & !(0xffff_ffffu64 << shift) | (e.0 as u64) << shift;
-        self.mem.write(table, i, word);
+        let word = self.mem.read(page, i) & !(0xffff_ffffu64 << shift) | (e.0 as u64) << shift;
+        self.mem.write(page, i, word);
         if self.flushes() {
-            self.mem.flush(table + i as u64 * 8, 8);
+            self.mem.flush(page + i as u64 * 8, 8);
         }
     }
 
-    /// A 128-bit entry in 64-bit writes, ordered so the unit never reads a
-    /// remapping entry with half of it missing: a new entry's upper word
-    /// goes first and RemapEn (lower word) last; a removed one loses
-    /// RemapEn first; a retarget writes only the word that changes, or both
-    /// (upper first) when both do.
-    fn write_irte_ga(&mut self, table: u64, index: u16, e: crate::irte::IrteGa) {
-        let i = index as usize * 2;
-        let old = [self.mem.read(table, i), self.mem.read(table, i + 1)];
+    /// A 128-bit entry at `(page, i)` in 64-bit writes, ordered so the unit
+    /// never reads a remapping entry with half of it missing: a new entry's
+    /// upper word goes first and RemapEn (lower word) last; a removed one
+    /// loses RemapEn first; a retarget writes only the word that changes,
+    /// or both (upper first) when both do.
+    fn write_irte_ga(&mut self, (page, i): (u64, usize), e: crate::irte::IrteGa) {
+        let old = [self.mem.read(page, i), self.mem.read(page, i + 1)];
         let order: [usize; 2] = if e.enabled() { [1, 0] } else { [0, 1] };
         for w in order {
             if old[w] != e.0[w] {
-                self.mem.write(table, i + w, e.0[w]);
+                self.mem.write(page, i + w, e.0[w]);
             }
         }
         if self.flushes() {
-            self.mem.flush(table + i as u64 * 8, 16);
+            self.mem.flush(page + i as u64 * 8, 16);
         }
     }
 

@@ -724,6 +724,81 @@ fn interrupt_routes_live_in_a_per_device_table() {
 
 const EFR_XT: u64 = amdvi::caps::efr::XT;
 
+#[test]
+fn reserved_tables_follow_the_vector_count() {
+    use amdvi::Interrupts;
+    use amdvi::unit::irq_table_log2;
+    assert_eq!(
+        [0, 1, 2, 3, 32, 37, 64, 65, 512, 513, 2048].map(irq_table_log2),
+        [1, 1, 1, 2, 5, 6, 6, 7, 9, 9, 9],
+        "next power of two, 2 to 512 entries"
+    );
+    let (model, mem, mut u) = enabled();
+    let len_log2 = |u: &TestUnit, d: u16| match u.dte(d).unwrap().interrupts() {
+        Some(Interrupts::Remapped { len_log2, .. }) => len_log2,
+        other => panic!("{d:#x}: {other:?}"),
+    };
+    // One vector: two entries, then TableFull.
+    u.reserve_interrupts(0x10, 1).unwrap();
+    assert_eq!(u.interrupt_table_entries(0x10), None, "made on the first route");
+    assert_eq!(u.route_interrupt(0x10, 0x30, 0).unwrap(), 0);
+    assert_eq!(u.route_interrupt(0x10, 0x31, 0).unwrap(), 1);
+    assert_eq!(u.route_interrupt(0x10, 0x32, 0), Err(Error { unit: BASE, cause: HwError::TableFull }));
+    assert_eq!((len_log2(&u, 0x10), u.interrupt_table_entries(0x10)), (1, Some(2)));
+    assert_eq!(u.irte(0x10, 2), None, "beyond the table");
+    assert!(matches!(u.retarget_interrupt(0x10, 2, 0x33, 0), Err(Error { cause: HwError::Invalid(_), .. })));
+    // A smaller reservation afterwards (another function with the same id)
+    // keeps the larger table.
+    u.reserve_interrupts(0x10, 1).unwrap();
+    assert_eq!(u.interrupt_table_entries(0x10), Some(2));
+    // 37 vectors: 64 entries; a table made before, still empty, is
+    // replaced on the next route.
+    u.route_interrupt(0x18, 0x30, 0).unwrap();
+    u.unroute_interrupt(0x18, 0).unwrap();
+    u.reserve_interrupts(0x18, 1).unwrap();
+    assert_eq!(u.interrupt_table_entries(0x18), Some(64), "not smaller than before");
+    u.reserve_interrupts(0x18, 100).unwrap();
+    assert_eq!(u.interrupt_table_entries(0x18), None, "the empty 64-entry table went");
+    for i in 0..128 {
+        assert_eq!(u.route_interrupt(0x18, 0x40, 0).unwrap(), i);
+    }
+    assert_eq!(len_log2(&u, 0x18), 7);
+    assert_eq!(u.route_interrupt(0x18, 0x40, 0), Err(Error { unit: BASE, cause: HwError::TableFull }));
+    assert_eq!(remap(&model, &mem, 0x18, 127), Some((0x40, 0)));
+    // 2048 MSI-X vectors: capped at 512 (QEMU remaps indexes below 512 only).
+    u.reserve_interrupts(0x20, 2048).unwrap();
+    for i in 0..512u16 {
+        assert_eq!(u.route_interrupt(0x20, (i % 200) as u8 + 0x30, 1).unwrap(), i);
+    }
+    assert_eq!(len_log2(&u, 0x20), 9);
+    assert_eq!(remap(&model, &mem, 0x20, 511), Some(((511 % 200) as u8 + 0x30, 1)));
+    assert_eq!(u.route_interrupt(0x20, 0x30, 0), Err(Error { unit: BASE, cause: HwError::TableFull }));
+    // Without a reservation: 64 entries, as before.
+    u.route_interrupt(0x28, 0x30, 0).unwrap();
+    assert_eq!(len_log2(&u, 0x28), amdvi::unit::IRQ_TABLE_LOG2);
+    assert_eq!(model.state().illegal_commands, 0);
+}
+
+#[test]
+fn a_512_entry_table_of_128_bit_entries_spans_two_contiguous_pages() {
+    let (model, mem, mut u) = build(Setup { efr: QEMU_EFR | EFR_XT, ..Setup::default() });
+    u.set_x2apic(true).unwrap();
+    u.enable().unwrap();
+    u.reserve_interrupts(0x10, 512).unwrap();
+    for i in 0..512u16 {
+        assert_eq!(u.route_interrupt(0x10, 0x30, i as u32 + 0x100).unwrap(), i);
+    }
+    assert_eq!(u.interrupt_table_entries(0x10), Some(512));
+    // Entry 300 is in the second page (16 bytes each).
+    assert_eq!(remap(&model, &mem, 0x10, 300), Some((0x30, 300 + 0x100)));
+    assert_eq!(u.irte_ga(0x10, 511).unwrap().destination(), 511 + 0x100);
+    u.retarget_interrupt(0x10, 300, 0x31, 7).unwrap();
+    assert_eq!(remap(&model, &mem, 0x10, 300), Some((0x31, 7)));
+    u.release_interrupts(0x10).unwrap();
+    assert_eq!(u.interrupt_table_entries(0x10), None);
+    assert_eq!(model.state().illegal_commands, 0);
+}
+
 /// Where the unit sends MSI data `index` of `device` (its interrupt table
 /// as the device table entry in memory names it, read in the format the
 /// Control register selects, as QEMU reads it): (vector, destination),
@@ -735,14 +810,16 @@ fn remap(model: &Model, mem: &Mem, device: u16, index: u16) -> Option<(u8, u32)>
     let word = |k: u64| mem.read((at + 8 * k) & !0xfff, (((at + 8 * k) & 0xfff) / 8) as usize);
     let dte = amdvi::DeviceTableEntry([word(0), word(1), word(2), word(3)]);
     let Some(amdvi::Interrupts::Remapped { table, .. }) = dte.interrupts() else { return None };
+    // Word `w` of a table that may span several contiguous pages.
+    let word = |w: usize| mem.read(table + (w / 512) as u64 * 4096, w % 512);
     if control.contains(Control::GA_EN) {
-        let lo = mem.read(table, index as usize * 2);
-        let hi = mem.read(table, index as usize * 2 + 1);
+        let lo = word(index as usize * 2);
+        let hi = word(index as usize * 2 + 1);
         let high_byte = if control.contains(Control::XT_EN) { (hi >> 56) as u32 } else { 0 };
         let low = if control.contains(Control::XT_EN) { (lo >> 8) & 0xff_ffff } else { (lo >> 8) & 0xff };
         (lo & 1 != 0).then_some((hi as u8, low as u32 | high_byte << 24))
     } else {
-        let e = (mem.read(table, index as usize / 2) >> (32 * (index % 2))) as u32;
+        let e = (word(index as usize / 2) >> (32 * (index % 2))) as u32;
         (e & 1 != 0).then_some(((e >> 16) as u8, (e >> 8) & 0xff))
     }
 }

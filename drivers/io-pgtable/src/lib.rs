@@ -20,6 +20,8 @@
 //!   its direct map, which is the only place `unsafe` is needed. With the
 //!   `testing` feature, `NonCoherentTables` models a walker that sees only
 //!   flushed cache lines, for the tests of crates that drive the engine.
+//!   [`ContiguousMemory`] extends it with physically contiguous runs of
+//!   pages for the units' larger structures (device and interrupt tables).
 //! * [`Invalidator`]: the IOTLB side of a domain, used by [`PagingDomain`],
 //!   which puts a [`PageTable`] behind `portcullis_iommu::IommuDomain`.
 //!
@@ -81,7 +83,7 @@ pub use domain::{Invalidator, NoInvalidator, PagingDomain, RecordingInvalidator}
 pub use first_stage::{FS_A, FS_ADDR_MASK, FS_D, FS_P, FS_PS, FS_RW, FS_US, FS_XD, X86FirstStage};
 pub use format::{Entry, PtFormat};
 pub use geometry::{Geometry, level_shift, level_size, sizes_of_leaf_levels};
-pub use memory::{Cleared, HEAP_TABLES_BASE, HeapTables, TableMemory};
+pub use memory::{Cleared, ContiguousMemory, HEAP_TABLES_BASE, HeapTables, TableMemory};
 #[cfg(any(test, feature = "testing"))]
 pub use memory::{NonCoherentTables, WALKER_POISON, WalkerFault};
 pub use portcullis_iommu::Prot;

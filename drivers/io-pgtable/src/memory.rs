@@ -18,6 +18,19 @@
 //!   back the cache lines of `[phys, phys + len)` so the walker sees them.
 //!   The engine calls it with 64-byte-aligned ranges, once per changed line
 //!   per operation.
+//!
+//! [`ContiguousMemory`] extends the seam with physically contiguous runs of
+//! pages, for structures larger than one table (an AMD-Vi device table, a
+//! VT-d interrupt remapping table of up to 65536 entries, large AMD-Vi
+//! interrupt tables). Contract, in addition to `TableMemory`'s:
+//! * `alloc_contiguous(pages)` returns the 4 KiB-aligned physical address
+//!   of `pages` contiguous 4 KiB pages, zeroed as the walker sees them (as
+//!   for `alloc_table`), or `None` (nothing allocated) when it cannot;
+//! * every page `base + k * 4096` of such an allocation can be read,
+//!   written and flushed through `TableMemory::read`/`write`/`flush` as if
+//!   it were a table, and `flush` may cover several of its pages at once;
+//! * `free_contiguous(base, pages)` takes back exactly one earlier
+//!   allocation, with the same page count.
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -81,6 +94,18 @@ pub trait TableMemory {
         }
         c
     }
+}
+
+/// [`TableMemory`] that can also hand out physically contiguous runs of
+/// pages (see the module documentation for the contract). The kernel
+/// implements it over its frame allocator; host tests over heap pages
+/// ([`HeapTables`]).
+pub trait ContiguousMemory: TableMemory {
+    /// Allocates `pages` (>= 1) zeroed, physically contiguous 4 KiB pages.
+    fn alloc_contiguous(&mut self, pages: usize) -> Option<u64>;
+
+    /// Returns a run from [`Self::alloc_contiguous`].
+    fn free_contiguous(&mut self, base: u64, pages: usize);
 }
 
 /// What [`TableMemory::clear`] removed.
@@ -347,6 +372,40 @@ impl TableMemory for HeapTables {
     }
 }
 
+/// Runs are fresh slots at the end of the slab, so their fake physical
+/// addresses are consecutive; each page is then a table of its own for
+/// `read`/`write` (and for the use-after-free checks). Allocation failures
+/// injected with [`HeapTables::fail_nth_alloc`] count one attempt per run.
+impl ContiguousMemory for HeapTables {
+    fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
+        self.attempts += 1;
+        if self.fail_at == Some(self.attempts) {
+            self.fail_at = None;
+            return None;
+        }
+        if pages == 0 {
+            return None;
+        }
+        let first = self.pages.len();
+        for _ in 0..pages {
+            self.pages.push(Box::new([0; ENTRIES]));
+            self.live.push(true);
+        }
+        self.live_count += pages;
+        self.peak = self.peak.max(self.live_count);
+        self.allocs += 1;
+        Some(Self::phys_of(first))
+    }
+
+    fn free_contiguous(&mut self, base: u64, pages: usize) {
+        for k in 0..pages as u64 {
+            self.free_table(base + k * TABLE_SIZE);
+        }
+        // Counted as one free, as the allocation was one.
+        self.frees -= pages.saturating_sub(1) as u64;
+    }
+}
+
 /// What the walker sees in a fresh [`NonCoherentTables`] table until its
 /// zeroes are flushed: garbage that is present in every format (bits 0 and
 /// 1 set: R|W for the VT-d second stage, P for x86, PR for AMD v1), so a
@@ -578,9 +637,63 @@ impl TableMemory for NonCoherentTables {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
+impl ContiguousMemory for NonCoherentTables {
+    fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
+        let base = self.cpu.alloc_contiguous(pages)?;
+        for k in 0..pages as u64 {
+            self.walker.insert(base + k * TABLE_SIZE, Box::new([WALKER_POISON; ENTRIES]));
+        }
+        if self.flush_on_alloc {
+            self.write_back(base, pages as u64 * TABLE_SIZE);
+            self.alloc_flushes += 1;
+        }
+        Some(base)
+    }
+
+    fn free_contiguous(&mut self, base: u64, pages: usize) {
+        self.cpu.free_contiguous(base, pages);
+        for k in 0..pages as u64 {
+            self.walker.remove(&(base + k * TABLE_SIZE));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contiguous_runs_are_consecutive_live_pages() {
+        let mut mem = HeapTables::new(true);
+        let single = mem.alloc_table().unwrap();
+        mem.free_table(single);
+        let run = mem.alloc_contiguous(3).unwrap();
+        // A spare slot is never part of a run: the run's pages follow
+        // each other.
+        assert_ne!(run, single);
+        for k in 0..3 {
+            assert!(mem.is_live(run + k * TABLE_SIZE));
+            mem.write(run + k * TABLE_SIZE, 511, k + 1);
+        }
+        assert_eq!(mem.read(run + 2 * TABLE_SIZE, 511), 3);
+        assert_eq!(mem.live_tables(), 3);
+        mem.free_contiguous(run, 3);
+        assert_eq!(mem.live_tables(), 0);
+        assert_eq!((mem.allocs(), mem.frees()), (2, 2));
+        mem.fail_nth_alloc(Some(1));
+        assert_eq!(mem.alloc_contiguous(2), None);
+        assert!(mem.alloc_contiguous(2).is_some());
+
+        let mut nc = NonCoherentTables::new();
+        let run = nc.alloc_contiguous(2).unwrap();
+        assert_eq!(nc.walker_read(run + TABLE_SIZE, 7), Ok(0));
+        nc.write(run + TABLE_SIZE, 7, 9);
+        nc.flush(run, 2 * TABLE_SIZE);
+        assert_eq!(nc.walker_read(run + TABLE_SIZE, 7), Ok(9));
+        nc.free_contiguous(run, 2);
+        assert_eq!(nc.walker_read(run, 0), Err(WalkerFault::NotATable { table: run }));
+    }
 
     #[test]
     fn writes_reach_the_walker_only_when_flushed() {

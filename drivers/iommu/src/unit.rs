@@ -153,6 +153,15 @@ pub trait IommuUnit: Send + Sync + fmt::Debug {
     /// Whether MSIs from devices are remapped (so a device can raise only
     /// the interrupts it is given).
     fn remaps_interrupts(&self) -> bool;
+    /// Sizes what the unit keeps for `requester_id`'s interrupts for a
+    /// function with `vectors` MSI/MSI-X vectors (called when a function
+    /// is assigned, before its routes). AMD-Vi sizes the device's own
+    /// remapping table from it; units with one table for every device
+    /// (VT-d) have nothing to do.
+    fn reserve_interrupts(&self, requester_id: u16, vectors: u16) -> Result<(), UnitError> {
+        let _ = (requester_id, vectors);
+        Ok(())
+    }
     /// Routes an MSI of `requester_id` to `vector` on the CPU with APIC id
     /// `destination`, through an entry that accepts it from that requester
     /// only.

@@ -18,6 +18,17 @@ pub struct Irte(pub [u64; 2]);
 /// Entries per 4 KiB table page.
 pub const IRTES_PER_PAGE: usize = 256;
 
+/// Most entries a table can hold: 2^(IRTA.S + 1) with S at most 15, 65536
+/// entries of 16 bytes (1 MiB, 256 contiguous pages). The handle in the
+/// remappable MSI address has 16 bits, so all of them can be used.
+pub const MAX_IRTES: usize = 1 << 16;
+
+/// IRTA.S for a table of `entries` (a power of two from 2 to
+/// [`MAX_IRTES`]): the table holds 2^(S + 1) entries.
+pub const fn irta_size(entries: usize) -> u8 {
+    (entries.trailing_zeros() - 1) as u8
+}
+
 impl Irte {
     /// Present, fixed delivery, edge-triggered, physical destination:
     /// `vector` to the CPU with APIC id `dest` (xAPIC ids in bits 47:40,
@@ -121,6 +132,8 @@ mod tests {
         assert_eq!(msi_address(0x8001), 0xfee0_0034);
         assert_eq!(irta(0x12_3000, 7, false), 0x12_3007);
         assert_eq!(irta(0x12_3000, 7, true), 0x12_3807);
+        assert_eq!((irta_size(IRTES_PER_PAGE), irta_size(MAX_IRTES)), (7, 15));
+        assert_eq!(irta(0x40_0000, irta_size(MAX_IRTES), false), 0x40_000f);
         assert_eq!(format!("{e:?}"), "Irte(vector 0x29 to 0x300, sid 0x0008 svt 1)");
         assert!(!e.level());
         assert_eq!(e.with_level(true).0, [1 | 1 << 4 | 0x29 << 16 | 3 << 40, 0x0008 | 1 << 18]);

@@ -15,7 +15,7 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
-use io_pgtable::{Invalidator, PagingDomain, PtFormat, TableMemory, VtdSecondStage, X86FirstStage};
+use io_pgtable::{ContiguousMemory, Invalidator, PagingDomain, PtFormat, TableMemory, VtdSecondStage, X86FirstStage};
 use portcullis_iommu::mmio::Mmio;
 use portcullis_iommu::unit::{
     DmaFault, FirmwareRange, IoapicRte, IommuUnit, MsiRoute, PinMode, TableInfo, UnitDomain, Vendor,
@@ -112,7 +112,10 @@ where
     /// interrupt remapping on with an empty table (xAPIC destinations)
     /// where the unit has it and runs its queue, so no device MSI passes
     /// until routed.
-    pub fn bring_up(base: u64, mmio: M, mem: T, clock: C, mode: Option<Mode>) -> Result<Arc<Self>, UnitError> {
+    pub fn bring_up(base: u64, mmio: M, mem: T, clock: C, mode: Option<Mode>) -> Result<Arc<Self>, UnitError>
+    where
+        T: ContiguousMemory,
+    {
         Self::bring_up_with(base, mmio, mem, clock, BringUp { mode, x2apic: false })
     }
 
@@ -121,7 +124,10 @@ where
     /// (IRTA.EIME), and a unit that remaps interrupts without extended
     /// interrupt mode (ECAP.EIM) is an error naming it rather than a unit
     /// whose routes could not reach the kernel's CPUs.
-    pub fn bring_up_with(base: u64, mmio: M, mem: T, clock: C, options: BringUp) -> Result<Arc<Self>, UnitError> {
+    pub fn bring_up_with(base: u64, mmio: M, mem: T, clock: C, options: BringUp) -> Result<Arc<Self>, UnitError>
+    where
+        T: ContiguousMemory,
+    {
         let caps = Caps { cap: mmio.get64(regs::CAP), ecap: mmio.get64(regs::ECAP) };
         let remaps = caps.interrupt_remapping();
         if remaps && options.x2apic && !caps.eim() {

@@ -355,6 +355,12 @@ impl RegisterModel {
         s.gsts.contains(Gsts::IRE).then_some(s.latched_irta)
     }
 
+    /// Entries in the interrupt remapping table the unit uses, 2^(S + 1)
+    /// from the latched IRTA.S, while remapping is on.
+    pub fn interrupt_table_entries(&self) -> Option<usize> {
+        self.interrupt_table().map(|irta| 2 << (irta & 0xf))
+    }
+
     /// The hardware records a fault in its (single) fault recording
     /// register: a fault event MSI when unmasked and none was pending,
     /// FECTL.IP when masked. With a record still pending the fault is

@@ -21,7 +21,7 @@ use crate::scalable::{Invalidations, ScalableTables, TablesError};
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::fmt;
-use io_pgtable::TableMemory;
+use io_pgtable::{ContiguousMemory, TableMemory};
 pub use portcullis_iommu::{HwError, UnitError};
 
 /// Monotonic time for timeouts.
@@ -195,6 +195,27 @@ impl Queue {
     }
 }
 
+/// The interrupt remapping table: `pages` contiguous pages from `base`
+/// (256 entries each), and which entries `alloc_irte` handed out.
+struct Irt {
+    base: u64,
+    pages: usize,
+    /// A bit per entry, set while handed out.
+    used: Vec<u64>,
+}
+
+impl Irt {
+    fn entries(&self) -> usize {
+        self.pages * crate::ir::IRTES_PER_PAGE
+    }
+    /// The page holding entry `index` and the entry's first word in it.
+    fn slot(&self, index: u16) -> (u64, usize) {
+        let i = index as usize;
+        let page = self.base + (i / crate::ir::IRTES_PER_PAGE) as u64 * 4096;
+        (page, i % crate::ir::IRTES_PER_PAGE * 2)
+    }
+}
+
 /// Invalidations issued (for benchmarks and tests: "one wait per unmap").
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct InvalidationStats {
@@ -223,13 +244,11 @@ pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
     overflows: u64,
     rmrrs: Vec<(u16, u64, u64)>,
     scalable: Option<ScalableTables<T>>,
-    /// The interrupt remapping table (one page, 256 entries) while on.
-    irt: Option<u64>,
+    /// The interrupt remapping table while on.
+    irt: Option<Irt>,
     /// The table runs in extended interrupt mode (IRTA.EIME): 32-bit
     /// x2APIC destinations.
     irt_x2apic: bool,
-    /// Table entries handed out by `alloc_irte` (bit per entry).
-    irt_used: [u64; 4],
     /// Invalidation counters.
     pub stats: InvalidationStats,
 }
@@ -274,7 +293,6 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             scalable: None,
             irt: None,
             irt_x2apic: false,
-            irt_used: [0; 4],
             stats: InvalidationStats::default(),
         })
     }
@@ -419,24 +437,35 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.gcmd(Gcmd::TE, true)
     }
 
-    /// Turns interrupt remapping on with an empty table of
-    /// [`crate::ir::IRTES_PER_PAGE`] entries and xAPIC (8-bit)
+    /// Turns interrupt remapping on with an empty table and xAPIC (8-bit)
     /// destinations; see [`Self::enable_interrupt_remapping_with`].
-    pub fn enable_interrupt_remapping(&mut self) -> Result<(), Error> {
+    pub fn enable_interrupt_remapping(&mut self) -> Result<(), Error>
+    where
+        T: ContiguousMemory,
+    {
         self.enable_interrupt_remapping_with(false)
     }
 
-    /// Turns interrupt remapping on with an empty table of
-    /// [`crate::ir::IRTES_PER_PAGE`] entries: from now on every MSI from a
-    /// device is blocked (and recorded as a fault) unless its table entry
-    /// says where it goes; compatibility-format interrupts are blocked.
+    /// Turns interrupt remapping on with an empty table: from now on every
+    /// MSI from a device is blocked (and recorded as a fault) unless its
+    /// table entry says where it goes; compatibility-format interrupts are
+    /// blocked. The table is as large as the unit allows,
+    /// [`crate::ir::MAX_IRTES`] entries (1 MiB of contiguous memory, IRTA.S
+    /// = 15), as Linux sizes it; when the memory cannot give such a run it
+    /// falls back to one page of [`crate::ir::IRTES_PER_PAGE`] entries
+    /// (IRTA.S = 7) rather than leaving interrupts unremapped
+    /// ([`Self::interrupt_table_entries`] says which).
+    ///
     /// Needs ECAP.IR and queued invalidation (the interrupt entry cache is
     /// only invalidated through the queue). With `x2apic` the table runs in
     /// extended interrupt mode (IRTA.EIME = 1): entries name 32-bit x2APIC
     /// ids, for a kernel whose local APICs run in x2APIC mode; that needs
     /// ECAP.EIM. Already on in the other mode is an error (the table would
     /// have to be rewritten).
-    pub fn enable_interrupt_remapping_with(&mut self, x2apic: bool) -> Result<(), Error> {
+    pub fn enable_interrupt_remapping_with(&mut self, x2apic: bool) -> Result<(), Error>
+    where
+        T: ContiguousMemory,
+    {
         if !self.caps.interrupt_remapping() {
             return Err(self.err(HwError::Unsupported("interrupt remapping (ECAP.IR)")));
         }
@@ -452,24 +481,45 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             }
             return Ok(());
         }
-        let table = self.mem.alloc_table().ok_or_else(|| self.err(HwError::NoMemory))?;
+        let full = crate::ir::MAX_IRTES / crate::ir::IRTES_PER_PAGE;
+        let (base, pages) = match self.mem.alloc_contiguous(full) {
+            Some(base) => (base, full),
+            None => (self.mem.alloc_table().ok_or_else(|| self.err(HwError::NoMemory))?, 1),
+        };
+        let irt = Irt { base, pages, used: alloc::vec![0; pages * crate::ir::IRTES_PER_PAGE / 64] };
         if !self.mem.coherent() {
-            self.mem.flush(table, 4096);
+            self.mem.flush(base, pages as u64 * 4096);
         }
-        // 256 entries: S = 7.
-        self.mmio.set64(regs::IRTA, crate::ir::irta(table, 7, x2apic));
+        let s = crate::ir::irta_size(irt.entries());
+        self.mmio.set64(regs::IRTA, crate::ir::irta(base, s, x2apic));
         let on = self
             .gcmd_oneshot(Gcmd::SIRTP, "GSTS.IRTPS")
             .and_then(|()| self.submit(&[Descriptor::iec(None)]))
             .and_then(|()| self.gcmd(Gcmd::IRE, true));
         if let Err(e) = on {
             let _ = self.gcmd(Gcmd::IRE, false);
-            self.mem.free_table(table);
+            self.free_irt(irt);
             return Err(e);
         }
-        self.irt = Some(table);
+        self.irt = Some(irt);
         self.irt_x2apic = x2apic;
         Ok(())
+    }
+
+    fn free_irt(&mut self, irt: Irt)
+    where
+        T: ContiguousMemory,
+    {
+        if irt.pages == 1 {
+            self.mem.free_table(irt.base);
+        } else {
+            self.mem.free_contiguous(irt.base, irt.pages);
+        }
+    }
+
+    /// Entries in the interrupt remapping table (0 while remapping is off).
+    pub fn interrupt_table_entries(&self) -> usize {
+        self.irt.as_ref().map_or(0, Irt::entries)
     }
 
     /// Whether remapping is on with x2APIC (32-bit) destinations
@@ -492,13 +542,18 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// Turns interrupt remapping off again (MSIs pass unremapped) and
     /// frees the table.
-    pub fn disable_interrupt_remapping(&mut self) -> Result<(), Error> {
-        let Some(table) = self.irt else { return Ok(()) };
+    pub fn disable_interrupt_remapping(&mut self) -> Result<(), Error>
+    where
+        T: ContiguousMemory,
+    {
+        if self.irt.is_none() {
+            return Ok(());
+        }
         self.gcmd(Gcmd::IRE, false)?;
-        self.irt = None;
         self.irt_x2apic = false;
-        self.irt_used = [0; 4];
-        self.mem.free_table(table);
+        if let Some(irt) = self.irt.take() {
+            self.free_irt(irt);
+        }
         Ok(())
     }
 
@@ -507,25 +562,31 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.irt.is_some()
     }
 
+    /// The table's page holding entry `index` and the entry's first word
+    /// there; `NotEnabled` while off, `Invalid` beyond the table.
+    fn irte_slot(&self, index: u16) -> Result<(u64, usize), Error> {
+        let irt = self.irt.as_ref().ok_or(self.err(HwError::NotEnabled))?;
+        if index as usize >= irt.entries() {
+            return Err(self.err(HwError::Invalid("interrupt remapping table index out of range")));
+        }
+        Ok(irt.slot(index))
+    }
+
     /// Writes table entry `index` (`Irte::default()` to remove it) and
     /// invalidates the unit's cached copy, waiting for it. A present entry
     /// is replaced through not-present, so the unit never sees half of one.
     pub fn set_irte(&mut self, index: u16, entry: crate::ir::Irte) -> Result<(), Error> {
-        let table = self.irt.ok_or(self.err(HwError::NotEnabled))?;
-        if index as usize >= crate::ir::IRTES_PER_PAGE {
-            return Err(self.err(HwError::Invalid("interrupt remapping table index out of range")));
-        }
-        let i = index as usize * 2;
-        let old = self.mem.read(table, i);
+        let (page, i) = self.irte_slot(index)?;
+        let old = self.mem.read(page, i);
         if old & 1 != 0 {
-            self.mem.write(table, i, old & !1);
-            self.flush_irte(table, index);
+            self.mem.write(page, i, old & !1);
+            self.flush_irte(page, i);
             self.submit(&[Descriptor::iec(Some((index, 0)))])?;
         }
         // High half first, present bit (low half) last.
-        self.mem.write(table, i + 1, entry.0[1]);
-        self.mem.write(table, i, entry.0[0]);
-        self.flush_irte(table, index);
+        self.mem.write(page, i + 1, entry.0[1]);
+        self.mem.write(page, i, entry.0[0]);
+        self.flush_irte(page, i);
         self.submit(&[Descriptor::iec(Some((index, 0)))])
     }
 
@@ -536,26 +597,20 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// return on, only the new vector can arrive. `entry`'s high half must
     /// equal the present one's.
     pub fn retarget_irte(&mut self, index: u16, entry: crate::ir::Irte) -> Result<(), Error> {
-        let table = self.irt.ok_or(self.err(HwError::NotEnabled))?;
-        if index as usize >= crate::ir::IRTES_PER_PAGE {
-            return Err(self.err(HwError::Invalid("interrupt remapping table index out of range")));
-        }
-        let i = index as usize * 2;
-        if self.mem.read(table, i) & 1 == 0 || self.mem.read(table, i + 1) != entry.0[1] || entry.0[0] & 1 == 0 {
+        let (page, i) = self.irte_slot(index)?;
+        if self.mem.read(page, i) & 1 == 0 || self.mem.read(page, i + 1) != entry.0[1] || entry.0[0] & 1 == 0 {
             return Err(self.err(HwError::Invalid("retarget of an absent entry or with another source check")));
         }
-        self.mem.write(table, i, entry.0[0]);
-        self.flush_irte(table, index);
+        self.mem.write(page, i, entry.0[0]);
+        self.flush_irte(page, i);
         self.submit(&[Descriptor::iec(Some((index, 0)))])
     }
 
-    /// A free table entry index (not present, not handed out), or
-    /// `NoIrte` when all are in use.
+    /// A free table entry index (not handed out), lowest first, or
+    /// `TableFull` when all are in use.
     pub fn alloc_irte(&mut self) -> Result<u16, Error> {
-        if self.irt.is_none() {
-            return Err(self.err(HwError::NotEnabled));
-        }
-        for (w, word) in self.irt_used.iter_mut().enumerate() {
+        let irt = self.irt.as_mut().ok_or(UnitError { unit: self.base, cause: HwError::NotEnabled })?;
+        for (w, word) in irt.used.iter_mut().enumerate() {
             if *word != u64::MAX {
                 let bit = (!*word).trailing_zeros();
                 *word |= 1 << bit;
@@ -568,7 +623,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// Clears entry `index` (blocking its interrupts) and makes it free.
     pub fn free_irte(&mut self, index: u16) -> Result<(), Error> {
         self.set_irte(index, crate::ir::Irte::default())?;
-        if let Some(word) = self.irt_used.get_mut(index as usize / 64) {
+        if let Some(word) = self.irt.as_mut().and_then(|t| t.used.get_mut(index as usize / 64)) {
             *word &= !(1 << (index % 64));
         }
         Ok(())
@@ -576,14 +631,15 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// Table entry `index` as the unit sees it.
     pub fn irte(&self, index: u16) -> Option<crate::ir::Irte> {
-        let table = self.irt?;
-        let i = (index as usize).checked_mul(2).filter(|&i| i < crate::ir::IRTES_PER_PAGE * 2)?;
-        Some(crate::ir::Irte([self.mem.read(table, i), self.mem.read(table, i + 1)]))
+        let (page, i) = self.irte_slot(index).ok()?;
+        Some(crate::ir::Irte([self.mem.read(page, i), self.mem.read(page, i + 1)]))
     }
 
-    fn flush_irte(&mut self, table: u64, index: u16) {
+    /// Writes back entry word `i` of `page` (and the other half: an entry
+    /// is 16 aligned bytes, within one cache line).
+    fn flush_irte(&mut self, page: u64, i: usize) {
         if !self.mem.coherent() {
-            self.mem.flush(table + index as u64 * 16, 16);
+            self.mem.flush(page + i as u64 * 8, 16);
         }
     }
 

@@ -4,7 +4,7 @@
 //! wait descriptors writing their status, fault recording registers with
 //! RW1C F bits).
 
-use io_pgtable::{HeapTables, TableMemory};
+use io_pgtable::{ContiguousMemory, HeapTables, TableMemory};
 use portcullis_iommu::testing::{DeviceMemory, TickClock};
 use std::sync::{Arc, Mutex};
 use vtd::regs::{Fsts, Gsts};
@@ -30,10 +30,19 @@ impl TableMemory for Shared {
         self.0.lock().unwrap().write(t, i, v)
     }
     fn coherent(&self) -> bool {
-        true
+        self.0.lock().unwrap().coherent()
     }
     fn flush(&mut self, p: u64, l: u64) {
         self.0.lock().unwrap().flush(p, l)
+    }
+}
+
+impl ContiguousMemory for Shared {
+    fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
+        self.0.lock().unwrap().alloc_contiguous(pages)
+    }
+    fn free_contiguous(&mut self, base: u64, pages: usize) {
+        self.0.lock().unwrap().free_contiguous(base, pages)
     }
 }
 
@@ -210,12 +219,14 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
         let hw = model.state();
         assert!(hw.gsts.contains(Gsts::IRE | Gsts::TE | Gsts::QIE));
         assert!(!hw.gsts.contains(Gsts::CFI), "compatibility-format interrupts stay blocked");
-        assert_eq!(hw.latched_irta & 0xf, 7, "256 entries");
+        assert_eq!(hw.latched_irta & 0xf, 15, "65536 entries");
         assert_eq!(hw.latched_irta & !0xfff, hw.irta & !0xfff);
         let kinds = kinds(&hw.log);
         assert_eq!(&kinds[kinds.len() - 2..], [4, 5], "global interrupt entry cache invalidation, then a wait");
         assert_eq!(hw.log[hw.log.len() - 2].what, Invalidation::InterruptEntries(None), "global");
     }
+    assert_eq!(model.interrupt_table_entries(), Some(65536));
+    assert_eq!(u.interrupt_table_entries(), 65536);
     let table = model.state().irta & !0xfff;
     assert_eq!(model.interrupt_table(), Some(model.state().irta));
     let e = Irte::remapped(0x29, 0, false, 0x0008);
@@ -238,19 +249,74 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     assert_eq!(iec(&model).len(), before + 2);
     u.set_irte(5, Irte::default()).unwrap();
     assert!(!u.irte(5).unwrap().present());
-    // The allocator hands out each entry once, then refuses.
-    let got: Vec<u16> = (0..256).map(|_| u.alloc_irte().unwrap()).collect();
-    assert_eq!(got, (0..256).collect::<Vec<u16>>());
+    // Entries above 255 live in the table's later pages, where the unit
+    // reads them (16 bytes each from IRTA), and are invalidated by index.
+    for index in [256u16, 0x1234, 0xffff] {
+        let e = Irte::remapped(0x30, 1, false, 0x0100);
+        u.set_irte(index, e).unwrap();
+        assert_eq!(u.irte(index), Some(e));
+        assert_eq!(remap(&model, &mem_of(&u), index), Some((0x30, 1)), "entry {index:#x}");
+        assert_eq!(iec(&model).last(), Some(&Some((index, 0))));
+    }
+    // The allocator hands out each entry once, lowest first, then refuses.
+    let got: Vec<u16> = (0..65536).map(|_| u.alloc_irte().unwrap()).collect();
+    assert!(got.iter().enumerate().all(|(i, &h)| h as usize == i));
     assert_eq!(u.alloc_irte(), Err(Error { unit: BASE, cause: HwError::TableFull }));
-    u.set_irte(7, e).unwrap();
-    u.free_irte(7).unwrap();
-    assert!(!u.irte(7).unwrap().present(), "freeing clears the entry");
-    assert_eq!(u.alloc_irte().unwrap(), 7);
-    assert!(matches!(u.set_irte(256, e), Err(Error { cause: HwError::Invalid(_), .. })), "beyond the table");
+    u.set_irte(300, e).unwrap();
+    u.free_irte(300).unwrap();
+    assert!(!u.irte(300).unwrap().present(), "freeing clears the entry");
+    assert_eq!(u.alloc_irte().unwrap(), 300);
     u.disable_interrupt_remapping().unwrap();
     assert!(!model.state().gsts.contains(Gsts::IRE));
     assert_eq!(model.interrupt_table(), None);
     assert_eq!(u.set_irte(5, e), Err(Error { unit: BASE, cause: HwError::NotEnabled }), "remapping is off");
+    assert_eq!(u.interrupt_table_entries(), 0);
+    assert_eq!(u.memory().0.lock().unwrap().live_tables(), 3, "root, status page and queue: the table went");
+}
+
+/// The memory a unit's tables are in (shared with the model).
+fn mem_of(u: &Unit<RegisterModel, Shared, TickClock>) -> Shared {
+    u.memory().clone()
+}
+
+#[test]
+fn without_a_contiguous_run_the_table_is_one_page() {
+    use vtd::ir::Irte;
+    let (model, mut u) = unit();
+    u.enable(true).unwrap();
+    // The next allocation (the 1 MiB run) fails; the single page does not.
+    u.memory().0.lock().unwrap().fail_nth_alloc(Some(1));
+    u.enable_interrupt_remapping().unwrap();
+    assert_eq!(model.state().latched_irta & 0xf, 7, "256 entries");
+    assert_eq!((model.interrupt_table_entries(), u.interrupt_table_entries()), (Some(256), 256));
+    let got: Vec<u16> = (0..256).map(|_| u.alloc_irte().unwrap()).collect();
+    assert_eq!(got, (0..256).collect::<Vec<u16>>());
+    assert_eq!(u.alloc_irte(), Err(Error { unit: BASE, cause: HwError::TableFull }));
+    let e = Irte::remapped(0x29, 0, false, 0x0008);
+    u.set_irte(255, e).unwrap();
+    assert_eq!(remap(&model, &mem_of(&u), 255), Some((0x29, 0)));
+    assert!(matches!(u.set_irte(256, e), Err(Error { cause: HwError::Invalid(_), .. })), "beyond the table");
+    assert_eq!(u.irte(256), None);
+    u.disable_interrupt_remapping().unwrap();
+    assert_eq!(u.memory().0.lock().unwrap().live_tables(), 3, "the page went back");
+}
+
+#[test]
+fn a_non_coherent_unit_flushes_the_whole_table_and_each_entry() {
+    use vtd::ir::Irte;
+    let heap = HeapTables::new(false);
+    let mem = Shared(Arc::new(Mutex::new(heap)));
+    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
+    let mut u = Unit::new(BASE, model.clone(), mem.clone(), TickClock::default()).unwrap();
+    u.enable(true).unwrap();
+    mem.0.lock().unwrap().record_flushes(true);
+    u.enable_interrupt_remapping().unwrap();
+    let table = model.state().latched_irta & !0xfff;
+    let log = mem.0.lock().unwrap().take_flush_log();
+    assert!((0..(1u64 << 20) / 64).all(|l| log.contains_key(&(table + l * 64))), "every line of the 1 MiB table");
+    u.set_irte(0x1234, Irte::remapped(0x29, 0, false, 8)).unwrap();
+    let log = mem.0.lock().unwrap().take_flush_log();
+    assert!(log.contains_key(&(table + 0x1234 * 16)), "the entry's line: {log:x?}");
 }
 
 #[test]
@@ -290,7 +356,10 @@ fn model_with_ecap(extra: u64) -> (RegisterModel, Shared) {
 /// bits 63:32 whole, without it the xAPIC id in bits 47:40.
 fn remap(model: &RegisterModel, mem: &Shared, index: u16) -> Option<(u8, u32)> {
     let irta = model.state().latched_irta;
-    let low = mem.read(irta & !0xfff, index as usize * 2);
+    if index as usize >= model.interrupt_table_entries()? {
+        return None;
+    }
+    let low = mem.read_u64((irta & !0xfff) + index as u64 * 16);
     if low & 1 == 0 {
         return None;
     }
@@ -338,7 +407,7 @@ fn x2apic_destinations_take_32_bit_apic_ids() {
         let hw = model.state();
         assert!(hw.gsts.contains(Gsts::IRE), "remapping on");
         assert_ne!(hw.latched_irta & (1 << 11), 0, "IRTA.EIME latched");
-        assert_eq!(hw.latched_irta & 0xf, 7, "256 entries");
+        assert_eq!(hw.latched_irta & 0xf, 15, "65536 entries");
     }
     assert!(unit.lock().x2apic_destinations());
     let route = unit.route_msi(0x0008, 0x29, 0x1234_5678).unwrap();
