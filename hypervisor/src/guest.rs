@@ -40,6 +40,18 @@ pub const EDU: u64 = 0x800_0000;
 pub const OUTSIDE: u64 = RAM_SIZE;
 /// The address its CPU touches outside its RAM (not in the nested table).
 pub const NPF_PROBE: u64 = 0x60_0000;
+/// A quadword the hypervisor sets before the guest starts: 4 (edu's
+/// "raise an interrupt on completion" command bit) when edu's MSI reaches
+/// the guest as [`VECTOR`], 0 when the guest must poll.
+pub const MAILBOX: u64 = 0x5000;
+/// The guest's count of interrupts its handler took.
+pub const IRQ_COUNT: u64 = 0x5008;
+/// Its IDT pseudo-descriptor (10 bytes).
+pub const IDT_PTR: u64 = 0x5ff0;
+/// Its IDT (vectors 0 to [`VECTOR`]; only [`VECTOR`] is present).
+pub const IDT: u64 = 0x6000;
+/// The vector edu's interrupt arrives on in the guest.
+pub const VECTOR: u64 = 0x30;
 /// edu's internal buffer, as a DMA address.
 pub const EDU_BUFFER: u64 = 0x4_0000;
 
@@ -48,7 +60,8 @@ pub mod req {
     /// RBX = [`super::HELLO`]: the guest is running.
     pub const HELLO: u64 = 1;
     /// The copy: RBX = quadwords of DST that differ from SRC, RCX = 1 when
-    /// both DMAs completed (0: timed out).
+    /// both DMAs completed (0: timed out), RDX = interrupts its handler
+    /// took.
     pub const COPY: u64 = 2;
     /// The DMA outside RAM: RBX = its GPA, RCX = 1 when edu finished it.
     pub const OUTSIDE: u64 = 3;
@@ -79,6 +92,28 @@ global_asm!(
     "mov eax, {hello_req}",
     "mov ebx, {hello}",
     "vmmcall",
+    // Interrupts or polling; with interrupts, an IDT entry for VECTOR.
+    "mov rax, {mailbox}",
+    "mov r13, [rax]",
+    "xor r14d, r14d",
+    "test r13, r13",
+    "jz .Lg_no_idt",
+    "lea rax, [rip + .Lg_isr]",
+    "mov rdi, {idt} + {vector} * 16",
+    "mov word ptr [rdi], ax",
+    "mov word ptr [rdi + 2], 0x08",
+    "mov word ptr [rdi + 4], 0x8e00",
+    "shr rax, 16",
+    "mov word ptr [rdi + 6], ax",
+    "shr rax, 16",
+    "mov dword ptr [rdi + 8], eax",
+    "mov dword ptr [rdi + 12], 0",
+    "mov rdi, {idt_ptr}",
+    "mov word ptr [rdi], {vector} * 16 + 15",
+    "mov qword ptr [rdi + 2], {idt}",
+    "lidt [rdi]",
+    "sti",
+    ".Lg_no_idt:",
     // The pattern at SRC.
     "mov rdi, {src}",
     "mov r8, 0x5a17c0de00000000",
@@ -97,13 +132,17 @@ global_asm!(
     "mov qword ptr [rsi + 0x80], {src}",
     "mov qword ptr [rsi + 0x88], {buffer}",
     "mov qword ptr [rsi + 0x90], 4096",
-    "mov qword ptr [rsi + 0x98], 1",
+    "mov rax, 1",
+    "or rax, r13",
+    "mov [rsi + 0x98], rax",
     "call .Lg_wait",
     "mov r12, rax",
     "mov qword ptr [rsi + 0x80], {buffer}",
     "mov qword ptr [rsi + 0x88], {dst}",
     "mov qword ptr [rsi + 0x90], 4096",
-    "mov qword ptr [rsi + 0x98], 3",
+    "mov rax, 3",
+    "or rax, r13",
+    "mov [rsi + 0x98], rax",
     "call .Lg_wait",
     "and r12, rax",
     // Compare.
@@ -122,8 +161,11 @@ global_asm!(
     "jne .Lg_cmp",
     "mov eax, {copy_req}",
     "mov rcx, r12",
+    "mov rdx, {irq_count}",
+    "mov rdx, [rdx]",
     "vmmcall",
-    // edu writes its buffer outside RAM.
+    // edu writes its buffer outside RAM (polled).
+    "xor r13d, r13d",
     "mov qword ptr [rsi + 0x80], {buffer}",
     "mov qword ptr [rsi + 0x88], {outside}",
     "mov qword ptr [rsi + 0x90], 4096",
@@ -145,9 +187,12 @@ global_asm!(
     ".Lg_halt:",
     "hlt",
     "jmp .Lg_halt",
-    // RAX = 1 once edu's command register says idle, 0 after POLLS reads.
+    // RAX = 1 once edu's command register says idle (or, with
+    // interrupts, once the handler counted one more), 0 after POLLS reads.
     ".Lg_wait:",
     "mov rcx, {polls}",
+    "test r13, r13",
+    "jnz .Lg_wait_irq",
     ".Lg_poll:",
     "mov rax, [rsi + 0x98]",
     "test al, 1",
@@ -160,6 +205,29 @@ global_asm!(
     ".Lg_idle:",
     "mov eax, 1",
     "ret",
+    ".Lg_wait_irq:",
+    "inc r14",
+    "mov rdx, {irq_count}",
+    ".Lg_wait_count:",
+    "cmp [rdx], r14",
+    "jae .Lg_idle",
+    "pause",
+    "dec rcx",
+    "jnz .Lg_wait_count",
+    "xor eax, eax",
+    "ret",
+    // edu's interrupt: acknowledge its status, count.
+    ".Lg_isr:",
+    "push rax",
+    "push rsi",
+    "mov rsi, {edu}",
+    "mov eax, dword ptr [rsi + 0x24]",
+    "mov dword ptr [rsi + 0x64], eax",
+    "mov rax, {irq_count}",
+    "lock inc qword ptr [rax]",
+    "pop rsi",
+    "pop rax",
+    "iretq",
     "portcullis_guest_end:",
     ".popsection",
     hello_req = const req::HELLO,
@@ -175,4 +243,9 @@ global_asm!(
     outside = const OUTSIDE,
     probe = const NPF_PROBE,
     polls = const POLLS,
+    mailbox = const MAILBOX,
+    irq_count = const IRQ_COUNT,
+    idt = const IDT,
+    idt_ptr = const IDT_PTR,
+    vector = const VECTOR,
 );

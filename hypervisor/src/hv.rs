@@ -12,7 +12,9 @@ use alloc::vec::Vec;
 use core::arch::x86_64::__cpuid;
 use portcullis::{Function, GuestAddr, PhysAddr, Platform, Vendor};
 use portcullis_kernel::Platform as Machine;
+use portcullis_kernel::arch::irq;
 use portcullis_kernel::host::{GuestDma, Iommus, KernelHost};
+use portcullis_kernel::pci::PciDevice;
 use portcullis_kernel::println;
 
 /// How the run ended.
@@ -28,6 +30,8 @@ const GUARD_PAGES: u64 = 2;
 const CANARY: u8 = 0xc5;
 /// More exits than this: the guest is stuck in a loop of them.
 const MAX_EXITS: usize = 64;
+/// The host vector edu's MSI is routed to.
+const HOST_VECTOR: u8 = 0x2a;
 
 macro_rules! fail {
     ($($t:tt)*) => { return Outcome::Fail(format!($($t)*)) };
@@ -62,7 +66,7 @@ pub fn run(p: &Machine) -> Outcome {
 
     // The device: the first edu, on the root bus.
     let Some(dev) = p.find_pci(0x1234, 0x11e8) else { fail!("no edu device") };
-    let (seg, bdf) = (dev.segment, dev.bdf);
+    let bdf = dev.bdf;
     let Some(bar0) = dev.bars.iter().find(|b| b.index == 0).map(|b| b.base) else { fail!("edu {bdf} has no BAR0") };
     // Memory decoding and bus mastering on (the kernel's edu driver does
     // that; the hypervisor never touches its registers itself).
@@ -82,7 +86,7 @@ pub fn run(p: &Machine) -> Outcome {
             host.write_phys(PhysAddr(base + i * 4096), &canary).expect("guard frames are RAM");
         }
     }
-    let r = run_guest(p, &host, &iommus, seg, bdf, bar0, ram, &guards);
+    let r = run_guest(p, &host, &iommus, dev, bar0, ram, &guards);
     host.free_frames(PhysAddr(frames), total);
     r
 }
@@ -92,12 +96,12 @@ fn run_guest(
     p: &Machine,
     host: &KernelHost,
     iommus: &Iommus,
-    seg: u16,
-    bdf: portcullis::Bdf,
+    dev: &PciDevice,
     bar0: u64,
     ram: u64,
     guards: &[(u64, u64)],
 ) -> Outcome {
+    let (seg, bdf) = (dev.segment, dev.bdf);
     let function = Function { segment: seg, bdf };
     println!(
         "guest memory: GPA {:#x}-{:#x} ({} MiB) is host {:#x}-{:#x} (not identity-placed); {} guard frames with canary {:#04x} on each side",
@@ -162,7 +166,8 @@ fn run_guest(
     if let Err(e) = dma.add_memory(GuestAddr(0), PhysAddr(ram), guest::RAM_SIZE, true) {
         fail!("{}", err("add_memory", e));
     }
-    if !iommus.interrupts_isolated(seg, bdf) {
+    let isolated = iommus.interrupts_isolated(seg, bdf);
+    if !isolated {
         println!(
             "note: this IOMMU does not remap edu's interrupts here; assigning it anyway (the guest polls, no MSI is routed)"
         );
@@ -178,8 +183,32 @@ fn run_guest(
         guest::RAM_SIZE - 1
     );
 
+    // edu's MSI: through interrupt remapping to a host vector, injected
+    // into the guest on arrival.
+    let interrupts = if isolated {
+        let Some(apic) = irq::apic_id() else { fail!("no local APIC") };
+        let msi = match dma.route_msi(seg, bdf, HOST_VECTOR, apic) {
+            Ok(m) => m,
+            Err(e) => fail!("{}", err("route_msi", e)),
+        };
+        if !portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi.address, msi.data))) {
+            fail!("edu {bdf} has no MSI capability");
+        }
+        println!(
+            "interrupts: edu's MSI routed through interrupt remapping to host vector {HOST_VECTOR:#x} (address {:#x}, data {:#x}); the hypervisor injects each as vector {:#x} into the guest",
+            msi.address,
+            msi.data,
+            guest::VECTOR
+        );
+        gw(guest::MAILBOX, 4);
+        true
+    } else {
+        println!("interrupts: none routed; the guest polls edu's status");
+        false
+    };
+
     let outcome = match Vmcb::new(host) {
-        Some(vmcb) => run_and_check(p, host, &vmcb, &npt, &mut dma, function, guards),
+        Some(vmcb) => run_and_check(p, host, &vmcb, &npt, &mut dma, function, guards, interrupts),
         None => Outcome::Fail("no frame for the VMCB".into()),
     };
     if let Err(e) = dma.unassign(seg, bdf) {
@@ -192,7 +221,7 @@ fn run_guest(
 #[derive(Debug, Default)]
 struct Report {
     hello: bool,
-    copy: Option<(u64, bool)>,
+    copy: Option<(u64, bool, u64)>,
     outside: Option<(u64, bool)>,
     expect_npf: Option<(u64, u64)>,
     npf: Option<u64>,
@@ -209,6 +238,7 @@ fn run_and_check(
     dma: &mut GuestDma,
     function: Function,
     guards: &[(u64, u64)],
+    interrupts: bool,
 ) -> Outcome {
     // SVM on; the host save area.
     let Some(PhysAddr(hsave)) = host.alloc_frames(1, 4096) else { fail!("no frame for the host save area") };
@@ -223,18 +253,21 @@ fn run_and_check(
     let mut rep = Report::default();
     let mut exits = 0;
     let mut failure = None;
+    let host_count = irq::count(HOST_VECTOR);
+    let mut injected = 0u64;
     while exits < MAX_EXITS && failure.is_none() && !rep.halted {
         svm::vmrun(vmcb.pa, &mut regs);
         exits += 1;
-        // Only the first run flushes the TLB.
+        // Only the first run flushes the TLB; an injection happens once.
         vmcb.set(ctl::TLB_CONTROL, 1, 0);
+        vmcb.w64(ctl::EVENTINJ, 0);
         let code = vmcb.r64(ctl::EXITCODE);
         let rip = vmcb.r64(save::RIP);
         let prefix = format!("#VMEXIT {code:#x} {} at guest RIP {rip:#x}", exit::name(code));
         match code {
             exit::VMMCALL => {
                 let rax = vmcb.r64(save::RAX);
-                match vmcall(&mut rep, rax, regs.rbx, regs.rcx) {
+                match vmcall(&mut rep, rax, &regs) {
                     Ok(what) => println!("{prefix}: {what}"),
                     Err(why) => {
                         println!("{prefix}: {why}");
@@ -264,7 +297,26 @@ fn run_and_check(
                     }
                 }
             }
-            exit::INTR => println!("{prefix}: a host interrupt; resuming the guest"),
+            exit::INTR => {
+                // Take it on the host (IF on until the vector is counted).
+                let before = irq::count(HOST_VECTOR);
+                let deadline = portcullis_kernel::time::uptime_ns() + 100_000_000;
+                irq::enable();
+                while irq::count(HOST_VECTOR) == before && portcullis_kernel::time::uptime_ns() < deadline {
+                    core::hint::spin_loop();
+                }
+                irq::disable();
+                if interrupts && irq::count(HOST_VECTOR) > before {
+                    vmcb.w64(ctl::EVENTINJ, guest::VECTOR | 1 << 31);
+                    injected += 1;
+                    println!(
+                        "{prefix}: edu's MSI arrived on host vector {HOST_VECTOR:#x}; injecting vector {:#x} into the guest",
+                        guest::VECTOR
+                    );
+                } else {
+                    println!("{prefix}: a host interrupt, not the guest's; resuming the guest");
+                }
+            }
             _ => {
                 println!(
                     "{prefix}: EXITINFO1 {:#x}, EXITINFO2 {:#x}",
@@ -282,24 +334,38 @@ fn run_and_check(
     if !rep.halted {
         fail!("the guest did not finish within {MAX_EXITS} exits");
     }
+    let arrived = irq::count(HOST_VECTOR) - host_count;
+    if interrupts {
+        let handled = rep.copy.map_or(0, |c| c.2);
+        if (arrived, injected, handled) != (2, 2, 2) {
+            fail!(
+                "2 DMA completions: {arrived} MSI(s) arrived on the host, {injected} injected, the guest's handler ran {handled} time(s)"
+            );
+        }
+        println!("host: 2 DMA completions, 2 MSIs on the host, 2 injected, the guest's handler ran exactly twice");
+    } else if arrived != 0 {
+        fail!("{arrived} interrupt(s) on host vector {HOST_VECTOR:#x} with no MSI routed");
+    }
     check(p, host, npt, dma, function, guards, &rep)
 }
 
 /// Handles one VMMCALL request; a description, or why it is wrong.
-fn vmcall(rep: &mut Report, rax: u64, rbx: u64, rcx: u64) -> Result<String, String> {
+fn vmcall(rep: &mut Report, rax: u64, regs: &GuestRegs) -> Result<String, String> {
+    let (rbx, rcx) = (regs.rbx, regs.rcx);
     match rax {
         req::HELLO if rbx == guest::HELLO => {
             rep.hello = true;
             Ok("hello from the guest, running in long mode on its own page tables".into())
         }
         req::COPY => {
-            rep.copy = Some((rbx, rcx == 1));
+            rep.copy = Some((rbx, rcx == 1, regs.rdx));
             Ok(format!(
-                "the guest had edu copy GPA {:#x} to GPA {:#x} (4 KiB): DMAs {}, {} quadword(s) differ",
+                "the guest had edu copy GPA {:#x} to GPA {:#x} (4 KiB): DMAs {}, {} quadword(s) differ, its interrupt handler ran {} time(s)",
                 guest::SRC,
                 guest::DST,
                 if rcx == 1 { "completed" } else { "timed out" },
-                rbx
+                rbx,
+                regs.rdx
             ))
         }
         req::OUTSIDE => {
@@ -371,8 +437,8 @@ fn check(
     }
     // The copy, as the guest saw it and in the host's frames.
     match rep.copy {
-        Some((0, true)) => {}
-        Some((bad, done)) => fail!("the guest's copy: {bad} quadword(s) differ, DMAs completed: {done}"),
+        Some((0, true, _)) => {}
+        Some((bad, done, _)) => fail!("the guest's copy: {bad} quadword(s) differ, DMAs completed: {done}"),
         None => fail!("the guest did not report its copy"),
     }
     let Some(dst) = npt.translate(guest::DST) else { fail!("GPA {:#x} is not mapped", guest::DST) };

@@ -63,8 +63,11 @@ pub struct GuestRegs {
 
 // portcullis_hv_vmrun(vmcb_pa: rdi, regs: rsi): keeps the host's
 // callee-saved registers on its stack, loads the guest's from `regs`,
-// runs the guest with GIF clear around VMRUN (interrupts stay with the
-// host until the #VMEXIT), stores the guest's registers back.
+// runs the guest with GIF clear around VMRUN and the host's IF set, so a
+// physical interrupt during the guest is an INTR #VMEXIT (V_INTR_MASKING);
+// after it IF is cleared before GIF is set again, so the interrupt stays
+// pending for the host to take when it chooses. Stores the guest's
+// registers back.
 global_asm!(
     ".pushsection .text.portcullis_hv_vmrun,\"ax\"",
     ".global portcullis_hv_vmrun",
@@ -92,7 +95,9 @@ global_asm!(
     "mov r15, [rsi + 104]",
     "mov rsi, [rsi + 24]",
     "clgi",
+    "sti",
     "vmrun rax",
+    "cli",
     "stgi",
     "push rsi",
     "mov rsi, [rsp + 8]",

@@ -25,6 +25,9 @@ pub mod ctl {
     pub const EXITINFO2: usize = 0x80;
     /// Nested paging enable: bit 0.
     pub const NP_ENABLE: usize = 0x90;
+    /// Event injection: vector bits 7:0, type bits 10:8 (0: external
+    /// interrupt), valid bit 31.
+    pub const EVENTINJ: usize = 0xa8;
     /// The nested page table's root.
     pub const N_CR3: usize = 0xb0;
 }
