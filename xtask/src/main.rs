@@ -1,7 +1,8 @@
 //! `cargo xtask`: build, boot and test Portcullis.
 //!
 //! * `cargo xtask run [--config NAME]`: boot the kernel under QEMU and show
-//!   its platform and IOMMU report.
+//!   its platform and IOMMU report; with `--guest`, boot the hypervisor
+//!   (`hypervisor/`) instead and run its guest.
 //! * `cargo xtask test [--config NAME]... [--qemu-args "..."]`: host tests,
 //!   then the in-guest tests on every QEMU configuration.
 //! * `cargo xtask acpi FILE... [--json]`: decode DMAR/IVRS table dumps.
@@ -10,6 +11,7 @@
 //!   uAPI calls against `iommufd` and report every differing answer.
 
 mod acpi;
+mod guest;
 mod ktap;
 mod qemu;
 mod replay;
@@ -41,6 +43,11 @@ enum Cmd {
         /// Build the kernel with optimisations.
         #[arg(long)]
         release: bool,
+        /// Boot the SVM hypervisor and its guest (edu passed through)
+        /// instead of the report kernel; exits 0 only on
+        /// `guest passthrough: ok`.
+        #[arg(long)]
+        guest: bool,
     },
     /// Run host tests and the in-guest tests on the QEMU matrix.
     Test {
@@ -93,9 +100,12 @@ fn split(args: &Option<String>) -> Vec<String> {
     args.as_deref().map(|s| s.split_whitespace().map(String::from).collect()).unwrap_or_default()
 }
 
-fn run_kernel(config: &str, qemu_args: &[String], release: bool) -> Result<bool> {
+fn run_kernel(config: &str, qemu_args: &[String], release: bool, guest: bool) -> Result<bool> {
     let c = qemu::config(config)?;
     let version = qemu::ensure(&[qemu::Tool::BareMetalTarget, qemu::Tool::Qemu])?.unwrap_or_default();
+    if guest {
+        return run_guest(&c, &version, qemu_args, release);
+    }
     let kernel = qemu::build_kernel("portcullis-kernel", "portcullis", release)?;
     let args = qemu::args(&c, &kernel, &format!("config={}", c.name), "stdio", qemu_args);
     println!("==> {version}: booting configuration '{}' ({})", c.name, c.about);
@@ -107,6 +117,27 @@ fn run_kernel(config: &str, qemu_args: &[String], release: bool) -> Result<bool>
             Ok(false)
         }
         qemu::Ended::TimedOut => bail!("the kernel did not finish within 120 s"),
+    }
+}
+
+/// `cargo xtask run --guest`: the hypervisor and its guest, serial shown
+/// as it comes; true only on `guest passthrough: ok`.
+fn run_guest(c: &qemu::Config, version: &str, qemu_args: &[String], release: bool) -> Result<bool> {
+    let kernel = guest::build(release)?;
+    let log = qemu::target_dir().join("qemu-tests").join(format!("{}-guest.log", c.name));
+    std::fs::create_dir_all(log.parent().expect("log dir"))?;
+    println!("==> {version}: booting the hypervisor on configuration '{}' ({})", c.name, c.about);
+    let verdict = guest::boot(c, &kernel, &log, qemu_args, Duration::from_secs(120), |l| println!("{l}"))?;
+    match verdict {
+        guest::Verdict::Ok => Ok(true),
+        guest::Verdict::Skipped(why) => {
+            eprintln!("the guest could not run here: {why}");
+            Ok(false)
+        }
+        guest::Verdict::Failed(why) => {
+            eprintln!("guest passthrough failed: {why} (serial in {})", log.display());
+            Ok(false)
+        }
     }
 }
 
@@ -158,7 +189,7 @@ fn bench() -> Result<bool> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Run { config, qemu_args, release } => run_kernel(&config, &split(&qemu_args), release),
+        Cmd::Run { config, qemu_args, release, guest } => run_kernel(&config, &split(&qemu_args), release, guest),
         Cmd::Test { config, qemu_args, no_host, no_qemu, timeout, jobs } => {
             let opts = test::Options {
                 configs: config,

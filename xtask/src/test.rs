@@ -5,7 +5,11 @@
 //! exception in a test) or hangs is restarted after the test that was
 //! running, so one bad test costs one failure, not the rest of the run.
 //! Configurations run in parallel, as many at once as there are cores.
+//! On the configurations in `guest::CONFIGS` the hypervisor kernel also
+//! boots once and runs its guest (a row `NAME guest` of its own: passed,
+//! skipped when the CPU has no SVM or nested paging, or failed).
 
+use crate::guest;
 use crate::ktap::{self, Status};
 use crate::qemu::{self, Config, EXIT_CRASH, EXIT_FAILURE, EXIT_SUCCESS, Ended};
 use anyhow::{Context, Result, bail};
@@ -69,6 +73,12 @@ pub fn run(opts: &Options) -> Result<bool> {
         };
         println!("==> building the test kernel");
         let kernel = qemu::build_kernel("qemu-tests", "portcullis-tests", false)?;
+        let hv = if configs.iter().any(|c| guest::CONFIGS.contains(&c.name)) {
+            println!("==> building the hypervisor kernel");
+            Some(guest::build(false)?)
+        } else {
+            None
+        };
         let logs = qemu::target_dir().join("qemu-tests");
         std::fs::create_dir_all(&logs)?;
         println!(
@@ -78,7 +88,7 @@ pub fn run(opts: &Options) -> Result<bool> {
             opts.jobs,
             logs.display()
         );
-        rows.extend(run_matrix(&configs, &kernel, &logs, opts));
+        rows.extend(run_matrix(&configs, &kernel, hv.as_deref(), &logs, opts));
     }
     print_summary(&rows, started.elapsed());
     Ok(rows.iter().all(|r| r.failed == 0))
@@ -127,7 +137,7 @@ fn host_tests() -> Result<Row> {
     Ok(row)
 }
 
-fn run_matrix(configs: &[Config], kernel: &Path, logs: &Path, opts: &Options) -> Vec<Row> {
+fn run_matrix(configs: &[Config], kernel: &Path, hv: Option<&Path>, logs: &Path, opts: &Options) -> Vec<Row> {
     let queue = Mutex::new(configs.iter().enumerate().rev().collect::<Vec<_>>());
     let results = Mutex::new(BTreeMap::new());
     std::thread::scope(|s| {
@@ -137,7 +147,11 @@ fn run_matrix(configs: &[Config], kernel: &Path, logs: &Path, opts: &Options) ->
                     let next = queue.lock().unwrap().pop();
                     let Some((i, c)) = next else { break };
                     let row = run_config(c, kernel, logs, opts);
-                    results.lock().unwrap().insert(i, row);
+                    results.lock().unwrap().insert((i, 0), row);
+                    if let Some(hv) = hv.filter(|_| guest::CONFIGS.contains(&c.name)) {
+                        let row = run_guest(c, hv, logs, opts);
+                        results.lock().unwrap().insert((i, 1), row);
+                    }
                 }
             });
         }
@@ -171,6 +185,32 @@ fn run_config(c: &Config, kernel: &Path, logs: &Path, opts: &Options) -> Row {
             row.boots
         ),
     );
+    row
+}
+
+/// Boots the hypervisor on `c` once: its guest's passthrough check.
+fn run_guest(c: &Config, hv: &Path, logs: &Path, opts: &Options) -> Row {
+    let start = Instant::now();
+    let label = format!("{} guest", c.name);
+    let mut row = Row { name: label.clone(), boots: 1, ..Row::default() };
+    let log = logs.join(format!("{}-guest.log", c.name));
+    match guest::boot(c, hv, &log, &opts.qemu_args, opts.boot_timeout, |_| {}) {
+        Ok(guest::Verdict::Ok) => row.passed = 1,
+        Ok(guest::Verdict::Skipped(why)) => {
+            row.skipped = 1;
+            progress(&label, &format!("skipped: {why}"));
+        }
+        Ok(guest::Verdict::Failed(why)) => {
+            row.failed = 1;
+            row.failures.push(format!("{label} guest_passthrough: {why}; see {}", log.display()));
+        }
+        Err(e) => {
+            row.failed = 1;
+            row.failures.push(format!("{label}: could not start QEMU: {e:#}"));
+        }
+    }
+    row.time = start.elapsed();
+    progress(&label, &format!("finished: {} passed, {} failed, {} skipped", row.passed, row.failed, row.skipped));
     row
 }
 
