@@ -293,6 +293,16 @@ impl<P: Platform> GuestDma<P> {
         }
         let at = device.requester();
         let group = self.group(function)?;
+        // The group also carries an IOAPIC's messages the host routes: the
+        // host's (a guest's device entry would take the IOAPIC's routes).
+        let routed = self
+            .machine
+            .groups
+            .get(group)
+            .is_some_and(|g| g.requester_ids.iter().any(|&r| iommus.ioapic_source_routed(g.unit, r)));
+        if routed {
+            return Err(PassthroughError::Owned(function, Owner::Host));
+        }
         self.machine.hold(function, group, self.owner).map_err(|t| PassthroughError::Owned(function, t.owner))?;
         // The unit's interrupt table for the requester id holds as many
         // entries as the function has vectors (AMD-Vi; VT-d has one table).

@@ -261,6 +261,13 @@ impl<P: Platform> Iommus<P> {
         Ok(())
     }
 
+    /// Whether an IOAPIC whose messages carry `requester_id` on unit
+    /// `unit` has live routes (its group then serves the host: no guest
+    /// may be given it).
+    pub fn ioapic_source_routed(&self, unit: usize, requester_id: u16) -> bool {
+        self.ioapic_routes().state.lock().routes.values().any(|r| r.unit == unit && r.source_id == requester_id)
+    }
+
     /// The remapping entry (unit-specific index) and source id of route
     /// `handle`, for reports and tests.
     pub fn ioapic_route_entry(&self, handle: IoapicHandle) -> Option<(IoapicSource, u16)> {

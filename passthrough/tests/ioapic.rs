@@ -239,5 +239,11 @@ fn amd_ioapic_refused_while_a_guest_owns_its_device_id() {
     let e = iommus.route_ioapic(9, PinMode::EDGE_HIGH, 0x41, 0).unwrap_err();
     assert_eq!(e, PassthroughError::Ioapic(9, IoapicError::SourceOwned(guest.owner())));
     guest.unassign(0, smbus).unwrap();
-    iommus.route_ioapic(9, PinMode::EDGE_HIGH, 0x41, 0).unwrap();
+    let route = iommus.route_ioapic(9, PinMode::EDGE_HIGH, 0x41, 0).unwrap();
+    // And the other way round: while the host routes the IOAPIC, no
+    // guest can be given the function carrying its device id.
+    let f = portcullis::Function { segment: 0, bdf: smbus };
+    assert_eq!(guest.assign(&iommus, 0, smbus), Err(PassthroughError::Owned(f, portcullis::Owner::Host)));
+    iommus.free_ioapic(route.handle).unwrap();
+    guest.assign(&iommus, 0, smbus).unwrap();
 }
