@@ -436,13 +436,17 @@ fn owners(
 ) {
     for (f, a) in iommus.assignments().filter(|(_, a)| a.unit == unit) {
         let d = p.pci.iter().find(|d| d.segment == f.segment && d.bdf == f.bdf);
+        let group = iommus.group_of(f.segment, f.bdf);
+        let owner = iommus.owner_of(f.segment, f.bdf);
         println!(
-            "         {} {} {} {:#06x}{}: {}",
+            "         {} {} {} {:#06x}{}, group {}{}: {}",
             f,
             d.map(|d| alloc::format!("{:04x}:{:04x}", d.vendor, d.device)).unwrap_or_default(),
             id_name,
             a.requester_id,
             a.alias_bridge.map(|b| alloc::format!(" (via bridge {})", b)).unwrap_or_default(),
+            group.map_or_else(|| alloc::string::String::from("?"), |g| alloc::format!("{}", g.id.0)),
+            owner.map(|o| alloc::format!(", owned by {o}")).unwrap_or_default(),
             match attached(a.requester_id) {
                 Some(did) => alloc::format!("attached, domain {did}"),
                 None => "blocked (no domain)".into(),
