@@ -20,7 +20,7 @@ use iommufd::dispatch::ioctl;
 use iommufd::errno::Errno;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
 use iommufd::selftest::cmd::MockDevice;
-use iommufd::selftest::mock::{MOCK_APERTURE_START, MockFaults};
+use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain, MockFaults};
 use iommufd::uapi::{
     IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_UNMAP, IommuIoasMap, IommuIoasUnmap,
 };
@@ -69,6 +69,8 @@ struct World {
     b: u32,
     spare_dev: u32,
     dev_a: u32,
+    /// A HWPT of `a` made with dirty tracking (on), with its own device.
+    dirty: u32,
 }
 
 fn world() -> World {
@@ -89,7 +91,11 @@ fn world() -> World {
     // A second area, so that filling a new domain of b can fail half-way.
     ictx.ioas_map(b, Some(MOCK_APERTURE_START + 0x30000), USER + 0x28000, 2 * PAGE_SIZE, true, true).unwrap();
     let spare_dev = ictx.bind_device(device()).unwrap();
-    World { mem, ictx, faults, a, b, spare_dev, dev_a }
+    let d3 = ictx.bind_device(device()).unwrap();
+    let dirty = ictx.hwpt_alloc_with(d3, a, true).unwrap();
+    ictx.attach(d3, dirty).unwrap();
+    ictx.hwpt_set_dirty_tracking(dirty, true).unwrap();
+    World { mem, ictx, faults, a, b, spare_dev, dev_a, dirty }
 }
 
 /// After a call that failed with invalidations failing: nothing mapped
@@ -213,6 +219,10 @@ fn operations() -> Vec<Op> {
         ("attach (new domain filled)", Box::new(|w: &World| w.ictx.attach(w.spare_dev, w.b).map(|_| ()))),
         ("hwpt alloc (fill)", Box::new(|w: &World| w.ictx.hwpt_alloc(w.spare_dev, w.a).map(|_| ()))),
         (
+            "hwpt alloc with dirty tracking (fill)",
+            Box::new(|w: &World| w.ictx.hwpt_alloc_with(w.spare_dev, w.a, true).map(|_| ())),
+        ),
+        (
             "replace to another IOAS",
             // Moved: the device is on the new HWPT and only the old one's
             // final invalidation failed; what the sweeps check is the move.
@@ -267,6 +277,21 @@ fn every_failed_invalidation_keeps_what_a_device_may_reach_pinned() {
         ("unmap everything", Box::new(|w: &World| w.ictx.ioas_unmap(w.a, 0, u64::MAX).map(|_| ()))),
         ("detach the last device of a domain", Box::new(|w: &World| w.ictx.detach(w.dev_a))),
         (
+            "read and clear dirty bits",
+            Box::new(move |w: &World| {
+                let h = w.dirty;
+                {
+                    let hwpt = w.ictx.hwpt(h)?;
+                    let mut d = hwpt.domain.lock();
+                    let mock = d.as_any_mut().and_then(|a| a.downcast_mut::<MockDomain>()).expect("a mock domain");
+                    for k in 0..4 {
+                        mock.mark_dirty(MOCK_APERTURE_START + k * 2 * page);
+                    }
+                }
+                w.ictx.hwpt_get_dirty_bitmap(h, MOCK_APERTURE_START, 8 * page, page, USER + 0x30000, false)
+            }),
+        ),
+        (
             "unmap through the dispatcher",
             Box::new(move |w: &World| {
                 let c = IommuIoasUnmap {
@@ -298,6 +323,6 @@ fn every_failed_invalidation_keeps_what_a_device_may_reach_pinned() {
         println!("{name}: {n} failure(s) whose unwinding invalidation failed");
     }
     assert!(report.iter().all(|(_, n)| *n >= 1), "{report:?}");
-    assert_eq!(report[0].1, 2, "one invalidation per domain for the whole unmap");
+    assert_eq!(report[0].1, 3, "one invalidation per domain (three) for the whole unmap");
     assert!(unwinds.iter().filter(|(_, n)| *n >= 1).count() >= 3, "{unwinds:?}");
 }
