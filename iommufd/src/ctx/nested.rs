@@ -247,3 +247,117 @@ impl Ictx {
         h.parent.refs.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::ctx::tests::ctx;
+    use crate::dispatch::ioctl;
+    use crate::errno::Errno;
+    use crate::memsrc::MemorySource;
+    use crate::selftest::cmd::MockDevice;
+    use crate::selftest::mock::MOCK_APERTURE_START;
+    use crate::uapi::*;
+    use alloc::sync::Arc;
+
+    /// User memory of `ctx()`: 16 MiB at 0x4000_0000.
+    const MEM: u64 = 0x4000_0000;
+    const MEM_END: u64 = MEM + (16 << 20);
+
+    /// A context with an IOAS, a mock device attached to it, a NEST_PARENT
+    /// HWPT and a nested HWPT on it: `(ictx, mem, ioas, dev, parent, nested)`.
+    fn world() -> (crate::ctx::Ictx, Arc<crate::memsrc::FakeAddressSpace>, u32, u32, u32, u32) {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let dev = c.bind_nesting_device(Arc::new(MockDevice::new(0))).unwrap();
+        c.attach(dev, ioas).unwrap();
+        let parent = c.hwpt_alloc_flags(dev, ioas, false, true).unwrap();
+        mem.write_user(MEM, &IOMMU_TEST_IOTLB_DEFAULT.to_le_bytes()).unwrap();
+        let data = super::UserData::new(&*mem, IOMMU_HWPT_DATA_SELFTEST, MEM, 4);
+        let nested = c.hwpt_nested_alloc(dev, parent, 0, &data).unwrap();
+        (c, mem, ioas, dev, parent, nested)
+    }
+
+    fn invalidate(c: &crate::ctx::Ictx, hwpt_id: u32, uptr: u64, len: u32, num: u32) -> (Result<(), Errno>, u32) {
+        let cmd = IommuHwptInvalidate {
+            size: IommuHwptInvalidate::SIZE as u32,
+            hwpt_id,
+            data_uptr: uptr,
+            data_type: IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
+            entry_len: len,
+            entry_num: num,
+            ..Default::default()
+        };
+        let mut buf = cmd.to_bytes();
+        let r = ioctl(c, IOMMU_HWPT_INVALIDATE, &mut buf);
+        (r, IommuHwptInvalidate::read(&buf).entry_num)
+    }
+
+    #[test]
+    fn largest_sizes_allocate_nothing() {
+        let (c, mem, _ioas, dev, parent, nested) = world();
+        // The largest entry length is longer than the driver's struct.
+        assert_eq!(invalidate(&c, nested, MEM, u32::MAX, u32::MAX), (Err(Errno::EINVAL), 0));
+        // The largest count of valid entries is read one at a time until
+        // memory ends: the two zeroed entries before the end are handled.
+        mem.write_user(MEM_END - 16, &[0; 16]).unwrap();
+        assert_eq!(invalidate(&c, nested, MEM_END - 16, 8, u32::MAX), (Err(Errno::EFAULT), 2));
+        // The largest HWPT_ALLOC data length is longer than the mock's.
+        let a = IommuHwptAlloc {
+            size: IommuHwptAlloc::SIZE as u32,
+            dev_id: dev,
+            pt_id: parent,
+            data_type: IOMMU_HWPT_DATA_SELFTEST,
+            data_len: u32::MAX,
+            data_uptr: MEM,
+            ..Default::default()
+        };
+        let mut buf = a.to_bytes();
+        assert_eq!(ioctl(&c, IOMMU_HWPT_ALLOC, &mut buf), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn early_errors_write_back_zero() {
+        let (c, _mem, _ioas, _dev, parent, nested) = world();
+        let mut cmd = IommuHwptInvalidate {
+            size: IommuHwptInvalidate::SIZE as u32,
+            hwpt_id: nested,
+            data_uptr: MEM,
+            data_type: IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
+            entry_len: 8,
+            entry_num: 5,
+            __reserved: 1,
+        };
+        let mut buf = cmd.to_bytes();
+        assert_eq!(ioctl(&c, IOMMU_HWPT_INVALIDATE, &mut buf), Err(Errno::EOPNOTSUPP));
+        assert_eq!(IommuHwptInvalidate::read(&buf).entry_num, 0);
+        cmd.__reserved = 0;
+        cmd.hwpt_id = parent;
+        let mut buf = cmd.to_bytes();
+        assert_eq!(ioctl(&c, IOMMU_HWPT_INVALIDATE, &mut buf), Err(Errno::ENOENT));
+        assert_eq!(IommuHwptInvalidate::read(&buf).entry_num, 0);
+    }
+
+    #[test]
+    fn parent_held_and_dma_through_the_nested_domain() {
+        let (c, mem, ioas, dev, parent, nested) = world();
+        c.ioas_map(ioas, Some(MOCK_APERTURE_START), MEM, 0x10000, true, true).unwrap();
+        c.replace(dev, nested).unwrap();
+        assert_eq!(c.attached_hwpt(dev), Ok(Some(nested)));
+        assert_eq!(c.destroy(parent), Err(Errno::EBUSY), "a nested HWPT holds its parent");
+        assert_eq!(c.destroy(nested), Err(Errno::EBUSY), "a device holds its nested HWPT");
+        // The parent's domain stays in the IOAS: it still maps the area.
+        let p = c.hwpt(parent).unwrap();
+        assert!(p.domain.lock().iova_to_phys(MOCK_APERTURE_START).is_some());
+        assert_eq!(c.hwpt(nested).map(|_| ()), Err(Errno::ENOENT), "not a paging HWPT");
+        // A nested HWPT is no parent, and the parent must be NEST_PARENT.
+        let data = super::UserData::new(&*mem, IOMMU_HWPT_DATA_SELFTEST, MEM, 4);
+        assert_eq!(c.hwpt_nested_alloc(dev, nested, 0, &data), Err(Errno::ENOENT));
+        // A device without nesting support.
+        let plain = c.bind_device(Arc::new(MockDevice::new(0))).unwrap();
+        assert_eq!(c.hwpt_nested_alloc(plain, parent, 0, &data), Err(Errno::EOPNOTSUPP));
+        // Closing releases everything, nested HWPT and its device first.
+        assert!(mem.pinned_pages() > 0);
+        drop(c);
+        assert_eq!(mem.pinned_pages(), 0);
+    }
+}
