@@ -11,11 +11,13 @@
 //! the `uapi` module docs), so the same input gives the same errno.
 //!
 //! Dirty tracking (`IOMMU_HWPT_ALLOC_DIRTY_TRACKING`,
-//! `IOMMU_HWPT_SET_DIRTY_TRACKING`, `IOMMU_HWPT_GET_DIRTY_BITMAP`) is
-//! here; not implemented yet, and answered with `EOPNOTSUPP` so callers can
-//! tell: nested HWPTs, HWPT invalidation, fault queues.
+//! `IOMMU_HWPT_SET_DIRTY_TRACKING`, `IOMMU_HWPT_GET_DIRTY_BITMAP`), nested
+//! HWPTs (`IOMMU_HWPT_ALLOC` on a paging HWPT) and `IOMMU_HWPT_INVALIDATE`
+//! are here; not implemented yet, and answered with `EOPNOTSUPP` so callers
+//! can tell: fault queues (so `IOMMU_HWPT_FAULT_ID_VALID` names no fault
+//! object: `ENOENT`).
 
-use crate::ctx::{DeviceOps, Ictx};
+use crate::ctx::{DeviceOps, Ictx, UserData, UserDataArray};
 use crate::errno::{Errno, Result};
 #[cfg(feature = "selftest")]
 use crate::iopt::Owner;
@@ -177,15 +179,24 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
                 Err(_) if ictx.hwpt(c.pt_id).is_ok() => false,
                 Err(_) => return Err(Errno::EINVAL),
             };
-            if !is_ioas {
-                // Nested translation is not implemented yet.
-                return Err(Errno::EOPNOTSUPP);
-            }
-            if c.flags & !IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12 != 0 || c.data_type != IOMMU_HWPT_DATA_NONE {
-                return Err(Errno::EOPNOTSUPP);
-            }
-            let dirty = c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
-            let id = ictx.hwpt_alloc_with(c.dev_id, c.pt_id, dirty)?;
+            let id = if is_ioas {
+                if c.flags & !IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12 != 0 || c.data_type != IOMMU_HWPT_DATA_NONE {
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                let dirty = c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
+                let nest_parent = c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0;
+                ictx.hwpt_alloc_flags(c.dev_id, c.pt_id, dirty, nest_parent)?
+            } else {
+                let data = UserData::new(&**ictx.source(), c.data_type, c.data_uptr, c.data_len);
+                let id = ictx.hwpt_nested_alloc(c.dev_id, c.pt_id, c.flags, &data)?;
+                if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
+                    // No fault objects exist yet (fault queues are not
+                    // built), so every fault_id names nothing.
+                    let _ = ictx.destroy(id);
+                    return Err(Errno::ENOENT);
+                }
+                id
+            };
             c.out_hwpt_id = id;
             respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
                 let _ = ictx.destroy(id);
@@ -229,11 +240,37 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
             let no_clear = c.flags & IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0;
             ictx.hwpt_get_dirty_bitmap(c.hwpt_id, c.iova, c.length, c.page_size, c.data, no_clear)
         }
+        IOMMU_HWPT_INVALIDATE => {
+            let mut c = IommuHwptInvalidate::read(&kbuf);
+            let r = hwpt_invalidate(ictx, &mut c);
+            // The count of requests handled always goes back, also on
+            // failure; a fault writing it wins.
+            respond(&c.to_bytes(), user_size, buf).map_err(|_| Errno::EFAULT)?;
+            r
+        }
         #[cfg(feature = "selftest")]
         IOMMU_TEST_CMD => crate::selftest::cmd::test_cmd(ictx, &kbuf, user_size, buf),
         // Known to 6.12 but not implemented here yet (see module docs).
         _ => Err(Errno::EOPNOTSUPP),
     }
+}
+
+/// `IOMMU_HWPT_INVALIDATE` up to the response: leaves in `c.entry_num`
+/// how many requests were handled (0 when failing before the driver).
+fn hwpt_invalidate(ictx: &Ictx, c: &mut IommuHwptInvalidate) -> Result<()> {
+    let num = core::mem::take(&mut c.entry_num);
+    if c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    if num != 0 && (c.data_uptr == 0 || c.entry_len == 0) {
+        return Err(Errno::EINVAL);
+    }
+    // Entries are read one at a time by the driver, each into its own
+    // struct: entry_num * entry_len never sizes anything.
+    let mut array = UserDataArray::new(&**ictx.source(), c.data_type, c.data_uptr, c.entry_len, num);
+    let r = ictx.hwpt_invalidate(c.hwpt_id, &mut array);
+    c.entry_num = array.entry_num;
+    r
 }
 
 /// Zeroes bytes `[from, to)` of the caller's buffer at `uptr`, in chunks

@@ -11,12 +11,13 @@
 use super::{Ictx, Object};
 use crate::ctx::hw_pagetable::Hwpt;
 use crate::ctx::ioas::Ioas;
+use crate::ctx::nested::{HwptNested, NestingOps};
 use crate::errno::{Errno, Result};
 use crate::iopt::Owner;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
-use portcullis_iommu::DeviceOps;
+use portcullis_iommu::{DeviceHandle, DeviceOps, DomainError};
 use spin::Mutex;
 
 /// Why [`Ictx::replace`] failed, and where that left the device.
@@ -83,6 +84,8 @@ impl core::error::Error for ReplaceError {}
 /// A bound device.
 pub struct Device {
     pub(super) ops: Arc<dyn DeviceOps>,
+    /// The driver's nested-domain support, if it has any.
+    pub(super) nesting: Option<Arc<dyn NestingOps>>,
     /// The HWPT it is attached to.
     pub(super) attached: Mutex<Option<u32>>,
     pub(super) refs: AtomicU32,
@@ -116,7 +119,17 @@ pub struct DeviceOwner {
 impl Ictx {
     /// Binds a device; returns its object id. It starts detached.
     pub fn bind_device(&self, ops: Arc<dyn DeviceOps>) -> Result<u32> {
-        self.insert(Object::Device(Arc::new(Device { ops, attached: Mutex::new(None), refs: AtomicU32::new(0) })))
+        self.bind_device_with(ops, None)
+    }
+
+    /// Binds a device whose driver can also build nested domains.
+    pub fn bind_nesting_device<T: DeviceOps + NestingOps + 'static>(&self, ops: Arc<T>) -> Result<u32> {
+        self.bind_device_with(ops.clone(), Some(ops))
+    }
+
+    fn bind_device_with(&self, ops: Arc<dyn DeviceOps>, nesting: Option<Arc<dyn NestingOps>>) -> Result<u32> {
+        let dev = Device { ops, nesting, attached: Mutex::new(None), refs: AtomicU32::new(0) };
+        self.insert(Object::Device(Arc::new(dev)))
     }
 
     /// Takes an id for an owner object and binds `ops` under it (the
@@ -124,8 +137,22 @@ impl Ictx {
     /// stays invisible until [`Self::finalize_owner`] (or goes with
     /// [`Self::abort_owner`]), as Linux's object under construction.
     pub fn bind_owned_device(&self, ops: Arc<dyn DeviceOps>) -> Result<(u32, u32)> {
+        self.bind_owned_device_with(ops, None)
+    }
+
+    /// [`Self::bind_owned_device`] for a driver that can build nested
+    /// domains.
+    pub fn bind_owned_nesting_device<T: DeviceOps + NestingOps + 'static>(&self, ops: Arc<T>) -> Result<(u32, u32)> {
+        self.bind_owned_device_with(ops.clone(), Some(ops))
+    }
+
+    fn bind_owned_device_with(
+        &self,
+        ops: Arc<dyn DeviceOps>,
+        nesting: Option<Arc<dyn NestingOps>>,
+    ) -> Result<(u32, u32)> {
         let owner_id = self.insert(Object::Placeholder(Arc::new(AtomicU32::new(0))))?;
-        match self.bind_device(ops) {
+        match self.bind_device_with(ops, nesting) {
             Ok(dev_id) => Ok((owner_id, dev_id)),
             Err(e) => {
                 self.objects.lock().remove(&owner_id);
@@ -190,38 +217,39 @@ impl Ictx {
 
     pub(super) fn attach_to(&self, dev_id: u32, dev: &Arc<Device>, pt_id: u32) -> Result<u32> {
         let handle = dev.ops.handle();
-        let try_hwpt = |hwpt_id: u32, hwpt: &Arc<Hwpt>| -> Result<u32> {
+        let try_hwpt = |hwpt_id: u32, pt: &Pt| -> Result<u32> {
             // A domain tracking dirty pages takes only devices whose unit
             // records them.
-            if hwpt.dirty && !dev.ops.supports_dirty_tracking() {
+            if matches!(pt, Pt::Paging(h) if h.dirty) && !dev.ops.supports_dirty_tracking() {
                 return Err(Errno::EINVAL);
             }
-            self.reserve_device(dev_id, dev, &hwpt.ioas)?;
-            if let Err(e) = hwpt.domain.lock().attach_device(handle) {
-                hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+            self.reserve_device(dev_id, dev, pt.ioas())?;
+            if let Err(e) = pt.attach_device(handle) {
+                pt.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
                 // Incompatible is EINVAL (the caller tries the next
                 // automatic HWPT); a hardware refusal EIO or ETIMEDOUT.
                 return Err(crate::iopt::domain_errno(e));
             }
-            hwpt.refs.fetch_add(1, Ordering::SeqCst);
+            pt.refs().fetch_add(1, Ordering::SeqCst);
             *dev.attached.lock() = Some(hwpt_id);
             Ok(hwpt_id)
         };
         match self.get(pt_id)? {
-            Object::Hwpt(hwpt) => try_hwpt(pt_id, &hwpt),
+            Object::Hwpt(hwpt) => try_hwpt(pt_id, &Pt::Paging(hwpt)),
+            Object::HwptNested(hwpt) => try_hwpt(pt_id, &Pt::Nested(hwpt)),
             Object::Ioas(ioas) => {
                 let autos = ioas.auto_hwpts.lock().clone();
                 for id in autos {
                     if let Ok(hwpt) = self.hwpt(id) {
-                        match try_hwpt(id, &hwpt) {
+                        match try_hwpt(id, &Pt::Paging(hwpt)) {
                             Ok(id) => return Ok(id),
                             Err(Errno::EINVAL) => continue,
                             Err(e) => return Err(e),
                         }
                     }
                 }
-                let (id, hwpt) = self.new_hwpt(pt_id, &ioas, dev, true, false)?;
-                match try_hwpt(id, &hwpt) {
+                let (id, hwpt) = self.new_hwpt(pt_id, &ioas, dev, true, false, false)?;
+                match try_hwpt(id, &Pt::Paging(hwpt.clone())) {
                     Ok(id) => Ok(id),
                     Err(e) => {
                         self.objects.lock().remove(&id);
@@ -246,14 +274,17 @@ impl Ictx {
     pub fn detach(&self, dev_id: u32) -> Result<()> {
         let dev = self.device(dev_id)?;
         let Some(hwpt_id) = *dev.attached.lock() else { return Ok(()) };
-        let hwpt = self.hwpt(hwpt_id)?;
-        hwpt.domain.lock().detach_device(dev.ops.handle()).map_err(crate::iopt::domain_errno)?;
+        let pt = self.pt(hwpt_id)?;
+        pt.detach_device(dev.ops.handle()).map_err(crate::iopt::domain_errno)?;
         *dev.attached.lock() = None;
-        hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
-        if hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && hwpt.auto {
+        pt.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
+        if pt.refs().fetch_sub(1, Ordering::SeqCst) == 1
+            && let Pt::Paging(hwpt) = &pt
+            && hwpt.auto
+        {
             self.objects.lock().remove(&hwpt_id);
             // The device is detached either way.
-            self.release_hwpt(hwpt_id, &hwpt)?;
+            self.release_hwpt(hwpt_id, hwpt)?;
         }
         Ok(())
     }
@@ -273,43 +304,45 @@ impl Ictx {
             return Ok(old);
         }
         // Keep the old HWPT alive while trying the new one.
-        let old_hwpt = self.hwpt(old).map_err(ReplaceError::Stayed)?;
+        let old_hwpt = self.pt(old).map_err(ReplaceError::Stayed)?;
         // A domain that cannot let the device go keeps it: nothing changed.
-        old_hwpt
-            .domain
-            .lock()
-            .detach_device(dev.ops.handle())
-            .map_err(|e| ReplaceError::Stayed(crate::iopt::domain_errno(e)))?;
-        old_hwpt.refs.fetch_add(1, Ordering::SeqCst);
+        old_hwpt.detach_device(dev.ops.handle()).map_err(|e| ReplaceError::Stayed(crate::iopt::domain_errno(e)))?;
+        old_hwpt.refs().fetch_add(1, Ordering::SeqCst);
         *dev.attached.lock() = None;
-        old_hwpt.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+        old_hwpt.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
         match self.attach_to(dev_id, &dev, pt_id) {
             Ok(new) => {
                 // Drop the attach's reference and our keep-alive.
-                old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
-                if old_hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && old_hwpt.auto {
+                old_hwpt.refs().fetch_sub(1, Ordering::SeqCst);
+                if old_hwpt.refs().fetch_sub(1, Ordering::SeqCst) == 1
+                    && let Pt::Paging(h) = &old_hwpt
+                    && h.auto
+                {
                     self.objects.lock().remove(&old);
                     // The device is on the new HWPT either way; the old
                     // domain's failed invalidation is still reported.
-                    self.release_hwpt(old, &old_hwpt).map_err(|error| ReplaceError::Moved { hwpt: new, error })?;
+                    self.release_hwpt(old, h).map_err(|error| ReplaceError::Moved { hwpt: new, error })?;
                 }
                 Ok(new)
             }
             Err(error) => match self.reattach(dev_id, &dev, &old_hwpt) {
                 Ok(()) => {
-                    old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
+                    old_hwpt.refs().fetch_sub(1, Ordering::SeqCst);
                     *dev.attached.lock() = Some(old);
                     Err(ReplaceError::Stayed(error))
                 }
                 Err(back) => {
                     // Blocked: drop the device's reference and our
                     // keep-alive, as a detach would.
-                    old_hwpt.refs.fetch_sub(1, Ordering::SeqCst);
-                    if old_hwpt.refs.fetch_sub(1, Ordering::SeqCst) == 1 && old_hwpt.auto {
+                    old_hwpt.refs().fetch_sub(1, Ordering::SeqCst);
+                    if old_hwpt.refs().fetch_sub(1, Ordering::SeqCst) == 1
+                        && let Pt::Paging(h) = &old_hwpt
+                        && h.auto
+                    {
                         self.objects.lock().remove(&old);
                         // A failed invalidation here leaves the old pages
                         // pinned; the replace's own failure is reported.
-                        let _ = self.release_hwpt(old, &old_hwpt);
+                        let _ = self.release_hwpt(old, h);
                     }
                     Err(ReplaceError::Blocked { error, back })
                 }
@@ -319,18 +352,61 @@ impl Ictx {
 
     /// Puts a device back on the HWPT a failed replace took it from: its
     /// reservations in the old IOAS, then the old domain. All or nothing.
-    fn reattach(&self, dev_id: u32, dev: &Device, old: &Hwpt) -> Result<()> {
-        self.reserve_device(dev_id, dev, &old.ioas)?;
-        if let Err(e) = old.domain.lock().attach_device(dev.ops.handle()) {
-            old.ioas.iopt.lock().remove_reserved(Owner::Device(dev_id));
+    fn reattach(&self, dev_id: u32, dev: &Device, old: &Pt) -> Result<()> {
+        self.reserve_device(dev_id, dev, old.ioas())?;
+        if let Err(e) = old.attach_device(dev.ops.handle()) {
+            old.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
             return Err(crate::iopt::domain_errno(e));
         }
         Ok(())
     }
 
+    /// A HWPT a device can be attached to: paging or nested.
+    fn pt(&self, id: u32) -> Result<Pt> {
+        match self.get(id)? {
+            Object::Hwpt(h) => Ok(Pt::Paging(h)),
+            Object::HwptNested(h) => Ok(Pt::Nested(h)),
+            _ => Err(Errno::ENOENT),
+        }
+    }
+
     /// The HWPT a device is attached to.
     pub fn attached_hwpt(&self, dev_id: u32) -> Result<Option<u32>> {
         Ok(*self.device(dev_id)?.attached.lock())
+    }
+}
+
+/// A HWPT a device attaches to. A nested one reserves the device's
+/// regions in its parent's IOAS (the IOAS its stage 2 mirrors).
+enum Pt {
+    Paging(Arc<Hwpt>),
+    Nested(Arc<HwptNested>),
+}
+
+impl Pt {
+    fn ioas(&self) -> &Arc<Ioas> {
+        match self {
+            Pt::Paging(h) => &h.ioas,
+            Pt::Nested(n) => &n.parent.ioas,
+        }
+    }
+    fn refs(&self) -> &AtomicU32 {
+        match self {
+            Pt::Paging(h) => &h.refs,
+            Pt::Nested(n) => &n.refs,
+        }
+    }
+    fn attach_device(&self, dev: DeviceHandle) -> core::result::Result<(), DomainError> {
+        match self {
+            Pt::Paging(h) => h.domain.lock().attach_device(dev),
+            Pt::Nested(n) => n.domain.lock().attach_device(dev),
+        }
+    }
+    fn detach_device(&self, dev: DeviceHandle) -> core::result::Result<(), DomainError> {
+        match self {
+            Pt::Paging(h) => h.domain.lock().detach_device(dev),
+            Pt::Nested(n) => n.domain.lock().detach_device(dev),
+        }
     }
 }
 

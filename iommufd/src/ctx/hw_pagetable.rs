@@ -30,6 +30,9 @@ pub struct Hwpt {
     /// Allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`: the domain can
     /// track dirty pages, and only devices that can are attached.
     pub dirty: bool,
+    /// Allocated with `IOMMU_HWPT_ALLOC_NEST_PARENT`: nested HWPTs may be
+    /// built on it.
+    pub nest_parent: bool,
     pub(super) refs: AtomicU32,
 }
 
@@ -47,6 +50,7 @@ impl Ictx {
         dev: &Device,
         auto: bool,
         dirty: bool,
+        nest_parent: bool,
     ) -> Result<(u32, Arc<Hwpt>)> {
         self.accounting.faults.point()?;
         let mut domain = if dirty {
@@ -69,6 +73,7 @@ impl Ictx {
             auto,
             coherent,
             dirty,
+            nest_parent,
             refs: AtomicU32::new(0),
         });
         let id = self.insert(Object::Hwpt(hwpt.clone()))?;
@@ -91,9 +96,16 @@ impl Ictx {
     /// `IOMMU_HWPT_ALLOC` on an IOAS, with dirty tracking when `dirty`
     /// (`EOPNOTSUPP` when the device's unit cannot track).
     pub fn hwpt_alloc_with(&self, dev_id: u32, ioas_id: u32, dirty: bool) -> Result<u32> {
+        self.hwpt_alloc_flags(dev_id, ioas_id, dirty, false)
+    }
+
+    /// `IOMMU_HWPT_ALLOC` on an IOAS with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`
+    /// (`dirty`) and `IOMMU_HWPT_ALLOC_NEST_PARENT` (`nest_parent`: the
+    /// HWPT can be the parent of nested HWPTs).
+    pub fn hwpt_alloc_flags(&self, dev_id: u32, ioas_id: u32, dirty: bool, nest_parent: bool) -> Result<u32> {
         let dev = self.device(dev_id)?;
         let ioas = self.ioas(ioas_id)?;
-        self.new_hwpt(ioas_id, &ioas, &dev, false, dirty).map(|(id, _)| id)
+        self.new_hwpt(ioas_id, &ioas, &dev, false, dirty, nest_parent).map(|(id, _)| id)
     }
 
     /// `IOMMU_HWPT_SET_DIRTY_TRACKING`: starts or stops dirty tracking of

@@ -3,7 +3,8 @@
 //!
 //! Objects have 31-bit ids, allocated lowest-free from 1 as Linux does.
 //! An object that another object refers to (an IOAS with HWPTs or
-//! accesses, a HWPT with attached devices) cannot be destroyed: `EBUSY`.
+//! accesses, a HWPT with attached devices or nested HWPTs) cannot be
+//! destroyed: `EBUSY`.
 //! A wrong id, or an id of the wrong type, is `ENOENT`.
 //!
 //! Lock order (never taken the other way round):
@@ -23,18 +24,20 @@
 //! holds the context and its object table (lookups, insertion,
 //! `IOMMU_DESTROY`, closing); `ioas` the IOAS operations; `device` device
 //! binding, attach, detach and replace; `hw_pagetable` HWPT allocation and
-//! release; `access` the in-kernel accesses. Every public item is
+//! release; `nested` nested HWPTs and their invalidation; `access` the in-kernel accesses. Every public item is
 //! re-exported here (`ctx::Ictx`, `ctx::DeviceOps`, `ctx::AccessOps`, ...).
 
 mod access;
 mod device;
 mod hw_pagetable;
 mod ioas;
+mod nested;
 
 pub use access::{Access, AccessOps};
 pub use device::{Device, DeviceOwner, ReplaceError};
 pub use hw_pagetable::Hwpt;
 pub use ioas::Ioas;
+pub use nested::{HwptNested, NestedDomain, NestingOps, UserData, UserDataArray};
 pub use portcullis_iommu::DeviceOps;
 
 use crate::errno::{Errno, Result};
@@ -56,6 +59,8 @@ pub enum Object {
     Ioas(Arc<Ioas>),
     /// A paging HWPT.
     Hwpt(Arc<Hwpt>),
+    /// A nested HWPT (on a paging parent).
+    HwptNested(Arc<HwptNested>),
     /// A device.
     Device(Arc<Device>),
     /// An access (in-kernel user of an IOAS).
@@ -74,6 +79,7 @@ impl Object {
         match self {
             Object::Ioas(o) => &o.refs,
             Object::Hwpt(o) => &o.refs,
+            Object::HwptNested(o) => &o.refs,
             Object::Device(o) => &o.refs,
             Object::DeviceOwner(o) => &o.refs,
             Object::Access(o) => &o.refs,
@@ -217,6 +223,7 @@ impl Ictx {
             // reported (its pages stay pinned).
             Object::Ioas(ioas) => ioas.iopt.lock().unmap_all().map(|_| ())?,
             Object::Hwpt(h) => self.release_hwpt(id, &h)?,
+            Object::HwptNested(h) => self.release_nested(&h),
             Object::Device(_) | Object::Access(_) | Object::Placeholder(_) => {
                 unreachable!("refused above: held by their drivers, or not created yet")
             }
@@ -266,7 +273,13 @@ impl Drop for Ictx {
         for id in devices {
             let _ = self.unbind_device(id);
         }
-        // HWPTs first (they hold their IOAS), then IOAS.
+        // Nested HWPTs first (they hold their parent), then paging HWPTs
+        // (they hold their IOAS), then IOAS.
+        let nested: Vec<u32> =
+            self.objects.lock().iter().filter(|(_, o)| matches!(o, Object::HwptNested(_))).map(|(id, _)| *id).collect();
+        for id in nested {
+            let _ = self.destroy(id);
+        }
         let hwpts: Vec<u32> =
             self.objects.lock().iter().filter(|(_, o)| matches!(o, Object::Hwpt(_))).map(|(id, _)| *id).collect();
         for id in hwpts {

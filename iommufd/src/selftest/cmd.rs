@@ -3,15 +3,16 @@
 //! Implemented: ADD_RESERVED, MOCK_DOMAIN, MOCK_DOMAIN_FLAGS,
 //! MOCK_DOMAIN_REPLACE, MD_CHECK_MAP, MD_CHECK_REFS, SET_TEMP_MEMORY_LIMIT,
 //! CREATE_ACCESS, ACCESS_PAGES, DESTROY_ACCESS_PAGES, ACCESS_RW,
-//! ACCESS_REPLACE_IOAS, DIRTY. MD_CHECK_IOTLB and TRIGGER_IOPF (nested
-//! domains, page faults) are not implemented yet and answer `EOPNOTSUPP`.
+//! ACCESS_REPLACE_IOAS, DIRTY, MD_CHECK_IOTLB (the mock nested domain).
+//! TRIGGER_IOPF (page faults) is not implemented yet and answers
+//! `EOPNOTSUPP`.
 //!
 //! Linux hands an access to user space as a file descriptor; here the
 //! "descriptors" are numbers from 3 up in a per-context table, never
 //! reused.
 
-use super::mock::{MOCK_IO_PAGE_SIZE, MockDomain, MockFaults};
-use crate::ctx::{DeviceOps, Ictx};
+use super::mock::{MOCK_IO_PAGE_SIZE, MockDomain, MockFaults, MockNestedDomain};
+use crate::ctx::{DeviceOps, Ictx, NestedDomain, NestingOps, UserData};
 use crate::dispatch::{add_test_reserved, respond};
 use crate::errno::{Errno, Result};
 use crate::memsrc::PAGE_SIZE;
@@ -152,6 +153,17 @@ impl DeviceOps for MockDevice {
     }
 }
 
+impl NestingOps for MockDevice {
+    fn alloc_nested_domain(
+        &self,
+        parent: &mut dyn IommuDomain,
+        _flags: u32,
+        data: &UserData<'_>,
+    ) -> Result<Box<dyn NestedDomain>> {
+        MockNestedDomain::alloc(parent, data)
+    }
+}
+
 /// Runs one selftest operation.
 pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Result<()> {
     let mut c = IommuTestCmd::read(kbuf);
@@ -169,7 +181,7 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             if flags & !(MOCK_FLAGS_DEVICE_NO_DIRTY | MOCK_FLAGS_DEVICE_HUGE_IOVA) != 0 {
                 return Err(Errno::EINVAL);
             }
-            let (owner, dev) = ictx.bind_owned_device(Arc::new(MockDevice::new(flags)))?;
+            let (owner, dev) = ictx.bind_owned_nesting_device(Arc::new(MockDevice::new(flags)))?;
             let hwpt = match ictx.attach(dev, c.id) {
                 Ok(h) => h,
                 Err(e) => {
@@ -253,6 +265,19 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
                 uptr += MOCK_IO_PAGE_SIZE;
             }
             Ok(())
+        }
+        IOMMU_TEST_OP_MD_CHECK_IOTLB => {
+            // One IOTLB entry of a mock nested domain: ENOENT for anything
+            // but a nested HWPT, EINVAL for another driver's domain, an
+            // id past the last entry or a different value.
+            let t = IommuTestCheckIotlb::read(&c.payload);
+            let hwpt = ictx.hwpt_nested(c.id)?;
+            let mut domain = hwpt.domain.lock();
+            let mock = domain.as_any_mut().and_then(|a| a.downcast_mut::<MockNestedDomain>()).ok_or(Errno::EINVAL)?;
+            match mock.iotlb.get(t.id as usize) {
+                Some(&v) if t.id <= MOCK_NESTED_DOMAIN_IOTLB_ID_MAX && v == t.iotlb => Ok(()),
+                _ => Err(Errno::EINVAL),
+            }
         }
         IOMMU_TEST_OP_MD_CHECK_REFS => {
             let r = IommuTestCheckRefs::read(&c.payload);

@@ -486,6 +486,96 @@ impl IommuDomain for MockDomain {
     }
 }
 
+/// The mock nested domain (the selftest's `IOMMU_HWPT_DATA_SELFTEST`): no
+/// stage-1 table, only a pretend IOTLB of
+/// [`MOCK_NESTED_DOMAIN_IOTLB_NUM`](crate::uapi::MOCK_NESTED_DOMAIN_IOTLB_NUM)
+/// entries, each starting at the allocation's `iotlb` value and cleared
+/// by `IOMMU_HWPT_INVALIDATE` requests, which `IOMMU_TEST_OP_MD_CHECK_IOTLB`
+/// reads back. Attaching any device works.
+#[derive(Debug)]
+pub struct MockNestedDomain {
+    /// The IOTLB entries.
+    pub iotlb: [u32; crate::uapi::MOCK_NESTED_DOMAIN_IOTLB_NUM as usize],
+    devices: BTreeSet<DeviceHandle>,
+}
+
+impl MockNestedDomain {
+    /// A nested domain on `parent` from the caller's data: the parent
+    /// must be a mock domain (`EINVAL`); the data of type
+    /// `IOMMU_HWPT_DATA_SELFTEST` (`EOPNOTSUPP`), exactly one
+    /// `struct iommu_hwpt_selftest` long (`EINVAL`) and readable
+    /// (`EFAULT`).
+    pub fn alloc(
+        parent: &mut dyn IommuDomain,
+        data: &crate::ctx::UserData<'_>,
+    ) -> crate::errno::Result<Box<dyn crate::ctx::NestedDomain>> {
+        use crate::errno::Errno;
+        use crate::uapi::{IOMMU_HWPT_DATA_SELFTEST, IommuHwptSelftest};
+        if !parent.as_any_mut().is_some_and(|a| a.is::<MockDomain>()) {
+            return Err(Errno::EINVAL);
+        }
+        if data.data_type != IOMMU_HWPT_DATA_SELFTEST {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let mut raw = [0u8; IommuHwptSelftest::SIZE];
+        data.copy_struct(IOMMU_HWPT_DATA_SELFTEST, &mut raw, IommuHwptSelftest::SIZE)?;
+        let cfg = IommuHwptSelftest::read(&raw);
+        Ok(Box::new(MockNestedDomain { iotlb: [cfg.iotlb; 4], devices: BTreeSet::new() }))
+    }
+}
+
+impl crate::ctx::NestedDomain for MockNestedDomain {
+    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.devices.insert(device);
+        Ok(())
+    }
+    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.devices.remove(&device);
+        Ok(())
+    }
+    fn cache_invalidate_user(&mut self, array: &mut crate::ctx::UserDataArray<'_>) -> crate::errno::Result<()> {
+        use crate::errno::Errno;
+        use crate::uapi::{
+            IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, IOMMU_TEST_INVALIDATE_FLAG_ALL, IommuHwptInvalidateSelftest,
+            MOCK_NESTED_DOMAIN_IOTLB_ID_MAX,
+        };
+        let mut done = 0;
+        let r = (|| {
+            if array.data_type != IOMMU_HWPT_INVALIDATE_DATA_SELFTEST {
+                return Err(Errno::EINVAL);
+            }
+            for i in 0..array.entry_num {
+                let mut raw = [0u8; IommuHwptInvalidateSelftest::SIZE];
+                array.copy_entry(
+                    IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
+                    i,
+                    &mut raw,
+                    IommuHwptInvalidateSelftest::SIZE,
+                )?;
+                let inv = IommuHwptInvalidateSelftest::read(&raw);
+                if inv.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                if inv.iotlb_id > MOCK_NESTED_DOMAIN_IOTLB_ID_MAX {
+                    return Err(Errno::EINVAL);
+                }
+                if inv.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+                    self.iotlb = [0; 4];
+                } else {
+                    self.iotlb[inv.iotlb_id as usize] = 0;
+                }
+                done += 1;
+            }
+            Ok(())
+        })();
+        array.entry_num = done;
+        r
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn core::any::Any> {
+        Some(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -210,3 +210,21 @@ const _: () = assert!(IommuTestDirty::SIZE == IOMMU_TEST_CMD_UNION_SIZE);
 const _: () = assert!(IommuTestAccessPages::SIZE <= IOMMU_TEST_CMD_UNION_SIZE);
 const _: () = assert!(IommuTestAccessRw::SIZE <= IOMMU_TEST_CMD_UNION_SIZE);
 const _: () = assert!(core::mem::offset_of!(IommuTestCmd, payload) == IOMMU_TEST_CMD_UNION_OFFSET);
+
+uapi_struct! {
+    /// HWPT_ALLOC data of the mock nested domain (`IOMMU_HWPT_DATA_SELFTEST`):
+    /// the value every entry of its IOTLB starts with.
+    pub struct IommuHwptSelftest ("iommu_hwpt_selftest", size 4) {
+        iotlb: u32 = 0,
+    }
+}
+
+uapi_struct! {
+    /// One HWPT_INVALIDATE request for the mock nested domain
+    /// (`IOMMU_HWPT_INVALIDATE_DATA_SELFTEST`): clear IOTLB entry
+    /// `iotlb_id`, or all of them with `IOMMU_TEST_INVALIDATE_FLAG_ALL`.
+    pub struct IommuHwptInvalidateSelftest ("iommu_hwpt_invalidate_selftest", size 8) {
+        flags: u32 = 0,
+        iotlb_id: u32 = 4,
+    }
+}

@@ -278,6 +278,42 @@ impl Fx {
         Ok(IommuHwptAlloc::read(&out).out_hwpt_id)
     }
 
+    /// `_test_cmd_hwpt_invalidate`: `entry_num` requests of `entry_len`
+    /// bytes at `data_uptr`; returns the result and the `entry_num` the
+    /// kernel wrote back (requests handled).
+    pub fn hwpt_invalidate(
+        &self,
+        hwpt_id: u32,
+        data_uptr: u64,
+        data_type: u32,
+        entry_len: u32,
+        entry_num: u32,
+    ) -> (R<()>, u32) {
+        let c = IommuHwptInvalidate {
+            size: IommuHwptInvalidate::SIZE as u32,
+            hwpt_id,
+            data_uptr,
+            data_type,
+            entry_len,
+            entry_num,
+            ..Default::default()
+        };
+        let (r, out) = self.run(IOMMU_HWPT_INVALIDATE, c.to_bytes());
+        (r, IommuHwptInvalidate::read(&out).entry_num)
+    }
+
+    /// `test_cmd_hwpt_check_iotlb`: entry `iotlb_id` of a mock nested
+    /// domain's IOTLB holds `expected`.
+    pub fn check_iotlb(&self, hwpt_id: u32, iotlb_id: u32, expected: u32) -> R<()> {
+        let p = IommuTestCheckIotlb { id: iotlb_id, iotlb: expected };
+        self.test_cmd(IOMMU_TEST_OP_MD_CHECK_IOTLB, hwpt_id, &p.to_bytes()).0
+    }
+
+    /// `test_cmd_hwpt_check_iotlb_all`.
+    pub fn check_iotlb_all(&self, hwpt_id: u32, expected: u32) -> R<()> {
+        (0..MOCK_NESTED_DOMAIN_IOTLB_NUM).try_for_each(|i| self.check_iotlb(hwpt_id, i, expected))
+    }
+
     /// `test_cmd_hwpt_alloc`: a paging HWPT (no driver data).
     pub fn hwpt_alloc(&self, dev_id: u32, pt_id: u32, flags: u32) -> R<u32> {
         self.hwpt_alloc_raw(dev_id, pt_id, 0, flags, IOMMU_HWPT_DATA_NONE, 0, 0)
