@@ -4,7 +4,7 @@
 //! tables of its own (identity map of its first GiB, 2 MiB pages, the
 //! device page uncached), writes a pattern, has edu copy it with
 //! guest-physical addresses, checks the copy, asks edu to write outside
-//! its RAM, touches an address outside its RAM itself, and reports each
+//! its RAM (where the hypervisor says), touches an address outside its RAM itself, and reports each
 //! step with VMMCALL: RAX = request, RBX / RCX = values.
 //!
 //! The bytes are assembled into the hypervisor's read-only data (they are
@@ -46,6 +46,13 @@ pub const NPF_PROBE: u64 = 0x60_0000;
 pub const MAILBOX: u64 = 0x5000;
 /// The guest's count of interrupts its handler took.
 pub const IRQ_COUNT: u64 = 0x5008;
+/// A quadword the hypervisor sets: XORed into the pattern, so each guest
+/// writes its own bytes (0 for the first guest).
+pub const KEY: u64 = 0x5010;
+/// A quadword the hypervisor sets: the address the guest has edu write
+/// to outside its RAM ([`OUTSIDE`] for the first guest; for the second,
+/// the host address of the first guest's [`DST`] frame).
+pub const TARGET: u64 = 0x5018;
 /// Its IDT pseudo-descriptor (10 bytes).
 pub const IDT_PTR: u64 = 0x5ff0;
 /// Its IDT (vectors 0 to [`VECTOR`]; only [`VECTOR`] is present).
@@ -75,9 +82,10 @@ pub mod req {
 /// The HELLO value.
 pub const HELLO: u64 = 0x600d_9e57;
 
-/// Quadword `k` of the pattern the guest writes at [`SRC`].
-pub fn pattern(k: u64) -> u64 {
-    k.wrapping_mul(0x0101_0101_0101_0101) ^ 0x5a17_c0de_0000_0000
+/// Quadword `k` of the pattern the guest with [`KEY`] `key` writes at
+/// [`SRC`].
+pub fn pattern(key: u64, k: u64) -> u64 {
+    k.wrapping_mul(0x0101_0101_0101_0101) ^ 0x5a17_c0de_0000_0000 ^ key
 }
 
 /// Polls of edu's status before the guest gives up on a DMA.
@@ -117,6 +125,8 @@ global_asm!(
     // The pattern at SRC.
     "mov rdi, {src}",
     "mov r8, 0x5a17c0de00000000",
+    "mov rax, {key}",
+    "xor r8, [rax]",
     "mov r9, 0x0101010101010101",
     "xor ecx, ecx",
     ".Lg_fill:",
@@ -164,16 +174,18 @@ global_asm!(
     "mov rdx, {irq_count}",
     "mov rdx, [rdx]",
     "vmmcall",
-    // edu writes its buffer outside RAM (polled).
+    // edu writes its buffer outside RAM, at TARGET (polled).
     "xor r13d, r13d",
+    "mov r15, {target}",
+    "mov r15, [r15]",
     "mov qword ptr [rsi + 0x80], {buffer}",
-    "mov qword ptr [rsi + 0x88], {outside}",
+    "mov [rsi + 0x88], r15",
     "mov qword ptr [rsi + 0x90], 4096",
     "mov qword ptr [rsi + 0x98], 3",
     "call .Lg_wait",
     "mov rcx, rax",
     "mov eax, {outside_req}",
-    "mov ebx, {outside}",
+    "mov rbx, r15",
     "vmmcall",
     // The CPU reads outside RAM: `mov eax, [rbx]` is 2 bytes (8b 03).
     "mov eax, {npf_req}",
@@ -240,7 +252,8 @@ global_asm!(
     dst = const DST,
     edu = const EDU,
     buffer = const EDU_BUFFER,
-    outside = const OUTSIDE,
+    key = const KEY,
+    target = const TARGET,
     probe = const NPF_PROBE,
     polls = const POLLS,
     mailbox = const MAILBOX,
