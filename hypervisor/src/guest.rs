@@ -262,3 +262,83 @@ global_asm!(
     idt_ptr = const IDT_PTR,
     vector = const VECTOR,
 );
+
+/// The second program, for the shared-table guest: a loop of commands
+/// the hypervisor hands it at each VMMCALL ([`req::NEXT`], RBX = the
+/// result of the last command): RBX = [`cmd::READ`] reads the quadword at
+/// GPA RCX with the CPU, [`cmd::DMA`] has edu copy 8 bytes from GPA RCX to
+/// GPA RDX (through its buffer, polled; the result is 1 when both DMAs
+/// completed), anything else halts.
+pub mod cmd {
+    /// The guest's CPU reads GPA RCX (the instruction is 3 bytes long).
+    pub const READ: u64 = 1;
+    /// edu copies 8 bytes from GPA RCX to GPA RDX.
+    pub const DMA: u64 = 2;
+    /// Halt.
+    pub const HALT: u64 = 3;
+    /// Length of the READ instruction (`mov rbx, [rcx]`).
+    pub const READ_LEN: u64 = 3;
+}
+
+/// The shared-table guest's request: RBX = the last command's result.
+pub const NEXT: u64 = 6;
+
+global_asm!(
+    ".pushsection .rodata.portcullis_cmd_guest,\"a\"",
+    ".global portcullis_cmd_start",
+    ".global portcullis_cmd_end",
+    "portcullis_cmd_start:",
+    "xor ebx, ebx",
+    ".Lc_loop:",
+    "mov eax, {next}",
+    "vmmcall",
+    "cmp rbx, {read}",
+    "je .Lc_read",
+    "cmp rbx, {dma}",
+    "je .Lc_dma",
+    ".Lc_halt:",
+    "hlt",
+    "jmp .Lc_halt",
+    ".Lc_read:",
+    // 48 8b 19: 3 bytes (cmd::READ_LEN).
+    "mov rbx, [rcx]",
+    "jmp .Lc_loop",
+    ".Lc_dma:",
+    "mov rsi, {edu}",
+    "mov [rsi + 0x80], rcx",
+    "mov qword ptr [rsi + 0x88], {buffer}",
+    "mov qword ptr [rsi + 0x90], 8",
+    "mov qword ptr [rsi + 0x98], 1",
+    "call .Lc_wait",
+    "mov rbx, rax",
+    "mov qword ptr [rsi + 0x80], {buffer}",
+    "mov [rsi + 0x88], rdx",
+    "mov qword ptr [rsi + 0x90], 8",
+    "mov qword ptr [rsi + 0x98], 3",
+    "call .Lc_wait",
+    "and rbx, rax",
+    "jmp .Lc_loop",
+    // RAX = 1 once edu's command register says idle, 0 after POLLS reads.
+    ".Lc_wait:",
+    "mov r8, {polls}",
+    ".Lc_poll:",
+    "mov rax, [rsi + 0x98]",
+    "test al, 1",
+    "jz .Lc_idle",
+    "pause",
+    "dec r8",
+    "jnz .Lc_poll",
+    "xor eax, eax",
+    "ret",
+    ".Lc_idle:",
+    "mov eax, 1",
+    "ret",
+    "portcullis_cmd_end:",
+    ".popsection",
+    next = const NEXT,
+    read = const cmd::READ,
+    dma = const cmd::DMA,
+    edu = const EDU,
+    buffer = const EDU_BUFFER,
+    polls = const POLLS,
+);

@@ -33,9 +33,9 @@ const CANARY: u8 = 0xc5;
 /// loop of them.
 const MAX_EXITS: usize = 128;
 /// The host vector each guest's edu MSI is routed to.
-const HOST_VECTORS: [u8; 2] = [0x2a, 0x2b];
+const HOST_VECTORS: [u8; 3] = [0x2a, 0x2b, 0x2c];
 /// What each guest XORs into its pattern ([`guest::KEY`]).
-const KEYS: [u64; 2] = [0, 0x0000_0000_2b2b_2b2b];
+const KEYS: [u64; 3] = [0, 0x0000_0000_2b2b_2b2b, 0x0000_0000_3c3c_3c3c];
 
 macro_rules! fail {
     ($($t:tt)*) => { return Outcome::Fail(format!($($t)*)) };
@@ -68,30 +68,33 @@ pub fn run(p: &Machine) -> Outcome {
     }
     println!("IOMMU: {} unit(s): {}", vendors.len(), vendors.join(", "));
 
-    // The devices: the first two edus on the root bus, one per guest.
+    // The devices: the first three edus on the root bus, one per guest.
     let edus: Vec<&PciDevice> =
-        p.pci.iter().filter(|d| d.vendor == 0x1234 && d.device == 0x11e8 && d.bdf.bus == 0).take(2).collect();
-    if edus.len() < 2 {
-        fail!("{} edu device(s) on the root bus, two guests need two", edus.len());
+        p.pci.iter().filter(|d| d.vendor == 0x1234 && d.device == 0x11e8 && d.bdf.bus == 0).take(3).collect();
+    if edus.len() < 3 {
+        fail!("{} edu device(s) on the root bus, three guests need three", edus.len());
     }
 
     // SVM on; the host save area.
     let Some(PhysAddr(hsave)) = host.alloc_frames(1, 4096) else { fail!("no frame for the host save area") };
     svm::enable(hsave);
-    let r = run_two(p, &host, &iommus, &edus);
+    let mut r = run_two(p, &host, &iommus, &edus);
+    if matches!(r, Outcome::Ok) {
+        r = run_shared(p, &host, &iommus, edus[2], features.edx & (1 << 6) != 0);
+    }
     host.free_frames(PhysAddr(hsave), 1);
     r
 }
 
 fn run_two(p: &Machine, host: &KernelHost, iommus: &Iommus, edus: &[&PciDevice]) -> Outcome {
-    let first = match Vm::new(p, host, iommus, 1, edus[0], guest::OUTSIDE) {
+    let first = match Vm::new(p, host, iommus, 1, edus[0], guest::OUTSIDE, false) {
         Ok(v) => v,
         Err(why) => return Outcome::Fail(format!("guest 1: {why}")),
     };
     // The second guest's outside DMA aims at the first guest's copy, by
     // the host address of its frame.
     let target = first.ram + guest::DST;
-    let second = match Vm::new(p, host, iommus, 2, edus[1], target) {
+    let second = match Vm::new(p, host, iommus, 2, edus[1], target, false) {
         Ok(v) => v,
         Err(why) => return Outcome::Fail(format!("guest 2: {why}")),
     };
@@ -170,6 +173,9 @@ struct Vm<'h> {
 
 impl<'h> Vm<'h> {
     /// Guest `n`: memory, nested page table, DMA view with `dev`, VMCB.
+    /// With `shared`, the guest runs the command program and its device
+    /// walks its nested page table ([`GuestDma::new_sharing_table`]); an
+    /// error starting with [`REFUSED`] is the crate refusing that.
     fn new(
         p: &Machine,
         host: &'h KernelHost,
@@ -177,6 +183,7 @@ impl<'h> Vm<'h> {
         n: u32,
         dev: &PciDevice,
         target: u64,
+        shared: bool,
     ) -> Result<Self, String> {
         let (seg, bdf) = (dev.segment, dev.bdf);
         let function = Function { segment: seg, bdf };
@@ -229,7 +236,7 @@ impl<'h> Vm<'h> {
         gw(guest::GDT + 16, 0x00cf_9200_0000_ffff);
         gw(guest::KEY, key);
         gw(guest::TARGET, target);
-        let image = svm::guest_image();
+        let image = if shared { svm::cmd_image() } else { svm::guest_image() };
         if image.len() as u64 > guest::CODE_MAX {
             return Err(format!(
                 "the guest program is {} bytes, more than its {} byte slot",
@@ -264,8 +271,14 @@ impl<'h> Vm<'h> {
 
         // The guest's DMA view: the same memory at IOVA = GPA, and the edu.
         let err = |what: &str, e: portcullis::PassthroughError| format!("{what}: {e}");
-        let mut dma = GuestDma::new(iommus, 1 << 20).map_err(|e| err("GuestDma::new", e))?;
-        dma.add_memory(GuestAddr(0), PhysAddr(ram), guest::RAM_SIZE, true).map_err(|e| err("add_memory", e))?;
+        let mut dma = if shared {
+            GuestDma::new_sharing_table(iommus, PhysAddr(npt.root))
+                .map_err(|e| err("GuestDma::new_sharing_table", e))?
+        } else {
+            let mut dma = GuestDma::new(iommus, 1 << 20).map_err(|e| err("GuestDma::new", e))?;
+            dma.add_memory(GuestAddr(0), PhysAddr(ram), guest::RAM_SIZE, true).map_err(|e| err("add_memory", e))?;
+            dma
+        };
         let isolated = iommus.interrupts_isolated(seg, bdf);
         if !isolated {
             println!(
@@ -273,17 +286,21 @@ impl<'h> Vm<'h> {
             );
             dma.allow_unsafe_interrupts(true);
         }
-        dma.assign(iommus, seg, bdf).map_err(|e| err("assign", e))?;
+        match dma.assign(iommus, seg, bdf) {
+            Err(e) if shared => return Err(format!("{REFUSED}{e}")),
+            r => r.map_err(|e| err("assign", e))?,
+        }
         println!(
-            "guest {n} device: edu {bdf} (requester id {:#06x}) assigned; its DMA sees GPA {:#x}-{:#x} at IOVA = GPA",
+            "guest {n} device: edu {bdf} (requester id {:#06x}) assigned; its DMA sees GPA {:#x}-{:#x} at IOVA = GPA{}",
             bdf.requester_id(),
             0,
-            guest::RAM_SIZE - 1
+            guest::RAM_SIZE - 1,
+            if shared { ", through the guest's nested page table" } else { "" }
         );
 
         // edu's MSI: through interrupt remapping to a host vector,
         // injected into the guest on arrival.
-        let interrupts = if isolated {
+        let interrupts = if isolated && !shared {
             let Some(apic) = irq::apic_id() else { return Err("no local APIC".into()) };
             let msi = dma.route_msi(seg, bdf, vector, apic).map_err(|e| err("route_msi", e))?;
             if !portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi.address, msi.data))) {
@@ -394,6 +411,196 @@ impl<'h> Vm<'h> {
             }
         }
     }
+}
+
+/// How [`Vm::new`]'s error starts when the crate refused the shared table.
+const REFUSED: &str = "refused: ";
+
+/// The shared-table guest: its GPA [`PAGE`] is remapped to another host
+/// frame and then removed, in the one table its CPU and its edu walk.
+const PAGE: u64 = 0x20_0000;
+/// Where its edu copies [`PAGE`]'s first quadword.
+const COPY: u64 = 0x20_1000;
+/// What the hypervisor puts in the first and the second frame behind
+/// [`PAGE`].
+const TOKENS: [u64; 2] = [0x1111_7ab1_e000_0001, 0x2222_7ab1_e000_0002];
+/// The result the hypervisor gives the guest's read that took a nested
+/// page fault.
+const NPF_MARK: u64 = 0xdead_0000_0000_0f00;
+
+/// One table for the CPU and the device: guest 3's nested page table is
+/// also its edu's first-stage table (VT-d scalable mode with first-stage
+/// translation, `intel-fs`). Elsewhere the crate must refuse it with a
+/// reason, and that is all this checks.
+fn run_shared(p: &Machine, host: &KernelHost, iommus: &Iommus, dev: &PciDevice, flush_by_asid: bool) -> Outcome {
+    let expected = p.config == "intel-fs";
+    let Some(PhysAddr(spare)) = host.alloc_frames(1, 4096) else { fail!("no spare frame") };
+    let _spare = Frames { host, base: spare, count: 1 };
+    let mut vm = match Vm::new(p, host, iommus, 3, dev, 0, true) {
+        Ok(vm) => vm,
+        Err(why) if !expected && why.starts_with(REFUSED) => {
+            println!("shared table: not on this configuration, the crate refuses it: {}", &why[REFUSED.len()..]);
+            return Outcome::Ok;
+        }
+        Err(why) => fail!("guest 3 (shared table): {why}"),
+    };
+    let r = shared_steps(host, &mut vm, spare, flush_by_asid);
+    let (seg, bdf) = (vm.function.segment, vm.function.bdf);
+    if let Err(e) = vm.dma.unassign(seg, bdf) {
+        println!("guest 3: unassign: {e}");
+    }
+    match r {
+        Ok(()) => {
+            if !expected {
+                println!("shared table: works on this configuration too");
+            }
+            Outcome::Ok
+        }
+        Err(why) => Outcome::Fail(format!("guest 3 (shared table): {why}")),
+    }
+}
+
+fn shared_steps(host: &KernelHost, vm: &mut Vm<'_>, spare: u64, flush_by_asid: bool) -> Result<(), String> {
+    let root = vm.npt.root;
+    if vm.dma.shared_table() != Some(PhysAddr(root)) {
+        return Err(format!("the device's table is {:?}, not the NPT root {root:#x}", vm.dma.shared_table()));
+    }
+    println!(
+        "guest 3: nCR3 {root:#x} is also edu {}'s first-stage table (PASID entry, PGTT = first stage): one table for the CPU and the device, {} KiB, none of the IOMMU's own",
+        vm.function.bdf,
+        vm.npt.table_bytes() / 1024
+    );
+    let frames = [vm.ram + PAGE, spare];
+    for (f, t) in frames.iter().zip(TOKENS) {
+        host.write_u64(PhysAddr(*f), t);
+    }
+    // TLB control: 3 flushes this guest's ASID, 1 every ASID.
+    let tlb = if flush_by_asid { 3 } else { 1 };
+    let flush = |vm: &Vm<'_>| -> Result<(), String> {
+        vm.vmcb.set(ctl::TLB_CONTROL, 1, tlb);
+        vm.dma.invalidate_table(GuestAddr(PAGE), 4096).map_err(|e| format!("invalidate_table: {e}"))
+    };
+    let copy_at = |vm: &Vm<'_>| vm.npt.translate(COPY).map(|h| host.read_u64(PhysAddr(h)));
+    let (mut stage, mut npf) = (0, false);
+    for _ in 0..MAX_EXITS {
+        svm::vmrun(vm.vmcb.pa, &mut vm.regs);
+        vm.vmcb.set(ctl::TLB_CONTROL, 1, 0);
+        let code = vm.vmcb.r64(ctl::EXITCODE);
+        let rip = vm.vmcb.r64(save::RIP);
+        let prefix = format!("guest 3: #VMEXIT {code:#x} {} at guest RIP {rip:#x}", exit::name(code));
+        match code {
+            exit::VMMCALL if vm.vmcb.r64(save::RAX) == guest::NEXT => {
+                vm.vmcb.w64(save::RIP, rip + 3);
+                let got = vm.regs.rbx;
+                let (op, a, b) = match stage {
+                    0 => {
+                        println!("{prefix}: the guest waits for commands; its CPU reads GPA {PAGE:#x}");
+                        (guest::cmd::READ, PAGE, 0)
+                    }
+                    1 | 3 => {
+                        let want = TOKENS[stage / 2];
+                        if got != want {
+                            return Err(format!("the guest's CPU read {got:#x} at GPA {PAGE:#x}, not {want:#x}"));
+                        }
+                        println!(
+                            "{prefix}: the CPU read {got:#x} (host frame {:#x}); edu copies GPA {PAGE:#x} to GPA {COPY:#x}",
+                            frames[stage / 2]
+                        );
+                        (guest::cmd::DMA, PAGE, COPY)
+                    }
+                    2 => {
+                        let seen = copy_at(vm);
+                        if got != 1 || seen != Some(TOKENS[0]) {
+                            return Err(format!(
+                                "edu's copy: done {got}, GPA {COPY:#x} holds {seen:x?}, not {:#x}",
+                                TOKENS[0]
+                            ));
+                        }
+                        vm.npt.map(PAGE, spare, Kind::Ram).map_err(|_| "no frame for the nested page table")?;
+                        flush(vm)?;
+                        println!(
+                            "{prefix}: edu read {:#x} too; GPA {PAGE:#x} remapped to host {spare:#x} in the shared table, VMCB TLB control {tlb} and PASID-based IOTLB invalidation; the CPU reads it again",
+                            TOKENS[0]
+                        );
+                        (guest::cmd::READ, PAGE, 0)
+                    }
+                    4 => {
+                        let seen = copy_at(vm);
+                        if got != 1 || seen != Some(TOKENS[1]) {
+                            return Err(format!(
+                                "edu's copy after the remap: done {got}, GPA {COPY:#x} holds {seen:x?}, not {:#x}",
+                                TOKENS[1]
+                            ));
+                        }
+                        if !vm.npt.unmap(PAGE) {
+                            return Err(format!("GPA {PAGE:#x} was not mapped"));
+                        }
+                        flush(vm)?;
+                        println!(
+                            "{prefix}: edu read {:#x} too, from the new frame; GPA {PAGE:#x} removed from the shared table, both invalidated; edu copies it again",
+                            TOKENS[1]
+                        );
+                        (guest::cmd::DMA, PAGE, COPY)
+                    }
+                    5 => {
+                        read_faults(core::slice::from_mut(vm));
+                        let Some(f) =
+                            vm.faults.iter().find(|f| f.function == vm.function && f.address == PAGE && !f.write)
+                        else {
+                            return Err(format!(
+                                "edu's read of removed GPA {PAGE:#x} is not in the fault stream: {:x?} ({} lost)",
+                                vm.faults, vm.lost
+                            ));
+                        };
+                        println!(
+                            "{prefix}: edu's read of GPA {PAGE:#x} was a first-stage fault (reason {:#x}) in the guest's fault stream; the CPU reads it",
+                            f.reason
+                        );
+                        (guest::cmd::READ, PAGE, 0)
+                    }
+                    6 => {
+                        if !npf || got != NPF_MARK {
+                            return Err(format!(
+                                "the CPU's read of removed GPA {PAGE:#x} gave {got:#x} without a nested page fault"
+                            ));
+                        }
+                        println!("{prefix}: done; the guest halts");
+                        (guest::cmd::HALT, 0, 0)
+                    }
+                    _ => return Err(format!("{prefix}: a request after the last command")),
+                };
+                stage += 1;
+                (vm.regs.rbx, vm.regs.rcx, vm.regs.rdx) = (op, a, b);
+            }
+            exit::NPF if stage == 6 && vm.vmcb.r64(ctl::EXITINFO2) == PAGE => {
+                println!(
+                    "{prefix}: GPA {PAGE:#x} (error code {:#x}): the CPU faults on the removed page too; skipping the read",
+                    vm.vmcb.r64(ctl::EXITINFO1)
+                );
+                npf = true;
+                vm.regs.rbx = NPF_MARK;
+                vm.vmcb.w64(save::RIP, rip + guest::cmd::READ_LEN);
+            }
+            exit::INTR => {
+                let mut counts = [irq::count(vm.vector)];
+                take_interrupts(core::slice::from_mut(vm), &mut counts);
+            }
+            exit::HLT if stage == 7 => {
+                println!(
+                    "{prefix}: the shared table served both: remap seen by the CPU and edu, removal faulted for both"
+                );
+                return Ok(());
+            }
+            _ => {
+                return Err(format!(
+                    "{prefix} at stage {stage}: EXITINFO1 {:#x}, EXITINFO2 {:#x}",
+                    vm.vmcb.r64(ctl::EXITINFO1),
+                    vm.vmcb.r64(ctl::EXITINFO2)
+                ));
+            }
+        }
+    }
+    Err(format!("the guest did not finish within {MAX_EXITS} exits"))
 }
 
 /// Takes pending host interrupts (after an INTR exit) and hands each
