@@ -4,7 +4,7 @@
 //! tables of its own (identity map of its first GiB, 2 MiB pages, the
 //! device page uncached), writes a pattern, has edu copy it with
 //! guest-physical addresses, checks the copy, asks edu to write outside
-//! its RAM, touches an address outside its RAM itself, and reports each
+//! its RAM (where the hypervisor says), touches an address outside its RAM itself, and reports each
 //! step with VMMCALL: RAX = request, RBX / RCX = values.
 //!
 //! The bytes are assembled into the hypervisor's read-only data (they are
@@ -46,6 +46,13 @@ pub const NPF_PROBE: u64 = 0x60_0000;
 pub const MAILBOX: u64 = 0x5000;
 /// The guest's count of interrupts its handler took.
 pub const IRQ_COUNT: u64 = 0x5008;
+/// A quadword the hypervisor sets: XORed into the pattern, so each guest
+/// writes its own bytes (0 for the first guest).
+pub const KEY: u64 = 0x5010;
+/// A quadword the hypervisor sets: the address the guest has edu write
+/// to outside its RAM ([`OUTSIDE`] for the first guest; for the second,
+/// the host address of the first guest's [`DST`] frame).
+pub const TARGET: u64 = 0x5018;
 /// Its IDT pseudo-descriptor (10 bytes).
 pub const IDT_PTR: u64 = 0x5ff0;
 /// Its IDT (vectors 0 to [`VECTOR`]; only [`VECTOR`] is present).
@@ -75,9 +82,10 @@ pub mod req {
 /// The HELLO value.
 pub const HELLO: u64 = 0x600d_9e57;
 
-/// Quadword `k` of the pattern the guest writes at [`SRC`].
-pub fn pattern(k: u64) -> u64 {
-    k.wrapping_mul(0x0101_0101_0101_0101) ^ 0x5a17_c0de_0000_0000
+/// Quadword `k` of the pattern the guest with [`KEY`] `key` writes at
+/// [`SRC`].
+pub fn pattern(key: u64, k: u64) -> u64 {
+    k.wrapping_mul(0x0101_0101_0101_0101) ^ 0x5a17_c0de_0000_0000 ^ key
 }
 
 /// Polls of edu's status before the guest gives up on a DMA.
@@ -117,6 +125,8 @@ global_asm!(
     // The pattern at SRC.
     "mov rdi, {src}",
     "mov r8, 0x5a17c0de00000000",
+    "mov rax, {key}",
+    "xor r8, [rax]",
     "mov r9, 0x0101010101010101",
     "xor ecx, ecx",
     ".Lg_fill:",
@@ -164,16 +174,18 @@ global_asm!(
     "mov rdx, {irq_count}",
     "mov rdx, [rdx]",
     "vmmcall",
-    // edu writes its buffer outside RAM (polled).
+    // edu writes its buffer outside RAM, at TARGET (polled).
     "xor r13d, r13d",
+    "mov r15, {target}",
+    "mov r15, [r15]",
     "mov qword ptr [rsi + 0x80], {buffer}",
-    "mov qword ptr [rsi + 0x88], {outside}",
+    "mov [rsi + 0x88], r15",
     "mov qword ptr [rsi + 0x90], 4096",
     "mov qword ptr [rsi + 0x98], 3",
     "call .Lg_wait",
     "mov rcx, rax",
     "mov eax, {outside_req}",
-    "mov ebx, {outside}",
+    "mov rbx, r15",
     "vmmcall",
     // The CPU reads outside RAM: `mov eax, [rbx]` is 2 bytes (8b 03).
     "mov eax, {npf_req}",
@@ -240,7 +252,8 @@ global_asm!(
     dst = const DST,
     edu = const EDU,
     buffer = const EDU_BUFFER,
-    outside = const OUTSIDE,
+    key = const KEY,
+    target = const TARGET,
     probe = const NPF_PROBE,
     polls = const POLLS,
     mailbox = const MAILBOX,
@@ -248,4 +261,84 @@ global_asm!(
     idt = const IDT,
     idt_ptr = const IDT_PTR,
     vector = const VECTOR,
+);
+
+/// The second program, for the shared-table guest: a loop of commands
+/// the hypervisor hands it at each VMMCALL ([`req::NEXT`], RBX = the
+/// result of the last command): RBX = [`cmd::READ`] reads the quadword at
+/// GPA RCX with the CPU, [`cmd::DMA`] has edu copy 8 bytes from GPA RCX to
+/// GPA RDX (through its buffer, polled; the result is 1 when both DMAs
+/// completed), anything else halts.
+pub mod cmd {
+    /// The guest's CPU reads GPA RCX (the instruction is 3 bytes long).
+    pub const READ: u64 = 1;
+    /// edu copies 8 bytes from GPA RCX to GPA RDX.
+    pub const DMA: u64 = 2;
+    /// Halt.
+    pub const HALT: u64 = 3;
+    /// Length of the READ instruction (`mov rbx, [rcx]`).
+    pub const READ_LEN: u64 = 3;
+}
+
+/// The shared-table guest's request: RBX = the last command's result.
+pub const NEXT: u64 = 6;
+
+global_asm!(
+    ".pushsection .rodata.portcullis_cmd_guest,\"a\"",
+    ".global portcullis_cmd_start",
+    ".global portcullis_cmd_end",
+    "portcullis_cmd_start:",
+    "xor ebx, ebx",
+    ".Lc_loop:",
+    "mov eax, {next}",
+    "vmmcall",
+    "cmp rbx, {read}",
+    "je .Lc_read",
+    "cmp rbx, {dma}",
+    "je .Lc_dma",
+    ".Lc_halt:",
+    "hlt",
+    "jmp .Lc_halt",
+    ".Lc_read:",
+    // 48 8b 19: 3 bytes (cmd::READ_LEN).
+    "mov rbx, [rcx]",
+    "jmp .Lc_loop",
+    ".Lc_dma:",
+    "mov rsi, {edu}",
+    "mov [rsi + 0x80], rcx",
+    "mov qword ptr [rsi + 0x88], {buffer}",
+    "mov qword ptr [rsi + 0x90], 8",
+    "mov qword ptr [rsi + 0x98], 1",
+    "call .Lc_wait",
+    "mov rbx, rax",
+    "mov qword ptr [rsi + 0x80], {buffer}",
+    "mov [rsi + 0x88], rdx",
+    "mov qword ptr [rsi + 0x90], 8",
+    "mov qword ptr [rsi + 0x98], 3",
+    "call .Lc_wait",
+    "and rbx, rax",
+    "jmp .Lc_loop",
+    // RAX = 1 once edu's command register says idle, 0 after POLLS reads.
+    ".Lc_wait:",
+    "mov r8, {polls}",
+    ".Lc_poll:",
+    "mov rax, [rsi + 0x98]",
+    "test al, 1",
+    "jz .Lc_idle",
+    "pause",
+    "dec r8",
+    "jnz .Lc_poll",
+    "xor eax, eax",
+    "ret",
+    ".Lc_idle:",
+    "mov eax, 1",
+    "ret",
+    "portcullis_cmd_end:",
+    ".popsection",
+    next = const NEXT,
+    read = const cmd::READ,
+    dma = const cmd::DMA,
+    edu = const EDU,
+    buffer = const EDU_BUFFER,
+    polls = const POLLS,
 );

@@ -1,10 +1,11 @@
 //! `portcullis-hv`: a tiny SVM hypervisor built on the `portcullis` crate.
 //!
-//! It boots like the report kernel, brings the IOMMUs up, gives a 64-bit
-//! guest 4 MiB of host frames (not identity-placed) under nested paging
-//! plus the first root-bus edu (its registers in the guest-physical space,
-//! its DMA through the IOMMU at IOVA = GPA), runs the guest and checks from
-//! the host that its DMA landed in its frames and nowhere else. It tells a
+//! It boots like the report kernel, brings the IOMMUs up, gives each of
+//! two 64-bit guests 4 MiB of host frames (not identity-placed) under
+//! nested paging plus its own root-bus edu (its registers in the
+//! guest-physical space, its DMA through the IOMMU at IOVA = GPA), runs
+//! both, switching between them, and checks from the host that each
+//! guest's DMA landed in its own frames and nowhere else. It tells a
 //! reader what happens in plain words, ends with `guest passthrough: ok`
 //! (or `guest passthrough: FAILED: <why>`), and prints a one-test KTAP
 //! report so `cargo xtask test` can run it (`cargo xtask run --guest`).

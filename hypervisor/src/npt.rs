@@ -78,6 +78,23 @@ impl<'h> Npt<'h> {
         Ok(())
     }
 
+    /// Removes the 4 KiB page at `gpa` (tables stay). False when it was
+    /// not mapped.
+    pub fn unmap(&mut self, gpa: u64) -> bool {
+        let mut table = self.root;
+        for level in [3u32, 2, 1] {
+            let entry = self.host.read_u64(PhysAddr(table + ((gpa >> (12 + 9 * level)) & 511) * 8));
+            if entry & P == 0 {
+                return false;
+            }
+            table = entry & ADDR;
+        }
+        let slot = PhysAddr(table + ((gpa >> 12) & 511) * 8);
+        let was = self.host.read_u64(slot) & P != 0;
+        self.host.write_u64(slot, 0);
+        was
+    }
+
     /// The host frame `gpa` maps to, if any.
     pub fn translate(&self, gpa: u64) -> Option<u64> {
         let mut table = self.root;

@@ -152,6 +152,8 @@ pub fn vmrun(vmcb: u64, regs: &mut GuestRegs) {
 unsafe extern "C" {
     static portcullis_guest_start: u8;
     static portcullis_guest_end: u8;
+    static portcullis_cmd_start: u8;
+    static portcullis_cmd_end: u8;
 }
 
 /// The guest program's bytes (`crate::guest`), to copy into its memory.
@@ -162,6 +164,18 @@ pub fn guest_image() -> &'static [u8] {
     unsafe {
         let start = &raw const portcullis_guest_start;
         let end = &raw const portcullis_guest_end;
+        core::slice::from_raw_parts(start, end.offset_from(start) as usize)
+    }
+}
+
+/// The shared-table guest's program (`crate::guest::cmd`).
+pub fn cmd_image() -> &'static [u8] {
+    // SAFETY: both symbols are labels of one read-only section defined in
+    // `crate::guest`'s second `global_asm!`, start before end; the bytes
+    // between them are immutable for the program's life.
+    unsafe {
+        let start = &raw const portcullis_cmd_start;
+        let end = &raw const portcullis_cmd_end;
         core::slice::from_raw_parts(start, end.offset_from(start) as usize)
     }
 }

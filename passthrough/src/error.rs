@@ -96,6 +96,9 @@ pub enum PassthroughError {
     /// guest's), but it did not quiesce: it does not answer, or did not
     /// come back from its reset. Its state is unknown.
     Quiesce(Function, QuiesceError),
+    /// A guest view sharing the hypervisor's page table
+    /// ([`crate::GuestDma::new_sharing_table`]) cannot do this.
+    SharedTable(&'static str),
 }
 
 impl fmt::Display for PassthroughError {
@@ -117,6 +120,7 @@ impl fmt::Display for PassthroughError {
             Self::BadRange { gpa, len } => write!(f, "guest memory {gpa:#x}+{len:#x} is not a page-aligned range"),
             Self::Iommufd(what, e) => write!(f, "{what}: {e:?}"),
             Self::Quiesce(d, e) => write!(f, "{d} was taken back but not quiesced: {e}"),
+            Self::SharedTable(why) => write!(f, "shared page table: {why}"),
         }
     }
 }

@@ -16,6 +16,8 @@ use iommufd::ctx::{DeviceOps, Ictx};
 use iommufd::memsrc::{MemorySource, RegionMemory};
 use portcullis_iommu::unit::{IommuUnit, MsiRoute, RequesterRef};
 
+mod shared_table;
+
 /// A DMA fault of one of the guest's devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestFault {
@@ -66,7 +68,8 @@ impl Route {
 }
 
 /// One assigned function. Functions of the guest whose DMA carries the
-/// same requester id share one iommufd device (`id`).
+/// same requester id share one iommufd device (`id`; with a shared table,
+/// the unit's domain id instead).
 struct Assigned {
     id: u32,
     unit: Arc<dyn IommuUnit>,
@@ -88,6 +91,9 @@ pub struct GuestDma<P: Platform> {
     owner: Owner,
     /// APIC ids the guest's interrupts may be routed to (`None`: any).
     cpus: Option<Vec<u32>>,
+    /// The hypervisor's 4-level table devices are attached to instead of
+    /// the IOAS ([`GuestDma::new_sharing_table`]).
+    table: Option<u64>,
 }
 
 impl<P: Platform> Drop for GuestDma<P> {
@@ -106,20 +112,31 @@ impl<P: Platform> Drop for GuestDma<P> {
         for r in core::mem::take(&mut self.routes).into_values() {
             let _ = r.free();
         }
-        let mut detached: Vec<u32> = Vec::new();
-        let mut failed: Vec<u32> = Vec::new();
-        let devices: Vec<(Function, u32)> = self.devices.iter().map(|(f, a)| (*f, a.id)).collect();
-        for (function, id) in devices {
-            if failed.contains(&id) {
+        // Functions sharing an attachment: one iommufd device, or (shared
+        // table) one requester id of one unit.
+        let mut detached: Vec<u64> = Vec::new();
+        let mut failed: Vec<u64> = Vec::new();
+        let devices: Vec<(Function, u32, RequesterRef)> = self.devices.iter().map(|(f, a)| (*f, a.id, a.at)).collect();
+        for (function, id, at) in devices {
+            let key = if self.table.is_some() { (at.unit as u64) << 16 | at.requester_id as u64 } else { id as u64 };
+            if failed.contains(&key) {
                 continue;
             }
-            if !detached.contains(&id) {
-                if self.ictx.detach(id).is_err() {
-                    failed.push(id);
+            if !detached.contains(&key) {
+                let gone = match self.table {
+                    Some(_) => self.devices[&function].unit.detach_external(at.requester_id, id as u16).is_ok(),
+                    None => {
+                        self.ictx.detach(id).is_ok() && {
+                            let _ = self.ictx.unbind_device(id);
+                            true
+                        }
+                    }
+                };
+                if !gone {
+                    failed.push(key);
                     continue;
                 }
-                let _ = self.ictx.unbind_device(id);
-                detached.push(id);
+                detached.push(key);
             }
             self.release(function);
         }
@@ -176,6 +193,7 @@ impl<P: Platform> GuestDma<P> {
             machine,
             owner,
             cpus: None,
+            table: None,
         })
     }
 
@@ -198,6 +216,9 @@ impl<P: Platform> GuestDma<P> {
     ) -> Result<(), PassthroughError> {
         page_range(gpa.0, len)?;
         page_range(hpa.0, len)?;
+        if self.table.is_some() {
+            return Err(PassthroughError::SharedTable("devices see the hypervisor's table: map there"));
+        }
         self.memory
             .add_region(gpa.0, hpa.0, len, writable)
             .map_err(|e| PassthroughError::Iommufd("guest memory", e))?;
@@ -317,6 +338,11 @@ impl<P: Platform> GuestDma<P> {
             self.devices.insert(function, Assigned { id, unit, at });
             return Ok(());
         }
+        if let Some(root) = self.table {
+            let id = self.attach_shared(function, &unit, at, root).inspect_err(|_| self.release(function))?;
+            self.devices.insert(function, Assigned { id, unit, at });
+            return Ok(());
+        }
         let ops: Arc<dyn DeviceOps> = Arc::new(device);
         let id = match self.ictx.bind_device(ops) {
             Ok(id) => id,
@@ -369,7 +395,10 @@ impl<P: Platform> GuestDma<P> {
             return Err(e);
         }
         let shared = self.devices.iter().any(|(f, a)| *f != function && a.id == id);
-        if !shared {
+        if !shared && self.table.is_some() {
+            let a = &self.devices[&function];
+            a.unit.detach_external(a.at.requester_id, id as u16).map_err(|e| PassthroughError::Unit(function, e))?;
+        } else if !shared {
             self.ictx.detach(id).map_err(|e| PassthroughError::Iommufd("detach", e))?;
             self.ictx.unbind_device(id).map_err(|e| PassthroughError::Iommufd("unbind", e))?;
         }

@@ -114,6 +114,26 @@
 //! entry) to the guest's domain, and `route_msi` returns the address/data
 //! pair to program into the device.
 //!
+//! ## One table for the CPU and the device
+//!
+//! [`GuestDma::new_sharing_table`] is a per-guest choice (separate tables,
+//! [`GuestDma::new`], stay the default): the guest's devices walk the
+//! hypervisor's own x86-64 4-level table, its AMD nested page table, at
+//! IOVA = GPA, so the IOMMU keeps no page table of its own and a change
+//! is made once; after each change the hypervisor flushes the CPU's
+//! nested TLB (VMCB TLB control) and calls [`GuestDma::invalidate_table`]
+//! (PASID-based IOTLB invalidation). Only VT-d in scalable mode with
+//! first-stage translation (ECAP.FSTS; QEMU `x-scalable-mode=on,x-flts=on`)
+//! can: the device is attached through a PASID entry with PGTT = first
+//! stage at the table's root. [`GuestDma::assign`] refuses, naming the
+//! reason, on AMD-Vi (v1 tables have another format), VT-d legacy mode and
+//! VT-d second stage (EPT's format; QEMU TCG emulates no VMX, so no EPT
+//! could be shared either). The table needs U/S on every level (nested
+//! walks and first-stage requests without supervisor privilege are both
+//! user accesses); both walkers set accessed/dirty bits in it; the whole
+//! table is the device's view, MMIO pages the guest's CPU reaches
+//! included.
+//!
 //! ## What the crate does not do for you
 //!
 //! * Enumerate PCI or find the ACPI tables: the platform hands both over.

@@ -752,3 +752,110 @@ fn routes_go_to_the_guests_cpus_and_retarget_in_place() {
     let again = g.route_msi(0, NVME, 0x43, 3).unwrap();
     assert_eq!((again.address, again.data), (m.address, m.data), "the freed entry is reused");
 }
+
+/// Maps 4 KiB at `gpa` to `hpa` in the x86-64 4-level table at `root` (as
+/// a hypervisor's nested page table: P, R/W, U/S on every level), each
+/// entry written back from the cache (the model's units do not snoop).
+fn map_4level(host: &ModelHost, root: u64, gpa: u64, hpa: Option<u64>) {
+    use portcullis::Platform;
+    let mut table = root;
+    for level in [3u32, 2, 1] {
+        let slot = PhysAddr(table + ((gpa >> (12 + 9 * level)) & 511) * 8);
+        let e = host.read_u64(slot);
+        table = if e & 1 != 0 {
+            e & 0x000f_ffff_ffff_f000
+        } else {
+            let next = host.alloc_frames(1, 4096).unwrap().0;
+            host.flush_cache(PhysAddr(next), 4096);
+            host.write_u64(slot, next | 7);
+            host.flush_cache(slot, 8);
+            next
+        };
+    }
+    let leaf = PhysAddr(table + ((gpa >> 12) & 511) * 8);
+    host.write_u64(leaf, hpa.map_or(0, |h| h | 7));
+    host.flush_cache(leaf, 8);
+}
+
+/// One table for the CPU and the device: a guest view sharing a 4-level
+/// table the caller owns (its nested page table) attaches the device
+/// through a PASID entry with PGTT = first stage at that very root, maps
+/// nothing of its own, invalidates the PASID-based IOTLB on request, and
+/// blocks the device again on unassign; units that cannot walk the format
+/// refuse with the reason.
+#[test]
+fn a_shared_table_is_walked_by_the_device_as_first_stage() {
+    use portcullis::Platform;
+    let config = Config { cap: Config::QEMU.cap | 1 << 56, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 47 };
+    let host = host(config);
+    let iommus = Iommus::bring_up(host.clone());
+    let root = host.alloc_frames(1, 4096).unwrap().0;
+    host.flush_cache(PhysAddr(root), 4096);
+    let (gpa, hpa, len) = R1;
+    for off in (0..len).step_by(4096) {
+        map_4level(&host, root, gpa + off, Some(hpa + off));
+    }
+    let live = host.mem.live_frames();
+    let mut guest = GuestDma::new_sharing_table(&iommus, PhysAddr(root)).unwrap();
+    assert_eq!(guest.shared_table(), Some(PhysAddr(root)));
+    assert!(matches!(
+        guest.add_memory(GuestAddr(R2.0), PhysAddr(R2.1), R2.2, true),
+        Err(PassthroughError::SharedTable(_))
+    ));
+    guest.assign(&iommus, 0, ALIASED).unwrap();
+    assert_maps(&host, UNIT_A, ALIAS_RID, R1);
+    let w = walk(&host, UNIT_A, ALIAS_RID, gpa);
+    assert_eq!(w.tables.first(), Some(&root), "the device walks the caller's table");
+    // The attach structures only (context table, PASID directory and
+    // table): no page table of the IOMMU's own.
+    assert!(
+        host.mem.live_frames() <= live + 3,
+        "no page table of the IOMMU's own: {} frames more",
+        host.mem.live_frames() - live
+    );
+    let did = w.domain.unwrap();
+    // Remap one page to another frame, then remove it.
+    let page = gpa + 0x3000;
+    map_4level(&host, root, page, Some(R2.1));
+    mark(&host);
+    guest.invalidate_table(GuestAddr(page), 4096).unwrap();
+    assert!(
+        host.vtd(UNIT_A).log().iter().any(|i| i.what.covers_pasid_iotlb(did, 0, page, true)),
+        "{:?}",
+        host.vtd(UNIT_A).log()
+    );
+    assert_eq!(walk(&host, UNIT_A, ALIAS_RID, page).hpa(false), Some(R2.1));
+    map_4level(&host, root, page, None);
+    guest.invalidate_table(GuestAddr(page), 4096).unwrap();
+    assert_blocked(&host, UNIT_A, ALIAS_RID, page, "removed page");
+    untouched(&host, &[UNIT_A], "invalidate_table");
+    guest.unassign(0, ALIASED).unwrap();
+    assert_blocked(&host, UNIT_A, ALIAS_RID, gpa, "unassigned");
+    // Nothing of the caller's table was freed or changed by the crate.
+    assert_eq!(walk_table(&host, root, gpa), Some(hpa));
+
+    // Legacy mode (VT-d second stage, EPT's format) refuses.
+    let legacy = self::host(Config::QEMU);
+    let iommus = Iommus::bring_up(legacy.clone());
+    let root = legacy.alloc_frames(1, 4096).unwrap().0;
+    let mut guest = GuestDma::new_sharing_table(&iommus, PhysAddr(root)).unwrap();
+    let e = guest.assign(&iommus, 0, ALIASED).unwrap_err();
+    assert!(matches!(e, PassthroughError::Unit(_, UnitError { cause: HwError::Unsupported(_), .. })), "{e}");
+    assert!(e.to_string().contains("EPT"), "{e}");
+    assert_blocked(&legacy, UNIT_A, ALIAS_RID, 0, "refused");
+    assert!(guest.assign(&iommus, 0, ALIASED).is_err(), "refused again, the group was given back");
+}
+
+/// The host address `gpa` maps to in the 4-level table at `root`.
+fn walk_table(host: &ModelHost, root: u64, gpa: u64) -> Option<u64> {
+    use portcullis::Platform;
+    let mut table = root;
+    for level in [3u32, 2, 1, 0] {
+        let e = host.read_u64(PhysAddr(table + ((gpa >> (12 + 9 * level)) & 511) * 8));
+        if e & 1 == 0 {
+            return None;
+        }
+        table = e & 0x000f_ffff_ffff_f000;
+    }
+    Some(table)
+}

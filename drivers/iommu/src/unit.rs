@@ -188,6 +188,36 @@ pub trait IommuUnit: Send + Sync + fmt::Debug {
         let _ = (source_id, pin, vector, destination);
         Err(UnitError { unit: self.base(), cause: crate::HwError::Unsupported("IOAPIC interrupt remapping") })
     }
+    /// Attaches `requester_id` to an x86-64 4-level page table the caller
+    /// owns and keeps (for example a hypervisor's nested page table, which
+    /// has the same format): the unit walks `root` for the device's DMA
+    /// and never writes it except for accessed/dirty bits. Every level must
+    /// have U/S set (requests without supervisor privilege). Returns the
+    /// domain id the unit caches its translations under, for
+    /// [`Self::invalidate_external`] and [`Self::detach_external`]. Only
+    /// units that translate with that format can (VT-d scalable mode with
+    /// first-stage translation); others refuse with a reason.
+    fn attach_external(&self, requester_id: u16, root: u64) -> Result<u16, UnitError> {
+        let _ = (requester_id, root);
+        Err(UnitError {
+            unit: self.base(),
+            cause: crate::HwError::Unsupported("this unit does not walk x86-64 4-level page tables"),
+        })
+    }
+    /// Drops what the unit cached of `[start, last]` of a table attached
+    /// with [`Self::attach_external`] under domain `did` (after the caller
+    /// changed or removed entries there).
+    fn invalidate_external(&self, did: u16, start: u64, last: u64) -> Result<(), UnitError> {
+        let _ = (did, start, last);
+        Err(UnitError { unit: self.base(), cause: crate::HwError::Unsupported("external page tables") })
+    }
+    /// Blocks `requester_id` again after [`Self::attach_external`] and
+    /// drops everything cached under `did` (freed for reuse only once the
+    /// unit confirmed that).
+    fn detach_external(&self, requester_id: u16, did: u16) -> Result<(), UnitError> {
+        let _ = did;
+        self.block(requester_id)
+    }
     /// Points a route made by [`Self::route_ioapic`] at another vector and
     /// destination; once this returns, the old vector never arrives.
     /// Returns the redirection entry for the route now: where it differs

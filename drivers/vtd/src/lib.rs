@@ -21,6 +21,7 @@
 extern crate alloc;
 
 pub mod entries;
+mod external;
 pub mod fault;
 pub mod ir;
 pub mod qi;

@@ -347,6 +347,15 @@ where
     fn invalidation_waits(&self) -> u64 {
         self.unit.lock().stats.waits
     }
+    fn attach_external(&self, requester_id: u16, root: u64) -> Result<u16, UnitError> {
+        self.attach_external_table(requester_id, root)
+    }
+    fn invalidate_external(&self, did: u16, start: u64, last: u64) -> Result<(), UnitError> {
+        self.invalidate_external_table(did, start, last)
+    }
+    fn detach_external(&self, requester_id: u16, did: u16) -> Result<(), UnitError> {
+        self.detach_external_table(requester_id, did)
+    }
 }
 
 /// IOTLB invalidation of one domain through its unit.
