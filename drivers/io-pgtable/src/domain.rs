@@ -40,6 +40,17 @@ pub trait Invalidator {
         let _ = (iova, last);
         Ok(())
     }
+
+    /// Turns the unit's recording of dirty bits in this domain's leaves on
+    /// or off for every device attached to it (VT-d: SSADE in their PASID
+    /// entries; AMD-Vi: HAD in their DTEs), with the invalidations that
+    /// makes the unit see it. Called by
+    /// [`IommuDomain::set_dirty_tracking`] on a dirty-capable domain;
+    /// nothing to do by default (host models, a unit that always records).
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
+        let _ = enable;
+        Ok(())
+    }
 }
 
 /// An [`Invalidator`] that records its calls (host tests).
@@ -254,22 +265,28 @@ where
         self.table.dirty_capable()
     }
 
-    /// Records whether tracking is on; the driver around this domain turns
-    /// the unit's recording on and off (SSADE in the PASID entry, HAD in
-    /// the DTE). Turning it on clears the dirty bits set before (pages
-    /// written while tracking was off are not reported) with one
-    /// invalidation, so every write from now on marks its leaf again.
+    /// Turns the unit's recording on and off through the invalidator
+    /// ([`Invalidator::set_dirty_tracking`]: SSADE in the PASID entries,
+    /// HAD in the DTEs of the attached devices). Turning it on then clears
+    /// the dirty bits set before (pages written while tracking was off are
+    /// not reported) with one invalidation, so every write from then on
+    /// marks its leaf again; turning it off stops reads first.
     fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
         if !self.dirty_capable() {
             return Err(DomainError::NotSupported);
         }
-        if enable && !self.tracking {
+        if !enable {
+            self.tracking = false;
+            return self.invalidator.set_dirty_tracking(false);
+        }
+        self.invalidator.set_dirty_tracking(true)?;
+        if !self.tracking {
             let IovaRange { start, last } = self.table.aperture();
             let mut gather = IotlbGather::default();
             self.table.read_and_clear_dirty(start, last - start + 1, true, &mut gather, &mut |_, _| {})?;
             self.iotlb_sync(&mut gather)?;
         }
-        self.tracking = enable;
+        self.tracking = true;
         Ok(())
     }
 
