@@ -94,6 +94,9 @@ pub struct GuestDma<P: Platform> {
     /// The hypervisor's 4-level table devices are attached to instead of
     /// the IOAS ([`GuestDma::new_sharing_table`]).
     table: Option<u64>,
+    /// While dirty tracking runs: the HWPTs (one per unit) the devices
+    /// were moved to, each tracking.
+    dirty_hwpts: Option<Vec<u32>>,
 }
 
 impl<P: Platform> Drop for GuestDma<P> {
@@ -194,6 +197,7 @@ impl<P: Platform> GuestDma<P> {
             owner,
             cpus: None,
             table: None,
+            dirty_hwpts: None,
         })
     }
 
@@ -306,6 +310,10 @@ impl<P: Platform> GuestDma<P> {
         let function = Function { segment, bdf };
         if self.devices.contains_key(&function) {
             return Err(PassthroughError::AlreadyAssigned(function));
+        }
+        if self.dirty_hwpts.is_some() {
+            // Its writes would not be tracked: stop tracking first.
+            return Err(PassthroughError::Iommufd("assign while dirty tracking runs", iommufd::Errno::EBUSY));
         }
         let device = iommus.device(segment, bdf)?;
         let unit = device.unit().clone();
@@ -475,5 +483,159 @@ impl<P: Platform> GuestDma<P> {
     /// The IOAS holding the guest's memory map.
     pub fn ioas(&self) -> u32 {
         self.ioas
+    }
+
+    /// Starts tracking which guest pages the assigned devices write, for
+    /// live migration: every device moves to a domain that records dirty
+    /// bits (one per IOMMU unit, made with iommufd's dirty-tracking HWPT
+    /// allocation; it maps the same guest memory), and recording starts.
+    /// Pages written before this call are not reported.
+    ///
+    /// Every assigned device's unit must be able to track (VT-d: scalable
+    /// mode with second-stage translation and ECAP.SSADS; AMD-Vi:
+    /// EFR.HDSup), or nothing changes and the call fails with
+    /// [`PassthroughError::Unit`] naming the first function that cannot
+    /// (its cause `HwError::Unsupported`). QEMU 10 emulates neither.
+    /// Calling it while tracking does nothing. While tracking runs,
+    /// [`Self::assign`] is refused (`EBUSY`): a new device's writes would
+    /// go unrecorded.
+    pub fn start_dirty_tracking(&mut self) -> Result<(), PassthroughError> {
+        if self.table.is_some() {
+            // The devices walk the hypervisor's table: its dirty bits are
+            // the hypervisor's to read (its nested paging sets them too).
+            return Err(PassthroughError::SharedTable("dirty tracking of the hypervisor's own table"));
+        }
+        if self.dirty_hwpts.is_some() {
+            return Ok(());
+        }
+        for (function, a) in &self.devices {
+            if !a.unit.supports_dirty_tracking() {
+                return Err(PassthroughError::Unit(
+                    *function,
+                    portcullis_iommu::UnitError {
+                        unit: a.unit.base(),
+                        cause: portcullis_iommu::HwError::Unsupported(
+                            "dirty tracking (VT-d: scalable mode with ECAP.SSADS; AMD-Vi: EFR.HDSup)",
+                        ),
+                    },
+                ));
+            }
+        }
+        // One tracking HWPT per unit; each iommufd device moves once.
+        let mut per_unit: Vec<(u64, u32)> = Vec::new();
+        let mut moved: Vec<u32> = Vec::new();
+        let assigned: Vec<(u32, u64)> = self.devices.values().map(|a| (a.id, a.unit.base())).collect();
+        let result = (|| {
+            for (id, base) in assigned {
+                if moved.contains(&id) {
+                    continue;
+                }
+                let hwpt = match per_unit.iter().find(|(b, _)| *b == base) {
+                    Some(&(_, h)) => h,
+                    None => {
+                        let h = self
+                            .ictx
+                            .hwpt_alloc_with(id, self.ioas, true)
+                            .map_err(|e| PassthroughError::Iommufd("dirty-tracking HWPT allocation", e))?;
+                        self.ictx
+                            .hwpt_set_dirty_tracking(h, true)
+                            .map_err(|e| PassthroughError::Iommufd("HWPT dirty tracking on", e))?;
+                        per_unit.push((base, h));
+                        h
+                    }
+                };
+                match self.ictx.replace(id, hwpt) {
+                    // Moved: the old automatic domain's final invalidation
+                    // failed, but the device is on the tracking domain.
+                    Ok(_) | Err(iommufd::ctx::ReplaceError::Moved { .. }) => {}
+                    Err(
+                        iommufd::ctx::ReplaceError::Stayed(e) | iommufd::ctx::ReplaceError::Blocked { error: e, .. },
+                    ) => {
+                        return Err(PassthroughError::Iommufd("replace to the dirty-tracking HWPT", e));
+                    }
+                }
+                moved.push(id);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Back to the IOAS's own domains; unused HWPTs go.
+            for id in moved {
+                let _ = self.ictx.replace(id, self.ioas);
+            }
+            for (_, h) in per_unit {
+                let _ = self.ictx.destroy(h);
+            }
+            return Err(e);
+        }
+        self.dirty_hwpts = Some(per_unit.into_iter().map(|(_, h)| h).collect());
+        Ok(())
+    }
+
+    /// Reads and clears the dirty state of `[gpa, gpa + len)`: bit `k` of
+    /// `out` (bit `k % 64` of `out[k / 64]`) is set when a device wrote
+    /// into the `page_size` piece at `gpa + k * page_size` since the last
+    /// read (or since tracking started), and cleared otherwise; returns the
+    /// number of pieces set. A large page a device wrote reports every
+    /// piece it covers; unmapped parts read clean. `page_size` is a power
+    /// of two of at least 4 KiB, `gpa` and `len` multiples of it, and
+    /// `out` must hold a bit per piece ([`PassthroughError::BadRange`]
+    /// otherwise). One IOTLB invalidation per unit per call. Needs
+    /// [`Self::start_dirty_tracking`] first (`EINVAL` otherwise).
+    pub fn read_dirty(
+        &mut self,
+        gpa: GuestAddr,
+        len: u64,
+        page_size: u64,
+        out: &mut [u64],
+    ) -> Result<u64, PassthroughError> {
+        let bad = PassthroughError::BadRange { gpa: gpa.0, len };
+        if !page_size.is_power_of_two() || page_size < 4096 || len == 0 || (gpa.0 | len) & (page_size - 1) != 0 {
+            return Err(bad);
+        }
+        gpa.0.checked_add(len - 1).ok_or(bad)?;
+        let pieces = len / page_size;
+        if (out.len() as u64).saturating_mul(64) < pieces {
+            return Err(bad);
+        }
+        let Some(hwpts) = &self.dirty_hwpts else {
+            return Err(PassthroughError::Iommufd("read_dirty without dirty tracking", iommufd::Errno::EINVAL));
+        };
+        out[..pieces.div_ceil(64) as usize].fill(0);
+        let shift = page_size.trailing_zeros();
+        for &h in hwpts {
+            let hwpt = self.ictx.hwpt(h).map_err(|e| PassthroughError::Iommufd("dirty-tracking HWPT", e))?;
+            let mut domain = hwpt.domain.lock();
+            let mut gather = portcullis_iommu::IotlbGather::default();
+            let read = domain.read_and_clear_dirty(gpa.0, len, true, &mut gather, &mut |at, n| {
+                for k in (at - gpa.0) >> shift..=(at + (n - 1) - gpa.0) >> shift {
+                    out[(k / 64) as usize] |= 1 << (k % 64);
+                }
+            });
+            let synced = domain.iotlb_sync(&mut gather);
+            // A hardware failure (the unit stopped answering) as EIO.
+            read.and(synced).map_err(|_| PassthroughError::Iommufd("read dirty bits", iommufd::Errno::EIO))?;
+        }
+        Ok(out[..pieces.div_ceil(64) as usize].iter().map(|w| u64::from(w.count_ones())).sum())
+    }
+
+    /// Stops dirty tracking: the units stop recording (the devices stay on
+    /// the tracking domains, which translate as before). Does nothing when
+    /// tracking is off.
+    pub fn stop_dirty_tracking(&mut self) -> Result<(), PassthroughError> {
+        let Some(hwpts) = self.dirty_hwpts.take() else { return Ok(()) };
+        let mut first = Ok(());
+        for h in hwpts {
+            let r = self.ictx.hwpt_set_dirty_tracking(h, false);
+            if first.is_ok() {
+                first = r.map_err(|e| PassthroughError::Iommufd("HWPT dirty tracking off", e));
+            }
+        }
+        first
+    }
+
+    /// Whether dirty tracking runs ([`Self::start_dirty_tracking`]).
+    pub fn dirty_tracking(&self) -> bool {
+        self.dirty_hwpts.is_some()
     }
 }

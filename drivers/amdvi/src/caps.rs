@@ -121,6 +121,12 @@ impl Caps {
     pub const fn snp(&self) -> bool {
         self.bit(efr::SNP)
     }
+    /// Host dirty bits (EFR.HDSup, bit 52): with HAD = 11b in a DTE the
+    /// unit sets D in the host PTEs a device writes through, what dirty
+    /// tracking needs.
+    pub const fn host_dirty(&self) -> bool {
+        self.bit(efr::HD)
+    }
     /// Raw HATS field.
     pub const fn hats(&self) -> u8 {
         ((self.efr >> efr::HATS_SHIFT) & 3) as u8

@@ -27,6 +27,11 @@ pub mod w0 {
     pub const TV: u64 = 1 << 1;
     /// Mode (bits 11:9): page-table levels, 0 = no translation.
     pub const MODE_SHIFT: u32 = 9;
+    /// HAD (bits 8:7): host access/dirty update; 11b: the unit sets A and
+    /// D in host PTEs (D on a write; needs EFR.HDSup).
+    pub const HAD_SHIFT: u32 = 7;
+    /// HAD = 11b.
+    pub const HAD_DIRTY: u64 = 3 << HAD_SHIFT;
     /// Page-table root pointer (bits 51:12).
     pub const ROOT_MASK: u64 = 0x000f_ffff_ffff_f000;
     /// IR: DMA reads allowed.
@@ -168,6 +173,17 @@ impl DeviceTableEntry {
         }
         let lo = w0::V | w0::TV | (levels as u64) << w0::MODE_SHIFT | root | w0::IR | w0::IW;
         Some(Self([lo, domain_id as u64, w2::IV, 0]))
+    }
+
+    /// The entry with HAD = 11b (host access and dirty updates) when
+    /// `on`, 00b otherwise.
+    pub const fn with_host_dirty(mut self, on: bool) -> Self {
+        self.0[0] = self.0[0] & !w0::HAD_DIRTY | if on { w0::HAD_DIRTY } else { 0 };
+        self
+    }
+    /// Whether HAD = 11b.
+    pub const fn host_dirty(self) -> bool {
+        self.0[0] & w0::HAD_DIRTY == w0::HAD_DIRTY
     }
 
     /// V bit.

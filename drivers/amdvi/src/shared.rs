@@ -94,8 +94,29 @@ where
         self.unit.lock()
     }
 
+    /// Whether domains of this unit can track dirty pages (EFR.HDSup:
+    /// the unit sets D in host PTEs for DTEs with HAD = 11b).
+    pub fn can_track_dirty(&self) -> bool {
+        self.unit.lock().caps().host_dirty()
+    }
+
+    /// A new empty AMD v1 domain that can track dirty pages: its format
+    /// reads and clears D (bit 6) of its PTEs, and devices attached while
+    /// tracking is on get HAD = 11b in their DTE. Refused without
+    /// EFR.HDSup.
+    pub fn new_dirty_domain(self: &Arc<Self>) -> Result<AmdDomain<M, T, C>, UnitError> {
+        if !self.can_track_dirty() {
+            return Err(UnitError { unit: self.base, cause: HwError::Unsupported("dirty tracking (EFR.HDSup)") });
+        }
+        self.new_domain_with(true)
+    }
+
     /// A new empty AMD v1 domain.
     pub fn new_amd_domain(self: &Arc<Self>) -> Result<AmdDomain<M, T, C>, UnitError> {
+        self.new_domain_with(false)
+    }
+
+    fn new_domain_with(self: &Arc<Self>, dirty: bool) -> Result<AmdDomain<M, T, C>, UnitError> {
         let base = self.base;
         let (caps, mem, id): (Caps, T, u16) = {
             let mut u = self.unit.lock();
@@ -103,6 +124,7 @@ where
             (u.caps(), u.memory().clone(), id)
         };
         let paging = AmdV1::from_caps(caps.efr, 48)
+            .map(|f| f.with_dirty_tracking(dirty))
             .ok_or(UnitError { unit: base, cause: HwError::Unsupported("EFR.HATS: no host translation") })
             .and_then(|format| {
                 let inv = AmdInvalidator { unit: self.clone(), domain_id: id, np_cache: caps.np_cache() };
@@ -135,6 +157,12 @@ where
     }
     fn attached_domain(&self, requester_id: u16) -> Option<u16> {
         self.unit.lock().attached_domain(requester_id)
+    }
+    fn supports_dirty_tracking(&self) -> bool {
+        self.can_track_dirty()
+    }
+    fn new_dirty_domain(self: Arc<Self>) -> Result<Box<dyn UnitDomain>, UnitError> {
+        Ok(Box::new(Shared::new_dirty_domain(&self)?))
     }
     fn block(&self, requester_id: u16) -> Result<(), UnitError> {
         self.unit.lock().detach(requester_id)
@@ -257,6 +285,9 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Invalidator for AmdInvalidator<M, T
         // the range covers (PDE = 1), freed tables included.
         self.unit.unit.lock().invalidate_range(self.domain_id, start, last).map_err(DomainError::from)
     }
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
+        self.unit.unit.lock().set_dirty_tracking(self.domain_id, enable).map_err(DomainError::from)
+    }
     fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
         if self.np_cache { self.invalidate(iova, last, false) } else { Ok(()) }
     }
@@ -316,7 +347,8 @@ where
     fn attach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         let t = self.paging.table();
         let (root, levels) = (t.root(), t.format().levels());
-        self.unit.unit.lock().attach(requester_id, root, levels, self.domain_id)
+        let dirty = self.paging.dirty_tracking();
+        self.unit.unit.lock().attach_dirty(requester_id, root, levels, self.domain_id, dirty)
     }
     fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         self.unit.unit.lock().detach(requester_id)

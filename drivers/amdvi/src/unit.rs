@@ -673,6 +673,52 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         self.set_dte_keeping_interrupts(device_id, e)
     }
 
+    /// As [`Self::attach`], with HAD = 11b in the DTE when `dirty`, so the
+    /// unit sets D in the PTEs the device writes through (EFR.HDSup
+    /// needed; refused otherwise).
+    pub fn attach_dirty(
+        &mut self,
+        device_id: u16,
+        root: u64,
+        levels: u32,
+        domain_id: u16,
+        dirty: bool,
+    ) -> Result<(), Error> {
+        if !dirty {
+            return self.attach(device_id, root, levels, domain_id);
+        }
+        if !self.caps.host_dirty() {
+            return Err(self.err(HwError::Unsupported("dirty tracking (EFR.HDSup)")));
+        }
+        if !usable_domain_id(domain_id) {
+            return Err(self.err(HwError::Invalid("domain id 0 or with bit 8 set")));
+        }
+        if self.caps.max_levels().is_none_or(|max| levels > max) {
+            return Err(self.err(HwError::Unsupported("page-table depth beyond EFR.HATS")));
+        }
+        let e = DeviceTableEntry::translated(root, levels, domain_id)
+            .ok_or_else(|| self.err(HwError::Invalid("root must be 4 KiB aligned below 2^52 and levels 1..=6")))?;
+        self.set_dte_keeping_interrupts(device_id, e.with_host_dirty(true))
+    }
+
+    /// Sets HAD to 11b (`on`) or 00b in the DTE of every device translating
+    /// through domain `domain_id`. Only word 0 changes, so each entry is
+    /// rewritten in place (the device keeps translating), then the unit is
+    /// told (INVALIDATE_DEVTAB_ENTRY, and the domain's pages: translations
+    /// cached without dirty updates must be walked again).
+    pub fn set_dirty_tracking(&mut self, domain_id: u16, on: bool) -> Result<(), Error> {
+        if on && !self.caps.host_dirty() {
+            return Err(self.err(HwError::Unsupported("dirty tracking (EFR.HDSup)")));
+        }
+        for device_id in 0..=self.last_device_id {
+            let Some(e) = self.dte(device_id) else { continue };
+            if matches!(e.kind(), DteKind::Translated { domain_id: d, .. } if d == domain_id) && e.host_dirty() != on {
+                self.set_dte(device_id, e.with_host_dirty(on))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Blocks `device_id`'s DMA again and invalidates what its old entry
     /// cached (its interrupt routes stay).
     pub fn detach(&mut self, device_id: u16) -> Result<(), Error> {

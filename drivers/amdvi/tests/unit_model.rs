@@ -920,3 +920,80 @@ fn x2apic_routes_are_128_bit_entries_with_32_bit_ids() {
     assert_eq!(remap(&model, &mem, 0x10, 0), Some((0x2f, u32::MAX)));
     assert_eq!(model.state().illegal_commands, 0);
 }
+
+/// Sets D (bit 6) in the host PTE translating `iova` for `device`, as a
+/// unit with HAD = 11b does on a write: the walk from the DTE's root.
+fn walker_writes(mem: &Mem, dte: DeviceTableEntry, iova: u64) {
+    assert!(dte.host_dirty(), "the unit records only with HAD = 11b");
+    let (mut table, mut level) = (dte.root(), dte.mode() - 1);
+    loop {
+        let at = table + ((iova >> (12 + 9 * level)) & 511) * 8;
+        let e = mem.phys_read(at);
+        assert_ne!(e & 1, 0, "{iova:#x} is mapped");
+        if level == 0 || (e >> 9) & 7 == 0 {
+            mem.phys_write(at, e | 1 << 6);
+            return;
+        }
+        table = e & 0x000f_ffff_ffff_f000;
+        level -= 1;
+    }
+}
+
+#[test]
+fn dirty_tracking_needs_hdsup_and_sets_had_in_the_dte() {
+    use portcullis_iommu::unit::{Device, IommuUnit};
+    use portcullis_iommu::{DeviceOps, DomainError, IotlbGather, Prot, RequesterRef};
+    const M2: u64 = 1 << 21;
+    let info = || amdvi::BringUp { last_device_id: 0xff, coherent: true, ..amdvi::BringUp::default() };
+    let (a, b) = (RequesterRef { unit: 0, requester_id: 8 }, RequesterRef { unit: 0, requester_id: 0x10 });
+    // QEMU's EFR has no HDSup: refused.
+    let mem = Mem::new(true);
+    let unit = amdvi::Shared::bring_up(
+        BASE,
+        RegisterModel::new(QEMU_EFR, Arc::new(mem.clone())),
+        mem,
+        TickClock::new(),
+        info(),
+    )
+    .unwrap();
+    assert!(!unit.supports_dirty_tracking());
+    let dev = Device::new(unit.clone(), a);
+    assert!(!dev.supports_dirty_tracking());
+    assert_eq!(dev.alloc_dirty_domain().err(), Some(DomainError::NotSupported));
+    assert!(!dev.alloc_domain().unwrap().dirty_capable());
+
+    let mem = Mem::new(true);
+    let efr = QEMU_EFR | amdvi::caps::efr::HD;
+    let model = RegisterModel::new(efr, Arc::new(mem.clone()));
+    let unit = amdvi::Shared::bring_up(BASE, model, mem.clone(), TickClock::new(), info()).unwrap();
+    assert!(unit.supports_dirty_tracking());
+    let dev = Device::new(unit.clone(), a);
+    let mut d = dev.alloc_dirty_domain().unwrap();
+    assert!(d.dirty_capable());
+    d.map(0, 0x4000_0000, 2 * M2, Prot::RW).unwrap();
+    d.map(2 * M2, 0x10_0000, 16 << 12, Prot::RW).unwrap();
+    d.attach_device(a.handle()).unwrap();
+    let dte = |id| unit.lock().dte(id).unwrap();
+    assert!(!dte(8).host_dirty(), "tracking off: HAD = 00b");
+    d.set_dirty_tracking(true).unwrap();
+    assert!(dte(8).host_dirty());
+    assert_eq!(dte(8).0[0] >> 7 & 3, 3, "HAD, bits 8:7");
+    assert_eq!(unit.attached_domain(8), dte(8).tag(), "still translating");
+    d.attach_device(b.handle()).unwrap();
+    assert!(dte(0x10).host_dirty(), "attached while tracking");
+
+    walker_writes(&mem, dte(8), M2 + 0x40);
+    walker_writes(&mem, dte(0x10), 2 * M2 + 7 * 4096);
+    let mut g = IotlbGather::default();
+    let mut seen = Vec::new();
+    d.read_and_clear_dirty(0, 4 * M2, true, &mut g, &mut |at, len| seen.push((at, len))).unwrap();
+    assert_eq!(seen, [(M2, M2), (2 * M2 + 7 * 4096, 4096)]);
+    d.iotlb_sync(&mut g).unwrap();
+    seen.clear();
+    d.read_and_clear_dirty(0, 4 * M2, true, &mut g, &mut |at, len| seen.push((at, len))).unwrap();
+    assert_eq!(seen, []);
+
+    d.set_dirty_tracking(false).unwrap();
+    assert!(!dte(8).host_dirty() && !dte(0x10).host_dirty());
+    assert_eq!(unit.attached_domain(0x10), dte(0x10).tag());
+}

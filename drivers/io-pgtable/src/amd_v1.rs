@@ -13,7 +13,8 @@
 //! | bits  | name      | meaning |
 //! |-------|-----------|---------|
 //! | 0     | PR        | present |
-//! | 6     | D         | dirty (written by the IOMMU only when the DTE enables it; never set here) |
+//! | 5     | A         | PTE: accessed (written by the IOMMU only when the DTE's HAD enables it; never set here) |
+//! | 6     | D         | PTE: dirty (written by the IOMMU only when the DTE's HAD is 11b; never set here) |
 //! | 11:9  | NextLevel | PDE: hardware level of the table it points at; PTE: 0 (or 7, see below) |
 //! | 51:12 | address   | next table, or the page (aligned to the page size) |
 //! | 59    | U         | PTE: an ATS-capable device must use untranslated requests for this page (not used here) |
@@ -78,8 +79,12 @@ use portcullis_iommu::Prot;
 
 /// Present (bit 0).
 pub const AMD_PR: u64 = 1 << 0;
-/// Dirty (bit 6), set by the IOMMU only when the DTE enables dirty
-/// tracking; this format never sets it.
+/// Accessed (bit 5), set in a PTE by the IOMMU only when the DTE's HAD
+/// field enables host access tracking; this format never sets it.
+pub const AMD_A: u64 = 1 << 5;
+/// Dirty (bit 6), set in a PTE by the IOMMU on a write only when the DTE's
+/// HAD field is 11b (host dirty, EFR.HDSup); this format never sets it,
+/// and reads and clears it when made with [`AmdV1::with_dirty_tracking`].
 pub const AMD_D: u64 = 1 << 6;
 /// First bit of the NextLevel field (bits 11:9).
 pub const AMD_NEXT_LEVEL_SHIFT: u32 = 9;
@@ -115,6 +120,7 @@ pub const fn amd_next_level(pte: u64) -> u32 {
 pub struct AmdV1 {
     geometry: Geometry,
     force_coherent: bool,
+    dirty: bool,
 }
 
 impl AmdV1 {
@@ -127,7 +133,7 @@ impl AmdV1 {
             return None;
         }
         match Geometry::new(levels) {
-            Some(g) => Some(Self { geometry: g.with_large_pages(true, true), force_coherent: false }),
+            Some(g) => Some(Self { geometry: g.with_large_pages(true, true), force_coherent: false, dirty: false }),
             None => None,
         }
     }
@@ -181,6 +187,13 @@ impl AmdV1 {
     /// `PagingDomain::enforce_cache_coherency` adds to every mapping).
     pub const fn with_force_coherent(mut self, on: bool) -> Self {
         self.force_coherent = on;
+        self
+    }
+
+    /// Whether the engine reads and clears the D bit (bit 6) of PTEs: for
+    /// tables behind DTEs with HAD = 11b (host dirty, EFR.HDSup).
+    pub const fn with_dirty_tracking(mut self, on: bool) -> Self {
+        self.dirty = on;
         self
     }
 
@@ -346,6 +359,9 @@ impl PtFormat for AmdV1 {
     fn snoop_control(&self) -> bool {
         true
     }
+    fn dirty_bit(&self) -> u64 {
+        if self.dirty { AMD_D } else { 0 }
+    }
     fn fmt_entry(&self, pte: u64, level: u32, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let flag = |bit: u64, name: &'static str| if pte & bit != 0 { name } else { "" };
         let perms = |f: &mut fmt::Formatter<'_>| {
@@ -361,7 +377,7 @@ impl PtFormat for AmdV1 {
             AmdV1Entry::Page { phys, .. } => {
                 write!(f, "page {phys:#x} NL0")?;
                 perms(f)?;
-                write!(f, "{}", flag(AMD_U, " U"))
+                write!(f, "{}{}{}", flag(AMD_U, " U"), flag(AMD_A, " A"), flag(AMD_D, " D"))
             }
             AmdV1Entry::SizedPage { phys, size, .. } => {
                 write!(f, "sized page {phys:#x}+{size:#x} NL7 (not written by this engine)")?;

@@ -40,6 +40,17 @@ pub trait Invalidator {
         let _ = (iova, last);
         Ok(())
     }
+
+    /// Turns the unit's recording of dirty bits in this domain's leaves on
+    /// or off for every device attached to it (VT-d: SSADE in their PASID
+    /// entries; AMD-Vi: HAD in their DTEs), with the invalidations that
+    /// makes the unit see it. Called by
+    /// [`IommuDomain::set_dirty_tracking`] on a dirty-capable domain;
+    /// nothing to do by default (host models, a unit that always records).
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
+        let _ = enable;
+        Ok(())
+    }
 }
 
 /// An [`Invalidator`] that records its calls (host tests).
@@ -87,12 +98,20 @@ pub struct PagingDomain<F: PtFormat, M: TableMemory, I: Invalidator> {
     devices: Vec<DeviceHandle>,
     /// An invalidation failed: maps are refused until `recover`.
     needs_recovery: bool,
+    /// Dirty tracking is on (only for a format with a dirty bit).
+    tracking: bool,
 }
 
 impl<F: PtFormat, M: TableMemory, I: Invalidator> PagingDomain<F, M, I> {
     /// A domain with an empty page table.
     pub fn new(format: F, mem: M, invalidator: I) -> Result<Self, Error> {
-        Ok(Self { table: PageTable::new(format, mem)?, invalidator, devices: Vec::new(), needs_recovery: false })
+        Ok(Self {
+            table: PageTable::new(format, mem)?,
+            invalidator,
+            devices: Vec::new(),
+            needs_recovery: false,
+            tracking: false,
+        })
     }
     /// The page table.
     pub fn table(&self) -> &PageTable<F, M> {
@@ -113,6 +132,10 @@ impl<F: PtFormat, M: TableMemory, I: Invalidator> PagingDomain<F, M, I> {
     /// Attached devices, in attach order.
     pub fn devices(&self) -> &[DeviceHandle] {
         &self.devices
+    }
+    /// Whether dirty tracking is on ([`IommuDomain::set_dirty_tracking`]).
+    pub fn dirty_tracking(&self) -> bool {
+        self.tracking
     }
     /// Whether an invalidation failed and [`IommuDomain::recover`] has not
     /// succeeded since.
@@ -233,6 +256,57 @@ where
             return false;
         }
         self.table.set_force_snoop()
+    }
+
+    /// Dirty-capable when its format records writes in leaves
+    /// ([`PtFormat::dirty_bit`]): VT-d second stage for SSADE, AMD v1 for
+    /// host dirty, x86 first stage with clean leaves.
+    fn dirty_capable(&self) -> bool {
+        self.table.dirty_capable()
+    }
+
+    /// Turns the unit's recording on and off through the invalidator
+    /// ([`Invalidator::set_dirty_tracking`]: SSADE in the PASID entries,
+    /// HAD in the DTEs of the attached devices). Turning it on then clears
+    /// the dirty bits set before (pages written while tracking was off are
+    /// not reported) with one invalidation, so every write from then on
+    /// marks its leaf again; turning it off stops reads first.
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
+        if !self.dirty_capable() {
+            return Err(DomainError::NotSupported);
+        }
+        if !enable {
+            self.tracking = false;
+            return self.invalidator.set_dirty_tracking(false);
+        }
+        self.invalidator.set_dirty_tracking(true)?;
+        if !self.tracking {
+            let IovaRange { start, last } = self.table.aperture();
+            let mut gather = IotlbGather::default();
+            self.table.read_and_clear_dirty(start, last - start + 1, true, &mut gather, &mut |_, _| {})?;
+            self.iotlb_sync(&mut gather)?;
+        }
+        self.tracking = true;
+        Ok(())
+    }
+
+    /// The engine's walk ([`PageTable::read_and_clear_dirty`]): dirty
+    /// leaves in ascending order, cleared leaves added to `gather`.
+    fn read_and_clear_dirty(
+        &mut self,
+        iova: u64,
+        length: u64,
+        clear: bool,
+        gather: &mut IotlbGather,
+        record: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), DomainError> {
+        if !self.dirty_capable() {
+            return Err(DomainError::NotSupported);
+        }
+        if !self.tracking {
+            return Err(DomainError::BadRange { iova, length });
+        }
+        self.table.read_and_clear_dirty(iova, length, clear, gather, record).map_err(DomainError::from)
     }
 
     fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {

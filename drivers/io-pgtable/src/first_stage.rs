@@ -24,7 +24,9 @@
 //! * A is set on every entry and D on every writable leaf up front, so the
 //!   walker never has to write the tables back (an atomic update the
 //!   engine would otherwise race with, and a write to memory that may not
-//!   be coherent).
+//!   be coherent). With [`X86FirstStage::with_dirty_tracking`] D is left
+//!   clear instead, so the walker sets it on the first write through a
+//!   leaf, and the engine reads and clears it ([`PtFormat::dirty_bit`]).
 //! * Table entries carry R/W: as in the second stage, the walk's
 //!   permissions are the intersection over the levels.
 //! * There is no write-only mapping on x86: a write-only request maps as
@@ -60,6 +62,7 @@ pub struct X86FirstStage {
     geometry: Geometry,
     user: bool,
     execute_disable: bool,
+    dirty: bool,
 }
 
 impl X86FirstStage {
@@ -68,7 +71,7 @@ impl X86FirstStage {
     const fn with_levels(levels: u32) -> Self {
         let Some(g) = Geometry::new(levels) else { panic!("x86 paging has 4 or 5 levels") };
         let geometry = g.with_input_bits(g.covered_bits() - 1).with_large_pages(true, false);
-        Self { geometry, user: true, execute_disable: false }
+        Self { geometry, user: true, execute_disable: false, dirty: false }
     }
 
     /// 4-level paging (48-bit, lower canonical half usable) with 2 MiB
@@ -98,6 +101,13 @@ impl X86FirstStage {
     /// when the PASID entry enables execute requests.
     pub const fn with_execute_disable(mut self, on: bool) -> Self {
         self.execute_disable = on;
+        self
+    }
+
+    /// Whether writable leaves start clean (D clear) so the walker marks
+    /// written pages, for dirty tracking; off by default (D set up front).
+    pub const fn with_dirty_tracking(mut self, on: bool) -> Self {
+        self.dirty = on;
         self
     }
 
@@ -145,7 +155,10 @@ impl PtFormat for X86FirstStage {
     fn leaf_entry(&self, phys: u64, level: u32, prot: Prot) -> u64 {
         let mut pte = phys | self.common();
         if prot.writable() {
-            pte |= FS_RW | FS_D;
+            pte |= FS_RW;
+            if !self.dirty {
+                pte |= FS_D;
+            }
         }
         if level > 0 {
             pte |= FS_PS;
@@ -154,6 +167,9 @@ impl PtFormat for X86FirstStage {
             pte |= FS_XD;
         }
         pte
+    }
+    fn dirty_bit(&self) -> u64 {
+        if self.dirty { FS_D } else { 0 }
     }
     fn fmt_entry(&self, pte: u64, level: u32, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let flag = |bit: u64, name: &'static str| if pte & bit != 0 { name } else { "" };

@@ -114,6 +114,16 @@ pub trait PtFormat: fmt::Debug {
         false
     }
 
+    /// The bit the walker sets in a leaf when a device writes through it,
+    /// if this format was made to track writes (VT-d second stage with
+    /// SSADS, AMD v1 with host dirty, x86 first stage); 0, the default,
+    /// when it records none. The bit is not part of the address,
+    /// permissions or leaf-ness of an entry, and [`Self::leaf_entry`]
+    /// never sets it: a fresh mapping is clean.
+    fn dirty_bit(&self) -> u64 {
+        0
+    }
+
     /// Writes a decoded form of `pte` at `level` (used by [`Entry`]'s
     /// `Debug`).
     fn fmt_entry(&self, pte: u64, level: u32, f: &mut fmt::Formatter<'_>) -> fmt::Result;

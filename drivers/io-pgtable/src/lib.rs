@@ -36,6 +36,17 @@
 //! page the range only partly covers, unlinks tables that become empty and
 //! defers their freeing until the caller's IOTLB sync.
 //!
+//! Dirty tracking: a format made with `with_dirty_tracking` names the bit
+//! the walker sets in a leaf on a write ([`PtFormat::dirty_bit`]: D, bit 9
+//! of a VT-d second-stage leaf under SSADE; D, bit 6 of an AMD v1 PTE under
+//! HAD = 11b; D, bit 6 of an x86 first-stage leaf, left clear at map).
+//! [`PageTable::read_and_clear_dirty`] walks a range and reports dirty
+//! leaves in ascending order, clearing each with one atomic
+//! read-modify-write ([`TableMemory::clear_bits`]) and collecting them in
+//! the caller's gather; a split copies a large page's dirty bit into every
+//! smaller page. [`PagingDomain`] offers it as `IommuDomain`'s dirty
+//! methods.
+//!
 //! For walkers that do not snoop CPU caches (VT-d ECAP.C = 0) each map and
 //! unmap collects the cache lines it changed, per table, and flushes each
 //! line once when it leaves that table (see `flush.rs`); coherent walkers
@@ -62,6 +73,8 @@
 extern crate alloc;
 
 mod amd_v1;
+#[cfg(test)]
+mod dirty_tests;
 mod domain;
 mod first_stage;
 mod flush;
@@ -76,8 +89,8 @@ mod table;
 use core::fmt;
 
 pub use amd_v1::{
-    AMD_ADDR_MASK, AMD_D, AMD_FC, AMD_IR, AMD_IW, AMD_NEXT_LEVEL_MASK, AMD_NEXT_LEVEL_SHIFT, AMD_PR, AMD_U, AmdV1,
-    AmdV1Entry, amd_next_level,
+    AMD_A, AMD_ADDR_MASK, AMD_D, AMD_FC, AMD_IR, AMD_IW, AMD_NEXT_LEVEL_MASK, AMD_NEXT_LEVEL_SHIFT, AMD_PR, AMD_U,
+    AmdV1, AmdV1Entry, amd_next_level,
 };
 pub use domain::{Invalidator, NoInvalidator, PagingDomain, RecordingInvalidator};
 pub use first_stage::{FS_A, FS_ADDR_MASK, FS_D, FS_P, FS_PS, FS_RW, FS_US, FS_XD, X86FirstStage};
@@ -87,7 +100,7 @@ pub use memory::{Cleared, ContiguousMemory, HEAP_TABLES_BASE, HeapTables, TableM
 #[cfg(any(test, feature = "testing"))]
 pub use memory::{NonCoherentTables, WALKER_POISON, WalkerFault};
 pub use portcullis_iommu::Prot;
-pub use second_stage::{SS_ADDR_MASK, SS_PS, SS_READ, SS_SNP, SS_WRITE, VtdSecondStage};
+pub use second_stage::{SS_A, SS_ADDR_MASK, SS_D, SS_PS, SS_READ, SS_SNP, SS_WRITE, VtdSecondStage};
 pub use table::{PageTable, PartialUnmap, WalkStep};
 
 /// log2 of the smallest page and of a table.

@@ -82,6 +82,21 @@ pub trait TableMemory {
         count
     }
 
+    /// Clears `bits` in entry `index` of `table` and returns the entry as
+    /// it was. The walker may set bits of the same entry at the same time
+    /// (accessed and dirty bits of a leaf): implementations over memory the
+    /// hardware walks must do this as one atomic read-modify-write
+    /// (`lock and`), so a bit the walker sets in between is not lost. The
+    /// default reads and writes back, which is enough where no walker runs
+    /// (host models).
+    fn clear_bits(&mut self, table: u64, index: usize, bits: u64) -> u64 {
+        let old = self.read(table, index);
+        if old & bits != 0 {
+            self.write(table, index, old & !bits);
+        }
+        old
+    }
+
     /// Zeroes entries `index..index + count` (within one table) and says
     /// which were nonzero.
     fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared {

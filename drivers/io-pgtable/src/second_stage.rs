@@ -9,6 +9,8 @@
 //! | 0     | R    | read allowed |
 //! | 1     | W    | write allowed |
 //! | 7     | PS   | level 1 and 2 only: the entry maps a 2 MiB / 1 GiB page |
+//! | 8     | A    | leaves, with SSADE in the PASID entry: the walker set it on an access |
+//! | 9     | D    | leaves, with SSADE in the PASID entry: the walker set it on a write |
 //! | 11    | SNP  | leaves only: DMA through this page snoops CPU caches |
 //! | 51:12 | ADDR | next table, or the page (2 MiB / 1 GiB aligned for large pages) |
 //!
@@ -18,7 +20,11 @@
 //! only R would make every page below it read-only (QEMU enforces this and
 //! so does hardware). Execute (bit 2), the memory-type fields (bits 6:3)
 //! and the accessed/dirty bits (8, 9) are left clear: Portcullis enables
-//! neither execute requests, memory-type overrides nor A/D tracking.
+//! neither execute requests nor memory-type overrides, and a fresh leaf is
+//! clean. With [`VtdSecondStage::with_dirty_tracking`] the format reports
+//! D (bit 9) as its [`PtFormat::dirty_bit`]: the unit sets A and D in
+//! leaves only for PASID entries with SSADE (second-stage accessed/dirty
+//! enable, needs ECAP.SSADS), and the engine reads and clears D.
 
 use crate::format::PtFormat;
 use crate::geometry::{Geometry, level_size};
@@ -31,6 +37,11 @@ pub const SS_READ: u64 = 1 << 0;
 pub const SS_WRITE: u64 = 1 << 1;
 /// Page size: a level-1 or level-2 entry that maps a large page (bit 7).
 pub const SS_PS: u64 = 1 << 7;
+/// Accessed (bit 8), set by a unit with SSADE enabled.
+pub const SS_A: u64 = 1 << 8;
+/// Dirty (bit 9), set in a leaf by a unit with SSADE enabled when a device
+/// writes through it.
+pub const SS_D: u64 = 1 << 9;
 /// Snoop: force snooping for DMA through this leaf (bit 11, needs ECAP.SC).
 pub const SS_SNP: u64 = 1 << 11;
 /// Address field, bits 51:12.
@@ -41,6 +52,7 @@ pub const SS_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 pub struct VtdSecondStage {
     geometry: Geometry,
     snoop: bool,
+    dirty: bool,
 }
 
 impl VtdSecondStage {
@@ -52,7 +64,7 @@ impl VtdSecondStage {
             return None;
         }
         match Geometry::new(levels) {
-            Some(g) => Some(Self { geometry: g.with_large_pages(true, true), snoop: false }),
+            Some(g) => Some(Self { geometry: g.with_large_pages(true, true), snoop: false, dirty: false }),
             None => None,
         }
     }
@@ -95,6 +107,13 @@ impl VtdSecondStage {
     /// Whether leaves may set SNP (ECAP.SC).
     pub const fn with_snoop_control(mut self, snoop_control: bool) -> Self {
         self.snoop = snoop_control;
+        self
+    }
+
+    /// Whether the engine reads and clears the D bit (bit 9) of leaves:
+    /// for tables behind PASID entries with SSADE (ECAP.SSADS).
+    pub const fn with_dirty_tracking(mut self, on: bool) -> Self {
+        self.dirty = on;
         self
     }
 
@@ -171,17 +190,22 @@ impl PtFormat for VtdSecondStage {
     fn snoop_control(&self) -> bool {
         self.snoop
     }
+    fn dirty_bit(&self) -> u64 {
+        if self.dirty { SS_D } else { 0 }
+    }
     fn fmt_entry(&self, pte: u64, level: u32, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let flag = |bit: u64, name: &'static str| if pte & bit != 0 { name } else { "-" };
         if self.is_leaf(pte, level) {
             write!(
                 f,
-                "page {:#x} {}{}{}{}",
+                "page {:#x} {}{}{}{}{}{}",
                 self.leaf_address(pte, level),
                 flag(SS_READ, "R"),
                 flag(SS_WRITE, "W"),
                 flag(SS_PS, " PS"),
-                flag(SS_SNP, " SNP")
+                flag(SS_SNP, " SNP"),
+                flag(SS_A, " A"),
+                flag(SS_D, " D")
             )
         } else {
             write!(f, "table {:#x} {}{}", self.table_address(pte), flag(SS_READ, "R"), flag(SS_WRITE, "W"))

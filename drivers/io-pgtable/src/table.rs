@@ -85,6 +85,17 @@ pub struct WalkStep {
     pub raw: u64,
 }
 
+/// What a dirty-bit walk carries down the tree.
+struct DirtyWalk<'a> {
+    start: u64,
+    end: u64,
+    bit: u64,
+    clear: bool,
+    gather: &'a mut IotlbGather,
+    record: &'a mut dyn FnMut(u64, u64),
+    batch: &'a mut FlushBatch,
+}
+
 /// An I/O page table of format `F` in memory `M`.
 pub struct PageTable<F: PtFormat, M: TableMemory> {
     format: F,
@@ -629,11 +640,14 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         let child_level = level - 1;
         let base_phys = self.format.leaf_address(e, level);
         let prot = self.format.leaf_prot(e);
+        // A dirty large page makes every smaller page dirty: which part was
+        // written is not known, and losing a write would lose it for good.
+        let dirty = e & self.format.dirty_bit();
         let new = self.mem.alloc_table()?;
         self.tables += 1;
         let child = level_size(child_level);
         for k in 0..ENTRIES {
-            self.mem.write(new, k, self.format.leaf_entry(base_phys + k as u64 * child, child_level, prot));
+            self.mem.write(new, k, self.format.leaf_entry(base_phys + k as u64 * child, child_level, prot) | dirty);
         }
         if !self.coherent {
             self.mem.flush(new, TABLE_SIZE);
@@ -641,6 +655,108 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         self.mem.write(table, i, self.format.table_entry(new, level));
         batch.mark(&mut self.mem, level, table, i);
         Some(new)
+    }
+
+    /// Whether the format records writes in its leaves
+    /// ([`PtFormat::dirty_bit`]), so [`Self::read_and_clear_dirty`] means
+    /// something.
+    pub fn dirty_capable(&self) -> bool {
+        self.format.dirty_bit() != 0
+    }
+
+    /// Calls `record(iova, len)` for every leaf in `[iova, iova + length)`
+    /// whose dirty bit the walker set, in ascending IOVA order, clipped to
+    /// the range (a large page reports all of itself that the range
+    /// covers: which part was written is not known). With `clear`, clears
+    /// the dirty bit of each such leaf the range covers whole, one atomic
+    /// read-modify-write per entry ([`TableMemory::clear_bits`]), flushing
+    /// the changed lines on non-coherent memory, and adds the leaf to
+    /// `gather`: the unit may hold the entry, dirty, in its IOTLB and would
+    /// not mark it again until invalidated. A large page the range covers
+    /// only partly stays dirty (it is reported again, which is safe; the
+    /// writes outside the range are not lost). Unmapped parts are skipped.
+    ///
+    /// On memory the walker does not snoop, the lines of each leaf table
+    /// are flushed before they are read, so the walker's updates in memory
+    /// are what the CPU reads. Formats without a dirty bit report nothing.
+    /// Errors: [`Error::BadRange`] as for `unmap`.
+    pub fn read_and_clear_dirty(
+        &mut self,
+        iova: u64,
+        length: u64,
+        clear: bool,
+        gather: &mut IotlbGather,
+        record: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), Error> {
+        let end = self.check_range(iova, length)?;
+        let bit = self.format.dirty_bit();
+        if bit == 0 {
+            return Ok(());
+        }
+        let mut batch = FlushBatch::new(!self.coherent && clear);
+        let mut walk = DirtyWalk { start: iova, end, bit, clear, gather, record, batch: &mut batch };
+        self.dirty_table(self.root, self.top, 0, &mut walk);
+        batch.finish(&mut self.mem);
+        Ok(())
+    }
+
+    fn dirty_table(&mut self, table: u64, level: u32, base: u64, w: &mut DirtyWalk<'_>) {
+        let size = level_size(level);
+        // Only tables overlapping the range are visited: base <= end - 1.
+        let first = if w.start > base { ((w.start - base) / size) as usize } else { 0 };
+        let last = (((w.end - 1) - base) / size).min(ENTRIES as u64 - 1) as usize;
+        if !self.coherent {
+            // Fetch what the walker wrote to memory.
+            let lines = lines_of(first, last + 1 - first);
+            let mut scratch = FlushBatch::new(true);
+            scratch.mark_lines(&mut self.mem, level, table, lines);
+            scratch.finish(&mut self.mem);
+        }
+        for i in first..=last {
+            let e = self.mem.read(table, i);
+            if !self.format.is_present(e) {
+                continue;
+            }
+            let at = base + i as u64 * size;
+            if !self.format.is_leaf(e, level) {
+                self.dirty_table(self.format.table_address(e), level - 1, at, w);
+                continue;
+            }
+            if e & w.bit == 0 {
+                continue;
+            }
+            let from = at.max(w.start);
+            let to = (at + (size - 1)).min(w.end - 1);
+            (w.record)(from, to - from + 1);
+            if w.clear && at >= w.start && at + (size - 1) < w.end {
+                self.mem.clear_bits(table, i, w.bit);
+                w.batch.mark(&mut self.mem, level, table, i);
+                w.gather.add(at, at + (size - 1));
+            }
+        }
+    }
+
+    /// Sets the dirty bit of the leaf translating `iova`, as the walker
+    /// does on a write through it (for tests of what drives the engine:
+    /// no emulated unit sets dirty bits). False when `iova` is unmapped or
+    /// the format records no writes.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn mark_dirty(&mut self, iova: u64) -> bool {
+        let bit = self.format.dirty_bit();
+        let Some(step) = self.leaf_step(iova) else { return false };
+        if bit == 0 {
+            return false;
+        }
+        self.mem.write(step.table, step.index, step.raw | bit);
+        if !self.coherent {
+            self.mem.flush(step.table + step.index as u64 * 8, 8);
+        }
+        true
+    }
+
+    /// Whether the leaf translating `iova` is dirty (`None` if unmapped).
+    pub fn is_dirty(&self, iova: u64) -> Option<bool> {
+        self.leaf_step(iova).map(|s| s.raw & self.format.dirty_bit() != 0)
     }
 
     /// The physical address and permissions `iova` translates to.

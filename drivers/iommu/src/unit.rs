@@ -132,6 +132,18 @@ pub trait IommuUnit: Send + Sync + fmt::Debug {
     /// stage this unit translates with (the driver's choice from its
     /// capabilities).
     fn new_domain(self: Arc<Self>) -> Result<Box<dyn UnitDomain>, UnitError>;
+    /// Whether domains of this unit can track the pages devices write
+    /// (VT-d: scalable mode, second stage and ECAP.SSADS; AMD-Vi:
+    /// EFR.HDSup). No, by default.
+    fn supports_dirty_tracking(&self) -> bool {
+        false
+    }
+    /// A new empty paging domain that can track dirty pages (its
+    /// `IommuDomain::dirty_capable` is true), as [`Self::new_domain`]
+    /// otherwise. Units that cannot: `HwError::Unsupported`, the default.
+    fn new_dirty_domain(self: Arc<Self>) -> Result<Box<dyn UnitDomain>, UnitError> {
+        Err(UnitError { unit: self.base(), cause: crate::HwError::Unsupported("dirty tracking") })
+    }
     /// The domain id `requester_id` translates through, `None` when it is
     /// blocked (or in pass-through).
     fn attached_domain(&self, requester_id: u16) -> Option<u16>;
@@ -316,6 +328,11 @@ impl Device {
     pub fn new_domain(&self) -> Result<Domain, UnitError> {
         Domain::new(self.unit.clone(), self.at.unit)
     }
+    /// A new empty domain on its unit that can track dirty pages
+    /// ([`IommuUnit::new_dirty_domain`]).
+    pub fn new_dirty_domain(&self) -> Result<Domain, UnitError> {
+        Domain::new_dirty(self.unit.clone(), self.at.unit)
+    }
 }
 
 impl DeviceOps for Device {
@@ -334,6 +351,16 @@ impl DeviceOps for Device {
     }
     fn hw_info(&self) -> (u32, Vec<u8>) {
         self.unit.hw_info()
+    }
+    fn supports_dirty_tracking(&self) -> bool {
+        self.unit.supports_dirty_tracking()
+    }
+    /// [`DomainError::NotSupported`] when the unit cannot track.
+    fn alloc_dirty_domain(&self) -> Result<Box<dyn IommuDomain>, DomainError> {
+        if !self.unit.supports_dirty_tracking() {
+            return Err(DomainError::NotSupported);
+        }
+        Ok(Box::new(self.new_dirty_domain()?))
     }
 }
 
@@ -359,6 +386,10 @@ impl Domain {
     /// named by [`RequesterRef`] handles carrying that number).
     pub fn new(unit: Arc<dyn IommuUnit>, unit_index: u16) -> Result<Self, UnitError> {
         Ok(Domain { inner: unit.clone().new_domain()?, unit_index, unit })
+    }
+    /// A new empty domain on `unit` that can track dirty pages.
+    pub fn new_dirty(unit: Arc<dyn IommuUnit>, unit_index: u16) -> Result<Self, UnitError> {
+        Ok(Domain { inner: unit.clone().new_dirty_domain()?, unit_index, unit })
     }
     /// The driver's domain inside.
     pub fn unit_domain(&self) -> &dyn UnitDomain {

@@ -168,8 +168,38 @@ where
         Ok(self.unit.lock().route_entry(vector, destination, source_id)?.with_level(pin.level))
     }
 
+    /// Whether domains of this unit can track dirty pages: a scalable-mode
+    /// unit translating with second-stage tables (ECAP.SSTS) that records
+    /// second-stage accessed/dirty bits (ECAP.SSADS), turned on per PASID
+    /// entry by SSADE.
+    pub fn can_track_dirty(&self) -> bool {
+        let u = self.unit.lock();
+        let caps = u.caps();
+        u.is_scalable() && caps.second_stage() && caps.dirty_tracking()
+    }
+
+    /// A new empty second-stage domain that can track dirty pages
+    /// ([`Self::can_track_dirty`]; refused otherwise): its format reads
+    /// and clears D (bit 9) of its leaves, and devices attached while
+    /// tracking is on get SSADE in their PASID entry.
+    pub fn new_dirty_domain(self: &Arc<Self>) -> Result<VtdDomain<M, T, C>, UnitError> {
+        if !self.can_track_dirty() {
+            return Err(UnitError {
+                unit: self.base,
+                cause: portcullis_iommu::HwError::Unsupported(
+                    "dirty tracking needs scalable mode, second-stage translation and ECAP.SSADS",
+                ),
+            });
+        }
+        self.new_domain_with(Stage::Second, true)
+    }
+
     /// A new empty domain in `stage`.
     pub fn new_domain_in(self: &Arc<Self>, stage: Stage) -> Result<VtdDomain<M, T, C>, UnitError> {
+        self.new_domain_with(stage, false)
+    }
+
+    fn new_domain_with(self: &Arc<Self>, stage: Stage, dirty: bool) -> Result<VtdDomain<M, T, C>, UnitError> {
         let base = self.base;
         let bad = |what| UnitError { unit: base, cause: portcullis_iommu::HwError::Unsupported(what) };
         let (caps, scalable, mem, did) = {
@@ -189,6 +219,7 @@ where
                 caps.second_stage_1g(),
                 caps.snoop_control(),
             )
+            .map(|f| f.with_dirty_tracking(dirty))
             .ok_or(bad("no second-stage width the engine supports"))
             .and_then(|f| {
                 PagingDomain::new(f, mem, inv)
@@ -239,6 +270,12 @@ where
     }
     fn attached_domain(&self, requester_id: u16) -> Option<u16> {
         self.unit.lock().attached_domain(requester_id)
+    }
+    fn supports_dirty_tracking(&self) -> bool {
+        self.can_track_dirty()
+    }
+    fn new_dirty_domain(self: Arc<Self>) -> Result<Box<dyn UnitDomain>, UnitError> {
+        Ok(Box::new(Shared::new_dirty_domain(&self)?))
     }
     fn block(&self, requester_id: u16) -> Result<(), UnitError> {
         self.unit.lock().detach(requester_id)
@@ -389,6 +426,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Invalidator for UnitInvalidator<M, T, C>
     fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
         self.range(start, last, !tables_freed)
     }
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
+        self.unit.unit.lock().set_dirty_tracking(self.did, enable).map_err(DomainError::from)
+    }
     fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
         // Caching mode: the unit may have cached the not-present entries.
         if self.caching_mode {
@@ -503,9 +543,10 @@ where
     }
     fn attach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         let (root, levels) = self.root_levels();
+        let tracking = each!(&self.paging, d => d.dirty_tracking());
         let mut u = self.unit.unit.lock();
         match self.stage() {
-            Stage::Second => u.attach(requester_id, root, levels, self.did),
+            Stage::Second => u.attach_dirty(requester_id, root, levels, self.did, tracking),
             Stage::First => u.attach_first_stage(requester_id, root, levels, self.did),
         }
     }

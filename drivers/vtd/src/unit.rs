@@ -904,6 +904,41 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.set_context(sid, ContextEntry::new(TranslationType::Translate, root, aw, did), did)
     }
 
+    /// Scalable mode: as [`Self::attach`], with SSADE in the PASID entry
+    /// when `ssade`, so the unit records accessed and dirty bits in the
+    /// table's leaves (ECAP.SSADS needed; refused otherwise and in legacy
+    /// mode).
+    pub fn attach_dirty(&mut self, sid: u16, root: u64, levels: u32, did: u16, ssade: bool) -> Result<(), Error> {
+        if !ssade {
+            return self.attach(sid, root, levels, did);
+        }
+        if self.scalable.is_none() || !self.caps.dirty_tracking() {
+            return Err(self.err(HwError::Unsupported("dirty tracking (scalable mode with ECAP.SSADS)")));
+        }
+        let aw = crate::entries::aw_for_levels(levels)
+            .filter(|aw| self.caps.sagaw() >> aw & 1 != 0)
+            .ok_or_else(|| self.err(HwError::Unsupported("page-table depth not in SAGAW")))?;
+        self.scalable_change(|t| t.set_second_stage_ad(sid, root, aw, did, true), sid)
+    }
+
+    /// Scalable mode: turns SSADE on or off in the second-stage PASID
+    /// entry of every device attached to domain `did`, in place, with the
+    /// PASID-cache and IOTLB invalidations that makes the unit see it.
+    pub fn set_dirty_tracking(&mut self, did: u16, on: bool) -> Result<(), Error> {
+        if on && !self.caps.dirty_tracking() {
+            return Err(self.err(HwError::Unsupported("dirty tracking (ECAP.SSADS)")));
+        }
+        let sids = match &self.scalable {
+            Some(t) => t.devices_of(did),
+            None if on => return Err(self.err(HwError::Unsupported("dirty tracking needs scalable mode"))),
+            None => return Ok(()),
+        };
+        for sid in sids {
+            self.scalable_change(|t| t.set_ssade(sid, on), sid)?;
+        }
+        Ok(())
+    }
+
     /// Lets device `sid` DMA to physical addresses untranslated (ECAP.PT).
     pub fn pass_through(&mut self, sid: u16, did: u16) -> Result<(), Error> {
         if !self.caps.pass_through() {

@@ -451,3 +451,102 @@ fn xapic_destinations_refuse_ids_above_255() {
     // The refused routes took no entry: the next one is entry 1.
     assert_eq!(unit.route_msi(0x0008, 0x2a, 1).unwrap().handle, 1);
 }
+
+/// ECAP.SMTS and ECAP.SSTS: scalable mode with second-stage translation.
+const ECAP_SCALABLE_SS: u64 = 1 << 43 | 1 << 46;
+/// ECAP.SSADS: second-stage accessed/dirty bits.
+const ECAP_SSADS: u64 = 1 << 45;
+
+/// Sets D (bit 9) in the second-stage leaf translating `iova` for `sid`,
+/// as a unit with SSADE does on a write: the walk from the PASID entry.
+fn walker_writes(unit: &vtd::Shared<RegisterModel, Shared, TickClock>, mem: &Shared, sid: u16, iova: u64) {
+    let pasid = unit.lock().scalable_entry(sid).unwrap().pasid;
+    assert!(pasid.ssade(), "the unit records only with SSADE");
+    let mut table = pasid.ss_root();
+    let mut level = pasid.ss_levels() - 1;
+    loop {
+        let i = (iova >> (12 + 9 * level)) as usize & 511;
+        let e = mem.read(table, i);
+        assert_ne!(e & 3, 0, "{iova:#x} is mapped");
+        if level == 0 || e & (1 << 7) != 0 {
+            mem.clone().write(table, i, e | 1 << 9);
+            return;
+        }
+        table = e & 0x000f_ffff_ffff_f000;
+        level -= 1;
+    }
+}
+
+#[test]
+fn dirty_tracking_needs_scalable_second_stage_with_ssads() {
+    use portcullis_iommu::unit::{Device, IommuUnit};
+    use portcullis_iommu::{DeviceOps, DomainError, RequesterRef};
+    let at = RequesterRef { unit: 0, requester_id: 8 };
+    for (ecap, mode) in [
+        (ECAP_SCALABLE_SS, Some(vtd::Mode::Scalable)),
+        (ECAP_SSADS, None),
+        (ECAP_SCALABLE_SS | ECAP_SSADS, Some(vtd::Mode::Legacy { queued: true })),
+    ] {
+        let (model, mem) = model_with_ecap(ecap);
+        let unit = vtd::Shared::bring_up(BASE, model, mem, TickClock::default(), mode).unwrap();
+        assert!(!unit.supports_dirty_tracking(), "ecap {ecap:#x} {mode:?}");
+        let dev = Device::new(unit.clone(), at);
+        assert!(!dev.supports_dirty_tracking());
+        assert_eq!(dev.alloc_dirty_domain().err(), Some(DomainError::NotSupported));
+        assert!(unit.new_dirty_domain().is_err());
+        // Plain domains still do not track.
+        assert!(!portcullis_iommu::IommuDomain::dirty_capable(&*dev.alloc_domain().unwrap()));
+    }
+}
+
+#[test]
+fn dirty_tracking_sets_ssade_and_reports_what_the_walker_marked() {
+    use portcullis_iommu::unit::{Device, IommuUnit};
+    use portcullis_iommu::{DeviceOps, IotlbGather, Prot, RequesterRef};
+    const M2: u64 = 1 << 21;
+    let (model, mem) = model_with_ecap(ECAP_SCALABLE_SS | ECAP_SSADS);
+    let table_mem = mem.clone();
+    let unit =
+        vtd::Shared::bring_up(BASE, model.clone(), mem, TickClock::default(), Some(vtd::Mode::Scalable)).unwrap();
+    assert!(unit.supports_dirty_tracking());
+    let (a, b) = (RequesterRef { unit: 0, requester_id: 8 }, RequesterRef { unit: 0, requester_id: 0x10 });
+    let dev = Device::new(unit.clone(), a);
+    assert!(dev.supports_dirty_tracking());
+    let mut d = dev.alloc_dirty_domain().unwrap();
+    assert!(d.dirty_capable());
+    d.map(0, 0x4000_0000, 2 * M2, Prot::RW).unwrap();
+    d.map(2 * M2, 0x10_0000, 16 << 12, Prot::RW).unwrap();
+    d.attach_device(a.handle()).unwrap();
+    let ssade = |sid| unit.lock().scalable_entry(sid).unwrap().pasid.ssade();
+    assert!(!ssade(8), "tracking is off: no SSADE");
+    let mut g = IotlbGather::default();
+    assert!(d.read_and_clear_dirty(0, M2, true, &mut g, &mut |_, _| {}).is_err(), "not tracking");
+
+    // Start: SSADE set in place (the entry stays present) and the PASID
+    // cache and IOTLB of the domain invalidated.
+    model.take_log();
+    d.set_dirty_tracking(true).unwrap();
+    assert!(ssade(8));
+    assert!(kinds(&model.take_log()).contains(&7), "PASID-cache invalidation");
+    assert_eq!(unit.attached_domain(8), Some(unit.lock().scalable_entry(8).unwrap().pasid.did()));
+    // A device attached while tracking gets SSADE too.
+    d.attach_device(b.handle()).unwrap();
+    assert!(ssade(0x10));
+
+    // The walker marks a 2 MiB page and two 4 KiB pages.
+    walker_writes(&unit, &table_mem, 8, M2 + 0x1234);
+    walker_writes(&unit, &table_mem, 0x10, 2 * M2 + 3 * 4096);
+    walker_writes(&unit, &table_mem, 8, 2 * M2 + 5 * 4096 + 8);
+    let mut seen = Vec::new();
+    d.read_and_clear_dirty(0, 4 * M2, true, &mut g, &mut |at, len| seen.push((at, len))).unwrap();
+    assert_eq!(seen, [(M2, M2), (2 * M2 + 3 * 4096, 4096), (2 * M2 + 5 * 4096, 4096)]);
+    d.iotlb_sync(&mut g).unwrap();
+    seen.clear();
+    d.read_and_clear_dirty(0, 4 * M2, true, &mut g, &mut |at, len| seen.push((at, len))).unwrap();
+    assert_eq!(seen, [], "cleared");
+
+    // Stop: SSADE cleared on both.
+    d.set_dirty_tracking(false).unwrap();
+    assert!(!ssade(8) && !ssade(0x10));
+    assert!(d.read_and_clear_dirty(0, M2, true, &mut g, &mut |_, _| {}).is_err());
+}

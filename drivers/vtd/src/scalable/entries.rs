@@ -326,6 +326,14 @@ impl PasidEntry {
         Self::with_common(Pgtt::PassThrough, aw, did, Snoop::default())
     }
 
+    /// Sets or clears SSADE (bit 9, second-stage accessed/dirty enable,
+    /// needs ECAP.SSADS): with it the unit sets A (bit 8) and D (bit 9) in
+    /// the second-stage leaves it uses, D on a write.
+    pub fn with_ssade(mut self, on: bool) -> Self {
+        self.0[0] = self.0[0] & !(1 << 9) | (on as u64) << 9;
+        self
+    }
+
     /// Sets NXE (bit 133), needed before first-stage leaves may carry XD
     /// (bit 63 is reserved in them otherwise).
     pub fn with_execute_disable(mut self) -> Self {

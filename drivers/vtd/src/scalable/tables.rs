@@ -218,6 +218,62 @@ impl<T: TableMemory> ScalableTables<T> {
         self.install(sid, e)
     }
 
+    /// As [`Self::set_second_stage`], with SSADE set when `ssade` (the unit
+    /// records accessed and dirty bits in the table's leaves).
+    pub fn set_second_stage_ad(
+        &mut self,
+        sid: u16,
+        root: u64,
+        aw: u8,
+        did: u16,
+        ssade: bool,
+    ) -> Result<Invalidations, TablesError> {
+        check_table(root)?;
+        let e =
+            PasidEntry::second_stage(root, aw, did, self.snoop).ok_or(TablesError::Invalid("AW must be 1, 2 or 3"))?;
+        self.install(sid, e.with_ssade(ssade))
+    }
+
+    /// Turns SSADE on or off in `sid`'s present second-stage PASID-0 entry,
+    /// in place: word 0 is rewritten whole with P still set, so the device
+    /// keeps translating (blocking it would fault its DMA in flight). The
+    /// unit may hold the old entry in its PASID cache and translations in
+    /// its IOTLB made without recording: both are invalidated. Nothing to
+    /// do when SSADE already is as asked.
+    pub fn set_ssade(&mut self, sid: u16, on: bool) -> Result<Invalidations, TablesError> {
+        let dev = self.devices.get(&sid).copied().ok_or(TablesError::Invalid("device has no PASID entry"))?;
+        let (_, first) = pasid_slot(RID_PASID);
+        let old = self.read_pasid(dev.table, first);
+        if !old.present() || old.pgtt() != Some(Pgtt::SecondStage) {
+            return Err(TablesError::Invalid("SSADE needs a present second-stage PASID entry"));
+        }
+        if old.ssade() == on {
+            return Ok(Invalidations::default());
+        }
+        self.mem.write(dev.table, first, old.with_ssade(on).0[0]);
+        self.flush(dev.table, first, 1);
+        Ok(Invalidations {
+            required: alloc::vec![
+                Invalidation::PasidCache { did: old.did(), pasid: RID_PASID },
+                Invalidation::Iotlb { did: old.did() }
+            ],
+            caching_mode: Vec::new(),
+        })
+    }
+
+    /// The devices whose PASID-0 entry is present with domain `did`.
+    pub fn devices_of(&self, did: u16) -> Vec<u16> {
+        let (_, first) = pasid_slot(RID_PASID);
+        self.devices
+            .iter()
+            .filter(|(_, d)| {
+                let e = self.read_pasid(d.table, first);
+                e.present() && e.did() == did
+            })
+            .map(|(sid, _)| *sid)
+            .collect()
+    }
+
     /// Points `sid` at the first-stage (x86) table `root` of `levels` (4 or
     /// 5) for domain `did` (PGTT 001b).
     pub fn set_first_stage(
