@@ -421,9 +421,9 @@ const REFUSED: &str = "refused: ";
 const PAGE: u64 = 0x20_0000;
 /// Where its edu copies [`PAGE`]'s first quadword.
 const COPY: u64 = 0x20_1000;
-/// What the hypervisor puts in the first and the second frame behind
+/// What the hypervisor puts in the first, second and third frame behind
 /// [`PAGE`].
-const TOKENS: [u64; 2] = [0x1111_7ab1_e000_0001, 0x2222_7ab1_e000_0002];
+const TOKENS: [u64; 3] = [0x1111_7ab1_e000_0001, 0x2222_7ab1_e000_0002, 0x3333_7ab1_e000_0003];
 /// The result the hypervisor gives the guest's read that took a nested
 /// page fault.
 const NPF_MARK: u64 = 0xdead_0000_0000_0f00;
@@ -434,8 +434,8 @@ const NPF_MARK: u64 = 0xdead_0000_0000_0f00;
 /// reason, and that is all this checks.
 fn run_shared(p: &Machine, host: &KernelHost, iommus: &Iommus, dev: &PciDevice, flush_by_asid: bool) -> Outcome {
     let expected = p.config == "intel-fs";
-    let Some(PhysAddr(spare)) = host.alloc_frames(1, 4096) else { fail!("no spare frame") };
-    let _spare = Frames { host, base: spare, count: 1 };
+    let Some(PhysAddr(spare)) = host.alloc_frames(2, 4096) else { fail!("no spare frames") };
+    let _spare = Frames { host, base: spare, count: 2 };
     let mut vm = match Vm::new(p, host, iommus, 3, dev, 0, true) {
         Ok(vm) => vm,
         Err(why) if !expected && why.starts_with(REFUSED) => {
@@ -470,18 +470,21 @@ fn shared_steps(host: &KernelHost, vm: &mut Vm<'_>, spare: u64, flush_by_asid: b
         vm.function.bdf,
         vm.npt.table_bytes() / 1024
     );
-    let frames = [vm.ram + PAGE, spare];
+    let frames = [vm.ram + PAGE, spare, spare + 4096];
     for (f, t) in frames.iter().zip(TOKENS) {
         host.write_u64(PhysAddr(*f), t);
     }
     // TLB control: 3 flushes this guest's ASID, 1 every ASID.
     let tlb = if flush_by_asid { 3 } else { 1 };
+    let flush_cpu = |vm: &Vm<'_>| vm.vmcb.set(ctl::TLB_CONTROL, 1, tlb);
+    let flush_iommu =
+        |vm: &Vm<'_>| vm.dma.invalidate_table(GuestAddr(PAGE), 4096).map_err(|e| format!("invalidate_table: {e}"));
     let flush = |vm: &Vm<'_>| -> Result<(), String> {
-        vm.vmcb.set(ctl::TLB_CONTROL, 1, tlb);
-        vm.dma.invalidate_table(GuestAddr(PAGE), 4096).map_err(|e| format!("invalidate_table: {e}"))
+        flush_cpu(vm);
+        flush_iommu(vm)
     };
     let copy_at = |vm: &Vm<'_>| vm.npt.translate(COPY).map(|h| host.read_u64(PhysAddr(h)));
-    let (mut stage, mut npf) = (0, false);
+    let (mut stage, mut npf, mut cpu_stale) = (0, false, None);
     for _ in 0..MAX_EXITS {
         svm::vmrun(vm.vmcb.pa, &mut vm.regs);
         vm.vmcb.set(ctl::TLB_CONTROL, 1, 0);
@@ -532,17 +535,97 @@ fn shared_steps(host: &KernelHost, vm: &mut Vm<'_>, spare: u64, flush_by_asid: b
                                 TOKENS[1]
                             ));
                         }
+                        // The negative test, device side: remap, flush only
+                        // the CPU's nested TLB, leave the IOMMU's IOTLB.
+                        vm.npt.map(PAGE, frames[2], Kind::Ram).map_err(|_| "no frame for the nested page table")?;
+                        flush_cpu(vm);
+                        println!(
+                            "{prefix}: edu read {:#x} too, from the new frame; negative test: GPA {PAGE:#x} remapped to host {:#x}, VMCB TLB control {tlb} but NO IOTLB invalidation; edu copies it again",
+                            TOKENS[1], frames[2]
+                        );
+                        (guest::cmd::DMA, PAGE, COPY)
+                    }
+                    5 => {
+                        let seen = copy_at(vm);
+                        if got != 1 || seen != Some(TOKENS[1]) {
+                            return Err(format!(
+                                "without the IOTLB invalidation edu's copy was done {got}, GPA {COPY:#x} holds {seen:x?}: not the old frame's {:#x} (the IOTLB kept nothing?)",
+                                TOKENS[1]
+                            ));
+                        }
+                        flush_iommu(vm)?;
+                        println!(
+                            "{prefix}: without the IOTLB invalidation edu still read the OLD frame's {:#x} (host {:#x}, no longer in the table): its IOTLB kept the stale translation; now PASID-based IOTLB invalidation, edu copies again",
+                            TOKENS[1], frames[1]
+                        );
+                        (guest::cmd::DMA, PAGE, COPY)
+                    }
+                    6 => {
+                        let seen = copy_at(vm);
+                        if got != 1 || seen != Some(TOKENS[2]) {
+                            return Err(format!(
+                                "after the IOTLB invalidation edu's copy: done {got}, GPA {COPY:#x} holds {seen:x?}, not {:#x}",
+                                TOKENS[2]
+                            ));
+                        }
+                        println!(
+                            "{prefix}: after the invalidation edu read the new frame's {:#x}; the CPU reads GPA {PAGE:#x} (caching host {:#x})",
+                            TOKENS[2], frames[2]
+                        );
+                        (guest::cmd::READ, PAGE, 0)
+                    }
+                    7 => {
+                        if got != TOKENS[2] {
+                            return Err(format!(
+                                "the guest's CPU read {got:#x} at GPA {PAGE:#x}, not {:#x}",
+                                TOKENS[2]
+                            ));
+                        }
+                        // The negative test, CPU side: remap, invalidate
+                        // only the IOMMU, leave the nested TLB.
+                        vm.npt.map(PAGE, frames[1], Kind::Ram).map_err(|_| "no frame for the nested page table")?;
+                        flush_iommu(vm)?;
+                        println!(
+                            "{prefix}: the CPU read {got:#x}; negative test: GPA {PAGE:#x} remapped back to host {:#x}, PASID-based IOTLB invalidation but VMCB TLB control 0 (no nested TLB flush); the CPU reads it again",
+                            frames[1]
+                        );
+                        (guest::cmd::READ, PAGE, 0)
+                    }
+                    8 => {
+                        cpu_stale = Some(got);
+                        if got == TOKENS[2] {
+                            println!(
+                                "{prefix}: without the nested TLB flush the CPU still read the OLD frame's {got:#x}; now VMCB TLB control {tlb}, the CPU reads again"
+                            );
+                        } else if got == TOKENS[1] {
+                            println!(
+                                "{prefix}: without the nested TLB flush the CPU read the NEW frame's {got:#x}: QEMU TCG kept no stale nested translation (it flushes its whole soft TLB at every VMRUN and #VMEXIT), so this half of the negative test cannot show staleness here; VMCB TLB control {tlb}, the CPU reads again"
+                            );
+                        } else {
+                            return Err(format!(
+                                "the guest's CPU read {got:#x} at GPA {PAGE:#x}, neither frame's token"
+                            ));
+                        }
+                        flush_cpu(vm);
+                        (guest::cmd::READ, PAGE, 0)
+                    }
+                    9 => {
+                        if got != TOKENS[1] {
+                            return Err(format!(
+                                "after the nested TLB flush the CPU read {got:#x} at GPA {PAGE:#x}, not {:#x}",
+                                TOKENS[1]
+                            ));
+                        }
                         if !vm.npt.unmap(PAGE) {
                             return Err(format!("GPA {PAGE:#x} was not mapped"));
                         }
                         flush(vm)?;
                         println!(
-                            "{prefix}: edu read {:#x} too, from the new frame; GPA {PAGE:#x} removed from the shared table, both invalidated; edu copies it again",
-                            TOKENS[1]
+                            "{prefix}: the CPU read {got:#x}; GPA {PAGE:#x} removed from the shared table, both invalidated; edu copies it again"
                         );
                         (guest::cmd::DMA, PAGE, COPY)
                     }
-                    5 => {
+                    10 => {
                         read_faults(core::slice::from_mut(vm));
                         let Some(f) =
                             vm.faults.iter().find(|f| f.function == vm.function && f.address == PAGE && !f.write)
@@ -558,7 +641,7 @@ fn shared_steps(host: &KernelHost, vm: &mut Vm<'_>, spare: u64, flush_by_asid: b
                         );
                         (guest::cmd::READ, PAGE, 0)
                     }
-                    6 => {
+                    11 => {
                         if !npf || got != NPF_MARK {
                             return Err(format!(
                                 "the CPU's read of removed GPA {PAGE:#x} gave {got:#x} without a nested page fault"
@@ -572,7 +655,7 @@ fn shared_steps(host: &KernelHost, vm: &mut Vm<'_>, spare: u64, flush_by_asid: b
                 stage += 1;
                 (vm.regs.rbx, vm.regs.rcx, vm.regs.rdx) = (op, a, b);
             }
-            exit::NPF if stage == 6 && vm.vmcb.r64(ctl::EXITINFO2) == PAGE => {
+            exit::NPF if stage == 11 && vm.vmcb.r64(ctl::EXITINFO2) == PAGE => {
                 println!(
                     "{prefix}: GPA {PAGE:#x} (error code {:#x}): the CPU faults on the removed page too; skipping the read",
                     vm.vmcb.r64(ctl::EXITINFO1)
@@ -585,10 +668,16 @@ fn shared_steps(host: &KernelHost, vm: &mut Vm<'_>, spare: u64, flush_by_asid: b
                 let mut counts = [irq::count(vm.vector)];
                 take_interrupts(core::slice::from_mut(vm), &mut counts);
             }
-            exit::HLT if stage == 7 => {
+            exit::HLT if stage == 12 => {
                 println!(
                     "{prefix}: the shared table served both: remap seen by the CPU and edu, removal faulted for both"
                 );
+                let cpu = if cpu_stale == Some(TOKENS[2]) {
+                    "the CPU saw the old frame without the nested TLB flush"
+                } else {
+                    "the CPU saw the new frame even without the nested TLB flush (QEMU TCG caches no nested translation across VMRUN: not testable here)"
+                };
+                println!("guest 3: negative test: without the IOTLB invalidation edu saw the old frame; {cpu}");
                 return Ok(());
             }
             _ => {

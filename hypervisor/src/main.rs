@@ -9,11 +9,15 @@
 //! reader what happens in plain words, ends with `guest passthrough: ok`
 //! (or `guest passthrough: FAILED: <why>`), and prints a one-test KTAP
 //! report so `cargo xtask test` can run it (`cargo xtask run --guest`).
+//! With `bench=1` on its command line it prints the figures of
+//! `cargo xtask bench` instead (`bench.rs`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
 extern crate alloc;
 
+#[cfg(target_os = "none")]
+mod bench;
 #[cfg(target_os = "none")]
 mod guest;
 #[cfg(target_os = "none")]
@@ -33,6 +37,10 @@ fn hv_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     use portcullis_kernel::arch::exit::{ExitCode, exit_qemu};
     use portcullis_kernel::println;
     let platform = portcullis_kernel::init(boot);
+    if boot.cmdline_value("bench").is_some() {
+        bench::run(&platform);
+        exit_qemu(ExitCode::Success)
+    }
     println!("KTAP version 1");
     println!("1..1");
     println!("# running: guest_passthrough");
