@@ -647,4 +647,20 @@ mod tests {
         assert_eq!(c.fault_fd_write_user(w.fd, u64::MAX - 4, wtop), Err(Errno::EFAULT));
         assert_eq!(w.rec.responses.lock().len(), 1);
     }
+
+    #[test]
+    fn fault_queue_alloc_through_the_uapi() {
+        let (_mem, c) = ctx();
+        let mut a = IommuFaultAlloc { size: IommuFaultAlloc::SIZE as u32, flags: 1, ..Default::default() };
+        let mut buf = a.to_bytes();
+        assert_eq!(crate::dispatch::ioctl(&c, IOMMU_FAULT_QUEUE_ALLOC, &mut buf), Err(Errno::EOPNOTSUPP));
+        assert_eq!(c.object_count(), 0);
+        a.flags = 0;
+        let mut buf = a.to_bytes();
+        crate::dispatch::ioctl(&c, IOMMU_FAULT_QUEUE_ALLOC, &mut buf).unwrap();
+        let out = IommuFaultAlloc::read(&buf);
+        assert_eq!((out.out_fault_id, out.out_fault_fd), (1, 3));
+        assert!(c.fault(out.out_fault_id).is_ok());
+        assert_eq!(c.fault_fd_read(out.out_fault_fd, &mut [0u8; FAULT_RECORD_SIZE]), Ok(0));
+    }
 }
