@@ -12,10 +12,10 @@
 //!
 //! Dirty tracking (`IOMMU_HWPT_ALLOC_DIRTY_TRACKING`,
 //! `IOMMU_HWPT_SET_DIRTY_TRACKING`, `IOMMU_HWPT_GET_DIRTY_BITMAP`), nested
-//! HWPTs (`IOMMU_HWPT_ALLOC` on a paging HWPT) and `IOMMU_HWPT_INVALIDATE`
-//! are here; not implemented yet, and answered with `EOPNOTSUPP` so callers
-//! can tell: fault queues (so `IOMMU_HWPT_FAULT_ID_VALID` names no fault
-//! object: `ENOENT`).
+//! HWPTs (`IOMMU_HWPT_ALLOC` on a paging HWPT), `IOMMU_HWPT_INVALIDATE`
+//! and fault queues (`IOMMU_FAULT_QUEUE_ALLOC`, nested HWPTs with
+//! `IOMMU_HWPT_FAULT_ID_VALID`; the queue's read and write are methods of
+//! the context, `ctx::Ictx::fault_fd_read` and friends) are here.
 
 use crate::ctx::{DeviceOps, Ictx, UserData, UserDataArray};
 use crate::errno::{Errno, Result};
@@ -188,14 +188,7 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
                 ictx.hwpt_alloc_flags(c.dev_id, c.pt_id, dirty, nest_parent)?
             } else {
                 let data = UserData::new(&**ictx.source(), c.data_type, c.data_uptr, c.data_len);
-                let id = ictx.hwpt_nested_alloc(c.dev_id, c.pt_id, c.flags, &data)?;
-                if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
-                    // No fault objects exist yet (fault queues are not
-                    // built), so every fault_id names nothing.
-                    let _ = ictx.destroy(id);
-                    return Err(Errno::ENOENT);
-                }
-                id
+                ictx.hwpt_nested_alloc(c.dev_id, c.pt_id, c.flags, c.fault_id, &data)?
             };
             c.out_hwpt_id = id;
             respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
@@ -247,6 +240,20 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
             // failure; a fault writing it wins.
             respond(&c.to_bytes(), user_size, buf).map_err(|_| Errno::EFAULT)?;
             r
+        }
+        IOMMU_FAULT_QUEUE_ALLOC => {
+            let mut c = IommuFaultAlloc::read(&kbuf);
+            if c.flags != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let (id, fd) = ictx.fault_alloc()?;
+            c.out_fault_id = id;
+            c.out_fault_fd = fd;
+            respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
+                // Linux never installs the descriptor: both go.
+                let _ = ictx.fault_fd_close(fd);
+                let _ = ictx.destroy(id);
+            })
         }
         #[cfg(feature = "selftest")]
         IOMMU_TEST_CMD => crate::selftest::cmd::test_cmd(ictx, &kbuf, user_size, buf),

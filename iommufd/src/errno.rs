@@ -44,6 +44,7 @@ errnos! {
     EINVAL = 22, "Invalid argument.";
     ENOTTY = 25, "Unknown ioctl.";
     ENOSPC = 28, "No space (no free IOVA).";
+    ESPIPE = 29, "Illegal seek (a fault queue read or write not of whole records).";
     ERANGE = 34, "Out of range.";
     EBADE = 52, "Invalid exchange (selftest: pages differ from the user VA).";
     EDEADLK = 35, "Resource deadlock (an access did not release its pins).";

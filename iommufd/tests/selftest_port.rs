@@ -20,9 +20,8 @@
 //! # Cases of the four groups (Linux 6.12) and their state here
 //!
 //! In total 145 cases: 137 ported and passing, 8 not ported (the fork
-//! cases). The IOPF sub-cases of `alloc_hwpt_nested` (three domain
-//! variants) are split out into `alloc_hwpt_nested_iopf`, 3 extra tests
-//! that are ignored until fault queues exist.
+//! cases). None is ignored: `alloc_hwpt_nested` runs with its IOPF
+//! sub-cases (fault queues exist).
 //!
 //! `iommufd` (11 cases): all ported — `simple_close`, `cmd_fail`,
 //! `cmd_length`, `cmd_ex_fail`, `global_options`, `simple_ioctls`,
@@ -41,11 +40,13 @@
 //!   `access_pin_unmap`, `access_rw`, `access_rw_unaligned`.
 //! - `alloc_hwpt_nested`: ported, all four variants (nested HWPTs on a
 //!   NEST_PARENT parent, HWPT_INVALIDATE with partial progress, the mock
-//!   IOTLB checks, replace rotations through nested HWPTs), except its
-//!   IOPF sub-cases: a fault object, a nested HWPT with
-//!   `IOMMU_HWPT_FAULT_ID_VALID`, `TRIGGER_IOPF` and the fault fd. Those
-//!   are `alloc_hwpt_nested_iopf` (domain variants only), ignored: they
-//!   need `IOMMU_FAULT_QUEUE_ALLOC`, not built yet.
+//!   IOTLB checks, replace rotations through nested HWPTs) with its IOPF
+//!   sub-cases: a fault object (`IOMMU_FAULT_QUEUE_ALLOC`), a nested HWPT
+//!   with `IOMMU_HWPT_FAULT_ID_VALID` (and a missing fault id: `ENOENT`;
+//!   an unknown flag: `EOPNOTSUPP`), the device moved to it (then busy),
+//!   `TRIGGER_IOPF` with the record read from the fault "fd" and answered
+//!   with its cookie, then the fd closed and the fault destroyed. The
+//!   four groups have no other IOPF case in 6.12.
 //! - not ported: `fork_gone`, `fork_present` — the mapping is made by a
 //!   forked child with its own address space (gone, or still alive, when
 //!   the parent pins through a new domain or an access); a context here
@@ -68,7 +69,10 @@
 //! setup (6.15), and HWPT_INVALIDATE on a parent HWPT answers EINVAL
 //! instead of ENOENT. None of that is in 6.12, so none is ported.
 //!
-//! Simulation notes: closing an access fd (`test_cmd_destroy_access`) is
+//! Simulation notes: the fault "fd" is the number `out_fault_fd` names
+//! in the context's descriptor table; `read(2)`, `write(2)` and `close(2)`
+//! of it are `Ictx::fault_fd_read`, `fault_fd_write` and `fault_fd_close`.
+//! Closing an access fd (`test_cmd_destroy_access`) is
 //! `Ictx::access_destroy` on the access object CREATE_ACCESS made (the
 //! selftest commands have no close for their access descriptors);
 //! `munmap` of part of a mapping (`basic`) is modelled by never mapping

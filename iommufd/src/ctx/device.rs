@@ -9,6 +9,7 @@
 //! blocked: the IOMMU refuses its DMA.
 
 use super::{Ictx, Object};
+use crate::ctx::fault::{Fault, PageRequest};
 use crate::ctx::hw_pagetable::Hwpt;
 use crate::ctx::ioas::Ioas;
 use crate::ctx::nested::{HwptNested, NestingOps};
@@ -89,12 +90,22 @@ pub struct Device {
     /// The HWPT it is attached to.
     pub(super) attached: Mutex<Option<u32>>,
     pub(super) refs: AtomicU32,
+    /// How many attaches to HWPTs with a fault queue have IOPF on (0 or
+    /// 1, 2 for a moment during a replace between two such HWPTs).
+    pub(super) iopf_enabled: AtomicU32,
+    /// Page requests of groups whose LAST_PAGE request has not come yet.
+    pub(super) iopf_partial: Mutex<Vec<PageRequest>>,
 }
 
 impl Device {
     /// The driver's hardware information for `IOMMU_GET_HW_INFO`.
     pub fn hw_info(&self) -> (u32, Vec<u8>) {
         self.ops.hw_info()
+    }
+    /// Whether its IOPF (page requests) is on: it is attached to a HWPT
+    /// with a fault queue (the count of such attaches).
+    pub fn iopf_enabled(&self) -> u32 {
+        self.iopf_enabled.load(Ordering::SeqCst)
     }
     /// Whether its unit can track dirty pages (`IOMMU_HW_CAP_DIRTY_TRACKING`).
     pub fn supports_dirty_tracking(&self) -> bool {
@@ -128,7 +139,14 @@ impl Ictx {
     }
 
     fn bind_device_with(&self, ops: Arc<dyn DeviceOps>, nesting: Option<Arc<dyn NestingOps>>) -> Result<u32> {
-        let dev = Device { ops, nesting, attached: Mutex::new(None), refs: AtomicU32::new(0) };
+        let dev = Device {
+            ops,
+            nesting,
+            attached: Mutex::new(None),
+            refs: AtomicU32::new(0),
+            iopf_enabled: AtomicU32::new(0),
+            iopf_partial: Mutex::new(Vec::new()),
+        };
         self.insert(Object::Device(Arc::new(dev)))
     }
 
@@ -223,9 +241,17 @@ impl Ictx {
             if matches!(pt, Pt::Paging(h) if h.dirty) && !dev.ops.supports_dirty_tracking() {
                 return Err(Errno::EINVAL);
             }
-            self.reserve_device(dev_id, dev, pt.ioas())?;
+            // A HWPT with a fault queue turns the device's IOPF on first.
+            let iopf = Ictx::iopf_enable_for(dev, pt.fault().is_some());
+            let iopf_off = || {
+                if iopf {
+                    Ictx::iopf_disable(dev);
+                }
+            };
+            self.reserve_device(dev_id, dev, pt.ioas()).inspect_err(|_| iopf_off())?;
             if let Err(e) = pt.attach_device(handle) {
                 pt.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
+                iopf_off();
                 // Incompatible is EINVAL (the caller tries the next
                 // automatic HWPT); a hardware refusal EIO or ETIMEDOUT.
                 return Err(crate::iopt::domain_errno(e));
@@ -261,9 +287,11 @@ impl Ictx {
                 }
             }
             // Linux's iommufd_device_change_pt: any other object type.
-            Object::Device(_) | Object::DeviceOwner(_) | Object::Access(_) | Object::Placeholder(_) => {
-                Err(Errno::EINVAL)
-            }
+            Object::Device(_)
+            | Object::DeviceOwner(_)
+            | Object::Access(_)
+            | Object::Fault(_)
+            | Object::Placeholder(_) => Err(Errno::EINVAL),
         }
     }
 
@@ -278,6 +306,7 @@ impl Ictx {
         pt.detach_device(dev.ops.handle()).map_err(crate::iopt::domain_errno)?;
         *dev.attached.lock() = None;
         pt.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
+        Self::iopf_leave(dev_id, &dev, hwpt_id, &pt);
         if pt.refs().fetch_sub(1, Ordering::SeqCst) == 1
             && let Pt::Paging(hwpt) = &pt
             && hwpt.auto
@@ -312,6 +341,9 @@ impl Ictx {
         old_hwpt.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
         match self.attach_to(dev_id, &dev, pt_id) {
             Ok(new) => {
+                // The old HWPT's pending faults of this device are
+                // answered; its IOPF hold goes.
+                Self::iopf_leave(dev_id, &dev, old, &old_hwpt);
                 // Drop the attach's reference and our keep-alive.
                 old_hwpt.refs().fetch_sub(1, Ordering::SeqCst);
                 if old_hwpt.refs().fetch_sub(1, Ordering::SeqCst) == 1
@@ -334,6 +366,7 @@ impl Ictx {
                 Err(back) => {
                     // Blocked: drop the device's reference and our
                     // keep-alive, as a detach would.
+                    Self::iopf_leave(dev_id, &dev, old, &old_hwpt);
                     old_hwpt.refs().fetch_sub(1, Ordering::SeqCst);
                     if old_hwpt.refs().fetch_sub(1, Ordering::SeqCst) == 1
                         && let Pt::Paging(h) = &old_hwpt
@@ -370,6 +403,16 @@ impl Ictx {
         }
     }
 
+    /// A device left HWPT `hwpt_id`: if it has a fault queue, the
+    /// device's groups there are answered `INVALID` and its IOPF hold
+    /// goes.
+    fn iopf_leave(dev_id: u32, dev: &Device, hwpt_id: u32, pt: &Pt) {
+        if let Some(f) = pt.fault() {
+            f.auto_respond(dev_id, hwpt_id);
+            Self::iopf_disable(dev);
+        }
+    }
+
     /// The HWPT a device is attached to.
     pub fn attached_hwpt(&self, dev_id: u32) -> Result<Option<u32>> {
         Ok(*self.device(dev_id)?.attached.lock())
@@ -384,6 +427,13 @@ enum Pt {
 }
 
 impl Pt {
+    /// Its fault queue (only nested HWPTs have one in 6.12).
+    fn fault(&self) -> Option<&Arc<Fault>> {
+        match self {
+            Pt::Paging(_) => None,
+            Pt::Nested(n) => n.fault.as_ref(),
+        }
+    }
     fn ioas(&self) -> &Arc<Ioas> {
         match self {
             Pt::Paging(h) => &h.ioas,

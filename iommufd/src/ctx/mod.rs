@@ -3,8 +3,8 @@
 //!
 //! Objects have 31-bit ids, allocated lowest-free from 1 as Linux does.
 //! An object that another object refers to (an IOAS with HWPTs or
-//! accesses, a HWPT with attached devices or nested HWPTs) cannot be
-//! destroyed: `EBUSY`.
+//! accesses, a HWPT with attached devices or nested HWPTs, a fault with
+//! HWPTs or an open descriptor) cannot be destroyed: `EBUSY`.
 //! A wrong id, or an id of the wrong type, is `ENOENT`.
 //!
 //! Lock order (never taken the other way round):
@@ -24,17 +24,20 @@
 //! holds the context and its object table (lookups, insertion,
 //! `IOMMU_DESTROY`, closing); `ioas` the IOAS operations; `device` device
 //! binding, attach, detach and replace; `hw_pagetable` HWPT allocation and
-//! release; `nested` nested HWPTs and their invalidation; `access` the in-kernel accesses. Every public item is
+//! release; `nested` nested HWPTs and their invalidation; `fault` fault queues
+//! (page requests for user space); `access` the in-kernel accesses. Every public item is
 //! re-exported here (`ctx::Ictx`, `ctx::DeviceOps`, `ctx::AccessOps`, ...).
 
 mod access;
 mod device;
+mod fault;
 mod hw_pagetable;
 mod ioas;
 mod nested;
 
 pub use access::{Access, AccessOps};
 pub use device::{Device, DeviceOwner, ReplaceError};
+pub use fault::{FAULT_RECORD_SIZE, Fault, PageRequest, PageResponse, RESPONSE_RECORD_SIZE};
 pub use hw_pagetable::Hwpt;
 pub use ioas::Ioas;
 pub use nested::{HwptNested, NestedDomain, NestingOps, UserData, UserDataArray};
@@ -65,6 +68,8 @@ pub enum Object {
     Device(Arc<Device>),
     /// An access (in-kernel user of an IOAS).
     Access(Arc<Access>),
+    /// A fault queue (`IOMMU_FAULT_QUEUE_ALLOC`).
+    Fault(Arc<Fault>),
     /// An id taken by an object still being created: not visible to
     /// lookups (`ENOENT`), as Linux's not yet finalized objects.
     Placeholder(Arc<AtomicU32>),
@@ -83,6 +88,7 @@ impl Object {
             Object::Device(o) => &o.refs,
             Object::DeviceOwner(o) => &o.refs,
             Object::Access(o) => &o.refs,
+            Object::Fault(o) => &o.refs,
             Object::Placeholder(r) => r,
         }
     }
@@ -94,6 +100,10 @@ pub struct Ictx {
     accounting: Arc<Accounting>,
     objects: Mutex<BTreeMap<u32, Object>>,
     compat_ioas: Mutex<Option<u32>>,
+    /// Open fault-queue "descriptors": descriptor -> fault object id.
+    fault_fds: Mutex<BTreeMap<u32, u32>>,
+    /// The next "descriptor" number (fault queues, selftest accesses).
+    next_fd: AtomicU32,
     /// State of the selftest commands (access "file descriptors").
     #[cfg(feature = "selftest")]
     pub(crate) selftest: Mutex<crate::selftest::cmd::State>,
@@ -113,6 +123,8 @@ impl Ictx {
             accounting: Arc::new(Accounting::new(pin_limit_pages)),
             objects: Mutex::new(BTreeMap::new()),
             compat_ioas: Mutex::new(None),
+            fault_fds: Mutex::new(BTreeMap::new()),
+            next_fd: AtomicU32::new(3),
             #[cfg(feature = "selftest")]
             selftest: Mutex::new(crate::selftest::cmd::State::default()),
         }
@@ -147,6 +159,12 @@ impl Ictx {
     /// Ids of live objects (for tests).
     pub fn object_ids(&self) -> Vec<u32> {
         self.objects.lock().keys().copied().collect()
+    }
+
+    /// A new "descriptor" number: from 3 up (after stdin, stdout and
+    /// stderr, as the first files a process opens), never reused.
+    pub(crate) fn alloc_fd(&self) -> u32 {
+        self.next_fd.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(super) fn insert(&self, obj: Object) -> Result<u32> {
@@ -224,6 +242,7 @@ impl Ictx {
             Object::Ioas(ioas) => ioas.iopt.lock().unmap_all().map(|_| ())?,
             Object::Hwpt(h) => self.release_hwpt(id, &h)?,
             Object::HwptNested(h) => self.release_nested(&h),
+            Object::Fault(f) => self.release_fault(&f),
             Object::Device(_) | Object::Access(_) | Object::Placeholder(_) => {
                 unreachable!("refused above: held by their drivers, or not created yet")
             }
@@ -253,6 +272,11 @@ impl Drop for Ictx {
     /// Closing the context releases everything: devices detach, HWPTs and
     /// IOAS go, every pin is dropped.
     fn drop(&mut self) {
+        // Open fault descriptors close with the context.
+        let fds: Vec<u32> = self.fault_fds.lock().keys().copied().collect();
+        for fd in fds {
+            let _ = self.fault_fd_close(fd);
+        }
         let owners: Vec<u32> = self
             .objects
             .lock()
@@ -273,8 +297,8 @@ impl Drop for Ictx {
         for id in devices {
             let _ = self.unbind_device(id);
         }
-        // Nested HWPTs first (they hold their parent), then paging HWPTs
-        // (they hold their IOAS), then IOAS.
+        // Nested HWPTs first (they hold their parent and fault), then
+        // paging HWPTs (they hold their IOAS), then IOAS and faults.
         let nested: Vec<u32> =
             self.objects.lock().iter().filter(|(_, o)| matches!(o, Object::HwptNested(_))).map(|(id, _)| *id).collect();
         for id in nested {

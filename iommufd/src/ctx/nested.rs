@@ -15,6 +15,7 @@
 //! struct's size, so no size the caller gives ever sizes an allocation.
 
 use super::{Ictx, Object};
+use crate::ctx::fault::{Fault, PageResponse};
 use crate::ctx::hw_pagetable::Hwpt;
 use crate::errno::{Errno, Result};
 use crate::memsrc::MemorySource;
@@ -161,6 +162,13 @@ pub trait NestingOps: Send + Sync {
         flags: u32,
         data: &UserData<'_>,
     ) -> Result<Box<dyn NestedDomain>>;
+
+    /// Answers a group of page requests `device` reported (PCI PRI's
+    /// page group response), with the group's last PASID and index. The
+    /// default drops it (a driver whose devices report no page requests).
+    fn page_response(&self, device: DeviceHandle, response: &PageResponse) {
+        let _ = (device, response);
+    }
 }
 
 /// A nested HWPT.
@@ -170,6 +178,9 @@ pub struct HwptNested {
     pub(super) parent: Arc<Hwpt>,
     /// The nested domain.
     pub domain: Mutex<Box<dyn NestedDomain>>,
+    /// The fault queue its devices' page requests go to
+    /// (`IOMMU_HWPT_FAULT_ID_VALID`); held from allocation to release.
+    pub fault: Option<Arc<Fault>>,
     pub(super) refs: AtomicU32,
 }
 
@@ -199,8 +210,17 @@ impl Ictx {
     /// parent `parent_id`, in Linux's order: `flags` other than
     /// `FAULT_ID_VALID` or empty data → `EOPNOTSUPP`; an automatic parent
     /// or one allocated without `NEST_PARENT` → `EINVAL`; then the
-    /// driver's own checks (no nesting support → `EOPNOTSUPP`).
-    pub fn hwpt_nested_alloc(&self, dev_id: u32, parent_id: u32, flags: u32, data: &UserData<'_>) -> Result<u32> {
+    /// driver's own checks (no nesting support → `EOPNOTSUPP`); last,
+    /// with `FAULT_ID_VALID` in `flags`, the fault object `fault_id`
+    /// (`ENOENT`), which the new HWPT then holds.
+    pub fn hwpt_nested_alloc(
+        &self,
+        dev_id: u32,
+        parent_id: u32,
+        flags: u32,
+        fault_id: u32,
+        data: &UserData<'_>,
+    ) -> Result<u32> {
         let dev = self.device(dev_id)?;
         let parent = self.hwpt(parent_id)?;
         if flags & !crate::uapi::IOMMU_HWPT_FAULT_ID_VALID != 0 || data.len == 0 {
@@ -216,16 +236,30 @@ impl Ictx {
             let mut pd = parent.domain.lock();
             nesting.alloc_nested_domain(&mut **pd, flags & !crate::uapi::IOMMU_HWPT_FAULT_ID_VALID, data)?
         };
+        let fault = if flags & crate::uapi::IOMMU_HWPT_FAULT_ID_VALID != 0 {
+            // The domain is dropped (undone) when the fault is missing.
+            Some(self.fault(fault_id)?)
+        } else {
+            None
+        };
         let hwpt = Arc::new(HwptNested {
             parent_id,
             parent: parent.clone(),
             domain: Mutex::new(domain),
+            fault: fault.clone(),
             refs: AtomicU32::new(0),
         });
-        // The parent's reference is taken before the id is visible.
+        // The parent's (and fault's) references are taken before the id
+        // is visible.
         parent.refs.fetch_add(1, Ordering::SeqCst);
+        if let Some(f) = &fault {
+            f.refs.fetch_add(1, Ordering::SeqCst);
+        }
         self.insert(Object::HwptNested(hwpt)).inspect_err(|_| {
             parent.refs.fetch_sub(1, Ordering::SeqCst);
+            if let Some(f) = &fault {
+                f.refs.fetch_sub(1, Ordering::SeqCst);
+            }
         })
     }
 
@@ -242,9 +276,12 @@ impl Ictx {
         hwpt.domain.lock().cache_invalidate_user(array)
     }
 
-    /// Drops a nested HWPT's hold on its parent.
+    /// Drops a nested HWPT's hold on its parent and fault queue.
     pub(super) fn release_nested(&self, h: &HwptNested) {
         h.parent.refs.fetch_sub(1, Ordering::SeqCst);
+        if let Some(f) = &h.fault {
+            f.refs.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -273,7 +310,7 @@ mod tests {
         let parent = c.hwpt_alloc_flags(dev, ioas, false, true).unwrap();
         mem.write_user(MEM, &IOMMU_TEST_IOTLB_DEFAULT.to_le_bytes()).unwrap();
         let data = super::UserData::new(&*mem, IOMMU_HWPT_DATA_SELFTEST, MEM, 4);
-        let nested = c.hwpt_nested_alloc(dev, parent, 0, &data).unwrap();
+        let nested = c.hwpt_nested_alloc(dev, parent, 0, 0, &data).unwrap();
         (c, mem, ioas, dev, parent, nested)
     }
 
@@ -351,10 +388,10 @@ mod tests {
         assert_eq!(c.hwpt(nested).map(|_| ()), Err(Errno::ENOENT), "not a paging HWPT");
         // A nested HWPT is no parent, and the parent must be NEST_PARENT.
         let data = super::UserData::new(&*mem, IOMMU_HWPT_DATA_SELFTEST, MEM, 4);
-        assert_eq!(c.hwpt_nested_alloc(dev, nested, 0, &data), Err(Errno::ENOENT));
+        assert_eq!(c.hwpt_nested_alloc(dev, nested, 0, 0, &data), Err(Errno::ENOENT));
         // A device without nesting support.
         let plain = c.bind_device(Arc::new(MockDevice::new(0))).unwrap();
-        assert_eq!(c.hwpt_nested_alloc(plain, parent, 0, &data), Err(Errno::EOPNOTSUPP));
+        assert_eq!(c.hwpt_nested_alloc(plain, parent, 0, 0, &data), Err(Errno::EOPNOTSUPP));
         // Closing releases everything, nested HWPT and its device first.
         assert!(mem.pinned_pages() > 0);
         drop(c);

@@ -3,16 +3,15 @@
 //! Implemented: ADD_RESERVED, MOCK_DOMAIN, MOCK_DOMAIN_FLAGS,
 //! MOCK_DOMAIN_REPLACE, MD_CHECK_MAP, MD_CHECK_REFS, SET_TEMP_MEMORY_LIMIT,
 //! CREATE_ACCESS, ACCESS_PAGES, DESTROY_ACCESS_PAGES, ACCESS_RW,
-//! ACCESS_REPLACE_IOAS, DIRTY, MD_CHECK_IOTLB (the mock nested domain).
-//! TRIGGER_IOPF (page faults) is not implemented yet and answers
-//! `EOPNOTSUPP`.
+//! ACCESS_REPLACE_IOAS, DIRTY, MD_CHECK_IOTLB (the mock nested domain),
+//! TRIGGER_IOPF (a page request into the device's fault queue).
 //!
 //! Linux hands an access to user space as a file descriptor; here the
-//! "descriptors" are numbers from 3 up in a per-context table, never
-//! reused.
+//! "descriptors" are numbers from 3 up, never reused, drawn from the
+//! context's counter that fault queues also use.
 
 use super::mock::{MOCK_IO_PAGE_SIZE, MockDomain, MockFaults, MockNestedDomain};
-use crate::ctx::{DeviceOps, Ictx, NestedDomain, NestingOps, UserData};
+use crate::ctx::{DeviceOps, Ictx, NestedDomain, NestingOps, PageRequest, UserData};
 use crate::dispatch::{add_test_reserved, respond};
 use crate::errno::{Errno, Result};
 use crate::memsrc::PAGE_SIZE;
@@ -28,7 +27,6 @@ static NEXT_MOCK_DEVICE: AtomicU64 = AtomicU64::new(1);
 /// Selftest state of one context: the access "file descriptors".
 #[derive(Debug, Default)]
 pub struct State {
-    next_fd: u32,
     accesses: alloc::collections::BTreeMap<u32, (u32, Arc<MockAccess>)>,
 }
 
@@ -308,13 +306,8 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
                 let _ = ictx.access_destroy(id);
                 return Err(e);
             }
-            let fd = {
-                let mut st = ictx.selftest.lock();
-                let fd = st.next_fd.max(3);
-                st.next_fd = fd + 1;
-                st.accesses.insert(fd, (id, ops));
-                fd
-            };
+            let fd = ictx.alloc_fd();
+            ictx.selftest.lock().accesses.insert(fd, (id, ops));
             ca.out_access_fd = fd;
             ca.write(&mut c.payload);
             respond(&c.to_bytes(), user_size, buf).inspect_err(|_| {
@@ -409,6 +402,22 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
                 ictx.source().write_user(rw.uptr, &tmp)?;
             }
             Ok(())
+        }
+        IOMMU_TEST_OP_TRIGGER_IOPF => {
+            // The mock reports one page request, always the last of its
+            // group, for the device; PASID 0 is "no PASID". A device
+            // whose IOPF is off drops it, and the command still succeeds.
+            let t = IommuTestTriggerIopf::read(&c.payload);
+            ictx.device(t.dev_id)?;
+            let mut flags = IOMMU_PGFAULT_FLAGS_LAST_PAGE;
+            if t.pasid != 0 {
+                flags |= IOMMU_PGFAULT_FLAGS_PASID_VALID;
+            }
+            let req = PageRequest { flags, pasid: t.pasid, grpid: t.grpid, perm: t.perm, addr: t.addr };
+            match ictx.report_iopf(t.dev_id, req) {
+                Ok(()) | Err(Errno::ENODEV) => Ok(()),
+                Err(e) => Err(e),
+            }
         }
         IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT => {
             // Linux bounds its PFN batch memory with this; our store has no

@@ -393,6 +393,47 @@ impl Fx {
         Ok((m.out_stdev_id, m.out_hwpt_id, m.out_idev_id))
     }
 
+    /// `_test_ioctl_fault_alloc`: returns `(fault_id, fault_fd)`.
+    pub fn fault_alloc(&self) -> R<(u32, u32)> {
+        let c = IommuFaultAlloc { size: IommuFaultAlloc::SIZE as u32, ..Default::default() };
+        let (r, out) = self.run(IOMMU_FAULT_QUEUE_ALLOC, c.to_bytes());
+        r?;
+        let c = IommuFaultAlloc::read(&out);
+        assert_ne!(c.out_fault_id, 0);
+        assert_ne!(c.out_fault_fd, 0);
+        Ok((c.out_fault_id, c.out_fault_fd))
+    }
+
+    /// `close(fault_fd)`: [`Ictx::fault_fd_close`].
+    pub fn close_fault_fd(&self, fault_fd: u32) -> R<()> {
+        self.ictx().fault_fd_close(fault_fd)
+    }
+
+    /// `_test_cmd_trigger_iopf`: a page request for `dev_id` (PASID 1,
+    /// group 2, read/write at 0xdeadbeaf), one record read from the fault
+    /// "fd" and answered SUCCESS with its cookie; a read or write that
+    /// moves nothing is `EIO`.
+    pub fn trigger_iopf(&self, dev_id: u32, fault_fd: u32) -> R<()> {
+        let t = IommuTestTriggerIopf {
+            dev_id,
+            pasid: 1,
+            grpid: 2,
+            perm: IOMMU_PGFAULT_PERM_READ | IOMMU_PGFAULT_PERM_WRITE,
+            addr: 0xdead_beaf,
+        };
+        self.test_cmd(IOMMU_TEST_OP_TRIGGER_IOPF, 0, &t.to_bytes()).0?;
+        let mut rec = [0u8; IommuHwptPgfault::SIZE];
+        if self.ictx().fault_fd_read(fault_fd, &mut rec).unwrap_or(0) == 0 {
+            return Err(Errno::EIO);
+        }
+        let fault = IommuHwptPgfault::read(&rec);
+        let resp = IommuHwptPageResponse { cookie: fault.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
+        if self.ictx().fault_fd_write(fault_fd, &resp.to_bytes()).unwrap_or(0) == 0 {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
     /// `_test_cmd_mock_domain_replace`: returns the new `pt_id`.
     pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: u32) -> R<u32> {
         let p = IommuTestMockDomainReplace { pt_id };

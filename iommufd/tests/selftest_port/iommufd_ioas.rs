@@ -136,11 +136,15 @@ fn alloc_hwpt_nested(s: &mut IoasFx) {
         assert_eq!(nested(parent, IOMMU_HWPT_ALLOC_NEST_PARENT, sel, data, data_len), Err(Errno::EOPNOTSUPP));
         assert_eq!(nested(parent_not_work, 0, sel, data, data_len), Err(Errno::EINVAL));
 
-        // Two nested HWPTs on one parent. (Linux 6.12 also allocates a
-        // fault object and an IOPF-capable nested HWPT here: see
-        // `alloc_hwpt_nested_iopf`.)
+        // Two nested HWPTs on one parent, a fault object and a nested
+        // HWPT that reports its devices' page requests to it.
+        let (fault_id, fault_fd) = s.fault_alloc().unwrap();
         let n0 = nested(parent, 0, sel, data, data_len).unwrap();
         let n1 = nested(parent, 0, sel, data, data_len).unwrap();
+        let iopf_alloc = |fault, flags| s.hwpt_alloc_raw(s.device_id, parent, fault, flags, sel, data, data_len);
+        assert_eq!(iopf_alloc(u32::MAX, IOMMU_HWPT_FAULT_ID_VALID), Err(Errno::ENOENT));
+        assert_eq!(iopf_alloc(fault_id, IOMMU_HWPT_FAULT_ID_VALID | (1 << 31)), Err(Errno::EOPNOTSUPP));
+        let iopf_hwpt = iopf_alloc(fault_id, IOMMU_HWPT_FAULT_ID_VALID).unwrap();
         s.check_iotlb_all(n0, IOMMU_TEST_IOTLB_DEFAULT).unwrap();
         s.check_iotlb_all(n1, IOMMU_TEST_IOTLB_DEFAULT).unwrap();
 
@@ -205,12 +209,21 @@ fn alloc_hwpt_nested(s: &mut IoasFx) {
         assert_eq!(s.destroy(n1), Err(Errno::EBUSY));
         s.destroy(n0).unwrap();
 
+        // From n1 to the IOPF-capable HWPT (then busy); a page request of
+        // the device is read from the fault "fd" and answered.
+        s.mock_domain_replace(s.stdev_id, iopf_hwpt).unwrap();
+        assert_eq!(s.destroy(iopf_hwpt), Err(Errno::EBUSY));
+        s.trigger_iopf(s.device_id, fault_fd).unwrap();
+
         // Back to the parent, then to the IOAS; everything goes.
         s.mock_domain_replace(s.stdev_id, parent).unwrap();
         s.destroy(n1).unwrap();
+        s.destroy(iopf_hwpt).unwrap();
         s.mock_domain_replace(s.stdev_id, s.ioas_id).unwrap();
         s.destroy(parent).unwrap();
         s.destroy(parent_not_work).unwrap();
+        s.close_fault_fd(fault_fd).unwrap();
+        s.destroy(fault_id).unwrap();
     } else {
         assert_eq!(s.hwpt_alloc(s.device_id, s.ioas_id, 0), Err(Errno::ENOENT));
         for _ in 0..2 {
@@ -221,27 +234,6 @@ fn alloc_hwpt_nested(s: &mut IoasFx) {
             assert_eq!(s.mock_domain_replace(s.stdev_id, 0), Err(Errno::ENOENT));
         }
     }
-}
-
-/// The IOPF sub-cases of Linux 6.12's `alloc_hwpt_nested` (split out of
-/// it here): a fault object from `IOMMU_FAULT_QUEUE_ALLOC`, a nested HWPT
-/// allocated with `IOMMU_HWPT_FAULT_ID_VALID` on it, the device moved to
-/// that HWPT (then busy), `IOMMU_TEST_OP_TRIGGER_IOPF` and the fault read
-/// and answered through the fault fd. Fault queues are not built yet.
-fn alloc_hwpt_nested_iopf(s: &mut IoasFx) {
-    let data = SCRATCH;
-    s.write_user(data, &IOMMU_TEST_IOTLB_DEFAULT.to_le_bytes());
-    let parent = s.hwpt_alloc(s.device_id, s.ioas_id, IOMMU_HWPT_ALLOC_NEST_PARENT).unwrap();
-    let c = IommuFaultAlloc { size: IommuFaultAlloc::SIZE as u32, ..Default::default() };
-    let (r, out) = s.run(IOMMU_FAULT_QUEUE_ALLOC, c.to_bytes());
-    r.expect("IOMMU_FAULT_QUEUE_ALLOC");
-    let fault_id = IommuFaultAlloc::read(&out).out_fault_id;
-    let iopf = s
-        .hwpt_alloc_raw(s.device_id, parent, fault_id, IOMMU_HWPT_FAULT_ID_VALID, IOMMU_HWPT_DATA_SELFTEST, data, 4)
-        .unwrap();
-    s.mock_domain_replace(s.stdev_id, iopf).unwrap();
-    assert_eq!(s.destroy(iopf), Err(Errno::EBUSY));
-    panic!("IOMMU_TEST_OP_TRIGGER_IOPF and the fault fd's read/write are not ported: no fault queues yet");
 }
 
 fn hwpt_attach(s: &mut IoasFx) {
@@ -737,28 +729,16 @@ mod mock_domain {
     const V: super::Variant = super::MOCK_DOMAIN;
     common_cases!();
     case!(alloc_hwpt_nested);
-    case!(
-        alloc_hwpt_nested_iopf,
-        ignore = "needs IOMMU_FAULT_QUEUE_ALLOC and IOPF delivery (fault queues, issue 11: not built yet)"
-    );
 }
 
 mod two_mock_domain {
     const V: super::Variant = super::TWO_MOCK_DOMAIN;
     common_cases!();
     case!(alloc_hwpt_nested);
-    case!(
-        alloc_hwpt_nested_iopf,
-        ignore = "needs IOMMU_FAULT_QUEUE_ALLOC and IOPF delivery (fault queues, issue 11: not built yet)"
-    );
 }
 
 mod mock_domain_limit {
     const V: super::Variant = super::MOCK_DOMAIN_LIMIT;
     common_cases!();
     case!(alloc_hwpt_nested);
-    case!(
-        alloc_hwpt_nested_iopf,
-        ignore = "needs IOMMU_FAULT_QUEUE_ALLOC and IOPF delivery (fault queues, issue 11: not built yet)"
-    );
 }
