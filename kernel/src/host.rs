@@ -35,6 +35,7 @@ impl KernelMmio {
         Ok(Self { base: map_mmio(base, len as u64)?, len })
     }
 
+    #[inline]
     fn at<T>(&self, offset: usize) -> *mut T {
         assert!(offset + core::mem::size_of::<T>() <= self.len, "register offset {offset:#x} outside the block");
         assert!(offset.is_multiple_of(core::mem::size_of::<T>()), "misaligned register access at {offset:#x}");
@@ -44,18 +45,22 @@ impl KernelMmio {
 }
 
 impl portcullis::Mmio for KernelMmio {
+    #[inline]
     fn read32(&self, offset: usize) -> u32 {
         // SAFETY: `at` checked the offset lies in the mapped, aligned block.
         unsafe { self.at::<u32>(offset).read_volatile() }
     }
+    #[inline]
     fn read64(&self, offset: usize) -> u64 {
         // SAFETY: as for read32.
         unsafe { self.at::<u64>(offset).read_volatile() }
     }
+    #[inline]
     fn write32(&self, offset: usize, value: u32) {
         // SAFETY: as for read32; writing an IOMMU register affects DMA only.
         unsafe { self.at::<u32>(offset).write_volatile(value) }
     }
+    #[inline]
     fn write64(&self, offset: usize, value: u64) {
         // SAFETY: as for write32.
         unsafe { self.at::<u64>(offset).write_volatile(value) }
@@ -144,6 +149,7 @@ impl portcullis::Platform for KernelHost {
             log::error!("free_frames({phys}, {count}): {e:?}");
         }
     }
+    #[inline]
     fn read_u64(&self, phys: PhysAddr) -> u64 {
         assert!(phys.0.is_multiple_of(8), "misaligned table word at {phys}");
         // SAFETY: `phys` is an aligned word in a frame the passthrough crate
@@ -151,6 +157,7 @@ impl portcullis::Platform for KernelHost {
         // (status words), hence volatile.
         unsafe { phys_to_virt(phys.0).cast::<u64>().read_volatile() }
     }
+    #[inline]
     fn write_u64(&self, phys: PhysAddr, value: u64) {
         assert!(phys.0.is_multiple_of(8), "misaligned table word at {phys}");
         // SAFETY: as for read_u64; the word is written whole.
@@ -169,6 +176,7 @@ impl portcullis::Platform for KernelHost {
         unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), phys_to_virt(phys.0), buf.len()) };
         Ok(())
     }
+    #[inline]
     fn flush_cache(&self, phys: PhysAddr, len: u64) {
         let mut line = phys.0 & !63;
         while line < phys.0 + len {
@@ -181,6 +189,7 @@ impl portcullis::Platform for KernelHost {
         // writes (the register write that makes the hardware look).
         unsafe { core::arch::x86_64::_mm_mfence() };
     }
+    #[inline]
     fn now_ns(&self) -> u64 {
         crate::time::uptime_ns()
     }

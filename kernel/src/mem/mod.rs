@@ -62,6 +62,7 @@ mod imp {
     pub const LOW_MEMORY_END: u64 = 0x10_0000;
 
     /// Virtual address of physical `phys` in the direct map.
+    #[inline]
     pub fn phys_to_virt(phys: u64) -> *mut u8 {
         (DIRECT_MAP_BASE + phys) as *mut u8
     }
