@@ -15,20 +15,23 @@
 //! page lost a pin, every page a domain maps is pinned, and the
 //! accounting matches the pins.
 
-use iommufd::ctx::{Ictx, ReplaceError};
+use iommufd::ctx::{Ictx, ReplaceError, UserData};
 use iommufd::dispatch::ioctl;
 use iommufd::errno::Errno;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
 use iommufd::selftest::cmd::MockDevice;
 use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain, MockFaults};
 use iommufd::uapi::{
-    IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_UNMAP, IommuIoasMap, IommuIoasUnmap,
+    IOMMU_HWPT_DATA_SELFTEST, IOMMU_HWPT_FAULT_ID_VALID, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FIXED_IOVA,
+    IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_UNMAP, IOMMU_TEST_IOTLB_DEFAULT, IommuIoasMap, IommuIoasUnmap,
 };
 use std::sync::Arc;
 
 const USER: u64 = 0x3000_0000;
 const USER_PAGES: u64 = 64;
 const WINDOW: u64 = 128 * PAGE_SIZE;
+/// One page of user memory holding the mock's nested-HWPT data.
+const NEST_DATA: u64 = 0x5000_0000;
 
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
@@ -71,6 +74,13 @@ struct World {
     dev_a: u32,
     /// A HWPT of `a` made with dirty tracking (on), with its own device.
     dirty: u32,
+    /// A device whose driver nests, attached to IOAS `c` (its own, with a
+    /// mapping, so the other operations' domain counts are unchanged).
+    nest_dev: u32,
+    /// A NEST_PARENT HWPT of IOAS `c`.
+    parent: u32,
+    /// A fault queue nobody uses yet.
+    fault: u32,
 }
 
 fn world() -> World {
@@ -95,7 +105,15 @@ fn world() -> World {
     let dirty = ictx.hwpt_alloc_with(d3, a, true).unwrap();
     ictx.attach(d3, dirty).unwrap();
     ictx.hwpt_set_dirty_tracking(dirty, true).unwrap();
-    World { mem, ictx, faults, a, b, spare_dev, dev_a, dirty }
+    mem.map(NEST_DATA, PAGE_SIZE, true);
+    mem.write_user(NEST_DATA, &IOMMU_TEST_IOTLB_DEFAULT.to_le_bytes()).unwrap();
+    let c = ictx.ioas_alloc().unwrap();
+    let nest_dev = ictx.bind_nesting_device(device()).unwrap();
+    ictx.attach(nest_dev, c).unwrap();
+    ictx.ioas_map(c, Some(MOCK_APERTURE_START), USER + 0x38000, 4 * PAGE_SIZE, true, true).unwrap();
+    let parent = ictx.hwpt_alloc_flags(nest_dev, c, false, true).unwrap();
+    let (fault, _fd) = ictx.fault_alloc().unwrap();
+    World { mem, ictx, faults, a, b, spare_dev, dev_a, dirty, nest_dev, parent, fault }
 }
 
 /// After a call that failed with invalidations failing: nothing mapped
@@ -232,6 +250,25 @@ fn operations() -> Vec<Op> {
             }),
         ),
         ("ioas alloc", Box::new(|w: &World| w.ictx.ioas_alloc().map(|_| ()))),
+        (
+            "nested hwpt alloc",
+            Box::new(|w: &World| {
+                let data = UserData::new(&*w.mem, IOMMU_HWPT_DATA_SELFTEST, NEST_DATA, 4);
+                w.ictx.hwpt_nested_alloc(w.nest_dev, w.parent, 0, 0, &data).map(|_| ())
+            }),
+        ),
+        (
+            "nested hwpt alloc with a fault queue",
+            Box::new(|w: &World| {
+                let data = UserData::new(&*w.mem, IOMMU_HWPT_DATA_SELFTEST, NEST_DATA, 4);
+                w.ictx.hwpt_nested_alloc(w.nest_dev, w.parent, IOMMU_HWPT_FAULT_ID_VALID, w.fault, &data).map(|_| ())
+            }),
+        ),
+        (
+            "nest parent alloc (fill)",
+            Box::new(|w: &World| w.ictx.hwpt_alloc_flags(w.spare_dev, w.a, false, true).map(|_| ())),
+        ),
+        ("fault queue alloc", Box::new(|w: &World| w.ictx.fault_alloc().map(|_| ()))),
         ("unmap", Box::new(move |w: &World| w.ictx.ioas_unmap(w.a, MOCK_APERTURE_START, 8 * page).map(|_| ()))),
         (
             "IOAS_MAP through the dispatcher",
