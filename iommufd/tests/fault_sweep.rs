@@ -79,8 +79,9 @@ struct World {
     nest_dev: u32,
     /// A NEST_PARENT HWPT of IOAS `c`.
     parent: u32,
-    /// A fault queue nobody uses yet.
+    /// A fault queue nobody uses yet, and its descriptor.
     fault: u32,
+    fault_fd: u32,
 }
 
 fn world() -> World {
@@ -112,8 +113,8 @@ fn world() -> World {
     ictx.attach(nest_dev, c).unwrap();
     ictx.ioas_map(c, Some(MOCK_APERTURE_START), USER + 0x38000, 4 * PAGE_SIZE, true, true).unwrap();
     let parent = ictx.hwpt_alloc_flags(nest_dev, c, false, true).unwrap();
-    let (fault, _fd) = ictx.fault_alloc().unwrap();
-    World { mem, ictx, faults, a, b, spare_dev, dev_a, dirty, nest_dev, parent, fault }
+    let (fault, fault_fd) = ictx.fault_alloc().unwrap();
+    World { mem, ictx, faults, a, b, spare_dev, dev_a, dirty, nest_dev, parent, fault, fault_fd }
 }
 
 /// After a call that failed with invalidations failing: nothing mapped
@@ -362,4 +363,28 @@ fn every_failed_invalidation_keeps_what_a_device_may_reach_pinned() {
     assert!(report.iter().all(|(_, n)| *n >= 1), "{report:?}");
     assert_eq!(report[0].1, 3, "one invalidation per domain (three) for the whole unmap");
     assert!(unwinds.iter().filter(|(_, n)| *n >= 1).count() >= 3, "{unwinds:?}");
+}
+
+/// The sweep's snapshot cannot see reference counts: after each failed
+/// nested allocation the parent and the fault queue must be free of any
+/// hold the failure could have leaked (destroyable once their own holders
+/// are gone).
+#[test]
+fn failed_nested_allocs_leave_no_hold_on_parent_or_fault_queue() {
+    let mut failures = 0;
+    for n in 1..100 {
+        let w = world();
+        let data = UserData::new(&*w.mem, IOMMU_HWPT_DATA_SELFTEST, NEST_DATA, 4);
+        w.ictx.accounting().faults.arm(Some(n));
+        let r = w.ictx.hwpt_nested_alloc(w.nest_dev, w.parent, IOMMU_HWPT_FAULT_ID_VALID, w.fault, &data);
+        w.ictx.accounting().faults.arm(None);
+        if r.is_ok() {
+            break;
+        }
+        failures += 1;
+        assert_eq!(w.ictx.destroy(w.parent), Ok(()), "fault point {n}: the parent is still held");
+        w.ictx.fault_fd_close(w.fault_fd).unwrap();
+        assert_eq!(w.ictx.destroy(w.fault), Ok(()), "fault point {n}: the fault queue is still held");
+    }
+    assert!(failures >= 2, "the allocation had {failures} fault point(s)");
 }
