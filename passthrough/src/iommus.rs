@@ -316,11 +316,14 @@ impl<P: Platform> Iommus<P> {
             let unit = d.generic();
             for (k, r) in group.requesters().enumerate() {
                 if let Err(e) = unit.pass_through(r.requester_id) {
-                    // Back to blocked, as before the call.
-                    for r in group.requesters().take(k) {
-                        let _ = unit.block(r.requester_id);
+                    // Back to blocked, as before the call. A requester id
+                    // that cannot be blocked again stays pass-through, so
+                    // the host keeps the group (as `release_host` does when
+                    // blocking fails): no guest is given what it reaches.
+                    let stuck = group.requesters().take(k).filter(|r| unit.block(r.requester_id).is_err()).count();
+                    if stuck == 0 {
+                        self.machine.unhold(function, group.id, Owner::Host);
                     }
-                    self.machine.unhold(function, group.id, Owner::Host);
                     return Err(PassthroughError::Unit(function, e));
                 }
             }
