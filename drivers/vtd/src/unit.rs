@@ -497,8 +497,13 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             .and_then(|()| self.submit(&[Descriptor::iec(None)]))
             .and_then(|()| self.gcmd(Gcmd::IRE, true));
         if let Err(e) = on {
-            let _ = self.gcmd(Gcmd::IRE, false);
-            self.free_irt(irt);
+            // IRE may have taken after all: the table is freed only once
+            // the unit confirms remapping is off. Otherwise its frames are
+            // leaked (the unit may still read them), and the first error
+            // is the one reported.
+            if self.gcmd(Gcmd::IRE, false).is_ok() {
+                self.free_irt(irt);
+            }
             return Err(e);
         }
         self.irt = Some(irt);
