@@ -318,13 +318,7 @@ where
         let mut u = self.unit.lock();
         // An id the table's format cannot hold is refused, not truncated.
         let entry = u.route_entry(vector, destination, requester_id)?;
-        let index = u.alloc_irte()?;
-        if let Err(e) = u.set_irte(index, entry) {
-            // The entry may be half-written: freeing it clears it again
-            // (and reports a second failure, which the first covers).
-            let _ = u.free_irte(index);
-            return Err(e);
-        }
+        let index = u.install_irte(entry)?;
         Ok(MsiRoute { handle: index, address: msi_address(index), data: 0 })
     }
     fn retarget_msi(&self, requester_id: u16, handle: u16, vector: u8, destination: u32) -> Result<(), UnitError> {
@@ -357,11 +351,7 @@ where
     fn route_ioapic(&self, source_id: u16, pin: PinMode, vector: u8, destination: u32) -> Result<IoapicRte, UnitError> {
         let entry = self.ioapic_entry(source_id, pin, vector, destination)?;
         let mut u = self.unit.lock();
-        let index = u.alloc_irte()?;
-        if let Err(e) = u.set_irte(index, entry) {
-            let _ = u.free_irte(index);
-            return Err(e);
-        }
+        let index = u.install_irte(entry)?;
         Ok(IoapicRte { handle: index, rte: ioapic_rte(index, vector, pin) })
     }
     fn retarget_ioapic(

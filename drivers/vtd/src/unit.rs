@@ -625,6 +625,19 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         Err(self.err(HwError::TableFull))
     }
 
+    /// A free entry (as [`Self::alloc_irte`]) written with `entry`. When
+    /// the write fails the entry may be half-written: it is cleared and
+    /// freed again, and stays handed out if even that fails (the first
+    /// error, which covers the second, is the one reported).
+    pub fn install_irte(&mut self, entry: crate::ir::Irte) -> Result<u16, Error> {
+        let index = self.alloc_irte()?;
+        if let Err(e) = self.set_irte(index, entry) {
+            let _ = self.free_irte(index);
+            return Err(e);
+        }
+        Ok(index)
+    }
+
     /// Clears entry `index` (blocking its interrupts) and makes it free.
     pub fn free_irte(&mut self, index: u16) -> Result<(), Error> {
         self.set_irte(index, crate::ir::Irte::default())?;
