@@ -152,31 +152,16 @@ pub fn amd_x2apic_destinations_route_msi(p: &Platform) -> TestResult {
         ensure!(e.enabled(), "entry {} not enabled", index);
         ensure_eq!((e.vector(), e.destination()), (VECTOR, apic), "128-bit entry vector and destination");
         ensure_eq!(u.lock().irte(id, index), None, "a 32-bit entry with x2APIC destinations");
-        ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi.address, msi.data))), "the edu has no MSI");
-        irq::enable();
-        let delivered = (|| -> TestResult {
-            ensure!(dma::raise_and_wait(&edu, VECTOR, 2000), "the MSI routed to x2APIC id {:#x} did not arrive", apic);
-            guest.retarget_msi(msi.handle, VECTOR, wide).map_err(err)?;
+        dma::x2apic_retarget_round_trip(p, &edu, dev, &mut guest, &msi, (VECTOR, apic, wide), || {
             let e = entry()?;
             ensure_eq!(e.destination(), wide, "destination after retargeting");
             ensure_eq!(e.0[0] >> 8 & 0xff_ffff, (wide & 0xff_ffff) as u64, "destination bits 23:0 in bits 31:8");
-            ensure!(
-                !dma::raise_and_wait(&edu, VECTOR, 200),
-                "an MSI for x2APIC id {:#x} reached CPU {:#x}",
-                wide,
-                apic
-            );
-            guest.retarget_msi(msi.handle, VECTOR, apic).map_err(err)?;
-            ensure!(dma::raise_and_wait(&edu, VECTOR, 2000), "the MSI did not arrive after retargeting back");
             Ok(())
-        })();
-        irq::disable();
-        portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
-        delivered?;
+        })?;
         guest.free_msi(msi.handle).map_err(err)?;
         ensure!(!u.lock().irte_ga(id, index).is_some_and(|e| e.enabled()), "the freed entry is still enabled");
         Ok(())
     })();
-    let _ = guest.unassign(seg, bdf);
-    result
+    let unassigned = guest.unassign(seg, bdf).map(|_| ()).map_err(err);
+    result.and(unassigned)
 }

@@ -236,6 +236,39 @@ pub fn raise_and_wait(edu: &Edu, vector: u8, wait_ms: u64) -> bool {
     irq::count(vector) > before
 }
 
+/// The x2APIC retargeting round trip both vendors' tests make: the edu
+/// `dev` programmed with route `msi` (to this CPU, x2APIC id `apic`)
+/// interrupts this CPU; retargeted to `wide` (the same low byte, another
+/// id) `check_wide` sees the rewritten entry and nothing reaches this CPU;
+/// retargeted back it interrupts this CPU again. The edu's MSI is turned
+/// off again however it ends.
+pub fn x2apic_retarget_round_trip(
+    p: &Platform,
+    edu: &Edu,
+    dev: &portcullis_kernel::pci::PciDevice,
+    guest: &mut portcullis_kernel::host::GuestDma,
+    msi: &portcullis::Msi,
+    (vector, apic, wide): (u8, u32, u32),
+    check_wide: impl Fn() -> TestResult,
+) -> TestResult {
+    use portcullis_kernel::arch::irq;
+    let err = |e: portcullis::PassthroughError| fail(format!("{e}"));
+    ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi.address, msi.data))), "the edu has no MSI");
+    irq::enable();
+    let delivered = (|| -> TestResult {
+        ensure!(raise_and_wait(edu, vector, 2000), "the MSI routed to x2APIC id {:#x} did not arrive", apic);
+        guest.retarget_msi(msi.handle, vector, wide).map_err(err)?;
+        check_wide()?;
+        ensure!(!raise_and_wait(edu, vector, 200), "an MSI for x2APIC id {:#x} reached CPU {:#x}", wide, apic);
+        guest.retarget_msi(msi.handle, vector, apic).map_err(err)?;
+        ensure!(raise_and_wait(edu, vector, 2000), "the MSI did not arrive after retargeting back");
+        Ok(())
+    })();
+    irq::disable();
+    portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
+    delivered
+}
+
 /// Defines the common DMA cases under a driver's test names: each
 /// `name => case` becomes `pub fn name(p)` running `case` with the backend
 /// `$backend(p)` returns.

@@ -353,30 +353,15 @@ pub fn vtd_x2apic_destinations_route_msi(p: &Platform) -> TestResult {
         ensure!(e.present(), "entry {} not present", index);
         ensure_eq!(e.0[0] >> 32, apic as u64, "IRTE bits 63:32 (x2APIC destination)");
         ensure_eq!(e.vector(), VECTOR, "IRTE vector");
-        ensure!(portcullis_kernel::edu::set_msi(&p.ecam, dev, Some((msi.address, msi.data))), "the edu has no MSI");
-        irq::enable();
-        let delivered = (|| -> TestResult {
-            ensure!(dma::raise_and_wait(&edu, VECTOR, 2000), "the MSI routed to x2APIC id {:#x} did not arrive", apic);
-            guest.retarget_msi(msi.handle, VECTOR, wide).map_err(err)?;
+        dma::x2apic_retarget_round_trip(p, &edu, dev, &mut guest, &msi, (VECTOR, apic, wide), || {
             ensure_eq!(entry(u)?.0[0] >> 32, wide as u64, "IRTE bits 63:32 after retargeting");
-            ensure!(
-                !dma::raise_and_wait(&edu, VECTOR, 200),
-                "an MSI for x2APIC id {:#x} reached CPU {:#x}",
-                wide,
-                apic
-            );
-            guest.retarget_msi(msi.handle, VECTOR, apic).map_err(err)?;
-            ensure!(dma::raise_and_wait(&edu, VECTOR, 2000), "the MSI did not arrive after retargeting back");
             Ok(())
-        })();
-        irq::disable();
-        portcullis_kernel::edu::set_msi(&p.ecam, dev, None);
-        delivered?;
+        })?;
         guest.free_msi(msi.handle).map_err(err)?;
         ensure!(!u.lock().irte(index).is_some_and(|e| e.present()), "the freed entry is still present");
         Ok(())
     })();
-    let _ = guest.unassign(seg, bdf);
+    let unassigned = guest.unassign(seg, bdf).map(|_| ()).map_err(err);
     faults(u);
-    r
+    r.and(unassigned)
 }
