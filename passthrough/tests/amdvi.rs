@@ -19,8 +19,8 @@ use amdvi::testing::{Invalidation, QEMU_EFR};
 use portcullis::{Bdf, Function, GuestAddr, GuestDma, Iommus, PassthroughError, PciFunction, PhysAddr};
 use support::host::pci::{CONVENTIONAL, ENDPOINT, INTEGRATED, ROOT_PORT, bdf, bridge, endpoint};
 use support::host::{HostBuilder, ModelHost};
-use support::walk::{self, Msi, Outcome, Walk};
-use support::{amd_first, amd_invalidated, changed_since};
+use support::walk::{Msi, Outcome, Walk};
+use support::{amd_first, amd_invalidated, assert_blocked, assert_maps, changed_since, walk};
 
 const IVRS_990XA: &[u8] = include_bytes!("../../drivers/acpi-tables/tests/corpus/ivrs/ivrs-524ae61a2aa7.dat");
 const IVRS_T14: &[u8] = include_bytes!("../../drivers/acpi-tables/tests/corpus/ivrs/ivrs-2a874809fdc6.dat");
@@ -35,24 +35,6 @@ const R2: (u64, u64, u64) = (0x1_0000_0000, 0x2_8000_3000, 0x20_5000);
 /// addresses.
 fn with_iommu_function(b: HostBuilder, at: Bdf) -> HostBuilder {
     b.config_dword(0, at, 0x40, 0x0f | 1 << 27 | 1 << 28).config_dword(0, at, 0x50, 48 << 15 | 48 << 8)
-}
-
-fn walk(host: &ModelHost, base: u64, rid: u16, iova: u64) -> Walk {
-    walk::translate(host, base, rid, iova)
-        .unwrap_or_else(|e| panic!("walk of {rid:#06x} at {iova:#x} on {base:#x}: {e:?}"))
-}
-
-fn assert_blocked(host: &ModelHost, base: u64, rid: u16, iova: u64, what: &str) {
-    let w = walk(host, base, rid, iova);
-    assert!(w.blocked(), "{what}: {rid:#06x} at {iova:#x} on {base:#x} is not blocked: {:?}", w.outcome);
-}
-
-fn assert_maps(host: &ModelHost, base: u64, rid: u16, (gpa, hpa, len): (u64, u64, u64)) {
-    for off in (0..len).step_by(4096) {
-        let w = walk(host, base, rid, gpa + off + 0x18);
-        assert_eq!(w.hpa(false), Some(hpa + off + 0x18), "{rid:#06x} reading GPA {:#x}: {:?}", gpa + off, w.outcome);
-        assert_eq!(w.hpa(true), Some(hpa + off + 0x18), "{rid:#06x} writing GPA {:#x}: {:?}", gpa + off, w.outcome);
-    }
 }
 
 fn mark(host: &ModelHost) -> u64 {

@@ -19,8 +19,8 @@ use portcullis::{
 use std::sync::Arc;
 use support::host::pci::{CONVENTIONAL, ENDPOINT, INTEGRATED, PCIE_TO_PCI, ROOT_PORT, bdf, bridge, endpoint};
 use support::host::{ModelHost, POISON, View};
-use support::walk::{self, Msi, Outcome, Walk, WalkError};
-use support::{changed_since, vtd_first, vtd_invalidated};
+use support::walk::{Msi, Outcome, Walk, WalkError};
+use support::{assert_blocked, assert_maps, changed_since, vtd_first, vtd_invalidated, walk};
 use vtd::testing::{Config, Invalidation};
 
 const DMAR: &[u8] = include_bytes!("../../drivers/acpi-tables/tests/corpus/dmar/dmar-0d29630957f2.dat");
@@ -83,25 +83,6 @@ fn host(config: Config) -> Arc<ModelHost> {
         .dmar(DMAR)
         .guest_ram(0x2_0000_0000, 1 << 32)
         .build()
-}
-
-fn walk(host: &ModelHost, base: u64, rid: u16, iova: u64) -> Walk {
-    walk::translate(host, base, rid, iova)
-        .unwrap_or_else(|e| panic!("walk of {rid:#06x} at {iova:#x} on {base:#x}: {e:?}"))
-}
-
-fn assert_blocked(host: &ModelHost, base: u64, rid: u16, iova: u64, what: &str) {
-    let w = walk(host, base, rid, iova);
-    assert!(w.blocked(), "{what}: {rid:#06x} at {iova:#x} on {base:#x} is not blocked: {:?}", w.outcome);
-}
-
-/// Every page of `region` reaches its host page, for reads and writes.
-fn assert_maps(host: &ModelHost, base: u64, rid: u16, (gpa, hpa, len): (u64, u64, u64)) {
-    for off in (0..len).step_by(4096) {
-        let w = walk(host, base, rid, gpa + off + 0x18);
-        assert_eq!(w.hpa(false), Some(hpa + off + 0x18), "{rid:#06x} reading GPA {:#x}: {:?}", gpa + off, w.outcome);
-        assert_eq!(w.hpa(true), Some(hpa + off + 0x18), "{rid:#06x} writing GPA {:#x}: {:?}", gpa + off, w.outcome);
-    }
 }
 
 /// The stamp, and every unit's log emptied: what a call does shows next.

@@ -8,6 +8,29 @@ pub mod host;
 pub mod walk;
 
 use host::{ModelHost, View};
+use walk::Walk;
+
+/// The walk of requester `rid` at `iova` on unit `base`; a walk that cannot
+/// be decoded fails the test.
+pub fn walk(host: &ModelHost, base: u64, rid: u16, iova: u64) -> Walk {
+    walk::translate(host, base, rid, iova)
+        .unwrap_or_else(|e| panic!("walk of {rid:#06x} at {iova:#x} on {base:#x}: {e:?}"))
+}
+
+/// Asserts requester `rid`'s DMA at `iova` on unit `base` is blocked.
+pub fn assert_blocked(host: &ModelHost, base: u64, rid: u16, iova: u64, what: &str) {
+    let w = walk(host, base, rid, iova);
+    assert!(w.blocked(), "{what}: {rid:#06x} at {iova:#x} on {base:#x} is not blocked: {:?}", w.outcome);
+}
+
+/// Every page of `region` reaches its host page, for reads and writes.
+pub fn assert_maps(host: &ModelHost, base: u64, rid: u16, (gpa, hpa, len): (u64, u64, u64)) {
+    for off in (0..len).step_by(4096) {
+        let w = walk(host, base, rid, gpa + off + 0x18);
+        assert_eq!(w.hpa(false), Some(hpa + off + 0x18), "{rid:#06x} reading GPA {:#x}: {:?}", gpa + off, w.outcome);
+        assert_eq!(w.hpa(true), Some(hpa + off + 0x18), "{rid:#06x} writing GPA {:#x}: {:?}", gpa + off, w.outcome);
+    }
+}
 
 /// When the newest of `words` last changed in `view`, if after `since`.
 pub fn changed_since(host: &ModelHost, view: View, words: &[u64], since: u64) -> Option<u64> {
