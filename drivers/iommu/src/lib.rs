@@ -428,6 +428,25 @@ pub trait IommuDomain: Send {
     /// caller must keep the domain (and what it maps) as it is.
     fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError>;
 
+    /// Points PASID `pasid` (never 0: PASID 0 is the requester id's own
+    /// translation, [`Self::attach_device`]) of `device` at this domain,
+    /// replacing the domain that PASID used, if any, without a window in
+    /// which it is blocked where the hardware allows. The device's other
+    /// PASIDs and its requester-id translation are left as they were.
+    /// [`DomainError::NotSupported`] (the default) when the domain or its
+    /// unit cannot translate PASID-tagged requests.
+    fn attach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        let _ = (device, pasid);
+        Err(DomainError::NotSupported)
+    }
+    /// Blocks PASID `pasid` of `device` again (it used this domain). On
+    /// failure the PASID may still reach the domain: the caller keeps the
+    /// domain as it is, as for [`Self::detach_device`].
+    fn detach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        let _ = (device, pasid);
+        Err(DomainError::NotSupported)
+    }
+
     /// The physically contiguous run starting at `iova`: a [`PhysRun`]
     /// `{ phys, len }` with `1 <= len <= max_len` such that
     /// `[iova, iova + len)` translates to `[phys, phys + len)`, or `None`
@@ -500,6 +519,13 @@ pub trait DeviceOps: Send + Sync {
     /// the unit cannot (the default).
     fn alloc_dirty_domain(&self) -> Result<alloc::boxed::Box<dyn IommuDomain>, DomainError> {
         Err(DomainError::NotSupported)
+    }
+    /// How many PASID bits the device and its unit support together
+    /// (`IOMMU_GET_HW_INFO`'s `out_max_pasid_log2`): PASIDs `1..1 << n`
+    /// may be attached with [`IommuDomain::attach_device_pasid`]. 0 (the
+    /// default) when the device issues no PASID-tagged requests.
+    fn max_pasid_log2(&self) -> u32 {
+        0
     }
 }
 
