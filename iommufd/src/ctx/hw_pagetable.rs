@@ -156,16 +156,46 @@ impl Ictx {
             return Err(Errno::EINVAL);
         }
         let shift = page_size.trailing_zeros();
-        let bits = (last - iova) >> shift;
-        let mut writer = crate::dirty::BitmapWriter::new(self.source(), data, bits + 1);
+        // Index of the last bit: the bitmap has `last_bit + 1` bits.
+        let last_bit = (last - iova) >> shift;
+        let mut writer = crate::dirty::BitmapWriter::new(self.source(), data, last_bit + 1);
         let mut gather = portcullis_iommu::IotlbGather::default();
-        let read = domain.read_and_clear_dirty(iova, length, !no_clear, &mut gather, &mut |at, len| {
-            writer.set((at - iova) >> shift, (at + (len - 1) - iova) >> shift);
-        });
+        // A window of the bitmap at a time: the window is proven writable
+        // before the dirty bits it reports are cleared (crate::dirty).
+        let mut read = Ok(());
+        for w in 0..writer.windows() {
+            let first = w * crate::dirty::WINDOW_BITS;
+            let end_bit = (first + crate::dirty::WINDOW_BITS - 1).min(last_bit);
+            // `end_bit < last_bit` keeps `(end_bit + 1) << shift` within
+            // `last - iova`: no overflow.
+            let from = iova + (first << shift);
+            let to = if end_bit == last_bit { last } else { iova + ((end_bit + 1) << shift) - 1 };
+            if let Err(e) = writer.open(w) {
+                read = Err(e);
+                break;
+            }
+            let Some(len) = (to - from).checked_add(1) else {
+                read = Err(Errno::EINVAL);
+                break;
+            };
+            let r = domain.read_and_clear_dirty(from, len, !no_clear, &mut gather, &mut |at, len| {
+                writer.set((at - iova) >> shift, (at + (len - 1) - iova) >> shift);
+            });
+            // What was read is written even when the domain failed part-way.
+            let closed = writer.close();
+            if let Err(e) = r {
+                read = Err(crate::iopt::domain_errno(e));
+                break;
+            }
+            if let Err(e) = closed {
+                read = Err(e);
+                break;
+            }
+        }
+        // One invalidation for everything cleared, whatever failed.
         let synced = if no_clear { Ok(()) } else { domain.iotlb_sync(&mut gather) };
-        read.map_err(crate::iopt::domain_errno)?;
-        synced.map_err(crate::iopt::domain_errno)?;
-        writer.finish()
+        read?;
+        synced.map_err(crate::iopt::domain_errno)
     }
 
     /// Drops a HWPT's hold on its IOAS. The domain leaves the IOAS even
