@@ -280,6 +280,54 @@ impl<P: Platform> GuestDma<P> {
         FaultBatch { faults, lost: batch.lost }
     }
 
+    /// Moves the guest's DMA faults (those [`Self::dma_faults`] would
+    /// return) into iommufd fault object `fault_id` of this view's
+    /// context ([`Self::ictx`]`.fault_alloc()`), so a VMM reads its
+    /// devices' translation faults through the same queue (and the same
+    /// `read`/`write` rules) as page requests: each is one record with
+    /// `IOMMU_PGFAULT_FLAGS_LAST_PAGE | PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE`,
+    /// `dev_id` the iommufd device of the function ([`Self::device_id`]),
+    /// `perm` READ or WRITE and `addr` the guest physical address used
+    /// (see `iommufd::ctx::Ictx::report_dma_fault`).
+    ///
+    /// Returns what could not be queued: the faults of functions with no
+    /// iommufd device (a view sharing the hypervisor's table), or that the
+    /// queue refused otherwise, are handed back as [`Self::dma_faults`]
+    /// would, and `lost` counts both the
+    /// faults lost before (as in [`Self::dma_faults`]) and those the fault
+    /// object refused because it was full. An unknown `fault_id` is an
+    /// error and takes no fault out of the stream.
+    pub fn forward_dma_faults(&mut self, fault_id: u32) -> Result<FaultBatch<GuestFault>, PassthroughError> {
+        self.ictx.fault(fault_id).map_err(|e| PassthroughError::Iommufd("fault queue", e))?;
+        let batch = self.dma_faults();
+        let mut left = FaultBatch { faults: Vec::new(), lost: batch.lost };
+        for f in batch.faults {
+            let Some(dev_id) = self.device_id(f.function.segment, f.function.bdf) else {
+                left.faults.push(f);
+                continue;
+            };
+            match self.ictx.report_dma_fault(fault_id, dev_id, f.address, f.write) {
+                Ok(()) => {}
+                Err(iommufd::Errno::ENOSPC) => left.lost += 1,
+                // Not expected (both objects were just found), but never
+                // dropped: handed back.
+                Err(_) => left.faults.push(f),
+            }
+        }
+        Ok(left)
+    }
+
+    /// The iommufd device id (in [`Self::ictx`]) of assigned function
+    /// `segment:bdf`, or `None` when it is not assigned or the view
+    /// shares the hypervisor's table (its devices are then not iommufd
+    /// devices).
+    pub fn device_id(&self, segment: u16, bdf: Bdf) -> Option<u32> {
+        if self.table.is_some() {
+            return None;
+        }
+        self.devices.get(&Function { segment, bdf }).map(|a| a.id)
+    }
+
     /// Who this view belongs to (a guest, or the host for
     /// [`Self::new_host`]).
     pub fn owner(&self) -> Owner {

@@ -13,6 +13,10 @@
 
 mod support;
 
+use iommufd::uapi::{
+    IOMMU_PGFAULT_FLAGS_LAST_PAGE, IOMMU_PGFAULT_PERM_READ, IOMMU_PGFAULT_PERM_WRITE, IommuHwptPgfault,
+    PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE,
+};
 use portcullis::{
     Bdf, GuestAddr, GuestDma, GuestFault, HwError, Iommus, Options, PassthroughError, PciFunction, PhysAddr, UnitError,
 };
@@ -251,6 +255,29 @@ fn scenario(config: Config) -> Arc<ModelHost> {
     );
     assert_eq!(batch.lost, 0);
     assert!(guest.dma_faults().faults.is_empty(), "each fault is read once");
+
+    // The same stream through an iommufd fault queue, as page requests
+    // are read: one record per fault, the function's iommufd device.
+    let (fault, _fd) = guest.ictx().fault_alloc().unwrap();
+    assert!(guest.forward_dma_faults(fault + 100).is_err(), "an unknown fault object takes nothing");
+    // (One at a time: the model, as QEMU, records one fault until read.)
+    for (addr, reason, read) in [(0x2345_6000, 6, false), (0x3456_7000, 5, true)] {
+        host.vtd(UNIT_A).record_fault(addr, fault_hi(reason, read, ALIAS_RID));
+        let left = guest.forward_dma_faults(fault).unwrap();
+        assert_eq!((left.faults.len(), left.lost), (0, 0));
+    }
+    let mut buf = [0u8; 3 * iommufd::ctx::FAULT_RECORD_SIZE];
+    let n = guest.ictx().fault_read(fault, &mut buf).unwrap();
+    let recs: Vec<IommuHwptPgfault> =
+        buf[..n].chunks(iommufd::ctx::FAULT_RECORD_SIZE).map(IommuHwptPgfault::read).collect();
+    let dev = guest.device_id(0, ALIASED).expect("an iommufd device");
+    let flags = IOMMU_PGFAULT_FLAGS_LAST_PAGE | PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE;
+    assert_eq!(
+        recs.iter().map(|r| (r.flags, r.dev_id, r.addr, r.perm)).collect::<Vec<_>>(),
+        [(flags, dev, 0x2345_6000, IOMMU_PGFAULT_PERM_WRITE), (flags, dev, 0x3456_7000, IOMMU_PGFAULT_PERM_READ)],
+        "in order, reads and writes told apart"
+    );
+    assert!(guest.dma_faults().faults.is_empty(), "forwarded, not also in the stream");
 
     // Removing memory: every page of it blocked, each covered by an IOTLB
     // invalidation after its entry changed; tables freed only after.

@@ -53,9 +53,13 @@ use super::device::Device;
 use super::{Ictx, Object};
 use crate::errno::{Errno, Result};
 use crate::uapi::{
-    IOMMU_PGFAULT_FLAGS_LAST_PAGE, IOMMUFD_PAGE_RESP_INVALID, IOMMUFD_PAGE_RESP_SUCCESS, IommuHwptPageResponse,
-    IommuHwptPgfault,
+    IOMMU_PGFAULT_FLAGS_LAST_PAGE, IOMMU_PGFAULT_PERM_READ, IOMMU_PGFAULT_PERM_WRITE, IOMMUFD_PAGE_RESP_INVALID,
+    IOMMUFD_PAGE_RESP_SUCCESS, IommuHwptPageResponse, IommuHwptPgfault, PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE,
 };
+
+/// How many unrecoverable DMA faults ([`Ictx::report_dma_fault`]) a fault
+/// queue holds at most, read or not.
+pub const MAX_DMA_FAULTS: usize = 1024;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -103,6 +107,9 @@ struct Group {
     dev_id: u32,
     hwpt_id: u32,
     requests: Vec<PageRequest>,
+    /// A page request group (answered to the device's driver), or an
+    /// unrecoverable DMA fault (`Ictx::report_dma_fault`: no answer).
+    recoverable: bool,
 }
 
 impl Group {
@@ -111,6 +118,9 @@ impl Group {
         PageResponse { flags: last.flags, pasid: last.pasid, grpid: last.grpid, code }
     }
     fn respond(&self, code: u32) {
+        if !self.recoverable {
+            return;
+        }
         if let Some(n) = &self.dev.nesting {
             n.page_response(self.dev.ops.handle(), &self.response(code));
         }
@@ -121,6 +131,11 @@ impl Group {
 struct Queue {
     deliver: VecDeque<Group>,
     response: BTreeMap<u32, Group>,
+    /// Unrecoverable DMA faults queued (delivered or awaiting a response).
+    dma_faults: usize,
+    /// Unrecoverable DMA faults dropped because [`MAX_DMA_FAULTS`] were
+    /// queued.
+    dma_faults_lost: u64,
 }
 
 impl Queue {
@@ -235,7 +250,15 @@ impl Fault {
                 rc = Err(Errno::EINVAL);
                 break;
             }
-            let Some(group) = self.queue.lock().response.remove(&resp.cookie) else {
+            let taken = {
+                let mut q = self.queue.lock();
+                let g = q.response.remove(&resp.cookie);
+                if g.as_ref().is_some_and(|g| !g.recoverable) {
+                    q.dma_faults -= 1;
+                }
+                g
+            };
+            let Some(group) = taken else {
                 rc = Err(Errno::EINVAL);
                 break;
             };
@@ -254,6 +277,12 @@ impl Fault {
         self.queue.lock().deliver.push_back(group);
     }
 
+    /// Unrecoverable DMA faults dropped so far because the queue held
+    /// [`MAX_DMA_FAULTS`] of them.
+    pub fn dma_faults_lost(&self) -> u64 {
+        self.queue.lock().dma_faults_lost
+    }
+
     /// Takes out every group of `dev_id` on `hwpt_id` (both queued and
     /// awaiting a response), or every group when `dev_id` is `None`.
     fn take(&self, which: Option<(u32, u32)>) -> Vec<Group> {
@@ -268,6 +297,7 @@ impl Fault {
         for c in cookies {
             out.extend(q.response.remove(&c));
         }
+        q.dma_faults -= out.iter().filter(|g| !g.recoverable).count();
         out
     }
 
@@ -388,11 +418,50 @@ impl Ictx {
         requests.push(req);
         let hwpt_id = *dev.attached.lock();
         let target = hwpt_id.and_then(|h| self.hwpt_nested(h).ok().and_then(|n| n.fault.clone()).map(|f| (h, f)));
-        let group = Group { dev: dev.clone(), dev_id, hwpt_id: hwpt_id.unwrap_or(0), requests };
+        let group = Group { dev: dev.clone(), dev_id, hwpt_id: hwpt_id.unwrap_or(0), requests, recoverable: true };
         match target {
             Some((_, fault)) => fault.deliver(group),
             None => group.respond(IOMMUFD_PAGE_RESP_INVALID),
         }
+        Ok(())
+    }
+
+    /// Queues an unrecoverable DMA (translation) fault of device `dev_id`
+    /// on fault object `fault_id`, for a VMM that wants its devices'
+    /// faults (to inject into a virtual IOMMU's fault log, say) through
+    /// the same queue as page requests: one record, a group of its own,
+    /// with `LAST_PAGE` and [`PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE`]
+    /// set, `perm` READ or WRITE, `addr` the faulting IOVA. It is read and
+    /// answered like any group (the answer frees its cookie and goes to
+    /// no device: the DMA was refused already).
+    ///
+    /// Linux 6.12 has no such report (its fault queues carry page
+    /// requests only); nothing delivers one unless the VMM asks, so
+    /// Linux programs never see the flag.
+    ///
+    /// At most [`MAX_DMA_FAULTS`] of them are queued at a time: a device
+    /// that faults faster than the VMM reads cannot grow the queue
+    /// without bound. One more is dropped, counted
+    /// ([`Fault::dma_faults_lost`]) and answered `ENOSPC`.
+    pub fn report_dma_fault(&self, fault_id: u32, dev_id: u32, addr: u64, write: bool) -> Result<()> {
+        let fault = self.fault(fault_id)?;
+        let dev = self.device(dev_id)?;
+        let hwpt_id = dev.attached.lock().unwrap_or(0);
+        let perm = if write { IOMMU_PGFAULT_PERM_WRITE } else { IOMMU_PGFAULT_PERM_READ };
+        let req = PageRequest {
+            flags: IOMMU_PGFAULT_FLAGS_LAST_PAGE | PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE,
+            pasid: 0,
+            grpid: 0,
+            perm,
+            addr,
+        };
+        let mut q = fault.queue.lock();
+        if q.dma_faults >= MAX_DMA_FAULTS {
+            q.dma_faults_lost += 1;
+            return Err(Errno::ENOSPC);
+        }
+        q.dma_faults += 1;
+        q.deliver.push_back(Group { dev, dev_id, hwpt_id, requests: alloc::vec![req], recoverable: false });
         Ok(())
     }
 
@@ -662,5 +731,60 @@ mod tests {
         assert_eq!((out.out_fault_id, out.out_fault_fd), (1, 3));
         assert!(c.fault(out.out_fault_id).is_ok());
         assert_eq!(c.fault_fd_read(out.out_fault_fd, &mut [0u8; FAULT_RECORD_SIZE]), Ok(0));
+    }
+
+    #[test]
+    fn unrecoverable_dma_faults_are_records_of_their_own_answered_to_nobody() {
+        let w = world();
+        w.c.report_dma_fault(w.fault, w.dev, 0xdead_b000, true).unwrap();
+        w.c.report_iopf(w.dev, req(7, 0x5000, true)).unwrap();
+        w.c.report_dma_fault(w.fault, w.dev, 0xbeef_0000, false).unwrap();
+        let mut buf = [0u8; 3 * FAULT_RECORD_SIZE];
+        assert_eq!(w.c.fault_fd_read(w.fd, &mut buf), Ok(buf.len()));
+        let recs: Vec<IommuHwptPgfault> = buf.chunks(FAULT_RECORD_SIZE).map(IommuHwptPgfault::read).collect();
+        let unrec = IOMMU_PGFAULT_FLAGS_LAST_PAGE | PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE;
+        assert_eq!(
+            recs.iter().map(|r| (r.flags, r.dev_id, r.perm, r.addr, r.cookie)).collect::<Vec<_>>(),
+            [
+                (unrec, w.dev, IOMMU_PGFAULT_PERM_WRITE, 0xdead_b000, 1),
+                (IOMMU_PGFAULT_FLAGS_LAST_PAGE, w.dev, IOMMU_PGFAULT_PERM_READ, 0x5000, 2),
+                (unrec, w.dev, IOMMU_PGFAULT_PERM_READ, 0xbeef_0000, 3),
+            ]
+        );
+        let mut answers = resp(1, IOMMUFD_PAGE_RESP_SUCCESS);
+        answers.extend(resp(2, IOMMUFD_PAGE_RESP_SUCCESS));
+        answers.extend(resp(3, IOMMUFD_PAGE_RESP_INVALID));
+        assert_eq!(w.c.fault_fd_write(w.fd, &answers), Ok(answers.len()));
+        let got = w.rec.responses.lock().clone();
+        assert_eq!(got.iter().map(|r| r.grpid).collect::<Vec<_>>(), [7], "only the page request is answered");
+        // Unknown fault object or device: nothing queued.
+        assert_eq!(w.c.report_dma_fault(w.hwpt, w.dev, 0, false), Err(Errno::ENOENT));
+        assert_eq!(w.c.report_dma_fault(w.fault, w.ioas, 0, false), Err(Errno::ENOENT));
+        assert_eq!(w.c.fault(w.fault).unwrap().delivered(), 0);
+    }
+
+    #[test]
+    fn unrecoverable_dma_faults_are_bounded() {
+        let w = world();
+        for k in 0..MAX_DMA_FAULTS as u64 {
+            w.c.report_dma_fault(w.fault, w.dev, k << 12, false).unwrap();
+        }
+        assert_eq!(w.c.report_dma_fault(w.fault, w.dev, 0, false), Err(Errno::ENOSPC));
+        let f = w.c.fault(w.fault).unwrap();
+        assert_eq!((f.delivered(), f.dma_faults_lost()), (MAX_DMA_FAULTS, 1));
+        // Page requests are not bounded by it: the device's own PRI
+        // limits them.
+        w.c.report_iopf(w.dev, req(1, 0, true)).unwrap();
+        // Read ones still count until answered.
+        let mut one = [0u8; FAULT_RECORD_SIZE];
+        assert_eq!(w.c.fault_fd_read(w.fd, &mut one), Ok(FAULT_RECORD_SIZE));
+        assert_eq!(w.c.report_dma_fault(w.fault, w.dev, 0, false), Err(Errno::ENOSPC));
+        assert_eq!(w.c.fault_fd_write(w.fd, &resp(1, IOMMUFD_PAGE_RESP_SUCCESS)), Ok(8));
+        w.c.report_dma_fault(w.fault, w.dev, 0, false).unwrap();
+        // A device leaving its HWPT takes its queued faults with it.
+        w.c.replace(w.dev, w.ioas).unwrap();
+        assert_eq!(f.delivered(), 0);
+        w.c.report_dma_fault(w.fault, w.dev, 0, false).unwrap();
+        assert_eq!(f.dma_faults_lost(), 2);
     }
 }

@@ -37,7 +37,7 @@ mod nested;
 
 pub use access::{Access, AccessOps};
 pub use device::{Device, DeviceOwner, ReplaceError};
-pub use fault::{FAULT_RECORD_SIZE, Fault, PageRequest, PageResponse, RESPONSE_RECORD_SIZE};
+pub use fault::{FAULT_RECORD_SIZE, Fault, MAX_DMA_FAULTS, PageRequest, PageResponse, RESPONSE_RECORD_SIZE};
 pub use hw_pagetable::Hwpt;
 pub use ioas::Ioas;
 pub use nested::{HwptNested, NestedDomain, NestingOps, UserData, UserDataArray};

@@ -75,6 +75,11 @@ pub const IOMMU_VTD_INV_FLAGS_LEAF: u32 = 1 << 0;
 /// `enum iommu_hwpt_pgfault_flags`.
 pub const IOMMU_PGFAULT_FLAGS_PASID_VALID: u32 = 1 << 0;
 pub const IOMMU_PGFAULT_FLAGS_LAST_PAGE: u32 = 1 << 1;
+/// Portcullis's own flag, never set by Linux: the record is an
+/// unrecoverable DMA (translation) fault a hypervisor forwarded with
+/// `Ictx::report_dma_fault`, not a page request; its response goes to no
+/// device. Only queues a VMM asked to receive such faults on carry it.
+pub const PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE: u32 = 1 << 31;
 /// `enum iommu_hwpt_pgfault_perm`.
 pub const IOMMU_PGFAULT_PERM_READ: u32 = 1 << 0;
 pub const IOMMU_PGFAULT_PERM_WRITE: u32 = 1 << 1;
