@@ -280,15 +280,17 @@ fn hwpt_invalidate(ictx: &Ictx, c: &mut IommuHwptInvalidate) -> Result<()> {
     r
 }
 
-/// Zeroes bytes `[from, to)` of the caller's buffer at `uptr`, in chunks
-/// of at most 4 KiB from one static page of zeroes. `EFAULT` when the range
-/// wraps or the memory source refuses it.
+/// Zeroes bytes `[from, to)` of the caller's buffer at `uptr`, a page at a
+/// time (chunks end at 4 KiB boundaries of the user address) from one
+/// static page of zeroes. `EFAULT` when the range wraps or the memory
+/// source refuses a page; the pages before it stay zeroed, as Linux's
+/// `clear_user` leaves them.
 fn zero_user(ictx: &Ictx, uptr: u64, from: u64, to: u64) -> Result<()> {
     static ZEROES: [u8; 4096] = [0; 4096];
     let mut at = from;
     while at < to {
-        let n = (to - at).min(ZEROES.len() as u64);
         let addr = uptr.checked_add(at).ok_or(Errno::EFAULT)?;
+        let n = (to - at).min(ZEROES.len() as u64 - addr % ZEROES.len() as u64);
         addr.checked_add(n).ok_or(Errno::EFAULT)?;
         ictx.source().write_user(addr, &ZEROES[..n as usize])?;
         at += n;

@@ -21,6 +21,15 @@
 //! is itself reported (both sides allocate the lowest free id, so it means
 //! the set of live objects already differs).
 //!
+//! Descriptors a call creates (a fault queue's `out_fault_fd`) are paired
+//! the same way in their own map, and their numbering is never compared
+//! (Linux numbers them from the process's lowest free descriptor).
+//!
+//! Two pseudo-commands stand for the `read(2)` and `write(2)` of a fault
+//! queue descriptor (recorder mix 2): [`PSEUDO_READ`] and
+//! [`PSEUDO_WRITE`], whose `in` is `{u32 fd, u32 count}` (plus 16 zero
+//! bytes), whose buffer is the aux page and whose `ret` is the byte count.
+//!
 //! Differences can be allowed by `allow.toml`-like lines, see [`Allow`].
 
 use anyhow::{Context, Result, bail};
@@ -42,6 +51,15 @@ pub const ARENA_LEN: u64 = 64 << 20;
 pub const AUX: u64 = 0x2000_0000_0000;
 /// Bytes of the aux page the recording holds.
 pub const AUX_REC_LEN: usize = 128;
+/// Pseudo-command: `read(fd, aux page, count)` of a fault queue.
+pub const PSEUDO_READ: u32 = 0xf000_0001;
+/// Pseudo-command: `write(fd, aux page, count)` of a fault queue.
+pub const PSEUDO_WRITE: u32 = 0xf000_0002;
+
+fn is_pseudo(cmd: u32) -> bool {
+    cmd == PSEUDO_READ || cmd == PSEUDO_WRITE
+}
+
 /// The recorder's argument buffer (`uint8_t buf[256]`, zero past the struct).
 const ARG_BUF_LEN: usize = 256;
 const PAGE: u64 = 4096;
@@ -129,7 +147,9 @@ fn parse_line(v: &serde_json::Value) -> Result<Call> {
     if c.aux_in.len() != AUX_REC_LEN || c.aux_out.len() != AUX_REC_LEN {
         bail!("`aux_in`/`aux_out` have {}/{} bytes, not {AUX_REC_LEN}", c.aux_in.len(), c.aux_out.len());
     }
-    if (c.ret == 0) != (c.errno == 0) {
+    // A pseudo-command's `ret` is a byte count; an ioctl's is 0.
+    let ok = if is_pseudo(c.cmd) { c.ret >= 0 } else { c.ret == 0 };
+    if ok != (c.errno == 0) {
         bail!("ret {} with errno {}", c.ret, c.errno);
     }
     Ok(c)
@@ -167,6 +187,11 @@ fn struct_size(cmd: u32) -> Option<usize> {
 
 /// A printable name: the ioctl name, plus the op for IOMMU_TEST_CMD.
 pub fn call_name(cmd: u32, input: &[u8]) -> String {
+    match cmd {
+        PSEUDO_READ => return "read(fault fd)".into(),
+        PSEUDO_WRITE => return "write(fault fd)".into(),
+        _ => {}
+    }
     let base = command_name(cmd).map_or_else(|| format!("ioctl {cmd:#x}"), str::to_string);
     if cmd != IOMMU_TEST_CMD {
         return base;
@@ -196,6 +221,9 @@ fn show(v: u64) -> String {
 /// `{size=40 flags=0x7 ioas_id=1 ...}`: the input's fields (zero
 /// `__reserved` fields left out), plus any non-zero tail bytes.
 pub fn summarize(cmd: u32, input: &[u8]) -> String {
+    if is_pseudo(cmd) {
+        return format!("{{fd={} count={}}}", u32::get(input, 0), u32::get(input, 4));
+    }
     let fields = command_fields(cmd, input);
     let mut s = String::from("{");
     for f in &fields {
@@ -457,6 +485,7 @@ fn replay_seed(calls: &[Call], allow: &[Allow], verbose: bool, report: &mut Repo
     let mem = recorder_memory();
     let ictx = Ictx::new(mem.clone(), u64::MAX);
     let mut ids = IdMap::default();
+    let mut fds = IdMap::default();
     let mut seen_diff = false;
     for c in calls {
         report.calls += 1;
@@ -473,9 +502,25 @@ fn replay_seed(calls: &[Call], allow: &[Allow], verbose: bool, report: &mut Repo
         buf[..c.input.len()].copy_from_slice(&c.input);
         ids.translate(&fields, &mut buf[..c.input.len()]);
 
-        let our_errno = match ioctl(&ictx, c.cmd, &mut buf) {
-            Ok(()) => 0,
-            Err(e) => e.0,
+        // (ret, errno): an ioctl's ret is 0 or -1, a read's or write's
+        // the byte count.
+        let (our_ret, our_errno) = if is_pseudo(c.cmd) {
+            let fd = fds.ours(u32::get(&c.input, 0) as u64) as u32;
+            let count = u32::get(&c.input, 4) as usize;
+            let r = if c.cmd == PSEUDO_READ {
+                ictx.fault_fd_read_user(fd, AUX, count)
+            } else {
+                ictx.fault_fd_write_user(fd, AUX, count)
+            };
+            match r {
+                Ok(n) => (n as i64, 0),
+                Err(e) => (-1, e.0),
+            }
+        } else {
+            match ioctl(&ictx, c.cmd, &mut buf) {
+                Ok(()) => (0, 0),
+                Err(e) => (-1, e.0),
+            }
         };
         let mut our_aux = vec![0u8; c.aux_out.len()];
         mem.read_user(AUX, &mut our_aux).expect("aux page is mapped");
@@ -491,11 +536,21 @@ fn replay_seed(calls: &[Call], allow: &[Allow], verbose: bool, report: &mut Repo
                 }
                 ids.learn(l, o);
             }
+            for f in fields.iter().filter(|f| f.kind == FieldKind::NewFd) {
+                if let (Some(l), Some(o)) = (f.get(&c.out), f.get(ours)) {
+                    fds.learn(l, o);
+                }
+            }
         }
 
         // Compare.
         let mut expect = c.out.clone();
         ids.translate(&fields, &mut expect);
+        for f in fields.iter().filter(|f| f.kind == FieldKind::NewFd) {
+            if let Some(v) = f.get(&expect) {
+                f.put(&mut expect, fds.ours(v));
+            }
+        }
         let out_diff = expect.iter().zip(ours).position(|(a, b)| a != b);
         let aux_diff = c.aux_out.iter().zip(&our_aux).position(|(a, b)| a != b);
         let (field, detail) = if let Some(off) = out_diff {
@@ -525,6 +580,8 @@ fn replay_seed(calls: &[Call], allow: &[Allow], verbose: bool, report: &mut Repo
             (Some("aux".to_string()), detail)
         } else if let Some(n) = id_note {
             (Some("id".to_string()), n)
+        } else if c.errno == 0 && our_errno == 0 && c.ret != our_ret {
+            (Some("ret".to_string()), format!("returned Linux {}, ours {}", c.ret, our_ret))
         } else {
             (None, String::new())
         };

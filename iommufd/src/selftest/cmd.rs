@@ -203,7 +203,13 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
         IOMMU_TEST_OP_DIRTY => {
             // Marks the mock domain's I/O pages written as a device would,
             // from a user bitmap: bit k for `iova + k * page_size`; counts
-            // the ones mapped. The bitmap is read a bounded chunk at a time.
+            // the ones mapped. As in Linux 6.12's mock, the I/O page bit k
+            // marks is the one with index `(iova + k * page_size) /
+            // page_size` (the mock indexes its 2 KiB I/O pages by that
+            // quotient whatever `page_size` is: the same page only when
+            // `page_size` is the mock's 2 KiB). The whole bitmap is read
+            // (a bounded chunk at a time) before anything is marked, so an
+            // unreadable one is EFAULT with nothing changed, as in Linux.
             let mut d = IommuTestDirty::read(&c.payload);
             if d.page_size == 0
                 || d.length == 0
@@ -220,22 +226,33 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
                 return Err(Errno::EINVAL);
             }
             let pages = d.length / d.page_size;
-            let mut count = 0u64;
+            let bytes = pages.div_ceil(8);
             let mut chunk = [0u8; 4096];
-            let mut byte = 0u64;
-            while byte < pages.div_ceil(8) {
-                let n = (pages.div_ceil(8) - byte).min(chunk.len() as u64) as usize;
-                let at = d.uptr.checked_add(byte).ok_or(Errno::EFAULT)?;
-                ictx.source().read_user(at, &mut chunk[..n])?;
-                for (k, b) in chunk[..n].iter().enumerate() {
-                    for bit in 0..8u64 {
-                        let page = (byte + k as u64) * 8 + bit;
-                        if b >> bit & 1 != 0 && page < pages && mock.mark_dirty(d.iova + page * d.page_size) {
-                            count += 1;
+            let mut count = 0u64;
+            for mark in [false, true] {
+                let mut byte = 0u64;
+                while byte < bytes {
+                    let n = (bytes - byte).min(chunk.len() as u64) as usize;
+                    let at = d.uptr.checked_add(byte).ok_or(Errno::EFAULT)?;
+                    ictx.source().read_user(at, &mut chunk[..n])?;
+                    if mark {
+                        for (k, b) in chunk[..n].iter().enumerate() {
+                            for bit in 0..8u64 {
+                                let page = (byte + k as u64) * 8 + bit;
+                                if b >> bit & 1 == 0 || page >= pages {
+                                    continue;
+                                }
+                                let index = d.iova / d.page_size + page;
+                                if let Some(io) = index.checked_mul(MOCK_IO_PAGE_SIZE)
+                                    && mock.mark_dirty(io)
+                                {
+                                    count += 1;
+                                }
+                            }
                         }
                     }
+                    byte += n as u64;
                 }
-                byte += n as u64;
             }
             drop(domain);
             d.out_nr_dirty = count;

@@ -21,6 +21,11 @@ pub enum FieldKind {
     /// An id the call may create or report (an output, or an in/out
     /// field like `IOMMU_VFIO_IOAS`'s `ioas_id`).
     NewId,
+    /// A file descriptor the call creates (`IOMMU_FAULT_QUEUE_ALLOC`'s
+    /// `out_fault_fd`). Its number is the process's business (Linux's
+    /// count from the lowest free descriptor of the process): a tool pairs
+    /// descriptors like ids but never compares their numbering.
+    NewFd,
 }
 
 /// One field of a command's argument.
@@ -58,7 +63,7 @@ impl ArgField {
 
     /// Whether the field names an object.
     pub fn is_id(&self) -> bool {
-        self.kind != FieldKind::Plain
+        matches!(self.kind, FieldKind::Id | FieldKind::NewId)
     }
 }
 
@@ -123,7 +128,7 @@ impl ArgLayout {
     }
 }
 
-use FieldKind::{Id, NewId};
+use FieldKind::{Id, NewFd, NewId};
 
 /// The argument of each iommufd command of the 6.12 table.
 pub const COMMAND_LAYOUTS: &[(u32, ArgLayout)] = &[
@@ -145,7 +150,7 @@ pub const COMMAND_LAYOUTS: &[(u32, ArgLayout)] = &[
     (IOMMU_HWPT_SET_DIRTY_TRACKING, layout::<IommuHwptSetDirtyTracking>(&[("hwpt_id", Id)])),
     (IOMMU_HWPT_GET_DIRTY_BITMAP, layout::<IommuHwptGetDirtyBitmap>(&[("hwpt_id", Id)])),
     (IOMMU_HWPT_INVALIDATE, layout::<IommuHwptInvalidate>(&[("hwpt_id", Id)])),
-    (IOMMU_FAULT_QUEUE_ALLOC, layout::<IommuFaultAlloc>(&[("out_fault_id", NewId)])),
+    (IOMMU_FAULT_QUEUE_ALLOC, layout::<IommuFaultAlloc>(&[("out_fault_id", NewId), ("out_fault_fd", NewFd)])),
 ];
 
 /// One selftest op: its number and name, what `iommu_test_cmd.id` holds
@@ -263,7 +268,7 @@ mod tests {
             assert_eq!(c.cmd, *cmd, "same order as the command table");
             assert_eq!(l.size(), c.struct_size as usize, "{}", c.name);
             let f = command_fields(*cmd, &[]);
-            assert_eq!(f.iter().filter(|f| f.is_id()).count(), l.ids.len(), "{}", c.name);
+            assert_eq!(f.iter().filter(|f| f.kind != FieldKind::Plain).count(), l.ids.len(), "{}", c.name);
             assert!(f.windows(2).all(|w| w[0].offset + w[0].size <= w[1].offset), "{}", c.name);
         }
         for o in TEST_OPS {
