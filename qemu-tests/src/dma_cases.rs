@@ -873,6 +873,25 @@ pub fn guest_dma_api_passes_a_device_through(p: &Platform) -> TestResult {
                 "the blocked write is not among the guest's faults: {:x?}",
                 f
             );
+            // The same stream through an iommufd fault queue: the VMM reads
+            // the blocked DMA as a record naming the function's device.
+            drain_faults(iommus);
+            let (fault, _fd) = guest.ictx().fault_alloc().map_err(|e| fail(format!("fault queue: {e}")))?;
+            dma_write(&edu, GPA + 10 * 4096)?;
+            untouched(&[2, 5])?;
+            let left = guest.forward_dma_faults(fault).map_err(err)?;
+            ensure!(left.faults.is_empty(), "faults not forwarded: {:x?}", left.faults);
+            let mut rec = [0u8; iommufd::ctx::FAULT_RECORD_SIZE];
+            let n = guest.ictx().fault_read(fault, &mut rec).map_err(|e| fail(format!("fault read: {e}")))?;
+            ensure_eq!(n, rec.len(), "one record read");
+            let r = iommufd::uapi::IommuHwptPgfault::read(&rec);
+            let dev = guest.device_id(seg, bdf).ok_or_else(|| fail("no iommufd device id".into()))?;
+            ensure_eq!(
+                (r.dev_id, r.addr, r.perm),
+                (dev, GPA + 10 * 4096, iommufd::uapi::IOMMU_PGFAULT_PERM_WRITE),
+                "the forwarded record"
+            );
+            ensure!(r.flags & iommufd::uapi::PORTCULLIS_PGFAULT_FLAGS_UNRECOVERABLE != 0, "not marked unrecoverable");
         }
         ensure!(guest.remove_memory(GuestAddr(GPA), 4096).is_err(), "removing memory that is not there");
         guest.unassign(seg, bdf).map_err(err)?;
