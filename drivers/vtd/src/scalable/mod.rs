@@ -69,4 +69,4 @@ pub use entries::{
     PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry,
     ScalableRootEntry, Snoop,
 };
-pub use tables::{DeviceEntries, Invalidation, Invalidations, ScalableTables, TablesError};
+pub use tables::{DIRECTORY_PASID_BITS, DeviceEntries, Invalidation, Invalidations, ScalableTables, TablesError};
