@@ -60,6 +60,7 @@ cases!(
     vtd_iommufd_hw_info_reports_the_unit,
     vtd_interrupt_remapping_routes_and_blocks_msi,
     vtd_x2apic_destinations_route_msi,
+    vtd_pasid_attach_leaves_the_rid_translation_alone,
     amd_device_table_entries_match_ownership,
     amd_mapped_dma_lands_exactly,
     amd_unmapped_iova_is_blocked,

@@ -453,3 +453,31 @@ fn a_dirty_tracking_domain_at_a_pasid_sets_ssade_there_too() {
     d.detach_device_pasid(handle(), 7).unwrap();
     d.detach_device_pasid(handle(), 8).unwrap();
 }
+
+#[test]
+fn a_failed_invalidation_is_reported_and_frees_nothing() {
+    let (model, mem, unit) = bring_up(0, ECAP_SM | ecap_pasid(20), Mode::Scalable);
+    let dev = Device::new(unit.clone(), RequesterRef { unit: 0, requester_id: RID });
+    let mut d1 = dev.new_domain().unwrap();
+    let mut d2 = dev.new_domain().unwrap();
+    d1.attach_device_pasid(handle(), 0x1234).unwrap();
+    let leaf = unit.lock().pasid_table(RID, 0x1234).unwrap();
+    model.state().queue_error = true;
+    // A replace whose invalidation of the old entry fails: reported; the
+    // PASID is left blocked (the old entry cleared, not the new one
+    // written) and its table kept.
+    let e = d2.attach_device_pasid(handle(), 0x1234).unwrap_err();
+    assert!(matches!(e, DomainError::Hardware { cause: vtd::HwError::QueueError { .. }, .. }), "{e:?}");
+    assert!(!fields(path(&model, &mem, RID, 0x1234).unwrap().entry).present);
+    assert_eq!(unit.lock().pasid_table(RID, 0x1234), Some(leaf));
+    model.state().queue_error = false;
+    d2.attach_device_pasid(handle(), 0x1234).unwrap();
+    // A detach whose invalidation fails: reported, the table stays linked
+    // and allocated (the unit may still hold entries read from it).
+    model.state().queue_error = true;
+    let e = d2.detach_device_pasid(handle(), 0x1234).unwrap_err();
+    assert!(matches!(e, DomainError::Hardware { cause: vtd::HwError::QueueError { .. }, .. }), "{e:?}");
+    assert_eq!(unit.lock().pasid_table(RID, 0x1234), Some(leaf));
+    assert!(mem.tables.lock().unwrap().is_live(leaf));
+    assert_eq!(path(&model, &mem, RID, 0x1234).map(|p| p.entry_at & !0xfff), Ok(leaf), "still linked");
+}
