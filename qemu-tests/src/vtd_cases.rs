@@ -370,7 +370,8 @@ pub fn vtd_x2apic_destinations_route_msi(p: &Platform) -> TestResult {
 /// takes 3 bits or more; QEMU 10.0.2 reports ECAP.PSS = 0, one PASID bit,
 /// so PASID 1 there, and PASID 2 is refused): the PASID-table entry read
 /// back from table memory is that domain's (present, second stage, its
-/// domain id, table root and width), the PASID-0 entry is untouched, and
+/// domain id, table root and width) and follows a replace to a third
+/// domain and back, the PASID-0 entry is untouched, and
 /// the edu's DMA, which carries no PASID, lands where the requester id's
 /// domain says and nowhere else (the second domain's pages keep their
 /// canaries; no fault). Detached, the PASID's entry is clear again. QEMU's
@@ -432,6 +433,26 @@ pub fn vtd_pasid_attach_leaves_the_rid_translation_alone(p: &Platform) -> TestRe
             ensure!(e.context.paside(), "context entry without PASIDE");
             ensure_eq!(u.lock().pasid_entry(id, 0), rid_entry, "PASID-0 entry after the PASID attach");
             ensure_eq!(u.lock().attached_domain(id), Some(d0.domain_id()), "the requester id's domain");
+            // Replace: the PASID moves to a third domain and back (QEMU runs
+            // the PASID-cache and IOTLB invalidations of each old entry).
+            let mut d2 = b.new_domain().map_err(fail)?;
+            d2.attach_device_pasid(dev.handle(), pasid).map_err(|e| fail(format!("replace: {e}")))?;
+            let moved = u.lock().pasid_entry(id, pasid);
+            let back = d1.attach_device_pasid(dev.handle(), pasid);
+            if back.is_err() {
+                // Best effort before `d2` goes away; the error reported is
+                // the failed move back.
+                let _ = d2.detach_device_pasid(dev.handle(), pasid);
+            }
+            back.map_err(|e| fail(format!("replace back: {e}")))?;
+            ensure!(
+                moved.is_some_and(|e| e.present() && e.did() == d2.domain_id() && e.ss_root() == d2.table_info().root),
+                "entry after the replace: {:?}",
+                moved
+            );
+            let again = u.lock().pasid_entry(id, pasid);
+            ensure!(again.is_some_and(|e| e.did() == d1.domain_id()), "entry after the replace back: {:?}", again);
+            ensure_eq!(u.lock().pasid_entry(id, 0), rid_entry, "PASID-0 entry after the replaces");
             // Untagged DMA: through the requester id's domain only.
             edu.read_from(X, 4096).map_err(|_| fail("DMA read from X timed out".into()))?;
             edu.write_to(Y, 4096).map_err(|_| fail("DMA write to Y timed out".into()))?;
