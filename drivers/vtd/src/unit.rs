@@ -810,8 +810,9 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.rmrrs.iter().filter(|r| r.0 == sid).map(|r| (r.1, r.2)).collect()
     }
 
-    /// Invalidates `[start, last]` of a first-stage domain `did` (PASID 0):
-    /// PASID-based IOTLB invalidation, scalable mode only.
+    /// Invalidates `[start, last]` of a first-stage domain `did` under
+    /// PASID 0 and every other PASID attached to it: PASID-based IOTLB
+    /// invalidation, scalable mode only.
     pub fn invalidate_range_pasid(&mut self, did: u16, start: u64, last: u64, leaf_only: bool) -> Result<(), Error> {
         if self.scalable.is_none() {
             // A 128-bit queue cannot carry the PASID-based descriptor.
