@@ -4,7 +4,7 @@
 //!
 //! Configuration names (from `config=` on the command line) say what QEMU
 //! was started with: `none` (no IOMMU), `intel` (`intel-iommu`), `intel-sm`
-//! (`intel-iommu,x-scalable-mode=on`), `intel-x2apic`
+//! (`intel-iommu,x-scalable-mode=on,x-pasid-mode=on`), `intel-x2apic`
 //! (`intel-iommu,intremap=on,eim=on`, the local APIC in x2APIC mode), `amd`
 //! (`amd-iommu,pt=off`), `amd-x2apic` (`...,intremap=on,xtsup=on`, the
 //! local APIC in x2APIC mode); every configuration has at least one `edu`
@@ -60,6 +60,7 @@ cases!(
     vtd_iommufd_hw_info_reports_the_unit,
     vtd_interrupt_remapping_routes_and_blocks_msi,
     vtd_x2apic_destinations_route_msi,
+    vtd_pasid_attach_leaves_the_rid_translation_alone,
     amd_device_table_entries_match_ownership,
     amd_mapped_dma_lands_exactly,
     amd_unmapped_iova_is_blocked,
@@ -95,7 +96,8 @@ const QEMU_VTD_BASE: u64 = 0xfed9_0000;
 const QEMU_AMDVI_BASE: u64 = 0xfed8_0000;
 const QEMU_VTD_CAP: u64 = 0x00d2_008c_222f_0606;
 const QEMU_VTD_ECAP: u64 = 0x0000_0000_00f0_0f4a;
-const QEMU_VTD_ECAP_SM: u64 = 0x0000_4800_80f0_0f4a;
+/// `x-scalable-mode=on,x-pasid-mode=on`: SMTS, SSTS and PASID (PSS = 0).
+const QEMU_VTD_ECAP_SM: u64 = 0x0000_4900_80f0_0f4a;
 /// `x-scalable-mode=on,x-flts=on`: SMTS and FSTS, no SSTS, no PT.
 const QEMU_VTD_ECAP_FS: u64 = 0x0000_8800_00f0_0f4a;
 

@@ -59,8 +59,8 @@ pub const CONFIGS: &[Config] = &[
     },
     Config {
         name: "intel-sm",
-        devices: devices!("-device", "intel-iommu,x-scalable-mode=on"),
-        about: "Intel VT-d, scalable mode",
+        devices: devices!("-device", "intel-iommu,x-scalable-mode=on,x-pasid-mode=on"),
+        about: "Intel VT-d, scalable mode, requests with PASID (ECAP.PASID)",
         cmdline: "",
     },
     Config {

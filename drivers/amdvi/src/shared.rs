@@ -332,6 +332,11 @@ where
     }
 }
 
+/// PASIDs are not translated: `attach_pasid`/`detach_pasid` keep the
+/// trait's `Unsupported` default and the unit reports a PASID width of 0.
+/// AMD-Vi translates requests with a PASID through a per-device GCR3 table
+/// of guest CR3 roots (device table entry GV, GLX, GCR3 root), which this
+/// driver does not build; that is out of scope here.
 impl<M, T, C> UnitDomain for AmdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,

@@ -230,6 +230,14 @@ pub trait IommuUnit: Send + Sync + fmt::Debug {
         let _ = did;
         self.block(requester_id)
     }
+    /// How many PASID bits requests of `requester_id` through this unit
+    /// may carry ([`DeviceOps::max_pasid_log2`]): PASIDs `1..1 << n` can be
+    /// attached with [`UnitDomain::attach_pasid`]. 0, the default, for
+    /// units that translate no PASID-tagged requests.
+    fn max_pasid_log2(&self, requester_id: u16) -> u32 {
+        let _ = requester_id;
+        0
+    }
     /// Points a route made by [`Self::route_ioapic`] at another vector and
     /// destination; once this returns, the old vector never arrives.
     /// Returns the redirection entry for the route now: where it differs
@@ -275,6 +283,20 @@ pub trait UnitDomain: IommuDomain + fmt::Debug {
     fn attach_requester(&self, requester_id: u16) -> Result<(), UnitError>;
     /// Blocks `requester_id` again (it must be attached to this domain).
     fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError>;
+    /// Points PASID `pasid` (never 0) of `requester_id` at this domain,
+    /// replacing the domain it used, if any; the requester id's own
+    /// translation and its other PASIDs stay as they were. Units that
+    /// cannot: `HwError::Unsupported`, the default.
+    fn attach_pasid(&self, requester_id: u16, pasid: u32) -> Result<(), UnitError> {
+        let _ = (requester_id, pasid);
+        Err(UnitError { unit: self.unit_base(), cause: crate::HwError::Unsupported("requests with PASID") })
+    }
+    /// Blocks PASID `pasid` of `requester_id` again (it must be attached
+    /// to this domain). `HwError::Unsupported` by default.
+    fn detach_pasid(&self, requester_id: u16, pasid: u32) -> Result<(), UnitError> {
+        let _ = (requester_id, pasid);
+        Err(UnitError { unit: self.unit_base(), cause: crate::HwError::Unsupported("requests with PASID") })
+    }
     /// Size of the page mapping `iova`, from the walk (`None`: unmapped).
     fn page_size(&self, iova: u64) -> Option<u64>;
     /// Its table.
@@ -362,6 +384,11 @@ impl DeviceOps for Device {
         }
         Ok(Box::new(self.new_dirty_domain()?))
     }
+    /// What the unit takes for this requester id
+    /// ([`IommuUnit::max_pasid_log2`]).
+    fn max_pasid_log2(&self) -> u32 {
+        self.unit.max_pasid_log2(self.at.requester_id)
+    }
 }
 
 /// A paging domain on one unit with vendor-neutral attach: devices are
@@ -442,6 +469,33 @@ impl Domain {
     pub fn detach_requester(&mut self, requester_id: u16) -> Result<(), DomainError> {
         self.inner.detach_requester(requester_id).map_err(DomainError::from)
     }
+
+    /// The requester id of `device` when PASID `pasid` of it may be
+    /// attached: [`DomainError::NotSupported`] when its unit takes no
+    /// PASIDs for it, [`DomainError::Incompatible`] for PASID 0 (the
+    /// requester id's own translation) or one beyond the unit's width.
+    fn pasid_requester(&self, device: DeviceHandle, pasid: u32) -> Result<u16, DomainError> {
+        let rid = self.requester(device)?;
+        let bits = self.unit.max_pasid_log2(rid);
+        if bits == 0 {
+            return Err(DomainError::NotSupported);
+        }
+        if pasid == 0 || pasid.checked_shr(bits).unwrap_or(0) != 0 {
+            return Err(DomainError::Incompatible);
+        }
+        Ok(rid)
+    }
+}
+
+/// A unit's refusal to translate PASIDs is `NotSupported` to the caller,
+/// a PASID it cannot take (or one not attached to the domain on detach)
+/// `Incompatible`.
+fn pasid_error(e: UnitError) -> DomainError {
+    match e.cause {
+        crate::HwError::Unsupported(_) => DomainError::NotSupported,
+        crate::HwError::Invalid(_) => DomainError::Incompatible,
+        _ => e.into(),
+    }
 }
 
 impl IommuDomain for Domain {
@@ -455,6 +509,18 @@ impl IommuDomain for Domain {
     fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
         let rid = self.requester(device)?;
         self.detach_requester(rid)
+    }
+
+    /// The unit's PASID entry only: firmware ranges belong to the
+    /// requester id's own translation, not to its PASIDs.
+    fn attach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        let rid = self.pasid_requester(device, pasid)?;
+        self.inner.attach_pasid(rid, pasid).map_err(pasid_error)
+    }
+
+    fn detach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        let rid = self.pasid_requester(device, pasid)?;
+        self.inner.detach_pasid(rid, pasid).map_err(pasid_error)
     }
 }
 

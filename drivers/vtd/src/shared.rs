@@ -383,6 +383,10 @@ where
     fn detach_external(&self, requester_id: u16, did: u16) -> Result<(), UnitError> {
         self.detach_external_table(requester_id, did)
     }
+    /// [`Unit::max_pasid_log2`]: the same for every requester id.
+    fn max_pasid_log2(&self, _requester_id: u16) -> u32 {
+        self.unit.lock().max_pasid_log2()
+    }
 }
 
 /// IOTLB invalidation of one domain through its unit.
@@ -517,6 +521,24 @@ where
         let r = RequesterRef::from_handle(device).ok_or(DomainError::Incompatible)?;
         self.detach_requester(r.requester_id).map_err(DomainError::from)
     }
+    /// [`UnitDomain::attach_pasid`]; a unit that takes no PASIDs (legacy
+    /// mode, no ECAP.PASID) is `NotSupported`.
+    fn attach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        let r = RequesterRef::from_handle(device).ok_or(DomainError::Incompatible)?;
+        self.attach_pasid(r.requester_id, pasid).map_err(pasid_error)
+    }
+    fn detach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        let r = RequesterRef::from_handle(device).ok_or(DomainError::Incompatible)?;
+        self.detach_pasid(r.requester_id, pasid).map_err(pasid_error)
+    }
+}
+
+fn pasid_error(e: UnitError) -> DomainError {
+    match e.cause {
+        portcullis_iommu::HwError::Unsupported(_) => DomainError::NotSupported,
+        portcullis_iommu::HwError::Invalid(_) => DomainError::Incompatible,
+        _ => e.into(),
+    }
 }
 
 impl<M, T, C> UnitDomain for VtdDomain<M, T, C>
@@ -542,6 +564,22 @@ where
     }
     fn detach_requester(&self, requester_id: u16) -> Result<(), UnitError> {
         self.unit.unit.lock().detach(requester_id)
+    }
+    /// Scalable mode with ECAP.PASID: the PASID's entry in this domain's
+    /// stage and domain id ([`Unit::attach_pasid_second_stage`],
+    /// [`Unit::attach_pasid_first_stage`]); SSADE follows the domain's
+    /// dirty tracking.
+    fn attach_pasid(&self, requester_id: u16, pasid: u32) -> Result<(), UnitError> {
+        let (root, levels) = self.root_levels();
+        let tracking = each!(&self.paging, d => d.dirty_tracking());
+        let mut u = self.unit.unit.lock();
+        match self.stage() {
+            Stage::Second => u.attach_pasid_second_stage(requester_id, pasid, root, levels, self.did, tracking),
+            Stage::First => u.attach_pasid_first_stage(requester_id, pasid, root, levels, self.did),
+        }
+    }
+    fn detach_pasid(&self, requester_id: u16, pasid: u32) -> Result<(), UnitError> {
+        self.unit.unit.lock().detach_pasid(requester_id, pasid, self.did)
     }
     fn page_size(&self, iova: u64) -> Option<u64> {
         each!(&self.paging, d => d.table().page_size(iova))

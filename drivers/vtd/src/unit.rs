@@ -24,6 +24,8 @@ use core::fmt;
 use io_pgtable::{ContiguousMemory, TableMemory};
 pub use portcullis_iommu::{HwError, UnitError};
 
+mod pasid;
+
 /// Monotonic time for timeouts.
 pub use portcullis_iommu::Clock;
 
@@ -421,7 +423,8 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         if regs::read_gsts(&self.mmio).contains(Gcmd::TE) {
             self.gcmd(Gcmd::TE, false)?;
         }
-        let tables = ScalableTables::new(self.mem.clone()).map_err(|_| self.err(HwError::NoMemory))?;
+        let mut tables = ScalableTables::new(self.mem.clone()).map_err(|_| self.err(HwError::NoMemory))?;
+        tables.set_paside(self.caps.pasid());
         self.mmio.set64(regs::RTADDR, tables.rtaddr());
         self.scalable = Some(tables);
         self.gcmd_oneshot(Gcmd::SRTP, "GSTS.RTPS")?;
@@ -807,22 +810,30 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.rmrrs.iter().filter(|r| r.0 == sid).map(|r| (r.1, r.2)).collect()
     }
 
-    /// Invalidates `[start, last]` of a first-stage domain `did` (PASID 0):
-    /// PASID-based IOTLB invalidation, scalable mode only.
+    /// Invalidates `[start, last]` of a first-stage domain `did` under
+    /// PASID 0 and every other PASID attached to it: PASID-based IOTLB
+    /// invalidation, scalable mode only.
     pub fn invalidate_range_pasid(&mut self, did: u16, start: u64, last: u64, leaf_only: bool) -> Result<(), Error> {
         if self.scalable.is_none() {
             // A 128-bit queue cannot carry the PASID-based descriptor.
             return Err(self.err(HwError::Unsupported("not in scalable mode")));
         }
         let blocks = page_blocks(start, last, self.caps.mamv(), 32);
+        // First-stage translations are cached per PASID: every PASID the
+        // domain is attached at (PASID 0 and those of `pasid.rs`).
+        let pasids = self.pasids_to_invalidate(did);
         let descs: Vec<Descriptor256> = match blocks {
-            Some(b) => b
-                .into_iter()
-                .map(|(addr, am)| {
-                    Descriptor256::pasid_iotlb(PasidIotlbScope::Pages { did, pasid: 0, addr, am, leaf_only })
+            Some(b) => pasids
+                .iter()
+                .flat_map(|&pasid| {
+                    b.iter().map(move |&(addr, am)| {
+                        Descriptor256::pasid_iotlb(PasidIotlbScope::Pages { did, pasid, addr, am, leaf_only })
+                    })
                 })
                 .collect(),
-            None => alloc::vec![Descriptor256::pasid_iotlb(PasidIotlbScope::Pasid { did, pasid: 0 })],
+            None => {
+                pasids.iter().map(|&pasid| Descriptor256::pasid_iotlb(PasidIotlbScope::Pasid { did, pasid })).collect()
+            }
         };
         self.submit256(&descs)
     }
@@ -954,7 +965,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         for sid in sids {
             self.scalable_change(|t| t.set_ssade(sid, on), sid)?;
         }
-        Ok(())
+        self.set_pasids_dirty_tracking(did, on)
     }
 
     /// Lets device `sid` DMA to physical addresses untranslated (ECAP.PT).

@@ -109,6 +109,13 @@ impl ScalableContextEntry {
     pub fn new(dir: u64, pdts: u8) -> Self {
         Self([dir & ADDR_MASK | ((pdts as u64) & 7) << 9 | 1, 0, 0, 0])
     }
+    /// The entry with PASIDE (bit 3) set: requests with a PASID are
+    /// translated through the PASID directory too (blocked at the context
+    /// entry otherwise).
+    pub fn with_paside(mut self) -> Self {
+        self.0[0] |= 1 << 3;
+        self
+    }
     /// Present bit.
     pub fn present(self) -> bool {
         self.0[0] & 1 != 0

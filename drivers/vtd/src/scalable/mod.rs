@@ -5,7 +5,9 @@
 //!   PASID-directory and PASID-table entries, the PGTT and snoop fields);
 //! * [`tables`]: [`ScalableTables`] (allocating the pages, installing and
 //!   blocking entries in a safe order, walking them back) and the
-//!   [`Invalidations`] each change calls for.
+//!   [`Invalidations`] each change calls for; the entries of PASIDs other
+//!   than 0 (`set_pasid_*`, `clear_pasid`, a PASID table per group of 64
+//!   made on demand) sit in its `pasids` submodule.
 //!
 //! Everything is re-exported here, so `vtd::scalable::PasidEntry` and
 //! `vtd::scalable::ScalableTables` both work.
@@ -69,4 +71,4 @@ pub use entries::{
     PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry,
     ScalableRootEntry, Snoop,
 };
-pub use tables::{DeviceEntries, Invalidation, Invalidations, ScalableTables, TablesError};
+pub use tables::{DIRECTORY_PASID_BITS, DeviceEntries, Invalidation, Invalidations, ScalableTables, TablesError};

@@ -9,10 +9,12 @@ use core::fmt;
 use io_pgtable::TableMemory;
 
 use super::entries::{
-    PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry,
-    ScalableRootEntry, Snoop,
+    PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry, ScalableRootEntry, Snoop,
 };
 use crate::qi::{ContextScope, Descriptor256, IotlbScope, PasidCacheScope, PasidIotlbScope};
+
+mod pasids;
+pub use pasids::DIRECTORY_PASID_BITS;
 
 const CACHE_LINE: u64 = 64;
 
@@ -151,6 +153,8 @@ pub struct ScalableTables<T: TableMemory> {
     devices: BTreeMap<u16, DevicePages>,
     snoop: Snoop,
     pass_through_aw: u8,
+    /// Entries of PASIDs other than RID_PASID (`pasids.rs`).
+    pasids: pasids::PasidState,
 }
 
 impl<T: TableMemory> ScalableTables<T> {
@@ -165,6 +169,7 @@ impl<T: TableMemory> ScalableTables<T> {
             devices: BTreeMap::new(),
             snoop: Snoop::default(),
             pass_through_aw: 2,
+            pasids: pasids::PasidState::default(),
         })
     }
 
@@ -416,7 +421,7 @@ impl<T: TableMemory> ScalableTables<T> {
             self.flush(dev.dir, di, 1);
 
             // 3. The context entry: words 3..1, then word 0 with P.
-            let ctx = ScalableContextEntry::new(dev.dir, PDTS_ONE_PAGE);
+            let ctx = self.new_context_entry(dev.dir);
             let ci = (devfn & 0x7f) as usize * 4;
             for k in (1..4).rev() {
                 self.mem.write(ctx_table, ci + k, ctx.0[k]);
