@@ -66,7 +66,7 @@ pub mod entries;
 pub mod tables;
 
 pub use entries::{
-    PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry,
-    ScalableRootEntry, Snoop,
+    FirstStageTable, PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE,
+    ScalableContextEntry, ScalableRootEntry, Snoop,
 };
 pub use tables::{DeviceEntries, Invalidation, Invalidations, ScalableTables, TablesError};

@@ -9,8 +9,8 @@ use core::fmt;
 use io_pgtable::TableMemory;
 
 use super::entries::{
-    PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry,
-    ScalableRootEntry, Snoop,
+    FirstStageTable, PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE,
+    ScalableContextEntry, ScalableRootEntry, Snoop,
 };
 use crate::qi::{ContextScope, Descriptor256, IotlbScope, PasidCacheScope, PasidIotlbScope};
 
@@ -287,6 +287,24 @@ impl<T: TableMemory> ScalableTables<T> {
         let e = PasidEntry::first_stage(root, levels, did, self.snoop)
             .ok_or(TablesError::Invalid("first-stage levels must be 4 or 5"))?;
         self.install(sid, e)
+    }
+
+    /// Points `sid` at nested translation (PGTT 011b): the caller's
+    /// first-stage table `fs`, then the second-stage table `ss_root` of
+    /// width `aw`, domain `did`, with SSADE when `ssade`.
+    pub fn set_nested(
+        &mut self,
+        sid: u16,
+        fs: FirstStageTable,
+        ss_root: u64,
+        aw: u8,
+        did: u16,
+        ssade: bool,
+    ) -> Result<Invalidations, TablesError> {
+        check_table(ss_root)?;
+        let e = PasidEntry::nested(fs, ss_root, aw, did, self.snoop)
+            .ok_or(TablesError::Invalid("nested: AW must be 1, 2 or 3 and first-stage levels 4 or 5"))?;
+        self.install(sid, e.with_ssade(ssade))
     }
 
     /// Lets `sid` DMA untranslated (PGTT 100b, needs ECAP.PT), tagged with
