@@ -234,7 +234,8 @@ impl<T: TableMemory> ScalableTables<T> {
         self.install(sid, e.with_ssade(ssade))
     }
 
-    /// Turns SSADE on or off in `sid`'s present second-stage PASID-0 entry,
+    /// Turns SSADE on or off in `sid`'s present second-stage or nested
+    /// PASID-0 entry (both walk a second-stage table),
     /// in place: word 0 is rewritten whole with P still set, so the device
     /// keeps translating (blocking it would fault its DMA in flight). The
     /// unit may hold the old entry in its PASID cache and translations in
@@ -244,8 +245,8 @@ impl<T: TableMemory> ScalableTables<T> {
         let dev = self.devices.get(&sid).copied().ok_or(TablesError::Invalid("device has no PASID entry"))?;
         let (_, first) = pasid_slot(RID_PASID);
         let old = self.read_pasid(dev.table, first);
-        if !old.present() || old.pgtt() != Some(Pgtt::SecondStage) {
-            return Err(TablesError::Invalid("SSADE needs a present second-stage PASID entry"));
+        if !old.present() || !matches!(old.pgtt(), Some(Pgtt::SecondStage | Pgtt::Nested)) {
+            return Err(TablesError::Invalid("SSADE needs a present second-stage or nested PASID entry"));
         }
         if old.ssade() == on {
             return Ok(Invalidations::default());
