@@ -79,8 +79,21 @@ fn world(config: Config) -> (Arc<ModelHost>, Iommus<ModelHost>, Ictx, Arc<FakeAd
     (host, iommus, ictx, mem, id, ioas)
 }
 
-/// `IOMMU_HWPT_ALLOC` through the uAPI.
+/// `IOMMU_HWPT_ALLOC` through the uAPI, data (if any) at [`DATA`].
 fn hwpt_alloc(c: &Ictx, dev_id: u32, pt_id: u32, flags: u32, data_type: u32, data_len: u32) -> Result<u32, Errno> {
+    hwpt_alloc_at(c, dev_id, pt_id, flags, data_type, data_len, DATA)
+}
+
+/// `IOMMU_HWPT_ALLOC` through the uAPI, data (if any) at `uptr`.
+fn hwpt_alloc_at(
+    c: &Ictx,
+    dev_id: u32,
+    pt_id: u32,
+    flags: u32,
+    data_type: u32,
+    data_len: u32,
+    uptr: u64,
+) -> Result<u32, Errno> {
     let a = IommuHwptAlloc {
         size: IommuHwptAlloc::SIZE as u32,
         flags,
@@ -88,7 +101,7 @@ fn hwpt_alloc(c: &Ictx, dev_id: u32, pt_id: u32, flags: u32, data_type: u32, dat
         pt_id,
         data_type,
         data_len,
-        data_uptr: if data_len == 0 { 0 } else { DATA },
+        data_uptr: if data_len == 0 { 0 } else { uptr },
         ..Default::default()
     };
     let mut buf = a.to_bytes();
@@ -367,8 +380,9 @@ fn bad_stage_one_data_gets_linux_errnos() {
 
 #[test]
 fn a_unit_without_nest_refuses_nest_parents() {
-    // QEMU's scalable-mode unit: SMTS and SSTS, no NEST.
-    let qemu = Config { cap: Config::QEMU.cap, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 46 | 1 };
+    // QEMU's scalable-mode unit (x-scalable-mode=on: SMTS, SRS and SSTS
+    // added), no NEST.
+    let qemu = Config { cap: Config::QEMU.cap, ecap: Config::QEMU.ecap | 1 << 31 | 1 << 43 | 1 << 46 | 1 };
     let (_host, _iommus, c, mem, dev, ioas) = world(qemu);
     assert_eq!(hwpt_alloc(&c, dev, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, 0, 0), Err(Errno::EOPNOTSUPP));
     // Plain paging HWPTs as before; nested on one is the core's EINVAL.
@@ -377,4 +391,111 @@ fn a_unit_without_nest_refuses_nest_parents() {
     let len = IommuHwptVtdS1::SIZE as u32;
     assert_eq!(hwpt_alloc(&c, dev, plain, 0, IOMMU_HWPT_DATA_VTD_S1, len), Err(Errno::EINVAL));
     c.attach(dev, plain).unwrap();
+}
+
+/// Where a request without PASID from `rid` to `iova` lands through a
+/// nested PASID entry, walked from table memory as the specification
+/// describes it (3.8): every first-stage table pointer and the final
+/// output are guest-physical addresses, each translated through the
+/// second stage; x86 first-stage entries (P bit 0, R/W bit 1, U/S bit 2
+/// needed by a request without PASID, PS bit 7), VT-d second-stage entries
+/// (R bit 0, W bit 1, PS bit 7). `None`: the DMA is refused. Returns the
+/// host address and whether a write is allowed.
+fn nested_dma(host: &ModelHost, base: u64, rid: u16, iova: u64) -> Option<(u64, bool)> {
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let read = |a: u64| host.mem.read(View::Cpu, a).unwrap();
+    let e = pasid_entry(host, base, rid);
+    assert_eq!((e[0] & 1, e[0] >> 6 & 7), (1, 3), "a present nested entry");
+    let (ss_root, ss_levels) = (e[0] & ADDR, (e[0] >> 2 & 7) as u32 + 2);
+    let second = |gpa: u64| -> Option<(u64, bool)> {
+        let (mut table, mut write) = (ss_root, true);
+        for level in (1..=ss_levels).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let pte = read(table + (gpa >> shift & 0x1ff) * 8);
+            if pte & 1 == 0 {
+                return None;
+            }
+            write &= pte & 2 != 0;
+            if level == 1 || pte & 1 << 7 != 0 {
+                return Some((pte & ADDR & !((1 << shift) - 1) | gpa & ((1 << shift) - 1), write));
+            }
+            table = pte & ADDR;
+        }
+        unreachable!()
+    };
+    let fs_levels = (e[2] >> 2 & 3) as u32 + 4;
+    let (mut table_gpa, mut write) = (e[2] & ADDR, true);
+    for level in (1..=fs_levels).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let (table, _) = second(table_gpa)?;
+        let pte = read(table + (iova >> shift & 0x1ff) * 8);
+        if pte & 1 == 0 || pte & 4 == 0 {
+            return None;
+        }
+        write &= pte & 2 != 0;
+        if level == 1 || pte & 1 << 7 != 0 {
+            let gpa = pte & ADDR & !((1 << shift) - 1) | iova & ((1 << shift) - 1);
+            let (hpa, w) = second(gpa)?;
+            return Some((hpa, write && w));
+        }
+        table_gpa = pte & ADDR;
+    }
+    unreachable!()
+}
+
+/// A guest's own page table in its memory (which the parent maps at IOVA =
+/// guest physical address), used by the device through the nested entry:
+/// DMA reaches exactly what the guest's table maps, through the parent.
+#[test]
+fn dma_goes_through_the_guest_table_then_the_parent() {
+    use portcullis::{GuestAddr, GuestDma, PhysAddr};
+    let host = ModelHost::builder()
+        .vtd_unit(UNIT_A, NEST)
+        .vtd_unit(UNIT_B, NEST)
+        .vtd_unit(UNIT_C, NEST)
+        .functions(vec![endpoint(bdf(0, 0x1b, 0), None, INTEGRATED)])
+        .dmar(DMAR)
+        .guest_ram(0x2_0000_0000, 1 << 20)
+        .build();
+    let iommus =
+        Iommus::bring_up_with(host.clone(), Options { vtd_mode: Some(vtd::Mode::Scalable), ..Default::default() });
+    let mut guest = GuestDma::new(&iommus, 1 << 20).unwrap();
+    // Guest RAM at GPA 1 MiB: five frames the test can read as the unit
+    // does (the guest's four table levels and one data page).
+    const G: u64 = 0x10_0000;
+    let frames = host.alloc_frames(5, 4096).unwrap().0;
+    guest.add_memory(GuestAddr(G), PhysAddr(frames), 5 * 4096, true).unwrap();
+    // And a page for the caller's data at GPA 2 MiB.
+    const D: u64 = 0x20_0000;
+    guest.add_memory(GuestAddr(D), PhysAddr(0x2_0000_0000), 4096, true).unwrap();
+    // The guest maps IOVA 0x7000_0000 to its data page (GPA G + 0x4000):
+    // P, R/W, U/S at every level.
+    const IOVA: u64 = 0x7000_0000;
+    let pte = |gpa: u64| gpa | 0b111;
+    let hpa = |gpa: u64| frames + (gpa - G);
+    host.write_u64(PhysAddr(hpa(G) + (IOVA >> 39 & 0x1ff) * 8), pte(G + 0x1000));
+    host.write_u64(PhysAddr(hpa(G + 0x1000) + (IOVA >> 30 & 0x1ff) * 8), pte(G + 0x2000));
+    host.write_u64(PhysAddr(hpa(G + 0x2000) + (IOVA >> 21 & 0x1ff) * 8), pte(G + 0x3000));
+    host.write_u64(PhysAddr(hpa(G + 0x3000) + (IOVA >> 12 & 0x1ff) * 8), pte(G + 0x4000));
+
+    let c = guest.ictx();
+    let dev = c.bind_nesting_device(Arc::new(iommus.vtd_nesting_device(0, bdf(0, 0x1b, 0)).unwrap())).unwrap();
+    let parent = hwpt_alloc_at(c, dev, guest.ioas(), IOMMU_HWPT_ALLOC_NEST_PARENT, 0, 0, 0).unwrap();
+    c.attach(dev, parent).unwrap();
+    let s1 = IommuHwptVtdS1 { flags: 0, pgtbl_addr: G, addr_width: 48, __reserved: 0 };
+    host.write_phys(PhysAddr(0x2_0000_0000), &s1.to_bytes()).unwrap();
+    let len = IommuHwptVtdS1::SIZE as u32;
+    let nested = hwpt_alloc_at(c, dev, parent, 0, IOMMU_HWPT_DATA_VTD_S1, len, D).unwrap();
+    c.replace(dev, nested).unwrap();
+
+    assert_eq!(nested_dma(&host, UNIT_B, RID, IOVA + 0x123), Some((hpa(G + 0x4000) + 0x123, true)));
+    assert_eq!(nested_dma(&host, UNIT_B, RID, IOVA + 0x1000), None, "the guest maps one page");
+    assert_eq!(nested_dma(&host, UNIT_B, RID, G), None, "guest-physical addresses are not IOVAs now");
+    // The guest's table itself must be reachable through the parent: with
+    // its memory gone from the IOAS, nothing translates.
+    c.ioas_unmap(guest.ioas(), G, 5 * 4096).unwrap();
+    assert_eq!(nested_dma(&host, UNIT_B, RID, IOVA), None);
+    c.replace(dev, parent).unwrap();
+    c.detach(dev).unwrap();
+    c.unbind_device(dev).unwrap();
 }
