@@ -34,8 +34,8 @@ use alloc::collections::BTreeSet;
 use alloc::sync::Arc;
 use core::fmt;
 use io_pgtable::TableMemory;
+use portcullis_iommu::UnitError;
 use portcullis_iommu::mmio::Mmio;
-use portcullis_iommu::{HwError, UnitError};
 
 /// `IOMMU_VTD_S1_SRE`: supervisor requests are translated.
 pub const S1_SRE: u64 = 1 << 0;
@@ -360,24 +360,6 @@ where
         if clean {
             u.free_did(self.did);
         }
-    }
-}
-
-/// The error a unit reports for a refused nested attach, for layers that
-/// speak [`UnitError`] only.
-pub fn unit_error(unit: u64, e: NestedError) -> UnitError {
-    match e {
-        NestedError::Unit(e) => e,
-        NestedError::NotSupported => UnitError { unit, cause: HwError::Unsupported("nested translation") },
-        NestedError::AddressWidth(_) => UnitError { unit, cause: HwError::Invalid("first-stage address width") },
-        NestedError::FiveLevel => UnitError { unit, cause: HwError::Unsupported("5-level first stage (CAP.FS5LP)") },
-        NestedError::SupervisorRequests => {
-            UnitError { unit, cause: HwError::Unsupported("supervisor requests (ECAP.SRS)") }
-        }
-        NestedError::ExtendedAccessed => {
-            UnitError { unit, cause: HwError::Unsupported("extended accessed flag (ECAP.EAFS)") }
-        }
-        NestedError::Parent => UnitError { unit, cause: HwError::Invalid("nested parent") },
     }
 }
 
