@@ -499,3 +499,35 @@ fn dma_goes_through_the_guest_table_then_the_parent() {
     c.detach(dev).unwrap();
     c.unbind_device(dev).unwrap();
 }
+
+/// Domains belong to one unit here: a NEST_PARENT HWPT of one unit is no
+/// parent for a function of another (`EINVAL`, where Linux, whose domains
+/// may span units, refuses only at attach), and a function of another unit
+/// cannot attach to a nested HWPT (`EINVAL`).
+#[test]
+fn a_nested_domain_belongs_to_its_unit() {
+    let host = ModelHost::builder()
+        .vtd_unit(UNIT_A, NEST)
+        .vtd_unit(UNIT_B, NEST)
+        .vtd_unit(UNIT_C, NEST)
+        .functions(vec![endpoint(bdf(0, 0x1b, 0), None, INTEGRATED), endpoint(bdf(0, 0x19, 0), None, INTEGRATED)])
+        .dmar(DMAR)
+        .build();
+    let iommus =
+        Iommus::bring_up_with(host.clone(), Options { vtd_mode: Some(vtd::Mode::Scalable), ..Default::default() });
+    let mem = Arc::new(FakeAddressSpace::new());
+    mem.map(USER, 16 << 20, true);
+    let c = Ictx::new(mem.clone(), u64::MAX);
+    let on_b = c.bind_nesting_device(Arc::new(iommus.vtd_nesting_device(0, bdf(0, 0x1b, 0)).unwrap())).unwrap();
+    let on_c = c.bind_nesting_device(Arc::new(iommus.vtd_nesting_device(0, bdf(0, 0x19, 0)).unwrap())).unwrap();
+    let ioas = c.ioas_alloc().unwrap();
+    let parent = hwpt_alloc(&c, on_b, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, 0, 0).unwrap();
+    write_s1(&mem, 0, GUEST_PGD, 48);
+    let len = IommuHwptVtdS1::SIZE as u32;
+    assert_eq!(hwpt_alloc(&c, on_c, parent, 0, IOMMU_HWPT_DATA_VTD_S1, len), Err(Errno::EINVAL));
+    let nested = hwpt_alloc(&c, on_b, parent, 0, IOMMU_HWPT_DATA_VTD_S1, len).unwrap();
+    assert_eq!(c.attach(on_c, nested), Err(Errno::EINVAL));
+    assert_eq!(c.attached_hwpt(on_c), Ok(None));
+    c.attach(on_b, nested).unwrap();
+    assert_eq!(pasid_entry(&host, UNIT_B, RID)[0] >> 6 & 7, 3, "nested");
+}
