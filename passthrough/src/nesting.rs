@@ -25,7 +25,9 @@
 //! * NEST_PARENT on a unit that cannot nest: `EOPNOTSUPP`;
 //! * a nested allocation: a unit that cannot nest or driver flags:
 //!   `EOPNOTSUPP`; data of another type: `EOPNOTSUPP`; a parent that is not
-//!   this driver's NEST_PARENT domain (of this unit): `EINVAL`; the data
+//!   this driver's NEST_PARENT domain of this unit: `EINVAL` (Linux's
+//!   domains may span units and it refuses another unit's only at attach;
+//!   here a domain belongs to one unit); the data
 //!   shorter than `struct iommu_hwpt_vtd_s1`: `EINVAL`, unreadable:
 //!   `EFAULT`. The stage-1 fields themselves are *not* checked here;
 //! * attach checks them (`intel_pasid_setup_nested`): `addr_width` not 48
