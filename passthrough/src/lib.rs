@@ -157,6 +157,7 @@ mod guest;
 pub mod ioapic;
 mod iommus;
 mod machine;
+pub mod nesting;
 pub mod ownership;
 mod platform;
 pub mod quiesce;

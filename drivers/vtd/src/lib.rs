@@ -7,6 +7,8 @@
 //! * [`fault`]: fault records;
 //! * [`scalable`]: scalable-mode entry encodings and the tables that
 //!   hold them;
+//! * [`nested`]: nested translation (a user's first stage over a
+//!   second-stage parent) and its first-stage invalidations;
 //! * [`mod@unit`]: one DRHD brought up, devices attached or blocked,
 //!   invalidations issued, faults collected;
 //! * `testing` (feature `testing`): a register-level model of a unit for
@@ -24,6 +26,7 @@ pub mod entries;
 mod external;
 pub mod fault;
 pub mod ir;
+pub mod nested;
 pub mod qi;
 pub mod regs;
 pub mod scalable;

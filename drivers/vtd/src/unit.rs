@@ -164,6 +164,20 @@ impl Caps {
     pub fn first_stage_1g(&self) -> bool {
         self.cap >> 56 & 1 != 0
     }
+    /// First-stage 5-level paging (CAP.FS5LP, bit 60; FL5LP in earlier
+    /// revisions).
+    pub fn first_stage_5level(&self) -> bool {
+        self.cap >> 60 & 1 != 0
+    }
+    /// Supervisor requests in first-stage translation (ECAP.SRS, bit 31).
+    pub fn supervisor_requests(&self) -> bool {
+        self.ecap >> 31 & 1 != 0
+    }
+    /// The extended accessed flag in first-stage entries (ECAP.EAFS,
+    /// bit 34).
+    pub fn extended_accessed(&self) -> bool {
+        self.ecap >> 34 & 1 != 0
+    }
     /// The deepest second-stage table the unit supports: (levels, AW).
     pub fn best_levels(&self) -> Option<(u32, u8)> {
         let s = self.sagaw();
@@ -697,7 +711,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// As [`Self::submit`], for descriptors in their 256-bit form (legacy
     /// queues use their first 128 bits).
-    fn submit256(&mut self, descs: &[Descriptor256]) -> Result<(), Error> {
+    pub(crate) fn submit256(&mut self, descs: &[Descriptor256]) -> Result<(), Error> {
         let Some((tail, page, slots, words, shift)) =
             self.queue.as_ref().map(|q| (q.tail, q.page, q.slots(), q.words(), q.shift()))
         else {
@@ -838,7 +852,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.submit256(&descs)
     }
 
-    fn scalable_change(
+    pub(crate) fn scalable_change(
         &mut self,
         f: impl Fn(&mut ScalableTables<T>) -> Result<Invalidations, TablesError>,
         sid: u16,
@@ -1141,6 +1155,9 @@ mod tests {
         let ecap = |b: u32| Caps { cap: 0, ecap: 1 << b };
         assert!(ecap(2).device_tlb());
         assert!(ecap(26).nested());
+        assert!(ecap(31).supervisor_requests() && ecap(34).extended_accessed());
+        assert!(Caps { cap: 1 << 60, ecap: 0 }.first_stage_5level());
+        assert!(!Caps { cap: QEMU_CAP, ecap: QEMU_ECAP_SM }.first_stage_5level());
         assert!(ecap(40).pasid());
         assert!(ecap(45).dirty_tracking());
         assert!(!ecap(50).dirty_tracking(), "bit 50 is not SSADS");

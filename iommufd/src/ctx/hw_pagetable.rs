@@ -53,16 +53,21 @@ impl Ictx {
         nest_parent: bool,
     ) -> Result<(u32, Arc<Hwpt>)> {
         self.accounting.faults.point()?;
-        let mut domain = if dirty {
-            if !dev.ops.supports_dirty_tracking() {
-                return Err(Errno::EOPNOTSUPP);
-            }
-            dev.ops.alloc_dirty_domain().map_err(|e| match e {
+        if dirty && !dev.ops.supports_dirty_tracking() {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        // A nesting driver may make its own parent domains.
+        let parent = match (&dev.nesting, nest_parent) {
+            (Some(n), true) => n.alloc_nest_parent(dirty),
+            _ => None,
+        };
+        let mut domain = match parent {
+            Some(d) => d?,
+            None if dirty => dev.ops.alloc_dirty_domain().map_err(|e| match e {
                 DomainError::NotSupported => Errno::EOPNOTSUPP,
                 _ => Errno::ENOMEM,
-            })?
-        } else {
-            dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?
+            })?,
+            None => dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?,
         };
         let coherent = domain.enforce_cache_coherency();
         let domain: DomainRef = Arc::new(Mutex::new(domain));

@@ -163,6 +163,18 @@ pub trait NestingOps: Send + Sync {
         data: &UserData<'_>,
     ) -> Result<Box<dyn NestedDomain>>;
 
+    /// The domain of an `IOMMU_HWPT_ALLOC_NEST_PARENT` HWPT (tracking
+    /// dirty pages when `dirty`; the core has checked the device can), for
+    /// drivers whose parents differ from their other paging domains (Linux's
+    /// VT-d driver: a second-stage domain, and `EOPNOTSUPP` on a unit that
+    /// cannot nest). The driver's [`Self::alloc_nested_domain`] then finds
+    /// it as its parent. `None`, the default: the core allocates it as any
+    /// paging domain (`DeviceOps::alloc_domain` or `alloc_dirty_domain`).
+    fn alloc_nest_parent(&self, dirty: bool) -> Option<Result<Box<dyn IommuDomain>>> {
+        let _ = dirty;
+        None
+    }
+
     /// Answers a group of page requests `device` reported (PCI PRI's
     /// page group response), with the group's last PASID and index. The
     /// default drops it (a driver whose devices report no page requests).
@@ -372,6 +384,98 @@ mod tests {
         let mut buf = cmd.to_bytes();
         assert_eq!(ioctl(&c, IOMMU_HWPT_INVALIDATE, &mut buf), Err(Errno::ENOENT));
         assert_eq!(IommuHwptInvalidate::read(&buf).entry_num, 0);
+    }
+
+    /// A mock device whose driver makes its own parents: refused (as a
+    /// unit that cannot nest), or a marked domain its nested allocation
+    /// insists on.
+    struct OwnParents {
+        inner: MockDevice,
+        refuse: bool,
+    }
+    use portcullis_iommu::DomainError;
+
+    /// The parents `OwnParents` makes.
+    struct Marked(alloc::boxed::Box<dyn portcullis_iommu::IommuDomain>);
+    impl portcullis_iommu::IommuDomain for Marked {
+        fn page_sizes(&self) -> u64 {
+            self.0.page_sizes()
+        }
+        fn aperture(&self) -> portcullis_iommu::IovaRange {
+            self.0.aperture()
+        }
+        fn map(&mut self, iova: u64, phys: u64, len: u64, prot: portcullis_iommu::Prot) -> Result<(), DomainError> {
+            self.0.map(iova, phys, len, prot)
+        }
+        fn unmap(&mut self, iova: u64, len: u64, gather: &mut portcullis_iommu::IotlbGather) -> u64 {
+            self.0.unmap(iova, len, gather)
+        }
+        fn iotlb_sync(&mut self, gather: &mut portcullis_iommu::IotlbGather) -> Result<(), DomainError> {
+            self.0.iotlb_sync(gather)
+        }
+        fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+            self.0.iova_to_phys(iova)
+        }
+        fn enforce_cache_coherency(&mut self) -> bool {
+            self.0.enforce_cache_coherency()
+        }
+        fn as_any_mut(&mut self) -> Option<&mut dyn core::any::Any> {
+            Some(self)
+        }
+        fn attach_device(&mut self, d: portcullis_iommu::DeviceHandle) -> Result<(), DomainError> {
+            self.0.attach_device(d)
+        }
+        fn detach_device(&mut self, d: portcullis_iommu::DeviceHandle) -> Result<(), DomainError> {
+            self.0.detach_device(d)
+        }
+    }
+    impl portcullis_iommu::DeviceOps for OwnParents {
+        fn handle(&self) -> portcullis_iommu::DeviceHandle {
+            self.inner.handle()
+        }
+        fn alloc_domain(
+            &self,
+        ) -> Result<alloc::boxed::Box<dyn portcullis_iommu::IommuDomain>, portcullis_iommu::DomainError> {
+            self.inner.alloc_domain()
+        }
+    }
+    impl super::NestingOps for OwnParents {
+        fn alloc_nest_parent(
+            &self,
+            _dirty: bool,
+        ) -> Option<crate::errno::Result<alloc::boxed::Box<dyn portcullis_iommu::IommuDomain>>> {
+            use portcullis_iommu::DeviceOps;
+            if self.refuse {
+                return Some(Err(Errno::EOPNOTSUPP));
+            }
+            Some(Ok(alloc::boxed::Box::new(Marked(self.inner.alloc_domain().unwrap()))))
+        }
+        fn alloc_nested_domain(
+            &self,
+            parent: &mut dyn portcullis_iommu::IommuDomain,
+            _flags: u32,
+            _data: &super::UserData<'_>,
+        ) -> crate::errno::Result<alloc::boxed::Box<dyn super::NestedDomain>> {
+            let marked = parent.as_any_mut().and_then(|a| a.downcast_mut::<Marked>()).ok_or(Errno::EINVAL)?;
+            crate::selftest::mock::MockNestedDomain::alloc(&mut *marked.0, _data)
+        }
+    }
+
+    #[test]
+    fn a_nesting_driver_makes_its_own_parents() {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let no = c.bind_nesting_device(Arc::new(OwnParents { inner: MockDevice::new(0), refuse: true })).unwrap();
+        assert_eq!(c.hwpt_alloc_flags(no, ioas, false, true), Err(Errno::EOPNOTSUPP));
+        assert!(c.hwpt_alloc_flags(no, ioas, false, false).is_ok(), "other paging HWPTs as before");
+        let yes = c.bind_nesting_device(Arc::new(OwnParents { inner: MockDevice::new(0), refuse: false })).unwrap();
+        let parent = c.hwpt_alloc_flags(yes, ioas, false, true).unwrap();
+        let plain = c.hwpt_alloc_flags(yes, ioas, false, false).unwrap();
+        mem.write_user(MEM, &IOMMU_TEST_IOTLB_DEFAULT.to_le_bytes()).unwrap();
+        let data = super::UserData::new(&*mem, IOMMU_HWPT_DATA_SELFTEST, MEM, 4);
+        assert!(c.hwpt_nested_alloc(yes, parent, 0, 0, &data).is_ok());
+        // NEST_PARENT is checked by the core before the driver looks.
+        assert_eq!(c.hwpt_nested_alloc(yes, plain, 0, 0, &data), Err(Errno::EINVAL));
     }
 
     #[test]

@@ -265,6 +265,27 @@ pub struct Snoop {
     pub page: bool,
 }
 
+/// The first-stage half of a nested PASID entry (PGTT 011b): a table the
+/// caller (a guest's vIOMMU driver) owns, in guest-physical addresses that
+/// the second stage translates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FirstStageTable {
+    /// FSPTPTR: the first-stage table (bits 11:0 are not part of the
+    /// field and are dropped).
+    pub table: u64,
+    /// Paging levels: 4 (FSPM = 00b) or 5 (FSPM = 01b).
+    pub levels: u32,
+    /// SRE: requests with supervisor privilege are translated.
+    pub sre: bool,
+    /// WPE: supervisor writes honour read-only first-stage entries. The
+    /// field only matters for supervisor requests: without `sre` it is
+    /// left clear.
+    pub wpe: bool,
+    /// EAFE: the unit sets the extended accessed flag (bit 10) in the
+    /// first-stage entries it uses.
+    pub eafe: bool,
+}
+
 /// A scalable-mode PASID-table entry (spec 9.6): 512 bits, 64 per page.
 ///
 /// Word 0 (bits 63:0): bit 0 P; bit 1 FPD; bits 4:2 AW (second-stage
@@ -324,6 +345,29 @@ impl PasidEntry {
         };
         let mut e = Self::with_common(Pgtt::FirstStage, levels as u8 - 2, did, snoop);
         e.0[2] = root & ADDR_MASK | fspm << 2;
+        Some(e)
+    }
+
+    /// Present, nested (PGTT 011b): requests go through the first-stage
+    /// table `fs` (FSPTPTR, FSPM, SRE, WPE, EAFE from it), whose output
+    /// addresses then go through the second-stage table at `ss_root` of
+    /// width `aw` (SSPTPTR, AW: 1 = 3-level, 2 = 4-level, 3 = 5-level), all
+    /// cached under domain `did`. Faults reported; SSEE and SSADE off (see
+    /// [`Self::with_ssade`]). `None` when `aw` is not 1-3 or `fs.levels`
+    /// not 4 or 5.
+    pub fn nested(fs: FirstStageTable, ss_root: u64, aw: u8, did: u16, snoop: Snoop) -> Option<Self> {
+        let fspm = match fs.levels {
+            4 => 0,
+            5 => 1,
+            _ => return None,
+        };
+        if !(1..=3).contains(&aw) {
+            return None;
+        }
+        let mut e = Self::with_common(Pgtt::Nested, aw, did, snoop);
+        e.0[0] |= ss_root & ADDR_MASK;
+        e.0[2] =
+            fs.table & ADDR_MASK | fs.sre as u64 | fspm << 2 | ((fs.sre && fs.wpe) as u64) << 4 | (fs.eafe as u64) << 7;
         Some(e)
     }
 
@@ -400,6 +444,10 @@ impl PasidEntry {
     pub fn nxe(self) -> bool {
         self.0[2] >> 5 & 1 != 0
     }
+    /// Extended accessed flag enable.
+    pub fn eafe(self) -> bool {
+        self.0[2] >> 7 & 1 != 0
+    }
     /// First-stage paging mode field.
     pub fn fspm(self) -> u8 {
         (self.0[2] >> 2 & 3) as u8
@@ -437,6 +485,7 @@ impl fmt::Debug for PasidEntry {
             (self.sre(), "SRE"),
             (self.wpe(), "WPE"),
             (self.nxe(), "NXE"),
+            (self.eafe(), "EAFE"),
             (self.ssee(), "SSEE"),
             (self.ssade(), "SSADE"),
         ] {
@@ -538,6 +587,37 @@ mod tests {
         assert_eq!(nx.0[2], 0x9000 | 1 << 5);
         assert!(nx.nxe());
         assert_eq!(alloc::format!("{nx:?}"), "PasidEntry(did 3, first stage 0x9000 4-level NXE)");
+    }
+
+    #[test]
+    fn nested_entry_layout() {
+        let fs = FirstStageTable { table: 0x1234_5000, levels: 4, sre: false, wpe: false, eafe: false };
+        let e = PasidEntry::nested(fs, 0x7000, 2, 9, Snoop::default()).unwrap();
+        // P, AW = 2 (bits 4:2), PGTT = 011b (bits 8:6), SSPTPTR (63:12).
+        assert_eq!(e.0[0], 1 | 2 << 2 | 3 << 6 | 0x7000);
+        assert_eq!(e.0[1], 9);
+        // FSPTPTR (191:140), FSPM = 00b, SRE/WPE/EAFE clear.
+        assert_eq!(e.0[2], 0x1234_5000);
+        assert_eq!(e.0[3..], [0; 5]);
+        assert_eq!(e.pgtt(), Some(Pgtt::Nested));
+        assert_eq!((e.fs_root(), e.fs_levels(), e.ss_root(), e.ss_levels()), (0x1234_5000, 4, 0x7000, 4));
+        assert!(!e.fpd() && !e.ssee() && !e.ssade() && !e.sre() && !e.wpe() && !e.eafe() && !e.nxe());
+        // SRE bit 128, FSPM = 01b bits 131:130, WPE bit 132, EAFE bit 135;
+        // the low bits of the caller's pointer are dropped.
+        let all = FirstStageTable { table: 0x1234_5fff, levels: 5, sre: true, wpe: true, eafe: true };
+        let e = PasidEntry::nested(all, 0x7000, 3, 9, Snoop { page_walk: true, page: false }).unwrap();
+        assert_eq!(e.0[2], 0x1234_5000 | 1 | 1 << 2 | 1 << 4 | 1 << 7);
+        assert_eq!(e.0[1], 9 | 1 << 23);
+        assert!(e.sre() && e.wpe() && e.eafe());
+        assert_eq!((e.fspm(), e.fs_levels(), e.aw()), (1, 5, 3));
+        // WPE only with SRE.
+        let wpe = FirstStageTable { sre: false, ..all };
+        assert_eq!(PasidEntry::nested(wpe, 0x7000, 2, 1, Snoop::default()).unwrap().0[2] & (1 << 4 | 1), 0);
+        assert_eq!(PasidEntry::nested(FirstStageTable { levels: 3, ..fs }, 0x7000, 2, 1, Snoop::default()), None);
+        assert_eq!(PasidEntry::nested(fs, 0x7000, 0, 1, Snoop::default()), None);
+        assert_eq!(PasidEntry::nested(fs, 0x7000, 4, 1, Snoop::default()), None);
+        let s = alloc::format!("{:?}", e.with_ssade(true));
+        assert_eq!(s, "PasidEntry(did 9, nested fs 0x12345000 ss 0x7000 aw 3 PWSNP SRE WPE EAFE SSADE)");
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub mod entries;
 pub mod tables;
 
 pub use entries::{
-    PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry,
-    ScalableRootEntry, Snoop,
+    FirstStageTable, PDTS_ONE_PAGE, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE,
+    ScalableContextEntry, ScalableRootEntry, Snoop,
 };
 pub use tables::{DIRECTORY_PASID_BITS, DeviceEntries, Invalidation, Invalidations, ScalableTables, TablesError};

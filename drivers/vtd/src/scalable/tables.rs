@@ -9,7 +9,8 @@ use core::fmt;
 use io_pgtable::TableMemory;
 
 use super::entries::{
-    PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry, ScalableRootEntry, Snoop,
+    FirstStageTable, PasidDirEntry, PasidEntry, Pgtt, RID_PASID, RTADDR_TTM_SCALABLE, ScalableContextEntry,
+    ScalableRootEntry, Snoop,
 };
 use crate::qi::{ContextScope, Descriptor256, IotlbScope, PasidCacheScope, PasidIotlbScope};
 
@@ -239,7 +240,8 @@ impl<T: TableMemory> ScalableTables<T> {
         self.install(sid, e.with_ssade(ssade))
     }
 
-    /// Turns SSADE on or off in `sid`'s present second-stage PASID-0 entry,
+    /// Turns SSADE on or off in `sid`'s present second-stage or nested
+    /// PASID-0 entry (both walk a second-stage table),
     /// in place: word 0 is rewritten whole with P still set, so the device
     /// keeps translating (blocking it would fault its DMA in flight). The
     /// unit may hold the old entry in its PASID cache and translations in
@@ -249,8 +251,8 @@ impl<T: TableMemory> ScalableTables<T> {
         let dev = self.devices.get(&sid).copied().ok_or(TablesError::Invalid("device has no PASID entry"))?;
         let (_, first) = pasid_slot(RID_PASID);
         let old = self.read_pasid(dev.table, first);
-        if !old.present() || old.pgtt() != Some(Pgtt::SecondStage) {
-            return Err(TablesError::Invalid("SSADE needs a present second-stage PASID entry"));
+        if !old.present() || !matches!(old.pgtt(), Some(Pgtt::SecondStage | Pgtt::Nested)) {
+            return Err(TablesError::Invalid("SSADE needs a present second-stage or nested PASID entry"));
         }
         if old.ssade() == on {
             return Ok(Invalidations::default());
@@ -292,6 +294,24 @@ impl<T: TableMemory> ScalableTables<T> {
         let e = PasidEntry::first_stage(root, levels, did, self.snoop)
             .ok_or(TablesError::Invalid("first-stage levels must be 4 or 5"))?;
         self.install(sid, e)
+    }
+
+    /// Points `sid` at nested translation (PGTT 011b): the caller's
+    /// first-stage table `fs`, then the second-stage table `ss_root` of
+    /// width `aw`, domain `did`, with SSADE when `ssade`.
+    pub fn set_nested(
+        &mut self,
+        sid: u16,
+        fs: FirstStageTable,
+        ss_root: u64,
+        aw: u8,
+        did: u16,
+        ssade: bool,
+    ) -> Result<Invalidations, TablesError> {
+        check_table(ss_root)?;
+        let e = PasidEntry::nested(fs, ss_root, aw, did, self.snoop)
+            .ok_or(TablesError::Invalid("nested: AW must be 1, 2 or 3 and first-stage levels 4 or 5"))?;
+        self.install(sid, e.with_ssade(ssade))
     }
 
     /// Lets `sid` DMA untranslated (PGTT 100b, needs ECAP.PT), tagged with
