@@ -157,7 +157,8 @@ impl Ictx {
         }
         let shift = page_size.trailing_zeros();
         let bits = (last - iova) >> shift;
-        let mut writer = crate::dirty::BitmapWriter::new(self.source(), data, bits + 1);
+        let source = self.source();
+        let mut writer = crate::dirty::BitmapWriter::new(&source, data, bits + 1);
         let mut gather = portcullis_iommu::IotlbGather::default();
         let read = domain.read_and_clear_dirty(iova, length, !no_clear, &mut gather, &mut |at, len| {
             writer.set((at - iova) >> shift, (at + (len - 1) - iova) >> shift);
