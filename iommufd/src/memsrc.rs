@@ -730,11 +730,36 @@ struct Region {
     pins: Vec<u32>,
 }
 
+/// A memfd that backs guest RAM at `[uptr, uptr + len)` of a
+/// [`RegionMemory`].
+struct RegionFile {
+    uptr: u64,
+    len: u64,
+    /// Whether the descriptor was opened for writing.
+    writable: bool,
+    /// The descriptor (while open) plus holds from `file_get`.
+    refs: u32,
+}
+
+#[derive(Default)]
+struct RegionFiles {
+    /// Open descriptors -> file id.
+    fds: BTreeMap<i32, u64>,
+    files: BTreeMap<u64, RegionFile>,
+    next: u64,
+}
+
 /// A memory source made of regions of user (guest-physical) addresses,
 /// each backed by one physically contiguous host range: how a hypervisor
 /// sees its guest's RAM. Pins are counted per page.
+///
+/// It also knows the memfds behind the regions ([`Self::add_file`]): a
+/// file's offset `o` is the user address `uptr + o`, so
+/// `IOMMU_IOAS_MAP_FILE` of the memfd and `IOMMU_IOAS_MAP` of the guest
+/// RAM pin the same pages, counted together.
 pub struct RegionMemory<P> {
     regions: Mutex<Vec<Region>>,
+    files: Mutex<RegionFiles>,
     phys: P,
 }
 
@@ -747,7 +772,49 @@ impl<P> core::fmt::Debug for RegionMemory<P> {
 impl<P: PhysMemory> RegionMemory<P> {
     /// No regions yet.
     pub fn new(phys: P) -> Self {
-        Self { regions: Mutex::new(Vec::new()), phys }
+        Self { regions: Mutex::new(Vec::new()), files: Mutex::new(RegionFiles::default()), phys }
+    }
+
+    /// Names the memfd behind the user range `[uptr, uptr + len)` as
+    /// descriptor `fd`, opened for writing or not. Page aligned, not empty
+    /// (`EINVAL`); `EEXIST` if `fd` is already open. The range need not
+    /// be added as regions yet: pinning it needs them.
+    pub fn add_file(&self, fd: i32, uptr: u64, len: u64, writable: bool) -> Result<()> {
+        if !(uptr | len).is_multiple_of(PAGE_SIZE) || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        uptr.checked_add(len).ok_or(Errno::EOVERFLOW)?;
+        let mut f = self.files.lock();
+        if f.fds.contains_key(&fd) {
+            return Err(Errno::EEXIST);
+        }
+        let id = f.next;
+        f.next += 1;
+        f.fds.insert(fd, id);
+        f.files.insert(id, RegionFile { uptr, len, writable, refs: 1 });
+        Ok(())
+    }
+
+    /// Closes descriptor `fd` (`EBADF` if not open); mappings made from
+    /// it keep the file.
+    pub fn close_file(&self, fd: i32) -> Result<()> {
+        let mut f = self.files.lock();
+        let id = f.fds.remove(&fd).ok_or(Errno::EBADF)?;
+        Self::drop_file_ref(&mut f, id);
+        Ok(())
+    }
+
+    /// Files alive (open, or held by a mapping).
+    pub fn live_files(&self) -> usize {
+        self.files.lock().files.len()
+    }
+
+    fn drop_file_ref(f: &mut RegionFiles, id: u64) {
+        let file = f.files.get_mut(&id).expect("a held file is live");
+        file.refs -= 1;
+        if file.refs == 0 {
+            f.files.remove(&id);
+        }
     }
 
     /// Adds `[uptr, uptr + len)` backed by host physical `[phys, phys + len)`.
@@ -926,6 +993,39 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
     fn peek_phys(&self, uptr: u64) -> Result<Option<u64>> {
         self.user_to_phys(uptr, 1).map(Some)
     }
+
+    fn file_get(&self, fd: i32, write: bool) -> Result<FileId> {
+        let mut f = self.files.lock();
+        let id = *f.fds.get(&fd).ok_or(Errno::EBADF)?;
+        let file = f.files.get_mut(&id).expect("an open descriptor names a live file");
+        if write && !file.writable {
+            return Err(Errno::EPERM);
+        }
+        file.refs += 1;
+        Ok(FileId(id))
+    }
+
+    fn file_put(&self, file: FileId) {
+        Self::drop_file_ref(&mut self.files.lock(), file.0);
+    }
+
+    /// Pins the user pages behind the file offsets. A range not inside
+    /// the file is `EINVAL`; one whose guest RAM is not (or no longer)
+    /// added as regions is `EFAULT`, as for user addresses.
+    fn pin_file_runs(&self, file: FileId, offset: u64, npages: u64, write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
+        let (uptr, len) = {
+            let f = self.files.lock();
+            let file = f.files.get(&file.0).expect("pins only of files held with file_get");
+            (file.uptr, file.len)
+        };
+        let bytes = npages.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?;
+        let end = offset.checked_add(bytes).ok_or(Errno::EINVAL)?;
+        if !offset.is_multiple_of(PAGE_SIZE) || end > len {
+            return Err(Errno::EINVAL);
+        }
+        // Cannot overflow: uptr + len fits (add_file checked it).
+        self.pin_runs(uptr + offset, npages, write, out)
+    }
 }
 
 #[cfg(test)]
@@ -957,6 +1057,41 @@ mod region_tests {
         assert_eq!(m.pin_count(0x1f_f000), Ok(Some(1)));
         m.unpin_runs(&runs, false);
         assert_eq!(m.pinned_pages(), 0);
+    }
+
+    #[test]
+    fn a_file_behind_guest_ram_pins_the_same_pages() {
+        let m = RegionMemory::new(NoPhysAccess);
+        m.add_region(0x10_0000, 0x1_0000_0000, 0x4000, true).unwrap();
+        m.add_file(7, 0x10_0000, 0x4000, true).unwrap();
+        assert_eq!(m.add_file(7, 0, 0x1000, true), Err(Errno::EEXIST));
+        assert_eq!(m.add_file(8, 0x800, 0x1000, true), Err(Errno::EINVAL));
+        assert_eq!(m.add_file(8, !0xfff, 0x2000, true), Err(Errno::EOVERFLOW));
+        assert_eq!(m.file_get(9, false), Err(Errno::EBADF));
+        let f = m.file_get(7, true).unwrap();
+        let mut runs = Vec::new();
+        m.pin_file_runs(f, 0x1000, 2, true, &mut runs).unwrap();
+        assert_eq!(runs, [PhysRun::new(0x1_0000_1000, 0x2000)]);
+        let mut one = [0u64; 1];
+        m.pin(0x10_2000, &mut one, false).unwrap();
+        assert_eq!(m.pin_count(0x10_2000), Ok(Some(2)), "file offset 0x2000 is guest RAM 0x10_2000");
+        assert_eq!(m.pin_file_runs(f, 0x3000, 2, false, &mut runs), Err(Errno::EINVAL), "past the file");
+        assert_eq!(m.pin_file_runs(f, 0, u64::MAX, false, &mut runs), Err(Errno::EINVAL));
+        assert_eq!(m.pin_file_runs(f, !0xfff, 1, false, &mut runs), Err(Errno::EINVAL));
+        m.unpin_runs(&runs, false);
+        m.unpin(&one, false);
+        assert_eq!(m.pinned_pages(), 0);
+        m.close_file(7).unwrap();
+        assert_eq!(m.live_files(), 1, "held by the mapping");
+        m.file_put(f);
+        assert_eq!(m.live_files(), 0);
+        // Read-only descriptors map read-only only; guest RAM not added
+        // as a region faults.
+        m.add_file(3, 0x80_0000, 0x1000, false).unwrap();
+        assert_eq!(m.file_get(3, true), Err(Errno::EPERM));
+        let g = m.file_get(3, false).unwrap();
+        assert_eq!(m.pin_file_runs(g, 0, 1, false, &mut runs), Err(Errno::EFAULT));
+        m.file_put(g);
     }
 
     #[test]
