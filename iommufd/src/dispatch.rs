@@ -15,7 +15,10 @@
 //! HWPTs (`IOMMU_HWPT_ALLOC` on a paging HWPT), `IOMMU_HWPT_INVALIDATE`
 //! and fault queues (`IOMMU_FAULT_QUEUE_ALLOC`, nested HWPTs with
 //! `IOMMU_HWPT_FAULT_ID_VALID`; the queue's read and write are methods of
-//! the context, `ctx::Ictx::fault_fd_read` and friends) are here.
+//! the context, `ctx::Ictx::fault_fd_read` and friends) are here, and
+//! two commands newer than 6.12 with the checks of the first kernel that
+//! has them: `IOMMU_IOAS_MAP_FILE` (6.13) and `IOMMU_IOAS_CHANGE_PROCESS`
+//! (6.14).
 
 use crate::ctx::{DeviceOps, Ictx, UserData, UserDataArray};
 use crate::errno::{Errno, Result};
@@ -122,6 +125,38 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
             c.iova = iova;
             respond(&c.to_bytes(), user_size, buf)
         }
+        IOMMU_IOAS_MAP_FILE => {
+            // Linux 6.13's `iommufd_ioas_map_file` order; the struct has no
+            // reserved field.
+            let mut c = IommuIoasMapFile::read(&kbuf);
+            check_map_flags(c.flags)?;
+            if c.iova == u64::MAX || c.length == u64::MAX {
+                return Err(Errno::EOVERFLOW);
+            }
+            check_map_prot(c.flags)?;
+            let fixed = c.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0;
+            let iova = ictx.ioas_map_file(
+                c.ioas_id,
+                fixed.then_some(c.iova),
+                c.fd,
+                c.start,
+                c.length,
+                c.flags & IOMMU_IOAS_MAP_READABLE != 0,
+                c.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
+            )?;
+            c.iova = iova;
+            // A respond fault leaves the mapping in place, as Linux's does.
+            respond(&c.to_bytes(), user_size, buf)
+        }
+        IOMMU_IOAS_CHANGE_PROCESS => {
+            // Linux 6.14: `__reserved` first, then the areas. The caller is
+            // the context's own process (see `Ictx::ioas_change_process`).
+            let c = IommuIoasChangeProcess::read(&kbuf);
+            if c.__reserved != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            ictx.ioas_change_process()
+        }
         IOMMU_IOAS_UNMAP => {
             let mut c = IommuIoasUnmap::read(&kbuf);
             ictx.ioas(c.ioas_id)?;
@@ -187,7 +222,8 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
                 let nest_parent = c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0;
                 ictx.hwpt_alloc_flags(c.dev_id, c.pt_id, dirty, nest_parent)?
             } else {
-                let data = UserData::new(&**ictx.source(), c.data_type, c.data_uptr, c.data_len);
+                let source = ictx.source();
+                let data = UserData::new(&*source, c.data_type, c.data_uptr, c.data_len);
                 ictx.hwpt_nested_alloc(c.dev_id, c.pt_id, c.flags, c.fault_id, &data)?
             };
             c.out_hwpt_id = id;
@@ -274,7 +310,8 @@ fn hwpt_invalidate(ictx: &Ictx, c: &mut IommuHwptInvalidate) -> Result<()> {
     }
     // Entries are read one at a time by the driver, each into its own
     // struct: entry_num * entry_len never sizes anything.
-    let mut array = UserDataArray::new(&**ictx.source(), c.data_type, c.data_uptr, c.entry_len, num);
+    let source = ictx.source();
+    let mut array = UserDataArray::new(&*source, c.data_type, c.data_uptr, c.entry_len, num);
     let r = ictx.hwpt_invalidate(c.hwpt_id, &mut array);
     c.entry_num = array.entry_num;
     r

@@ -69,7 +69,7 @@ pub enum Owner {
 pub struct Area {
     /// The pages.
     pub pages: Arc<Pages>,
-    /// Offset of the area's first byte from `pages.uptr`.
+    /// Offset of the area's first byte from the start of page 0 of `pages`.
     pub start_byte: u64,
     /// Permissions.
     pub prot: Prot,
@@ -95,7 +95,7 @@ impl Area {
 pub struct PagesSlice {
     /// The pages.
     pub pages: Arc<Pages>,
-    /// First byte, from `pages.uptr`.
+    /// First byte, from the start of page 0 of `pages`.
     pub start_byte: u64,
     /// Bytes.
     pub length: u64,
@@ -293,7 +293,7 @@ impl IoPagetable {
         }
         let first = slices.first().ok_or(Errno::EINVAL)?;
         let iova = match iova {
-            None => self.alloc_iova(first.pages.uptr.wrapping_add(first.start_byte), length)?,
+            None => self.alloc_iova(first.pages.origin.base().wrapping_add(first.start_byte), length)?,
             Some(iova) => {
                 self.check_iova(iova, length)?;
                 iova

@@ -88,7 +88,44 @@ pub trait MemorySource: Send + Sync {
         let _ = uptr;
         Ok(None)
     }
+
+    // Files (`IOMMU_IOAS_MAP_FILE`, Linux 6.13+).
+
+    /// Takes a hold on the file descriptor `fd` names (Linux's `fget`),
+    /// for a mapping of it: the file stays alive, and its pages pinnable
+    /// through the returned [`FileId`], until [`Self::file_put`], whatever
+    /// happens to the descriptor. `write` asks for a mapping the device
+    /// may write: a descriptor not opened for writing is `EPERM`.
+    ///
+    /// The default has no descriptors: every `fd` is `EBADF`, Linux's
+    /// answer for a number that names no open file.
+    fn file_get(&self, fd: i32, write: bool) -> Result<FileId> {
+        let _ = (fd, write);
+        Err(Errno::EBADF)
+    }
+    /// Drops a hold from [`Self::file_get`].
+    fn file_put(&self, file: FileId) {
+        let _ = file;
+    }
+    /// Pins the `npages` pages of `file` from page-aligned byte `offset`
+    /// and appends their physical addresses as runs, like
+    /// [`Self::pin_runs`]. All or nothing. A file whose pages cannot be
+    /// pinned this way (not memfd-like), or a range that does not lie
+    /// inside the file, is `EINVAL` (Linux's `memfd_pin_folios`).
+    ///
+    /// The default knows no pinnable file: `EINVAL`.
+    fn pin_file_runs(&self, file: FileId, offset: u64, npages: u64, write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
+        let _ = (file, offset, npages, write, out);
+        Err(Errno::EINVAL)
+    }
 }
+
+/// A file held by a memory source for a file mapping (see
+/// [`MemorySource::file_get`]): the source's own name for the file, not
+/// a descriptor number (descriptors can be closed and their numbers
+/// reused while the mapping lives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileId(pub u64);
 
 /// Appends `run` to a run list, extending the last run when it ends
 /// where `run` starts (an empty run changes nothing).
@@ -106,26 +143,113 @@ pub fn push_run(runs: &mut Vec<PhysRun>, run: PhysRun) {
     runs.push(run);
 }
 
-struct FakePage {
-    phys: u64,
+/// One physical page of a [`FakeAddressSpace`]: its pins and contents.
+/// Pages are never freed (a page that was unmapped or cut off a file
+/// while pinned stays valid for the pins), so every address a pin
+/// returned can be unpinned.
+struct Frame {
     pins: u32,
     data: Option<Vec<u8>>,
+}
+
+/// A user page: which physical page backs it.
+#[derive(Clone, Copy)]
+struct UserPage {
+    phys_page: u64,
     writable: bool,
 }
 
+/// What kind of file a descriptor of a [`FakeAddressSpace`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FakeFileKind {
+    /// A memfd (shmem): its pages can be pinned by `IOMMU_IOAS_MAP_FILE`.
+    Memfd,
+    /// Any other file (a regular file on disk, a pipe): it can be opened
+    /// and mapped, but its pages cannot be pinned (`EINVAL`, as Linux's
+    /// `memfd_pin_folios` answers).
+    Other,
+}
+
+struct FakeFile {
+    kind: FakeFileKind,
+    /// Physical page of each page of the file, in file order; the file's
+    /// size is `pages.len()` pages.
+    pages: Vec<u64>,
+    /// Descriptors naming it plus holds from `file_get`; the file goes
+    /// when this reaches 0.
+    refs: u32,
+}
+
 struct FakeInner {
-    /// User page number -> page.
-    pages: BTreeMap<u64, FakePage>,
-    /// Physical page number -> user page number.
-    by_phys: BTreeMap<u64, u64>,
+    /// Physical page number -> page.
+    frames: BTreeMap<u64, Frame>,
+    /// User page number -> its physical page.
+    pages: BTreeMap<u64, UserPage>,
+    /// Open descriptors: number -> (file id, opened for writing).
+    fds: BTreeMap<i32, (u64, bool)>,
+    /// Files by id (ids are never reused, unlike descriptor numbers).
+    files: BTreeMap<u64, FakeFile>,
+    next_fd: i32,
+    next_file: u64,
     next_phys_page: u64,
     pin_calls: u64,
     fail_pin_at: Option<u64>,
     pinned_pages: u64,
 }
 
+impl FakeInner {
+    /// `n` fresh physical pages, the first aligned like `hint` modulo
+    /// 1 GiB (so 2 MiB-aligned ranges get 2 MiB-aligned physical runs).
+    fn alloc_frames(&mut self, hint: u64, n: u64) -> u64 {
+        let want = (hint / PAGE_SIZE) % (1 << 18);
+        let base = self.next_phys_page.next_multiple_of(1 << 18) + want;
+        self.next_phys_page = base + n;
+        for k in 0..n {
+            self.frames.insert(base + k, Frame { pins: 0, data: None });
+        }
+        base
+    }
+
+    /// Checks that `fail_pin_at` does not fail this pin call.
+    fn pin_call(&mut self) -> Result<()> {
+        self.pin_calls += 1;
+        if self.fail_pin_at == Some(self.pin_calls) { Err(Errno::ENOMEM) } else { Ok(()) }
+    }
+
+    /// Takes one pin on each physical page of `phys_pages` (which exist).
+    fn pin_frames(&mut self, phys_pages: impl Iterator<Item = u64>, out: &mut Vec<PhysRun>) {
+        for pp in phys_pages {
+            let f = self.frames.get_mut(&pp).expect("pages and files name existing frames");
+            f.pins += 1;
+            if f.pins == 1 {
+                self.pinned_pages += 1;
+            }
+            push_run(out, PhysRun::new(pp * PAGE_SIZE, PAGE_SIZE));
+        }
+    }
+
+    fn file_of_fd(&self, fd: i32) -> Result<&FakeFile> {
+        let (id, _) = self.fds.get(&fd).ok_or(Errno::EBADF)?;
+        Ok(self.files.get(id).expect("an open descriptor names a live file"))
+    }
+
+    fn drop_file_ref(&mut self, id: u64) {
+        let f = self.files.get_mut(&id).expect("a held file is live");
+        f.refs -= 1;
+        if f.refs == 0 {
+            self.files.remove(&id);
+        }
+    }
+}
+
 /// A fake user address space for host tests: map ranges, pin pages,
 /// count pins, read and write contents.
+///
+/// It also has a descriptor table of memfd-like files
+/// ([`Self::create_memfd`]) for `IOMMU_IOAS_MAP_FILE`. A file's pages can
+/// be mapped at user addresses too ([`Self::map_file`], a shared `mmap`
+/// of the memfd): pinning the user address and pinning the file offset
+/// then pin the same physical page, counted once per pin either way.
 pub struct FakeAddressSpace {
     inner: Mutex<FakeInner>,
 }
@@ -133,7 +257,7 @@ pub struct FakeAddressSpace {
 impl core::fmt::Debug for FakeAddressSpace {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let i = self.inner.lock();
-        write!(f, "FakeAddressSpace({} pages, {} pinned)", i.pages.len(), i.pinned_pages)
+        write!(f, "FakeAddressSpace({} pages, {} files, {} pinned)", i.pages.len(), i.files.len(), i.pinned_pages)
     }
 }
 
@@ -149,8 +273,12 @@ impl FakeAddressSpace {
     pub fn new() -> Self {
         Self {
             inner: Mutex::new(FakeInner {
+                frames: BTreeMap::new(),
                 pages: BTreeMap::new(),
-                by_phys: BTreeMap::new(),
+                fds: BTreeMap::new(),
+                files: BTreeMap::new(),
+                next_fd: 3,
+                next_file: 1,
                 next_phys_page: 0x10_0000,
                 pin_calls: 0,
                 fail_pin_at: None,
@@ -165,25 +293,125 @@ impl FakeAddressSpace {
     pub fn map(&self, uptr: u64, length: u64, writable: bool) {
         assert!(uptr.is_multiple_of(PAGE_SIZE) && length.is_multiple_of(PAGE_SIZE), "fake mappings are page aligned");
         let mut i = self.inner.lock();
-        // Align the physical run like the user address modulo 1 GiB.
-        let want = (uptr / PAGE_SIZE) % (1 << 18);
-        let base = i.next_phys_page.next_multiple_of(1 << 18) + want;
-        i.next_phys_page = base + length / PAGE_SIZE;
+        let base = i.alloc_frames(uptr, length / PAGE_SIZE);
         for k in 0..length / PAGE_SIZE {
-            let upage = uptr / PAGE_SIZE + k;
-            let phys_page = base + k;
-            if let Some(old) =
-                i.pages.insert(upage, FakePage { phys: phys_page * PAGE_SIZE, pins: 0, data: None, writable })
-            {
-                i.by_phys.remove(&(old.phys / PAGE_SIZE));
-            }
-            i.by_phys.insert(phys_page, upage);
+            i.pages.insert(uptr / PAGE_SIZE + k, UserPage { phys_page: base + k, writable });
         }
+    }
+
+    /// Removes the user pages of `[uptr, uptr + length)` (`munmap`); pins
+    /// on them stay with their physical pages.
+    pub fn unmap(&self, uptr: u64, length: u64) {
+        let mut i = self.inner.lock();
+        for k in 0..length / PAGE_SIZE {
+            i.pages.remove(&(uptr / PAGE_SIZE + k));
+        }
+    }
+
+    /// `memfd_create` + `ftruncate(length)`: a new memfd of `length`
+    /// bytes (whole pages) of fresh zero pages, physically contiguous in
+    /// 2 MiB runs from offset 0. Returns its descriptor, opened for
+    /// reading and writing.
+    pub fn create_memfd(&self, length: u64) -> i32 {
+        self.create_file(length, FakeFileKind::Memfd)
+    }
+
+    /// A new file of `kind` and `length` bytes (whole pages); returns its
+    /// descriptor, opened for reading and writing.
+    pub fn create_file(&self, length: u64, kind: FakeFileKind) -> i32 {
+        assert!(length.is_multiple_of(PAGE_SIZE), "fake files are whole pages");
+        let mut i = self.inner.lock();
+        let n = length / PAGE_SIZE;
+        let base = i.alloc_frames(0, n);
+        let id = i.next_file;
+        i.next_file += 1;
+        i.files.insert(id, FakeFile { kind, pages: (base..base + n).collect(), refs: 1 });
+        let fd = i.next_fd;
+        i.next_fd += 1;
+        i.fds.insert(fd, (id, true));
+        fd
+    }
+
+    /// `dup` of `fd` (or opening the same file again), for writing or
+    /// read-only. Panics if `fd` is not open.
+    pub fn dup_fd(&self, fd: i32, writable: bool) -> i32 {
+        let mut i = self.inner.lock();
+        let (id, _) = *i.fds.get(&fd).expect("dup of an open descriptor");
+        i.files.get_mut(&id).expect("live").refs += 1;
+        let new = i.next_fd;
+        i.next_fd += 1;
+        i.fds.insert(new, (id, writable));
+        new
+    }
+
+    /// `close(fd)`: the file stays while something holds it (a mapping
+    /// made with `IOMMU_IOAS_MAP_FILE` does). `EBADF` if not open.
+    pub fn close_fd(&self, fd: i32) -> Result<()> {
+        let mut i = self.inner.lock();
+        let (id, _) = i.fds.remove(&fd).ok_or(Errno::EBADF)?;
+        i.drop_file_ref(id);
+        Ok(())
+    }
+
+    /// `ftruncate(fd, length)`: shrinking cuts pages off the end (pins on
+    /// them stay with their physical pages, user mappings of them stay),
+    /// growing adds fresh zero pages.
+    pub fn truncate(&self, fd: i32, length: u64) -> Result<()> {
+        if !length.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        let mut i = self.inner.lock();
+        let (id, _) = *i.fds.get(&fd).ok_or(Errno::EBADF)?;
+        let want = length / PAGE_SIZE;
+        let have = i.files[&id].pages.len() as u64;
+        if want <= have {
+            i.files.get_mut(&id).expect("live").pages.truncate(want as usize);
+        } else {
+            let base = i.alloc_frames(have * PAGE_SIZE, want - have);
+            i.files.get_mut(&id).expect("live").pages.extend(base..base + (want - have));
+        }
+        Ok(())
+    }
+
+    /// `mmap(uptr, length, MAP_SHARED, fd, offset)`: the user pages of
+    /// `[uptr, uptr + length)` become the file's pages from `offset`.
+    /// Panics if the range is not page aligned or runs past the file.
+    pub fn map_file(&self, uptr: u64, fd: i32, offset: u64, length: u64) {
+        assert!((uptr | offset | length).is_multiple_of(PAGE_SIZE), "fake mappings are page aligned");
+        let mut i = self.inner.lock();
+        let (id, writable) = *i.fds.get(&fd).expect("mmap of an open descriptor");
+        let first = (offset / PAGE_SIZE) as usize;
+        let phys: Vec<u64> = i.files[&id].pages[first..first + (length / PAGE_SIZE) as usize].to_vec();
+        for (k, phys_page) in phys.into_iter().enumerate() {
+            i.pages.insert(uptr / PAGE_SIZE + k as u64, UserPage { phys_page, writable });
+        }
+    }
+
+    /// Pins held on the page at byte `offset` of the file `fd` has open
+    /// (0 past its end or for a closed descriptor).
+    pub fn file_pins(&self, fd: i32, offset: u64) -> u32 {
+        let i = self.inner.lock();
+        let Ok(f) = i.file_of_fd(fd) else { return 0 };
+        let Some(&pp) = f.pages.get((offset / PAGE_SIZE) as usize) else { return 0 };
+        i.frames[&pp].pins
+    }
+
+    /// Physical address of byte `offset` of the file `fd` has open.
+    pub fn file_phys(&self, fd: i32, offset: u64) -> Option<u64> {
+        let i = self.inner.lock();
+        let f = i.file_of_fd(fd).ok()?;
+        f.pages.get((offset / PAGE_SIZE) as usize).map(|pp| pp * PAGE_SIZE + offset % PAGE_SIZE)
+    }
+
+    /// Files alive (open, or held by a mapping).
+    pub fn live_files(&self) -> usize {
+        self.inner.lock().files.len()
     }
 
     /// Pins currently held on the page containing `uptr` (0 if unmapped).
     pub fn pins(&self, uptr: u64) -> u32 {
-        self.inner.lock().pages.get(&(uptr / PAGE_SIZE)).map_or(0, |p| p.pins)
+        let i = self.inner.lock();
+        i.pages.get(&(uptr / PAGE_SIZE)).map_or(0, |p| i.frames[&p.phys_page].pins)
     }
 
     /// Pages with at least one pin.
@@ -193,11 +421,11 @@ impl FakeAddressSpace {
 
     /// Physical address backing `uptr`, if mapped.
     pub fn phys_of(&self, uptr: u64) -> Option<u64> {
-        self.inner.lock().pages.get(&(uptr / PAGE_SIZE)).map(|p| p.phys + uptr % PAGE_SIZE)
+        self.inner.lock().pages.get(&(uptr / PAGE_SIZE)).map(|p| p.phys_page * PAGE_SIZE + uptr % PAGE_SIZE)
     }
 
     /// Makes the `n`th call to `pin` from now (1-based) fail with ENOMEM;
-    /// `None` turns injection off.
+    /// `None` turns injection off. File pins count as pin calls.
     pub fn fail_pin_at(&self, n: Option<u64>) {
         let mut i = self.inner.lock();
         i.fail_pin_at = n.map(|n| i.pin_calls + n);
@@ -205,119 +433,170 @@ impl FakeAddressSpace {
 
     fn with_bytes(
         &self,
-        upage_of: impl Fn(&FakeInner, u64) -> Option<u64>,
+        frame_of: impl Fn(&FakeInner, u64) -> Option<u64>,
         addr: u64,
         len: usize,
         mut f: impl FnMut(&mut Vec<u8>, usize, usize, usize),
     ) -> Result<()> {
         let mut i = self.inner.lock();
-        let mut done = 0usize;
         // Check first so a fault changes nothing.
-        let mut a = addr;
+        let (mut done, mut a) = (0usize, addr);
         while done < len {
             let off = (a % PAGE_SIZE) as usize;
             let n = (PAGE_SIZE as usize - off).min(len - done);
-            upage_of(&i, a).filter(|u| i.pages.contains_key(u)).ok_or(Errno::EFAULT)?;
+            frame_of(&i, a).ok_or(Errno::EFAULT)?;
             done += n;
-            a += n as u64;
+            a = a.checked_add(n as u64).ok_or(Errno::EFAULT)?;
         }
         let (mut done, mut a) = (0usize, addr);
         while done < len {
             let off = (a % PAGE_SIZE) as usize;
             let n = (PAGE_SIZE as usize - off).min(len - done);
-            let u = upage_of(&i, a).ok_or(Errno::EFAULT)?;
-            let page = i.pages.get_mut(&u).ok_or(Errno::EFAULT)?;
-            let data = page.data.get_or_insert_with(|| vec![0; PAGE_SIZE as usize]);
+            let pp = frame_of(&i, a).ok_or(Errno::EFAULT)?;
+            let frame = i.frames.get_mut(&pp).ok_or(Errno::EFAULT)?;
+            let data = frame.data.get_or_insert_with(|| vec![0; PAGE_SIZE as usize]);
             f(data, off, done, n);
             done += n;
-            a += n as u64;
+            a = a.wrapping_add(n as u64);
         }
         Ok(())
     }
 
-    fn user_page(_: &FakeInner, uptr: u64) -> Option<u64> {
-        Some(uptr / PAGE_SIZE)
+    fn user_frame(i: &FakeInner, uptr: u64) -> Option<u64> {
+        i.pages.get(&(uptr / PAGE_SIZE)).map(|p| p.phys_page)
     }
 
-    fn phys_page(i: &FakeInner, phys: u64) -> Option<u64> {
-        i.by_phys.get(&(phys / PAGE_SIZE)).copied()
+    fn phys_frame(i: &FakeInner, phys: u64) -> Option<u64> {
+        let pp = phys / PAGE_SIZE;
+        i.frames.contains_key(&pp).then_some(pp)
     }
 }
 
 impl MemorySource for FakeAddressSpace {
     fn pin(&self, uptr: u64, out: &mut [u64], write: bool) -> Result<()> {
-        let mut i = self.inner.lock();
-        i.pin_calls += 1;
-        if i.fail_pin_at == Some(i.pin_calls) {
-            return Err(Errno::ENOMEM);
+        let mut runs = Vec::new();
+        self.pin_runs(uptr, out.len() as u64, write, &mut runs)?;
+        let mut k = 0;
+        for PhysRun { phys, len } in runs {
+            for j in 0..len / PAGE_SIZE {
+                out[k] = phys + j * PAGE_SIZE;
+                k += 1;
+            }
         }
+        Ok(())
+    }
+
+    fn pin_runs(&self, uptr: u64, npages: u64, write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
+        let mut i = self.inner.lock();
+        i.pin_call()?;
         if !uptr.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
         let first = uptr / PAGE_SIZE;
-        for k in 0..out.len() as u64 {
-            match i.pages.get(&(first + k)) {
-                Some(p) if p.writable || !write => {}
-                _ => return Err(Errno::EFAULT),
+        let end = first.checked_add(npages).ok_or(Errno::EFAULT)?;
+        // All or nothing: every page mapped (and writable if asked)
+        // before any pin is taken.
+        let mut expect = first;
+        for (&u, p) in i.pages.range(first..end) {
+            if u != expect || (write && !p.writable) {
+                return Err(Errno::EFAULT);
             }
+            expect += 1;
         }
-        for (k, slot) in out.iter_mut().enumerate() {
-            let p = i.pages.get_mut(&(first + k as u64)).ok_or(Errno::EFAULT)?;
-            p.pins += 1;
-            *slot = p.phys;
-            if p.pins == 1 {
-                i.pinned_pages += 1;
-            }
+        if expect != end {
+            return Err(Errno::EFAULT);
         }
+        let frames: Vec<u64> = i.pages.range(first..end).map(|(_, p)| p.phys_page).collect();
+        i.pin_frames(frames.into_iter(), out);
         Ok(())
     }
 
     fn unpin(&self, phys: &[u64], _dirty: bool) {
         let mut i = self.inner.lock();
         for &p in phys {
-            let Some(&u) = i.by_phys.get(&(p / PAGE_SIZE)) else {
+            let Some(frame) = i.frames.get_mut(&(p / PAGE_SIZE)) else {
                 panic!("unpin of a page this address space never pinned: {p:#x}");
             };
-            let page = i.pages.get_mut(&u).expect("by_phys and pages agree");
-            assert!(page.pins > 0, "unpin of an unpinned page {p:#x}");
-            page.pins -= 1;
-            if page.pins == 0 {
+            assert!(frame.pins > 0, "unpin of an unpinned page {p:#x}");
+            frame.pins -= 1;
+            if frame.pins == 0 {
                 i.pinned_pages -= 1;
             }
         }
     }
 
     fn read_user(&self, uptr: u64, buf: &mut [u8]) -> Result<()> {
-        self.with_bytes(Self::user_page, uptr, buf.len(), |d, off, done, n| {
+        self.with_bytes(Self::user_frame, uptr, buf.len(), |d, off, done, n| {
             buf[done..done + n].copy_from_slice(&d[off..off + n])
         })
     }
 
     fn write_user(&self, uptr: u64, buf: &[u8]) -> Result<()> {
-        self.with_bytes(Self::user_page, uptr, buf.len(), |d, off, done, n| {
+        self.with_bytes(Self::user_frame, uptr, buf.len(), |d, off, done, n| {
             d[off..off + n].copy_from_slice(&buf[done..done + n])
         })
     }
 
     fn read_phys(&self, phys: u64, buf: &mut [u8]) -> Result<()> {
-        self.with_bytes(Self::phys_page, phys, buf.len(), |d, off, done, n| {
+        self.with_bytes(Self::phys_frame, phys, buf.len(), |d, off, done, n| {
             buf[done..done + n].copy_from_slice(&d[off..off + n])
         })
     }
 
     fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()> {
-        self.with_bytes(Self::phys_page, phys, buf.len(), |d, off, done, n| {
+        self.with_bytes(Self::phys_frame, phys, buf.len(), |d, off, done, n| {
             d[off..off + n].copy_from_slice(&buf[done..done + n])
         })
     }
 
     fn pin_count(&self, uptr: u64) -> Result<Option<u32>> {
         let i = self.inner.lock();
-        i.pages.get(&(uptr / PAGE_SIZE)).map(|p| Some(p.pins)).ok_or(Errno::EFAULT)
+        let p = i.pages.get(&(uptr / PAGE_SIZE)).ok_or(Errno::EFAULT)?;
+        Ok(Some(i.frames[&p.phys_page].pins))
     }
 
     fn peek_phys(&self, uptr: u64) -> Result<Option<u64>> {
         self.phys_of(uptr).map(Some).ok_or(Errno::EFAULT)
+    }
+
+    fn file_get(&self, fd: i32, write: bool) -> Result<FileId> {
+        let mut i = self.inner.lock();
+        let &(id, fd_writable) = i.fds.get(&fd).ok_or(Errno::EBADF)?;
+        if write && !fd_writable {
+            return Err(Errno::EPERM);
+        }
+        i.files.get_mut(&id).expect("an open descriptor names a live file").refs += 1;
+        Ok(FileId(id))
+    }
+
+    fn file_put(&self, file: FileId) {
+        self.inner.lock().drop_file_ref(file.0);
+    }
+
+    fn pin_file_runs(
+        &self,
+        file: FileId,
+        offset: u64,
+        npages: u64,
+        _write: bool,
+        out: &mut Vec<PhysRun>,
+    ) -> Result<()> {
+        let mut i = self.inner.lock();
+        i.pin_call()?;
+        let f = i.files.get(&file.0).expect("pins only of files held with file_get");
+        if f.kind != FakeFileKind::Memfd || !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        // The range must lie inside the file (a range past its end, or
+        // one whose end does not even fit in 64 bits, is EINVAL).
+        let first = offset / PAGE_SIZE;
+        let end = first.checked_add(npages).ok_or(Errno::EINVAL)?;
+        if end > f.pages.len() as u64 {
+            return Err(Errno::EINVAL);
+        }
+        let frames: Vec<u64> = f.pages[first as usize..end as usize].to_vec();
+        i.pin_frames(frames.into_iter(), out);
+        Ok(())
     }
 }
 
@@ -352,6 +631,60 @@ mod tests {
         a.read_phys(phys, &mut b).unwrap();
         assert_eq!(b, [1, 2, 3, 4]);
         assert_eq!(a.read_user(0x20_1ffe, &mut b), Err(Errno::EFAULT));
+    }
+
+    #[test]
+    fn a_memfd_mapped_at_a_user_address_pins_the_same_pages() {
+        let a = FakeAddressSpace::new();
+        let fd = a.create_memfd(4 * PAGE_SIZE);
+        a.map_file(0x40_0000, fd, PAGE_SIZE, 2 * PAGE_SIZE);
+        let f = a.file_get(fd, true).unwrap();
+        let mut runs = Vec::new();
+        a.pin_file_runs(f, PAGE_SIZE, 3, true, &mut runs).unwrap();
+        assert_eq!(runs, [PhysRun::new(a.file_phys(fd, PAGE_SIZE).unwrap(), 3 * PAGE_SIZE)], "one contiguous run");
+        assert_eq!(a.phys_of(0x40_0000), a.file_phys(fd, PAGE_SIZE));
+        let mut by_va = [0u64; 2];
+        a.pin(0x40_0000, &mut by_va, true).unwrap();
+        assert_eq!(by_va[1], runs[0].phys + PAGE_SIZE, "the user page is the file page");
+        assert_eq!((a.pins(0x40_1000), a.file_pins(fd, 2 * PAGE_SIZE), a.pinned_pages()), (2, 2, 3));
+        // Closing the descriptor leaves the file to its holder.
+        a.close_fd(fd).unwrap();
+        assert_eq!(a.live_files(), 1);
+        a.unpin_runs(&runs, false);
+        a.unpin(&by_va, false);
+        assert_eq!(a.pinned_pages(), 0);
+        a.file_put(f);
+        assert_eq!(a.live_files(), 0);
+        assert_eq!(a.file_get(fd, false), Err(Errno::EBADF));
+    }
+
+    #[test]
+    fn file_pins_check_kind_range_and_mode() {
+        let a = FakeAddressSpace::new();
+        let fd = a.create_memfd(2 * PAGE_SIZE);
+        let ro = a.dup_fd(fd, false);
+        assert_eq!(a.file_get(ro, true), Err(Errno::EPERM), "writable map of a read-only descriptor");
+        let f = a.file_get(ro, false).unwrap();
+        let mut runs = Vec::new();
+        assert_eq!(a.pin_file_runs(f, 0, 3, false, &mut runs), Err(Errno::EINVAL), "past the end");
+        assert_eq!(a.pin_file_runs(f, 0x800, 1, false, &mut runs), Err(Errno::EINVAL), "unaligned");
+        assert_eq!(a.pin_file_runs(f, !(PAGE_SIZE - 1), 2, false, &mut runs), Err(Errno::EINVAL));
+        assert_eq!(a.pin_file_runs(f, PAGE_SIZE, u64::MAX, false, &mut runs), Err(Errno::EINVAL));
+        assert!(runs.is_empty());
+        assert_eq!(a.pinned_pages(), 0);
+        a.truncate(fd, 0).unwrap();
+        assert_eq!(a.pin_file_runs(f, 0, 1, false, &mut runs), Err(Errno::EINVAL), "truncated away");
+        a.truncate(fd, PAGE_SIZE).unwrap();
+        a.pin_file_runs(f, 0, 1, false, &mut runs).unwrap();
+        a.unpin_runs(&runs, false);
+        a.file_put(f);
+        let other = a.create_file(PAGE_SIZE, FakeFileKind::Other);
+        let g = a.file_get(other, true).unwrap();
+        assert_eq!(a.pin_file_runs(g, 0, 1, true, &mut runs), Err(Errno::EINVAL), "not a memfd");
+        a.file_put(g);
+        // A source without files.
+        let none = RegionMemory::new(NoPhysAccess);
+        assert_eq!(none.file_get(fd, false), Err(Errno::EBADF));
     }
 
     #[test]
@@ -397,11 +730,36 @@ struct Region {
     pins: Vec<u32>,
 }
 
+/// A memfd that backs guest RAM at `[uptr, uptr + len)` of a
+/// [`RegionMemory`].
+struct RegionFile {
+    uptr: u64,
+    len: u64,
+    /// Whether the descriptor was opened for writing.
+    writable: bool,
+    /// The descriptor (while open) plus holds from `file_get`.
+    refs: u32,
+}
+
+#[derive(Default)]
+struct RegionFiles {
+    /// Open descriptors -> file id.
+    fds: BTreeMap<i32, u64>,
+    files: BTreeMap<u64, RegionFile>,
+    next: u64,
+}
+
 /// A memory source made of regions of user (guest-physical) addresses,
 /// each backed by one physically contiguous host range: how a hypervisor
 /// sees its guest's RAM. Pins are counted per page.
+///
+/// It also knows the memfds behind the regions ([`Self::add_file`]): a
+/// file's offset `o` is the user address `uptr + o`, so
+/// `IOMMU_IOAS_MAP_FILE` of the memfd and `IOMMU_IOAS_MAP` of the guest
+/// RAM pin the same pages, counted together.
 pub struct RegionMemory<P> {
     regions: Mutex<Vec<Region>>,
+    files: Mutex<RegionFiles>,
     phys: P,
 }
 
@@ -414,7 +772,49 @@ impl<P> core::fmt::Debug for RegionMemory<P> {
 impl<P: PhysMemory> RegionMemory<P> {
     /// No regions yet.
     pub fn new(phys: P) -> Self {
-        Self { regions: Mutex::new(Vec::new()), phys }
+        Self { regions: Mutex::new(Vec::new()), files: Mutex::new(RegionFiles::default()), phys }
+    }
+
+    /// Names the memfd behind the user range `[uptr, uptr + len)` as
+    /// descriptor `fd`, opened for writing or not. Page aligned, not empty
+    /// (`EINVAL`); `EEXIST` if `fd` is already open. The range need not
+    /// be added as regions yet: pinning it needs them.
+    pub fn add_file(&self, fd: i32, uptr: u64, len: u64, writable: bool) -> Result<()> {
+        if !(uptr | len).is_multiple_of(PAGE_SIZE) || len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        uptr.checked_add(len).ok_or(Errno::EOVERFLOW)?;
+        let mut f = self.files.lock();
+        if f.fds.contains_key(&fd) {
+            return Err(Errno::EEXIST);
+        }
+        let id = f.next;
+        f.next += 1;
+        f.fds.insert(fd, id);
+        f.files.insert(id, RegionFile { uptr, len, writable, refs: 1 });
+        Ok(())
+    }
+
+    /// Closes descriptor `fd` (`EBADF` if not open); mappings made from
+    /// it keep the file.
+    pub fn close_file(&self, fd: i32) -> Result<()> {
+        let mut f = self.files.lock();
+        let id = f.fds.remove(&fd).ok_or(Errno::EBADF)?;
+        Self::drop_file_ref(&mut f, id);
+        Ok(())
+    }
+
+    /// Files alive (open, or held by a mapping).
+    pub fn live_files(&self) -> usize {
+        self.files.lock().files.len()
+    }
+
+    fn drop_file_ref(f: &mut RegionFiles, id: u64) {
+        let file = f.files.get_mut(&id).expect("a held file is live");
+        file.refs -= 1;
+        if file.refs == 0 {
+            f.files.remove(&id);
+        }
     }
 
     /// Adds `[uptr, uptr + len)` backed by host physical `[phys, phys + len)`.
@@ -593,6 +993,39 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
     fn peek_phys(&self, uptr: u64) -> Result<Option<u64>> {
         self.user_to_phys(uptr, 1).map(Some)
     }
+
+    fn file_get(&self, fd: i32, write: bool) -> Result<FileId> {
+        let mut f = self.files.lock();
+        let id = *f.fds.get(&fd).ok_or(Errno::EBADF)?;
+        let file = f.files.get_mut(&id).expect("an open descriptor names a live file");
+        if write && !file.writable {
+            return Err(Errno::EPERM);
+        }
+        file.refs += 1;
+        Ok(FileId(id))
+    }
+
+    fn file_put(&self, file: FileId) {
+        Self::drop_file_ref(&mut self.files.lock(), file.0);
+    }
+
+    /// Pins the user pages behind the file offsets. A range not inside
+    /// the file is `EINVAL`; one whose guest RAM is not (or no longer)
+    /// added as regions is `EFAULT`, as for user addresses.
+    fn pin_file_runs(&self, file: FileId, offset: u64, npages: u64, write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
+        let (uptr, len) = {
+            let f = self.files.lock();
+            let file = f.files.get(&file.0).expect("pins only of files held with file_get");
+            (file.uptr, file.len)
+        };
+        let bytes = npages.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?;
+        let end = offset.checked_add(bytes).ok_or(Errno::EINVAL)?;
+        if !offset.is_multiple_of(PAGE_SIZE) || end > len {
+            return Err(Errno::EINVAL);
+        }
+        // Cannot overflow: uptr + len fits (add_file checked it).
+        self.pin_runs(uptr + offset, npages, write, out)
+    }
 }
 
 #[cfg(test)]
@@ -624,6 +1057,41 @@ mod region_tests {
         assert_eq!(m.pin_count(0x1f_f000), Ok(Some(1)));
         m.unpin_runs(&runs, false);
         assert_eq!(m.pinned_pages(), 0);
+    }
+
+    #[test]
+    fn a_file_behind_guest_ram_pins_the_same_pages() {
+        let m = RegionMemory::new(NoPhysAccess);
+        m.add_region(0x10_0000, 0x1_0000_0000, 0x4000, true).unwrap();
+        m.add_file(7, 0x10_0000, 0x4000, true).unwrap();
+        assert_eq!(m.add_file(7, 0, 0x1000, true), Err(Errno::EEXIST));
+        assert_eq!(m.add_file(8, 0x800, 0x1000, true), Err(Errno::EINVAL));
+        assert_eq!(m.add_file(8, !0xfff, 0x2000, true), Err(Errno::EOVERFLOW));
+        assert_eq!(m.file_get(9, false), Err(Errno::EBADF));
+        let f = m.file_get(7, true).unwrap();
+        let mut runs = Vec::new();
+        m.pin_file_runs(f, 0x1000, 2, true, &mut runs).unwrap();
+        assert_eq!(runs, [PhysRun::new(0x1_0000_1000, 0x2000)]);
+        let mut one = [0u64; 1];
+        m.pin(0x10_2000, &mut one, false).unwrap();
+        assert_eq!(m.pin_count(0x10_2000), Ok(Some(2)), "file offset 0x2000 is guest RAM 0x10_2000");
+        assert_eq!(m.pin_file_runs(f, 0x3000, 2, false, &mut runs), Err(Errno::EINVAL), "past the file");
+        assert_eq!(m.pin_file_runs(f, 0, u64::MAX, false, &mut runs), Err(Errno::EINVAL));
+        assert_eq!(m.pin_file_runs(f, !0xfff, 1, false, &mut runs), Err(Errno::EINVAL));
+        m.unpin_runs(&runs, false);
+        m.unpin(&one, false);
+        assert_eq!(m.pinned_pages(), 0);
+        m.close_file(7).unwrap();
+        assert_eq!(m.live_files(), 1, "held by the mapping");
+        m.file_put(f);
+        assert_eq!(m.live_files(), 0);
+        // Read-only descriptors map read-only only; guest RAM not added
+        // as a region faults.
+        m.add_file(3, 0x80_0000, 0x1000, false).unwrap();
+        assert_eq!(m.file_get(3, true), Err(Errno::EPERM));
+        let g = m.file_get(3, false).unwrap();
+        assert_eq!(m.pin_file_runs(g, 0, 1, false, &mut runs), Err(Errno::EFAULT));
+        m.file_put(g);
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! The pinned-page store.
 //!
-//! A [`Pages`] stands for one range of user memory that was mapped (an
-//! `IOMMU_IOAS_MAP` call). Areas of any number of IOAS refer to slices of it
+//! A [`Pages`] stands for one range of user memory or of a file that was
+//! mapped (an `IOMMU_IOAS_MAP` or `IOMMU_IOAS_MAP_FILE` call, see
+//! [`PagesOrigin`]). Areas of any number of IOAS refer to slices of it
 //! (a copy makes a second area over the same `Pages`), and every user of a
 //! page holds one *use*: an area that is loaded into domains holds one use
 //! per page however many domains it is in, and an access that pinned a
 //! page holds one per pin. A page is pinned in the [`MemorySource`] when its
 //! first use appears and unpinned when its last goes: *each page is pinned
-//! once*, and its physical address is kept here while pinned.
+//! once*, and its physical address is kept here while pinned. Only the
+//! pinning itself (`source_pin`) looks at the origin.
 //!
 //! Accounting: every page pinned through a `Pages` is charged to the
 //! context's [`Accounting`] at pin time and credited at unpin; a pin that
@@ -22,7 +24,7 @@
 //! leaf: the list is copied out before any domain is locked.
 
 use crate::errno::{Errno, Result};
-use crate::memsrc::{MemorySource, PAGE_SIZE, push_run};
+use crate::memsrc::{FileId, MemorySource, PAGE_SIZE, push_run};
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
@@ -118,6 +120,17 @@ impl Accounting {
             return Err(Errno::EBUSY);
         }
         s.mode = mode;
+        Ok(())
+    }
+    /// Moves the charge to a new owner with a limit of `limit_pages`
+    /// (`IOMMU_IOAS_CHANGE_PROCESS`): `ENOMEM`, and nothing changes, when
+    /// the pages charged now exceed it.
+    pub fn move_to(&self, limit_pages: u64) -> Result<()> {
+        let mut s = self.state.lock();
+        if s.pinned > limit_pages {
+            return Err(Errno::ENOMEM);
+        }
+        s.limit = limit_pages;
         Ok(())
     }
     fn charge(&self, pages: u64) -> Result<()> {
@@ -449,10 +462,45 @@ impl Holder {
     }
 }
 
-/// One mapped range of user memory and its pins.
+/// Where the pages of a [`Pages`] come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagesOrigin {
+    /// User memory (`IOMMU_IOAS_MAP`): page 0 is the page at this
+    /// page-aligned user address.
+    User {
+        /// Page-aligned user address of page 0.
+        uptr: u64,
+    },
+    /// A file (`IOMMU_IOAS_MAP_FILE`), held from the memory source while
+    /// the `Pages` lives: page 0 is the page at this page-aligned byte
+    /// offset of the file.
+    File {
+        /// The file, as the memory source names it.
+        file: FileId,
+        /// Page-aligned byte offset of page 0 in the file.
+        start: u64,
+    },
+}
+
+impl PagesOrigin {
+    /// The page-aligned address (user address or file offset) of page 0:
+    /// what IOVA allocation aligns to, as Linux does for both kinds.
+    pub fn base(&self) -> u64 {
+        match *self {
+            PagesOrigin::User { uptr } => uptr,
+            PagesOrigin::File { start, .. } => start,
+        }
+    }
+    /// Whether the pages come from a file.
+    pub fn is_file(&self) -> bool {
+        matches!(self, PagesOrigin::File { .. })
+    }
+}
+
+/// One mapped range of user memory or of a file, and its pins.
 pub struct Pages {
-    /// Page-aligned user address of page 0.
-    pub uptr: u64,
+    /// Where the pages come from.
+    pub origin: PagesOrigin,
     /// Number of pages.
     pub npages: u64,
     /// Whether the memory may be mapped writable.
@@ -466,7 +514,16 @@ pub struct Pages {
 
 impl core::fmt::Debug for Pages {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "Pages(uptr {:#x}, {} pages, {} pinned)", self.uptr, self.npages, self.table.lock().pinned_pages)
+        write!(f, "Pages({:?}, {} pages, {} pinned)", self.origin, self.npages, self.table.lock().pinned_pages)
+    }
+}
+
+impl Drop for Pages {
+    /// A file mapping gives its hold on the file back to the source.
+    fn drop(&mut self) {
+        if let PagesOrigin::File { file, .. } = self.origin {
+            self.source.file_put(file);
+        }
     }
 }
 
@@ -489,7 +546,7 @@ impl Pages {
         let npages = (last_page_end - first) / PAGE_SIZE;
         accounting.faults.point()?;
         let pages = Pages {
-            uptr: first,
+            origin: PagesOrigin::User { uptr: first },
             npages,
             writable,
             source,
@@ -499,6 +556,69 @@ impl Pages {
             next_holder: core::sync::atomic::AtomicU64::new(1),
         };
         Ok((Arc::new(pages), uptr - first))
+    }
+
+    /// Covers bytes `[start, start + length)` of `file`, whole pages, and
+    /// takes over the caller's hold on the file (given back to the source
+    /// when the `Pages` goes, or at once on error). Returns the store and
+    /// the byte offset of `start` inside page 0. Checks in Linux 6.13's
+    /// order (`iopt_alloc_file_pages`, `iopt_alloc_pages`): an empty
+    /// range is `EINVAL`, a last byte past `u64::MAX` `EOVERFLOW`, a
+    /// length within a page of `u64::MAX` `EINVAL`. Whether the range
+    /// lies inside the file is only known when its pages are pinned.
+    pub fn new_file(
+        source: Arc<dyn MemorySource>,
+        accounting: Arc<Accounting>,
+        file: FileId,
+        start: u64,
+        length: u64,
+        writable: bool,
+    ) -> Result<(Arc<Pages>, u64)> {
+        let checked = || -> Result<(u64, u64)> {
+            if length != 0 && start.checked_add(length - 1).is_none() {
+                return Err(Errno::EOVERFLOW);
+            }
+            if length == 0 || length > u64::MAX - PAGE_SIZE {
+                return Err(Errno::EINVAL);
+            }
+            let start_byte = start % PAGE_SIZE;
+            // Cannot overflow: length <= u64::MAX - PAGE_SIZE.
+            let npages = (start_byte + length).div_ceil(PAGE_SIZE);
+            accounting.faults.point()?;
+            Ok((start_byte, npages))
+        };
+        let (start_byte, npages) = match checked() {
+            Ok(v) => v,
+            Err(e) => {
+                source.file_put(file);
+                return Err(e);
+            }
+        };
+        let pages = Pages {
+            origin: PagesOrigin::File { file, start: start - start_byte },
+            npages,
+            writable,
+            source,
+            accounting,
+            table: Mutex::new(PinTable::default()),
+            holders: Mutex::new(BTreeMap::new()),
+            next_holder: core::sync::atomic::AtomicU64::new(1),
+        };
+        Ok((Arc::new(pages), start_byte))
+    }
+
+    /// Pins pages `[first, first + n)` in the memory source (user
+    /// addresses or file offsets) and appends their addresses as runs.
+    fn source_pin(&self, first: u64, n: u64, out: &mut Vec<PhysRun>) -> Result<()> {
+        // page < npages, so the offset stays below the end of the range,
+        // which fits in 64 bits; checked anyway.
+        let offset = |base: u64, err: Errno| first.checked_mul(PAGE_SIZE).and_then(|o| base.checked_add(o)).ok_or(err);
+        match self.origin {
+            PagesOrigin::User { uptr } => self.source.pin_runs(offset(uptr, Errno::EFAULT)?, n, self.writable, out),
+            PagesOrigin::File { file, start } => {
+                self.source.pin_file_runs(file, offset(start, Errno::EINVAL)?, n, self.writable, out)
+            }
+        }
     }
 
     /// Pages pinned now through this store.
@@ -575,7 +695,7 @@ impl Pages {
         let mut found = Vec::new();
         if !self.read_back(first, last, &mut found) {
             found.clear();
-            self.source.pin_runs(self.uptr + first * PAGE_SIZE, last - first + 1, self.writable, &mut found)?;
+            self.source_pin(first, last - first + 1, &mut found)?;
             self.source.unpin_runs(&found, false);
         }
         for run in found {
@@ -636,9 +756,7 @@ impl Pages {
             // Nothing in the range was in use (a new mapping): the source's
             // runs are the answer.
             let mut all = Vec::new();
-            if let Err(err) =
-                self.source.pin_runs(self.uptr + first * PAGE_SIZE, last - first + 1, self.writable, &mut all)
-            {
+            if let Err(err) = self.source_pin(first, last - first + 1, &mut all) {
                 self.accounting.credit(fresh_count);
                 return Err(err);
             }
@@ -661,7 +779,7 @@ impl Pages {
             // A fresh range's runs never merge with the previous range's.
             let before = fresh_runs.len();
             let mut mine = Vec::new();
-            if let Err(err) = self.source.pin_runs(self.uptr + s * PAGE_SIZE, e - s + 1, self.writable, &mut mine) {
+            if let Err(err) = self.source_pin(s, e - s + 1, &mut mine) {
                 undo(&fresh_runs);
                 return Err(err);
             }
@@ -849,6 +967,51 @@ mod tests {
         assert_eq!((acct.pinned(), a.pinned_pages(), p.uses(2), p.uses(4)), (2, 2, 1, 0));
         p.unpin(2, 3, UseKind::Other, None);
         assert_eq!((acct.pinned(), a.pinned_pages(), p.stored_pages()), (0, 0, 0));
+    }
+
+    #[test]
+    fn file_pages_pin_file_offsets_and_release_the_file() {
+        let (a, acct) = setup(u64::MAX);
+        let fd = a.create_memfd(8 * PAGE_SIZE);
+        a.map_file(0x80_0000, fd, 0, 8 * PAGE_SIZE);
+        let f = a.file_get(fd, true).unwrap();
+        let (p, off) = Pages::new_file(a.clone(), acct.clone(), f, PAGE_SIZE + 0x10, 2 * PAGE_SIZE, true).unwrap();
+        assert_eq!((p.npages, off, p.origin), (3, 0x10, PagesOrigin::File { file: f, start: PAGE_SIZE }));
+        let runs = p.pin_runs(0, 2, UseKind::Other).unwrap();
+        assert_eq!(runs, [PhysRun::new(a.phys_of(0x80_1000).unwrap(), 3 * PAGE_SIZE)]);
+        assert_eq!((a.pins(0x80_3000), a.pins(0x80_4000), acct.pinned()), (1, 0, 3));
+        p.unpin(0, 2, UseKind::Other, None);
+        assert_eq!((a.pinned_pages(), acct.pinned()), (0, 0));
+        a.close_fd(fd).unwrap();
+        assert_eq!(a.live_files(), 1, "the pages hold the file");
+        drop(p);
+        assert_eq!(a.live_files(), 0);
+    }
+
+    #[test]
+    fn file_ranges_are_checked_without_overflow() {
+        let (a, acct) = setup(u64::MAX);
+        let fd = a.create_memfd(PAGE_SIZE);
+        let get = || a.file_get(fd, false).unwrap();
+        let new = |start, length| {
+            Pages::new_file(a.clone(), acct.clone(), get(), start, length, false).map(|(p, o)| (p.npages, o))
+        };
+        assert_eq!(new(0, 0), Err(Errno::EINVAL));
+        assert_eq!(new(u64::MAX, 2), Err(Errno::EOVERFLOW));
+        assert_eq!(new(2, u64::MAX), Err(Errno::EOVERFLOW));
+        assert_eq!(new(1, u64::MAX), Err(Errno::EINVAL), "last byte is u64::MAX: no overflow, too long");
+        assert_eq!(new(0, u64::MAX), Err(Errno::EINVAL));
+        assert_eq!(new(0, u64::MAX - PAGE_SIZE + 1), Err(Errno::EINVAL));
+        // The very last page of the offset space: fine until pinned.
+        let (p, off) = Pages::new_file(a.clone(), acct.clone(), get(), u64::MAX - 0xfff, 0x1000, false).unwrap();
+        assert_eq!((p.npages, off), (1, 0));
+        assert_eq!(p.pin(0, 0, UseKind::Other, None), Err(Errno::EINVAL), "past the end of the file");
+        assert_eq!(new(u64::MAX, 1), Ok((1, 0xfff)));
+        assert_eq!(new(0, u64::MAX - PAGE_SIZE), Ok(((u64::MAX - PAGE_SIZE).div_ceil(PAGE_SIZE), 0)));
+        drop(p);
+        assert_eq!((acct.pinned(), a.pinned_pages()), (0, 0));
+        a.close_fd(fd).unwrap();
+        assert_eq!(a.live_files(), 0, "every failed or dropped Pages gave its hold back");
     }
 
     #[test]

@@ -83,3 +83,74 @@ fn parallel_map_unmap_copy_keep_every_invariant() {
         assert_eq!(ictx.ioas_unmap(ioas, 0, u64::MAX), Ok(0));
     }
 }
+
+/// `Ictx::change_process` holds every IOAS lock at once (in id order,
+/// under the IOAS creation lock) while other threads map and unmap memfds,
+/// make and destroy IOAS with user mappings, and add and remove domains:
+/// no deadlock, every answer is success or `EINVAL` (a user mapping
+/// existed at that moment), and afterwards every pin is gone.
+#[test]
+fn change_process_while_others_map_and_create_ioas() {
+    let mem = Arc::new(FakeAddressSpace::new());
+    mem.map(USER, CHUNK, true);
+    let mfd = mem.create_memfd(THREADS * CHUNK);
+    let ictx = Arc::new(Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX));
+    let mut ioas = Vec::new();
+    for _ in 0..THREADS {
+        let id = ictx.ioas_alloc().unwrap();
+        let dev = ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap();
+        ictx.attach(dev, id).unwrap();
+        ioas.push(id);
+    }
+    let churn_dev = ictx.bind_device(Arc::new(MockDevice::new(0))).unwrap();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let (moved, refused) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+    let running = || done.load(std::sync::atomic::Ordering::SeqCst) < THREADS;
+
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while running() {
+                match ictx.change_process(mem.clone() as Arc<dyn MemorySource>, u64::MAX) {
+                    Ok(()) => moved.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                    Err(e) => {
+                        assert_eq!(e, iommufd::errno::Errno::EINVAL);
+                        refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    }
+                };
+            }
+        });
+        // IOAS appear with a user mapping and go again.
+        s.spawn(|| {
+            while running() {
+                let id = ictx.ioas_alloc().unwrap();
+                ictx.ioas_map(id, None, USER, PAGE_SIZE, true, true).unwrap();
+                ictx.destroy(id).unwrap();
+            }
+        });
+        // A second domain of IOAS 0 comes and goes (filled from file areas).
+        s.spawn(|| {
+            while running() {
+                let h = ictx.hwpt_alloc(churn_dev, ioas[0]).unwrap();
+                ictx.destroy(h).unwrap();
+            }
+        });
+        for t in 0..THREADS {
+            let (ictx, mem, done, id) = (ictx.clone(), mem.clone(), &done, ioas[t as usize]);
+            s.spawn(move || {
+                let hwpt = (1..64).find_map(|h| ictx.hwpt(h).ok().filter(|x| x.ioas_id == id)).unwrap();
+                for round in 0..ROUNDS {
+                    let len = ((round % 16) + 1) * PAGE_SIZE;
+                    let start = t * CHUNK;
+                    let iova = ictx.ioas_map_file(id, None, mfd, start, len, true, true).unwrap();
+                    assert_eq!(hwpt.domain.lock().iova_to_phys(iova + len - 1), mem.file_phys(mfd, start + len - 1));
+                    assert_eq!(ictx.ioas_unmap(id, iova, len), Ok(len));
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    let (moved, refused) = (moved.into_inner(), refused.into_inner());
+    assert!(moved + refused > 0, "change_process ran");
+    println!("change_process: {moved} moved, {refused} refused");
+    assert_eq!((mem.pinned_pages(), ictx.pinned_pages()), (0, 0));
+}

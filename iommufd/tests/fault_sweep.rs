@@ -14,6 +14,11 @@
 //! safety rule instead: nothing is mapped that was not mapped before, no
 //! page lost a pin, every page a domain maps is pinned, and the
 //! accounting matches the pins.
+//!
+//! The world has a memfd too, mapped into IOAS `a` and `b` with
+//! `IOMMU_IOAS_MAP_FILE`: its pages are in the snapshot (pins, and the
+//! holds on the file: a failed map must give its hold back), and the
+//! sweeps run file maps and copies of file mappings.
 
 use iommufd::ctx::{Ictx, ReplaceError, UserData};
 use iommufd::dispatch::ioctl;
@@ -22,8 +27,9 @@ use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
 use iommufd::selftest::cmd::MockDevice;
 use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain, MockFaults};
 use iommufd::uapi::{
-    IOMMU_HWPT_DATA_SELFTEST, IOMMU_HWPT_FAULT_ID_VALID, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FIXED_IOVA,
-    IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_UNMAP, IOMMU_TEST_IOTLB_DEFAULT, IommuIoasMap, IommuIoasUnmap,
+    IOMMU_HWPT_DATA_SELFTEST, IOMMU_HWPT_FAULT_ID_VALID, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE,
+    IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_MAP_WRITEABLE, IOMMU_IOAS_UNMAP,
+    IOMMU_TEST_IOTLB_DEFAULT, IommuIoasMap, IommuIoasMapFile, IommuIoasUnmap,
 };
 use std::sync::Arc;
 
@@ -32,18 +38,27 @@ const USER_PAGES: u64 = 64;
 const WINDOW: u64 = 128 * PAGE_SIZE;
 /// One page of user memory holding the mock's nested-HWPT data.
 const NEST_DATA: u64 = 0x5000_0000;
+/// Pages of the world's memfd.
+const MFD_PAGES: u64 = 16;
+/// Where IOAS `b` maps the first 4 pages of the memfd.
+const B_FILE_IOVA: u64 = MOCK_APERTURE_START + 0x50000;
+/// Where IOAS `a` (with its domains) maps pages 4..8 of the memfd.
+const A_FILE_IOVA: u64 = MOCK_APERTURE_START + 0x68000;
 
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
     objects: Vec<u32>,
+    /// Pins of every user page, then of every page of the memfd.
     pins: Vec<u32>,
+    /// Files alive in the memory source (the memfd: 1 while mapped).
+    files: usize,
     accounted: u64,
     /// For every HWPT: its id and the translation of every 2 KiB I/O page
     /// of the window.
     domains: Vec<(u32, Vec<Option<u64>>)>,
 }
 
-fn snapshot(ictx: &Ictx, mem: &FakeAddressSpace) -> Snapshot {
+fn snapshot(ictx: &Ictx, mem: &FakeAddressSpace, mfd: i32) -> Snapshot {
     let objects = ictx.object_ids();
     let domains = objects
         .iter()
@@ -55,7 +70,11 @@ fn snapshot(ictx: &Ictx, mem: &FakeAddressSpace) -> Snapshot {
         .collect();
     Snapshot {
         objects,
-        pins: (0..USER_PAGES).map(|p| mem.pins(USER + p * PAGE_SIZE)).collect(),
+        pins: (0..USER_PAGES)
+            .map(|p| mem.pins(USER + p * PAGE_SIZE))
+            .chain((0..MFD_PAGES).map(|p| mem.file_pins(mfd, p * PAGE_SIZE)))
+            .collect(),
+        files: mem.live_files(),
         accounted: ictx.pinned_pages(),
         domains,
     }
@@ -82,6 +101,23 @@ struct World {
     /// A fault queue nobody uses yet, and its descriptor.
     fault: u32,
     fault_fd: u32,
+    /// The memfd (pages 0..4 mapped into `b` at `B_FILE_IOVA`, 4..8 into
+    /// `a` at `A_FILE_IOVA`).
+    mfd: i32,
+}
+
+impl World {
+    fn snapshot(&self) -> Snapshot {
+        snapshot(&self.ictx, &self.mem, self.mfd)
+    }
+    /// Physical address of page `k` of the snapshot's pin list.
+    fn page_phys(&self, k: u64) -> Option<u64> {
+        if k < USER_PAGES {
+            self.mem.phys_of(USER + k * PAGE_SIZE)
+        } else {
+            self.mem.file_phys(self.mfd, (k - USER_PAGES) * PAGE_SIZE)
+        }
+    }
 }
 
 fn world() -> World {
@@ -114,7 +150,10 @@ fn world() -> World {
     ictx.ioas_map(c, Some(MOCK_APERTURE_START), USER + 0x38000, 4 * PAGE_SIZE, true, true).unwrap();
     let parent = ictx.hwpt_alloc_flags(nest_dev, c, false, true).unwrap();
     let (fault, fault_fd) = ictx.fault_alloc().unwrap();
-    World { mem, ictx, faults, a, b, spare_dev, dev_a, dirty, nest_dev, parent, fault, fault_fd }
+    let mfd = mem.create_memfd(MFD_PAGES * PAGE_SIZE);
+    ictx.ioas_map_file(b, Some(B_FILE_IOVA), mfd, 0, 4 * PAGE_SIZE, true, true).unwrap();
+    ictx.ioas_map_file(a, Some(A_FILE_IOVA), mfd, 4 * PAGE_SIZE, 4 * PAGE_SIZE, true, true).unwrap();
+    World { mem, ictx, faults, a, b, spare_dev, dev_a, dirty, nest_dev, parent, fault, fault_fd, mfd }
 }
 
 /// After a call that failed with invalidations failing: nothing mapped
@@ -129,8 +168,8 @@ fn check_safe(name: &str, w: &World, before: &Snapshot, after: &Snapshot) {
                 old.is_some_and(|o| o[k] == Some(*phys)),
                 "{name}: HWPT {id} maps I/O page {k} to {phys:#x}, which it did not before"
             );
-            let page = (0..USER_PAGES).find(|&p| w.mem.phys_of(USER + p * PAGE_SIZE) == Some(phys & !(PAGE_SIZE - 1)));
-            let page = page.unwrap_or_else(|| panic!("{name}: HWPT {id} maps {phys:#x}, not user memory"));
+            let page = (0..USER_PAGES + MFD_PAGES).find(|&p| w.page_phys(p) == Some(phys & !(PAGE_SIZE - 1)));
+            let page = page.unwrap_or_else(|| panic!("{name}: HWPT {id} maps {phys:#x}, not user or memfd memory"));
             assert!(after.pins[page as usize] > 0, "{name}: HWPT {id} maps user page {page}, which is not pinned");
         }
     }
@@ -146,7 +185,7 @@ fn check_safe(name: &str, w: &World, before: &Snapshot, after: &Snapshot) {
 fn sync_sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>) -> u64 {
     for n in 1..100 {
         let w = world();
-        let before = snapshot(&w.ictx, &w.mem);
+        let before = w.snapshot();
         w.faults.fail_sync_at(Some(n), false);
         let r = op(&w);
         w.faults.fail_sync_at(None, false);
@@ -154,7 +193,7 @@ fn sync_sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>) -> u64 {
             Ok(()) => return n - 1,
             Err(e) => {
                 assert_eq!(e, Errno::EIO, "{name}: invalidation {n} failed");
-                check_safe(name, &w, &before, &snapshot(&w.ictx, &w.mem));
+                check_safe(name, &w, &before, &w.snapshot());
             }
         }
     }
@@ -170,7 +209,7 @@ fn unwind_sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>, points: u6
     let mut stale = 0;
     for n in 1..=points {
         let w = world();
-        let before = snapshot(&w.ictx, &w.mem);
+        let before = w.snapshot();
         w.ictx.accounting().faults.arm(Some(n));
         w.faults.fail_sync_at(Some(1), false);
         let r = op(&w);
@@ -178,7 +217,7 @@ fn unwind_sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>, points: u6
         let synced = w.faults.syncs();
         w.faults.fail_sync_at(None, false);
         let e = r.expect_err("a fault point of the plain sweep fails");
-        let after = snapshot(&w.ictx, &w.mem);
+        let after = w.snapshot();
         if synced == 0 {
             assert_eq!(after, before, "{name}: state changed after failure {e} at fault point {n}");
         } else {
@@ -194,14 +233,14 @@ fn unwind_sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>, points: u6
 fn sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>) -> u64 {
     for n in 1..1000 {
         let w = world();
-        let before = snapshot(&w.ictx, &w.mem);
+        let before = w.snapshot();
         w.ictx.accounting().faults.arm(Some(n));
         let r = op(&w);
         w.ictx.accounting().faults.arm(None);
         match r {
             Ok(()) => return n - 1,
             Err(e) => {
-                let after = snapshot(&w.ictx, &w.mem);
+                let after = w.snapshot();
                 assert_eq!(after, before, "{name}: state changed after failure {e} at fault point {n}");
                 // And the world still works: the same operation succeeds now.
                 op(&w).unwrap_or_else(|e| panic!("{name}: fails without injection after fault {n}: {e}"));
@@ -272,6 +311,40 @@ fn operations() -> Vec<Op> {
         ("fault queue alloc", Box::new(|w: &World| w.ictx.fault_alloc().map(|_| ()))),
         ("unmap", Box::new(move |w: &World| w.ictx.ioas_unmap(w.a, MOCK_APERTURE_START, 8 * page).map(|_| ()))),
         (
+            "map a file into two domains",
+            Box::new(move |w: &World| {
+                let iova = Some(MOCK_APERTURE_START + 0x70000);
+                w.ictx.ioas_map_file(w.a, iova, w.mfd, 2 * page, 8 * page, true, true).map(|_| ())
+            }),
+        ),
+        (
+            "map a file with allocated IOVA (pages a's file area pins too)",
+            Box::new(move |w: &World| w.ictx.ioas_map_file(w.a, None, w.mfd, 0, 6 * page, true, false).map(|_| ())),
+        ),
+        (
+            "copy a file mapping into two domains",
+            Box::new(move |w: &World| {
+                let dst = Some(MOCK_APERTURE_START + 0x7c000);
+                w.ictx.ioas_copy(w.a, w.b, B_FILE_IOVA, dst, 4 * page, true, true).map(|_| ())
+            }),
+        ),
+        (
+            "IOAS_MAP_FILE through the dispatcher",
+            Box::new(move |w: &World| {
+                let c = IommuIoasMapFile {
+                    size: IommuIoasMapFile::SIZE as u32,
+                    flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+                    ioas_id: w.a,
+                    fd: w.mfd,
+                    start: 8 * page + 0x800,
+                    length: 2 * page,
+                    iova: MOCK_APERTURE_START + 0x78800,
+                };
+                let mut buf = c.to_bytes();
+                ioctl(&w.ictx, IOMMU_IOAS_MAP_FILE, &mut buf)
+            }),
+        ),
+        (
             "IOAS_MAP through the dispatcher",
             Box::new(move |w: &World| {
                 let c = IommuIoasMap {
@@ -313,6 +386,10 @@ fn every_failed_invalidation_keeps_what_a_device_may_reach_pinned() {
             Box::new(move |w: &World| w.ictx.ioas_unmap(w.a, MOCK_APERTURE_START, 8 * page).map(|_| ())),
         ),
         ("unmap everything", Box::new(|w: &World| w.ictx.ioas_unmap(w.a, 0, u64::MAX).map(|_| ()))),
+        (
+            "unmap a file mapping from two domains",
+            Box::new(|w: &World| w.ictx.ioas_unmap(w.a, A_FILE_IOVA, 4 * PAGE_SIZE).map(|_| ())),
+        ),
         ("detach the last device of a domain", Box::new(|w: &World| w.ictx.detach(w.dev_a))),
         (
             "read and clear dirty bits",

@@ -9,6 +9,13 @@
 //! unmapped), and pins: a user page is pinned exactly once if some IOAS
 //! with a device maps it, else not at all; accounting equals the pins.
 //!
+//! The user memory is a memfd mapped at `USER` (a shared mmap): a map
+//! step maps its pages by user address or, with `IOMMU_IOAS_MAP_FILE`, by
+//! file offset; both pin the same pages, and the model does not tell them
+//! apart except for `IOMMU_IOAS_CHANGE_PROCESS`, which succeeds exactly
+//! when every area of both IOAS comes from a file map (a copy of one
+//! counts as one).
+//!
 //! One more step arms a failed IOTLB invalidation: the next invalidation
 //! of any domain fails. The model knows which step invalidates (an unmap
 //! or a last detach that removes mappings from a domain, or the unwinding
@@ -33,6 +40,8 @@ const SLOTS: u64 = 48;
 #[derive(Debug, Clone)]
 enum Op {
     Map { ioas: usize, page: u64, n: u64, slot: u64 },
+    MapFile { ioas: usize, page: u64, n: u64, slot: u64 },
+    ChangeProcess,
     Unmap { ioas: usize, slot: u64, n: u64 },
     UnmapAll { ioas: usize },
     Copy { src: usize, dst: usize, slot: u64, n: u64, dst_slot: u64 },
@@ -43,7 +52,10 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..2usize, 0..USER_PAGES, 1..6u64, 0..SLOTS).prop_map(|(ioas, page, n, slot)| Op::Map { ioas, page, n, slot }),
+        3 => (0..2usize, 0..USER_PAGES, 1..6u64, 0..SLOTS).prop_map(|(ioas, page, n, slot)| Op::Map { ioas, page, n, slot }),
+        3 => (0..2usize, 0..USER_PAGES, 1..6u64, 0..SLOTS)
+            .prop_map(|(ioas, page, n, slot)| Op::MapFile { ioas, page, n, slot }),
+        1 => Just(Op::ChangeProcess),
         3 => (0..2usize, 0..SLOTS, 1..10u64).prop_map(|(ioas, slot, n)| Op::Unmap { ioas, slot, n }),
         1 => (0..2usize).prop_map(|ioas| Op::UnmapAll { ioas }),
         2 => (0..2usize, 0..2usize, 0..SLOTS, 1..6u64, 0..SLOTS)
@@ -69,6 +81,8 @@ struct Model {
     broken: [bool; 2],
     /// (user page, map call) pins a failed invalidation left for good.
     leaked: BTreeSet<(u64, u32)>,
+    /// Map calls that mapped the memfd by offset.
+    file_maps: BTreeSet<u32>,
 }
 
 impl Model {
@@ -147,11 +161,14 @@ struct Sys {
     faults: Arc<MockFaults>,
     ioas: [u32; 2],
     devs: [u32; 2],
+    /// The memfd mapped at `USER`.
+    mfd: i32,
 }
 
 fn sys() -> Sys {
     let mem = Arc::new(FakeAddressSpace::new());
-    mem.map(USER, USER_PAGES * PAGE_SIZE, true);
+    let mfd = mem.create_memfd(USER_PAGES * PAGE_SIZE);
+    mem.map_file(USER, mfd, 0, USER_PAGES * PAGE_SIZE);
     let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
     let faults = MockFaults::new();
     let ioas = [ictx.ioas_alloc().unwrap(), ictx.ioas_alloc().unwrap()];
@@ -159,13 +176,13 @@ fn sys() -> Sys {
         ictx.bind_device(Arc::new(MockDevice::with_faults(0, faults.clone()))).unwrap(),
         ictx.bind_device(Arc::new(MockDevice::with_faults(0, faults.clone()))).unwrap(),
     ];
-    Sys { mem, ictx, faults, ioas, devs }
+    Sys { mem, ictx, faults, ioas, devs, mfd }
 }
 
 /// Applies `op` to the model; returns whether it should succeed.
 fn step_model(m: &mut Model, op: &Op) -> bool {
     match *op {
-        Op::Map { ioas, page, n, slot } => {
+        Op::Map { ioas, page, n, slot } | Op::MapFile { ioas, page, n, slot } => {
             // Pages are only touched when a domain needs them pinned.
             if (page + n > USER_PAGES && m.has_device(ioas)) || !m.overlaps(ioas, slot, slot + n - 1).is_empty() {
                 return false;
@@ -175,8 +192,12 @@ fn step_model(m: &mut Model, op: &Op) -> bool {
             }
             m.next_map += 1;
             m.areas[ioas].insert(slot, (slot + n - 1, page, m.next_map));
+            if matches!(op, Op::MapFile { .. }) {
+                m.file_maps.insert(m.next_map);
+            }
             true
         }
+        Op::ChangeProcess => m.areas.iter().flat_map(|a| a.values()).all(|(_, _, id)| m.file_maps.contains(id)),
         Op::Unmap { ioas, slot, n } => {
             let (s, l) = (slot, slot + n - 1);
             let hit = m.overlaps(ioas, s, l);
@@ -283,6 +304,11 @@ fn step_sys(s: &Sys, op: &Op) -> bool {
         Op::Map { ioas, page, n, slot } => {
             s.ictx.ioas_map(s.ioas[ioas], Some(iova(slot)), USER + page_bytes(page), page_bytes(n), true, true).is_ok()
         }
+        Op::MapFile { ioas, page, n, slot } => s
+            .ictx
+            .ioas_map_file(s.ioas[ioas], Some(iova(slot)), s.mfd, page_bytes(page), page_bytes(n), true, true)
+            .is_ok(),
+        Op::ChangeProcess => s.ictx.ioas_change_process().is_ok(),
         Op::Unmap { ioas, slot, n } => s.ictx.ioas_unmap(s.ioas[ioas], iova(slot), page_bytes(n)).is_ok(),
         Op::UnmapAll { ioas } => s.ictx.ioas_unmap(s.ioas[ioas], 0, u64::MAX).is_ok(),
         Op::Copy { src, dst, slot, n, dst_slot } => s

@@ -1,7 +1,8 @@
 //! Port of four test groups of Linux's iommufd selftest
 //! (`tools/testing/selftests/iommu/iommufd.c` and `iommufd_utils.h`, as of
-//! Linux 6.12) to our dispatcher: same inputs, same expected errno and
-//! results. Written from the facts of those tests (which commands, which
+//! Linux 6.12), plus the IOAS_MAP_FILE cases of 6.13 and the
+//! `change_process` fixture of 6.14, to our dispatcher: same inputs, same
+//! expected errno and results. Written from the facts of those tests (which commands, which
 //! arguments, which answers); no Linux code or comment text is used.
 //!
 //! Layout: `selftest_port/harness.rs` is the fixture (fake address space
@@ -58,16 +59,43 @@
 //!   `user_copy`, `replace`, `alloc_hwpt` (6.12 has no nested case in
 //!   this fixture; `alloc_hwpt` covers `NEST_PARENT` paging HWPTs).
 //!
+//! # Newer cases ported (IOAS_MAP_FILE, 6.13; IOAS_CHANGE_PROCESS, 6.14)
+//!
+//! - `iommufd_mock_domain` variants `one_domain_file` and
+//!   `one_domain_file_hugepage` (7 tests × 2 = 14 cases, all ported):
+//!   `basic` is Linux's `test_basic_file` (one page of the memfd buffer
+//!   checked in the domain; a map one byte past a memfd's end and a map of
+//!   a truncated memfd: EINVAL); `all_aligns`, `all_aligns_copy` map a
+//!   fresh memfd by offset and check the domain and the pin counts through
+//!   its shared mapping; `user_copy` maps the memfd buffer by offset; the
+//!   other three tests do not look at `file`. Source: the selftest patch that
+//!   added these cases ("Add test cases to exercise IOMMU_IOAS_MAP_FILE",
+//!   2024-10-25, as quoted on linux-kselftest in the reference archive).
+//! - `iommufd.cmd_length`: the IOAS_MAP_FILE entry (6.13, minimum up to
+//!   `iova`) and an IOAS_CHANGE_PROCESS entry (up to `__reserved`).
+//! - `change_process.basic` (6.14): user memory mapped → EINVAL; a memfd
+//!   mapped → success from the own process; then the move to "another
+//!   process". Linux forks a child for that and reads `/proc` VmPin/VmLck;
+//!   here the child's side is `Ictx::change_process` (a context has one
+//!   memory source and the dispatcher's caller is always its own process),
+//!   and the charge is read from the accounting. It runs in both
+//!   accounting modes. The 6.14 test text itself was not in the reference
+//!   store (the kernel side, `iommufd_ioas_change_process`, was); its shape
+//!   is from the later patches that quote it.
+//! - not ported: the `basic_fail_nth.map_file_domain` fail-nth case (its
+//!   equivalent is in `tests/fault_sweep.rs`, which sweeps file maps,
+//!   copies and unmaps), and the dma-buf cases of later kernels
+//!   (`dmabuf_simple`, `dmabuf_revoke`, ...: no dma-buf source here).
+//!
 //! `vfio_compat_mock_domain`, variants `Ver1v2`, `Ver1v0` (5 tests × 2 =
 //! 10 cases): all ported — `simple_close`, `option_huge_pages`,
 //! `get_info`, `map`, `huge_map`.
 //!
-//! Version notes: Linux 6.13+ adds to these groups `cmd_length` entries for
-//! IOAS_MAP_FILE, VIOMMU_ALLOC, VDEVICE_ALLOC (and 6.14
-//! IOAS_CHANGE_PROCESS), file-backed `iommufd_mock_domain` variants, a
-//! device cache check and a PASID-capable device in the `iommufd_ioas`
-//! setup (6.15), and HWPT_INVALIDATE on a parent HWPT answers EINVAL
-//! instead of ENOENT. None of that is in 6.12, so none is ported.
+//! Version notes: Linux 6.13+ also adds to these groups `cmd_length`
+//! entries for VIOMMU_ALLOC, VDEVICE_ALLOC, a device cache check and a
+//! PASID-capable device in the `iommufd_ioas` setup (6.15), and
+//! HWPT_INVALIDATE on a parent HWPT answers EINVAL instead of ENOENT.
+//! Those commands are not served, so none of that is ported.
 //!
 //! Simulation notes: the fault "fd" is the number `out_fault_fd` names
 //! in the context's descriptor table; `read(2)`, `write(2)` and `close(2)`
@@ -81,6 +109,8 @@
 //! `mock_domain_limit` variant's temporary batch memory limit is accepted
 //! and has no effect (we have no PFN batch).
 
+#[path = "selftest_port/change_process.rs"]
+mod change_process;
 #[path = "selftest_port/harness.rs"]
 mod harness;
 #[path = "selftest_port/iommufd.rs"]

@@ -163,7 +163,8 @@ impl Ictx {
         let shift = page_size.trailing_zeros();
         // Index of the last bit: the bitmap has `last_bit + 1` bits.
         let last_bit = (last - iova) >> shift;
-        let mut writer = crate::dirty::BitmapWriter::new(self.source(), data, last_bit + 1);
+        let source = self.source();
+        let mut writer = crate::dirty::BitmapWriter::new(&source, data, last_bit + 1);
         let mut gather = portcullis_iommu::IotlbGather::default();
         // A window of the bitmap at a time: the window is proven writable
         // before the dirty bits it reports are cleared (crate::dirty).

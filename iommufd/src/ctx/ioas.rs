@@ -1,5 +1,6 @@
-//! IOAS operations: allocation, map, unmap, copy, the usable ranges and
-//! the allowed ranges (Linux's `ioas.c`).
+//! IOAS operations: allocation, map (of user memory or of a file), unmap,
+//! copy, the usable ranges and the allowed ranges (Linux's `ioas.c`), and
+//! moving the pinned pages to another process (`IOMMU_IOAS_CHANGE_PROCESS`).
 //!
 //! An IOAS operation holds only that IOAS's `iopt` mutex (plus, inside
 //! it, domain and `Pages` locks in the order of the main module): never
@@ -10,6 +11,7 @@
 use super::{Ictx, Object};
 use crate::errno::{Errno, Result};
 use crate::iopt::IoPagetable;
+use crate::memsrc::MemorySource;
 use crate::pages::Pages;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -48,6 +50,7 @@ fn prot_of(readable: bool, writable: bool) -> Prot {
 impl Ictx {
     /// `IOMMU_IOAS_ALLOC`.
     pub fn ioas_alloc(&self) -> Result<u32> {
+        let _creation = self.ioas_creation.lock();
         self.insert(Object::Ioas(Arc::new(Ioas {
             iopt: Mutex::new(IoPagetable::new()),
             auto_hwpts: Mutex::new(Vec::new()),
@@ -67,9 +70,89 @@ impl Ictx {
         writable: bool,
     ) -> Result<u64> {
         let ioas = self.ioas(ioas_id)?;
-        let (pages, off) = Pages::new(self.source.clone(), self.accounting.clone(), uptr, length, writable)?;
+        let (pages, off) = Pages::new(self.source(), self.accounting.clone(), uptr, length, writable)?;
         let slice = crate::iopt::PagesSlice { pages, start_byte: off, length };
         ioas.iopt.lock().map_pages(core::slice::from_ref(&slice), length, iova, prot_of(readable, writable))
+    }
+
+    /// `IOMMU_IOAS_MAP_FILE` (Linux 6.13+): maps bytes `[start, start +
+    /// length)` of the file descriptor `fd` names in the memory source
+    /// (a memfd holding guest RAM); returns the IOVA used. The mapping
+    /// holds the file, not the descriptor: closing `fd` later changes
+    /// nothing. Checks after the argument checks of the dispatcher, in
+    /// Linux's order: the IOAS (`ENOENT`), the descriptor (`EBADF`; a
+    /// writable mapping of a descriptor not open for writing is `EPERM`,
+    /// the check later kernels make when taking the file), the range
+    /// (`EINVAL` when empty, `EOVERFLOW` when its last byte is past
+    /// `u64::MAX`), then the map itself. Whether the range lies inside a
+    /// file whose pages can be pinned is found when they are pinned
+    /// (`EINVAL`): at once when the IOAS has a domain, else at the first
+    /// domain attach or access.
+    #[allow(clippy::too_many_arguments)] // mirrors the uAPI struct's fields
+    pub fn ioas_map_file(
+        &self,
+        ioas_id: u32,
+        iova: Option<u64>,
+        fd: i32,
+        start: u64,
+        length: u64,
+        readable: bool,
+        writable: bool,
+    ) -> Result<u64> {
+        let ioas = self.ioas(ioas_id)?;
+        let source = self.source();
+        let file = source.file_get(fd, writable)?;
+        let (pages, off) = Pages::new_file(source, self.accounting.clone(), file, start, length, writable)?;
+        let slice = crate::iopt::PagesSlice { pages, start_byte: off, length };
+        ioas.iopt.lock().map_pages(core::slice::from_ref(&slice), length, iova, prot_of(readable, writable))
+    }
+
+    /// `IOMMU_IOAS_CHANGE_PROCESS` (Linux 6.14+) as the dispatcher sees
+    /// it: the caller of an ioctl is always the process the context
+    /// belongs to, so there is nothing to move, and the call answers what
+    /// Linux answers its own process: `EINVAL` if any IOAS maps user
+    /// memory (only file mappings can change process), else success with
+    /// nothing changed. See [`Self::change_process`] for a real move.
+    pub fn ioas_change_process(&self) -> Result<()> {
+        self.change_process_inner(None)
+    }
+
+    /// Moves the context to another process: `source` becomes its memory
+    /// (user addresses and descriptors of later calls) and its pinned
+    /// pages are charged against `pin_limit_pages` from now on. Only when
+    /// every mapping of every IOAS is a file mapping (`EINVAL` otherwise:
+    /// a user-memory mapping belongs to the old address space); `ENOMEM`
+    /// when the pages pinned now exceed the new limit. On error nothing
+    /// changes. Pages stay pinned and mapped as they are: each file
+    /// mapping holds its file in the memory source that opened it, as a
+    /// Linux mapping holds the file, not the process. (This is what a
+    /// hypervisor's live update needs: the new process takes over the
+    /// context with the guest RAM memfds mapped.)
+    ///
+    /// Locks: the IOAS creation lock, then every IOAS lock in id order
+    /// (the one place that holds more than one; the creation lock keeps it
+    /// to one thread), as Linux does.
+    pub fn change_process(&self, source: Arc<dyn MemorySource>, pin_limit_pages: u64) -> Result<()> {
+        self.change_process_inner(Some((source, pin_limit_pages)))
+    }
+
+    fn change_process_inner(&self, to: Option<(Arc<dyn MemorySource>, u64)>) -> Result<()> {
+        let _creation = self.ioas_creation.lock();
+        let all: Vec<Arc<Ioas>> = self
+            .objects
+            .lock()
+            .values()
+            .filter_map(|o| if let Object::Ioas(i) = o { Some(i.clone()) } else { None })
+            .collect();
+        let locked: Vec<_> = all.iter().map(|i| i.iopt.lock()).collect();
+        if locked.iter().any(|iopt| iopt.areas().any(|(_, _, area)| !area.pages.origin.is_file())) {
+            return Err(Errno::EINVAL);
+        }
+        if let Some((source, limit)) = to {
+            self.accounting.move_to(limit)?;
+            *self.source.lock() = source;
+        }
+        Ok(())
     }
 
     /// `IOMMU_IOAS_UNMAP`; `(0, u64::MAX)` unmaps everything.
@@ -132,8 +215,80 @@ impl Ictx {
 #[cfg(test)]
 mod tests {
     use crate::ctx::tests::{MockDev, ctx};
+    use crate::errno::Errno;
+    use crate::memsrc::{FakeAddressSpace, MemorySource};
     use crate::selftest::mock::MOCK_APERTURE_START;
     use alloc::sync::Arc;
+
+    #[test]
+    fn file_and_user_mappings_of_one_memfd_share_pins() {
+        let (mem, c) = ctx();
+        let fd = mem.create_memfd(0x8000);
+        mem.map_file(0x5000_0000, fd, 0, 0x8000);
+        let a = c.ioas_alloc().unwrap();
+        let d = c.bind_device(Arc::new(MockDev(1))).unwrap();
+        let h = c.attach(d, a).unwrap();
+        assert_eq!(c.ioas_map_file(a, None, 99, 0, 0x1000, true, true), Err(Errno::EBADF));
+        assert_eq!(c.ioas_map_file(77, None, fd, 0, 0x1000, true, true), Err(Errno::ENOENT));
+        assert_eq!(c.ioas_map_file(a, None, fd, 0, 0x9000, true, true), Err(Errno::EINVAL), "past the end");
+        let iova = c.ioas_map_file(a, None, fd, 0x2000, 0x4000, true, true).unwrap();
+        // The user mapping of the same file pins the same pages once more.
+        let iova_u = c.ioas_map(a, None, 0x5000_3000, 0x2000, true, false).unwrap();
+        let hw = c.hwpt(h).unwrap();
+        assert_eq!(hw.domain.lock().iova_to_phys(iova + 0x1000), mem.file_phys(fd, 0x3000));
+        assert_eq!(hw.domain.lock().iova_to_phys(iova_u), mem.file_phys(fd, 0x3000));
+        assert_eq!((mem.pins(0x5000_3000), mem.pins(0x5000_2000), mem.pinned_pages()), (2, 1, 4));
+        assert_eq!(c.pinned_pages(), 6, "accounted per mapping, as Linux does");
+        // A copy shares the file pages; an access pins them once more.
+        let b = c.ioas_alloc().unwrap();
+        let iova_b = c.ioas_copy(b, a, iova, None, 0x4000, true, false).unwrap();
+        let acc = c.access_create(Arc::new(crate::selftest::cmd::MockAccess::new(true))).unwrap();
+        c.access_attach(acc, b).unwrap();
+        let phys = c.access_pin_pages(acc, iova_b, 0x1000, false).unwrap();
+        assert_eq!(Some(phys[0]), mem.file_phys(fd, 0x2000));
+        assert_eq!(mem.pins(0x5000_2000), 1, "each page is pinned once per store");
+        c.access_unpin_pages(acc, iova_b, 0x1000).unwrap();
+        c.access_destroy(acc).unwrap();
+        // Closing the descriptor leaves the mapping working.
+        mem.close_fd(fd).unwrap();
+        c.ioas_unmap(a, 0, u64::MAX).unwrap();
+        assert_eq!((mem.pinned_pages(), mem.live_files()), (0, 1), "B (no domain) pins nothing but holds the file");
+        c.ioas_unmap(b, 0, u64::MAX).unwrap();
+        assert_eq!((mem.pinned_pages(), c.pinned_pages(), mem.live_files()), (0, 0, 0));
+    }
+
+    #[test]
+    fn change_process_needs_file_mappings_only() {
+        let (mem, c) = ctx();
+        let fd = mem.create_memfd(0x4000);
+        let a = c.ioas_alloc().unwrap();
+        let d = c.bind_device(Arc::new(MockDev(1))).unwrap();
+        c.attach(d, a).unwrap();
+        assert_eq!(c.ioas_change_process(), Ok(()), "nothing mapped");
+        let user = c.ioas_map(a, None, 0x4000_0000, 0x1000, true, true).unwrap();
+        let file = c.ioas_map_file(a, None, fd, 0, 0x4000, true, true).unwrap();
+        let other = Arc::new(FakeAddressSpace::new());
+        assert_eq!(c.ioas_change_process(), Err(Errno::EINVAL));
+        assert_eq!(c.change_process(other.clone(), u64::MAX), Err(Errno::EINVAL));
+        assert!(Arc::ptr_eq(&c.source(), &(mem.clone() as Arc<dyn MemorySource>)), "unchanged");
+        c.ioas_unmap(a, user, 0x1000).unwrap();
+        assert_eq!(c.ioas_change_process(), Ok(()));
+        // Over the new process's limit: nothing changes.
+        assert_eq!(c.change_process(other.clone(), 3), Err(Errno::ENOMEM));
+        assert_eq!(c.accounting().limit(), u64::MAX);
+        c.change_process(other.clone(), 4).unwrap();
+        assert_eq!(c.accounting().limit(), 4);
+        assert!(Arc::ptr_eq(&c.source(), &(other.clone() as Arc<dyn MemorySource>)));
+        // The old process's descriptors mean nothing now; its memfd stays
+        // mapped, and a new domain still finds its pages.
+        assert_eq!(c.ioas_map_file(a, None, fd, 0, 0x1000, true, true), Err(Errno::EBADF));
+        c.detach(d).unwrap();
+        assert_eq!((mem.file_pins(fd, 0x3000), c.pinned_pages()), (0, 0));
+        c.attach(d, a).unwrap();
+        assert_eq!((mem.file_pins(fd, 0x3000), c.pinned_pages()), (1, 4));
+        c.ioas_unmap(a, file, 0x4000).unwrap();
+        assert_eq!((mem.pinned_pages(), c.pinned_pages()), (0, 0));
+    }
 
     #[test]
     fn domains_hold_the_addresses_the_store_keeps_only_what_accesses_need() {

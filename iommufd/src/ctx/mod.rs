@@ -96,8 +96,15 @@ impl Object {
 
 /// An iommufd context.
 pub struct Ictx {
-    source: Arc<dyn MemorySource>,
+    /// The memory of the process the context belongs to; replaced by
+    /// [`Ictx::change_process`]. A leaf: held only to clone or replace.
+    source: Mutex<Arc<dyn MemorySource>>,
     accounting: Arc<Accounting>,
+    /// Held by IOAS allocation and by [`Ictx::change_process`] (Linux's
+    /// `ioas_creation_lock`): no IOAS appears while the latter holds
+    /// every IOAS lock, and only one thread at a time holds more than
+    /// one IOAS lock. Taken before the object table and the IOAS locks.
+    ioas_creation: Mutex<()>,
     objects: Mutex<BTreeMap<u32, Object>>,
     compat_ioas: Mutex<Option<u32>>,
     /// Open fault-queue "descriptors": descriptor -> fault object id.
@@ -119,8 +126,9 @@ impl Ictx {
     /// A context over `source`, pinning at most `pin_limit_pages` pages.
     pub fn new(source: Arc<dyn MemorySource>, pin_limit_pages: u64) -> Self {
         Self {
-            source,
+            source: Mutex::new(source),
             accounting: Arc::new(Accounting::new(pin_limit_pages)),
+            ioas_creation: Mutex::new(()),
             objects: Mutex::new(BTreeMap::new()),
             compat_ioas: Mutex::new(None),
             fault_fds: Mutex::new(BTreeMap::new()),
@@ -146,9 +154,10 @@ impl Ictx {
         &self.accounting
     }
 
-    /// The memory source.
-    pub fn source(&self) -> &Arc<dyn MemorySource> {
-        &self.source
+    /// The memory source: the memory of the process the context belongs
+    /// to now (see [`Self::change_process`]).
+    pub fn source(&self) -> Arc<dyn MemorySource> {
+        self.source.lock().clone()
     }
 
     /// Number of live objects.

@@ -130,7 +130,8 @@ impl ArgLayout {
 
 use FieldKind::{Id, NewFd, NewId};
 
-/// The argument of each iommufd command of the 6.12 table.
+/// The argument of each iommufd command of the served table (Linux 6.12's
+/// plus IOAS_MAP_FILE and IOAS_CHANGE_PROCESS).
 pub const COMMAND_LAYOUTS: &[(u32, ArgLayout)] = &[
     (IOMMU_DESTROY, layout::<IommuDestroy>(&[("id", Id)])),
     (IOMMU_IOAS_ALLOC, layout::<IommuIoasAlloc>(&[("out_ioas_id", NewId)])),
@@ -151,6 +152,8 @@ pub const COMMAND_LAYOUTS: &[(u32, ArgLayout)] = &[
     (IOMMU_HWPT_GET_DIRTY_BITMAP, layout::<IommuHwptGetDirtyBitmap>(&[("hwpt_id", Id)])),
     (IOMMU_HWPT_INVALIDATE, layout::<IommuHwptInvalidate>(&[("hwpt_id", Id)])),
     (IOMMU_FAULT_QUEUE_ALLOC, layout::<IommuFaultAlloc>(&[("out_fault_id", NewId), ("out_fault_fd", NewFd)])),
+    (IOMMU_IOAS_MAP_FILE, layout::<IommuIoasMapFile>(&[("ioas_id", Id)])),
+    (IOMMU_IOAS_CHANGE_PROCESS, layout::<IommuIoasChangeProcess>(&[])),
 ];
 
 /// One selftest op: its number and name, what `iommu_test_cmd.id` holds
@@ -300,7 +303,24 @@ mod tests {
         let f = command_fields(IOMMU_TEST_CMD, &t);
         assert_eq!(f.iter().map(|f| f.name).collect::<Vec<_>>(), ["size", "op", "id", "__reserved", "last"]);
         assert!(!f[2].is_id());
-        assert!(command_fields(IOMMU_IOAS_MAP_FILE, &[]).is_empty());
+        // Served since 6.13: its fields, the IOAS id an id.
+        let f = command_fields(IOMMU_IOAS_MAP_FILE, &[]);
+        let names: Vec<(&str, usize, bool)> = f.iter().map(|f| (f.name, f.offset, f.is_id())).collect();
+        assert_eq!(
+            names,
+            [
+                ("size", 0, false),
+                ("flags", 4, false),
+                ("ioas_id", 8, true),
+                ("fd", 12, false),
+                ("start", 16, false),
+                ("length", 24, false),
+                ("iova", 32, false)
+            ]
+        );
+        assert_eq!(command_fields(IOMMU_IOAS_CHANGE_PROCESS, &[]).len(), 2);
+        // Not served: no fields.
+        assert!(command_fields(IOMMU_VIOMMU_ALLOC, &[]).is_empty());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The iommufd and VFIO-type1 user ABI: ioctl numbers, argument structs and
-//! the generic size/extensibility rules, as Linux 6.12 applies them.
+//! the generic size/extensibility rules, as Linux 6.12 applies them (plus
+//! IOAS_MAP_FILE of 6.13 and IOAS_CHANGE_PROCESS of 6.14, served too).
 //!
 //! Everything here is written from the published ABI facts (numbers, field
 //! offsets, errno rules) of `include/uapi/linux/iommufd.h`,

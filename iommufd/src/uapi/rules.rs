@@ -13,8 +13,10 @@
 //!    handed to the VFIO compatibility code (`iommufd_vfio_ioctl`), which
 //!    answers the six VFIO ioctls listed under [`vfio`](super::vfio) and otherwise gives
 //!    `ENOIOCTLCMD`, which the VFS turns into **ENOTTY**. The table length
-//!    is 15 (last entry `FAULT_QUEUE_ALLOC`, 0x8e) without the selftest, and
-//!    33 (last entry `IOMMU_TEST_CMD`, 0xa0) with `CONFIG_IOMMUFD_TEST`.
+//!    is 15 in 6.12 (last entry `FAULT_QUEUE_ALLOC`, 0x8e) without the
+//!    selftest; ours serves IOAS_MAP_FILE (0x8f) and IOAS_CHANGE_PROCESS
+//!    (0x92) too, so it is 19, with holes at 0x90 and 0x91 (step 3). With
+//!    `CONFIG_IOMMUFD_TEST` it is 33 (last entry `IOMMU_TEST_CMD`, 0xa0).
 //! 2. Read the first `u32` (`size`) from user memory: fault → **EFAULT**.
 //!    This happens *before* the full command is matched, so a command whose
 //!    `nr` is in range but which is otherwise unknown reports EFAULT, not
@@ -68,15 +70,18 @@
 //! | HWPT_GET_DIRTY_BITMAP (0x8c) | `iommufd_hwpt_get_dirty_bitmap` | bits other than NO_CLEAR → EOPNOTSUPP | EOPNOTSUPP (same check) | paging hwpt(hwpt_id) → ENOENT; then `iopt_read_and_clear_dirty_data` (range/page-size checks, EINVAL / EOVERFLOW) |
 //! | HWPT_INVALIDATE (0x8d) | `iommufd_hwpt_invalidate` | – (no flags) | EOPNOTSUPP (first check) | `entry_num != 0 && (data_uptr == 0 \|\| entry_len == 0)` → EINVAL; nested hwpt(hwpt_id) → ENOENT; driver callback (each entry copied as `iommu_copy_struct_from_user`: type ≠ array type, `entry_len` < driver minimum **or > driver struct** → EINVAL, unreadable → EFAULT; stops at the first failing entry). **Always** responds with `entry_num` = requests handled (0 on early errors), even when failing; a respond fault turns the result into EFAULT |
 //! | FAULT_QUEUE_ALLOC (0x8e) | `iommufd_fault_alloc` | any bit → EOPNOTSUPP | – | allocation / fd errors; respond fault → EFAULT |
+//! | IOAS_MAP_FILE (0x8f, 6.13) | `iommufd_ioas_map_file` | bits outside FIXED_IOVA\|WRITEABLE\|READABLE → EOPNOTSUPP (first check) | – (no reserved field) | iova or length ≥ `ULONG_MAX` → EOVERFLOW; neither WRITEABLE nor READABLE → EINVAL; ioas(ioas_id); `fd` names no open file → EBADF (a writable map of a file not open for writing → EPERM, the check later kernels add); `length == 0` → EINVAL; `start + length - 1` wraps → EOVERFLOW; `length > u64::MAX - PAGE_SIZE` → EINVAL; then the map as IOAS_MAP (IOVA checks, EEXIST, ...); pinning (now with a domain, else later) a range past the file's end or of a file that is not a memfd → EINVAL |
+//! | IOAS_CHANGE_PROCESS (0x92, 6.14) | `iommufd_ioas_change_process` | – (no flags) | EOPNOTSUPP (first check) | any area of any IOAS that maps user memory (not a file) → EINVAL; then the pinned pages are charged to the calling process (over its limit → ENOMEM). Here the caller is always the context's own process: success, nothing moves (`Ictx::change_process` moves a context to another process) |
 //! | IOMMU_TEST_CMD (0xa0, selftest) | `iommufd_test` | per op | `__reserved` **not checked** | unknown `op` → EOPNOTSUPP; then the op's own checks |
 //!
-//! Newer kernels (not 6.12): 6.13 adds IOAS_MAP_FILE (0x8f), VIOMMU_ALLOC
-//! (0x90), VDEVICE_ALLOC (0x91), lets paging HWPTs take FAULT_ID_VALID and
-//! lets HWPT_INVALIDATE target a vIOMMU; 6.14 adds IOAS_CHANGE_PROCESS
-//! (0x92), the HWPT_ALLOC `PASID` flag and `out_max_pasid_log2` in
-//! `iommu_hw_info` (carved out of its `__reserved`); 6.15 adds
-//! VEVENTQ_ALLOC (0x93); later kernels add HW_QUEUE_ALLOC (0x94) and the
-//! GET_HW_INFO `INPUT_TYPE` flag. In 6.12 these numbers give ENOTTY.
+//! Newer kernels (not 6.12): 6.13 adds IOAS_MAP_FILE (0x8f, served here),
+//! VIOMMU_ALLOC (0x90), VDEVICE_ALLOC (0x91), lets paging HWPTs take
+//! FAULT_ID_VALID and lets HWPT_INVALIDATE target a vIOMMU; 6.14 adds
+//! IOAS_CHANGE_PROCESS (0x92, served here), the HWPT_ALLOC `PASID` flag
+//! and `out_max_pasid_log2` in `iommu_hw_info` (carved out of its
+//! `__reserved`); 6.15 adds VEVENTQ_ALLOC (0x93); later kernels add
+//! HW_QUEUE_ALLOC (0x94) and the GET_HW_INFO `INPUT_TYPE` flag. The
+//! numbers not served give ENOTTY, as in 6.12.
 
 use super::{IOCTL_TABLE_LEN, IOMMUFD_CMD_BASE, command_info, ioc_nr};
 use crate::errno::Errno;
@@ -257,9 +262,23 @@ mod tests {
         assert_eq!(take_command(0x3b7f, &[]), Err(Errno::ENOTTY));
         assert_eq!(take_command(VFIO_IOMMU_MAP_DMA, &[]), Err(Errno::ENOTTY));
         assert_eq!(take_command(0x3bff, &[]), Err(Errno::ENOTTY));
-        // 6.13 command: ENOTTY on 6.12 (after reading size when in range).
-        let r = take_command(IOMMU_IOAS_MAP_FILE, &user(40, 40));
-        assert_eq!(r, Err(Errno::ENOTTY));
+        // Served 6.13/6.14 commands: their sizes.
+        assert_eq!(take_command(IOMMU_IOAS_MAP_FILE, &user(39, 40)), Err(Errno::EINVAL));
+        assert_eq!(take_command(IOMMU_IOAS_MAP_FILE, &user(40, 40)).map(|k| k.len()), Ok(40));
+        assert_eq!(take_command(IOMMU_IOAS_CHANGE_PROCESS, &user(7, 8)), Err(Errno::EINVAL));
+        assert_eq!(take_command(IOMMU_IOAS_CHANGE_PROCESS, &user(8, 8)).map(|k| k.len()), Ok(8));
+        // Unserved 6.13 commands between them: holes, ENOTTY after the
+        // size is read.
+        assert!(in_iommufd_range(IOMMU_VIOMMU_ALLOC));
+        assert_eq!(take_command(IOMMU_VIOMMU_ALLOC, &[]), Err(Errno::EFAULT));
+        assert_eq!(take_command(IOMMU_VIOMMU_ALLOC, &user(24, 40)), Err(Errno::ENOTTY));
+        assert_eq!(take_command(IOMMU_VDEVICE_ALLOC, &user(24, 40)), Err(Errno::ENOTTY));
+        // Past the table (without the selftest): the VFIO compat code,
+        // ENOTTY without reading memory.
+        if !cfg!(feature = "selftest") {
+            assert!(!in_iommufd_range(IOMMU_VEVENTQ_ALLOC));
+            assert_eq!(take_command(IOMMU_VEVENTQ_ALLOC, &[]), Err(Errno::ENOTTY));
+        }
         // nr in range but wrong type or direction bits: size is read first.
         assert_eq!(take_command(0x1280, &user(8, 8)), Err(Errno::ENOTTY));
         assert_eq!(take_command(0xc008_3b80, &user(8, 8)), Err(Errno::ENOTTY));

@@ -1,5 +1,6 @@
-//! The ioctl numbers and the command table: which numbers Linux 6.12
-//! knows, their names, and for each its minimum and full argument size.
+//! The ioctl numbers and the command table: which numbers are served
+//! (Linux 6.12's, plus IOAS_MAP_FILE of 6.13 and IOAS_CHANGE_PROCESS of
+//! 6.14), their names, and for each its minimum and full argument size.
 
 use super::*;
 
@@ -101,7 +102,10 @@ const fn info(name: &'static str, nr: u32, min_size: usize, struct_size: usize) 
     CommandInfo { name, cmd: io(IOMMUFD_TYPE, nr), min_size: min_size as u32, struct_size: struct_size as u32 }
 }
 
-/// The Linux 6.12 iommufd ioctl table, ordered by nr.
+/// The served iommufd ioctl table, ordered by nr: Linux 6.12's, plus
+/// IOAS_MAP_FILE (6.13) and IOAS_CHANGE_PROCESS (6.14), with the minimum
+/// sizes those kernels give them. The numbers between them (VIOMMU_ALLOC,
+/// VDEVICE_ALLOC) are holes: ENOTTY.
 pub const COMMANDS: &[CommandInfo] = &[
     info("IOMMU_DESTROY", IOMMUFD_CMD_DESTROY, end_of!(IommuDestroy, id), IommuDestroy::SIZE),
     info("IOMMU_IOAS_ALLOC", IOMMUFD_CMD_IOAS_ALLOC, end_of!(IommuIoasAlloc, out_ioas_id), IommuIoasAlloc::SIZE),
@@ -148,6 +152,13 @@ pub const COMMANDS: &[CommandInfo] = &[
         end_of!(IommuFaultAlloc, out_fault_fd),
         IommuFaultAlloc::SIZE,
     ),
+    info("IOMMU_IOAS_MAP_FILE", IOMMUFD_CMD_IOAS_MAP_FILE, end_of!(IommuIoasMapFile, iova), IommuIoasMapFile::SIZE),
+    info(
+        "IOMMU_IOAS_CHANGE_PROCESS",
+        IOMMUFD_CMD_IOAS_CHANGE_PROCESS,
+        end_of!(IommuIoasChangeProcess, __reserved),
+        IommuIoasChangeProcess::SIZE,
+    ),
 ];
 
 /// The selftest entry (present when the kernel has `CONFIG_IOMMUFD_TEST`,
@@ -155,10 +166,10 @@ pub const COMMANDS: &[CommandInfo] = &[
 pub const TEST_COMMAND: CommandInfo =
     info("IOMMU_TEST_CMD", IOMMUFD_CMD_TEST, end_of!(IommuTestCmd, last), IommuTestCmd::SIZE);
 
-/// Table entries of commands newer than 6.12, for reference only: they are
-/// *not* accepted by [`command_info`] / [`take_command`].
+/// Table entries of commands newer than 6.12 that are not served, for
+/// reference only: they are *not* accepted by [`command_info`] /
+/// [`take_command`].
 pub const NEWER_COMMANDS: &[CommandInfo] = &[
-    info("IOMMU_IOAS_MAP_FILE", IOMMUFD_CMD_IOAS_MAP_FILE, end_of!(IommuIoasMapFile, iova), IommuIoasMapFile::SIZE),
     info(
         "IOMMU_VIOMMU_ALLOC",
         IOMMUFD_CMD_VIOMMU_ALLOC,
@@ -171,24 +182,21 @@ pub const NEWER_COMMANDS: &[CommandInfo] = &[
         end_of!(IommuVdeviceAlloc, virt_id),
         IommuVdeviceAlloc::SIZE,
     ),
-    info(
-        "IOMMU_IOAS_CHANGE_PROCESS",
-        IOMMUFD_CMD_IOAS_CHANGE_PROCESS,
-        end_of!(IommuIoasChangeProcess, __reserved),
-        IommuIoasChangeProcess::SIZE,
-    ),
 ];
 
-/// Number of slots in Linux 6.12's ioctl table: up to FAULT_QUEUE_ALLOC, or
-/// up to IOMMU_TEST_CMD (with holes 0x8f..=0x9f) with the selftest.
+/// Number of slots in the served ioctl table: up to IOAS_CHANGE_PROCESS
+/// (holes at 0x90 and 0x91), or up to IOMMU_TEST_CMD (holes 0x90, 0x91
+/// and 0x93..=0x9f) with the selftest. (Linux 6.12's ended at
+/// FAULT_QUEUE_ALLOC, so 0x8f..=0x92 went to the VFIO compat code there
+/// without the selftest; ENOTTY either way for the holes.)
 pub const IOCTL_TABLE_LEN: u32 = if cfg!(feature = "selftest") {
     IOMMUFD_CMD_TEST - IOMMUFD_CMD_BASE + 1
 } else {
-    IOMMUFD_CMD_FAULT_QUEUE_ALLOC - IOMMUFD_CMD_BASE + 1
+    IOMMUFD_CMD_IOAS_CHANGE_PROCESS - IOMMUFD_CMD_BASE + 1
 };
 
-/// The table entry whose full ioctl number is exactly `cmd`, if Linux 6.12
-/// knows it (the selftest entry only with the `selftest` feature).
+/// The table entry whose full ioctl number is exactly `cmd`, if served
+/// (the selftest entry only with the `selftest` feature).
 pub fn command_info(cmd: u32) -> Option<CommandInfo> {
     if cfg!(feature = "selftest") && cmd == TEST_COMMAND.cmd {
         return Some(TEST_COMMAND);
@@ -260,6 +268,8 @@ mod tests {
             (0x3b8c, "IOMMU_HWPT_GET_DIRTY_BITMAP", 48, 48),
             (0x3b8d, "IOMMU_HWPT_INVALIDATE", 32, 32),
             (0x3b8e, "IOMMU_FAULT_QUEUE_ALLOC", 16, 16),
+            (0x3b8f, "IOMMU_IOAS_MAP_FILE", 40, 40),
+            (0x3b92, "IOMMU_IOAS_CHANGE_PROCESS", 8, 8),
         ];
         assert_eq!(COMMANDS.len(), expect.len());
         for &(cmd, name, min, size) in expect {
@@ -270,11 +280,12 @@ mod tests {
         assert_eq!((TEST_COMMAND.cmd, TEST_COMMAND.min_size, TEST_COMMAND.struct_size), (0x3ba0, 68, 72));
         assert_eq!(command_info(IOMMU_TEST_CMD).is_some(), cfg!(feature = "selftest"));
         assert_eq!(command_name(IOMMU_TEST_CMD), Some("IOMMU_TEST_CMD"));
-        // Newer than 6.12: named, but not in the table.
-        assert_eq!(command_name(IOMMU_IOAS_MAP_FILE), Some("IOMMU_IOAS_MAP_FILE"));
-        assert!(command_info(IOMMU_IOAS_MAP_FILE).is_none());
-        let n = &NEWER_COMMANDS[1];
+        // Newer than 6.12 and not served: named, but not in the table.
+        assert_eq!(command_name(IOMMU_VIOMMU_ALLOC), Some("IOMMU_VIOMMU_ALLOC"));
+        assert!(command_info(IOMMU_VIOMMU_ALLOC).is_none());
+        let n = &NEWER_COMMANDS[0];
         assert_eq!((n.cmd, n.min_size, n.struct_size), (0x3b90, 24, 40));
+        assert_eq!(IOMMU_IOAS_CHANGE_PROCESS, 0x3b92);
         for (cmd, name) in [
             (0x3b64, "VFIO_GET_API_VERSION"),
             (0x3b65, "VFIO_CHECK_EXTENSION"),

@@ -2,8 +2,9 @@
 //!
 //! [`Fx`] plays the part of one open `/dev/iommu` in a test process: a fake
 //! user address space ([`FakeAddressSpace`]) with the selftest's shared
-//! `buffer` mapped at a fixed, huge-page aligned address, and an [`Ictx`]
-//! over it. Each helper builds one uAPI struct, runs it through
+//! `buffer` mapped at a fixed, huge-page aligned address (and, as in Linux
+//! 6.13+, `mfd_buffer`: a memfd of the same size mapped shared), and an
+//! [`Ictx`] over it. Each helper builds one uAPI struct, runs it through
 //! [`iommufd::dispatch::ioctl`] and decodes what came back, like the
 //! selftest's `test_ioctl_*` / `test_cmd_*` helpers: helpers return
 //! `Result`, tests `unwrap()` where Linux asserts success and compare with
@@ -42,6 +43,9 @@ pub const SCRATCH: u64 = 0x7f66_0000_0000;
 pub const SCRATCH_SIZE: u64 = PAGE_SIZE * 4;
 /// Where `Fx::mmap` hands out fresh address ranges.
 const MMAP_BASE: u64 = 0x7e00_0000_0000;
+/// User address of `mfd_buffer`: the selftest's memfd of `BUFFER_SIZE`
+/// (Linux 6.13+), mapped shared.
+pub const MFD_BUFFER: u64 = 0x7f77_0000_0000;
 
 /// `IOMMU_TEST_CMD`'s size.
 const TEST_CMD_SIZE: u32 = IommuTestCmd::SIZE as u32;
@@ -49,6 +53,9 @@ const TEST_CMD_SIZE: u32 = IommuTestCmd::SIZE as u32;
 /// One open iommufd and the memory of the process that opened it.
 pub struct Fx {
     pub mem: Arc<FakeAddressSpace>,
+    /// The selftest's `mfd`: a memfd of `BUFFER_SIZE`, mapped at
+    /// [`MFD_BUFFER`].
+    pub mfd: i32,
     ictx: Option<Ictx>,
     next_va: Cell<u64>,
     /// Access "fd" -> access object id (see [`Fx::destroy_access`]).
@@ -61,8 +68,10 @@ impl Fx {
         let mem = Arc::new(FakeAddressSpace::new());
         mem.map(BUFFER, BUFFER_SIZE, true);
         mem.map(SCRATCH, SCRATCH_SIZE, true);
+        let mfd = mem.create_memfd(BUFFER_SIZE);
+        mem.map_file(MFD_BUFFER, mfd, 0, BUFFER_SIZE);
         let ictx = Ictx::new(mem.clone(), u64::MAX);
-        Self { mem, ictx: Some(ictx), next_va: Cell::new(MMAP_BASE), access_objects: RefCell::new(HashMap::new()) }
+        Self { mem, mfd, ictx: Some(ictx), next_va: Cell::new(MMAP_BASE), access_objects: RefCell::new(HashMap::new()) }
     }
 
     pub fn ictx(&self) -> &Ictx {
@@ -105,6 +114,26 @@ impl Fx {
         let va = self.reserve_va(len);
         self.map_va(va, len);
         va
+    }
+
+    /// `memfd_mmap(len, ..., MAP_SHARED, &mfd)`: a new memfd of `len`
+    /// bytes mapped shared at a fresh, huge-page aligned address; returns
+    /// `(address, descriptor)`.
+    pub fn memfd_mmap(&self, len: u64) -> (u64, i32) {
+        let fd = self.mem.create_memfd(len);
+        let va = self.reserve_va(len);
+        self.mem.map_file(va, fd, 0, len);
+        (va, fd)
+    }
+
+    /// `ftruncate(fd, len)`.
+    pub fn ftruncate(&self, fd: i32, len: u64) -> R<()> {
+        self.mem.truncate(fd, len)
+    }
+
+    /// `close(fd)` of a file descriptor.
+    pub fn close(&self, fd: i32) -> R<()> {
+        self.mem.close_fd(fd)
     }
 
     pub fn write_user(&self, uptr: u64, bytes: &[u8]) {
@@ -182,6 +211,51 @@ impl Fx {
         let mut at = iova;
         let flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
         self.ioas_map_raw(ioas_id, uptr, length, &mut at, flags)
+    }
+
+    /// `_test_ioctl_ioas_map_file` (Linux 6.13+): `*iova` is the input
+    /// IOVA when `flags` has FIXED_IOVA and receives `cmd.iova` after the
+    /// call either way.
+    pub fn ioas_map_file_raw(
+        &self,
+        ioas_id: u32,
+        mfd: i32,
+        start: u64,
+        length: u64,
+        iova: &mut u64,
+        flags: u32,
+    ) -> R<()> {
+        let mut c = IommuIoasMapFile {
+            size: IommuIoasMapFile::SIZE as u32,
+            flags,
+            ioas_id,
+            fd: mfd,
+            start,
+            length,
+            ..Default::default()
+        };
+        if flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0 {
+            c.iova = *iova;
+        }
+        let (r, out) = self.run(IOMMU_IOAS_MAP_FILE, c.to_bytes());
+        *iova = IommuIoasMapFile::read(&out).iova;
+        r
+    }
+
+    /// `test_ioctl_ioas_map_id_file`: read/write mapping of `[start,
+    /// start + length)` of `mfd` at an IOVA the kernel picks.
+    pub fn ioas_map_file(&self, ioas_id: u32, mfd: i32, start: u64, length: u64) -> R<u64> {
+        let mut iova = 0;
+        let flags = IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
+        self.ioas_map_file_raw(ioas_id, mfd, start, length, &mut iova, flags)?;
+        Ok(iova)
+    }
+
+    /// `ioctl(IOMMU_IOAS_CHANGE_PROCESS)` (Linux 6.14+) from the process
+    /// that opened the context.
+    pub fn change_process(&self) -> R<()> {
+        let c = IommuIoasChangeProcess { size: IommuIoasChangeProcess::SIZE as u32, __reserved: 0 };
+        self.run(IOMMU_IOAS_CHANGE_PROCESS, c.to_bytes()).0
     }
 
     /// `_test_ioctl_ioas_unmap`: returns `cmd.length` after the call

@@ -26,7 +26,8 @@ fn cmd_fail() {
 }
 
 /// For each command: `(ioctl, sizeof(struct), offsetofend(struct, last
-/// field of the first version))`, from the 6.12 headers.
+/// field of the first version))`, from the 6.12 headers (and 6.13/6.14
+/// for the two served newer commands).
 const LENGTHS: &[(&str, u32, usize, usize)] = &[
     ("iommu_destroy", IOMMU_DESTROY, 8, 8),
     ("iommu_hw_info", IOMMU_GET_HW_INFO, 40, 32),
@@ -40,6 +41,10 @@ const LENGTHS: &[(&str, u32, usize, usize)] = &[
     ("iommu_ioas_unmap", IOMMU_IOAS_UNMAP, 24, 24),
     ("iommu_option", IOMMU_OPTION, 24, 24),
     ("iommu_vfio_ioas", IOMMU_VFIO_IOAS, 12, 12),
+    // Linux 6.13 adds IOAS_MAP_FILE to the list (minimum: up to `iova`),
+    // 6.14 IOAS_CHANGE_PROCESS (up to `__reserved`).
+    ("iommu_ioas_map_file", IOMMU_IOAS_MAP_FILE, 40, 40),
+    ("iommu_ioas_change_process", IOMMU_IOAS_CHANGE_PROCESS, 8, 8),
 ];
 
 #[test]

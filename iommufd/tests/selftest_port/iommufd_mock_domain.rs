@@ -1,7 +1,11 @@
 //! Fixture `iommufd_mock_domain`: one IOAS with one or two mock domains,
 //! plus a private mapping of 8 pages, or of two huge pages in the
 //! `*_hugepage` variants (`one_domain`, `two_domains`,
-//! `one_domain_hugepage`, `two_domains_hugepage`).
+//! `one_domain_hugepage`, `two_domains_hugepage`), and Linux 6.13's
+//! `one_domain_file`, `one_domain_file_hugepage`, whose tests map memfds
+//! with `IOMMU_IOAS_MAP_FILE` where the others map user memory (`basic`,
+//! `all_aligns`, `all_aligns_copy`, `user_copy`; the other tests do not
+//! look at `file`).
 
 use super::harness::*;
 use iommufd::Errno;
@@ -12,6 +16,8 @@ use std::ops::Deref;
 pub struct Variant {
     pub mock_domains: u32,
     pub hugepages: bool,
+    /// Map memfds with IOAS_MAP_FILE (Linux 6.13+).
+    pub file: bool,
 }
 
 pub struct MockFx {
@@ -76,6 +82,30 @@ impl MockFx {
 }
 
 fn basic(s: &mut MockFx) {
+    if s.variant.file { basic_file(s) } else { basic_mmap(s) }
+}
+
+/// `test_basic_file`.
+fn basic_file(s: &mut MockFx) {
+    let buf_size = s.mmap_buf_size;
+
+    // One page of the shared memfd.
+    let iova = s.ioas_map_file(s.ioas_id, s.mfd, 0, PAGE_SIZE).unwrap();
+    s.check_mock_iova(MFD_BUFFER, iova, PAGE_SIZE);
+
+    // One byte past the end of a memfd: EINVAL when the pages are pinned
+    // (here at once: the IOAS has domains).
+    let (_buf, mfd_tmp) = s.memfd_mmap(buf_size);
+    assert_eq!(s.ioas_map_file(s.ioas_id, mfd_tmp, 0, buf_size + 1), Err(Errno::EINVAL));
+
+    // Truncated to nothing: EINVAL.
+    s.ftruncate(mfd_tmp, 0).unwrap();
+    assert_eq!(s.ioas_map_file(s.ioas_id, mfd_tmp, 0, buf_size), Err(Errno::EINVAL));
+    s.close(mfd_tmp).unwrap();
+}
+
+/// `test_basic_mmap`.
+fn basic_mmap(s: &mut MockFx) {
     let buf_size = s.mmap_buf_size;
 
     // One page.
@@ -109,10 +139,31 @@ fn page_span(buf: u64, start: u64, end: u64) -> (u64, u64) {
     (buf + first, end / PAGE_SIZE * PAGE_SIZE - first)
 }
 
+/// The test buffer of `all_aligns` and `all_aligns_copy`: a private
+/// mapping, or a memfd mapped shared in the file variants; returns its
+/// address and the memfd.
+fn aligns_buffer(s: &MockFx) -> (u64, Option<i32>) {
+    if s.variant.file {
+        let (buf, mfd) = s.memfd_mmap(s.mmap_buf_size);
+        (buf, Some(mfd))
+    } else {
+        (s.mmap(s.mmap_buf_size), None)
+    }
+}
+
+/// Maps `[start, start + length)` of the test buffer: by address, or by
+/// offset in its memfd.
+fn map_aligned(s: &MockFx, buf: u64, mfd: Option<i32>, start: u64, length: u64) -> u64 {
+    match mfd {
+        Some(fd) => s.ioas_map_file(s.ioas_id, fd, start, length).unwrap(),
+        None => s.map(buf + start, length).unwrap(),
+    }
+}
+
 fn all_aligns(s: &mut MockFx) {
     let test_step = if s.variant.hugepages { s.mmap_buf_size / 16 } else { MOCK_PAGE_SIZE };
     let buf_size = s.mmap_buf_size;
-    let buf = s.mmap(buf_size);
+    let (buf, mfd) = aligns_buffer(s);
     s.check_refs(buf, buf_size, 0).unwrap();
 
     // Every start/length combination in MOCK_PAGE_SIZE steps (far fewer
@@ -122,7 +173,7 @@ fn all_aligns(s: &mut MockFx) {
         let mut end = if s.variant.hugepages { buf_size } else { start + MOCK_PAGE_SIZE };
         while end < buf_size {
             let length = end - start;
-            let iova = s.map(buf + start, length).unwrap();
+            let iova = map_aligned(s, buf, mfd, start, length);
             s.check_mock_iova(buf + start, iova, length);
             let (uptr, len) = page_span(buf, start, end);
             assert_eq!(s.check_refs(uptr, len, 1), Ok(()), "start {start:#x} end {end:#x}");
@@ -132,12 +183,15 @@ fn all_aligns(s: &mut MockFx) {
         start += test_step;
     }
     s.check_refs(buf, buf_size, 0).unwrap();
+    if let Some(fd) = mfd {
+        s.close(fd).unwrap();
+    }
 }
 
 fn all_aligns_copy(s: &mut MockFx) {
     let test_step = if s.variant.hugepages { s.mmap_buf_size / 16 } else { MOCK_PAGE_SIZE };
     let buf_size = s.mmap_buf_size;
-    let buf = s.mmap(buf_size);
+    let (buf, mfd) = aligns_buffer(s);
     s.check_refs(buf, buf_size, 0).unwrap();
 
     let mut start = 0;
@@ -145,7 +199,7 @@ fn all_aligns_copy(s: &mut MockFx) {
         let mut end = if s.variant.hugepages { buf_size } else { start + MOCK_PAGE_SIZE };
         while end < buf_size {
             let length = end - start;
-            let iova = s.map(buf + start, length).unwrap();
+            let iova = map_aligned(s, buf, mfd, start, length);
 
             // A domain added and destroyed while the area exists.
             let old_id = s.hwpt_ids[1];
@@ -163,9 +217,21 @@ fn all_aligns_copy(s: &mut MockFx) {
         start += test_step;
     }
     s.check_refs(buf, buf_size, 0).unwrap();
+    if let Some(fd) = mfd {
+        s.close(fd).unwrap();
+    }
 }
 
 fn user_copy(s: &mut MockFx) {
+    // The file variants use the memfd buffer, mapped by offset.
+    let buf = if s.variant.file { MFD_BUFFER } else { BUFFER };
+    let map_buffer = |ioas_id| {
+        if s.variant.file {
+            s.ioas_map_file(ioas_id, s.mfd, 0, BUFFER_SIZE)
+        } else {
+            s.ioas_map(ioas_id, buf, BUFFER_SIZE)
+        }
+    };
     let copy = |src_ioas_id, src_iova| IommuIoasCopy {
         flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE,
         dst_ioas_id: s.ioas_id,
@@ -179,15 +245,15 @@ fn user_copy(s: &mut MockFx) {
     // Pages pinned by an access in a domain-less IOAS, copied into the
     // IOAS with the domains.
     let ioas_id = s.ioas_alloc().unwrap();
-    let src_iova = s.ioas_map(ioas_id, BUFFER, BUFFER_SIZE).unwrap();
+    let src_iova = map_buffer(ioas_id).unwrap();
     let access = s.create_access(ioas_id, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES).unwrap();
-    s.access_pages(access, 0, src_iova, BUFFER_SIZE, BUFFER).unwrap();
+    s.access_pages(access, 0, src_iova, BUFFER_SIZE, buf).unwrap();
     assert_eq!(s.ioas_copy(copy(ioas_id, src_iova)).0, Ok(()));
-    s.check_mock_iova(BUFFER, MOCK_APERTURE_START, BUFFER_SIZE);
+    s.check_mock_iova(buf, MOCK_APERTURE_START, BUFFER_SIZE);
 
     // Move the access to a new IOAS.
     let new_ioas_id = s.ioas_alloc().unwrap();
-    let new_src_iova = s.ioas_map(new_ioas_id, BUFFER, BUFFER_SIZE).unwrap();
+    let new_src_iova = map_buffer(new_ioas_id).unwrap();
     s.access_replace_ioas(access, new_ioas_id).unwrap();
 
     // Drop the copy and the old IOAS.
@@ -195,9 +261,9 @@ fn user_copy(s: &mut MockFx) {
     s.destroy(ioas_id).unwrap();
 
     // Same again from the new IOAS.
-    let pages = s.access_pages(access, 0, new_src_iova, BUFFER_SIZE, BUFFER).unwrap();
+    let pages = s.access_pages(access, 0, new_src_iova, BUFFER_SIZE, buf).unwrap();
     assert_eq!(s.ioas_copy(copy(new_ioas_id, new_src_iova)).0, Ok(()));
-    s.check_mock_iova(BUFFER, MOCK_APERTURE_START, BUFFER_SIZE);
+    s.check_mock_iova(buf, MOCK_APERTURE_START, BUFFER_SIZE);
 
     s.destroy_access_pages(access, pages).unwrap();
     s.destroy_access(access).unwrap();
@@ -279,17 +345,25 @@ macro_rules! case {
 }
 
 mod one_domain {
-    cases!(super::Variant { mock_domains: 1, hugepages: false });
+    cases!(super::Variant { mock_domains: 1, hugepages: false, file: false });
 }
 
 mod two_domains {
-    cases!(super::Variant { mock_domains: 2, hugepages: false });
+    cases!(super::Variant { mock_domains: 2, hugepages: false, file: false });
 }
 
 mod one_domain_hugepage {
-    cases!(super::Variant { mock_domains: 1, hugepages: true });
+    cases!(super::Variant { mock_domains: 1, hugepages: true, file: false });
 }
 
 mod two_domains_hugepage {
-    cases!(super::Variant { mock_domains: 2, hugepages: true });
+    cases!(super::Variant { mock_domains: 2, hugepages: true, file: false });
+}
+
+mod one_domain_file {
+    cases!(super::Variant { mock_domains: 1, hugepages: false, file: true });
+}
+
+mod one_domain_file_hugepage {
+    cases!(super::Variant { mock_domains: 1, hugepages: true, file: true });
 }
