@@ -82,7 +82,11 @@ impl Ictx {
             refs: AtomicU32::new(0),
         });
         let id = self.insert(Object::Hwpt(hwpt.clone()))?;
-        if let Err(e) = ioas.iopt.lock().add_domain(id as u64, domain) {
+        // The IOAS lock is released before the object table is taken (the
+        // documented order): an `if let` on the call would hold it in the
+        // block.
+        let added = ioas.iopt.lock().add_domain(id as u64, domain);
+        if let Err(e) = added {
             self.objects.lock().remove(&id);
             return Err(e);
         }
