@@ -102,6 +102,9 @@ struct Group {
     dev: Arc<Device>,
     dev_id: u32,
     hwpt_id: u32,
+    /// The attachment it came through: the PASID attached to `hwpt_id`,
+    /// or 0 for the requester id's.
+    attach_pasid: u32,
     requests: Vec<PageRequest>,
 }
 
@@ -254,11 +257,12 @@ impl Fault {
         self.queue.lock().deliver.push_back(group);
     }
 
-    /// Takes out every group of `dev_id` on `hwpt_id` (both queued and
-    /// awaiting a response), or every group when `dev_id` is `None`.
-    fn take(&self, which: Option<(u32, u32)>) -> Vec<Group> {
+    /// Takes out every group that came through attachment `(dev_id,
+    /// hwpt_id, pasid)` (both queued and awaiting a response), or every
+    /// group when `which` is `None`.
+    fn take(&self, which: Option<(u32, u32, u32)>) -> Vec<Group> {
         let mut q = self.queue.lock();
-        let hit = |g: &Group| which.is_none_or(|(d, h)| g.dev_id == d && g.hwpt_id == h);
+        let hit = |g: &Group| which.is_none_or(|(d, h, p)| g.dev_id == d && g.hwpt_id == h && g.attach_pasid == p);
         let mut out = Vec::new();
         let deliver = core::mem::take(&mut q.deliver);
         for g in deliver {
@@ -271,9 +275,11 @@ impl Fault {
         out
     }
 
-    /// Answers `INVALID` to the groups of a device leaving HWPT `hwpt_id`.
-    pub(super) fn auto_respond(&self, dev_id: u32, hwpt_id: u32) {
-        for g in self.take(Some((dev_id, hwpt_id))) {
+    /// Answers `INVALID` to the groups that came through a device's
+    /// attachment to HWPT `hwpt_id` when it leaves: of its requester id
+    /// (`pasid` 0) or of PASID `pasid`.
+    pub(super) fn auto_respond(&self, dev_id: u32, hwpt_id: u32, pasid: u32) {
+        for g in self.take(Some((dev_id, hwpt_id, pasid))) {
             g.respond(IOMMUFD_PAGE_RESP_INVALID);
         }
     }
@@ -364,8 +370,10 @@ impl Ictx {
     /// A device reports a page request (the IOMMU driver's fault path;
     /// the selftest's `TRIGGER_IOPF`). Requests without LAST_PAGE wait in
     /// the device until the LAST_PAGE request of their group arrives;
-    /// then the group goes to the fault queue of the HWPT the device is
-    /// attached to, or, when that HWPT has none, is answered `INVALID`.
+    /// then the group goes to the fault queue of the HWPT the request's
+    /// PASID (when tagged with an attached one) or else the device's
+    /// requester id is attached to, or, when that HWPT has none, is
+    /// answered `INVALID`.
     /// A device without IOPF enabled drops the request (`ENODEV`).
     pub fn report_iopf(&self, dev_id: u32, req: PageRequest) -> Result<()> {
         let dev = self.device(dev_id)?;
@@ -386,9 +394,20 @@ impl Ictx {
             }
         });
         requests.push(req);
-        let hwpt_id = *dev.attached.lock();
+        // A request tagged with an attached PASID goes through that PASID's
+        // HWPT; any other through the requester id's (the mock, like a
+        // driver with user-managed PASID tables, sends other PASIDs there).
+        let by_pasid = if req.flags & crate::uapi::IOMMU_PGFAULT_FLAGS_PASID_VALID != 0 {
+            dev.pasids.lock().get(&req.pasid).copied()
+        } else {
+            None
+        };
+        let (hwpt_id, attach_pasid) = match by_pasid {
+            Some(h) => (Some(h), req.pasid),
+            None => (*dev.attached.lock(), 0),
+        };
         let target = hwpt_id.and_then(|h| self.hwpt_nested(h).ok().and_then(|n| n.fault.clone()).map(|f| (h, f)));
-        let group = Group { dev: dev.clone(), dev_id, hwpt_id: hwpt_id.unwrap_or(0), requests };
+        let group = Group { dev: dev.clone(), dev_id, hwpt_id: hwpt_id.unwrap_or(0), attach_pasid, requests };
         match target {
             Some((_, fault)) => fault.deliver(group),
             None => group.respond(IOMMUFD_PAGE_RESP_INVALID),
