@@ -113,6 +113,10 @@ pub struct Device {
 }
 
 impl Device {
+    /// The device's handle (what its domains know it by).
+    pub fn handle(&self) -> DeviceHandle {
+        self.ops.handle()
+    }
     /// The driver's hardware information for `IOMMU_GET_HW_INFO`.
     pub fn hw_info(&self) -> (u32, Vec<u8>) {
         self.ops.hw_info()
