@@ -40,6 +40,14 @@ pub struct Hwpt {
     pub(super) refs: AtomicU32,
 }
 
+impl Hwpt {
+    /// References held on it: attached devices and PASIDs, nested HWPTs
+    /// on it (while any is held, `IOMMU_DESTROY` is `EBUSY`).
+    pub fn refs(&self) -> u32 {
+        self.refs.load(Ordering::SeqCst)
+    }
+}
+
 impl core::fmt::Debug for Hwpt {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "Hwpt(ioas {}, auto {})", self.ioas_id, self.auto)

@@ -210,6 +210,10 @@ impl core::fmt::Debug for HwptNested {
 }
 
 impl HwptNested {
+    /// References held on it: attached devices and PASIDs.
+    pub fn refs(&self) -> u32 {
+        self.refs.load(Ordering::SeqCst)
+    }
     /// The parent (stage-2) HWPT.
     pub fn parent(&self) -> &Arc<Hwpt> {
         &self.parent
