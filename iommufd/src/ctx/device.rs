@@ -701,7 +701,7 @@ mod tests {
     use alloc::boxed::Box;
     use alloc::sync::Arc;
     use alloc::vec::Vec;
-    use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IovaRange};
+    use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, IovaRange, Prot};
 
     #[test]
     fn attach_reuses_domains_and_pins_once() {
@@ -758,5 +758,116 @@ mod tests {
         assert_eq!(c.ioas_map(ioas, Some(0x400_0000), 0x4000_0000, 0x1000, true, true), Err(Errno::EINVAL));
         c.detach(d).unwrap();
         assert!(c.ioas_iova_ranges(ioas).unwrap().0.iter().any(|r| r.start <= 0x400_0000 && r.last >= 0x40f_ffff));
+    }
+
+    /// A mock domain whose driver has no PASID support (the seam's
+    /// defaults).
+    struct NoPasidDomain(MockDomain);
+    impl IommuDomain for NoPasidDomain {
+        fn page_sizes(&self) -> u64 {
+            self.0.page_sizes()
+        }
+        fn aperture(&self) -> IovaRange {
+            self.0.aperture()
+        }
+        fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
+            self.0.map(iova, phys, length, prot)
+        }
+        fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
+            self.0.unmap(iova, length, gather)
+        }
+        fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError> {
+            self.0.iotlb_sync(gather)
+        }
+        fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+            self.0.iova_to_phys(iova)
+        }
+        fn enforce_cache_coherency(&mut self) -> bool {
+            self.0.enforce_cache_coherency()
+        }
+        fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+            self.0.attach_device(device)
+        }
+        fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+            self.0.detach_device(device)
+        }
+    }
+
+    /// A device with 8 PASID bits whose domains may lack PASID support.
+    struct PasidDev {
+        handle: u64,
+        pasid_domains: bool,
+    }
+    impl DeviceOps for PasidDev {
+        fn handle(&self) -> DeviceHandle {
+            DeviceHandle::Opaque(self.handle)
+        }
+        fn alloc_domain(&self) -> Result<Box<dyn IommuDomain>, DomainError> {
+            if self.pasid_domains {
+                Ok(Box::new(MockDomain::new()))
+            } else {
+                Ok(Box::new(NoPasidDomain(MockDomain::new())))
+            }
+        }
+        fn max_pasid_log2(&self) -> u32 {
+            8
+        }
+    }
+
+    #[test]
+    fn pasid_checks_and_errnos() {
+        let (_, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let d = c.bind_device(Arc::new(PasidDev { handle: 0x0005_a51d_0001, pasid_domains: true })).unwrap();
+        let plain = c.hwpt_alloc(d, ioas).unwrap();
+        let h = c.hwpt_alloc_pasid(d, ioas, false, false, true).unwrap();
+        assert!(c.hwpt(h).unwrap().pasid_compat && !c.hwpt(plain).unwrap().pasid_compat);
+        assert_eq!(c.attach_pasid(d, 0, h), Err(Errno::EINVAL), "PASID 0 is the requester id");
+        assert_eq!(c.attach_pasid(d, 256, h), Err(Errno::EINVAL), "past the device's 8 bits");
+        assert_eq!(c.attach_pasid(d, 1, plain), Err(Errno::EINVAL), "no IOMMU_HWPT_ALLOC_PASID");
+        assert_eq!(c.attach_pasid(d, 1, 999), Err(Errno::ENOENT));
+        assert_eq!(c.attach_pasid(d, 1, d), Err(Errno::EINVAL), "not an IOAS or HWPT");
+        assert_eq!(c.attach_pasid(d, 255, h), Ok(h));
+        assert_eq!(c.hwpt(h).unwrap().refs(), 1);
+        // The requester id: only PASID-compatible HWPTs now, and not
+        // through the IOAS (its automatic HWPTs are not).
+        let before = c.object_ids();
+        assert_eq!(c.attach(d, plain), Err(Errno::EINVAL));
+        assert_eq!(c.attach(d, ioas), Err(Errno::EINVAL));
+        assert_eq!(c.object_ids(), before, "the automatic HWPT tried went away");
+        assert_eq!(c.attach(d, h), Ok(h));
+        assert_eq!(c.hwpt(h).unwrap().refs(), 2);
+        assert_eq!(c.detach_pasid(d, 255), Ok(()));
+        assert_eq!(c.detach_pasid(d, 255), Ok(()), "detaching a detached PASID is no error");
+        assert_eq!(c.hwpt(h).unwrap().refs(), 1);
+        assert_eq!(c.replace_pasid(d, 255, h), Err(Errno::EINVAL), "not attached");
+        c.detach(d).unwrap();
+
+        // A domain without PASID support: the driver's EOPNOTSUPP, and
+        // nothing attached.
+        let n = c.bind_device(Arc::new(PasidDev { handle: 0x0005_a51d_0002, pasid_domains: false })).unwrap();
+        let nh = c.hwpt_alloc_pasid(n, ioas, false, false, true).unwrap();
+        assert_eq!(c.attach_pasid(n, 3, nh), Err(Errno::EOPNOTSUPP));
+        assert_eq!(c.attached_pasids(n), Ok(Vec::new()));
+        assert_eq!(c.hwpt(nh).unwrap().refs(), 0);
+
+        // HWPT_ALLOC: the flag on paging and nested HWPTs, nothing unknown.
+        use crate::dispatch::ioctl;
+        use crate::uapi::*;
+        let alloc = |flags: u32| {
+            let a = IommuHwptAlloc {
+                size: IommuHwptAlloc::SIZE as u32,
+                flags,
+                dev_id: d,
+                pt_id: ioas,
+                ..Default::default()
+            };
+            let mut buf = a.to_bytes();
+            ioctl(&c, IOMMU_HWPT_ALLOC, &mut buf).map(|()| IommuHwptAlloc::read(&buf).out_hwpt_id)
+        };
+        let id = alloc(IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_ALLOC_NEST_PARENT).unwrap();
+        assert!(c.hwpt(id).unwrap().pasid_compat && c.hwpt(id).unwrap().nest_parent);
+        assert_eq!(alloc(IOMMU_HWPT_ALLOC_PASID | 1 << 31), Err(Errno::EOPNOTSUPP));
+        assert_eq!(alloc(IOMMU_HWPT_ALLOC_PASID | IOMMU_HWPT_FAULT_ID_VALID), Err(Errno::EOPNOTSUPP));
     }
 }

@@ -481,6 +481,9 @@ mod tests {
         fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
             self.inner.alloc_domain()
         }
+        fn max_pasid_log2(&self) -> u32 {
+            self.inner.max_pasid_log2()
+        }
     }
     impl NestingOps for RecDev {
         fn alloc_nested_domain(
@@ -579,6 +582,65 @@ mod tests {
         c.report_iopf(w.dev, req(3, 0x4000, true)).unwrap();
         assert_eq!(c.fault_fd_read(w.fd, &mut buf), Ok(FAULT_RECORD_SIZE));
         assert_eq!(IommuHwptPgfault::read(&buf).cookie, 2);
+    }
+
+    /// Page requests tagged with an attached PASID go to the fault queue
+    /// of that PASID's HWPT; the PASID's detach answers only its groups.
+    #[test]
+    fn pasid_requests_follow_the_pasid_attachment() {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let rec =
+            Arc::new(RecDev { inner: MockDevice::new(MOCK_FLAGS_DEVICE_PASID), responses: Mutex::new(Vec::new()) });
+        let dev = c.bind_nesting_device(rec.clone()).unwrap();
+        let s2 = c.hwpt_alloc_pasid(dev, ioas, false, false, true).unwrap();
+        c.attach(dev, s2).unwrap();
+        let parent = c.hwpt_alloc_flags(dev, ioas, false, true).unwrap();
+        mem.write_user(MEM, &IOMMU_TEST_IOTLB_DEFAULT.to_le_bytes()).unwrap();
+        let (fault, fd) = c.fault_alloc().unwrap();
+        let data = UserData::new(&*mem, IOMMU_HWPT_DATA_SELFTEST, MEM, 4);
+        let flags = IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID;
+        let hwpt = c.hwpt_nested_alloc(dev, parent, flags, fault, &data).unwrap();
+        assert_eq!(c.attach_pasid(dev, 5, hwpt), Ok(hwpt));
+        assert_eq!(c.device(dev).unwrap().iopf_enabled(), 1);
+        let tagged = |pasid, grpid| PageRequest {
+            flags: IOMMU_PGFAULT_FLAGS_LAST_PAGE | IOMMU_PGFAULT_FLAGS_PASID_VALID,
+            pasid,
+            grpid,
+            perm: IOMMU_PGFAULT_PERM_READ,
+            addr: 0x1000,
+        };
+        c.report_iopf(dev, tagged(5, 1)).unwrap();
+        let mut buf = [0u8; FAULT_RECORD_SIZE];
+        assert_eq!(c.fault_fd_read(fd, &mut buf), Ok(FAULT_RECORD_SIZE));
+        let rec1 = IommuHwptPgfault::read(&buf);
+        assert_eq!((rec1.dev_id, rec1.pasid, rec1.grpid), (dev, 5, 1));
+        // Another PASID goes the requester id's way: a HWPT without a
+        // fault queue, so it is answered INVALID at once.
+        c.report_iopf(dev, tagged(6, 2)).unwrap();
+        assert_eq!(
+            rec.responses.lock().clone(),
+            [PageResponse {
+                flags: IOMMU_PGFAULT_FLAGS_LAST_PAGE | IOMMU_PGFAULT_FLAGS_PASID_VALID,
+                pasid: 6,
+                grpid: 2,
+                code: IOMMUFD_PAGE_RESP_INVALID
+            }]
+        );
+        c.report_iopf(dev, tagged(5, 3)).unwrap();
+        let f = c.fault(fault).unwrap();
+        assert_eq!((f.delivered(), f.awaiting_response()), (1, 1));
+        // The requester id moving does not touch the PASID's groups.
+        let s2b = c.hwpt_alloc_pasid(dev, ioas, false, false, true).unwrap();
+        c.replace(dev, s2b).unwrap();
+        assert_eq!((f.delivered(), f.awaiting_response()), (1, 1));
+        // The PASID's detach answers both of its groups.
+        c.detach_pasid(dev, 5).unwrap();
+        let got: Vec<(u32, u32, u32)> = rec.responses.lock().iter().map(|r| (r.pasid, r.grpid, r.code)).collect();
+        assert_eq!(got[1..], [(5, 3, IOMMUFD_PAGE_RESP_INVALID), (5, 1, IOMMUFD_PAGE_RESP_INVALID)]);
+        assert_eq!((f.delivered(), f.awaiting_response()), (0, 0));
+        assert_eq!(c.device(dev).unwrap().iopf_enabled(), 0);
+        assert_eq!(c.hwpt_nested(hwpt).unwrap().refs(), 0);
     }
 
     #[test]
