@@ -100,8 +100,9 @@ pub struct Device {
     /// The HWPT it is attached to.
     pub(super) attached: Mutex<Option<u32>>,
     /// Its PASIDs attached to HWPTs: PASID -> HWPT id. Held across a whole
-    /// PASID attach, replace or detach (so those of one device run one at
-    /// a time); taken before the object table, an IOAS and a domain, never
+    /// attach, replace or detach of the device's requester id or of a
+    /// PASID, so those of one device run one at a time (Linux's group
+    /// lock); taken before the object table, an IOAS and a domain, never
     /// under them.
     pub(super) pasids: Mutex<BTreeMap<u32, u32>>,
     pub(super) refs: AtomicU32,
@@ -266,13 +267,18 @@ impl Ictx {
     /// device is already attached (use [`Self::replace`]).
     pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
         let dev = self.device(dev_id)?;
+        // Held throughout: no PASID changes under the attach.
+        let pasids = dev.pasids.lock();
         if dev.attached.lock().is_some() {
             return Err(Errno::EINVAL);
         }
-        self.attach_to(dev_id, &dev, pt_id)
+        self.attach_to(dev_id, &dev, pt_id, !pasids.is_empty())
     }
 
-    pub(super) fn attach_to(&self, dev_id: u32, dev: &Arc<Device>, pt_id: u32) -> Result<u32> {
+    /// The requester-id attach of `dev` to `pt_id`; `has_pasids` says
+    /// whether the device has PASIDs attached (the caller holds its
+    /// `pasids`).
+    pub(super) fn attach_to(&self, dev_id: u32, dev: &Arc<Device>, pt_id: u32, has_pasids: bool) -> Result<u32> {
         let handle = dev.ops.handle();
         let try_hwpt = |hwpt_id: u32, pt: &Pt| -> Result<u32> {
             // A domain tracking dirty pages takes only devices whose unit
@@ -290,7 +296,7 @@ impl Ictx {
             self.reserve_device(dev_id, dev, pt.ioas()).inspect_err(|_| iopf_off())?;
             // With PASIDs attached, the requester id takes only a HWPT
             // that can sit under them (Linux 6.15, after the reservation).
-            if !pt.pasid_compat() && !dev.pasids.lock().is_empty() {
+            if !pt.pasid_compat() && has_pasids {
                 pt.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
                 iopf_off();
                 return Err(Errno::EINVAL);
@@ -347,6 +353,8 @@ impl Ictx {
     /// its HWPT, IOAS and pins stay too, and the error is returned.
     pub fn detach(&self, dev_id: u32) -> Result<()> {
         let dev = self.device(dev_id)?;
+        // Held throughout: no PASID attach sees the requester id half-way.
+        let _pasids = dev.pasids.lock();
         let Some(hwpt_id) = *dev.attached.lock() else { return Ok(()) };
         let pt = self.pt(hwpt_id)?;
         pt.detach_device(dev.ops.handle()).map_err(crate::iopt::domain_errno)?;
@@ -374,6 +382,9 @@ impl Ictx {
     /// never panics.
     pub fn replace(&self, dev_id: u32, pt_id: u32) -> core::result::Result<u32, ReplaceError> {
         let dev = self.device(dev_id).map_err(ReplaceError::Stayed)?;
+        // Held throughout: no PASID attach sees the requester id blocked
+        // half-way through the move.
+        let pasids = dev.pasids.lock();
         let Some(old) = *dev.attached.lock() else { return Err(ReplaceError::Stayed(Errno::EINVAL)) };
         if old == pt_id {
             return Ok(old);
@@ -385,7 +396,7 @@ impl Ictx {
         old_hwpt.refs().fetch_add(1, Ordering::SeqCst);
         *dev.attached.lock() = None;
         old_hwpt.ioas().iopt.lock().remove_reserved(Owner::Device(dev_id));
-        match self.attach_to(dev_id, &dev, pt_id) {
+        match self.attach_to(dev_id, &dev, pt_id, !pasids.is_empty()) {
             Ok(new) => {
                 // The old HWPT's pending faults of this device are
                 // answered; its IOPF hold goes.

@@ -8,7 +8,8 @@
 //! A wrong id, or an id of the wrong type, is `ENOENT`.
 //!
 //! Lock order (never taken the other way round): a device's `pasids`
-//! (held across one PASID attach, replace or detach) → `objects` →
+//! (held across one attach, replace or detach of its requester id or a
+//! PASID) → `objects` →
 //! `Ioas::iopt` → `Pages` → a domain's mutex → memory source.
 //! `Pages` comes before the domains because a `Pages` reads the addresses
 //! of pages already in use back from the domains that map them while it
