@@ -83,3 +83,62 @@ fn parallel_map_unmap_copy_keep_every_invariant() {
         assert_eq!(ictx.ioas_unmap(ioas, 0, u64::MAX), Ok(0));
     }
 }
+
+/// A device's requester-id moves and its PASID attaches, replaces and
+/// detaches from several threads at once keep Linux's rule: while a PASID
+/// is attached the requester id is on a PASID-compatible HWPT, and while
+/// the requester id is on an incompatible one no PASID is attached. The
+/// references add up afterwards.
+#[test]
+fn parallel_pasid_and_requester_id_changes_keep_the_compat_rule() {
+    use iommufd::errno::Errno;
+    use iommufd::uapi::MOCK_FLAGS_DEVICE_PASID;
+    let mem = Arc::new(FakeAddressSpace::new());
+    let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
+    let ioas = ictx.ioas_alloc().unwrap();
+    let dev = ictx.bind_device(Arc::new(MockDevice::new(MOCK_FLAGS_DEVICE_PASID))).unwrap();
+    let a = ictx.hwpt_alloc_pasid(dev, ioas, false, false, true).unwrap();
+    let b = ictx.hwpt_alloc_pasid(dev, ioas, false, false, true).unwrap();
+    let plain = ictx.hwpt_alloc(dev, ioas).unwrap();
+    ictx.attach(dev, a).unwrap();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut on_plain = 0;
+            while done.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+                match ictx.replace(dev, plain) {
+                    Ok(_) => {
+                        on_plain += 1;
+                        assert_eq!(ictx.attached_pasids(dev), Ok(vec![]), "a PASID under an incompatible HWPT");
+                        ictx.replace(dev, a).unwrap();
+                    }
+                    Err(e) => assert_eq!(e.errno(), Errno::EINVAL),
+                }
+            }
+            on_plain
+        });
+        for pasid in [1u32, 2] {
+            let (ictx, done) = (&ictx, &done);
+            s.spawn(move || {
+                for round in 0..300 {
+                    let (first, second) = if round % 2 == 0 { (a, b) } else { (b, a) };
+                    match ictx.attach_pasid(dev, pasid, first) {
+                        Ok(h) => {
+                            assert_eq!(h, first);
+                            assert_eq!(ictx.attached_hwpt(dev), Ok(Some(a)), "the requester id left for {plain}");
+                            assert_eq!(ictx.replace_pasid(dev, pasid, second), Ok(second));
+                            ictx.detach_pasid(dev, pasid).unwrap();
+                        }
+                        // The requester id is on the incompatible HWPT.
+                        Err(e) => assert_eq!(e, Errno::EINVAL),
+                    }
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    assert_eq!(ictx.attached_pasids(dev), Ok(vec![]));
+    assert_eq!(ictx.attached_hwpt(dev), Ok(Some(a)));
+    let refs = |id| ictx.hwpt(id).unwrap().refs();
+    assert_eq!((refs(a), refs(b), refs(plain)), (1, 0, 0));
+}

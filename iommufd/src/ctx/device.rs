@@ -470,9 +470,13 @@ impl Ictx {
         }
     }
 
-    /// The HWPT a device is attached to.
+    /// The HWPT a device is attached to. Waits for an attach, replace or
+    /// detach under way on the device, so a replace is never seen
+    /// half-way (detached).
     pub fn attached_hwpt(&self, dev_id: u32) -> Result<Option<u32>> {
-        Ok(*self.device(dev_id)?.attached.lock())
+        let dev = self.device(dev_id)?;
+        let _settled = dev.pasids.lock();
+        Ok(*dev.attached.lock())
     }
 
     /// The HWPT PASID `pasid` of a device is attached to (`None` when it
