@@ -15,7 +15,9 @@
 //! HWPTs (`IOMMU_HWPT_ALLOC` on a paging HWPT), `IOMMU_HWPT_INVALIDATE`
 //! and fault queues (`IOMMU_FAULT_QUEUE_ALLOC`, nested HWPTs with
 //! `IOMMU_HWPT_FAULT_ID_VALID`; the queue's read and write are methods of
-//! the context, `ctx::Ictx::fault_fd_read` and friends) are here.
+//! the context, `ctx::Ictx::fault_fd_read` and friends) are here, and
+//! the uAPI of PASID attach (Linux 6.15): `IOMMU_HWPT_ALLOC_PASID` and
+//! `IOMMU_GET_HW_INFO`'s `out_max_pasid_log2`.
 
 use crate::ctx::{DeviceOps, Ictx, UserData, UserDataArray};
 use crate::errno::{Errno, Result};
