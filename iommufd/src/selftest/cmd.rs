@@ -166,7 +166,7 @@ impl NestingOps for MockDevice {
         flags: u32,
         data: &UserData<'_>,
     ) -> Result<Box<dyn NestedDomain>> {
-        MockNestedDomain::alloc(parent, flags, data)
+        MockNestedDomain::alloc_with_flags(parent, flags, data)
     }
 }
 

@@ -596,9 +596,18 @@ impl MockNestedDomain {
     /// must be a mock domain (`EINVAL`); the data of type
     /// `IOMMU_HWPT_DATA_SELFTEST` (`EOPNOTSUPP`), exactly one
     /// `struct iommu_hwpt_selftest` long (`EINVAL`) and readable
-    /// (`EFAULT`). Of the driver's `flags` only `IOMMU_HWPT_ALLOC_PASID`
-    /// is known (`EOPNOTSUPP` for others, as Linux 6.15's mock).
+    /// (`EFAULT`).
     pub fn alloc(
+        parent: &mut dyn IommuDomain,
+        data: &crate::ctx::UserData<'_>,
+    ) -> crate::errno::Result<Box<dyn crate::ctx::NestedDomain>> {
+        Self::alloc_with_flags(parent, 0, data)
+    }
+
+    /// [`Self::alloc`] with the driver's HWPT_ALLOC `flags`: only
+    /// `IOMMU_HWPT_ALLOC_PASID` is known (`EOPNOTSUPP` for others, as Linux
+    /// 6.15's mock).
+    pub fn alloc_with_flags(
         parent: &mut dyn IommuDomain,
         flags: u32,
         data: &crate::ctx::UserData<'_>,
