@@ -15,9 +15,7 @@
 //! HWPTs (`IOMMU_HWPT_ALLOC` on a paging HWPT), `IOMMU_HWPT_INVALIDATE`
 //! and fault queues (`IOMMU_FAULT_QUEUE_ALLOC`, nested HWPTs with
 //! `IOMMU_HWPT_FAULT_ID_VALID`; the queue's read and write are methods of
-//! the context, `ctx::Ictx::fault_fd_read` and friends) are here, and
-//! the uAPI of PASID attach (Linux 6.15): `IOMMU_HWPT_ALLOC_PASID` and
-//! `IOMMU_GET_HW_INFO`'s `out_max_pasid_log2`.
+//! the context, `ctx::Ictx::fault_fd_read` and friends) are here.
 
 use crate::ctx::{DeviceOps, Ictx, UserData, UserDataArray};
 use crate::errno::{Errno, Result};
@@ -182,6 +180,7 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
                 Err(_) => return Err(Errno::EINVAL),
             };
             let id = if is_ioas {
+                // IOMMU_HWPT_ALLOC_PASID: the uAPI of PASID attach (6.15).
                 if c.flags & !(IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12 | IOMMU_HWPT_ALLOC_PASID) != 0
                     || c.data_type != IOMMU_HWPT_DATA_NONE
                 {

@@ -14,23 +14,16 @@
 //! safety rule instead: nothing is mapped that was not mapped before, no
 //! page lost a pin, every page a domain maps is pinned, and the
 //! accounting matches the pins.
-//!
-//! The snapshot also holds what reference counts and attachments say:
-//! every HWPT's references, every device's requester-id and PASID
-//! attachments, and which mock domain the mock's PASID table points the
-//! world's PASIDs at; so the PASID operations (attach, attach through an
-//! IOAS, replace) are swept too, and their hardware refusals checked.
 
 use iommufd::ctx::{Ictx, ReplaceError, UserData};
 use iommufd::dispatch::ioctl;
 use iommufd::errno::Errno;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
 use iommufd::selftest::cmd::MockDevice;
-use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain, MockFaults, MockNestedDomain};
+use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain, MockFaults};
 use iommufd::uapi::{
-    IOMMU_HWPT_ALLOC_PASID, IOMMU_HWPT_DATA_SELFTEST, IOMMU_HWPT_FAULT_ID_VALID, IOMMU_IOAS_MAP,
-    IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_UNMAP, IOMMU_TEST_IOTLB_DEFAULT, IommuIoasMap,
-    IommuIoasUnmap, MOCK_FLAGS_DEVICE_PASID,
+    IOMMU_HWPT_DATA_SELFTEST, IOMMU_HWPT_FAULT_ID_VALID, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FIXED_IOVA,
+    IOMMU_IOAS_MAP_READABLE, IOMMU_IOAS_UNMAP, IOMMU_TEST_IOTLB_DEFAULT, IommuIoasMap, IommuIoasUnmap,
 };
 use std::sync::Arc;
 
@@ -39,12 +32,6 @@ const USER_PAGES: u64 = 64;
 const WINDOW: u64 = 128 * PAGE_SIZE;
 /// One page of user memory holding the mock's nested-HWPT data.
 const NEST_DATA: u64 = 0x5000_0000;
-/// The PASIDs of the world: one attached at the start, one free.
-const PASID_ON: u32 = 7;
-const PASID_FREE: u32 = 9;
-
-/// A device's id, requester-id HWPT and `(PASID, HWPT)` attachments.
-type Attachments = (u32, Option<u32>, Vec<(u32, u32)>);
 
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
@@ -54,30 +41,6 @@ struct Snapshot {
     /// For every HWPT: its id and the translation of every 2 KiB I/O page
     /// of the window.
     domains: Vec<(u32, Vec<Option<u64>>)>,
-    /// For every HWPT, paging or nested: its id and references.
-    refs: Vec<(u32, u32)>,
-    /// For every device: its id, requester-id HWPT and PASID attachments.
-    attachments: Vec<Attachments>,
-    /// For every device and the world's two PASIDs: the HWPTs whose mock
-    /// domain the mock's PASID table names for it.
-    pasid_table: Vec<(u32, u32, Vec<u32>)>,
-}
-
-/// Whether HWPT `id`'s mock domain (paging or nested) is what the mock's
-/// PASID table names for PASID `pasid` of `dev`.
-fn domain_has_pasid(ictx: &Ictx, id: u32, dev: portcullis_iommu::DeviceHandle, pasid: u32) -> bool {
-    if let Ok(h) = ictx.hwpt(id) {
-        let mut d = h.domain.lock();
-        return d.as_any_mut().and_then(|a| a.downcast_mut::<MockDomain>()).is_some_and(|m| m.has_pasid(dev, pasid));
-    }
-    if let Ok(n) = ictx.hwpt_nested(id) {
-        let mut d = n.domain.lock();
-        return d
-            .as_any_mut()
-            .and_then(|a| a.downcast_mut::<MockNestedDomain>())
-            .is_some_and(|m| m.has_pasid(dev, pasid));
-    }
-    false
 }
 
 fn snapshot(ictx: &Ictx, mem: &FakeAddressSpace) -> Snapshot {
@@ -90,34 +53,11 @@ fn snapshot(ictx: &Ictx, mem: &FakeAddressSpace) -> Snapshot {
             (id, (0..WINDOW / 2048).map(|k| d.iova_to_phys(MOCK_APERTURE_START + k * 2048)).collect())
         })
         .collect();
-    let refs = objects
-        .iter()
-        .filter_map(|&id| match (ictx.hwpt(id), ictx.hwpt_nested(id)) {
-            (Ok(h), _) => Some((id, h.refs())),
-            (_, Ok(n)) => Some((id, n.refs())),
-            _ => None,
-        })
-        .collect();
-    let devices: Vec<u32> = objects.iter().copied().filter(|&id| ictx.device(id).is_ok()).collect();
-    let attachments =
-        devices.iter().map(|&d| (d, ictx.attached_hwpt(d).unwrap(), ictx.attached_pasids(d).unwrap())).collect();
-    let mut pasid_table = Vec::new();
-    for &d in &devices {
-        let handle = ictx.device(d).unwrap().handle();
-        for pasid in [PASID_ON, PASID_FREE] {
-            let on: Vec<u32> =
-                objects.iter().copied().filter(|&id| domain_has_pasid(ictx, id, handle, pasid)).collect();
-            pasid_table.push((d, pasid, on));
-        }
-    }
     Snapshot {
         objects,
         pins: (0..USER_PAGES).map(|p| mem.pins(USER + p * PAGE_SIZE)).collect(),
         accounted: ictx.pinned_pages(),
         domains,
-        refs,
-        attachments,
-        pasid_table,
     }
 }
 
@@ -142,13 +82,6 @@ struct World {
     /// A fault queue nobody uses yet, and its descriptor.
     fault: u32,
     fault_fd: u32,
-    /// IOAS `d` (its own, with a mapping) and a PASID-capable device whose
-    /// requester id and PASID [`PASID_ON`] are on `pasid_hwpt`, a
-    /// PASID-compatible HWPT of `d`; `pasid_hwpt2` is another one, unused.
-    d: u32,
-    pasid_dev: u32,
-    pasid_hwpt: u32,
-    pasid_hwpt2: u32,
 }
 
 fn world() -> World {
@@ -181,32 +114,7 @@ fn world() -> World {
     ictx.ioas_map(c, Some(MOCK_APERTURE_START), USER + 0x38000, 4 * PAGE_SIZE, true, true).unwrap();
     let parent = ictx.hwpt_alloc_flags(nest_dev, c, false, true).unwrap();
     let (fault, fault_fd) = ictx.fault_alloc().unwrap();
-    let d = ictx.ioas_alloc().unwrap();
-    ictx.ioas_map(d, Some(MOCK_APERTURE_START), USER + 0x3c000, 2 * PAGE_SIZE, true, true).unwrap();
-    let pasid_dev =
-        ictx.bind_nesting_device(Arc::new(MockDevice::with_faults(MOCK_FLAGS_DEVICE_PASID, faults.clone()))).unwrap();
-    let pasid_hwpt = ictx.hwpt_alloc_pasid(pasid_dev, d, false, false, true).unwrap();
-    let pasid_hwpt2 = ictx.hwpt_alloc_pasid(pasid_dev, d, false, false, true).unwrap();
-    ictx.attach(pasid_dev, pasid_hwpt).unwrap();
-    ictx.attach_pasid(pasid_dev, PASID_ON, pasid_hwpt).unwrap();
-    World {
-        mem,
-        ictx,
-        faults,
-        a,
-        b,
-        spare_dev,
-        dev_a,
-        dirty,
-        nest_dev,
-        parent,
-        fault,
-        fault_fd,
-        d,
-        pasid_dev,
-        pasid_hwpt,
-        pasid_hwpt2,
-    }
+    World { mem, ictx, faults, a, b, spare_dev, dev_a, dirty, nest_dev, parent, fault, fault_fd }
 }
 
 /// After a call that failed with invalidations failing: nothing mapped
@@ -362,30 +270,6 @@ fn operations() -> Vec<Op> {
             Box::new(|w: &World| w.ictx.hwpt_alloc_flags(w.spare_dev, w.a, false, true).map(|_| ())),
         ),
         ("fault queue alloc", Box::new(|w: &World| w.ictx.fault_alloc().map(|_| ()))),
-        ("PASID attach", Box::new(|w: &World| w.ictx.attach_pasid(w.pasid_dev, PASID_FREE, w.pasid_hwpt2).map(|_| ()))),
-        (
-            "PASID attach through an IOAS (a new automatic HWPT, refused)",
-            // Automatic HWPTs never take PASIDs: EINVAL is the answer
-            // once nothing else fails; what is swept is the new HWPT's
-            // allocation, fill and release.
-            Box::new(|w: &World| match w.ictx.attach_pasid(w.pasid_dev, PASID_FREE, w.d) {
-                Err(Errno::EINVAL) => Ok(()),
-                Ok(h) => panic!("an automatic HWPT {h} took a PASID"),
-                Err(e) => Err(e),
-            }),
-        ),
-        ("PASID replace", Box::new(|w: &World| w.ictx.replace_pasid(w.pasid_dev, PASID_ON, w.pasid_hwpt2).map(|_| ()))),
-        (
-            "nested PASID-compatible hwpt alloc and PASID attach",
-            Box::new(|w: &World| {
-                let data = UserData::new(&*w.mem, IOMMU_HWPT_DATA_SELFTEST, NEST_DATA, 4);
-                let n = w.ictx.hwpt_nested_alloc(w.nest_dev, w.parent, IOMMU_HWPT_ALLOC_PASID, 0, &data)?;
-                // The nest device has no PASIDs: the attach is refused
-                // and the new HWPT goes again.
-                assert_eq!(w.ictx.attach_pasid(w.nest_dev, PASID_FREE, n), Err(Errno::EINVAL));
-                w.ictx.destroy(n)
-            }),
-        ),
         ("unmap", Box::new(move |w: &World| w.ictx.ioas_unmap(w.a, MOCK_APERTURE_START, 8 * page).map(|_| ()))),
         (
             "IOAS_MAP through the dispatcher",
@@ -479,35 +363,6 @@ fn every_failed_invalidation_keeps_what_a_device_may_reach_pinned() {
     assert!(report.iter().all(|(_, n)| *n >= 1), "{report:?}");
     assert_eq!(report[0].1, 3, "one invalidation per domain (three) for the whole unmap");
     assert!(unwinds.iter().filter(|(_, n)| *n >= 1).count() >= 3, "{unwinds:?}");
-}
-
-/// A domain that refuses a PASID attach or detach (a hardware error)
-/// leaves everything as it was: attachments, references, the mock's PASID
-/// table; an unbind stops at the refused PASID detach with the device
-/// still bound and attached.
-#[test]
-fn refused_pasid_attach_and_detach_change_nothing() {
-    let w = world();
-    let handle = w.ictx.device(w.pasid_dev).unwrap().handle();
-    let before = snapshot(&w.ictx, &w.mem);
-    w.faults.refuse_attach(true);
-    assert_eq!(w.ictx.attach_pasid(w.pasid_dev, PASID_FREE, w.pasid_hwpt2), Err(Errno::EIO));
-    assert_eq!(snapshot(&w.ictx, &w.mem), before, "refused attach");
-    assert_eq!(w.ictx.replace_pasid(w.pasid_dev, PASID_ON, w.pasid_hwpt2), Err(Errno::EIO));
-    assert_eq!(snapshot(&w.ictx, &w.mem), before, "refused replace");
-    w.faults.refuse_attach(false);
-    w.faults.refuse_detach(true);
-    assert_eq!(w.ictx.detach_pasid(w.pasid_dev, PASID_ON), Err(Errno::ETIMEDOUT));
-    assert_eq!(snapshot(&w.ictx, &w.mem), before, "refused detach");
-    assert_eq!(w.ictx.destroy(w.pasid_hwpt), Err(Errno::EBUSY), "the PASID still holds its HWPT");
-    assert_eq!(w.ictx.unbind_device(w.pasid_dev), Err(Errno::ETIMEDOUT));
-    assert_eq!(snapshot(&w.ictx, &w.mem), before, "refused unbind");
-    w.faults.refuse_detach(false);
-    // Unbinding detaches the PASID first, then the requester id.
-    w.ictx.unbind_device(w.pasid_dev).unwrap();
-    assert_eq!(w.ictx.hwpt(w.pasid_hwpt).map(|h| h.refs()), Ok(0));
-    assert!(!domain_has_pasid(&w.ictx, w.pasid_hwpt, handle, PASID_ON));
-    w.ictx.destroy(w.pasid_hwpt).unwrap();
 }
 
 /// The sweep's snapshot cannot see reference counts: after each failed

@@ -72,9 +72,9 @@
 //! Version notes: Linux 6.13+ adds to these groups `cmd_length` entries for
 //! IOAS_MAP_FILE, VIOMMU_ALLOC, VDEVICE_ALLOC (and 6.14
 //! IOAS_CHANGE_PROCESS), file-backed `iommufd_mock_domain` variants, a
-//! device cache check, and HWPT_INVALIDATE on a parent HWPT answers
-//! EINVAL instead of ENOENT. None of that is in 6.12, so none is ported;
-//! the PASID cases (6.15) are, as PASID attach is implemented.
+//! device cache check and a PASID-capable device in the `iommufd_ioas`
+//! setup (6.15), and HWPT_INVALIDATE on a parent HWPT answers EINVAL
+//! instead of ENOENT. None of that is in 6.12, so none is ported.
 //!
 //! Simulation notes: the fault "fd" is the number `out_fault_fd` names
 //! in the context's descriptor table; `read(2)`, `write(2)` and `close(2)`
