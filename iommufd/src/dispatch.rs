@@ -215,12 +215,16 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
                 Err(_) => return Err(Errno::EINVAL),
             };
             let id = if is_ioas {
-                if c.flags & !IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12 != 0 || c.data_type != IOMMU_HWPT_DATA_NONE {
+                // IOMMU_HWPT_ALLOC_PASID: the uAPI of PASID attach (6.15).
+                if c.flags & !(IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12 | IOMMU_HWPT_ALLOC_PASID) != 0
+                    || c.data_type != IOMMU_HWPT_DATA_NONE
+                {
                     return Err(Errno::EOPNOTSUPP);
                 }
                 let dirty = c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
                 let nest_parent = c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0;
-                ictx.hwpt_alloc_flags(c.dev_id, c.pt_id, dirty, nest_parent)?
+                let pasid = c.flags & IOMMU_HWPT_ALLOC_PASID != 0;
+                ictx.hwpt_alloc_pasid(c.dev_id, c.pt_id, dirty, nest_parent, pasid)?
             } else {
                 let source = ictx.source();
                 let data = UserData::new(&*source, c.data_type, c.data_uptr, c.data_len);
@@ -233,7 +237,9 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
         }
         IOMMU_GET_HW_INFO => {
             let mut c = IommuHwInfo::read(&kbuf);
-            if c.flags != 0 || c.__reserved != 0 {
+            // `out_max_pasid_log2` is output only; the 6.12.y kernels check
+            // only the three reserved bytes after it.
+            if c.flags != 0 || c.__reserved != [0; 3] {
                 return Err(Errno::EOPNOTSUPP);
             }
             let dev = ictx.device(c.dev_id)?;
@@ -251,6 +257,9 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
             c.data_len = data.len() as u32;
             c.out_data_type = kind;
             c.out_capabilities = if dev.supports_dirty_tracking() { IOMMU_HW_CAP_DIRTY_TRACKING } else { 0 };
+            // A driver's width past a byte is nonsense (PCI PASIDs have 20
+            // bits); it saturates rather than wrapping.
+            c.out_max_pasid_log2 = u8::try_from(dev.max_pasid_log2()).unwrap_or(u8::MAX);
             respond(&c.to_bytes(), user_size, buf)
         }
         IOMMU_HWPT_SET_DIRTY_TRACKING => {

@@ -434,7 +434,15 @@ pub trait IommuDomain: Send {
     /// which it is blocked where the hardware allows. The device's other
     /// PASIDs and its requester-id translation are left as they were.
     /// [`DomainError::NotSupported`] (the default) when the domain or its
-    /// unit cannot translate PASID-tagged requests.
+    /// unit cannot translate PASID-tagged requests. On any failure the
+    /// PASID is left as it was (on its previous domain, or blocked): the
+    /// iommufd core keeps its record of the PASID's domain, and its
+    /// reference on it, on that promise. The caller has checked the PASID
+    /// against [`DeviceOps::max_pasid_log2`]. A replace is this one call
+    /// on the new domain: the old domain is not called, so a domain that
+    /// lists the PASIDs using it cannot count on being told when one moves
+    /// away (the hardware's PASID entry is what says which domain a PASID
+    /// uses).
     fn attach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
         let _ = (device, pasid);
         Err(DomainError::NotSupported)

@@ -106,6 +106,9 @@ struct Group {
     dev: Arc<Device>,
     dev_id: u32,
     hwpt_id: u32,
+    /// The attachment it came through: the PASID attached to `hwpt_id`,
+    /// or 0 for the requester id's.
+    attach_pasid: u32,
     requests: Vec<PageRequest>,
     /// A page request group (answered to the device's driver), or an
     /// unrecoverable DMA fault (`Ictx::report_dma_fault`: no answer).
@@ -283,11 +286,12 @@ impl Fault {
         self.queue.lock().dma_faults_lost
     }
 
-    /// Takes out every group of `dev_id` on `hwpt_id` (both queued and
-    /// awaiting a response), or every group when `dev_id` is `None`.
-    fn take(&self, which: Option<(u32, u32)>) -> Vec<Group> {
+    /// Takes out every group that came through attachment `(dev_id,
+    /// hwpt_id, pasid)` (both queued and awaiting a response), or every
+    /// group when `which` is `None`.
+    fn take(&self, which: Option<(u32, u32, u32)>) -> Vec<Group> {
         let mut q = self.queue.lock();
-        let hit = |g: &Group| which.is_none_or(|(d, h)| g.dev_id == d && g.hwpt_id == h);
+        let hit = |g: &Group| which.is_none_or(|(d, h, p)| g.dev_id == d && g.hwpt_id == h && g.attach_pasid == p);
         let mut out = Vec::new();
         let deliver = core::mem::take(&mut q.deliver);
         for g in deliver {
@@ -301,9 +305,11 @@ impl Fault {
         out
     }
 
-    /// Answers `INVALID` to the groups of a device leaving HWPT `hwpt_id`.
-    pub(super) fn auto_respond(&self, dev_id: u32, hwpt_id: u32) {
-        for g in self.take(Some((dev_id, hwpt_id))) {
+    /// Answers `INVALID` to the groups that came through a device's
+    /// attachment to HWPT `hwpt_id` when it leaves: of its requester id
+    /// (`pasid` 0) or of PASID `pasid`.
+    pub(super) fn auto_respond(&self, dev_id: u32, hwpt_id: u32, pasid: u32) {
+        for g in self.take(Some((dev_id, hwpt_id, pasid))) {
             g.respond(IOMMUFD_PAGE_RESP_INVALID);
         }
     }
@@ -394,8 +400,10 @@ impl Ictx {
     /// A device reports a page request (the IOMMU driver's fault path;
     /// the selftest's `TRIGGER_IOPF`). Requests without LAST_PAGE wait in
     /// the device until the LAST_PAGE request of their group arrives;
-    /// then the group goes to the fault queue of the HWPT the device is
-    /// attached to, or, when that HWPT has none, is answered `INVALID`.
+    /// then the group goes to the fault queue of the HWPT the request's
+    /// PASID (when tagged with an attached one) or else the device's
+    /// requester id is attached to, or, when that HWPT has none, is
+    /// answered `INVALID`.
     /// A device without IOPF enabled drops the request (`ENODEV`).
     pub fn report_iopf(&self, dev_id: u32, req: PageRequest) -> Result<()> {
         let dev = self.device(dev_id)?;
@@ -416,9 +424,27 @@ impl Ictx {
             }
         });
         requests.push(req);
-        let hwpt_id = *dev.attached.lock();
+        // A request tagged with an attached PASID goes through that PASID's
+        // HWPT; any other through the requester id's (the mock, like a
+        // driver with user-managed PASID tables, sends other PASIDs there).
+        let by_pasid = if req.flags & crate::uapi::IOMMU_PGFAULT_FLAGS_PASID_VALID != 0 {
+            dev.pasids.lock().get(&req.pasid).copied()
+        } else {
+            None
+        };
+        let (hwpt_id, attach_pasid) = match by_pasid {
+            Some(h) => (Some(h), req.pasid),
+            None => (*dev.attached.lock(), 0),
+        };
         let target = hwpt_id.and_then(|h| self.hwpt_nested(h).ok().and_then(|n| n.fault.clone()).map(|f| (h, f)));
-        let group = Group { dev: dev.clone(), dev_id, hwpt_id: hwpt_id.unwrap_or(0), requests, recoverable: true };
+        let group = Group {
+            dev: dev.clone(),
+            dev_id,
+            hwpt_id: hwpt_id.unwrap_or(0),
+            attach_pasid,
+            requests,
+            recoverable: true,
+        };
         match target {
             Some((_, fault)) => fault.deliver(group),
             None => group.respond(IOMMUFD_PAGE_RESP_INVALID),
@@ -461,7 +487,14 @@ impl Ictx {
             return Err(Errno::ENOSPC);
         }
         q.dma_faults += 1;
-        q.deliver.push_back(Group { dev, dev_id, hwpt_id, requests: alloc::vec![req], recoverable: false });
+        q.deliver.push_back(Group {
+            dev,
+            dev_id,
+            hwpt_id,
+            attach_pasid: 0,
+            requests: alloc::vec![req],
+            recoverable: false,
+        });
         Ok(())
     }
 
@@ -530,6 +563,9 @@ mod tests {
         }
         fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
             self.inner.alloc_domain()
+        }
+        fn max_pasid_log2(&self) -> u32 {
+            self.inner.max_pasid_log2()
         }
     }
     impl NestingOps for RecDev {
@@ -629,6 +665,65 @@ mod tests {
         c.report_iopf(w.dev, req(3, 0x4000, true)).unwrap();
         assert_eq!(c.fault_fd_read(w.fd, &mut buf), Ok(FAULT_RECORD_SIZE));
         assert_eq!(IommuHwptPgfault::read(&buf).cookie, 2);
+    }
+
+    /// Page requests tagged with an attached PASID go to the fault queue
+    /// of that PASID's HWPT; the PASID's detach answers only its groups.
+    #[test]
+    fn pasid_requests_follow_the_pasid_attachment() {
+        let (mem, c) = ctx();
+        let ioas = c.ioas_alloc().unwrap();
+        let rec =
+            Arc::new(RecDev { inner: MockDevice::new(MOCK_FLAGS_DEVICE_PASID), responses: Mutex::new(Vec::new()) });
+        let dev = c.bind_nesting_device(rec.clone()).unwrap();
+        let s2 = c.hwpt_alloc_pasid(dev, ioas, false, false, true).unwrap();
+        c.attach(dev, s2).unwrap();
+        let parent = c.hwpt_alloc_flags(dev, ioas, false, true).unwrap();
+        mem.write_user(MEM, &IOMMU_TEST_IOTLB_DEFAULT.to_le_bytes()).unwrap();
+        let (fault, fd) = c.fault_alloc().unwrap();
+        let data = UserData::new(&*mem, IOMMU_HWPT_DATA_SELFTEST, MEM, 4);
+        let flags = IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID;
+        let hwpt = c.hwpt_nested_alloc(dev, parent, flags, fault, &data).unwrap();
+        assert_eq!(c.attach_pasid(dev, 5, hwpt), Ok(hwpt));
+        assert_eq!(c.device(dev).unwrap().iopf_enabled(), 1);
+        let tagged = |pasid, grpid| PageRequest {
+            flags: IOMMU_PGFAULT_FLAGS_LAST_PAGE | IOMMU_PGFAULT_FLAGS_PASID_VALID,
+            pasid,
+            grpid,
+            perm: IOMMU_PGFAULT_PERM_READ,
+            addr: 0x1000,
+        };
+        c.report_iopf(dev, tagged(5, 1)).unwrap();
+        let mut buf = [0u8; FAULT_RECORD_SIZE];
+        assert_eq!(c.fault_fd_read(fd, &mut buf), Ok(FAULT_RECORD_SIZE));
+        let rec1 = IommuHwptPgfault::read(&buf);
+        assert_eq!((rec1.dev_id, rec1.pasid, rec1.grpid), (dev, 5, 1));
+        // Another PASID goes the requester id's way: a HWPT without a
+        // fault queue, so it is answered INVALID at once.
+        c.report_iopf(dev, tagged(6, 2)).unwrap();
+        assert_eq!(
+            rec.responses.lock().clone(),
+            [PageResponse {
+                flags: IOMMU_PGFAULT_FLAGS_LAST_PAGE | IOMMU_PGFAULT_FLAGS_PASID_VALID,
+                pasid: 6,
+                grpid: 2,
+                code: IOMMUFD_PAGE_RESP_INVALID
+            }]
+        );
+        c.report_iopf(dev, tagged(5, 3)).unwrap();
+        let f = c.fault(fault).unwrap();
+        assert_eq!((f.delivered(), f.awaiting_response()), (1, 1));
+        // The requester id moving does not touch the PASID's groups.
+        let s2b = c.hwpt_alloc_pasid(dev, ioas, false, false, true).unwrap();
+        c.replace(dev, s2b).unwrap();
+        assert_eq!((f.delivered(), f.awaiting_response()), (1, 1));
+        // The PASID's detach answers both of its groups.
+        c.detach_pasid(dev, 5).unwrap();
+        let got: Vec<(u32, u32, u32)> = rec.responses.lock().iter().map(|r| (r.pasid, r.grpid, r.code)).collect();
+        assert_eq!(got[1..], [(5, 3, IOMMUFD_PAGE_RESP_INVALID), (5, 1, IOMMUFD_PAGE_RESP_INVALID)]);
+        assert_eq!((f.delivered(), f.awaiting_response()), (0, 0));
+        assert_eq!(c.device(dev).unwrap().iopf_enabled(), 0);
+        assert_eq!(c.hwpt_nested(hwpt).unwrap().refs(), 0);
     }
 
     #[test]

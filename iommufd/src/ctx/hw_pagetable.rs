@@ -33,7 +33,19 @@ pub struct Hwpt {
     /// Allocated with `IOMMU_HWPT_ALLOC_NEST_PARENT`: nested HWPTs may be
     /// built on it.
     pub nest_parent: bool,
+    /// Allocated with `IOMMU_HWPT_ALLOC_PASID`: it may be attached to
+    /// PASIDs, and to the requester id of a device with PASIDs attached.
+    /// Automatic HWPTs never are.
+    pub pasid_compat: bool,
     pub(super) refs: AtomicU32,
+}
+
+impl Hwpt {
+    /// References held on it: attached devices and PASIDs, nested HWPTs
+    /// on it (while any is held, `IOMMU_DESTROY` is `EBUSY`).
+    pub fn refs(&self) -> u32 {
+        self.refs.load(Ordering::SeqCst)
+    }
 }
 
 impl core::fmt::Debug for Hwpt {
@@ -43,15 +55,21 @@ impl core::fmt::Debug for Hwpt {
 }
 
 impl Ictx {
+    /// A new HWPT on `ioas` with a domain from `dev`'s driver; `flags`
+    /// are the `IOMMU_HWPT_ALLOC_*` bits it was asked with (validated by
+    /// the caller).
     pub(super) fn new_hwpt(
         &self,
         ioas_id: u32,
         ioas: &Arc<Ioas>,
         dev: &Device,
         auto: bool,
-        dirty: bool,
-        nest_parent: bool,
+        flags: u32,
     ) -> Result<(u32, Arc<Hwpt>)> {
+        use crate::uapi::{IOMMU_HWPT_ALLOC_DIRTY_TRACKING, IOMMU_HWPT_ALLOC_NEST_PARENT, IOMMU_HWPT_ALLOC_PASID};
+        let dirty = flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0;
+        let nest_parent = flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0;
+        let pasid_compat = flags & IOMMU_HWPT_ALLOC_PASID != 0;
         self.accounting.faults.point()?;
         if dirty && !dev.ops.supports_dirty_tracking() {
             return Err(Errno::EOPNOTSUPP);
@@ -79,6 +97,7 @@ impl Ictx {
             coherent,
             dirty,
             nest_parent,
+            pasid_compat,
             refs: AtomicU32::new(0),
         });
         let id = self.insert(Object::Hwpt(hwpt.clone()))?;
@@ -112,9 +131,28 @@ impl Ictx {
     /// (`dirty`) and `IOMMU_HWPT_ALLOC_NEST_PARENT` (`nest_parent`: the
     /// HWPT can be the parent of nested HWPTs).
     pub fn hwpt_alloc_flags(&self, dev_id: u32, ioas_id: u32, dirty: bool, nest_parent: bool) -> Result<u32> {
+        self.hwpt_alloc_pasid(dev_id, ioas_id, dirty, nest_parent, false)
+    }
+
+    /// [`Self::hwpt_alloc_flags`], and with `pasid` (`IOMMU_HWPT_ALLOC_PASID`)
+    /// a HWPT that PASIDs may be attached to ([`Self::attach_pasid`]). Any
+    /// device may allocate one, PASID-capable or not, as in Linux.
+    pub fn hwpt_alloc_pasid(
+        &self,
+        dev_id: u32,
+        ioas_id: u32,
+        dirty: bool,
+        nest_parent: bool,
+        pasid: bool,
+    ) -> Result<u32> {
+        use crate::uapi::{IOMMU_HWPT_ALLOC_DIRTY_TRACKING, IOMMU_HWPT_ALLOC_NEST_PARENT, IOMMU_HWPT_ALLOC_PASID};
         let dev = self.device(dev_id)?;
         let ioas = self.ioas(ioas_id)?;
-        self.new_hwpt(ioas_id, &ioas, &dev, false, dirty, nest_parent).map(|(id, _)| id)
+        let flag = |on: bool, f: u32| if on { f } else { 0 };
+        let flags = flag(dirty, IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+            | flag(nest_parent, IOMMU_HWPT_ALLOC_NEST_PARENT)
+            | flag(pasid, IOMMU_HWPT_ALLOC_PASID);
+        self.new_hwpt(ioas_id, &ioas, &dev, false, flags).map(|(id, _)| id)
     }
 
     /// `IOMMU_HWPT_SET_DIRTY_TRACKING`: starts or stops dirty tracking of

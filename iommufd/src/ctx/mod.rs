@@ -3,12 +3,14 @@
 //!
 //! Objects have 31-bit ids, allocated lowest-free from 1 as Linux does.
 //! An object that another object refers to (an IOAS with HWPTs or
-//! accesses, a HWPT with attached devices or nested HWPTs, a fault with
+//! accesses, a HWPT with attached devices, attached PASIDs or nested HWPTs, a fault with
 //! HWPTs or an open descriptor) cannot be destroyed: `EBUSY`.
 //! A wrong id, or an id of the wrong type, is `ENOENT`.
 //!
-//! Lock order (never taken the other way round):
-//! `objects` → `Ioas::iopt` → `Pages` → a domain's mutex → memory source.
+//! Lock order (never taken the other way round): a device's `pasids`
+//! (held across one attach, replace or detach of its requester id or a
+//! PASID) → `objects` →
+//! `Ioas::iopt` → `Pages` → a domain's mutex → memory source.
 //! `Pages` comes before the domains because a `Pages` reads the addresses
 //! of pages already in use back from the domains that map them while it
 //! holds its lock; no code holding a domain lock takes a `Pages` lock

@@ -133,6 +133,22 @@ pub trait NestedDomain: Send {
     fn attach_device(&mut self, device: DeviceHandle) -> core::result::Result<(), DomainError>;
     /// Blocks the device's DMA through this domain.
     fn detach_device(&mut self, device: DeviceHandle) -> core::result::Result<(), DomainError>;
+    /// Points PASID `pasid` (never 0) of `device` at this domain, as
+    /// [`IommuDomain::attach_device_pasid`] does for a paging domain
+    /// (Linux 6.15 attaches nested HWPTs to PASIDs too): replacing the
+    /// domain the PASID used; on failure the PASID is left as it was.
+    /// [`DomainError::NotSupported`] (the default) when the driver cannot.
+    fn attach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> core::result::Result<(), DomainError> {
+        let _ = (device, pasid);
+        Err(DomainError::NotSupported)
+    }
+    /// Blocks PASID `pasid` of `device` again, as
+    /// [`IommuDomain::detach_device_pasid`]; on failure the PASID may
+    /// still reach the domain.
+    fn detach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> core::result::Result<(), DomainError> {
+        let _ = (device, pasid);
+        Err(DomainError::NotSupported)
+    }
     /// `IOMMU_HWPT_INVALIDATE`: handles the requests of `array` in order,
     /// stopping at the first that fails, and leaves in `array.entry_num`
     /// how many it handled (also when failing).
@@ -153,7 +169,8 @@ pub trait NestedDomain: Send {
 pub trait NestingOps: Send + Sync {
     /// A nested domain on `parent` (a domain this driver made for a
     /// `NEST_PARENT` HWPT) from the caller's `data`. `flags` are the
-    /// HWPT_ALLOC flags meant for the driver. Errors are the driver's
+    /// HWPT_ALLOC flags meant for the driver (`IOMMU_HWPT_ALLOC_PASID`, the
+    /// only one since 6.15). Errors are the driver's
     /// errno (a foreign data type is `EOPNOTSUPP`, bad data `EINVAL`,
     /// unreadable data `EFAULT`).
     fn alloc_nested_domain(
@@ -193,6 +210,8 @@ pub struct HwptNested {
     /// The fault queue its devices' page requests go to
     /// (`IOMMU_HWPT_FAULT_ID_VALID`); held from allocation to release.
     pub fault: Option<Arc<Fault>>,
+    /// Allocated with `IOMMU_HWPT_ALLOC_PASID` (see [`Hwpt::pasid_compat`]).
+    pub pasid_compat: bool,
     pub(super) refs: AtomicU32,
 }
 
@@ -203,6 +222,10 @@ impl core::fmt::Debug for HwptNested {
 }
 
 impl HwptNested {
+    /// References held on it: attached devices and PASIDs.
+    pub fn refs(&self) -> u32 {
+        self.refs.load(Ordering::SeqCst)
+    }
     /// The parent (stage-2) HWPT.
     pub fn parent(&self) -> &Arc<Hwpt> {
         &self.parent
@@ -220,7 +243,8 @@ impl Ictx {
 
     /// `IOMMU_HWPT_ALLOC` on a paging HWPT: a nested HWPT for `dev_id` on
     /// parent `parent_id`, in Linux's order: `flags` other than
-    /// `FAULT_ID_VALID` or empty data → `EOPNOTSUPP`; an automatic parent
+    /// `FAULT_ID_VALID` and `ALLOC_PASID` (Linux 6.15) or empty data →
+    /// `EOPNOTSUPP`; an automatic parent
     /// or one allocated without `NEST_PARENT` → `EINVAL`; then the
     /// driver's own checks (no nesting support → `EOPNOTSUPP`); last,
     /// with `FAULT_ID_VALID` in `flags`, the fault object `fault_id`
@@ -235,7 +259,8 @@ impl Ictx {
     ) -> Result<u32> {
         let dev = self.device(dev_id)?;
         let parent = self.hwpt(parent_id)?;
-        if flags & !crate::uapi::IOMMU_HWPT_FAULT_ID_VALID != 0 || data.len == 0 {
+        use crate::uapi::{IOMMU_HWPT_ALLOC_PASID, IOMMU_HWPT_FAULT_ID_VALID};
+        if flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || data.len == 0 {
             return Err(Errno::EOPNOTSUPP);
         }
         if parent.auto || !parent.nest_parent {
@@ -259,6 +284,7 @@ impl Ictx {
             parent: parent.clone(),
             domain: Mutex::new(domain),
             fault: fault.clone(),
+            pasid_compat: flags & IOMMU_HWPT_ALLOC_PASID != 0,
             refs: AtomicU32::new(0),
         });
         // The parent's (and fault's) references are taken before the id

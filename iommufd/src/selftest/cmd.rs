@@ -4,7 +4,11 @@
 //! MOCK_DOMAIN_REPLACE, MD_CHECK_MAP, MD_CHECK_REFS, SET_TEMP_MEMORY_LIMIT,
 //! CREATE_ACCESS, ACCESS_PAGES, DESTROY_ACCESS_PAGES, ACCESS_RW,
 //! ACCESS_REPLACE_IOAS, DIRTY, MD_CHECK_IOTLB (the mock nested domain),
-//! TRIGGER_IOPF (a page request into the device's fault queue).
+//! TRIGGER_IOPF (a page request into the device's fault queue), and
+//! Linux 6.15's PASID_ATTACH, PASID_REPLACE, PASID_DETACH and
+//! PASID_CHECK_HWPT (PASID 0 in them means the requester id, as the
+//! Linux handlers pass the PASID on to the attach functions, where 0 is
+//! `IOMMU_NO_PASID`).
 //!
 //! Linux hands an access to user space as a file descriptor; here the
 //! "descriptors" are numbers from 3 up, never reused, drawn from the
@@ -142,6 +146,10 @@ impl DeviceOps for MockDevice {
         }
         Ok(Box::new(MockDomain::with_dirty_tracking(self.faults.clone())))
     }
+    /// [`MOCK_PASID_WIDTH`] bits with `MOCK_FLAGS_DEVICE_PASID`, else none.
+    fn max_pasid_log2(&self) -> u32 {
+        if self.flags & MOCK_FLAGS_DEVICE_PASID != 0 { MOCK_PASID_WIDTH } else { 0 }
+    }
     fn hw_info(&self) -> (u32, Vec<u8>) {
         // struct iommu_test_hw_info { __u32 flags; __u32 test_reg; }
         let mut v = Vec::with_capacity(8);
@@ -155,10 +163,10 @@ impl NestingOps for MockDevice {
     fn alloc_nested_domain(
         &self,
         parent: &mut dyn IommuDomain,
-        _flags: u32,
+        flags: u32,
         data: &UserData<'_>,
     ) -> Result<Box<dyn NestedDomain>> {
-        MockNestedDomain::alloc(parent, data)
+        MockNestedDomain::alloc_with_flags(parent, flags, data)
     }
 }
 
@@ -176,7 +184,7 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             } else {
                 0
             };
-            if flags & !(MOCK_FLAGS_DEVICE_NO_DIRTY | MOCK_FLAGS_DEVICE_HUGE_IOVA) != 0 {
+            if flags & !(MOCK_FLAGS_DEVICE_NO_DIRTY | MOCK_FLAGS_DEVICE_HUGE_IOVA | MOCK_FLAGS_DEVICE_PASID) != 0 {
                 return Err(Errno::EINVAL);
             }
             let (owner, dev) = ictx.bind_owned_nesting_device(Arc::new(MockDevice::new(flags)))?;
@@ -435,6 +443,48 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
                 Ok(()) | Err(Errno::ENODEV) => Ok(()),
                 Err(e) => Err(e),
             }
+        }
+        IOMMU_TEST_OP_PASID_ATTACH | IOMMU_TEST_OP_PASID_REPLACE => {
+            let mut a = IommuTestPasidAttach::read(&c.payload);
+            let dev = ictx.device_owner(c.id)?.dev_id.load(Ordering::SeqCst);
+            let attach = c.op == IOMMU_TEST_OP_PASID_ATTACH;
+            a.pt_id = match (attach, a.pasid) {
+                (true, 0) => ictx.attach(dev, a.pt_id)?,
+                (false, 0) => ictx.replace(dev, a.pt_id)?,
+                (true, p) => ictx.attach_pasid(dev, p, a.pt_id)?,
+                (false, p) => ictx.replace_pasid(dev, p, a.pt_id)?,
+            };
+            a.write(&mut c.payload);
+            let r = respond(&c.to_bytes(), user_size, buf);
+            if let Err(e) = r
+                && attach
+            {
+                // The caller never learnt of the attach: undo it. A detach
+                // the hardware refuses is the more serious error.
+                let undo = if a.pasid == 0 { ictx.detach(dev) } else { ictx.detach_pasid(dev, a.pasid) };
+                undo?;
+                return Err(e);
+            }
+            r
+        }
+        IOMMU_TEST_OP_PASID_DETACH => {
+            let d = IommuTestPasidDetach::read(&c.payload);
+            let dev = ictx.device_owner(c.id)?.dev_id.load(Ordering::SeqCst);
+            if d.pasid == 0 { ictx.detach(dev) } else { ictx.detach_pasid(dev, d.pasid) }
+        }
+        IOMMU_TEST_OP_PASID_CHECK_HWPT => {
+            let k = IommuTestPasidCheck::read(&c.payload);
+            let dev = ictx.device_owner(c.id)?.dev_id.load(Ordering::SeqCst);
+            let attached =
+                if k.pasid == 0 { ictx.attached_hwpt(dev)? } else { ictx.attached_pasid_hwpt(dev, k.pasid)? };
+            if k.hwpt_id == 0 {
+                return if attached.is_none() { Ok(()) } else { Err(Errno::EINVAL) };
+            }
+            // Any HWPT, paging or nested; another object is EINVAL.
+            if ictx.hwpt(k.hwpt_id).is_err() && ictx.hwpt_nested(k.hwpt_id).is_err() {
+                return Err(if ictx.object_ids().contains(&k.hwpt_id) { Errno::EINVAL } else { Errno::ENOENT });
+            }
+            if attached == Some(k.hwpt_id) { Ok(()) } else { Err(Errno::EINVAL) }
         }
         IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT => {
             // Linux bounds its PFN batch memory with this; our store has no

@@ -12,6 +12,16 @@
 //! IOTLB invalidation (after which the domain refuses maps with
 //! [`DomainError::NeedsRecovery`] until [`IommuDomain::recover`], as a
 //! real domain does) and a refused device attach.
+//!
+//! PASIDs (Linux 6.15's mock `set_dev_pasid`): one table for all mock
+//! domains, as the hardware's per-device PASID tables are, says which
+//! domain each `(device, PASID)` uses; a domain attach rewrites the
+//! entry (a replace needs no detach from the old domain, which the seam
+//! never gets told about), a detach clears it when it still names the
+//! domain. Every second attach of
+//! [`IOMMU_TEST_PASID_RESERVED`](crate::uapi::IOMMU_TEST_PASID_RESERVED)
+//! of a device fails with [`DomainError::NoMemory`] (a detach restarts
+//! the count), as Linux's mock does to exercise a failed replace.
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -33,6 +43,57 @@ const DIRTY: u64 = 1 << 5;
 
 /// The register base the mock's hardware errors name.
 pub const MOCK_UNIT: u64 = 0xfeed_0000;
+
+/// Which mock domain each `(device, PASID)` uses, by [`DomainSerial`],
+/// and the devices whose next attach of the reserved PASID fails.
+#[derive(Default)]
+struct PasidTable {
+    entries: BTreeMap<(DeviceHandle, u32), u64>,
+    reserved_armed: BTreeSet<DeviceHandle>,
+}
+
+static PASID_TABLE: spin::Mutex<PasidTable> =
+    spin::Mutex::new(PasidTable { entries: BTreeMap::new(), reserved_armed: BTreeSet::new() });
+
+static NEXT_DOMAIN_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+/// A mock domain's identity in the PASID table, unique for the process.
+#[derive(Debug)]
+struct DomainSerial(u64);
+
+impl Default for DomainSerial {
+    fn default() -> Self {
+        Self(NEXT_DOMAIN_SERIAL.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Points `(device, pasid)` at domain `serial` (the PASID table write of
+/// an attach or replace), with the reserved PASID's alternating failure.
+fn pasid_table_attach(serial: u64, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+    let mut t = PASID_TABLE.lock();
+    if pasid == crate::uapi::IOMMU_TEST_PASID_RESERVED && !t.reserved_armed.insert(device) {
+        t.reserved_armed.remove(&device);
+        return Err(DomainError::NoMemory);
+    }
+    t.entries.insert((device, pasid), serial);
+    Ok(())
+}
+
+/// Blocks `(device, pasid)` if it still uses domain `serial`.
+fn pasid_table_detach(serial: u64, device: DeviceHandle, pasid: u32) {
+    let mut t = PASID_TABLE.lock();
+    if pasid == crate::uapi::IOMMU_TEST_PASID_RESERVED {
+        t.reserved_armed.remove(&device);
+    }
+    if t.entries.get(&(device, pasid)) == Some(&serial) {
+        t.entries.remove(&(device, pasid));
+    }
+}
+
+/// Whether `(device, pasid)` uses domain `serial`.
+fn pasid_table_has(serial: u64, device: DeviceHandle, pasid: u32) -> bool {
+    PASID_TABLE.lock().entries.get(&(device, pasid)) == Some(&serial)
+}
 
 /// Hardware failure switches for mock domains. A test keeps an `Arc` of
 /// them because a domain inside a HWPT is reachable only through the
@@ -141,6 +202,8 @@ pub struct MockDomain {
     dirty_ops: bool,
     /// Dirty tracking is on.
     tracking: bool,
+    /// Its identity in the mock's PASID table.
+    serial: DomainSerial,
 }
 
 impl MockEntry {
@@ -259,6 +322,11 @@ impl MockDomain {
     /// Attached devices.
     pub fn devices(&self) -> impl Iterator<Item = DeviceHandle> + '_ {
         self.devices.iter().copied()
+    }
+
+    /// Whether PASID `pasid` of `device` uses this domain.
+    pub fn has_pasid(&self, device: DeviceHandle, pasid: u32) -> bool {
+        pasid_table_has(self.serial.0, device, pasid)
     }
 
     fn check(&self, iova: u64, length: u64) -> Result<u64, DomainError> {
@@ -484,6 +552,28 @@ impl IommuDomain for MockDomain {
         self.devices.remove(&device);
         Ok(())
     }
+
+    /// Points the PASID at this domain; the attach switch of
+    /// [`MockFaults`] refuses it as it refuses a device attach.
+    fn attach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        if self.faults.refuse_attach.load(Ordering::SeqCst) {
+            return Err(DomainError::Hardware { unit: MOCK_UNIT, cause: HwError::QueueError { status: 0x20 } });
+        }
+        pasid_table_attach(self.serial.0, device, pasid)
+    }
+
+    /// Blocks the PASID; the detach switch of [`MockFaults`] makes it
+    /// fail, leaving the PASID on this domain.
+    fn detach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        if self.faults.refuse_detach.load(Ordering::SeqCst) {
+            return Err(DomainError::Hardware {
+                unit: MOCK_UNIT,
+                cause: HwError::Timeout { register: "mock PASID entry invalidation", waited_ns: 1_000_000 },
+            });
+        }
+        pasid_table_detach(self.serial.0, device, pasid);
+        Ok(())
+    }
 }
 
 /// The mock nested domain (the selftest's `IOMMU_HWPT_DATA_SELFTEST`): no
@@ -491,12 +581,14 @@ impl IommuDomain for MockDomain {
 /// [`MOCK_NESTED_DOMAIN_IOTLB_NUM`](crate::uapi::MOCK_NESTED_DOMAIN_IOTLB_NUM)
 /// entries, each starting at the allocation's `iotlb` value and cleared
 /// by `IOMMU_HWPT_INVALIDATE` requests, which `IOMMU_TEST_OP_MD_CHECK_IOTLB`
-/// reads back. Attaching any device works.
+/// reads back. Attaching any device, or any PASID, works (but for the
+/// reserved PASID's alternating failure, see the module docs).
 #[derive(Debug)]
 pub struct MockNestedDomain {
     /// The IOTLB entries.
     pub iotlb: [u32; crate::uapi::MOCK_NESTED_DOMAIN_IOTLB_NUM as usize],
     devices: BTreeSet<DeviceHandle>,
+    serial: DomainSerial,
 }
 
 impl MockNestedDomain {
@@ -509,8 +601,22 @@ impl MockNestedDomain {
         parent: &mut dyn IommuDomain,
         data: &crate::ctx::UserData<'_>,
     ) -> crate::errno::Result<Box<dyn crate::ctx::NestedDomain>> {
+        Self::alloc_with_flags(parent, 0, data)
+    }
+
+    /// [`Self::alloc`] with the driver's HWPT_ALLOC `flags`: only
+    /// `IOMMU_HWPT_ALLOC_PASID` is known (`EOPNOTSUPP` for others, as Linux
+    /// 6.15's mock).
+    pub fn alloc_with_flags(
+        parent: &mut dyn IommuDomain,
+        flags: u32,
+        data: &crate::ctx::UserData<'_>,
+    ) -> crate::errno::Result<Box<dyn crate::ctx::NestedDomain>> {
         use crate::errno::Errno;
-        use crate::uapi::{IOMMU_HWPT_DATA_SELFTEST, IommuHwptSelftest};
+        use crate::uapi::{IOMMU_HWPT_ALLOC_PASID, IOMMU_HWPT_DATA_SELFTEST, IommuHwptSelftest};
+        if flags & !IOMMU_HWPT_ALLOC_PASID != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
         if !parent.as_any_mut().is_some_and(|a| a.is::<MockDomain>()) {
             return Err(Errno::EINVAL);
         }
@@ -520,7 +626,16 @@ impl MockNestedDomain {
         let mut raw = [0u8; IommuHwptSelftest::SIZE];
         data.copy_struct(IOMMU_HWPT_DATA_SELFTEST, &mut raw, IommuHwptSelftest::SIZE)?;
         let cfg = IommuHwptSelftest::read(&raw);
-        Ok(Box::new(MockNestedDomain { iotlb: [cfg.iotlb; 4], devices: BTreeSet::new() }))
+        Ok(Box::new(MockNestedDomain {
+            iotlb: [cfg.iotlb; 4],
+            devices: BTreeSet::new(),
+            serial: DomainSerial::default(),
+        }))
+    }
+
+    /// Whether PASID `pasid` of `device` uses this domain.
+    pub fn has_pasid(&self, device: DeviceHandle, pasid: u32) -> bool {
+        pasid_table_has(self.serial.0, device, pasid)
     }
 }
 
@@ -531,6 +646,13 @@ impl crate::ctx::NestedDomain for MockNestedDomain {
     }
     fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
         self.devices.remove(&device);
+        Ok(())
+    }
+    fn attach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        pasid_table_attach(self.serial.0, device, pasid)
+    }
+    fn detach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        pasid_table_detach(self.serial.0, device, pasid);
         Ok(())
     }
     fn cache_invalidate_user(&mut self, array: &mut crate::ctx::UserDataArray<'_>) -> crate::errno::Result<()> {

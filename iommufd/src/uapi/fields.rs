@@ -226,9 +226,30 @@ pub const TEST_OPS: &[TestOpInfo] = &[
         Plain,
         layout::<IommuTestTriggerIopf>(&[("trigger_iopf.dev_id", Id)]),
     ),
+    // Linux 6.15 (PASID attach).
+    op(
+        IOMMU_TEST_OP_PASID_ATTACH,
+        "PASID_ATTACH",
+        Id,
+        layout::<IommuTestPasidAttach>(&[("pasid_attach.pt_id", NewId)]),
+    ),
+    op(
+        IOMMU_TEST_OP_PASID_REPLACE,
+        "PASID_REPLACE",
+        Id,
+        layout::<IommuTestPasidAttach>(&[("pasid_attach.pt_id", NewId)]),
+    ),
+    op(IOMMU_TEST_OP_PASID_DETACH, "PASID_DETACH", Id, layout::<IommuTestPasidDetach>(&[])),
+    op(
+        IOMMU_TEST_OP_PASID_CHECK_HWPT,
+        "PASID_CHECK_HWPT",
+        Id,
+        layout::<IommuTestPasidCheck>(&[("pasid_check.hwpt_id", Id)]),
+    ),
 ];
 
-/// The selftest op `op`, if Linux 6.12 has it.
+/// The selftest op `op`, if Linux 6.12 has it (or it is one of the
+/// PASID ops of 6.15 implemented here).
 pub fn test_op(op: u32) -> Option<&'static TestOpInfo> {
     TEST_OPS.iter().find(|o| o.op == op)
 }

@@ -20,6 +20,19 @@ pub const IOMMU_TEST_OP_MD_CHECK_IOTLB: u32 = 14;
 pub const IOMMU_TEST_OP_TRIGGER_IOPF: u32 = 15;
 /// Linux 6.13+.
 pub const IOMMU_TEST_OP_DEV_CHECK_CACHE: u32 = 16;
+/// Linux 6.15+ (a vIOMMU event; not implemented here: no vIOMMU objects).
+pub const IOMMU_TEST_OP_TRIGGER_VEVENT: u32 = 17;
+/// Linux 6.15+: attach a PASID of the mock device `id` (a stdev id) to
+/// `pasid_attach.pt_id` ([`IommuTestPasidAttach`]).
+pub const IOMMU_TEST_OP_PASID_ATTACH: u32 = 18;
+/// Linux 6.15+: move an attached PASID to another HWPT
+/// ([`IommuTestPasidAttach`], the `pasid_replace` member).
+pub const IOMMU_TEST_OP_PASID_REPLACE: u32 = 19;
+/// Linux 6.15+: detach a PASID ([`IommuTestPasidDetach`]).
+pub const IOMMU_TEST_OP_PASID_DETACH: u32 = 20;
+/// Linux 6.15+: `EINVAL` unless the PASID is attached to `hwpt_id` (or,
+/// with `hwpt_id` 0, to nothing) ([`IommuTestPasidCheck`]).
+pub const IOMMU_TEST_OP_PASID_CHECK_HWPT: u32 = 21;
 
 /// The mock domain's aperture: `[1 << 24, (1 << 31) - 1]`.
 pub const MOCK_APERTURE_START: u64 = 1 << 24;
@@ -37,6 +50,17 @@ pub const MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES: u32 = 1 << 0;
 pub const MOCK_FLAGS_DEVICE_NO_DIRTY: u32 = 1 << 0;
 /// Linux 6.13+.
 pub const MOCK_FLAGS_DEVICE_HUGE_IOVA: u32 = 1 << 1;
+/// Linux 6.15+: the mock device issues PASID-tagged requests, with
+/// [`MOCK_PASID_WIDTH`] PASID bits.
+pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
+/// Linux 6.15+: PASID bits of a [`MOCK_FLAGS_DEVICE_PASID`] mock device
+/// (`IOMMU_GET_HW_INFO`'s `out_max_pasid_log2`).
+pub const MOCK_PASID_WIDTH: u32 = 20;
+/// Linux 6.15+: the PASID on which the mock driver fails every second
+/// attach (a replace's attach) with `ENOMEM`, so the selftest can check
+/// that a failed replace leaves the PASID on its old HWPT. A detach
+/// resets the alternation.
+pub const IOMMU_TEST_PASID_RESERVED: u32 = 1024;
 pub const MOCK_NESTED_DOMAIN_IOTLB_ID_MAX: u32 = 3;
 pub const MOCK_NESTED_DOMAIN_IOTLB_NUM: u32 = 4;
 /// GET_HW_INFO type / register value the mock driver reports.
@@ -202,6 +226,32 @@ uapi_struct! {
         grpid: u32 = 8,
         perm: u32 = 12,
         addr: u64 = 16,
+    }
+}
+
+uapi_struct! {
+    /// `pasid_attach` / `pasid_replace` (Linux 6.15+, same layout): attach
+    /// or move PASID `pasid` of mock device `id` to `pt_id` (an IOAS or a
+    /// HWPT); `pt_id` comes back as the HWPT used.
+    pub struct IommuTestPasidAttach ("iommu_test_cmd.pasid_attach", size 8, member "pasid_attach") {
+        pasid: u32 = 0,
+        pt_id: u32 = 4,
+    }
+}
+
+uapi_struct! {
+    /// `pasid_detach` (Linux 6.15+): detach PASID `pasid` of mock device `id`.
+    pub struct IommuTestPasidDetach ("iommu_test_cmd.pasid_detach", size 4, member "pasid_detach") {
+        pasid: u32 = 0,
+    }
+}
+
+uapi_struct! {
+    /// `pasid_check` (Linux 6.15+): is PASID `pasid` of mock device `id`
+    /// attached to HWPT `hwpt_id` (0: to nothing)?
+    pub struct IommuTestPasidCheck ("iommu_test_cmd.pasid_check", size 8, member "pasid_check") {
+        pasid: u32 = 0,
+        hwpt_id: u32 = 4,
     }
 }
 

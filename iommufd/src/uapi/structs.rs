@@ -30,7 +30,9 @@ pub const IOMMU_HWPT_ALLOC_NEST_PARENT: u32 = 1 << 0;
 pub const IOMMU_HWPT_ALLOC_DIRTY_TRACKING: u32 = 1 << 1;
 /// Since 6.11 (with the fault queue). In 6.12 only nested HWPTs accept it.
 pub const IOMMU_HWPT_FAULT_ID_VALID: u32 = 1 << 2;
-/// Linux 6.14+, not in 6.12.
+/// Not in 6.12; used by PASID attach (Linux 6.15): the HWPT may be attached to PASIDs,
+/// and to the requester id of a device with PASIDs attached. Accepted by
+/// paging and nested HWPTs.
 pub const IOMMU_HWPT_ALLOC_PASID: u32 = 1 << 3;
 /// Flags a 6.12 paging (IOAS-backed) HWPT accepts.
 pub const IOMMU_HWPT_ALLOC_PAGING_VALID_FLAGS_6_12: u32 =
@@ -254,9 +256,12 @@ uapi_struct! {
 uapi_struct! {
     /// IOMMU_GET_HW_INFO: query the IOMMU behind a bound device.
     ///
-    /// 6.12 layout. From 6.14 the `__reserved` word is split into
-    /// `out_max_pasid_log2: u8` + `__reserved: [u8; 3]` (same offsets), and
-    /// later `out_data_type` doubles as `in_data_type`.
+    /// Layout of the 6.12.y stable kernels (and 6.14+): the word after
+    /// `out_data_type`, a `__u32 __reserved` in 6.12.0, is split into
+    /// `out_max_pasid_log2` and three reserved bytes (same offsets, same
+    /// size). Only the three reserved bytes must be zero on input;
+    /// `out_max_pasid_log2` is output only. Later kernels also read
+    /// `out_data_type` as `in_data_type` (not here).
     pub struct IommuHwInfo ("iommu_hw_info", size 40) {
         size: u32 = 0,
         flags: u32 = 4,
@@ -264,7 +269,8 @@ uapi_struct! {
         data_len: u32 = 12,
         data_uptr: u64 = 16,
         out_data_type: u32 = 24,
-        __reserved: u32 = 28,
+        out_max_pasid_log2: u8 = 28,
+        __reserved: [u8; 3] = 29,
         out_capabilities: u64 = 32,
     }
 }

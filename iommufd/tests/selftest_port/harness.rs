@@ -508,6 +508,62 @@ impl Fx {
         Ok(())
     }
 
+    /// `_test_cmd_trigger_iopf_pasid` (Linux 6.15): as [`Self::trigger_iopf`]
+    /// with the request tagged with `pasid`; also checks that the record
+    /// read carries that PASID.
+    pub fn trigger_iopf_pasid(&self, dev_id: u32, pasid: u32, fault_fd: u32) -> R<()> {
+        let t = IommuTestTriggerIopf {
+            dev_id,
+            pasid,
+            grpid: 2,
+            perm: IOMMU_PGFAULT_PERM_READ | IOMMU_PGFAULT_PERM_WRITE,
+            addr: 0xdead_beaf,
+        };
+        self.test_cmd(IOMMU_TEST_OP_TRIGGER_IOPF, 0, &t.to_bytes()).0?;
+        let mut rec = [0u8; IommuHwptPgfault::SIZE];
+        if self.ictx().fault_fd_read(fault_fd, &mut rec).unwrap_or(0) == 0 {
+            return Err(Errno::EIO);
+        }
+        let fault = IommuHwptPgfault::read(&rec);
+        assert_eq!(
+            (fault.pasid, fault.flags & IOMMU_PGFAULT_FLAGS_PASID_VALID),
+            (pasid, IOMMU_PGFAULT_FLAGS_PASID_VALID)
+        );
+        let resp = IommuHwptPageResponse { cookie: fault.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
+        if self.ictx().fault_fd_write(fault_fd, &resp.to_bytes()).unwrap_or(0) == 0 {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
+    /// `_test_cmd_pasid_attach` (Linux 6.15): returns the `pt_id` written
+    /// back (the HWPT used).
+    pub fn pasid_attach(&self, stdev_id: u32, pasid: u32, pt_id: u32) -> R<u32> {
+        let p = IommuTestPasidAttach { pasid, pt_id };
+        let (r, out) = self.test_cmd(IOMMU_TEST_OP_PASID_ATTACH, stdev_id, &p.to_bytes());
+        r?;
+        Ok(IommuTestPasidAttach::read(&out.payload).pt_id)
+    }
+
+    /// `_test_cmd_pasid_replace` (Linux 6.15).
+    pub fn pasid_replace(&self, stdev_id: u32, pasid: u32, pt_id: u32) -> R<u32> {
+        let p = IommuTestPasidAttach { pasid, pt_id };
+        let (r, out) = self.test_cmd(IOMMU_TEST_OP_PASID_REPLACE, stdev_id, &p.to_bytes());
+        r?;
+        Ok(IommuTestPasidAttach::read(&out.payload).pt_id)
+    }
+
+    /// `_test_cmd_pasid_detach` (Linux 6.15).
+    pub fn pasid_detach(&self, stdev_id: u32, pasid: u32) -> R<()> {
+        self.test_cmd(IOMMU_TEST_OP_PASID_DETACH, stdev_id, &IommuTestPasidDetach { pasid }.to_bytes()).0
+    }
+
+    /// `test_cmd_pasid_check_hwpt` (Linux 6.15): `Ok` when `pasid` is
+    /// attached to `hwpt_id` (0: to nothing).
+    pub fn pasid_check_hwpt(&self, stdev_id: u32, pasid: u32, hwpt_id: u32) -> R<()> {
+        self.test_cmd(IOMMU_TEST_OP_PASID_CHECK_HWPT, stdev_id, &IommuTestPasidCheck { pasid, hwpt_id }.to_bytes()).0
+    }
+
     /// `_test_cmd_mock_domain_replace`: returns the new `pt_id`.
     pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: u32) -> R<u32> {
         let p = IommuTestMockDomainReplace { pt_id };

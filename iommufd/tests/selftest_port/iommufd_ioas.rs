@@ -278,6 +278,23 @@ fn get_hw_info(s: &mut IoasFx) {
         // A tail that would wrap the address space.
         let (r, _) = s.get_hw_info_raw(s.device_id, u64::MAX - 7, 64);
         assert_eq!(r, Err(Errno::EFAULT));
+        // `out_max_pasid_log2` (the 6.12.y stable selftest, whose
+        // `mock_domain` variant adds a PASID-capable mock device in the
+        // setup; made here, after the checks above, so the object ids of
+        // the other cases stay those of 6.12.0).
+        let (r, out) = s.get_hw_info_raw(s.device_id, 0, 0);
+        assert_eq!((r, out.out_max_pasid_log2), (Ok(()), 0));
+        if s.variant.mock_domains == 1 && s.variant.memory_limit == 0 {
+            let (_, _, pasid_dev) = s.mock_domain_flags(s.ioas_id, MOCK_FLAGS_DEVICE_PASID).unwrap();
+            let (r, out) = s.get_hw_info_raw(pasid_dev, 0, 0);
+            assert_eq!((r, out.out_max_pasid_log2), (Ok(()), MOCK_PASID_WIDTH as u8));
+        }
+        // Only the three bytes after it are reserved; it is output only.
+        let mut c = IommuHwInfo { size: IommuHwInfo::SIZE as u32, dev_id: s.device_id, ..Default::default() };
+        c.out_max_pasid_log2 = 0xff;
+        assert_eq!(s.run(IOMMU_GET_HW_INFO, c.to_bytes()).0, Ok(()));
+        c.__reserved = [0, 0, 1];
+        assert_eq!(s.run(IOMMU_GET_HW_INFO, c.to_bytes()).0, Err(Errno::EOPNOTSUPP));
     } else {
         assert_eq!(s.get_hw_info(s.device_id, SCRATCH, 8), Err(Errno::ENOENT));
         assert_eq!(s.get_hw_info(s.device_id, SCRATCH, 16), Err(Errno::ENOENT));
