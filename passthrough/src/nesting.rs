@@ -24,7 +24,9 @@
 //! `intel_iommu_domain_alloc_user`, `nested.c`, `pasid.c`):
 //! * NEST_PARENT on a unit that cannot nest: `EOPNOTSUPP`;
 //! * a nested allocation: a unit that cannot nest or driver flags:
-//!   `EOPNOTSUPP`; data of another type: `EOPNOTSUPP`; a parent that is not
+//!   `EOPNOTSUPP` (also `IOMMU_HWPT_ALLOC_PASID`, which Linux 6.15's
+//!   driver accepts: a VT-d nested domain at a PASID other than 0 is not
+//!   built here, so it is refused at allocation rather than at attach); data of another type: `EOPNOTSUPP`; a parent that is not
 //!   this driver's NEST_PARENT domain of this unit: `EINVAL` (Linux's
 //!   domains may span units and it refuses another unit's only at attach;
 //!   here a domain belongs to one unit); the data
