@@ -391,7 +391,8 @@ impl<P: Platform> Iommus<P> {
     /// The function as iommufd binds it (its unit, its requester id).
     pub fn device(&self, segment: u16, bdf: Bdf) -> Result<Device, PassthroughError> {
         let (d, at) = self.locate(segment, bdf)?;
-        Ok(Device::new(d.generic(), at))
+        let bits = crate::quiesce::pasid_bits(&**self.platform(), Function { segment, bdf });
+        Ok(Device::new(d.generic(), at).with_function_pasid_bits(bits))
     }
 
     /// The domain id `segment:bdf` translates through (`None`: blocked, or

@@ -533,7 +533,12 @@ impl<P: crate::Platform> crate::Iommus<P> {
     ) -> core::result::Result<PlatformNestingDevice<P>, crate::PassthroughError> {
         let (driver, at) = self.locate(segment, bdf)?;
         match driver {
-            crate::Driver::Vtd(unit) => Ok(VtdNestingDevice::new(unit, at)),
+            crate::Driver::Vtd(unit) => {
+                let bits = crate::quiesce::pasid_bits(&**self.platform(), crate::Function { segment, bdf });
+                let mut d = VtdNestingDevice::new(unit, at);
+                d.device = d.device.with_function_pasid_bits(bits);
+                Ok(d)
+            }
             crate::Driver::Amd(_) => Err(crate::PassthroughError::Iommufd("nesting on AMD-Vi", Errno::EOPNOTSUPP)),
         }
     }

@@ -170,6 +170,10 @@ const DEVCAP_FLR: u32 = 1 << 28;
 const DEVCTL_FLR: u32 = 1 << 15;
 const DEVSTA_PENDING: u32 = 1 << (16 + 5);
 const CAP_AF: u8 = 0x13;
+/// The PASID extended capability.
+const EXT_CAP_PASID: u16 = 0x1b;
+/// Extended capabilities walked at most (4 KiB of space, 4-byte headers).
+const MAX_EXT_CAPS: usize = 960;
 /// AF Capabilities (byte 3 of the first dword): TP and FLR.
 const AF_TP_FLR: u32 = 0b11 << 24;
 /// AF Control (byte 4) Initiate FLR; AF Status (byte 5) Transactions
@@ -223,6 +227,41 @@ impl<P: Platform + ?Sized> Config<'_, P> {
         }
         None
     }
+
+    /// Offset of the first extended capability `id` (the list from 0x100:
+    /// id in bits 15:0 of each header, the next offset in bits 31:20).
+    /// `None` when the function has no extended space (all ones or zero
+    /// at 0x100) or no such capability; the walk is bounded.
+    fn extended_capability(&self, id: u16) -> Option<u16> {
+        let mut at = 0x100u16;
+        for _ in 0..MAX_EXT_CAPS {
+            let header = self.read(at);
+            if header == 0 || header == u32::MAX {
+                return None;
+            }
+            if header as u16 == id {
+                return Some(at);
+            }
+            let next = ((header >> 20) & 0xffc) as u16;
+            if next < 0x100 {
+                return None;
+            }
+            at = next;
+        }
+        None
+    }
+}
+
+/// How many PASID bits `function` supports: the Max PASID Width (bits
+/// 12:8 of the PASID Capability register, at +4 of the PASID extended
+/// capability, id 0x1b), 0 for a function without one (a conventional PCI
+/// function has no extended configuration space at all) or absent.
+pub(crate) fn pasid_bits<P: Platform + ?Sized>(platform: &P, function: Function) -> u32 {
+    let cfg = Config { platform, segment: function.segment, bdf: function.bdf };
+    if !cfg.ready() {
+        return 0;
+    }
+    cfg.extended_capability(EXT_CAP_PASID).map_or(0, |at| (cfg.read(at + 4) >> 8) & 0x1f)
 }
 
 /// How many interrupt vectors `function` can use: MSI's Multiple Message

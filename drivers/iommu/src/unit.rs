@@ -325,6 +325,9 @@ impl RequesterRef {
 pub struct Device {
     unit: Arc<dyn IommuUnit>,
     at: RequesterRef,
+    /// PASID bits the function itself supports (its PCI PASID capability's
+    /// Max PASID Width); `None` when the creator did not say.
+    function_pasid_bits: Option<u32>,
 }
 
 impl fmt::Debug for Device {
@@ -336,7 +339,15 @@ impl fmt::Debug for Device {
 impl Device {
     /// The device `at.requester_id` behind `unit` (number `at.unit`).
     pub fn new(unit: Arc<dyn IommuUnit>, at: RequesterRef) -> Self {
-        Self { unit, at }
+        Self { unit, at, function_pasid_bits: None }
+    }
+    /// The same device, with the PASID width the function itself supports
+    /// (0 for a function without a PASID capability): its
+    /// [`DeviceOps::max_pasid_log2`] is then the smaller of that and its
+    /// unit's, as Linux reports it.
+    pub fn with_function_pasid_bits(mut self, bits: u32) -> Self {
+        self.function_pasid_bits = Some(bits);
+        self
     }
     /// Its unit.
     pub fn unit(&self) -> &Arc<dyn IommuUnit> {
@@ -385,9 +396,12 @@ impl DeviceOps for Device {
         Ok(Box::new(self.new_dirty_domain()?))
     }
     /// What the unit takes for this requester id
-    /// ([`IommuUnit::max_pasid_log2`]).
+    /// ([`IommuUnit::max_pasid_log2`]), no more than the function's own
+    /// width when its creator gave one
+    /// ([`Device::with_function_pasid_bits`]).
     fn max_pasid_log2(&self) -> u32 {
-        self.unit.max_pasid_log2(self.at.requester_id)
+        let unit = self.unit.max_pasid_log2(self.at.requester_id);
+        self.function_pasid_bits.map_or(unit, |f| f.min(unit))
     }
 }
 

@@ -470,3 +470,27 @@ fn looping_capability_list_ends() {
     assert_eq!(quiesce(&fake, &fake.functions(&[]), at(ep)), Ok(Reset::NotPossible));
     assert_eq!(fake.writes(), [(ep, COMMAND, 0x2 | CMD_INTX_DISABLE)]);
 }
+
+/// The PASID width comes from the PASID extended capability wherever it
+/// sits in the list; none without one, without extended space, or when
+/// the list loops.
+#[test]
+fn pasid_width_from_the_extended_capability() {
+    let (with, without, none, looping) = (bdf(3, 0, 0), bdf(3, 1, 0), bdf(3, 2, 0), bdf(3, 3, 0));
+    let mut a = Space::new(DEV);
+    // ACS at 0x100 (next 0x140), PASID at 0x140: Max PASID Width 20.
+    a.regs.insert(0x100, 0x000d | 1 << 16 | 0x140 << 20);
+    a.regs.insert(0x140, EXT_CAP_PASID as u32 | 1 << 16);
+    a.regs.insert(0x144, 20 << 8 | 0b110);
+    let mut b = Space::new(DEV);
+    b.regs.insert(0x100, 0x000d | 1 << 16);
+    let c = Space::new(DEV);
+    let mut d = Space::new(DEV);
+    d.regs.insert(0x100, 0x000d | 1 << 16 | 0x100 << 20);
+    let fake = Fake::with(&[(with, a), (without, b), (none, c), (looping, d)]);
+    assert_eq!(pasid_bits(&fake, at(with)), 20);
+    assert_eq!(pasid_bits(&fake, at(without)), 0);
+    assert_eq!(pasid_bits(&fake, at(none)), 0, "no extended space");
+    assert_eq!(pasid_bits(&fake, at(looping)), 0, "a looping list ends");
+    assert_eq!(pasid_bits(&fake, at(bdf(9, 0, 0))), 0, "absent");
+}
