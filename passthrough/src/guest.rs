@@ -547,6 +547,13 @@ impl<P: Platform> GuestDma<P> {
     /// Calling it while tracking does nothing. While tracking runs,
     /// [`Self::assign`] is refused (`EBUSY`): a new device's writes would
     /// go unrecorded.
+    ///
+    /// On any other failure the devices moved so far go back to the IOAS's
+    /// own domains and the tracking domains are destroyed: the view is as
+    /// it was. Only if a device cannot go back too (a second failure) does
+    /// it stay on its tracking domain, which is then kept: tracking counts
+    /// as started ([`Self::dirty_tracking`]) so [`Self::read_dirty`] and
+    /// [`Self::stop_dirty_tracking`] reach it.
     pub fn start_dirty_tracking(&mut self) -> Result<(), PassthroughError> {
         if self.table.is_some() {
             // The devices walk the hypervisor's table: its dirty bits are
@@ -572,6 +579,8 @@ impl<P: Platform> GuestDma<P> {
         // One tracking HWPT per unit; each iommufd device moves once.
         let mut per_unit: Vec<(u64, u32)> = Vec::new();
         let mut moved: Vec<u32> = Vec::new();
+        // A device the failed move left attached to nothing.
+        let mut blocked: Option<u32> = None;
         let assigned: Vec<(u32, u64)> = self.devices.values().map(|a| (a.id, a.unit.base())).collect();
         let result = (|| {
             for (id, base) in assigned {
@@ -585,10 +594,10 @@ impl<P: Platform> GuestDma<P> {
                             .ictx
                             .hwpt_alloc_with(id, self.ioas, true)
                             .map_err(|e| PassthroughError::Iommufd("dirty-tracking HWPT allocation", e))?;
+                        per_unit.push((base, h));
                         self.ictx
                             .hwpt_set_dirty_tracking(h, true)
                             .map_err(|e| PassthroughError::Iommufd("HWPT dirty tracking on", e))?;
-                        per_unit.push((base, h));
                         h
                     }
                 };
@@ -596,10 +605,12 @@ impl<P: Platform> GuestDma<P> {
                     // Moved: the old automatic domain's final invalidation
                     // failed, but the device is on the tracking domain.
                     Ok(_) | Err(iommufd::ctx::ReplaceError::Moved { .. }) => {}
-                    Err(
-                        iommufd::ctx::ReplaceError::Stayed(e) | iommufd::ctx::ReplaceError::Blocked { error: e, .. },
-                    ) => {
+                    Err(iommufd::ctx::ReplaceError::Stayed(e)) => {
                         return Err(PassthroughError::Iommufd("replace to the dirty-tracking HWPT", e));
+                    }
+                    Err(iommufd::ctx::ReplaceError::Blocked { error, .. }) => {
+                        blocked = Some(id);
+                        return Err(PassthroughError::Iommufd("replace to the dirty-tracking HWPT", error));
                     }
                 }
                 moved.push(id);
@@ -607,12 +618,29 @@ impl<P: Platform> GuestDma<P> {
             Ok(())
         })();
         if let Err(e) = result {
-            // Back to the IOAS's own domains; unused HWPTs go.
+            // Back to the IOAS's own domains, and the tracking HWPTs go.
+            // A device that cannot go back stays on its tracking HWPT (or,
+            // blocked, on nothing): the HWPTs still in use are kept as this
+            // view's tracking HWPTs, so `dirty_tracking()` says so and
+            // `stop_dirty_tracking` turns their tracking off. Nothing a
+            // device may reach is freed either way.
             for id in moved {
+                // Stayed: still on its tracking HWPT, which is then kept
+                // below (destroy answers EBUSY). Blocked: DMA blocked.
                 let _ = self.ictx.replace(id, self.ioas);
             }
+            if let Some(id) = blocked {
+                // Failing, the device stays blocked: its DMA goes nowhere.
+                let _ = self.ictx.attach(id, self.ioas);
+            }
+            let mut kept = Vec::new();
             for (_, h) in per_unit {
-                let _ = self.ictx.destroy(h);
+                if self.ictx.destroy(h) == Err(iommufd::Errno::EBUSY) {
+                    kept.push(h);
+                }
+            }
+            if !kept.is_empty() {
+                self.dirty_hwpts = Some(kept);
             }
             return Err(e);
         }

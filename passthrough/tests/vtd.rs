@@ -938,3 +938,40 @@ fn dirty_tracking_reports_what_devices_wrote() {
     assert!(!ssade(&walk(&host, UNIT_A, ALIAS_RID, R1.0)));
     assert_maps(&host, UNIT_A, ALIAS_RID, R1);
 }
+
+/// Starting dirty tracking with each of its iommufd fault points failing
+/// in turn (HWPT allocations, their fills, the moves): every failure
+/// leaves the view as it was (devices on the IOAS's own domains and still
+/// mapping guest memory, no object left over, tracking off), and the
+/// next start succeeds.
+#[test]
+fn a_failed_start_of_dirty_tracking_leaves_the_view_as_it_was() {
+    let tracking = Config { cap: Config::QEMU.cap, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 45 | 1 << 46 | 1 };
+    let options = Options { vtd_mode: Some(vtd::Mode::Scalable), ..Options::default() };
+    let mut failures = 0;
+    for n in 1..200 {
+        let host = host(tracking);
+        let iommus = Iommus::bring_up_with(host.clone(), options);
+        let mut guest = GuestDma::new(&iommus, 1 << 20).unwrap();
+        guest.add_memory(GuestAddr(R1.0), PhysAddr(R1.1), R1.2, true).unwrap();
+        // Two units: two tracking domains, two moves.
+        guest.assign(&iommus, 0, ALIASED).unwrap();
+        guest.assign(&iommus, 0, XHCI).unwrap();
+        let objects = guest.ictx().object_ids();
+        guest.ictx().accounting().faults.arm(Some(n));
+        let r = guest.start_dirty_tracking();
+        guest.ictx().accounting().faults.arm(None);
+        if r.is_ok() {
+            assert!(guest.dirty_tracking());
+            assert!(failures >= 2, "only {failures} fault point(s) before success");
+            return;
+        }
+        failures += 1;
+        assert!(!guest.dirty_tracking(), "fault point {n}: tracking counts as started");
+        assert_eq!(guest.ictx().object_ids(), objects, "fault point {n}: objects left over or lost");
+        assert_maps(&host, UNIT_A, ALIAS_RID, R1);
+        assert_maps(&host, UNIT_C, 0x00a0, R1);
+        guest.start_dirty_tracking().unwrap_or_else(|e| panic!("fault point {n}: the next start fails: {e}"));
+    }
+    panic!("never succeeded");
+}
