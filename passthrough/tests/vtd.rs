@@ -948,8 +948,8 @@ fn dirty_tracking_reports_what_devices_wrote() {
 fn a_failed_start_of_dirty_tracking_leaves_the_view_as_it_was() {
     let tracking = Config { cap: Config::QEMU.cap, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 45 | 1 << 46 | 1 };
     let options = Options { vtd_mode: Some(vtd::Mode::Scalable), ..Options::default() };
-    let mut failures = 0;
     for n in 1..200 {
+        let failures = n - 1;
         let host = host(tracking);
         let iommus = Iommus::bring_up_with(host.clone(), options);
         let mut guest = GuestDma::new(&iommus, 1 << 20).unwrap();
@@ -966,7 +966,6 @@ fn a_failed_start_of_dirty_tracking_leaves_the_view_as_it_was() {
             assert!(failures >= 2, "only {failures} fault point(s) before success");
             return;
         }
-        failures += 1;
         assert!(!guest.dirty_tracking(), "fault point {n}: tracking counts as started");
         assert_eq!(guest.ictx().object_ids(), objects, "fault point {n}: objects left over or lost");
         assert_maps(&host, UNIT_A, ALIAS_RID, R1);
