@@ -440,13 +440,18 @@ impl FakeAddressSpace {
     ) -> Result<()> {
         let mut i = self.inner.lock();
         // Check first so a fault changes nothing.
+        // The range must not wrap (its last byte at most u64::MAX: the
+        // last page of the address space is reachable).
+        if len > 0 && addr.checked_add(len as u64 - 1).is_none() {
+            return Err(Errno::EFAULT);
+        }
         let (mut done, mut a) = (0usize, addr);
         while done < len {
             let off = (a % PAGE_SIZE) as usize;
             let n = (PAGE_SIZE as usize - off).min(len - done);
             frame_of(&i, a).ok_or(Errno::EFAULT)?;
             done += n;
-            a = a.checked_add(n as u64).ok_or(Errno::EFAULT)?;
+            a = a.wrapping_add(n as u64);
         }
         let (mut done, mut a) = (0usize, addr);
         while done < len {

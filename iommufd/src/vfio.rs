@@ -141,7 +141,10 @@ fn get_info(ictx: &Ictx, arg: u64) -> Result<()> {
     let mut total = VfioIommuType1Info::SIZE as u64;
     let mut last_cap: Option<u64> = None;
     for cap in 0..2 {
-        let (cur, avail) = if argsz > total { (Some(arg + total), argsz - total) } else { (None, 0) };
+        // Addresses past the top of the address space are EFAULT, never
+        // a wrapped address.
+        let at = |off: u64| arg.checked_add(off).ok_or(Errno::EFAULT);
+        let (cur, avail) = if argsz > total { (Some(at(total)?), argsz - total) } else { (None, 0) };
         let size = match cap {
             // DMA_AVAIL: iommufd reports u32::MAX.
             0 => {
@@ -165,7 +168,8 @@ fn get_info(ictx: &Ictx, arg: u64) -> Result<()> {
                         && avail >= head + elem * (k as u64 + 1)
                     {
                         let r = VfioIovaRange { start: range.start, end: range.last };
-                        ictx.source().write_user(cur + head + elem * k as u64, &r.to_bytes())?;
+                        let a = cur.checked_add(head + elem * k as u64).ok_or(Errno::EFAULT)?;
+                        ictx.source().write_user(a, &r.to_bytes())?;
                     }
                 }
                 let n = ranges.len() as u64;
@@ -185,9 +189,9 @@ fn get_info(ictx: &Ictx, arg: u64) -> Result<()> {
         if let Some(prev) = last_cap
             && argsz >= total
         {
-            ictx.source().write_user(prev + 4, &(total as u32).to_le_bytes())?;
+            ictx.source().write_user(prev.checked_add(4).ok_or(Errno::EFAULT)?, &(total as u32).to_le_bytes())?;
         }
-        last_cap = Some(arg + total);
+        last_cap = Some(at(total)?);
         total += size;
     }
     if argsz >= total {

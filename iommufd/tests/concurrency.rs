@@ -108,8 +108,9 @@ fn change_process_while_others_map_and_create_ioas() {
     let running = || done.load(std::sync::atomic::Ordering::SeqCst) < THREADS;
 
     std::thread::scope(|s| {
+        // (At least once, however the threads are scheduled.)
         s.spawn(|| {
-            while running() {
+            loop {
                 match ictx.change_process(mem.clone() as Arc<dyn MemorySource>, u64::MAX) {
                     Ok(()) => moved.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
                     Err(e) => {
@@ -117,6 +118,9 @@ fn change_process_while_others_map_and_create_ioas() {
                         refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
                     }
                 };
+                if !running() {
+                    break;
+                }
             }
         });
         // IOAS appear with a user mapping and go again.

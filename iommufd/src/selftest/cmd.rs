@@ -284,7 +284,9 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
                 if domain.iova_to_phys(iova) != Some(want) {
                     return Err(Errno::EINVAL);
                 }
-                iova += MOCK_IO_PAGE_SIZE;
+                // `uptr + length` was checked; an IOVA range that wraps
+                // (Linux does not check it) reads unmapped IOVA and fails.
+                iova = iova.wrapping_add(MOCK_IO_PAGE_SIZE);
                 uptr += MOCK_IO_PAGE_SIZE;
             }
             Ok(())
@@ -304,16 +306,19 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
         }
         IOMMU_TEST_OP_MD_CHECK_REFS => {
             let r = IommuTestCheckRefs::read(&c.payload);
-            if !r.length.is_multiple_of(PAGE_SIZE) || !r.uptr.is_multiple_of(PAGE_SIZE) {
+            // Linux 6.12: a range whose end wraps is EINVAL, as is one not
+            // in whole pages; so no page address below overflows.
+            if !r.length.is_multiple_of(PAGE_SIZE)
+                || !r.uptr.is_multiple_of(PAGE_SIZE)
+                || r.uptr.checked_add(r.length).is_none()
+            {
                 return Err(Errno::EINVAL);
             }
-            let mut uptr = r.uptr;
-            for _ in 0..r.length / PAGE_SIZE {
-                let pins = ictx.source().pin_count(uptr)?.ok_or(Errno::EOPNOTSUPP)?;
+            for k in 0..r.length / PAGE_SIZE {
+                let pins = ictx.source().pin_count(r.uptr + k * PAGE_SIZE)?.ok_or(Errno::EOPNOTSUPP)?;
                 if pins != r.refs {
                     return Err(Errno::EIO);
                 }
-                uptr += PAGE_SIZE;
             }
             Ok(())
         }
