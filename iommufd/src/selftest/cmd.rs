@@ -103,6 +103,16 @@ fn access_of(ictx: &Ictx, fd: u32) -> Result<(u32, Arc<MockAccess>)> {
     ictx.selftest.lock().accesses.get(&fd).cloned().ok_or(Errno::EBADFD)
 }
 
+/// Closes a selftest access "descriptor" (`out_access_fd` of
+/// `CREATE_ACCESS`), as `close(2)` of Linux's access file does: the access
+/// is destroyed, dropping every pin it still holds. `EBADF` when `fd`
+/// names no open access of this context. For hosts that hand the number
+/// out as a real descriptor (the `LD_PRELOAD` interposer).
+pub fn close_access_fd(ictx: &Ictx, fd: u32) -> Result<()> {
+    let (id, _) = ictx.selftest.lock().accesses.remove(&fd).ok_or(Errno::EBADF)?;
+    ictx.access_destroy(id)
+}
+
 /// A mock device: gets mock domains, reports the selftest hw_info.
 #[derive(Debug)]
 pub struct MockDevice {
