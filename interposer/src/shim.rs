@@ -174,15 +174,31 @@ pub fn open_iommufd(cloexec: bool) -> Result<i32, Errno> {
 /// `ioctl` on a descriptor.
 pub fn ioctl(fd: i32, request: u64, arg: u64) -> Hook {
     let Some(file) = lookup(fd) else { return Hook::Pass };
-    Hook::Done(match &*file {
-        // The kernel takes the command as a 32-bit number.
+    // The kernel takes the command as a 32-bit number.
+    let cmd = request as u32;
+    let r = match &*file {
         OpenFile::Iommufd(ictx) => {
-            let cmd = request as u32;
-            if uapi::in_iommufd_range(cmd) { command(ictx, cmd, arg) } else { vfio::vfio_ioctl(ictx, cmd, arg) }
+            if uapi::in_iommufd_range(cmd) {
+                command(ictx, cmd, arg)
+            } else {
+                vfio::vfio_ioctl(ictx, cmd, arg)
+            }
         }
         // Neither has an ioctl in Linux.
         OpenFile::Fault { .. } | OpenFile::Access { .. } => Err(Errno::ENOTTY),
-    })
+    };
+    if tracing() {
+        let name = uapi::command_name(cmd).unwrap_or("?");
+        eprintln!("portcullis: ioctl({fd}, {name} {cmd:#x}, {arg:#x}) = {r:?}");
+    }
+    Hook::Done(r)
+}
+
+/// Whether `PORTCULLIS_TRACE` is set: every ioctl on a Portcullis
+/// descriptor is then logged to stderr with its result.
+fn tracing() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("PORTCULLIS_TRACE").is_some())
 }
 
 /// `read` on a descriptor: fault queues give records; the other
