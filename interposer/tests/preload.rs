@@ -24,7 +24,7 @@ fn build(name: &str) -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let st = Command::new(&cc)
-        .args(["-O1", "-g", "-Wall", "-Werror", "-o"])
+        .args(["-O1", "-g", "-Wall", "-Werror", "-pthread", "-o"])
         .arg(&out)
         .arg(&src)
         .status()
@@ -70,4 +70,16 @@ fn without_the_library_dev_iommu_is_the_kernels() {
     let out = Command::new(build("basic")).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success() && !text.contains("done"), "{text}");
+}
+
+#[test]
+fn threads_share_one_descriptor() {
+    let (ok, text) = run(&build("threads"));
+    assert!(ok && text.contains("ok - 4 threads x 100 map/check/unmap rounds on one descriptor"), "{text}");
+}
+
+#[test]
+fn random_commands_and_pointers_never_crash() {
+    let (ok, text) = run(&build("fuzz"));
+    assert!(ok && text.contains("ok - 20000 random calls survived"), "{text}");
 }
