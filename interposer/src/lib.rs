@@ -11,7 +11,7 @@
 //!
 //! - [`sys`]: the exported C functions (`open`, `openat`, their 64-bit
 //!   and fortified variants, `ioctl`, `close`, `dup`, `dup2`, `dup3`,
-//!   `fcntl`, `read`, `write`) and every `unsafe` of the crate.
+//!   `fcntl`, `read`, `write`, `pread`, `pwrite`, `opendir`) and every `unsafe` of the crate.
 //! - [`shim`]: the descriptor table and the ioctl path (Linux's size rules
 //!   against the caller's memory, bounded, then [`iommufd::dispatch`]).
 //! - [`memory`]: the process's own pages as a
@@ -19,8 +19,12 @@
 //!   semantics (pinned pages move into a store the library owns; the
 //!   module docs say how and what that changes).
 //!
+//! - [`faultinj`]: Linux's `fail-nth` and debugfs fault-injection files,
+//!   served by arming the core's fault plan.
+//!
 //! What is and is not emulated is in `README.md`.
 
+pub mod faultinj;
 pub mod memory;
 pub mod shim;
 pub mod sys;

@@ -338,7 +338,7 @@ impl ProcessMemory {
         while at < len {
             let n = (len - at).min(COPY_PAGES * PAGE_SIZE) as usize;
             let copied = sys::read_mem(start + at, &mut buf[..n]) == n;
-            let r = if copied { sys::pwrite(&self.store, base + at, &buf[..n]) } else { Err(Errno::EFAULT) };
+            let r = if copied { sys::write_at(&self.store, base + at, &buf[..n]) } else { Err(Errno::EFAULT) };
             if let Err(e) = r {
                 // Nothing was mapped yet: give the copied pages back.
                 let _ = sys::punch_hole(&self.store, base, len);
@@ -529,7 +529,7 @@ impl MemorySource for ProcessMemory {
         let inner = self.lock();
         let (fd, off) = self.backing(&inner, phys, buf.len())?;
         // Short: the file was truncated under the pin (see module docs).
-        if sys::pread(fd, off, buf)? == buf.len() { Ok(()) } else { Err(Errno::EFAULT) }
+        if sys::read_at(fd, off, buf)? == buf.len() { Ok(()) } else { Err(Errno::EFAULT) }
     }
 
     fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()> {
@@ -539,7 +539,7 @@ impl MemorySource for ProcessMemory {
         if off.checked_add(buf.len() as u64).is_none_or(|e| e > size) {
             return Err(Errno::EFAULT);
         }
-        sys::pwrite(fd, off, buf)
+        sys::write_at(fd, off, buf)
     }
 
     fn pin_count(&self, uptr: u64) -> Result<Option<u32>> {

@@ -19,6 +19,7 @@
 //! remove entries; the core is always called without it, and entries are
 //! dropped (which may call into the core) after it is released.
 
+use crate::faultinj;
 use crate::memory::ProcessMemory;
 use crate::sys;
 use iommufd::ctx::Ictx;
@@ -50,6 +51,11 @@ pub enum OpenFile {
         /// The core's descriptor number.
         fd: u32,
     },
+    /// A thread's `fail-nth` file (see [`crate::faultinj`]).
+    FailNth {
+        /// The thread it arms.
+        tid: i32,
+    },
     /// A selftest access (`IOMMU_TEST_OP_CREATE_ACCESS`).
     Access {
         /// The context it belongs to.
@@ -62,8 +68,9 @@ pub enum OpenFile {
 impl Drop for OpenFile {
     fn drop(&mut self) {
         match self {
-            // The context closes with its last Arc (Ictx's Drop).
-            OpenFile::Iommufd(_) => {}
+            // The context closes with its last Arc (Ictx's Drop); a
+            // fail-nth file leaves its count armed, as Linux's does.
+            OpenFile::Iommufd(_) | OpenFile::FailNth { .. } => {}
             // Nothing to report to: close(2) of such files cannot fail
             // in Linux either, and the core's number is known to be open.
             OpenFile::Fault { ictx, fd } => {
@@ -145,22 +152,36 @@ fn install(file: OpenFile, cloexec: bool) -> Result<i32, Errno> {
     Ok(n)
 }
 
-/// Reads the NUL-terminated path at `path` far enough to tell whether it
-/// is `/dev/iommu` (never faults: an unreadable path is not ours, and the
-/// next `open` reports EFAULT for it).
-fn is_dev_iommu(path: u64) -> bool {
-    const WANT: &[u8] = b"/dev/iommu\0";
-    let mut b = [0u8; WANT.len()];
+/// Longest path the hooks need to recognise.
+const PATH_MAX_OURS: usize = 64;
+
+/// The NUL-terminated path at `path` if it is short enough to be one of
+/// ours (never faults: an unreadable path is not ours, and the next
+/// definition reports EFAULT for it).
+fn short_path(path: u64) -> Option<String> {
+    let mut b = [0u8; PATH_MAX_OURS];
     let n = sys::read_mem(path, &mut b);
-    n == WANT.len() && b == *WANT
+    let end = b[..n].iter().position(|&c| c == 0)?;
+    String::from_utf8(b[..end].to_vec()).ok()
 }
 
-/// `open` and friends.
+/// `open` and friends: `/dev/iommu`, and the fail-nth files.
 pub fn open(path: u64, flags: i32) -> Hook {
-    if !is_dev_iommu(path) {
-        return Hook::Pass;
+    let Some(p) = short_path(path) else { return Hook::Pass };
+    let cloexec = flags & libc::O_CLOEXEC != 0;
+    if p == "/dev/iommu" {
+        return Hook::Done(faultinj::point().and_then(|()| open_iommufd(cloexec)).map(i64::from));
     }
-    Hook::Done(open_iommufd(flags & libc::O_CLOEXEC != 0).map(i64::from))
+    if let Some(tid) = faultinj::fail_nth_path(&p) {
+        return Hook::Done(install(OpenFile::FailNth { tid }, cloexec).map(i64::from));
+    }
+    Hook::Pass
+}
+
+/// `opendir`: the directory to open instead of `path`, if any.
+pub fn opendir(path: u64) -> Option<std::ffi::CString> {
+    let p = short_path(path)?;
+    if faultinj::is_debugfs(&p) { faultinj::debugfs_dir() } else { None }
 }
 
 /// A new context and a descriptor for it.
@@ -177,15 +198,11 @@ pub fn ioctl(fd: i32, request: u64, arg: u64) -> Hook {
     // The kernel takes the command as a 32-bit number.
     let cmd = request as u32;
     let r = match &*file {
-        OpenFile::Iommufd(ictx) => {
-            if uapi::in_iommufd_range(cmd) {
-                command(ictx, cmd, arg)
-            } else {
-                vfio::vfio_ioctl(ictx, cmd, arg)
-            }
-        }
-        // Neither has an ioctl in Linux.
-        OpenFile::Fault { .. } | OpenFile::Access { .. } => Err(Errno::ENOTTY),
+        OpenFile::Iommufd(ictx) => faultinj::with_plan(ictx, || {
+            if uapi::in_iommufd_range(cmd) { command(ictx, cmd, arg) } else { vfio::vfio_ioctl(ictx, cmd, arg) }
+        }),
+        // None has an ioctl in Linux.
+        OpenFile::Fault { .. } | OpenFile::Access { .. } | OpenFile::FailNth { .. } => Err(Errno::ENOTTY),
     };
     if tracing() {
         let name = uapi::command_name(cmd).unwrap_or("?");
@@ -207,6 +224,8 @@ pub fn read(fd: i32, buf: u64, count: usize) -> Hook {
     let Some(file) = lookup(fd) else { return Hook::Pass };
     Hook::Done(match &*file {
         OpenFile::Fault { ictx, fd } => ictx.fault_fd_read_user(*fd, buf, count).map(|n| n as i64),
+        // The count is short: read from the start every time.
+        OpenFile::FailNth { tid } => faultinj::read(*tid, buf, count, 0),
         _ => Err(Errno::EINVAL),
     })
 }
@@ -216,7 +235,31 @@ pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
     let Some(file) = lookup(fd) else { return Hook::Pass };
     Hook::Done(match &*file {
         OpenFile::Fault { ictx, fd } => ictx.fault_fd_write_user(*fd, buf, count).map(|n| n as i64),
+        OpenFile::FailNth { tid } => faultinj::write(*tid, buf, count),
         _ => Err(Errno::EINVAL),
+    })
+}
+
+/// `pread` on a descriptor: the fail-nth files. The other Portcullis
+/// files are not positioned here: `ESPIPE`.
+pub fn pread(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
+    let Some(file) = lookup(fd) else { return Hook::Pass };
+    Hook::Done(match &*file {
+        OpenFile::FailNth { tid } => match u64::try_from(offset) {
+            Ok(off) => faultinj::read(*tid, buf, count, off),
+            Err(_) => Err(Errno::EINVAL),
+        },
+        _ => Err(Errno::ESPIPE),
+    })
+}
+
+/// `pwrite` on a descriptor (see [`pread`]).
+pub fn pwrite(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
+    let Some(file) = lookup(fd) else { return Hook::Pass };
+    Hook::Done(match &*file {
+        OpenFile::FailNth { .. } if offset < 0 => Err(Errno::EINVAL),
+        OpenFile::FailNth { tid } => faultinj::write(*tid, buf, count),
+        _ => Err(Errno::ESPIPE),
     })
 }
 

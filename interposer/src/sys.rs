@@ -23,7 +23,7 @@
 
 use crate::shim::{self, Hook};
 use iommufd::Errno;
-use libc::{c_char, c_int, c_long, c_uint, c_ulong, c_void, size_t, ssize_t};
+use libc::{DIR, c_char, c_int, c_long, c_uint, c_ulong, c_void, off_t, size_t, ssize_t};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -81,6 +81,11 @@ static NEXT_FCNTL64: Next = Next::new(c"fcntl64");
 static NEXT_READ: Next = Next::new(c"read");
 static NEXT_READ_CHK: Next = Next::new(c"__read_chk");
 static NEXT_WRITE: Next = Next::new(c"write");
+static NEXT_PREAD: Next = Next::new(c"pread");
+static NEXT_PREAD64: Next = Next::new(c"pread64");
+static NEXT_PWRITE: Next = Next::new(c"pwrite");
+static NEXT_PWRITE64: Next = Next::new(c"pwrite64");
+static NEXT_OPENDIR: Next = Next::new(c"opendir");
 
 type OpenFn = unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int;
 type Open2Fn = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
@@ -93,6 +98,9 @@ type Fd3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
 type ReadFn = unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t;
 type ReadChkFn = unsafe extern "C" fn(c_int, *mut c_void, size_t, size_t) -> ssize_t;
 type WriteFn = unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t;
+type PreadFn = unsafe extern "C" fn(c_int, *mut c_void, size_t, off_t) -> ssize_t;
+type PwriteFn = unsafe extern "C" fn(c_int, *const c_void, size_t, off_t) -> ssize_t;
+type OpendirFn = unsafe extern "C" fn(*const c_char) -> *mut DIR;
 
 macro_rules! next_fn {
     ($next:expr, $ty:ty) => {{
@@ -415,11 +423,99 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, count: size_t) -> 
     }
 }
 
+fn pread_common(next: &Next, fd: c_int, buf: *mut c_void, count: size_t, offset: off_t) -> ssize_t {
+    match shim::pread(fd, buf as u64, count, offset) {
+        Hook::Done(r) => ret_ssize(r),
+        Hook::Pass => {
+            let f = next_fn!(next, PreadFn);
+            // SAFETY: forwarding the caller's arguments unchanged.
+            unsafe { f(fd, buf, count, offset) }
+        }
+    }
+}
+
+fn pwrite_common(next: &Next, fd: c_int, buf: *const c_void, count: size_t, offset: off_t) -> ssize_t {
+    match shim::pwrite(fd, buf as u64, count, offset) {
+        Hook::Done(r) => ret_ssize(r),
+        Hook::Pass => {
+            let f = next_fn!(next, PwriteFn);
+            // SAFETY: forwarding the caller's arguments unchanged.
+            unsafe { f(fd, buf, count, offset) }
+        }
+    }
+}
+
+/// `pread(2)`: the fail-nth files.
+///
+/// # Safety
+/// The C contract of `pread`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, count: size_t, offset: off_t) -> ssize_t {
+    pread_common(&NEXT_PREAD, fd, buf, count, offset)
+}
+
+/// `pread64`: as [`pread`].
+///
+/// # Safety
+/// The C contract of `pread64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, count: size_t, offset: off_t) -> ssize_t {
+    pread_common(&NEXT_PREAD64, fd, buf, count, offset)
+}
+
+/// `pwrite(2)`: the fail-nth files.
+///
+/// # Safety
+/// The C contract of `pwrite`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, count: size_t, offset: off_t) -> ssize_t {
+    pwrite_common(&NEXT_PWRITE, fd, buf, count, offset)
+}
+
+/// `pwrite64`: as [`pwrite`].
+///
+/// # Safety
+/// The C contract of `pwrite64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, count: size_t, offset: off_t) -> ssize_t {
+    pwrite_common(&NEXT_PWRITE64, fd, buf, count, offset)
+}
+
+/// `opendir(3)`: `/sys/kernel/debug` is the library's fault-injection
+/// settings directory (see [`crate::faultinj`]).
+///
+/// # Safety
+/// The C contract of `opendir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn opendir(name: *const c_char) -> *mut DIR {
+    let f = next_fn!(NEXT_OPENDIR, OpendirFn);
+    match shim::opendir(name as u64) {
+        // SAFETY: a NUL-terminated path we own, alive across the call.
+        Some(ours) => unsafe { f(ours.as_ptr()) },
+        // SAFETY: forwarding the caller's argument unchanged.
+        None => unsafe { f(name) },
+    }
+}
+
 // ---------------------------------------------------------------------
 // Safe wrappers for the other modules.
 
 fn check(r: c_long) -> Result<i64, Errno> {
     if r < 0 { Err(Errno(errno())) } else { Ok(r) }
+}
+
+/// Runs `f` when the process exits normally (`atexit`); false when the
+/// C library has no room for it.
+pub fn at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: `f` is a plain function with no arguments, callable at any
+    // time, as atexit requires.
+    unsafe { libc::atexit(f) == 0 }
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
 }
 
 /// The process id.
@@ -541,7 +637,7 @@ pub fn fstat(fd: i32) -> Result<(u64, u64, u64, u32), Errno> {
 
 /// `pread` of up to `buf.len()` bytes; returns the count (short at the
 /// end of the file).
-pub fn pread(fd: &Fd, off: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+pub fn read_at(fd: &Fd, off: u64, buf: &mut [u8]) -> Result<usize, Errno> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
@@ -557,7 +653,7 @@ pub fn pread(fd: &Fd, off: u64, buf: &mut [u8]) -> Result<usize, Errno> {
 }
 
 /// `pwrite` of all of `buf` at `off`.
-pub fn pwrite(fd: &Fd, off: u64, buf: &[u8]) -> Result<(), Errno> {
+pub fn write_at(fd: &Fd, off: u64, buf: &[u8]) -> Result<(), Errno> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &buf[done..];

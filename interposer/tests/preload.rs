@@ -83,3 +83,10 @@ fn random_commands_and_pointers_never_crash() {
     let (ok, text) = run(&build("fuzz"));
     assert!(ok && text.contains("ok - 20000 random calls survived"), "{text}");
 }
+
+#[test]
+fn fail_nth_sweeps_the_fault_points() {
+    let (ok, text) = run(&build("failnth"));
+    assert!(ok && text.contains("ok - fail-nth 1 fails the open with ENOMEM"), "{text}");
+    assert!(text.contains("then succeeded"), "{text}");
+}
