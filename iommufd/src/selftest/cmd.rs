@@ -136,12 +136,19 @@ impl MockDevice {
     }
 }
 
+impl MockDevice {
+    /// `d` with 1 MiB I/O pages when the device asks for them.
+    fn huge(&self, d: MockDomain) -> MockDomain {
+        if self.flags & MOCK_FLAGS_DEVICE_HUGE_IOVA != 0 { d.with_huge_iova() } else { d }
+    }
+}
+
 impl DeviceOps for MockDevice {
     fn handle(&self) -> DeviceHandle {
         self.handle
     }
     fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
-        Ok(Box::new(MockDomain::with_faults(self.faults.clone())))
+        Ok(Box::new(self.huge(MockDomain::with_faults(self.faults.clone()))))
     }
     fn supports_dirty_tracking(&self) -> bool {
         self.flags & MOCK_FLAGS_DEVICE_NO_DIRTY == 0
@@ -150,7 +157,7 @@ impl DeviceOps for MockDevice {
         if !self.supports_dirty_tracking() {
             return Err(DomainError::NotSupported);
         }
-        Ok(Box::new(MockDomain::with_dirty_tracking(self.faults.clone())))
+        Ok(Box::new(self.huge(MockDomain::with_dirty_tracking(self.faults.clone()))))
     }
     fn hw_info(&self) -> (u32, Vec<u8>) {
         // struct iommu_test_hw_info { __u32 flags; __u32 test_reg; }
