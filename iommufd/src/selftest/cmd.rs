@@ -312,17 +312,21 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             }
         }
         IOMMU_TEST_OP_MD_CHECK_REFS => {
+            // Linux 6.12's `iommufd_test_md_check_refs`: alignment, then
+            // `uptr + length` must not overflow, all EINVAL.
             let r = IommuTestCheckRefs::read(&c.payload);
-            if !r.length.is_multiple_of(PAGE_SIZE) || !r.uptr.is_multiple_of(PAGE_SIZE) {
+            if !r.length.is_multiple_of(PAGE_SIZE)
+                || !r.uptr.is_multiple_of(PAGE_SIZE)
+                || r.uptr.checked_add(r.length).is_none()
+            {
                 return Err(Errno::EINVAL);
             }
-            let mut uptr = r.uptr;
-            for _ in 0..r.length / PAGE_SIZE {
-                let pins = ictx.source().pin_count(uptr)?.ok_or(Errno::EOPNOTSUPP)?;
+            for k in 0..r.length / PAGE_SIZE {
+                // Below uptr + length, which fits.
+                let pins = ictx.source().pin_count(r.uptr + k * PAGE_SIZE)?.ok_or(Errno::EOPNOTSUPP)?;
                 if pins != r.refs {
                     return Err(Errno::EIO);
                 }
-                uptr += PAGE_SIZE;
             }
             Ok(())
         }
