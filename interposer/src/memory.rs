@@ -438,13 +438,17 @@ impl ProcessMemory {
 /// `CAP_IPC_LOCK`'s bit number (`linux/capability.h`).
 const CAP_IPC_LOCK: u32 = 14;
 
-/// Whether the process has `CAP_IPC_LOCK` in `CapEff`.
 fn has_cap_ipc_lock() -> bool {
+    has_cap(CAP_IPC_LOCK)
+}
+
+/// Whether the process has capability `bit` in `CapEff`.
+pub fn has_cap(bit: u32) -> bool {
     let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return false };
     s.lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|c| c & (1 << CAP_IPC_LOCK) != 0)
+        .is_some_and(|c| bit < 64 && c & (1 << bit) != 0)
 }
 
 impl MemorySource for ProcessMemory {

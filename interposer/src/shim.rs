@@ -331,6 +331,9 @@ fn command(ictx: &Arc<Ictx>, cmd: u32, arg: u64) -> Result<i64, Errno> {
     if cmd == IOMMU_TEST_CMD {
         translate_access_id(ictx, &mut buf);
     }
+    if cmd == uapi::IOMMU_OPTION && needs_sys_resource(&buf) {
+        return Err(Errno::EPERM);
+    }
     let r = dispatch::ioctl(ictx, cmd, &mut buf);
     // The fields rewritten on the way in go back as the caller had them.
     buf[..4].copy_from_slice(&user[..4]);
@@ -374,6 +377,26 @@ fn command(ictx: &Arc<Ictx>, cmd: u32, arg: u64) -> Result<i64, Errno> {
         }
     }
     r.map(|()| 0)
+}
+
+/// `CAP_SYS_RESOURCE`'s bit number (`linux/capability.h`).
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether `IOMMU_OPTION` (its kernel copy in `buf`) sets the
+/// RLIMIT_MODE without `CAP_SYS_RESOURCE`: Linux 6.12's
+/// `iommufd_option_rlimit_mode` answers `EPERM` after the reserved field,
+/// the object id and the op are checked, before looking at the objects.
+/// The core has no notion of capabilities; the process's are checked here.
+fn needs_sys_resource(buf: &[u8]) -> bool {
+    if buf.len() < uapi::IommuOption::SIZE {
+        return false;
+    }
+    let c = uapi::IommuOption::read(buf);
+    c.__reserved == 0
+        && c.option_id == uapi::IOMMU_OPTION_RLIMIT_MODE
+        && c.object_id == 0
+        && c.op == uapi::IOMMU_OPTION_OP_SET
+        && !crate::memory::has_cap(CAP_SYS_RESOURCE)
 }
 
 /// The selftest commands that name an access take the application's

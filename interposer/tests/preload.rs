@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The cdylib cargo built with this test (next to the test binary, or one
 /// directory up).
@@ -21,15 +22,21 @@ fn library() -> PathBuf {
 /// Builds `tests/c/<name>.c` dynamically linked; needs a C compiler.
 fn build(name: &str) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c").join(format!("{name}.c"));
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    // Tests run in parallel and may build the same program: each build
+    // goes to its own file, renamed into place (atomic).
+    static BUILDS: AtomicUsize = AtomicUsize::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let out = dir.join(name);
+    let tmp = dir.join(format!("{name}.{}.{}", std::process::id(), BUILDS.fetch_add(1, Ordering::Relaxed)));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let st = Command::new(&cc)
         .args(["-O1", "-g", "-Wall", "-Werror", "-pthread", "-o"])
-        .arg(&out)
+        .arg(&tmp)
         .arg(&src)
         .status()
         .unwrap_or_else(|e| panic!("running the C compiler {cc}: {e} (set CC)"));
     assert!(st.success(), "compiling {}", src.display());
+    std::fs::rename(&tmp, &out).expect("move the program into place");
     out
 }
 
@@ -58,6 +65,32 @@ fn an_unmodified_c_program_maps_checks_and_unmaps_through_a_mock_domain() {
         "done",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+/// The same program without `CAP_SYS_RESOURCE` (and `CAP_IPC_LOCK`):
+/// setting the RLIMIT_MODE is `EPERM`, as on Linux. Needs root and
+/// `setpriv` to drop the capabilities; a process without them already
+/// takes that path in the test above.
+#[test]
+fn without_cap_sys_resource_the_rlimit_mode_is_eperm() {
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().find(|p| Path::new(p).exists());
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")));
+    let prog = build("basic");
+    let out = match (setpriv, root) {
+        (Some(sp), true) => Command::new(sp)
+            .args(["--bounding-set", "-sys_resource,-ipc_lock", "--"])
+            .arg(&prog)
+            .env("LD_PRELOAD", library())
+            .output()
+            .expect("run under setpriv"),
+        _ => Command::new(&prog).env("LD_PRELOAD", library()).output().expect("run"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("done"), "{text}");
+    if setpriv.is_some() && root {
+        assert!(text.contains("ok - RLIMIT_MODE set without CAP_SYS_RESOURCE: EPERM"), "{text}");
     }
 }
 

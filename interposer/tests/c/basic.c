@@ -23,6 +23,7 @@
 #define IOMMU_IOAS_ALLOW_IOVAS IOCTL_NR(0x82)
 #define IOMMU_IOAS_MAP IOCTL_NR(0x85)
 #define IOMMU_IOAS_UNMAP IOCTL_NR(0x86)
+#define IOMMU_OPTION IOCTL_NR(0x87)
 #define IOMMU_FAULT_QUEUE_ALLOC IOCTL_NR(0x8e)
 #define IOMMU_TEST_CMD IOCTL_NR(0xa0)
 
@@ -56,6 +57,22 @@ struct ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
 struct allow_iovas { uint32_t size, ioas_id, num_iovas, reserved; uint64_t allowed_iovas; };
 struct fault_alloc { uint32_t size, flags, out_fault_id, out_fault_fd; };
 struct destroy { uint32_t size, id; };
+struct option { uint32_t size, option_id; uint16_t op, reserved; uint32_t object_id; uint64_t val64; };
+
+/* Whether the process has capability `bit` (CapEff of /proc/self/status). */
+static int has_cap(int bit)
+{
+	char line[256];
+	unsigned long long eff = 0;
+	FILE *f = fopen("/proc/self/status", "r");
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "CapEff: %llx", &eff) == 1)
+			break;
+	fclose(f);
+	return (eff >> bit) & 1;
+}
 
 /* struct iommu_test_cmd: a 16-byte header, then the op's payload. */
 #define TEST_CMD_SIZE 72
@@ -87,6 +104,19 @@ int main(void)
 	struct stat st;
 	int fd = open("/dev/iommu", O_RDWR | O_CLOEXEC);
 	CHECK(fd >= 0, "open /dev/iommu");
+
+	/* RLIMIT_MODE: setting it needs CAP_SYS_RESOURCE (EPERM without). */
+	struct option opt = { .size = sizeof(opt), .option_id = 0, .op = 0, .val64 = 1 };
+	errno = 0;
+	if (has_cap(24)) {
+		CHECK(ioctl(fd, IOMMU_OPTION, &opt) == 0, "RLIMIT_MODE set with CAP_SYS_RESOURCE");
+		opt.val64 = 0;
+		CHECK(ioctl(fd, IOMMU_OPTION, &opt) == 0, "RLIMIT_MODE set back");
+	} else {
+		CHECK(ioctl(fd, IOMMU_OPTION, &opt) == -1 && errno == EPERM, "RLIMIT_MODE set without CAP_SYS_RESOURCE: EPERM");
+	}
+	opt.op = 1;
+	CHECK(ioctl(fd, IOMMU_OPTION, &opt) == 0 && opt.val64 == 0, "RLIMIT_MODE get");
 	CHECK(fstat(fd, &st) == 0, "the descriptor is a real one");
 	CHECK(fcntl(fd, F_GETFD) == FD_CLOEXEC, "O_CLOEXEC is honoured");
 
