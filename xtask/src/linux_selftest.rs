@@ -43,8 +43,24 @@ const PROGRAMS: &[&str] = &["iommufd", "iommufd_fail_nth"];
 const HUGEPAGES: u64 = 128;
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 
-/// Cases an in-process interposer cannot express, with why.
+/// Whether this process has `CAP_SYS_RESOURCE` (bit 24 of `CapEff`).
+fn has_cap_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|c| c & (1 << 24) != 0)
+    })
+}
+
+/// Cases an in-process interposer cannot express, or this host cannot
+/// run, with why.
 fn exception(case: &str) -> Option<&'static str> {
+    if case == "iommufd.global_options" && !has_cap_sys_resource() {
+        return Some(
+            "sets IOMMU_OPTION_RLIMIT_MODE, which needs CAP_SYS_RESOURCE: this process lacks it (EPERM, as on Linux)",
+        );
+    }
     if case.ends_with(".fork_present") || case.ends_with(".fork_gone") {
         return Some(
             "maps through the fd from a forked child and checks the parent: needs iommufd state shared across processes",
