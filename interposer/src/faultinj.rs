@@ -41,6 +41,11 @@ fn counts() -> std::sync::MutexGuard<'static, BTreeMap<i32, u64>> {
     COUNTS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The counts' lock, for the `fork` handlers (see `shim`).
+pub fn lock_counts() -> std::sync::MutexGuard<'static, BTreeMap<i32, u64>> {
+    counts()
+}
+
 /// The thread id a `fail-nth` path names, if it is one.
 pub fn fail_nth_path(path: &str) -> Option<i32> {
     if !enabled() {

@@ -32,12 +32,18 @@
 //! 2 MiB pages (the kernel cannot replace part of a huge page); huge pages
 //! of another size are refused by `mmap` and the pin fails with its errno.
 //!
+//! ## fork
+//! A moved page is a shared mapping of the store, which a forked child
+//! would share with its parent. The child's `fork` handler restores what
+//! Linux gives a child: pages moved from private memory get a private
+//! copy (Linux copies pinned anonymous pages at `fork`; the child's
+//! stores never reach the parent's pinned page and the parent's never
+//! reach the child), pages moved from shared memory stay shared. The
+//! child has no pins and a store of its own
+//! ([`ProcessMemory::child_after_fork`]). A page moved from a huge page
+//! comes back as small pages.
+//!
 //! ## What moving changes (stated, because Linux differs)
-//! - **fork**: a moved page is a shared mapping, so after `fork` parent
-//!   and child share it instead of copying on write, and it stays so after
-//!   unpinning. Linux copies pinned anonymous pages for the child at fork.
-//!   The store may also free an unpinned page the parent no longer maps
-//!   while a child still does (the child then reads zeroes).
 //! - **Concurrent writers**: a store by another thread to a page while it
 //!   is being moved (between the copy and the `mmap`) can be lost. Linux's
 //!   pin has no such window.
@@ -181,10 +187,29 @@ fn vma_at(maps: &[Vma], addr: u64) -> Option<&Vma> {
     maps.get(i).filter(|v| v.start <= addr)
 }
 
-/// A store page: its pins.
+/// A store page: its pins, and whether the memory it was moved from was
+/// a shared mapping (a forked child keeps sharing those; private ones it
+/// gets a copy of, see [`ProcessMemory::child_after_fork`]).
 #[derive(Debug)]
 struct Slot {
     pins: u32,
+    shared: bool,
+}
+
+/// The store: a memfd and its identity in `/proc/self/maps`.
+#[derive(Debug)]
+struct Store {
+    fd: sys::Fd,
+    dev: u64,
+    ino: u64,
+}
+
+impl Store {
+    fn new() -> Result<Self> {
+        let fd = sys::memfd_create(c"portcullis-store", true)?;
+        let (dev, ino, _, _) = sys::fstat(fd.raw())?;
+        Ok(Self { fd, dev, ino })
+    }
 }
 
 /// A file held for `IOMMU_IOAS_MAP_FILE`.
@@ -201,8 +226,12 @@ struct HeldFile {
     pins: BTreeMap<u64, u32>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
+    store: Store,
+    /// A forked child could not make a store of its own: it must not pin
+    /// into its parent's (`ENOMEM`).
+    no_store: bool,
     store_size: u64,
     next_off: u64,
     /// Store page index -> slot, for pages pinned now or moved and maybe
@@ -224,15 +253,18 @@ enum Piece {
     File { start: u64, end: u64, ns: u64, off: u64 },
     /// To be moved: the user range `[start, end)` is pinned, `[mstart,
     /// mend)` (wider for huge pages) is moved, with protection `prot`.
-    Move { start: u64, end: u64, mstart: u64, mend: u64, prot: i32 },
+    Move { start: u64, end: u64, mstart: u64, mend: u64, prot: i32, shared: bool },
+}
+
+impl Inner {
+    fn is_store(&self, v: &Vma) -> bool {
+        v.dev == self.store.dev && v.ino == self.store.ino
+    }
 }
 
 /// The process's own memory (see the module docs).
 #[derive(Debug)]
 pub struct ProcessMemory {
-    store: sys::Fd,
-    store_dev: u64,
-    store_ino: u64,
     pin_limit_pages: u64,
     inner: Mutex<Inner>,
 }
@@ -240,16 +272,21 @@ pub struct ProcessMemory {
 impl ProcessMemory {
     /// A new source with an empty store.
     pub fn new() -> Result<Self> {
-        let store = sys::memfd_create(c"portcullis-store", true)?;
-        let (store_dev, store_ino, _, _) = sys::fstat(store.raw())?;
+        let store = Store::new()?;
         let pin_limit_pages =
             if has_cap_ipc_lock() { u64::MAX } else { sys::memlock_limit().map_or(u64::MAX, |b| b / PAGE_SIZE) };
         Ok(Self {
-            store,
-            store_dev,
-            store_ino,
             pin_limit_pages,
-            inner: Mutex::new(Inner { next_ns: NS_FIRST_FILE, ..Inner::default() }),
+            inner: Mutex::new(Inner {
+                store,
+                no_store: false,
+                store_size: 0,
+                next_off: 0,
+                slots: BTreeMap::new(),
+                released: BTreeSet::new(),
+                files: BTreeMap::new(),
+                next_ns: NS_FIRST_FILE,
+            }),
         })
     }
 
@@ -263,17 +300,13 @@ impl ProcessMemory {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn is_store(&self, v: &Vma) -> bool {
-        v.dev == self.store_dev && v.ino == self.store_ino
-    }
-
     /// Frees released store pages that no mapping shows any more.
     fn sweep(&self, inner: &mut Inner, maps: &[Vma]) {
         if inner.released.is_empty() {
             return;
         }
         let shown: Vec<(u64, u64)> =
-            maps.iter().filter(|v| self.is_store(v)).map(|v| (v.offset, v.offset + (v.end - v.start))).collect();
+            maps.iter().filter(|v| inner.is_store(v)).map(|v| (v.offset, v.offset + (v.end - v.start))).collect();
         let gone: Vec<u64> = inner
             .released
             .iter()
@@ -285,7 +318,7 @@ impl ProcessMemory {
             .collect();
         for pg in gone {
             // Failing to free only keeps the page's memory allocated.
-            let _ = sys::punch_hole(&self.store, pg * PAGE_SIZE, PAGE_SIZE);
+            let _ = sys::punch_hole(&inner.store.fd, pg * PAGE_SIZE, PAGE_SIZE);
             inner.released.remove(&pg);
             inner.slots.remove(&pg);
         }
@@ -302,7 +335,7 @@ impl ProcessMemory {
                 return Err(Errno::EFAULT);
             }
             let off = v.offset.checked_add(a - v.start).ok_or(Errno::EFAULT)?;
-            let piece = if self.is_store(v) {
+            let piece = if inner.is_store(v) {
                 Piece::Store { start: a, end: pend, off }
             } else if let Some((&ns, _)) =
                 inner.files.iter().find(|(_, f)| v.shared && f.dev == v.dev && f.ino == v.ino)
@@ -313,9 +346,9 @@ impl ProcessMemory {
             } else if v.is_hugetlb() {
                 let ms = (a / HUGE * HUGE).max(v.start);
                 let me = pend.div_ceil(HUGE).saturating_mul(HUGE).min(v.end);
-                Piece::Move { start: a, end: pend, mstart: ms, mend: me, prot: v.prot() }
+                Piece::Move { start: a, end: pend, mstart: ms, mend: me, prot: v.prot(), shared: v.shared }
             } else {
-                Piece::Move { start: a, end: pend, mstart: a, mend: pend, prot: v.prot() }
+                Piece::Move { start: a, end: pend, mstart: a, mend: pend, prot: v.prot(), shared: v.shared }
             };
             out.push(piece);
             a = pend;
@@ -324,12 +357,12 @@ impl ProcessMemory {
     }
 
     /// Moves `[start, end)` into fresh store pages; returns their offset.
-    fn move_range(&self, inner: &mut Inner, start: u64, end: u64, prot: i32) -> Result<u64> {
+    fn move_range(inner: &mut Inner, start: u64, end: u64, prot: i32, shared: bool) -> Result<u64> {
         let len = end - start;
         let base = inner.next_off.next_multiple_of(HUGE).checked_add(start % HUGE).ok_or(Errno::ENOMEM)?;
         let top = base.checked_add(len).filter(|&t| t <= NS_SPAN).ok_or(Errno::ENOMEM)?;
         if top > inner.store_size {
-            sys::ftruncate(&self.store, top)?;
+            sys::ftruncate(&inner.store.fd, top)?;
             inner.store_size = top;
         }
         inner.next_off = top;
@@ -338,22 +371,22 @@ impl ProcessMemory {
         while at < len {
             let n = (len - at).min(COPY_PAGES * PAGE_SIZE) as usize;
             let copied = sys::read_mem(start + at, &mut buf[..n]) == n;
-            let r = if copied { sys::write_at(&self.store, base + at, &buf[..n]) } else { Err(Errno::EFAULT) };
+            let r = if copied { sys::write_at(&inner.store.fd, base + at, &buf[..n]) } else { Err(Errno::EFAULT) };
             if let Err(e) = r {
                 // Nothing was mapped yet: give the copied pages back.
-                let _ = sys::punch_hole(&self.store, base, len);
+                let _ = sys::punch_hole(&inner.store.fd, base, len);
                 return Err(e);
             }
             at += n as u64;
         }
-        if let Err(e) = sys::map_shared_fixed(start, len, prot, &self.store, base) {
-            let _ = sys::punch_hole(&self.store, base, len);
+        if let Err(e) = sys::map_shared_fixed(start, len, prot, &inner.store.fd, base) {
+            let _ = sys::punch_hole(&inner.store.fd, base, len);
             return Err(e);
         }
         for k in 0..len / PAGE_SIZE {
             // Unpinned until `pin_store` pins it (a huge page's other
             // pages stay unpinned, to be freed once unmapped).
-            inner.slots.insert(base / PAGE_SIZE + k, Slot { pins: 0 });
+            inner.slots.insert(base / PAGE_SIZE + k, Slot { pins: 0, shared });
             inner.released.insert(base / PAGE_SIZE + k);
         }
         Ok(base)
@@ -362,7 +395,9 @@ impl ProcessMemory {
     fn pin_store(inner: &mut Inner, start: u64, end: u64, off: u64, out: &mut Vec<PhysRun>) {
         for k in 0..(end - start) / PAGE_SIZE {
             let pg = off / PAGE_SIZE + k;
-            let slot = inner.slots.entry(pg).or_insert(Slot { pins: 0 });
+            // A store page without a slot was moved by a process this one
+            // was forked from: treat its origin as shared (kept so).
+            let slot = inner.slots.entry(pg).or_insert(Slot { pins: 0, shared: true });
             slot.pins += 1;
             inner.released.remove(&pg);
         }
@@ -404,11 +439,11 @@ impl ProcessMemory {
     }
 
     /// The backing descriptor and offset of physical `[p, p + len)`.
-    fn backing<'a>(&'a self, inner: &'a Inner, p: u64, len: usize) -> Result<(&'a sys::Fd, u64)> {
+    fn backing(inner: &Inner, p: u64, len: usize) -> Result<(&sys::Fd, u64)> {
         let (ns, off) = split(p);
         off.checked_add(len as u64).filter(|&e| e <= NS_SPAN).ok_or(Errno::EFAULT)?;
         if ns == NS_STORE {
-            Ok((&self.store, off))
+            Ok((&inner.store.fd, off))
         } else {
             inner.files.get(&ns).map(|f| (&f.fd, off)).ok_or(Errno::EFAULT)
         }
@@ -421,7 +456,7 @@ impl ProcessMemory {
         let v = vma_at(&maps, page).ok_or(Errno::EFAULT)?;
         let off = v.offset + (page - v.start);
         let inner = self.lock();
-        if self.is_store(v) {
+        if inner.is_store(v) {
             let pins = inner.slots.get(&(off / PAGE_SIZE)).map_or(0, |s| s.pins);
             return Ok((pins, phys(NS_STORE, off) + uptr % PAGE_SIZE));
         }
@@ -432,6 +467,102 @@ impl ProcessMemory {
             return Ok((pins, phys(ns, off) + uptr % PAGE_SIZE));
         }
         Ok((0, uptr % PAGE_SIZE))
+    }
+}
+
+/// The source's lock, held by the thread calling `fork` from just before
+/// to just after it (`pthread_atfork`), so the child never inherits it
+/// taken by a thread that does not exist there.
+#[derive(Debug)]
+pub struct ForkGuard(MutexGuard<'static, Inner>);
+
+impl ProcessMemory {
+    /// Takes the lock for a `fork` (see [`ForkGuard`]).
+    pub fn lock_for_fork(&'static self) -> ForkGuard {
+        ForkGuard(self.lock())
+    }
+}
+
+impl ForkGuard {
+    /// In the parent after `fork`: nothing changes.
+    pub fn parent(self) {}
+
+    /// In the child after `fork`: see [`ProcessMemory::child_after_fork`].
+    pub fn child(mut self) {
+        ProcessMemory::child_after_fork(&mut self.0);
+    }
+}
+
+impl ProcessMemory {
+    /// A forked child's memory, made as Linux leaves it:
+    /// - pages moved from private memory get a private copy in the child
+    ///   (Linux copies pinned anonymous pages for the child at `fork`, and
+    ///   copies the others on write: either way the child's stores stay
+    ///   its own and the parent's do not reach it);
+    /// - pages moved from shared memory stay shared with the parent, as
+    ///   the original mapping was;
+    /// - the child has no pins (pins are the parent's contexts'), and
+    ///   gets a store of its own, so its pins never collide with the
+    ///   parent's. Files held for the parent's mappings are let go.
+    ///
+    /// A page that cannot be copied (unreadable by now, or `mmap`
+    /// failing) stays shared: there is no one to report to in a child
+    /// just forked.
+    fn child_after_fork(inner: &mut Inner) {
+        if let Ok(maps) = read_maps() {
+            for v in maps.iter().filter(|v| inner.is_store(v) && v.read) {
+                let private = |x: u64| {
+                    let pg = (v.offset + (x - v.start)) / PAGE_SIZE;
+                    inner.slots.get(&pg).is_some_and(|s| !s.shared)
+                };
+                let mut a = v.start;
+                while a < v.end {
+                    if !private(a) {
+                        a += PAGE_SIZE;
+                        continue;
+                    }
+                    let mut e = a + PAGE_SIZE;
+                    while e < v.end && private(e) {
+                        e += PAGE_SIZE;
+                    }
+                    privatize(a, e, v.prot());
+                    a = e;
+                }
+            }
+        }
+        inner.slots.clear();
+        inner.released.clear();
+        inner.files.clear();
+        inner.store_size = 0;
+        inner.next_off = 0;
+        match Store::new() {
+            Ok(st) => inner.store = st,
+            Err(_) => inner.no_store = true,
+        }
+    }
+}
+
+/// Replaces `[start, end)` by private anonymous memory with the same
+/// contents and protection `prot`, a chunk at a time (see
+/// [`ProcessMemory::child_after_fork`]); a chunk that fails stays as it
+/// was.
+fn privatize(start: u64, end: u64, prot: i32) {
+    let mut buf = vec![0u8; (COPY_PAGES * PAGE_SIZE) as usize];
+    let mut a = start;
+    while a < end {
+        let n = (end - a).min(COPY_PAGES * PAGE_SIZE) as usize;
+        if sys::read_mem(a, &mut buf[..n]) == n && sys::map_anon_fixed(a, n as u64).is_ok() {
+            // Fresh writable zero pages now: the contents go back, then
+            // the protection the mapping had.
+            let written = sys::write_mem(a, &buf[..n]);
+            debug_assert_eq!(written, n, "fresh anonymous memory is writable");
+            if prot != libc::PROT_READ | libc::PROT_WRITE {
+                // A failure leaves the chunk writable: more permissive than
+                // the original, never a wrong byte.
+                let _ = sys::protect(a, n as u64, prot);
+            }
+        }
+        a += n as u64;
     }
 }
 
@@ -474,6 +605,9 @@ impl MemorySource for ProcessMemory {
             return Ok(());
         }
         let mut inner = self.lock();
+        if inner.no_store {
+            return Err(Errno::ENOMEM);
+        }
         let maps = read_maps()?;
         self.sweep(&mut inner, &maps);
         let plan = self.plan(&inner, &maps, uptr, end, write)?;
@@ -482,8 +616,8 @@ impl MemorySource for ProcessMemory {
         let mut pieces = Vec::with_capacity(plan.len());
         for p in plan {
             pieces.push(match p {
-                Piece::Move { start, end, mstart, mend, prot } => {
-                    let base = self.move_range(&mut inner, mstart, mend, prot)?;
+                Piece::Move { start, end, mstart, mend, prot, shared } => {
+                    let base = Self::move_range(&mut inner, mstart, mend, prot, shared)?;
                     Piece::Store { start, end, off: base + (start - mstart) }
                 }
                 other => other,
@@ -531,14 +665,14 @@ impl MemorySource for ProcessMemory {
 
     fn read_phys(&self, phys: u64, buf: &mut [u8]) -> Result<()> {
         let inner = self.lock();
-        let (fd, off) = self.backing(&inner, phys, buf.len())?;
+        let (fd, off) = Self::backing(&inner, phys, buf.len())?;
         // Short: the file was truncated under the pin (see module docs).
         if sys::read_at(fd, off, buf)? == buf.len() { Ok(()) } else { Err(Errno::EFAULT) }
     }
 
     fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()> {
         let inner = self.lock();
-        let (fd, off) = self.backing(&inner, phys, buf.len())?;
+        let (fd, off) = Self::backing(&inner, phys, buf.len())?;
         let size = sys::fstat(fd.raw())?.2;
         if off.checked_add(buf.len() as u64).is_none_or(|e| e > size) {
             return Err(Errno::EFAULT);

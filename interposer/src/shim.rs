@@ -83,12 +83,14 @@ impl Drop for OpenFile {
     }
 }
 
-/// One table entry: the open file and the identity of the descriptor.
+/// One table entry: the open file, the identity of the descriptor, and
+/// the process it was made in.
 #[derive(Debug, Clone)]
 pub struct Entry {
     file: Arc<OpenFile>,
     dev: u64,
     ino: u64,
+    pid: i32,
 }
 
 fn table() -> MutexGuard<'static, BTreeMap<i32, Entry>> {
@@ -98,22 +100,65 @@ fn table() -> MutexGuard<'static, BTreeMap<i32, Entry>> {
     TABLE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+static MEM: OnceLock<Arc<ProcessMemory>> = OnceLock::new();
+
 /// The process's memory source, shared by every context (two contexts
-/// pinning one page see one physical page, as on Linux).
+/// pinning one page see one physical page, as on Linux). Made with the
+/// first context; the `fork` handlers are registered then.
 pub fn memory() -> Result<Arc<ProcessMemory>, Errno> {
-    static MEM: OnceLock<Arc<ProcessMemory>> = OnceLock::new();
     if let Some(m) = MEM.get() {
         return Ok(m.clone());
     }
     let m = Arc::new(ProcessMemory::new()?);
+    static FORK_HANDLERS: OnceLock<bool> = OnceLock::new();
+    FORK_HANDLERS.get_or_init(|| sys::at_fork(fork_prepare, fork_parent, fork_child));
     Ok(MEM.get_or_init(|| m).clone())
 }
 
-/// The open file behind `fd`, if it is a live Portcullis descriptor.
-pub fn lookup(fd: i32) -> Option<Arc<OpenFile>> {
+// `fork`: the thread forking holds every lock of the library across the
+// fork (memory source, then table, then fault-injection counts: the
+// order they nest in elsewhere), so the child never inherits one taken by
+// a thread it does not have. Then the child's memory is made as Linux
+// leaves it (`ForkGuard::child`).
+type ForkLocks = (
+    Option<crate::memory::ForkGuard>,
+    MutexGuard<'static, BTreeMap<i32, Entry>>,
+    MutexGuard<'static, BTreeMap<i32, u64>>,
+);
+
+thread_local! {
+    static FORK_LOCKS: std::cell::RefCell<Option<ForkLocks>> = const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn fork_prepare() {
+    let mem = MEM.get().map(|m| m.lock_for_fork());
+    let locks = (mem, table(), faultinj::lock_counts());
+    FORK_LOCKS.with(|f| *f.borrow_mut() = Some(locks));
+}
+
+extern "C" fn fork_parent() {
+    if let Some((mem, t, c)) = FORK_LOCKS.with(|f| f.borrow_mut().take()) {
+        drop((c, t));
+        if let Some(m) = mem {
+            m.parent();
+        }
+    }
+}
+
+extern "C" fn fork_child() {
+    if let Some((mem, t, c)) = FORK_LOCKS.with(|f| f.borrow_mut().take()) {
+        drop((c, t));
+        if let Some(m) = mem {
+            m.child();
+        }
+    }
+}
+
+/// The table entry of `fd`, if it is a live Portcullis descriptor.
+fn entry(fd: i32) -> Option<Entry> {
     let e = table().get(&fd).cloned()?;
     match sys::fstat(fd) {
-        Ok((dev, ino, _, _)) if dev == e.dev && ino == e.ino => Some(e.file),
+        Ok((dev, ino, _, _)) if dev == e.dev && ino == e.ino => Some(e),
         _ => {
             // Closed behind our back and maybe reused: forget it (dropped
             // after the lock is released).
@@ -127,6 +172,25 @@ pub fn lookup(fd: i32) -> Option<Arc<OpenFile>> {
     }
 }
 
+/// The open file behind `fd`: `None` if `fd` is not a Portcullis
+/// descriptor, `EOPNOTSUPP` if it is one inherited across `fork`. The
+/// context lives in the memory of the process that opened it; a child
+/// has a copy that Linux's shared kernel object would not be, so its
+/// use is refused rather than answered from a diverging copy.
+pub fn lookup(fd: i32) -> Option<Result<Arc<OpenFile>, Errno>> {
+    let e = entry(fd)?;
+    Some(if e.pid == sys::getpid() { Ok(e.file) } else { Err(Errno::EOPNOTSUPP) })
+}
+
+/// [`lookup`] for the hooks: pass, refuse, or the file.
+fn target(fd: i32) -> Result<Arc<OpenFile>, Hook> {
+    match lookup(fd) {
+        None => Err(Hook::Pass),
+        Some(Err(e)) => Err(Hook::Done(Err(e))),
+        Some(Ok(f)) => Ok(f),
+    }
+}
+
 /// Removes `fd` from the table (it is being closed or replaced); the
 /// caller drops the entry after the descriptor is gone.
 pub fn forget(fd: i32) -> Option<Entry> {
@@ -135,9 +199,10 @@ pub fn forget(fd: i32) -> Option<Entry> {
 
 /// `new` is now a duplicate of `old`: it names the same open file.
 pub fn duplicated(old: i32, new: i32) {
-    let Some(file) = lookup(old) else { return };
+    // An inherited descriptor's duplicate is inherited too.
+    let Some(e) = entry(old) else { return };
     let Ok((dev, ino, _, _)) = sys::fstat(new) else { return };
-    let replaced = table().insert(new, Entry { file, dev, ino });
+    let replaced = table().insert(new, Entry { dev, ino, ..e });
     drop(replaced);
 }
 
@@ -147,7 +212,7 @@ fn install(file: OpenFile, cloexec: bool) -> Result<i32, Errno> {
     let fd = sys::memfd_create(c"portcullis-iommufd", cloexec)?;
     let (dev, ino, _, _) = sys::fstat(fd.raw())?;
     let n = fd.into_raw();
-    let replaced = table().insert(n, Entry { file: Arc::new(file), dev, ino });
+    let replaced = table().insert(n, Entry { file: Arc::new(file), dev, ino, pid: sys::getpid() });
     drop(replaced);
     Ok(n)
 }
@@ -194,7 +259,10 @@ pub fn open_iommufd(cloexec: bool) -> Result<i32, Errno> {
 
 /// `ioctl` on a descriptor.
 pub fn ioctl(fd: i32, request: u64, arg: u64) -> Hook {
-    let Some(file) = lookup(fd) else { return Hook::Pass };
+    let file = match target(fd) {
+        Ok(f) => f,
+        Err(h) => return h,
+    };
     // The kernel takes the command as a 32-bit number.
     let cmd = request as u32;
     let r = match &*file {
@@ -221,7 +289,10 @@ fn tracing() -> bool {
 /// `read` on a descriptor: fault queues give records; the other
 /// Portcullis files have no read (`EINVAL`, as Linux's).
 pub fn read(fd: i32, buf: u64, count: usize) -> Hook {
-    let Some(file) = lookup(fd) else { return Hook::Pass };
+    let file = match target(fd) {
+        Ok(f) => f,
+        Err(h) => return h,
+    };
     Hook::Done(match &*file {
         OpenFile::Fault { ictx, fd } => ictx.fault_fd_read_user(*fd, buf, count).map(|n| n as i64),
         // The count is short: read from the start every time.
@@ -232,7 +303,10 @@ pub fn read(fd: i32, buf: u64, count: usize) -> Hook {
 
 /// `write` on a descriptor: fault queues take responses.
 pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
-    let Some(file) = lookup(fd) else { return Hook::Pass };
+    let file = match target(fd) {
+        Ok(f) => f,
+        Err(h) => return h,
+    };
     Hook::Done(match &*file {
         OpenFile::Fault { ictx, fd } => ictx.fault_fd_write_user(*fd, buf, count).map(|n| n as i64),
         OpenFile::FailNth { tid } => faultinj::write(*tid, buf, count),
@@ -243,7 +317,10 @@ pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
 /// `pread` on a descriptor: the fail-nth files. The other Portcullis
 /// files are not positioned here: `ESPIPE`.
 pub fn pread(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
-    let Some(file) = lookup(fd) else { return Hook::Pass };
+    let file = match target(fd) {
+        Ok(f) => f,
+        Err(h) => return h,
+    };
     Hook::Done(match &*file {
         OpenFile::FailNth { tid } => match u64::try_from(offset) {
             Ok(off) => faultinj::read(*tid, buf, count, off),
@@ -255,7 +332,10 @@ pub fn pread(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
 
 /// `pwrite` on a descriptor (see [`pread`]).
 pub fn pwrite(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
-    let Some(file) = lookup(fd) else { return Hook::Pass };
+    let file = match target(fd) {
+        Ok(f) => f,
+        Err(h) => return h,
+    };
     Hook::Done(match &*file {
         OpenFile::FailNth { .. } if offset < 0 => Err(Errno::EINVAL),
         OpenFile::FailNth { tid } => faultinj::write(*tid, buf, count),
@@ -415,8 +495,11 @@ fn translate_access_id(ictx: &Arc<Ictx>, buf: &mut [u8]) {
     let Some(id) = get_u32(buf, TEST_CMD_ID) else { return };
     // Not an access of this context: a number the core never hands out
     // (its numbers start at 3), so it answers as for a wrong descriptor.
-    let core = match lookup(id as i32).as_deref() {
-        Some(OpenFile::Access { ictx: c, fd }) if Arc::ptr_eq(c, ictx) => *fd,
+    let core = match lookup(id as i32) {
+        Some(Ok(f)) => match &*f {
+            OpenFile::Access { ictx: c, fd } if Arc::ptr_eq(c, ictx) => *fd,
+            _ => 0,
+        },
         _ => 0,
     };
     put_u32(buf, TEST_CMD_ID, core);

@@ -703,6 +703,46 @@ pub fn map_shared_fixed(addr: u64, len: u64, prot: i32, fd: &Fd, off: u64) -> Re
     Ok(())
 }
 
+/// Replaces `[addr, addr + len)` of this process by fresh private
+/// anonymous memory, readable and writable (`mmap(MAP_PRIVATE |
+/// MAP_ANONYMOUS | MAP_FIXED)`). Used in a forked child on memory the
+/// caller has just copied out (see `memory::privatize`).
+pub fn map_anon_fixed(addr: u64, len: u64) -> Result<(), Errno> {
+    // SAFETY: MAP_FIXED over an application range whose contents the
+    // caller saved and writes back; no Rust reference of this library
+    // points into it, and the child has only the calling thread.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Errno(errno()));
+    }
+    Ok(())
+}
+
+/// `mprotect(addr, len, prot)` of an application range.
+pub fn protect(addr: u64, len: u64, prot: i32) -> Result<(), Errno> {
+    // SAFETY: changes the protection of application memory to what its
+    // mapping had before this library replaced it; no Rust reference of
+    // this library points into it.
+    check(unsafe { libc::mprotect(addr as *mut c_void, len as usize, prot) } as c_long).map(|_| ())
+}
+
+/// Registers `fork` handlers (`pthread_atfork`); false if the C library
+/// refused.
+pub fn at_fork(prepare: extern "C" fn(), parent: extern "C" fn(), child: extern "C" fn()) -> bool {
+    // SAFETY: three plain functions without arguments, run by the C
+    // library around fork in the forking thread.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) == 0 }
+}
+
 /// `RLIMIT_MEMLOCK`'s soft limit in bytes (`None`: unlimited).
 pub fn memlock_limit() -> Option<u64> {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

@@ -123,3 +123,11 @@ fn fail_nth_sweeps_the_fault_points() {
     assert!(ok && text.contains("ok - fail-nth 1 fails the open with ENOMEM"), "{text}");
     assert!(text.contains("then succeeded"), "{text}");
 }
+
+#[test]
+fn fork_copies_private_pinned_memory_and_refuses_inherited_descriptors() {
+    let (ok, text) = run(&build("fork"));
+    assert!(ok && text.contains("ok - the child's store to private memory stayed its own"), "{text}");
+    assert!(text.contains("ok - child: the inherited descriptor is refused"), "{text}");
+    assert!(text.contains("ok - shared memory stayed shared") && text.contains("done"), "{text}");
+}
