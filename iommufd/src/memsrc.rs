@@ -462,6 +462,7 @@ impl FakeAddressSpace {
             let data = frame.data.get_or_insert_with(|| vec![0; PAGE_SIZE as usize]);
             f(data, off, done, n);
             done += n;
+            // Checked above: no overflow while bytes remain.
             a = a.wrapping_add(n as u64);
         }
         Ok(())
@@ -690,6 +691,20 @@ mod tests {
         // A source without files.
         let none = RegionMemory::new(NoPhysAccess);
         assert_eq!(none.file_get(fd, false), Err(Errno::EBADF));
+    }
+
+    #[test]
+    fn the_last_page_of_the_address_space_is_usable() {
+        let m = FakeAddressSpace::new();
+        let top = u64::MAX - PAGE_SIZE + 1;
+        m.map(top, PAGE_SIZE, true);
+        m.write_user(u64::MAX - 7, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let mut b = [0u8; 8];
+        m.read_user(u64::MAX - 7, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut nine = [0u8; 9];
+        assert_eq!(m.read_user(u64::MAX - 7, &mut nine), Err(Errno::EFAULT), "one byte past the top");
+        assert_eq!(m.pin_count(u64::MAX), Ok(Some(0)));
     }
 
     #[test]

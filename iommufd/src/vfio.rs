@@ -105,7 +105,16 @@ fn unmap_dma(ictx: &Ictx, arg: u64) -> Result<()> {
                 Ok(())
             }
         };
-        cut.and_then(|()| ictx.ioas_unmap(ioas_id, u.iova, u.size).map(|n| unmapped = n))
+        cut.and_then(|()| ictx.ioas_unmap(ioas_id, u.iova, u.size).map(|n| unmapped = n)).or_else(|e| {
+            // Linux 6.12.95 (the stable backport of "iommufd: Make
+            // vfio_compat's unmap succeed if the range is already empty"):
+            // a range no area touches unmaps nothing successfully here;
+            // IOMMU_IOAS_UNMAP keeps its ENOENT. A range that cuts an
+            // area is still ENOENT.
+            let last = u.iova.checked_add(u.size.max(1) - 1);
+            let empty = last.is_some_and(|l| !ioas.iopt.lock().areas().any(|(s, al, _)| s <= l && u.iova <= al));
+            if e == Errno::ENOENT && u.size != 0 && empty { Ok(()) } else { Err(e) }
+        })
     };
     // The struct goes back (with the bytes unmapped) whatever happened.
     u.size = unmapped;

@@ -11,10 +11,15 @@
 //!   NPT build, time and page-table memory, separate and shared tables).
 //! * `cargo xtask uapi-replay FILE.jsonl...`: replay recorded Linux iommufd
 //!   uAPI calls against `iommufd` and report every differing answer.
+//! * `cargo xtask linux-selftest`: Linux 6.12's `iommufd` and
+//!   `iommufd_fail_nth` selftest binaries, built from Debian's
+//!   `linux-source-6.12`, run against Portcullis under the `LD_PRELOAD`
+//!   interposer (`interposer/`).
 
 mod acpi;
 mod guest;
 mod ktap;
+mod linux_selftest;
 mod qemu;
 mod replay;
 mod test;
@@ -95,6 +100,12 @@ enum Cmd {
         /// iommufd/tests/data/linux-uapi/allow.toml).
         #[arg(long)]
         allow: Option<PathBuf>,
+    },
+    /// Run Linux 6.12's iommufd selftest binaries under the interposer.
+    LinuxSelftest {
+        /// Time limit for one binary, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
 }
 
@@ -220,6 +231,7 @@ fn main() -> ExitCode {
         Cmd::Acpi { files, json } => acpi::run(&files, json),
         Cmd::Bench => bench(),
         Cmd::UapiReplay { files, verbose, allow } => replay::run(&files, allow.as_deref(), verbose),
+        Cmd::LinuxSelftest { timeout } => linux_selftest::run_all(Duration::from_secs(timeout)),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

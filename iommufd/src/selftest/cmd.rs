@@ -107,6 +107,16 @@ fn access_of(ictx: &Ictx, fd: u32) -> Result<(u32, Arc<MockAccess>)> {
     ictx.selftest.lock().accesses.get(&fd).cloned().ok_or(Errno::EBADFD)
 }
 
+/// Closes a selftest access "descriptor" (`out_access_fd` of
+/// `CREATE_ACCESS`), as `close(2)` of Linux's access file does: the access
+/// is destroyed, dropping every pin it still holds. `EBADF` when `fd`
+/// names no open access of this context. For hosts that hand the number
+/// out as a real descriptor (the `LD_PRELOAD` interposer).
+pub fn close_access_fd(ictx: &Ictx, fd: u32) -> Result<()> {
+    let (id, _) = ictx.selftest.lock().accesses.remove(&fd).ok_or(Errno::EBADF)?;
+    ictx.access_destroy(id)
+}
+
 /// A mock device: gets mock domains, reports the selftest hw_info.
 #[derive(Debug)]
 pub struct MockDevice {
@@ -130,12 +140,19 @@ impl MockDevice {
     }
 }
 
+impl MockDevice {
+    /// `d` with 1 MiB I/O pages when the device asks for them.
+    fn huge(&self, d: MockDomain) -> MockDomain {
+        if self.flags & MOCK_FLAGS_DEVICE_HUGE_IOVA != 0 { d.with_huge_iova() } else { d }
+    }
+}
+
 impl DeviceOps for MockDevice {
     fn handle(&self) -> DeviceHandle {
         self.handle
     }
     fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
-        Ok(Box::new(MockDomain::with_faults(self.faults.clone())))
+        Ok(Box::new(self.huge(MockDomain::with_faults(self.faults.clone()))))
     }
     fn supports_dirty_tracking(&self) -> bool {
         self.flags & MOCK_FLAGS_DEVICE_NO_DIRTY == 0
@@ -144,7 +161,7 @@ impl DeviceOps for MockDevice {
         if !self.supports_dirty_tracking() {
             return Err(DomainError::NotSupported);
         }
-        Ok(Box::new(MockDomain::with_dirty_tracking(self.faults.clone())))
+        Ok(Box::new(self.huge(MockDomain::with_dirty_tracking(self.faults.clone()))))
     }
     /// [`MOCK_PASID_WIDTH`] bits with `MOCK_FLAGS_DEVICE_PASID`, else none.
     fn max_pasid_log2(&self) -> u32 {
@@ -305,9 +322,9 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
             }
         }
         IOMMU_TEST_OP_MD_CHECK_REFS => {
+            // Linux 6.12's `iommufd_test_md_check_refs`: alignment, then
+            // `uptr + length` must not overflow, all EINVAL.
             let r = IommuTestCheckRefs::read(&c.payload);
-            // Linux 6.12: a range whose end wraps is EINVAL, as is one not
-            // in whole pages; so no page address below overflows.
             if !r.length.is_multiple_of(PAGE_SIZE)
                 || !r.uptr.is_multiple_of(PAGE_SIZE)
                 || r.uptr.checked_add(r.length).is_none()
@@ -315,6 +332,7 @@ pub fn test_cmd(ictx: &Ictx, kbuf: &[u8], user_size: u32, buf: &mut [u8]) -> Res
                 return Err(Errno::EINVAL);
             }
             for k in 0..r.length / PAGE_SIZE {
+                // Below uptr + length, which fits.
                 let pins = ictx.source().pin_count(r.uptr + k * PAGE_SIZE)?.ok_or(Errno::EOPNOTSUPP)?;
                 if pins != r.refs {
                     return Err(Errno::EIO);

@@ -40,6 +40,11 @@ const CHUNK: usize = 512;
 const PRESENT: u64 = 1 << 4;
 /// A device wrote the I/O page since its dirty bit was last cleared.
 const DIRTY: u64 = 1 << 5;
+/// The entry belongs to a 1 MiB I/O page (`MOCK_FLAGS_DEVICE_HUGE_IOVA`).
+const HUGE: u64 = 1 << 6;
+/// The mock's huge I/O page: 512 of its 2 KiB pages (Linux's
+/// `MOCK_HUGE_PAGE_SIZE`).
+pub const MOCK_HUGE_PAGE_SIZE: u64 = 512 * MOCK_IO_PAGE_SIZE;
 
 /// The register base the mock's hardware errors name.
 pub const MOCK_UNIT: u64 = 0xfeed_0000;
@@ -204,6 +209,26 @@ pub struct MockDomain {
     tracking: bool,
     /// Its identity in the mock's PASID table.
     serial: DomainSerial,
+    /// Maps 1 MiB I/O pages where IOVA, physical address and length allow
+    /// (a device with `MOCK_FLAGS_DEVICE_HUGE_IOVA`, Linux 6.13; in
+    /// Debian's 6.12.95 selftest).
+    huge_iova: bool,
+}
+
+/// [`HUGE`] when I/O page `k` of a map of pages `[first, end)` falls in a
+/// 1 MiB page the map covers whole with a 1 MiB aligned physical address
+/// (`phys` is page `k`'s); else 0. Both page numbers of a 1 MiB page
+/// share their alignment, so its head's physical address is aligned
+/// when `phys - (k - head) pages` is.
+fn huge_at(k: u64, phys: u64, first: u64, end: u64) -> u64 {
+    let head = k / CHUNK as u64 * CHUNK as u64;
+    if head < first || head + CHUNK as u64 > end {
+        return 0;
+    }
+    // No underflow: the head is in the map, so at most k - first pages
+    // before page k, whose address is the map's start plus that many.
+    let head_phys = phys - (k - head) * MOCK_IO_PAGE_SIZE;
+    if head_phys.is_multiple_of(MOCK_HUGE_PAGE_SIZE) { HUGE } else { 0 }
 }
 
 impl MockEntry {
@@ -254,6 +279,15 @@ impl MockDomain {
     /// An empty mock domain that can track dirty pages.
     pub fn with_dirty_tracking(faults: Arc<MockFaults>) -> Self {
         Self { faults, dirty_ops: true, ..Self::default() }
+    }
+
+    /// This domain with 1 MiB I/O pages as well (see `huge_iova`): as in
+    /// Linux's mock, a map uses a 1 MiB page wherever the IOVA and the
+    /// physical address are both 1 MiB aligned and 1 MiB of the map is
+    /// left, and dirty tracking reads and clears such a page as a whole.
+    pub fn with_huge_iova(mut self) -> Self {
+        self.huge_iova = true;
+        self
     }
 
     /// Whether dirty tracking is on.
@@ -345,7 +379,7 @@ impl MockDomain {
 
 impl IommuDomain for MockDomain {
     fn page_sizes(&self) -> u64 {
-        MOCK_IO_PAGE_SIZE
+        if self.huge_iova { MOCK_IO_PAGE_SIZE | MOCK_HUGE_PAGE_SIZE } else { MOCK_IO_PAGE_SIZE }
     }
 
     fn aperture(&self) -> IovaRange {
@@ -385,7 +419,8 @@ impl IommuDomain for MockDomain {
             for k in page..hi {
                 let i = k - first;
                 let e = MockEntry { phys: phys + i * MOCK_IO_PAGE_SIZE, prot, start: i == 0, last: i == n - 1 };
-                c[(k % CHUNK as u64) as usize] = e.encode();
+                c[(k % CHUNK as u64) as usize] =
+                    e.encode() | if self.huge_iova { huge_at(k, e.phys, first, end) } else { 0 };
             }
             page = hi;
         }
@@ -519,16 +554,36 @@ impl IommuDomain for MockDomain {
         for (&ci, c) in self.chunks.range_mut(c0..=c1) {
             let base = ci * CHUNK as u64;
             let (a, b) = (base.max(first), (base + CHUNK as u64 - 1).min(last));
-            for page in a..=b {
-                let slot = &mut c[(page - base) as usize];
-                if *slot & (PRESENT | DIRTY) == PRESENT | DIRTY {
+            let mut page = a;
+            while page <= b {
+                let slot = c[(page - base) as usize];
+                if slot & (PRESENT | HUGE) == PRESENT | HUGE {
+                    // A 1 MiB page: dirty if any of its 2 KiB entries is,
+                    // reported from `page` for 1 MiB as Linux's mock does.
+                    // Its entries lie in this chunk (both 512 aligned).
+                    let head = page / CHUNK as u64 * CHUNK as u64;
+                    let block = &mut c[(head - base) as usize..(head - base) as usize + CHUNK];
+                    if block.iter().any(|v| v & (PRESENT | DIRTY) == PRESENT | DIRTY) {
+                        let at = page * MOCK_IO_PAGE_SIZE;
+                        record(at, MOCK_HUGE_PAGE_SIZE);
+                        if clear {
+                            block.iter_mut().for_each(|v| *v &= !DIRTY);
+                            let h = head * MOCK_IO_PAGE_SIZE;
+                            gather.add(h, h + MOCK_HUGE_PAGE_SIZE - 1);
+                        }
+                    }
+                    page += CHUNK as u64;
+                    continue;
+                }
+                if slot & (PRESENT | DIRTY) == PRESENT | DIRTY {
                     let at = page * MOCK_IO_PAGE_SIZE;
                     record(at, MOCK_IO_PAGE_SIZE);
                     if clear {
-                        *slot &= !DIRTY;
+                        c[(page - base) as usize] &= !DIRTY;
                         gather.add(at, at + MOCK_IO_PAGE_SIZE - 1);
                     }
                 }
+                page += 1;
             }
         }
         Ok(())
@@ -701,6 +756,37 @@ impl crate::ctx::NestedDomain for MockNestedDomain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_iova_pages_are_dirty_as_a_whole() {
+        let mut d = MockDomain::with_dirty_tracking(MockFaults::new()).with_huge_iova();
+        assert_eq!(d.page_sizes(), MOCK_IO_PAGE_SIZE | MOCK_HUGE_PAGE_SIZE);
+        d.set_dirty_tracking(true).unwrap();
+        let base = MOCK_APERTURE_START; // 16 MiB: 1 MiB aligned
+        // 1 MiB aligned IOVA and phys, 2 MiB long: two 1 MiB pages; then a
+        // map whose phys is not aligned: 2 KiB pages only.
+        d.map(base, 0x4000_0000, 2 * MOCK_HUGE_PAGE_SIZE, Prot::RW).unwrap();
+        d.map(base + 0x40_0000, 0x5000_0800, MOCK_HUGE_PAGE_SIZE, Prot::RW).unwrap();
+        assert!(d.mark_dirty(base + 0x1800));
+        assert!(d.mark_dirty(base + 0x40_1000));
+        let mut g = IotlbGather::default();
+        let mut seen = Vec::new();
+        d.read_and_clear_dirty(base, 0x80_0000, false, &mut g, &mut |a, l| seen.push((a, l))).unwrap();
+        assert_eq!(seen, [(base, MOCK_HUGE_PAGE_SIZE), (base + 0x40_1000, MOCK_IO_PAGE_SIZE)]);
+        seen.clear();
+        d.read_and_clear_dirty(base, 0x80_0000, true, &mut g, &mut |a, l| seen.push((a, l))).unwrap();
+        assert_eq!(seen.len(), 2, "no-clear left them dirty");
+        seen.clear();
+        d.read_and_clear_dirty(base, 0x80_0000, true, &mut g, &mut |a, l| seen.push((a, l))).unwrap();
+        assert!(seen.is_empty(), "cleared as a whole");
+        // Without the flag the same map is 2 KiB granular.
+        let mut plain = MockDomain::with_dirty_tracking(MockFaults::new());
+        plain.set_dirty_tracking(true).unwrap();
+        plain.map(base, 0x4000_0000, MOCK_HUGE_PAGE_SIZE, Prot::RW).unwrap();
+        assert!(plain.mark_dirty(base + 0x1800));
+        plain.read_and_clear_dirty(base, MOCK_HUGE_PAGE_SIZE, true, &mut g, &mut |a, l| seen.push((a, l))).unwrap();
+        assert_eq!(seen, [(base + 0x1800, MOCK_IO_PAGE_SIZE)]);
+    }
 
     #[test]
     fn maps_2k_pages_inside_the_aperture_only() {

@@ -185,3 +185,14 @@ fn vfio_ioas() {
     assert_eq!(f.vfio_ioas(IOMMU_VFIO_IOAS_CLEAR, ioas_id).0, Ok(()));
     assert_eq!(f.vfio_ioas(IOMMU_VFIO_IOAS_GET, ioas_id).0, Err(Errno::ENODEV));
 }
+
+/// `MD_CHECK_REFS` of a range reaching the top of the address space is
+/// `EINVAL` (Linux's `check_add_overflow(uptr, length)`), not an
+/// overflow; one ending a page below is looked at.
+#[test]
+fn check_refs_at_the_top_of_the_address_space() {
+    let f = fx();
+    let top = u64::MAX - 4095;
+    assert_eq!(f.check_refs(top, 4096, 0), Err(Errno::EINVAL));
+    assert_eq!(f.check_refs(top - 4096, 4096, 0), Err(Errno::EFAULT), "unmapped");
+}
