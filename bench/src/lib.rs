@@ -34,7 +34,8 @@ pub enum Backing {
     /// huge pages): the engine writes 2 MiB leaves, 512 per GiB.
     Scattered2M,
     /// One physically contiguous, 1 GiB-aligned range: the engine may
-    /// write 1 GiB leaves. Linux's anonymous memory never looks like this.
+    /// write 1 GiB leaves. Linux's anonymous memory never looks like this,
+    /// so it is a case of its own.
     Contiguous,
 }
 
@@ -47,7 +48,7 @@ impl Backing {
         match self {
             Backing::Scattered4K => "4 KiB scattered",
             Backing::Scattered2M => "2 MiB scattered",
-            Backing::Contiguous => "1 GiB contiguous",
+            Backing::Contiguous => "contiguous",
         }
     }
 
@@ -224,11 +225,16 @@ impl Summary {
     }
 }
 
-/// `median [min-max]`, rounded to whole units.
+/// `median [min-max]`, each to two significant digits below 10 and in
+/// whole units above.
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = alloc::format!("{:.0} [{:.0}-{:.0}]", self.median, self.min, self.max);
-        f.pad(&text)
+        let num = |x: f64| match x {
+            x if x < 1.0 => alloc::format!("{x:.2}"),
+            x if x < 10.0 => alloc::format!("{x:.1}"),
+            x => alloc::format!("{x:.0}"),
+        };
+        f.pad(&alloc::format!("{} [{}-{}]", num(self.median), num(self.min), num(self.max)))
     }
 }
 
@@ -310,6 +316,8 @@ mod tests {
         assert_eq!((s.median, s.min, s.max, s.n), (5.0, 1.0, 9.0, 5));
         let even = Summary::of(&mut [4.0, 1.0, 2.0, 3.0]).unwrap();
         assert_eq!(even.median, 2.5);
-        assert_eq!(alloc::format!("{s}"), "5 [1-9]");
+        assert_eq!(alloc::format!("{s}"), "5.0 [1.0-9.0]");
+        let wide = Summary::of(&mut [0.25, 12.4, 3.125]).unwrap();
+        assert_eq!(alloc::format!("{wide:>20}"), "       3.1 [0.25-12]", "padded as one field");
     }
 }

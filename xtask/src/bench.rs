@@ -405,7 +405,7 @@ fn print_table(name: &str, ours: &mut Samples, mut linux: Option<&mut Samples>, 
     );
     println!(
         "  Portcullis's frames: 4 KiB scattered: no two pages physically adjacent (262144 runs per GiB); \
-         2 MiB scattered: 2 MiB-aligned, none adjacent (512 runs per GiB, 2 MiB leaves); 1 GiB contiguous: one run."
+         2 MiB scattered: 2 MiB-aligned, none adjacent (512 runs per GiB, 2 MiB leaves); contiguous: one run, 1 GiB-aligned."
     );
     println!("  Portcullis: {}.", our_path(name));
     if let Some(side) = side {
