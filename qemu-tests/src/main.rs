@@ -11,6 +11,7 @@
 //! * `ktest.crash=KIND`: instead of the tests, deliberately take a fault
 //!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report;
 //! * `bench=1`: run the in-guest benchmarks instead of the tests;
+//!   `bench.reps=N`: time each IOAS map/unmap case N times (default 9);
 //! * `ktest.inject=N:panic,M:hang`: test N panics and test M hangs instead
 //!   of running, so the host can check that it resumes after both.
 #![cfg_attr(target_os = "none", no_std, no_main)]
@@ -42,7 +43,8 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
         cases::crash(kind);
     }
     if boot.cmdline_value("bench").is_some() {
-        bench::run(&platform);
+        let reps = boot.cmdline_value("bench.reps").and_then(|s| s.parse().ok()).unwrap_or(9);
+        bench::run(&platform, reps);
         exit_qemu(ExitCode::Success);
     }
     let start = boot.cmdline_value("ktest.start").and_then(|s| s.parse().ok()).unwrap_or(1);

@@ -6,9 +6,11 @@
 //! * `cargo xtask test [--config NAME]... [--qemu-args "..."]`: host tests,
 //!   then the in-guest tests on every QEMU configuration.
 //! * `cargo xtask acpi FILE... [--json]`: decode DMAR/IVRS table dumps.
-//! * `cargo xtask bench`: benchmarks (host: iommufd IOAS map/unmap; in
-//!   QEMU: the same, then the hypervisor's 512 MiB guest: DMA view beside
-//!   NPT build, time and page-table memory, separate and shared tables).
+//! * `cargo xtask bench [--linux]`: benchmarks (host: iommufd IOAS
+//!   map/unmap; in QEMU: the same, in tables beside Linux's figures, with
+//!   `--linux` Linux booted on the same QEMU in the same run; then the
+//!   hypervisor's 512 MiB guest: DMA view beside NPT build, time and
+//!   page-table memory, separate and shared tables).
 //! * `cargo xtask uapi-replay FILE.jsonl...`: replay recorded Linux iommufd
 //!   uAPI calls against `iommufd` and report every differing answer.
 //! * `cargo xtask linux-selftest`: Linux 6.12's `iommufd` and
@@ -17,6 +19,7 @@
 //!   interposer (`interposer/`).
 
 mod acpi;
+mod bench;
 mod guest;
 mod ktap;
 mod linux_selftest;
@@ -87,7 +90,19 @@ enum Cmd {
         json: bool,
     },
     /// Run the benchmarks.
-    Bench,
+    Bench {
+        /// Boot the Linux peer (../shared/linux-peer, built in
+        /// /tmp/linux-peer) on the same QEMU in the same run, alternating
+        /// with our boots; without it, Linux's stored figures are shown.
+        #[arg(long)]
+        linux: bool,
+        /// Run only this configuration in QEMU (repeatable): none, intel, intel-fs, amd.
+        #[arg(long)]
+        config: Vec<String>,
+        /// Skip the host benchmarks.
+        #[arg(long)]
+        no_host: bool,
+    },
     /// Replay recorded Linux uAPI calls (JSONL) against iommufd and compare.
     UapiReplay {
         /// Recordings (iommufd/tests/data/linux-uapi/*.jsonl).
@@ -154,65 +169,6 @@ fn run_guest(c: &qemu::Config, version: &str, qemu_args: &[String], release: boo
     }
 }
 
-/// `cargo xtask bench`: the host benchmarks (optimised), then the same
-/// IOAS benchmark inside QEMU TCG, where Linux's figures were measured.
-fn bench() -> Result<bool> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    println!("==> host: iommufd IOAS map/unmap (cargo bench -p iommufd --bench ioas)");
-    let status = std::process::Command::new(&cargo)
-        .current_dir(qemu::root())
-        .args(["bench", "--quiet", "-p", "iommufd", "--features", "selftest", "--bench", "ioas"])
-        .status()?;
-    if !status.success() {
-        return Ok(false);
-    }
-    println!("==> host: I/O page-table engine (cargo bench -p io-pgtable)");
-    let status = std::process::Command::new(&cargo)
-        .current_dir(qemu::root())
-        .args(["bench", "--quiet", "-p", "io-pgtable"])
-        .status()?;
-    if !status.success() {
-        return Ok(false);
-    }
-    println!("  Linux generic page table (i7-12700): map 4 KiB 53-57 ns, unmap 4 KiB 69-72 ns, map 256 x 4 KiB 391 ns");
-    let version = qemu::ensure(&[qemu::Tool::BareMetalTarget, qemu::Tool::Qemu])?.unwrap_or_default();
-    let kernel = qemu::build_kernel("qemu-tests", "portcullis-tests", true)?;
-    let mut ok = true;
-    for name in ["none", "intel", "intel-fs", "amd"] {
-        println!("==> QEMU ({version}), configuration {name}: in-guest benchmarks (release test kernel, -m 2G)");
-        ok &= boot_bench(name, &kernel, "bench")?;
-    }
-    println!("  Linux 6.12, same QEMU: mock domain 1174 / 1298 ns per 4 KiB (4 KiB backing), 889 / 1004 (2 MiB THP);");
-    println!("  VT-d domain through the vfio cdev 354 / 233 ns per 4 KiB (4 KiB backing), 33 / 120 (2 MiB THP);");
-    println!("  AMD-Vi domain through the vfio cdev 737 / 284 ns per 4 KiB (4 KiB backing), 39 / 118 (2 MiB THP)");
-    let hv = guest::build(true)?;
-    for name in ["intel", "intel-fs", "amd"] {
-        println!(
-            "==> QEMU ({version}), configuration {name}: a 512 MiB guest's DMA view beside its NPT (release hypervisor, bench=1, -m 2G)"
-        );
-        ok &= boot_bench(name, &hv, "hv-bench")?;
-    }
-    Ok(ok)
-}
-
-/// Boots `kernel` with `bench=1` and `-m 2G` on configuration `name`,
-/// prints its `bench:` lines; true when it exited successfully.
-fn boot_bench(name: &str, kernel: &std::path::Path, tag: &str) -> Result<bool> {
-    let c = qemu::config(name)?;
-    let log = qemu::target_dir().join("qemu-tests").join(format!("{tag}-{name}.log"));
-    std::fs::create_dir_all(log.parent().expect("log dir"))?;
-    let _ = std::fs::remove_file(&log);
-    let extra: Vec<String> = ["-m", "2G"].iter().map(|s| s.to_string()).collect();
-    let cmdline = format!("config={name} bench=1");
-    let args = qemu::args(&c, kernel, &cmdline, &format!("file:{}", log.display()), &extra);
-    let ended = qemu::boot(&args, Duration::from_secs(900), std::process::Stdio::null(), || {})?;
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    for line in text.lines().filter(|l| l.starts_with("bench:")) {
-        println!("  {}", line.trim_end_matches('\r').trim_start_matches("bench: "));
-    }
-    Ok(matches!(ended, qemu::Ended::Exited(s) if s.code() == Some(qemu::EXIT_SUCCESS)))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -229,7 +185,7 @@ fn main() -> ExitCode {
             test::validate(&opts).and_then(|()| test::run(&opts))
         }
         Cmd::Acpi { files, json } => acpi::run(&files, json),
-        Cmd::Bench => bench(),
+        Cmd::Bench { linux, config, no_host } => bench::run(linux, &config, no_host),
         Cmd::UapiReplay { files, verbose, allow } => replay::run(&files, allow.as_deref(), verbose),
         Cmd::LinuxSelftest { timeout } => linux_selftest::run_all(Duration::from_secs(timeout)),
     };
