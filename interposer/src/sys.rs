@@ -595,6 +595,13 @@ impl Drop for Fd {
     }
 }
 
+impl From<std::os::fd::OwnedFd> for Fd {
+    fn from(f: std::os::fd::OwnedFd) -> Self {
+        use std::os::fd::IntoRawFd;
+        Fd(f.into_raw_fd())
+    }
+}
+
 /// Closes `fd` with a raw system call (a descriptor this library made
 /// and never handed out).
 pub fn close_raw(fd: i32) {
