@@ -602,6 +602,29 @@ impl From<std::os::fd::OwnedFd> for Fd {
     }
 }
 
+/// A connected pair of `AF_UNIX` stream sockets, close-on-exec.
+pub fn socketpair() -> Result<(Fd, Fd), Errno> {
+    let mut sv = [0 as c_int; 2];
+    // SAFETY: `sv` is a writable array of the two ints socketpair fills.
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) };
+    check(r as c_long)?;
+    Ok((Fd(sv[0]), Fd(sv[1])))
+}
+
+/// Sends one byte on a socket without blocking; whether it went.
+pub fn send_byte(fd: &Fd) -> bool {
+    let b = [1u8];
+    // SAFETY: `b` is a readable one-byte buffer.
+    unsafe { libc::send(fd.0, b.as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) == 1 }
+}
+
+/// Receives one byte from a socket without blocking; whether one came.
+pub fn recv_byte(fd: &Fd) -> bool {
+    let mut b = [0u8];
+    // SAFETY: `b` is a writable one-byte buffer.
+    unsafe { libc::recv(fd.0, b.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT) == 1 }
+}
+
 /// Closes `fd` with a raw system call (a descriptor this library made
 /// and never handed out).
 pub fn close_raw(fd: i32) {

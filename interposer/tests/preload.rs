@@ -154,3 +154,9 @@ fn run_without_caps(prog: &Path, caps: &str) -> Option<std::process::Output> {
             .expect("run under setpriv"),
     )
 }
+
+#[test]
+fn a_fault_queue_polls_readable_while_faults_wait() {
+    let (ok, text) = run(&build("iopf"));
+    assert!(ok && text.contains("ok - now it polls readable") && text.contains("done"), "{text}");
+}
