@@ -254,6 +254,18 @@ pub fn forget(fd: i32) -> Option<Entry> {
     table().remove(&fd)
 }
 
+/// Removes the descriptors `[first, last]` from the table (closed by
+/// `close_range` or `closefrom`); the caller drops them afterwards.
+pub fn forget_range(first: u32, last: u32) -> Vec<Entry> {
+    let (Ok(lo), hi) = (i32::try_from(first), i32::try_from(last).unwrap_or(i32::MAX)) else { return Vec::new() };
+    if lo > hi {
+        return Vec::new();
+    }
+    let mut t = table();
+    let keys: Vec<i32> = t.range(lo..=hi).map(|(&k, _)| k).collect();
+    keys.into_iter().filter_map(|k| t.remove(&k)).collect()
+}
+
 /// `new` is now a duplicate of `old`: it names the same open file.
 pub fn duplicated(old: i32, new: i32) {
     // An inherited descriptor's duplicate is inherited too.
