@@ -388,13 +388,16 @@ impl ProcessMemory {
             let copied = sys::read_mem(start + at, &mut buf[..n]) == n;
             let r = if copied { sys::write_at(&inner.store.fd, base + at, &buf[..n]) } else { Err(Errno::EFAULT) };
             if let Err(e) = r {
-                // Nothing was mapped yet: give the copied pages back.
+                // Nothing was mapped yet: give the copied pages back (a
+                // failure only keeps their memory allocated).
                 let _ = sys::punch_hole(&inner.store.fd, base, len);
                 return Err(e);
             }
             at += n as u64;
         }
         if let Err(e) = sys::map_shared_fixed(start, len, prot, &inner.store.fd, base) {
+            // The process still has its own pages: the copies go (a
+            // failure only keeps their memory allocated).
             let _ = sys::punch_hole(&inner.store.fd, base, len);
             return Err(e);
         }
