@@ -11,7 +11,8 @@
 //!
 //! - [`sys`]: the exported C functions (`open`, `openat`, their 64-bit
 //!   and fortified variants, `ioctl`, `close`, `dup`, `dup2`, `dup3`,
-//!   `fcntl`, `read`, `write`, `pread`, `pwrite`, `opendir`) and every `unsafe` of the crate.
+//!   `fcntl`, `close_range`, `closefrom`, `read`, `write`, `pread`, `pwrite`,
+//!   `opendir`) and every `unsafe` of the crate.
 //! - [`shim`]: the descriptor table and the ioctl path (Linux's size rules
 //!   against the caller's memory, bounded, then [`iommufd::dispatch`]).
 //! - [`memory`]: the process's own pages as a

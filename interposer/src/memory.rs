@@ -62,10 +62,14 @@
 //! held memfd pins the very same pages. Accesses go through `pread` and
 //! `pwrite` on the held descriptor. Not emulated: a pinned page cut off
 //! by `ftruncate` keeps its contents on Linux; here reading or writing it
-//! through the IOAS is `EFAULT` (never stale data). A shared mapping of a
-//! file the library does not hold (`IOMMU_IOAS_MAP` of an `mmap` of some
-//! file or memfd never given to `IOMMU_IOAS_MAP_FILE`) cannot be pinned:
-//! `EOPNOTSUPP` (moving it would cut it off from its file).
+//! through the IOAS is `EFAULT` (never stale data).
+//!
+//! `IOMMU_IOAS_MAP` of a shared mapping of a file (guest RAM as QEMU keeps
+//! it: an `mmap` of a memfd) pins the file's pages by offset too: the file
+//! is held through `/proc/self/map_files` or, without the capability that
+//! needs, through an open descriptor of it the process has. A file that is
+//! not shmem, or that no descriptor can be had of, is `EOPNOTSUPP`
+//! (moving its pages would cut the mapping off from its file).
 //!
 //! # Physical addresses
 //! `(namespace << 40) + offset`: namespace 1 is the store, 2 and up the
@@ -325,7 +329,15 @@ impl ProcessMemory {
     }
 
     /// Finds how each piece of `[uptr, end)` is pinned; nothing changes.
-    fn plan(&self, inner: &Inner, maps: &[Vma], uptr: u64, end: u64, write: bool) -> Result<Vec<Piece>> {
+    fn plan(&self, inner: &mut Inner, maps: &[Vma], uptr: u64, end: u64, write: bool) -> Result<Vec<Piece>> {
+        let r = self.plan_inner(inner, maps, uptr, end, write);
+        if r.is_err() {
+            prune_files(inner);
+        }
+        r
+    }
+
+    fn plan_inner(&self, inner: &mut Inner, maps: &[Vma], uptr: u64, end: u64, write: bool) -> Result<Vec<Piece>> {
         let mut out = Vec::new();
         let mut a = uptr;
         while a < end {
@@ -335,14 +347,17 @@ impl ProcessMemory {
                 return Err(Errno::EFAULT);
             }
             let off = v.offset.checked_add(a - v.start).ok_or(Errno::EFAULT)?;
+            let file = |inner: &Inner| {
+                inner.files.iter().find(|(_, f)| v.shared && f.dev == v.dev && f.ino == v.ino).map(|(&ns, _)| ns)
+            };
             let piece = if inner.is_store(v) {
                 Piece::Store { start: a, end: pend, off }
-            } else if let Some((&ns, _)) =
-                inner.files.iter().find(|(_, f)| v.shared && f.dev == v.dev && f.ino == v.ino)
-            {
+            } else if let Some(ns) = file(inner) {
                 Piece::File { start: a, end: pend, ns, off }
             } else if v.shared && !v.is_shared_anon() && !v.is_hugetlb() {
-                return Err(Errno::EOPNOTSUPP);
+                // A shared mapping of a file: its pages are the file's.
+                let ns = adopt(inner, v).ok_or(Errno::EOPNOTSUPP)?;
+                Piece::File { start: a, end: pend, ns, off }
             } else if v.is_hugetlb() {
                 let ms = (a / HUGE * HUGE).max(v.start);
                 let me = pend.div_ceil(HUGE).saturating_mul(HUGE).min(v.end);
@@ -373,13 +388,16 @@ impl ProcessMemory {
             let copied = sys::read_mem(start + at, &mut buf[..n]) == n;
             let r = if copied { sys::write_at(&inner.store.fd, base + at, &buf[..n]) } else { Err(Errno::EFAULT) };
             if let Err(e) = r {
-                // Nothing was mapped yet: give the copied pages back.
+                // Nothing was mapped yet: give the copied pages back (a
+                // failure only keeps their memory allocated).
                 let _ = sys::punch_hole(&inner.store.fd, base, len);
                 return Err(e);
             }
             at += n as u64;
         }
         if let Err(e) = sys::map_shared_fixed(start, len, prot, &inner.store.fd, base) {
+            // The process still has its own pages: the copies go (a
+            // failure only keeps their memory allocated).
             let _ = sys::punch_hole(&inner.store.fd, base, len);
             return Err(e);
         }
@@ -468,6 +486,57 @@ impl ProcessMemory {
         }
         Ok((0, uptr % PAGE_SIZE))
     }
+}
+
+/// Lets go of files held by nothing (adopted for a pin that then failed).
+fn prune_files(inner: &mut Inner) {
+    inner.files.retain(|_, f| f.holds > 0 || !f.pins.is_empty());
+}
+
+/// Holds the file behind the shared mapping `v` so its pages can be
+/// pinned by offset (`IOMMU_IOAS_MAP` of an `mmap` of a memfd, as QEMU
+/// maps guest RAM): opened through `/proc/self/map_files` (needs
+/// `CAP_SYS_ADMIN` or `CAP_CHECKPOINT_RESTORE`), else found among the
+/// process's open descriptors (a writable one preferred). Only shmem
+/// files (those `F_GET_SEALS` accepts: memfds, `/dev/shm`), whose pages
+/// Linux pins for the long term; `None` for any other file or when no
+/// descriptor of it can be had. Returns its namespace.
+fn adopt(inner: &mut Inner, v: &Vma) -> Option<u64> {
+    let matches = |fd: &sys::Fd| sys::fstat(fd.raw()).is_ok_and(|(d, i, _, _)| d == v.dev && i == v.ino);
+    let writable = |fd: &sys::Fd| {
+        sys::fcntl_query(fd.raw(), libc::F_GETFL).is_ok_and(|m| m as i32 & libc::O_ACCMODE != libc::O_RDONLY)
+    };
+    let path = format!("/proc/self/map_files/{:x}-{:x}", v.start, v.end);
+    let opened = [true, false].into_iter().find_map(|w| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(w)
+            .open(&path)
+            .ok()
+            .map(|f| sys::Fd::from(std::os::fd::OwnedFd::from(f)))
+    });
+    let fd = match opened.filter(|f| matches(f)) {
+        Some(f) => f,
+        None => {
+            let mut best: Option<sys::Fd> = None;
+            for e in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+                let Some(n) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+                let Ok(d) = sys::dup_private(n) else { continue };
+                if matches(&d) && best.as_ref().is_none_or(|b| !writable(b) && writable(&d)) {
+                    best = Some(d);
+                }
+            }
+            best?
+        }
+    };
+    sys::fcntl_query(fd.raw(), libc::F_GET_SEALS).ok()?;
+    let w = writable(&fd);
+    let ns = inner.next_ns;
+    inner.next_ns += 1;
+    inner
+        .files
+        .insert(ns, HeldFile { fd, dev: v.dev, ino: v.ino, memfd: true, writable: w, holds: 0, pins: BTreeMap::new() });
+    Some(ns)
 }
 
 /// The source's lock, held by the thread calling `fork` from just before
@@ -610,7 +679,7 @@ impl MemorySource for ProcessMemory {
         }
         let maps = read_maps()?;
         self.sweep(&mut inner, &maps);
-        let plan = self.plan(&inner, &maps, uptr, end, write)?;
+        let plan = self.plan(&mut inner, &maps, uptr, end, write)?;
         // Move what is not in the store yet; a failure leaves pages moved
         // so far moved (same contents) and nothing pinned.
         let mut pieces = Vec::with_capacity(plan.len());

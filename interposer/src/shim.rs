@@ -50,6 +50,10 @@ pub enum OpenFile {
         ictx: Arc<Ictx>,
         /// The core's descriptor number.
         fd: u32,
+        /// The fault object.
+        id: u32,
+        /// What `poll` sees (see [`Readiness`]).
+        ready: Readiness,
     },
     /// A thread's `fail-nth` file (see [`crate::faultinj`]).
     FailNth {
@@ -65,6 +69,59 @@ pub enum OpenFile {
     },
 }
 
+/// A fault queue's descriptor is one end of a socket pair, so `poll`,
+/// `select` and `epoll` on it answer as Linux's fault file does: always
+/// writable, readable while fault groups wait to be read. The library
+/// keeps one byte queued on the application's end exactly while the
+/// queue has groups (refreshed after every ioctl on the context and every
+/// read or write of the queue; faults only arrive through ioctls here).
+/// `read` and `write` of the descriptor are the library's, so the byte
+/// is never consumed by the application.
+#[derive(Debug)]
+pub struct Readiness {
+    /// The other end: the byte is sent from here.
+    peer: sys::Fd,
+    /// A private duplicate of the application's end: drained from here.
+    mine: sys::Fd,
+    /// A byte is queued.
+    signalled: std::sync::atomic::AtomicBool,
+}
+
+impl Readiness {
+    /// Makes the queued byte match `pending`.
+    fn set(&self, pending: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if pending && !self.signalled.load(SeqCst) && sys::send_byte(&self.peer) {
+            self.signalled.store(true, SeqCst);
+        } else if !pending && self.signalled.load(SeqCst) && sys::recv_byte(&self.mine) {
+            self.signalled.store(false, SeqCst);
+        }
+    }
+}
+
+impl OpenFile {
+    /// A fault queue's readiness, brought up to date.
+    fn refresh(&self) {
+        if let OpenFile::Fault { ictx, id, ready, .. } = self {
+            ready.set(ictx.fault(*id).is_ok_and(|f| f.delivered() > 0));
+        }
+    }
+}
+
+/// Brings the readiness of every fault queue descriptor of `ictx` up to
+/// date.
+fn refresh_faults(ictx: &Arc<Ictx>) {
+    let mut files: Vec<Arc<OpenFile>> = table()
+        .values()
+        .filter(|e| matches!(&*e.file, OpenFile::Fault { ictx: c, .. } if Arc::ptr_eq(c, ictx)))
+        .map(|e| e.file.clone())
+        .collect();
+    files.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    for f in files {
+        f.refresh();
+    }
+}
+
 impl Drop for OpenFile {
     fn drop(&mut self) {
         match self {
@@ -73,7 +130,7 @@ impl Drop for OpenFile {
             OpenFile::Iommufd(_) | OpenFile::FailNth { .. } => {}
             // Nothing to report to: close(2) of such files cannot fail
             // in Linux either, and the core's number is known to be open.
-            OpenFile::Fault { ictx, fd } => {
+            OpenFile::Fault { ictx, fd, .. } => {
                 let _ = ictx.fault_fd_close(*fd);
             }
             OpenFile::Access { ictx, fd } => {
@@ -197,6 +254,18 @@ pub fn forget(fd: i32) -> Option<Entry> {
     table().remove(&fd)
 }
 
+/// Removes the descriptors `[first, last]` from the table (closed by
+/// `close_range` or `closefrom`); the caller drops them afterwards.
+pub fn forget_range(first: u32, last: u32) -> Vec<Entry> {
+    let (Ok(lo), hi) = (i32::try_from(first), i32::try_from(last).unwrap_or(i32::MAX)) else { return Vec::new() };
+    if lo > hi {
+        return Vec::new();
+    }
+    let mut t = table();
+    let keys: Vec<i32> = t.range(lo..=hi).map(|(&k, _)| k).collect();
+    keys.into_iter().filter_map(|k| t.remove(&k)).collect()
+}
+
 /// `new` is now a duplicate of `old`: it names the same open file.
 pub fn duplicated(old: i32, new: i32) {
     // An inherited descriptor's duplicate is inherited too.
@@ -209,7 +278,33 @@ pub fn duplicated(old: i32, new: i32) {
 /// Registers a new descriptor for `file`: a fresh memfd whose number the
 /// application gets.
 fn install(file: OpenFile, cloexec: bool) -> Result<i32, Errno> {
-    let fd = sys::memfd_create(c"portcullis-iommufd", cloexec)?;
+    install_as(file, sys::memfd_create(c"portcullis-iommufd", cloexec)?)
+}
+
+/// A fault queue's descriptor: the application's end of a socket pair
+/// (see [`Readiness`]). If the pair cannot be made, the core's queue is
+/// closed again (by the file's Drop) and the error returned.
+fn install_fault(ictx: &Arc<Ictx>, fd: u32, id: u32) -> Result<i32, Errno> {
+    let pair = sys::socketpair().and_then(|(app, peer)| Ok((sys::dup_private(app.raw())?, app, peer)));
+    let (mine, app, peer) = match pair {
+        Ok(p) => p,
+        Err(e) => {
+            // Never handed out: the queue goes, as Linux's does when it
+            // cannot install the descriptor (nothing else holds either).
+            let _ = ictx.fault_fd_close(fd);
+            let _ = ictx.destroy(id);
+            return Err(e);
+        }
+    };
+    let ready = Readiness { peer, mine, signalled: false.into() };
+    install_as(OpenFile::Fault { ictx: ictx.clone(), fd, id, ready }, app).inspect_err(|_| {
+        // The file's Drop closed the descriptor; the object goes too.
+        let _ = ictx.destroy(id);
+    })
+}
+
+/// Registers `fd` as the descriptor of `file` and hands its number out.
+fn install_as(file: OpenFile, fd: sys::Fd) -> Result<i32, Errno> {
     let (dev, ino, _, _) = sys::fstat(fd.raw())?;
     let n = fd.into_raw();
     let replaced = table().insert(n, Entry { file: Arc::new(file), dev, ino, pid: sys::getpid() });
@@ -266,9 +361,13 @@ pub fn ioctl(fd: i32, request: u64, arg: u64) -> Hook {
     // The kernel takes the command as a 32-bit number.
     let cmd = request as u32;
     let r = match &*file {
-        OpenFile::Iommufd(ictx) => faultinj::with_plan(ictx, || {
-            if uapi::in_iommufd_range(cmd) { command(ictx, cmd, arg) } else { vfio::vfio_ioctl(ictx, cmd, arg) }
-        }),
+        OpenFile::Iommufd(ictx) => {
+            let r = faultinj::with_plan(ictx, || {
+                if uapi::in_iommufd_range(cmd) { command(ictx, cmd, arg) } else { vfio::vfio_ioctl(ictx, cmd, arg) }
+            });
+            refresh_faults(ictx);
+            r
+        }
         // None has an ioctl in Linux.
         OpenFile::Fault { .. } | OpenFile::Access { .. } | OpenFile::FailNth { .. } => Err(Errno::ENOTTY),
     };
@@ -294,7 +393,11 @@ pub fn read(fd: i32, buf: u64, count: usize) -> Hook {
         Err(h) => return h,
     };
     Hook::Done(match &*file {
-        OpenFile::Fault { ictx, fd } => ictx.fault_fd_read_user(*fd, buf, count).map(|n| n as i64),
+        OpenFile::Fault { ictx, fd, .. } => {
+            let r = ictx.fault_fd_read_user(*fd, buf, count).map(|n| n as i64);
+            file.refresh();
+            r
+        }
         // The count is short: read from the start every time.
         OpenFile::FailNth { tid } => faultinj::read(*tid, buf, count, 0),
         _ => Err(Errno::EINVAL),
@@ -308,7 +411,11 @@ pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
         Err(h) => return h,
     };
     Hook::Done(match &*file {
-        OpenFile::Fault { ictx, fd } => ictx.fault_fd_write_user(*fd, buf, count).map(|n| n as i64),
+        OpenFile::Fault { ictx, fd, .. } => {
+            let r = ictx.fault_fd_write_user(*fd, buf, count).map(|n| n as i64);
+            file.refresh();
+            r
+        }
         OpenFile::FailNth { tid } => faultinj::write(*tid, buf, count),
         _ => Err(Errno::EINVAL),
     })
@@ -347,6 +454,7 @@ pub fn pwrite(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
 const TEST_CMD_OP: usize = 4;
 const TEST_CMD_ID: usize = 8;
 const TEST_CMD_PAYLOAD: usize = 16;
+const FAULT_ALLOC_OUT_ID: usize = 8;
 const FAULT_ALLOC_OUT_FD: usize = 12;
 
 /// Largest chunk of a caller's oversized struct tail scanned at once.
@@ -425,20 +533,27 @@ fn command(ictx: &Arc<Ictx>, cmd: u32, arg: u64) -> Result<i64, Errno> {
     // A new fault queue or access gets a real descriptor.
     let mut installed: Option<i32> = None;
     if r.is_ok() {
+        // (where the number goes, the core's number, the fault id if a queue)
         let created = if cmd == IOMMU_FAULT_QUEUE_ALLOC {
-            get_u32(&buf, FAULT_ALLOC_OUT_FD).map(|fd| (FAULT_ALLOC_OUT_FD, OpenFile::Fault { ictx: ictx.clone(), fd }))
+            match (get_u32(&buf, FAULT_ALLOC_OUT_ID), get_u32(&buf, FAULT_ALLOC_OUT_FD)) {
+                (Some(id), Some(fd)) => Some((FAULT_ALLOC_OUT_FD, fd, Some(id))),
+                _ => None,
+            }
         } else if cmd == IOMMU_TEST_CMD
             && get_u32(&buf, TEST_CMD_OP) == Some(uapi::IOMMU_TEST_OP_CREATE_ACCESS)
             && buf.len() >= TEST_CMD_PAYLOAD + 4
         {
-            get_u32(&buf, TEST_CMD_PAYLOAD).map(|fd| (TEST_CMD_PAYLOAD, OpenFile::Access { ictx: ictx.clone(), fd }))
+            get_u32(&buf, TEST_CMD_PAYLOAD).map(|fd| (TEST_CMD_PAYLOAD, fd, None))
         } else {
             None
         };
-        if let Some((at, file)) = created {
+        if let Some((at, core_fd, fault)) = created {
             // Linux installs these descriptors O_CLOEXEC. On failure the
             // file's Drop closes what the core made.
-            let fd = install(file, true)?;
+            let fd = match fault {
+                Some(id) => install_fault(ictx, core_fd, id)?,
+                None => install(OpenFile::Access { ictx: ictx.clone(), fd: core_fd }, true)?,
+            };
             put_u32(&mut buf, at, fd as u32);
             installed = Some(fd);
         }

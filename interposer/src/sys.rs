@@ -86,6 +86,8 @@ static NEXT_PREAD64: Next = Next::new(c"pread64");
 static NEXT_PWRITE: Next = Next::new(c"pwrite");
 static NEXT_PWRITE64: Next = Next::new(c"pwrite64");
 static NEXT_OPENDIR: Next = Next::new(c"opendir");
+static NEXT_CLOSE_RANGE: Next = Next::new(c"close_range");
+static NEXT_CLOSEFROM: Next = Next::new(c"closefrom");
 
 type OpenFn = unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int;
 type Open2Fn = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
@@ -101,6 +103,8 @@ type WriteFn = unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t;
 type PreadFn = unsafe extern "C" fn(c_int, *mut c_void, size_t, off_t) -> ssize_t;
 type PwriteFn = unsafe extern "C" fn(c_int, *const c_void, size_t, off_t) -> ssize_t;
 type OpendirFn = unsafe extern "C" fn(*const c_char) -> *mut DIR;
+type CloseRangeFn = unsafe extern "C" fn(c_uint, c_uint, c_int) -> c_int;
+type CloseFromFn = unsafe extern "C" fn(c_int);
 
 macro_rules! next_fn {
     ($next:expr, $ty:ty) => {{
@@ -290,6 +294,38 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     drop(taken);
     set_errno(e);
     r
+}
+
+/// `close_range(2)`: the Portcullis descriptors in the range close too
+/// (with `CLOSE_RANGE_CLOEXEC` they only become close-on-exec, and stay).
+///
+/// # Safety
+/// The C contract of `close_range`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    let f = next_fn!(NEXT_CLOSE_RANGE, CloseRangeFn);
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let r = unsafe { f(first, last, flags) };
+    if r == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+        let e = errno();
+        drop(shim::forget_range(first, last));
+        set_errno(e);
+    }
+    r
+}
+
+/// `closefrom(3)`: as [`close_range`] from `low` up.
+///
+/// # Safety
+/// The C contract of `closefrom`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    let f = next_fn!(NEXT_CLOSEFROM, CloseFromFn);
+    // SAFETY: forwarding the caller's argument unchanged.
+    unsafe { f(low) };
+    let e = errno();
+    drop(shim::forget_range(low.max(0) as c_uint, c_uint::MAX));
+    set_errno(e);
 }
 
 /// `dup(2)`.
@@ -593,6 +629,36 @@ impl Drop for Fd {
         // EIO) leaves nothing to undo: the number is released either way.
         unsafe { libc::syscall(libc::SYS_close, self.0 as c_long) };
     }
+}
+
+impl From<std::os::fd::OwnedFd> for Fd {
+    fn from(f: std::os::fd::OwnedFd) -> Self {
+        use std::os::fd::IntoRawFd;
+        Fd(f.into_raw_fd())
+    }
+}
+
+/// A connected pair of `AF_UNIX` stream sockets, close-on-exec.
+pub fn socketpair() -> Result<(Fd, Fd), Errno> {
+    let mut sv = [0 as c_int; 2];
+    // SAFETY: `sv` is a writable array of the two ints socketpair fills.
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) };
+    check(r as c_long)?;
+    Ok((Fd(sv[0]), Fd(sv[1])))
+}
+
+/// Sends one byte on a socket without blocking; whether it went.
+pub fn send_byte(fd: &Fd) -> bool {
+    let b = [1u8];
+    // SAFETY: `b` is a readable one-byte buffer.
+    unsafe { libc::send(fd.0, b.as_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) == 1 }
+}
+
+/// Receives one byte from a socket without blocking; whether one came.
+pub fn recv_byte(fd: &Fd) -> bool {
+    let mut b = [0u8];
+    // SAFETY: `b` is a writable one-byte buffer.
+    unsafe { libc::recv(fd.0, b.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT) == 1 }
 }
 
 /// Closes `fd` with a raw system call (a descriptor this library made

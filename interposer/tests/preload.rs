@@ -74,22 +74,13 @@ fn an_unmodified_c_program_maps_checks_and_unmaps_through_a_mock_domain() {
 /// takes that path in the test above.
 #[test]
 fn without_cap_sys_resource_the_rlimit_mode_is_eperm() {
-    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().find(|p| Path::new(p).exists());
-    let root = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")));
     let prog = build("basic");
-    let out = match (setpriv, root) {
-        (Some(sp), true) => Command::new(sp)
-            .args(["--bounding-set", "-sys_resource,-ipc_lock", "--"])
-            .arg(&prog)
-            .env("LD_PRELOAD", library())
-            .output()
-            .expect("run under setpriv"),
-        _ => Command::new(&prog).env("LD_PRELOAD", library()).output().expect("run"),
-    };
+    let dropped = run_without_caps(&prog, "-sys_resource,-ipc_lock");
+    let checked = dropped.is_some();
+    let out = dropped.unwrap_or_else(|| Command::new(&prog).env("LD_PRELOAD", library()).output().expect("run"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("done"), "{text}");
-    if setpriv.is_some() && root {
+    if checked {
         assert!(text.contains("ok - RLIMIT_MODE set without CAP_SYS_RESOURCE: EPERM"), "{text}");
     }
 }
@@ -130,4 +121,42 @@ fn fork_copies_private_pinned_memory_and_refuses_inherited_descriptors() {
     assert!(ok && text.contains("ok - the child's store to private memory stayed its own"), "{text}");
     assert!(text.contains("ok - child: the inherited descriptor is refused"), "{text}");
     assert!(text.contains("ok - shared memory stayed shared") && text.contains("done"), "{text}");
+}
+
+#[test]
+fn a_shared_mapping_of_a_memfd_pins_the_files_pages() {
+    let prog = build("memfd");
+    let (ok, text) = run(&prog);
+    assert!(ok && text.contains("ok - the same pages, pinned twice") && text.contains("done"), "{text}");
+    // Without CAP_SYS_ADMIN and CAP_CHECKPOINT_RESTORE the file is found
+    // among the open descriptors instead of /proc/self/map_files.
+    if let Some(out) = run_without_caps(&prog, "-sys_admin,-checkpoint_restore") {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("done"), "{text}");
+    }
+}
+
+/// Runs `prog` under the interposer with `caps` dropped from the bounding
+/// set (`setpriv`), when root and `setpriv` make that possible.
+fn run_without_caps(prog: &Path, caps: &str) -> Option<std::process::Output> {
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"].into_iter().find(|p| Path::new(p).exists())?;
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")));
+    if !root {
+        return None;
+    }
+    Some(
+        Command::new(setpriv)
+            .args(["--bounding-set", caps, "--"])
+            .arg(prog)
+            .env("LD_PRELOAD", library())
+            .output()
+            .expect("run under setpriv"),
+    )
+}
+
+#[test]
+fn a_fault_queue_polls_readable_while_faults_wait() {
+    let (ok, text) = run(&build("iopf"));
+    assert!(ok && text.contains("ok - now it polls readable") && text.contains("done"), "{text}");
 }

@@ -43,19 +43,38 @@ const PROGRAMS: &[&str] = &["iommufd", "iommufd_fail_nth"];
 const HUGEPAGES: u64 = 128;
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 
-/// Whether this process has `CAP_SYS_RESOURCE` (bit 24 of `CapEff`).
-fn has_cap_sys_resource() -> bool {
+/// Whether this process has capability `bit` in `CapEff`.
+fn has_cap(bit: u32) -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
         s.lines()
             .find_map(|l| l.strip_prefix("CapEff:"))
             .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .is_some_and(|c| c & (1 << 24) != 0)
+            .is_some_and(|c| c & (1 << bit) != 0)
     })
+}
+
+fn has_cap_sys_resource() -> bool {
+    has_cap(24)
+}
+
+/// Whether pins are limited below 128 MiB: no `CAP_IPC_LOCK` (bit 14)
+/// and a smaller `RLIMIT_MEMLOCK` soft limit.
+fn pins_limited() -> bool {
+    let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Max locked memory"))
+            .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+    });
+    let small = limit.is_some_and(|v| v != "unlimited" && v.parse::<u64>().is_ok_and(|b| b < 128 << 20));
+    !has_cap(14) && small
 }
 
 /// Cases an in-process interposer cannot express, or this host cannot
 /// run, with why.
 fn exception(case: &str) -> Option<&'static str> {
+    if (case.contains(".domain_dirty64M") || case.contains(".domain_dirty128M")) && pins_limited() {
+        return Some("pins 64 or 128 MiB: over RLIMIT_MEMLOCK without CAP_IPC_LOCK (ENOMEM, as on Linux)");
+    }
     if case == "iommufd.global_options" && !has_cap_sys_resource() {
         return Some(
             "sets IOMMU_OPTION_RLIMIT_MODE, which needs CAP_SYS_RESOURCE: this process lacks it (EPERM, as on Linux)",

@@ -248,6 +248,28 @@ int main(void)
 	errno = 0;
 	CHECK(ioctl(d2, IOMMU_IOAS_ALLOC, &a) == -1 && errno == EBADF, "a closed descriptor: EBADF");
 
+	/* close_range closes Portcullis descriptors too: their pins go. */
+	{
+		int f2 = open("/dev/iommu", O_RDWR);
+		struct ioas_alloc a2 = { .size = sizeof(a2) };
+		CHECK(f2 >= 0 && ioctl(f2, IOMMU_IOAS_ALLOC, &a2) == 0, "a second context");
+		test_cmd(c, OP_MOCK_DOMAIN, a2.out_ioas_id);
+		CHECK(ioctl(f2, IOMMU_TEST_CMD, c) == 0, "with a mock domain");
+		struct ioas_map m2 = { .size = sizeof(m2), .flags = MAP_FLAG_READABLE, .ioas_id = a2.out_ioas_id,
+				       .user_va = (uintptr_t)buf, .length = PAGE };
+		CHECK(ioctl(f2, IOMMU_IOAS_MAP, &m2) == 0, "pinning a page");
+		test_cmd(c, OP_MD_CHECK_REFS, 0);
+		put64(c, 16, PAGE);
+		put64(c, 24, (uintptr_t)buf);
+		put32(c, 32, 1);
+		CHECK(ioctl(f2, IOMMU_TEST_CMD, c) == 0, "pinned once");
+		CHECK(close_range(f2, f2, 0) == 0, "close_range over it");
+		int f3 = open("/dev/iommu", O_RDWR);
+		put32(c, 32, 0);
+		CHECK(f3 >= 0 && ioctl(f3, IOMMU_TEST_CMD, c) == 0, "the page is unpinned: the context closed");
+		close(f3);
+	}
+
 	/* Other descriptors pass through. */
 	int null = open("/dev/null", O_RDWR);
 	CHECK(null >= 0 && write(null, "x", 1) == 1, "other files work as before");

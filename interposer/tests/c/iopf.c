@@ -1,0 +1,107 @@
+/*
+ * A fault queue as a VMM drives it (run under the interposer by
+ * tests/preload.rs): a nested HWPT that reports to a fault queue, a page
+ * request from the mock device, poll() saying when to read, the record
+ * read, the response written. Linux's fault file is always writable and
+ * readable while groups wait.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
+#define IOMMU_IOAS_ALLOC IOCTL_NR(0x81)
+#define IOMMU_HWPT_ALLOC IOCTL_NR(0x89)
+#define IOMMU_FAULT_QUEUE_ALLOC IOCTL_NR(0x8e)
+#define IOMMU_TEST_CMD IOCTL_NR(0xa0)
+#define TEST_CMD_SIZE 72
+
+struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
+struct hwpt_alloc {
+	uint32_t size, flags, dev_id, pt_id, out_hwpt_id, reserved, data_type, data_len;
+	uint64_t data_uptr;
+	uint32_t fault_id, reserved2;
+};
+struct fault_alloc { uint32_t size, flags, out_fault_id, out_fault_fd; };
+struct pgfault { uint32_t flags, dev_id, pasid, grpid, perm, reserved; uint64_t addr; uint32_t length, cookie; };
+struct response { uint32_t cookie, code; };
+
+#define CHECK(cond, what)                                                                  \
+	do {                                                                               \
+		if (!(cond)) {                                                             \
+			printf("FAIL - %s (line %d, errno %d)\n", what, __LINE__, errno); \
+			exit(1);                                                           \
+		}                                                                          \
+		printf("ok - %s\n", what);                                                 \
+	} while (0)
+
+static void test_cmd(uint8_t *b, uint32_t op, uint32_t id)
+{
+	uint32_t size = TEST_CMD_SIZE;
+	memset(b, 0, TEST_CMD_SIZE);
+	memcpy(b, &size, 4);
+	memcpy(b + 4, &op, 4);
+	memcpy(b + 8, &id, 4);
+}
+static void put32(uint8_t *b, int at, uint32_t v) { memcpy(b + at, &v, 4); }
+static void put64(uint8_t *b, int at, uint64_t v) { memcpy(b + at, &v, 8); }
+static uint32_t get32(const uint8_t *b, int at) { uint32_t v; memcpy(&v, b + at, 4); return v; }
+
+static short revents(int fd)
+{
+	struct pollfd p = { .fd = fd, .events = POLLIN | POLLOUT };
+	return poll(&p, 1, 0) < 0 ? -1 : p.revents;
+}
+
+int main(void)
+{
+	uint8_t c[TEST_CMD_SIZE];
+	int fd = open("/dev/iommu", O_RDWR);
+	struct ioas_alloc a = { .size = sizeof(a) };
+	CHECK(fd >= 0 && ioctl(fd, IOMMU_IOAS_ALLOC, &a) == 0, "context and IOAS");
+	test_cmd(c, 2, a.out_ioas_id);
+	CHECK(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "mock domain");
+	uint32_t stdev = get32(c, 16), idev = get32(c, 24);
+
+	struct hwpt_alloc parent = { .size = sizeof(parent), .flags = 1 /* NEST_PARENT */, .dev_id = idev,
+				     .pt_id = a.out_ioas_id };
+	CHECK(ioctl(fd, IOMMU_HWPT_ALLOC, &parent) == 0, "a nesting parent");
+	struct fault_alloc fa = { .size = sizeof(fa) };
+	CHECK(ioctl(fd, IOMMU_FAULT_QUEUE_ALLOC, &fa) == 0, "a fault queue");
+	int q = (int)fa.out_fault_fd;
+	uint32_t iotlb = 0;
+	struct hwpt_alloc nested = { .size = sizeof(nested), .flags = 1 << 2 /* FAULT_ID_VALID */, .dev_id = idev,
+				     .pt_id = parent.out_hwpt_id, .data_type = 0xdead /* selftest */,
+				     .data_len = sizeof(iotlb), .data_uptr = (uintptr_t)&iotlb,
+				     .fault_id = fa.out_fault_id };
+	CHECK(ioctl(fd, IOMMU_HWPT_ALLOC, &nested) == 0, "a nested HWPT reporting to the queue");
+	test_cmd(c, 10, stdev); /* MOCK_DOMAIN_REPLACE */
+	put32(c, 16, nested.out_hwpt_id);
+	CHECK(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "the device on it");
+
+	CHECK(revents(q) == POLLOUT, "an empty queue polls writable, not readable");
+	test_cmd(c, 15, 0); /* TRIGGER_IOPF */
+	put32(c, 16, idev);
+	put32(c, 20, 1);
+	put32(c, 24, 2);
+	put32(c, 28, 3);
+	put64(c, 32, 0xdeadbeef000);
+	CHECK(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "the device asks for a page");
+	CHECK(revents(q) == (POLLIN | POLLOUT), "now it polls readable");
+	struct pgfault f;
+	CHECK(read(q, &f, sizeof(f)) == sizeof(f) && f.grpid == 2 && f.addr == 0xdeadbeef000, "read the record");
+	CHECK(revents(q) == POLLOUT, "read: not readable any more");
+	struct response r = { .cookie = f.cookie, .code = 0 };
+	CHECK(write(q, &r, sizeof(r)) == sizeof(r), "answer it");
+	CHECK(revents(q) == POLLOUT, "still writable");
+	CHECK(close(q) == 0, "close the queue");
+	printf("done\n");
+	return 0;
+}
