@@ -71,7 +71,10 @@
 #![forbid(unsafe_code)]
 
 extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
+mod access;
 mod amd_v1;
 #[cfg(test)]
 mod dirty_tests;
@@ -84,6 +87,7 @@ mod memory;
 #[cfg(test)]
 mod noncoherent_tests;
 mod second_stage;
+mod shared_heap;
 mod table;
 
 use core::fmt;
@@ -96,11 +100,12 @@ pub use domain::{Invalidator, NoInvalidator, PagingDomain, RecordingInvalidator}
 pub use first_stage::{FS_A, FS_ADDR_MASK, FS_D, FS_P, FS_PS, FS_RW, FS_US, FS_XD, X86FirstStage};
 pub use format::{Entry, PtFormat};
 pub use geometry::{Geometry, level_shift, level_size, sizes_of_leaf_levels};
-pub use memory::{Cleared, ContiguousMemory, HEAP_TABLES_BASE, HeapTables, TableMemory};
+pub use memory::{Cleared, ContiguousMemory, HEAP_TABLES_BASE, HeapTables, SharedTableMemory, TableMemory};
 #[cfg(any(test, feature = "testing"))]
 pub use memory::{NonCoherentTables, WALKER_POISON, WalkerFault};
 pub use portcullis_iommu::Prot;
 pub use second_stage::{SS_A, SS_ADDR_MASK, SS_D, SS_PS, SS_READ, SS_SNP, SS_WRITE, VtdSecondStage};
+pub use shared_heap::SharedHeapTables;
 pub use table::{PageTable, PartialUnmap, WalkStep};
 
 /// log2 of the smallest page and of a table.
