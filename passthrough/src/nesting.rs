@@ -81,7 +81,7 @@ pub struct ParentState {
 pub struct VtdNestingDevice<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     device: Device,
@@ -91,7 +91,7 @@ where
 impl<M, T, C> fmt::Debug for VtdNestingDevice<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -102,7 +102,7 @@ where
 impl<M, T, C> VtdNestingDevice<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Requester `at.requester_id` behind `unit` (number `at.unit`).
@@ -119,7 +119,7 @@ where
 impl<M, T, C> DeviceOps for VtdNestingDevice<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn handle(&self) -> DeviceHandle {
@@ -225,7 +225,7 @@ where
 pub struct VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     domain: Domain,
@@ -236,7 +236,7 @@ where
 impl<M, T, C> fmt::Debug for VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -247,7 +247,7 @@ where
 impl<M, T, C> VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// The generic domain inside.
@@ -279,7 +279,7 @@ where
 impl<M, T, C> IommuDomain for VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn page_sizes(&self) -> u64 {
@@ -376,7 +376,7 @@ where
 impl<M, T, C> VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn after_map(&self, iova: u64, length: u64) -> core::result::Result<(), DomainError> {
@@ -392,7 +392,7 @@ where
 pub struct VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     inner: vtd::nested::NestedDomain<M, T, C>,
@@ -405,7 +405,7 @@ where
 impl<M, T, C> fmt::Debug for VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -416,7 +416,7 @@ where
 impl<M, T, C> VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// The driver's nested domain.
@@ -458,7 +458,7 @@ where
 impl<M, T, C> NestedDomain for VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Writes the nested PASID entry (the stage-1 data checked first, as
@@ -505,7 +505,7 @@ where
 impl<M, T, C> Drop for VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// The parent stops invalidating under this domain's id (the driver's

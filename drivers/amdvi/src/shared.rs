@@ -69,7 +69,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> fmt::Debug for Shared<M, T, C> {
 impl<M, T, C> Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: ContiguousMemory + Clone + Send + 'static,
+    T: ContiguousMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Brings up the unit at register base `base`: device table (every
@@ -143,7 +143,7 @@ where
 impl<M, T, C> IommuUnit for Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: ContiguousMemory + Clone + Send + 'static,
+    T: ContiguousMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn base(&self) -> u64 {
@@ -316,7 +316,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> AmdDomain<M, T, C> {
 impl<M, T, C> IommuDomain for AmdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: ContiguousMemory + Clone + Send + 'static,
+    T: ContiguousMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     portcullis_iommu::forward_paging!(paging);
@@ -340,7 +340,7 @@ where
 impl<M, T, C> UnitDomain for AmdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: ContiguousMemory + Clone + Send + 'static,
+    T: ContiguousMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn domain_id(&self) -> u16 {

@@ -98,9 +98,9 @@ impl<M: TableMemory> Access for Exclusive<'_, M> {
 /// The concurrent path: shared memory, other callers on disjoint ranges.
 /// Inner loops run over the whole-table view
 /// ([`SharedTableMemory::entries`]), one lookup per table.
-pub(crate) struct Concurrent<'a, M>(pub(crate) &'a M);
+pub(crate) struct Concurrent<'a, M: ?Sized>(pub(crate) &'a M);
 
-impl<M: SharedTableMemory> Access for Concurrent<'_, M> {
+impl<M: SharedTableMemory + ?Sized> Access for Concurrent<'_, M> {
     const SHARED: bool = true;
     #[inline]
     fn read(&self, table: u64, index: usize) -> u64 {

@@ -162,6 +162,9 @@ pub enum Error {
         /// Level of the table that could not be allocated.
         level: u32,
     },
+    /// A concurrent map or unmap on a table memory without the concurrent
+    /// seam ([`TableMemory::shared`] is `None`).
+    NotShared,
 }
 
 impl fmt::Display for Error {
@@ -174,6 +177,7 @@ impl fmt::Display for Error {
             Self::NoMemory { iova, level } => {
                 write!(f, "no memory for a level-{level} table at IOVA {iova:#x}")
             }
+            Self::NotShared => write!(f, "this table memory cannot be used concurrently"),
         }
     }
 }

@@ -54,6 +54,13 @@ pub trait TableMemory {
     /// Writes entry `index` of the table at `table`.
     fn write(&mut self, table: u64, index: usize, value: u64);
 
+    /// The same memory through the concurrent seam, for implementations
+    /// that offer it (`Some(self)`); `None`, the default, for the others,
+    /// whose page tables then map and unmap only through `&mut`.
+    fn shared(&self) -> Option<&dyn SharedTableMemory> {
+        None
+    }
+
     /// Whether the walker snoops CPU caches (VT-d ECAP.C = 1). When false,
     /// the engine calls [`TableMemory::flush`] for what it changed.
     fn coherent(&self) -> bool;

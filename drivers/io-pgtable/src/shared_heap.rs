@@ -208,6 +208,9 @@ impl SharedTableMemory for SharedHeapTables {
 }
 
 impl TableMemory for SharedHeapTables {
+    fn shared(&self) -> Option<&dyn SharedTableMemory> {
+        Some(self)
+    }
     fn alloc_table(&mut self) -> Option<u64> {
         self.alloc_shared()
     }

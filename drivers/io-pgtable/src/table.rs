@@ -50,7 +50,7 @@ fn usable_leaf_levels(allowed: u32) -> u32 {
     }
     if levels >= 32 { u32::MAX } else { (1 << levels) - 1 }
 }
-use crate::memory::{SharedTableMemory, TableMemory};
+use crate::memory::TableMemory;
 use crate::{ENTRIES, Error, MAX_LEVELS, PAGE_SHIFT, PAGE_SIZE, TABLE_SIZE};
 
 /// An unmap that stopped early because a large page that the range only
@@ -412,15 +412,24 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
 ///   another's tables before their invalidation.
 /// * Each call walks from the root: nothing is remembered between calls,
 ///   and a lookup cache entry is dropped by every unmap.
-impl<F: PtFormat + Sync, M: SharedTableMemory> PageTable<F, M> {
+///
+/// Only memories that offer the concurrent seam
+/// ([`TableMemory::shared`]) can: the others answer [`Error::NotShared`].
+impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
+    /// Whether the concurrent path works on this table's memory.
+    pub fn concurrent(&self) -> bool {
+        self.mem.shared().is_some()
+    }
+
     /// [`PageTable::map_runs`] through `&self` (see the rules above).
     /// All or nothing; on error, tables the unwind unlinked are added to
     /// `unlinked`.
     pub fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot, unlinked: &mut Vec<u64>) -> Result<(), Error> {
+        let mem = self.mem.shared().ok_or(Error::NotShared)?;
         let prot = self.check_map(iova, runs, prot)?;
         self.shared_used.store(true, Relaxed);
         let mut batch = FlushBatch::new(!self.coherent);
-        let mut op = Op::new(&self.format, Concurrent(&self.mem), self.root, self.top, self.leaf_levels);
+        let mut op = Op::new(&self.format, Concurrent(mem), self.root, self.top, self.leaf_levels);
         let (result, _) = op.map_range(iova, runs, prot, &mut batch, None);
         if let Err((stopped, _)) = result
             && stopped > iova
@@ -448,10 +457,12 @@ impl<F: PtFormat + Sync, M: SharedTableMemory> PageTable<F, M> {
         gather: &mut IotlbGather,
         unlinked: &mut Vec<u64>,
     ) -> Result<u64, PartialUnmap> {
-        let end = self.check_range(iova, length).map_err(|error| PartialUnmap { unmapped: 0, iova, error })?;
+        let refuse = |error| PartialUnmap { unmapped: 0, iova, error };
+        let mem = self.mem.shared().ok_or(refuse(Error::NotShared))?;
+        let end = self.check_range(iova, length).map_err(refuse)?;
         self.shared_used.store(true, Relaxed);
         let mut batch = FlushBatch::new(!self.coherent);
-        let mut op = Op::new(&self.format, Concurrent(&self.mem), self.root, self.top, self.leaf_levels);
+        let mut op = Op::new(&self.format, Concurrent(mem), self.root, self.top, self.leaf_levels);
         let result = op.unmap_range(iova, end, gather, &mut batch);
         batch.finish(&mut op.acc);
         gather.freed_tables += op.unlinked.len();
@@ -465,9 +476,13 @@ impl<F: PtFormat + Sync, M: SharedTableMemory> PageTable<F, M> {
     /// Frees tables a concurrent call unlinked (and empties `tables`).
     /// Call only after the IOTLB and paging-structure caches were
     /// invalidated for the ranges that unlinked them.
+    /// On a memory without the concurrent seam the tables stay in
+    /// `tables` (no concurrent call can have unlinked any).
     pub fn free_unlinked(&self, tables: &mut Vec<u64>) {
-        for t in tables.drain(..) {
-            self.mem.free_shared(t);
+        if let Some(mem) = self.mem.shared() {
+            for t in tables.drain(..) {
+                mem.free_shared(t);
+            }
         }
     }
 

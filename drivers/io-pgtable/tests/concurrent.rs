@@ -152,6 +152,9 @@ struct Racing {
 type Hook = Box<dyn FnOnce(&SharedHeapTables) + Send>;
 
 impl TableMemory for Racing {
+    fn shared(&self) -> Option<&dyn SharedTableMemory> {
+        Some(self)
+    }
     fn alloc_table(&mut self) -> Option<u64> {
         self.alloc_shared()
     }

@@ -104,7 +104,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> fmt::Debug for Shared<M, T, C> {
 impl<M, T, C> Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Brings up the unit at register base `base`: translation on in
@@ -251,7 +251,7 @@ where
 impl<M, T, C> IommuUnit for Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn base(&self) -> u64 {
@@ -493,7 +493,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> VtdDomain<M, T, C> {
 impl<M, T, C> VtdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn inner(&self) -> &dyn IommuDomain {
@@ -507,7 +507,7 @@ where
 impl<M, T, C> IommuDomain for VtdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     portcullis_iommu::forward_paging!(fn inner, inner_mut);
@@ -544,7 +544,7 @@ fn pasid_error(e: UnitError) -> DomainError {
 impl<M, T, C> UnitDomain for VtdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn domain_id(&self) -> u16 {
