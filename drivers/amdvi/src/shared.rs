@@ -289,7 +289,18 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Invalidator for AmdInvalidator<M, T
         self.unit.unit.lock().set_dirty_tracking(self.domain_id, enable).map_err(DomainError::from)
     }
     fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
-        if self.np_cache { self.invalidate(iova, last, false) } else { Ok(()) }
+        self.mapped_shared(iova, last)
+    }
+    /// Commands go through the unit's lock: callers need no other.
+    fn concurrent(&self) -> bool {
+        true
+    }
+    fn invalidate_shared(&self, start: u64, last: u64, _tables_freed: bool) -> Result<(), DomainError> {
+        // As `invalidate`: PDE = 1 covers freed tables.
+        self.unit.unit.lock().invalidate_range(self.domain_id, start, last).map_err(DomainError::from)
+    }
+    fn mapped_shared(&self, iova: u64, last: u64) -> Result<(), DomainError> {
+        if self.np_cache { self.invalidate_shared(iova, last, false) } else { Ok(()) }
     }
 }
 

@@ -412,6 +412,10 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
 ///   another's tables before their invalidation.
 /// * Each call walks from the root: nothing is remembered between calls,
 ///   and a lookup cache entry is dropped by every unmap.
+/// * For walkers that do not snoop, a call also flushes the line of every
+///   table entry it went through: another caller may have installed (or
+///   split) it and not flushed it yet, and the walker must see the path
+///   to this call's leaves when it returns.
 ///
 /// Only memories that offer the concurrent seam
 /// ([`TableMemory::shared`]) can: the others answer [`Error::NotShared`].
@@ -536,6 +540,12 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
             if self.format.is_present(e) {
                 if self.format.is_leaf(e, l) {
                     return Err(Error::AlreadyMapped { iova: cur });
+                }
+                if A::SHARED {
+                    // Another caller may have installed it and not yet
+                    // flushed the line: this call must not return before
+                    // the walker can follow the entry.
+                    batch.mark(&mut self.acc, l, t, i);
                 }
                 return Ok(self.format.table_address(e));
             }
@@ -807,6 +817,11 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                             break;
                         }
                     }
+                }
+                if A::SHARED {
+                    // As in `table_below`: the entry may be another
+                    // caller's split, not yet flushed.
+                    batch.mark(&mut self.acc, l, t, i);
                 }
                 slot[l as usize] = i;
                 l -= 1;

@@ -424,6 +424,16 @@ impl<M: Mmio, T: TableMemory, C: Clock> Invalidator for UnitInvalidator<M, T, C>
         self.unit.unit.lock().set_dirty_tracking(self.did, enable).map_err(DomainError::from)
     }
     fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
+        self.mapped_shared(iova, last)
+    }
+    /// Commands go through the unit's lock: callers need no other.
+    fn concurrent(&self) -> bool {
+        true
+    }
+    fn invalidate_shared(&self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
+        self.range(start, last, !tables_freed)
+    }
+    fn mapped_shared(&self, iova: u64, last: u64) -> Result<(), DomainError> {
         // Caching mode: the unit may have cached the not-present entries.
         if self.caching_mode {
             self.range(iova, last, false)
