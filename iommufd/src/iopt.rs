@@ -517,6 +517,9 @@ impl IoPagetable {
                 // Unload the areas before this one.
                 for ((s, l, a), key) in r.areas[..k].iter().zip(&keys).rev() {
                     a.pages.unregister(*key);
+                    // A failed invalidation here leaves the area's pins in
+                    // place (a device may still reach the pages); the error
+                    // reported stays the fill's, as in `map_pages`.
                     let _kept = Self::unload_shared(&r.domains, *s, *l, a);
                 }
                 return Err(e);

@@ -412,3 +412,86 @@ fn meeting_an_area_being_filled_is_ebusy() {
     assert_eq!(ictx.ioas_unmap(ioas, 0, u64::MAX), Ok(CHUNK));
     assert_eq!((mem.pinned_pages(), ictx.pinned_pages()), (0, 0));
 }
+
+/// The fault-injection sweep of `fault_sweep.rs`, over the concurrent
+/// path: a map (filling two domains outside the lock), a copy and an
+/// unmap run with their 1st, 2nd, ... fault point failing (page store
+/// allocation, pin, each domain map) until they succeed; after each
+/// failure, the pins of every page, the accounting, the objects and the
+/// translation of every page in every domain are as before the call.
+#[test]
+fn concurrent_fills_survive_every_fault_point() {
+    const IOVA: u64 = 1 << 32;
+    const PAGES: u64 = 32;
+    let mem = Arc::new(FakeAddressSpace::new());
+    mem.map(USER, PAGES * PAGE_SIZE, true);
+    let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
+    let (a, b) = (ictx.ioas_alloc().unwrap(), ictx.ioas_alloc().unwrap());
+    let d1 = ictx.bind_device(engine(40)).unwrap();
+    ictx.attach(d1, a).unwrap();
+    let d2 = ictx.bind_device(engine(41)).unwrap();
+    ictx.hwpt_alloc(d2, a).unwrap();
+    let d3 = ictx.bind_device(engine(42)).unwrap();
+    ictx.attach(d3, b).unwrap();
+    for ioas in [a, b] {
+        assert!(ictx.ioas(ioas).unwrap().iopt.lock().concurrent());
+    }
+    // Something mapped already, next to where the sweep maps.
+    ictx.ioas_map(a, Some(IOVA), USER, 8 * PAGE_SIZE, true, true).unwrap();
+    let snapshot = || {
+        let domains: Vec<Vec<Option<u64>>> = ictx
+            .object_ids()
+            .iter()
+            .filter_map(|&id| ictx.hwpt(id).ok())
+            .map(|h| {
+                let d = h.domain.read();
+                (0..2 * PAGES).map(|k| d.iova_to_phys(IOVA + k * PAGE_SIZE)).collect()
+            })
+            .collect();
+        let pins: Vec<u32> = (0..PAGES).map(|p| mem.pins(USER + p * PAGE_SIZE)).collect();
+        (ictx.object_ids(), pins, ictx.pinned_pages(), domains)
+    };
+    type Op<'a> = (&'a str, Box<dyn Fn() -> Result<u64, Errno> + 'a>, Box<dyn Fn() + 'a>);
+    let ops: Vec<Op> = vec![
+        (
+            "map",
+            Box::new(|| {
+                ictx.ioas_map(a, Some(IOVA + 16 * PAGE_SIZE), USER + 4 * PAGE_SIZE, 16 * PAGE_SIZE, true, true)
+            }),
+            Box::new(|| assert_eq!(ictx.ioas_unmap(a, IOVA + 16 * PAGE_SIZE, 16 * PAGE_SIZE), Ok(16 * PAGE_SIZE))),
+        ),
+        (
+            "copy",
+            Box::new(|| ictx.ioas_copy(b, a, IOVA, Some(IOVA + 8 * PAGE_SIZE), 8 * PAGE_SIZE, true, false)),
+            Box::new(|| assert_eq!(ictx.ioas_unmap(b, IOVA + 8 * PAGE_SIZE, 8 * PAGE_SIZE), Ok(8 * PAGE_SIZE))),
+        ),
+        (
+            "unmap",
+            Box::new(|| ictx.ioas_unmap(a, IOVA, 8 * PAGE_SIZE)),
+            Box::new(|| assert_eq!(ictx.ioas_map(a, Some(IOVA), USER, 8 * PAGE_SIZE, true, true), Ok(IOVA))),
+        ),
+    ];
+    for (name, op, undo) in &ops {
+        let before = snapshot();
+        let mut n = 1;
+        loop {
+            ictx.accounting().faults.arm(Some(n));
+            let r = op();
+            ictx.accounting().faults.arm(None);
+            match r {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(matches!(e, Errno::ENOMEM | Errno::EFAULT | Errno::EIO), "{name} #{n}: {e:?}");
+                    assert_eq!(snapshot(), before, "{name} with fault point {n} failing");
+                }
+            }
+            n += 1;
+            assert!(n < 64, "{name} never succeeds");
+        }
+        println!("{name}: {} fault points", n - 1);
+        undo();
+        assert_eq!(snapshot(), before, "{name} undone");
+    }
+    assert!(ictx.ioas_unmap(a, 0, u64::MAX).is_ok());
+    assert_eq!((mem.pinned_pages(), ictx.pinned_pages()), (0, 0));
+}

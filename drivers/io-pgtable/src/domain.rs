@@ -308,6 +308,8 @@ where
                     // allocated for good (a recovery does not know them).
                     self.needs_recovery.store(true, Relaxed);
                     let mut g = IotlbGather::default();
+                    // Undoing this call's own map never splits a page,
+                    // so it cannot stop early.
                     let _partial = self.table.unmap_shared(iova, length, &mut g, &mut unlinked);
                     return Err(e);
                 }

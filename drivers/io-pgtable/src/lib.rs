@@ -22,6 +22,11 @@
 //!   flushed cache lines, for the tests of crates that drive the engine.
 //!   [`ContiguousMemory`] extends it with physically contiguous runs of
 //!   pages for the units' larger structures (device and interrupt tables).
+//!   [`SharedTableMemory`] is the concurrent seam: a whole table as atomic
+//!   words and allocation through `&self` ([`SharedHeapTables`] on the
+//!   host, the kernel's direct map), for [`PageTable::map_shared`] and
+//!   [`PageTable::unmap_shared`], which map and unmap disjoint ranges from
+//!   several threads at once.
 //! * [`Invalidator`]: the IOTLB side of a domain, used by [`PagingDomain`],
 //!   which puts a [`PageTable`] behind `portcullis_iommu::IommuDomain`.
 //!

@@ -254,6 +254,7 @@ fn concurrent_unmaps_split_one_large_page_once() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "single-threaded: the same paths as on the host")]
 fn a_map_uses_an_empty_table_a_partial_unmap_left_where_a_large_page_would_go() {
     let pt = ss();
     let mut unlinked = Vec::new();
@@ -284,6 +285,7 @@ fn a_map_uses_an_empty_table_a_partial_unmap_left_where_a_large_page_would_go() 
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "single-threaded: the same paths as on the host")]
 fn a_failed_concurrent_map_unwinds_and_hands_back_what_it_unlinked() {
     let pt = ss();
     let mut unlinked = Vec::new();
