@@ -404,6 +404,7 @@ fn option(ictx: &Ictx, c: &mut IommuOption) -> Result<()> {
         return Err(Errno::EOPNOTSUPP);
     }
     let ioas = ictx.ioas(c.object_id)?;
+    let _domains = ioas.domains_rw.write();
     let mut iopt = ioas.iopt.lock();
     match c.op {
         IOMMU_OPTION_OP_GET => {

@@ -79,6 +79,10 @@ pub struct Area {
     pub accesses: u32,
     /// Its registration with `pages` as a holder (while filled).
     pub holder: Option<u64>,
+    /// Being filled or unmapped outside the IOAS lock (see
+    /// [`IoPagetable::reserve_pages`], [`IoPagetable::begin_unmap`]):
+    /// every other operation that meets it fails with `EBUSY`.
+    pub busy: bool,
 }
 
 impl Area {
@@ -173,12 +177,90 @@ impl LoadError {
     }
 }
 
+/// What an area is loaded into: a domain under its lock, or one shared
+/// with other threads mapping through its concurrent path.
+trait AreaMapper {
+    /// Recovers the domain after a failed invalidation, if it needs it.
+    fn recover(&mut self) -> core::result::Result<(), DomainError>;
+    /// Maps consecutive pieces (all or nothing).
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), DomainError>;
+    /// Unmaps `[iova, iova + length)` and syncs.
+    fn undo(&mut self, iova: u64, length: u64) -> Result<()>;
+}
+
+/// A domain under its (write) lock.
+struct Locked<'a>(&'a mut dyn IommuDomain);
+
+impl AreaMapper for Locked<'_> {
+    fn recover(&mut self) -> core::result::Result<(), DomainError> {
+        self.0.recover()
+    }
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), DomainError> {
+        self.0.map_runs(iova, runs, prot)
+    }
+    fn undo(&mut self, iova: u64, length: u64) -> Result<()> {
+        let mut g = IotlbGather::default();
+        self.0.unmap(iova, length, &mut g);
+        sync(self.0, &mut g)
+    }
+}
+
+/// A domain used through its concurrent path, under a read lock taken for
+/// each call. A domain that needs recovery (an invalidation failed) is
+/// recovered under its write lock, when a map finds it so.
+struct SharedMapper<'a>(&'a DomainRef);
+
+impl AreaMapper for SharedMapper<'_> {
+    fn recover(&mut self) -> core::result::Result<(), DomainError> {
+        Ok(())
+    }
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), DomainError> {
+        match self.0.read().map_shared(iova, runs, prot) {
+            Err(DomainError::NeedsRecovery) => {}
+            r => return r,
+        }
+        self.0.lock().recover()?;
+        self.0.read().map_shared(iova, runs, prot)
+    }
+    fn undo(&mut self, iova: u64, length: u64) -> Result<()> {
+        let mut g = IotlbGather::default();
+        let d = self.0.read();
+        d.unmap_shared(iova, length, &mut g).map_err(domain_errno)?;
+        d.iotlb_sync_shared(&mut g).map_err(domain_errno)
+    }
+}
+
+/// An area to insert: `(start, last, area)`.
+type NewArea = (u64, u64, Area);
+
+/// Areas reserved by [`IoPagetable::reserve_pages`] for a fill outside
+/// the IOAS lock, with the domains to fill.
+#[derive(Debug)]
+pub struct Reserved {
+    /// Where the map starts.
+    pub iova: u64,
+    areas: Vec<(u64, u64, Area)>,
+    domains: Vec<DomainRef>,
+    small: bool,
+}
+
+/// Areas taken out of use by [`IoPagetable::begin_unmap`] for an unmap
+/// outside the IOAS lock, with the domains to unmap them from.
+#[derive(Debug)]
+pub struct Unmapping {
+    areas: Vec<(u64, u64, Area)>,
+    domains: Vec<DomainRef>,
+    bytes: u64,
+}
+
 /// Syncs `g` on `d`, as an errno.
 fn sync(d: &mut dyn IommuDomain, g: &mut IotlbGather) -> Result<()> {
     d.iotlb_sync(g).map_err(domain_errno)
 }
 
-fn last_of(iova: u64, length: u64) -> Result<u64> {
+/// The last byte of `[iova, iova + length)`: `EINVAL` when empty,
+/// `EOVERFLOW` past `u64::MAX`.
+pub(crate) fn last_of(iova: u64, length: u64) -> Result<u64> {
     if length == 0 {
         return Err(Errno::EINVAL);
     }
@@ -217,7 +299,7 @@ impl IoPagetable {
     /// Page sizes every domain supports (AND of their bitmaps; all ones
     /// without domains).
     pub fn page_size_bitmap(&self) -> u64 {
-        self.domains.iter().fold(u64::MAX, |acc, (_, d)| acc & d.lock().page_sizes())
+        self.domains.iter().fold(u64::MAX, |acc, (_, d)| acc & d.read().page_sizes())
     }
 
     /// Number of domains loaded with this table.
@@ -288,6 +370,34 @@ impl IoPagetable {
     /// IOVA when `iova` is `None`. Returns the IOVA. Loads the new areas
     /// into every domain. All or nothing.
     pub fn map_pages(&mut self, slices: &[PagesSlice], length: u64, iova: Option<u64>, prot: Prot) -> Result<u64> {
+        let (iova, new) = self.prepare_areas(slices, length, iova, prot)?;
+        let mut loaded: Vec<u64> = Vec::new();
+        for (start, last, area) in new {
+            self.areas.insert(start, last, area).map_err(|_| Errno::EEXIST)?;
+            if let Err(e) = self.fill_area(start) {
+                self.areas.remove(start);
+                let mut result = Err(e);
+                for s in loaded.iter().rev() {
+                    if let Err(e) = self.unfill_area(*s) {
+                        result = Err(e);
+                    }
+                    self.areas.remove(*s);
+                }
+                return result;
+            }
+            loaded.push(start);
+        }
+        Ok(iova)
+    }
+
+    /// The checks of a map and the areas it would insert: `(iova, areas)`.
+    fn prepare_areas(
+        &self,
+        slices: &[PagesSlice],
+        length: u64,
+        iova: Option<u64>,
+        prot: Prot,
+    ) -> Result<(u64, Vec<NewArea>)> {
         if length & (self.iova_alignment - 1) != 0 || length == 0 {
             return Err(Errno::EINVAL);
         }
@@ -324,27 +434,138 @@ impl IoPagetable {
                     filled: false,
                     accesses: 0,
                     holder: None,
+                    busy: false,
                 },
             ));
             at = last.wrapping_add(1);
         }
-        let mut loaded: Vec<u64> = Vec::new();
-        for (start, last, area) in new {
-            self.areas.insert(start, last, area).map_err(|_| Errno::EEXIST)?;
-            if let Err(e) = self.fill_area(start) {
-                self.areas.remove(start);
-                let mut result = Err(e);
-                for s in loaded.iter().rev() {
-                    if let Err(e) = self.unfill_area(*s) {
-                        result = Err(e);
-                    }
-                    self.areas.remove(*s);
+        Ok((iova, new))
+    }
+
+    /// Whether map and unmap run their domain work outside the IOAS lock
+    /// (Linux's split of `iova_rwsem` and `domains_rwsem`): some domain is
+    /// attached and every one maps concurrently
+    /// ([`IommuDomain::supports_shared`]). Otherwise they run under the
+    /// lock ([`Self::map_pages`], [`Self::unmap`]).
+    pub fn concurrent(&self) -> bool {
+        !self.domains.is_empty() && self.domains.iter().all(|(_, d)| d.read().supports_shared())
+    }
+
+    /// First step of a map outside the lock: the checks of
+    /// [`Self::map_pages`], then the areas inserted, marked busy (other
+    /// operations meeting them fail with `EBUSY`; their IOVA is taken).
+    /// The caller fills them with [`Self::fill_reserved`] without the lock
+    /// (but holding the IOAS's domain list for reading, so that no domain
+    /// comes or goes meanwhile) and ends with [`Self::finish_reserved`]
+    /// under the lock again.
+    pub fn reserve_pages(
+        &mut self,
+        slices: &[PagesSlice],
+        length: u64,
+        iova: Option<u64>,
+        prot: Prot,
+    ) -> Result<Reserved> {
+        let (iova, mut new) = self.prepare_areas(slices, length, iova, prot)?;
+        for k in 0..new.len() {
+            let (start, last, ref area) = new[k];
+            let area = Area { busy: true, ..area.clone() };
+            if self.areas.insert(start, last, area).is_err() {
+                for &(s, _, _) in &new[..k] {
+                    self.areas.remove(s);
                 }
-                return result;
+                return Err(Errno::EEXIST);
             }
-            loaded.push(start);
         }
-        Ok(iova)
+        for (_, _, a) in &mut new {
+            a.busy = true;
+        }
+        let domains = self.domains.iter().map(|(_, d)| d.clone()).collect();
+        Ok(Reserved { iova, areas: new, domains, small: self.disable_large_pages })
+    }
+
+    /// Second step of a map outside the lock (no IOAS lock held): pins the
+    /// reserved areas' pages and maps them into every domain through the
+    /// concurrent path, registering each area as a holder of its pages.
+    /// All or nothing: on failure what was mapped is unmapped again and
+    /// unpinned (except pages a domain may still cache, as in
+    /// `fill_area`). Returns the holder keys, one per area.
+    pub fn fill_reserved(r: &Reserved) -> Result<Vec<u64>> {
+        let mut keys: Vec<u64> = Vec::with_capacity(r.areas.len());
+        for (k, (start, last, area)) in r.areas.iter().enumerate() {
+            let (start, last) = (*start, *last);
+            let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
+            let result = area.pages.pin_runs(fp, lp, UseKind::Domain).and_then(|phys| {
+                for (j, d) in r.domains.iter().enumerate() {
+                    let loaded = Self::map_area_into(&mut SharedMapper(d), start, last, area, &phys, r.small);
+                    if let Err(mut e) = loaded {
+                        for d in &r.domains[..j] {
+                            if let Err(se) = SharedMapper(d).undo(start, last - start + 1)
+                                && !e.stale
+                            {
+                                e = LoadError::sync(se);
+                            }
+                        }
+                        if !e.stale {
+                            area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+                        }
+                        return Err(e.errno);
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = result {
+                // Unload the areas before this one.
+                for ((s, l, a), key) in r.areas[..k].iter().zip(&keys).rev() {
+                    a.pages.unregister(*key);
+                    // A failed invalidation here leaves the area's pins in
+                    // place (a device may still reach the pages); the error
+                    // reported stays the fill's, as in `map_pages`.
+                    let _kept = Self::unload_shared(&r.domains, *s, *l, a);
+                }
+                return Err(e);
+            }
+            keys.push(area.pages.register(Self::holder_in(&r.domains[0], start, area, fp, lp)));
+        }
+        Ok(keys)
+    }
+
+    /// Last step of a map outside the lock: the areas become filled (with
+    /// the holder keys [`Self::fill_reserved`] returned), or are removed
+    /// when it failed. Returns the IOVA.
+    pub fn finish_reserved(&mut self, r: Reserved, filled: Result<Vec<u64>>) -> Result<u64> {
+        match filled {
+            Ok(keys) => {
+                for ((start, _, _), key) in r.areas.iter().zip(keys) {
+                    let a = self.areas.get_mut(*start).expect("a reserved area stays until finished").1;
+                    (a.busy, a.filled, a.holder) = (false, true, Some(key));
+                }
+                Ok(r.iova)
+            }
+            Err(e) => {
+                for (start, _, _) in &r.areas {
+                    self.areas.remove(*start);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Unmaps the filled area `[start, last]` from every domain through
+    /// the concurrent path and drops its pins when every invalidation
+    /// succeeded. Returns whether they did.
+    fn unload_shared(domains: &[DomainRef], start: u64, last: u64, area: &Area) -> Result<()> {
+        let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
+        let phys = Self::read_back(&domains[0], start, area, fp, lp);
+        let mut result = Ok(());
+        for d in domains {
+            if let Err(e) = SharedMapper(d).undo(start, last - start + 1) {
+                result = Err(e);
+            }
+        }
+        if result.is_ok() {
+            area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+        }
+        result
     }
 
     /// Maps the area's pages into `domain`: each physically contiguous
@@ -354,7 +575,7 @@ impl IoPagetable {
     /// to [`MAP_BATCH_RUNS`] (as pinned) or [`MAP_BATCH`] (built) per
     /// `map_runs` call. On failure nothing stays mapped.
     fn map_area_into(
-        domain: &mut dyn IommuDomain,
+        domain: &mut dyn AreaMapper,
         iova: u64,
         last: u64,
         area: &Area,
@@ -383,9 +604,7 @@ impl IoPagetable {
                 cur = cur.wrapping_add(len);
             }
             if result.is_err() && cur != iova {
-                let mut g = IotlbGather::default();
-                domain.unmap(iova, cur.wrapping_sub(iova), &mut g);
-                sync(domain, &mut g).map_err(LoadError::sync)?;
+                domain.undo(iova, cur.wrapping_sub(iova)).map_err(LoadError::sync)?;
             }
             return result;
         }
@@ -398,7 +617,7 @@ impl IoPagetable {
         // IOVA of batch[0]: everything before it is mapped.
         let mut batch_iova = iova;
         let mut next_iova = iova;
-        let flush = |batch: &mut Vec<PhysRun>, batch_iova: &mut u64, next: u64, domain: &mut dyn IommuDomain| {
+        let flush = |batch: &mut Vec<PhysRun>, batch_iova: &mut u64, next: u64, domain: &mut dyn AreaMapper| {
             if batch.is_empty() {
                 return Ok(());
             }
@@ -445,9 +664,7 @@ impl IoPagetable {
             result = flush(&mut batch, &mut batch_iova, next_iova, domain);
         }
         if result.is_err() && batch_iova != iova {
-            let mut g = IotlbGather::default();
-            domain.unmap(iova, batch_iova.wrapping_sub(iova), &mut g);
-            sync(domain, &mut g).map_err(LoadError::sync)?;
+            domain.undo(iova, batch_iova.wrapping_sub(iova)).map_err(LoadError::sync)?;
         }
         result
     }
@@ -456,7 +673,7 @@ impl IoPagetable {
     /// as runs, read back from `domain` (which maps the area), up to 256
     /// runs per domain call.
     fn read_back(domain: &DomainRef, start: u64, area: &Area, fp: u64, lp: u64) -> PhysRuns {
-        let d = domain.lock();
+        let d = domain.read();
         let mut out: PhysRuns = Vec::new();
         let mut buf = [PhysRun::default(); 256];
         // Area byte b is at IOVA start + (b - start_byte); the range asked
@@ -519,7 +736,8 @@ impl IoPagetable {
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
         let phys = area.pages.pin_runs(fp, lp, UseKind::Domain)?;
         for (k, (_, d)) in self.domains.iter().enumerate() {
-            let r = Self::map_area_into(&mut **d.lock(), start, last, &area, &phys, self.disable_large_pages);
+            let r =
+                Self::map_area_into(&mut Locked(&mut **d.lock()), start, last, &area, &phys, self.disable_large_pages);
             if let Err(mut e) = r {
                 for (_, d) in &self.domains[..k] {
                     let mut d = d.lock();
@@ -593,14 +811,96 @@ impl IoPagetable {
         }
     }
 
-    fn unmap_range(&mut self, start: u64, last: u64) -> Result<u64> {
+    /// The areas an unmap of `[start, last]` removes, after its checks:
+    /// none cut (`ENOENT`, also when there is none), none busy or pinned
+    /// by an access (`EBUSY`).
+    fn unmap_targets(&self, start: u64, last: u64) -> Result<Vec<(u64, u64)>> {
         let hit = self.areas_overlapping(start, last);
         if hit.is_empty() || hit.iter().any(|&(s, l)| s < start || l > last) {
             return Err(Errno::ENOENT);
         }
-        if hit.iter().any(|(s, _)| self.area(*s).1.accesses > 0) {
+        if hit.iter().any(|(s, _)| {
+            let a = self.area(*s).1;
+            a.accesses > 0 || a.busy
+        }) {
             return Err(Errno::EBUSY);
         }
+        Ok(hit)
+    }
+
+    /// First step of an unmap outside the lock (`(0, u64::MAX)`: all;
+    /// nothing there is then not an error): the checks of
+    /// [`Self::unmap`], then the areas marked busy (their IOVA stays taken
+    /// until [`Self::end_unmap`]). The caller unloads them with
+    /// [`Self::unmap_outside`], holding the domain list for reading.
+    pub fn begin_unmap(&mut self, start: u64, last: u64) -> Result<Unmapping> {
+        let hit = match self.unmap_targets(start, last) {
+            Err(Errno::ENOENT) if (start, last) == (0, u64::MAX) => Vec::new(),
+            r => r?,
+        };
+        let mut areas = Vec::with_capacity(hit.len());
+        let mut bytes = 0u64;
+        for (s, l) in hit {
+            let a = self.areas.get_mut(s).expect("listed area exists").1;
+            a.busy = true;
+            areas.push((s, l, a.clone()));
+            bytes += l - s + 1;
+        }
+        let domains = self.domains.iter().map(|(_, d)| d.clone()).collect();
+        Ok(Unmapping { areas, domains, bytes })
+    }
+
+    /// Second step of an unmap outside the lock (no IOAS lock held):
+    /// unmaps the areas from every domain through the concurrent path, one
+    /// IOTLB sync per domain, then drops their pins, unless an
+    /// invalidation failed (the pins then stay for good, as in
+    /// [`Self::unmap`]).
+    pub fn unmap_outside(u: &Unmapping) -> Result<()> {
+        let mut gathers: Vec<IotlbGather> = u.domains.iter().map(|_| IotlbGather::default()).collect();
+        let mut release: Vec<(&Area, u64, u64, PhysRuns)> = Vec::new();
+        let mut result = Ok(());
+        for (s, l, area) in &u.areas {
+            if !area.filled {
+                continue;
+            }
+            let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
+            let phys = Self::read_back(&u.domains[0], *s, area, fp, lp);
+            for (d, g) in u.domains.iter().zip(gathers.iter_mut()) {
+                if let Err(e) = d.read().unmap_shared(*s, l - s + 1, g) {
+                    result = Err(domain_errno(e));
+                }
+            }
+            release.push((area, fp, lp, phys));
+        }
+        for (d, g) in u.domains.iter().zip(gathers.iter_mut()) {
+            if let Err(e) = d.read().iotlb_sync_shared(g) {
+                result = Err(domain_errno(e));
+            }
+        }
+        for (area, fp, lp, phys) in release {
+            if let Some(k) = area.holder {
+                area.pages.unregister(k);
+            }
+            if result.is_ok() {
+                area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+            }
+        }
+        result
+    }
+
+    /// Last step of an unmap outside the lock: the areas leave the table
+    /// (also when [`Self::unmap_outside`] failed: they are gone from the
+    /// domains' point of view, or their pins are kept). Returns the bytes
+    /// unmapped.
+    pub fn end_unmap(&mut self, u: Unmapping, unloaded: Result<()>) -> Result<u64> {
+        for (s, _, _) in &u.areas {
+            self.areas.remove(*s);
+        }
+        unloaded.map(|()| u.bytes)
+    }
+
+    fn unmap_range(&mut self, start: u64, last: u64) -> Result<u64> {
+        let hit = self.unmap_targets(start, last)?;
         let mut gathers: Vec<IotlbGather> = self.domains.iter().map(|_| IotlbGather::default()).collect();
         let mut bytes = 0u64;
         // Pins are dropped only after every domain's IOTLB is clean: until
@@ -647,6 +947,9 @@ impl IoPagetable {
         let mut cur = iova;
         loop {
             let Some((s, l, area)) = self.areas.get_containing(cur) else { return Err(Errno::ENOENT) };
+            if area.busy {
+                return Err(Errno::EBUSY);
+            }
             let end = l.min(last);
             out.push(PagesSlice {
                 pages: area.pages.clone(),
@@ -718,7 +1021,7 @@ impl IoPagetable {
     fn recalc_alignment(&mut self) -> Result<()> {
         let mut align = if self.disable_large_pages { PAGE_SIZE } else { 1 };
         for (_, d) in &self.domains {
-            align = align.max(d.lock().granule());
+            align = align.max(d.read().granule());
         }
         for a in self.access_alignments.values() {
             align = align.max(*a);
@@ -738,7 +1041,7 @@ impl IoPagetable {
             return Err(Errno::EEXIST);
         }
         let (granule, aperture) = {
-            let d = domain.lock();
+            let d = domain.read();
             (d.granule(), d.aperture())
         };
         let new_align = granule.max(self.iova_alignment);
@@ -779,7 +1082,8 @@ impl IoPagetable {
             } else {
                 Self::read_back(&self.domains[0].1, *s, &area, fp, lp)
             };
-            let r = Self::map_area_into(&mut **domain.lock(), *s, l, &area, &phys, self.disable_large_pages);
+            let r =
+                Self::map_area_into(&mut Locked(&mut **domain.lock()), *s, l, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
                 if first_domain && !e.stale {
                     area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
@@ -912,6 +1216,9 @@ impl IoPagetable {
             if new_start & (align - 1) != 0 || (area.start_byte + (new_start - s)) & (align - 1) != 0 {
                 return Err(Errno::EINVAL);
             }
+            if area.busy {
+                return Err(Errno::EBUSY);
+            }
             if area.accesses > 0 || (area.filled && !self.disable_large_pages) {
                 return Err(Errno::EINVAL);
             }
@@ -962,6 +1269,15 @@ impl IoPagetable {
     /// The pieces of areas covering `[iova, last]` in order, as
     /// `(area start, area last, piece first, piece last)`, and whether they
     /// cover the whole range without a hole.
+    /// `EBUSY` when an area in `[iova, last]` is being filled or unmapped
+    /// outside the lock (accesses do not touch such areas).
+    fn check_not_busy(&self, iova: u64, last: u64) -> Result<()> {
+        if self.areas.iter_overlapping(iova, last).any(|(_, _, a)| a.busy) {
+            return Err(Errno::EBUSY);
+        }
+        Ok(())
+    }
+
     fn contiguous(&self, iova: u64, last: u64) -> (Vec<(u64, u64, u64, u64)>, bool) {
         let mut out = Vec::new();
         let mut cur = iova;
@@ -993,6 +1309,7 @@ impl IoPagetable {
     /// address of each page. All or nothing.
     pub fn access_pin(&mut self, iova: u64, length: u64, write: bool) -> Result<Vec<u64>> {
         let last = last_of(iova, length)?;
+        self.check_not_busy(iova, last)?;
         let (pieces, complete) = self.contiguous(iova, last);
         for (i, &(s, l, first, _)) in pieces.iter().enumerate() {
             let area = self.area(s).1;
@@ -1055,6 +1372,7 @@ impl IoPagetable {
     /// `iommufd_access_rw`). Pages not pinned are pinned for the copy only.
     pub fn access_rw(&self, iova: u64, data: &mut [u8], write: bool) -> Result<()> {
         let last = last_of(iova, data.len() as u64)?;
+        self.check_not_busy(iova, last)?;
         let (pieces, complete) = self.contiguous(iova, last);
         let mut done = 0usize;
         for (s, _, first, end) in pieces {
@@ -1109,9 +1427,9 @@ mod tests {
     use super::*;
     use crate::memsrc::FakeAddressSpace;
     use crate::pages::Accounting;
+    use crate::pages::DomainLock;
     use crate::selftest::mock::{MOCK_APERTURE_START, MockDomain};
     use alloc::boxed::Box;
-    use spin::Mutex;
 
     struct Env {
         mem: Arc<FakeAddressSpace>,
@@ -1130,7 +1448,7 @@ mod tests {
     }
 
     fn mock() -> DomainRef {
-        Arc::new(Mutex::new(Box::new(MockDomain::new()) as Box<dyn IommuDomain>))
+        Arc::new(DomainLock::new(Box::new(MockDomain::new())))
     }
 
     #[test]
@@ -1187,7 +1505,7 @@ mod tests {
         assert_eq!(dst_iova, MOCK_APERTURE_START);
         assert_eq!(e.mem.pinned_pages(), 2);
         // A second domain whose map fails leaves everything as it was.
-        let bad = Arc::new(Mutex::new(Box::new({
+        let bad = Arc::new(DomainLock::new(Box::new({
             let mut m = MockDomain::new();
             m.fail_map_at(Some(1));
             m

@@ -437,8 +437,36 @@ pub struct Holder {
 /// `IommuDomain::map_runs` takes).
 pub type PhysRuns = Vec<PhysRun>;
 
-/// A domain as areas and holders share it.
-pub type DomainRef = Arc<Mutex<Box<dyn portcullis_iommu::IommuDomain>>>;
+/// A domain as areas, holders and its HWPT share it.
+pub type DomainRef = Arc<DomainLock>;
+
+/// The lock around a domain: `lock` for exclusive use (every domain
+/// method taking `&mut self`), `read` for the concurrent map and unmap of
+/// an IOAS ([`portcullis_iommu::IommuDomain::map_shared`] and its
+/// siblings), which domains that support it run from several threads at
+/// once on disjoint ranges, and for lookups.
+pub struct DomainLock(spin::RwLock<Box<dyn portcullis_iommu::IommuDomain>>);
+
+impl core::fmt::Debug for DomainLock {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("DomainLock")
+    }
+}
+
+impl DomainLock {
+    /// `domain`, unlocked.
+    pub fn new(domain: Box<dyn portcullis_iommu::IommuDomain>) -> Self {
+        Self(spin::RwLock::new(domain))
+    }
+    /// The domain, exclusively.
+    pub fn lock(&self) -> spin::RwLockWriteGuard<'_, Box<dyn portcullis_iommu::IommuDomain>> {
+        self.0.write()
+    }
+    /// The domain, shared with other readers.
+    pub fn read(&self) -> spin::RwLockReadGuard<'_, Box<dyn portcullis_iommu::IommuDomain>> {
+        self.0.read()
+    }
+}
 
 impl core::fmt::Debug for Holder {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -457,7 +485,7 @@ impl Holder {
         let first_byte = (page * PAGE_SIZE).max(self.start_byte);
         let off = first_byte - page * PAGE_SIZE;
         let iova = self.iova + (first_byte - self.start_byte);
-        let PhysRun { phys: p, len } = self.domain.lock().iova_to_phys_run(iova, max_pages * PAGE_SIZE - off)?;
+        let PhysRun { phys: p, len } = self.domain.read().iova_to_phys_run(iova, max_pages * PAGE_SIZE - off)?;
         Some((p - off, (off + len).div_ceil(PAGE_SIZE).min(max_pages)))
     }
 }

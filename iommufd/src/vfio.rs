@@ -53,6 +53,7 @@ fn set_iommu(ictx: &Ictx, kind: u64) -> Result<()> {
     }
     let ioas = ictx.ioas(compat(ictx)?)?;
     if kind == VFIO_TYPE1_IOMMU {
+        let _domains = ioas.domains_rw.write();
         ioas.iopt.lock().disable_large_pages()?;
     }
     Ok(())

@@ -8,10 +8,12 @@
 //! lock order of DESIGN.md, exercised); afterwards every pin is gone. (Lock design: see DESIGN.md and the top
 //! of ctx/mod.rs.)
 
-use iommufd::ctx::Ictx;
+use iommufd::ctx::{DeviceOps, Ictx};
+use iommufd::errno::Errno;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
-use iommufd::selftest::cmd::MockDevice;
+use iommufd::selftest::cmd::{MockAccess, MockDevice};
 use iommufd::selftest::mock::MOCK_APERTURE_START;
+use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, IovaRange, PhysRun, Prot};
 use std::sync::Arc;
 
 const THREADS: u64 = 4;
@@ -156,5 +158,344 @@ fn change_process_while_others_map_and_create_ioas() {
     let (moved, refused) = (moved.into_inner(), refused.into_inner());
     assert!(moved + refused > 0, "change_process ran");
     println!("change_process: {moved} moved, {refused} refused");
+    assert_eq!((mem.pinned_pages(), ictx.pinned_pages()), (0, 0));
+}
+
+/// A device whose domains are the page-table engine on shared heap tables
+/// (VT-d 4-level second stage, no invalidation hardware): they map and
+/// unmap concurrently, so the IOAS fills and unloads areas outside its
+/// lock. With a gate, every concurrent map first waits for the gate to
+/// open (to hold an area in its "being filled" state), and one map can be
+/// made to fail.
+struct EngineDevice {
+    id: u64,
+    gate: Option<Arc<Gate>>,
+}
+
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+    waiting: std::sync::atomic::AtomicU64,
+    fail_next: std::sync::atomic::AtomicBool,
+}
+
+impl Gate {
+    fn pass(&self) {
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.changed.wait(open).unwrap();
+        }
+        self.waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn set(&self, open: bool) {
+        *self.open.lock().unwrap() = open;
+        self.changed.notify_all();
+    }
+}
+
+type Engine =
+    io_pgtable::PagingDomain<io_pgtable::VtdSecondStage, io_pgtable::SharedHeapTables, io_pgtable::NoInvalidator>;
+
+/// The engine domain behind an optional gate.
+struct GatedDomain {
+    inner: Engine,
+    gate: Option<Arc<Gate>>,
+}
+
+impl IommuDomain for GatedDomain {
+    fn page_sizes(&self) -> u64 {
+        self.inner.page_sizes()
+    }
+    fn aperture(&self) -> IovaRange {
+        self.inner.aperture()
+    }
+    fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
+        self.inner.map(iova, phys, length, prot)
+    }
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
+        self.inner.map_runs(iova, runs, prot)
+    }
+    fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
+        self.inner.unmap(iova, length, gather)
+    }
+    fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError> {
+        self.inner.iotlb_sync(gather)
+    }
+    fn supports_shared(&self) -> bool {
+        self.inner.supports_shared()
+    }
+    fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
+        if let Some(g) = &self.gate {
+            g.pass();
+            if g.fail_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(DomainError::NoMemory);
+            }
+        }
+        self.inner.map_shared(iova, runs, prot)
+    }
+    fn unmap_shared(&self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, DomainError> {
+        self.inner.unmap_shared(iova, length, gather)
+    }
+    fn iotlb_sync_shared(&self, gather: &mut IotlbGather) -> Result<(), DomainError> {
+        self.inner.iotlb_sync_shared(gather)
+    }
+    fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        self.inner.iova_to_phys(iova)
+    }
+    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [PhysRun]) -> (usize, u64) {
+        self.inner.iova_to_phys_runs(iova, length, out)
+    }
+    fn enforce_cache_coherency(&mut self) -> bool {
+        self.inner.enforce_cache_coherency()
+    }
+    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.inner.attach_device(device)
+    }
+    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.inner.detach_device(device)
+    }
+}
+
+impl DeviceOps for EngineDevice {
+    fn handle(&self) -> DeviceHandle {
+        DeviceHandle::Opaque(self.id)
+    }
+    fn alloc_domain(&self) -> Result<Box<dyn IommuDomain>, DomainError> {
+        let f = io_pgtable::VtdSecondStage::from_caps([39, 48], 48, true, true, false).expect("format");
+        let inner =
+            io_pgtable::PagingDomain::new(f, io_pgtable::SharedHeapTables::new(true), io_pgtable::NoInvalidator)
+                .map_err(|_| DomainError::NoMemory)?;
+        Ok(Box::new(GatedDomain { inner, gate: self.gate.clone() }))
+    }
+}
+
+fn engine(id: u64) -> Arc<EngineDevice> {
+    Arc::new(EngineDevice { id, gate: None })
+}
+
+/// As `parallel_map_unmap_copy_keep_every_invariant`, with domains that
+/// map concurrently: maps, copies and unmaps fill and unload their areas
+/// outside the IOAS lock, in parallel, while another thread adds and
+/// removes a second domain of the shared IOAS (which must wait for the
+/// fills in progress and be filled with every area). Each thread checks
+/// its translations in every domain; afterwards every pin is gone.
+#[test]
+fn concurrent_domains_fill_outside_the_ioas_lock() {
+    const IOVA: u64 = 1 << 32;
+    let mem = Arc::new(FakeAddressSpace::new());
+    mem.map(USER, THREADS * CHUNK, true);
+    let ictx = Arc::new(Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX));
+    let shared = ictx.ioas_alloc().unwrap();
+    let other = ictx.ioas_alloc().unwrap();
+    for (k, ioas) in [shared, other].into_iter().enumerate() {
+        let dev = ictx.bind_device(engine(10 + k as u64)).unwrap();
+        ictx.attach(dev, ioas).unwrap();
+    }
+    let hwpt_of = |ioas: u32| (1..64).find_map(|id| ictx.hwpt(id).ok().filter(|h| h.ioas_id == ioas)).unwrap();
+    let (shared_hwpt, other_hwpt) = (hwpt_of(shared), hwpt_of(other));
+    let churn_dev = ictx.bind_device(engine(20)).unwrap();
+    let done = std::sync::atomic::AtomicU64::new(0);
+    assert!(ictx.ioas(shared).unwrap().iopt.lock().concurrent(), "the engine domains map concurrently");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut rounds = 0u64;
+            while done.load(std::sync::atomic::Ordering::SeqCst) < THREADS || rounds < 10 {
+                let h = ictx.hwpt_alloc(churn_dev, shared).unwrap();
+                // Loaded with every area filled at that moment, none busy.
+                let hw = ictx.hwpt(h).unwrap();
+                let areas: Vec<(u64, u64)> = {
+                    let ioas = ictx.ioas(shared).unwrap();
+                    let iopt = ioas.iopt.lock();
+                    iopt.areas().filter(|(_, _, a)| a.filled).map(|(s, l, _)| (s, l)).collect()
+                };
+                for (s, l) in areas {
+                    // The area may be unmapped since: then it is gone from
+                    // both domains; else both translate it the same way.
+                    let first = shared_hwpt.domain.read().iova_to_phys(s);
+                    let second = hw.domain.read().iova_to_phys(s);
+                    assert!(first.is_none() || second.is_none() || first == second, "{s:#x}..{l:#x}");
+                }
+                ictx.destroy(h).unwrap();
+                rounds += 1;
+            }
+        });
+        for t in 0..THREADS {
+            let ictx = ictx.clone();
+            let mem = mem.clone();
+            let (shared_hwpt, other_hwpt) = (shared_hwpt.clone(), other_hwpt.clone());
+            let done = &done;
+            s.spawn(move || {
+                let uptr = USER + t * CHUNK;
+                let iova = IOVA + t * 0x100_0000;
+                let copy_iova = iova + 0x80_0000;
+                for round in 0..ROUNDS {
+                    let len = ((round % 16) + 1) * PAGE_SIZE;
+                    ictx.ioas_map(shared, Some(iova), uptr, len, true, true).unwrap();
+                    for p in 0..len / PAGE_SIZE {
+                        let want = mem.phys_of(uptr + p * PAGE_SIZE).unwrap();
+                        assert_eq!(shared_hwpt.domain.read().iova_to_phys(iova + p * PAGE_SIZE), Some(want));
+                    }
+                    if t % 2 == 0 {
+                        ictx.ioas_copy(other, shared, iova, Some(copy_iova), len, true, false).unwrap();
+                        let want = mem.phys_of(uptr + len - PAGE_SIZE).unwrap();
+                        assert_eq!(other_hwpt.domain.read().iova_to_phys(copy_iova + len - PAGE_SIZE), Some(want));
+                        assert_eq!(ictx.ioas_unmap(other, copy_iova, len), Ok(len));
+                    }
+                    assert_eq!(ictx.ioas_unmap(shared, iova, len), Ok(len));
+                    assert_eq!(shared_hwpt.domain.read().iova_to_phys(iova), None);
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    assert_eq!(mem.pinned_pages(), 0);
+    assert_eq!(ictx.pinned_pages(), 0);
+    for ioas in [shared, other] {
+        assert_eq!(ictx.ioas_unmap(ioas, 0, u64::MAX), Ok(0));
+    }
+}
+
+/// An area being filled outside the lock is reserved (a map of the same
+/// IOVA is `EEXIST`) and busy: an unmap or a copy that meets it is
+/// `EBUSY`, and so is an access. A map of another range and the unmap of
+/// another area go ahead meanwhile. A concurrent fill that fails removes
+/// its area and drops every pin, also in the domain it had loaded.
+#[test]
+fn meeting_an_area_being_filled_is_ebusy() {
+    let mem = Arc::new(FakeAddressSpace::new());
+    mem.map(USER, 4 * CHUNK, true);
+    let ictx = Arc::new(Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX));
+    let ioas = ictx.ioas_alloc().unwrap();
+    let gate = Arc::new(Gate::default());
+    gate.set(true);
+    let plain = ictx.bind_device(engine(30)).unwrap();
+    ictx.attach(plain, ioas).unwrap();
+    // A second domain (attaching would reuse the first one's HWPT).
+    let gated = ictx.bind_device(Arc::new(EngineDevice { id: 31, gate: Some(gate.clone()) })).unwrap();
+    ictx.hwpt_alloc(gated, ioas).unwrap();
+    assert!(ictx.ioas(ioas).unwrap().iopt.lock().concurrent());
+    let iova = 1u64 << 32;
+    let other = ictx.ioas_alloc().unwrap();
+    // Another area, filled before.
+    ictx.ioas_map(ioas, Some(iova + 0x100_0000), USER + CHUNK, CHUNK, true, true).unwrap();
+    gate.set(false);
+    std::thread::scope(|s| {
+        let filler = s.spawn(|| ictx.ioas_map(ioas, Some(iova), USER, CHUNK, true, true));
+        while gate.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(!filler.is_finished(), "the fill did not wait at the gate: {:?}", filler.join());
+            std::thread::yield_now();
+        }
+        // The area is in the table, being filled.
+        assert_eq!(ictx.ioas_map(ioas, Some(iova), USER, CHUNK, true, true), Err(Errno::EEXIST));
+        assert_eq!(ictx.ioas_unmap(ioas, iova, CHUNK), Err(Errno::EBUSY));
+        assert_eq!(ictx.ioas_unmap(ioas, 0, u64::MAX), Err(Errno::EBUSY));
+        assert_eq!(ictx.ioas_copy(other, ioas, iova, None, CHUNK, true, true), Err(Errno::EBUSY));
+        let acc = ictx.access_create(Arc::new(MockAccess::new(true))).unwrap();
+        ictx.access_attach(acc, ioas).unwrap();
+        assert_eq!(ictx.access_pin_pages(acc, iova, PAGE_SIZE, false), Err(Errno::EBUSY));
+        ictx.access_destroy(acc).unwrap();
+        // The other area unmaps meanwhile (its domain work waits for none).
+        assert_eq!(ictx.ioas_unmap(ioas, iova + 0x100_0000, CHUNK), Ok(CHUNK));
+        gate.set(true);
+        assert_eq!(filler.join().unwrap(), Ok(iova));
+    });
+    assert_eq!(mem.pinned_pages(), CHUNK / PAGE_SIZE);
+    assert_eq!(ictx.ioas_unmap(ioas, iova, CHUNK), Ok(CHUNK));
+    assert_eq!(mem.pinned_pages(), 0);
+    // A fill whose second domain fails: the first is unloaded again, the
+    // area removed, the pins dropped.
+    gate.fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(ictx.ioas_map(ioas, Some(iova), USER, CHUNK, true, true), Err(Errno::ENOMEM));
+    assert_eq!((mem.pinned_pages(), ictx.pinned_pages()), (0, 0));
+    for hw in (1..64).filter_map(|id| ictx.hwpt(id).ok().filter(|h| h.ioas_id == ioas)) {
+        assert_eq!(hw.domain.read().iova_to_phys(iova), None);
+    }
+    assert_eq!(ictx.ioas_map(ioas, Some(iova), USER, CHUNK, true, true), Ok(iova), "the IOVA is free again");
+    assert_eq!(ictx.ioas_unmap(ioas, 0, u64::MAX), Ok(CHUNK));
+    assert_eq!((mem.pinned_pages(), ictx.pinned_pages()), (0, 0));
+}
+
+/// The fault-injection sweep of `fault_sweep.rs`, over the concurrent
+/// path: a map (filling two domains outside the lock), a copy and an
+/// unmap run with their 1st, 2nd, ... fault point failing (page store
+/// allocation, pin, each domain map) until they succeed; after each
+/// failure, the pins of every page, the accounting, the objects and the
+/// translation of every page in every domain are as before the call.
+#[test]
+fn concurrent_fills_survive_every_fault_point() {
+    const IOVA: u64 = 1 << 32;
+    const PAGES: u64 = 32;
+    let mem = Arc::new(FakeAddressSpace::new());
+    mem.map(USER, PAGES * PAGE_SIZE, true);
+    let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
+    let (a, b) = (ictx.ioas_alloc().unwrap(), ictx.ioas_alloc().unwrap());
+    let d1 = ictx.bind_device(engine(40)).unwrap();
+    ictx.attach(d1, a).unwrap();
+    let d2 = ictx.bind_device(engine(41)).unwrap();
+    ictx.hwpt_alloc(d2, a).unwrap();
+    let d3 = ictx.bind_device(engine(42)).unwrap();
+    ictx.attach(d3, b).unwrap();
+    for ioas in [a, b] {
+        assert!(ictx.ioas(ioas).unwrap().iopt.lock().concurrent());
+    }
+    // Something mapped already, next to where the sweep maps.
+    ictx.ioas_map(a, Some(IOVA), USER, 8 * PAGE_SIZE, true, true).unwrap();
+    let snapshot = || {
+        let domains: Vec<Vec<Option<u64>>> = ictx
+            .object_ids()
+            .iter()
+            .filter_map(|&id| ictx.hwpt(id).ok())
+            .map(|h| {
+                let d = h.domain.read();
+                (0..2 * PAGES).map(|k| d.iova_to_phys(IOVA + k * PAGE_SIZE)).collect()
+            })
+            .collect();
+        let pins: Vec<u32> = (0..PAGES).map(|p| mem.pins(USER + p * PAGE_SIZE)).collect();
+        (ictx.object_ids(), pins, ictx.pinned_pages(), domains)
+    };
+    type Op<'a> = (&'a str, Box<dyn Fn() -> Result<u64, Errno> + 'a>, Box<dyn Fn() + 'a>);
+    let ops: Vec<Op> = vec![
+        (
+            "map",
+            Box::new(|| {
+                ictx.ioas_map(a, Some(IOVA + 16 * PAGE_SIZE), USER + 4 * PAGE_SIZE, 16 * PAGE_SIZE, true, true)
+            }),
+            Box::new(|| assert_eq!(ictx.ioas_unmap(a, IOVA + 16 * PAGE_SIZE, 16 * PAGE_SIZE), Ok(16 * PAGE_SIZE))),
+        ),
+        (
+            "copy",
+            Box::new(|| ictx.ioas_copy(b, a, IOVA, Some(IOVA + 8 * PAGE_SIZE), 8 * PAGE_SIZE, true, false)),
+            Box::new(|| assert_eq!(ictx.ioas_unmap(b, IOVA + 8 * PAGE_SIZE, 8 * PAGE_SIZE), Ok(8 * PAGE_SIZE))),
+        ),
+        (
+            "unmap",
+            Box::new(|| ictx.ioas_unmap(a, IOVA, 8 * PAGE_SIZE)),
+            Box::new(|| assert_eq!(ictx.ioas_map(a, Some(IOVA), USER, 8 * PAGE_SIZE, true, true), Ok(IOVA))),
+        ),
+    ];
+    for (name, op, undo) in &ops {
+        let before = snapshot();
+        let mut n = 1;
+        loop {
+            ictx.accounting().faults.arm(Some(n));
+            let r = op();
+            ictx.accounting().faults.arm(None);
+            match r {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(matches!(e, Errno::ENOMEM | Errno::EFAULT | Errno::EIO), "{name} #{n}: {e:?}");
+                    assert_eq!(snapshot(), before, "{name} with fault point {n} failing");
+                }
+            }
+            n += 1;
+            assert!(n < 64, "{name} never succeeds");
+        }
+        println!("{name}: {} fault points", n - 1);
+        undo();
+        assert_eq!(snapshot(), before, "{name} undone");
+    }
+    assert!(ictx.ioas_unmap(a, 0, u64::MAX).is_ok());
     assert_eq!((mem.pinned_pages(), ictx.pinned_pages()), (0, 0));
 }

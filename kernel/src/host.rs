@@ -4,7 +4,8 @@
 //! copies.
 //!
 //! This is the only IOMMU-related `unsafe` in the kernel: volatile register
-//! accesses, table words through the direct map, cache-line flushes. Every
+//! accesses, table words through the direct map (one at a time, or a whole
+//! table as atomics for concurrent map/unmap), cache-line flushes. Every
 //! VT-d and AMD-Vi decision lives in the drivers and the passthrough crate;
 //! the kernel is one implementation of the platform, as a hypervisor
 //! embedding Portcullis would write its own.
@@ -14,6 +15,7 @@ use crate::mem::{alloc_frames, free_frames, map_mmio, phys_to_virt};
 use crate::pci::ConfigAccess;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::AtomicU64;
 use portcullis::{Bdf, BridgeBuses, PciFunction, PhysAddr, PlatformError};
 
 /// A unit's register block, mapped uncached.
@@ -162,6 +164,22 @@ impl portcullis::Platform for KernelHost {
         assert!(phys.0.is_multiple_of(8), "misaligned table word at {phys}");
         // SAFETY: as for read_u64; the word is written whole.
         unsafe { phys_to_virt(phys.0).cast::<u64>().write_volatile(value) }
+    }
+    fn has_table_words(&self) -> bool {
+        true
+    }
+    fn table_words(&self, phys: PhysAddr) -> Option<&[AtomicU64; 512]> {
+        if !phys.0.is_multiple_of(4096) || ram(phys.0, 4096).is_err() {
+            return None;
+        }
+        // SAFETY: `phys` is a 4 KiB-aligned RAM frame, and the direct map
+        // covers all RAM for the kernel's whole life, so the pointer is
+        // valid and aligned for 512 `AtomicU64`, which have the layout of
+        // `u64`. Every access to these words is a whole aligned 8-byte
+        // access: atomics here, volatile ones in read_u64/write_u64 (used
+        // under the domain's lock, never at the same time as the atomics
+        // of a concurrent map), and the IOMMU's own.
+        Some(unsafe { &*phys_to_virt(phys.0).cast::<[AtomicU64; 512]>() })
     }
     fn read_phys(&self, phys: PhysAddr, buf: &mut [u8]) -> Result<(), PlatformError> {
         ram(phys.0, buf.len() as u64)?;

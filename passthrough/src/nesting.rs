@@ -83,7 +83,7 @@ pub struct ParentState {
 pub struct VtdNestingDevice<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     device: Device,
@@ -93,7 +93,7 @@ where
 impl<M, T, C> fmt::Debug for VtdNestingDevice<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -104,7 +104,7 @@ where
 impl<M, T, C> VtdNestingDevice<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Requester `at.requester_id` behind `unit` (number `at.unit`).
@@ -121,7 +121,7 @@ where
 impl<M, T, C> DeviceOps for VtdNestingDevice<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn handle(&self) -> DeviceHandle {
@@ -227,7 +227,7 @@ where
 pub struct VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     domain: Domain,
@@ -238,7 +238,7 @@ where
 impl<M, T, C> fmt::Debug for VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -249,7 +249,7 @@ where
 impl<M, T, C> VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// The generic domain inside.
@@ -281,7 +281,7 @@ where
 impl<M, T, C> IommuDomain for VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn page_sizes(&self) -> u64 {
@@ -378,7 +378,7 @@ where
 impl<M, T, C> VtdParent<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn after_map(&self, iova: u64, length: u64) -> core::result::Result<(), DomainError> {
@@ -394,7 +394,7 @@ where
 pub struct VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     inner: vtd::nested::NestedDomain<M, T, C>,
@@ -407,7 +407,7 @@ where
 impl<M, T, C> fmt::Debug for VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -418,7 +418,7 @@ where
 impl<M, T, C> VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// The driver's nested domain.
@@ -460,7 +460,7 @@ where
 impl<M, T, C> NestedDomain for VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Writes the nested PASID entry (the stage-1 data checked first, as
@@ -507,7 +507,7 @@ where
 impl<M, T, C> Drop for VtdNested<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// The parent stops invalidating under this domain's id (the driver's

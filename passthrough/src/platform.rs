@@ -10,6 +10,7 @@ use crate::{Bdf, PhysAddr};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::AtomicU64;
 use portcullis_iommu::mmio::Mmio;
 
 /// Why the platform refused a request.
@@ -99,6 +100,25 @@ pub trait Platform: Send + Sync + 'static {
     /// IOMMU may read it at any moment and must never see half of it).
     fn write_u64(&self, phys: PhysAddr, value: u64);
 
+    /// The 4 KiB frame at `phys` (one this crate allocated for an I/O page
+    /// table) as 512 atomic words, the same memory [`Self::read_u64`] and
+    /// [`Self::write_u64`] reach, valid while the frame stays allocated.
+    /// With it, page tables map and unmap disjoint ranges from several
+    /// threads at once (compare-and-swap installs, see the io-pgtable
+    /// engine's concurrent path). `None`, the default: the platform offers
+    /// no such view, and each domain maps under its lock. A platform
+    /// returns `Some` for every such frame or for none, and says which
+    /// with [`Self::has_table_words`].
+    fn table_words(&self, phys: PhysAddr) -> Option<&[AtomicU64; 512]> {
+        let _ = phys;
+        None
+    }
+
+    /// Whether [`Self::table_words`] gives views. No, by default.
+    fn has_table_words(&self) -> bool {
+        false
+    }
+
     /// Copies RAM at `phys` into `buf` (guest memory, for emulated
     /// accesses).
     fn read_phys(&self, phys: PhysAddr, buf: &mut [u8]) -> Result<(), PlatformError>;
@@ -144,11 +164,13 @@ pub trait Platform: Send + Sync + 'static {
 pub struct PlatformTables<P: Platform> {
     platform: Arc<P>,
     coherent: bool,
+    /// The platform gives whole-table views ([`Platform::table_words`]).
+    shared: bool,
 }
 
 impl<P: Platform> Clone for PlatformTables<P> {
     fn clone(&self) -> Self {
-        Self { platform: self.platform.clone(), coherent: self.coherent }
+        Self { platform: self.platform.clone(), coherent: self.coherent, shared: self.shared }
     }
 }
 
@@ -161,7 +183,8 @@ impl<P: Platform> fmt::Debug for PlatformTables<P> {
 impl<P: Platform> PlatformTables<P> {
     /// Tables for a unit whose walks do (`coherent`) or do not snoop.
     pub fn new(platform: Arc<P>, coherent: bool) -> Self {
-        Self { platform, coherent }
+        let shared = platform.has_table_words();
+        Self { platform, coherent, shared }
     }
 
     fn fresh(&self, pages: usize, align: u64) -> Option<u64> {
@@ -194,6 +217,29 @@ impl<P: Platform> io_pgtable::TableMemory for PlatformTables<P> {
         self.coherent
     }
     fn flush(&mut self, phys: u64, len: u64) {
+        self.platform.flush_cache(PhysAddr(phys), len)
+    }
+    fn shared(&self) -> Option<&dyn io_pgtable::SharedTableMemory> {
+        if self.shared { Some(self) } else { None }
+    }
+}
+
+/// Only used when the platform gives whole-table views
+/// ([`io_pgtable::TableMemory::shared`] says so).
+impl<P: Platform> io_pgtable::SharedTableMemory for PlatformTables<P> {
+    fn alloc_shared(&self) -> Option<u64> {
+        self.fresh(1, 4096)
+    }
+    fn free_shared(&self, table: u64) {
+        self.platform.free_frames(PhysAddr(table), 1);
+    }
+    fn entries(&self, table: u64) -> &[AtomicU64; 512] {
+        match self.platform.table_words(PhysAddr(table)) {
+            Some(words) => words,
+            None => panic!("the platform gave a view of one table frame but not of {table:#x}"),
+        }
+    }
+    fn flush_shared(&self, phys: u64, len: u64) {
         self.platform.flush_cache(PhysAddr(phys), len)
     }
 }

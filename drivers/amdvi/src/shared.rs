@@ -69,7 +69,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> fmt::Debug for Shared<M, T, C> {
 impl<M, T, C> Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: ContiguousMemory + Clone + Send + 'static,
+    T: ContiguousMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Brings up the unit at register base `base`: device table (every
@@ -143,7 +143,7 @@ where
 impl<M, T, C> IommuUnit for Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: ContiguousMemory + Clone + Send + 'static,
+    T: ContiguousMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn base(&self) -> u64 {
@@ -289,7 +289,18 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Invalidator for AmdInvalidator<M, T
         self.unit.unit.lock().set_dirty_tracking(self.domain_id, enable).map_err(DomainError::from)
     }
     fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
-        if self.np_cache { self.invalidate(iova, last, false) } else { Ok(()) }
+        self.mapped_shared(iova, last)
+    }
+    /// Commands go through the unit's lock: callers need no other.
+    fn concurrent(&self) -> bool {
+        true
+    }
+    fn invalidate_shared(&self, start: u64, last: u64, _tables_freed: bool) -> Result<(), DomainError> {
+        // As `invalidate`: PDE = 1 covers freed tables.
+        self.unit.unit.lock().invalidate_range(self.domain_id, start, last).map_err(DomainError::from)
+    }
+    fn mapped_shared(&self, iova: u64, last: u64) -> Result<(), DomainError> {
+        if self.np_cache { self.invalidate_shared(iova, last, false) } else { Ok(()) }
     }
 }
 
@@ -316,7 +327,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> AmdDomain<M, T, C> {
 impl<M, T, C> IommuDomain for AmdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: ContiguousMemory + Clone + Send + 'static,
+    T: ContiguousMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     portcullis_iommu::forward_paging!(paging);
@@ -340,7 +351,7 @@ where
 impl<M, T, C> UnitDomain for AmdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: ContiguousMemory + Clone + Send + 'static,
+    T: ContiguousMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn domain_id(&self) -> u16 {

@@ -17,13 +17,15 @@
 //!   (iommufd never does).
 
 use alloc::vec::Vec;
+use core::sync::atomic::AtomicBool;
+use core::sync::atomic::Ordering::Relaxed;
 
 use portcullis_iommu::{DeviceHandle, DomainError, IommuDomain, IotlbGather, IovaRange, PhysRun, Prot};
 
 use crate::Error;
 use crate::format::PtFormat;
 use crate::memory::TableMemory;
-use crate::table::PageTable;
+use crate::table::{PageTable, PartialUnmap};
 
 /// Invalidates the unit's translation caches for a domain.
 pub trait Invalidator {
@@ -51,6 +53,25 @@ pub trait Invalidator {
         let _ = enable;
         Ok(())
     }
+
+    /// Whether [`Self::invalidate_shared`] and [`Self::mapped_shared`]
+    /// work, from several threads at once: the domain's concurrent path
+    /// needs it. No, by default.
+    fn concurrent(&self) -> bool {
+        false
+    }
+
+    /// [`Self::invalidate`] through `&self`. `NotSupported` by default.
+    fn invalidate_shared(&self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
+        let _ = (start, last, tables_freed);
+        Err(DomainError::NotSupported)
+    }
+
+    /// [`Self::mapped`] through `&self`. `NotSupported` by default.
+    fn mapped_shared(&self, iova: u64, last: u64) -> Result<(), DomainError> {
+        let _ = (iova, last);
+        Err(DomainError::NotSupported)
+    }
 }
 
 /// An [`Invalidator`] that records its calls (host tests).
@@ -75,6 +96,15 @@ impl Invalidator for NoInvalidator {
     fn invalidate(&mut self, _start: u64, _last: u64, _tables_freed: bool) -> Result<(), DomainError> {
         Ok(())
     }
+    fn concurrent(&self) -> bool {
+        true
+    }
+    fn invalidate_shared(&self, _start: u64, _last: u64, _tables_freed: bool) -> Result<(), DomainError> {
+        Ok(())
+    }
+    fn mapped_shared(&self, _iova: u64, _last: u64) -> Result<(), DomainError> {
+        Ok(())
+    }
 }
 
 impl From<Error> for DomainError {
@@ -86,6 +116,7 @@ impl From<Error> for DomainError {
             Error::BadProt { .. } => DomainError::NotSupported,
             Error::AlreadyMapped { iova } => DomainError::AlreadyMapped { iova },
             Error::NoMemory { .. } => DomainError::NoMemory,
+            Error::NotShared => DomainError::NotSupported,
         }
     }
 }
@@ -96,8 +127,9 @@ pub struct PagingDomain<F: PtFormat, M: TableMemory, I: Invalidator> {
     table: PageTable<F, M>,
     invalidator: I,
     devices: Vec<DeviceHandle>,
-    /// An invalidation failed: maps are refused until `recover`.
-    needs_recovery: bool,
+    /// An invalidation failed: maps are refused until `recover`. Atomic
+    /// for the concurrent path.
+    needs_recovery: AtomicBool,
     /// Dirty tracking is on (only for a format with a dirty bit).
     tracking: bool,
 }
@@ -109,7 +141,7 @@ impl<F: PtFormat, M: TableMemory, I: Invalidator> PagingDomain<F, M, I> {
             table: PageTable::new(format, mem)?,
             invalidator,
             devices: Vec::new(),
-            needs_recovery: false,
+            needs_recovery: AtomicBool::new(false),
             tracking: false,
         })
     }
@@ -140,21 +172,31 @@ impl<F: PtFormat, M: TableMemory, I: Invalidator> PagingDomain<F, M, I> {
     /// Whether an invalidation failed and [`IommuDomain::recover`] has not
     /// succeeded since.
     pub fn needs_recovery(&self) -> bool {
-        self.needs_recovery
+        self.needs_recovery.load(Relaxed)
     }
     /// Runs an invalidation; a failure marks the domain for recovery.
     fn invalidate(&mut self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
         let r = self.invalidator.invalidate(start, last, tables_freed);
-        self.needs_recovery |= r.is_err();
+        if r.is_err() {
+            self.needs_recovery.store(true, Relaxed);
+        }
+        r
+    }
+    /// [`Self::invalidate`] through `&self` (concurrent path).
+    fn invalidate_shared(&self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
+        let r = self.invalidator.invalidate_shared(start, last, tables_freed);
+        if r.is_err() {
+            self.needs_recovery.store(true, Relaxed);
+        }
         r
     }
 }
 
 impl<F, M, I> IommuDomain for PagingDomain<F, M, I>
 where
-    F: PtFormat + Send,
-    M: TableMemory + Send,
-    I: Invalidator + Send,
+    F: PtFormat + Send + Sync,
+    M: TableMemory + Send + Sync,
+    I: Invalidator + Send + Sync,
 {
     fn page_sizes(&self) -> u64 {
         self.table.page_sizes()
@@ -169,7 +211,7 @@ where
     }
 
     fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
-        if self.needs_recovery {
+        if self.needs_recovery() {
             return Err(DomainError::NeedsRecovery);
         }
         let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.len));
@@ -181,7 +223,7 @@ where
                     // the writes may sit in its write buffer): undo the
                     // map, so it is all or nothing, and keep any freed
                     // table until a recovery invalidates everything.
-                    self.needs_recovery = true;
+                    self.needs_recovery.store(true, Relaxed);
                     let mut g = IotlbGather::default();
                     self.table.unmap(iova, length, &mut g);
                     return Err(e);
@@ -208,27 +250,118 @@ where
     }
 
     fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError> {
+        // Tables a concurrent unmap put in the gather join the deferred
+        // list (this sync is exclusive: nobody else's are there).
+        let mut unlinked = core::mem::take(&mut gather.unlinked);
         if let Some(start) = gather.start {
             let (last, freed) = (gather.last, gather.freed_tables > 0);
             *gather = IotlbGather::default();
             // On failure the unlinked tables stay deferred: the walker may
             // still hold them.
-            self.invalidate(start, last, freed)?;
+            if let Err(e) = self.invalidate(start, last, freed) {
+                gather.unlinked = unlinked;
+                return Err(e);
+            }
         }
-        if !self.needs_recovery {
+        if !self.needs_recovery() {
             self.table.release_deferred();
+            self.table.free_unlinked(&mut unlinked);
         }
+        gather.unlinked = unlinked;
         Ok(())
     }
 
     fn recover(&mut self) -> Result<(), DomainError> {
-        if !self.needs_recovery {
+        if !self.needs_recovery() {
             return Ok(());
         }
         let IovaRange { start, last } = self.table.aperture();
         self.invalidator.invalidate(start, last, true)?;
-        self.needs_recovery = false;
+        self.needs_recovery.store(false, Relaxed);
         self.table.release_deferred();
+        Ok(())
+    }
+
+    /// When the table memory and the invalidator both work concurrently
+    /// ([`TableMemory::shared`], [`Invalidator::concurrent`]).
+    fn supports_shared(&self) -> bool {
+        self.table.concurrent() && self.invalidator.concurrent()
+    }
+
+    /// The engine's [`PageTable::map_shared`]; as `map_runs` otherwise
+    /// (refused while recovery is needed; a failed `mapped` undoes the
+    /// map).
+    fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
+        if !self.invalidator.concurrent() {
+            return Err(DomainError::NotSupported);
+        }
+        if self.needs_recovery() {
+            return Err(DomainError::NeedsRecovery);
+        }
+        let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.len));
+        let mut unlinked = Vec::new();
+        match self.table.map_shared(iova, runs, prot, &mut unlinked) {
+            Ok(()) => {
+                let last = iova + (length - 1);
+                if let Err(e) = self.invalidator.mapped_shared(iova, last) {
+                    // As in map_runs; the tables the undo unlinks stay
+                    // allocated for good (a recovery does not know them).
+                    self.needs_recovery.store(true, Relaxed);
+                    let mut g = IotlbGather::default();
+                    // Undoing this call's own map never splits a page,
+                    // so it cannot stop early.
+                    let _partial = self.table.unmap_shared(iova, length, &mut g, &mut unlinked);
+                    return Err(e);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, Error::AlreadyMapped { .. } | Error::NoMemory { .. }) {
+                    self.invalidate_shared(iova, iova + (length - 1), !unlinked.is_empty())?;
+                    self.table.free_unlinked(&mut unlinked);
+                }
+                Err(match e {
+                    Error::BadPhys { .. } => DomainError::BadRange { iova, length },
+                    e => e.into(),
+                })
+            }
+        }
+    }
+
+    /// The engine's [`PageTable::unmap_shared`]; unlinked tables go into
+    /// `gather` for [`Self::iotlb_sync_shared`]. A split that cannot
+    /// allocate stops it early, as `unmap` does (the bytes returned say
+    /// how far it got).
+    fn unmap_shared(&self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, DomainError> {
+        if !self.invalidator.concurrent() {
+            return Err(DomainError::NotSupported);
+        }
+        let mut unlinked = core::mem::take(&mut gather.unlinked);
+        let r = self.table.unmap_shared(iova, length, gather, &mut unlinked);
+        gather.unlinked = unlinked;
+        match r {
+            Ok(n) => Ok(n),
+            Err(PartialUnmap { error: Error::NotShared, .. }) => Err(DomainError::NotSupported),
+            Err(partial) => Ok(partial.unmapped),
+        }
+    }
+
+    /// Invalidates `gather` through the invalidator's concurrent path,
+    /// then frees the tables it carries.
+    fn iotlb_sync_shared(&self, gather: &mut IotlbGather) -> Result<(), DomainError> {
+        if !self.invalidator.concurrent() {
+            return Err(DomainError::NotSupported);
+        }
+        if let Some(start) = gather.start {
+            let (last, freed) = (gather.last, gather.freed_tables > 0);
+            (gather.start, gather.last, gather.freed_tables) = (None, 0, 0);
+            // On failure the tables stay in the gather: the walker may
+            // still hold them.
+            self.invalidate_shared(start, last, freed)?;
+        }
+        if !self.needs_recovery() {
+            self.table.free_unlinked(&mut gather.unlinked);
+        }
         Ok(())
     }
 

@@ -17,7 +17,7 @@
 //! sees either the old or the new tree wherever eviction happens to write
 //! lines back early.
 
-use crate::memory::TableMemory;
+use crate::access::Access;
 use crate::{CACHE_LINE, ENTRIES_PER_LINE, MAX_LEVELS};
 
 #[derive(Debug)]
@@ -32,8 +32,14 @@ impl FlushBatch {
         Self { active, slots: [(0, 0); MAX_LEVELS] }
     }
 
+    /// Whether lines are flushed at all (the walker does not snoop).
     #[inline]
-    pub(crate) fn mark<M: TableMemory>(&mut self, mem: &mut M, level: u32, table: u64, index: usize) {
+    pub(crate) fn active(&self) -> bool {
+        self.active
+    }
+
+    #[inline]
+    pub(crate) fn mark<A: Access>(&mut self, mem: &mut A, level: u32, table: u64, index: usize) {
         if !self.active {
             return;
         }
@@ -49,7 +55,7 @@ impl FlushBatch {
 
     /// Marks the lines in `lines` (bit n = line n) of `table`.
     #[inline]
-    pub(crate) fn mark_lines<M: TableMemory>(&mut self, mem: &mut M, level: u32, table: u64, lines: u64) {
+    pub(crate) fn mark_lines<A: Access>(&mut self, mem: &mut A, level: u32, table: u64, lines: u64) {
         if !self.active || lines == 0 {
             return;
         }
@@ -63,7 +69,7 @@ impl FlushBatch {
         slot.1 |= lines;
     }
 
-    pub(crate) fn finish<M: TableMemory>(&mut self, mem: &mut M) {
+    pub(crate) fn finish<A: Access>(&mut self, mem: &mut A) {
         if !self.active {
             return;
         }
@@ -76,7 +82,7 @@ impl FlushBatch {
     }
 }
 
-fn flush_lines<M: TableMemory>(mem: &mut M, table: u64, mut lines: u64) {
+fn flush_lines<A: Access>(mem: &mut A, table: u64, mut lines: u64) {
     while lines != 0 {
         let start = lines.trailing_zeros();
         let run = (lines >> start).trailing_ones();
@@ -97,20 +103,21 @@ pub(crate) fn lines_of(index: usize, count: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::HeapTables;
+    use crate::access::Exclusive;
+    use crate::memory::{HeapTables, TableMemory};
 
     #[test]
     fn runs_of_lines_coalesce() {
         let mut mem = HeapTables::new(false);
         let t = mem.alloc_table().unwrap();
         mem.record_flushes(true);
-        flush_lines(&mut mem, t, 0b1110_0101 | 1 << 63);
+        flush_lines(&mut Exclusive(&mut mem), t, 0b1110_0101 | 1 << 63);
         assert_eq!(mem.flush_stats().0, 4);
         let log = mem.take_flush_log();
         let lines: alloc::vec::Vec<u64> = log.keys().map(|l| (l - t) / CACHE_LINE).collect();
         assert_eq!(lines, [0, 2, 5, 6, 7, 63]);
         assert!(log.values().all(|&n| n == 1));
-        flush_lines(&mut mem, t, !0);
+        flush_lines(&mut Exclusive(&mut mem), t, !0);
         assert_eq!(lines_of(0, 512), !0);
         assert_eq!(lines_of(7, 2), 0b11);
         assert_eq!(lines_of(8, 8), 0b10);

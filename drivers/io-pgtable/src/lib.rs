@@ -22,6 +22,11 @@
 //!   flushed cache lines, for the tests of crates that drive the engine.
 //!   [`ContiguousMemory`] extends it with physically contiguous runs of
 //!   pages for the units' larger structures (device and interrupt tables).
+//!   [`SharedTableMemory`] is the concurrent seam: a whole table as atomic
+//!   words and allocation through `&self` ([`SharedHeapTables`] on the
+//!   host, the kernel's direct map), for [`PageTable::map_shared`] and
+//!   [`PageTable::unmap_shared`], which map and unmap disjoint ranges from
+//!   several threads at once.
 //! * [`Invalidator`]: the IOTLB side of a domain, used by [`PagingDomain`],
 //!   which puts a [`PageTable`] behind `portcullis_iommu::IommuDomain`.
 //!
@@ -71,7 +76,10 @@
 #![forbid(unsafe_code)]
 
 extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
+mod access;
 mod amd_v1;
 #[cfg(test)]
 mod dirty_tests;
@@ -84,6 +92,7 @@ mod memory;
 #[cfg(test)]
 mod noncoherent_tests;
 mod second_stage;
+mod shared_heap;
 mod table;
 
 use core::fmt;
@@ -96,11 +105,12 @@ pub use domain::{Invalidator, NoInvalidator, PagingDomain, RecordingInvalidator}
 pub use first_stage::{FS_A, FS_ADDR_MASK, FS_D, FS_P, FS_PS, FS_RW, FS_US, FS_XD, X86FirstStage};
 pub use format::{Entry, PtFormat};
 pub use geometry::{Geometry, level_shift, level_size, sizes_of_leaf_levels};
-pub use memory::{Cleared, ContiguousMemory, HEAP_TABLES_BASE, HeapTables, TableMemory};
+pub use memory::{Cleared, ContiguousMemory, HEAP_TABLES_BASE, HeapTables, SharedTableMemory, TableMemory};
 #[cfg(any(test, feature = "testing"))]
 pub use memory::{NonCoherentTables, WALKER_POISON, WalkerFault};
 pub use portcullis_iommu::Prot;
 pub use second_stage::{SS_A, SS_ADDR_MASK, SS_D, SS_PS, SS_READ, SS_SNP, SS_WRITE, VtdSecondStage};
+pub use shared_heap::SharedHeapTables;
 pub use table::{PageTable, PartialUnmap, WalkStep};
 
 /// log2 of the smallest page and of a table.
@@ -157,6 +167,9 @@ pub enum Error {
         /// Level of the table that could not be allocated.
         level: u32,
     },
+    /// A concurrent map or unmap on a table memory without the concurrent
+    /// seam ([`TableMemory::shared`] is `None`).
+    NotShared,
 }
 
 impl fmt::Display for Error {
@@ -169,6 +182,7 @@ impl fmt::Display for Error {
             Self::NoMemory { iova, level } => {
                 write!(f, "no memory for a level-{level} table at IOVA {iova:#x}")
             }
+            Self::NotShared => write!(f, "this table memory cannot be used concurrently"),
         }
     }
 }

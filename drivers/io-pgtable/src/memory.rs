@@ -35,6 +35,7 @@
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
+use core::sync::atomic::AtomicU64;
 
 use crate::{CACHE_LINE, ENTRIES, ENTRIES_PER_LINE, TABLE_SIZE};
 
@@ -52,6 +53,13 @@ pub trait TableMemory {
 
     /// Writes entry `index` of the table at `table`.
     fn write(&mut self, table: u64, index: usize, value: u64);
+
+    /// The same memory through the concurrent seam, for implementations
+    /// that offer it (`Some(self)`); `None`, the default, for the others,
+    /// whose page tables then map and unmap only through `&mut`.
+    fn shared(&self) -> Option<&dyn SharedTableMemory> {
+        None
+    }
 
     /// Whether the walker snoops CPU caches (VT-d ECAP.C = 1). When false,
     /// the engine calls [`TableMemory::flush`] for what it changed.
@@ -109,6 +117,29 @@ pub trait TableMemory {
         }
         c
     }
+}
+
+/// [`TableMemory`] that several threads can use at once, for the engine's
+/// concurrent map and unmap ([`crate::PageTable::map_shared`],
+/// [`crate::PageTable::unmap_shared`]). Contract, in addition to
+/// `TableMemory`'s (which the exclusive methods still follow):
+/// * `alloc_shared` / `free_shared` are `alloc_table` / `free_table`
+///   through `&self`, internally synchronised;
+/// * `entries(table)` is the whole table as 512 atomic words, for the
+///   life of the allocation: the walker and every thread see the same
+///   words (the kernel's implementation points into its direct map, the
+///   one place this needs `unsafe`). The engine reads entries with acquire
+///   loads and installs tables with a release compare-and-swap on it;
+/// * `flush_shared` is `flush` through `&self`.
+pub trait SharedTableMemory: TableMemory + Sync {
+    /// Allocates a zeroed 4 KiB table (zero as the walker sees it).
+    fn alloc_shared(&self) -> Option<u64>;
+    /// Returns a table to the allocator.
+    fn free_shared(&self, table: u64);
+    /// The 512 entries of the live table at `table`.
+    fn entries(&self, table: u64) -> &[AtomicU64; ENTRIES];
+    /// Writes back the cache lines covering `[phys, phys + len)`.
+    fn flush_shared(&self, phys: u64, len: u64);
 }
 
 /// [`TableMemory`] that can also hand out physically contiguous runs of

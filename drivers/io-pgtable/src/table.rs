@@ -27,11 +27,13 @@
 //! domain is `&mut self` throughout).
 
 use alloc::vec::Vec;
-use core::cell::Cell;
 use core::fmt;
+use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::{AtomicBool, AtomicUsize};
 
 use portcullis_iommu::{IotlbGather, IovaRange, PhysRun, Prot, push_run};
 
+use crate::access::{Access, Concurrent, Exclusive};
 use crate::flush::{FlushBatch, lines_of};
 use crate::format::{Entry, PtFormat};
 use crate::geometry::{index_of, level_shift, level_size, sizes_of_leaf_levels};
@@ -107,17 +109,26 @@ pub struct PageTable<F: PtFormat, M: TableMemory> {
     leaf_levels: u32,
     coherent: bool,
     force_snoop: bool,
-    tables: usize,
+    tables: AtomicUsize,
     deferred: Vec<u64>,
     /// The walk to the last 4 KiB leaf table a map wrote: `(iova >> 21,
     /// tables by level)`, and the table a lookup last found its leaf in:
     /// `(iova >> level_shift(level + 1), table, level)` (`u64::MAX` when
     /// none). Consecutive small maps and lookups start there instead of at
     /// the root. Tables leave the tree only through unmap and a failed
-    /// map's unwind, which clear both.
-    map_path: Option<(u64, [u64; MAX_LEVELS])>,
-    lookup_leaf: Cell<(u64, u64, u32)>,
+    /// map's unwind, which clear both. Behind locks only so that the
+    /// concurrent path can clear them; the exclusive path reaches them
+    /// through `get_mut`, and a lookup that finds the lock taken walks
+    /// from the root.
+    map_path: spin::Mutex<Option<(u64, [u64; MAX_LEVELS])>>,
+    lookup_leaf: spin::Mutex<(u64, u64, u32)>,
+    /// A concurrent call ran: empty tables may be linked (see
+    /// [`PageTable::map_shared`]).
+    shared_used: AtomicBool,
 }
+
+/// The lookup cache when it names no table.
+const NO_LOOKUP: (u64, u64, u32) = (u64::MAX, 0, 0);
 
 impl<F: PtFormat, M: TableMemory> fmt::Debug for PageTable<F, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -125,7 +136,7 @@ impl<F: PtFormat, M: TableMemory> fmt::Debug for PageTable<F, M> {
             .field("format", &self.format)
             .field("root", &format_args!("{:#x}", self.root))
             .field("page_sizes", &format_args!("{:#x}", self.page_sizes()))
-            .field("tables", &self.tables)
+            .field("tables", &self.table_count())
             .field("deferred", &self.deferred.len())
             .field("force_snoop", &self.force_snoop)
             .finish()
@@ -156,10 +167,11 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             output_limit,
             leaf_levels,
             force_snoop: false,
-            tables: 1,
+            tables: AtomicUsize::new(1),
             deferred: Vec::new(),
-            map_path: None,
-            lookup_leaf: Cell::new((u64::MAX, 0, 0)),
+            map_path: spin::Mutex::new(None),
+            lookup_leaf: spin::Mutex::new(NO_LOOKUP),
+            shared_used: AtomicBool::new(false),
         })
     }
 
@@ -215,7 +227,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     }
     /// Tables linked into the tree, root included.
     pub fn table_count(&self) -> usize {
-        self.tables
+        self.tables.load(Relaxed)
     }
     /// Tables unlinked and waiting for [`PageTable::release_deferred`].
     pub fn deferred_count(&self) -> usize {
@@ -223,7 +235,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     }
     /// Bytes of table memory held (tree and deferred).
     pub fn table_bytes(&self) -> u64 {
-        (self.tables + self.deferred.len()) as u64 * TABLE_SIZE
+        (self.table_count() + self.deferred.len()) as u64 * TABLE_SIZE
     }
     /// Whether nothing is mapped.
     pub fn is_empty(&self) -> bool {
@@ -231,8 +243,8 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     }
 
     fn forget_walks(&mut self) {
-        self.map_path = None;
-        self.lookup_leaf.set((u64::MAX, 0, 0));
+        *self.map_path.get_mut() = None;
+        *self.lookup_leaf.get_mut() = NO_LOOKUP;
     }
 
     /// Frees the tables unlinked since the last call. Call only after the
@@ -283,6 +295,35 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// of `map` (a bad range names the whole range when it is the total
     /// that is wrong, the piece when it is one piece).
     pub fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), Error> {
+        let prot = self.check_map(iova, runs, prot)?;
+        let mut batch = FlushBatch::new(!self.coherent);
+        let cached = self.map_path.get_mut().take();
+        let mut op = Op::new(&self.format, Exclusive(&mut self.mem), self.root, self.top, self.leaf_levels);
+        let (result, path) = op.map_range(iova, runs, prot, &mut batch, cached);
+        if let Err((stopped, _)) = result {
+            // Everything in [iova, stopped) was mapped by this call with
+            // pages that fit in it, so this never needs to split.
+            if stopped > iova {
+                let mut scratch = IotlbGather::default();
+                let undone = op.unmap_range(iova, stopped, &mut scratch, &mut batch);
+                debug_assert_eq!(undone, Ok(stopped - iova));
+            }
+            op.prune(stopped, &mut batch);
+        }
+        batch.finish(&mut op.acc);
+        let (added, unlinked) = (op.added, op.unlinked);
+        self.account(added, &unlinked);
+        self.deferred.extend(unlinked);
+        if result.is_err() {
+            self.forget_walks();
+        } else {
+            *self.map_path.get_mut() = path;
+        }
+        result.map_err(|(_, e)| e)
+    }
+
+    /// Checks a map's arguments; returns the permissions to map with.
+    fn check_map(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<Prot, Error> {
         let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.len));
         self.check_range(iova, total.ok_or(Error::BadRange { iova, length: u64::MAX })?)?;
         let mut at = iova;
@@ -298,202 +339,16 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         if !self.format.accepts(prot) {
             return Err(Error::BadProt { prot });
         }
-        let prot = if self.force_snoop { prot | Prot::CACHE } else { prot };
-        let mut batch = FlushBatch::new(!self.coherent);
-        let result = self.map_range(iova, runs, prot, &mut batch);
-        if let Err((stopped, _)) = result {
-            self.forget_walks();
-            // Everything in [iova, stopped) was mapped by this call with
-            // pages that fit in it, so this never needs to split.
-            if stopped > iova {
-                let mut scratch = IotlbGather::default();
-                let undone = self.unmap_range(iova, stopped, &mut scratch, &mut batch);
-                debug_assert_eq!(undone, Ok(stopped - iova));
-            }
-            self.prune(stopped, &mut batch);
-        }
-        batch.finish(&mut self.mem);
-        result.map_err(|(_, e)| e)
+        Ok(if self.force_snoop { prot | Prot::CACHE } else { prot })
     }
 
-    /// The leaf level for the next piece at `addr_bits = iova | phys` with
-    /// `remaining` bytes left.
-    #[inline]
-    fn leaf_level(&self, addr_bits: u64, remaining: u64) -> u32 {
-        let align = addr_bits.trailing_zeros();
-        let mut l = self.top;
-        loop {
-            if l == 0 || (self.leaf_levels >> l & 1 != 0 && level_shift(l) <= align && level_size(l) <= remaining) {
-                return l;
-            }
-            l -= 1;
+    /// Counts the tables an operation linked and unlinked.
+    fn account(&self, added: usize, unlinked: &[u64]) {
+        if added > 0 {
+            self.tables.fetch_add(added, Relaxed);
         }
-    }
-
-    /// The body of `map`. On error returns the IOVA reached (everything
-    /// before it is mapped) with the error.
-    fn map_range(
-        &mut self,
-        iova: u64,
-        runs: &[PhysRun],
-        prot: Prot,
-        batch: &mut FlushBatch,
-    ) -> Result<(), (u64, Error)> {
-        let top = self.top;
-        let mut path = [0u64; MAX_LEVELS];
-        path[top as usize] = self.root;
-        // path[valid..=top] are the tables covering `cur`.
-        let mut valid = top;
-        if let Some((key, cached)) = self.map_path
-            && key == iova >> level_shift(1)
-        {
-            path = cached;
-            valid = 0;
-        }
-        let mut cur = iova;
-        let mut last_level = top;
-        let mut k = 0;
-        while k < runs.len() {
-            let PhysRun { phys, len: length } = runs[k];
-            if length == PAGE_SIZE && valid == 0 {
-                // Single 4 KiB pieces (scattered memory) into the leaf table
-                // we are in: one entry each, lines marked once.
-                let t = path[0];
-                let first = index_of(cur, 0);
-                let mut i = first;
-                let mut clash = false;
-                while k < runs.len() && runs[k].len == PAGE_SIZE && i < ENTRIES {
-                    if self.mem.read(t, i) != 0 {
-                        clash = true;
-                        break;
-                    }
-                    self.mem.write(t, i, self.format.leaf_entry(runs[k].phys, 0, prot));
-                    i += 1;
-                    k += 1;
-                    cur += PAGE_SIZE;
-                }
-                if i > first {
-                    batch.mark_lines(&mut self.mem, 0, t, lines_of(first, i - first));
-                }
-                if clash {
-                    return Err((cur, Error::AlreadyMapped { iova: cur }));
-                }
-                last_level = 0;
-                while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
-                    valid += 1;
-                }
-                continue;
-            }
-            k += 1;
-            let (run_iova, end) = (cur, cur + length);
-            while cur < end {
-                let pa = phys + (cur - run_iova);
-                // Pieces shorter than 2 MiB take 4 KiB pages whatever the alignment.
-                let level = if end - cur < level_size(1) { 0 } else { self.leaf_level(cur | pa, end - cur) };
-                if valid < level {
-                    // Only a cached walk starts below a large piece's level:
-                    // the tables above are the cached ones, still covering `cur`.
-                    valid = level;
-                }
-                last_level = level;
-                debug_assert!(valid >= level);
-                let mut l = valid;
-                while l > level {
-                    let t = path[l as usize];
-                    let i = index_of(cur, l);
-                    let e = self.mem.read(t, i);
-                    let next = if !self.format.is_present(e) {
-                        let Some(new) = self.mem.alloc_table() else {
-                            return Err((cur, Error::NoMemory { iova: cur, level: l - 1 }));
-                        };
-                        self.tables += 1;
-                        self.mem.write(t, i, self.format.table_entry(new, l));
-                        batch.mark(&mut self.mem, l, t, i);
-                        new
-                    } else if self.format.is_leaf(e, l) {
-                        return Err((cur, Error::AlreadyMapped { iova: cur }));
-                    } else {
-                        self.format.table_address(e)
-                    };
-                    l -= 1;
-                    path[l as usize] = next;
-                }
-                // A run of leaves in one table, as far as the table, the
-                // length and the page size go.
-                let t = path[level as usize];
-                let size = level_size(level);
-                let i = index_of(cur, level);
-                let count = ((ENTRIES - i) as u64).min((end - cur) >> level_shift(level)) as usize;
-                let written = self.mem.fill(t, i, count, self.format.leaf_entry(pa, level, prot), size);
-                if written > 0 {
-                    batch.mark_lines(&mut self.mem, level, t, lines_of(i, written));
-                    cur += written as u64 * size;
-                }
-                if written < count {
-                    let e = self.mem.read(t, i + written);
-                    let at = if self.format.is_leaf(e, level) {
-                        cur
-                    } else {
-                        self.first_mapped(self.format.table_address(e), level - 1).map_or(cur, |off| cur + off)
-                    };
-                    return Err((cur, Error::AlreadyMapped { iova: at }));
-                }
-                valid = level;
-                while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
-                    valid += 1;
-                }
-            }
-        }
-        if last_level == 0 {
-            // path[0..=top] lead to the leaf table of the last page written.
-            self.map_path = Some(((cur - 1) >> level_shift(1), path));
-        }
-        Ok(())
-    }
-
-    /// Offset of the first mapped byte below `table` (a level-`level`
-    /// table), searching depth first. Error path only.
-    fn first_mapped(&self, table: u64, level: u32) -> Option<u64> {
-        for i in 0..ENTRIES {
-            let e = self.mem.read(table, i);
-            if !self.format.is_present(e) {
-                continue;
-            }
-            let off = i as u64 * level_size(level);
-            if level == 0 || self.format.is_leaf(e, level) {
-                return Some(off);
-            }
-            if let Some(below) = self.first_mapped(self.format.table_address(e), level - 1) {
-                return Some(off + below);
-            }
-        }
-        None
-    }
-
-    /// Unlinks the empty non-root tables on the path to `iova`, bottom up
-    /// (the unwind of a failed map: tables it created for a piece it never
-    /// wrote).
-    fn prune(&mut self, iova: u64, batch: &mut FlushBatch) {
-        let top = self.top;
-        let mut path = [0u64; MAX_LEVELS];
-        path[top as usize] = self.root;
-        let mut l = top;
-        while l > 0 {
-            let e = self.mem.read(path[l as usize], index_of(iova, l));
-            if !self.format.is_present(e) || self.format.is_leaf(e, l) {
-                break;
-            }
-            l -= 1;
-            path[l as usize] = self.format.table_address(e);
-        }
-        while l < top && self.mem.is_empty(path[l as usize]) {
-            let parent = path[l as usize + 1];
-            let i = index_of(iova, l + 1);
-            self.mem.write(parent, i, 0);
-            batch.mark(&mut self.mem, l + 1, parent, i);
-            self.deferred.push(path[l as usize]);
-            self.tables -= 1;
-            l += 1;
+        if !unlinked.is_empty() {
+            self.tables.fetch_sub(unlinked.len(), Relaxed);
         }
     }
 
@@ -502,7 +357,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// number of tables that became empty to `gather.freed_tables`; those
     /// tables are held until [`PageTable::release_deferred`]).
     ///
-    /// A large page that the range covers only partly is split: a table of
+    /// A large page that the range only partly covers is split: a table of
     /// the next smaller pages takes its place (translating identically)
     /// and the pages inside the range are removed, so the rest of the large
     /// page keeps translating. Returns 0 for a bad range. If a split cannot
@@ -520,12 +375,367 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     pub fn try_unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, PartialUnmap> {
         let end = self.check_range(iova, length).map_err(|error| PartialUnmap { unmapped: 0, iova, error })?;
         self.forget_walks();
-        let deferred_before = self.deferred.len();
         let mut batch = FlushBatch::new(!self.coherent);
-        let result = self.unmap_range(iova, end, gather, &mut batch);
-        batch.finish(&mut self.mem);
-        gather.freed_tables += self.deferred.len() - deferred_before;
+        let mut op = Op::new(&self.format, Exclusive(&mut self.mem), self.root, self.top, self.leaf_levels);
+        let result = op.unmap_range(iova, end, gather, &mut batch);
+        batch.finish(&mut op.acc);
+        let (added, unlinked) = (op.added, op.unlinked);
+        gather.freed_tables += unlinked.len();
+        self.account(added, &unlinked);
+        self.deferred.extend(unlinked);
         result
+    }
+}
+
+/// The concurrent path: map and unmap through `&self`, from several
+/// threads at once, as long as no two calls running at the same time touch
+/// overlapping IOVA ranges (a caller bug, which the engine does not
+/// detect: overlapping calls may each see the other's entries). Used by
+/// domains whose users map disjoint ranges in parallel (iommufd's IOAS
+/// fills areas outside its lock).
+///
+/// Differences from the exclusive methods:
+/// * Tables on the way are installed with a compare-and-swap; a caller
+///   that loses the race frees its new table and uses the winner's. A
+///   large page two unmaps split at once is split by one of them.
+/// * A table is unlinked only when the unmap covers its whole span (no
+///   other caller can be inside it then). A table that a partial unmap
+///   leaves empty stays linked: it translates nothing, costs 4 KiB, and is
+///   reused by the next map below it or unlinked by an unmap covering it.
+///   So "a present table entry means something is mapped below" no longer
+///   holds, and a map meeting such an empty table where it would put a
+///   large page maps smaller pages inside it instead.
+/// * Tables a call unlinks are handed to the caller (`unlinked`), not
+///   kept in the deferred list: the caller frees them with
+///   [`PageTable::free_unlinked`] once the walker's caches were
+///   invalidated for the range, so one thread's IOTLB sync never frees
+///   another's tables before their invalidation.
+/// * Each call walks from the root: nothing is remembered between calls,
+///   and a lookup cache entry is dropped by every unmap.
+/// * For walkers that do not snoop, a call also flushes the line of every
+///   table entry it went through: another caller may have installed (or
+///   split) it and not flushed it yet, and the walker must see the path
+///   to this call's leaves when it returns.
+///
+/// Only memories that offer the concurrent seam
+/// ([`TableMemory::shared`]) can: the others answer [`Error::NotShared`].
+impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
+    /// Whether the concurrent path works on this table's memory.
+    pub fn concurrent(&self) -> bool {
+        self.mem.shared().is_some()
+    }
+
+    /// [`PageTable::map_runs`] through `&self` (see the rules above).
+    /// All or nothing; on error, tables the unwind unlinked are added to
+    /// `unlinked`.
+    pub fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot, unlinked: &mut Vec<u64>) -> Result<(), Error> {
+        let mem = self.mem.shared().ok_or(Error::NotShared)?;
+        let prot = self.check_map(iova, runs, prot)?;
+        self.shared_used.store(true, Relaxed);
+        let mut batch = FlushBatch::new(!self.coherent);
+        let mut op = Op::new(&self.format, Concurrent(mem), self.root, self.top, self.leaf_levels);
+        let (result, _) = op.map_range(iova, runs, prot, &mut batch, None);
+        if let Err((stopped, _)) = result
+            && stopped > iova
+        {
+            let mut scratch = IotlbGather::default();
+            let undone = op.unmap_range(iova, stopped, &mut scratch, &mut batch);
+            debug_assert_eq!(undone, Ok(stopped - iova));
+        }
+        batch.finish(&mut op.acc);
+        self.account(op.added, &op.unlinked);
+        if !op.unlinked.is_empty() {
+            self.forget_shared_walks();
+        }
+        unlinked.append(&mut op.unlinked);
+        result.map_err(|(_, e)| e)
+    }
+
+    /// [`PageTable::try_unmap`] through `&self` (see the rules above).
+    /// Tables unlinked are added to `unlinked` (and counted in
+    /// `gather.freed_tables`).
+    pub fn unmap_shared(
+        &self,
+        iova: u64,
+        length: u64,
+        gather: &mut IotlbGather,
+        unlinked: &mut Vec<u64>,
+    ) -> Result<u64, PartialUnmap> {
+        let refuse = |error| PartialUnmap { unmapped: 0, iova, error };
+        let mem = self.mem.shared().ok_or(refuse(Error::NotShared))?;
+        let end = self.check_range(iova, length).map_err(refuse)?;
+        self.shared_used.store(true, Relaxed);
+        let mut batch = FlushBatch::new(!self.coherent);
+        let mut op = Op::new(&self.format, Concurrent(mem), self.root, self.top, self.leaf_levels);
+        let result = op.unmap_range(iova, end, gather, &mut batch);
+        batch.finish(&mut op.acc);
+        gather.freed_tables += op.unlinked.len();
+        self.account(op.added, &op.unlinked);
+        // A lookup or a remembered map walk may name a table of the range.
+        self.forget_shared_walks();
+        unlinked.append(&mut op.unlinked);
+        result
+    }
+
+    /// Frees tables a concurrent call unlinked (and empties `tables`).
+    /// Call only after the IOTLB and paging-structure caches were
+    /// invalidated for the ranges that unlinked them.
+    /// On a memory without the concurrent seam the tables stay in
+    /// `tables` (no concurrent call can have unlinked any).
+    pub fn free_unlinked(&self, tables: &mut Vec<u64>) {
+        if let Some(mem) = self.mem.shared() {
+            for t in tables.drain(..) {
+                mem.free_shared(t);
+            }
+        }
+    }
+
+    fn forget_shared_walks(&self) {
+        *self.map_path.lock() = None;
+        *self.lookup_leaf.lock() = NO_LOOKUP;
+    }
+}
+
+/// One map or unmap in progress: the tree's shape, the way to its memory,
+/// and what the operation linked and unlinked (applied to the page table
+/// when it ends).
+struct Op<'p, F: PtFormat, A: Access> {
+    format: &'p F,
+    acc: A,
+    root: u64,
+    top: u32,
+    leaf_levels: u32,
+    /// Tables linked into the tree.
+    added: usize,
+    /// Tables unlinked, to be freed after the caller's invalidation.
+    unlinked: Vec<u64>,
+}
+
+impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
+    fn new(format: &'p F, acc: A, root: u64, top: u32, leaf_levels: u32) -> Self {
+        Self { format, acc, root, top, leaf_levels, added: 0, unlinked: Vec::new() }
+    }
+
+    /// The leaf level for the next piece at `addr_bits = iova | phys` with
+    /// `remaining` bytes left.
+    #[inline]
+    fn leaf_level(&self, addr_bits: u64, remaining: u64) -> u32 {
+        let align = addr_bits.trailing_zeros();
+        let mut l = self.top;
+        loop {
+            if l == 0 || (self.leaf_levels >> l & 1 != 0 && level_shift(l) <= align && level_size(l) <= remaining) {
+                return l;
+            }
+            l -= 1;
+        }
+    }
+
+    /// The table below `table[i]` (a level-`l` entry) for a map at `cur`:
+    /// the one there, or a new one installed with a compare-and-swap (the
+    /// loser of a race frees its own and takes the winner's).
+    #[inline]
+    fn table_below(&mut self, t: u64, i: usize, l: u32, cur: u64, batch: &mut FlushBatch) -> Result<u64, Error> {
+        let mut e = self.acc.read(t, i);
+        loop {
+            if self.format.is_present(e) {
+                if self.format.is_leaf(e, l) {
+                    return Err(Error::AlreadyMapped { iova: cur });
+                }
+                if A::SHARED {
+                    // Another caller may have installed it and not yet
+                    // flushed the line: this call must not return before
+                    // the walker can follow the entry.
+                    batch.mark(&mut self.acc, l, t, i);
+                }
+                return Ok(self.format.table_address(e));
+            }
+            let new = self.acc.alloc().ok_or(Error::NoMemory { iova: cur, level: l - 1 })?;
+            match self.acc.cas(t, i, e, self.format.table_entry(new, l)) {
+                Ok(()) => {
+                    self.added += 1;
+                    batch.mark(&mut self.acc, l, t, i);
+                    return Ok(new);
+                }
+                Err(current) => {
+                    // Never linked: nobody saw it.
+                    self.acc.free(new);
+                    e = current;
+                }
+            }
+        }
+    }
+
+    /// The body of `map`. On error returns the IOVA reached (everything
+    /// before it is mapped) with the error; on success also the walk to
+    /// the last 4 KiB leaf table written, if the map ended with one.
+    #[allow(clippy::type_complexity)]
+    fn map_range(
+        &mut self,
+        iova: u64,
+        runs: &[PhysRun],
+        prot: Prot,
+        batch: &mut FlushBatch,
+        cached: Option<(u64, [u64; MAX_LEVELS])>,
+    ) -> (Result<(), (u64, Error)>, Option<(u64, [u64; MAX_LEVELS])>) {
+        let top = self.top;
+        let mut path = [0u64; MAX_LEVELS];
+        path[top as usize] = self.root;
+        // path[valid..=top] are the tables covering `cur`.
+        let mut valid = top;
+        if let Some((key, walk)) = cached
+            && key == iova >> level_shift(1)
+        {
+            path = walk;
+            valid = 0;
+        }
+        let mut cur = iova;
+        let mut last_level = top;
+        // Below `cap_until`, pieces use leaves of level `cap` at most: a
+        // table with nothing mapped in it sits where a larger leaf would
+        // go (left by a concurrent unmap), and is used instead.
+        let (mut cap, mut cap_until) = (top, 0u64);
+        let mut k = 0;
+        while k < runs.len() {
+            let PhysRun { phys, len: length } = runs[k];
+            if length == PAGE_SIZE && valid == 0 {
+                // Single 4 KiB pieces (scattered memory) into the leaf table
+                // we are in: one entry each, lines marked once.
+                let t = path[0];
+                let first = index_of(cur, 0);
+                let mut i = first;
+                let mut clash = false;
+                while k < runs.len() && runs[k].len == PAGE_SIZE && i < ENTRIES {
+                    if self.acc.read(t, i) != 0 {
+                        clash = true;
+                        break;
+                    }
+                    self.acc.write(t, i, self.format.leaf_entry(runs[k].phys, 0, prot));
+                    i += 1;
+                    k += 1;
+                    cur += PAGE_SIZE;
+                }
+                if i > first {
+                    batch.mark_lines(&mut self.acc, 0, t, lines_of(first, i - first));
+                }
+                if clash {
+                    return (Err((cur, Error::AlreadyMapped { iova: cur })), None);
+                }
+                last_level = 0;
+                while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
+                    valid += 1;
+                }
+                continue;
+            }
+            k += 1;
+            let (run_iova, end) = (cur, cur + length);
+            while cur < end {
+                let pa = phys + (cur - run_iova);
+                // Pieces shorter than 2 MiB take 4 KiB pages whatever the alignment.
+                let mut level = if end - cur < level_size(1) { 0 } else { self.leaf_level(cur | pa, end - cur) };
+                if cur < cap_until {
+                    level = level.min(cap);
+                }
+                if valid < level {
+                    // Only a cached walk starts below a large piece's level:
+                    // the tables above are the cached ones, still covering `cur`.
+                    valid = level;
+                }
+                last_level = level;
+                debug_assert!(valid >= level);
+                let mut l = valid;
+                while l > level {
+                    let t = path[l as usize];
+                    let i = index_of(cur, l);
+                    let next = match self.table_below(t, i, l, cur, batch) {
+                        Ok(next) => next,
+                        Err(e) => return (Err((cur, e)), None),
+                    };
+                    l -= 1;
+                    path[l as usize] = next;
+                }
+                // A run of leaves in one table, as far as the table, the
+                // length and the page size go.
+                let t = path[level as usize];
+                let size = level_size(level);
+                let i = index_of(cur, level);
+                let count = ((ENTRIES - i) as u64).min((end - cur) >> level_shift(level)) as usize;
+                let written = self.acc.fill(t, i, count, self.format.leaf_entry(pa, level, prot), size);
+                if written > 0 {
+                    batch.mark_lines(&mut self.acc, level, t, lines_of(i, written));
+                    cur += written as u64 * size;
+                }
+                if written < count {
+                    let e = self.acc.read(t, i + written);
+                    let below = if self.format.is_leaf(e, level) {
+                        Some(0)
+                    } else {
+                        self.first_mapped(self.format.table_address(e), level - 1)
+                    };
+                    let Some(off) = below else {
+                        // An empty table where this leaf would go: this
+                        // call's range covers its span, so it is ours to
+                        // fill with smaller pages.
+                        (cap, cap_until) = (level - 1, cur + size);
+                        valid = level;
+                        continue;
+                    };
+                    return (Err((cur, Error::AlreadyMapped { iova: cur + off })), None);
+                }
+                valid = level;
+                while valid < top && cur >> level_shift(valid + 1) != (cur - 1) >> level_shift(valid + 1) {
+                    valid += 1;
+                }
+            }
+        }
+        // path[0..=top] lead to the leaf table of the last page written.
+        let walk = (last_level == 0).then(|| ((cur - 1) >> level_shift(1), path));
+        (Ok(()), walk)
+    }
+
+    /// Offset of the first mapped byte below `table` (a level-`level`
+    /// table), searching depth first.
+    fn first_mapped(&self, table: u64, level: u32) -> Option<u64> {
+        for i in 0..ENTRIES {
+            let e = self.acc.read(table, i);
+            if !self.format.is_present(e) {
+                continue;
+            }
+            let off = i as u64 * level_size(level);
+            if level == 0 || self.format.is_leaf(e, level) {
+                return Some(off);
+            }
+            if let Some(below) = self.first_mapped(self.format.table_address(e), level - 1) {
+                return Some(off + below);
+            }
+        }
+        None
+    }
+
+    /// Unlinks the empty non-root tables on the path to `iova`, bottom up
+    /// (the unwind of a failed map: tables it created for a piece it never
+    /// wrote). Exclusive path only: concurrently, another caller may be
+    /// about to use such a table.
+    fn prune(&mut self, iova: u64, batch: &mut FlushBatch) {
+        let top = self.top;
+        let mut path = [0u64; MAX_LEVELS];
+        path[top as usize] = self.root;
+        let mut l = top;
+        while l > 0 {
+            let e = self.acc.read(path[l as usize], index_of(iova, l));
+            if !self.format.is_present(e) || self.format.is_leaf(e, l) {
+                break;
+            }
+            l -= 1;
+            path[l as usize] = self.format.table_address(e);
+        }
+        while l < top && self.acc.is_empty(path[l as usize]) {
+            let parent = path[l as usize + 1];
+            let i = index_of(iova, l + 1);
+            self.acc.write(parent, i, 0);
+            batch.mark(&mut self.acc, l + 1, parent, i);
+            self.unlinked.push(path[l as usize]);
+            l += 1;
+        }
     }
 
     /// The body of `unmap`.
@@ -538,6 +748,8 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     ) -> Result<u64, PartialUnmap> {
         let top = self.top;
         let mut path = [0u64; MAX_LEVELS];
+        // base[l]: the IOVA where the span of path[l] starts.
+        let mut base_of = [0u64; MAX_LEVELS];
         // slot[l]: index in path[l] of the entry that points at path[l - 1].
         let mut slot = [0usize; MAX_LEVELS];
         // touched[l]: an entry of path[l] was cleared since we entered it.
@@ -556,9 +768,9 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                     // Every present level-0 entry is a 4 KiB leaf inside
                     // the range: clear the run in one go.
                     let count = ((ENTRIES - i) as u64).min((end - cur) >> PAGE_SHIFT) as usize;
-                    let c = self.mem.clear(t, i, count);
+                    let c = self.acc.clear(t, i, count);
                     if c.count > 0 {
-                        batch.mark_lines(&mut self.mem, 0, t, c.lines);
+                        batch.mark_lines(&mut self.acc, 0, t, c.lines);
                         touched[0] = true;
                         unmapped += c.count as u64 * PAGE_SIZE;
                         let table_base = cur - i as u64 * PAGE_SIZE;
@@ -570,7 +782,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                     cur += count as u64 * PAGE_SIZE;
                     break;
                 }
-                let e = self.mem.read(t, i);
+                let e = self.acc.read(t, i);
                 let size = level_size(l);
                 let base = cur & !(size - 1);
                 if !self.format.is_present(e) {
@@ -579,8 +791,8 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                 }
                 if self.format.is_leaf(e, l) {
                     if base >= iova && base + size <= end {
-                        self.mem.write(t, i, 0);
-                        batch.mark(&mut self.mem, l, t, i);
+                        self.acc.write(t, i, 0);
+                        batch.mark(&mut self.acc, l, t, i);
                         touched[l as usize] = true;
                         unmapped += size;
                         gather.add(base, base + size - 1);
@@ -588,40 +800,55 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                         break;
                     }
                     match self.split(t, i, e, l, batch) {
-                        Some(new) => {
+                        Ok(Some(new)) => {
                             gather.add(base, base + size - 1);
                             slot[l as usize] = i;
                             l -= 1;
                             path[l as usize] = new;
+                            base_of[l as usize] = base;
                             continue;
                         }
-                        None => {
+                        // Another caller split it (or changed it) first:
+                        // read the entry again.
+                        Ok(None) => continue,
+                        Err(()) => {
                             let error = Error::NoMemory { iova: base, level: l - 1 };
                             failure = Some(PartialUnmap { unmapped, iova: base.max(iova), error });
                             break;
                         }
                     }
                 }
+                if A::SHARED {
+                    // As in `table_below`: the entry may be another
+                    // caller's split, not yet flushed.
+                    batch.mark(&mut self.acc, l, t, i);
+                }
                 slot[l as usize] = i;
                 l -= 1;
                 path[l as usize] = self.format.table_address(e);
+                base_of[l as usize] = base;
             }
             // Leave the tables that no longer cover `cur`, unlinking those
-            // this call emptied.
+            // this call emptied: exclusively, those that became empty;
+            // concurrently, those whose whole span the range covers (no
+            // other caller can be inside them), only when nothing failed.
             let leave_all = failure.is_some() || cur >= end;
             let mut v = l;
             while v < top && (leave_all || cur >> level_shift(v + 1) != (cur - 1) >> level_shift(v + 1)) {
                 let vi = v as usize;
-                if touched[vi] {
-                    touched[vi] = false;
-                    if self.mem.is_empty(path[vi]) {
-                        let parent = path[vi + 1];
-                        self.mem.write(parent, slot[vi + 1], 0);
-                        batch.mark(&mut self.mem, v + 1, parent, slot[vi + 1]);
-                        touched[vi + 1] = true;
-                        self.deferred.push(path[vi]);
-                        self.tables -= 1;
-                    }
+                let unlink = if A::SHARED {
+                    let span = level_size(v + 1);
+                    failure.is_none() && base_of[vi] >= iova && end - base_of[vi] >= span
+                } else {
+                    touched[vi] && self.acc.is_empty(path[vi])
+                };
+                touched[vi] = false;
+                if unlink {
+                    let parent = path[vi + 1];
+                    self.acc.write(parent, slot[vi + 1], 0);
+                    batch.mark(&mut self.acc, v + 1, parent, slot[vi + 1]);
+                    touched[vi + 1] = true;
+                    self.unlinked.push(path[vi]);
                 }
                 v += 1;
             }
@@ -635,28 +862,35 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
 
     /// Replaces the large leaf `e` at `table[i]` (level `level`) by a table
     /// of 512 leaves one level down that translate the same way. The new
-    /// table reaches memory before the entry that links it.
-    fn split(&mut self, table: u64, i: usize, e: u64, level: u32, batch: &mut FlushBatch) -> Option<u64> {
+    /// table reaches memory before the entry that links it. `Ok(None)`
+    /// when the entry no longer held `e` (a concurrent split won: the new
+    /// table is freed), `Err` when no table could be allocated.
+    fn split(&mut self, table: u64, i: usize, e: u64, level: u32, batch: &mut FlushBatch) -> Result<Option<u64>, ()> {
         let child_level = level - 1;
         let base_phys = self.format.leaf_address(e, level);
         let prot = self.format.leaf_prot(e);
         // A dirty large page makes every smaller page dirty: which part was
         // written is not known, and losing a write would lose it for good.
         let dirty = e & self.format.dirty_bit();
-        let new = self.mem.alloc_table()?;
-        self.tables += 1;
+        let new = self.acc.alloc().ok_or(())?;
         let child = level_size(child_level);
         for k in 0..ENTRIES {
-            self.mem.write(new, k, self.format.leaf_entry(base_phys + k as u64 * child, child_level, prot) | dirty);
+            self.acc.write(new, k, self.format.leaf_entry(base_phys + k as u64 * child, child_level, prot) | dirty);
         }
-        if !self.coherent {
-            self.mem.flush(new, TABLE_SIZE);
+        if batch.active() {
+            self.acc.flush(new, TABLE_SIZE);
         }
-        self.mem.write(table, i, self.format.table_entry(new, level));
-        batch.mark(&mut self.mem, level, table, i);
-        Some(new)
+        if self.acc.cas(table, i, e, self.format.table_entry(new, level)).is_err() {
+            self.acc.free(new);
+            return Ok(None);
+        }
+        self.added += 1;
+        batch.mark(&mut self.acc, level, table, i);
+        Ok(Some(new))
     }
+}
 
+impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// Whether the format records writes in its leaves
     /// ([`PtFormat::dirty_bit`]), so [`Self::read_and_clear_dirty`] means
     /// something.
@@ -696,7 +930,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         let mut batch = FlushBatch::new(!self.coherent && clear);
         let mut walk = DirtyWalk { start: iova, end, bit, clear, gather, record, batch: &mut batch };
         self.dirty_table(self.root, self.top, 0, &mut walk);
-        batch.finish(&mut self.mem);
+        batch.finish(&mut Exclusive(&mut self.mem));
         Ok(())
     }
 
@@ -709,8 +943,9 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             // Fetch what the walker wrote to memory.
             let lines = lines_of(first, last + 1 - first);
             let mut scratch = FlushBatch::new(true);
-            scratch.mark_lines(&mut self.mem, level, table, lines);
-            scratch.finish(&mut self.mem);
+            let mut acc = Exclusive(&mut self.mem);
+            scratch.mark_lines(&mut acc, level, table, lines);
+            scratch.finish(&mut acc);
         }
         for i in first..=last {
             let e = self.mem.read(table, i);
@@ -730,7 +965,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             (w.record)(from, to - from + 1);
             if w.clear && at >= w.start && at + (size - 1) < w.end {
                 self.mem.clear_bits(table, i, w.bit);
-                w.batch.mark(&mut self.mem, level, table, i);
+                w.batch.mark(&mut Exclusive(&mut self.mem), level, table, i);
                 w.gather.add(at, at + (size - 1));
             }
         }
@@ -838,7 +1073,8 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         if iova > self.last {
             return None;
         }
-        let (key, cached, level) = self.lookup_leaf.get();
+        // A lookup racing another (concurrent path) walks from the root.
+        let (key, cached, level) = self.lookup_leaf.try_lock().map_or(NO_LOOKUP, |c| *c);
         let (mut t, mut l) = if level < self.top && key == iova >> level_shift(level + 1) {
             // The level-`level` table covering `iova` is in the tree.
             (cached, level)
@@ -853,8 +1089,11 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                 return None;
             }
             if self.format.is_leaf(raw, l) {
-                if l != start && l < self.top {
-                    self.lookup_leaf.set((iova >> level_shift(l + 1), t, l));
+                if l != start
+                    && l < self.top
+                    && let Some(mut c) = self.lookup_leaf.try_lock()
+                {
+                    *c = (iova >> level_shift(l + 1), t, l);
                 }
                 return Some(WalkStep { level: l, table: t, index, raw });
             }
@@ -911,12 +1150,14 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
 
     /// Checks the structural invariants (every non-root table non-empty,
     /// `table_count` right, addresses aligned); returns the first violation.
-    /// For tests; walks the whole tree.
+    /// For tests; walks the whole tree. Once the concurrent path ran, empty
+    /// tables may stay linked (see [`PageTable::map_shared`]) and are not
+    /// a violation.
     pub fn check_invariants(&self) -> Result<(), alloc::string::String> {
         let mut count = 1;
         self.check_table(self.root, self.top, &mut count)?;
-        if count != self.tables {
-            return Err(alloc::format!("table_count {} but {} tables linked", self.tables, count));
+        if count != self.table_count() {
+            return Err(alloc::format!("table_count {} but {} tables linked", self.table_count(), count));
         }
         Ok(())
     }
@@ -942,7 +1183,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
                 continue;
             }
             let child = self.format.table_address(e);
-            if self.mem.is_empty(child) {
+            if self.mem.is_empty(child) && !self.shared_used.load(Relaxed) {
                 return Err(alloc::format!("empty table {child:#x} linked at {table:#x}[{i}] level {level}"));
             }
             *count += 1;

@@ -301,6 +301,11 @@ pub struct IotlbGather {
     /// Page-table pages freed by the unmaps (must not be reused before the
     /// sync, since the hardware may still walk them).
     pub freed_tables: usize,
+    /// Tables a concurrent unmap ([`IommuDomain::unmap_shared`]) unlinked,
+    /// by physical address: [`IommuDomain::iotlb_sync_shared`] frees them
+    /// once the invalidation succeeded (each concurrent caller frees only
+    /// its own, after its own invalidation).
+    pub unlinked: alloc::vec::Vec<u64>,
 }
 
 impl IotlbGather {
@@ -332,7 +337,7 @@ impl IotlbGather {
 /// Wrappers that add attach/detach behaviour around another domain forward
 /// the rest with [`forward_paging!`]; a method added here must be added
 /// there too, or wrappers silently fall back to its default.
-pub trait IommuDomain: Send {
+pub trait IommuDomain: Send + Sync {
     /// Bitmap of supported page sizes (bit n set = 2^n bytes).
     fn page_sizes(&self) -> u64;
     /// First and last (inclusive) IOVA the domain can translate.
@@ -364,6 +369,38 @@ pub trait IommuDomain: Send {
     /// Unmaps `[iova, iova + length)`, adding what it removed to `gather`.
     /// Returns the bytes that were mapped.
     fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64;
+    /// Whether [`Self::map_shared`], [`Self::unmap_shared`] and
+    /// [`Self::iotlb_sync_shared`] work: callers may then map and unmap
+    /// disjoint ranges from several threads at once through `&self`. No,
+    /// by default; callers then serialise on `&mut self`.
+    fn supports_shared(&self) -> bool {
+        false
+    }
+    /// [`Self::map_runs`] through `&self`, concurrently with other
+    /// `*_shared` calls on disjoint ranges (never with `&mut self` calls:
+    /// callers hold a read lock for these and a write lock for the rest).
+    /// All or nothing. [`DomainError::NotSupported`] by default.
+    fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
+        let _ = (iova, runs, prot);
+        Err(DomainError::NotSupported)
+    }
+    /// [`Self::unmap`] through `&self`, under the rules of
+    /// [`Self::map_shared`]; tables it unlinks travel in `gather` to
+    /// [`Self::iotlb_sync_shared`]. [`DomainError::NotSupported`] by
+    /// default.
+    fn unmap_shared(&self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, DomainError> {
+        let _ = (iova, length, gather);
+        Err(DomainError::NotSupported)
+    }
+    /// [`Self::iotlb_sync`] through `&self`, under the rules of
+    /// [`Self::map_shared`]: invalidates `gather` and then frees the
+    /// tables it carries. On failure the tables stay allocated for good
+    /// and the domain refuses maps until [`Self::recover`].
+    /// [`DomainError::NotSupported`] by default.
+    fn iotlb_sync_shared(&self, gather: &mut IotlbGather) -> Result<(), DomainError> {
+        let _ = gather;
+        Err(DomainError::NotSupported)
+    }
     /// Invalidates the IOTLB for everything in `gather` and clears it.
     ///
     /// On failure the translations may still be cached: the caller must
@@ -607,6 +644,18 @@ macro_rules! forward_paging {
         fn recover(&mut $self) -> Result<(), $crate::DomainError> {
             $crate::IommuDomain::recover($get_mut)
         }
+        fn supports_shared(&$self) -> bool {
+            $crate::IommuDomain::supports_shared($get)
+        }
+        fn map_shared(&$self, iova: u64, runs: &[$crate::PhysRun], prot: $crate::Prot) -> Result<(), $crate::DomainError> {
+            $crate::IommuDomain::map_shared($get, iova, runs, prot)
+        }
+        fn unmap_shared(&$self, iova: u64, length: u64, gather: &mut $crate::IotlbGather) -> Result<u64, $crate::DomainError> {
+            $crate::IommuDomain::unmap_shared($get, iova, length, gather)
+        }
+        fn iotlb_sync_shared(&$self, gather: &mut $crate::IotlbGather) -> Result<(), $crate::DomainError> {
+            $crate::IommuDomain::iotlb_sync_shared($get, gather)
+        }
         fn iova_to_phys(&$self, iova: u64) -> Option<u64> {
             $crate::IommuDomain::iova_to_phys($get, iova)
         }
@@ -717,15 +766,15 @@ mod tests {
 
     /// A domain that records which method ran.
     #[derive(Default)]
-    struct Recorder(std::vec::Vec<&'static str>, core::cell::Cell<u32>);
+    struct Recorder(std::vec::Vec<&'static str>, core::sync::atomic::AtomicU32);
 
     impl IommuDomain for Recorder {
         fn page_sizes(&self) -> u64 {
-            self.1.set(self.1.get() + 1);
+            self.1.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             1 << 12
         }
         fn aperture(&self) -> IovaRange {
-            self.1.set(self.1.get() + 1);
+            self.1.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             IovaRange::new(0, 1 << 20)
         }
         fn map(&mut self, _: u64, _: u64, _: u64, _: Prot) -> Result<(), DomainError> {
@@ -749,7 +798,7 @@ mod tests {
             Ok(())
         }
         fn iova_to_phys(&self, iova: u64) -> Option<u64> {
-            self.1.set(self.1.get() + 1);
+            self.1.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             Some(iova)
         }
         fn enforce_cache_coherency(&mut self) -> bool {
@@ -757,7 +806,7 @@ mod tests {
             true
         }
         fn dirty_capable(&self) -> bool {
-            self.1.set(self.1.get() + 100_000);
+            self.1.fetch_add(100_000, core::sync::atomic::Ordering::Relaxed);
             true
         }
         fn as_any_mut(&mut self) -> Option<&mut dyn core::any::Any> {
@@ -787,15 +836,15 @@ mod tests {
             Ok(())
         }
         fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<PhysRun> {
-            self.1.set(self.1.get() + 100);
+            self.1.fetch_add(100, core::sync::atomic::Ordering::Relaxed);
             Some(PhysRun::new(iova, max_len))
         }
         fn iova_to_phys_runs(&self, _: u64, length: u64, _: &mut [PhysRun]) -> (usize, u64) {
-            self.1.set(self.1.get() + 1000);
+            self.1.fetch_add(1000, core::sync::atomic::Ordering::Relaxed);
             (0, length)
         }
         fn granule(&self) -> u64 {
-            self.1.set(self.1.get() + 10_000);
+            self.1.fetch_add(10_000, core::sync::atomic::Ordering::Relaxed);
             4096
         }
     }
@@ -877,7 +926,7 @@ mod tests {
                     "as_any_mut"
                 ]
             );
-            assert_eq!(r.1.get(), 3 + 100 + 1000 + 10_000 + 100_000);
+            assert_eq!(r.1.load(core::sync::atomic::Ordering::Relaxed), 3 + 100 + 1000 + 10_000 + 100_000);
         }
     }
 

@@ -12,7 +12,7 @@ use portcullis_iommu::{HwError, UnitError};
 impl<M, T, C> Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Attaches `sid` through a scalable-mode PASID entry with PGTT =

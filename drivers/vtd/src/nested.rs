@@ -237,7 +237,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 pub struct NestedDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     unit: Arc<Shared<M, T, C>>,
@@ -249,7 +249,7 @@ where
 impl<M, T, C> fmt::Debug for NestedDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -260,7 +260,7 @@ where
 impl<M, T, C> Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Whether the unit can nest ([`Unit::can_nest`]).
@@ -285,7 +285,7 @@ where
 impl<M, T, C> NestedDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Its domain id.
@@ -344,7 +344,7 @@ where
 impl<M, T, C> Drop for NestedDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Devices still attached are blocked, then everything cached under

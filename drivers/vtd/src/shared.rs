@@ -104,7 +104,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> fmt::Debug for Shared<M, T, C> {
 impl<M, T, C> Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     /// Brings up the unit at register base `base`: translation on in
@@ -251,7 +251,7 @@ where
 impl<M, T, C> IommuUnit for Shared<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn base(&self) -> u64 {
@@ -424,6 +424,16 @@ impl<M: Mmio, T: TableMemory, C: Clock> Invalidator for UnitInvalidator<M, T, C>
         self.unit.unit.lock().set_dirty_tracking(self.did, enable).map_err(DomainError::from)
     }
     fn mapped(&mut self, iova: u64, last: u64) -> Result<(), DomainError> {
+        self.mapped_shared(iova, last)
+    }
+    /// Commands go through the unit's lock: callers need no other.
+    fn concurrent(&self) -> bool {
+        true
+    }
+    fn invalidate_shared(&self, start: u64, last: u64, tables_freed: bool) -> Result<(), DomainError> {
+        self.range(start, last, !tables_freed)
+    }
+    fn mapped_shared(&self, iova: u64, last: u64) -> Result<(), DomainError> {
         // Caching mode: the unit may have cached the not-present entries.
         if self.caching_mode {
             self.range(iova, last, false)
@@ -493,7 +503,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> VtdDomain<M, T, C> {
 impl<M, T, C> VtdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn inner(&self) -> &dyn IommuDomain {
@@ -507,7 +517,7 @@ where
 impl<M, T, C> IommuDomain for VtdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     portcullis_iommu::forward_paging!(fn inner, inner_mut);
@@ -544,7 +554,7 @@ fn pasid_error(e: UnitError) -> DomainError {
 impl<M, T, C> UnitDomain for VtdDomain<M, T, C>
 where
     M: Mmio + Send + 'static,
-    T: TableMemory + Clone + Send + 'static,
+    T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
     fn domain_id(&self) -> u16 {

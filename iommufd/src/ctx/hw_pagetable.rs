@@ -14,7 +14,6 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 use portcullis_iommu::DomainError;
-use spin::Mutex;
 
 /// A HW page table of the paging kind: a domain loaded with an IOAS.
 pub struct Hwpt {
@@ -88,7 +87,7 @@ impl Ictx {
             None => dev.ops.alloc_domain().map_err(|_| Errno::ENOMEM)?,
         };
         let coherent = domain.enforce_cache_coherency();
-        let domain: DomainRef = Arc::new(Mutex::new(domain));
+        let domain: DomainRef = Arc::new(crate::pages::DomainLock::new(domain));
         let hwpt = Arc::new(Hwpt {
             ioas_id,
             ioas: ioas.clone(),
@@ -104,7 +103,10 @@ impl Ictx {
         // The IOAS lock is released before the object table is taken (the
         // documented order): an `if let` on the call would hold it in the
         // block.
-        let added = ioas.iopt.lock().add_domain(id as u64, domain);
+        let added = {
+            let _domains = ioas.domains_rw.write();
+            ioas.iopt.lock().add_domain(id as u64, domain)
+        };
         if let Err(e) = added {
             self.objects.lock().remove(&id);
             return Err(e);
@@ -250,7 +252,10 @@ impl Ictx {
     /// when its final invalidation fails (the error is returned, and the
     /// pages it mapped stay pinned).
     pub(super) fn release_hwpt(&self, id: u32, h: &Hwpt) -> Result<()> {
-        let r = h.ioas.iopt.lock().remove_domain(id as u64);
+        let r = {
+            let _domains = h.ioas.domains_rw.write();
+            h.ioas.iopt.lock().remove_domain(id as u64)
+        };
         h.ioas.auto_hwpts.lock().retain(|x| *x != id);
         h.ioas.refs.fetch_sub(1, Ordering::SeqCst);
         r

@@ -10,7 +10,7 @@
 
 use super::{Ictx, Object};
 use crate::errno::{Errno, Result};
-use crate::iopt::IoPagetable;
+use crate::iopt::{IoPagetable, PagesSlice};
 use crate::memsrc::MemorySource;
 use crate::pages::Pages;
 use alloc::sync::Arc;
@@ -23,6 +23,13 @@ use spin::Mutex;
 pub struct Ioas {
     /// The page table (areas, reservations, domains).
     pub iopt: Mutex<IoPagetable>,
+    /// The list of domains and how areas are loaded into them, as a lock
+    /// taken before `iopt` (Linux's `domains_rwsem`): map and unmap hold
+    /// it for reading while they work on the domains without `iopt`
+    /// (see `IoPagetable::reserve_pages`); adding or removing a domain and
+    /// the huge-page option take it for writing, so no domain comes or
+    /// goes under a fill in progress.
+    pub domains_rw: spin::RwLock<()>,
     /// HWPTs made for this IOAS automatically by attach, in creation order.
     pub(super) auto_hwpts: Mutex<Vec<u32>>,
     /// Accesses attached to this IOAS.
@@ -47,12 +54,49 @@ fn prot_of(readable: bool, writable: bool) -> Prot {
     p
 }
 
+/// Maps `slices` into `ioas` (see `IoPagetable::map_pages`). When every
+/// domain of the IOAS maps concurrently, only the reservation of the IOVA
+/// and the final marking of the areas take the IOAS lock; pinning and the
+/// domain maps run without it, the domain list held for reading, so maps
+/// of disjoint ranges (and unmaps) proceed in parallel. Otherwise all of
+/// it runs under the lock.
+fn map_slices(ioas: &Ioas, slices: &[PagesSlice], length: u64, iova: Option<u64>, prot: Prot) -> Result<u64> {
+    let _domains = ioas.domains_rw.read();
+    let reserved = {
+        let mut iopt = ioas.iopt.lock();
+        if !iopt.concurrent() {
+            return iopt.map_pages(slices, length, iova, prot);
+        }
+        iopt.reserve_pages(slices, length, iova, prot)?
+    };
+    let filled = IoPagetable::fill_reserved(&reserved);
+    ioas.iopt.lock().finish_reserved(reserved, filled)
+}
+
+/// Unmaps `[iova, iova + length)` (everything when `all`) from `ioas`,
+/// outside the IOAS lock when every domain unmaps concurrently, as
+/// [`map_slices`] maps.
+fn unmap_range(ioas: &Ioas, iova: u64, length: u64, all: bool) -> Result<u64> {
+    let _domains = ioas.domains_rw.read();
+    let taken = {
+        let mut iopt = ioas.iopt.lock();
+        if !iopt.concurrent() {
+            return if all { iopt.unmap_all() } else { iopt.unmap(iova, length) };
+        }
+        let (start, last) = if all { (0, u64::MAX) } else { (iova, crate::iopt::last_of(iova, length)?) };
+        iopt.begin_unmap(start, last)?
+    };
+    let unloaded = IoPagetable::unmap_outside(&taken);
+    ioas.iopt.lock().end_unmap(taken, unloaded)
+}
+
 impl Ictx {
     /// `IOMMU_IOAS_ALLOC`.
     pub fn ioas_alloc(&self) -> Result<u32> {
         let _creation = self.ioas_creation.lock();
         self.insert(Object::Ioas(Arc::new(Ioas {
             iopt: Mutex::new(IoPagetable::new()),
+            domains_rw: spin::RwLock::new(()),
             auto_hwpts: Mutex::new(Vec::new()),
             accesses: Mutex::new(Vec::new()),
             refs: AtomicU32::new(0),
@@ -72,7 +116,7 @@ impl Ictx {
         let ioas = self.ioas(ioas_id)?;
         let (pages, off) = Pages::new(self.source(), self.accounting.clone(), uptr, length, writable)?;
         let slice = crate::iopt::PagesSlice { pages, start_byte: off, length };
-        ioas.iopt.lock().map_pages(core::slice::from_ref(&slice), length, iova, prot_of(readable, writable))
+        map_slices(&ioas, core::slice::from_ref(&slice), length, iova, prot_of(readable, writable))
     }
 
     /// `IOMMU_IOAS_MAP_FILE` (Linux 6.13+): maps bytes `[start, start +
@@ -104,7 +148,7 @@ impl Ictx {
         let file = source.file_get(fd, writable)?;
         let (pages, off) = Pages::new_file(source, self.accounting.clone(), file, start, length, writable)?;
         let slice = crate::iopt::PagesSlice { pages, start_byte: off, length };
-        ioas.iopt.lock().map_pages(core::slice::from_ref(&slice), length, iova, prot_of(readable, writable))
+        map_slices(&ioas, core::slice::from_ref(&slice), length, iova, prot_of(readable, writable))
     }
 
     /// `IOMMU_IOAS_CHANGE_PROCESS` (Linux 6.14+) as the dispatcher sees
@@ -165,8 +209,7 @@ impl Ictx {
         for _ in 0..16 {
             let blocker = ioas.iopt.lock().access_blocker(iova, last);
             let Some(IovaRange { start: s, last: l }) = blocker else {
-                let mut iopt = ioas.iopt.lock();
-                return if all { iopt.unmap_all() } else { iopt.unmap(iova, length) };
+                return unmap_range(&ioas, iova, length, all);
             };
             let ids = ioas.accesses.lock().clone();
             for id in ids {
@@ -194,8 +237,7 @@ impl Ictx {
         let src = self.ioas(src_id)?;
         let slices = src.iopt.lock().get_pages(src_iova, length)?;
         let dst = self.ioas(dst_id)?;
-        let mut iopt = dst.iopt.lock();
-        iopt.map_pages(&slices, length, dst_iova, prot_of(readable, writable))
+        map_slices(&dst, &slices, length, dst_iova, prot_of(readable, writable))
     }
 
     /// `IOMMU_IOAS_IOVA_RANGES`: usable ranges and the IOVA alignment.

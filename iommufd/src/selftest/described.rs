@@ -2,8 +2,10 @@
 //! any: user page k is "physical" `phys + k * stride`, never touched. A
 //! stride of 4 KiB makes the pages physically contiguous (like memory
 //! backed by 2 MiB pages); 8 KiB makes no two adjacent (like scattered
-//! 4 KiB pages). Pins are counted per page, so a benchmark can check that
-//! everything was unpinned.
+//! 4 KiB pages). Pins are counted per page, under one lock per 512 pages
+//! (threads pinning different memory do not wait for each other, as in a
+//! kernel, which counts references per page), so a benchmark can check
+//! that everything was unpinned.
 
 use crate::errno::{Errno, Result};
 use crate::memsrc::{MemorySource, PAGE_SIZE, push_run};
@@ -12,13 +14,16 @@ use alloc::vec::Vec;
 use portcullis_iommu::PhysRun;
 use spin::Mutex;
 
+/// Pages per pin-count lock.
+const STRIPE: usize = 512;
+
 /// `len` bytes of user memory at `base`, described as above.
 pub struct DescribedMemory {
     base: u64,
     phys: u64,
     len: u64,
     stride: u64,
-    pins: Mutex<Vec<u32>>,
+    pins: Vec<Mutex<Vec<u32>>>,
 }
 
 impl core::fmt::Debug for DescribedMemory {
@@ -32,7 +37,9 @@ impl DescribedMemory {
     /// stride` (`stride` a power of two, at least 4 KiB).
     pub fn new(base: u64, phys: u64, len: u64, stride: u64) -> Self {
         assert!(stride.is_power_of_two() && stride >= PAGE_SIZE);
-        Self { base, phys, len, stride, pins: Mutex::new(vec![0; (len / PAGE_SIZE) as usize]) }
+        let pages = (len / PAGE_SIZE) as usize;
+        let pins = (0..pages.div_ceil(STRIPE)).map(|k| Mutex::new(vec![0; STRIPE.min(pages - k * STRIPE)])).collect();
+        Self { base, phys, len, stride, pins }
     }
 
     /// Memory backed like 2 MiB pages (`huge`) or scattered 4 KiB pages.
@@ -42,7 +49,7 @@ impl DescribedMemory {
 
     /// Pages pinned at least once.
     pub fn pinned_pages(&self) -> u64 {
-        self.pins.lock().iter().filter(|&&p| p > 0).count() as u64
+        self.pins.iter().map(|s| s.lock().iter().filter(|&&p| p > 0).count() as u64).sum()
     }
 
     fn first_page(&self, uptr: u64, npages: u64) -> Result<u64> {
@@ -53,6 +60,17 @@ impl DescribedMemory {
         Ok(first)
     }
 
+    /// Applies `f` to the pin counts of pages `[first, first + n)`.
+    fn count(&self, first: usize, n: usize, mut f: impl FnMut(&mut u32)) {
+        let mut page = first;
+        while page < first + n {
+            let (stripe, at) = (page / STRIPE, page % STRIPE);
+            let upto = (STRIPE - at).min(first + n - page);
+            self.pins[stripe].lock()[at..at + upto].iter_mut().for_each(&mut f);
+            page += upto;
+        }
+    }
+
     fn page_of(&self, phys: u64) -> usize {
         ((phys - self.phys) >> self.stride.trailing_zeros()) as usize
     }
@@ -61,26 +79,21 @@ impl DescribedMemory {
 impl MemorySource for DescribedMemory {
     fn pin(&self, uptr: u64, out: &mut [u64], _write: bool) -> Result<()> {
         let first = self.first_page(uptr, out.len() as u64)?;
-        let mut pins = self.pins.lock();
+        self.count(first as usize, out.len(), |c| *c += 1);
         for (k, o) in out.iter_mut().enumerate() {
             let page = first as usize + k;
-            pins[page] += 1;
             *o = self.phys + page as u64 * self.stride;
         }
         Ok(())
     }
     fn unpin(&self, phys: &[u64], _dirty: bool) {
-        let mut pins = self.pins.lock();
         for &p in phys {
-            pins[self.page_of(p)] -= 1;
+            self.count(self.page_of(p), 1, |c| *c -= 1);
         }
     }
     fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
         let first = self.first_page(uptr, npages)?;
-        let mut pins = self.pins.lock();
-        for c in &mut pins[first as usize..(first + npages) as usize] {
-            *c += 1;
-        }
+        self.count(first as usize, npages as usize, |c| *c += 1);
         if self.stride == PAGE_SIZE {
             push_run(out, PhysRun::new(self.phys + first * PAGE_SIZE, npages * PAGE_SIZE));
         } else {
@@ -89,12 +102,9 @@ impl MemorySource for DescribedMemory {
         Ok(())
     }
     fn unpin_runs(&self, runs: &[PhysRun], _dirty: bool) {
-        let mut pins = self.pins.lock();
         for &PhysRun { phys: p, len } in runs {
             let first = self.page_of(p);
-            for c in &mut pins[first..first + (len / PAGE_SIZE) as usize] {
-                *c -= 1;
-            }
+            self.count(first, (len / PAGE_SIZE) as usize, |c| *c -= 1);
         }
     }
     fn read_user(&self, _: u64, _: &mut [u8]) -> Result<()> {
