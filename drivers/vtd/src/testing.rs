@@ -570,6 +570,62 @@ impl Mmio for RegisterModel {
     }
 }
 
+/// Heap page tables shared by a unit under test (its table memory) and
+/// its [`RegisterModel`] (the memory the model fetches descriptors from
+/// and stores wait status to): one set of pages behind a lock, cloned into
+/// both.
+#[derive(Clone, Debug)]
+pub struct ModelTables(pub Arc<Mutex<io_pgtable::HeapTables>>);
+
+impl ModelTables {
+    /// Fresh heap tables; `coherent` is what [`TableMemory::coherent`]
+    /// answers (see [`io_pgtable::HeapTables::new`]).
+    pub fn new(coherent: bool) -> Self {
+        Self(Arc::new(Mutex::new(io_pgtable::HeapTables::new(coherent))))
+    }
+}
+
+impl io_pgtable::TableMemory for ModelTables {
+    fn alloc_table(&mut self) -> Option<u64> {
+        self.0.lock().alloc_table()
+    }
+    fn free_table(&mut self, t: u64) {
+        self.0.lock().free_table(t)
+    }
+    fn read(&self, t: u64, i: usize) -> u64 {
+        self.0.lock().read(t, i)
+    }
+    fn write(&mut self, t: u64, i: usize, v: u64) {
+        self.0.lock().write(t, i, v)
+    }
+    fn coherent(&self) -> bool {
+        self.0.lock().coherent()
+    }
+    fn flush(&mut self, p: u64, l: u64) {
+        self.0.lock().flush(p, l)
+    }
+}
+
+impl io_pgtable::ContiguousMemory for ModelTables {
+    fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
+        self.0.lock().alloc_contiguous(pages)
+    }
+    fn free_contiguous(&mut self, base: u64, pages: usize) {
+        self.0.lock().free_contiguous(base, pages)
+    }
+}
+
+impl DeviceMemory for ModelTables {
+    fn read_u64(&self, phys: u64) -> u64 {
+        use io_pgtable::TableMemory;
+        self.read(phys & !0xfff, (phys & 0xfff) as usize / 8)
+    }
+    fn write_u64(&self, phys: u64, value: u64) {
+        use io_pgtable::TableMemory;
+        self.clone().write(phys & !0xfff, (phys & 0xfff) as usize / 8, value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

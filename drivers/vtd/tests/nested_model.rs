@@ -3,57 +3,16 @@
 //! PASID entry is checked, field by field, against the specification's
 //! layout, 9.6), and the first-stage invalidations it takes.
 
-use io_pgtable::{HeapTables, TableMemory};
-use portcullis_iommu::testing::{DeviceMemory, TickClock};
+use portcullis_iommu::testing::TickClock;
 use portcullis_iommu::unit::UnitDomain;
 use portcullis_iommu::{IommuDomain, Prot};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use vtd::nested::{FirstStageRange, NestParent, NestedError, S1_EAFE, S1_SRE, S1_WPE, StageOne};
 use vtd::scalable::Pgtt;
 use vtd::testing::{Config, Invalidation, IotlbInvalidation, RegisterModel};
 
 /// Heap tables shared by the driver and the model.
-#[derive(Clone)]
-struct Mem(Arc<Mutex<HeapTables>>);
-
-impl TableMemory for Mem {
-    fn alloc_table(&mut self) -> Option<u64> {
-        self.0.lock().unwrap().alloc_table()
-    }
-    fn free_table(&mut self, t: u64) {
-        self.0.lock().unwrap().free_table(t)
-    }
-    fn read(&self, t: u64, i: usize) -> u64 {
-        self.0.lock().unwrap().read(t, i)
-    }
-    fn write(&mut self, t: u64, i: usize, v: u64) {
-        self.0.lock().unwrap().write(t, i, v)
-    }
-    fn coherent(&self) -> bool {
-        self.0.lock().unwrap().coherent()
-    }
-    fn flush(&mut self, p: u64, l: u64) {
-        self.0.lock().unwrap().flush(p, l)
-    }
-}
-
-impl io_pgtable::ContiguousMemory for Mem {
-    fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
-        self.0.lock().unwrap().alloc_contiguous(pages)
-    }
-    fn free_contiguous(&mut self, base: u64, pages: usize) {
-        self.0.lock().unwrap().free_contiguous(base, pages)
-    }
-}
-
-impl DeviceMemory for Mem {
-    fn read_u64(&self, phys: u64) -> u64 {
-        self.read(phys & !0xfff, (phys & 0xfff) as usize / 8)
-    }
-    fn write_u64(&self, phys: u64, value: u64) {
-        self.clone().write(phys & !0xfff, (phys & 0xfff) as usize / 8, value)
-    }
-}
+type Mem = vtd::testing::ModelTables;
 
 const BASE: u64 = 0xfed9_0000;
 /// ECAP.NEST (26), SRS (31), EAFS (34), SMTS (43), SSTS (46), FSTS (47),
@@ -65,7 +24,7 @@ const CAP_FS5LP: u64 = 1 << 60;
 type Unit = vtd::Shared<RegisterModel, Mem, TickClock>;
 
 fn unit(cap: u64, ecap: u64) -> (RegisterModel, Arc<Unit>) {
-    let mem = Mem(Arc::new(Mutex::new(HeapTables::new(true))));
+    let mem = Mem::new(true);
     let config = Config { cap: Config::QEMU.cap | cap, ecap: Config::QEMU.ecap | ecap };
     let model = RegisterModel::new(config, Arc::new(mem.clone()));
     let u = vtd::Shared::bring_up(BASE, model.clone(), mem, TickClock::default(), Some(vtd::Mode::Scalable)).unwrap();
@@ -192,7 +151,7 @@ fn units_without_nesting_refuse() {
     let (_m, u) = unit(0, 1 << 43 | 1 << 46);
     assert!(!u.can_nest());
     assert_eq!(u.new_nested_domain(s1).err(), Some(NestedError::NotSupported));
-    let mem = Mem(Arc::new(Mutex::new(HeapTables::new(true))));
+    let mem = Mem::new(true);
     let config = Config { cap: Config::QEMU.cap, ecap: Config::QEMU.ecap | ECAP_NEST };
     let model = RegisterModel::new(config, Arc::new(mem.clone()));
     let legacy =

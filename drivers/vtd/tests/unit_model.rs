@@ -4,56 +4,15 @@
 //! wait descriptors writing their status, fault recording registers with
 //! RW1C F bits).
 
-use io_pgtable::{ContiguousMemory, HeapTables, TableMemory};
+use io_pgtable::TableMemory;
 use portcullis_iommu::testing::{DeviceMemory, TickClock};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use vtd::regs::{Fsts, Gsts};
 use vtd::testing::{Config, ContextInvalidation, Invalidation, IotlbInvalidation, RegisterModel, Via};
 use vtd::{Error, FaultRecord, HwError, Unit};
 
-/// Heap tables shared by the driver (its table memory) and the model (the
-/// memory it fetches descriptors from and stores wait status to).
-#[derive(Clone)]
-struct Shared(Arc<Mutex<HeapTables>>);
-
-impl TableMemory for Shared {
-    fn alloc_table(&mut self) -> Option<u64> {
-        self.0.lock().unwrap().alloc_table()
-    }
-    fn free_table(&mut self, t: u64) {
-        self.0.lock().unwrap().free_table(t)
-    }
-    fn read(&self, t: u64, i: usize) -> u64 {
-        self.0.lock().unwrap().read(t, i)
-    }
-    fn write(&mut self, t: u64, i: usize, v: u64) {
-        self.0.lock().unwrap().write(t, i, v)
-    }
-    fn coherent(&self) -> bool {
-        self.0.lock().unwrap().coherent()
-    }
-    fn flush(&mut self, p: u64, l: u64) {
-        self.0.lock().unwrap().flush(p, l)
-    }
-}
-
-impl ContiguousMemory for Shared {
-    fn alloc_contiguous(&mut self, pages: usize) -> Option<u64> {
-        self.0.lock().unwrap().alloc_contiguous(pages)
-    }
-    fn free_contiguous(&mut self, base: u64, pages: usize) {
-        self.0.lock().unwrap().free_contiguous(base, pages)
-    }
-}
-
-impl DeviceMemory for Shared {
-    fn read_u64(&self, phys: u64) -> u64 {
-        self.read(phys & !0xfff, (phys & 0xfff) as usize / 8)
-    }
-    fn write_u64(&self, phys: u64, value: u64) {
-        self.clone().write(phys & !0xfff, (phys & 0xfff) as usize / 8, value)
-    }
-}
+/// Heap tables shared by the driver and the model.
+type Shared = vtd::testing::ModelTables;
 
 /// The kinds (descriptor types: 1 context, 2 IOTLB, 4 IEC, 5 wait) of the
 /// queued invalidations logged.
@@ -76,7 +35,7 @@ fn kinds(log: &[vtd::testing::Logged]) -> Vec<u8> {
 const BASE: u64 = 0xfed9_0000;
 
 fn unit() -> (RegisterModel, Unit<RegisterModel, Shared, TickClock>) {
-    let mem = Shared(Arc::new(Mutex::new(HeapTables::new(true))));
+    let mem = Shared::new(true);
     let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
     let u = Unit::new(BASE, model.clone(), mem, TickClock::default()).unwrap();
     (model, u)
@@ -271,7 +230,7 @@ fn interrupt_remapping_table_entries_and_their_invalidation() {
     assert_eq!(model.interrupt_table(), None);
     assert_eq!(u.set_irte(5, e), Err(Error { unit: BASE, cause: HwError::NotEnabled }), "remapping is off");
     assert_eq!(u.interrupt_table_entries(), 0);
-    assert_eq!(u.memory().0.lock().unwrap().live_tables(), 3, "root, status page and queue: the table went");
+    assert_eq!(u.memory().0.lock().live_tables(), 3, "root, status page and queue: the table went");
 }
 
 /// The memory a unit's tables are in (shared with the model).
@@ -285,7 +244,7 @@ fn without_a_contiguous_run_the_table_is_one_page() {
     let (model, mut u) = unit();
     u.enable(true).unwrap();
     // The next allocation (the 1 MiB run) fails; the single page does not.
-    u.memory().0.lock().unwrap().fail_nth_alloc(Some(1));
+    u.memory().0.lock().fail_nth_alloc(Some(1));
     u.enable_interrupt_remapping().unwrap();
     assert_eq!(model.state().latched_irta & 0xf, 7, "256 entries");
     assert_eq!((model.interrupt_table_entries(), u.interrupt_table_entries()), (Some(256), 256));
@@ -298,24 +257,23 @@ fn without_a_contiguous_run_the_table_is_one_page() {
     assert!(matches!(u.set_irte(256, e), Err(Error { cause: HwError::Invalid(_), .. })), "beyond the table");
     assert_eq!(u.irte(256), None);
     u.disable_interrupt_remapping().unwrap();
-    assert_eq!(u.memory().0.lock().unwrap().live_tables(), 3, "the page went back");
+    assert_eq!(u.memory().0.lock().live_tables(), 3, "the page went back");
 }
 
 #[test]
 fn a_non_coherent_unit_flushes_the_whole_table_and_each_entry() {
     use vtd::ir::Irte;
-    let heap = HeapTables::new(false);
-    let mem = Shared(Arc::new(Mutex::new(heap)));
+    let mem = Shared::new(false);
     let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
     let mut u = Unit::new(BASE, model.clone(), mem.clone(), TickClock::default()).unwrap();
     u.enable(true).unwrap();
-    mem.0.lock().unwrap().record_flushes(true);
+    mem.0.lock().record_flushes(true);
     u.enable_interrupt_remapping().unwrap();
     let table = model.state().latched_irta & !0xfff;
-    let log = mem.0.lock().unwrap().take_flush_log();
+    let log = mem.0.lock().take_flush_log();
     assert!((0..(1u64 << 20) / 64).all(|l| log.contains_key(&(table + l * 64))), "every line of the 1 MiB table");
     u.set_irte(0x1234, Irte::remapped(0x29, 0, false, 8)).unwrap();
-    let log = mem.0.lock().unwrap().take_flush_log();
+    let log = mem.0.lock().take_flush_log();
     assert!(log.contains_key(&(table + 0x1234 * 16)), "the entry's line: {log:x?}");
 }
 
@@ -345,7 +303,7 @@ const ECAP_EIM: u64 = 1 << 4;
 /// A unit model whose ECAP has `extra` too, and the memory it shares
 /// with the driver.
 fn model_with_ecap(extra: u64) -> (RegisterModel, Shared) {
-    let mem = Shared(Arc::new(Mutex::new(HeapTables::new(true))));
+    let mem = Shared::new(true);
     let config = Config { ecap: Config::QEMU.ecap | extra, ..Config::QEMU };
     (RegisterModel::new(config, Arc::new(mem.clone())), mem)
 }
