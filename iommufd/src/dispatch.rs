@@ -106,22 +106,12 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
         }
         IOMMU_IOAS_MAP => {
             let mut c = IommuIoasMap::read(&kbuf);
-            if c.flags & !IOMMU_IOAS_MAP_VALID_FLAGS != 0 || c.__reserved != 0 {
+            // (Linux tests `__reserved` with the flags: the same EOPNOTSUPP.)
+            if c.__reserved != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
-            if c.iova == u64::MAX || c.length == u64::MAX {
-                return Err(Errno::EOVERFLOW);
-            }
-            check_map_prot(c.flags)?;
-            let fixed = c.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0;
-            let iova = ictx.ioas_map(
-                c.ioas_id,
-                fixed.then_some(c.iova),
-                c.user_va,
-                c.length,
-                c.flags & IOMMU_IOAS_MAP_READABLE != 0,
-                c.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
-            )?;
+            let (fixed, read, write) = map_args(c.flags, c.iova, c.length)?;
+            let iova = ictx.ioas_map(c.ioas_id, fixed, c.user_va, c.length, read, write)?;
             c.iova = iova;
             respond(&c.to_bytes(), user_size, buf)
         }
@@ -129,21 +119,8 @@ pub fn ioctl(ictx: &Ictx, cmd: u32, buf: &mut [u8]) -> Result<()> {
             // Linux 6.13's `iommufd_ioas_map_file` order; the struct has no
             // reserved field.
             let mut c = IommuIoasMapFile::read(&kbuf);
-            check_map_flags(c.flags)?;
-            if c.iova == u64::MAX || c.length == u64::MAX {
-                return Err(Errno::EOVERFLOW);
-            }
-            check_map_prot(c.flags)?;
-            let fixed = c.flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0;
-            let iova = ictx.ioas_map_file(
-                c.ioas_id,
-                fixed.then_some(c.iova),
-                c.fd,
-                c.start,
-                c.length,
-                c.flags & IOMMU_IOAS_MAP_READABLE != 0,
-                c.flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
-            )?;
+            let (fixed, read, write) = map_args(c.flags, c.iova, c.length)?;
+            let iova = ictx.ioas_map_file(c.ioas_id, fixed, c.fd, c.start, c.length, read, write)?;
             c.iova = iova;
             // A respond fault leaves the mapping in place, as Linux's does.
             respond(&c.to_bytes(), user_size, buf)
@@ -352,6 +329,23 @@ pub(crate) fn respond(kernel: &[u8], user_size: u32, buf: &mut [u8]) -> Result<(
 
 fn check_map_flags(flags: u32) -> Result<()> {
     if flags & !IOMMU_IOAS_MAP_VALID_FLAGS != 0 { Err(Errno::EOPNOTSUPP) } else { Ok(()) }
+}
+
+/// The argument checks `IOMMU_IOAS_MAP` and `IOMMU_IOAS_MAP_FILE` share,
+/// in Linux's order: unknown flags (`EOPNOTSUPP`), an IOVA or length of
+/// `u64::MAX` (`EOVERFLOW`), neither READABLE nor WRITEABLE (`EINVAL`).
+/// Returns the fixed IOVA (if `FIXED_IOVA`), readable, writable.
+fn map_args(flags: u32, iova: u64, length: u64) -> Result<(Option<u64>, bool, bool)> {
+    check_map_flags(flags)?;
+    if iova == u64::MAX || length == u64::MAX {
+        return Err(Errno::EOVERFLOW);
+    }
+    check_map_prot(flags)?;
+    Ok((
+        (flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0).then_some(iova),
+        flags & IOMMU_IOAS_MAP_READABLE != 0,
+        flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
+    ))
 }
 
 fn check_map_prot(flags: u32) -> Result<()> {
