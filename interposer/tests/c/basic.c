@@ -17,15 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
-#define IOMMU_DESTROY IOCTL_NR(0x80)
-#define IOMMU_IOAS_ALLOC IOCTL_NR(0x81)
-#define IOMMU_IOAS_ALLOW_IOVAS IOCTL_NR(0x82)
-#define IOMMU_IOAS_MAP IOCTL_NR(0x85)
-#define IOMMU_IOAS_UNMAP IOCTL_NR(0x86)
-#define IOMMU_OPTION IOCTL_NR(0x87)
-#define IOMMU_FAULT_QUEUE_ALLOC IOCTL_NR(0x8e)
-#define IOMMU_TEST_CMD IOCTL_NR(0xa0)
+#include "common.h"
 
 #define MAP_FLAG_WRITEABLE 2
 #define MAP_FLAG_READABLE 4
@@ -73,20 +65,6 @@ static int has_cap(int bit)
 	fclose(f);
 	return (eff >> bit) & 1;
 }
-
-/* struct iommu_test_cmd: a 16-byte header, then the op's payload. */
-#define TEST_CMD_SIZE 72
-static void test_cmd(uint8_t *b, uint32_t op, uint32_t id)
-{
-	uint32_t size = TEST_CMD_SIZE;
-	memset(b, 0, TEST_CMD_SIZE);
-	memcpy(b, &size, 4);
-	memcpy(b + 4, &op, 4);
-	memcpy(b + 8, &id, 4);
-}
-static void put32(uint8_t *b, int at, uint32_t v) { memcpy(b + at, &v, 4); }
-static void put64(uint8_t *b, int at, uint64_t v) { memcpy(b + at, &v, 8); }
-static uint32_t get32(const uint8_t *b, int at) { uint32_t v; memcpy(&v, b + at, 4); return v; }
 
 static int access_rw(int fd, uint32_t access, uint64_t iova, void *buf, uint64_t len, int write)
 {

@@ -17,9 +17,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
-#define IOMMU_IOAS_ALLOC IOCTL_NR(0x81)
-#define IOMMU_IOAS_MAP IOCTL_NR(0x85)
+#include "common.h"
+
 #define PAGE 4096UL
 
 struct ioas_alloc { uint32_t size, flags, out_ioas_id; };

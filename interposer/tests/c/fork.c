@@ -17,11 +17,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
-#define IOMMU_IOAS_ALLOC IOCTL_NR(0x81)
-#define IOMMU_IOAS_MAP IOCTL_NR(0x85)
-#define IOMMU_TEST_CMD IOCTL_NR(0xa0)
-#define TEST_CMD_SIZE 72
+#include "common.h"
+
 #define PAGE 4096UL
 
 struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
@@ -36,17 +33,6 @@ struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, len
 		printf("ok - %s\n", what);                                                 \
 		fflush(stdout);                                                            \
 	} while (0)
-
-static void test_cmd(uint8_t *b, uint32_t op, uint32_t id)
-{
-	uint32_t size = TEST_CMD_SIZE;
-	memset(b, 0, TEST_CMD_SIZE);
-	memcpy(b, &size, 4);
-	memcpy(b + 4, &op, 4);
-	memcpy(b + 8, &id, 4);
-}
-static void put64(uint8_t *b, int at, uint64_t v) { memcpy(b + at, &v, 8); }
-static uint32_t get32(const uint8_t *b, int at) { uint32_t v; memcpy(&v, b + at, 4); return v; }
 
 static int ioas_map(int fd, uint32_t ioas, void *buf, uint64_t len, uint64_t *iova)
 {

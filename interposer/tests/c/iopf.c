@@ -16,22 +16,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-#define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
-#define IOMMU_IOAS_ALLOC IOCTL_NR(0x81)
-#define IOMMU_HWPT_ALLOC IOCTL_NR(0x89)
-#define IOMMU_FAULT_QUEUE_ALLOC IOCTL_NR(0x8e)
-#define IOMMU_TEST_CMD IOCTL_NR(0xa0)
-#define TEST_CMD_SIZE 72
-
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
-struct hwpt_alloc {
-	uint32_t size, flags, dev_id, pt_id, out_hwpt_id, reserved, data_type, data_len;
-	uint64_t data_uptr;
-	uint32_t fault_id, reserved2;
-};
-struct fault_alloc { uint32_t size, flags, out_fault_id, out_fault_fd; };
-struct pgfault { uint32_t flags, dev_id, pasid, grpid, perm, reserved; uint64_t addr; uint32_t length, cookie; };
-struct response { uint32_t cookie, code; };
+#include "common.h"
 
 #define CHECK(cond, what)                                                                  \
 	do {                                                                               \
@@ -42,17 +27,15 @@ struct response { uint32_t cookie, code; };
 		printf("ok - %s\n", what);                                                 \
 	} while (0)
 
-static void test_cmd(uint8_t *b, uint32_t op, uint32_t id)
-{
-	uint32_t size = TEST_CMD_SIZE;
-	memset(b, 0, TEST_CMD_SIZE);
-	memcpy(b, &size, 4);
-	memcpy(b + 4, &op, 4);
-	memcpy(b + 8, &id, 4);
-}
-static void put32(uint8_t *b, int at, uint32_t v) { memcpy(b + at, &v, 4); }
-static void put64(uint8_t *b, int at, uint64_t v) { memcpy(b + at, &v, 8); }
-static uint32_t get32(const uint8_t *b, int at) { uint32_t v; memcpy(&v, b + at, 4); return v; }
+struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
+struct hwpt_alloc {
+	uint32_t size, flags, dev_id, pt_id, out_hwpt_id, reserved, data_type, data_len;
+	uint64_t data_uptr;
+	uint32_t fault_id, reserved2;
+};
+struct fault_alloc { uint32_t size, flags, out_fault_id, out_fault_fd; };
+struct pgfault { uint32_t flags, dev_id, pasid, grpid, perm, reserved; uint64_t addr; uint32_t length, cookie; };
+struct response { uint32_t cookie, code; };
 
 static short revents(int fd)
 {

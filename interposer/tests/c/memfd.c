@@ -16,18 +16,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
-#define IOMMU_IOAS_ALLOC IOCTL_NR(0x81)
-#define IOMMU_IOAS_MAP IOCTL_NR(0x85)
-#define IOMMU_IOAS_MAP_FILE IOCTL_NR(0x8f)
-#define IOMMU_TEST_CMD IOCTL_NR(0xa0)
-#define TEST_CMD_SIZE 72
-#define PAGE 4096UL
-#define LEN (8 * PAGE)
-
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
-struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
-struct ioas_map_file { uint32_t size, flags, ioas_id; int32_t fd; uint64_t start, length, iova; };
+#include "common.h"
 
 #define CHECK(cond, what)                                                                  \
 	do {                                                                               \
@@ -38,16 +27,12 @@ struct ioas_map_file { uint32_t size, flags, ioas_id; int32_t fd; uint64_t start
 		printf("ok - %s\n", what);                                                 \
 	} while (0)
 
-static void test_cmd(uint8_t *b, uint32_t op, uint32_t id)
-{
-	uint32_t size = TEST_CMD_SIZE;
-	memset(b, 0, TEST_CMD_SIZE);
-	memcpy(b, &size, 4);
-	memcpy(b + 4, &op, 4);
-	memcpy(b + 8, &id, 4);
-}
-static void put64(uint8_t *b, int at, uint64_t v) { memcpy(b + at, &v, 8); }
-static uint32_t get32(const uint8_t *b, int at) { uint32_t v; memcpy(&v, b + at, 4); return v; }
+#define PAGE 4096UL
+#define LEN (8 * PAGE)
+
+struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
+struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
+struct ioas_map_file { uint32_t size, flags, ioas_id; int32_t fd; uint64_t start, length, iova; };
 
 static int fd;
 static uint32_t access_id;

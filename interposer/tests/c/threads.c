@@ -16,12 +16,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
-#define IOMMU_IOAS_ALLOC IOCTL_NR(0x81)
-#define IOMMU_IOAS_MAP IOCTL_NR(0x85)
-#define IOMMU_IOAS_UNMAP IOCTL_NR(0x86)
-#define IOMMU_TEST_CMD IOCTL_NR(0xa0)
-#define TEST_CMD_SIZE 72
+#include "common.h"
+
 #define PAGE 4096UL
 #define THREADS 4
 #define ROUNDS 100
@@ -33,17 +29,6 @@ struct ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
 
 static int fd;
 static uint32_t ioas, hwpt;
-
-static void test_cmd(uint8_t *b, uint32_t op, uint32_t id)
-{
-	uint32_t size = TEST_CMD_SIZE;
-	memset(b, 0, TEST_CMD_SIZE);
-	memcpy(b, &size, 4);
-	memcpy(b + 4, &op, 4);
-	memcpy(b + 8, &id, 4);
-}
-static void put32(uint8_t *b, int at, uint32_t v) { memcpy(b + at, &v, 4); }
-static void put64(uint8_t *b, int at, uint64_t v) { memcpy(b + at, &v, 8); }
 
 static void *worker(void *arg)
 {

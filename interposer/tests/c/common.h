@@ -1,0 +1,36 @@
+/* What the C test programs share: ioctl numbers of the iommufd uAPI, the
+ * selftest command buffer and little-endian field access (each program
+ * keeps its own CHECK, whose reports differ). Their own includes come
+ * first (stdint.h, string.h). */
+#ifndef PORTCULLIS_TEST_COMMON_H
+#define PORTCULLIS_TEST_COMMON_H
+
+#define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
+#define IOMMU_DESTROY IOCTL_NR(0x80)
+#define IOMMU_IOAS_ALLOC IOCTL_NR(0x81)
+#define IOMMU_IOAS_ALLOW_IOVAS IOCTL_NR(0x82)
+#define IOMMU_IOAS_MAP IOCTL_NR(0x85)
+#define IOMMU_IOAS_UNMAP IOCTL_NR(0x86)
+#define IOMMU_OPTION IOCTL_NR(0x87)
+#define IOMMU_HWPT_ALLOC IOCTL_NR(0x89)
+#define IOMMU_FAULT_QUEUE_ALLOC IOCTL_NR(0x8e)
+#define IOMMU_IOAS_MAP_FILE IOCTL_NR(0x8f)
+#define IOMMU_TEST_CMD IOCTL_NR(0xa0)
+
+/* struct iommu_test_cmd: a 16-byte header, then the op's payload. */
+#define TEST_CMD_SIZE 72
+
+/* A zeroed selftest command `op` on object `id`. */
+static inline void test_cmd(uint8_t *b, uint32_t op, uint32_t id)
+{
+	uint32_t size = TEST_CMD_SIZE;
+	memset(b, 0, TEST_CMD_SIZE);
+	memcpy(b, &size, 4);
+	memcpy(b + 4, &op, 4);
+	memcpy(b + 8, &id, 4);
+}
+static inline void put32(uint8_t *b, int at, uint32_t v) { memcpy(b + at, &v, 4); }
+static inline void put64(uint8_t *b, int at, uint64_t v) { memcpy(b + at, &v, 8); }
+static inline uint32_t get32(const uint8_t *b, int at) { uint32_t v; memcpy(&v, b + at, 4); return v; }
+
+#endif
