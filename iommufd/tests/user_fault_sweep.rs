@@ -24,6 +24,7 @@ use iommufd::ctx::{Ictx, NestedDomain, NestingOps, PageRequest, PageResponse, Us
 use iommufd::dispatch::ioctl;
 use iommufd::errno::{Errno, Result};
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
+use iommufd::pages::FaultPlan;
 use iommufd::selftest::cmd::MockDevice;
 use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain, MockNestedDomain};
 use iommufd::uapi::{
@@ -32,7 +33,6 @@ use iommufd::uapi::{
     IommuHwptInvalidateSelftest, IommuHwptPageResponse, IommuHwptPgfault,
 };
 use portcullis_iommu::{DeviceHandle, DeviceOps, DomainError, IommuDomain, PhysRun};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const USER: u64 = 0x3000_0000;
@@ -45,18 +45,13 @@ const ARRAYS: u64 = 0x5000_0000;
 /// then.
 struct Flaky {
     inner: Arc<FakeAddressSpace>,
-    calls: AtomicU64,
-    fail_at: AtomicU64,
+    /// The core's own fault plan, counting user-memory accesses here.
+    plan: FaultPlan,
 }
 
 impl Flaky {
-    fn arm(&self, n: Option<u64>) {
-        self.calls.store(0, Ordering::SeqCst);
-        self.fail_at.store(n.unwrap_or(0), Ordering::SeqCst);
-    }
     fn access(&self) -> Result<()> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.fail_at.load(Ordering::SeqCst) == n { Err(Errno::EFAULT) } else { Ok(()) }
+        self.plan.point().map_err(|_| Errno::EFAULT)
     }
 }
 
@@ -153,7 +148,7 @@ fn world() -> World {
     let mem = Arc::new(FakeAddressSpace::new());
     mem.map(USER, USER_PAGES * PAGE_SIZE, true);
     mem.map(ARRAYS, 4 * PAGE_SIZE, true);
-    let src = Arc::new(Flaky { inner: mem.clone(), calls: AtomicU64::new(0), fail_at: AtomicU64::new(0) });
+    let src = Arc::new(Flaky { inner: mem.clone(), plan: FaultPlan::default() });
     let ictx = Ictx::new(src.clone() as Arc<dyn MemorySource>, u64::MAX);
     let ioas = ictx.ioas_alloc().unwrap();
     let rec = Arc::new(RecDev { inner: MockDevice::new(0), responses: Mutex::new(Vec::new()) });
@@ -194,10 +189,10 @@ fn iotlb(w: &World) -> [u32; 4] {
 fn sweep<R: std::fmt::Debug>(name: &str, op: impl Fn(&World) -> R, check: impl Fn(&World, Option<u64>, &R)) -> u64 {
     for n in 1..10_000 {
         let w = world();
-        w.src.arm(Some(n));
+        w.src.plan.arm(Some(n));
         let r = op(&w);
-        let calls = w.src.calls.load(Ordering::SeqCst);
-        w.src.arm(None);
+        let calls = w.src.plan.calls();
+        w.src.plan.arm(None);
         if calls < n {
             check(&w, None, &r);
             return calls;
