@@ -168,6 +168,15 @@ impl MemorySource for BackedMemory {
         }
         // One run per frame touched (push_run joins contiguous memory).
         let per = self.per_frame();
+        if per == 1 {
+            // Scattered 4 KiB frames: no two adjacent, so only the first
+            // can join a run already in `out`.
+            out.reserve(npages as usize);
+            push_run(out, PhysRun::new(self.phys_of(first), PAGE_SIZE));
+            let stride = self.backing.stride();
+            out.extend((first + 1..end).map(|k| PhysRun::new(self.phys + k * stride, PAGE_SIZE)));
+            return Ok(());
+        }
         let mut k = first;
         while k < end {
             let piece_end = end.min((k / per + 1) * per);

@@ -591,8 +591,8 @@ impl IoPagetable {
             // Whole pages (the usual case): each run is one piece as it is.
             let mut cur = iova;
             let mut result = Ok(());
-            for chunk in phys.chunks(MAP_BATCH_RUNS) {
-                let len: u64 = chunk.iter().map(|r| r.len).sum();
+            let chunks = phys.len().div_ceil(MAP_BATCH_RUNS);
+            for (n, chunk) in phys.chunks(MAP_BATCH_RUNS).enumerate() {
                 result = area
                     .pages
                     .fault_point()
@@ -601,7 +601,10 @@ impl IoPagetable {
                 if result.is_err() {
                     break;
                 }
-                cur = cur.wrapping_add(len);
+                if n + 1 < chunks {
+                    // Only a later chunk needs to know where this one ended.
+                    cur = cur.wrapping_add(chunk.iter().map(|r| r.len).sum());
+                }
             }
             if result.is_err() && cur != iova {
                 domain.undo(iova, cur.wrapping_sub(iova)).map_err(LoadError::sync)?;

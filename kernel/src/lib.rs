@@ -17,6 +17,7 @@ pub mod acpi;
 pub mod ktest;
 pub mod mem;
 pub mod pci;
+pub mod profile;
 pub mod time;
 
 #[cfg(target_os = "none")]

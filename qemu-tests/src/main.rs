@@ -12,6 +12,8 @@
 //!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report;
 //! * `bench=1`: run the in-guest benchmarks instead of the tests;
 //!   `bench.reps=N`: time each IOAS map/unmap case N times (default 9);
+//!   `bench.profile=KEY` (`4k`, `2m`, `1g`): instead, sample where the
+//!   1 GiB map and unmap of that backing spend their time;
 //! * `ktest.inject=N:panic,M:hang`: test N panics and test M hangs instead
 //!   of running, so the host can check that it resumes after both.
 #![cfg_attr(target_os = "none", no_std, no_main)]
@@ -44,7 +46,8 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     }
     if boot.cmdline_value("bench").is_some() {
         let reps = boot.cmdline_value("bench.reps").and_then(|s| s.parse().ok()).unwrap_or(9);
-        bench::run(&platform, reps);
+        let profile = boot.cmdline_value("bench.profile").and_then(portcullis_bench::Backing::from_key);
+        bench::run(&platform, reps, profile);
         exit_qemu(ExitCode::Success);
     }
     let start = boot.cmdline_value("ktest.start").and_then(|s| s.parse().ok()).unwrap_or(1);

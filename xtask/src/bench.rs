@@ -347,6 +347,127 @@ pub fn run(linux: bool, configs: &[String], no_host: bool) -> Result<bool> {
     Ok(ok)
 }
 
+/// `cargo xtask bench --profile KEY [--config NAME]...`: boots the release
+/// test kernel with `bench.profile=KEY` on each configuration (all four
+/// when none is named) and prints, per phase, the functions the samples
+/// fell in (innermost inlined function and the function it was inlined
+/// into, from `addr2line`), most first.
+pub fn profile(key: &str, configs: &[String]) -> Result<bool> {
+    anyhow::ensure!(Backing::from_key(key).is_some(), "--profile takes 4k, 2m or 1g, not {key:?}");
+    if let Some(bad) = configs.iter().find(|c| !CONFIGS.contains(&c.as_str())) {
+        anyhow::bail!("no in-guest benchmark for configuration {bad:?}; known: {}", CONFIGS.join(", "));
+    }
+    let version = qemu::ensure(&[qemu::Tool::BareMetalTarget, qemu::Tool::Qemu])?.unwrap_or_default();
+    let kernel = qemu::build_kernel("qemu-tests", "portcullis-tests", true)?;
+    let mut ok = true;
+    for name in CONFIGS.into_iter().filter(|n| configs.is_empty() || configs.iter().any(|c| c == n)) {
+        println!("==> QEMU ({version}), configuration {name}: where 1 GiB of {key} backing spends its map and unmap");
+        let log = qemu::target_dir().join("qemu-tests").join(format!("profile-{name}-{key}.log"));
+        let cmdline = format!("config={name} bench=1 bench.reps=5 bench.profile={key}");
+        let (booted, text) = boot(name, &kernel, &cmdline, &[], &log, Some(qemu::EXIT_SUCCESS), OURS_LIMIT)?;
+        if !booted {
+            eprintln!("  the profiling kernel failed on {name} (serial in {})", log.display());
+            ok = false;
+            continue;
+        }
+        let lines: Vec<BTreeMap<&str, &str>> =
+            text.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("bench-profile: ")).map(fields).collect();
+        if let Some(head) = lines.iter().find(|f| f.contains_key("samples_map")) {
+            println!(
+                "  {} reps, a sample every {} ns: {} samples in map, {} in unmap ({} lost)",
+                head.get("reps").unwrap_or(&"?"),
+                head.get("period_ns").unwrap_or(&"?"),
+                head.get("samples_map").unwrap_or(&"?"),
+                head.get("samples_unmap").unwrap_or(&"?"),
+                head.get("lost").unwrap_or(&"?")
+            );
+        }
+        for phase in ["map", "unmap"] {
+            let rips: Vec<(u64, u64)> = lines
+                .iter()
+                .filter(|f| f.get("phase") == Some(&phase))
+                .filter_map(|f| {
+                    let rip = u64::from_str_radix(f.get("rip")?.trim_start_matches("0x"), 16).ok()?;
+                    Some((rip, f.get("n")?.parse().ok()?))
+                })
+                .collect();
+            let names = symbolize(&kernel, rips.iter().map(|r| r.0))?;
+            let total: u64 = rips.iter().map(|r| r.1).sum();
+            let mut by_fn: BTreeMap<&str, u64> = BTreeMap::new();
+            for ((_, n), name) in rips.iter().zip(&names) {
+                *by_fn.entry(name.as_str()).or_default() += n;
+            }
+            let mut by_fn: Vec<_> = by_fn.into_iter().collect();
+            by_fn.sort_by_key(|e| std::cmp::Reverse(e.1));
+            println!("  {phase}: {total} samples in the hottest addresses, by function (inlined in):");
+            for (f, n) in by_fn.into_iter().take(25) {
+                println!("    {:5.1}%  {f}", 100.0 * n as f64 / total.max(1) as f64);
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// `function (in caller)` for each address, from `addr2line -f -i -C`
+/// on the kernel's symbols (the innermost inlined frame and the outermost
+/// function of the address).
+fn symbolize(elf: &Path, rips: impl Iterator<Item = u64>) -> Result<Vec<String>> {
+    let rips: Vec<u64> = rips.collect();
+    if rips.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One query per address, each followed by a sentinel address that
+    // resolves to "??", so the inline chains can be told apart.
+    let mut input = String::new();
+    for r in &rips {
+        input.push_str(&format!("{r:#x}\n0x0\n"));
+    }
+    let mut child = Command::new("addr2line")
+        .args(["-f", "-i", "-C", "-e"])
+        .arg(elf)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("addr2line (binutils): {e}"))?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Lines come in (function, file:line) pairs; a sentinel gives "??".
+    let mut names = Vec::new();
+    let mut frames: Vec<String> = Vec::new();
+    let mut lines = text.lines();
+    while let Some(func) = lines.next() {
+        let _file = lines.next();
+        if func == "??" {
+            let name = match (frames.first(), frames.last()) {
+                (Some(inner), Some(outer)) if inner != outer => format!("{} (in {})", short(inner), short(outer)),
+                (Some(inner), _) => short(inner),
+                _ => "?".to_string(),
+            };
+            names.push(name);
+            frames.clear();
+        } else {
+            frames.push(func.to_string());
+        }
+    }
+    names.resize(rips.len(), "?".to_string());
+    Ok(names)
+}
+
+/// A demangled Rust path without its hash (`::h` and 16 hex digits),
+/// cut to 110 characters.
+fn short(name: &str) -> String {
+    let name = match name.rsplit_once("::h") {
+        Some((head, hash)) if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) => head,
+        _ => name,
+    };
+    name.chars().take(110).collect()
+}
+
 /// The host benchmarks (optimised); true when both ran.
 fn host() -> Result<bool> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

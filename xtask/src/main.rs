@@ -102,6 +102,11 @@ enum Cmd {
         /// Skip the host benchmarks.
         #[arg(long)]
         no_host: bool,
+        /// Instead of timing, sample where the in-guest 1 GiB map and
+        /// unmap of this backing (4k, 2m, 1g) spend their time, per
+        /// configuration, and print the hottest functions.
+        #[arg(long)]
+        profile: Option<String>,
     },
     /// Replay recorded Linux uAPI calls (JSONL) against iommufd and compare.
     UapiReplay {
@@ -185,7 +190,8 @@ fn main() -> ExitCode {
             test::validate(&opts).and_then(|()| test::run(&opts))
         }
         Cmd::Acpi { files, json } => acpi::run(&files, json),
-        Cmd::Bench { linux, config, no_host } => bench::run(linux, &config, no_host),
+        Cmd::Bench { profile: Some(key), config, .. } => bench::profile(&key, &config),
+        Cmd::Bench { linux, config, no_host, profile: None } => bench::run(linux, &config, no_host),
         Cmd::UapiReplay { files, verbose, allow } => replay::run(&files, allow.as_deref(), verbose),
         Cmd::LinuxSelftest { timeout } => linux_selftest::run_all(Duration::from_secs(timeout)),
     };

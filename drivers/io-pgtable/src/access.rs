@@ -45,6 +45,12 @@ pub(crate) trait Access {
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize;
     /// As [`TableMemory::clear`].
     fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared;
+    /// Writes `make(k)` into entry `index + k` of `table` for `k` in
+    /// `0..count`, stopping at the first entry that is not zero (an entry
+    /// of this caller's range); returns how many were written. One view
+    /// of the table for the whole run (scattered 4 KiB pages, each its
+    /// own leaf value).
+    fn fill_with(&mut self, table: u64, index: usize, count: usize, make: impl FnMut(usize) -> u64) -> usize;
 }
 
 /// The exclusive path: `&mut` memory, nothing else running.
@@ -93,6 +99,15 @@ impl<M: TableMemory> Access for Exclusive<'_, M> {
     fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared {
         self.0.clear(table, index, count)
     }
+    fn fill_with(&mut self, table: u64, index: usize, count: usize, mut make: impl FnMut(usize) -> u64) -> usize {
+        for k in 0..count {
+            if self.0.read(table, index + k) != 0 {
+                return k;
+            }
+            self.0.write(table, index + k, make(k));
+        }
+        count
+    }
 }
 
 /// The concurrent path: shared memory, other callers on disjoint ranges.
@@ -139,6 +154,17 @@ impl<M: SharedTableMemory + ?Sized> Access for Concurrent<'_, M> {
             }
             e.store(value, Release);
             value = value.wrapping_add(step);
+        }
+        count
+    }
+    fn fill_with(&mut self, table: u64, index: usize, count: usize, mut make: impl FnMut(usize) -> u64) -> usize {
+        let run = &self.0.entries(table)[index..index + count];
+        for (k, e) in run.iter().enumerate() {
+            // Entries of this caller's range, as in `fill`.
+            if e.load(Relaxed) != 0 {
+                return k;
+            }
+            e.store(make(k), Release);
         }
         count
     }

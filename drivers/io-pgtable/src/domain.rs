@@ -298,10 +298,9 @@ where
         if self.needs_recovery() {
             return Err(DomainError::NeedsRecovery);
         }
-        let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.len));
         let mut unlinked = Vec::new();
         match self.table.map_shared(iova, runs, prot, &mut unlinked) {
-            Ok(()) => {
+            Ok(length) => {
                 let last = iova + (length - 1);
                 if let Err(e) = self.invalidator.mapped_shared(iova, last) {
                     // As in map_runs; the tables the undo unlinks stay
@@ -316,6 +315,7 @@ where
                 Ok(())
             }
             Err(e) => {
+                let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.len));
                 if matches!(e, Error::AlreadyMapped { .. } | Error::NoMemory { .. }) {
                     self.invalidate_shared(iova, iova + (length - 1), !unlinked.is_empty())?;
                     self.table.free_unlinked(&mut unlinked);

@@ -324,6 +324,28 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
 
     /// Checks a map's arguments; returns the permissions to map with.
     fn check_map(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<Prot, Error> {
+        self.check_map_len(iova, runs, prot).map(|(prot, _)| prot)
+    }
+
+    /// [`Self::check_map`], also returning the runs' total length.
+    fn check_map_len(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(Prot, u64), Error> {
+        // One pass that only accumulates (the common case, every run
+        // good); the precise checks below name the first bad run.
+        let (mut total, mut overflow, mut bits, mut empty, mut top) = (0u64, false, 0u64, false, 0u64);
+        for r in runs {
+            let (t, o) = total.overflowing_add(r.len);
+            let (end, o2) = r.phys.overflowing_add(r.len);
+            (total, overflow) = (t, overflow | o | o2);
+            bits |= r.phys | r.len;
+            empty |= r.len == 0;
+            top = top.max(end);
+        }
+        if !overflow {
+            self.check_range(iova, total)?;
+            if bits & (PAGE_SIZE - 1) == 0 && !empty && top <= self.output_limit {
+                return Ok((self.map_prot(prot)?, total));
+            }
+        }
         let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.len));
         self.check_range(iova, total.ok_or(Error::BadRange { iova, length: u64::MAX })?)?;
         let mut at = iova;
@@ -336,6 +358,13 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             }
             at += length;
         }
+        // Every run was good after all (the fast pass only overflowed on
+        // a sum this pass also checked): not reached with a bad run.
+        Ok((self.map_prot(prot)?, runs.iter().map(|r| r.len).sum()))
+    }
+
+    /// The protection a map writes for `prot`, if the format takes it.
+    fn map_prot(&self, prot: Prot) -> Result<Prot, Error> {
         if !self.format.accepts(prot) {
             return Err(Error::BadProt { prot });
         }
@@ -425,12 +454,12 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         self.mem.shared().is_some()
     }
 
-    /// [`PageTable::map_runs`] through `&self` (see the rules above).
-    /// All or nothing; on error, tables the unwind unlinked are added to
-    /// `unlinked`.
-    pub fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot, unlinked: &mut Vec<u64>) -> Result<(), Error> {
+    /// [`PageTable::map_runs`] through `&self` (see the rules above);
+    /// returns the bytes mapped (the runs' total). All or nothing; on
+    /// error, tables the unwind unlinked are added to `unlinked`.
+    pub fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot, unlinked: &mut Vec<u64>) -> Result<u64, Error> {
         let mem = self.mem.shared().ok_or(Error::NotShared)?;
-        let prot = self.check_map(iova, runs, prot)?;
+        let (prot, length) = self.check_map_len(iova, runs, prot)?;
         self.shared_used.store(true, Relaxed);
         let mut batch = FlushBatch::new(!self.coherent);
         let mut op = Op::new(&self.format, Concurrent(mem), self.root, self.top, self.leaf_levels);
@@ -448,7 +477,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             self.forget_shared_walks();
         }
         unlinked.append(&mut op.unlinked);
-        result.map_err(|(_, e)| e)
+        result.map(|()| length).map_err(|(_, e)| e)
     }
 
     /// [`PageTable::try_unmap`] through `&self` (see the rules above).
@@ -602,22 +631,15 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                 // we are in: one entry each, lines marked once.
                 let t = path[0];
                 let first = index_of(cur, 0);
-                let mut i = first;
-                let mut clash = false;
-                while k < runs.len() && runs[k].len == PAGE_SIZE && i < ENTRIES {
-                    if self.acc.read(t, i) != 0 {
-                        clash = true;
-                        break;
-                    }
-                    self.acc.write(t, i, self.format.leaf_entry(runs[k].phys, 0, prot));
-                    i += 1;
-                    k += 1;
-                    cur += PAGE_SIZE;
+                let count = runs[k..].iter().take(ENTRIES - first).take_while(|r| r.len == PAGE_SIZE).count();
+                let (format, pieces) = (self.format, &runs[k..k + count]);
+                let written = self.acc.fill_with(t, first, count, |j| format.leaf_entry(pieces[j].phys, 0, prot));
+                k += written;
+                cur += written as u64 * PAGE_SIZE;
+                if written > 0 {
+                    batch.mark_lines(&mut self.acc, 0, t, lines_of(first, written));
                 }
-                if i > first {
-                    batch.mark_lines(&mut self.acc, 0, t, lines_of(first, i - first));
-                }
-                if clash {
+                if written < count {
                     return (Err((cur, Error::AlreadyMapped { iova: cur })), None);
                 }
                 last_level = 0;

@@ -19,8 +19,9 @@ pub const VECTORS: usize = 16;
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
 // Stubs: push the vector, save the registers a SysV call may clobber (the
-// kernel target has no SSE state and no red zone), call `irq_entry` on a
-// 16-byte aligned stack, restore and return from the interrupt.
+// kernel target has no SSE state and no red zone), call `irq_entry` with
+// the vector and the interrupted RIP (just above the vector in the frame)
+// on a 16-byte aligned stack, restore and return from the interrupt.
 macro_rules! irq_stubs {
     ($($vec:literal),* $(,)?) => {
         global_asm!(
@@ -38,6 +39,7 @@ macro_rules! irq_stubs {
             "push r8", "push r9", "push r10", "push r11", "push rbx",
             "mov rbx, rsp",
             "mov rdi, [rsp + 80]",
+            "mov rsi, [rsp + 88]",
             "and rsp, -16",
             "cld",
             "call {entry}",
@@ -128,7 +130,11 @@ pub fn count(vector: u8) -> u64 {
     slot(vector).map_or(0, |i| COUNTS[i].load(Ordering::Acquire))
 }
 
-extern "C" fn irq_entry(vector: u64) {
+extern "C" fn irq_entry(vector: u64, rip: u64) {
+    if vector as u8 == crate::profile::VECTOR && crate::profile::sample(rip) {
+        eoi();
+        return;
+    }
     if let Ok(i) = slot(vector as u8) {
         COUNTS[i].fetch_add(1, Ordering::AcqRel);
         let h = HANDLERS[i].load(Ordering::Acquire);
@@ -163,6 +169,12 @@ const LAPIC_EOI: usize = 0xb0;
 const LAPIC_SVR: usize = 0xf0;
 const LAPIC_ICR_LOW: usize = 0x300;
 const LAPIC_ICR_HIGH: usize = 0x310;
+const LAPIC_LVT_TIMER: usize = 0x320;
+const LAPIC_TIMER_INITIAL: usize = 0x380;
+const LAPIC_TIMER_DIVIDE: usize = 0x3e0;
+/// LVT timer: periodic mode (bit 17) and masked (bit 16).
+const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+const LVT_MASKED: u32 = 1 << 16;
 
 /// IA32_APIC_BASE and its enable bits.
 const IA32_APIC_BASE: u32 = 0x1b;
@@ -315,6 +327,23 @@ pub fn msi_for(vector: u8) -> Result<(u64, u32), IrqError> {
     let id = apic_id().ok_or(IrqError::NoApic)?;
     let id8 = u8::try_from(id).map_err(|_| IrqError::WideApicId(id))?;
     Ok((0xfee0_0000 | (id8 as u64) << 12, vector as u32))
+}
+
+/// Starts the local APIC timer in periodic mode: `vector` every `count`
+/// bus clocks (divide by 1).
+pub fn timer_periodic(vector: u8, count: u32) -> Result<(), IrqError> {
+    slot(vector)?;
+    mode().ok_or(IrqError::NoApic)?;
+    lapic_write(LAPIC_TIMER_DIVIDE, 0b1011);
+    lapic_write(LAPIC_LVT_TIMER, LVT_TIMER_PERIODIC | vector as u32);
+    lapic_write(LAPIC_TIMER_INITIAL, count);
+    Ok(())
+}
+
+/// Stops the local APIC timer (masked, count 0).
+pub fn timer_stop() {
+    lapic_write(LAPIC_TIMER_INITIAL, 0);
+    lapic_write(LAPIC_LVT_TIMER, LVT_MASKED);
 }
 
 /// Sets IF: registered interrupts are taken from now on.

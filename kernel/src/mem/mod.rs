@@ -145,17 +145,19 @@ mod imp {
 
     pub use paging::{map_mmio, map_phys};
 
-    /// Physical ranges the direct map covers (RAM and ACPI memory), filled
-    /// once at boot after the heap exists.
-    static DIRECT_RANGES: Mutex<alloc::vec::Vec<(u64, u64)>> = Mutex::new(alloc::vec::Vec::new());
+    /// Physical ranges the direct map covers (RAM and ACPI memory), set
+    /// once at boot after the heap exists and read without a lock (every
+    /// table-entry view of the IOMMU drivers checks its frame here).
+    static DIRECT_RANGES: spin::Once<alloc::vec::Vec<(u64, u64)>> = spin::Once::new();
 
     pub(super) fn record_direct_ranges(boot: &BootInfo) {
-        let mut r = DIRECT_RANGES.lock();
-        for m in boot.memory_map() {
-            if matches!(m.kind, MemoryKind::Ram | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs) {
-                r.push((m.start, m.end().min(MAX_PHYS)));
-            }
-        }
+        DIRECT_RANGES.call_once(|| {
+            boot.memory_map()
+                .iter()
+                .filter(|m| matches!(m.kind, MemoryKind::Ram | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs))
+                .map(|m| (m.start, m.end().min(MAX_PHYS)))
+                .collect()
+        });
     }
 
     /// Whether `[phys, phys + len)` is RAM the direct map covers.
@@ -165,7 +167,7 @@ mod imp {
 
     fn direct_mapped(phys: u64, len: usize) -> bool {
         let Some(end) = phys.checked_add(len as u64) else { return false };
-        DIRECT_RANGES.lock().iter().any(|&(s, e)| s <= phys && end <= e)
+        DIRECT_RANGES.get().is_some_and(|r| r.iter().any(|&(s, e)| s <= phys && end <= e))
     }
 
     /// Byte access to RAM through the direct map, for iommufd's memory
