@@ -555,6 +555,37 @@ impl IoPagetable {
     /// succeeded. Returns whether they did.
     fn unload_shared(domains: &[DomainRef], start: u64, last: u64, area: &Area) -> Result<()> {
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
+        let length = last - start + 1;
+        let whole_pages = area.start_byte.is_multiple_of(PAGE_SIZE) && length.is_multiple_of(PAGE_SIZE);
+        if whole_pages {
+            // The first domain hands back what it unmaps (one pass instead
+            // of a read-back and an unmap), the others unmap as usual.
+            let mut phys: PhysRuns = Vec::new();
+            let mut g = IotlbGather::default();
+            let collected = domains[0].read().unmap_shared_collect(start, length, &mut g, &mut phys);
+            if collected != Err(DomainError::NotSupported) {
+                let mut result = match collected {
+                    Ok(n) if n == length => Ok(()),
+                    // An area is mapped whole in every domain and never
+                    // shares a large page with another area, so this is
+                    // not expected; the pins stay.
+                    Ok(_) => Err(Errno::EIO),
+                    Err(e) => Err(domain_errno(e)),
+                };
+                if let Err(e) = domains[0].read().iotlb_sync_shared(&mut g) {
+                    result = Err(domain_errno(e));
+                }
+                for d in &domains[1..] {
+                    if let Err(e) = SharedMapper(d).undo(start, length) {
+                        result = Err(e);
+                    }
+                }
+                if result.is_ok() {
+                    area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+                }
+                return result;
+            }
+        }
         let phys = Self::read_back(&domains[0], start, area, fp, lp);
         let mut result = Ok(());
         for d in domains {

@@ -51,6 +51,20 @@ pub(crate) trait Access {
     /// of the table for the whole run (scattered 4 KiB pages, each its
     /// own leaf value).
     fn fill_with(&mut self, table: u64, index: usize, count: usize, make: impl FnMut(usize) -> u64) -> usize;
+    /// As [`Self::clear`], also handing each entry it cleared (in index
+    /// order) to `seen`.
+    fn clear_each(&mut self, table: u64, index: usize, count: usize, mut seen: impl FnMut(u64)) -> Cleared {
+        let mut c = Cleared::default();
+        for k in index..index + count {
+            let e = self.read(table, k);
+            if e != 0 {
+                self.write(table, k, 0);
+                c.note(k);
+                seen(e);
+            }
+        }
+        c
+    }
 }
 
 /// The exclusive path: `&mut` memory, nothing else running.
@@ -167,6 +181,19 @@ impl<M: SharedTableMemory + ?Sized> Access for Concurrent<'_, M> {
             e.store(make(k), Release);
         }
         count
+    }
+    fn clear_each(&mut self, table: u64, index: usize, count: usize, mut seen: impl FnMut(u64)) -> Cleared {
+        let run = &self.0.entries(table)[index..index + count];
+        let mut c = Cleared::default();
+        for (k, e) in run.iter().enumerate() {
+            let v = e.load(Relaxed);
+            if v != 0 {
+                e.store(0, Release);
+                c.note(index + k);
+                seen(v);
+            }
+        }
+        c
     }
     fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared {
         let run = &self.0.entries(table)[index..index + count];

@@ -346,6 +346,26 @@ where
         }
     }
 
+    fn unmap_shared_collect(
+        &self,
+        iova: u64,
+        length: u64,
+        gather: &mut IotlbGather,
+        out: &mut Vec<PhysRun>,
+    ) -> Result<u64, DomainError> {
+        if !self.invalidator.concurrent() {
+            return Err(DomainError::NotSupported);
+        }
+        let mut unlinked = core::mem::take(&mut gather.unlinked);
+        let r = self.table.unmap_shared_collect(iova, length, gather, &mut unlinked, out);
+        gather.unlinked = unlinked;
+        match r {
+            Ok(n) => Ok(n),
+            Err(PartialUnmap { error: Error::NotShared, .. }) => Err(DomainError::NotSupported),
+            Err(partial) => Ok(partial.unmapped),
+        }
+    }
+
     /// Invalidates `gather` through the invalidator's concurrent path,
     /// then frees the tables it carries.
     fn iotlb_sync_shared(&self, gather: &mut IotlbGather) -> Result<(), DomainError> {

@@ -490,13 +490,39 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         gather: &mut IotlbGather,
         unlinked: &mut Vec<u64>,
     ) -> Result<u64, PartialUnmap> {
+        self.unmap_shared_inner(iova, length, gather, unlinked, None)
+    }
+
+    /// [`PageTable::unmap_shared`], also adding the physical ranges the
+    /// cleared leaves pointed at to `out`, in IOVA order, adjacent ranges
+    /// joined: what a read-back before the unmap would have found, in
+    /// the same pass.
+    pub fn unmap_shared_collect(
+        &self,
+        iova: u64,
+        length: u64,
+        gather: &mut IotlbGather,
+        unlinked: &mut Vec<u64>,
+        out: &mut Vec<PhysRun>,
+    ) -> Result<u64, PartialUnmap> {
+        self.unmap_shared_inner(iova, length, gather, unlinked, Some(out))
+    }
+
+    fn unmap_shared_inner(
+        &self,
+        iova: u64,
+        length: u64,
+        gather: &mut IotlbGather,
+        unlinked: &mut Vec<u64>,
+        collect: Option<&mut Vec<PhysRun>>,
+    ) -> Result<u64, PartialUnmap> {
         let refuse = |error| PartialUnmap { unmapped: 0, iova, error };
         let mem = self.mem.shared().ok_or(refuse(Error::NotShared))?;
         let end = self.check_range(iova, length).map_err(refuse)?;
         self.shared_used.store(true, Relaxed);
         let mut batch = FlushBatch::new(!self.coherent);
         let mut op = Op::new(&self.format, Concurrent(mem), self.root, self.top, self.leaf_levels);
-        let result = op.unmap_range(iova, end, gather, &mut batch);
+        let result = op.unmap_range_collect(iova, end, gather, &mut batch, collect);
         batch.finish(&mut op.acc);
         gather.freed_tables += op.unlinked.len();
         self.account(op.added, &op.unlinked);
@@ -523,6 +549,18 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         *self.map_path.lock() = None;
         *self.lookup_leaf.lock() = NO_LOOKUP;
     }
+}
+
+/// Appends `run` to `out`, joining it to the last run when it continues it.
+#[inline]
+fn join_run(out: &mut Vec<PhysRun>, run: PhysRun) {
+    if let Some(last) = out.last_mut()
+        && last.phys.checked_add(last.len) == Some(run.phys)
+    {
+        last.len += run.len;
+        return;
+    }
+    out.push(run);
 }
 
 /// One map or unmap in progress: the tree's shape, the way to its memory,
@@ -768,6 +806,20 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
         gather: &mut IotlbGather,
         batch: &mut FlushBatch,
     ) -> Result<u64, PartialUnmap> {
+        self.unmap_range_collect(iova, end, gather, batch, None)
+    }
+
+    /// [`Self::unmap_range`], adding the output range of every leaf it
+    /// clears to `collect` (in IOVA order, adjacent ranges joined) when
+    /// given.
+    fn unmap_range_collect(
+        &mut self,
+        iova: u64,
+        end: u64,
+        gather: &mut IotlbGather,
+        batch: &mut FlushBatch,
+        mut collect: Option<&mut Vec<PhysRun>>,
+    ) -> Result<u64, PartialUnmap> {
         let top = self.top;
         let mut path = [0u64; MAX_LEVELS];
         // base[l]: the IOVA where the span of path[l] starts.
@@ -790,7 +842,15 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                     // Every present level-0 entry is a 4 KiB leaf inside
                     // the range: clear the run in one go.
                     let count = ((ENTRIES - i) as u64).min((end - cur) >> PAGE_SHIFT) as usize;
-                    let c = self.acc.clear(t, i, count);
+                    let c = match collect.as_deref_mut() {
+                        Some(out) => {
+                            let format = self.format;
+                            self.acc.clear_each(t, i, count, |e| {
+                                join_run(out, PhysRun::new(format.leaf_address(e, 0), PAGE_SIZE))
+                            })
+                        }
+                        None => self.acc.clear(t, i, count),
+                    };
                     if c.count > 0 {
                         batch.mark_lines(&mut self.acc, 0, t, c.lines);
                         touched[0] = true;
@@ -813,6 +873,9 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                 }
                 if self.format.is_leaf(e, l) {
                     if base >= iova && base + size <= end {
+                        if let Some(out) = collect.as_deref_mut() {
+                            join_run(out, PhysRun::new(self.format.leaf_address(e, l), size));
+                        }
                         self.acc.write(t, i, 0);
                         batch.mark(&mut self.acc, l, t, i);
                         touched[l as usize] = true;

@@ -304,3 +304,37 @@ fn a_failed_concurrent_map_unwinds_and_hands_back_what_it_unlinked() {
     pt.free_unlinked(&mut unlinked);
     assert_eq!(pt.memory().live_tables(), pt.table_count());
 }
+
+#[test]
+fn an_unmap_hands_back_what_it_cleared_as_a_read_back_would() {
+    // Scattered 4 KiB pages, a physically contiguous stretch that joins
+    // into one run, a 2 MiB leaf, and a hole: the collected runs are what
+    // `phys_runs` read before the unmap, and the range is empty after.
+    let pt = ss();
+    let mut unlinked = Vec::new();
+    let base = 0x40_0000_0000u64;
+    let mut runs: Vec<PhysRun> = (0..40).map(|k| PhysRun::new(0x100_0000 + k * 2 * K4, K4)).collect();
+    runs.extend((0..8).map(|k| PhysRun::new(0x900_0000 + k * K4, K4)));
+    let small: u64 = runs.iter().map(|r| r.len).sum();
+    pt.map_shared(base, &runs, Prot::RW, &mut unlinked).unwrap();
+    pt.map_shared(base + M2, &[PhysRun::new(16 * M2, M2)], Prot::RW, &mut unlinked).unwrap();
+    let end = base + 2 * M2;
+    // Read back on both sides of the hole (a read stops at one).
+    let mut before = vec![PhysRun::default(); 256];
+    let (n, done) = pt.phys_runs(base, small, &mut before);
+    assert_eq!(done, small);
+    let (m, done) = pt.phys_runs(base + M2, M2, &mut before[n..]);
+    assert_eq!(done, M2);
+    before.truncate(n + m);
+    assert_eq!(before.len(), 40 + 1 + 1, "scattered, the joined stretch, the large leaf: {before:x?}");
+    let mut g = IotlbGather::default();
+    let mut collected = Vec::new();
+    let unmapped = pt.unmap_shared_collect(base, end - base, &mut g, &mut unlinked, &mut collected).unwrap();
+    assert_eq!(unmapped, small + M2);
+    assert_eq!(collected, before);
+    check_pages(&pt, base, end, |_| None);
+    // Without mappings the same call collects nothing.
+    let mut again = Vec::new();
+    assert_eq!(pt.unmap_shared_collect(base, end - base, &mut g, &mut unlinked, &mut again).unwrap(), 0);
+    assert!(again.is_empty());
+}

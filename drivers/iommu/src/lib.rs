@@ -16,6 +16,13 @@
 
 extern crate alloc;
 
+/// What the crate's macros name from `alloc` (so a crate using them needs
+/// no `extern crate alloc`).
+#[doc(hidden)]
+pub mod __private {
+    pub use alloc::vec::Vec;
+}
+
 pub mod mmio;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -392,6 +399,23 @@ pub trait IommuDomain: Send + Sync {
         let _ = (iova, length, gather);
         Err(DomainError::NotSupported)
     }
+    /// [`Self::unmap_shared`], also appending the physical ranges the
+    /// removed translations pointed at to `out`, in IOVA order, adjacent
+    /// ranges joined: a read-back and an unmap in one pass (iommufd
+    /// unpins what was mapped this way). Returns the bytes unmapped, as
+    /// [`Self::unmap_shared`] does. [`DomainError::NotSupported`] (the
+    /// default) removes nothing: callers then read back first and unmap
+    /// after.
+    fn unmap_shared_collect(
+        &self,
+        iova: u64,
+        length: u64,
+        gather: &mut IotlbGather,
+        out: &mut alloc::vec::Vec<PhysRun>,
+    ) -> Result<u64, DomainError> {
+        let _ = (iova, length, gather, out);
+        Err(DomainError::NotSupported)
+    }
     /// [`Self::iotlb_sync`] through `&self`, under the rules of
     /// [`Self::map_shared`]: invalidates `gather` and then frees the
     /// tables it carries. On failure the tables stay allocated for good
@@ -652,6 +676,15 @@ macro_rules! forward_paging {
         }
         fn unmap_shared(&$self, iova: u64, length: u64, gather: &mut $crate::IotlbGather) -> Result<u64, $crate::DomainError> {
             $crate::IommuDomain::unmap_shared($get, iova, length, gather)
+        }
+        fn unmap_shared_collect(
+            &$self,
+            iova: u64,
+            length: u64,
+            gather: &mut $crate::IotlbGather,
+            out: &mut $crate::__private::Vec<$crate::PhysRun>,
+        ) -> Result<u64, $crate::DomainError> {
+            $crate::IommuDomain::unmap_shared_collect($get, iova, length, gather, out)
         }
         fn iotlb_sync_shared(&$self, gather: &mut $crate::IotlbGather) -> Result<(), $crate::DomainError> {
             $crate::IommuDomain::iotlb_sync_shared($get, gather)
