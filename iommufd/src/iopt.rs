@@ -555,40 +555,12 @@ impl IoPagetable {
     /// succeeded. Returns whether they did.
     fn unload_shared(domains: &[DomainRef], start: u64, last: u64, area: &Area) -> Result<()> {
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
-        let length = last - start + 1;
-        let whole_pages = area.start_byte.is_multiple_of(PAGE_SIZE) && length.is_multiple_of(PAGE_SIZE);
-        if whole_pages {
-            // The first domain hands back what it unmaps (one pass instead
-            // of a read-back and an unmap), the others unmap as usual.
-            let mut phys: PhysRuns = Vec::new();
-            let mut g = IotlbGather::default();
-            let collected = domains[0].read().unmap_shared_collect(start, length, &mut g, &mut phys);
-            if collected != Err(DomainError::NotSupported) {
-                let mut result = match collected {
-                    Ok(n) if n == length => Ok(()),
-                    // An area is mapped whole in every domain and never
-                    // shares a large page with another area, so this is
-                    // not expected; the pins stay.
-                    Ok(_) => Err(Errno::EIO),
-                    Err(e) => Err(domain_errno(e)),
-                };
-                if let Err(e) = domains[0].read().iotlb_sync_shared(&mut g) {
-                    result = Err(domain_errno(e));
-                }
-                for d in &domains[1..] {
-                    if let Err(e) = SharedMapper(d).undo(start, length) {
-                        result = Err(e);
-                    }
-                }
-                if result.is_ok() {
-                    area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
-                }
-                return result;
-            }
+        let mut g = IotlbGather::default();
+        let (phys, mut result) = Self::unmap_reading_back(&domains[0], &mut g, start, last, area);
+        if let Err(e) = domains[0].read().iotlb_sync_shared(&mut g) {
+            result = Err(domain_errno(e));
         }
-        let phys = Self::read_back(&domains[0], start, area, fp, lp);
-        let mut result = Ok(());
-        for d in domains {
+        for d in &domains[1..] {
             if let Err(e) = SharedMapper(d).undo(start, last - start + 1) {
                 result = Err(e);
             }
@@ -597,6 +569,35 @@ impl IoPagetable {
             area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
         }
         result
+    }
+
+    /// Unmaps the filled area `[start, last]` from `domain` through the
+    /// concurrent path (into `gather`, not yet synced) and returns the
+    /// physical runs of its pages: handed back by the unmap itself when
+    /// the domain can (one pass over the tables) and the area is whole
+    /// pages, else read back before it. A partial unmap, never expected
+    /// for a whole area, is `EIO` (the caller then keeps the pins).
+    fn unmap_reading_back(
+        domain: &DomainRef,
+        gather: &mut IotlbGather,
+        start: u64,
+        last: u64,
+        area: &Area,
+    ) -> (PhysRuns, Result<()>) {
+        let length = last - start + 1;
+        if area.start_byte.is_multiple_of(PAGE_SIZE) && length.is_multiple_of(PAGE_SIZE) {
+            let mut phys: PhysRuns = Vec::new();
+            match domain.read().unmap_shared_collect(start, length, gather, &mut phys) {
+                Err(DomainError::NotSupported) => {}
+                Ok(n) if n == length => return (phys, Ok(())),
+                Ok(_) => return (phys, Err(Errno::EIO)),
+                Err(e) => return (phys, Err(domain_errno(e))),
+            }
+        }
+        let (fp, lp) = (area.first_page(), area.last_page(length));
+        let phys = Self::read_back(domain, start, area, fp, lp);
+        let result = domain.read().unmap_shared(start, length, gather).map(|_| ()).map_err(domain_errno);
+        (phys, result)
     }
 
     /// Maps the area's pages into `domain`: each physically contiguous
@@ -898,8 +899,11 @@ impl IoPagetable {
                 continue;
             }
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
-            let phys = Self::read_back(&u.domains[0], *s, area, fp, lp);
-            for (d, g) in u.domains.iter().zip(gathers.iter_mut()) {
+            let (phys, first) = Self::unmap_reading_back(&u.domains[0], &mut gathers[0], *s, *l, area);
+            if first.is_err() {
+                result = first;
+            }
+            for (d, g) in u.domains.iter().zip(gathers.iter_mut()).skip(1) {
                 if let Err(e) = d.read().unmap_shared(*s, l - s + 1, g) {
                     result = Err(domain_errno(e));
                 }
