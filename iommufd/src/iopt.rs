@@ -183,7 +183,7 @@ trait AreaMapper {
     /// Recovers the domain after a failed invalidation, if it needs it.
     fn recover(&mut self) -> core::result::Result<(), DomainError>;
     /// Maps consecutive pieces (all or nothing).
-    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), DomainError>;
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), LoadError>;
     /// Unmaps `[iova, iova + length)` and syncs.
     fn undo(&mut self, iova: u64, length: u64) -> Result<()>;
 }
@@ -195,8 +195,8 @@ impl AreaMapper for Locked<'_> {
     fn recover(&mut self) -> core::result::Result<(), DomainError> {
         self.0.recover()
     }
-    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), DomainError> {
-        self.0.map_runs(iova, runs, prot)
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), LoadError> {
+        self.0.map_runs(iova, runs, prot).map_err(LoadError::map)
     }
     fn undo(&mut self, iova: u64, length: u64) -> Result<()> {
         let mut g = IotlbGather::default();
@@ -214,13 +214,16 @@ impl AreaMapper for SharedMapper<'_> {
     fn recover(&mut self) -> core::result::Result<(), DomainError> {
         Ok(())
     }
-    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), DomainError> {
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), LoadError> {
         match self.0.read().map_shared(iova, runs, prot) {
             Err(DomainError::NeedsRecovery) => {}
-            r => return r,
+            r => return r.map_err(LoadError::map),
         }
-        self.0.lock().recover()?;
-        self.0.read().map_shared(iova, runs, prot)
+        // Nothing of this call is in the domain yet: a recovery that fails
+        // leaves no page of it reachable (as the locked path's recover
+        // before mapping).
+        self.0.lock().recover().map_err(|e| LoadError { errno: domain_errno(e), stale: false })?;
+        self.0.read().map_shared(iova, runs, prot).map_err(LoadError::map)
     }
     fn undo(&mut self, iova: u64, length: u64) -> Result<()> {
         let mut g = IotlbGather::default();
@@ -629,7 +632,7 @@ impl IoPagetable {
                     .pages
                     .fault_point()
                     .map_err(LoadError::from)
-                    .and_then(|()| domain.map_runs(cur, chunk, area.prot).map_err(LoadError::map));
+                    .and_then(|()| domain.map_runs(cur, chunk, area.prot));
                 if result.is_err() {
                     break;
                 }
@@ -657,7 +660,7 @@ impl IoPagetable {
                 return Ok(());
             }
             area.pages.fault_point()?;
-            domain.map_runs(*batch_iova, batch, area.prot).map_err(LoadError::map)?;
+            domain.map_runs(*batch_iova, batch, area.prot)?;
             batch.clear();
             *batch_iova = next;
             Ok(())

@@ -20,11 +20,12 @@
 //! holds on the file: a failed map must give its hold back), and the
 //! sweeps run file maps and copies of file mappings.
 
+use iommufd::ctx::DeviceOps;
 use iommufd::ctx::{Ictx, ReplaceError, UserData};
 use iommufd::dispatch::ioctl;
 use iommufd::errno::Errno;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
-use iommufd::selftest::cmd::MockDevice;
+use iommufd::selftest::cmd::{LockedMockDevice, MockDevice};
 use iommufd::selftest::mock::{MOCK_APERTURE_START, MockDomain, MockFaults};
 use iommufd::uapi::{
     IOMMU_HWPT_DATA_SELFTEST, IOMMU_HWPT_FAULT_ID_VALID, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE,
@@ -120,12 +121,21 @@ impl World {
     }
 }
 
+thread_local! {
+    /// Whether this test's worlds give IOAS `a` and `b` devices on the
+    /// concurrent path (`LockedMockDevice`) instead of plain mocks.
+    static CONCURRENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn world() -> World {
     let mem = Arc::new(FakeAddressSpace::new());
     mem.map(USER, USER_PAGES * PAGE_SIZE, true);
     let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
     let faults = MockFaults::new();
-    let device = || Arc::new(MockDevice::with_faults(0, faults.clone()));
+    let plain = || Arc::new(MockDevice::with_faults(0, faults.clone()));
+    let device = || -> Arc<dyn DeviceOps> {
+        if CONCURRENT.get() { Arc::new(LockedMockDevice(MockDevice::with_faults(0, faults.clone()))) } else { plain() }
+    };
     let a = ictx.ioas_alloc().unwrap();
     let b = ictx.ioas_alloc().unwrap();
     let dev_a = ictx.bind_device(device()).unwrap();
@@ -145,7 +155,7 @@ fn world() -> World {
     mem.map(NEST_DATA, PAGE_SIZE, true);
     mem.write_user(NEST_DATA, &IOMMU_TEST_IOTLB_DEFAULT.to_le_bytes()).unwrap();
     let c = ictx.ioas_alloc().unwrap();
-    let nest_dev = ictx.bind_nesting_device(device()).unwrap();
+    let nest_dev = ictx.bind_nesting_device(plain()).unwrap();
     ictx.attach(nest_dev, c).unwrap();
     ictx.ioas_map(c, Some(MOCK_APERTURE_START), USER + 0x38000, 4 * PAGE_SIZE, true, true).unwrap();
     let parent = ictx.hwpt_alloc_flags(nest_dev, c, false, true).unwrap();
@@ -365,6 +375,16 @@ fn operations() -> Vec<Op> {
 
 #[test]
 fn every_error_path_unwinds_fully() {
+    error_paths_unwind_fully();
+}
+
+#[test]
+fn every_error_path_unwinds_fully_on_the_concurrent_path() {
+    CONCURRENT.set(true);
+    error_paths_unwind_fully();
+}
+
+fn error_paths_unwind_fully() {
     let mut report = Vec::new();
     for (name, op) in operations() {
         report.push((name, sweep(name, op)));
@@ -378,6 +398,16 @@ fn every_error_path_unwinds_fully() {
 
 #[test]
 fn every_failed_invalidation_keeps_what_a_device_may_reach_pinned() {
+    failed_invalidations_keep_pins();
+}
+
+#[test]
+fn every_failed_invalidation_keeps_what_a_device_may_reach_pinned_on_the_concurrent_path() {
+    CONCURRENT.set(true);
+    failed_invalidations_keep_pins();
+}
+
+fn failed_invalidations_keep_pins() {
     let page = PAGE_SIZE;
     // Operations that invalidate: each failing invalidation in turn.
     let invalidating: Vec<Op> = vec![

@@ -25,9 +25,10 @@
 //! first invalidates the whole domain, which fails if armed again (then
 //! the map fails and changes nothing) and otherwise lets the map go on.
 
+use iommufd::ctx::DeviceOps;
 use iommufd::ctx::Ictx;
 use iommufd::memsrc::{FakeAddressSpace, MemorySource, PAGE_SIZE};
-use iommufd::selftest::cmd::MockDevice;
+use iommufd::selftest::cmd::{LockedMockDevice, MockDevice};
 use iommufd::selftest::mock::{MOCK_APERTURE_START, MockFaults};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -165,17 +166,20 @@ struct Sys {
     mfd: i32,
 }
 
-fn sys() -> Sys {
+/// The system with plain mock devices (`concurrent`: behind
+/// `LockedDomain`, so every map and unmap takes the concurrent path).
+fn sys_with(concurrent: bool) -> Sys {
     let mem = Arc::new(FakeAddressSpace::new());
     let mfd = mem.create_memfd(USER_PAGES * PAGE_SIZE);
     mem.map_file(USER, mfd, 0, USER_PAGES * PAGE_SIZE);
     let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
     let faults = MockFaults::new();
     let ioas = [ictx.ioas_alloc().unwrap(), ictx.ioas_alloc().unwrap()];
-    let devs = [
-        ictx.bind_device(Arc::new(MockDevice::with_faults(0, faults.clone()))).unwrap(),
-        ictx.bind_device(Arc::new(MockDevice::with_faults(0, faults.clone()))).unwrap(),
-    ];
+    let dev = |faults: &Arc<MockFaults>| -> Arc<dyn DeviceOps> {
+        let mock = MockDevice::with_faults(0, faults.clone());
+        if concurrent { Arc::new(LockedMockDevice(mock)) } else { Arc::new(mock) }
+    };
+    let devs = [ictx.bind_device(dev(&faults)).unwrap(), ictx.bind_device(dev(&faults)).unwrap()];
     Sys { mem, ictx, faults, ioas, devs, mfd }
 }
 
@@ -349,23 +353,34 @@ proptest! {
 
     #[test]
     fn ioas_operations_match_the_model(ops in proptest::collection::vec(op(), 1..40)) {
-        let s = sys();
-        let mut m = Model::default();
-        for (i, op) in ops.iter().enumerate() {
-            let want = step_model(&mut m, op);
-            let got = step_sys(&s, op);
-            prop_assert_eq!(got, want, "step {} {:?}", i, op);
-            check(&s, &m)?;
-        }
-        drop(s.ictx);
-        // Closing unbinds the devices in id order, each detaching first;
-        // an armed failure hits the first domain that unloads anything.
-        step_model(&mut m, &Op::Detach { dev: 0 });
-        step_model(&mut m, &Op::Detach { dev: 1 });
-        // Everything is unpinned on close but what failed invalidations left.
-        for p in 0..USER_PAGES {
-            let leaked = m.leaked.iter().filter(|(q, _)| *q == p).count() as u32;
-            prop_assert_eq!(s.mem.pins(USER + p * PAGE_SIZE), leaked, "pins of page {} after close", p);
-        }
+        run_model(sys_with(false), &ops)?;
     }
+
+    #[test]
+    fn ioas_operations_match_the_model_on_the_concurrent_path(ops in proptest::collection::vec(op(), 1..40)) {
+        run_model(sys_with(true), &ops)?;
+    }
+}
+
+/// Runs `ops` on `s` and on the model, checking after every step and
+/// after the context closes.
+fn run_model(s: Sys, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut m = Model::default();
+    for (i, op) in ops.iter().enumerate() {
+        let want = step_model(&mut m, op);
+        let got = step_sys(&s, op);
+        prop_assert_eq!(got, want, "step {} {:?}", i, op);
+        check(&s, &m)?;
+    }
+    drop(s.ictx);
+    // Closing unbinds the devices in id order, each detaching first;
+    // an armed failure hits the first domain that unloads anything.
+    step_model(&mut m, &Op::Detach { dev: 0 });
+    step_model(&mut m, &Op::Detach { dev: 1 });
+    // Everything is unpinned on close but what failed invalidations left.
+    for p in 0..USER_PAGES {
+        let leaked = m.leaked.iter().filter(|(q, _)| *q == p).count() as u32;
+        prop_assert_eq!(s.mem.pins(USER + p * PAGE_SIZE), leaked, "pins of page {} after close", p);
+    }
+    Ok(())
 }

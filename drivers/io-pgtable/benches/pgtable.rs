@@ -62,11 +62,30 @@ fn case<F: PtFormat + Copy>(
     // Warm up (and check it works), then measure.
     run(&mut pt, &iovas, len, 3);
     let tables = pt.memory().allocs();
-    let (map, unmap) = run(&mut pt, &iovas, len, rounds);
+    let (map, unmap) = repeated(|| run(&mut pt, &iovas, len, rounds));
     assert_eq!(pt.memory().allocs(), tables, "{name}: the measured loop allocated tables");
+    print(name, coherent, &map, &unmap);
+}
+
+/// Measurements per figure: each a separate timed loop.
+const REPS: usize = 7;
+
+/// `REPS` results of `f` as (map, unmap) samples.
+fn repeated(mut f: impl FnMut() -> (f64, f64)) -> (Vec<f64>, Vec<f64>) {
+    (0..REPS).map(|_| f()).unzip()
+}
+
+/// `median [min-max]` of `v`.
+fn summary(v: &[f64]) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!("{:.1} [{:.1}-{:.1}]", v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn print(name: &str, coherent: bool, map: &[f64], unmap: &[f64]) {
     let suffix = if coherent { "" } else { " (non-coherent, batched flushes)" };
-    println!("map {name}: {map:.1} ns/call{suffix}");
-    println!("unmap {name}: {unmap:.1} ns/call{suffix}");
+    println!("map {name}: {} ns/call, median [min-max] of {REPS}{suffix}", summary(map));
+    println!("unmap {name}: {} ns/call, median [min-max] of {REPS}{suffix}", summary(unmap));
 }
 
 fn main() {
@@ -101,15 +120,13 @@ fn cases<F: PtFormat + Copy>(
     scale: usize,
 ) {
     let base = small[0] - K4;
-    case(format, &format!("{tag}4 KiB"), coherent, (base, K4), small.to_vec(), K4, 100 * scale);
+    case(format, &format!("{tag}4 KiB"), coherent, (base, K4), small.to_vec(), K4, 100 * scale / REPS);
     let mut pt = table(format, coherent);
     for &iova in mib {
         pt.map(iova + M2 - K4, 0x40_0000_0000, K4, Prot::RW).unwrap();
     }
     run(&mut pt, mib, 1 << 20, 3);
-    let (map, unmap) = run(&mut pt, mib, 1 << 20, 100 * scale);
-    let suffix = if coherent { "" } else { " (non-coherent, batched flushes)" };
-    println!("map {tag}256 x 4 KiB (one 1 MiB call): {map:.1} ns/call{suffix}");
-    println!("unmap {tag}256 x 4 KiB (one 1 MiB call): {unmap:.1} ns/call{suffix}");
-    case(format, &format!("{tag}2 MiB"), coherent, (base + 4 * G1, M2), big.to_vec(), M2, 100 * scale);
+    let (map, unmap) = repeated(|| run(&mut pt, mib, 1 << 20, 100 * scale / REPS));
+    print(&format!("{tag}256 x 4 KiB (one 1 MiB call)"), coherent, &map, &unmap);
+    case(format, &format!("{tag}2 MiB"), coherent, (base + 4 * G1, M2), big.to_vec(), M2, 100 * scale / REPS);
 }

@@ -176,6 +176,34 @@ impl DeviceOps for MockDevice {
     }
 }
 
+/// A [`MockDevice`] whose domains sit behind a
+/// [`LockedDomain`](crate::selftest::mock::LockedDomain), so IOAS maps and
+/// unmaps into them take the concurrent path (tests of that path with
+/// mocks: the model test, the fault sweeps).
+#[derive(Debug)]
+pub struct LockedMockDevice(pub MockDevice);
+
+impl DeviceOps for LockedMockDevice {
+    fn handle(&self) -> DeviceHandle {
+        self.0.handle()
+    }
+    fn alloc_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
+        Ok(Box::new(crate::selftest::mock::LockedDomain::new(self.0.alloc_domain()?)))
+    }
+    fn supports_dirty_tracking(&self) -> bool {
+        self.0.supports_dirty_tracking()
+    }
+    fn alloc_dirty_domain(&self) -> core::result::Result<Box<dyn IommuDomain>, DomainError> {
+        Ok(Box::new(crate::selftest::mock::LockedDomain::new(self.0.alloc_dirty_domain()?)))
+    }
+    fn max_pasid_log2(&self) -> u32 {
+        self.0.max_pasid_log2()
+    }
+    fn hw_info(&self) -> (u32, Vec<u8>) {
+        self.0.hw_info()
+    }
+}
+
 impl NestingOps for MockDevice {
     fn alloc_nested_domain(
         &self,

@@ -753,6 +753,110 @@ impl crate::ctx::NestedDomain for MockNestedDomain {
     }
 }
 
+/// Any domain made usable through the concurrent path (`*_shared`) by one
+/// lock around it: each shared call takes the lock and makes the
+/// domain's own call. A mock wrapped in it sends the IOAS through its
+/// fills and unloads outside the IOAS lock (reserve, fill, finish; the
+/// one-pass unmap excepted), so the tests that drive mocks (the model
+/// test, the fault sweeps) cover those interleavings as well as the
+/// locked path.
+pub struct LockedDomain(spin::Mutex<Box<dyn IommuDomain>>);
+
+impl LockedDomain {
+    /// `inner` behind a lock.
+    pub fn new(inner: Box<dyn IommuDomain>) -> Self {
+        Self(spin::Mutex::new(inner))
+    }
+}
+
+impl core::fmt::Debug for LockedDomain {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("LockedDomain")
+    }
+}
+
+impl IommuDomain for LockedDomain {
+    fn page_sizes(&self) -> u64 {
+        self.0.lock().page_sizes()
+    }
+    fn aperture(&self) -> IovaRange {
+        self.0.lock().aperture()
+    }
+    fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
+        self.0.get_mut().map(iova, phys, length, prot)
+    }
+    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
+        self.0.get_mut().map_runs(iova, runs, prot)
+    }
+    fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
+        self.0.get_mut().unmap(iova, length, gather)
+    }
+    fn supports_shared(&self) -> bool {
+        true
+    }
+    fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
+        self.0.lock().map_runs(iova, runs, prot)
+    }
+    fn unmap_shared(&self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, DomainError> {
+        Ok(self.0.lock().unmap(iova, length, gather))
+    }
+    fn iotlb_sync_shared(&self, gather: &mut IotlbGather) -> Result<(), DomainError> {
+        self.0.lock().iotlb_sync(gather)
+    }
+    fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError> {
+        self.0.get_mut().iotlb_sync(gather)
+    }
+    fn recover(&mut self) -> Result<(), DomainError> {
+        self.0.get_mut().recover()
+    }
+    fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        self.0.lock().iova_to_phys(iova)
+    }
+    fn iova_to_phys_run(&self, iova: u64, max_len: u64) -> Option<PhysRun> {
+        self.0.lock().iova_to_phys_run(iova, max_len)
+    }
+    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [PhysRun]) -> (usize, u64) {
+        self.0.lock().iova_to_phys_runs(iova, length, out)
+    }
+    fn granule(&self) -> u64 {
+        self.0.lock().granule()
+    }
+    fn enforce_cache_coherency(&mut self) -> bool {
+        self.0.get_mut().enforce_cache_coherency()
+    }
+    fn dirty_capable(&self) -> bool {
+        self.0.lock().dirty_capable()
+    }
+    fn set_dirty_tracking(&mut self, enable: bool) -> Result<(), DomainError> {
+        self.0.get_mut().set_dirty_tracking(enable)
+    }
+    fn read_and_clear_dirty(
+        &mut self,
+        iova: u64,
+        length: u64,
+        clear: bool,
+        gather: &mut IotlbGather,
+        record: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), DomainError> {
+        self.0.get_mut().read_and_clear_dirty(iova, length, clear, gather, record)
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn core::any::Any> {
+        self.0.get_mut().as_any_mut()
+    }
+    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.0.get_mut().attach_device(device)
+    }
+    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
+        self.0.get_mut().detach_device(device)
+    }
+    fn attach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        self.0.get_mut().attach_device_pasid(device, pasid)
+    }
+    fn detach_device_pasid(&mut self, device: DeviceHandle, pasid: u32) -> Result<(), DomainError> {
+        self.0.get_mut().detach_device_pasid(device, pasid)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
