@@ -197,6 +197,16 @@ impl MemorySource for BackedMemory {
         // A run never crosses a gap between frames, so its pages are
         // consecutive user pages.
         let mut pins = self.pins.lock();
+        if self.per_frame() == 1 {
+            // Scattered 4 KiB frames: one page per run, found by a shift
+            // (the counterpart of pin_runs' single pass).
+            let shift = self.backing.stride().trailing_zeros();
+            for r in runs {
+                debug_assert_eq!(r.len, PAGE_SIZE, "scattered frames are never adjacent");
+                pins[((r.phys - self.phys) >> shift) as usize] -= 1;
+            }
+            return;
+        }
         for &PhysRun { phys, len } in runs {
             let first = self.page_of(phys);
             for c in &mut pins[first..first + (len / PAGE_SIZE) as usize] {

@@ -72,14 +72,13 @@ fn ioas_bench(size: u64, backing: Backing, dev: Arc<dyn DeviceOps>, iova_base: u
     }
 }
 
-/// Samples where `reps` maps and unmaps of 1 GiB of `backing` memory
+/// Samples where `reps` maps and unmaps of `size` bytes of `backing` memory
 /// spend their time (the kernel's sampling profiler, a sample every 20 us)
 /// and prints the most-sampled addresses of each phase as
 /// `bench-profile:` lines (`cargo xtask bench --profile` names them).
-fn profiled(backing: Backing, dev: Arc<dyn DeviceOps>, iova_base: u64, dom: &str, reps: u32) {
+fn profiled((backing, size): (Backing, u64), dev: Arc<dyn DeviceOps>, iova_base: u64, dom: &str, reps: u32) {
     use alloc::collections::BTreeMap;
     use portcullis_kernel::profile;
-    const SIZE: u64 = 1 << 30;
     const PERIOD_NS: u32 = 20_000;
     const TOP: usize = 400;
     let (mut map, mut unmap) = (BTreeMap::<u64, u64>::new(), BTreeMap::<u64, u64>::new());
@@ -92,24 +91,25 @@ fn profiled(backing: Backing, dev: Arc<dyn DeviceOps>, iova_base: u64, dom: &str
         total[phase] += p.samples;
     };
     for _ in 0..reps {
-        let mem = Arc::new(BackedMemory::new(BASE, PHYS, SIZE, backing));
+        let mem = Arc::new(BackedMemory::new(BASE, PHYS, size, backing));
         let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
         let ioas = ictx.ioas_alloc().expect("ioas");
         let dev = ictx.bind_device(dev.clone()).expect("bind");
         ictx.attach(dev, ioas).expect("attach");
         profile::start(PERIOD_NS).expect("profiler");
-        let iova = ictx.ioas_map(ioas, Some(iova_base), BASE, SIZE, true, true);
+        let iova = ictx.ioas_map(ioas, Some(iova_base), BASE, size, true, true);
         take(&mut map, 0, profile::stop());
         let iova = iova.expect("map");
         profile::start(PERIOD_NS).expect("profiler");
-        let n = ictx.ioas_unmap(ioas, iova, SIZE);
+        let n = ictx.ioas_unmap(ioas, iova, size);
         take(&mut unmap, 1, profile::stop());
-        assert_eq!(n, Ok(SIZE));
+        assert_eq!(n, Ok(size));
         assert_eq!(mem.pinned_pages(), 0);
     }
     println!(
-        "bench-profile: dom={dom} backing={} reps={reps} period_ns={PERIOD_NS} samples_map={} samples_unmap={} lost={lost}",
+        "bench-profile: dom={dom} backing={} size_mib={} reps={reps} period_ns={PERIOD_NS} samples_map={} samples_unmap={} lost={lost}",
         backing.key(),
+        size >> 20,
         total[0],
         total[1]
     );
@@ -142,7 +142,7 @@ fn stats(d: &Driver<KernelHost>) -> (u64, u64) {
 /// map+unmap costs; on VT-d also the domain alone and DMA round trips per
 /// second through the translation. The units come up through the
 /// passthrough crate, as a hypervisor brings them up.
-fn iommu(p: &portcullis_kernel::Platform, reps: u32, profile: Option<Backing>) {
+fn iommu(p: &portcullis_kernel::Platform, reps: u32, profile: Option<(Backing, u64)>) {
     let x2apic = portcullis_kernel::arch::irq::x2apic();
     let iommus = Iommus::bring_up_with(KernelHost::new(p), portcullis::Options { x2apic, ..Default::default() });
     let Some((index, driver)) =
@@ -160,8 +160,8 @@ fn iommu(p: &portcullis_kernel::Platform, reps: u32, profile: Option<Backing>) {
     let edu = p.pci.iter().find_map(|d| portcullis_kernel::edu::Edu::new(&p.ecam, d));
     let rid = edu.as_ref().map_or(0x0010, |e| e.sid);
     let device = RequesterRef { unit: index, requester_id: rid };
-    if let Some(backing) = profile {
-        profiled(backing, Arc::new(Device::new(unit.clone(), device)), 1 << 30, dom, reps);
+    if let Some(case) = profile {
+        profiled(case, Arc::new(Device::new(unit.clone(), device)), 1 << 30, dom, reps);
         return;
     }
     for (size, backing) in CASES {
@@ -255,13 +255,13 @@ fn dma_round_trips(edu: &portcullis_kernel::edu::Edu, unit: Option<(&Arc<dyn Iom
 
 /// Runs every in-guest benchmark, each IOAS case `reps` times, and
 /// prints `bench:` lines (and `bench-rep:` lines for the IOAS cases).
-/// With `profile`, only the sampling profile of that backing's 1 GiB case.
-pub fn run(p: &portcullis_kernel::Platform, reps: u32, profile: Option<Backing>) {
+/// With `profile`, only the sampling profile of that (backing, size).
+pub fn run(p: &portcullis_kernel::Platform, reps: u32, profile: Option<(Backing, u64)>) {
     println!("bench: QEMU TCG ({}), TSC {} MHz", p.config, portcullis_kernel::time::tsc_hz() / 1_000_000);
     if p.dmar.is_some() || p.ivrs.is_some() {
         iommu(p, reps, profile);
-    } else if let Some(backing) = profile {
-        profiled(backing, Arc::new(MockDev), MOCK_APERTURE_START, "mock", reps);
+    } else if let Some(case) = profile {
+        profiled(case, Arc::new(MockDev), MOCK_APERTURE_START, "mock", reps);
     } else {
         for (size, backing) in CASES {
             ioas_bench(size, backing, Arc::new(MockDev), MOCK_APERTURE_START, "mock", reps);

@@ -12,8 +12,9 @@
 //!   (`pf`, `ud`, `panic`, `stack`) so the host can check the fatal report;
 //! * `bench=1`: run the in-guest benchmarks instead of the tests;
 //!   `bench.reps=N`: time each IOAS map/unmap case N times (default 9);
-//!   `bench.profile=KEY` (`4k`, `2m`, `1g`): instead, sample where the
-//!   1 GiB map and unmap of that backing spend their time;
+//!   `bench.profile=KEY[:MIB]` (`4k`, `2m`, `1g`; 1024 MiB unless given):
+//!   instead, sample where the map and unmap of that backing spend their
+//!   time;
 //! * `ktest.inject=N:panic,M:hang`: test N panics and test M hangs instead
 //!   of running, so the host can check that it resumes after both.
 #![cfg_attr(target_os = "none", no_std, no_main)]
@@ -46,7 +47,10 @@ fn kernel_main(boot: &'static portcullis_boot::BootInfo) -> ! {
     }
     if boot.cmdline_value("bench").is_some() {
         let reps = boot.cmdline_value("bench.reps").and_then(|s| s.parse().ok()).unwrap_or(9);
-        let profile = boot.cmdline_value("bench.profile").and_then(portcullis_bench::Backing::from_key);
+        let profile = boot.cmdline_value("bench.profile").and_then(|v| {
+            let (key, mib) = v.split_once(':').unwrap_or((v, "1024"));
+            Some((portcullis_bench::Backing::from_key(key)?, mib.parse::<u64>().ok()? << 20))
+        });
         bench::run(&platform, reps, profile);
         exit_qemu(ExitCode::Success);
     }

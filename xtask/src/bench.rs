@@ -353,7 +353,11 @@ pub fn run(linux: bool, configs: &[String], no_host: bool) -> Result<bool> {
 /// fell in (innermost inlined function and the function it was inlined
 /// into, from `addr2line`), most first.
 pub fn profile(key: &str, configs: &[String]) -> Result<bool> {
-    anyhow::ensure!(Backing::from_key(key).is_some(), "--profile takes 4k, 2m or 1g, not {key:?}");
+    let (backing, mib) = key.split_once(':').unwrap_or((key, "1024"));
+    anyhow::ensure!(
+        Backing::from_key(backing).is_some() && mib.parse::<u64>().is_ok_and(|m| (1..=1024).contains(&m)),
+        "--profile takes 4k, 2m or 1g, with :MIB (1-1024) after it to profile less than 1 GiB, not {key:?}"
+    );
     if let Some(bad) = configs.iter().find(|c| !CONFIGS.contains(&c.as_str())) {
         anyhow::bail!("no in-guest benchmark for configuration {bad:?}; known: {}", CONFIGS.join(", "));
     }
@@ -361,8 +365,10 @@ pub fn profile(key: &str, configs: &[String]) -> Result<bool> {
     let kernel = qemu::build_kernel("qemu-tests", "portcullis-tests", true)?;
     let mut ok = true;
     for name in CONFIGS.into_iter().filter(|n| configs.is_empty() || configs.iter().any(|c| c == n)) {
-        println!("==> QEMU ({version}), configuration {name}: where 1 GiB of {key} backing spends its map and unmap");
-        let log = qemu::target_dir().join("qemu-tests").join(format!("profile-{name}-{key}.log"));
+        println!(
+            "==> QEMU ({version}), configuration {name}: where {mib} MiB of {backing} backing spends its map and unmap"
+        );
+        let log = qemu::target_dir().join("qemu-tests").join(format!("profile-{name}-{backing}-{mib}.log"));
         let cmdline = format!("config={name} bench=1 bench.reps=5 bench.profile={key}");
         let (booted, text) = boot(name, &kernel, &cmdline, &[], &log, Some(qemu::EXIT_SUCCESS), OURS_LIMIT)?;
         if !booted {
@@ -400,7 +406,19 @@ pub fn profile(key: &str, configs: &[String]) -> Result<bool> {
             let mut by_fn: Vec<_> = by_fn.into_iter().collect();
             by_fn.sort_by_key(|e| std::cmp::Reverse(e.1));
             println!("  {phase}: {total} samples in the hottest addresses, by function (inlined in):");
-            for (f, n) in by_fn.into_iter().take(25) {
+            for (f, n) in by_fn.iter().take(25) {
+                println!("    {:5.1}%  {f}", 100.0 * *n as f64 / total.max(1) as f64);
+            }
+            // The same samples by the function the code was compiled into.
+            let mut by_outer: BTreeMap<&str, u64> = BTreeMap::new();
+            for (f, n) in &by_fn {
+                let outer = f.rsplit_once(" (in ").map_or(*f, |(_, o)| o.trim_end_matches(')'));
+                *by_outer.entry(outer).or_default() += n;
+            }
+            let mut by_outer: Vec<_> = by_outer.into_iter().collect();
+            by_outer.sort_by_key(|e| std::cmp::Reverse(e.1));
+            println!("  {phase}, by the function the code is in:");
+            for (f, n) in by_outer.into_iter().take(15) {
                 println!("    {:5.1}%  {f}", 100.0 * n as f64 / total.max(1) as f64);
             }
         }

@@ -102,9 +102,9 @@ enum Cmd {
         /// Skip the host benchmarks.
         #[arg(long)]
         no_host: bool,
-        /// Instead of timing, sample where the in-guest 1 GiB map and
-        /// unmap of this backing (4k, 2m, 1g) spend their time, per
-        /// configuration, and print the hottest functions.
+        /// Instead of timing, sample where the in-guest map and unmap of
+        /// this backing (4k, 2m, 1g; 1 GiB, or 4k:64 for 64 MiB) spend
+        /// their time, per configuration, and print the hottest functions.
         #[arg(long)]
         profile: Option<String>,
     },

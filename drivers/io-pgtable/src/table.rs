@@ -522,7 +522,11 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         self.shared_used.store(true, Relaxed);
         let mut batch = FlushBatch::new(!self.coherent);
         let mut op = Op::new(&self.format, Concurrent(mem), self.root, self.top, self.leaf_levels);
-        let result = op.unmap_range_collect(iova, end, gather, &mut batch, collect);
+        let mut runs = collect.map(RunJoiner::new);
+        let result = op.unmap_range_collect(iova, end, gather, &mut batch, runs.as_mut());
+        if let Some(runs) = runs {
+            runs.finish();
+        }
         batch.finish(&mut op.acc);
         gather.freed_tables += op.unlinked.len();
         self.account(op.added, &op.unlinked);
@@ -551,16 +555,39 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     }
 }
 
-/// Appends `run` to `out`, joining it to the last run when it continues it.
-#[inline]
-fn join_run(out: &mut Vec<PhysRun>, run: PhysRun) {
-    if let Some(last) = out.last_mut()
-        && last.phys.checked_add(last.len) == Some(run.phys)
-    {
-        last.len += run.len;
-        return;
+/// Collects the output ranges of cleared leaves in IOVA order, joining
+/// each to the one before when it continues it; the run being built stays
+/// in registers until a gap (or [`RunJoiner::finish`]) sends it to `out`.
+pub(crate) struct RunJoiner<'a> {
+    out: &'a mut Vec<PhysRun>,
+    cur: PhysRun,
+}
+
+impl<'a> RunJoiner<'a> {
+    fn new(out: &'a mut Vec<PhysRun>) -> Self {
+        // The last run already in `out` may be continued too.
+        let cur = out.pop().unwrap_or_default();
+        Self { out, cur }
     }
-    out.push(run);
+
+    #[inline]
+    fn add(&mut self, phys: u64, len: u64) {
+        // Output addresses fit in 52 bits: the sum cannot wrap.
+        if self.cur.len != 0 && self.cur.phys.wrapping_add(self.cur.len) == phys {
+            self.cur.len += len;
+        } else {
+            if self.cur.len != 0 {
+                self.out.push(self.cur);
+            }
+            self.cur = PhysRun::new(phys, len);
+        }
+    }
+
+    fn finish(self) {
+        if self.cur.len != 0 {
+            self.out.push(self.cur);
+        }
+    }
 }
 
 /// One map or unmap in progress: the tree's shape, the way to its memory,
@@ -818,7 +845,7 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
         end: u64,
         gather: &mut IotlbGather,
         batch: &mut FlushBatch,
-        mut collect: Option<&mut Vec<PhysRun>>,
+        mut collect: Option<&mut RunJoiner<'_>>,
     ) -> Result<u64, PartialUnmap> {
         let top = self.top;
         let mut path = [0u64; MAX_LEVELS];
@@ -843,11 +870,9 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                     // the range: clear the run in one go.
                     let count = ((ENTRIES - i) as u64).min((end - cur) >> PAGE_SHIFT) as usize;
                     let c = match collect.as_deref_mut() {
-                        Some(out) => {
+                        Some(runs) => {
                             let format = self.format;
-                            self.acc.clear_each(t, i, count, |e| {
-                                join_run(out, PhysRun::new(format.leaf_address(e, 0), PAGE_SIZE))
-                            })
+                            self.acc.clear_each(t, i, count, |e| runs.add(format.leaf_address(e, 0), PAGE_SIZE))
                         }
                         None => self.acc.clear(t, i, count),
                     };
@@ -873,8 +898,8 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                 }
                 if self.format.is_leaf(e, l) {
                     if base >= iova && base + size <= end {
-                        if let Some(out) = collect.as_deref_mut() {
-                            join_run(out, PhysRun::new(self.format.leaf_address(e, l), size));
+                        if let Some(runs) = collect.as_deref_mut() {
+                            runs.add(self.format.leaf_address(e, l), size);
                         }
                         self.acc.write(t, i, 0);
                         batch.mark(&mut self.acc, l, t, i);
