@@ -48,26 +48,52 @@ const CASES: [(u64, Backing); 5] = [
 /// `dev` attached, `reps` times, each on a fresh context; prints one
 /// machine-read `bench-rep:` line per repetition (`cargo xtask bench`
 /// turns them into median [min-max] tables beside Linux's figures).
-fn ioas_bench(size: u64, backing: Backing, dev: Arc<dyn DeviceOps>, iova_base: u64, dom: &str, reps: u32) {
+///
+/// With `waits` (the unit's count of invalidation or completion waits),
+/// also prints, from the first repetition, the page-table memory the map
+/// took (frames the kernel's allocator handed out during it) per GiB
+/// mapped, and the waits the unmap call made.
+fn ioas_bench(
+    size: u64,
+    backing: Backing,
+    dev: Arc<dyn DeviceOps>,
+    iova_base: u64,
+    dom: &str,
+    reps: u32,
+    waits: Option<&dyn Fn() -> u64>,
+) {
     for rep in 0..reps {
         let mem = Arc::new(BackedMemory::new(BASE, PHYS, size, backing));
         let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
         let ioas = ictx.ioas_alloc().expect("ioas");
         let dev = ictx.bind_device(dev.clone()).expect("bind");
         ictx.attach(dev, ioas).expect("attach");
+        let free_before = portcullis_kernel::mem::stats().free_frames;
         let t0 = uptime_ns();
         let iova = ictx.ioas_map(ioas, Some(iova_base), BASE, size, true, true).expect("map");
         let t1 = uptime_ns();
+        let tables = free_before.saturating_sub(portcullis_kernel::mem::stats().free_frames) as u64 * PAGE_SIZE;
+        let waits_before = waits.map(|w| w());
+        let u0 = uptime_ns();
         let n = ictx.ioas_unmap(ioas, iova, size).expect("unmap");
         let t2 = uptime_ns();
         assert_eq!(n, size);
         assert_eq!(mem.pinned_pages(), 0);
+        if let (0, Some(w), Some(before)) = (rep, waits, waits_before) {
+            println!(
+                "bench: qemu {dom}, {} MiB {}: page tables {} KiB per GiB mapped; invalidation waits in the unmap call: {}",
+                size >> 20,
+                backing.label(),
+                tables * (1 << 30) / size / 1024,
+                w() - before
+            );
+        }
         println!(
             "bench-rep: ioas dom={dom} backing={} size_mib={} rep={rep} map_ns={} unmap_ns={}",
             backing.key(),
             size >> 20,
             t1 - t0,
-            t2 - t1
+            t2 - u0
         );
     }
 }
@@ -166,7 +192,8 @@ fn iommu(p: &portcullis_kernel::Platform, reps: u32, profile: Option<(Backing, u
     }
     for (size, backing) in CASES {
         let before = stats(&driver);
-        ioas_bench(size, backing, Arc::new(Device::new(unit.clone(), device)), 1 << 30, dom, reps);
+        let count = || stats(&driver).0;
+        ioas_bench(size, backing, Arc::new(Device::new(unit.clone(), device)), 1 << 30, dom, reps, Some(&count));
         let after = stats(&driver);
         println!(
             "bench: qemu {name}, {} MiB {}: {waits_name} for those {reps} map+unmap+close: {} ({} {commands_name})",
@@ -264,7 +291,7 @@ pub fn run(p: &portcullis_kernel::Platform, reps: u32, profile: Option<(Backing,
         profiled(case, Arc::new(MockDev), MOCK_APERTURE_START, "mock", reps);
     } else {
         for (size, backing) in CASES {
-            ioas_bench(size, backing, Arc::new(MockDev), MOCK_APERTURE_START, "mock", reps);
+            ioas_bench(size, backing, Arc::new(MockDev), MOCK_APERTURE_START, "mock", reps, None);
         }
         if let Some(edu) = p.pci.iter().find_map(|d| portcullis_kernel::edu::Edu::new(&p.ecam, d)) {
             dma_round_trips(&edu, None);
