@@ -22,9 +22,12 @@
 //!
 //! - [`faultinj`]: Linux's `fail-nth` and debugfs fault-injection files,
 //!   served by arming the core's fault plan.
+//! - [`charge`]: pins charged per process and per user across contexts
+//!   (and processes), as Linux's `IOMMU_OPTION_RLIMIT_MODE` says.
 //!
 //! What is and is not emulated is in `README.md`.
 
+pub mod charge;
 pub mod faultinj;
 pub mod memory;
 pub mod shim;

@@ -85,9 +85,9 @@
 //! # Accounting
 //! The pin limit handed to the context is `RLIMIT_MEMLOCK` in pages, or
 //! none when the process has `CAP_IPC_LOCK` (Linux does not charge such
-//! a process's pins either); the core then charges pins per context
-//! according to `IOMMU_OPTION_RLIMIT_MODE`. Linux charges the limit per
-//! user (or per `mm`) across contexts; here each context counts its own.
+//! a process's pins either). Pins are charged per process or per user
+//! across contexts, as `IOMMU_OPTION_RLIMIT_MODE` says: see
+//! [`crate::charge`].
 
 use crate::sys;
 use iommufd::Errno;

@@ -173,14 +173,15 @@ pub fn memory() -> Result<Arc<ProcessMemory>, Errno> {
 }
 
 // `fork`: the thread forking holds every lock of the library across the
-// fork (memory source, then table, then fault-injection counts: the
-// order they nest in elsewhere), so the child never inherits one taken by
+// fork (memory source, then table, then fault-injection counts, then the
+// charger slot: the order they nest in elsewhere), so the child never inherits one taken by
 // a thread it does not have. Then the child's memory is made as Linux
 // leaves it (`ForkGuard::child`).
 type ForkLocks = (
     Option<crate::memory::ForkGuard>,
     MutexGuard<'static, BTreeMap<i32, Entry>>,
     MutexGuard<'static, BTreeMap<i32, u64>>,
+    MutexGuard<'static, Option<Arc<crate::charge::ProcessCharge>>>,
 );
 
 thread_local! {
@@ -189,13 +190,13 @@ thread_local! {
 
 extern "C" fn fork_prepare() {
     let mem = MEM.get().map(|m| m.lock_for_fork());
-    let locks = (mem, table(), faultinj::lock_counts());
+    let locks = (mem, table(), faultinj::lock_counts(), crate::charge::lock_for_fork());
     FORK_LOCKS.with(|f| *f.borrow_mut() = Some(locks));
 }
 
 extern "C" fn fork_parent() {
-    if let Some((mem, t, c)) = FORK_LOCKS.with(|f| f.borrow_mut().take()) {
-        drop((c, t));
+    if let Some((mem, t, c, k)) = FORK_LOCKS.with(|f| f.borrow_mut().take()) {
+        drop((k, c, t));
         if let Some(m) = mem {
             m.parent();
         }
@@ -203,8 +204,8 @@ extern "C" fn fork_parent() {
 }
 
 extern "C" fn fork_child() {
-    if let Some((mem, t, c)) = FORK_LOCKS.with(|f| f.borrow_mut().take()) {
-        drop((c, t));
+    if let Some((mem, t, c, k)) = FORK_LOCKS.with(|f| f.borrow_mut().take()) {
+        drop((k, c, t));
         if let Some(m) = mem {
             m.child();
         }
@@ -349,6 +350,13 @@ pub fn open_iommufd(cloexec: bool) -> Result<i32, Errno> {
     let mem = memory()?;
     let limit = mem.pin_limit_pages();
     let ictx = Arc::new(Ictx::new(mem, limit));
+    if limit != u64::MAX {
+        // Charged per process or per user across contexts, as Linux
+        // charges (without CAP_IPC_LOCK; with it nothing is charged).
+        ictx.accounting()
+            .share_with(crate::charge::ProcessCharge::current())
+            .expect("a new context has nothing pinned and no charger");
+    }
     install(OpenFile::Iommufd(ictx), cloexec)
 }
 

@@ -589,7 +589,10 @@ impl IoPagetable {
     ) -> (PhysRuns, Result<()>) {
         let length = last - start + 1;
         if area.start_byte.is_multiple_of(PAGE_SIZE) && length.is_multiple_of(PAGE_SIZE) {
-            let mut phys: PhysRuns = Vec::new();
+            // Room for a run per page up to 1 GiB (4 MiB of runs, reserved,
+            // not touched): a list grown by copies costs more than the
+            // unmap's own pass over the tables.
+            let mut phys: PhysRuns = Vec::with_capacity((length / PAGE_SIZE).min(1 << 18) as usize);
             match domain.read().unmap_shared_collect(start, length, gather, &mut phys) {
                 Err(DomainError::NotSupported) => {}
                 Ok(n) if n == length => return (phys, Ok(())),

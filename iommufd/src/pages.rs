@@ -41,6 +41,22 @@ pub enum AccountMode {
     Mm,
 }
 
+/// Where a context's pins are charged beyond the context itself. Linux
+/// charges them to the context's user (`user->locked_vm`, RLIMIT_MODE 0)
+/// or process (`mm->pinned_vm`, RLIMIT_MODE 1), counters that every
+/// context of that user or process shares, checked against
+/// `RLIMIT_MEMLOCK`. Without one ([`Accounting::share_with`]), each
+/// context counts only its own pins. A charger is a leaf in the lock
+/// order: it is called with the context's accounting locked and must not
+/// call back into iommufd.
+pub trait SharedCharge: Send + Sync + core::fmt::Debug {
+    /// Adds `pages` to the counter `mode` names, or answers `ENOMEM` and
+    /// adds nothing when its total would pass `limit` pages.
+    fn charge(&self, mode: AccountMode, pages: u64, limit: u64) -> Result<()>;
+    /// Takes `pages` (charged before under `mode`) off that counter.
+    fn uncharge(&self, mode: AccountMode, pages: u64);
+}
+
 /// Fault injection for error-path sweeps: the `n`th *fault point* from
 /// arming (object or page-store allocation, pin, domain allocation,
 /// domain map) fails with `ENOMEM`. Off unless armed; each context has one,
@@ -80,6 +96,8 @@ pub struct Accounting {
     state: Mutex<AccountState>,
     /// Fault injection shared by everything in the context.
     pub faults: FaultPlan,
+    /// The counters shared with other contexts, if any.
+    shared: spin::Once<Arc<dyn SharedCharge>>,
 }
 
 #[derive(Debug)]
@@ -95,7 +113,20 @@ impl Accounting {
         Self {
             state: Mutex::new(AccountState { mode: AccountMode::User, pinned: 0, limit: limit_pages }),
             faults: FaultPlan::default(),
+            shared: spin::Once::new(),
         }
+    }
+    /// Charges this context's pins to `shared` as well, from now on: the
+    /// limit then applies to its counters (all the contexts sharing them),
+    /// not to this context alone. `EBUSY` once anything is pinned or a
+    /// charger is set.
+    pub fn share_with(&self, shared: Arc<dyn SharedCharge>) -> Result<()> {
+        let s = self.state.lock();
+        if s.pinned != 0 || self.shared.is_completed() {
+            return Err(Errno::EBUSY);
+        }
+        self.shared.call_once(|| shared);
+        Ok(())
     }
     /// Pages charged now.
     pub fn pinned(&self) -> u64 {
@@ -136,8 +167,11 @@ impl Accounting {
     fn charge(&self, pages: u64) -> Result<()> {
         let mut s = self.state.lock();
         let total = s.pinned.checked_add(pages).ok_or(Errno::ENOMEM)?;
-        if total > s.limit {
-            return Err(Errno::ENOMEM);
+        match self.shared.get() {
+            Some(shared) if pages != 0 => shared.charge(s.mode, pages, s.limit)?,
+            Some(_) => {}
+            None if total > s.limit => return Err(Errno::ENOMEM),
+            None => {}
         }
         s.pinned = total;
         Ok(())
@@ -145,6 +179,11 @@ impl Accounting {
     fn credit(&self, pages: u64) {
         let mut s = self.state.lock();
         s.pinned = s.pinned.checked_sub(pages).expect("accounting went negative");
+        if let Some(shared) = self.shared.get()
+            && pages != 0
+        {
+            shared.uncharge(s.mode, pages);
+        }
     }
 }
 
@@ -1059,5 +1098,59 @@ mod tests {
         let (q, _) = Pages::new(a.clone(), acct.clone(), 0x10_e000, 4 * PAGE_SIZE, true).unwrap();
         assert_eq!(q.pin(0, 3, UseKind::Other, None), Err(Errno::EFAULT));
         assert_eq!((acct.pinned(), a.pinned_pages()), (4, 4));
+    }
+
+    /// Two counters shared by every context, as a user's and a process's.
+    #[derive(Debug, Default)]
+    struct Counters(Mutex<[u64; 2]>);
+
+    impl SharedCharge for Counters {
+        fn charge(&self, mode: AccountMode, pages: u64, limit: u64) -> Result<()> {
+            let mut c = self.0.lock();
+            let k = (mode == AccountMode::Mm) as usize;
+            match c[k].checked_add(pages) {
+                Some(t) if t <= limit => {
+                    c[k] = t;
+                    Ok(())
+                }
+                _ => Err(Errno::ENOMEM),
+            }
+        }
+        fn uncharge(&self, mode: AccountMode, pages: u64) {
+            self.0.lock()[(mode == AccountMode::Mm) as usize] -= pages;
+        }
+    }
+
+    #[test]
+    fn contexts_sharing_a_charger_share_the_limit() {
+        let a = Arc::new(FakeAddressSpace::new());
+        a.map(0x10_0000, 16 * PAGE_SIZE, true);
+        let shared = Arc::new(Counters::default());
+        let (one, two) = (Arc::new(Accounting::new(5)), Arc::new(Accounting::new(5)));
+        one.share_with(shared.clone()).unwrap();
+        two.share_with(shared.clone()).unwrap();
+        assert_eq!(two.share_with(shared.clone()), Err(Errno::EBUSY), "set once");
+        two.set_mode(AccountMode::Mm).unwrap();
+        let (p, _) = Pages::new(a.clone(), one.clone(), 0x10_0000, 8 * PAGE_SIZE, true).unwrap();
+        let (q, _) = Pages::new(a.clone(), two.clone(), 0x10_8000, 8 * PAGE_SIZE, true).unwrap();
+        // Each context alone is under its limit of 5; the user counter is
+        // what the first one charges, the process counter the second.
+        p.pin(0, 3, UseKind::Other, None).unwrap();
+        q.pin(0, 4, UseKind::Other, None).unwrap();
+        assert_eq!(*shared.0.lock(), [4, 5]);
+        let (r, _) = Pages::new(a.clone(), two.clone(), 0x10_0000, 8 * PAGE_SIZE, true).unwrap();
+        assert_eq!(r.pin(5, 5, UseKind::Other, None), Err(Errno::ENOMEM), "the process counter is at 5");
+        assert_eq!((two.pinned(), *shared.0.lock()), (5, [4, 5]), "a refused charge changes nothing");
+        let three = Arc::new(Accounting::new(5));
+        three.share_with(shared.clone()).unwrap();
+        let (t, _) = Pages::new(a.clone(), three.clone(), 0x10_8000, 8 * PAGE_SIZE, true).unwrap();
+        t.pin(0, 0, UseKind::Other, None).unwrap();
+        assert_eq!(t.pin(1, 1, UseKind::Other, None), Err(Errno::ENOMEM), "the user counter is at 5");
+        assert_eq!(two.set_mode(AccountMode::User), Err(Errno::EBUSY), "pins outstanding");
+        for (pages, last) in [(&p, 3), (&q, 4), (&t, 0)] {
+            pages.unpin(0, last, UseKind::Other, None);
+        }
+        assert_eq!(*shared.0.lock(), [0, 0], "every pin uncharged");
+        assert_eq!(one.share_with(shared.clone()), Err(Errno::EBUSY));
     }
 }

@@ -108,7 +108,7 @@ fn profiled((backing, size): (Backing, u64), dev: Arc<dyn DeviceOps>, iova_base:
     const PERIOD_NS: u32 = 20_000;
     const TOP: usize = 400;
     let (mut map, mut unmap) = (BTreeMap::<u64, u64>::new(), BTreeMap::<u64, u64>::new());
-    let (mut lost, mut total) = (0, [0u64; 2]);
+    let (mut lost, mut total, mut elapsed) = (0, [0u64; 2], [0u64; 2]);
     let mut take = |into: &mut BTreeMap<u64, u64>, phase: usize, p: profile::Profile| {
         for (rip, n) in p.by_rip {
             *into.entry(rip).or_default() += n;
@@ -123,21 +123,27 @@ fn profiled((backing, size): (Backing, u64), dev: Arc<dyn DeviceOps>, iova_base:
         let dev = ictx.bind_device(dev.clone()).expect("bind");
         ictx.attach(dev, ioas).expect("attach");
         profile::start(PERIOD_NS).expect("profiler");
+        let t0 = uptime_ns();
         let iova = ictx.ioas_map(ioas, Some(iova_base), BASE, size, true, true);
+        elapsed[0] += uptime_ns() - t0;
         take(&mut map, 0, profile::stop());
         let iova = iova.expect("map");
         profile::start(PERIOD_NS).expect("profiler");
+        let t0 = uptime_ns();
         let n = ictx.ioas_unmap(ioas, iova, size);
+        elapsed[1] += uptime_ns() - t0;
         take(&mut unmap, 1, profile::stop());
         assert_eq!(n, Ok(size));
         assert_eq!(mem.pinned_pages(), 0);
     }
     println!(
-        "bench-profile: dom={dom} backing={} size_mib={} reps={reps} period_ns={PERIOD_NS} samples_map={} samples_unmap={} lost={lost}",
+        "bench-profile: dom={dom} backing={} size_mib={} reps={reps} period_ns={PERIOD_NS} samples_map={} samples_unmap={} lost={lost} map_ms={} unmap_ms={}",
         backing.key(),
         size >> 20,
         total[0],
-        total[1]
+        total[1],
+        elapsed[0] / 1_000_000,
+        elapsed[1] / 1_000_000
     );
     for (phase, counts) in [("map", map), ("unmap", unmap)] {
         let mut v: Vec<(u64, u64)> = counts.into_iter().collect();

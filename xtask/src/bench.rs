@@ -380,12 +380,15 @@ pub fn profile(key: &str, configs: &[String]) -> Result<bool> {
             text.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix("bench-profile: ")).map(fields).collect();
         if let Some(head) = lines.iter().find(|f| f.contains_key("samples_map")) {
             println!(
-                "  {} reps, a sample every {} ns: {} samples in map, {} in unmap ({} lost)",
+                "  {} reps, a sample every {} ns: {} samples in map, {} in unmap ({} lost); {} ms in map, {} in unmap \
+                 (a sample covers only code running with interrupts on)",
                 head.get("reps").unwrap_or(&"?"),
                 head.get("period_ns").unwrap_or(&"?"),
                 head.get("samples_map").unwrap_or(&"?"),
                 head.get("samples_unmap").unwrap_or(&"?"),
-                head.get("lost").unwrap_or(&"?")
+                head.get("lost").unwrap_or(&"?"),
+                head.get("map_ms").unwrap_or(&"?"),
+                head.get("unmap_ms").unwrap_or(&"?")
             );
         }
         for phase in ["map", "unmap"] {
