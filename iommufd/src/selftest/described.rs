@@ -71,6 +71,27 @@ impl DescribedMemory {
         }
     }
 
+    /// Drops one pin of each page of the `(first page, pages)` ranges,
+    /// keeping a stripe locked while the next range lies in it too
+    /// (scattered pages come one per run, mostly in the same stripe).
+    fn uncount(&self, ranges: impl Iterator<Item = (usize, usize)>) {
+        let mut held: Option<(usize, spin::MutexGuard<'_, Vec<u32>>)> = None;
+        for (first, n) in ranges {
+            let mut page = first;
+            while page < first + n {
+                let (stripe, at) = (page / STRIPE, page % STRIPE);
+                let upto = (STRIPE - at).min(first + n - page);
+                if held.as_ref().is_none_or(|(s, _)| *s != stripe) {
+                    held = None;
+                    held = Some((stripe, self.pins[stripe].lock()));
+                }
+                let (_, counts) = held.as_mut().expect("locked above");
+                counts[at..at + upto].iter_mut().for_each(|c| *c -= 1);
+                page += upto;
+            }
+        }
+    }
+
     fn page_of(&self, phys: u64) -> usize {
         ((phys - self.phys) >> self.stride.trailing_zeros()) as usize
     }
@@ -87,9 +108,7 @@ impl MemorySource for DescribedMemory {
         Ok(())
     }
     fn unpin(&self, phys: &[u64], _dirty: bool) {
-        for &p in phys {
-            self.count(self.page_of(p), 1, |c| *c -= 1);
-        }
+        self.uncount(phys.iter().map(|&p| (self.page_of(p), 1)));
     }
     fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
         let first = self.first_page(uptr, npages)?;
@@ -102,10 +121,7 @@ impl MemorySource for DescribedMemory {
         Ok(())
     }
     fn unpin_runs(&self, runs: &[PhysRun], _dirty: bool) {
-        for &PhysRun { phys: p, len } in runs {
-            let first = self.page_of(p);
-            self.count(first, (len / PAGE_SIZE) as usize, |c| *c -= 1);
-        }
+        self.uncount(runs.iter().map(|r| (self.page_of(r.phys), (r.len / PAGE_SIZE) as usize)));
     }
     fn read_user(&self, _: u64, _: &mut [u8]) -> Result<()> {
         Err(Errno::EOPNOTSUPP)
