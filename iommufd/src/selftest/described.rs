@@ -82,7 +82,8 @@ impl DescribedMemory {
                 let (stripe, at) = (page / STRIPE, page % STRIPE);
                 let upto = (STRIPE - at).min(first + n - page);
                 if held.as_ref().is_none_or(|(s, _)| *s != stripe) {
-                    held = None;
+                    // One stripe locked at a time: release before the next.
+                    drop(held.take());
                     held = Some((stripe, self.pins[stripe].lock()));
                 }
                 let (_, counts) = held.as_mut().expect("locked above");
