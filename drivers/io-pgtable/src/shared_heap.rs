@@ -28,9 +28,12 @@ const FIRST_CHUNK: usize = if cfg!(miri) { 4 } else { 64 };
 /// under Miri).
 const CHUNKS: usize = 26;
 
+/// Cache-line aligned, so no two tables (which threads mapping disjoint
+/// ranges write at once) share a line.
+#[repr(align(64))]
 struct Page {
-    live: AtomicBool,
     entries: [AtomicU64; ENTRIES],
+    live: AtomicBool,
 }
 
 impl Page {
