@@ -429,19 +429,21 @@ pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
     })
 }
 
-/// `pread` on a descriptor: the fail-nth files. The other Portcullis
-/// files are not positioned here: `ESPIPE`.
+/// `pread` on a descriptor, with Linux's answers (`ksys_pread64`): a
+/// negative offset is `EINVAL` first; a context (`/dev/iommu`, a
+/// character device, positioned) has no read: `EINVAL`; fault queues and
+/// accesses are anonymous files, never positioned: `ESPIPE`; the
+/// fail-nth files read from the offset.
 pub fn pread(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
     let file = match target(fd) {
         Ok(f) => f,
         Err(h) => return h,
     };
-    Hook::Done(match &*file {
-        OpenFile::FailNth { tid } => match u64::try_from(offset) {
-            Ok(off) => faultinj::read(*tid, buf, count, off),
-            Err(_) => Err(Errno::EINVAL),
-        },
-        _ => Err(Errno::ESPIPE),
+    Hook::Done(match (&*file, u64::try_from(offset)) {
+        (_, Err(_)) => Err(Errno::EINVAL),
+        (OpenFile::FailNth { tid }, Ok(off)) => faultinj::read(*tid, buf, count, off),
+        (OpenFile::Iommufd(_), _) => Err(Errno::EINVAL),
+        (OpenFile::Fault { .. } | OpenFile::Access { .. }, _) => Err(Errno::ESPIPE),
     })
 }
 
@@ -452,9 +454,10 @@ pub fn pwrite(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
         Err(h) => return h,
     };
     Hook::Done(match &*file {
-        OpenFile::FailNth { .. } if offset < 0 => Err(Errno::EINVAL),
+        _ if offset < 0 => Err(Errno::EINVAL),
         OpenFile::FailNth { tid } => faultinj::write(*tid, buf, count),
-        _ => Err(Errno::ESPIPE),
+        OpenFile::Iommufd(_) => Err(Errno::EINVAL),
+        OpenFile::Fault { .. } | OpenFile::Access { .. } => Err(Errno::ESPIPE),
     })
 }
 

@@ -82,6 +82,15 @@ int main(void)
 	struct stat st;
 	int fd = open("/dev/iommu", O_RDWR | O_CLOEXEC);
 	CHECK(fd >= 0, "open /dev/iommu");
+	{
+		/* Linux's /dev/iommu has no read or write (EINVAL) but is a
+		 * positioned character device; a negative offset is EINVAL first. */
+		char byte = 0;
+		CHECK(read(fd, &byte, 1) == -1 && errno == EINVAL, "read on the context: EINVAL");
+		CHECK(pread(fd, &byte, 1, 0) == -1 && errno == EINVAL, "pread on the context: EINVAL");
+		CHECK(pwrite(fd, &byte, 1, 8) == -1 && errno == EINVAL, "pwrite on the context: EINVAL");
+		CHECK(pread(fd, &byte, 1, -1) == -1 && errno == EINVAL, "pread at a negative offset: EINVAL");
+	}
 
 	/* RLIMIT_MODE: setting it needs CAP_SYS_RESOURCE (EPERM without). */
 	struct option opt = { .size = sizeof(opt), .option_id = 0, .op = 0, .val64 = 1 };

@@ -59,6 +59,14 @@ int main(void)
 	struct fault_alloc fa = { .size = sizeof(fa) };
 	CHECK(ioctl(fd, IOMMU_FAULT_QUEUE_ALLOC, &fa) == 0, "a fault queue");
 	int q = (int)fa.out_fault_fd;
+	{
+		/* An anonymous file, never positioned: pread and pwrite are ESPIPE
+		 * (a negative offset is EINVAL before that), as on Linux. */
+		uint8_t rec[40] = { 0 };
+		CHECK(pread(q, rec, sizeof(rec), 0) == -1 && errno == ESPIPE, "pread on the fault queue: ESPIPE");
+		CHECK(pwrite(q, rec, 8, 0) == -1 && errno == ESPIPE, "pwrite on the fault queue: ESPIPE");
+		CHECK(pread(q, rec, sizeof(rec), -8) == -1 && errno == EINVAL, "pread at a negative offset: EINVAL");
+	}
 	uint32_t iotlb = 0;
 	struct hwpt_alloc nested = { .size = sizeof(nested), .flags = 1 << 2 /* FAULT_ID_VALID */, .dev_id = idev,
 				     .pt_id = parent.out_hwpt_id, .data_type = 0xdead /* selftest */,
