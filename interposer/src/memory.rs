@@ -24,6 +24,7 @@
 //!    (it is the store's), so the IOAS keeps seeing the pinned contents.
 //!    An unpinned store page is freed (a hole punched) once no mapping of
 //!    the process shows it any more; that check runs at the next pin.
+//!    Freed offsets are reused by later moves before the store grows.
 //!
 //! Runs of pages are moved together into consecutive store pages whose
 //! offset is congruent to the user address modulo 2 MiB, so a 2 MiB
@@ -238,6 +239,9 @@ struct Inner {
     no_store: bool,
     store_size: u64,
     next_off: u64,
+    /// Store extents freed (holes punched), start -> length in bytes,
+    /// joined with their neighbours: reused before the store grows.
+    free: BTreeMap<u64, u64>,
     /// Store page index -> slot, for pages pinned now or moved and maybe
     /// still mapped by the process.
     slots: BTreeMap<u64, Slot>,
@@ -286,6 +290,7 @@ impl ProcessMemory {
                 no_store: false,
                 store_size: 0,
                 next_off: 0,
+                free: BTreeMap::new(),
                 slots: BTreeMap::new(),
                 released: BTreeSet::new(),
                 files: BTreeMap::new(),
@@ -321,10 +326,13 @@ impl ProcessMemory {
             })
             .collect();
         for pg in gone {
-            // Failing to free only keeps the page's memory allocated.
-            let _ = sys::punch_hole(&inner.store.fd, pg * PAGE_SIZE, PAGE_SIZE);
             inner.released.remove(&pg);
             inner.slots.remove(&pg);
+            // Failing to free keeps the page's memory allocated, and its
+            // offset out of reuse.
+            if sys::punch_hole(&inner.store.fd, pg * PAGE_SIZE, PAGE_SIZE).is_ok() {
+                free_extent(&mut inner.free, pg * PAGE_SIZE, PAGE_SIZE);
+            }
         }
     }
 
@@ -374,13 +382,23 @@ impl ProcessMemory {
     /// Moves `[start, end)` into fresh store pages; returns their offset.
     fn move_range(inner: &mut Inner, start: u64, end: u64, prot: i32, shared: bool) -> Result<u64> {
         let len = end - start;
-        let base = inner.next_off.next_multiple_of(HUGE).checked_add(start % HUGE).ok_or(Errno::ENOMEM)?;
-        let top = base.checked_add(len).filter(|&t| t <= NS_SPAN).ok_or(Errno::ENOMEM)?;
-        if top > inner.store_size {
-            sys::ftruncate(&inner.store.fd, top)?;
-            inner.store_size = top;
-        }
-        inner.next_off = top;
+        // A range of 2 MiB or more goes where its offset is congruent to
+        // its address modulo 2 MiB (aligned runs, as THP gives); smaller
+        // ones anywhere. Freed extents first, then fresh store.
+        let congruent = if len >= HUGE { Some(start % HUGE) } else { None };
+        let base = match take_extent(&mut inner.free, len, congruent) {
+            Some(b) => b,
+            None => {
+                let base = inner.next_off.next_multiple_of(HUGE).checked_add(start % HUGE).ok_or(Errno::ENOMEM)?;
+                let top = base.checked_add(len).filter(|&t| t <= NS_SPAN).ok_or(Errno::ENOMEM)?;
+                if top > inner.store_size {
+                    sys::ftruncate(&inner.store.fd, top)?;
+                    inner.store_size = top;
+                }
+                inner.next_off = top;
+                base
+            }
+        };
         let mut buf = vec![0u8; (COPY_PAGES * PAGE_SIZE) as usize];
         let mut at = 0u64;
         while at < len {
@@ -390,7 +408,9 @@ impl ProcessMemory {
             if let Err(e) = r {
                 // Nothing was mapped yet: give the copied pages back (a
                 // failure only keeps their memory allocated).
-                let _ = sys::punch_hole(&inner.store.fd, base, len);
+                if sys::punch_hole(&inner.store.fd, base, len).is_ok() {
+                    free_extent(&mut inner.free, base, len);
+                }
                 return Err(e);
             }
             at += n as u64;
@@ -398,7 +418,9 @@ impl ProcessMemory {
         if let Err(e) = sys::map_shared_fixed(start, len, prot, &inner.store.fd, base) {
             // The process still has its own pages: the copies go (a
             // failure only keeps their memory allocated).
-            let _ = sys::punch_hole(&inner.store.fd, base, len);
+            if sys::punch_hole(&inner.store.fd, base, len).is_ok() {
+                free_extent(&mut inner.free, base, len);
+            }
             return Err(e);
         }
         for k in 0..len / PAGE_SIZE {
@@ -602,6 +624,7 @@ impl ProcessMemory {
         inner.slots.clear();
         inner.released.clear();
         inner.files.clear();
+        inner.free.clear();
         inner.store_size = 0;
         inner.next_off = 0;
         match Store::new() {
@@ -609,6 +632,42 @@ impl ProcessMemory {
             Err(_) => inner.no_store = true,
         }
     }
+}
+
+/// Adds the freed store extent `[at, at + len)` to `free`, joined with the
+/// extents it touches.
+fn free_extent(free: &mut BTreeMap<u64, u64>, mut at: u64, mut len: u64) {
+    if let Some((&s, &l)) = free.range(..at).next_back()
+        && s + l == at
+    {
+        free.remove(&s);
+        (at, len) = (s, l + len);
+    }
+    if let Some(l) = free.remove(&(at + len)) {
+        len += l;
+    }
+    free.insert(at, len);
+}
+
+/// Takes `len` bytes from the first freed extent that holds them at an
+/// offset congruent to `congruent` modulo 2 MiB (any page offset when
+/// `None`); returns the offset.
+fn take_extent(free: &mut BTreeMap<u64, u64>, len: u64, congruent: Option<u64>) -> Option<u64> {
+    let (s, l, at) = free.iter().find_map(|(&s, &l)| {
+        let at = match congruent {
+            Some(c) => s + (c + HUGE - s % HUGE) % HUGE,
+            None => s,
+        };
+        (at + len <= s + l).then_some((s, l, at))
+    })?;
+    free.remove(&s);
+    if at > s {
+        free.insert(s, at - s);
+    }
+    if at + len < s + l {
+        free.insert(at + len, s + l - at - len);
+    }
+    Some(at)
 }
 
 /// Replaces `[start, end)` by private anonymous memory with the same
@@ -814,5 +873,34 @@ impl MemorySource for ProcessMemory {
             return Ok(());
         }
         Self::pin_file(&mut inner, file.0, offset, len, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_extents_join_and_are_taken_at_the_right_congruence() {
+        let mut free = BTreeMap::new();
+        free_extent(&mut free, 3 * PAGE_SIZE, PAGE_SIZE);
+        free_extent(&mut free, 5 * PAGE_SIZE, PAGE_SIZE);
+        free_extent(&mut free, 4 * PAGE_SIZE, PAGE_SIZE);
+        assert_eq!(free.iter().map(|(&s, &l)| (s, l)).collect::<Vec<_>>(), [(3 * PAGE_SIZE, 3 * PAGE_SIZE)]);
+        // Small ranges anywhere, from the front.
+        assert_eq!(take_extent(&mut free, PAGE_SIZE, None), Some(3 * PAGE_SIZE));
+        assert_eq!(take_extent(&mut free, 3 * PAGE_SIZE, None), None, "only 2 pages left");
+        assert_eq!(take_extent(&mut free, 2 * PAGE_SIZE, None), Some(4 * PAGE_SIZE));
+        assert!(free.is_empty());
+        // A 2 MiB range at offset 0x1000 modulo 2 MiB, from a 6 MiB extent.
+        free_extent(&mut free, HUGE, 3 * HUGE);
+        assert_eq!(take_extent(&mut free, HUGE, Some(PAGE_SIZE)), Some(HUGE + PAGE_SIZE));
+        assert_eq!(
+            free.iter().map(|(&s, &l)| (s, l)).collect::<Vec<_>>(),
+            [(HUGE, PAGE_SIZE), (2 * HUGE + PAGE_SIZE, 2 * HUGE - PAGE_SIZE)]
+        );
+        assert_eq!(take_extent(&mut free, 2 * HUGE, Some(0)), None, "no aligned 4 MiB left");
+        free_extent(&mut free, HUGE + PAGE_SIZE, HUGE);
+        assert_eq!(free.iter().map(|(&s, &l)| (s, l)).collect::<Vec<_>>(), [(HUGE, 3 * HUGE)], "joined again");
     }
 }
