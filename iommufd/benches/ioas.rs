@@ -225,7 +225,7 @@ type Phases<'a> = (Box<dyn FnOnce() + Send + 'a>, Box<dyn FnOnce() + Send + 'a>)
 /// Runs two threads through two phases each, both starting each phase
 /// together; the seconds of each phase until the slower thread is done.
 fn two_threads<'a>(split: impl Fn(u64) -> Phases<'a>) -> (f64, f64) {
-    let barrier = std::sync::Barrier::new(2);
+    let barrier = SpinBarrier::default();
     let halves: Vec<Phases<'a>> = (0..2).map(&split).collect();
     let times: Vec<(f64, f64)> = std::thread::scope(|s| {
         let handles: Vec<_> = halves
@@ -252,6 +252,27 @@ fn two_threads<'a>(split: impl Fn(u64) -> Phases<'a>) -> (f64, f64) {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     (times[0].0.max(times[1].0), times[0].1.max(times[1].1))
+}
+
+/// A barrier for two threads that spins instead of sleeping: a vCPU of
+/// this VM that goes idle at a sleeping barrier takes up to milliseconds
+/// to be woken by the host, as long as a whole 4 GiB map now takes, so
+/// a sleeping barrier would time the wake-up, not the map.
+#[derive(Default)]
+struct SpinBarrier {
+    arrived: std::sync::atomic::AtomicUsize,
+}
+
+impl SpinBarrier {
+    /// Waits until both threads have called it as often as this one.
+    fn wait(&self) {
+        use std::sync::atomic::Ordering::AcqRel;
+        let n = self.arrived.fetch_add(1, AcqRel) + 1;
+        let target = n.next_multiple_of(2);
+        while self.arrived.load(std::sync::atomic::Ordering::Acquire) < target {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 /// A loop that only computes (no memory beyond registers).
