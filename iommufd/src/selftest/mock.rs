@@ -800,6 +800,34 @@ impl IommuDomain for LockedDomain {
     fn unmap_shared(&self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, DomainError> {
         Ok(self.0.lock().unmap(iova, length, gather))
     }
+    /// The one-pass unmap as a read-back and an unmap under one hold of
+    /// the lock (what the caller sees is the same: the runs the removed
+    /// translations pointed at, joined, in IOVA order).
+    fn unmap_shared_collect(
+        &self,
+        iova: u64,
+        length: u64,
+        gather: &mut IotlbGather,
+        out: &mut alloc::vec::Vec<PhysRun>,
+    ) -> Result<u64, DomainError> {
+        let mut d = self.0.lock();
+        let end = iova.checked_add(length).ok_or(DomainError::BadRange { iova, length })?;
+        let granule = d.granule();
+        let mut buf = [PhysRun::default(); 64];
+        let mut at = iova;
+        while at < end {
+            let (n, done) = d.iova_to_phys_runs(at, end - at, &mut buf);
+            for &run in &buf[..n] {
+                match out.last_mut() {
+                    Some(last) if last.phys + last.len == run.phys => last.len += run.len,
+                    _ => out.push(run),
+                }
+            }
+            // A hole: nothing to collect for its first page.
+            at += if done == 0 { granule } else { done };
+        }
+        Ok(d.unmap(iova, length, gather))
+    }
     fn iotlb_sync_shared(&self, gather: &mut IotlbGather) -> Result<(), DomainError> {
         self.0.lock().iotlb_sync(gather)
     }
