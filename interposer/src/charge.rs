@@ -243,17 +243,13 @@ fn start_time(pid: i32) -> Option<u64> {
 
 /// The real user id (the user Linux charges, `current_user()`).
 fn real_uid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_ascii_whitespace().next()?.parse().ok()
+    crate::memory::status_field("Uid")?.split_ascii_whitespace().next()?.parse().ok()
 }
 
 /// Pages the process has locked itself (`VmLck`, in kB).
 fn locked_by_process() -> u64 {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return 0 };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmLck:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    crate::memory::status_field("VmLck")
+        .and_then(|v| v.trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb / 4)
 }
 

@@ -703,11 +703,15 @@ fn has_cap_ipc_lock() -> bool {
 
 /// Whether the process has capability `bit` in `CapEff`.
 pub fn has_cap(bit: u32) -> bool {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return false };
-    s.lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    status_field("CapEff")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
         .is_some_and(|c| bit < 64 && c & (1 << bit) != 0)
+}
+
+/// The value of field `name` in `/proc/self/status`, trimmed.
+pub fn status_field(name: &str) -> Option<String> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_string())
 }
 
 impl MemorySource for ProcessMemory {

@@ -44,6 +44,17 @@ const CASES: [(u64, Backing); 5] = [
     (1 << 30, Backing::Contiguous),
 ];
 
+/// A fresh context over `size` bytes of `backing` memory, with an IOAS
+/// that a device from `dev` is attached to.
+fn attached(size: u64, backing: Backing, dev: &Arc<dyn DeviceOps>) -> (Arc<BackedMemory>, Ictx, u32) {
+    let mem = Arc::new(BackedMemory::new(BASE, PHYS, size, backing));
+    let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
+    let ioas = ictx.ioas_alloc().expect("ioas");
+    let dev = ictx.bind_device(dev.clone()).expect("bind");
+    ictx.attach(dev, ioas).expect("attach");
+    (mem, ictx, ioas)
+}
+
 /// Maps and unmaps `size` bytes of `backing` memory into an IOAS with
 /// `dev` attached, `reps` times, each on a fresh context; prints one
 /// machine-read `bench-rep:` line per repetition (`cargo xtask bench`
@@ -63,11 +74,7 @@ fn ioas_bench(
     waits: Option<&dyn Fn() -> u64>,
 ) {
     for rep in 0..reps {
-        let mem = Arc::new(BackedMemory::new(BASE, PHYS, size, backing));
-        let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
-        let ioas = ictx.ioas_alloc().expect("ioas");
-        let dev = ictx.bind_device(dev.clone()).expect("bind");
-        ictx.attach(dev, ioas).expect("attach");
+        let (mem, ictx, ioas) = attached(size, backing, &dev);
         let free_before = portcullis_kernel::mem::stats().free_frames;
         let t0 = uptime_ns();
         let iova = ictx.ioas_map(ioas, Some(iova_base), BASE, size, true, true).expect("map");
@@ -117,11 +124,7 @@ fn profiled((backing, size): (Backing, u64), dev: Arc<dyn DeviceOps>, iova_base:
         total[phase] += p.samples;
     };
     for _ in 0..reps {
-        let mem = Arc::new(BackedMemory::new(BASE, PHYS, size, backing));
-        let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
-        let ioas = ictx.ioas_alloc().expect("ioas");
-        let dev = ictx.bind_device(dev.clone()).expect("bind");
-        ictx.attach(dev, ioas).expect("attach");
+        let (mem, ictx, ioas) = attached(size, backing, &dev);
         profile::start(PERIOD_NS).expect("profiler");
         let t0 = uptime_ns();
         let iova = ictx.ioas_map(ioas, Some(iova_base), BASE, size, true, true);

@@ -268,12 +268,18 @@ fn boot_linux(
     Ok(info)
 }
 
-/// `cargo xtask bench [--linux] [--config NAME]... [--no-host]`.
-pub fn run(linux: bool, configs: &[String], no_host: bool) -> Result<bool> {
+/// Checks `--config` names; returns whether a configuration was asked
+/// for (all of them when none was named).
+fn chosen(configs: &[String]) -> Result<impl Fn(&str) -> bool + '_> {
     if let Some(bad) = configs.iter().find(|c| !CONFIGS.contains(&c.as_str())) {
         anyhow::bail!("no in-guest benchmark for configuration {bad:?}; known: {}", CONFIGS.join(", "));
     }
-    let wanted = |name: &str| configs.is_empty() || configs.iter().any(|c| c == name);
+    Ok(move |name: &str| configs.is_empty() || configs.iter().any(|c| c == name))
+}
+
+/// `cargo xtask bench [--linux] [--config NAME]... [--no-host]`.
+pub fn run(linux: bool, configs: &[String], no_host: bool) -> Result<bool> {
+    let wanted = chosen(configs)?;
     if !no_host && !host()? {
         return Ok(false);
     }
@@ -358,13 +364,11 @@ pub fn profile(key: &str, configs: &[String]) -> Result<bool> {
         Backing::from_key(backing).is_some() && mib.parse::<u64>().is_ok_and(|m| (1..=1024).contains(&m)),
         "--profile takes 4k, 2m or 1g, with :MIB (1-1024) after it to profile less than 1 GiB, not {key:?}"
     );
-    if let Some(bad) = configs.iter().find(|c| !CONFIGS.contains(&c.as_str())) {
-        anyhow::bail!("no in-guest benchmark for configuration {bad:?}; known: {}", CONFIGS.join(", "));
-    }
+    let wanted = chosen(configs)?;
     let version = qemu::ensure(&[qemu::Tool::BareMetalTarget, qemu::Tool::Qemu])?.unwrap_or_default();
     let kernel = qemu::build_kernel("qemu-tests", "portcullis-tests", true)?;
     let mut ok = true;
-    for name in CONFIGS.into_iter().filter(|n| configs.is_empty() || configs.iter().any(|c| c == n)) {
+    for name in CONFIGS.into_iter().filter(|n| wanted(n)) {
         println!(
             "==> QEMU ({version}), configuration {name}: where {mib} MiB of {backing} backing spends its map and unmap"
         );

@@ -159,22 +159,18 @@ impl<M: SharedTableMemory + ?Sized> Access for Concurrent<'_, M> {
         self.0.entries(table).iter().all(|e| e.load(Acquire) == 0)
     }
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
-        let run = &self.0.entries(table)[index..index + count];
+        // `make` is called once per entry, in order: the value steps along.
         let mut value = first;
-        for (k, e) in run.iter().enumerate() {
-            // Entries of this caller's range: nobody else writes them.
-            if e.load(Relaxed) != 0 {
-                return k;
-            }
-            e.store(value, Release);
+        self.fill_with(table, index, count, |_| {
+            let v = value;
             value = value.wrapping_add(step);
-        }
-        count
+            v
+        })
     }
     fn fill_with(&mut self, table: u64, index: usize, count: usize, mut make: impl FnMut(usize) -> u64) -> usize {
         let run = &self.0.entries(table)[index..index + count];
         for (k, e) in run.iter().enumerate() {
-            // Entries of this caller's range, as in `fill`.
+            // Entries of this caller's range: nobody else writes them.
             if e.load(Relaxed) != 0 {
                 return k;
             }
@@ -196,14 +192,6 @@ impl<M: SharedTableMemory + ?Sized> Access for Concurrent<'_, M> {
         c
     }
     fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared {
-        let run = &self.0.entries(table)[index..index + count];
-        let mut c = Cleared::default();
-        for (k, e) in run.iter().enumerate() {
-            if e.load(Relaxed) != 0 {
-                e.store(0, Release);
-                c.note(index + k);
-            }
-        }
-        c
+        self.clear_each(table, index, count, |_| {})
     }
 }

@@ -347,7 +347,8 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             }
         }
         let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.len));
-        self.check_range(iova, total.ok_or(Error::BadRange { iova, length: u64::MAX })?)?;
+        let total = total.ok_or(Error::BadRange { iova, length: u64::MAX })?;
+        self.check_range(iova, total)?;
         let mut at = iova;
         for &PhysRun { phys, len: length } in runs {
             if length == 0 || length & (PAGE_SIZE - 1) != 0 {
@@ -360,7 +361,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         }
         // Every run was good after all (the fast pass only overflowed on
         // a sum this pass also checked): not reached with a bad run.
-        Ok((self.map_prot(prot)?, runs.iter().map(|r| r.len).sum()))
+        Ok((self.map_prot(prot)?, total))
     }
 
     /// The protection a map writes for `prot`, if the format takes it.

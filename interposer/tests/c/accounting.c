@@ -22,10 +22,6 @@
 
 #define PAGE 4096UL
 
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
-struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
-struct ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
-struct option { uint32_t size, option_id; uint16_t op, reserved; uint32_t object_id; uint64_t val64; };
 
 #define CHECK(cond, what)                                                                  \
 	do {                                                                               \

@@ -43,13 +43,8 @@
 		printf("ok - %s\n", what);                                       \
 	} while (0)
 
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
-struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
-struct ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
 struct allow_iovas { uint32_t size, ioas_id, num_iovas, reserved; uint64_t allowed_iovas; };
-struct fault_alloc { uint32_t size, flags, out_fault_id, out_fault_fd; };
 struct destroy { uint32_t size, id; };
-struct option { uint32_t size, option_id; uint16_t op, reserved; uint32_t object_id; uint64_t val64; };
 
 /* Whether the process has capability `bit` (CapEff of /proc/self/status). */
 static int has_cap(int bit)

@@ -1,5 +1,5 @@
-/* What the C test programs share: ioctl numbers of the iommufd uAPI, the
- * selftest command buffer and little-endian field access (each program
+/* What the C test programs share: ioctl numbers and structs of the iommufd
+ * uAPI, the selftest command buffer and little-endian field access (each program
  * keeps its own CHECK, whose reports differ). Their own includes come
  * first (stdint.h, string.h). */
 #ifndef PORTCULLIS_TEST_COMMON_H
@@ -16,6 +16,13 @@
 #define IOMMU_FAULT_QUEUE_ALLOC IOCTL_NR(0x8e)
 #define IOMMU_IOAS_MAP_FILE IOCTL_NR(0x8f)
 #define IOMMU_TEST_CMD IOCTL_NR(0xa0)
+
+/* The uAPI structs the programs share (linux/iommufd.h, same layout). */
+struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
+struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
+struct ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
+struct fault_alloc { uint32_t size, flags, out_fault_id, out_fault_fd; };
+struct option { uint32_t size, option_id; uint16_t op, reserved; uint32_t object_id; uint64_t val64; };
 
 /* struct iommu_test_cmd: a 16-byte header, then the op's payload. */
 #define TEST_CMD_SIZE 72

@@ -21,8 +21,6 @@
 
 #define PAGE 4096UL
 
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
-struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
 
 #define CHECK(cond, what)                                                                  \
 	do {                                                                               \

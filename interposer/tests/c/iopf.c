@@ -27,13 +27,11 @@
 		printf("ok - %s\n", what);                                                 \
 	} while (0)
 
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
 struct hwpt_alloc {
 	uint32_t size, flags, dev_id, pt_id, out_hwpt_id, reserved, data_type, data_len;
 	uint64_t data_uptr;
 	uint32_t fault_id, reserved2;
 };
-struct fault_alloc { uint32_t size, flags, out_fault_id, out_fault_fd; };
 struct pgfault { uint32_t flags, dev_id, pasid, grpid, perm, reserved; uint64_t addr; uint32_t length, cookie; };
 struct response { uint32_t cookie, code; };
 

@@ -30,8 +30,6 @@
 #define PAGE 4096UL
 #define LEN (8 * PAGE)
 
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
-struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
 struct ioas_map_file { uint32_t size, flags, ioas_id; int32_t fd; uint64_t start, length, iova; };
 
 static int fd;

@@ -22,9 +22,6 @@
 #define PAGE 4096UL
 #define LEN (4UL << 20)
 
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
-struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
-struct ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
 
 #define CHECK(cond, what)                                                                  \
 	do {                                                                               \

@@ -23,9 +23,6 @@
 #define ROUNDS 100
 #define LEN (8 * PAGE)
 
-struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
-struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
-struct ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
 
 static int fd;
 static uint32_t ioas, hwpt;

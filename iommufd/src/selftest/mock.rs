@@ -818,10 +818,7 @@ impl IommuDomain for LockedDomain {
         while at < end {
             let (n, done) = d.iova_to_phys_runs(at, end - at, &mut buf);
             for &run in &buf[..n] {
-                match out.last_mut() {
-                    Some(last) if last.phys + last.len == run.phys => last.len += run.len,
-                    _ => out.push(run),
-                }
+                crate::memsrc::push_run(out, run);
             }
             // A hole: nothing to collect for its first page.
             at += if done == 0 { granule } else { done };
