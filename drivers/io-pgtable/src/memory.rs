@@ -180,6 +180,13 @@ impl Cleared {
     }
 }
 
+/// A table's page on the heap, aligned as a real table is (with the
+/// allocator's 16-byte alignment a table would straddle two pages, at an
+/// offset that changes from run to run).
+#[derive(Debug)]
+#[repr(C, align(4096))]
+struct Page([u64; ENTRIES]);
+
 /// Fake physical address of the first [`HeapTables`] page: nonzero, 4 KiB
 /// aligned and well inside 52 bits, so a stray use of a table address as
 /// something else shows up.
@@ -197,7 +204,7 @@ pub const HEAP_TABLES_BASE: u64 = 0x10_0000_0000;
 /// ([`HeapTables::record_flushes`]).
 #[derive(Debug)]
 pub struct HeapTables {
-    pages: Vec<Box<[u64; ENTRIES]>>,
+    pages: Vec<Box<Page>>,
     live: Vec<bool>,
     spare: Vec<usize>,
     live_count: usize,
@@ -266,6 +273,11 @@ impl HeapTables {
         self.fail_at = n.map(|n| self.attempts + n);
     }
 
+    /// Whether an allocation failure is armed and has not happened yet.
+    pub fn failure_armed(&self) -> bool {
+        self.fail_at.is_some()
+    }
+
     /// `flush` calls and bytes so far.
     pub fn flush_stats(&self) -> (u64, u64) {
         (self.flush_calls, self.flushed_bytes)
@@ -318,7 +330,7 @@ impl HeapTables {
 
     #[inline]
     fn page(&self, phys: u64) -> &[u64; ENTRIES] {
-        &self.pages[self.live_slot(phys)]
+        &self.pages[self.live_slot(phys)].0
     }
 }
 
@@ -331,11 +343,11 @@ impl TableMemory for HeapTables {
         }
         let slot = match self.spare.pop() {
             Some(s) => {
-                self.pages[s].fill(0);
+                self.pages[s].0.fill(0);
                 s
             }
             None => {
-                self.pages.push(Box::new([0; ENTRIES]));
+                self.pages.push(Box::new(Page([0; ENTRIES])));
                 self.live.push(false);
                 self.pages.len() - 1
             }
@@ -363,7 +375,7 @@ impl TableMemory for HeapTables {
     #[inline]
     fn write(&mut self, table: u64, index: usize, value: u64) {
         let slot = self.live_slot(table);
-        self.pages[slot][index] = value;
+        self.pages[slot].0[index] = value;
     }
 
     #[inline]
@@ -387,35 +399,73 @@ impl TableMemory for HeapTables {
     }
 
     fn is_empty(&self, table: u64) -> bool {
-        self.page(table).iter().all(|&e| e == 0)
+        first_nonzero(self.page(table)) == ENTRIES
     }
 
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
         let slot = self.live_slot(table);
-        let run = &mut self.pages[slot][index..index + count];
-        let mut value = first;
-        for (k, e) in run.iter_mut().enumerate() {
-            if *e != 0 {
-                return k;
-            }
-            *e = value;
-            value = value.wrapping_add(step);
-        }
-        count
+        fill_words(&mut self.pages[slot].0[index..index + count], first, step)
     }
 
     fn clear(&mut self, table: u64, index: usize, count: usize) -> Cleared {
         let slot = self.live_slot(table);
-        let run = &mut self.pages[slot][index..index + count];
-        let mut c = Cleared::default();
-        for (k, e) in run.iter_mut().enumerate() {
-            if *e != 0 {
-                *e = 0;
-                c.note(index + k);
-            }
-        }
-        c
+        clear_words(&mut self.pages[slot].0, index, count)
     }
+}
+
+/// Words per block of the loops below: the blocks are checked with
+/// branch-free code the compiler turns into vector instructions, and only
+/// a block holding a nonzero word is searched word by word.
+const BLOCK: usize = ENTRIES_PER_LINE;
+
+/// Index of the first nonzero word of `words` (`words.len()` when none).
+#[inline]
+fn first_nonzero(words: &[u64]) -> usize {
+    let mut blocks = words.chunks_exact(BLOCK);
+    let mut base = 0;
+    for b in &mut blocks {
+        if b.iter().fold(0, |a, &e| a | e) != 0 {
+            return base + b.iter().position(|&e| e != 0).unwrap_or(BLOCK);
+        }
+        base += BLOCK;
+    }
+    base + blocks.remainder().iter().position(|&e| e != 0).unwrap_or(blocks.remainder().len())
+}
+
+/// [`TableMemory::fill`] on plain words: writes `first`, `first + step`,
+/// ... while the words are zero; returns how many were written.
+#[inline]
+fn fill_words(words: &mut [u64], first: u64, step: u64) -> usize {
+    let n = first_nonzero(words);
+    let mut value = first;
+    for e in &mut words[..n] {
+        *e = value;
+        value = value.wrapping_add(step);
+    }
+    n
+}
+
+/// [`TableMemory::clear`] on the plain words of a table.
+#[inline]
+fn clear_words(table: &mut [u64; ENTRIES], index: usize, count: usize) -> Cleared {
+    let run = &mut table[index..index + count];
+    let nonzero = run.iter().filter(|&&e| e != 0).count();
+    if nonzero == 0 {
+        return Cleared::default();
+    }
+    let first = index + first_nonzero(run);
+    let last = index + run.iter().rposition(|&e| e != 0).unwrap_or(0);
+    let mut lines = 0u64;
+    let mut i = index;
+    while i < index + count {
+        let line_end = ((i / ENTRIES_PER_LINE + 1) * ENTRIES_PER_LINE).min(index + count);
+        if table[i..line_end].iter().fold(0, |a, &e| a | e) != 0 {
+            lines |= 1 << (i / ENTRIES_PER_LINE);
+        }
+        i = line_end;
+    }
+    table[index..index + count].fill(0);
+    Cleared { count: nonzero, first, last, lines }
 }
 
 /// Runs are fresh slots at the end of the slab, so their fake physical
@@ -434,7 +484,7 @@ impl ContiguousMemory for HeapTables {
         }
         let first = self.pages.len();
         for _ in 0..pages {
-            self.pages.push(Box::new([0; ENTRIES]));
+            self.pages.push(Box::new(Page([0; ENTRIES])));
             self.live.push(true);
         }
         self.live_count += pages;
@@ -708,6 +758,58 @@ impl ContiguousMemory for NonCoherentTables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A table with nonzero words at `set` (indexes taken modulo 512).
+    fn table_with(set: &[usize]) -> [u64; ENTRIES] {
+        let mut t = [0u64; ENTRIES];
+        for &i in set {
+            t[i % ENTRIES] = (0x1000 * (i as u64 + 1)) | 1;
+        }
+        t
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 4 } else { 512 }))]
+
+        /// The blocked loops give what the word-by-word defaults of
+        /// `TableMemory` give, on any pattern and any range.
+        #[test]
+        fn plain_word_loops_match_the_defaults(
+            set in prop::collection::vec(0usize..ENTRIES, 0..12),
+            index in 0usize..ENTRIES,
+            len in 1usize..=ENTRIES,
+            first in any::<u64>(),
+        ) {
+            let count = len.min(ENTRIES - index);
+            let table = table_with(&set);
+            let mut expected = table;
+            let mut want = Cleared::default();
+            for (k, e) in expected[index..index + count].iter_mut().enumerate() {
+                if *e != 0 {
+                    *e = 0;
+                    want.note(index + k);
+                }
+            }
+            let mut got = table;
+            prop_assert_eq!(clear_words(&mut got, index, count), want);
+            prop_assert_eq!(got, expected);
+
+            let mut expected = table;
+            let mut written = count;
+            for k in 0..count {
+                if expected[index + k] != 0 {
+                    written = k;
+                    break;
+                }
+                expected[index + k] = first.wrapping_add(0x1000 * k as u64);
+            }
+            let mut got = table;
+            prop_assert_eq!(fill_words(&mut got[index..index + count], first, 0x1000), written);
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(first_nonzero(&table) == ENTRIES, set.is_empty());
+        }
+    }
 
     #[test]
     fn contiguous_runs_are_consecutive_live_pages() {

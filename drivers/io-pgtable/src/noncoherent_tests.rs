@@ -151,6 +151,19 @@ fn scenario<F: PtFormat>(format: F, mem: NonCoherentTables) -> Result<(), Walker
     pt.map(small + 300 * K4, 0x5000_0000, 2 * K4, Prot::RW).unwrap();
     check(&pt, &windows, span)?;
 
+    // Single pages through the remembered walk (the one-page fast paths):
+    // a map beside those two, then each page unmapped alone; the last
+    // empties the leaf table, which is unlinked as above.
+    pt.map(small + 302 * K4, 0x5100_0000, K4, Prot::READ).unwrap();
+    check(&pt, &windows, span)?;
+    let tables = pt.table_count();
+    for slot in [301, 300, 302] {
+        assert_eq!(pt.unmap(small + slot * K4, K4, &mut gather), K4);
+        check(&pt, &windows, span)?;
+    }
+    assert_eq!(pt.page_size(small + 300 * K4), None);
+    assert_eq!(pt.table_count(), tables - 1, "the emptied leaf table is unlinked");
+
     // The top of the aperture, far from everything else: a new table at
     // every level below the root.
     let last = pt.aperture().last;

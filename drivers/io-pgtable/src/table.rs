@@ -111,8 +111,7 @@ pub struct PageTable<F: PtFormat, M: TableMemory> {
     force_snoop: bool,
     tables: AtomicUsize,
     deferred: Vec<u64>,
-    /// The walk to the last 4 KiB leaf table a map wrote: `(iova >> 21,
-    /// tables by level)`, and the table a lookup last found its leaf in:
+    /// The walk to the last leaf a map wrote, [`Walk`], and the table a lookup last found its leaf in:
     /// `(iova >> level_shift(level + 1), table, level)` (`u64::MAX` when
     /// none). Consecutive small maps and lookups start there instead of at
     /// the root. Tables leave the tree only through unmap and a failed
@@ -120,12 +119,18 @@ pub struct PageTable<F: PtFormat, M: TableMemory> {
     /// concurrent path can clear them; the exclusive path reaches them
     /// through `get_mut`, and a lookup that finds the lock taken walks
     /// from the root.
-    map_path: spin::Mutex<Option<(u64, [u64; MAX_LEVELS])>>,
+    map_path: spin::Mutex<Option<Walk>>,
     lookup_leaf: spin::Mutex<(u64, u64, u32)>,
     /// A concurrent call ran: empty tables may be linked (see
     /// [`PageTable::map_shared`]).
     shared_used: AtomicBool,
 }
+
+/// A remembered walk: the IOVA of the last byte a map wrote, the level of
+/// its leaf, and the tables by level; those from the leaf's level up to
+/// the root lead to it (lower slots are stale). A map whose first byte
+/// shares the span of one of those tables starts its walk there.
+type Walk = (u64, u32, [u64; MAX_LEVELS]);
 
 /// The lookup cache when it names no table.
 const NO_LOOKUP: (u64, u64, u32) = (u64::MAX, 0, 0);
@@ -295,6 +300,12 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// of `map` (a bad range names the whole range when it is the total
     /// that is wrong, the piece when it is one piece).
     pub fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), Error> {
+        if let [run] = runs
+            && run.len == PAGE_SIZE
+            && self.map_page_cached(iova, run.phys, prot)
+        {
+            return Ok(());
+        }
         let prot = self.check_map(iova, runs, prot)?;
         let mut batch = FlushBatch::new(!self.coherent);
         let cached = self.map_path.get_mut().take();
@@ -313,13 +324,90 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         batch.finish(&mut op.acc);
         let (added, unlinked) = (op.added, op.unlinked);
         self.account(added, &unlinked);
-        self.deferred.extend(unlinked);
+        if !unlinked.is_empty() {
+            self.deferred.extend(unlinked);
+        }
         if result.is_err() {
             self.forget_walks();
         } else {
             *self.map_path.get_mut() = path;
         }
         result.map_err(|(_, e)| e)
+    }
+
+    /// The leaf table of the remembered walk when it covers the 4 KiB page
+    /// at `iova` (which must be aligned and inside the aperture): the
+    /// walk's tables, all live while it is remembered.
+    #[inline]
+    fn cached_walk(&mut self, iova: u64) -> Option<[u64; MAX_LEVELS]> {
+        match *self.map_path.get_mut() {
+            Some((last, 0, path))
+                if last >> level_shift(1) == iova >> level_shift(1)
+                    && iova & (PAGE_SIZE - 1) == 0
+                    && iova <= self.last =>
+            {
+                Some(path)
+            }
+            _ => None,
+        }
+    }
+
+    /// The fast path of a one-page map (consecutive 4 KiB maps, as a
+    /// caller mapping scattered pages one call each makes them): when the
+    /// remembered walk covers `iova`, its slot is free and the arguments
+    /// are good, writes the leaf and returns true. Anything else (an error
+    /// to name precisely, a walk to make) is left to the general path.
+    #[inline]
+    fn map_page_cached(&mut self, iova: u64, phys: u64, prot: Prot) -> bool {
+        if phys & (PAGE_SIZE - 1) != 0 || phys >= self.output_limit - (PAGE_SIZE - 1) {
+            return false;
+        }
+        let Some(path) = self.cached_walk(iova) else { return false };
+        let Ok(prot) = self.map_prot(prot) else { return false };
+        let (t, i) = (path[0], index_of(iova, 0));
+        if self.mem.read(t, i) != 0 {
+            return false;
+        }
+        self.mem.write(t, i, self.format.leaf_entry(phys, 0, prot));
+        if !self.coherent {
+            let line = (i / crate::ENTRIES_PER_LINE) as u64 * crate::CACHE_LINE;
+            self.mem.flush(t + line, crate::CACHE_LINE);
+        }
+        true
+    }
+
+    /// The fast path of a one-page unmap, through the remembered walk when
+    /// it covers `iova`: clears the leaf, and unlinks the tables that
+    /// leaves empty (bottom up, forgetting the walk then) as the general
+    /// path would. `None` when the walk does not cover `iova`.
+    fn unmap_page_cached(&mut self, iova: u64, gather: &mut IotlbGather) -> Option<u64> {
+        let path = self.cached_walk(iova)?;
+        let (t, i) = (path[0], index_of(iova, 0));
+        if self.mem.read(t, i) == 0 {
+            return Some(0);
+        }
+        let mut batch = FlushBatch::new(!self.coherent);
+        let mut acc = Exclusive(&mut self.mem);
+        acc.write(t, i, 0);
+        batch.mark(&mut acc, 0, t, i);
+        gather.add(iova, iova + PAGE_SIZE - 1);
+        let mut unlinked = 0;
+        let mut l = 0;
+        while l < self.top && acc.is_empty(path[l as usize]) {
+            let (parent, slot) = (path[l as usize + 1], index_of(iova, l + 1));
+            acc.write(parent, slot, 0);
+            batch.mark(&mut acc, l + 1, parent, slot);
+            self.deferred.push(path[l as usize]);
+            unlinked += 1;
+            l += 1;
+        }
+        batch.finish(&mut acc);
+        if unlinked > 0 {
+            gather.freed_tables += unlinked;
+            self.tables.fetch_sub(unlinked, Relaxed);
+            self.forget_walks();
+        }
+        Some(PAGE_SIZE)
     }
 
     /// Checks a map's arguments; returns the permissions to map with.
@@ -403,6 +491,11 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     /// [`PageTable::unmap`], reporting a bad range or a split that could
     /// not allocate.
     pub fn try_unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, PartialUnmap> {
+        if length == PAGE_SIZE
+            && let Some(unmapped) = self.unmap_page_cached(iova, gather)
+        {
+            return Ok(unmapped);
+        }
         let end = self.check_range(iova, length).map_err(|error| PartialUnmap { unmapped: 0, iova, error })?;
         self.forget_walks();
         let mut batch = FlushBatch::new(!self.coherent);
@@ -412,7 +505,9 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         let (added, unlinked) = (op.added, op.unlinked);
         gather.freed_tables += unlinked.len();
         self.account(added, &unlinked);
-        self.deferred.extend(unlinked);
+        if !unlinked.is_empty() {
+            self.deferred.extend(unlinked);
+        }
         result
     }
 }
@@ -670,18 +765,21 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
         runs: &[PhysRun],
         prot: Prot,
         batch: &mut FlushBatch,
-        cached: Option<(u64, [u64; MAX_LEVELS])>,
-    ) -> (Result<(), (u64, Error)>, Option<(u64, [u64; MAX_LEVELS])>) {
+        cached: Option<Walk>,
+    ) -> (Result<(), (u64, Error)>, Option<Walk>) {
         let top = self.top;
         let mut path = [0u64; MAX_LEVELS];
         path[top as usize] = self.root;
         // path[valid..=top] are the tables covering `cur`.
         let mut valid = top;
-        if let Some((key, walk)) = cached
-            && key == iova >> level_shift(1)
-        {
+        if let Some((last, level, walk)) = cached {
+            // The lowest table of the walk whose span holds `iova`.
+            let mut l = level;
+            while l < top && last >> level_shift(l + 1) != iova >> level_shift(l + 1) {
+                l += 1;
+            }
             path = walk;
-            valid = 0;
+            valid = l;
         }
         let mut cur = iova;
         let mut last_level = top;
@@ -775,9 +873,8 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                 }
             }
         }
-        // path[0..=top] lead to the leaf table of the last page written.
-        let walk = (last_level == 0).then(|| ((cur - 1) >> level_shift(1), path));
-        (Ok(()), walk)
+        // path[last_level..=top] lead to the last leaf written.
+        (Ok(()), Some((cur - 1, last_level, path)))
     }
 
     /// Offset of the first mapped byte below `table` (a level-`level`
