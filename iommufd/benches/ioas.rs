@@ -148,6 +148,8 @@ fn threads(size: u64, huge: bool) {
     const ROUNDS: usize = 15;
     let mut bufs = [vec![0u64; MEM_WORDS], vec![0u64; MEM_WORDS]];
     let (mut map_x, mut unmap_x, mut cpu_x, mut mem_x) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut l1_x = Vec::new();
+    let l1_words: Vec<u64> = (0..L1_WORDS as u64).collect();
     let (mut m1s, mut u1s, mut m2s, mut u2s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let t0 = Instant::now();
@@ -176,6 +178,23 @@ fn threads(size: u64, huge: bool) {
                 Box::new(|| {}),
             )
         });
+        // Throughput in L1: what the core gives each of two threads when
+        // neither waits on memory (a host thread on the same physical
+        // core, another tenant's or our other vCPU, takes from it).
+        let sums = l1_passes_per(&l1_words, m1);
+        let t4 = Instant::now();
+        std::hint::black_box(l1_loop(&l1_words, sums));
+        let s1 = t4.elapsed().as_secs_f64();
+        let (s2, _) = two_threads(|_| {
+            let words = &l1_words;
+            (
+                Box::new(move || {
+                    std::hint::black_box(l1_loop(words, sums / 2));
+                }),
+                Box::new(|| {}),
+            )
+        });
+        l1_x.push(s1 / s2);
         // Memory: one thread writes both buffers, then each thread its own.
         let passes = mem_passes_per(&mut bufs[0], m1 / 2.0);
         let t3 = Instant::now();
@@ -210,12 +229,13 @@ fn threads(size: u64, huge: bool) {
         s(&mut u2s),
     );
     let (map_x, unmap_x, cpu_x, mem_x) = (s(&mut map_x), s(&mut unmap_x), s(&mut cpu_x), s(&mut mem_x));
+    let l1_x = s(&mut l1_x);
     println!(
-        "  scaling: 2 threads {:.2}x of 1 thread (map), {:.2}x (unmap); in the same rounds a loop that only computes: {:.2}x, one that writes 8 MiB per thread: {:.2}x",
-        map_x.median, unmap_x.median, cpu_x.median, mem_x.median
+        "  scaling: 2 threads {:.2}x of 1 thread (map), {:.2}x (unmap); in the same rounds a loop that only computes: {:.2}x, one that sums 16 KiB in L1: {:.2}x, one that writes 8 MiB per thread: {:.2}x",
+        map_x.median, unmap_x.median, cpu_x.median, l1_x.median, mem_x.median
     );
     println!(
-        "    per-round ratios, median [min-max]: map {map_x}, unmap {unmap_x}, compute loop {cpu_x}, memory loop {mem_x}"
+        "    per-round ratios, median [min-max]: map {map_x}, unmap {unmap_x}, compute loop {cpu_x}, L1 loop {l1_x}, memory loop {mem_x}"
     );
 }
 
@@ -282,6 +302,31 @@ fn cpu_loop(n: u64) -> u64 {
         x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
     }
     x
+}
+
+/// Words summed by the L1 throughput reference (16 KiB).
+const L1_WORDS: usize = 2048;
+
+/// Sums `words` `passes` times with four independent accumulators
+/// (throughput-bound: loads and adds, no dependency chain to wait on).
+fn l1_loop(words: &[u64], passes: u64) -> u64 {
+    let mut acc = [0u64; 4];
+    for _ in 0..passes {
+        for c in std::hint::black_box(words).chunks_exact(4) {
+            for (a, w) in acc.iter_mut().zip(c) {
+                *a = a.wrapping_add(*w);
+            }
+        }
+    }
+    acc.iter().fold(0, |a, b| a.wrapping_add(*b))
+}
+
+/// Passes of [`l1_loop`] that take about `secs` now (at least 2).
+fn l1_passes_per(words: &[u64], secs: f64) -> u64 {
+    let n = 256;
+    let t = Instant::now();
+    std::hint::black_box(l1_loop(words, n));
+    (secs / t.elapsed().as_secs_f64().max(1e-9) * n as f64).round().max(2.0) as u64
 }
 
 /// Words of each thread's buffer in the memory reference (8 MiB).
