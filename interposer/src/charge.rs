@@ -48,8 +48,21 @@ pub struct ProcessCharge {
 
 #[derive(Debug)]
 enum UserCharge {
-    Ledger(PathBuf, Mutex<()>),
+    Ledger(PathBuf, Mutex<Unrecorded>),
     Local(Mutex<u64>),
+}
+
+/// Uncharges the ledger could not take (it could not be opened or
+/// rewritten: `uncharge` cannot fail, since the pages are already gone).
+/// They are taken off this process's line at the next ledger update that
+/// works; until then the user's total is that much too high (never too
+/// low). The first failure is reported on stderr.
+#[derive(Debug, Default)]
+struct Unrecorded {
+    /// Pages uncharged but still on this process's line.
+    pages: u64,
+    /// Ledger updates of uncharges that failed.
+    failures: u64,
 }
 
 static CURRENT: Mutex<Option<Arc<ProcessCharge>>> = Mutex::new(None);
@@ -82,7 +95,7 @@ impl ProcessCharge {
     pub fn new(me: (i32, u64), dir: &std::path::Path) -> Self {
         let user = match real_uid() {
             Some(uid) if dir.is_dir() => {
-                UserCharge::Ledger(dir.join(format!("portcullis-locked-vm-{uid}")), Mutex::new(()))
+                UserCharge::Ledger(dir.join(format!("portcullis-locked-vm-{uid}")), Mutex::new(Unrecorded::default()))
             }
             _ => UserCharge::Local(Mutex::new(0)),
         };
@@ -105,6 +118,18 @@ impl ProcessCharge {
         }
     }
 
+    /// Uncharged pages the ledger has not taken yet, and how many ledger
+    /// updates failed (see [`Unrecorded`]).
+    pub fn unrecorded(&self) -> (u64, u64) {
+        match &self.user {
+            UserCharge::Local(_) => (0, 0),
+            UserCharge::Ledger(_, lock) => {
+                let u = lock.lock().unwrap_or_else(|p| p.into_inner());
+                (u.pages, u.failures)
+            }
+        }
+    }
+
     /// Pages this process has charged to itself (RLIMIT_MODE 1).
     pub fn mm_pages(&self) -> u64 {
         *self.mm.lock().unwrap_or_else(|p| p.into_inner())
@@ -114,17 +139,20 @@ impl ProcessCharge {
         match &self.user {
             UserCharge::Local(n) => add_within(&mut n.lock().unwrap_or_else(|p| p.into_inner()), pages, 0, limit),
             UserCharge::Ledger(path, lock) => {
-                let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+                let mut owed = lock.lock().unwrap_or_else(|p| p.into_inner());
                 let mut l = Ledger::open(path).map_err(|_| Errno::ENOMEM)?;
                 let others = |l: &Ledger| l.lines.iter().filter(|e| (e.0, e.1) != self.me).map(|e| e.2).sum::<u64>();
-                let mut mine = l.lines.iter().find(|e| (e.0, e.1) == self.me).map_or(0, |e| e.2);
+                let recorded = l.lines.iter().find(|e| (e.0, e.1) == self.me).map_or(0, |e| e.2);
+                let mut mine = recorded.saturating_sub(owed.pages);
                 if add_within(&mut mine, pages, others(&l), limit).is_err() {
                     // Perhaps the ledger still holds processes that ended.
                     l.lines.retain(|e| (e.0, e.1) == self.me || start_time(e.0) == Some(e.1));
                     add_within(&mut mine, pages, others(&l), limit)?;
                 }
                 l.set(self.me, mine);
-                l.store().map_err(|_| Errno::ENOMEM)
+                l.store().map_err(|_| Errno::ENOMEM)?;
+                owed.pages = 0;
+                Ok(())
             }
         }
     }
@@ -136,13 +164,26 @@ impl ProcessCharge {
                 *n = n.saturating_sub(pages);
             }
             UserCharge::Ledger(path, lock) => {
-                let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
-                // A ledger that cannot be opened now was opened when these
-                // pages were charged; if it is gone, so is their line.
-                if let Ok(mut l) = Ledger::open(path) {
+                let mut owed = lock.lock().unwrap_or_else(|p| p.into_inner());
+                let total = owed.pages.saturating_add(pages);
+                let stored = Ledger::open(path).and_then(|mut l| {
                     let mine = l.lines.iter().find(|e| (e.0, e.1) == self.me).map_or(0, |e| e.2);
-                    l.set(self.me, mine.saturating_sub(pages));
-                    let _ = l.store();
+                    l.set(self.me, mine.saturating_sub(total));
+                    l.store()
+                });
+                match stored {
+                    Ok(()) => owed.pages = 0,
+                    Err(e) => {
+                        owed.pages = total;
+                        owed.failures += 1;
+                        if owed.failures == 1 {
+                            eprintln!(
+                                "portcullis: could not update the locked-memory ledger {}: {e}; {total} pages stay \
+                                 charged to the user until an update works or this process ends",
+                                path.display()
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -293,6 +334,39 @@ mod tests {
         assert_eq!(a.user_pages(), 4, "a refused charge changes nothing");
         a.uncharge(AccountMode::User, 4);
         assert_eq!((a.user_pages(), other.user_pages()), (0, 3));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_uncharge_the_ledger_cannot_take_is_taken_at_the_next_update() {
+        let dir = temp_dir("unrecorded");
+        let me = (std::process::id() as i32, start_time(std::process::id() as i32).unwrap());
+        let a = ProcessCharge::new(me, &dir);
+        let path = dir.join(format!("portcullis-locked-vm-{}", real_uid().unwrap()));
+        a.charge(AccountMode::User, 6, 10).unwrap();
+        // The ledger cannot be opened (a directory where the file was).
+        let saved = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        a.uncharge(AccountMode::User, 4);
+        a.uncharge(AccountMode::User, 1);
+        assert_eq!(a.unrecorded(), (5, 2), "both uncharges owed, two failed updates");
+        assert_eq!(a.charge(AccountMode::User, 1, 10), Err(Errno::ENOMEM), "no ledger, no charge");
+        // The ledger is back, still saying 6: the next charge counts the
+        // 5 owed (6 - 5 + 9 = 10 fits the limit; 6 + 9 would not).
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::write(&path, saved).unwrap();
+        assert_eq!(a.user_pages(), 6);
+        a.charge(AccountMode::User, 9, 10).unwrap();
+        assert_eq!((a.user_pages(), a.unrecorded()), (10, (0, 2)));
+        // And an uncharge that works takes what is owed with it.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        a.uncharge(AccountMode::User, 3);
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::write(&path, format!("{} {} 10\n", me.0, me.1)).unwrap();
+        a.uncharge(AccountMode::User, 7);
+        assert_eq!((a.user_pages(), a.unrecorded()), (0, (0, 3)));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

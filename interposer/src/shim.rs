@@ -282,6 +282,33 @@ fn install(file: OpenFile, cloexec: bool) -> Result<i32, Errno> {
     install_as(file, sys::memfd_create(c"portcullis-iommufd", cloexec)?)
 }
 
+/// [`install`] for a file the application opened with `flags`: a
+/// read-only or write-only open gets a descriptor of that mode (the
+/// memfd opened again), so `F_GETFL` reports it and `read` and `write`
+/// answer `EBADF` as Linux's VFS does. Where `/proc` is missing the
+/// descriptor stays read-write. (`O_ACCMODE` 3, neither read nor write
+/// on Linux, is treated as read-write.)
+fn install_opened(file: OpenFile, flags: i32) -> Result<i32, Errno> {
+    let cloexec = flags & libc::O_CLOEXEC != 0;
+    let fd = sys::memfd_create(c"portcullis-iommufd", cloexec)?;
+    let mode = flags & libc::O_ACCMODE;
+    let fd = match mode {
+        libc::O_RDONLY | libc::O_WRONLY => {
+            sys::reopen(&fd, mode | if cloexec { libc::O_CLOEXEC } else { 0 }).unwrap_or(fd)
+        }
+        _ => fd,
+    };
+    install_as(file, fd)
+}
+
+/// `EBADF` when the descriptor was not opened for reading (`write`:
+/// writing), the first check of Linux's `vfs_read` (`vfs_write`).
+fn check_mode(fd: i32, write: bool) -> Result<(), Errno> {
+    let mode = sys::fcntl_query(fd, libc::F_GETFL)? as i32 & libc::O_ACCMODE;
+    let refused = if write { libc::O_RDONLY } else { libc::O_WRONLY };
+    if mode == refused { Err(Errno::EBADF) } else { Ok(()) }
+}
+
 /// A fault queue's descriptor: the application's end of a socket pair
 /// (see [`Readiness`]). If the pair cannot be made, the core's queue is
 /// closed again (by the file's Drop) and the error returned.
@@ -329,12 +356,11 @@ fn short_path(path: u64) -> Option<String> {
 /// `open` and friends: `/dev/iommu`, and the fail-nth files.
 pub fn open(path: u64, flags: i32) -> Hook {
     let Some(p) = short_path(path) else { return Hook::Pass };
-    let cloexec = flags & libc::O_CLOEXEC != 0;
     if p == "/dev/iommu" {
-        return Hook::Done(faultinj::point().and_then(|()| open_iommufd(cloexec)).map(i64::from));
+        return Hook::Done(faultinj::point().and_then(|()| open_iommufd(flags)).map(i64::from));
     }
     if let Some(tid) = faultinj::fail_nth_path(&p) {
-        return Hook::Done(install(OpenFile::FailNth { tid }, cloexec).map(i64::from));
+        return Hook::Done(install_opened(OpenFile::FailNth { tid }, flags).map(i64::from));
     }
     Hook::Pass
 }
@@ -345,8 +371,8 @@ pub fn opendir(path: u64) -> Option<std::ffi::CString> {
     if faultinj::is_debugfs(&p) { faultinj::debugfs_dir() } else { None }
 }
 
-/// A new context and a descriptor for it.
-pub fn open_iommufd(cloexec: bool) -> Result<i32, Errno> {
+/// A new context and a descriptor for it (`flags` as given to `open`).
+pub fn open_iommufd(flags: i32) -> Result<i32, Errno> {
     let mem = memory()?;
     let limit = mem.pin_limit_pages();
     let ictx = Arc::new(Ictx::new(mem, limit));
@@ -357,7 +383,7 @@ pub fn open_iommufd(cloexec: bool) -> Result<i32, Errno> {
             .share_with(crate::charge::ProcessCharge::current())
             .expect("a new context has nothing pinned and no charger");
     }
-    install(OpenFile::Iommufd(ictx), cloexec)
+    install_opened(OpenFile::Iommufd(ictx), flags)
 }
 
 /// `ioctl` on a descriptor.
@@ -394,12 +420,16 @@ fn tracing() -> bool {
 }
 
 /// `read` on a descriptor: fault queues give records; the other
-/// Portcullis files have no read (`EINVAL`, as Linux's).
+/// Portcullis files have no read (`EINVAL`, as Linux's), after `EBADF` for
+/// a descriptor not open for reading.
 pub fn read(fd: i32, buf: u64, count: usize) -> Hook {
     let file = match target(fd) {
         Ok(f) => f,
         Err(h) => return h,
     };
+    if let Err(e) = check_mode(fd, false) {
+        return Hook::Done(Err(e));
+    }
     Hook::Done(match &*file {
         OpenFile::Fault { ictx, fd, .. } => {
             let r = ictx.fault_fd_read_user(*fd, buf, count).map(|n| n as i64);
@@ -412,12 +442,16 @@ pub fn read(fd: i32, buf: u64, count: usize) -> Hook {
     })
 }
 
-/// `write` on a descriptor: fault queues take responses.
+/// `write` on a descriptor: fault queues take responses (`EBADF` first
+/// for a descriptor not open for writing).
 pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
     let file = match target(fd) {
         Ok(f) => f,
         Err(h) => return h,
     };
+    if let Err(e) = check_mode(fd, true) {
+        return Hook::Done(Err(e));
+    }
     Hook::Done(match &*file {
         OpenFile::Fault { ictx, fd, .. } => {
             let r = ictx.fault_fd_write_user(*fd, buf, count).map(|n| n as i64);
@@ -432,13 +466,21 @@ pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
 /// `pread` on a descriptor, with Linux's answers (`ksys_pread64`): a
 /// negative offset is `EINVAL` first; a context (`/dev/iommu`, a
 /// character device, positioned) has no read: `EINVAL`; fault queues and
-/// accesses are anonymous files, never positioned: `ESPIPE`; the
-/// fail-nth files read from the offset.
+/// accesses are anonymous files, never positioned: `ESPIPE`; then
+/// `EBADF` for a descriptor not open for reading; the fail-nth files read
+/// from the offset.
 pub fn pread(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
     let file = match target(fd) {
         Ok(f) => f,
         Err(h) => return h,
     };
+    let positioned = !matches!(&*file, OpenFile::Fault { .. } | OpenFile::Access { .. });
+    if offset >= 0
+        && positioned
+        && let Err(e) = check_mode(fd, false)
+    {
+        return Hook::Done(Err(e));
+    }
     Hook::Done(match (&*file, u64::try_from(offset)) {
         (_, Err(_)) => Err(Errno::EINVAL),
         (OpenFile::FailNth { tid }, Ok(off)) => faultinj::read(*tid, buf, count, off),
@@ -453,6 +495,13 @@ pub fn pwrite(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
         Ok(f) => f,
         Err(h) => return h,
     };
+    let positioned = !matches!(&*file, OpenFile::Fault { .. } | OpenFile::Access { .. });
+    if offset >= 0
+        && positioned
+        && let Err(e) = check_mode(fd, true)
+    {
+        return Hook::Done(Err(e));
+    }
     Hook::Done(match &*file {
         _ if offset < 0 => Err(Errno::EINVAL),
         OpenFile::FailNth { tid } => faultinj::write(*tid, buf, count),

@@ -675,6 +675,20 @@ pub fn memfd_create(name: &CStr, cloexec: bool) -> Result<Fd, Errno> {
     check(fd as c_long).map(|_| Fd(fd))
 }
 
+/// A new open file of what `fd` names, opened again through
+/// `/proc/self/fd` with `flags` (`O_RDONLY` or `O_WRONLY`, maybe
+/// `O_CLOEXEC`), as a raw system call: its own access mode, which `F_GETFL`
+/// reports and the kernel enforces.
+pub fn reopen(fd: &Fd, flags: i32) -> Result<Fd, Errno> {
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.0)).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: `path` is NUL-terminated and outlives the call, which only
+    // reads it.
+    let r = unsafe {
+        libc::syscall(libc::SYS_openat, libc::AT_FDCWD as c_long, path.as_ptr(), flags as c_long, 0 as c_long)
+    };
+    check(r).map(|n| Fd(n as i32))
+}
+
 /// `fcntl(fd, F_DUPFD_CLOEXEC, 0)` as a raw system call: a private
 /// duplicate (a hold on the open file).
 pub fn dup_private(fd: i32) -> Result<Fd, Errno> {

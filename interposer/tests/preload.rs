@@ -61,6 +61,8 @@ fn an_unmodified_c_program_maps_checks_and_unmaps_through_a_mock_domain() {
         "ok - non-zero tail: E2BIG",
         "ok - the fault descriptor is real and close-on-exec",
         "ok - the context lives on in the duplicate",
+        "ok - read on a write-only context: EBADF",
+        "ok - write on a read-only context: EBADF",
         "ok - ioctl on another file reaches the kernel",
         "done",
     ] {

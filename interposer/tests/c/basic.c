@@ -85,6 +85,28 @@ int main(void)
 		CHECK(pread(fd, &byte, 1, 0) == -1 && errno == EINVAL, "pread on the context: EINVAL");
 		CHECK(pwrite(fd, &byte, 1, 8) == -1 && errno == EINVAL, "pwrite on the context: EINVAL");
 		CHECK(pread(fd, &byte, 1, -1) == -1 && errno == EINVAL, "pread at a negative offset: EINVAL");
+
+		/* Opened write-only or read-only: the mode is the descriptor's
+		 * (F_GETFL), reading a write-only one is EBADF before EINVAL and
+		 * writing a read-only one likewise, and ioctls work either way. */
+		int wo = open("/dev/iommu", O_WRONLY | O_CLOEXEC), ro = open("/dev/iommu", O_RDONLY);
+		CHECK(wo >= 0 && ro >= 0, "open /dev/iommu write-only and read-only");
+		CHECK((fcntl(wo, F_GETFL) & O_ACCMODE) == O_WRONLY, "F_GETFL says write-only");
+		CHECK((fcntl(ro, F_GETFL) & O_ACCMODE) == O_RDONLY, "F_GETFL says read-only");
+		CHECK((fcntl(wo, F_GETFD) & FD_CLOEXEC) && !(fcntl(ro, F_GETFD) & FD_CLOEXEC), "close-on-exec as asked");
+		CHECK(read(wo, &byte, 1) == -1 && errno == EBADF, "read on a write-only context: EBADF");
+		CHECK(pread(wo, &byte, 1, 0) == -1 && errno == EBADF, "pread on a write-only context: EBADF");
+		CHECK(pread(wo, &byte, 1, -1) == -1 && errno == EINVAL, "negative offset still EINVAL first");
+		CHECK(write(wo, &byte, 1) == -1 && errno == EINVAL, "write on a write-only context: EINVAL");
+		CHECK(write(ro, &byte, 1) == -1 && errno == EBADF, "write on a read-only context: EBADF");
+		CHECK(read(ro, &byte, 1) == -1 && errno == EINVAL, "read on a read-only context: EINVAL");
+		int dup_wo = dup(wo);
+		CHECK(read(dup_wo, &byte, 1) == -1 && errno == EBADF, "a duplicate keeps the mode");
+		struct { uint32_t size, flags, out_ioas_id; } a = { sizeof(a), 0, 0 };
+		CHECK(ioctl(wo, IOMMU_IOAS_ALLOC, &a) == 0 && ioctl(ro, IOMMU_IOAS_ALLOC, &a) == 0, "ioctls in either mode");
+		close(dup_wo);
+		close(wo);
+		close(ro);
 	}
 
 	/* RLIMIT_MODE: setting it needs CAP_SYS_RESOURCE (EPERM without). */
