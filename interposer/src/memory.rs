@@ -44,10 +44,23 @@
 //! ([`ProcessMemory::child_after_fork`]). A page moved from a huge page
 //! comes back as small pages.
 //!
+//! ## Other threads' stores during a move
+//! A store by another thread between the copy and the `mmap` would land
+//! in the old page and be lost. The move is fenced
+//! ([`sys::WriteFence`]): the range is write-protected through a
+//! `userfaultfd` for the copy and the `mmap`, so such a store waits in
+//! the kernel and lands in the store's page once it is mapped. Where no
+//! userfaultfd write protection is to be had (a kernel before 5.7, or a
+//! sandbox that forbids the call) the move runs unfenced and the window
+//! is back; a range within 1 MiB of the moving thread's own stack is
+//! never fenced (it would wait for itself).
+//!
 //! ## What moving changes (stated, because Linux differs)
-//! - **Concurrent writers**: a store by another thread to a page while it
-//!   is being moved (between the copy and the `mmap`) can be lost. Linux's
-//!   pin has no such window.
+//! - **Kernel stores during a move**: a system call writing into a range
+//!   being moved (a `read` into it by another thread) waits like a CPU
+//!   store, or fails with `EFAULT` where the process may handle only its
+//!   own user-mode faults (unprivileged, `vm.unprivileged_userfaultfd`
+//!   0). Linux's pin has no such window.
 //! - **`/proc/self/maps`, `mincore`, `madvise`**: moved pages show as a
 //!   shared mapping of `/memfd:portcullis-store`; `MADV_DONTNEED` on them
 //!   no longer zeroes them for the process (it does not on Linux either
@@ -110,7 +123,7 @@ const NS_FIRST_FILE: u64 = 2;
 /// Huge page size assumed for `MAP_HUGETLB` ranges, and the alignment
 /// store runs keep with their user addresses.
 const HUGE: u64 = 2 << 20;
-/// Pages copied at a time when moving a range into the store.
+/// Pages copied at a time when a forked child makes moved pages private.
 const COPY_PAGES: u64 = 64;
 
 fn phys(ns: u64, off: u64) -> u64 {
@@ -399,23 +412,15 @@ impl ProcessMemory {
                 base
             }
         };
-        let mut buf = vec![0u8; (COPY_PAGES * PAGE_SIZE) as usize];
-        let mut at = 0u64;
-        while at < len {
-            let n = (len - at).min(COPY_PAGES * PAGE_SIZE) as usize;
-            let copied = sys::read_mem(start + at, &mut buf[..n]) == n;
-            let r = if copied { sys::write_at(&inner.store.fd, base + at, &buf[..n]) } else { Err(Errno::EFAULT) };
-            if let Err(e) = r {
-                // Nothing was mapped yet: give the copied pages back (a
-                // failure only keeps their memory allocated).
-                if sys::punch_hole(&inner.store.fd, base, len).is_ok() {
-                    free_extent(&mut inner.free, base, len);
-                }
-                return Err(e);
-            }
-            at += n as u64;
-        }
-        if let Err(e) = sys::map_shared_fixed(start, len, prot, &inner.store.fd, base) {
+        // Other threads' stores wait from here until the store's pages
+        // are mapped (none is lost between the copy and the mmap); this
+        // thread allocates nothing and writes no memory of the range
+        // until the fence is dropped (see `sys::WriteFence`).
+        let fence = sys::WriteFence::new(start, len);
+        let moved = sys::write_at_from(&inner.store.fd, base, start, len)
+            .and_then(|()| sys::map_shared_fixed(start, len, prot, &inner.store.fd, base));
+        drop(fence);
+        if let Err(e) = moved {
             // The process still has its own pages: the copies go (a
             // failure only keeps their memory allocated).
             if sys::punch_hole(&inner.store.fd, base, len).is_ok() {

@@ -832,3 +832,158 @@ pub fn memlock_limit() -> Option<u64> {
     }
     Some(r.rlim_cur)
 }
+
+/// `pwrite` of the own process's memory `[addr, addr + len)` to `fd` at
+/// `off`: the kernel reads the memory (an unmapped or unreadable page
+/// ends it with `EFAULT`, never a crash), so no buffer of this library is
+/// written while it runs (see [`WriteFence`]).
+pub fn write_at_from(fd: &Fd, off: u64, addr: u64, len: u64) -> Result<(), Errno> {
+    let mut done = 0u64;
+    while done < len {
+        // SAFETY: the kernel only reads `[addr + done, addr + len)`, which
+        // it checks itself: a bad address is EFAULT. No Rust reference is
+        // involved.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_pwrite64,
+                fd.0 as c_long,
+                (addr + done) as c_long,
+                (len - done) as c_long,
+                (off + done) as c_long,
+            )
+        };
+        match check(n)? {
+            0 => return Err(Errno::EIO),
+            n => done += n as u64,
+        }
+    }
+    Ok(())
+}
+
+/// userfaultfd's uAPI (`linux/userfaultfd.h`), what [`WriteFence`] uses.
+mod uffd {
+    pub const API: u64 = 0xaa;
+    pub const USER_MODE_ONLY: i32 = 1;
+    pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+    pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+    pub const REGISTER_MODE_WP: u64 = 1 << 1;
+    pub const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+    /// Bit of `uffdio_register.ioctls` saying the range takes
+    /// `UFFDIO_WRITEPROTECT`.
+    pub const HAS_WRITEPROTECT: u64 = 1 << 0x06;
+    /// `_IOWR(0xAA, nr, size)`.
+    const fn iowr(nr: u64, size: u64) -> u64 {
+        (3 << 30) | (size << 16) | (0xaa << 8) | nr
+    }
+    pub const IOC_API: u64 = iowr(0x3f, 24);
+    pub const IOC_REGISTER: u64 = iowr(0x00, 32);
+    pub const IOC_WRITEPROTECT: u64 = iowr(0x06, 24);
+    /// `_IOR(0xAA, 0x02, struct uffdio_range)`.
+    pub const IOC_WAKE: u64 = (2 << 30) | (16 << 16) | (0xaa << 8) | 0x02;
+}
+
+/// Stalls other threads' stores to a range of this process while its
+/// pages move into the store (`memory::move_range`): the range is
+/// write-protected through a `userfaultfd` (`UFFDIO_WRITEPROTECT`), so a
+/// thread storing to it waits in the kernel instead of writing a page
+/// whose copy was already taken. Dropping the fence wakes the waiters,
+/// and their stores then land in whatever maps the range: the store's
+/// pages once they are mapped there, or the process's own pages again if
+/// the move failed (write protection lifted first).
+///
+/// The moving thread itself must not store to the range while the fence
+/// stands (it would wait for itself): [`WriteFence::new`] refuses a range
+/// near the calling thread's stack, and the move copies with
+/// [`write_at_from`] (the kernel reads the pages) and allocates nothing
+/// until the fence is gone. Stores by the kernel on a thread's behalf
+/// (a `read` into the range) wait too, or fail with `EFAULT` when the
+/// process may only handle its own faults (`UFFD_USER_MODE_ONLY`, the
+/// unprivileged case).
+#[derive(Debug)]
+pub struct WriteFence {
+    uffd: Fd,
+    start: u64,
+    len: u64,
+}
+
+impl WriteFence {
+    /// Write-protects `[start, start + len)` (page-aligned), or `None`
+    /// when this kernel or sandbox offers no userfaultfd write protection
+    /// for it (the move then runs unfenced, as it did before).
+    pub fn new(start: u64, len: u64) -> Option<WriteFence> {
+        let local = 0u8;
+        let sp = core::ptr::addr_of!(local) as u64;
+        const STACK_MARGIN: u64 = 1 << 20;
+        if start < sp.saturating_add(STACK_MARGIN) && sp.saturating_sub(STACK_MARGIN) < start + len {
+            return None;
+        }
+        let (uffd, unpopulated) = Self::open()?;
+        if !unpopulated {
+            // Each page read once, so that it is populated (the zero page
+            // at worst) and the protection covers it.
+            let mut byte = [0u8];
+            for page in (start..start + len).step_by(4096) {
+                read_mem(page, &mut byte);
+            }
+        }
+        let fence = WriteFence { uffd, start, len };
+        let mut reg = [start, len, uffd::REGISTER_MODE_WP, 0u64];
+        fence.ioctl(uffd::IOC_REGISTER, reg.as_mut_ptr().cast()).ok()?;
+        if reg[3] & uffd::HAS_WRITEPROTECT == 0 {
+            return None;
+        }
+        let mut wp = [start, len, uffd::WRITEPROTECT_MODE_WP];
+        fence.ioctl(uffd::IOC_WRITEPROTECT, wp.as_mut_ptr().cast()).ok()?;
+        Some(fence)
+    }
+
+    /// A userfaultfd after the API handshake, with write protection of
+    /// unpopulated pages and of shmem and hugetlb memory where the kernel
+    /// has them (without the first, a page never touched before the fence
+    /// could take a store unprotected: such pages are read in first).
+    fn open() -> Option<(Fd, bool)> {
+        let make = || -> Option<Fd> {
+            for flags in [libc::O_CLOEXEC, libc::O_CLOEXEC | uffd::USER_MODE_ONLY] {
+                // SAFETY: userfaultfd takes flags and touches no memory.
+                let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags as c_long) };
+                if let Ok(n) = check(r) {
+                    return Some(Fd(n as i32));
+                }
+            }
+            None
+        };
+        let wanted = uffd::FEATURE_WP_UNPOPULATED | uffd::FEATURE_WP_HUGETLBFS_SHMEM;
+        for features in [wanted, 0] {
+            let fd = make()?;
+            let mut api = [uffd::API, features, 0u64];
+            // SAFETY: UFFDIO_API reads and writes the 24-byte struct
+            // uffdio_api, which `api` is.
+            let r =
+                unsafe { libc::syscall(libc::SYS_ioctl, fd.0 as c_long, uffd::IOC_API as c_long, api.as_mut_ptr()) };
+            if check(r).is_ok() {
+                return Some((fd, features & uffd::FEATURE_WP_UNPOPULATED != 0));
+            }
+        }
+        None
+    }
+
+    /// A userfaultfd ioctl on the fence's descriptor, `arg` the struct.
+    fn ioctl(&self, cmd: u64, arg: *mut c_void) -> Result<i64, Errno> {
+        // SAFETY: every caller passes the struct `cmd` reads and writes,
+        // as a local array of the right size (see the uffd module).
+        check(unsafe { libc::syscall(libc::SYS_ioctl, self.uffd.0 as c_long, cmd as c_long, arg) })
+    }
+}
+
+impl Drop for WriteFence {
+    fn drop(&mut self) {
+        // Lift the protection (a range the move replaced is no longer
+        // registered: that fails harmlessly), wake every waiter, and close
+        // (which wakes them too, but a forked child could hold the
+        // descriptor open).
+        let mut wp = [self.start, self.len, 0u64];
+        let _ = self.ioctl(uffd::IOC_WRITEPROTECT, wp.as_mut_ptr().cast());
+        let mut range = [self.start, self.len];
+        let _ = self.ioctl(uffd::IOC_WAKE, range.as_mut_ptr().cast());
+    }
+}

@@ -98,6 +98,15 @@ fn without_the_library_dev_iommu_is_the_kernels() {
     assert!(!out.status.success() && !text.contains("done"), "{text}");
 }
 
+/// A thread storing to a buffer while another pins it (its pages move
+/// into the store): no store is lost, and the domain maps the pages the
+/// process sees afterwards.
+#[test]
+fn stores_racing_a_pin_are_not_lost() {
+    let (ok, text) = run(&build("racing"));
+    assert!(ok && text.contains("no store lost") && text.contains("done"), "{text}");
+}
+
 #[test]
 fn threads_share_one_descriptor() {
     let (ok, text) = run(&build("threads"));
