@@ -48,25 +48,35 @@ impl Page {
 pub struct SharedHeapTables {
     chunks: [spin::Once<Box<[Page]>>; CHUNKS],
     next: AtomicUsize,
-    spare: spin::Mutex<Vec<usize>>,
+    /// Spare pages and the counts, under one lock: an allocation or a
+    /// free takes it once (threads mapping at once would otherwise pass
+    /// each of five counters' cache lines between their cores).
+    book: spin::Mutex<Book>,
     coherent: bool,
-    live: AtomicUsize,
-    peak: AtomicUsize,
-    allocs: AtomicU64,
-    frees: AtomicU64,
-    attempts: AtomicU64,
-    /// Fail the allocation attempt with this number (0: none).
-    fail_at: AtomicU64,
     flush_calls: AtomicU64,
     flushed_bytes: AtomicU64,
 }
 
+/// What [`SharedHeapTables`] keeps under its lock.
+#[derive(Default)]
+struct Book {
+    spare: Vec<usize>,
+    live: usize,
+    peak: usize,
+    allocs: u64,
+    frees: u64,
+    attempts: u64,
+    /// Fail the allocation attempt with this number (0: none).
+    fail_at: u64,
+}
+
 impl core::fmt::Debug for SharedHeapTables {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let b = self.book.lock();
         f.debug_struct("SharedHeapTables")
-            .field("live", &self.live.load(Relaxed))
-            .field("allocs", &self.allocs.load(Relaxed))
-            .field("frees", &self.frees.load(Relaxed))
+            .field("live", &b.live)
+            .field("allocs", &b.allocs)
+            .field("frees", &b.frees)
             .finish()
     }
 }
@@ -91,14 +101,8 @@ impl SharedHeapTables {
         Self {
             chunks: [const { spin::Once::new() }; CHUNKS],
             next: AtomicUsize::new(0),
-            spare: spin::Mutex::new(Vec::new()),
+            book: spin::Mutex::new(Book::default()),
             coherent,
-            live: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
-            allocs: AtomicU64::new(0),
-            frees: AtomicU64::new(0),
-            attempts: AtomicU64::new(0),
-            fail_at: AtomicU64::new(0),
             flush_calls: AtomicU64::new(0),
             flushed_bytes: AtomicU64::new(0),
         }
@@ -106,24 +110,24 @@ impl SharedHeapTables {
 
     /// Makes the `n`th allocation attempt from now fail (`None`: none).
     pub fn fail_nth_alloc(&self, n: Option<u64>) {
-        let at = n.map_or(0, |n| self.attempts.load(Relaxed) + n);
-        self.fail_at.store(at, Relaxed);
+        let mut b = self.book.lock();
+        b.fail_at = n.map_or(0, |n| b.attempts + n);
     }
     /// Tables allocated and not freed.
     pub fn live_tables(&self) -> usize {
-        self.live.load(Relaxed)
+        self.book.lock().live
     }
     /// Most tables live at once.
     pub fn peak_tables(&self) -> usize {
-        self.peak.load(Relaxed)
+        self.book.lock().peak
     }
     /// Successful allocations so far.
     pub fn allocs(&self) -> u64 {
-        self.allocs.load(Relaxed)
+        self.book.lock().allocs
     }
     /// Frees so far.
     pub fn frees(&self) -> u64 {
-        self.frees.load(Relaxed)
+        self.book.lock().frees
     }
     /// `(flush calls, bytes flushed)`.
     pub fn flush_stats(&self) -> (u64, u64) {
@@ -158,19 +162,28 @@ impl SharedHeapTables {
 
 impl SharedTableMemory for SharedHeapTables {
     fn alloc_shared(&self) -> Option<u64> {
-        let attempt = self.attempts.fetch_add(1, Relaxed) + 1;
-        if self.fail_at.load(Relaxed) == attempt {
-            // Only the attempt that matches clears it.
-            let _cleared = self.fail_at.compare_exchange(attempt, 0, Relaxed, Relaxed);
-            return None;
-        }
-        let spare = self.spare.lock().pop();
+        let spare = {
+            let mut b = self.book.lock();
+            b.attempts += 1;
+            if b.fail_at == b.attempts {
+                b.fail_at = 0;
+                return None;
+            }
+            // Counted as taken now; given back below if there is no room.
+            b.live += 1;
+            b.peak = b.peak.max(b.live);
+            b.allocs += 1;
+            b.spare.pop()
+        };
         let slot = match spare {
             Some(s) => s,
             None => {
                 let s = self.next.fetch_add(1, Relaxed);
                 let (chunk, _) = locate(s);
                 if chunk >= CHUNKS {
+                    let mut b = self.book.lock();
+                    b.live -= 1;
+                    b.allocs -= 1;
                     return None;
                 }
                 self.chunks[chunk].call_once(|| (0..FIRST_CHUNK << chunk).map(|_| Page::new()).collect());
@@ -185,18 +198,17 @@ impl SharedTableMemory for SharedHeapTables {
         // Release: a thread that sees the page live sees its zeroes (the
         // engine's install of the table is a release too).
         page.live.store(true, Release);
-        let live = self.live.fetch_add(1, Relaxed) + 1;
-        self.peak.fetch_max(live, Relaxed);
-        self.allocs.fetch_add(1, Relaxed);
         Some(HEAP_TABLES_BASE + slot as u64 * TABLE_SIZE)
     }
 
     fn free_shared(&self, table: u64) {
         let page = self.live_page(table);
         page.live.store(false, Relaxed);
-        self.live.fetch_sub(1, Relaxed);
-        self.frees.fetch_add(1, Relaxed);
-        self.spare.lock().push(Self::slot_of(table).expect("a live table has a slot"));
+        let slot = Self::slot_of(table).expect("a live table has a slot");
+        let mut b = self.book.lock();
+        b.live -= 1;
+        b.frees += 1;
+        b.spare.push(slot);
     }
 
     #[inline]
