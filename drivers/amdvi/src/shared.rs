@@ -379,13 +379,19 @@ where
 }
 
 impl<M: Mmio, T: ContiguousMemory, C: Clock> Drop for AmdDomain<M, T, C> {
-    /// The domain id is reused later: nothing of this domain may stay
-    /// cached under it. If the unit cannot confirm that, the id is not
-    /// reused.
+    /// Devices still attached are blocked first (their owner dropped the
+    /// domain without detaching them), then nothing of this domain may
+    /// stay cached under its id. The id is reused, and the page tables
+    /// freed, only when the unit confirmed all of that: otherwise a
+    /// device may still walk them, so both are kept for good.
     fn drop(&mut self) {
         let mut u = self.unit.unit.lock();
-        if u.invalidate_range(self.domain_id, 0, u64::MAX).is_ok() {
+        let clean = u.detach_domain(self.domain_id).and_then(|()| u.invalidate_range(self.domain_id, 0, u64::MAX));
+        if clean.is_ok() {
             u.free_domain_id(self.domain_id);
+        } else {
+            drop(u);
+            self.paging.table_mut().keep_tables();
         }
     }
 }

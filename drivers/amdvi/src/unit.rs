@@ -107,6 +107,10 @@ pub struct Unit<M: Mmio, T: ContiguousMemory, C: Clock> {
     unity: Vec<UnityRange>,
     /// Per-device interrupt remapping tables.
     irq_tables: alloc::collections::BTreeMap<u16, IrqTable>,
+    /// The devices whose entry translates through each domain id (kept
+    /// by [`Self::set_dte`], the one writer of single entries), so a
+    /// domain going away finds what is still attached to it.
+    domain_users: alloc::collections::BTreeMap<u16, alloc::collections::BTreeSet<u16>>,
     /// Table sizes (log2 of the entries) reserved per device with
     /// [`Self::reserve_interrupts`].
     irq_reserved: alloc::collections::BTreeMap<u16, u8>,
@@ -261,6 +265,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             overflows: 0,
             unity: Vec::new(),
             irq_tables: alloc::collections::BTreeMap::new(),
+            domain_users: alloc::collections::BTreeMap::new(),
             irq_reserved: alloc::collections::BTreeMap::new(),
             x2apic: false,
             stats: InvalidationStats::default(),
@@ -445,6 +450,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         // may index any entry the Size field covers). Words 1 and 3 are
         // already zero.
         let blocked = DeviceTableEntry::blocked();
+        self.domain_users.clear();
         for page in 0..r.dev_table_pages as u64 {
             for e in 0..(4096 / DeviceTableEntry::SIZE) as usize {
                 self.mem.write(r.dev_table + page * 4096, e * 4 + 2, blocked.0[2]);
@@ -616,6 +622,17 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         if self.flushes() {
             self.mem.flush(page + i as u64 * 8, DeviceTableEntry::SIZE);
         }
+        if let DteKind::Translated { domain_id, .. } = old.kind()
+            && let Some(users) = self.domain_users.get_mut(&domain_id)
+        {
+            users.remove(&device_id);
+            if users.is_empty() {
+                self.domain_users.remove(&domain_id);
+            }
+        }
+        if let DteKind::Translated { domain_id, .. } = new.kind() {
+            self.domain_users.entry(domain_id).or_default().insert(device_id);
+        }
         let old_domain = old.tag().unwrap_or(0);
         self.submit(&[
             Command::invalidate_devtab_entry(device_id),
@@ -723,6 +740,18 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// cached (its interrupt routes stay).
     pub fn detach(&mut self, device_id: u16) -> Result<(), Error> {
         self.set_dte_keeping_interrupts(device_id, DeviceTableEntry::blocked())
+    }
+
+    /// Blocks every device whose entry translates through `domain_id`
+    /// (what a domain being dropped leaves attached): after `Ok`, no
+    /// entry names it. Stops at the first failure.
+    pub fn detach_domain(&mut self, domain_id: u16) -> Result<(), Error> {
+        let users: Vec<u16> =
+            self.domain_users.get(&domain_id).map(|u| u.iter().copied().collect()).unwrap_or_default();
+        for device_id in users {
+            self.detach(device_id)?;
+        }
+        Ok(())
     }
 
     /// Lets `device_id` DMA to physical addresses untranslated (V = 1,

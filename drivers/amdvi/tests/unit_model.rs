@@ -997,3 +997,46 @@ fn dirty_tracking_needs_hdsup_and_sets_had_in_the_dte() {
     assert!(!dte(8).host_dirty() && !dte(0x10).host_dirty());
     assert_eq!(unit.attached_domain(0x10), dte(0x10).tag());
 }
+
+/// A domain dropped while devices still translate through it (its owner
+/// never detached them): their entries are blocked first, then the
+/// domain's id is invalidated and reused and its tables freed; when the
+/// unit does not answer, the id and the tables are kept for good.
+#[test]
+fn a_domain_dropped_while_attached_blocks_its_devices_first() {
+    use portcullis_iommu::unit::{Device, IommuUnit, UnitDomain};
+    use portcullis_iommu::{DeviceOps, IommuDomain, Prot, RequesterRef};
+    let info = || amdvi::BringUp { last_device_id: 0xff, coherent: true, ..amdvi::BringUp::default() };
+    let (a, b) = (RequesterRef { unit: 0, requester_id: 8 }, RequesterRef { unit: 0, requester_id: 0x10 });
+    let mem = Mem::new(true);
+    let model = RegisterModel::new(QEMU_EFR, Arc::new(mem.clone()));
+    let unit = amdvi::Shared::bring_up(BASE, model.clone(), mem.clone(), TickClock::new(), info()).unwrap();
+    let mut other = Device::new(unit.clone(), b).alloc_domain().unwrap();
+    let before = mem.live();
+    let mut d = unit.new_amd_domain().unwrap();
+    d.map(0, 0x4000_0000, 1 << 21, Prot::RW).unwrap();
+    d.map(1 << 21, 0x10_0000, 4 << 12, Prot::RW).unwrap();
+    let id = d.domain_id();
+    d.attach_device(a.handle()).unwrap();
+    d.attach_device(b.handle()).unwrap();
+    // A device moved to another domain since is not touched.
+    other.attach_device(b.handle()).unwrap();
+    let other_id = unit.attached_domain(0x10).unwrap();
+    assert_ne!(other_id, id);
+    drop(d);
+    assert_eq!(unit.attached_domain(8), None, "blocked");
+    assert_eq!(unit.attached_domain(0x10), Some(other_id), "the other domain's device stays");
+    assert_eq!(mem.live(), before, "the dropped domain's tables are freed");
+    assert_eq!(unit.new_amd_domain().unwrap().domain_id(), id, "the id is reused");
+
+    let mut d = unit.new_amd_domain().unwrap();
+    d.map(0, 0x4000_0000, 4 << 12, Prot::RW).unwrap();
+    let id = d.domain_id();
+    d.attach_device(a.handle()).unwrap();
+    let live = mem.live();
+    model.state().stuck = true;
+    drop(d);
+    model.state().stuck = false;
+    assert_eq!(mem.live(), live, "nothing freed: the unit never confirmed the detach");
+    assert_ne!(unit.new_amd_domain().unwrap().domain_id(), id, "the id is not reused");
+}

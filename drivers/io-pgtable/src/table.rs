@@ -124,6 +124,9 @@ pub struct PageTable<F: PtFormat, M: TableMemory> {
     /// A concurrent call ran: empty tables may be linked (see
     /// [`PageTable::map_shared`]).
     shared_used: AtomicBool,
+    /// Tables stay allocated when the table is dropped
+    /// ([`PageTable::keep_tables`]).
+    kept: bool,
 }
 
 /// A remembered walk: the IOVA of the last byte a map wrote, the level of
@@ -177,6 +180,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             map_path: spin::Mutex::new(None),
             lookup_leaf: spin::Mutex::new(NO_LOOKUP),
             shared_used: AtomicBool::new(false),
+            kept: false,
         })
     }
 
@@ -250,6 +254,15 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     fn forget_walks(&mut self) {
         *self.map_path.get_mut() = None;
         *self.lookup_leaf.get_mut() = NO_LOOKUP;
+    }
+
+    /// Keeps every table (the linked ones and those waiting in the
+    /// deferred list) allocated for good: dropping the page table then
+    /// frees nothing. For an owner that could not confirm a device has
+    /// stopped walking the table (a detach or an invalidation that failed
+    /// or timed out): leaking the memory is safe, reusing it is not.
+    pub fn keep_tables(&mut self) {
+        self.kept = true;
     }
 
     /// Frees the tables unlinked since the last call. Call only after the
@@ -1415,8 +1428,12 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
 
 impl<F: PtFormat, M: TableMemory> Drop for PageTable<F, M> {
     /// Frees every table. The walker must no longer use this table (the
-    /// devices are detached and the caches invalidated).
+    /// devices are detached and the caches invalidated); when its owner
+    /// could not confirm that, [`PageTable::keep_tables`] keeps them all.
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         self.release_deferred();
         self.free_tree(self.root, self.top);
     }

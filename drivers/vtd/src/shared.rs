@@ -605,17 +605,23 @@ where
 }
 
 impl<M: Mmio, T: TableMemory, C: Clock> Drop for VtdDomain<M, T, C> {
-    /// The domain id is reused later: nothing of this domain may stay in
-    /// the IOTLB under it. If the unit cannot confirm that, the id is not
-    /// reused.
+    /// Requesters and PASIDs still attached are blocked first (their
+    /// owner dropped the domain without detaching them), then everything
+    /// cached under the domain id is dropped. The id is reused, and the
+    /// page tables freed, only when the unit confirmed all of that:
+    /// otherwise a device may still walk them, so both are kept for good.
     fn drop(&mut self) {
         let mut u = self.unit.unit.lock();
-        let clean = match self.stage() {
+        let detached = u.detach_domain(self.did);
+        let clean = detached.and_then(|()| match self.stage() {
             Stage::Second => u.invalidate_range(self.did, 0, u64::MAX, false),
             Stage::First => u.invalidate_range_pasid(self.did, 0, u64::MAX, false),
-        };
+        });
         if clean.is_ok() {
             u.free_did(self.did);
+        } else {
+            drop(u);
+            each!(&mut self.paging, d => d.table_mut().keep_tables());
         }
     }
 }

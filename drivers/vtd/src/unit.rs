@@ -1038,6 +1038,36 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.flush_context(ContextScope::Device { did: old.did(), sid }, old.did())
     }
 
+    /// Blocks every requester and every PASID whose entry points at
+    /// domain `did` (what a domain being dropped leaves attached): after
+    /// `Ok`, no entry of this unit names `did`. Stops at the first failure
+    /// (an entry whose invalidation did not complete may still be in use).
+    pub fn detach_domain(&mut self, did: u16) -> Result<(), Error> {
+        if let Some(t) = &self.scalable {
+            for (sid, pasid) in t.pasid_users_of(did) {
+                self.detach_pasid(sid, pasid, did)?;
+            }
+            let devices = self.scalable.as_ref().map(|t| t.devices_of(did)).unwrap_or_default();
+            for sid in devices {
+                self.detach(sid)?;
+            }
+            return Ok(());
+        }
+        let mut users = Vec::new();
+        for (&bus, &table) in &self.context_tables {
+            for idx in 0..256usize {
+                let e = ContextEntry([self.mem.read(table, idx * 2), self.mem.read(table, idx * 2 + 1)]);
+                if e.present() && e.did() == did {
+                    users.push(u16::from(bus) << 8 | idx as u16);
+                }
+            }
+        }
+        for sid in users {
+            self.detach(sid)?;
+        }
+        Ok(())
+    }
+
     /// The context entry of `sid` (for tests and reports).
     pub fn context_entry(&self, sid: u16) -> ContextEntry {
         match self.context_tables.get(&((sid >> 8) as u8)) {

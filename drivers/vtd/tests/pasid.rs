@@ -481,3 +481,71 @@ fn a_failed_invalidation_is_reported_and_frees_nothing() {
     assert!(mem.tables.lock().unwrap().is_live(leaf));
     assert_eq!(path(&model, &mem, RID, 0x1234).map(|p| p.entry_at & !0xfff), Ok(leaf), "still linked");
 }
+
+/// A domain dropped while still attached (its owner never detached): the
+/// requester id and the PASID are blocked first, then everything under
+/// the domain id is invalidated, and only then are the id reused and the
+/// tables freed.
+#[test]
+fn a_domain_dropped_while_attached_blocks_its_requester_and_pasid_first() {
+    let (model, mem, unit) = bring_up(0, ECAP_SM | ecap_pasid(20), Mode::Scalable);
+    let dev = Device::new(unit.clone(), RequesterRef { unit: 0, requester_id: RID });
+    let mut d = dev.new_domain().unwrap();
+    d.map(0x10_0000, 0x4000_0000, 0x1000, Prot::RW).unwrap();
+    d.attach_device(handle()).unwrap();
+    d.attach_device_pasid(handle(), 5).unwrap();
+    let (did, root) = (d.domain_id(), d.table_info().root);
+    assert!(fields(path(&model, &mem, RID, 5).unwrap().entry).present);
+    model.take_log();
+    drop(d);
+    assert!(!fields(path(&model, &mem, RID, 0).unwrap().entry).present, "the requester id is blocked");
+    assert!(!path(&model, &mem, RID, 5).is_ok_and(|p| fields(p.entry).present), "PASID 5 is blocked");
+    let log = model.take_log();
+    let inv = invalidations(&log);
+    assert_eq!(inv.last(), Some(&Invalidation::Iotlb(IotlbInvalidation::Domain(did))), "{inv:?}");
+    assert!(inv.len() > 1, "the entries' own invalidations come first: {inv:?}");
+    assert!(ends_with_wait(&log));
+    assert!(!mem.tables.lock().unwrap().is_live(root), "the page table is freed");
+    assert_eq!(dev.new_domain().unwrap().domain_id(), did, "the id is reused");
+}
+
+/// The same when the unit cannot confirm the detach: the entries' owner
+/// is told nothing (a drop cannot fail), so the domain keeps its id and
+/// its tables for good rather than let a device walk reused memory.
+#[test]
+fn a_domain_dropped_while_attached_keeps_id_and_tables_when_the_unit_fails() {
+    let (model, mem, unit) = bring_up(0, ECAP_SM | ecap_pasid(20), Mode::Scalable);
+    let dev = Device::new(unit.clone(), RequesterRef { unit: 0, requester_id: RID });
+    let mut d = dev.new_domain().unwrap();
+    d.map(0x10_0000, 0x4000_0000, 0x1000, Prot::RW).unwrap();
+    d.attach_device_pasid(handle(), 5).unwrap();
+    let (did, root) = (d.domain_id(), d.table_info().root);
+    let live = mem.tables.lock().unwrap().live_tables();
+    model.state().queue_error = true;
+    drop(d);
+    model.state().queue_error = false;
+    assert!(mem.tables.lock().unwrap().is_live(root), "the page table stays allocated");
+    assert_eq!(mem.tables.lock().unwrap().live_tables(), live, "nothing freed");
+    assert_ne!(dev.new_domain().unwrap().domain_id(), did, "the id is not reused");
+}
+
+/// Legacy mode: a domain dropped while a requester's context entry still
+/// names it clears that entry (context-cache invalidation) first.
+#[test]
+fn a_legacy_domain_dropped_while_attached_clears_the_context_entry_first() {
+    let (model, mem, unit) = bring_up(0, 0, Mode::Legacy { queued: true });
+    let dev = Device::new(unit.clone(), RequesterRef { unit: 0, requester_id: RID });
+    let mut d = dev.new_domain().unwrap();
+    d.map(0x10_0000, 0x4000_0000, 0x1000, Prot::RW).unwrap();
+    d.attach_device(handle()).unwrap();
+    let (did, root) = (d.domain_id(), d.table_info().root);
+    assert!(unit.lock().context_entry(RID).present());
+    model.take_log();
+    drop(d);
+    assert!(!unit.lock().context_entry(RID).present(), "the context entry is cleared");
+    let inv = invalidations(&model.take_log());
+    assert!(matches!(inv.first(), Some(Invalidation::Context(_))), "{inv:?}");
+    assert_eq!(inv.last(), Some(&Invalidation::Iotlb(IotlbInvalidation::Domain(did))), "{inv:?}");
+    assert!(!mem.tables.lock().unwrap().is_live(root));
+    assert_eq!(dev.new_domain().unwrap().domain_id(), did);
+}
