@@ -23,16 +23,6 @@
 #define PAGE 4096UL
 
 
-#define CHECK(cond, what)                                                                  \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			printf("FAIL - %s (line %d, errno %d)\n", what, __LINE__, errno); \
-			exit(1);                                                           \
-		}                                                                          \
-		printf("ok - %s\n", what);                                                 \
-		fflush(stdout);                                                            \
-	} while (0)
-
 static uint8_t *mem;
 
 /* A context whose IOAS has a mock domain (maps pin); mode 1 charges the

@@ -33,16 +33,6 @@
 #define NPAGES 16UL
 #define LEN (NPAGES * PAGE)
 
-#define CHECK(cond, what)                                                        \
-	do {                                                                     \
-		if (!(cond)) {                                                   \
-			printf("FAIL - %s (line %d, errno %d %s)\n", what,        \
-			       __LINE__, errno, strerror(errno));                \
-			exit(1);                                                 \
-		}                                                                \
-		printf("ok - %s\n", what);                                       \
-	} while (0)
-
 struct allow_iovas { uint32_t size, ioas_id, num_iovas, reserved; uint64_t allowed_iovas; };
 struct destroy { uint32_t size, id; };
 

@@ -1,9 +1,28 @@
-/* What the C test programs share: ioctl numbers and structs of the iommufd
- * uAPI, the selftest command buffer and little-endian field access (each program
- * keeps its own CHECK, whose reports differ). Their own includes come
- * first (stdint.h, string.h). */
+/* What the C test programs share: their checks, ioctl numbers and structs
+ * of the iommufd uAPI, the selftest command buffer and little-endian field
+ * access. Their own includes come first (errno.h, stdint.h, stdio.h,
+ * stdlib.h, string.h). */
 #ifndef PORTCULLIS_TEST_COMMON_H
 #define PORTCULLIS_TEST_COMMON_H
+
+/* Exits with status 1 and a FAIL line (the check, its line, errno) when
+ * `cond` is false. CHECK also prints "ok - what" when it holds (the Rust
+ * tests look for those lines); REQUIRE, for checks in loops, says nothing. */
+#define REQUIRE(cond, what)                                                        \
+	do {                                                                       \
+		if (!(cond)) {                                                     \
+			printf("FAIL - %s (line %d, errno %d %s)\n", what, __LINE__, \
+			       errno, strerror(errno));                            \
+			fflush(stdout);                                            \
+			exit(1);                                                   \
+		}                                                                  \
+	} while (0)
+#define CHECK(cond, what)                                                          \
+	do {                                                                       \
+		REQUIRE(cond, what);                                               \
+		printf("ok - %s\n", what);                                         \
+		fflush(stdout);                                                    \
+	} while (0)
 
 #define IOCTL_NR(nr) ((unsigned long)((';' << 8) | (nr)))
 #define IOMMU_DESTROY IOCTL_NR(0x80)

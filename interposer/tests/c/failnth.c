@@ -22,27 +22,19 @@
 #define PAGE 4096UL
 
 
-#define CHECK(cond, what)                                                                  \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			printf("FAIL - %s (line %d, errno %d)\n", what, __LINE__, errno); \
-			exit(1);                                                           \
-		}                                                                          \
-	} while (0)
-
 static int nth;
 
 static void arm(unsigned n)
 {
 	char b[16];
 	int len = snprintf(b, sizeof(b), "%u", n);
-	CHECK(pwrite(nth, b, len, 0) == len, "arm");
+	REQUIRE(pwrite(nth, b, len, 0) == len, "arm");
 }
 
 static long left(void)
 {
 	char b[16] = { 0 };
-	CHECK(pread(nth, b, sizeof(b) - 1, 0) > 1, "read back");
+	REQUIRE(pread(nth, b, sizeof(b) - 1, 0) > 1, "read back");
 	return strtol(b, NULL, 10);
 }
 
@@ -66,23 +58,23 @@ int main(void)
 {
 	char path[64];
 	DIR *d = opendir("/sys/kernel/debug/");
-	CHECK(d != NULL, "opendir debugfs");
+	REQUIRE(d != NULL, "opendir debugfs");
 	int fd = openat(dirfd(d), "failslab/ignore-gfp-wait", O_WRONLY);
-	CHECK(fd >= 0 && write(fd, "N", 1) == 1 && close(fd) == 0, "write a failslab setting");
+	REQUIRE(fd >= 0 && write(fd, "N", 1) == 1 && close(fd) == 0, "write a failslab setting");
 	closedir(d);
 	printf("ok - the debugfs settings are there\n");
 
 	snprintf(path, sizeof(path), "/proc/self/task/%d/fail-nth", gettid());
 	nth = open(path, O_RDWR);
-	CHECK(nth >= 0, "open fail-nth");
-	CHECK(left() == 0, "disarmed at first");
+	REQUIRE(nth >= 0, "open fail-nth");
+	REQUIRE(left() == 0, "disarmed at first");
 
 	uint8_t *buf = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	CHECK(buf != MAP_FAILED, "mmap");
+	REQUIRE(buf != MAP_FAILED, "mmap");
 	arm(1);
 	errno = 0;
-	CHECK(open("/dev/iommu", O_RDWR) == -1 && errno == ENOMEM, "the first point (the open) fails");
-	CHECK(left() == 0, "reads 0 once injected");
+	REQUIRE(open("/dev/iommu", O_RDWR) == -1 && errno == ENOMEM, "the first point (the open) fails");
+	REQUIRE(left() == 0, "reads 0 once injected");
 	printf("ok - fail-nth 1 fails the open with ENOMEM\n");
 
 	unsigned n;
@@ -93,13 +85,13 @@ int main(void)
 		long l = left();
 		arm(0);
 		if (l != 0) {
-			CHECK(r == 0, "past the last point the sequence succeeds");
+			REQUIRE(r == 0, "past the last point the sequence succeeds");
 			break;
 		}
-		CHECK(r == ENOMEM, "an injected fault is ENOMEM");
+		REQUIRE(r == ENOMEM, "an injected fault is ENOMEM");
 		injected++;
 	}
-	CHECK(n < 400 && injected >= 3, "the sweep ends after a few points");
+	REQUIRE(n < 400 && injected >= 3, "the sweep ends after a few points");
 	printf("ok - a sweep failed each of %d fault points with ENOMEM, then succeeded\n", injected);
 	return 0;
 }

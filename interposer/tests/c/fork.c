@@ -22,16 +22,6 @@
 #define PAGE 4096UL
 
 
-#define CHECK(cond, what)                                                                  \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			printf("FAIL - %s (line %d, errno %d)\n", what, __LINE__, errno); \
-			exit(1);                                                           \
-		}                                                                          \
-		printf("ok - %s\n", what);                                                 \
-		fflush(stdout);                                                            \
-	} while (0)
-
 static int ioas_map(int fd, uint32_t ioas, void *buf, uint64_t len, uint64_t *iova)
 {
 	struct ioas_map m = { .size = sizeof(m), .flags = 6, .ioas_id = ioas, .user_va = (uintptr_t)buf, .length = len };

@@ -18,15 +18,6 @@
 
 #include "common.h"
 
-#define CHECK(cond, what)                                                                  \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			printf("FAIL - %s (line %d, errno %d)\n", what, __LINE__, errno); \
-			exit(1);                                                           \
-		}                                                                          \
-		printf("ok - %s\n", what);                                                 \
-	} while (0)
-
 struct hwpt_alloc {
 	uint32_t size, flags, dev_id, pt_id, out_hwpt_id, reserved, data_type, data_len;
 	uint64_t data_uptr;

@@ -18,15 +18,6 @@
 
 #include "common.h"
 
-#define CHECK(cond, what)                                                                  \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			printf("FAIL - %s (line %d, errno %d)\n", what, __LINE__, errno); \
-			exit(1);                                                           \
-		}                                                                          \
-		printf("ok - %s\n", what);                                                 \
-	} while (0)
-
 #define PAGE 4096UL
 #define LEN (8 * PAGE)
 

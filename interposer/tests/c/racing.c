@@ -28,15 +28,6 @@
 #define LEN (PAGES * PAGE)
 #define ROUNDS 200
 
-#define CHECK(cond, what)                                                        \
-	do {                                                                     \
-		if (!(cond)) {                                                   \
-			printf("FAIL - %s (line %d, errno %d %s)\n", what,        \
-			       __LINE__, errno, strerror(errno));                \
-			exit(1);                                                 \
-		}                                                                \
-	} while (0)
-
 static volatile uint64_t *words;
 static atomic_int stop, started;
 static atomic_ulong lost, passes;
@@ -64,44 +55,44 @@ static void *writer(void *arg)
 int main(void)
 {
 	int fd = open("/dev/iommu", O_RDWR);
-	CHECK(fd >= 0, "open /dev/iommu");
+	REQUIRE(fd >= 0, "open /dev/iommu");
 	struct ioas_alloc a = { .size = sizeof(a) };
-	CHECK(ioctl(fd, IOMMU_IOAS_ALLOC, &a) == 0, "IOAS_ALLOC");
+	REQUIRE(ioctl(fd, IOMMU_IOAS_ALLOC, &a) == 0, "IOAS_ALLOC");
 	uint8_t c[TEST_CMD_SIZE];
 	test_cmd(c, 2, a.out_ioas_id); /* MOCK_DOMAIN */
-	CHECK(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "MOCK_DOMAIN");
+	REQUIRE(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "MOCK_DOMAIN");
 	uint32_t hwpt = get32(c, 20);
 	for (int r = 0; r < ROUNDS; r++) {
 		void *buf = mmap(NULL, LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		CHECK(buf != MAP_FAILED, "mmap");
+		REQUIRE(buf != MAP_FAILED, "mmap");
 		memset(buf, 0, LEN);
 		words = buf;
 		atomic_store(&stop, 0);
 		atomic_store(&started, 0);
 		pthread_t t;
-		CHECK(pthread_create(&t, NULL, writer, NULL) == 0, "pthread_create");
+		REQUIRE(pthread_create(&t, NULL, writer, NULL) == 0, "pthread_create");
 		while (!atomic_load(&started))
 			;
 		struct ioas_map m = { .size = sizeof(m), .flags = 6, .ioas_id = a.out_ioas_id,
 				      .user_va = (uintptr_t)buf, .length = LEN };
-		CHECK(ioctl(fd, IOMMU_IOAS_MAP, &m) == 0, "IOAS_MAP while another thread writes");
+		REQUIRE(ioctl(fd, IOMMU_IOAS_MAP, &m) == 0, "IOAS_MAP while another thread writes");
 		/* Let the writer run a little on the moved pages too. */
 		for (volatile int spin = 0; spin < 20000; spin++)
 			;
 		atomic_store(&stop, 1);
-		CHECK(pthread_join(t, NULL) == 0, "pthread_join");
-		CHECK(atomic_load(&lost) == 0, "no store lost while the pages moved");
+		REQUIRE(pthread_join(t, NULL) == 0, "pthread_join");
+		REQUIRE(atomic_load(&lost) == 0, "no store lost while the pages moved");
 		/* The buffer holds the writer's last pass in every page, and the
 		 * domain maps the very pages the process sees. */
 		for (int p = 0; p < PAGES; p++)
-			CHECK(words[p * (PAGE / 8)] == last, "the buffer holds the last pass");
+			REQUIRE(words[p * (PAGE / 8)] == last, "the buffer holds the last pass");
 		test_cmd(c, 3, hwpt); /* MD_CHECK_MAP */
 		put64(c, 16, m.iova);
 		put64(c, 24, LEN);
 		put64(c, 32, (uintptr_t)buf);
-		CHECK(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "MD_CHECK_MAP: the domain maps the buffer's pages");
+		REQUIRE(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "MD_CHECK_MAP: the domain maps the buffer's pages");
 		struct ioas_unmap u = { .size = sizeof(u), .ioas_id = a.out_ioas_id, .iova = m.iova, .length = LEN };
-		CHECK(ioctl(fd, IOMMU_IOAS_UNMAP, &u) == 0, "IOAS_UNMAP");
+		REQUIRE(ioctl(fd, IOMMU_IOAS_UNMAP, &u) == 0, "IOAS_UNMAP");
 		munmap(buf, LEN);
 	}
 	printf("ok - %d rounds of %d pages pinned while a thread wrote them (%lu passes): no store lost\n", ROUNDS,

@@ -23,14 +23,6 @@
 #define LEN (4UL << 20)
 
 
-#define CHECK(cond, what)                                                                  \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			printf("FAIL - %s (line %d, errno %d)\n", what, __LINE__, errno); \
-			exit(1);                                                           \
-		}                                                                          \
-	} while (0)
-
 /* The highest end offset of a mapping of the store in /proc/self/maps. */
 static uint64_t store_top(void)
 {
@@ -53,34 +45,34 @@ int main(void)
 	uint8_t c[TEST_CMD_SIZE];
 	int fd = open("/dev/iommu", O_RDWR);
 	struct ioas_alloc a = { .size = sizeof(a) };
-	CHECK(fd >= 0 && ioctl(fd, IOMMU_IOAS_ALLOC, &a) == 0, "a context and an IOAS");
+	REQUIRE(fd >= 0 && ioctl(fd, IOMMU_IOAS_ALLOC, &a) == 0, "a context and an IOAS");
 	test_cmd(c, 2, a.out_ioas_id); /* MOCK_DOMAIN */
-	CHECK(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "a mock domain");
+	REQUIRE(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "a mock domain");
 	uint32_t hwpt = get32(c, 20);
 	uint64_t top = 0;
 	for (int round = 0; round < 64; round++) {
 		uint8_t *buf = mmap(NULL, LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		CHECK(buf != MAP_FAILED, "a buffer");
+		REQUIRE(buf != MAP_FAILED, "a buffer");
 		memset(buf, round & 0xff, LEN);
 		struct ioas_map m = { .size = sizeof(m), .flags = 6, .ioas_id = a.out_ioas_id,
 				      .user_va = (uintptr_t)buf, .length = LEN };
-		CHECK(ioctl(fd, IOMMU_IOAS_MAP, &m) == 0, "map");
+		REQUIRE(ioctl(fd, IOMMU_IOAS_MAP, &m) == 0, "map");
 		/* MD_CHECK_MAP: the domain maps the buffer's (moved) pages. */
 		test_cmd(c, 3, hwpt); /* MD_CHECK_MAP */
 		put64(c, 16, m.iova);
 		put64(c, 24, LEN);
 		put64(c, 32, (uintptr_t)buf);
-		CHECK(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "the domain maps the buffer");
-		CHECK(buf[LEN - 1] == (round & 0xff), "the buffer kept its contents");
+		REQUIRE(ioctl(fd, IOMMU_TEST_CMD, c) == 0, "the domain maps the buffer");
+		REQUIRE(buf[LEN - 1] == (round & 0xff), "the buffer kept its contents");
 		uint64_t t = store_top();
 		if (t > top)
 			top = t;
 		struct ioas_unmap u = { .size = sizeof(u), .ioas_id = a.out_ioas_id, .iova = m.iova, .length = LEN };
-		CHECK(ioctl(fd, IOMMU_IOAS_UNMAP, &u) == 0, "unmap");
-		CHECK(munmap(buf, LEN) == 0, "munmap");
+		REQUIRE(ioctl(fd, IOMMU_IOAS_UNMAP, &u) == 0, "unmap");
+		REQUIRE(munmap(buf, LEN) == 0, "munmap");
 	}
 	printf("store offsets reached %lu MiB over 64 rounds of 4 MiB\n", (unsigned long)(top >> 20));
-	CHECK(top > 0 && top <= 24UL << 20, "store offsets reused");
+	REQUIRE(top > 0 && top <= 24UL << 20, "store offsets reused");
 	printf("done\n");
 	return 0;
 }
