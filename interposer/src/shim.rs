@@ -419,17 +419,36 @@ fn tracing() -> bool {
     *ON.get_or_init(|| std::env::var_os("PORTCULLIS_TRACE").is_some())
 }
 
-/// `read` on a descriptor: fault queues give records; the other
-/// Portcullis files have no read (`EINVAL`, as Linux's), after `EBADF` for
-/// a descriptor not open for reading.
+/// The file behind `fd` for a `read` or `write` (`write`), or with
+/// `offset` a `pread` or `pwrite`, once Linux's VFS checks in their order
+/// pass (`ksys_pread64`, `vfs_read`): a negative offset is `EINVAL`; fault
+/// queues and accesses (anonymous files, never positioned) are `ESPIPE`
+/// for the positioned calls; a descriptor not open for reading (writing)
+/// is `EBADF`. What is left for the caller: a context (`/dev/iommu`, a
+/// character device without read or write) is `EINVAL`.
+fn io_target(fd: i32, write: bool, offset: Option<i64>) -> Result<Arc<OpenFile>, Hook> {
+    let file = target(fd)?;
+    let refuse = |e| Err(Hook::Done(Err(e)));
+    if let Some(off) = offset {
+        if off < 0 {
+            return refuse(Errno::EINVAL);
+        }
+        if matches!(&*file, OpenFile::Fault { .. } | OpenFile::Access { .. }) {
+            return refuse(Errno::ESPIPE);
+        }
+    }
+    match check_mode(fd, write) {
+        Ok(()) => Ok(file),
+        Err(e) => refuse(e),
+    }
+}
+
+/// `read` on a descriptor: fault queues give records (see [`io_target`]).
 pub fn read(fd: i32, buf: u64, count: usize) -> Hook {
-    let file = match target(fd) {
+    let file = match io_target(fd, false, None) {
         Ok(f) => f,
         Err(h) => return h,
     };
-    if let Err(e) = check_mode(fd, false) {
-        return Hook::Done(Err(e));
-    }
     Hook::Done(match &*file {
         OpenFile::Fault { ictx, fd, .. } => {
             let r = ictx.fault_fd_read_user(*fd, buf, count).map(|n| n as i64);
@@ -442,16 +461,12 @@ pub fn read(fd: i32, buf: u64, count: usize) -> Hook {
     })
 }
 
-/// `write` on a descriptor: fault queues take responses (`EBADF` first
-/// for a descriptor not open for writing).
+/// `write` on a descriptor: fault queues take responses.
 pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
-    let file = match target(fd) {
+    let file = match io_target(fd, true, None) {
         Ok(f) => f,
         Err(h) => return h,
     };
-    if let Err(e) = check_mode(fd, true) {
-        return Hook::Done(Err(e));
-    }
     Hook::Done(match &*file {
         OpenFile::Fault { ictx, fd, .. } => {
             let r = ictx.fault_fd_write_user(*fd, buf, count).map(|n| n as i64);
@@ -463,50 +478,27 @@ pub fn write(fd: i32, buf: u64, count: usize) -> Hook {
     })
 }
 
-/// `pread` on a descriptor, with Linux's answers (`ksys_pread64`): a
-/// negative offset is `EINVAL` first; a context (`/dev/iommu`, a
-/// character device, positioned) has no read: `EINVAL`; fault queues and
-/// accesses are anonymous files, never positioned: `ESPIPE`; then
-/// `EBADF` for a descriptor not open for reading; the fail-nth files read
-/// from the offset.
+/// `pread` on a descriptor: the fail-nth files read from the offset.
 pub fn pread(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
-    let file = match target(fd) {
+    let file = match io_target(fd, false, Some(offset)) {
         Ok(f) => f,
         Err(h) => return h,
     };
-    let positioned = !matches!(&*file, OpenFile::Fault { .. } | OpenFile::Access { .. });
-    if offset >= 0
-        && positioned
-        && let Err(e) = check_mode(fd, false)
-    {
-        return Hook::Done(Err(e));
-    }
-    Hook::Done(match (&*file, u64::try_from(offset)) {
-        (_, Err(_)) => Err(Errno::EINVAL),
-        (OpenFile::FailNth { tid }, Ok(off)) => faultinj::read(*tid, buf, count, off),
-        (OpenFile::Iommufd(_), _) => Err(Errno::EINVAL),
-        (OpenFile::Fault { .. } | OpenFile::Access { .. }, _) => Err(Errno::ESPIPE),
+    Hook::Done(match &*file {
+        OpenFile::FailNth { tid } => faultinj::read(*tid, buf, count, offset as u64),
+        _ => Err(Errno::EINVAL),
     })
 }
 
 /// `pwrite` on a descriptor (see [`pread`]).
 pub fn pwrite(fd: i32, buf: u64, count: usize, offset: i64) -> Hook {
-    let file = match target(fd) {
+    let file = match io_target(fd, true, Some(offset)) {
         Ok(f) => f,
         Err(h) => return h,
     };
-    let positioned = !matches!(&*file, OpenFile::Fault { .. } | OpenFile::Access { .. });
-    if offset >= 0
-        && positioned
-        && let Err(e) = check_mode(fd, true)
-    {
-        return Hook::Done(Err(e));
-    }
     Hook::Done(match &*file {
-        _ if offset < 0 => Err(Errno::EINVAL),
         OpenFile::FailNth { tid } => faultinj::write(*tid, buf, count),
-        OpenFile::Iommufd(_) => Err(Errno::EINVAL),
-        OpenFile::Fault { .. } | OpenFile::Access { .. } => Err(Errno::ESPIPE),
+        _ => Err(Errno::EINVAL),
     })
 }
 
