@@ -106,7 +106,11 @@ pub trait PtFormat: fmt::Debug {
     fn table_entry(&self, table: u64, level: u32) -> u64;
 
     /// A level-`level` leaf mapping `phys` with `prot`. `phys` is aligned to
-    /// the level's page size and fits [`PtFormat::output_bits`].
+    /// the level's page size and fits [`PtFormat::output_bits`]. The
+    /// address goes into the entry as it is, beside bits that depend only
+    /// on `level` and `prot`: `leaf_entry(phys, l, p)` is
+    /// `phys | leaf_entry(0, l, p)` (the engine builds runs of small leaves
+    /// that way; `tests/formats.rs` checks it for every format).
     fn leaf_entry(&self, phys: u64, level: u32, prot: Prot) -> u64;
 
     /// Whether a leaf can force snooping ([`Prot::CACHE`] is honoured).

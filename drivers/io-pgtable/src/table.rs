@@ -809,8 +809,10 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                 let t = path[0];
                 let first = index_of(cur, 0);
                 let count = runs[k..].iter().take(ENTRIES - first).take_while(|r| r.len == PAGE_SIZE).count();
-                let (format, pieces) = (self.format, &runs[k..k + count]);
-                let written = self.acc.fill_with(t, first, count, |j| format.leaf_entry(pieces[j].phys, 0, prot));
+                // The leaf bits once (see `PtFormat::leaf_entry`): per
+                // entry only the address changes.
+                let (bits, pieces) = (self.format.leaf_entry(0, 0, prot), &runs[k..k + count]);
+                let written = self.acc.fill_with(t, first, count, |j| pieces[j].phys | bits);
                 k += written;
                 cur += written as u64 * PAGE_SIZE;
                 if written > 0 {

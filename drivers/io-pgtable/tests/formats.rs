@@ -142,6 +142,12 @@ fn round_trips() {
                     // Linear address field (runs are written by adding).
                     let step = level_size(level);
                     assert_eq!(f.leaf_entry(p + 5 * step, level, prot), e + 5 * step);
+                    // The address goes in as it is (small leaves are built
+                    // as address | bits): up to the top of the output width.
+                    let bits = f.leaf_entry(0, level, prot);
+                    assert_eq!(e, p | bits, "{f:?} L{level} {prot:?}");
+                    let top = (1u64 << f.output_bits().min(63)) - step;
+                    assert_eq!(f.leaf_entry(top, level, prot), top | bits, "{f:?} L{level} {prot:?}");
                 }
             }
         }
@@ -151,6 +157,8 @@ fn round_trips() {
     check(&VtdSecondStage::new(5).unwrap());
     check(&X86FirstStage::four_level().with_1g_pages(true));
     check(&X86FirstStage::five_level().with_execute_disable(true));
+    check(&AmdV1::new(4).unwrap());
+    check(&AmdV1::new(6).unwrap().with_force_coherent(true));
 }
 
 #[test]
