@@ -391,7 +391,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
 
     /// The fast path of a one-page unmap, through the remembered walk when
     /// it covers `iova`: clears the leaf, and unlinks the tables that
-    /// leaves empty (bottom up, forgetting the walk then) as the general
+    /// leaves empty (`Op::prune`, forgetting the walk then) as the general
     /// path would. `None` when the walk does not cover `iova`.
     fn unmap_page_cached(&mut self, iova: u64, gather: &mut IotlbGather) -> Option<u64> {
         let path = self.cached_walk(iova)?;
@@ -400,24 +400,20 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
             return Some(0);
         }
         let mut batch = FlushBatch::new(!self.coherent);
-        let mut acc = Exclusive(&mut self.mem);
-        acc.write(t, i, 0);
-        batch.mark(&mut acc, 0, t, i);
+        let mut op = Op::new(&self.format, Exclusive(&mut self.mem), self.root, self.top, self.leaf_levels);
+        op.acc.write(t, i, 0);
+        batch.mark(&mut op.acc, 0, t, i);
         gather.add(iova, iova + PAGE_SIZE - 1);
-        let mut unlinked = 0;
-        let mut l = 0;
-        while l < self.top && acc.is_empty(path[l as usize]) {
-            let (parent, slot) = (path[l as usize + 1], index_of(iova, l + 1));
-            acc.write(parent, slot, 0);
-            batch.mark(&mut acc, l + 1, parent, slot);
-            self.deferred.push(path[l as usize]);
-            unlinked += 1;
-            l += 1;
+        if op.acc.is_empty(t) {
+            // The tables this leaves empty go as after a failed map.
+            op.prune(iova, &mut batch);
         }
-        batch.finish(&mut acc);
-        if unlinked > 0 {
-            gather.freed_tables += unlinked;
-            self.tables.fetch_sub(unlinked, Relaxed);
+        batch.finish(&mut op.acc);
+        let unlinked = op.unlinked;
+        if !unlinked.is_empty() {
+            gather.freed_tables += unlinked.len();
+            self.account(0, &unlinked);
+            self.deferred.extend(unlinked);
             self.forget_walks();
         }
         Some(PAGE_SIZE)
@@ -913,7 +909,7 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
 
     /// Unlinks the empty non-root tables on the path to `iova`, bottom up
     /// (the unwind of a failed map: tables it created for a piece it never
-    /// wrote). Exclusive path only: concurrently, another caller may be
+    /// wrote; a one-page unmap that emptied its leaf table). Exclusive path only: concurrently, another caller may be
     /// about to use such a table.
     fn prune(&mut self, iova: u64, batch: &mut FlushBatch) {
         let top = self.top;
