@@ -41,6 +41,8 @@ pub(crate) trait Access {
     fn flush(&mut self, phys: u64, len: u64);
     /// Whether every entry of `table` is zero.
     fn is_empty(&self, table: u64) -> bool;
+    /// As [`TableMemory::is_empty_except`].
+    fn is_empty_except(&self, table: u64, index: usize, count: usize) -> bool;
     /// As [`TableMemory::fill`].
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize;
     /// As [`TableMemory::clear`].
@@ -106,6 +108,10 @@ impl<M: TableMemory> Access for Exclusive<'_, M> {
         self.0.is_empty(table)
     }
     #[inline]
+    fn is_empty_except(&self, table: u64, index: usize, count: usize) -> bool {
+        self.0.is_empty_except(table, index, count)
+    }
+    #[inline]
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
         self.0.fill(table, index, count, first, step)
     }
@@ -157,6 +163,10 @@ impl<M: SharedTableMemory + ?Sized> Access for Concurrent<'_, M> {
     }
     fn is_empty(&self, table: u64) -> bool {
         self.0.entries(table).iter().all(|e| e.load(Acquire) == 0)
+    }
+    fn is_empty_except(&self, table: u64, index: usize, count: usize) -> bool {
+        let (before, rest) = self.0.entries(table).split_at(index);
+        before.iter().chain(&rest[count..]).all(|e| e.load(Acquire) == 0)
     }
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
         // `make` is called once per entry, in order: the value steps along.

@@ -75,6 +75,14 @@ pub trait TableMemory {
         (0..ENTRIES).all(|i| self.read(table, i) == 0)
     }
 
+    /// Whether every entry of `table` outside `index..index + count` is
+    /// zero: [`TableMemory::is_empty`] right after those entries were
+    /// cleared, without reading them again (an unmap of a whole table
+    /// reads nothing).
+    fn is_empty_except(&self, table: u64, index: usize, count: usize) -> bool {
+        (0..index).chain(index + count..ENTRIES).all(|i| self.read(table, i) == 0)
+    }
+
     /// Writes `first`, `first + step`, `first + 2 * step`, ... to entries
     /// `index..index + count` (within one table) while they are zero;
     /// stops at the first nonzero entry. Returns how many were written.
@@ -402,6 +410,10 @@ impl TableMemory for HeapTables {
         first_nonzero(self.page(table)) == ENTRIES
     }
 
+    fn is_empty_except(&self, table: u64, index: usize, count: usize) -> bool {
+        zero_except(self.page(table), index, count)
+    }
+
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
         let slot = self.live_slot(table);
         fill_words(&mut self.pages[slot].0[index..index + count], first, step)
@@ -432,17 +444,43 @@ fn first_nonzero(words: &[u64]) -> usize {
     base + blocks.remainder().iter().position(|&e| e != 0).unwrap_or(blocks.remainder().len())
 }
 
+/// [`TableMemory::is_empty_except`] on plain words.
+#[inline]
+fn zero_except(words: &[u64; ENTRIES], index: usize, count: usize) -> bool {
+    let (before, rest) = words.split_at(index);
+    let after = &rest[count..];
+    first_nonzero(before) == before.len() && first_nonzero(after) == after.len()
+}
+
 /// [`TableMemory::fill`] on plain words: writes `first`, `first + step`,
 /// ... while the words are zero; returns how many were written.
 #[inline]
 fn fill_words(words: &mut [u64], first: u64, step: u64) -> usize {
-    let n = first_nonzero(words);
+    // One pass: each block is checked and, when all zero, written while
+    // it is in hand (a scan of the whole run and then a second pass to
+    // write it made a 1 MiB map 1.2-1.4x slower on the host).
     let mut value = first;
-    for e in &mut words[..n] {
+    let mut done = 0;
+    let mut blocks = words.chunks_exact_mut(BLOCK);
+    for b in &mut blocks {
+        if b.iter().fold(0, |a, &e| a | e) != 0 {
+            break;
+        }
+        for e in b.iter_mut() {
+            *e = value;
+            value = value.wrapping_add(step);
+        }
+        done += BLOCK;
+    }
+    for e in &mut words[done..] {
+        if *e != 0 {
+            break;
+        }
         *e = value;
         value = value.wrapping_add(step);
+        done += 1;
     }
-    n
+    done
 }
 
 /// [`TableMemory::clear`] on the plain words of a table.
@@ -724,6 +762,10 @@ impl TableMemory for NonCoherentTables {
         self.cpu.is_empty(table)
     }
 
+    fn is_empty_except(&self, table: u64, index: usize, count: usize) -> bool {
+        self.cpu.is_empty_except(table, index, count)
+    }
+
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
         self.cpu.fill(table, index, count, first, step)
     }
@@ -808,6 +850,8 @@ mod tests {
             prop_assert_eq!(fill_words(&mut got[index..index + count], first, 0x1000), written);
             prop_assert_eq!(got, expected);
             prop_assert_eq!(first_nonzero(&table) == ENTRIES, set.is_empty());
+            let outside = set.iter().all(|&i| (index..index + count).contains(&(i % ENTRIES)));
+            prop_assert_eq!(zero_except(&table, index, count), outside);
         }
     }
 

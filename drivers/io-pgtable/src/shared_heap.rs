@@ -253,6 +253,10 @@ impl TableMemory for SharedHeapTables {
     fn is_empty(&self, table: u64) -> bool {
         self.entries(table).iter().all(|e| e.load(Relaxed) == 0)
     }
+    fn is_empty_except(&self, table: u64, index: usize, count: usize) -> bool {
+        let (before, rest) = self.entries(table).split_at(index);
+        before.iter().chain(&rest[count..]).all(|e| e.load(Relaxed) == 0)
+    }
     fn fill(&mut self, table: u64, index: usize, count: usize, first: u64, step: u64) -> usize {
         let mut value = first;
         for (k, e) in self.entries(table)[index..index + count].iter().enumerate() {

@@ -404,7 +404,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         op.acc.write(t, i, 0);
         batch.mark(&mut op.acc, 0, t, i);
         gather.add(iova, iova + PAGE_SIZE - 1);
-        if op.acc.is_empty(t) {
+        if op.acc.is_empty_except(t, i, 1) {
             // The tables this leaves empty go as after a failed map.
             op.prune(iova, &mut batch);
         }
@@ -964,6 +964,10 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
         let mut slot = [0usize; MAX_LEVELS];
         // touched[l]: an entry of path[l] was cleared since we entered it.
         let mut touched = [false; MAX_LEVELS];
+        // The entries of path[0] the last clear went over (all zero now):
+        // a leaf table is left right after its one clear, so its
+        // emptiness check reads only the rest.
+        let mut cleared0 = (0usize, 0usize);
         path[top as usize] = self.root;
         let mut valid = top;
         let mut cur = iova;
@@ -978,6 +982,7 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                     // Every present level-0 entry is a 4 KiB leaf inside
                     // the range: clear the run in one go.
                     let count = ((ENTRIES - i) as u64).min((end - cur) >> PAGE_SHIFT) as usize;
+                    cleared0 = (i, count);
                     let c = match collect.as_deref_mut() {
                         Some(runs) => {
                             let format = self.format;
@@ -1059,7 +1064,12 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                     let span = level_size(v + 1);
                     failure.is_none() && base_of[vi] >= iova && end - base_of[vi] >= span
                 } else {
-                    touched[vi] && self.acc.is_empty(path[vi])
+                    touched[vi]
+                        && if v == 0 {
+                            self.acc.is_empty_except(path[0], cleared0.0, cleared0.1)
+                        } else {
+                            self.acc.is_empty(path[vi])
+                        }
                 };
                 touched[vi] = false;
                 if unlink {
