@@ -589,10 +589,12 @@ impl IoPagetable {
     ) -> (PhysRuns, Result<()>) {
         let length = last - start + 1;
         if area.start_byte.is_multiple_of(PAGE_SIZE) && length.is_multiple_of(PAGE_SIZE) {
-            // Room for a run per page up to 1 GiB (4 MiB of runs, reserved,
-            // not touched): a list grown by copies costs more than the
-            // unmap's own pass over the tables.
-            let mut phys: PhysRuns = Vec::with_capacity((length / PAGE_SIZE).min(1 << 18) as usize);
+            // Room for every run up front (a list grown by copies costs
+            // more than the unmap's own pass over the tables), sized from
+            // the density of the first runs: a run per page for scattered
+            // 4 KiB pages (up to 1 GiB's, 4 MiB of runs, reserved, not
+            // touched), 512 per GiB of 2 MiB frames.
+            let mut phys: PhysRuns = Vec::with_capacity(Self::runs_estimate(domain, start, length));
             match domain.read().unmap_shared_collect(start, length, gather, &mut phys) {
                 Err(DomainError::NotSupported) => {}
                 Ok(n) if n == length => return (phys, Ok(())),
@@ -604,6 +606,25 @@ impl IoPagetable {
         let phys = Self::read_back(domain, start, area, fp, lp);
         let result = domain.read().unmap_shared(start, length, gather).map(|_| ()).map_err(domain_errno);
         (phys, result)
+    }
+
+    /// How many physical runs `[start, start + length)` of `domain` is
+    /// likely to hold, from the first few (an upper bound of a run per
+    /// page, at most 2^18).
+    fn runs_estimate(domain: &DomainRef, start: u64, length: u64) -> usize {
+        const PROBE: usize = 16;
+        let pages = (length / PAGE_SIZE).min(1 << 18);
+        if pages <= PROBE as u64 {
+            return pages as usize;
+        }
+        let mut probe = [PhysRun::default(); PROBE];
+        let (n, done) = domain.read().iova_to_phys_runs(start, length, &mut probe);
+        if done == 0 {
+            return pages as usize;
+        }
+        // The probe stops when its buffer is full: `done` bytes in `n` runs.
+        let estimate = (n as u64).max(1).saturating_mul(length.div_ceil(done));
+        estimate.min(pages) as usize
     }
 
     /// Maps the area's pages into `domain`: each physically contiguous
