@@ -399,15 +399,20 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         if self.mem.read(t, i) == 0 {
             return Some(0);
         }
+        self.mem.write(t, i, 0);
+        if !self.coherent {
+            let line = (i / crate::ENTRIES_PER_LINE) as u64 * crate::CACHE_LINE;
+            self.mem.flush(t + line, crate::CACHE_LINE);
+        }
+        gather.add(iova, iova + PAGE_SIZE - 1);
+        if !self.mem.is_empty_except(t, i, 1) {
+            return Some(PAGE_SIZE);
+        }
+        // The tables this leaves empty go as after a failed map (the
+        // cleared leaf's line is already flushed, before any unlink).
         let mut batch = FlushBatch::new(!self.coherent);
         let mut op = Op::new(&self.format, Exclusive(&mut self.mem), self.root, self.top, self.leaf_levels);
-        op.acc.write(t, i, 0);
-        batch.mark(&mut op.acc, 0, t, i);
-        gather.add(iova, iova + PAGE_SIZE - 1);
-        if op.acc.is_empty_except(t, i, 1) {
-            // The tables this leaves empty go as after a failed map.
-            op.prune(iova, &mut batch);
-        }
+        op.prune(iova, &mut batch);
         batch.finish(&mut op.acc);
         let unlinked = op.unlinked;
         if !unlinked.is_empty() {
