@@ -338,3 +338,21 @@ fn an_unmap_hands_back_what_it_cleared_as_a_read_back_would() {
     assert_eq!(pt.unmap_shared_collect(base, end - base, &mut g, &mut unlinked, &mut again).unwrap(), 0);
     assert!(again.is_empty());
 }
+
+#[test]
+fn a_run_of_4k_leaves_across_leaf_tables_is_handed_back_as_one() {
+    // Physically contiguous but 4 KiB-misaligned for 2 MiB: 4 KiB leaves
+    // in three leaf tables, handed back joined into the one run mapped,
+    // after a run in `out` it does not continue.
+    let pt = ss();
+    let mut unlinked = Vec::new();
+    let base = 0x40_0000_0000u64 + M2 - 8 * K4;
+    let run = PhysRun::new(0x7700_1000, 2 * M2);
+    pt.map_shared(base, &[run], Prot::RW, &mut unlinked).unwrap();
+    let mut g = IotlbGather::default();
+    let earlier = PhysRun::new(0x1000, K4);
+    let mut collected = vec![earlier];
+    assert_eq!(pt.unmap_shared_collect(base, 2 * M2, &mut g, &mut unlinked, &mut collected).unwrap(), 2 * M2);
+    assert_eq!(collected, [earlier, run]);
+    check_pages(&pt, base, base + 2 * M2, |_| None);
+}
