@@ -392,7 +392,11 @@ impl RegisterModel {
             return;
         }
         if s.queue_error {
-            s.fsts |= Fsts::IQE;
+            // The descriptor at IQH fails (when there is one): the unit
+            // stops there until FSTS.IQE is cleared.
+            if s.iqh != s.iqt {
+                s.fsts |= Fsts::IQE;
+            }
             return;
         }
         let wide = s.iqa >> 11 & 1 != 0;
@@ -490,7 +494,13 @@ impl Mmio for RegisterModel {
                 s.gsts = (s.gsts - Gsts::PERSISTENT) | (v & Gcmd::PERSISTENT);
             }
             o if o == regs::FSTS.offset() => {
+                let was_stopped = s.fsts.contains(Fsts::IQE);
                 s.fsts -= Fsts::from_bits_retain(v) & Fsts::W1C;
+                if was_stopped && !s.fsts.contains(Fsts::IQE) {
+                    // Fetching resumes at IQH (the descriptor that failed,
+                    // unless software moved IQT back over it).
+                    self.process_queue(&mut s);
+                }
                 // Serviced: a pending masked event clears once nothing is left.
                 if !s.fsts.intersects(Fsts::PPF | Fsts::PFO) {
                     s.fectl -= Fectl::IP;

@@ -757,9 +757,26 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             false
         } || self.mem.read(status, 0) as u32 == seq);
         if let Some(f) = error {
+            self.restart_queue(shift, slots);
             return Err(self.err(HwError::QueueError { status: f }));
         }
         r
+    }
+
+    /// After a queue error (IQE, ICE or ITE in FSTS): the unit stopped at
+    /// the descriptor IQH names and fetches nothing more until the error
+    /// is cleared, and would fetch the same descriptor again. Everything
+    /// from there on is dropped (IQT moved back to IQH: this submission
+    /// failed, and its caller keeps what the invalidation was to make
+    /// safe), then the error bits are cleared, so the next submission
+    /// runs on an empty queue instead of failing for good.
+    fn restart_queue(&mut self, shift: u32, slots: u64) {
+        let head = (self.mmio.get64(regs::IQH) >> shift) % slots;
+        self.mmio.set64(regs::IQT, head << shift);
+        if let Some(q) = self.queue.as_mut() {
+            q.tail = head;
+        }
+        self.mmio.set32(regs::FSTS, Fsts::QUEUE_ERRORS.bits());
     }
 
     /// Invalidates the context cache and then the whole IOTLB of `did`.

@@ -285,6 +285,16 @@ fn a_queue_error_is_reported_with_the_fault_status() {
     let e = u.invalidate_range(1, 0, 0xfff, true).unwrap_err();
     assert_eq!(e, Error { unit: BASE, cause: HwError::QueueError { status: Fsts::IQE.bits() } });
     assert!(e.to_string().starts_with("IOMMU unit at 0xfed90000: invalidation queue error"), "{e}");
+    // The queue is restarted: the error cleared, the failed descriptors
+    // dropped (IQT back at IQH), and the next invalidation goes through.
+    let s = model.state();
+    assert!(!s.fsts.intersects(Fsts::QUEUE_ERRORS), "cleared: {:?}", s.fsts);
+    assert_eq!(s.iqt, s.iqh, "nothing left queued");
+    drop(s);
+    model.state().queue_error = false;
+    model.take_log();
+    u.invalidate_range(1, 0, 0xfff, true).unwrap();
+    assert!(!model.take_log().is_empty(), "the unit processed it");
 }
 
 #[test]
