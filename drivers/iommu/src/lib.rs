@@ -183,6 +183,15 @@ pub enum HwError {
     NotEnabled,
     /// A table (interrupt remapping entries, ...) has no free slot.
     TableFull,
+    /// The unit finished a register-based invalidation without doing it
+    /// (VT-d IOTLB IAIG or CCMD CAIG 00b: a request it found wrong and
+    /// ignored), so whatever it cached is still cached.
+    Rejected {
+        /// The register whose request was ignored.
+        register: &'static str,
+        /// Its value when the unit was done.
+        value: u64,
+    },
 }
 
 impl fmt::Display for HwError {
@@ -201,6 +210,9 @@ impl fmt::Display for HwError {
             Self::Invalid(what) => write!(f, "invalid argument: {what}"),
             Self::NotEnabled => write!(f, "not enabled"),
             Self::TableFull => write!(f, "table full"),
+            Self::Rejected { register, value } => {
+                write!(f, "invalidation not performed ({register} = {value:#x})")
+            }
         }
     }
 }

@@ -123,6 +123,9 @@ pub mod ccmd {
     pub const DOMAIN: u64 = 2 << 61;
     /// Device-selective invalidation.
     pub const DEVICE: u64 = 3 << 61;
+    /// CAIG: the granularity the unit actually invalidated at, when ICC
+    /// has cleared; 0 means it did not invalidate at all.
+    pub const CAIG: u64 = 3 << 59;
 }
 
 /// IOTLB invalidate register bits (spec 11.4.8.1).
@@ -135,6 +138,9 @@ pub mod iotlb {
     pub const DOMAIN: u64 = 2 << 60;
     /// Page-selective invalidation.
     pub const PAGE: u64 = 3 << 60;
+    /// IAIG: the granularity the unit actually invalidated at, when IVT
+    /// has cleared; 0 means it found the request wrong and ignored it.
+    pub const IAIG: u64 = 3 << 57;
     /// Drain reads.
     pub const DR: u64 = 1 << 49;
     /// Drain writes.

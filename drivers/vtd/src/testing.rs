@@ -264,6 +264,11 @@ pub struct State {
     /// Test knob: report an invalidation queue error (FSTS.IQE) instead of
     /// running the queue.
     pub queue_error: bool,
+    /// Test knob: register-based invalidations finish without being done
+    /// (CCMD.CAIG and IOTLB.IAIG read 0).
+    pub reject_invalidation: bool,
+    /// The IOTLB invalidate register as read back (IVT clear, IAIG set).
+    pub iotlb_reg: u64,
 }
 
 /// The model of one unit: an [`Mmio`] for the driver (clones share the
@@ -463,7 +468,7 @@ impl Mmio for RegisterModel {
             o if o == regs::IRTA.offset() => s.irta,
             o if o == iro => s.iva,
             // IVT clears as soon as it is written: the invalidation is done.
-            o if o == iro + 8 => 0,
+            o if o == iro + 8 => s.iotlb_reg,
             o if o == fro => s.fault[0],
             o if o == fro + 8 => s.fault[1],
             _ => panic!("VT-d model: unexpected 64-bit read at {off:#x}"),
@@ -540,7 +545,7 @@ impl Mmio for RegisterModel {
             o if o == regs::RTADDR.offset() => s.rtaddr = v,
             o if o == regs::IRTA.offset() => s.irta = v,
             o if o == regs::CCMD.offset() => {
-                if v & regs::ccmd::ICC != 0 {
+                if v & regs::ccmd::ICC != 0 && !s.reject_invalidation {
                     let did = v as u16;
                     let what = match (v >> 61) & 3 {
                         1 => ContextInvalidation::Global,
@@ -549,8 +554,10 @@ impl Mmio for RegisterModel {
                     };
                     self.log_one(&mut s, Invalidation::Context(what), Via::Register);
                 }
-                // Done at once: ICC clear, CAIG = the granularity asked for.
-                s.ccmd = v & !regs::ccmd::ICC & !(3 << 59) | ((v >> 61) & 3) << 59;
+                // Done at once: ICC clear, CAIG = the granularity asked for
+                // (0 when the test has the unit ignore requests).
+                let caig = if s.reject_invalidation { 0 } else { (v >> 61) & 3 };
+                s.ccmd = v & !regs::ccmd::ICC & !(3 << 59) | caig << 59;
             }
             o if o == regs::IQA.offset() => s.iqa = v,
             o if o == regs::IQT.offset() => {
@@ -559,7 +566,9 @@ impl Mmio for RegisterModel {
             }
             o if o == iro => s.iva = v,
             o if o == iro + 8 => {
-                if v & regs::iotlb::IVT != 0 {
+                let iaig = if s.reject_invalidation { 0 } else { (v >> 60) & 3 };
+                s.iotlb_reg = v & !regs::iotlb::IVT & !regs::iotlb::IAIG | iaig << 57;
+                if v & regs::iotlb::IVT != 0 && !s.reject_invalidation {
                     let did = (v >> 32) as u16;
                     let iva = s.iva;
                     let what = match (v >> 60) & 3 {

@@ -692,7 +692,12 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.mmio.set64(regs::CCMD, ccmd::ICC | what);
         self.stats.invalidations += 1;
         self.stats.waits += 1;
-        self.wait_for("CCMD.ICC", |m| m.get64(regs::CCMD) & ccmd::ICC == 0)
+        self.wait_for("CCMD.ICC", |m| m.get64(regs::CCMD) & ccmd::ICC == 0)?;
+        let value = self.mmio.get64(regs::CCMD);
+        if value & ccmd::CAIG == 0 {
+            return Err(self.err(HwError::Rejected { register: "CCMD", value }));
+        }
+        Ok(())
     }
 
     fn register_iotlb_invalidate(&mut self, what: u64) -> Result<(), Error> {
@@ -700,7 +705,12 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.mmio.write64(reg, iotlb::IVT | iotlb::DR | iotlb::DW | what);
         self.stats.invalidations += 1;
         self.stats.waits += 1;
-        self.wait_for("IOTLB.IVT", |m| m.read64(reg) & iotlb::IVT == 0)
+        self.wait_for("IOTLB.IVT", |m| m.read64(reg) & iotlb::IVT == 0)?;
+        let value = self.mmio.read64(reg);
+        if value & iotlb::IAIG == 0 {
+            return Err(self.err(HwError::Rejected { register: "IOTLB", value }));
+        }
+        Ok(())
     }
 
     /// Submits `descs` followed by one invalidation wait, and waits for it.

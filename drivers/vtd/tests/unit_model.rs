@@ -107,6 +107,21 @@ fn register_based_invalidation_without_qi() {
     );
 }
 
+/// IVT (or ICC) clearing only says the unit is done: with IAIG (CAIG) 0
+/// it ignored the request, and the caller must hear that nothing was
+/// invalidated.
+#[test]
+fn a_register_invalidation_the_unit_ignored_is_an_error() {
+    let (model, mut u) = unit();
+    u.enable(false).unwrap();
+    model.state().reject_invalidation = true;
+    let e = u.invalidate_range(3, 0x1000, 0x1fff, false).unwrap_err();
+    assert!(matches!(e.cause, HwError::Rejected { register: "IOTLB", .. }), "{e:?}");
+    assert!(e.to_string().contains("invalidation not performed"), "{e}");
+    model.state().reject_invalidation = false;
+    u.invalidate_range(3, 0x1000, 0x1fff, false).unwrap();
+}
+
 #[test]
 fn hardware_that_never_answers_times_out_with_the_register_named() {
     let (model, mut u) = unit();
