@@ -962,6 +962,17 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         }
     }
 
+    /// Clears a live root or context entry: the low half (present bit)
+    /// first, so a walk in between finds it not present rather than
+    /// present with a zeroed domain id and address width.
+    fn clear_entry(&mut self, table: u64, index: usize) {
+        self.mem.write(table, index * 2, 0);
+        self.mem.write(table, index * 2 + 1, 0);
+        if !self.mem.coherent() {
+            self.mem.flush(table + index as u64 * 16, 16);
+        }
+    }
+
     /// Points device `sid` (requester id) at the second-stage table `root`
     /// of `levels` levels, domain `did`. The device translates from now on.
     pub fn attach(&mut self, sid: u16, root: u64, levels: u32, did: u16) -> Result<(), Error> {
@@ -1038,7 +1049,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         ]);
         if old.present() {
             // Changing a live entry: block first, flush, then install.
-            self.write_entry(table, (sid & 0xff) as usize, [0, 0]);
+            self.clear_entry(table, (sid & 0xff) as usize);
             self.flush_context(ContextScope::Device { did: old.did(), sid }, old.did())?;
         }
         self.write_entry(table, (sid & 0xff) as usize, entry.0);
@@ -1061,7 +1072,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         if !old.present() {
             return Ok(());
         }
-        self.write_entry(table, idx, [0, 0]);
+        self.clear_entry(table, idx);
         self.flush_context(ContextScope::Device { did: old.did(), sid }, old.did())
     }
 

@@ -549,3 +549,19 @@ fn a_legacy_domain_dropped_while_attached_clears_the_context_entry_first() {
     assert!(!mem.tables.lock().unwrap().is_live(root));
     assert_eq!(dev.new_domain().unwrap().domain_id(), did);
 }
+
+/// Legacy mode: a live context entry is cleared present bit first (the
+/// low word before the high one that holds the domain id), so the unit
+/// never walks a present entry with domain id 0.
+#[test]
+fn a_legacy_context_entry_is_cleared_present_bit_first() {
+    let (model, mem, unit) = bring_up(0, 0, Mode::Legacy { queued: true });
+    let dev = Device::new(unit.clone(), RequesterRef { unit: 0, requester_id: RID });
+    let mut d = dev.new_domain().unwrap();
+    d.attach_device(handle()).unwrap();
+    let root_entry = model.state().rtaddr + u64::from(RID >> 8) * 16;
+    let entry = (mem.word(root_entry) & !0xfff) + u64::from(RID & 0xff) * 16;
+    d.detach_device(handle()).unwrap();
+    assert_eq!((mem.word(entry), mem.word(entry + 8)), (0, 0));
+    assert!(mem.written_at(entry) < mem.written_at(entry + 8), "low (present) word first");
+}
