@@ -450,7 +450,14 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             return Err(e);
         }
         self.queue = Some(Queue { page, tail: 0, wide: true });
-        self.submit(&[Descriptor::context(ContextScope::Global), Descriptor::iotlb(IotlbScope::Global)])?;
+        // Whatever an earlier owner (firmware, a previous kernel) left
+        // cached goes, PASID-cache entries included: they are tagged with
+        // domain ids this driver hands out again.
+        self.submit256(&[
+            Descriptor::context(ContextScope::Global).into(),
+            Descriptor256::pasid_cache(crate::qi::PasidCacheScope::Global),
+            Descriptor::iotlb(IotlbScope::Global).into(),
+        ])?;
         self.gcmd(Gcmd::TE, true)
     }
 

@@ -550,6 +550,18 @@ fn a_legacy_domain_dropped_while_attached_clears_the_context_entry_first() {
     assert_eq!(dev.new_domain().unwrap().domain_id(), did);
 }
 
+/// Scalable-mode bring-up drops everything an earlier owner left cached:
+/// context cache, PASID cache and IOTLB, all global, in that order.
+#[test]
+fn scalable_bring_up_invalidates_every_cache_globally() {
+    let (model, _mem, _unit) = bring_up(0, ECAP_SM | ecap_pasid(20), Mode::Scalable);
+    let inv = invalidations(&model.take_log());
+    let first: Vec<_> = inv.iter().take(3).collect();
+    assert!(matches!(first[0], Invalidation::Context(ContextInvalidation::Global)), "{inv:?}");
+    assert!(matches!(first[1], Invalidation::PasidCache { g: 3, .. }), "{inv:?}");
+    assert_eq!(first[2], &Invalidation::Iotlb(IotlbInvalidation::Global), "{inv:?}");
+}
+
 /// Legacy mode: a live context entry is cleared present bit first (the
 /// low word before the high one that holds the domain id), so the unit
 /// never walks a present entry with domain id 0.
