@@ -282,8 +282,8 @@ where
     }
     fn pass_through(&self, requester_id: u16) -> Result<(), UnitError> {
         let mut u = self.unit.lock();
-        let did = u.alloc_did()?;
-        u.pass_through(requester_id, did).inspect_err(|_| u.free_did(did))
+        let did = u.pass_through_did()?;
+        u.pass_through(requester_id, did)
     }
     fn firmware_ranges(&self, requester_id: u16) -> Vec<FirmwareRange> {
         self.unit

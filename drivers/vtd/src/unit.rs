@@ -256,6 +256,8 @@ pub struct Unit<M: Mmio, T: TableMemory, C: Clock> {
     wait_seq: u32,
     next_did: u32,
     free_dids: Vec<u16>,
+    /// The domain id every pass-through entry carries (taken once, kept).
+    pass_through_did: Option<u16>,
     faults: Vec<FaultRecord>,
     overflows: u64,
     rmrrs: Vec<(u16, u64, u64)>,
@@ -303,6 +305,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             wait_seq: 0,
             next_did: 1,
             free_dids: Vec::new(),
+            pass_through_did: None,
             faults: Vec::new(),
             overflows: 0,
             rmrrs: Vec::new(),
@@ -1027,7 +1030,21 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.set_pasids_dirty_tracking(did, on)
     }
 
-    /// Lets device `sid` DMA to physical addresses untranslated (ECAP.PT).
+    /// The domain id for pass-through entries: one for all of them,
+    /// taken the first time and never returned (an id given back while
+    /// an entry, or a cache entry the unit has not dropped, still carries
+    /// it would tag a translating domain's entries the same way).
+    pub fn pass_through_did(&mut self) -> Result<u16, Error> {
+        if let Some(did) = self.pass_through_did {
+            return Ok(did);
+        }
+        let did = self.alloc_did()?;
+        self.pass_through_did = Some(did);
+        Ok(did)
+    }
+
+    /// Lets device `sid` DMA to physical addresses untranslated (ECAP.PT),
+    /// tagged `did` (use [`Self::pass_through_did`]).
     pub fn pass_through(&mut self, sid: u16, did: u16) -> Result<(), Error> {
         if !self.caps.pass_through() {
             return Err(self.err(HwError::Unsupported("pass-through (ECAP.PT)")));
