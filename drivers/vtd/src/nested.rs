@@ -317,12 +317,17 @@ where
     }
 
     /// Blocks `sid` again (PASID-cache and IOTLB invalidated for the
-    /// entry removed). A requester id not attached here is left alone.
+    /// entry removed). A requester id not attached here is left alone,
+    /// as is one attached here once and moved to another domain since
+    /// (its entry names that domain now).
     pub fn detach_requester(&mut self, sid: u16) -> Result<(), UnitError> {
         if !self.attached.contains(&sid) {
             return Ok(());
         }
-        self.unit.lock().detach(sid)?;
+        let mut u = self.unit.lock();
+        if u.attached_domain(sid) == Some(self.did) {
+            u.detach(sid)?;
+        }
         self.attached.remove(&sid);
         Ok(())
     }
@@ -347,15 +352,13 @@ where
     T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
-    /// Devices still attached are blocked, then everything cached under
+    /// Devices whose entries still name this domain are blocked (not
+    /// those moved to another domain since), then everything cached under
     /// the domain id is dropped (domain-selective IOTLB invalidation); the
     /// id is reused only when all of that succeeded.
     fn drop(&mut self) {
         let mut u = self.unit.lock();
-        let mut clean = true;
-        for &sid in &self.attached {
-            clean &= u.detach(sid).is_ok();
-        }
+        let mut clean = u.detach_domain(self.did).is_ok();
         clean &= u.invalidate_range(self.did, 0, u64::MAX, false).is_ok();
         if clean {
             u.free_did(self.did);

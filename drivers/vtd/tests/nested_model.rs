@@ -160,3 +160,30 @@ fn units_without_nesting_refuse() {
     assert!(!legacy.can_nest());
     assert_eq!(legacy.new_nested_domain(s1).err(), Some(NestedError::NotSupported));
 }
+
+/// A requester attached to a nested domain and then moved to another
+/// domain belongs to that one: detaching it from the nested domain, or
+/// dropping the nested domain, leaves it attached where it is.
+#[test]
+fn a_requester_moved_away_is_not_blocked_by_its_old_nested_domain() {
+    let (_model, u) = unit(CAP_FS5LP, ECAP_NEST);
+    let parent = u.new_domain_in(vtd::Stage::Second).unwrap();
+    let info = parent.table_info();
+    let p = NestParent { root: info.root, levels: info.levels, dirty_tracking: false };
+    let s1 = StageOne { flags: S1_SRE, pgtbl_addr: 0x1_2345_6000, addr_width: 48 };
+    for drop_it in [false, true] {
+        let mut nested = u.new_nested_domain(s1).unwrap();
+        nested.attach_requester(8, &p).unwrap();
+        let mut other = u.new_domain_in(vtd::Stage::Second).unwrap();
+        other.attach_requester(8).unwrap();
+        let did = other.domain_id();
+        if drop_it {
+            drop(nested);
+        } else {
+            nested.detach_requester(8).unwrap();
+            assert_eq!(nested.attached().count(), 0);
+        }
+        assert_eq!(u.lock().attached_domain(8), Some(did), "drop: {drop_it}");
+        other.detach_requester(8).unwrap();
+    }
+}
