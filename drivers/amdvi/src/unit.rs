@@ -838,9 +838,12 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             self.irq_tables.insert(device_id, table);
             let current = self.dte(device_id).unwrap_or(DeviceTableEntry::blocked());
             if let Err(e) = self.set_dte_keeping_interrupts(device_id, current) {
-                if let Some(t) = self.irq_tables.remove(&device_id) {
-                    self.free_irq_table(t);
-                }
+                // The entry naming the table may have reached memory (and
+                // the unit) before the invalidation failed: the table is
+                // forgotten but never freed, so the unit can only ever
+                // read an empty table there (every MSI blocked). The next
+                // entry written for the device names no table or a new one.
+                self.irq_tables.remove(&device_id);
                 return Err(e);
             }
         }
@@ -908,15 +911,17 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     }
 
     /// Drops every route of `device_id`: its entry goes back to blocked
-    /// interrupts and the table is freed.
+    /// interrupts and the table is freed, once the unit confirmed it no
+    /// longer uses it. When the entry change or the invalidation fails the
+    /// table is forgotten but never freed (the unit may still read it, or
+    /// hold entries from it).
     pub fn release_interrupts(&mut self, device_id: u16) -> Result<(), Error> {
         let Some(table) = self.irq_tables.remove(&device_id) else { return Ok(()) };
         let current = self.dte(device_id).unwrap_or(DeviceTableEntry::blocked());
-        let r = self
-            .set_dte_keeping_interrupts(device_id, current)
-            .and_then(|()| self.submit(&[Command::invalidate_interrupt_table(device_id)]));
+        self.set_dte_keeping_interrupts(device_id, current)?;
+        self.submit(&[Command::invalidate_interrupt_table(device_id)])?;
         self.free_irq_table(table);
-        r
+        Ok(())
     }
 
     /// Route `index` of `device_id` as the unit reads it, in the 32-bit

@@ -1040,3 +1040,29 @@ fn a_domain_dropped_while_attached_blocks_its_devices_first() {
     assert_eq!(mem.live(), live, "nothing freed: the unit never confirmed the detach");
     assert_ne!(unit.new_amd_domain().unwrap().domain_id(), id, "the id is not reused");
 }
+
+/// An interrupt table the device's entry may name is never freed before
+/// the unit confirmed the change: neither when the first route's entry
+/// change times out (the entry in memory already names the new table) nor
+/// when releasing the routes times out.
+#[test]
+fn interrupt_tables_outlive_an_unconfirmed_entry_change() {
+    use amdvi::Interrupts;
+    let (model, mem, mut u) = enabled();
+    let live = |t: u64| mem.0.lock().unwrap().heap.is_live(t);
+    model.state().stuck = true;
+    assert!(matches!(u.route_interrupt(0x10, 0x2b, 0), Err(Error { cause: HwError::Timeout { .. }, .. })));
+    let Some(Interrupts::Remapped { table, .. }) = u.dte(0x10).unwrap().interrupts() else {
+        panic!("the entry was written before the wait: {:?}", u.dte(0x10))
+    };
+    assert!(live(table), "the table the entry names stays allocated");
+    assert_eq!(u.interrupt_table_entries(0x10), None, "and is forgotten");
+
+    let (model, mem, mut u) = enabled();
+    let live = |t: u64| mem.0.lock().unwrap().heap.is_live(t);
+    u.route_interrupt(0x18, 0x2b, 0).unwrap();
+    let Some(Interrupts::Remapped { table, .. }) = u.dte(0x18).unwrap().interrupts() else { panic!() };
+    model.state().stuck = true;
+    assert!(u.release_interrupts(0x18).is_err());
+    assert!(live(table), "a release the unit did not confirm frees nothing");
+}
