@@ -3,7 +3,7 @@
 
 use crate::error::{Function, PassthroughError};
 use crate::iommus::Iommus;
-use crate::machine::{FaultBatch, Machine};
+use crate::machine::{FaultBatch, Holder, Machine};
 use crate::ownership::{GroupId, Owner};
 use crate::platform::{Platform, PlatformPhys};
 use crate::quiesce::{self, Reset};
@@ -89,6 +89,8 @@ pub struct GuestDma<P: Platform> {
     allow_unsafe_interrupts: bool,
     machine: Arc<Machine>,
     owner: Owner,
+    /// What this view holds its devices' groups as.
+    holder: Holder,
     /// APIC ids the guest's interrupts may be routed to (`None`: any).
     cpus: Option<Vec<u32>>,
     /// The hypervisor's 4-level table devices are attached to instead of
@@ -184,6 +186,7 @@ impl<P: Platform> GuestDma<P> {
         let ictx = Ictx::new(memory.clone() as Arc<dyn MemorySource>, pin_limit_pages);
         let ioas = ictx.ioas_alloc().map_err(|e| PassthroughError::Iommufd("IOAS allocation", e))?;
         let machine = iommus.machine().clone();
+        let holder = Holder::View(machine.new_view());
         Ok(Self {
             platform: iommus.platform().clone(),
             memory,
@@ -195,6 +198,7 @@ impl<P: Platform> GuestDma<P> {
             allow_unsafe_interrupts: false,
             machine,
             owner,
+            holder,
             cpus: None,
             table: None,
             dirty_hwpts: None,
@@ -341,7 +345,7 @@ impl<P: Platform> GuestDma<P> {
     /// Drops `function`'s hold of its group.
     fn release(&self, function: Function) {
         if let Some(g) = self.machine.groups.of(function) {
-            self.machine.unhold(function, g.id, self.owner);
+            self.machine.unhold(function, g.id, self.owner, self.holder);
         }
     }
 
@@ -380,7 +384,9 @@ impl<P: Platform> GuestDma<P> {
         if routed {
             return Err(PassthroughError::Owned(function, Owner::Host));
         }
-        self.machine.hold(function, group, self.owner).map_err(|t| PassthroughError::Owned(function, t.owner))?;
+        self.machine
+            .hold(function, group, self.owner, self.holder)
+            .map_err(|t| PassthroughError::Owned(function, t.owner))?;
         // The unit's interrupt table for the requester id holds as many
         // entries as the function has vectors (AMD-Vi; VT-d has one table).
         let vectors = quiesce::msi_vectors(&*self.platform, function);

@@ -3,7 +3,7 @@
 //! requester id its DMA arrives with.
 
 use crate::error::{BringUpError, Function, PassthroughError};
-use crate::machine::{FaultBatch, Machine, RoutedFault};
+use crate::machine::{FaultBatch, Holder, Machine, RoutedFault};
 use crate::ownership::{Group, Groups, Owner};
 use crate::platform::{ConfigSpace, Platform, PlatformClock, PlatformTables};
 use crate::topology::{self, Assignment};
@@ -306,23 +306,31 @@ impl<P: Platform> Iommus<P> {
 
     /// Keeps `segment:bdf` (and its whole group) for the host, `how`: no
     /// guest can be given it until [`Self::release_host`]. Refused, with
-    /// the owner named, when a guest has the group.
+    /// the owner named, when a guest has the group or one of the host's
+    /// own DMA views ([`crate::GuestDma::new_host`]) has the function.
+    ///
+    /// When passing through fails, the group's requester ids are blocked
+    /// again, the one that failed included (its entry may have been
+    /// written before the unit failed to confirm it), and a claim this
+    /// call made is dropped; a function claimed before stays claimed,
+    /// blocked. A requester id that cannot be blocked keeps the group the
+    /// host's (as `release_host` does when blocking fails): no guest is
+    /// given what it reaches.
     pub fn claim_for_host(&self, segment: u16, bdf: Bdf, how: HostUse) -> Result<(), PassthroughError> {
         let function = Function { segment, bdf };
         let (d, _) = self.locate(segment, bdf)?;
         let group = self.group_of(segment, bdf).ok_or(PassthroughError::NotIsolated(function))?.clone();
-        self.machine.hold(function, group.id, Owner::Host).map_err(|t| PassthroughError::Owned(function, t.owner))?;
+        let claimed_before = self.machine.holds(function, group.id, Holder::Claim);
+        self.machine
+            .hold(function, group.id, Owner::Host, Holder::Claim)
+            .map_err(|t| PassthroughError::Owned(function, t.owner))?;
         if how == HostUse::PassThrough {
             let unit = d.generic();
             for (k, r) in group.requesters().enumerate() {
                 if let Err(e) = unit.pass_through(r.requester_id) {
-                    // Back to blocked, as before the call. A requester id
-                    // that cannot be blocked again stays pass-through, so
-                    // the host keeps the group (as `release_host` does when
-                    // blocking fails): no guest is given what it reaches.
-                    let stuck = group.requesters().take(k).filter(|r| unit.block(r.requester_id).is_err()).count();
-                    if stuck == 0 {
-                        self.machine.unhold(function, group.id, Owner::Host);
+                    let stuck = group.requesters().take(k + 1).filter(|r| unit.block(r.requester_id).is_err()).count();
+                    if stuck == 0 && !claimed_before {
+                        self.machine.unhold(function, group.id, Owner::Host, Holder::Claim);
                     }
                     return Err(PassthroughError::Unit(function, e));
                 }
@@ -338,7 +346,9 @@ impl<P: Platform> Iommus<P> {
         let function = Function { segment, bdf };
         let (d, _) = self.locate(segment, bdf)?;
         let group = self.group_of(segment, bdf).ok_or(PassthroughError::NotIsolated(function))?.clone();
-        if self.machine.owner(group.id) != Some(Owner::Host) {
+        // Only a claim is released here: a function one of the host's own
+        // DMA views was given is that view's to give back.
+        if !self.machine.holds(function, group.id, Holder::Claim) {
             return Err(PassthroughError::NotAssigned(function));
         }
         let unit = d.generic();
@@ -348,7 +358,7 @@ impl<P: Platform> Iommus<P> {
                 unit.block(r.requester_id).map_err(|e| PassthroughError::Unit(function, e))?;
             }
         }
-        self.machine.unhold(function, group.id, Owner::Host);
+        self.machine.unhold(function, group.id, Owner::Host, Holder::Claim);
         Ok(())
     }
 

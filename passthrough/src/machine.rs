@@ -49,12 +49,26 @@ pub struct FaultBatch<F> {
 struct State {
     owners: Owners,
     /// Functions (assigned, or claimed for the host) holding each group
-    /// for its owner; the group is released when none is left.
-    holds: BTreeMap<GroupId, Vec<Function>>,
+    /// for its owner, and who holds each; the group is released when none
+    /// is left.
+    holds: BTreeMap<GroupId, Vec<(Function, Holder)>>,
     next_guest: u32,
+    next_view: u32,
     queues: BTreeMap<Owner, Queue>,
     /// Overflow counts seen per unit.
     overflows: BTreeMap<usize, u64>,
+}
+
+/// Who holds a function for its owner: [`crate::Iommus::claim_for_host`],
+/// or one DMA view (a guest's, or one of the host's `GuestDma`s). Two
+/// holders of the same owner never hold the same function, and each
+/// lets go only of what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// Claimed for the host.
+    Claim,
+    /// Assigned to the DMA view with this number.
+    View(u32),
 }
 
 /// The shared machine-wide state.
@@ -84,28 +98,45 @@ impl Machine {
         self.state.lock().queues.remove(&Owner::Guest(id));
     }
 
-    /// One more hold of `f`'s group by `owner`: claims the group if nobody
-    /// owns it. Refused (nothing changes) when another owner has it.
-    pub(crate) fn hold(&self, f: Function, group: GroupId, owner: Owner) -> Result<(), Taken> {
+    /// A number for a new DMA view (its [`Holder::View`]).
+    pub(crate) fn new_view(&self) -> u32 {
         let mut s = self.state.lock();
-        s.owners.claim(group, owner)?;
-        let h = s.holds.entry(group).or_default();
-        if !h.contains(&f) {
-            h.push(f);
+        s.next_view += 1;
+        s.next_view
+    }
+
+    /// One more hold of `f`'s group by `owner`, through `holder`: claims
+    /// the group if nobody owns it. Refused (nothing changes) when another
+    /// owner has the group, or another holder of the same owner has `f`.
+    pub(crate) fn hold(&self, f: Function, group: GroupId, owner: Owner, holder: Holder) -> Result<(), Taken> {
+        let mut s = self.state.lock();
+        let held = s.holds.get(&group).and_then(|h| h.iter().find(|x| x.0 == f).map(|x| x.1));
+        match held {
+            Some(by) if by == holder => return Ok(()),
+            Some(_) => return Err(Taken { group, owner: s.owners.owner(group).unwrap_or(owner) }),
+            None => {}
         }
+        s.owners.claim(group, owner)?;
+        s.holds.entry(group).or_default().push((f, holder));
         Ok(())
     }
 
-    /// Drops `f`'s hold of its group; returns whether the group is free
-    /// now (no function of `owner` holds it any more).
-    pub(crate) fn unhold(&self, f: Function, group: GroupId, owner: Owner) -> bool {
+    /// Whether `holder` holds `f`.
+    pub(crate) fn holds(&self, f: Function, group: GroupId, holder: Holder) -> bool {
+        self.state.lock().holds.get(&group).is_some_and(|h| h.contains(&(f, holder)))
+    }
+
+    /// Drops `holder`'s hold of `f` (another holder's hold of it stays);
+    /// returns whether the group is free now (nothing of `owner` holds it
+    /// any more).
+    pub(crate) fn unhold(&self, f: Function, group: GroupId, owner: Owner, holder: Holder) -> bool {
         let mut s = self.state.lock();
         if s.owners.owner(group) != Some(owner) {
             return false;
         }
         let empty = match s.holds.get_mut(&group) {
             Some(h) => {
-                h.retain(|x| *x != f);
+                h.retain(|x| *x != (f, holder));
                 h.is_empty()
             }
             None => true,

@@ -974,3 +974,60 @@ fn a_failed_start_of_dirty_tracking_leaves_the_view_as_it_was() {
     }
     panic!("never succeeded");
 }
+
+/// A pass-through claim the unit does not confirm: every requester id of
+/// the group is blocked again, the one that failed included (its entry was
+/// written before the invalidation failed), and the claim is dropped; a
+/// function the host had claimed before stays claimed, blocked.
+#[test]
+fn a_failed_pass_through_claim_leaves_the_group_blocked() {
+    use portcullis::{HostUse, Owner};
+    let host = host(Config::QEMU.coherent(true));
+    let iommus = Iommus::bring_up(host.clone());
+    host.vtd(UNIT_C).state().queue_errors_left = 1;
+    assert!(matches!(iommus.claim_for_host(0, XHCI, HostUse::PassThrough), Err(PassthroughError::Unit(..))));
+    assert_eq!(iommus.owner_of(0, XHCI), None);
+    assert_blocked(&host, UNIT_C, 0x00a0, 0x1234_5000, "a failed pass-through claim");
+
+    iommus.claim_for_host(0, XHCI, HostUse::Blocked).unwrap();
+    host.vtd(UNIT_C).state().queue_errors_left = 1;
+    assert!(iommus.claim_for_host(0, XHCI, HostUse::PassThrough).is_err());
+    assert_eq!(iommus.owner_of(0, XHCI), Some(Owner::Host), "the earlier claim holds");
+    assert_blocked(&host, UNIT_C, 0x00a0, 0x1234_5000, "a failed second claim");
+    iommus.release_host(0, XHCI).unwrap();
+    assert_eq!(iommus.owner_of(0, XHCI), None);
+    // A unit that confirms nothing any more: the entry is cleared in
+    // memory, but the host keeps the group (no guest is given it).
+    host.vtd(UNIT_C).state().queue_error = true;
+    assert!(iommus.claim_for_host(0, XHCI, HostUse::PassThrough).is_err());
+    host.vtd(UNIT_C).state().queue_error = false;
+    assert_eq!(iommus.owner_of(0, XHCI), Some(Owner::Host));
+    assert_blocked(&host, UNIT_C, 0x00a0, 0x1234_5000, "a unit that stopped answering");
+}
+
+/// The host's claims and the host's own DMA views hold functions apart:
+/// `release_host` gives back only a claim, a claim is refused for a
+/// function a host view has, and two host views cannot both have one.
+#[test]
+fn host_claims_and_host_views_do_not_release_each_other() {
+    use portcullis::{HostUse, Owner};
+    let host = host(Config::QEMU.coherent(true));
+    let iommus = Iommus::bring_up(host.clone());
+    let mut hv = GuestDma::new_host(&iommus, 1 << 20).unwrap();
+    hv.add_memory(GuestAddr(R1.0), PhysAddr(R1.1), R1.2, true).unwrap();
+    hv.assign(&iommus, 0, ALIASED).unwrap();
+    let f = portcullis::Function { segment: 0, bdf: ALIASED };
+    assert_eq!(iommus.release_host(0, ALIASED), Err(PassthroughError::NotAssigned(f)));
+    assert_eq!(iommus.claim_for_host(0, ALIASED, HostUse::Blocked), Err(PassthroughError::Owned(f, Owner::Host)));
+    let mut other = GuestDma::new_host(&iommus, 1 << 20).unwrap();
+    assert_eq!(other.assign(&iommus, 0, ALIASED), Err(PassthroughError::Owned(f, Owner::Host)));
+    drop(other);
+    assert_eq!(iommus.owner_of(0, ALIASED), Some(Owner::Host));
+    assert_maps(&host, UNIT_A, ALIAS_RID, R1);
+    // A claim of a function the view does not have leaves the view's alone.
+    iommus.claim_for_host(0, XHCI, HostUse::Blocked).unwrap();
+    iommus.release_host(0, XHCI).unwrap();
+    assert_maps(&host, UNIT_A, ALIAS_RID, R1);
+    drop(hv);
+    assert_eq!(iommus.owner_of(0, ALIASED), None);
+}

@@ -264,6 +264,8 @@ pub struct State {
     /// Test knob: report an invalidation queue error (FSTS.IQE) instead of
     /// running the queue.
     pub queue_error: bool,
+    /// Test knob: as `queue_error`, for this many submissions only.
+    pub queue_errors_left: u32,
     /// Test knob: register-based invalidations finish without being done
     /// (CCMD.CAIG and IOTLB.IAIG read 0).
     pub reject_invalidation: bool,
@@ -396,11 +398,12 @@ impl RegisterModel {
         if !s.gsts.contains(Gcmd::QIE) {
             return;
         }
-        if s.queue_error {
+        if s.queue_error || s.queue_errors_left > 0 {
             // The descriptor at IQH fails (when there is one): the unit
             // stops there until FSTS.IQE is cleared.
-            if s.iqh != s.iqt {
+            if s.iqh != s.iqt && !s.fsts.contains(Fsts::IQE) {
                 s.fsts |= Fsts::IQE;
+                s.queue_errors_left = s.queue_errors_left.saturating_sub(1);
             }
             return;
         }
