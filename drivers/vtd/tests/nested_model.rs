@@ -174,7 +174,7 @@ fn a_requester_moved_away_is_not_blocked_by_its_old_nested_domain() {
     for drop_it in [false, true] {
         let mut nested = u.new_nested_domain(s1).unwrap();
         nested.attach_requester(8, &p).unwrap();
-        let mut other = u.new_domain_in(vtd::Stage::Second).unwrap();
+        let other = u.new_domain_in(vtd::Stage::Second).unwrap();
         other.attach_requester(8).unwrap();
         let did = other.domain_id();
         if drop_it {
