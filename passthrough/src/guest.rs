@@ -456,7 +456,11 @@ impl<P: Platform> GuestDma<P> {
         if let Some(e) = first_error {
             return Err(e);
         }
-        let shared = self.devices.iter().any(|(f, a)| *f != function && a.id == id);
+        // Another function on the same attachment (the same requester id
+        // of the same unit, as `assign` shares them): it stays attached.
+        // Ids alone do not tell: shared-table ids are per-unit domain ids.
+        let at = self.devices[&function].at;
+        let shared = self.devices.iter().any(|(f, a)| *f != function && a.at == at);
         if !shared && self.table.is_some() {
             let a = &self.devices[&function];
             a.unit.detach_external(a.at.requester_id, id as u16).map_err(|e| PassthroughError::Unit(function, e))?;

@@ -854,6 +854,34 @@ fn a_shared_table_is_walked_by_the_device_as_first_stage() {
     assert!(guest.assign(&iommus, 0, ALIASED).is_err(), "refused again, the group was given back");
 }
 
+/// Shared table, devices on two units: each unit numbers its domain ids
+/// from the same start, so the two attachments may carry the same id;
+/// unassigning one still detaches it, and leaves the other attached.
+#[test]
+fn a_shared_table_on_two_units_detaches_each_device_on_its_own() {
+    use portcullis::Platform;
+    let config = Config { cap: Config::QEMU.cap | 1 << 56, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 47 };
+    let host = host(config);
+    let iommus = Iommus::bring_up(host.clone());
+    let root = host.alloc_frames(1, 4096).unwrap().0;
+    host.flush_cache(PhysAddr(root), 4096);
+    let (gpa, hpa, len) = R1;
+    for off in (0..len).step_by(4096) {
+        map_4level(&host, root, gpa + off, Some(hpa + off));
+    }
+    let mut guest = GuestDma::new_sharing_table(&iommus, PhysAddr(root)).unwrap();
+    guest.assign(&iommus, 0, ALIASED).unwrap();
+    guest.assign(&iommus, 0, XHCI).unwrap();
+    let (a, c) = (walk(&host, UNIT_A, ALIAS_RID, gpa), walk(&host, UNIT_C, 0x00a0, gpa));
+    assert_eq!(a.domain, c.domain, "the case that matters: the same id on both units");
+    guest.unassign(0, ALIASED).unwrap();
+    assert_blocked(&host, UNIT_A, ALIAS_RID, gpa, "unassigned");
+    assert_eq!(iommus.owner_of(0, ALIASED), None);
+    assert_maps(&host, UNIT_C, 0x00a0, R1);
+    drop(guest);
+    assert_blocked(&host, UNIT_C, 0x00a0, gpa, "the guest is gone");
+}
+
 /// The host address `gpa` maps to in the 4-level table at `root`.
 fn walk_table(host: &ModelHost, root: u64, gpa: u64) -> Option<u64> {
     use portcullis::Platform;
