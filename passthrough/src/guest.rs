@@ -38,7 +38,7 @@ pub struct GuestFault {
 /// A routed MSI of one of the guest's devices, as [`GuestDma::route_msi`]
 /// hands it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MsiHandle(u32);
+pub struct MsiHandle(u64);
 
 /// What [`GuestDma::route_msi`] made: the handle to retarget or free the
 /// route with, and the MSI address and data to program into the device
@@ -85,7 +85,10 @@ pub struct GuestDma<P: Platform> {
     ioas: u32,
     devices: BTreeMap<Function, Assigned>,
     routes: BTreeMap<MsiHandle, Route>,
-    next_route: u32,
+    /// The next route's handle number: 64 bits, so it never wraps onto a
+    /// live route (a guest reprogramming its MSIs a billion times a second
+    /// takes centuries).
+    next_route: u64,
     allow_unsafe_interrupts: bool,
     machine: Arc<Machine>,
     owner: Owner,
