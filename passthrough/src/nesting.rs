@@ -291,15 +291,18 @@ where
         self.domain.aperture()
     }
     /// As the domain's; with caching mode (not-present entries may be
-    /// cached) the range is invalidated under the nested ids too.
+    /// cached) the range is invalidated under the nested ids too. All or
+    /// nothing, as the trait asks: when that invalidation fails the range
+    /// is unmapped again (and invalidated, as far as the unit answers)
+    /// before the error is returned.
     fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> core::result::Result<(), DomainError> {
         self.domain.map(iova, phys, length, prot)?;
-        self.after_map(iova, length)
+        self.after_map(iova, length).inspect_err(|_| self.undo_map(iova, length))
     }
     fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> core::result::Result<(), DomainError> {
         self.domain.map_runs(iova, runs, prot)?;
         let length = runs.iter().fold(0u64, |a, r| a.saturating_add(r.len));
-        self.after_map(iova, length)
+        self.after_map(iova, length).inspect_err(|_| self.undo_map(iova, length))
     }
     fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
         self.domain.unmap(iova, length, gather)
@@ -381,6 +384,16 @@ where
     T: TableMemory + Clone + Send + Sync + 'static,
     C: Clock + Send + 'static,
 {
+    /// Takes back a map whose invalidation failed. The map's own error
+    /// (a hardware one) is what the caller hears: it keeps the pages
+    /// pinned, as the unit may hold translations of them whether or not
+    /// this invalidation gets through.
+    fn undo_map(&mut self, iova: u64, length: u64) {
+        let mut gather = IotlbGather::default();
+        self.domain.unmap(iova, length, &mut gather);
+        let _reported_by_the_map = self.iotlb_sync(&mut gather);
+    }
+
     fn after_map(&self, iova: u64, length: u64) -> core::result::Result<(), DomainError> {
         if length == 0 || !self.unit.lock().caps().caching_mode() {
             return Ok(());
