@@ -517,15 +517,18 @@ impl IoPagetable {
                 Ok(())
             });
             if let Err(e) = result {
-                // Unload the areas before this one.
+                // Unload the areas before this one. A failed invalidation
+                // here leaves the area's pins in place (a device may still
+                // reach the pages) and is what the caller hears, as in
+                // `map_pages`: the fill's own error says less.
+                let mut reported = Err(e);
                 for ((s, l, a), key) in r.areas[..k].iter().zip(&keys).rev() {
                     a.pages.unregister(*key);
-                    // A failed invalidation here leaves the area's pins in
-                    // place (a device may still reach the pages); the error
-                    // reported stays the fill's, as in `map_pages`.
-                    let _kept = Self::unload_shared(&r.domains, *s, *l, a);
+                    if let Err(e) = Self::unload_shared(&r.domains, *s, *l, a) {
+                        reported = Err(e);
+                    }
                 }
-                return Err(e);
+                return reported;
             }
             keys.push(area.pages.register(Self::holder_in(&r.domains[0], start, area, fp, lp)));
         }
@@ -906,7 +909,9 @@ impl IoPagetable {
             let a = self.areas.get_mut(s).expect("listed area exists").1;
             a.busy = true;
             areas.push((s, l, a.clone()));
-            bytes += l - s + 1;
+            // Two areas can cover all 2^64 bytes: the count wraps to 0
+            // then, as Linux's does.
+            bytes = bytes.wrapping_add(l - s + 1);
         }
         let domains = self.domains.iter().map(|(_, d)| d.clone()).collect();
         Ok(Unmapping { areas, domains, bytes })
@@ -981,7 +986,7 @@ impl IoPagetable {
                 }
                 release.push((area, fp, lp, phys));
             }
-            bytes += l - s + 1;
+            bytes = bytes.wrapping_add(l - s + 1);
         }
         let mut synced = Ok(());
         for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {

@@ -147,6 +147,8 @@ fn world() -> World {
     ictx.ioas_map(b, Some(MOCK_APERTURE_START + 0x10000), USER + 0x8000, 8 * PAGE_SIZE, true, true).unwrap();
     // A second area, so that filling a new domain of b can fail half-way.
     ictx.ioas_map(b, Some(MOCK_APERTURE_START + 0x30000), USER + 0x28000, 2 * PAGE_SIZE, true, true).unwrap();
+    // One right after the first, so that a copy can take two areas.
+    ictx.ioas_map(b, Some(MOCK_APERTURE_START + 0x18000), USER + 0x2a000, 2 * PAGE_SIZE, true, true).unwrap();
     let spare_dev = ictx.bind_device(device()).unwrap();
     let d3 = ictx.bind_device(device()).unwrap();
     let dirty = ictx.hwpt_alloc_with(d3, a, true).unwrap();
@@ -232,6 +234,9 @@ fn unwind_sweep(name: &str, op: impl Fn(&World) -> Result<(), Errno>, points: u6
             assert_eq!(after, before, "{name}: state changed after failure {e} at fault point {n}");
         } else {
             stale += 1;
+            // The caller must hear that an invalidation failed (pins kept,
+            // the domain to recover), not only the fault that started it.
+            assert_eq!(e, Errno::EIO, "{name}: the unwind's failed invalidation at fault point {n} went unreported");
             check_safe(name, &w, &before, &after);
         }
     }
@@ -282,6 +287,13 @@ fn operations() -> Vec<Op> {
             Box::new(move |w: &World| {
                 let (src, dst) = (MOCK_APERTURE_START + 0x10000, Some(MOCK_APERTURE_START + 0x40000));
                 w.ictx.ioas_copy(w.a, w.b, src, dst, 8 * page, true, true).map(|_| ())
+            }),
+        ),
+        (
+            "copy two areas into two domains",
+            Box::new(move |w: &World| {
+                let (src, dst) = (MOCK_APERTURE_START + 0x10000, Some(MOCK_APERTURE_START + 0x90000));
+                w.ictx.ioas_copy(w.a, w.b, src, dst, 10 * page, true, true).map(|_| ())
             }),
         ),
         ("attach (new domain filled)", Box::new(|w: &World| w.ictx.attach(w.spare_dev, w.b).map(|_| ()))),

@@ -262,6 +262,23 @@ mod tests {
     use crate::selftest::mock::MOCK_APERTURE_START;
     use alloc::sync::Arc;
 
+    /// Two areas of 2^63 bytes each cover the whole IOVA space (an IOAS
+    /// with no domain pins nothing, so the uAPI can make them): unmapping
+    /// everything succeeds and reports the byte count wrapped to 0, as
+    /// Linux does, instead of overflowing.
+    #[test]
+    fn unmapping_all_2_pow_64_bytes_wraps_the_count() {
+        let (_mem, c) = ctx();
+        let a = c.ioas_alloc().unwrap();
+        c.ioas_map(a, Some(0), 0x1000, 1 << 63, true, true).unwrap();
+        c.ioas_map(a, Some(1 << 63), 0x1000, 1 << 63, true, true).unwrap();
+        assert_eq!(c.ioas_unmap(a, 0, u64::MAX), Ok(0));
+        assert_eq!(c.ioas_unmap(a, 0, u64::MAX), Ok(0), "nothing left");
+        c.ioas_map(a, Some(0), 0x1000, 1 << 63, true, true).unwrap();
+        c.ioas_map(a, Some(1 << 63), 0x1000, 1 << 63, true, true).unwrap();
+        assert_eq!(c.ioas_unmap(a, 0, u64::MAX), Ok(0), "again, after the first unmap_all");
+    }
+
     #[test]
     fn file_and_user_mappings_of_one_memfd_share_pins() {
         let (mem, c) = ctx();
