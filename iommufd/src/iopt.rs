@@ -508,9 +508,9 @@ impl IoPagetable {
                                 e = LoadError::sync(se);
                             }
                         }
-                        if !e.stale {
-                            area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
-                        }
+                        // Stale: a device may still reach the pages; they
+                        // stay pinned, their addresses kept.
+                        area.pages.release_holder(None, fp, lp, &phys, !e.stale);
                         return Err(e.errno);
                     }
                 }
@@ -523,8 +523,7 @@ impl IoPagetable {
                 // `map_pages`: the fill's own error says less.
                 let mut reported = Err(e);
                 for ((s, l, a), key) in r.areas[..k].iter().zip(&keys).rev() {
-                    a.pages.unregister(*key);
-                    if let Err(e) = Self::unload_shared(&r.domains, *s, *l, a) {
+                    if let Err(e) = Self::unload_shared(&r.domains, *s, *l, a, Some(*key)) {
                         reported = Err(e);
                     }
                 }
@@ -557,9 +556,10 @@ impl IoPagetable {
     }
 
     /// Unmaps the filled area `[start, last]` from every domain through
-    /// the concurrent path and drops its pins when every invalidation
-    /// succeeded. Returns whether they did.
-    fn unload_shared(domains: &[DomainRef], start: u64, last: u64, area: &Area) -> Result<()> {
+    /// the concurrent path, then lets go of its holder `key` and drops its
+    /// pins when every invalidation succeeded (see
+    /// [`Pages::release_holder`]). Returns whether they did.
+    fn unload_shared(domains: &[DomainRef], start: u64, last: u64, area: &Area, key: Option<u64>) -> Result<()> {
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
         let mut g = IotlbGather::default();
         let (phys, mut result) = Self::unmap_reading_back(&domains[0], &mut g, start, last, area);
@@ -571,9 +571,7 @@ impl IoPagetable {
                 result = Err(e);
             }
         }
-        if result.is_ok() {
-            area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
-        }
+        area.pages.release_holder(key, fp, lp, &phys, result.is_ok());
         result
     }
 
@@ -814,10 +812,9 @@ impl IoPagetable {
                         e = LoadError::sync(se);
                     }
                 }
-                if !e.stale {
-                    area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
-                }
-                // Stale: a device may still reach the pages, they stay pinned.
+                // Stale: a device may still reach the pages, they stay
+                // pinned (their addresses kept).
+                area.pages.release_holder(None, fp, lp, &phys, !e.stale);
                 return Err(e.errno);
             }
         }
@@ -848,12 +845,7 @@ impl IoPagetable {
                 result = Err(e);
             }
         }
-        if let Some(k) = area.holder {
-            area.pages.unregister(k);
-        }
-        if result.is_ok() {
-            area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
-        }
+        area.pages.release_holder(area.holder, fp, lp, &phys, result.is_ok());
         let a = self.areas.get_mut(start).expect("area exists").1;
         a.filled = false;
         a.holder = None;
@@ -948,12 +940,7 @@ impl IoPagetable {
             }
         }
         for (area, fp, lp, phys) in release {
-            if let Some(k) = area.holder {
-                area.pages.unregister(k);
-            }
-            if result.is_ok() {
-                area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
-            }
+            area.pages.release_holder(area.holder, fp, lp, &phys, result.is_ok());
         }
         result
     }
@@ -995,16 +982,11 @@ impl IoPagetable {
             }
         }
         for (area, fp, lp, phys) in release {
-            if let Some(k) = area.holder {
-                area.pages.unregister(k);
-            }
-            if synced.is_err() {
-                // The areas are gone from the table, but a device may still
-                // reach their pages through stale IOTLB entries: the pins
-                // stay for good (the unmap reports the failure).
-                continue;
-            }
-            area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+            // After a failed sync the areas are gone from the table, but a
+            // device may still reach their pages through stale IOTLB
+            // entries: the pins stay for good (the unmap reports the
+            // failure).
+            area.pages.release_holder(area.holder, fp, lp, &phys, synced.is_ok());
         }
         synced.map(|()| bytes)
     }
@@ -1155,8 +1137,8 @@ impl IoPagetable {
             let r =
                 Self::map_area_into(&mut Locked(&mut **domain.lock()), *s, l, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
-                if first_domain && !e.stale {
-                    area.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
+                if first_domain {
+                    area.pages.release_holder(None, fp, lp, &phys, !e.stale);
                 }
                 failure = Some(e.errno);
                 break;
@@ -1176,13 +1158,9 @@ impl IoPagetable {
             let synced = sync(&mut **d, &mut g);
             drop(d);
             for (s, fp, lp, phys, key) in done.iter().rev() {
-                let pages = self.area(*s).1.pages;
-                if let Some(k) = key {
-                    pages.unregister(*k);
-                }
                 // After a failed sync a device may still reach the pages.
-                if first_domain && synced.is_ok() {
-                    pages.unpin(*fp, *lp, UseKind::Domain, Some(phys));
+                if first_domain {
+                    self.area(*s).1.pages.release_holder(*key, *fp, *lp, phys, synced.is_ok());
                 }
             }
             self.remove_reserved(owner);
@@ -1234,13 +1212,9 @@ impl IoPagetable {
         };
         for (s, fp, lp, phys) in release {
             let a = self.areas.get_mut(s).expect("area exists").1;
-            if let Some(k) = a.holder.take() {
-                a.pages.unregister(k);
-            }
+            let key = a.holder.take();
             a.filled = false;
-            if synced.is_ok() {
-                a.pages.unpin(fp, lp, UseKind::Domain, Some(&phys));
-            }
+            a.pages.release_holder(key, fp, lp, &phys, synced.is_ok());
         }
         self.remove_reserved(Owner::Domain(key));
         // Lowering the alignment cannot fail.
@@ -1303,12 +1277,14 @@ impl IoPagetable {
             }
             let (mut lhs, mut rhs) = (lhs, rhs);
             if area.filled {
-                // Each half registers as its own holder.
-                if let Some(k) = area.holder {
-                    area.pages.unregister(k);
-                }
-                let lk = area.pages.register(self.holder(s, &lhs, lhs.first_page(), lhs.last_page(new_start - s)));
-                let rk = area.pages.register(self.holder(new_start, &rhs, rhs.first_page(), rhs.last_page(l - iova)));
+                // Each half registers as its own holder, in place of the
+                // area's (in one step: a pin in between finds one or the
+                // other).
+                let halves = [
+                    self.holder(s, &lhs, lhs.first_page(), lhs.last_page(new_start - s)),
+                    self.holder(new_start, &rhs, rhs.first_page(), rhs.last_page(l - iova)),
+                ];
+                let [lk, rk] = area.pages.replace_holder(area.holder, halves);
                 (lhs.holder, rhs.holder) = (Some(lk), Some(rk));
             }
             self.areas.remove(s);

@@ -317,6 +317,10 @@ struct PinTable {
     chunks: BTreeMap<u64, Box<Chunk>>,
     pinned_pages: u64,
     stored_pages: u64,
+    /// Addresses of pages whose domain use stays for good with no domain
+    /// left to read them from (an area whose unload's invalidation
+    /// failed): (first page, last page, runs from the first page).
+    kept: Vec<(u64, u64, Vec<PhysRun>)>,
 }
 
 impl PinTable {
@@ -361,6 +365,32 @@ impl PinTable {
         if let Some((s, h)) = run {
             f(s, last, h);
         }
+    }
+    /// Appends the kept addresses of pages `[first, last]` (see
+    /// [`Pages::release_holder`]) as runs; false when some page has none.
+    fn kept_runs(&self, first: u64, last: u64, out: &mut Vec<PhysRun>) -> bool {
+        let mut page = first;
+        'pages: while page <= last {
+            for (f, l, runs) in &self.kept {
+                if !(*f..=*l).contains(&page) {
+                    continue;
+                }
+                // Walk the entry's runs to the one holding `page`.
+                let mut at = *f;
+                for r in runs {
+                    let n = r.len / PAGE_SIZE;
+                    if page < at + n {
+                        let take = (at + n - page).min(last - page + 1).min(l - page + 1);
+                        push_run(out, PhysRun::new(r.phys + (page - at) * PAGE_SIZE, take * PAGE_SIZE));
+                        page += take;
+                        continue 'pages;
+                    }
+                    at += n;
+                }
+            }
+            return false;
+        }
+        true
     }
     /// Ranges of `[first, last]` whose pages have no use at all.
     fn unused(&self, first: u64, last: u64) -> Vec<(u64, u64)> {
@@ -722,9 +752,18 @@ impl Pages {
         key
     }
 
-    /// Removes a holder.
-    pub fn unregister(&self, key: u64) {
-        self.holders.lock().remove(&key);
+    /// Replaces holder `old` (if any) by `new`, in one step; returns the
+    /// new keys.
+    pub fn replace_holder<const N: usize>(&self, old: Option<u64>, new: [Holder; N]) -> [u64; N] {
+        let mut h = self.holders.lock();
+        if let Some(k) = old {
+            h.remove(&k);
+        }
+        new.map(|holder| {
+            let key = self.next_holder.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            h.insert(key, holder);
+            key
+        })
     }
 
     /// Points a holder at another domain of the same IOAS (its domain is
@@ -758,17 +797,42 @@ impl Pages {
     /// dropped (an unmap of another IOAS waiting for this lock, or a holder
     /// retargeted away from the domain read), or for good when a failed
     /// invalidation left the pages of an unmapped area pinned.
-    fn locate(&self, first: u64, last: u64, out: &mut Vec<PhysRun>) -> Result<()> {
+    fn locate(&self, t: &PinTable, first: u64, last: u64, out: &mut Vec<PhysRun>) -> Result<()> {
         let mut found = Vec::new();
         if !self.read_back(first, last, &mut found) {
             found.clear();
-            self.source_pin(first, last - first + 1, &mut found)?;
-            self.source.unpin_runs(&found, false);
+            if !t.kept_runs(first, last, &mut found) {
+                found.clear();
+                self.source_pin(first, last - first + 1, &mut found)?;
+                self.source.unpin_runs(&found, false);
+            }
         }
         for run in found {
             push_run(out, run);
         }
         Ok(())
+    }
+
+    /// Lets go of holder `key` (if any) and of the domain use of pages
+    /// `[first, last]` its area took, in one step under the table lock (so
+    /// no pin in between finds the pages in use with nobody to name their
+    /// addresses). `phys` are the pages' addresses (runs from `first`) as
+    /// read when the domains were unloaded. With `unpin` (every
+    /// invalidation succeeded) the use goes as [`Self::unpin`] drops it;
+    /// without, it stays for good (a device may still reach the pages) and
+    /// `phys` is kept as their addresses: a later user of these pages (a
+    /// copy's new domain) takes them from here, not from the user address,
+    /// which may name other memory by then.
+    pub fn release_holder(&self, key: Option<u64>, first: u64, last: u64, phys: &[PhysRun], unpin: bool) {
+        let mut t = self.table.lock();
+        if let Some(k) = key {
+            self.holders.lock().remove(&k);
+        }
+        if unpin {
+            self.unpin_locked(t, first, last, UseKind::Domain, Some(phys));
+        } else {
+            t.kept.push((first, last, phys.to_vec()));
+        }
     }
 
     /// Physical address of page `index` while it has a use: stored, or
@@ -873,7 +937,7 @@ impl Pages {
                         push_run(all, PhysRun::new(t.stored(q).expect("stored"), PAGE_SIZE));
                     }
                 } else {
-                    failed = self.locate(x, y, all);
+                    failed = self.locate(t, x, y, all);
                 }
             });
         };
@@ -908,7 +972,17 @@ impl Pages {
     /// the addresses it read back before unmapping the domains (`hint`,
     /// runs from `first`), since nothing else knows them any more.
     pub fn unpin(&self, first: u64, last: u64, kind: UseKind, hint: Option<&[PhysRun]>) {
-        let mut t = self.table.lock();
+        self.unpin_locked(self.table.lock(), first, last, kind, hint);
+    }
+
+    fn unpin_locked(
+        &self,
+        mut t: spin::MutexGuard<'_, PinTable>,
+        first: u64,
+        last: u64,
+        kind: UseKind,
+        hint: Option<&[PhysRun]>,
+    ) {
         let mut release: Vec<PhysRun> = Vec::new();
         let mut count = 0u64;
         match kind {
@@ -937,7 +1011,7 @@ impl Pages {
                         }
                         count += b - a + 1;
                         let found = cursor.as_mut().is_some_and(|c| c.take(a, b, &mut release))
-                            || self.locate(a, b, &mut release).is_ok();
+                            || self.locate(&t, a, b, &mut release).is_ok();
                         assert!(found, "the address of a page being unpinned is known");
                     });
                 }

@@ -267,3 +267,28 @@ fn a_device_its_domain_cannot_block_keeps_everything_it_reaches() {
     drop(w.ictx);
     assert_eq!(mem.pinned_pages(), 0);
 }
+
+/// Pages whose domain went away with its invalidation failing stay pinned
+/// with no domain to read their addresses from. When the user then
+/// replaces the memory behind them (munmap and mmap at the same address),
+/// a new domain filling the area must map the pinned pages, not whatever
+/// the user address names now (which nobody pinned).
+#[test]
+fn a_new_domain_maps_the_pages_kept_pinned_not_what_the_user_address_names_now() {
+    let w = world();
+    w.ictx.ioas_map(w.ioas, Some(IOVA), USER, 4 * PAGE_SIZE, true, true).unwrap();
+    let old: Vec<u64> = (0..4).map(|k| w.mem.phys_of(USER + k * PAGE_SIZE).unwrap()).collect();
+    w.faults.fail_sync_at(Some(1), false);
+    assert_eq!(w.ictx.detach(w.dev), Err(Errno::EIO));
+    w.faults.fail_sync_at(None, false);
+    assert_eq!(w.mem.pins(USER), 1, "kept pinned");
+    w.mem.unmap(USER, 4 * PAGE_SIZE);
+    w.mem.map(USER, 4 * PAGE_SIZE, true);
+    assert_ne!(w.mem.phys_of(USER), Some(old[0]), "the user address names other memory now");
+    let d2 = w.ictx.bind_device(Arc::new(MockDevice::with_faults(0, w.faults.clone()))).unwrap();
+    w.ictx.attach(d2, w.ioas).unwrap();
+    let hwpt = w.ictx.hwpt(w.ictx.attached_hwpt(d2).unwrap().unwrap()).unwrap();
+    let mapped: Vec<Option<u64>> = (0..4).map(|k| hwpt.domain.lock().iova_to_phys(IOVA + k * PAGE_SIZE)).collect();
+    assert_eq!(mapped, old.iter().map(|&p| Some(p)).collect::<Vec<_>>(), "the pinned pages");
+    assert_eq!(w.mem.pins(USER), 0, "the new page at the user address was never pinned");
+}
