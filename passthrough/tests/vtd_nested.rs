@@ -531,3 +531,33 @@ fn a_nested_domain_belongs_to_its_unit() {
     c.attach(on_b, nested).unwrap();
     assert_eq!(pasid_entry(&host, UNIT_B, RID)[0] >> 6 & 7, 3, "nested");
 }
+
+/// With caching mode a parent's map is invalidated under its own domain id
+/// and then under every nested domain's: whichever of those fails, the map
+/// fails and the parent maps nothing new (all or nothing, as the domain
+/// trait asks), and the IOAS keeps no area.
+#[test]
+fn a_parent_map_whose_nested_invalidation_fails_maps_nothing() {
+    const CAP_CM: u64 = 1 << 7;
+    let (host, _iommus, c, mem, dev, ioas) = world(Config { cap: NEST_CAP | CAP_CM, ecap: NEST_ECAP });
+    let parent = hwpt_alloc(&c, dev, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, 0, 0).unwrap();
+    write_s1(&mem, 0b111, GUEST_PGD, 57);
+    let nested = hwpt_alloc(&c, dev, parent, 0, IOMMU_HWPT_DATA_VTD_S1, IommuHwptVtdS1::SIZE as u32).unwrap();
+    c.attach(dev, nested).unwrap();
+    const IOVA: u64 = 0x80_0000;
+    let mut failures = 0;
+    for n in 1..8 {
+        host.vtd(UNIT_B).state().fail_submission = Some(n);
+        let r = c.ioas_map(ioas, Some(IOVA), USER + 0x10_0000, 0x4000, true, true);
+        host.vtd(UNIT_B).state().fail_submission = None;
+        if r.is_ok() {
+            assert!(failures >= 2, "both the parent's and the nested id's invalidation failed in turn");
+            return;
+        }
+        failures += 1;
+        let mapped = c.hwpt(parent).unwrap().domain.lock().iova_to_phys(IOVA);
+        assert_eq!(mapped, None, "submission {n} failed: the parent maps nothing new");
+        assert!(c.ioas(ioas).unwrap().iopt.lock().area_at(IOVA).is_none());
+    }
+    panic!("the map never succeeded");
+}

@@ -266,6 +266,9 @@ pub struct State {
     pub queue_error: bool,
     /// Test knob: as `queue_error`, for this many submissions only.
     pub queue_errors_left: u32,
+    /// Test knob: the `n`th submission from now (1-based) fails as with
+    /// `queue_error`; the ones before it run.
+    pub fail_submission: Option<u32>,
     /// Test knob: register-based invalidations finish without being done
     /// (CCMD.CAIG and IOTLB.IAIG read 0).
     pub reject_invalidation: bool,
@@ -397,6 +400,16 @@ impl RegisterModel {
     fn process_queue(&self, s: &mut State) {
         if !s.gsts.contains(Gcmd::QIE) {
             return;
+        }
+        if let Some(n) = s.fail_submission
+            && s.iqh != s.iqt
+        {
+            if n <= 1 {
+                s.fail_submission = None;
+                s.queue_errors_left += 1;
+            } else {
+                s.fail_submission = Some(n - 1);
+            }
         }
         if s.queue_error || s.queue_errors_left > 0 {
             // The descriptor at IQH fails (when there is one): the unit
