@@ -545,8 +545,7 @@ fn a_parent_map_whose_nested_invalidation_fails_maps_nothing() {
     let nested = hwpt_alloc(&c, dev, parent, 0, IOMMU_HWPT_DATA_VTD_S1, IommuHwptVtdS1::SIZE as u32).unwrap();
     c.attach(dev, nested).unwrap();
     const IOVA: u64 = 0x80_0000;
-    let mut failures = 0;
-    for n in 1..8 {
+    for (failures, n) in (1..8).enumerate() {
         host.vtd(UNIT_B).state().fail_submission = Some(n);
         let r = c.ioas_map(ioas, Some(IOVA), USER + 0x10_0000, 0x4000, true, true);
         host.vtd(UNIT_B).state().fail_submission = None;
@@ -554,7 +553,6 @@ fn a_parent_map_whose_nested_invalidation_fails_maps_nothing() {
             assert!(failures >= 2, "both the parent's and the nested id's invalidation failed in turn");
             return;
         }
-        failures += 1;
         let mapped = c.hwpt(parent).unwrap().domain.lock().iova_to_phys(IOVA);
         assert_eq!(mapped, None, "submission {n} failed: the parent maps nothing new");
         assert!(c.ioas(ioas).unwrap().iopt.lock().area_at(IOVA).is_none());
