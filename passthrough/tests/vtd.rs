@@ -794,15 +794,8 @@ fn map_4level(host: &ModelHost, root: u64, gpa: u64, hpa: Option<u64>) {
 #[test]
 fn a_shared_table_is_walked_by_the_device_as_first_stage() {
     use portcullis::Platform;
-    let config = Config { cap: Config::QEMU.cap | 1 << 56, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 47 };
-    let host = host(config);
-    let iommus = Iommus::bring_up(host.clone());
-    let root = host.alloc_frames(1, 4096).unwrap().0;
-    host.flush_cache(PhysAddr(root), 4096);
-    let (gpa, hpa, len) = R1;
-    for off in (0..len).step_by(4096) {
-        map_4level(&host, root, gpa + off, Some(hpa + off));
-    }
+    let (host, iommus, root) = shared_table_world();
+    let (gpa, hpa, _) = R1;
     let live = host.mem.live_frames();
     let mut guest = GuestDma::new_sharing_table(&iommus, PhysAddr(root)).unwrap();
     assert_eq!(guest.shared_table(), Some(PhysAddr(root)));
@@ -859,16 +852,8 @@ fn a_shared_table_is_walked_by_the_device_as_first_stage() {
 /// unassigning one still detaches it, and leaves the other attached.
 #[test]
 fn a_shared_table_on_two_units_detaches_each_device_on_its_own() {
-    use portcullis::Platform;
-    let config = Config { cap: Config::QEMU.cap | 1 << 56, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 47 };
-    let host = host(config);
-    let iommus = Iommus::bring_up(host.clone());
-    let root = host.alloc_frames(1, 4096).unwrap().0;
-    host.flush_cache(PhysAddr(root), 4096);
-    let (gpa, hpa, len) = R1;
-    for off in (0..len).step_by(4096) {
-        map_4level(&host, root, gpa + off, Some(hpa + off));
-    }
+    let (host, iommus, root) = shared_table_world();
+    let gpa = R1.0;
     let mut guest = GuestDma::new_sharing_table(&iommus, PhysAddr(root)).unwrap();
     guest.assign(&iommus, 0, ALIASED).unwrap();
     guest.assign(&iommus, 0, XHCI).unwrap();
@@ -880,6 +865,23 @@ fn a_shared_table_on_two_units_detaches_each_device_on_its_own() {
     assert_maps(&host, UNIT_C, 0x00a0, R1);
     drop(guest);
     assert_blocked(&host, UNIT_C, 0x00a0, gpa, "the guest is gone");
+}
+
+/// Units that walk first-stage tables in scalable mode (CAP.FS1GP,
+/// ECAP.SMTS and FSTS) and a 4-level table of the caller's mapping R1:
+/// (host, units, the table's root).
+fn shared_table_world() -> (Arc<ModelHost>, Iommus<ModelHost>, u64) {
+    use portcullis::Platform;
+    let config = Config { cap: Config::QEMU.cap | 1 << 56, ecap: Config::QEMU.ecap | 1 << 43 | 1 << 47 };
+    let host = host(config);
+    let iommus = Iommus::bring_up(host.clone());
+    let root = host.alloc_frames(1, 4096).unwrap().0;
+    host.flush_cache(PhysAddr(root), 4096);
+    let (gpa, hpa, len) = R1;
+    for off in (0..len).step_by(4096) {
+        map_4level(&host, root, gpa + off, Some(hpa + off));
+    }
+    (host, iommus, root)
 }
 
 /// The host address `gpa` maps to in the 4-level table at `root`.
