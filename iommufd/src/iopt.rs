@@ -497,6 +497,10 @@ impl IoPagetable {
         for (k, (start, last, area)) in r.areas.iter().enumerate() {
             let (start, last) = (*start, *last);
             let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
+            // Registered busy before the pages are pinned: until the
+            // domains map them, a pin from another IOAS that meets them
+            // gets EBUSY instead of taking their address from the user's.
+            let key = area.pages.register_busy(Self::holder_in(&r.domains[0], start, area, fp, lp));
             let result = area.pages.pin_runs(fp, lp, UseKind::Domain).and_then(|phys| {
                 for (j, d) in r.domains.iter().enumerate() {
                     let loaded = Self::map_area_into(&mut SharedMapper(d), start, last, area, &phys, r.small);
@@ -510,13 +514,14 @@ impl IoPagetable {
                         }
                         // Stale: a device may still reach the pages; they
                         // stay pinned, their addresses kept.
-                        area.pages.release_holder(None, fp, lp, &phys, !e.stale);
+                        area.pages.release_holder(Some(key), fp, lp, &phys, !e.stale);
                         return Err(e.errno);
                     }
                 }
                 Ok(())
             });
             if let Err(e) = result {
+                area.pages.unregister(key);
                 // Unload the areas before this one. A failed invalidation
                 // here leaves the area's pins in place (a device may still
                 // reach the pages) and is what the caller hears, as in
@@ -529,7 +534,8 @@ impl IoPagetable {
                 }
                 return reported;
             }
-            keys.push(area.pages.register(Self::holder_in(&r.domains[0], start, area, fp, lp)));
+            area.pages.set_busy(key, false);
+            keys.push(key);
         }
         Ok(keys)
     }
@@ -561,6 +567,9 @@ impl IoPagetable {
     /// [`Pages::release_holder`]). Returns whether they did.
     fn unload_shared(domains: &[DomainRef], start: u64, last: u64, area: &Area, key: Option<u64>) -> Result<()> {
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
+        if let Some(k) = key {
+            area.pages.set_busy(k, true);
+        }
         let mut g = IotlbGather::default();
         let (phys, mut result) = Self::unmap_reading_back(&domains[0], &mut g, start, last, area);
         if let Err(e) = domains[0].read().iotlb_sync_shared(&mut g) {
@@ -797,7 +806,9 @@ impl IoPagetable {
         }
         let (last, area) = self.areas.get(start).map(|(l, a)| (l, a.clone())).ok_or(Errno::ENOENT)?;
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
-        let phys = area.pages.pin_runs(fp, lp, UseKind::Domain)?;
+        // Busy until the domains map the pages (see `fill_reserved`).
+        let key = area.pages.register_busy(self.holder(start, &area, fp, lp));
+        let phys = area.pages.pin_runs(fp, lp, UseKind::Domain).inspect_err(|_| area.pages.unregister(key))?;
         for (k, (_, d)) in self.domains.iter().enumerate() {
             let r =
                 Self::map_area_into(&mut Locked(&mut **d.lock()), start, last, &area, &phys, self.disable_large_pages);
@@ -814,11 +825,11 @@ impl IoPagetable {
                 }
                 // Stale: a device may still reach the pages, they stay
                 // pinned (their addresses kept).
-                area.pages.release_holder(None, fp, lp, &phys, !e.stale);
+                area.pages.release_holder(Some(key), fp, lp, &phys, !e.stale);
                 return Err(e.errno);
             }
         }
-        let key = area.pages.register(self.holder(start, &area, fp, lp));
+        area.pages.set_busy(key, false);
         let a = self.areas.get_mut(start).expect("area exists").1;
         a.filled = true;
         a.holder = Some(key);
@@ -836,6 +847,10 @@ impl IoPagetable {
         }
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
         let phys = Self::read_back(&self.domains[0].1, start, &area, fp, lp);
+        if let Some(k) = area.holder {
+            // Its domain is about to stop naming the pages.
+            area.pages.set_busy(k, true);
+        }
         let mut result = Ok(());
         for (_, d) in &self.domains {
             let mut d = d.lock();
@@ -923,6 +938,10 @@ impl IoPagetable {
                 continue;
             }
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
+            if let Some(k) = area.holder {
+                // Its domain is about to stop naming the pages.
+                area.pages.set_busy(k, true);
+            }
             let (phys, first) = Self::unmap_reading_back(&u.domains[0], &mut gathers[0], *s, *l, area);
             if first.is_err() {
                 result = first;
@@ -968,6 +987,9 @@ impl IoPagetable {
             if area.filled {
                 let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
                 let phys = Self::read_back(&self.domains[0].1, s, &area, fp, lp);
+                if let Some(k) = area.holder {
+                    area.pages.set_busy(k, true);
+                }
                 for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
                     d.lock().unmap(s, l - s + 1, g);
                 }
@@ -1123,10 +1145,16 @@ impl IoPagetable {
         for s in &starts {
             let (l, area) = self.area(*s);
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
+            // The first domain pins: its holder is registered busy first
+            // (see `fill_reserved`).
+            let key = first_domain.then(|| area.pages.register_busy(Self::holder_in(&domain, *s, &area, fp, lp)));
             let phys = if first_domain {
                 match area.pages.pin_runs(fp, lp, UseKind::Domain) {
                     Ok(runs) => runs,
                     Err(e) => {
+                        if let Some(k) = key {
+                            area.pages.unregister(k);
+                        }
                         failure = Some(e);
                         break;
                     }
@@ -1138,21 +1166,26 @@ impl IoPagetable {
                 Self::map_area_into(&mut Locked(&mut **domain.lock()), *s, l, &area, &phys, self.disable_large_pages);
             if let Err(e) = r {
                 if first_domain {
-                    area.pages.release_holder(None, fp, lp, &phys, !e.stale);
+                    area.pages.release_holder(key, fp, lp, &phys, !e.stale);
                 }
                 failure = Some(e.errno);
                 break;
             }
-            // Registered at once: a later area over the same pages reads
+            // Readable at once: a later area over the same pages reads
             // their addresses back from this domain.
-            let key = first_domain.then(|| area.pages.register(Self::holder_in(&domain, *s, &area, fp, lp)));
+            if let Some(k) = key {
+                area.pages.set_busy(k, false);
+            }
             done.push((*s, fp, lp, phys, key));
         }
         if let Some(e) = failure {
             let mut d = domain.lock();
             let mut g = IotlbGather::default();
-            for (s, ..) in &done {
-                let (l, _) = self.area(*s);
+            for (s, _, _, _, key) in &done {
+                let (l, area) = self.area(*s);
+                if let Some(k) = key {
+                    area.pages.set_busy(*k, true);
+                }
                 d.unmap(*s, l - s + 1, &mut g);
             }
             let synced = sync(&mut **d, &mut g);
@@ -1198,6 +1231,9 @@ impl IoPagetable {
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
             if last_domain {
                 release.push((*s, fp, lp, Self::read_back(&domain, *s, area, fp, lp)));
+                if let Some(k) = area.holder {
+                    area.pages.set_busy(k, true);
+                }
             } else if let Some(k) = area.holder {
                 area.pages.retarget(k, self.domains[0].1.clone());
             }

@@ -559,6 +559,27 @@ impl Holder {
     }
 }
 
+/// The holders of a [`Pages`], and which of them are busy: registered
+/// before their domains map the pages (a fill), or about to lose them (an
+/// unload). A busy holder cannot be read from, and a page only a busy
+/// holder covers is refused (`EBUSY`) rather than looked up elsewhere.
+#[derive(Default)]
+struct Holders {
+    map: BTreeMap<u64, Holder>,
+    busy: alloc::collections::BTreeSet<u64>,
+}
+
+/// What [`Pages::read_back`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadBack {
+    /// Every page.
+    Found,
+    /// A page no holder covers.
+    Missing,
+    /// A page only a busy holder covers.
+    Busy,
+}
+
 /// Where the pages of a [`Pages`] come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PagesOrigin {
@@ -605,7 +626,7 @@ pub struct Pages {
     source: Arc<dyn MemorySource>,
     accounting: Arc<Accounting>,
     table: Mutex<PinTable>,
-    holders: Mutex<BTreeMap<u64, Holder>>,
+    holders: Mutex<Holders>,
     next_holder: core::sync::atomic::AtomicU64,
 }
 
@@ -649,7 +670,7 @@ impl Pages {
             source,
             accounting,
             table: Mutex::new(PinTable::default()),
-            holders: Mutex::new(BTreeMap::new()),
+            holders: Mutex::new(Holders::default()),
             next_holder: core::sync::atomic::AtomicU64::new(1),
         };
         Ok((Arc::new(pages), uptr - first))
@@ -698,7 +719,7 @@ impl Pages {
             source,
             accounting,
             table: Mutex::new(PinTable::default()),
-            holders: Mutex::new(BTreeMap::new()),
+            holders: Mutex::new(Holders::default()),
             next_holder: core::sync::atomic::AtomicU64::new(1),
         };
         Ok((Arc::new(pages), start_byte))
@@ -748,8 +769,35 @@ impl Pages {
     /// Returns its key for [`Self::unregister`] / [`Self::retarget`].
     pub fn register(&self, holder: Holder) -> u64 {
         let key = self.next_holder.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        self.holders.lock().insert(key, holder);
+        self.holders.lock().map.insert(key, holder);
         key
+    }
+
+    /// Registers a holder busy, before its domain maps the pages: until
+    /// [`Self::set_busy`] clears it, a pin of pages only it covers is
+    /// refused with `EBUSY` (their addresses are not readable yet).
+    pub fn register_busy(&self, holder: Holder) -> u64 {
+        let key = self.register(holder);
+        self.set_busy(key, true);
+        key
+    }
+
+    /// Removes holder `key` (nothing when it is gone already).
+    pub fn unregister(&self, key: u64) {
+        let mut h = self.holders.lock();
+        h.map.remove(&key);
+        h.busy.remove(&key);
+    }
+
+    /// Marks holder `key` busy (before its domain's mapping of the pages
+    /// is cleared) or readable again.
+    pub fn set_busy(&self, key: u64, busy: bool) {
+        let mut h = self.holders.lock();
+        if busy {
+            h.busy.insert(key);
+        } else {
+            h.busy.remove(&key);
+        }
     }
 
     /// Replaces holder `old` (if any) by `new`, in one step; returns the
@@ -757,11 +805,12 @@ impl Pages {
     pub fn replace_holder<const N: usize>(&self, old: Option<u64>, new: [Holder; N]) -> [u64; N] {
         let mut h = self.holders.lock();
         if let Some(k) = old {
-            h.remove(&k);
+            h.map.remove(&k);
+            h.busy.remove(&k);
         }
         new.map(|holder| {
             let key = self.next_holder.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            h.insert(key, holder);
+            h.map.insert(key, holder);
             key
         })
     }
@@ -769,40 +818,60 @@ impl Pages {
     /// Points a holder at another domain of the same IOAS (its domain is
     /// being removed).
     pub fn retarget(&self, key: u64, domain: DomainRef) {
-        if let Some(h) = self.holders.lock().get_mut(&key) {
+        if let Some(h) = self.holders.lock().map.get_mut(&key) {
             h.domain = domain;
         }
     }
 
     /// Appends the addresses of pages `[first, last]` as runs, read back
-    /// from the domains holding them; false if some page has no holder.
-    fn read_back(&self, first: u64, last: u64, out: &mut Vec<PhysRun>) -> bool {
-        let holders: Vec<Holder> =
-            self.holders.lock().values().filter(|h| h.first_page <= last && first <= h.last_page).cloned().collect();
+    /// from the domains holding them (busy holders are not read).
+    fn read_back(&self, first: u64, last: u64, out: &mut Vec<PhysRun>) -> ReadBack {
+        let (holders, busy): (Vec<Holder>, Vec<(u64, u64)>) = {
+            let h = self.holders.lock();
+            let overlapping = h.map.iter().filter(|(_, x)| x.first_page <= last && first <= x.last_page);
+            let (mut ready, mut busy) = (Vec::new(), Vec::new());
+            for (k, x) in overlapping {
+                if h.busy.contains(k) {
+                    busy.push((x.first_page, x.last_page));
+                } else {
+                    ready.push(x.clone());
+                }
+            }
+            (ready, busy)
+        };
         let mut page = first;
         while page <= last {
-            let Some((p, n)) = holders.iter().find_map(|h| h.phys_run(page, last - page + 1)) else { return false };
+            let Some((p, n)) = holders.iter().find_map(|h| h.phys_run(page, last - page + 1)) else {
+                return if busy.iter().any(|&(f, l)| (f..=l).contains(&page)) { ReadBack::Busy } else { ReadBack::Missing };
+            };
             push_run(out, PhysRun::new(p, n * PAGE_SIZE));
             page += n;
         }
-        true
+        ReadBack::Found
     }
 
     /// Appends the addresses of pages `[first, last]`, which have uses
     /// (the caller holds the table lock, so they keep them): read back from
-    /// the domains holding them or, when no holder covers them, from the
-    /// memory source, by pinning them once more and dropping that pin at
-    /// once (a pinned page does not move). No holder covers a page in use
-    /// when its area's holder has gone while the area's use is about to be
-    /// dropped (an unmap of another IOAS waiting for this lock, or a holder
-    /// retargeted away from the domain read), or for good when a failed
-    /// invalidation left the pages of an unmapped area pinned.
+    /// the domains of the holders that are not busy, else the addresses
+    /// kept when a failed invalidation left an unloaded area's pages
+    /// pinned ([`Self::release_holder`]). A page that only a busy holder
+    /// covers (an area of another IOAS being filled or unloaded) is
+    /// `EBUSY`. A page in use that nothing names should not exist; it is
+    /// looked up from the memory source as a last resort (pinned once
+    /// more and that pin dropped at once).
     fn locate(&self, t: &PinTable, first: u64, last: u64, out: &mut Vec<PhysRun>) -> Result<()> {
         let mut found = Vec::new();
-        if !self.read_back(first, last, &mut found) {
+        let read = self.read_back(first, last, &mut found);
+        if read != ReadBack::Found {
             found.clear();
             if !t.kept_runs(first, last, &mut found) {
                 found.clear();
+                if read == ReadBack::Busy {
+                    // Mid-fill or mid-unload (in another IOAS): the address
+                    // is not readable now, and the user address may no
+                    // longer name the page that was pinned.
+                    return Err(Errno::EBUSY);
+                }
                 self.source_pin(first, last - first + 1, &mut found)?;
                 self.source.unpin_runs(&found, false);
             }
@@ -826,7 +895,9 @@ impl Pages {
     pub fn release_holder(&self, key: Option<u64>, first: u64, last: u64, phys: &[PhysRun], unpin: bool) {
         let mut t = self.table.lock();
         if let Some(k) = key {
-            self.holders.lock().remove(&k);
+            let mut h = self.holders.lock();
+            h.map.remove(&k);
+            h.busy.remove(&k);
         }
         if unpin {
             self.unpin_locked(t, first, last, UseKind::Domain, Some(phys));
@@ -847,7 +918,7 @@ impl Pages {
         }
         stored.or_else(|| {
             let mut r = Vec::new();
-            self.read_back(index, index, &mut r).then(|| r[0].phys)
+            (self.read_back(index, index, &mut r) == ReadBack::Found).then(|| r[0].phys)
         })
     }
 

@@ -499,3 +499,49 @@ fn concurrent_fills_survive_every_fault_point() {
     assert!(ictx.ioas_unmap(a, 0, u64::MAX).is_ok());
     assert_eq!((mem.pinned_pages(), ictx.pinned_pages()), (0, 0));
 }
+
+/// A `Pages` shared by three IOAS (two copies): while one IOAS fills its
+/// area (held at the gate, its holder registered busy) and the original
+/// mapping is gone, the pages' only users are that fill. If the user now
+/// replaces the memory at the address, a third IOAS filling its copy must
+/// not take the address from the user's: it gets EBUSY, and once the fill
+/// is done it maps the pages that stayed pinned.
+#[test]
+fn a_pin_during_another_ioas_fill_gets_ebusy_not_the_users_new_page() {
+    let mem = Arc::new(FakeAddressSpace::new());
+    mem.map(USER, CHUNK, true);
+    let ictx = Arc::new(Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX));
+    let iova = 1u64 << 32;
+    let (a, b, c) = (ictx.ioas_alloc().unwrap(), ictx.ioas_alloc().unwrap(), ictx.ioas_alloc().unwrap());
+    let dev_a = ictx.bind_device(engine(50)).unwrap();
+    ictx.attach(dev_a, a).unwrap();
+    let gate = Arc::new(Gate::default());
+    let dev_b = ictx.bind_device(Arc::new(EngineDevice { id: 51, gate: Some(gate.clone()) })).unwrap();
+    ictx.attach(dev_b, b).unwrap();
+    ictx.ioas_map(a, Some(iova), USER, CHUNK, true, true).unwrap();
+    let old = mem.phys_of(USER).unwrap();
+    // C copies A's mapping (no domain: nothing pinned for it yet).
+    ictx.ioas_copy(c, a, iova, Some(iova), CHUNK, true, true).unwrap();
+    let dev_c = ictx.bind_device(engine(52)).unwrap();
+    std::thread::scope(|s| {
+        let filler = s.spawn(|| ictx.ioas_copy(b, a, iova, Some(iova), CHUNK, true, true));
+        while gate.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(!filler.is_finished(), "the fill did not wait at the gate: {:?}", filler.join());
+            std::thread::yield_now();
+        }
+        assert_eq!(ictx.ioas_unmap(a, iova, CHUNK), Ok(CHUNK));
+        mem.unmap(USER, CHUNK);
+        mem.map(USER, CHUNK, true);
+        assert_ne!(mem.phys_of(USER), Some(old));
+        let early = ictx.attach(dev_c, c);
+        // Open before asserting: a failed assertion must not leave the
+        // filler waiting at the gate (the scope would wait for it).
+        gate.set(true);
+        assert_eq!(early, Err(Errno::EBUSY));
+        assert_eq!(filler.join().unwrap(), Ok(iova));
+    });
+    ictx.attach(dev_c, c).unwrap();
+    let hw = ictx.hwpt(ictx.attached_hwpt(dev_c).unwrap().unwrap()).unwrap();
+    assert_eq!(hw.domain.read().iova_to_phys(iova), Some(old), "the page that stayed pinned");
+    assert_eq!(mem.pins(USER), 0, "the user's new page was never pinned");
+}
