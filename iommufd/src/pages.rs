@@ -842,7 +842,11 @@ impl Pages {
         let mut page = first;
         while page <= last {
             let Some((p, n)) = holders.iter().find_map(|h| h.phys_run(page, last - page + 1)) else {
-                return if busy.iter().any(|&(f, l)| (f..=l).contains(&page)) { ReadBack::Busy } else { ReadBack::Missing };
+                return if busy.iter().any(|&(f, l)| (f..=l).contains(&page)) {
+                    ReadBack::Busy
+                } else {
+                    ReadBack::Missing
+                };
             };
             push_run(out, PhysRun::new(p, n * PAGE_SIZE));
             page += n;
