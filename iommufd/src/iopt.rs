@@ -534,7 +534,7 @@ impl IoPagetable {
                 }
                 return reported;
             }
-            area.pages.set_busy(key, false);
+            area.pages.set_busy(Some(key), false);
             keys.push(key);
         }
         Ok(keys)
@@ -567,9 +567,7 @@ impl IoPagetable {
     /// [`Pages::release_holder`]). Returns whether they did.
     fn unload_shared(domains: &[DomainRef], start: u64, last: u64, area: &Area, key: Option<u64>) -> Result<()> {
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
-        if let Some(k) = key {
-            area.pages.set_busy(k, true);
-        }
+        area.pages.set_busy(key, true);
         let mut g = IotlbGather::default();
         let (phys, mut result) = Self::unmap_reading_back(&domains[0], &mut g, start, last, area);
         if let Err(e) = domains[0].read().iotlb_sync_shared(&mut g) {
@@ -829,7 +827,7 @@ impl IoPagetable {
                 return Err(e.errno);
             }
         }
-        area.pages.set_busy(key, false);
+        area.pages.set_busy(Some(key), false);
         let a = self.areas.get_mut(start).expect("area exists").1;
         a.filled = true;
         a.holder = Some(key);
@@ -847,10 +845,8 @@ impl IoPagetable {
         }
         let (fp, lp) = (area.first_page(), area.last_page(last - start + 1));
         let phys = Self::read_back(&self.domains[0].1, start, &area, fp, lp);
-        if let Some(k) = area.holder {
-            // Its domain is about to stop naming the pages.
-            area.pages.set_busy(k, true);
-        }
+        // Its domain is about to stop naming the pages.
+        area.pages.set_busy(area.holder, true);
         let mut result = Ok(());
         for (_, d) in &self.domains {
             let mut d = d.lock();
@@ -938,10 +934,8 @@ impl IoPagetable {
                 continue;
             }
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
-            if let Some(k) = area.holder {
-                // Its domain is about to stop naming the pages.
-                area.pages.set_busy(k, true);
-            }
+            // Its domain is about to stop naming the pages.
+            area.pages.set_busy(area.holder, true);
             let (phys, first) = Self::unmap_reading_back(&u.domains[0], &mut gathers[0], *s, *l, area);
             if first.is_err() {
                 result = first;
@@ -987,9 +981,7 @@ impl IoPagetable {
             if area.filled {
                 let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
                 let phys = Self::read_back(&self.domains[0].1, s, &area, fp, lp);
-                if let Some(k) = area.holder {
-                    area.pages.set_busy(k, true);
-                }
+                area.pages.set_busy(area.holder, true);
                 for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
                     d.lock().unmap(s, l - s + 1, g);
                 }
@@ -1173,9 +1165,7 @@ impl IoPagetable {
             }
             // Readable at once: a later area over the same pages reads
             // their addresses back from this domain.
-            if let Some(k) = key {
-                area.pages.set_busy(k, false);
-            }
+            area.pages.set_busy(key, false);
             done.push((*s, fp, lp, phys, key));
         }
         if let Some(e) = failure {
@@ -1183,9 +1173,7 @@ impl IoPagetable {
             let mut g = IotlbGather::default();
             for (s, _, _, _, key) in &done {
                 let (l, area) = self.area(*s);
-                if let Some(k) = key {
-                    area.pages.set_busy(*k, true);
-                }
+                area.pages.set_busy(*key, true);
                 d.unmap(*s, l - s + 1, &mut g);
             }
             let synced = sync(&mut **d, &mut g);
@@ -1231,9 +1219,7 @@ impl IoPagetable {
             let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
             if last_domain {
                 release.push((*s, fp, lp, Self::read_back(&domain, *s, area, fp, lp)));
-                if let Some(k) = area.holder {
-                    area.pages.set_busy(k, true);
-                }
+                area.pages.set_busy(area.holder, true);
             } else if let Some(k) = area.holder {
                 area.pages.retarget(k, self.domains[0].1.clone());
             }

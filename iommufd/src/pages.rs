@@ -569,6 +569,13 @@ struct Holders {
     busy: alloc::collections::BTreeSet<u64>,
 }
 
+impl Holders {
+    fn remove(&mut self, key: u64) {
+        self.map.remove(&key);
+        self.busy.remove(&key);
+    }
+}
+
 /// What [`Pages::read_back`] found.
 #[derive(Debug, PartialEq, Eq)]
 enum ReadBack {
@@ -778,20 +785,19 @@ impl Pages {
     /// refused with `EBUSY` (their addresses are not readable yet).
     pub fn register_busy(&self, holder: Holder) -> u64 {
         let key = self.register(holder);
-        self.set_busy(key, true);
+        self.set_busy(Some(key), true);
         key
     }
 
     /// Removes holder `key` (nothing when it is gone already).
     pub fn unregister(&self, key: u64) {
-        let mut h = self.holders.lock();
-        h.map.remove(&key);
-        h.busy.remove(&key);
+        self.holders.lock().remove(key);
     }
 
-    /// Marks holder `key` busy (before its domain's mapping of the pages
-    /// is cleared) or readable again.
-    pub fn set_busy(&self, key: u64, busy: bool) {
+    /// Marks holder `key` (if any) busy (before its domain's mapping of
+    /// the pages is cleared) or readable again.
+    pub fn set_busy(&self, key: Option<u64>, busy: bool) {
+        let Some(key) = key else { return };
         let mut h = self.holders.lock();
         if busy {
             h.busy.insert(key);
@@ -805,8 +811,7 @@ impl Pages {
     pub fn replace_holder<const N: usize>(&self, old: Option<u64>, new: [Holder; N]) -> [u64; N] {
         let mut h = self.holders.lock();
         if let Some(k) = old {
-            h.map.remove(&k);
-            h.busy.remove(&k);
+            h.remove(k);
         }
         new.map(|holder| {
             let key = self.next_holder.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
@@ -899,9 +904,7 @@ impl Pages {
     pub fn release_holder(&self, key: Option<u64>, first: u64, last: u64, phys: &[PhysRun], unpin: bool) {
         let mut t = self.table.lock();
         if let Some(k) = key {
-            let mut h = self.holders.lock();
-            h.map.remove(&k);
-            h.busy.remove(&k);
+            self.holders.lock().remove(k);
         }
         if unpin {
             self.unpin_locked(t, first, last, UseKind::Domain, Some(phys));
