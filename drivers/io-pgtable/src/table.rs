@@ -365,6 +365,17 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         }
     }
 
+    /// Writes one entry outside an operation (the one-page fast paths)
+    /// and, for a walker that does not snoop, flushes its line at once.
+    #[inline]
+    fn write_flushed(&mut self, t: u64, i: usize, value: u64) {
+        self.mem.write(t, i, value);
+        if !self.coherent {
+            let line = (i / crate::ENTRIES_PER_LINE) as u64 * crate::CACHE_LINE;
+            self.mem.flush(t + line, crate::CACHE_LINE);
+        }
+    }
+
     /// The fast path of a one-page map (consecutive 4 KiB maps, as a
     /// caller mapping scattered pages one call each makes them): when the
     /// remembered walk covers `iova`, its slot is free and the arguments
@@ -381,11 +392,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         if self.mem.read(t, i) != 0 {
             return false;
         }
-        self.mem.write(t, i, self.format.leaf_entry(phys, 0, prot));
-        if !self.coherent {
-            let line = (i / crate::ENTRIES_PER_LINE) as u64 * crate::CACHE_LINE;
-            self.mem.flush(t + line, crate::CACHE_LINE);
-        }
+        self.write_flushed(t, i, self.format.leaf_entry(phys, 0, prot));
         true
     }
 
@@ -399,11 +406,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         if self.mem.read(t, i) == 0 {
             return Some(0);
         }
-        self.mem.write(t, i, 0);
-        if !self.coherent {
-            let line = (i / crate::ENTRIES_PER_LINE) as u64 * crate::CACHE_LINE;
-            self.mem.flush(t + line, crate::CACHE_LINE);
-        }
+        self.write_flushed(t, i, 0);
         gather.add(iova, iova + PAGE_SIZE - 1);
         if !self.mem.is_empty_except(t, i, 1) {
             return Some(PAGE_SIZE);
