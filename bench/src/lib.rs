@@ -16,11 +16,10 @@
 
 extern crate alloc;
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 use iommufd::errno::{Errno, Result};
-use iommufd::memsrc::{MemorySource, PAGE_SIZE, push_run};
+use iommufd::memsrc::{MemorySource, PAGE_SIZE, PinCounts, push_run};
 use portcullis_iommu::PhysRun;
 use spin::Mutex;
 
@@ -96,7 +95,9 @@ pub struct BackedMemory {
     phys: u64,
     len: u64,
     backing: Backing,
-    pins: Mutex<Vec<u32>>,
+    /// Counted per frame while whole frames are pinned, as Linux counts
+    /// pins per folio.
+    pins: Mutex<PinCounts>,
 }
 
 impl fmt::Debug for BackedMemory {
@@ -111,12 +112,14 @@ impl BackedMemory {
     pub fn new(base: u64, phys: u64, len: u64, backing: Backing) -> Self {
         assert!(base.is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE), "page-aligned memory");
         assert!(phys.is_multiple_of(backing.frame()), "frames aligned to their size");
-        Self { base, phys, len, backing, pins: Mutex::new(vec![0; (len / PAGE_SIZE) as usize]) }
+        let pages = (len / PAGE_SIZE) as usize;
+        let per = (backing.frame() / PAGE_SIZE) as usize;
+        Self { base, phys, len, backing, pins: Mutex::new(PinCounts::new(pages, per)) }
     }
 
     /// Pages pinned at least once.
     pub fn pinned_pages(&self) -> u64 {
-        self.pins.lock().iter().filter(|&&p| p > 0).count() as u64
+        self.pins.lock().pinned_pages() as u64
     }
 
     /// Pages per frame.
@@ -154,9 +157,8 @@ impl BackedMemory {
 impl MemorySource for BackedMemory {
     fn pin(&self, uptr: u64, out: &mut [u64], _write: bool) -> Result<()> {
         let first = self.first_page(uptr, out.len() as u64)?;
-        let mut pins = self.pins.lock();
+        self.pins.lock().pin(first as usize, out.len());
         for (k, o) in (first..).zip(out.iter_mut()) {
-            pins[k as usize] += 1;
             *o = self.phys_of(k);
         }
         Ok(())
@@ -164,16 +166,13 @@ impl MemorySource for BackedMemory {
     fn unpin(&self, phys: &[u64], _dirty: bool) {
         let mut pins = self.pins.lock();
         for &p in phys {
-            pins[self.page_of(p)] -= 1;
+            pins.unpin(self.page_of(p), 1);
         }
     }
     fn pin_runs(&self, uptr: u64, npages: u64, _write: bool, out: &mut Vec<PhysRun>) -> Result<()> {
         let first = self.first_page(uptr, npages)?;
         let end = first + npages;
-        let mut pins = self.pins.lock();
-        for c in &mut pins[first as usize..end as usize] {
-            *c += 1;
-        }
+        self.pins.lock().pin(first as usize, npages as usize);
         // One run per frame touched (push_run joins contiguous memory).
         let per = self.per_frame();
         if per == 1 {
@@ -203,15 +202,12 @@ impl MemorySource for BackedMemory {
             let shift = self.backing.stride().trailing_zeros();
             for r in runs {
                 debug_assert_eq!(r.len, PAGE_SIZE, "scattered frames are never adjacent");
-                pins[((r.phys - self.phys) >> shift) as usize] -= 1;
+                pins.unpin(((r.phys - self.phys) >> shift) as usize, 1);
             }
             return;
         }
         for &PhysRun { phys, len } in runs {
-            let first = self.page_of(phys);
-            for c in &mut pins[first..first + (len / PAGE_SIZE) as usize] {
-                *c -= 1;
-            }
+            pins.unpin(self.page_of(phys), (len / PAGE_SIZE) as usize);
         }
     }
     fn read_user(&self, _: u64, _: &mut [u8]) -> Result<()> {

@@ -719,6 +719,155 @@ mod tests {
     }
 }
 
+/// Pin counts of `len` consecutive pages, kept per *chunk* of pages while
+/// pins and unpins cover whole chunks, and per page otherwise.
+///
+/// A source whose memory comes in frames larger than a page (a 2 MiB huge
+/// page, a contiguous guest RAM region) pins and unpins mostly whole
+/// frames; counting those one page at a time made the count, not the page
+/// tables, the bulk of mapping and unmapping a GiB (262144 increments, and
+/// as many checked decrements). Here a pin covering a whole chunk is one
+/// increment of the chunk's count; a page's count is its chunk's count plus
+/// its own. An unpin of part of a chunk whose pages hold no pins of their
+/// own moves one of the chunk's pins down onto each of its pages first.
+pub struct PinCounts {
+    /// log2 of pages per chunk.
+    shift: u32,
+    len: usize,
+    /// Pins covering every page of the chunk.
+    whole: Vec<u32>,
+    /// Each page's pins beyond its chunk's (empty with one-page chunks).
+    pages: Vec<u32>,
+}
+
+impl core::fmt::Debug for PinCounts {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "PinCounts({} pages, {} per chunk)", self.len, 1usize << self.shift)
+    }
+}
+
+impl PinCounts {
+    /// `len` unpinned pages, counted in chunks of `chunk` pages (a power of
+    /// two; chunk `i` is pages `[i * chunk, (i + 1) * chunk)`, the last one
+    /// possibly short).
+    pub fn new(len: usize, chunk: usize) -> Self {
+        assert!(chunk.is_power_of_two(), "chunks are a power of two pages");
+        let shift = chunk.trailing_zeros();
+        let pages = if shift == 0 { Vec::new() } else { vec![0; len] };
+        Self { shift, len, whole: vec![0; len.div_ceil(chunk)], pages }
+    }
+
+    /// Pages counted.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no pages are counted.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Pages of chunk `c`.
+    fn chunk_range(&self, c: usize) -> core::ops::Range<usize> {
+        (c << self.shift)..((c + 1) << self.shift).min(self.len)
+    }
+
+    /// Calls `whole(chunk)` for each chunk `[first, first + n)` covers
+    /// entirely and `part(chunk, pages)` for each it covers in part.
+    fn split(
+        &mut self,
+        first: usize,
+        n: usize,
+        mut whole: impl FnMut(&mut Self, usize),
+        mut part: impl FnMut(&mut Self, usize, core::ops::Range<usize>),
+    ) {
+        let end = first + n;
+        assert!(end <= self.len, "pages {first}..{end} outside the {} counted", self.len);
+        let mut p = first;
+        while p < end {
+            let c = p >> self.shift;
+            let r = self.chunk_range(c);
+            let stop = end.min(r.end);
+            if p == r.start && stop == r.end {
+                whole(self, c);
+            } else {
+                part(self, c, p..stop);
+            }
+            p = stop;
+        }
+    }
+
+    /// One more pin on each of pages `[first, first + n)`.
+    pub fn pin(&mut self, first: usize, n: usize) {
+        self.split(first, n, |s, c| s.whole[c] += 1, |s, _, r| s.pages[r].iter_mut().for_each(|x| *x += 1));
+    }
+
+    /// One pin fewer on each of pages `[first, first + n)`; panics if one
+    /// of them is not pinned (an unpin nobody pinned is a bug of the
+    /// caller's, and the counts would be wrong from then on).
+    pub fn unpin(&mut self, first: usize, n: usize) {
+        self.split(
+            first,
+            n,
+            |s, c| {
+                if s.whole[c] > 0 {
+                    s.whole[c] -= 1;
+                } else {
+                    let r = s.chunk_range(c);
+                    s.unpin_pages(c, r);
+                }
+            },
+            Self::unpin_pages,
+        );
+    }
+
+    /// Unpins pages `r` of chunk `c` one by one.
+    fn unpin_pages(&mut self, c: usize, r: core::ops::Range<usize>) {
+        for p in r {
+            if self.shift != 0 && self.pages[p] > 0 {
+                self.pages[p] -= 1;
+                continue;
+            }
+            assert!(self.whole[c] > 0, "unpin of unpinned page {p}");
+            // Move one of the chunk's pins onto its pages, then take it
+            // off this one.
+            self.whole[c] -= 1;
+            if self.shift != 0 {
+                let all = self.chunk_range(c);
+                self.pages[all].iter_mut().for_each(|x| *x += 1);
+                self.pages[p] -= 1;
+            }
+        }
+    }
+
+    /// Pins on page `p`.
+    pub fn count(&self, p: usize) -> u32 {
+        assert!(p < self.len, "page {p} outside the {} counted", self.len);
+        self.whole[p >> self.shift] + if self.shift == 0 { 0 } else { self.pages[p] }
+    }
+
+    /// Pages pinned at least once.
+    pub fn pinned_pages(&self) -> usize {
+        (0..self.whole.len())
+            .map(|c| {
+                let r = self.chunk_range(c);
+                if self.whole[c] > 0 {
+                    r.len()
+                } else if self.shift == 0 {
+                    0
+                } else {
+                    self.pages[r].iter().filter(|&&x| x > 0).count()
+                }
+            })
+            .sum()
+    }
+
+    /// Whether any page is pinned.
+    pub fn any_pinned(&self) -> bool {
+        self.whole.iter().any(|&x| x > 0) || self.pages.iter().any(|&x| x > 0)
+    }
+}
+
 /// Byte access to physical memory, for [`RegionMemory`]: the kernel's
 /// direct map in Portcullis, nothing (reads fail) in host benchmarks.
 pub trait PhysMemory: Send + Sync {
@@ -747,8 +896,11 @@ struct Region {
     phys: u64,
     len: u64,
     writable: bool,
-    pins: Vec<u32>,
+    pins: PinCounts,
 }
+
+/// Pages per [`PinCounts`] chunk in a [`RegionMemory`]: 2 MiB.
+const REGION_CHUNK: usize = 512;
 
 /// A memfd that backs guest RAM at `[uptr, uptr + len)` of a
 /// [`RegionMemory`].
@@ -848,7 +1000,7 @@ impl<P: PhysMemory> RegionMemory<P> {
         if r.iter().any(|x| uptr < x.uptr + x.len && x.uptr < end) {
             return Err(Errno::EEXIST);
         }
-        r.push(Region { uptr, phys, len, writable, pins: vec![0; (len / PAGE_SIZE) as usize] });
+        r.push(Region { uptr, phys, len, writable, pins: PinCounts::new((len / PAGE_SIZE) as usize, REGION_CHUNK) });
         r.sort_by_key(|x| x.uptr);
         Ok(())
     }
@@ -864,7 +1016,7 @@ impl<P: PhysMemory> RegionMemory<P> {
     pub fn remove_region(&self, uptr: u64, len: u64) -> Result<()> {
         let mut r = self.regions.lock();
         let i = r.iter().position(|x| x.uptr == uptr && x.len == len).ok_or(Errno::ENOENT)?;
-        if r[i].pins.iter().any(|&p| p > 0) {
+        if r[i].pins.any_pinned() {
             return Err(Errno::EBUSY);
         }
         r.remove(i);
@@ -873,7 +1025,7 @@ impl<P: PhysMemory> RegionMemory<P> {
 
     /// Pages pinned at least once, over all regions.
     pub fn pinned_pages(&self) -> u64 {
-        self.regions.lock().iter().map(|r| r.pins.iter().filter(|&&p| p > 0).count() as u64).sum()
+        self.regions.lock().iter().map(|r| r.pins.pinned_pages() as u64).sum()
     }
 
     fn region_of(regions: &[Region], uptr: u64) -> Option<usize> {
@@ -915,9 +1067,9 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
             let reg = &mut regions[i];
             let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
             let n = (reg.pins.len() - first).min(out.len() - k);
-            for j in 0..n {
-                reg.pins[first + j] += 1;
-                out[k + j] = reg.phys + (first + j) as u64 * PAGE_SIZE;
+            reg.pins.pin(first, n);
+            for (j, o) in out[k..k + n].iter_mut().enumerate() {
+                *o = reg.phys + (first + j) as u64 * PAGE_SIZE;
             }
             k += n;
         }
@@ -944,9 +1096,7 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
             let reg = &mut regions[i];
             let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
             let n = (reg.pins.len() - first).min(((end - a) / PAGE_SIZE) as usize);
-            for c in &mut reg.pins[first..first + n] {
-                *c += 1;
-            }
+            reg.pins.pin(first, n);
             push_run(out, PhysRun::new(reg.phys + first as u64 * PAGE_SIZE, n as u64 * PAGE_SIZE));
             a += n as u64 * PAGE_SIZE;
         }
@@ -964,10 +1114,7 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
                     .expect("unpin of a page outside every region");
                 let first = ((p - reg.phys) / PAGE_SIZE) as usize;
                 let k = (reg.pins.len() - first).min(((end - p) / PAGE_SIZE) as usize);
-                for c in &mut reg.pins[first..first + k] {
-                    assert!(*c > 0, "unpin of an unpinned page");
-                    *c -= 1;
-                }
+                reg.pins.unpin(first, k);
                 p += k as u64 * PAGE_SIZE;
             }
         }
@@ -981,8 +1128,7 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
                 .find(|r| p >= r.phys && p < r.phys + r.len)
                 .expect("unpin of a page outside every region");
             let idx = ((p - reg.phys) / PAGE_SIZE) as usize;
-            assert!(reg.pins[idx] > 0, "unpin of an unpinned page {p:#x}");
-            reg.pins[idx] -= 1;
+            reg.pins.unpin(idx, 1);
         }
     }
 
@@ -1007,7 +1153,7 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
     fn pin_count(&self, uptr: u64) -> Result<Option<u32>> {
         let r = self.regions.lock();
         let i = Self::region_of(&r, uptr).ok_or(Errno::EFAULT)?;
-        Ok(Some(r[i].pins[((uptr - r[i].uptr) / PAGE_SIZE) as usize]))
+        Ok(Some(r[i].pins.count(((uptr - r[i].uptr) / PAGE_SIZE) as usize)))
     }
 
     fn peek_phys(&self, uptr: u64) -> Result<Option<u64>> {
@@ -1127,5 +1273,79 @@ mod region_tests {
         m.remove_region(0x10_0000, 0x4000).unwrap();
         assert_eq!(m.pin(0x10_0000, &mut out, false), Err(Errno::EFAULT), "gone");
         m.add_region(0x10_0000, 0x2_0000_0000, 0x1000, true).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod pin_count_tests {
+    use super::PinCounts;
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use proptest::prelude::*;
+
+    #[test]
+    fn whole_chunks_then_parts() {
+        // 10 pages in chunks of 4: [0,4) [4,8) [8,10).
+        let mut c = PinCounts::new(10, 4);
+        c.pin(0, 10);
+        assert_eq!((0..10).map(|p| c.count(p)).collect::<Vec<_>>(), vec![1; 10]);
+        assert_eq!(c.pinned_pages(), 10);
+        // Part of a chunk pinned by the whole: its pins move to the pages.
+        c.unpin(5, 2);
+        assert_eq!((0..10).map(|p| c.count(p)).collect::<Vec<_>>(), [1, 1, 1, 1, 1, 0, 0, 1, 1, 1]);
+        c.unpin(4, 1);
+        c.unpin(7, 1);
+        // The whole chunk again, now counted per page.
+        c.pin(4, 4);
+        c.unpin(4, 4);
+        assert_eq!(c.pinned_pages(), 6);
+        c.unpin(0, 4);
+        c.unpin(8, 2);
+        assert!(!c.any_pinned());
+        assert_eq!(c.pinned_pages(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "unpin of unpinned page 3")]
+    fn unpin_of_an_unpinned_page_panics() {
+        let mut c = PinCounts::new(8, 4);
+        c.pin(0, 3);
+        c.unpin(0, 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn pin_past_the_end_panics() {
+        PinCounts::new(8, 4).pin(6, 3);
+    }
+
+    proptest! {
+        /// Any sequence of pins, and unpins of pinned pages, counts as one
+        /// counter per page does.
+        #[test]
+        fn counts_as_per_page(
+            shift in 0u32..4,
+            len in 1usize..40,
+            ops in proptest::collection::vec((any::<bool>(), 0usize..40, 1usize..20), 0..60),
+        ) {
+            let mut c = PinCounts::new(len, 1 << shift);
+            let mut model = vec![0u32; len];
+            for (pin, first, n) in ops {
+                let first = first % len;
+                let n = n.min(len - first);
+                if pin {
+                    c.pin(first, n);
+                    model[first..first + n].iter_mut().for_each(|x| *x += 1);
+                } else if model[first..first + n].iter().all(|&x| x > 0) {
+                    c.unpin(first, n);
+                    model[first..first + n].iter_mut().for_each(|x| *x -= 1);
+                }
+                for (p, &m) in model.iter().enumerate() {
+                    prop_assert_eq!(c.count(p), m, "page {}", p);
+                }
+                prop_assert_eq!(c.pinned_pages(), model.iter().filter(|&&x| x > 0).count());
+                prop_assert_eq!(c.any_pinned(), model.iter().any(|&x| x > 0));
+            }
+        }
     }
 }
