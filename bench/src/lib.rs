@@ -198,12 +198,20 @@ impl MemorySource for BackedMemory {
         let mut pins = self.pins.lock();
         if self.per_frame() == 1 {
             // Scattered 4 KiB frames: one page per run, found by a shift
-            // (the counterpart of pin_runs' single pass).
+            // (the counterpart of pin_runs' single pass); consecutive user
+            // pages (runs come in IOVA order) are unpinned as one range.
             let shift = self.backing.stride().trailing_zeros();
+            let (mut first, mut n) = (0, 0);
             for r in runs {
                 debug_assert_eq!(r.len, PAGE_SIZE, "scattered frames are never adjacent");
-                pins.unpin(((r.phys - self.phys) >> shift) as usize, 1);
+                let page = ((r.phys - self.phys) >> shift) as usize;
+                if page != first + n {
+                    pins.unpin(first, n);
+                    (first, n) = (page, 0);
+                }
+                n += 1;
             }
+            pins.unpin(first, n);
             return;
         }
         for &PhysRun { phys, len } in runs {

@@ -799,6 +799,11 @@ impl PinCounts {
 
     /// One more pin on each of pages `[first, first + n)`.
     pub fn pin(&mut self, first: usize, n: usize) {
+        if self.shift == 0 {
+            // One page per chunk: a plain count per page.
+            self.whole[first..first + n].iter_mut().for_each(|x| *x += 1);
+            return;
+        }
         self.split(first, n, |s, c| s.whole[c] += 1, |s, _, r| s.pages[r].iter_mut().for_each(|x| *x += 1));
     }
 
@@ -806,6 +811,12 @@ impl PinCounts {
     /// of them is not pinned (an unpin nobody pinned is a bug of the
     /// caller's, and the counts would be wrong from then on).
     pub fn unpin(&mut self, first: usize, n: usize) {
+        if self.shift == 0 {
+            for (p, x) in self.whole[first..first + n].iter_mut().enumerate() {
+                *x = x.checked_sub(1).unwrap_or_else(|| panic!("unpin of unpinned page {}", first + p));
+            }
+            return;
+        }
         self.split(
             first,
             n,
