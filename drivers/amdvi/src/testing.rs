@@ -10,7 +10,15 @@
 //!   consuming the buffer on tail writes (or slowly, one command per call
 //!   of [`RegisterModel::run`], when [`State::lazy`]), fetching commands
 //!   through the test's [`DeviceMemory`]; COMPLETION_WAIT stores its data
-//!   there; reserved bits QEMU checks count as illegal commands;
+//!   there;
+//! * illegal commands (reserved bits QEMU checks, unknown opcodes, or one
+//!   a test names with [`State::fail_command`]) as the spec has them: an
+//!   ILLEGAL_COMMAND_ERROR event naming the command's address, CmdBufRun
+//!   cleared, and the head left at the command, which does not run; the
+//!   unit fetches again only once CmdBufEn is cleared and set. The head
+//!   register takes writes only while CmdBufEn is clear. With
+//!   [`State::qemu_illegal_commands`] it does what QEMU does instead: the
+//!   event is logged and the command runs on, CmdBufRun left set;
 //! * a QEMU-like IOTLB for [`RegisterModel::dma`]: translations cached per
 //!   device and page, tagged and dropped by domain (INVALIDATE_DEVTAB_ENTRY
 //!   drops nothing, as in QEMU);
@@ -25,6 +33,7 @@
 
 use crate::cmd::{self, Command};
 use crate::dte::{DeviceTableEntry, DteKind};
+use crate::event::{self, Event};
 use crate::regs::{self, Control, Mmio, Status};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
@@ -200,6 +209,20 @@ pub struct State {
     pub iotlb: BTreeMap<(u16, u64), (u16, Dma)>,
     /// Commands with reserved bits set, or unknown ones.
     pub illegal_commands: usize,
+    /// The command processor stopped at an illegal command (the head names
+    /// it): CmdBufRun reads 0 and nothing runs until software clears
+    /// CmdBufEn and sets it again.
+    pub halted: bool,
+    /// Test knob: the `n`th command fetched from now (1-based) is illegal,
+    /// as though a reserved bit were set; the ones before it run.
+    pub fail_command: Option<u32>,
+    /// Test knob: illegal commands as QEMU (10.x) treats them: the
+    /// ILLEGAL_COMMAND_ERROR event is logged, the command runs anyway, the
+    /// head moves past it and CmdBufRun stays set.
+    pub qemu_illegal_commands: bool,
+    /// Command head writes while CmdBufEn was set (undefined in the spec;
+    /// the model ignores them).
+    pub head_writes_while_enabled: usize,
     /// Test knob: never run commands or report CmdBufRun.
     pub stuck: bool,
     /// Test knob: run commands only in [`RegisterModel::run`].
@@ -265,44 +288,56 @@ impl RegisterModel {
     }
 
     fn running(s: &State) -> bool {
-        !s.stuck && s.control.contains(Control::IOMMU_EN | Control::CMD_BUF_EN)
+        !s.stuck && !s.halted && s.control.contains(Control::IOMMU_EN | Control::CMD_BUF_EN)
+    }
+
+    /// Whether `c` has a reserved bit set that QEMU checks, or an opcode
+    /// the model does not know.
+    fn reserved_bits_set(c: Command) -> bool {
+        let [w0, w1] = c.0;
+        match c.opcode() {
+            cmd::COMPLETION_WAIT => w0 >> 52 & 0xff != 0,
+            // QEMU caches neither: it checks the reserved bits only.
+            cmd::INVALIDATE_DEVTAB_ENTRY | cmd::INVALIDATE_INTERRUPT_TABLE => {
+                w0 >> 16 & ((1 << 44) - 1) != 0 || w1 != 0
+            }
+            cmd::INVALIDATE_IOMMU_PAGES => w0 >> 20 & 0xfff != 0 || w0 >> 48 & 0xfff != 0 || w1 >> 3 & 0x1ff != 0,
+            cmd::INVALIDATE_IOMMU_ALL => w0 & ((1 << 60) - 1) != 0 || w1 != 0,
+            _ => true,
+        }
     }
 
     fn exec_one(&self, s: &mut State) {
         let size = ring_bytes(s.cmd_base);
         let at = (s.cmd_base & regs::BASE_MASK) + s.cmd_head;
         let c = Command([self.mem.read_u64(at), self.mem.read_u64(at + 8)]);
-        let [w0, w1] = c.0;
+        let mut illegal = Self::reserved_bits_set(c);
+        if let Some(n) = s.fail_command {
+            if n <= 1 {
+                s.fail_command = None;
+                illegal = true;
+            } else {
+                s.fail_command = Some(n - 1);
+            }
+        }
+        if illegal {
+            s.illegal_commands += 1;
+            self.log_event_locked(s, Event::encode(event::ILLEGAL_COMMAND_ERROR, 0, 0, 0, at));
+            if !s.qemu_illegal_commands {
+                // The spec: the processor stops here, the head names the
+                // command, and it does not run.
+                s.halted = true;
+                s.status -= Status::CMD_BUF_RUN;
+                return;
+            }
+        }
         let what = decode(c);
         match what {
-            Invalidation::CompletionWait { store } => {
-                if w0 >> 52 & 0xff != 0 {
-                    s.illegal_commands += 1;
-                }
-                if let Some((addr, data)) = store {
-                    self.mem.write_u64(addr, data);
-                }
-            }
-            Invalidation::DeviceTableEntry(_) | Invalidation::InterruptTable(_) => {
-                // QEMU caches neither: it checks the reserved bits only.
-                if w0 >> 16 & ((1 << 44) - 1) != 0 || w1 != 0 {
-                    s.illegal_commands += 1;
-                }
-            }
-            Invalidation::IommuPages { domain_id, .. } => {
-                if w0 >> 20 & 0xfff != 0 || w0 >> 48 & 0xfff != 0 || w1 >> 3 & 0x1ff != 0 {
-                    s.illegal_commands += 1;
-                }
-                // QEMU drops every entry of the domain, whatever the range.
-                s.iotlb.retain(|_, (d, _)| *d != domain_id);
-            }
-            Invalidation::All => {
-                if w0 & ((1 << 60) - 1) != 0 || w1 != 0 {
-                    s.illegal_commands += 1;
-                }
-                s.iotlb.clear();
-            }
-            Invalidation::Other(_) => s.illegal_commands += 1,
+            Invalidation::CompletionWait { store: Some((addr, data)) } => self.mem.write_u64(addr, data),
+            // QEMU drops every entry of the domain, whatever the range.
+            Invalidation::IommuPages { domain_id, .. } => s.iotlb.retain(|_, (d, _)| *d != domain_id),
+            Invalidation::All => s.iotlb.clear(),
+            _ => {}
         }
         let stamp = self.mem.stamp();
         s.log.push(Logged { command: c, what, stamp });
@@ -371,6 +406,10 @@ impl RegisterModel {
     /// a full log sets EventOverflow and stops logging).
     pub fn log_event(&self, raw: [u64; 2]) -> bool {
         let mut s = self.state.lock();
+        self.log_event_locked(&mut s, raw)
+    }
+
+    fn log_event_locked(&self, s: &mut State, raw: [u64; 2]) -> bool {
         if !s.status.contains(Status::EVENT_LOG_RUN) {
             return false;
         }
@@ -433,6 +472,10 @@ impl Mmio for RegisterModel {
             0x0018 => {
                 let was_on = s.control.contains(Control::IOMMU_EN);
                 s.control = Control::from_bits_retain(v);
+                if !s.control.contains(Control::CMD_BUF_EN) {
+                    // Restarted by clearing CmdBufEn (and setting it again).
+                    s.halted = false;
+                }
                 if !was_on && s.control.contains(Control::IOMMU_EN) {
                     let pages = (s.dev_table & 0x1ff) + 1;
                     let bad =
@@ -447,8 +490,12 @@ impl Mmio for RegisterModel {
             0x0020 => s.excl[0] = v,
             0x0028 => s.excl[1] = v | 0xfff,
             0x2000 => {
-                s.cmd_head = v & regs::POINTER_MASK;
-                s.cmd_head_reg = s.cmd_head;
+                if s.control.contains(Control::CMD_BUF_EN) {
+                    s.head_writes_while_enabled += 1;
+                } else {
+                    s.cmd_head = v & regs::POINTER_MASK;
+                    s.cmd_head_reg = s.cmd_head;
+                }
             }
             0x2008 => {
                 let size = ring_bytes(s.cmd_base);

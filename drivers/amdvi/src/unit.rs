@@ -16,7 +16,15 @@
 //!   IOTLB entries with (QEMU ignores the first; its IOTLB is dropped by
 //!   domain), then one COMPLETION_WAIT.
 //! * Every batch of commands ends with one COMPLETION_WAIT storing a fresh
-//!   sequence number; the driver waits for that store. The producer reads
+//!   sequence number; the driver waits for that store. A unit that stops
+//!   fetching meanwhile (Status.CmdBufRun clear: an illegal command or a
+//!   fetch error, the head left at it) fails the batch with
+//!   [`HwError::QueueError`] at once, as does an ILLEGAL_COMMAND_ERROR or
+//!   COMMAND_HARDWARE_ERROR event naming one of the batch's slots (QEMU logs
+//!   one and runs on); either way the rest of the batch is dropped (the
+//!   head set to the tail while CmdBufEn is clear) and the command buffer
+//!   restarted before the error is returned, so later batches run. The
+//!   caller keeps whatever the batch was to make safe. The producer reads
 //!   the hardware head before reusing a slot and never fills the ring (one
 //!   slot stays free, so head == tail always means empty).
 //! * Domain id 0 is reserved for blocked and pass-through entries.
@@ -85,6 +93,9 @@ struct Rings {
     event_log: u64,
     /// Next byte offset to read in the event log (the head we wrote).
     event_head: u64,
+    /// Entries from `event_head` on already looked at for command errors
+    /// (see [`Unit::command_error_logged`]).
+    events_checked: u64,
     wait_page: u64,
 }
 
@@ -414,6 +425,7 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             cmd_tail: 0,
             event_log: got[1],
             event_head: 0,
+            events_checked: 0,
             wait_page: got[2],
         })
     }
@@ -518,7 +530,10 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     }
 
     /// Writes `cmds` and one COMPLETION_WAIT to the command buffer and
-    /// waits until the unit has stored the wait's sequence number.
+    /// waits until the unit has stored the wait's sequence number. A
+    /// command error (see the invariants) is [`HwError::QueueError`] with
+    /// the Status register's value, after the command buffer was emptied
+    /// and restarted.
     fn submit(&mut self, cmds: &[Command]) -> Result<(), Error> {
         let r = self.rings.ok_or_else(|| self.not_enabled())?;
         // Sequence numbers only grow, so a stale store never matches and
@@ -529,16 +544,20 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         let mut all = cmds.to_vec();
         all.push(Command::completion_wait(r.wait_page, seq));
         let slots = RING_BYTES / Command::SIZE;
-        let mut tail = r.cmd_tail;
+        let start = r.cmd_tail;
+        let mut tail = start;
         for chunk in all.chunks(slots as usize - 1) {
             let need = chunk.len() as u64 * Command::SIZE;
             // Room: never overtake the hardware head; keep one slot free.
             // The head is reduced modulo the ring: QEMU leaves it at the
             // ring size for a moment after processing the last slot.
-            self.wait_until("Command Buffer Head", |u| {
+            let room = self.wait_commands("Command Buffer Head", |u| {
                 let head = (u.mmio.get64(regs::CMD_BUF_HEAD) & regs::POINTER_MASK) % RING_BYTES;
                 (head + RING_BYTES - tail - Command::SIZE) % RING_BYTES >= need
             })?;
+            if let Some(status) = room {
+                return Err(self.command_error(status, start, all.len()));
+            }
             let first = tail;
             for c in chunk {
                 let i = (tail / 8) as usize;
@@ -563,7 +582,106 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         }
         self.stats.commands += cmds.len() as u64;
         self.stats.waits += 1;
-        self.wait_until("Command Buffer Head (COMPLETION_WAIT store)", |u| u.mem.read(r.wait_page, 0) == seq)
+        let waited =
+            self.wait_commands("Command Buffer Head (COMPLETION_WAIT store)", |u| u.mem.read(r.wait_page, 0) == seq)?;
+        if let Some(status) = waited {
+            return Err(self.command_error(status, start, all.len()));
+        }
+        // QEMU logs an illegal command and runs on (CmdBufRun stays set,
+        // the wait stores): the event is the only sign.
+        if self.command_error_logged(start, all.len()) {
+            let status = regs::read_status(&self.mmio);
+            return Err(self.command_error(status, start, all.len()));
+        }
+        Ok(())
+    }
+
+    /// Waits for `done` while the command processor runs: `Ok(None)` once
+    /// done, `Ok(Some(status))` when the unit stopped fetching commands
+    /// first (Status.CmdBufRun clear; `status` as read then).
+    fn wait_commands(
+        &self,
+        register: &'static str,
+        mut done: impl FnMut(&Self) -> bool,
+    ) -> Result<Option<Status>, Error> {
+        let mut halted = None;
+        self.wait_until(register, |u| {
+            if done(u) {
+                return true;
+            }
+            let status = regs::read_status(&u.mmio);
+            if status.contains(Status::CMD_BUF_RUN) {
+                return false;
+            }
+            // It may have finished just before it stopped.
+            if done(u) {
+                return true;
+            }
+            halted = Some(status);
+            true
+        })?;
+        Ok(halted)
+    }
+
+    /// The error for a batch of `count` commands from ring offset `start`
+    /// that met a command error, once the command buffer is running again
+    /// (see [`Self::restart_commands`]).
+    fn command_error(&mut self, status: Status, start: u64, count: usize) -> Error {
+        // Events the batch caused are not held against a later one.
+        self.command_error_logged(start, count);
+        self.restart_commands();
+        // The Status bits defined so far all fit in 32 bits.
+        self.err(HwError::QueueError { status: status.bits() as u32 })
+    }
+
+    /// After a command error: the unit stopped at the command the head
+    /// names (or, QEMU, went past it), and fetches again only once
+    /// CmdBufEn is cleared and set. Everything up to the tail is dropped
+    /// (the head register, writable only while CmdBufEn is clear, is set
+    /// to the tail: the batch failed and its caller keeps what it was to
+    /// make safe), then CmdBufEn is set again and CmdBufRun waited for. A
+    /// unit that does not restart fails the next batch.
+    fn restart_commands(&mut self) {
+        let Some(r) = self.rings else { return };
+        let ctrl = regs::read_control(&self.mmio);
+        self.mmio.set64(regs::CONTROL, (ctrl - Control::CMD_BUF_EN).bits());
+        let stopped =
+            self.wait_until("Status.CmdBufRun", |u| !regs::read_status(&u.mmio).contains(Status::CMD_BUF_RUN));
+        if stopped.is_ok() {
+            self.mmio.set64(regs::CMD_BUF_HEAD, r.cmd_tail);
+        }
+        self.mmio.set64(regs::CONTROL, (ctrl | Control::CMD_BUF_EN).bits());
+        // A unit that does not come back shows it in the next batch.
+        let _ = self.wait_until("Status.CmdBufRun", |u| regs::read_status(&u.mmio).contains(Status::CMD_BUF_RUN));
+    }
+
+    /// Whether an event not looked at before is an ILLEGAL_COMMAND_ERROR or
+    /// COMMAND_HARDWARE_ERROR naming one of the `count` slots from ring
+    /// offset `start`. Only reads memory: the unread entries from the
+    /// driver's head up to the first not yet written (code 0); each is
+    /// looked at once (the entries stay for [`Self::poll_events`]).
+    fn command_error_logged(&mut self, start: u64, count: usize) -> bool {
+        let Some(r) = self.rings else { return false };
+        let span = count as u64 * Command::SIZE;
+        let mut checked = r.events_checked;
+        let mut found = false;
+        while checked < RING_BYTES / 16 - 1 {
+            let i = ((r.event_head + checked * 16) % RING_BYTES / 8) as usize;
+            let raw = [self.mem.read(r.event_log, i), self.mem.read(r.event_log, i + 1)];
+            let Some(e) = Event::decode(raw) else { break };
+            checked += 1;
+            let address = match e {
+                Event::IllegalCommand { address } => address,
+                Event::Other { code: crate::event::COMMAND_HARDWARE_ERROR, raw } => raw[1],
+                _ => continue,
+            };
+            let Some(offset) = address.checked_sub(r.cmd_buf).filter(|&o| o < RING_BYTES) else { continue };
+            found |= span >= RING_BYTES || (offset + RING_BYTES - start) % RING_BYTES < span;
+        }
+        if let Some(rr) = self.rings.as_mut() {
+            rr.events_checked = checked;
+        }
+        found
     }
 
     /// Where entry `device_id` lives: (page, index of its first word).
@@ -1037,7 +1155,9 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
         if head != r.event_head {
             self.mmio.set64(regs::EVENT_LOG_HEAD, head);
             if let Some(rr) = self.rings.as_mut() {
+                let read = (head + RING_BYTES - rr.event_head) % RING_BYTES / 16;
                 rr.event_head = head;
+                rr.events_checked = rr.events_checked.saturating_sub(read);
             }
         }
         if st.contains(Status::EVENT_OVERFLOW) {

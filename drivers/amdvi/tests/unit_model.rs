@@ -15,6 +15,7 @@ use amdvi::{Command, ContiguousMemory, DeviceTableEntry, Error, HwError, Unit};
 use io_pgtable::{HeapTables, TableMemory};
 use portcullis_iommu::testing::{DeviceMemory, TickClock};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------------
@@ -546,6 +547,142 @@ fn a_unit_that_stops_mid_way_times_out_on_the_completion_wait() {
         "{last:?}"
     );
     assert_eq!(model.state().overruns, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Command errors.
+// ---------------------------------------------------------------------------
+
+/// An enabled unit whose clock counts its readings (each one a poll of a
+/// hardware wait: a 100 ms timeout takes 100 000 of them).
+fn counted() -> (Model, Mem, TestUnit, Arc<AtomicU64>) {
+    let mem = Mem::new(true);
+    let model = RegisterModel::new(QEMU_EFR, Arc::new(mem.clone()));
+    let reads = Arc::new(AtomicU64::new(0));
+    let counter = reads.clone();
+    let clock = TickClock::new().on_read(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
+    let mut u = Unit::new(BASE, model.clone(), mem.clone(), clock, 0xff);
+    u.enable().unwrap();
+    model.processed();
+    (model, mem, u, reads)
+}
+
+/// Where the unit's command buffer is, and the tail it has reached.
+fn ring(model: &Model) -> (u64, u64) {
+    let hw = model.state();
+    (hw.cmd_base & regs::BASE_MASK, hw.cmd_tail)
+}
+
+/// The spec's unit stops at an illegal command with CmdBufRun clear: the
+/// batch fails at once with the Status register (no 100 ms timeout), the
+/// rest of it is dropped, the command buffer restarted (CmdBufEn cleared,
+/// the head set to the tail, CmdBufEn set), and the next batch runs.
+#[test]
+fn an_illegal_command_fails_its_batch_at_once_and_the_ring_restarts() {
+    // The invalidation itself, then the completion wait after it.
+    for n in [1usize, 2] {
+        let (model, _, mut u, reads) = counted();
+        let (base, tail) = ring(&model);
+        model.state().fail_command = Some(n as u32);
+        let before = reads.load(Ordering::Relaxed);
+        let e = u.invalidate_range(1, 0, 0xfff).unwrap_err();
+        assert_eq!(e, Error { unit: BASE, cause: HwError::QueueError { status: Status::EVENT_LOG_RUN.bits() as u32 } });
+        assert!(reads.load(Ordering::Relaxed) - before < 1000, "failed at once, not after a timeout");
+        assert_eq!(opcodes(&model.processed()), [cmd::INVALIDATE_IOMMU_PAGES][..n - 1], "what ran before it");
+        {
+            let hw = model.state();
+            assert!(!hw.halted && hw.status.contains(Status::CMD_BUF_RUN), "restarted");
+            assert_eq!(hw.cmd_head, hw.cmd_tail, "the rest of the batch dropped");
+            assert_eq!(hw.head_writes_while_enabled, 0, "the head written only while CmdBufEn was clear");
+        }
+        assert!(
+            model
+                .state()
+                .writes
+                .iter()
+                .any(|&(o, v)| o == regs::CONTROL.offset()
+                    && !Control::from_bits_retain(v).contains(Control::CMD_BUF_EN))
+        );
+        // The event names the command the unit stopped at.
+        assert_eq!(u.poll_events(), [Event::IllegalCommand { address: base + tail + 16 * (n as u64 - 1) }]);
+        // Later batches run.
+        u.invalidate_range(1, 0, 0xfff).unwrap();
+        assert_eq!(opcodes(&model.processed()), [cmd::INVALIDATE_IOMMU_PAGES, cmd::COMPLETION_WAIT]);
+        u.attach(0x10, ROOT, 4, 2).unwrap();
+        assert_eq!(u.attached_domain(0x10), Some(2));
+        assert_eq!(model.state().illegal_commands, 1);
+    }
+}
+
+/// QEMU logs ILLEGAL_COMMAND_ERROR and runs on (CmdBufRun stays set, the
+/// completion wait stores): the event naming a slot of the batch fails
+/// it all the same. It is held against no later batch, stays for
+/// `poll_events`, and an event naming another slot fails nothing.
+#[test]
+fn a_logged_illegal_command_fails_its_batch_on_a_unit_that_runs_on() {
+    let (model, _, mut u, reads) = counted();
+    let (base, first) = ring(&model);
+    model.state().qemu_illegal_commands = true;
+    // A command error naming the slot before this batch's: not its own.
+    let old = Event::IllegalCommand { address: base + first - 16 };
+    assert!(model.log_event(Event::encode(event::ILLEGAL_COMMAND_ERROR, 0, 0, 0, base + first - 16)));
+    u.invalidate_range(1, 0, 0xfff).unwrap();
+    model.processed();
+    let (_, tail) = ring(&model);
+    model.state().fail_command = Some(1);
+    let before = reads.load(Ordering::Relaxed);
+    let e = u.invalidate_range(1, 0, 0xfff).unwrap_err();
+    assert!(reads.load(Ordering::Relaxed) - before < 1000, "failed at once, not after a timeout");
+    match e.cause {
+        HwError::QueueError { status } => {
+            assert!(Status::from_bits_retain(status as u64).contains(Status::CMD_BUF_RUN), "{status:#x}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(opcodes(&model.processed()), [cmd::INVALIDATE_IOMMU_PAGES, cmd::COMPLETION_WAIT], "QEMU ran both");
+    u.invalidate_range(1, 0, 0xfff).unwrap();
+    assert_eq!(opcodes(&model.processed()), [cmd::INVALIDATE_IOMMU_PAGES, cmd::COMPLETION_WAIT]);
+    let hw = model.state();
+    assert!(hw.status.contains(Status::CMD_BUF_RUN));
+    assert_eq!((hw.cmd_head, hw.head_writes_while_enabled), (hw.cmd_tail, 0));
+    drop(hw);
+    assert_eq!(u.poll_events(), [old, Event::IllegalCommand { address: base + tail }]);
+}
+
+/// A batch longer than the ring whose first part stops at an illegal
+/// command fails while waiting for room, not 100 ms later.
+#[test]
+fn a_long_batch_stopped_in_its_first_part_fails_without_waiting_for_room() {
+    let (model, mem, mut u) = build(Setup { efr: QEMU_EFR & !amdvi::caps::efr::IA, last: 0x3ff, ..Setup::default() });
+    model.state().fail_command = Some(10);
+    match u.enable() {
+        Err(Error { unit: BASE, cause: HwError::QueueError { status } }) => {
+            assert!(!Status::from_bits_retain(status as u64).contains(Status::CMD_BUF_RUN))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(model.processed().len(), 9);
+    assert_eq!(mem.live(), 0, "a failed enable leaves nothing behind");
+    assert!(!u.is_enabled());
+    u.enable().unwrap();
+}
+
+/// An interrupt table whose release met an illegal command stays
+/// allocated (the unit may still hold entries from it), and the next
+/// route works.
+#[test]
+fn a_release_that_meets_an_illegal_command_frees_nothing() {
+    let (model, mem, mut u, _) = counted();
+    let live = |t: u64| mem.0.lock().unwrap().heap.is_live(t);
+    u.route_interrupt(0x18, 0x2b, 0).unwrap();
+    let Some(amdvi::Interrupts::Remapped { table, .. }) = u.dte(0x18).unwrap().interrupts() else { panic!() };
+    model.state().fail_command = Some(4);
+    let e = u.release_interrupts(0x18).unwrap_err();
+    assert!(matches!(e.cause, HwError::QueueError { .. }), "{e:?}");
+    assert!(live(table), "a release the unit did not confirm frees nothing");
+    assert_eq!(u.route_interrupt(0x20, 0x2c, 0).unwrap(), 0);
 }
 
 // ---------------------------------------------------------------------------

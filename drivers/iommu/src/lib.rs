@@ -158,10 +158,14 @@ pub enum HwError {
         /// How long the driver waited.
         waited_ns: u64,
     },
-    /// The unit reported an invalidation queue or command error (VT-d
-    /// FSTS.IQE/ICE/ITE; the status register's value).
+    /// The unit reported an invalidation queue or command error: VT-d
+    /// FSTS.IQE/ICE/ITE; AMD-Vi a command processor that stopped
+    /// (Status.CmdBufRun clear) or an ILLEGAL_COMMAND_ERROR /
+    /// COMMAND_HARDWARE_ERROR event naming a command of the batch. The
+    /// batch's invalidations may not have been done.
     QueueError {
-        /// The fault/status register when the error was seen.
+        /// The fault/status register when the error was seen (VT-d FSTS,
+        /// AMD-Vi Status).
         status: u32,
     },
     /// No memory for a table, queue or ring.
