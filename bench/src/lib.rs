@@ -218,6 +218,14 @@ impl MemorySource for BackedMemory {
             pins.unpin(self.page_of(phys), (len / PAGE_SIZE) as usize);
         }
     }
+    fn pins_stay_at_user(&self) -> bool {
+        // Described memory never changes.
+        true
+    }
+    fn unpin_user(&self, uptr: u64, npages: u64, _dirty: bool) {
+        let first = self.first_page(uptr, npages).expect("unpin of pages outside the memory");
+        self.pins.lock().unpin(first as usize, npages as usize);
+    }
     fn read_user(&self, _: u64, _: &mut [u8]) -> Result<()> {
         Err(Errno::EOPNOTSUPP)
     }

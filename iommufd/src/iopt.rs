@@ -578,24 +578,45 @@ impl IoPagetable {
                 result = Err(e);
             }
         }
-        area.pages.release_holder(key, fp, lp, &phys, result.is_ok());
+        Self::release_unloaded(area, key, fp, lp, phys.as_deref(), result.is_ok());
         result
+    }
+
+    /// Lets go of an unloaded area's holder `key` and its domain use of
+    /// pages `[fp, lp]` (dropping the pins when `unpin`), with the pages'
+    /// addresses as [`Self::unmap_reading_back`] found them: `None` when
+    /// the pages are unpinned by user address.
+    fn release_unloaded(area: &Area, key: Option<u64>, fp: u64, lp: u64, phys: Option<&[PhysRun]>, unpin: bool) {
+        match phys {
+            Some(phys) => area.pages.release_holder(key, fp, lp, phys, unpin),
+            None => area.pages.release_holder_by_user(key, fp, lp, unpin),
+        }
     }
 
     /// Unmaps the filled area `[start, last]` from `domain` through the
     /// concurrent path (into `gather`, not yet synced) and returns the
-    /// physical runs of its pages: handed back by the unmap itself when
-    /// the domain can (one pass over the tables) and the area is whole
-    /// pages, else read back before it. A partial unmap, never expected
-    /// for a whole area, is `EIO` (the caller then keeps the pins).
+    /// physical runs of its pages: none when the pages are unpinned by
+    /// user address ([`Pages::unpins_by_user`]: nothing to read), else
+    /// handed back by the unmap itself when the domain can (one pass over
+    /// the tables) and the area is whole pages, else read back before it.
+    /// A partial unmap, never expected for a whole area, is `EIO` (the
+    /// caller then keeps the pins).
     fn unmap_reading_back(
         domain: &DomainRef,
         gather: &mut IotlbGather,
         start: u64,
         last: u64,
         area: &Area,
-    ) -> (PhysRuns, Result<()>) {
+    ) -> (Option<PhysRuns>, Result<()>) {
         let length = last - start + 1;
+        if area.pages.unpins_by_user() {
+            let result = match domain.read().unmap_shared(start, length, gather) {
+                Ok(n) if n == length => Ok(()),
+                Ok(_) => Err(Errno::EIO),
+                Err(e) => Err(domain_errno(e)),
+            };
+            return (None, result);
+        }
         if area.start_byte.is_multiple_of(PAGE_SIZE) && length.is_multiple_of(PAGE_SIZE) {
             // Room for every run up front (a list grown by copies costs
             // more than the unmap's own pass over the tables), sized from
@@ -605,15 +626,15 @@ impl IoPagetable {
             let mut phys: PhysRuns = Vec::with_capacity(Self::runs_estimate(domain, start, length));
             match domain.read().unmap_shared_collect(start, length, gather, &mut phys) {
                 Err(DomainError::NotSupported) => {}
-                Ok(n) if n == length => return (phys, Ok(())),
-                Ok(_) => return (phys, Err(Errno::EIO)),
-                Err(e) => return (phys, Err(domain_errno(e))),
+                Ok(n) if n == length => return (Some(phys), Ok(())),
+                Ok(_) => return (Some(phys), Err(Errno::EIO)),
+                Err(e) => return (Some(phys), Err(domain_errno(e))),
             }
         }
         let (fp, lp) = (area.first_page(), area.last_page(length));
         let phys = Self::read_back(domain, start, area, fp, lp);
         let result = domain.read().unmap_shared(start, length, gather).map(|_| ()).map_err(domain_errno);
-        (phys, result)
+        (Some(phys), result)
     }
 
     /// How many physical runs `[start, start + length)` of `domain` is
@@ -927,7 +948,7 @@ impl IoPagetable {
     /// [`Self::unmap`]).
     pub fn unmap_outside(u: &Unmapping) -> Result<()> {
         let mut gathers: Vec<IotlbGather> = u.domains.iter().map(|_| IotlbGather::default()).collect();
-        let mut release: Vec<(&Area, u64, u64, PhysRuns)> = Vec::new();
+        let mut release: Vec<(&Area, u64, u64, Option<PhysRuns>)> = Vec::new();
         let mut result = Ok(());
         for (s, l, area) in &u.areas {
             if !area.filled {
@@ -953,7 +974,7 @@ impl IoPagetable {
             }
         }
         for (area, fp, lp, phys) in release {
-            area.pages.release_holder(area.holder, fp, lp, &phys, result.is_ok());
+            Self::release_unloaded(area, area.holder, fp, lp, phys.as_deref(), result.is_ok());
         }
         result
     }

@@ -118,6 +118,31 @@ pub trait MemorySource: Send + Sync {
         let _ = (file, offset, npages, write, out);
         Err(Errno::EINVAL)
     }
+
+    // Sources whose pages cannot move.
+
+    /// Whether a page pinned at a user address stays the page at that
+    /// address until its last pin goes: guest RAM a hypervisor owns (its
+    /// regions cannot be removed or remapped while pinned), unlike a
+    /// process's memory, where a munmap and mmap put other memory under
+    /// the address while the old page stays pinned. When true, iommufd
+    /// drops a domain's pins with [`Self::unpin_user`] and its unmap reads
+    /// no physical addresses back from the page table. The default: false.
+    fn pins_stay_at_user(&self) -> bool {
+        false
+    }
+    /// Drops one pin on each of the `npages` pages at page-aligned user
+    /// address `uptr`, each pinned there before (as [`Self::unpin`]);
+    /// called only when [`Self::pins_stay_at_user`] is true. The default
+    /// learns the pages' addresses by pinning them once more, then drops
+    /// both pins; sources answer by address directly.
+    fn unpin_user(&self, uptr: u64, npages: u64, dirty: bool) {
+        let mut runs = Vec::new();
+        self.pin_runs(uptr, npages, false, &mut runs)
+            .unwrap_or_else(|e| panic!("pinned pages at {uptr:#x} cannot be pinned again: {e:?}"));
+        self.unpin_runs(&runs, false);
+        self.unpin_runs(&runs, dirty);
+    }
 }
 
 /// A file held by a memory source for a file mapping (see
@@ -1161,6 +1186,26 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
         self.phys.write(phys, buf)
     }
 
+    fn pins_stay_at_user(&self) -> bool {
+        // A region cannot be removed while one of its pages is pinned,
+        // and regions never overlap.
+        true
+    }
+
+    fn unpin_user(&self, uptr: u64, npages: u64, _dirty: bool) {
+        let mut regions = self.regions.lock();
+        let end = uptr + npages * PAGE_SIZE;
+        let mut a = uptr;
+        while a < end {
+            let i = Self::region_of(&regions, a).expect("unpin of a page outside every region");
+            let reg = &mut regions[i];
+            let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
+            let n = (reg.pins.len() - first).min(((end - a) / PAGE_SIZE) as usize);
+            reg.pins.unpin(first, n);
+            a += n as u64 * PAGE_SIZE;
+        }
+    }
+
     fn pin_count(&self, uptr: u64) -> Result<Option<u32>> {
         let r = self.regions.lock();
         let i = Self::region_of(&r, uptr).ok_or(Errno::EFAULT)?;
@@ -1208,6 +1253,58 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
 #[cfg(test)]
 mod region_tests {
     use super::*;
+
+    /// A region source that answers [`MemorySource::unpin_user`] with the
+    /// trait's default (pin again to learn the addresses).
+    struct DefaultUnpin(RegionMemory<NoPhysAccess>);
+
+    impl MemorySource for DefaultUnpin {
+        fn pin(&self, uptr: u64, out: &mut [u64], write: bool) -> Result<()> {
+            self.0.pin(uptr, out, write)
+        }
+        fn unpin(&self, phys: &[u64], dirty: bool) {
+            self.0.unpin(phys, dirty)
+        }
+        fn read_user(&self, uptr: u64, buf: &mut [u8]) -> Result<()> {
+            self.0.read_user(uptr, buf)
+        }
+        fn write_user(&self, uptr: u64, buf: &[u8]) -> Result<()> {
+            self.0.write_user(uptr, buf)
+        }
+        fn read_phys(&self, phys: u64, buf: &mut [u8]) -> Result<()> {
+            self.0.read_phys(phys, buf)
+        }
+        fn write_phys(&self, phys: u64, buf: &[u8]) -> Result<()> {
+            self.0.write_phys(phys, buf)
+        }
+        fn pins_stay_at_user(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn unpin_by_user_address_default_and_regions() {
+        let d = DefaultUnpin(RegionMemory::new(NoPhysAccess));
+        d.0.add_region(0x10_0000, 0x8000_0000, 0x40_0000, true).unwrap();
+        d.0.add_region(0x50_0000, 0x9000_0000, 0x1000, true).unwrap();
+        let mut runs = Vec::new();
+        // 2 MiB + 3 pages from 0x10_0000, twice; then the second region.
+        d.0.pin_runs(0x10_0000, 515, false, &mut runs).unwrap();
+        d.0.pin_runs(0x10_0000, 515, false, &mut runs).unwrap();
+        d.0.pin_runs(0x50_0000, 1, false, &mut runs).unwrap();
+        d.unpin_user(0x10_1000, 513, false);
+        assert_eq!(d.0.pin_count(0x10_0000), Ok(Some(2)));
+        assert_eq!(d.0.pin_count(0x10_1000), Ok(Some(1)));
+        assert_eq!(d.0.pin_count(0x30_1000), Ok(Some(1)));
+        assert_eq!(d.0.pin_count(0x30_2000), Ok(Some(2)), "past the unpinned range");
+        assert_eq!(d.0.pin_count(0x30_3000), Ok(Some(0)));
+        // The region source's own answer.
+        d.0.unpin_user(0x10_0000, 515, false);
+        d.0.unpin_user(0x10_0000, 1, false);
+        d.0.unpin_user(0x30_2000, 1, false);
+        d.0.unpin_user(0x50_0000, 1, true);
+        assert_eq!(d.0.pinned_pages(), 0);
+    }
 
     #[test]
     fn regions_translate_and_count_pins() {

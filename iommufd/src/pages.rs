@@ -913,6 +913,29 @@ impl Pages {
         }
     }
 
+    /// Whether these pages' domain pins are dropped by user address
+    /// ([`MemorySource::pins_stay_at_user`]; user memory only): an unload
+    /// then needs no addresses read back ([`Self::release_holder_by_user`]).
+    pub fn unpins_by_user(&self) -> bool {
+        matches!(self.origin, PagesOrigin::User { .. }) && self.source.pins_stay_at_user()
+    }
+
+    /// [`Self::release_holder`] without the pages' addresses, for pages
+    /// that [`Self::unpins_by_user`]: pages that go are unpinned by user
+    /// address. Without `unpin` nothing is kept besides the pins: a later
+    /// user of the pages finds their addresses at the user address, where
+    /// they stay.
+    pub fn release_holder_by_user(&self, key: Option<u64>, first: u64, last: u64, unpin: bool) {
+        debug_assert!(self.unpins_by_user(), "pages whose addresses are needed to unpin them");
+        let t = self.table.lock();
+        if let Some(k) = key {
+            self.holders.lock().remove(k);
+        }
+        if unpin {
+            self.unpin_locked(t, first, last, UseKind::Domain, None);
+        }
+    }
+
     /// Physical address of page `index` while it has a use: stored, or
     /// read back from a domain that holds it.
     pub fn phys(&self, index: u64) -> Option<u64> {
@@ -1078,6 +1101,30 @@ impl Pages {
                     t.pinned_pages -= count;
                     drop(t);
                     self.source.unpin_runs(h, self.writable);
+                    self.accounting.credit(count);
+                    return;
+                }
+                if hint.is_none()
+                    && let PagesOrigin::User { uptr } = self.origin
+                    && self.source.pins_stay_at_user()
+                {
+                    // The pages are where they were pinned: no addresses
+                    // needed, each range that goes is unpinned by user
+                    // address.
+                    let mut ranges = Vec::new();
+                    for (s, e) in gone {
+                        t.other_ranges(s, e, |a, b, has_other| {
+                            if !has_other {
+                                ranges.push((a, b));
+                            }
+                        });
+                    }
+                    let count: u64 = ranges.iter().map(|(a, b)| b - a + 1).sum();
+                    t.pinned_pages -= count;
+                    drop(t);
+                    for (a, b) in ranges {
+                        self.source.unpin_user(uptr + a * PAGE_SIZE, b - a + 1, self.writable);
+                    }
                     self.accounting.credit(count);
                     return;
                 }
