@@ -1020,15 +1020,43 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                 }
                 if self.format.is_leaf(e, l) {
                     if base >= iova && base + size <= end {
-                        if let Some(runs) = collect.as_deref_mut() {
-                            runs.add(self.format.leaf_address(e, l), size);
+                        // This leaf and the ones after it in this table
+                        // that the range covers whole (2 MiB pages of a
+                        // GiB) are cleared in a row, up to a table entry,
+                        // the table's end or the range's end.
+                        let (mut k, mut e, mut at) = (i, e, base);
+                        let mut cleared_end = base;
+                        loop {
+                            if let Some(runs) = collect.as_deref_mut() {
+                                runs.add(self.format.leaf_address(e, l), size);
+                            }
+                            self.acc.write(t, k, 0);
+                            batch.mark(&mut self.acc, l, t, k);
+                            unmapped += size;
+                            (k, at) = (k + 1, at + size);
+                            cleared_end = at;
+                            // The next present entry, if it is a leaf the
+                            // range covers whole.
+                            let mut next = None;
+                            while k < ENTRIES && at.checked_add(size).is_some_and(|x| x <= end) {
+                                let n = self.acc.read(t, k);
+                                if !self.format.is_present(n) {
+                                    (k, at) = (k + 1, at + size);
+                                    continue;
+                                }
+                                if self.format.is_leaf(n, l) {
+                                    next = Some(n);
+                                }
+                                break;
+                            }
+                            match next {
+                                Some(n) => e = n,
+                                None => break,
+                            }
                         }
-                        self.acc.write(t, i, 0);
-                        batch.mark(&mut self.acc, l, t, i);
                         touched[l as usize] = true;
-                        unmapped += size;
-                        gather.add(base, base + size - 1);
-                        cur = base + size;
+                        gather.add(base, cleared_end - 1);
+                        cur = at;
                         break;
                     }
                     match self.split(t, i, e, l, batch) {
