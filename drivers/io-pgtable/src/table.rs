@@ -1025,7 +1025,7 @@ impl<'p, F: PtFormat, A: Access> Op<'p, F, A> {
                         // GiB) are cleared in a row, up to a table entry,
                         // the table's end or the range's end.
                         let (mut k, mut e, mut at) = (i, e, base);
-                        let mut cleared_end = base;
+                        let mut cleared_end;
                         loop {
                             if let Some(runs) = collect.as_deref_mut() {
                                 runs.add(self.format.leaf_address(e, l), size);

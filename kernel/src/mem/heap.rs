@@ -1,11 +1,13 @@
 //! The kernel heap: one contiguous run of frames, used through the direct
-//! map, managed by `linked_list_allocator`.
+//! map, managed by `linked_list_allocator`, with size classes in front
+//! for blocks up to 2 KiB (`size_classes`).
 
 use super::frame::FRAME_SIZE;
+use super::size_classes::SizeClasses;
 use linked_list_allocator::LockedHeap;
 
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: SizeClasses<LockedHeap> = SizeClasses::new(LockedHeap::empty());
 
 /// Sets up the heap: an eighth of RAM, between 4 MiB and 512 MiB. Returns
 /// (physical base, bytes).
@@ -21,6 +23,6 @@ pub fn init(ram_bytes: u64) -> (u64, u64) {
     };
     // SAFETY: [phys, phys + size) was just allocated for the heap alone and
     // is mapped writable in the direct map; it is handed over exactly once.
-    unsafe { HEAP.lock().init(super::phys_to_virt(phys), size as usize) };
+    unsafe { HEAP.backing().lock().init(super::phys_to_virt(phys), size as usize) };
     (phys, size)
 }

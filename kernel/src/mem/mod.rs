@@ -17,6 +17,7 @@ pub mod frame;
 mod heap;
 #[cfg(target_os = "none")]
 pub mod paging;
+pub mod size_classes;
 
 #[cfg(target_os = "none")]
 pub use imp::*;
