@@ -6,113 +6,26 @@
 //! failed invalidation keeps every pin.
 #![allow(clippy::single_range_in_vec_init)] // page ranges, one or more
 
-use iommufd::ctx::{DeviceOps, Ictx};
+mod common;
+
+use common::{EngineDevice, Gate};
+use iommufd::ctx::Ictx;
 use iommufd::errno::Errno;
 use iommufd::memsrc::{MemorySource, NoPhysAccess, PAGE_SIZE, RegionMemory};
 use iommufd::selftest::cmd::MockAccess;
-use portcullis_iommu::{DeviceHandle, DomainError, HwError, IommuDomain, IotlbGather, IovaRange, PhysRun, Prot};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 
 const USER: u64 = 0x4000_0000;
 const PHYS: u64 = 0x1_2345_6000;
 const PAGES: u64 = 16;
 const IOVA: u64 = 1 << 32;
 
-type Engine =
-    io_pgtable::PagingDomain<io_pgtable::VtdSecondStage, io_pgtable::SharedHeapTables, io_pgtable::NoInvalidator>;
-
-/// An engine domain (concurrent maps and unmaps) whose IOTLB syncs fail
-/// while `fail` is set.
-struct Domain {
-    inner: Engine,
-    fail: Arc<AtomicBool>,
-}
-
-impl Domain {
-    fn sync_result(&self) -> Result<(), DomainError> {
-        if self.fail.load(SeqCst) {
-            return Err(DomainError::Hardware {
-                unit: 0xfed9_0000,
-                cause: HwError::Rejected { register: "IOTLB_REG", value: 0 },
-            });
-        }
-        Ok(())
-    }
-}
-
-impl IommuDomain for Domain {
-    fn page_sizes(&self) -> u64 {
-        self.inner.page_sizes()
-    }
-    fn aperture(&self) -> IovaRange {
-        self.inner.aperture()
-    }
-    fn map(&mut self, iova: u64, phys: u64, length: u64, prot: Prot) -> Result<(), DomainError> {
-        self.inner.map(iova, phys, length, prot)
-    }
-    fn map_runs(&mut self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
-        self.inner.map_runs(iova, runs, prot)
-    }
-    fn unmap(&mut self, iova: u64, length: u64, gather: &mut IotlbGather) -> u64 {
-        self.inner.unmap(iova, length, gather)
-    }
-    fn iotlb_sync(&mut self, gather: &mut IotlbGather) -> Result<(), DomainError> {
-        self.sync_result()?;
-        self.inner.iotlb_sync(gather)
-    }
-    fn supports_shared(&self) -> bool {
-        self.inner.supports_shared()
-    }
-    fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
-        self.inner.map_shared(iova, runs, prot)
-    }
-    fn unmap_shared(&self, iova: u64, length: u64, gather: &mut IotlbGather) -> Result<u64, DomainError> {
-        self.inner.unmap_shared(iova, length, gather)
-    }
-    fn iotlb_sync_shared(&self, gather: &mut IotlbGather) -> Result<(), DomainError> {
-        self.sync_result()?;
-        self.inner.iotlb_sync_shared(gather)
-    }
-    fn iova_to_phys(&self, iova: u64) -> Option<u64> {
-        self.inner.iova_to_phys(iova)
-    }
-    fn iova_to_phys_runs(&self, iova: u64, length: u64, out: &mut [PhysRun]) -> (usize, u64) {
-        self.inner.iova_to_phys_runs(iova, length, out)
-    }
-    fn enforce_cache_coherency(&mut self) -> bool {
-        self.inner.enforce_cache_coherency()
-    }
-    fn attach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
-        self.inner.attach_device(device)
-    }
-    fn detach_device(&mut self, device: DeviceHandle) -> Result<(), DomainError> {
-        self.inner.detach_device(device)
-    }
-}
-
-struct Device {
-    id: u64,
-    fail: Arc<AtomicBool>,
-}
-
-impl DeviceOps for Device {
-    fn handle(&self) -> DeviceHandle {
-        DeviceHandle::Opaque(self.id)
-    }
-    fn alloc_domain(&self) -> Result<Box<dyn IommuDomain>, DomainError> {
-        let f = io_pgtable::VtdSecondStage::from_caps([39, 48], 48, true, true, false).expect("format");
-        let inner =
-            io_pgtable::PagingDomain::new(f, io_pgtable::SharedHeapTables::new(true), io_pgtable::NoInvalidator)
-                .map_err(|_| DomainError::NoMemory)?;
-        Ok(Box::new(Domain { inner, fail: self.fail.clone() }))
-    }
-}
-
 struct World {
     mem: Arc<RegionMemory<NoPhysAccess>>,
     ictx: Ictx,
-    fail: Arc<AtomicBool>,
+    /// Open (maps go ahead); its `fail_sync` fails every domain's syncs.
+    gate: Arc<Gate>,
 }
 
 impl World {
@@ -121,13 +34,15 @@ impl World {
         mem.add_region(USER, PHYS, PAGES * PAGE_SIZE, true).unwrap();
         assert!(mem.pins_stay_at_user());
         let ictx = Ictx::new(mem.clone() as Arc<dyn MemorySource>, u64::MAX);
-        World { mem, ictx, fail: Arc::new(AtomicBool::new(false)) }
+        let gate = Arc::new(Gate::default());
+        gate.set(true);
+        World { mem, ictx, gate }
     }
 
     /// A new IOAS with a device (its own engine domain) attached.
     fn ioas(&self, id: u64) -> u32 {
         let ioas = self.ictx.ioas_alloc().unwrap();
-        let dev = self.ictx.bind_device(Arc::new(Device { id, fail: self.fail.clone() })).unwrap();
+        let dev = self.ictx.bind_device(Arc::new(EngineDevice { id, gate: Some(self.gate.clone()) })).unwrap();
         self.ictx.attach(dev, ioas).unwrap();
         assert!(self.ictx.ioas(ioas).unwrap().iopt.lock().concurrent(), "engine domains unmap concurrently");
         ioas
@@ -211,15 +126,15 @@ fn a_failed_invalidation_keeps_the_pins_of_a_stable_source() {
     w.ictx.ioas_map(a, Some(IOVA + 0x10_0000), USER + 8 * PAGE_SIZE, 8 * PAGE_SIZE, true, true).unwrap();
     // The first area copied into `b`: its pages have a second holder.
     w.ictx.ioas_copy(b, a, IOVA, Some(IOVA), 8 * PAGE_SIZE, true, true).unwrap();
-    w.fail.store(true, SeqCst);
+    w.gate.fail_sync.store(true, SeqCst);
     let err = w.ictx.ioas_unmap(a, IOVA, 8 * PAGE_SIZE);
     assert!(err.is_err(), "the failed sync reaches the caller: {err:?}");
-    w.fail.store(false, SeqCst);
+    w.gate.fail_sync.store(false, SeqCst);
     // A device may still reach the pages: every pin stays.
     assert_eq!(w.pins(), expect(&[0..PAGES]));
     assert_eq!(w.ictx.pinned_pages(), PAGES);
     // A new domain on `b` loads the copy from the pages' other holder.
-    let dev = w.ictx.bind_device(Arc::new(Device { id: 3, fail: w.fail.clone() })).unwrap();
+    let dev = w.ictx.bind_device(Arc::new(EngineDevice { id: 3, gate: Some(w.gate.clone()) })).unwrap();
     let h = w.ictx.hwpt_alloc(dev, b).unwrap();
     assert_eq!(w.ictx.hwpt(h).unwrap().domain.read().iova_to_phys(IOVA + PAGE_SIZE), Some(PHYS + PAGE_SIZE));
     // Unmapping the copy leaves the pages pinned: the failed unmap's use
