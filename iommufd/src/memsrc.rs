@@ -857,10 +857,11 @@ impl PinCounts {
         );
     }
 
-    /// Unpins pages `r` of chunk `c` one by one.
+    /// Unpins pages `r` of chunk `c` one by one (chunks of more than one
+    /// page: `unpin` counts one-page chunks itself).
     fn unpin_pages(&mut self, c: usize, r: core::ops::Range<usize>) {
         for p in r {
-            if self.shift != 0 && self.pages[p] > 0 {
+            if self.pages[p] > 0 {
                 self.pages[p] -= 1;
                 continue;
             }
@@ -868,11 +869,9 @@ impl PinCounts {
             // Move one of the chunk's pins onto its pages, then take it
             // off this one.
             self.whole[c] -= 1;
-            if self.shift != 0 {
-                let all = self.chunk_range(c);
-                self.pages[all].iter_mut().for_each(|x| *x += 1);
-                self.pages[p] -= 1;
-            }
+            let all = self.chunk_range(c);
+            self.pages[all].iter_mut().for_each(|x| *x += 1);
+            self.pages[p] -= 1;
         }
     }
 
@@ -1069,6 +1068,35 @@ impl<P: PhysMemory> RegionMemory<P> {
         (uptr < regions[i].uptr + regions[i].len).then_some(i)
     }
 
+    /// `EFAULT` unless every page of the user range `[uptr, end)` lies in
+    /// a region, writable if `write`.
+    fn check_range(regions: &[Region], uptr: u64, end: u64, write: bool) -> Result<()> {
+        let mut a = uptr;
+        while a < end {
+            let i = Self::region_of(regions, a).ok_or(Errno::EFAULT)?;
+            if write && !regions[i].writable {
+                return Err(Errno::EFAULT);
+            }
+            a = regions[i].uptr + regions[i].len;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(region, first page, pages)` for each region's share of the
+    /// user range `[uptr, end)`, in order; every page lies in a region
+    /// ([`Self::check_range`], or pinned there before).
+    fn each_piece(regions: &mut [Region], uptr: u64, end: u64, mut f: impl FnMut(&mut Region, usize, usize)) {
+        let mut a = uptr;
+        while a < end {
+            let i = Self::region_of(regions, a).expect("a page outside every region");
+            let reg = &mut regions[i];
+            let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
+            let n = (reg.pins.len() - first).min(((end - a) / PAGE_SIZE) as usize);
+            f(reg, first, n);
+            a += n as u64 * PAGE_SIZE;
+        }
+    }
+
     fn user_to_phys(&self, uptr: u64, len: usize) -> Result<u64> {
         let r = self.regions.lock();
         let i = Self::region_of(&r, uptr).ok_or(Errno::EFAULT)?;
@@ -1086,29 +1114,16 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
             return Err(Errno::EINVAL);
         }
         let mut regions = self.regions.lock();
-        // Check the whole range first (it may span regions).
-        let mut a = uptr;
         let end = uptr.checked_add(out.len() as u64 * PAGE_SIZE).ok_or(Errno::EFAULT)?;
-        while a < end {
-            let i = Self::region_of(&regions, a).ok_or(Errno::EFAULT)?;
-            if write && !regions[i].writable {
-                return Err(Errno::EFAULT);
-            }
-            a = regions[i].uptr + regions[i].len;
-        }
+        Self::check_range(&regions, uptr, end, write)?;
         let mut k = 0;
-        while k < out.len() {
-            let a = uptr + k as u64 * PAGE_SIZE;
-            let i = Self::region_of(&regions, a).expect("checked above");
-            let reg = &mut regions[i];
-            let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
-            let n = (reg.pins.len() - first).min(out.len() - k);
+        Self::each_piece(&mut regions, uptr, end, |reg, first, n| {
             reg.pins.pin(first, n);
             for (j, o) in out[k..k + n].iter_mut().enumerate() {
                 *o = reg.phys + (first + j) as u64 * PAGE_SIZE;
             }
             k += n;
-        }
+        });
         Ok(())
     }
 
@@ -1118,24 +1133,11 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
         }
         let mut regions = self.regions.lock();
         let end = npages.checked_mul(PAGE_SIZE).and_then(|l| uptr.checked_add(l)).ok_or(Errno::EFAULT)?;
-        let mut a = uptr;
-        while a < end {
-            let i = Self::region_of(&regions, a).ok_or(Errno::EFAULT)?;
-            if write && !regions[i].writable {
-                return Err(Errno::EFAULT);
-            }
-            a = regions[i].uptr + regions[i].len;
-        }
-        let mut a = uptr;
-        while a < end {
-            let i = Self::region_of(&regions, a).expect("checked above");
-            let reg = &mut regions[i];
-            let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
-            let n = (reg.pins.len() - first).min(((end - a) / PAGE_SIZE) as usize);
+        Self::check_range(&regions, uptr, end, write)?;
+        Self::each_piece(&mut regions, uptr, end, |reg, first, n| {
             reg.pins.pin(first, n);
             push_run(out, PhysRun::new(reg.phys + first as u64 * PAGE_SIZE, n as u64 * PAGE_SIZE));
-            a += n as u64 * PAGE_SIZE;
-        }
+        });
         Ok(())
     }
 
@@ -1194,16 +1196,7 @@ impl<P: PhysMemory> MemorySource for RegionMemory<P> {
 
     fn unpin_user(&self, uptr: u64, npages: u64, _dirty: bool) {
         let mut regions = self.regions.lock();
-        let end = uptr + npages * PAGE_SIZE;
-        let mut a = uptr;
-        while a < end {
-            let i = Self::region_of(&regions, a).expect("unpin of a page outside every region");
-            let reg = &mut regions[i];
-            let first = ((a - reg.uptr) / PAGE_SIZE) as usize;
-            let n = (reg.pins.len() - first).min(((end - a) / PAGE_SIZE) as usize);
-            reg.pins.unpin(first, n);
-            a += n as u64 * PAGE_SIZE;
-        }
+        Self::each_piece(&mut regions, uptr, uptr + npages * PAGE_SIZE, |reg, first, n| reg.pins.unpin(first, n));
     }
 
     fn pin_count(&self, uptr: u64) -> Result<Option<u32>> {
