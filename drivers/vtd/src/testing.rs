@@ -274,6 +274,12 @@ pub struct State {
     pub reject_invalidation: bool,
     /// The IOTLB invalidate register as read back (IVT clear, IAIG set).
     pub iotlb_reg: u64,
+    /// Test knob: the unit fetches no descriptor (IQH stays) while set;
+    /// the next IQT write or [`RegisterModel::run_queue`] after it is
+    /// cleared runs the queue.
+    pub hold_queue: bool,
+    /// Reads of IQH so far.
+    pub iqh_reads: u64,
 }
 
 /// The model of one unit: an [`Mmio`] for the driver (clones share the
@@ -341,6 +347,14 @@ impl RegisterModel {
         self.state.lock()
     }
 
+    /// Runs what the queue holds, as the unit does on its own once it may
+    /// fetch again (after [`State::hold_queue`] is cleared); the model
+    /// otherwise runs the queue only when IQT is written.
+    pub fn run_queue(&self) {
+        let mut s = self.state.lock();
+        self.process_queue(&mut s);
+    }
+
     /// The invalidation log so far.
     pub fn log(&self) -> Vec<Logged> {
         self.state.lock().log.clone()
@@ -398,7 +412,7 @@ impl RegisterModel {
     }
 
     fn process_queue(&self, s: &mut State) {
-        if !s.gsts.contains(Gcmd::QIE) {
+        if !s.gsts.contains(Gcmd::QIE) || s.hold_queue {
             return;
         }
         if let Some(n) = s.fail_submission
@@ -471,8 +485,11 @@ impl Mmio for RegisterModel {
 
     fn read64(&self, off: usize) -> u64 {
         assert!(!self.is_32bit(off), "VT-d model: 8-byte read of the 32-bit register at {off:#x}");
-        let s = self.state.lock();
+        let mut s = self.state.lock();
         let (fro, iro) = (self.config.fro(), self.config.iro());
+        if off == regs::IQH.offset() {
+            s.iqh_reads += 1;
+        }
         match off {
             o if o == regs::CAP.offset() => self.config.cap,
             o if o == regs::ECAP.offset() => self.config.ecap,

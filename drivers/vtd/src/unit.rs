@@ -197,6 +197,10 @@ struct Queue {
     page: u64,
     tail: u64,
     wide: bool,
+    /// Everything submitted was processed (the last wait completed, or
+    /// the queue was restarted empty): there is room for a whole ring
+    /// without reading IQH.
+    drained: bool,
 }
 
 impl Queue {
@@ -421,7 +425,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 self.mem.free_table(page);
                 return Err(e);
             }
-            self.queue = Some(Queue { page, tail: 0, wide: false });
+            self.queue = Some(Queue { page, tail: 0, wide: false, drained: true });
         }
         self.gcmd(Gcmd::TE, true)
     }
@@ -452,7 +456,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             self.mem.free_table(page);
             return Err(e);
         }
-        self.queue = Some(Queue { page, tail: 0, wide: true });
+        self.queue = Some(Queue { page, tail: 0, wide: true, drained: true });
         // Whatever an earlier owner (firmware, a previous kernel) left
         // cached goes, PASID-cache entries included: they are tagged with
         // domain ids this driver hands out again.
@@ -732,8 +736,8 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
     /// As [`Self::submit`], for descriptors in their 256-bit form (legacy
     /// queues use their first 128 bits).
     pub(crate) fn submit256(&mut self, descs: &[Descriptor256]) -> Result<(), Error> {
-        let Some((tail, page, slots, words, shift)) =
-            self.queue.as_ref().map(|q| (q.tail, q.page, q.slots(), q.words(), q.shift()))
+        let Some((tail, page, slots, words, shift, mut drained)) =
+            self.queue.as_ref().map(|q| (q.tail, q.page, q.slots(), q.words(), q.shift(), q.drained))
         else {
             return Err(self.err(HwError::NotEnabled));
         };
@@ -745,12 +749,17 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         all.push(Descriptor256::from(Descriptor::wait(status, seq)));
         let mut t = tail;
         for chunk in all.chunks((slots - 1) as usize) {
-            // Room: the hardware head must not be overtaken.
+            // Room: the hardware head must not be overtaken. A drained
+            // queue has room for any chunk (at most `slots - 1`).
             let n = chunk.len() as u64;
-            self.wait_for("IQH", |m| {
-                let head = (m.get64(regs::IQH) >> shift) % slots;
-                (head + slots - t - 1) % slots >= n
-            })?;
+            if !drained {
+                self.wait_for("IQH", |m| {
+                    let head = (m.get64(regs::IQH) >> shift) % slots;
+                    (head + slots - t - 1) % slots >= n
+                })?;
+            }
+            drained = false;
+            let first = t;
             for d in chunk {
                 for w in 0..words {
                     self.mem.write(page, t as usize * words + w, d.0[w]);
@@ -758,27 +767,47 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 t = (t + 1) % slots;
             }
             if !self.mem.coherent() {
-                self.mem.flush(page, 4096);
+                // Only the slots just written (two pieces when they wrap
+                // past the end of the ring).
+                let bytes = words as u64 * 8;
+                let upto = if t > first { t } else { slots };
+                self.mem.flush(page + first * bytes, (upto - first) * bytes);
+                if t <= first && t > 0 {
+                    self.mem.flush(page, t * bytes);
+                }
             }
             self.mmio.set64(regs::IQT, t << shift);
             if let Some(q) = self.queue.as_mut() {
                 q.tail = t;
+                q.drained = false;
             }
         }
         self.stats.invalidations += descs.len() as u64;
         self.stats.waits += 1;
         let mut error = None;
+        // The status first: a written status means every descriptor
+        // before the wait completed (a queue error stops the unit before
+        // it, and a time-out error aborts the wait), so a fast unit costs
+        // no register read here.
         let r = self.wait_for("invalidation wait status", |m| {
+            if self.mem.read(status, 0) as u32 == seq {
+                return true;
+            }
             let f = regs::read_fsts(m);
             if f.intersects(Fsts::QUEUE_ERRORS) {
                 error = Some(f.bits());
                 return true;
             }
             false
-        } || self.mem.read(status, 0) as u32 == seq);
+        });
         if let Some(f) = error {
             self.restart_queue(shift, slots);
             return Err(self.err(HwError::QueueError { status: f }));
+        }
+        if r.is_ok()
+            && let Some(q) = self.queue.as_mut()
+        {
+            q.drained = true;
         }
         r
     }
@@ -795,6 +824,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         self.mmio.set64(regs::IQT, head << shift);
         if let Some(q) = self.queue.as_mut() {
             q.tail = head;
+            q.drained = true;
         }
         self.mmio.set32(regs::FSTS, Fsts::QUEUE_ERRORS.bits());
     }

@@ -293,6 +293,80 @@ fn a_non_coherent_unit_flushes_the_whole_table_and_each_entry() {
 }
 
 #[test]
+fn a_non_coherent_unit_flushes_only_the_queue_slots_written() {
+    let mem = Shared::new(false);
+    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
+    let mut u = Unit::new(BASE, model.clone(), mem.clone(), TickClock::default()).unwrap();
+    u.enable(true).unwrap();
+    let page = model.state().iqa & !0xfff;
+    // Odd slots from here on: [0, 0x2fff] takes two page-selective
+    // descriptors (8 KiB and 4 KiB) and the wait.
+    u.invalidate_range(1, 0, 0x2fff, true).unwrap();
+    assert_eq!(model.state().iqt >> 4 & 1, 1);
+    mem.0.lock().record_flushes(true);
+    // 200 submissions of two 16-byte descriptors (the IOTLB one and the
+    // wait): the 256-slot ring wraps at least once.
+    let (mut wrapped, mut split) = (false, false);
+    for _ in 0..200 {
+        let before = model.state().iqt >> 4;
+        u.invalidate_range(1, 0, 0xfff, true).unwrap();
+        let after = model.state().iqt >> 4;
+        wrapped |= after < before;
+        split |= before == 255;
+        let written: Vec<u64> = (0..2).map(|k| (before + k) % 256).collect();
+        assert_eq!(written.last().map(|w| (w + 1) % 256), Some(after));
+        let want: std::collections::BTreeSet<u64> = written.iter().map(|w| page + ((w * 16) & !63)).collect();
+        let log = mem.0.lock().take_flush_log();
+        let got: std::collections::BTreeSet<u64> = log.keys().copied().filter(|l| l & !0xfff == page).collect();
+        assert_eq!(got, want, "slots {written:?}: their lines and no others of the queue page");
+    }
+    assert!(wrapped && split, "the ring wrapped, once between the two slots of one submission");
+}
+
+#[test]
+fn the_queue_head_is_read_only_while_descriptors_may_be_unfetched() {
+    let mem = Shared::new(true);
+    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
+    // 10 ms a clock read: each time-out below takes a few polls.
+    let mut u = Unit::new(BASE, model.clone(), mem, TickClock::with_step(10_000_000)).unwrap();
+    u.enable(true).unwrap();
+    // Every wait so far completed: the queue is empty, no IQH read needed.
+    let reads = model.state().iqh_reads;
+    u.invalidate_range(1, 0, 0xfff, true).unwrap();
+    assert_eq!(model.state().iqh_reads, reads, "a drained queue has room");
+    // A unit that fetches nothing: each submission times out waiting for
+    // its status, and leaves its two descriptors in the ring.
+    model.state().hold_queue = true;
+    let mut timeouts = 0;
+    let full = loop {
+        match u.invalidate_range(1, 0, 0xfff, true) {
+            Err(Error { cause: HwError::Timeout { register: "invalidation wait status", .. }, .. }) => timeouts += 1,
+            Err(Error { cause: HwError::Timeout { register: "IQH", .. }, .. }) => break true,
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(timeouts <= 128, "the ring never filled");
+    };
+    assert!(full && model.state().iqh_reads > reads);
+    // 255 usable slots, two per submission: 127 submissions fit.
+    assert_eq!(timeouts, 127);
+    let (head, tail) = {
+        let s = model.state();
+        (s.iqh >> 4, s.iqt >> 4)
+    };
+    assert_eq!((tail + 256 - head) % 256, 254, "nothing unfetched was overwritten");
+    // The unit catches up: the next submission runs everything.
+    model.state().hold_queue = false;
+    model.run_queue();
+    let s = model.state();
+    assert_eq!(s.iqh, s.iqt, "the unit caught up");
+    drop(s);
+    u.invalidate_range(1, 0, 0xfff, true).unwrap();
+    let reads = model.state().iqh_reads;
+    u.invalidate_range(1, 0, 0xfff, true).unwrap();
+    assert_eq!(model.state().iqh_reads, reads, "drained again");
+}
+
+#[test]
 fn a_queue_error_is_reported_with_the_fault_status() {
     let (model, mut u) = unit();
     u.enable(true).unwrap();

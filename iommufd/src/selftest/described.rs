@@ -5,7 +5,10 @@
 //! 4 KiB pages). Pins are counted per page, under one lock per 512 pages
 //! (threads pinning different memory do not wait for each other, as in a
 //! kernel, which counts references per page), so a benchmark can check
-//! that everything was unpinned.
+//! that everything was unpinned. Like the guest RAM it stands for, it
+//! never moves a pinned page ([`MemorySource::pins_stay_at_user`]): an
+//! IOAS unmap drops its pins by user address without reading the page
+//! tables back.
 
 use crate::errno::{Errno, Result};
 use crate::memsrc::{MemorySource, PAGE_SIZE, push_run};
@@ -136,6 +139,17 @@ impl MemorySource for DescribedMemory {
     fn write_phys(&self, _: u64, _: &[u8]) -> Result<()> {
         Err(Errno::EOPNOTSUPP)
     }
+    fn pins_stay_at_user(&self) -> bool {
+        // Page k is always `phys + k * stride`: described memory, like the
+        // guest RAM it stands for, never moves.
+        true
+    }
+    fn unpin_user(&self, uptr: u64, npages: u64, _dirty: bool) {
+        let first = self
+            .first_page(uptr, npages)
+            .unwrap_or_else(|e| panic!("unpin of {npages} pages at {uptr:#x} outside the memory: {e:?}"));
+        self.uncount(core::iter::once((first as usize, npages as usize)));
+    }
 }
 
 #[cfg(test)]
@@ -162,5 +176,20 @@ mod tests {
         huge.unpin(&pages, false);
         huge.unpin_runs(&runs, false);
         assert_eq!(huge.pinned_pages(), 0);
+    }
+
+    #[test]
+    fn unpin_by_user_address_drops_the_pins_of_those_pages() {
+        let m = DescribedMemory::backed(0x1000_0000, 0x10_0000_0000, 1024 * PAGE_SIZE, false);
+        assert!(m.pins_stay_at_user());
+        let mut out = Vec::new();
+        // Two pins on pages 510..514 (across a lock stripe), one on 514.
+        m.pin_runs(0x1000_0000 + 510 * PAGE_SIZE, 5, true, &mut out).unwrap();
+        m.pin_runs(0x1000_0000 + 510 * PAGE_SIZE, 4, true, &mut out).unwrap();
+        assert_eq!(m.pinned_pages(), 5);
+        m.unpin_user(0x1000_0000 + 510 * PAGE_SIZE, 5, false);
+        assert_eq!(m.pinned_pages(), 4, "page 514 had one pin");
+        m.unpin_user(0x1000_0000 + 510 * PAGE_SIZE, 4, true);
+        assert_eq!(m.pinned_pages(), 0);
     }
 }
