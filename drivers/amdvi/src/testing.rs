@@ -225,6 +225,9 @@ pub struct State {
     pub head_writes_while_enabled: usize,
     /// Test knob: never run commands or report CmdBufRun.
     pub stuck: bool,
+    /// Test knob: a command processor halted at an illegal command does
+    /// not restart when CmdBufEn is cleared and set again (a broken unit).
+    pub stays_halted: bool,
     /// Test knob: run commands only in [`RegisterModel::run`].
     pub lazy: bool,
     /// The head register read as the ring size at least once.
@@ -472,7 +475,7 @@ impl Mmio for RegisterModel {
             0x0018 => {
                 let was_on = s.control.contains(Control::IOMMU_EN);
                 s.control = Control::from_bits_retain(v);
-                if !s.control.contains(Control::CMD_BUF_EN) {
+                if !s.control.contains(Control::CMD_BUF_EN) && !s.stays_halted {
                     // Restarted by clearing CmdBufEn (and setting it again).
                     s.halted = false;
                 }

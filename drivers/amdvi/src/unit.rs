@@ -23,7 +23,9 @@
 //!   COMMAND_HARDWARE_ERROR event naming one of the batch's slots (QEMU logs
 //!   one and runs on); either way the rest of the batch is dropped (the
 //!   head set to the tail while CmdBufEn is clear) and the command buffer
-//!   restarted before the error is returned, so later batches run. The
+//!   restarted before the error is returned, so later batches run (a
+//!   unit that does not stop or run again for the restart makes the error
+//!   a [`HwError::Timeout`] on Status.CmdBufRun instead). The
 //!   caller keeps whatever the batch was to make safe. The producer reads
 //!   the hardware head before reusing a slot and never fills the ring (one
 //!   slot stays free, so head == tail always means empty).
@@ -629,9 +631,12 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     fn command_error(&mut self, status: Status, start: u64, count: usize) -> Error {
         // Events the batch caused are not held against a later one.
         self.command_error_logged(start, count);
-        self.restart_commands();
-        // The Status bits defined so far all fit in 32 bits.
-        self.err(HwError::QueueError { status: status.bits() as u32 })
+        match self.restart_commands() {
+            // The Status bits defined so far all fit in 32 bits.
+            Ok(()) => self.err(HwError::QueueError { status: status.bits() as u32 }),
+            // The worse news: the unit runs no command now.
+            Err(e) => e,
+        }
     }
 
     /// After a command error: the unit stopped at the command the head
@@ -640,9 +645,10 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
     /// (the head register, writable only while CmdBufEn is clear, is set
     /// to the tail: the batch failed and its caller keeps what it was to
     /// make safe), then CmdBufEn is set again and CmdBufRun waited for. A
-    /// unit that does not restart fails the next batch.
-    fn restart_commands(&mut self) {
-        let Some(r) = self.rings else { return };
+    /// unit that does not stop or does not run again is a
+    /// [`HwError::Timeout`] on Status.CmdBufRun.
+    fn restart_commands(&mut self) -> Result<(), Error> {
+        let Some(r) = self.rings else { return Ok(()) };
         let ctrl = regs::read_control(&self.mmio);
         self.mmio.set64(regs::CONTROL, (ctrl - Control::CMD_BUF_EN).bits());
         let stopped =
@@ -651,8 +657,8 @@ impl<M: Mmio, T: ContiguousMemory, C: Clock> Unit<M, T, C> {
             self.mmio.set64(regs::CMD_BUF_HEAD, r.cmd_tail);
         }
         self.mmio.set64(regs::CONTROL, (ctrl | Control::CMD_BUF_EN).bits());
-        // A unit that does not come back shows it in the next batch.
-        let _ = self.wait_until("Status.CmdBufRun", |u| regs::read_status(&u.mmio).contains(Status::CMD_BUF_RUN));
+        let running = self.wait_until("Status.CmdBufRun", |u| regs::read_status(&u.mmio).contains(Status::CMD_BUF_RUN));
+        stopped.and(running)
     }
 
     /// Whether an event not looked at before is an ILLEGAL_COMMAND_ERROR or

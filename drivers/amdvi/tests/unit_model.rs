@@ -651,6 +651,28 @@ fn a_logged_illegal_command_fails_its_batch_on_a_unit_that_runs_on() {
     assert_eq!(u.poll_events(), [old, Event::IllegalCommand { address: base + tail }]);
 }
 
+/// A unit whose command processor does not run again after the restart
+/// that follows an illegal command: the batch's caller hears it as a
+/// timeout on CmdBufRun (the unit runs no command now), not as the
+/// command error alone; once the unit can restart, the next batch finds
+/// it stopped, restarts it and fails, and the one after runs.
+#[test]
+fn a_ring_that_does_not_restart_is_a_timeout_for_the_failed_batch() {
+    let (model, _, mut u, _) = counted();
+    model.state().fail_command = Some(1);
+    model.state().stays_halted = true;
+    match u.invalidate_range(1, 0, 0xfff).unwrap_err().cause {
+        HwError::Timeout { register: "Status.CmdBufRun", .. } => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(model.state().halted);
+    model.state().stays_halted = false;
+    assert!(matches!(u.invalidate_range(1, 0, 0xfff).unwrap_err().cause, HwError::QueueError { .. }));
+    model.processed();
+    u.invalidate_range(1, 0, 0xfff).unwrap();
+    assert_eq!(opcodes(&model.processed()), [cmd::INVALIDATE_IOMMU_PAGES, cmd::COMPLETION_WAIT]);
+}
+
 /// A batch longer than the ring whose first part stops at an illegal
 /// command fails while waiting for room, not 100 ms later.
 #[test]
