@@ -204,13 +204,19 @@ impl Ictx {
         let ioas = self.ioas(ioas_id)?;
         let all = iova == 0 && length == u64::MAX;
         let last = if all { u64::MAX } else { iova.checked_add(length.max(1) - 1).ok_or(Errno::EOVERFLOW)? };
-        // Accesses holding pages in the range are asked to let go first
-        // (with no IOAS lock held: they unpin through this context).
+        // Accesses holding pages in the range are asked to let go (with
+        // no IOAS lock held: they unpin through this context), and the
+        // unmap tried again. The unmap itself finds them (`EBUSY`), so a
+        // range no access holds is looked up once.
         for _ in 0..16 {
+            match unmap_range(&ioas, iova, length, all) {
+                Err(Errno::EBUSY) => {}
+                done => return done,
+            }
             let blocker = ioas.iopt.lock().access_blocker(iova, last);
-            let Some(IovaRange { start: s, last: l }) = blocker else {
-                return unmap_range(&ioas, iova, length, all);
-            };
+            // Busy for another reason: an area another call is filling
+            // or unloading.
+            let Some(IovaRange { start: s, last: l }) = blocker else { return Err(Errno::EBUSY) };
             let ids = ioas.accesses.lock().clone();
             for id in ids {
                 if let Ok(Object::Access(a)) = self.get(id) {
