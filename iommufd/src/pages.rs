@@ -235,20 +235,22 @@ impl DomainUses {
         }
     }
     /// Merges equal-count neighbours between the run before `first` and
-    /// the run starting after `last`.
+    /// the run starting after `last`, walking the runs in place.
     fn merge(&mut self, first: u64, last: u64) {
         let from = self.runs.range(..first).next_back().map_or(first, |(&s, _)| s);
-        let keys: Vec<(u64, u64, u32)> =
-            self.runs.range(from..=last.saturating_add(1)).map(|(&s, &(l, c))| (s, l, c)).collect();
-        let mut prev: Option<(u64, u64, u32)> = None;
-        for (s, l, c) in keys {
-            match prev {
-                Some((ps, pl, pc)) if pc == c && pl + 1 == s => {
-                    self.runs.remove(&s);
-                    self.runs.insert(ps, (l, c));
-                    prev = Some((ps, l, c));
-                }
-                _ => prev = Some((s, l, c)),
+        let end = last.saturating_add(1);
+        let Some((&s, &(l, c))) = self.runs.range(from..=end).next() else { return };
+        let (mut ps, mut pl, mut pc) = (s, l, c);
+        // Runs are disjoint: the next one starts past the current's last page.
+        while let Some((&s, &(l, c))) =
+            pl.checked_add(1).filter(|&n| n <= end).and_then(|n| self.runs.range(n..=end).next())
+        {
+            if pc == c && pl + 1 == s {
+                self.runs.remove(&s);
+                self.runs.insert(ps, (l, c));
+                pl = l;
+            } else {
+                (ps, pl, pc) = (s, l, c);
             }
         }
     }
@@ -270,6 +272,19 @@ impl DomainUses {
         self.merge(first, last);
     }
     fn remove(&mut self, first: u64, last: u64) {
+        // One run exactly (an area unmapped whole, its pages in no other
+        // domain): no split, and nothing can merge after it goes.
+        if let Some(&(l, c)) = self.runs.get(&first)
+            && l == last
+        {
+            if c == 1 {
+                self.runs.remove(&first);
+            } else {
+                self.runs.insert(first, (l, c - 1));
+                self.merge(first, last);
+            }
+            return;
+        }
         self.split(first);
         self.split(last + 1);
         let inside: Vec<(u64, u64)> = self.runs.range(first..=last).map(|(&s, &(l, _))| (s, l)).collect();
@@ -288,6 +303,10 @@ impl DomainUses {
     }
     /// Ranges of `[first, last]` with no domain use, in order.
     fn gaps(&self, first: u64, last: u64, out: &mut Vec<(u64, u64)>) {
+        self.gaps_each(first, last, |s, e| out.push((s, e)));
+    }
+    /// [`Self::gaps`], each range handed to `f` as it is found.
+    fn gaps_each(&self, first: u64, last: u64, mut f: impl FnMut(u64, u64)) {
         let mut cur = first;
         let before = self.runs.range(..first).next_back().map(|(&s, &(l, _))| (s, l));
         for (s, l) in before.into_iter().chain(self.runs.range(first..=last).map(|(&s, &(l, _))| (s, l))) {
@@ -295,7 +314,7 @@ impl DomainUses {
                 continue;
             }
             if s > cur {
-                out.push((cur, s - 1));
+                f(cur, s - 1);
             }
             cur = l + 1;
             if cur > last {
@@ -303,7 +322,7 @@ impl DomainUses {
             }
         }
         if cur <= last {
-            out.push((cur, last));
+            f(cur, last);
         }
     }
 }
@@ -1089,6 +1108,29 @@ impl Pages {
         match kind {
             UseKind::Domain => {
                 t.domain.remove(first, last);
+                if hint.is_none()
+                    && let PagesOrigin::User { uptr } = self.origin
+                    && self.source.pins_stay_at_user()
+                {
+                    // The pages are where they were pinned: no addresses
+                    // needed, each range that goes is unpinned by user
+                    // address, with the pin table locked as for pinning
+                    // (the source's own lock nests inside it there too).
+                    let mut count = 0u64;
+                    let table = &*t;
+                    table.domain.gaps_each(first, last, |s, e| {
+                        table.other_ranges(s, e, |a, b, has_other| {
+                            if !has_other {
+                                count += b - a + 1;
+                                self.source.unpin_user(uptr + a * PAGE_SIZE, b - a + 1, self.writable);
+                            }
+                        })
+                    });
+                    t.pinned_pages -= count;
+                    drop(t);
+                    self.accounting.credit(count);
+                    return;
+                }
                 let mut gone = Vec::new();
                 t.domain.gaps(first, last, &mut gone);
                 if let Some(h) = hint
@@ -1101,30 +1143,6 @@ impl Pages {
                     t.pinned_pages -= count;
                     drop(t);
                     self.source.unpin_runs(h, self.writable);
-                    self.accounting.credit(count);
-                    return;
-                }
-                if hint.is_none()
-                    && let PagesOrigin::User { uptr } = self.origin
-                    && self.source.pins_stay_at_user()
-                {
-                    // The pages are where they were pinned: no addresses
-                    // needed, each range that goes is unpinned by user
-                    // address.
-                    let mut ranges = Vec::new();
-                    for (s, e) in gone {
-                        t.other_ranges(s, e, |a, b, has_other| {
-                            if !has_other {
-                                ranges.push((a, b));
-                            }
-                        });
-                    }
-                    let count: u64 = ranges.iter().map(|(a, b)| b - a + 1).sum();
-                    t.pinned_pages -= count;
-                    drop(t);
-                    for (a, b) in ranges {
-                        self.source.unpin_user(uptr + a * PAGE_SIZE, b - a + 1, self.writable);
-                    }
                     self.accounting.credit(count);
                     return;
                 }
@@ -1195,6 +1213,58 @@ mod tests {
         assert_eq!(a.pinned_pages(), 0);
         assert_eq!(acct.pinned(), 0);
         assert_eq!(p.pinned_pages(), 0);
+    }
+
+    proptest::proptest! {
+        /// Domain uses against one count per page: counts, gaps, and runs
+        /// kept merged (no two adjacent runs with one count), through
+        /// adds and removes of whole earlier adds (as areas come and go)
+        /// and of pieces of them.
+        #[test]
+        fn domain_uses_match_a_count_per_page(
+            ops in proptest::collection::vec((0u64..48, 0u64..16, 0u8..3), 1..60)
+        ) {
+            let mut d = DomainUses::default();
+            let mut model = [0u32; 64];
+            let mut added: Vec<(u64, u64)> = Vec::new();
+            for (a, len, kind) in ops {
+                let (first, last) = (a, a + len);
+                match kind {
+                    0 => {
+                        d.add(first, last);
+                        added.push((first, last));
+                        (first..=last).for_each(|p| model[p as usize] += 1);
+                    }
+                    // Remove a whole earlier add, or a piece of one.
+                    _ if !added.is_empty() => {
+                        let (f, l) = added.swap_remove((a as usize) % added.len());
+                        let (f2, l2) = if kind == 1 { (f, l) } else { (f + (l - f) / 2, l) };
+                        d.remove(f2, l2);
+                        (f2..=l2).for_each(|p| model[p as usize] -= 1);
+                        if f2 > f {
+                            // The rest stays in use: remember it as an add.
+                            added.push((f, f2 - 1));
+                        }
+                    }
+                    _ => {}
+                }
+                for p in 0..64u64 {
+                    proptest::prop_assert_eq!(d.count(p), model[p as usize], "page {}", p);
+                }
+                let mut gaps = Vec::new();
+                d.gaps(0, 63, &mut gaps);
+                let want: Vec<u64> = (0..64u64).filter(|&p| model[p as usize] == 0).collect();
+                let got: Vec<u64> = gaps.iter().flat_map(|&(s, e)| s..=e).collect();
+                proptest::prop_assert_eq!(got, want);
+                let runs: Vec<(u64, u64, u32)> = d.runs.iter().map(|(&s, &(l, c))| (s, l, c)).collect();
+                for w in runs.windows(2) {
+                    proptest::prop_assert!(
+                        !(w[0].1 + 1 == w[1].0 && w[0].2 == w[1].2),
+                        "adjacent runs with one count: {:?}", w
+                    );
+                }
+            }
+        }
     }
 
     #[test]
