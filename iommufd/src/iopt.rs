@@ -996,12 +996,14 @@ impl IoPagetable {
         let mut bytes = 0u64;
         // Pins are dropped only after every domain's IOTLB is clean: until
         // then the hardware may still reach the pages.
-        let mut release: Vec<(Area, u64, u64, PhysRuns)> = Vec::new();
+        let mut release: Vec<(Area, u64, u64, Option<PhysRuns>)> = Vec::new();
         for &(s, l) in &hit {
             let (_, _, area) = self.areas.remove(s).expect("listed area exists");
             if area.filled {
                 let (fp, lp) = (area.first_page(), area.last_page(l - s + 1));
-                let phys = Self::read_back(&self.domains[0].1, s, &area, fp, lp);
+                // Pages unpinned by user address need no addresses read.
+                let phys =
+                    (!area.pages.unpins_by_user()).then(|| Self::read_back(&self.domains[0].1, s, &area, fp, lp));
                 area.pages.set_busy(area.holder, true);
                 for ((_, d), g) in self.domains.iter().zip(gathers.iter_mut()) {
                     d.lock().unmap(s, l - s + 1, g);
@@ -1021,7 +1023,7 @@ impl IoPagetable {
             // device may still reach their pages through stale IOTLB
             // entries: the pins stay for good (the unmap reports the
             // failure).
-            area.pages.release_holder(area.holder, fp, lp, &phys, synced.is_ok());
+            Self::release_unloaded(&area, area.holder, fp, lp, phys.as_deref(), synced.is_ok());
         }
         synced.map(|()| bytes)
     }

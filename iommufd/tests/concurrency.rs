@@ -261,7 +261,8 @@ fn meeting_an_area_being_filled_is_ebusy() {
     let plain = ictx.bind_device(engine(30)).unwrap();
     ictx.attach(plain, ioas).unwrap();
     // A second domain (attaching would reuse the first one's HWPT).
-    let gated = ictx.bind_device(Arc::new(EngineDevice { id: 31, gate: Some(gate.clone()) })).unwrap();
+    let gated =
+        ictx.bind_device(Arc::new(EngineDevice { id: 31, gate: Some(gate.clone()), exclusive: false })).unwrap();
     ictx.hwpt_alloc(gated, ioas).unwrap();
     assert!(ictx.ioas(ioas).unwrap().iopt.lock().concurrent());
     let iova = 1u64 << 32;
@@ -404,7 +405,8 @@ fn a_pin_during_another_ioas_fill_gets_ebusy_not_the_users_new_page() {
     let dev_a = ictx.bind_device(engine(50)).unwrap();
     ictx.attach(dev_a, a).unwrap();
     let gate = Arc::new(Gate::default());
-    let dev_b = ictx.bind_device(Arc::new(EngineDevice { id: 51, gate: Some(gate.clone()) })).unwrap();
+    let dev_b =
+        ictx.bind_device(Arc::new(EngineDevice { id: 51, gate: Some(gate.clone()), exclusive: false })).unwrap();
     ictx.attach(dev_b, b).unwrap();
     ictx.ioas_map(a, Some(iova), USER, CHUNK, true, true).unwrap();
     let old = mem.phys_of(USER).unwrap();

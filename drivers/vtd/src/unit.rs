@@ -729,13 +729,18 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
 
     /// Submits `descs` followed by one invalidation wait, and waits for it.
     fn submit(&mut self, descs: &[Descriptor]) -> Result<(), Error> {
-        let wide: alloc::vec::Vec<Descriptor256> = descs.iter().map(|d| Descriptor256::from(*d)).collect();
-        self.submit256(&wide)
+        self.submit_each(descs.len(), |i| Descriptor256::from(descs[i]))
     }
 
     /// As [`Self::submit`], for descriptors in their 256-bit form (legacy
     /// queues use their first 128 bits).
     pub(crate) fn submit256(&mut self, descs: &[Descriptor256]) -> Result<(), Error> {
+        self.submit_each(descs.len(), |i| descs[i])
+    }
+
+    /// Submits descriptors `desc(0)..desc(count - 1)`, then the wait, and
+    /// waits for it (nothing copied into a list first).
+    fn submit_each(&mut self, count: usize, desc: impl Fn(usize) -> Descriptor256) -> Result<(), Error> {
         let Some((tail, page, slots, words, shift, mut drained)) =
             self.queue.as_ref().map(|q| (q.tail, q.page, q.slots(), q.words(), q.shift(), q.drained))
         else {
@@ -745,10 +750,14 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
         let seq = self.wait_seq;
         let status = self.status_page;
         self.mem.write(status, 0, 0);
-        let mut all: Vec<Descriptor256> = descs.to_vec();
-        all.push(Descriptor256::from(Descriptor::wait(status, seq)));
+        let wait = Descriptor256::from(Descriptor::wait(status, seq));
+        let item = |i: usize| if i < count { desc(i) } else { wait };
+        let total = count + 1;
         let mut t = tail;
-        for chunk in all.chunks((slots - 1) as usize) {
+        let mut next = 0;
+        while next < total {
+            let chunk = next..total.min(next + (slots - 1) as usize);
+            next = chunk.end;
             // Room: the hardware head must not be overtaken. A drained
             // queue has room for any chunk (at most `slots - 1`).
             let n = chunk.len() as u64;
@@ -760,7 +769,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
             }
             drained = false;
             let first = t;
-            for d in chunk {
+            for d in chunk.map(item) {
                 for w in 0..words {
                     self.mem.write(page, t as usize * words + w, d.0[w]);
                 }
@@ -782,7 +791,7 @@ impl<M: Mmio, T: TableMemory, C: Clock> Unit<M, T, C> {
                 q.drained = false;
             }
         }
-        self.stats.invalidations += descs.len() as u64;
+        self.stats.invalidations += count as u64;
         self.stats.waits += 1;
         let mut error = None;
         // The status first: a written status means every descriptor

@@ -610,3 +610,32 @@ fn a_legacy_context_entry_is_cleared_present_bit_first() {
     assert_eq!((mem.word(entry), mem.word(entry + 8)), (0, 0));
     assert!(mem.written_at(entry) < mem.written_at(entry + 8), "low (present) word first");
 }
+
+/// An invalidation longer than the 128-slot scalable queue (a domain at
+/// ten PASIDs, a range of about twenty page-selective blocks each) goes
+/// in chunks that each wait for room: as many descriptors reach the unit
+/// for each PASID, and one wait ends it all.
+#[test]
+fn an_invalidation_longer_than_the_queue_goes_in_chunks() {
+    let (model, _, unit) = bring_up(0, ECAP_SM | ecap_pasid(20), Mode::Scalable);
+    let mut d = unit.new_domain_in(Stage::First).unwrap();
+    let (first, last) = (0x1000u64, (1u64 << 32) - 1);
+    d.map(first, 0x4000_0000, 0x1000, Prot::RW).unwrap();
+    d.map(last - 0xfff, 0x4000_1000, 0x1000, Prot::RW).unwrap();
+    for pasid in 1..=9 {
+        d.attach_device_pasid(handle(), pasid).unwrap();
+    }
+    model.take_log();
+    let mut g = IotlbGather::default();
+    assert_eq!(d.unmap(first, last + 1 - first, &mut g), 0x2000);
+    d.iotlb_sync(&mut g).unwrap();
+    let log = model.take_log();
+    let inv = invalidations(&log);
+    assert!(inv.len() > 127, "longer than the ring: {} descriptors", inv.len());
+    // PASID 0 (always invalidated for a first-stage domain) and the nine.
+    assert_eq!(inv.len() % 10, 0, "the same blocks for each PASID");
+    assert_eq!(log.iter().filter(|l| matches!(l.what, Invalidation::Wait { .. })).count(), 1);
+    assert!(ends_with_wait(&log));
+    let s = model.state();
+    assert_eq!(s.iqh, s.iqt, "the unit ran everything");
+}

@@ -12,10 +12,13 @@ use std::sync::Arc;
 /// unmap concurrently, so the IOAS fills and unloads areas outside its
 /// lock. With a gate, every concurrent map first waits for the gate to
 /// open (to hold an area in its "being filled" state), and one map can be
-/// made to fail, or every IOTLB sync.
+/// made to fail, or every IOTLB sync. An `exclusive` device's domains say
+/// they cannot map concurrently: the IOAS then maps and unmaps them under
+/// its lock.
 pub struct EngineDevice {
     pub id: u64,
     pub gate: Option<Arc<Gate>>,
+    pub exclusive: bool,
 }
 
 #[derive(Default)]
@@ -50,6 +53,7 @@ type Engine =
 struct GatedDomain {
     inner: Engine,
     gate: Option<Arc<Gate>>,
+    exclusive: bool,
 }
 
 impl GatedDomain {
@@ -85,7 +89,7 @@ impl IommuDomain for GatedDomain {
         self.inner.iotlb_sync(gather)
     }
     fn supports_shared(&self) -> bool {
-        self.inner.supports_shared()
+        !self.exclusive && self.inner.supports_shared()
     }
     fn map_shared(&self, iova: u64, runs: &[PhysRun], prot: Prot) -> Result<(), DomainError> {
         if let Some(g) = &self.gate {
@@ -129,10 +133,10 @@ impl DeviceOps for EngineDevice {
         let inner =
             io_pgtable::PagingDomain::new(f, io_pgtable::SharedHeapTables::new(true), io_pgtable::NoInvalidator)
                 .map_err(|_| DomainError::NoMemory)?;
-        Ok(Box::new(GatedDomain { inner, gate: self.gate.clone() }))
+        Ok(Box::new(GatedDomain { inner, gate: self.gate.clone(), exclusive: self.exclusive }))
     }
 }
 
 pub fn engine(id: u64) -> Arc<EngineDevice> {
-    Arc::new(EngineDevice { id, gate: None })
+    Arc::new(EngineDevice { id, gate: None, exclusive: false })
 }
