@@ -151,6 +151,11 @@ fn scenario<F: PtFormat>(format: F, mem: NonCoherentTables) -> Result<(), Walker
     pt.map(small + 300 * K4, 0x5000_0000, 2 * K4, Prot::RW).unwrap();
     check(&pt, &windows, span)?;
 
+    // A run of pages into another leaf table that the remembered walk's
+    // level-1 table links (the run fast path): the hole made above.
+    pt.map(4 * G1 + 3 * M2 + 256 * K4, 0x5200_0000, 16 * K4, Prot::RW).unwrap();
+    check(&pt, &windows, span)?;
+
     // Single pages through the remembered walk (the one-page fast paths):
     // a map beside those two, then each page unmapped alone; the last
     // empties the leaf table, which is unlinked as above.
