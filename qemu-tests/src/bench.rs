@@ -260,10 +260,11 @@ fn engine_alone(unit: &Arc<dyn IommuUnit>, index: u16) {
         d.map(1 << 30, PHYS, SIZE, Prot::RW).expect("map");
         let t1 = uptime_ns();
         let mut g = IotlbGather::default();
-        d.unmap(1 << 30, SIZE, &mut g);
+        let unmapped = d.unmap(1 << 30, SIZE, &mut g);
         let t2 = uptime_ns();
         d.iotlb_sync(&mut g).expect("IOTLB sync");
         let t3 = uptime_ns();
+        assert_eq!(unmapped, SIZE);
         if rep > 0 {
             for (v, t) in times.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
                 v.push(t as f64 / 1000.0);

@@ -82,7 +82,9 @@ impl FlushBatch {
     }
 }
 
-fn flush_lines<A: Access>(mem: &mut A, table: u64, mut lines: u64) {
+/// Flushes the lines in `lines` (bit n = line n) of `table`, runs of
+/// adjacent lines in one call.
+pub(crate) fn flush_lines<A: Access>(mem: &mut A, table: u64, mut lines: u64) {
     while lines != 0 {
         let start = lines.trailing_zeros();
         let run = (lines >> start).trailing_ones();

@@ -34,7 +34,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize};
 use portcullis_iommu::{IotlbGather, IovaRange, PhysRun, Prot, push_run};
 
 use crate::access::{Access, Concurrent, Exclusive};
-use crate::flush::{FlushBatch, lines_of};
+use crate::flush::{FlushBatch, flush_lines, lines_of};
 use crate::format::{Entry, PtFormat};
 use crate::geometry::{index_of, level_shift, level_size, sizes_of_leaf_levels};
 
@@ -413,8 +413,7 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
     #[inline]
     fn map_run_cached(&mut self, iova: u64, phys: u64, len: u64, prot: Prot) -> bool {
         if len >= level_size(1)
-            || (iova | phys | len) & (PAGE_SIZE - 1) != 0
-            || len == 0
+            || phys & (PAGE_SIZE - 1) != 0
             || phys.checked_add(len).is_none_or(|end| end > self.output_limit)
             || self.check_range(iova, len).is_err()
         {
@@ -436,21 +435,14 @@ impl<F: PtFormat, M: TableMemory> PageTable<F, M> {
         let t = self.format.table_address(e);
         let (i, count) = (index_of(iova, 0), (len / PAGE_SIZE) as usize);
         let written = self.mem.fill(t, i, count, self.format.leaf_entry(phys, 0, prot), PAGE_SIZE);
-        let flush = |mem: &mut M, n: usize| {
-            let (from, to) = (i / crate::ENTRIES_PER_LINE, (i + n - 1) / crate::ENTRIES_PER_LINE + 1);
-            mem.flush(t + from as u64 * crate::CACHE_LINE, (to - from) as u64 * crate::CACHE_LINE);
-        };
         if written < count {
-            for k in i..i + written {
-                self.mem.write(t, k, 0);
-            }
-            if !self.coherent && written > 0 {
-                flush(&mut self.mem, written);
-            }
-            return false;
+            self.mem.clear(t, i, written);
         }
-        if !self.coherent {
-            flush(&mut self.mem, count);
+        if !self.coherent && written > 0 {
+            flush_lines(&mut Exclusive(&mut self.mem), t, lines_of(i, written));
+        }
+        if written < count {
+            return false;
         }
         path[0] = t;
         *self.map_path.get_mut() = Some((last, 0, path));

@@ -35,10 +35,17 @@ fn kinds(log: &[vtd::testing::Logged]) -> Vec<u8> {
 const BASE: u64 = 0xfed9_0000;
 
 fn unit() -> (RegisterModel, Unit<RegisterModel, Shared, TickClock>) {
-    let mem = Shared::new(true);
-    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
-    let u = Unit::new(BASE, model.clone(), mem, TickClock::default()).unwrap();
+    let (model, _, u) = unit_with(true, TickClock::default());
     (model, u)
+}
+
+/// A unit (not enabled) on memory its walks do (`coherent`) or do not
+/// snoop, with `clock`; the memory too.
+fn unit_with(coherent: bool, clock: TickClock) -> (RegisterModel, Shared, Unit<RegisterModel, Shared, TickClock>) {
+    let mem = Shared::new(coherent);
+    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
+    let u = Unit::new(BASE, model.clone(), mem.clone(), clock).unwrap();
+    (model, mem, u)
 }
 
 #[test]
@@ -278,9 +285,7 @@ fn without_a_contiguous_run_the_table_is_one_page() {
 #[test]
 fn a_non_coherent_unit_flushes_the_whole_table_and_each_entry() {
     use vtd::ir::Irte;
-    let mem = Shared::new(false);
-    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
-    let mut u = Unit::new(BASE, model.clone(), mem.clone(), TickClock::default()).unwrap();
+    let (model, mem, mut u) = unit_with(false, TickClock::default());
     u.enable(true).unwrap();
     mem.0.lock().record_flushes(true);
     u.enable_interrupt_remapping().unwrap();
@@ -294,9 +299,7 @@ fn a_non_coherent_unit_flushes_the_whole_table_and_each_entry() {
 
 #[test]
 fn a_non_coherent_unit_flushes_only_the_queue_slots_written() {
-    let mem = Shared::new(false);
-    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
-    let mut u = Unit::new(BASE, model.clone(), mem.clone(), TickClock::default()).unwrap();
+    let (model, mem, mut u) = unit_with(false, TickClock::default());
     u.enable(true).unwrap();
     let page = model.state().iqa & !0xfff;
     // Odd slots from here on: [0, 0x2fff] takes two page-selective
@@ -325,10 +328,8 @@ fn a_non_coherent_unit_flushes_only_the_queue_slots_written() {
 
 #[test]
 fn the_queue_head_is_read_only_while_descriptors_may_be_unfetched() {
-    let mem = Shared::new(true);
-    let model = RegisterModel::new(Config::QEMU, Arc::new(mem.clone()));
     // 10 ms a clock read: each time-out below takes a few polls.
-    let mut u = Unit::new(BASE, model.clone(), mem, TickClock::with_step(10_000_000)).unwrap();
+    let (model, _, mut u) = unit_with(true, TickClock::with_step(10_000_000));
     u.enable(true).unwrap();
     // Every wait so far completed: the queue is empty, no IQH read needed.
     let reads = model.state().iqh_reads;
